@@ -1,0 +1,36 @@
+//! The CPU backend: every operation a decoder model needs.
+//!
+//! Each operation exists twice with the same signature: a plain scalar version in
+//! [`reference`], written for clarity, and the fast version here, multi-threaded with rayon (it
+//! uses whatever rayon pool it is called in, so `ThreadPool::install` sets the thread count) and
+//! vectorised with `std::arch` behind runtime feature detection ([`Isa`]). Tests compare the two
+//! on random shapes, awkward sizes included, with tolerance `abs + |ref| * eps`.
+//!
+//! Layout conventions: activations are f32 slices, row-major, a token per row. Weights are
+//! [`crate::Tensor`]s of any [`crate::DType`], stored `[n_out, n_in]` as in Hugging Face
+//! checkpoints. Attention tensors are `[tokens, heads, head_dim]`.
+
+mod attention;
+mod elementwise;
+mod embedding;
+mod gating;
+mod matmul;
+mod matvec;
+mod matvec_float;
+mod matvec_quant;
+mod norm;
+pub mod reference;
+mod rope;
+mod simd;
+mod softmax;
+
+pub use attention::*;
+pub use elementwise::*;
+pub use embedding::*;
+pub use gating::*;
+pub use matmul::*;
+pub use matvec::*;
+pub use norm::*;
+pub use rope::*;
+pub use simd::{Isa, isa};
+pub use softmax::*;
