@@ -1,3 +1,133 @@
-//! cargo xtask
+//! `cargo xtask`: strata's task runner (the alias lives in `.cargo/config.toml`).
+//!
+//! Commands: `test` (formatting, clippy, every test: what CI runs), `tidy` (the tidy checks in
+//! tests/tests/tidy.rs), `bench` (CPU op microbenchmarks, built and run in release). Later issues
+//! add `kernels`, `fixtures`, `demo` and `device-bundle`.
+//!
+//! Dependencies: strata-tensor, only for `bench`. Few third-party crates: anyhow, plus rayon and
+//! gemm for the bench.
 
-fn main() {}
+mod bench;
+
+use std::env;
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+
+use anyhow::{Context, Result, bail, ensure};
+
+const USAGE: &str = "\
+usage: cargo xtask <command>
+
+commands:
+  test                        cargo fmt --check, clippy -D warnings, then every test (nextest when installed)
+  tidy                        the tidy checks: module docs, dependency direction, pinned versions
+  bench [--threads N] [--json]
+                              CPU op microbenchmarks in release: memory bandwidth, decode matvec per dtype,
+                              f32 prefill matmul next to the gemm crate (N threads, default 2)";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = env::args().skip(1).collect();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` prints the whole context chain on one line, without a backtrace.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &[String]) -> Result<()> {
+    let rest = args.get(1..).unwrap_or_default();
+    match args.first().map(String::as_str) {
+        Some("test") => {
+            no_arguments("test", rest)?;
+            test()
+        }
+        Some("tidy") => {
+            no_arguments("tidy", rest)?;
+            step(&["test", "-p", "strata-tests", "--test", "tidy"])
+        }
+        Some("bench") => bench(rest),
+        Some("help" | "--help" | "-h") => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        None => bail!("no command given\n\n{USAGE}"),
+        Some(other) => bail!("unknown command `{other}`\n\n{USAGE}"),
+    }
+}
+
+fn no_arguments(command: &str, rest: &[String]) -> Result<()> {
+    ensure!(rest.is_empty(), "`cargo xtask {command}` takes no arguments, got {rest:?}");
+    Ok(())
+}
+
+/// The workspace root (xtask sits one level below it).
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask/ sits in the workspace root").to_path_buf()
+}
+
+/// A `cargo` command run from the workspace root, with the cargo that started xtask.
+fn cargo() -> Command {
+    let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo")));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+/// Runs `cargo <args>`, failing with the step's command line if it fails.
+fn step(args: &[&str]) -> Result<()> {
+    let line = format!("cargo {}", args.join(" "));
+    eprintln!("\n==> {line}");
+    let status = cargo().args(args).status().with_context(|| format!("could not start `{line}`"))?;
+    ensure!(status.success(), "step failed: `{line}` ({status})");
+    Ok(())
+}
+
+/// Whether `cargo nextest` is installed.
+fn has_nextest() -> bool {
+    cargo()
+        .args(["nextest", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// What CI runs: formatting, lints, then every test, stopping at the first failing step.
+fn test() -> Result<()> {
+    step(&["fmt", "--all", "--", "--check"])?;
+    step(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    if has_nextest() {
+        // nextest does not run doctests, so they run first (its summary then closes the output).
+        step(&["test", "--workspace", "--doc"])?;
+        step(&["nextest", "run", "--workspace"])?;
+    } else {
+        eprintln!(
+            "\ncargo-nextest is not installed, so the tests run under `cargo test` \
+             (install it with `cargo install cargo-nextest --locked`)"
+        );
+        step(&["test", "--workspace"])?;
+    }
+    eprintln!("\nxtask test: all steps passed");
+    Ok(())
+}
+
+/// Runs the benchmarks, first rebuilding xtask in release when this is a debug build.
+fn bench(args: &[String]) -> Result<()> {
+    let opts = bench::Options::parse(args)?;
+    if cfg!(debug_assertions) {
+        let mut cmd = cargo();
+        cmd.args(["run", "--release", "--quiet", "-p", "xtask"]);
+        if cfg!(feature = "strata-matmul") {
+            cmd.args(["--features", "strata-matmul"]);
+        }
+        cmd.arg("--").arg("bench").args(opts.to_args());
+        eprintln!("xtask bench: building and running in release");
+        let status = cmd.status().context("could not start `cargo run --release -p xtask`")?;
+        ensure!(status.success(), "the release bench failed ({status})");
+        return Ok(());
+    }
+    bench::run(&opts)
+}
