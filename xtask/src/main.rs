@@ -1,13 +1,14 @@
 //! `cargo xtask`: strata's task runner (the alias lives in `.cargo/config.toml`).
 //!
 //! Commands: `test` (formatting, clippy, every test: what CI runs), `tidy` (the tidy checks in
-//! tests/tests/tidy.rs), `bench` (CPU op microbenchmarks, built and run in release). Later issues
-//! add `kernels`, `fixtures`, `demo` and `device-bundle`.
+//! tests/tests/tidy.rs), `bench` (CPU op microbenchmarks, built and run in release), `fixtures` (reference
+//! logits from transformers). Later issues add `kernels`, `demo` and `device-bundle`.
 //!
 //! Dependencies: strata-tensor, only for `bench`. Few third-party crates: anyhow, plus rayon and
 //! gemm for the bench.
 
 mod bench;
+mod fixtures;
 
 use std::env;
 use std::ffi::OsString;
@@ -22,6 +23,9 @@ usage: cargo xtask <command>
 commands:
   test                        cargo fmt --check, clippy -D warnings, then every test (nextest when installed)
   tidy                        the tidy checks: module docs, dependency direction, pinned versions
+  fixtures [--out DIR] [--venv DIR] [--list] [NAMES...]
+                              regenerate the reference fixtures in tests/fixtures with transformers
+                              (installs pinned torch + transformers into a cached venv once)
   bench [--threads N] [--json]
                               CPU op microbenchmarks in release: memory bandwidth, decode matvec per dtype,
                               f32 prefill matmul next to the gemm crate (N threads, default 2)";
@@ -50,6 +54,7 @@ fn run(args: &[String]) -> Result<()> {
             step(&["test", "-p", "strata-tests", "--test", "tidy"])
         }
         Some("bench") => bench(rest),
+        Some("fixtures") => fixtures::run(&fixtures::FixturesArgs::parse(rest)?),
         Some("help" | "--help" | "-h") => {
             println!("{USAGE}");
             Ok(())
