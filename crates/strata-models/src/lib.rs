@@ -1,1 +1,14 @@
-//! strata-models (skeleton)
+//! strata-models: everything that turns a model on disk into computation. It reads Hugging Face
+//! checkpoints (safetensors, single or sharded) and `config.json`, resolves model specs (paths
+//! or model ids in the local Hugging Face cache), and will hold RoPE scaling, the KV cache,
+//! attention, MLP, the MoE router and expert layer, and the model families built from them.
+//!
+//! It sits above the tensor core and the weight store: it may depend on `strata-tensor`,
+//! `strata-store` and, optionally, `strata-kernels`, and nothing below it depends on it.
+#![warn(missing_docs)]
+
+mod error;
+pub mod safetensors;
+
+pub use error::{ByteCount, ConfigError, Error, HeaderError, Result};
+pub use safetensors::Checkpoint;
