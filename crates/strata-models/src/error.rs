@@ -127,7 +127,7 @@ pub enum HeaderError {
         len: usize,
     },
     /// The header length points past the end of the file.
-    #[error("header length {header_len} at offset 0 runs past the end of the {file_len}-byte file")]
+    #[error("header length {header_len} runs past the end of the {file_len}-byte file")]
     HeaderPastEof {
         /// The header length the file declares.
         header_len: u64,
@@ -177,7 +177,7 @@ pub enum HeaderError {
         dtype: String,
     },
     /// `data_offsets` with begin after end.
-    #[error("tensor {tensor}: data_offsets [{begin}, {end}] begin after they end")]
+    #[error("tensor {tensor}: data_offsets [{begin}, {end}] begin after their end")]
     BeginAfterEnd {
         /// The tensor's name.
         tensor: String,
@@ -188,7 +188,7 @@ pub enum HeaderError {
     },
     /// A tensor's byte range runs past the data section.
     #[error(
-        "tensor {tensor}: data_offsets [{begin}, {end}] run past the {data_len}-byte data section (file offset {data_start})"
+        "tensor {tensor}: data_offsets [{begin}, {end}] run past the {data_len}-byte data section (which starts at file offset {data_start})"
     )]
     OutOfBounds {
         /// The tensor's name.

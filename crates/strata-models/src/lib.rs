@@ -7,8 +7,12 @@
 //! `strata-store` and, optionally, `strata-kernels`, and nothing below it depends on it.
 #![warn(missing_docs)]
 
+pub mod config;
 mod error;
+pub mod resolve;
 pub mod safetensors;
 
+pub use config::ModelConfig;
 pub use error::{ByteCount, ConfigError, Error, HeaderError, Result};
+pub use resolve::{ModelSource, resolve_model};
 pub use safetensors::Checkpoint;
