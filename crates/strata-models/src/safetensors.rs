@@ -468,14 +468,16 @@ fn kind(v: &Value) -> &'static str {
 }
 
 /// A read-only memory map of a file, as a [`ByteSource`] that tensors view without copying.
-pub struct MmapSource(memmap2::Mmap);
+/// Crate-private: only the checkpoint readers, which state the no-modification contract in
+/// their documentation, create maps.
+pub(crate) struct MmapSource(memmap2::Mmap);
 
 impl MmapSource {
     /// Maps `file` read-only.
     ///
     /// The map assumes the file is neither modified nor truncated while mapped (see the module
     /// documentation).
-    pub fn map(file: &File) -> std::io::Result<MmapSource> {
+    pub(crate) fn map(file: &File) -> std::io::Result<MmapSource> {
         // SAFETY: a file mapping is only sound while no one modifies or truncates the file; this
         // is the documented contract of checkpoint readers (model files are read-only inputs),
         // the same one every mmap-based loader relies on. The map is read-only, so this process
@@ -505,7 +507,8 @@ pub struct SafetensorsFile {
 }
 
 impl SafetensorsFile {
-    /// Opens, maps and validates the file at `path`.
+    /// Opens, maps and validates the file at `path`. The file is memory-mapped: it must not be
+    /// modified or truncated while this value (or a tensor viewing it) is alive.
     pub fn open(path: impl AsRef<Path>) -> Result<SafetensorsFile> {
         let path = path.as_ref().to_path_buf();
         let io_err = |error| Error::Io { path: path.clone(), error };
@@ -613,7 +616,9 @@ impl Checkpoint {
     /// Opens a checkpoint: a directory holding `model.safetensors` (preferred when both exist,
     /// as transformers does) or `model.safetensors.index.json` plus its shards, or the path of
     /// a single `.safetensors` file. Every file is mapped and its header validated now; for a
-    /// sharded checkpoint, every index entry is checked against its shard's header.
+    /// sharded checkpoint, every index entry is checked against its shard's header. The files
+    /// are memory-mapped: they must not be modified or truncated while the checkpoint (or a
+    /// tensor viewing it) is alive.
     pub fn open(path: impl AsRef<Path>) -> Result<Checkpoint> {
         let path = path.as_ref().to_path_buf();
         if path.is_file() {
