@@ -1,11 +1,18 @@
-//! strata-models: model families and everything a forward pass needs above the tensor ops.
+//! strata-models: everything that turns a model on disk into computation. It reads Hugging Face
+//! checkpoints (safetensors, single or sharded) and `config.json`, resolves model specs (paths
+//! or model ids in the local Hugging Face cache), and will hold RoPE scaling, the KV cache,
+//! attention, MLP, the MoE router and expert layer, and the model families built from them.
 //!
-//! It will parse `config.json` and GGUF metadata, read safetensors and GGUF checkpoints, compute
-//! RoPE scaling, and hold the KV cache, attention, MLP, the MoE router and expert layer, and the
-//! model families built from them. It asks strata-store for weights and never touches files or
-//! io_uring itself. None of that is written yet: this crate is an empty placeholder that later
-//! issues fill.
-//!
-//! Dependencies: strata-tensor, strata-store, and strata-kernels only as an optional dependency
-//! behind a CUDA feature.
+//! It sits above the tensor core and the weight store: it may depend on `strata-tensor`,
+//! `strata-store` and, optionally, `strata-kernels`, and nothing below it depends on it.
 #![warn(missing_docs)]
+
+pub mod config;
+mod error;
+pub mod resolve;
+pub mod safetensors;
+
+pub use config::ModelConfig;
+pub use error::{ByteCount, ConfigError, Error, HeaderError, Result};
+pub use resolve::{ModelSource, resolve_model};
+pub use safetensors::Checkpoint;
