@@ -9,6 +9,7 @@
 
 mod bench;
 mod fixtures;
+mod fuzz;
 
 use std::env;
 use std::ffi::OsString;
@@ -26,6 +27,7 @@ commands:
   fixtures [--out DIR] [--venv DIR] [--list] [NAMES...]
                               regenerate the reference fixtures in tests/fixtures with transformers
                               (installs pinned torch + transformers into a cached venv once)
+  fuzz [TARGET] [SECONDS]     run a cargo-fuzz target (default safetensors_header, 600 s) and print the exec count
   bench [--threads N] [--json]
                               CPU op microbenchmarks in release: memory bandwidth, decode matvec per dtype,
                               f32 prefill matmul next to the gemm crate (N threads, default 2)";
@@ -54,6 +56,14 @@ fn run(args: &[String]) -> Result<()> {
             step(&["test", "-p", "strata-tests", "--test", "tidy"])
         }
         Some("bench") => bench(rest),
+        Some("fuzz") => {
+            let target = rest.first().map(String::as_str).unwrap_or("safetensors_header");
+            let seconds = match rest.get(1) {
+                Some(s) => s.parse().with_context(|| format!("seconds must be a number, got {s:?}"))?,
+                None => 600,
+            };
+            fuzz::run(target, seconds)
+        }
         Some("fixtures") => fixtures::run(&fixtures::FixturesArgs::parse(rest)?),
         Some("help" | "--help" | "-h") => {
             println!("{USAGE}");
