@@ -10,6 +10,7 @@
 mod bench;
 mod fixtures;
 mod fuzz;
+mod synth;
 
 use std::env;
 use std::ffi::OsString;
@@ -27,6 +28,9 @@ commands:
   fixtures [--out DIR] [--venv DIR] [--list] [NAMES...]
                               regenerate the reference fixtures in tests/fixtures with transformers
                               (installs pinned torch + transformers into a cached venv once)
+  synth-model --shape NAME --dtype D --out DIR [--layers N]
+                              write a random-weight checkpoint of a real model's shape for benchmarks
+                              (shapes: tinyllama-1.1b, llama-3-8b, smollm2-135m; dtypes: f32, f16, bf16)
   fuzz [TARGET] [SECONDS]     run a cargo-fuzz target (default safetensors_header, 600 s) and print the exec count
   bench [--threads N] [--json]
                               CPU op microbenchmarks in release: memory bandwidth, decode matvec per dtype,
@@ -64,6 +68,7 @@ fn run(args: &[String]) -> Result<()> {
             };
             fuzz::run(target, seconds)
         }
+        Some("synth-model") => synth_model(rest),
         Some("fixtures") => fixtures::run(&fixtures::FixturesArgs::parse(rest)?),
         Some("help" | "--help" | "-h") => {
             println!("{USAGE}");
@@ -145,4 +150,26 @@ fn bench(args: &[String]) -> Result<()> {
         return Ok(());
     }
     bench::run(&opts)
+}
+
+/// `synth-model --shape NAME --dtype D --out DIR [--layers N]`.
+fn synth_model(args: &[String]) -> Result<()> {
+    let (mut shape, mut dtype, mut out, mut layers) = (None, None, None, None);
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--shape" => shape = Some(value()?.clone()),
+            "--dtype" => dtype = Some(value()?.clone()),
+            "--out" => out = Some(PathBuf::from(value()?)),
+            "--layers" => {
+                let v = value()?;
+                layers = Some(v.parse().with_context(|| format!("--layers must be a number, got {v:?}"))?);
+            }
+            other => bail!("unknown synth-model argument {other:?}"),
+        }
+    }
+    let shape = shape.context("synth-model needs --shape")?;
+    let out = out.context("synth-model needs --out DIR")?;
+    synth::run(&shape, dtype.as_deref().unwrap_or("bf16"), layers, &out)
 }

@@ -1,25 +1,250 @@
-//! The `strata` command-line tool.
-//!
-//! It will drive the engine through the commands DESIGN.md's CLI contract fixes (`generate`,
-//! `chat`, `logits`, `bench`, `plan`, `pack`), which arrive with the issues that build the parts
-//! they need. Today it has no subcommands: it prints its help and its version, and rejects
-//! anything else.
-//!
-//! Dependencies: strata only (the facade); everything below it is reached through it.
+//! The `strata` command-line tool: `logits`, `generate` and `bench` over the facade, with the
+//! flags and outputs of the CLI contract in DESIGN.md. Depends only on the `strata` facade.
 
-use clap::Parser;
+mod bench;
+mod npy;
 
-/// Run large language models that do not fit in GPU memory, streaming weights from RAM and NVMe.
-///
-/// No subcommands are implemented yet: `generate`, `chat`, `logits`, `bench`, `plan` and `pack`
-/// arrive as the engine grows. For operation benchmarks of the CPU tensor core, run
-/// `cargo xtask bench` in the source tree.
-#[derive(Debug, Parser)]
-#[command(name = "strata", version, arg_required_else_help = true)]
-struct Cli {}
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use strata::{GenerateOptions, LoadOptions, LogitsMode, Model, SamplingParams};
+
+/// Run large language models on your own hardware.
+#[derive(Parser, Debug)]
+#[command(name = "strata", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Write the logits at every position of a sequence of token ids to a .npy file.
+    Logits(LogitsArgs),
+    /// Generate text from a prompt, streaming it to stdout.
+    Generate(GenerateArgs),
+    /// Measure prefill and decode speed against the memory-bandwidth bound.
+    Bench(BenchArgs),
+}
+
+/// Which model, on which device, with how many threads.
+#[derive(Args, Debug, Clone)]
+struct ModelArgs {
+    /// A checkpoint directory (config.json + safetensors), or a model id in the local Hugging
+    /// Face cache (org/name).
+    #[arg(long)]
+    model: PathBuf,
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Compute device.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[command(flatten)]
+    placement: PlacementArgs,
+    #[command(flatten)]
+    scaling: ScalingArgs,
+    #[command(flatten)]
+    moe: MoeArgs,
+}
+
+/// Where weights live (tiered memory).
+#[derive(Args, Debug, Clone, Default)]
+struct PlacementArgs {
+    /// GPU memory ceiling, like 20GB or 512MiB.
+    #[arg(long, value_name = "SIZE")]
+    max_vram: Option<String>,
+    /// Host memory ceiling, like 20GB or 512MiB.
+    #[arg(long, value_name = "SIZE")]
+    max_ram: Option<String>,
+    /// Directory for the offload pack.
+    #[arg(long, value_name = "DIR")]
+    offload_dir: Option<PathBuf>,
+    /// Layers prefetched ahead of compute.
+    #[arg(long, value_name = "N")]
+    prefetch_layers: Option<usize>,
+    /// Placement strategy.
+    #[arg(long, value_name = "NAME")]
+    strategy: Option<String>,
+    /// Memory for the MoE expert cache.
+    #[arg(long, value_name = "SIZE")]
+    expert_cache: Option<String>,
+}
+
+/// RoPE context scaling.
+#[derive(Args, Debug, Clone, Default)]
+struct ScalingArgs {
+    /// none, linear, dynamic, yarn, yarn-dynamic or llama3.
+    #[arg(long, value_name = "ALGORITHM")]
+    rope_scaling: Option<String>,
+    /// The model's trained context length.
+    #[arg(long, value_name = "N")]
+    base_capacity: Option<usize>,
+    /// The longest sequence a request may reach.
+    #[arg(long, value_name = "N")]
+    max_capacity: Option<usize>,
+}
+
+/// Mixture-of-Experts routing.
+#[derive(Args, Debug, Clone, Default)]
+struct MoeArgs {
+    /// Experts per token (overrides the model's k).
+    #[arg(long, value_name = "K")]
+    active_experts: Option<usize>,
+    /// top-k or dynamic-top-k.
+    #[arg(long, value_name = "MODE")]
+    routing: Option<String>,
+    /// Expert capacity factor at inference.
+    #[arg(long, value_name = "F")]
+    capacity_factor: Option<f64>,
+}
+
+#[derive(Args, Debug)]
+struct LogitsArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Comma-separated token ids.
+    #[arg(long, value_delimiter = ',', required = true)]
+    ids: Vec<u32>,
+    /// Output .npy file: float32 [n_ids, vocab].
+    #[arg(long)]
+    out: PathBuf,
+    /// Feed the ids one at a time through the KV cache instead of one forward pass.
+    #[arg(long)]
+    decode: bool,
+    /// Write router statistics (MoE models) to this JSON file.
+    #[arg(long, value_name = "FILE")]
+    router_json: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt text.
+    #[arg(long)]
+    prompt: String,
+    /// Stop after this many new tokens.
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 (the default) is greedy decoding.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens up to this cumulative probability.
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// Keep only the k most likely tokens.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Penalise tokens already in the sequence (1 disables).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Wrap the prompt in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+}
+
+#[derive(Args, Debug)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt length for the prefill measurement.
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    /// Tokens to decode for the decode measurement.
+    #[arg(long, default_value_t = 64)]
+    gen_tokens: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
 
 fn main() {
-    // With no subcommands yet, parsing either prints the help or the version and exits, or
-    // reports the unexpected argument and exits with an error.
-    let _cli = Cli::parse();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Logits(a) => logits(a),
+        Command::Generate(a) => generate(a),
+        Command::Bench(a) => bench::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Loads the model after refusing the flags this version cannot honour yet.
+fn load(args: &ModelArgs) -> Result<Model> {
+    let p = &args.placement;
+    let unsupported = [
+        ("--max-vram", p.max_vram.is_some()),
+        ("--max-ram", p.max_ram.is_some()),
+        ("--offload-dir", p.offload_dir.is_some()),
+        ("--prefetch-layers", p.prefetch_layers.is_some()),
+        ("--strategy", p.strategy.is_some()),
+        ("--expert-cache", p.expert_cache.is_some()),
+        ("--rope-scaling", args.scaling.rope_scaling.is_some()),
+        ("--base-capacity", args.scaling.base_capacity.is_some()),
+        ("--max-capacity", args.scaling.max_capacity.is_some()),
+        ("--active-experts", args.moe.active_experts.is_some()),
+        ("--routing", args.moe.routing.is_some()),
+        ("--capacity-factor", args.moe.capacity_factor.is_some()),
+    ];
+    if let Some((flag, _)) = unsupported.iter().find(|(_, set)| *set) {
+        bail!("{flag} is not supported yet in this version of strata (tiered placement, context scaling and MoE flags arrive with their features)");
+    }
+    match args.device.as_str() {
+        "cpu" => {}
+        "cuda" => bail!("--device cuda is not supported yet: the CUDA backend is not built into this version"),
+        other => bail!("unknown device {other:?}: expected cpu or cuda"),
+    }
+    let opts = LoadOptions { threads: args.threads };
+    Model::from_pretrained(&args.model, opts).with_context(|| format!("cannot load model {}", args.model.display()))
+}
+
+fn logits(a: LogitsArgs) -> Result<()> {
+    let model = load(&a.model)?;
+    if a.router_json.is_some() {
+        bail!("--router-json needs a Mixture-of-Experts model; {} is dense", a.model.model.display());
+    }
+    let mode = if a.decode { LogitsMode::Decode } else { LogitsMode::OnePass };
+    let logits = model.logits(&a.ids, mode)?;
+    let vocab = model.decoder().hparams().vocab_size;
+    npy::write_f32(&a.out, &[a.ids.len(), vocab], &logits)?;
+    Ok(())
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    if a.chat {
+        bail!("--chat is not supported yet: chat templates arrive with GGUF and tokenizer support");
+    }
+    let model = load(&a.model)?;
+    let options = GenerateOptions {
+        max_new_tokens: a.max_new_tokens,
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            repetition_penalty: a.repetition_penalty,
+            seed: a.seed,
+        },
+        stop_at_eos: true,
+    };
+    let mut stdout = std::io::stdout().lock();
+    write!(stdout, "{}", a.prompt)?;
+    stdout.flush()?;
+    let g = model.generate_text(&a.prompt, &options, |piece| {
+        let _ = write!(stdout, "{piece}");
+        let _ = stdout.flush();
+    })?;
+    writeln!(stdout)?;
+    let secs = g.decode_time.as_secs_f64();
+    if g.tokens.len() > 1 && secs > 0.0 {
+        eprintln!("[{} tokens, {:.1} tok/s]", g.tokens.len(), (g.tokens.len() - 1) as f64 / secs);
+    }
+    Ok(())
 }

@@ -104,6 +104,27 @@ pub enum Error {
         /// What is wrong.
         error: ConfigError,
     },
+    /// A weight has a different shape than the model's configuration implies.
+    #[error("{}: tensor {tensor} has shape {got:?}, but the model's configuration needs {expected:?}", .path.display())]
+    TensorShape {
+        /// The checkpoint.
+        path: PathBuf,
+        /// The tensor's name.
+        tensor: String,
+        /// The shape the configuration implies.
+        expected: Vec<usize>,
+        /// The shape in the file.
+        got: Vec<usize>,
+    },
+    /// A tensor operation failed while running the model.
+    #[error(transparent)]
+    Compute(#[from] strata_tensor::Error),
+    /// A caller's input is invalid (empty or out-of-vocabulary ids, say).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    /// The model needs something this version of strata does not implement.
+    #[error("{0}")]
+    Unsupported(String),
     /// A model spec that is neither a usable path nor a model id in the local Hugging Face cache.
     #[error("cannot resolve model {spec:?}: {what} (looked in: {})", DisplayPaths(.searched))]
     ModelNotFound {

@@ -1,10 +1,28 @@
-//! strata: run large language models that do not fit in accelerator memory.
+//! strata: run large language models on your own hardware, correct to the reference logits.
 //!
-//! This is the facade users depend on. It will offer `Model::from_pretrained`, the `MoeConfig`,
-//! `OffloadConfig` and `ContextScalingConfig` objects, the tokenizer and chat template, sampling,
-//! and `generate`/`stream`. None of that is written yet: this crate is an empty placeholder that
-//! later issues fill. Today the working part of strata is the CPU tensor core, `strata-tensor`.
+//! The facade over the workspace: [`Model::from_pretrained`] loads a checkpoint (a directory
+//! with config.json and safetensors, or a model id in the local Hugging Face cache),
+//! [`Model::logits`] runs ids through it, and [`Model::generate`] / [`Model::generate_text`]
+//! sample new tokens with [`SamplingParams`], streaming them as they arrive.
 //!
-//! Dependencies: strata-models, and strata-tensor so that the facade can name tensor types
-//! (`DType`, `Device`) in its configuration without going through strata-models.
+//! Depends on `strata-models` (and through it the tensor core), never on the store or the
+//! kernels directly.
 #![warn(missing_docs)]
+
+mod error;
+mod model;
+pub mod sampling;
+mod tokenizer;
+
+pub use error::{Error, Result};
+pub use model::{GenerateOptions, Generation, LoadOptions, LogitsMode, Model, StopReason};
+pub use sampling::{Sampler, SamplingParams};
+pub use strata_models::KvCache;
+pub use tokenizer::{TextStream, Tokenizer};
+
+/// This machine's memory read bandwidth in bytes per second, measured with every thread of the
+/// current rayon pool (run it inside [`Model::install`] to use the model's threads): the bound
+/// a CPU decode is compared with.
+pub fn memory_read_bandwidth() -> f64 {
+    strata_models::tensor::cpu::read_bandwidth(strata_models::tensor::cpu::DEFAULT_BANDWIDTH_BYTES, 5)
+}

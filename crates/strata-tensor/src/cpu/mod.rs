@@ -11,6 +11,7 @@
 //! checkpoints. Attention tensors are `[tokens, heads, head_dim]`.
 
 mod attention;
+mod bandwidth;
 mod elementwise;
 mod embedding;
 mod gating;
@@ -25,6 +26,7 @@ mod simd;
 mod softmax;
 
 pub use attention::*;
+pub use bandwidth::{DEFAULT_BANDWIDTH_BYTES, read_bandwidth};
 pub use elementwise::*;
 pub use embedding::*;
 pub use gating::*;

@@ -1,0 +1,296 @@
+//! The Llama-family decoder shared by Llama, Mistral, Qwen2 and Qwen3.
+//!
+//! Mirrors transformers' `LlamaForCausalLM` (and the Mistral/Qwen2/Qwen3 variants, which differ
+//! only in optional parts): token embedding, then per layer
+//! `x += o_proj(attention(rope(norm_qk(q_proj(rmsnorm(x)))), rope(norm_qk(k_proj(..))), v_proj(..)))`
+//! and `x += down_proj(silu(gate_proj(rmsnorm(x))) * up_proj(rmsnorm(x)))`, a final RMSNorm and
+//! the output head. One attention, one MLP, one RMSNorm and one RoPE serve every family.
+
+use std::path::Path;
+
+use strata_tensor::Tensor;
+use strata_tensor::cpu::{self, AttentionParams};
+
+use crate::hparams::Hparams;
+use crate::kv_cache::{DEFAULT_BLOCK_LEN, KvCache};
+use crate::{Error, Result};
+
+/// Where weights come from: a safetensors checkpoint, a GGUF file, or (later) the store.
+/// Names are Hugging Face's (`model.layers.0.self_attn.q_proj.weight`).
+pub trait TensorSource {
+    /// The tensor called `name`.
+    fn tensor(&self, name: &str) -> Result<Tensor>;
+    /// Whether a tensor called `name` exists.
+    fn contains(&self, name: &str) -> bool;
+    /// Where the tensors come from, for error messages.
+    fn location(&self) -> &Path;
+}
+
+/// A linear layer `y = x W^T + b` with `W` stored `[out, in]` in any dtype.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Vec<f32>>,
+}
+
+impl Linear {
+    /// Output features.
+    pub fn out_features(&self) -> usize {
+        self.weight.shape().dims()[0]
+    }
+
+    /// `out[t, out_features] = x[t, in_features] W^T + b`.
+    pub fn forward(&self, x: &[f32], out: &mut [f32]) -> Result<()> {
+        let n = self.out_features();
+        if out.len() == n {
+            cpu::matvec(&self.weight, x, out)?;
+        } else {
+            cpu::matmul(x, &self.weight, out)?;
+        }
+        if let Some(b) = &self.bias {
+            for row in out.chunks_exact_mut(n) {
+                cpu::add(row, b)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of weights and bias.
+    pub fn byte_len(&self) -> usize {
+        self.weight.byte_len() + self.bias.as_ref().map_or(0, |b| b.len() * 4)
+    }
+}
+
+/// One decoder layer's weights.
+#[derive(Clone, Debug)]
+pub struct Layer {
+    attn_norm: Vec<f32>,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    ffn_norm: Vec<f32>,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// Which positions' logits a forward pass returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Every position: `[tokens, vocab]`.
+    All,
+    /// Only the last position: `[vocab]`.
+    Last,
+}
+
+/// A loaded decoder model.
+#[derive(Debug)]
+pub struct Decoder {
+    hp: Hparams,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Vec<f32>,
+    lm_head: Tensor,
+}
+
+impl Decoder {
+    /// Loads every weight the hyperparameters call for from `src`, checking each tensor's shape.
+    pub fn load(hp: Hparams, src: &dyn TensorSource) -> Result<Decoder> {
+        let (h, q, kv, inter) = (hp.hidden_size, hp.q_dim(), hp.kv_dim(), hp.intermediate_size);
+        let loader = Loader { src };
+        let embed = loader.matrix("model.embed_tokens.weight", hp.vocab_size, h)?;
+        let lm_head = if hp.tie_embeddings && !src.contains("lm_head.weight") {
+            embed.clone()
+        } else {
+            loader.matrix("lm_head.weight", hp.vocab_size, h)?
+        };
+        let mut layers = Vec::with_capacity(hp.n_layers);
+        for i in 0..hp.n_layers {
+            let p = format!("model.layers.{i}");
+            let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+                let weight = loader.matrix(&format!("{p}.{name}.weight"), out, inp)?;
+                let bias = if bias { Some(loader.vector(&format!("{p}.{name}.bias"), out)?) } else { None };
+                Ok(Linear { weight, bias })
+            };
+            layers.push(Layer {
+                attn_norm: loader.vector(&format!("{p}.input_layernorm.weight"), h)?,
+                q: linear("self_attn.q_proj", q, h, hp.qkv_bias)?,
+                k: linear("self_attn.k_proj", kv, h, hp.qkv_bias)?,
+                v: linear("self_attn.v_proj", kv, h, hp.qkv_bias)?,
+                o: linear("self_attn.o_proj", h, q, hp.o_bias)?,
+                q_norm: if hp.qk_norm {
+                    Some(loader.vector(&format!("{p}.self_attn.q_norm.weight"), hp.head_dim)?)
+                } else {
+                    None
+                },
+                k_norm: if hp.qk_norm {
+                    Some(loader.vector(&format!("{p}.self_attn.k_norm.weight"), hp.head_dim)?)
+                } else {
+                    None
+                },
+                ffn_norm: loader.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                gate: linear("mlp.gate_proj", inter, h, hp.mlp_bias)?,
+                up: linear("mlp.up_proj", inter, h, hp.mlp_bias)?,
+                down: linear("mlp.down_proj", h, inter, hp.mlp_bias)?,
+            });
+        }
+        let norm = loader.vector("model.norm.weight", h)?;
+        Ok(Decoder { hp, embed, layers, norm, lm_head })
+    }
+
+    /// The hyperparameters.
+    pub fn hparams(&self) -> &Hparams {
+        &self.hp
+    }
+
+    /// An empty KV cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.hp.n_layers, self.hp.n_kv_heads, self.hp.head_dim, DEFAULT_BLOCK_LEN)
+    }
+
+    /// Bytes of all weights (the output head counted once when tied).
+    pub fn weight_bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down].iter().map(|x| x.byte_len()).sum::<usize>()
+                    + 4 * (l.attn_norm.len() + l.ffn_norm.len())
+            })
+            .sum();
+        let head = if self.hp.tie_embeddings { 0 } else { self.lm_head.byte_len() };
+        self.embed.byte_len() + layers + head + 4 * self.norm.len()
+    }
+
+    /// Bytes of weights read to decode one token: every layer, the output head, and one row of
+    /// the embedding.
+    pub fn weight_bytes_per_token(&self) -> usize {
+        self.weight_bytes() - self.embed.byte_len() + self.embed.row_bytes()
+            + if self.hp.tie_embeddings { self.lm_head.byte_len() } else { 0 }
+    }
+
+    /// Runs `ids` (the next tokens of the sequence in `cache`) through the model, appending
+    /// their keys and values to `cache`, and returns logits as `which` asks.
+    pub fn forward(&self, ids: &[u32], cache: &mut KvCache, which: Logits) -> Result<Vec<f32>> {
+        let hp = &self.hp;
+        let t = ids.len();
+        if t == 0 {
+            return Err(Error::InvalidInput("forward needs at least one token".into()));
+        }
+        let pos0 = cache.len();
+        let positions: Vec<usize> = (pos0..pos0 + t).collect();
+        let (h, qd, kvd, inter) = (hp.hidden_size, hp.q_dim(), hp.kv_dim(), hp.intermediate_size);
+
+        let mut x = vec![0f32; t * h];
+        cpu::embedding(&self.embed, ids, &mut x)?;
+        let mut normed = vec![0f32; t * h];
+        let mut q = vec![0f32; t * qd];
+        let mut k = vec![0f32; t * kvd];
+        let mut v = vec![0f32; t * kvd];
+        let mut attn = vec![0f32; t * qd];
+        let mut proj = vec![0f32; t * h];
+        let mut gate = vec![0f32; t * inter];
+        let mut up = vec![0f32; t * inter];
+        let mut act = vec![0f32; t * inter];
+
+        for (li, layer) in self.layers.iter().enumerate() {
+            cpu::rms_norm(&x, &layer.attn_norm, hp.rms_norm_eps, &mut normed)?;
+            layer.q.forward(&normed, &mut q)?;
+            layer.k.forward(&normed, &mut k)?;
+            layer.v.forward(&normed, &mut v)?;
+            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+                let (q_in, k_in) = (q.clone(), k.clone());
+                cpu::rms_norm(&q_in, qn, hp.rms_norm_eps, &mut q)?;
+                cpu::rms_norm(&k_in, kn, hp.rms_norm_eps, &mut k)?;
+            }
+            cpu::rope(&mut q, &positions, hp.n_heads, hp.head_dim, &hp.rope_inv_freq, hp.rope_attention_factor, hp.rope_layout)?;
+            cpu::rope(&mut k, &positions, hp.n_kv_heads, hp.head_dim, &hp.rope_inv_freq, hp.rope_attention_factor, hp.rope_layout)?;
+            cache.append(li, &k, &v);
+
+            let params = AttentionParams {
+                n_heads: hp.n_heads,
+                n_kv_heads: hp.n_kv_heads,
+                head_dim: hp.head_dim,
+                scale: 1.0 / (hp.head_dim as f32).sqrt(),
+                sliding_window: hp.layer_windows[li],
+            };
+            if pos0 == 0 {
+                cpu::attention(&q, &k, &v, 0, &params, &mut attn)?;
+            } else if t == 1 {
+                let (kb, vb) = cache.blocks(li);
+                cpu::attention_decode(&q, &kb, &vb, cache.block_len(), pos0 + 1, &params, &mut attn)?;
+            } else {
+                let (kc, vc) = cache.contiguous(li);
+                cpu::attention(&q, &kc, &vc, pos0, &params, &mut attn)?;
+            }
+            layer.o.forward(&attn, &mut proj)?;
+            cpu::add(&mut x, &proj)?;
+
+            cpu::rms_norm(&x, &layer.ffn_norm, hp.rms_norm_eps, &mut normed)?;
+            layer.gate.forward(&normed, &mut gate)?;
+            layer.up.forward(&normed, &mut up)?;
+            cpu::swiglu(&gate, &up, &mut act)?;
+            layer.down.forward(&act, &mut proj)?;
+            cpu::add(&mut x, &proj)?;
+        }
+
+        let rows = match which {
+            Logits::All => &x[..],
+            Logits::Last => &x[(t - 1) * h..],
+        };
+        let n_rows = rows.len() / h;
+        let mut final_normed = vec![0f32; rows.len()];
+        cpu::rms_norm(rows, &self.norm, hp.rms_norm_eps, &mut final_normed)?;
+        let mut logits = vec![0f32; n_rows * hp.vocab_size];
+        if n_rows == 1 {
+            cpu::matvec(&self.lm_head, &final_normed, &mut logits)?;
+        } else {
+            cpu::matmul(&final_normed, &self.lm_head, &mut logits)?;
+        }
+        Ok(logits)
+    }
+}
+
+/// Fetches tensors from a source and checks their shapes.
+struct Loader<'a> {
+    src: &'a dyn TensorSource,
+}
+
+impl Loader<'_> {
+    fn get(&self, name: &str) -> Result<Tensor> {
+        if !self.src.contains(name) {
+            return Err(Error::TensorNotFound { checkpoint: self.src.location().to_path_buf(), tensor: name.to_string() });
+        }
+        self.src.tensor(name)
+    }
+
+    /// A 2-D weight `[rows, cols]`, kept in its stored dtype.
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Tensor> {
+        let t = self.get(name)?;
+        if t.shape().dims() != [rows, cols] {
+            return Err(self.shape_error(name, vec![rows, cols], &t));
+        }
+        Ok(t)
+    }
+
+    /// A 1-D weight converted to f32 (norms, biases).
+    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        let t = self.get(name)?;
+        if t.shape().dims() != [len] {
+            return Err(self.shape_error(name, vec![len], &t));
+        }
+        Ok(t.to_f32_vec()?)
+    }
+
+    fn shape_error(&self, name: &str, expected: Vec<usize>, t: &Tensor) -> Error {
+        Error::TensorShape {
+            path: self.src.location().to_path_buf(),
+            tensor: name.to_string(),
+            expected,
+            got: t.shape().dims().to_vec(),
+        }
+    }
+}

@@ -1,0 +1,32 @@
+//! The facade's error type.
+
+use std::path::PathBuf;
+
+/// Everything the facade can report.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Loading or running the model failed.
+    #[error(transparent)]
+    Model(#[from] strata_models::Error),
+    /// The tokenizer could not be loaded or failed on its input.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// Text in or out needs a tokenizer and the model has none.
+    #[error("{} has no tokenizer (tokenizer.json): pass token ids instead of text", model.display())]
+    NoTokenizer {
+        /// The model's path.
+        model: PathBuf,
+    },
+    /// A caller's input is invalid.
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    /// A requested feature does not exist yet in this version.
+    #[error("{0} is not supported yet")]
+    Unsupported(String),
+    /// The runtime could not be set up.
+    #[error("{0}")]
+    Runtime(String),
+}
+
+/// The facade's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
