@@ -23,6 +23,7 @@ pub mod reference;
 mod rope;
 mod simd;
 mod softmax;
+mod vec;
 
 pub use attention::*;
 pub use elementwise::*;
