@@ -270,8 +270,22 @@ fn attend<'a>(
     let scores = &mut scratch.scores;
     scores.clear();
     scores.resize(n_q * n, 0.0);
-    for (jj, j) in keys.clone().enumerate() {
-        let k = key(j);
+    // Keys four at a time: one pass over each query head per four key rows.
+    let start = keys.start;
+    let mut jj = 0;
+    while jj + 4 <= n {
+        let rows: [&[f32]; 4] = std::array::from_fn(|u| key(start + jj + u));
+        for (h, q) in q.chunks_exact(hd).enumerate() {
+            let off = h / group * hd;
+            let s = vec::dot4(isa, q, rows.map(|r| &r[off..off + hd]));
+            for (u, s) in s.into_iter().enumerate() {
+                scores[h * n + jj + u] = s * scale;
+            }
+        }
+        jj += 4;
+    }
+    for jj in jj..n {
+        let k = key(start + jj);
         for (h, q) in q.chunks_exact(hd).enumerate() {
             scores[h * n + jj] = vec::dot(isa, q, &k[h / group * hd..][..hd]) * scale;
         }
@@ -284,8 +298,18 @@ fn attend<'a>(
         scratch.max.push(max);
     }
     acc.fill(0.0);
-    for (jj, j) in keys.enumerate() {
-        let v = value(j);
+    let mut jj = 0;
+    while jj + 4 <= n {
+        let rows: [&[f32]; 4] = std::array::from_fn(|u| value(start + jj + u));
+        for (h, acc) in acc.chunks_exact_mut(hd).enumerate() {
+            let off = h / group * hd;
+            let p: [f32; 4] = std::array::from_fn(|u| scores[h * n + jj + u]);
+            vec::axpy4(isa, p, rows.map(|r| &r[off..off + hd]), acc);
+        }
+        jj += 4;
+    }
+    for jj in jj..n {
+        let v = value(start + jj);
         for (h, acc) in acc.chunks_exact_mut(hd).enumerate() {
             vec::axpy(isa, scores[h * n + jj], &v[h / group * hd..][..hd], acc);
         }

@@ -82,6 +82,19 @@ pub(crate) fn axpy(isa: Isa, alpha: f32, x: &[f32], y: &mut [f32]) {
     simd_dispatch!(isa, axpy(alpha, x, y))
 }
 
+/// The dot products of `q` with each of four rows `k[u]` (each at least `q.len()` long).
+pub(crate) fn dot4(isa: Isa, q: &[f32], k: [&[f32]; 4]) -> [f32; 4] {
+    debug_assert!(k.iter().all(|k| k.len() >= q.len()));
+    simd_dispatch!(isa, dot4(q, k))
+}
+
+/// `acc[i] += p[0] * v[0][i] + p[1] * v[1][i] + p[2] * v[2][i] + p[3] * v[3][i]`, as four
+/// fused multiply-adds in that order (the same roundings as four [`axpy`] calls with FMA).
+pub(crate) fn axpy4(isa: Isa, p: [f32; 4], v: [&[f32]; 4], acc: &mut [f32]) {
+    debug_assert!(v.iter().all(|v| v.len() >= acc.len()));
+    simd_dispatch!(isa, axpy4(p, v, acc))
+}
+
 /// `sum(x[i]^2)`.
 pub(crate) fn sum_sq(isa: Isa, x: &[f32]) -> f32 {
     simd_dispatch!(isa, sum_sq(x))
@@ -142,6 +155,16 @@ pub(crate) mod scalar {
     pub(crate) fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
         for (y, x) in y.iter_mut().zip(x) {
             *y += alpha * x;
+        }
+    }
+
+    pub(crate) fn dot4(q: &[f32], k: [&[f32]; 4]) -> [f32; 4] {
+        k.map(|k| dot(q, &k[..q.len()]))
+    }
+
+    pub(crate) fn axpy4(p: [f32; 4], v: [&[f32]; 4], acc: &mut [f32]) {
+        for (u, v) in v.iter().enumerate() {
+            axpy(p[u], v, acc);
         }
     }
 
@@ -301,6 +324,50 @@ pub(crate) mod avx512 {
                 let r = _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(m, px.add(i)), _mm512_maskz_loadu_ps(m, py.add(i)));
                 _mm512_mask_storeu_ps(py.add(i), m, r);
             }
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(crate) fn dot4(q: &[f32], k: [&[f32]; 4]) -> [f32; 4] {
+        let n = q.len();
+        let pq = q.as_ptr();
+        let pk = k.map(|k| k.as_ptr());
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut i = 0;
+        while i < n {
+            let m = if i + W <= n { !0 } else { tail_mask(n - i) };
+            // SAFETY: lanes of `m` cover `i..min(i+16, n)`; `q` holds `n` floats and each `k[u]`
+            // at least `n` (checked by the dispatcher in debug builds, guaranteed by callers).
+            unsafe {
+                let vq = _mm512_maskz_loadu_ps(m, pq.add(i));
+                for u in 0..4 {
+                    acc[u] = _mm512_fmadd_ps(vq, _mm512_maskz_loadu_ps(m, pk[u].add(i)), acc[u]);
+                }
+            }
+            i += W;
+        }
+        acc.map(|a| _mm512_reduce_add_ps(a))
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(crate) fn axpy4(p: [f32; 4], v: [&[f32]; 4], acc: &mut [f32]) {
+        let n = acc.len();
+        let pa = acc.as_mut_ptr();
+        let pv = v.map(|v| v.as_ptr());
+        let vp = p.map(|p| _mm512_set1_ps(p));
+        let mut i = 0;
+        while i < n {
+            let m = if i + W <= n { !0 } else { tail_mask(n - i) };
+            // SAFETY: lanes of `m` cover `i..min(i+16, n)`; `acc` holds `n` floats and each
+            // `v[u]` at least `n`; `acc` is exclusive, so it overlaps none of them.
+            unsafe {
+                let mut a = _mm512_maskz_loadu_ps(m, pa.add(i));
+                for u in 0..4 {
+                    a = _mm512_fmadd_ps(vp[u], _mm512_maskz_loadu_ps(m, pv[u].add(i)), a);
+                }
+                _mm512_mask_storeu_ps(pa.add(i), m, a);
+            }
+            i += W;
         }
     }
 
@@ -559,6 +626,50 @@ pub(crate) mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
+    pub(crate) fn dot4(q: &[f32], k: [&[f32]; 4]) -> [f32; 4] {
+        let n = q.len();
+        let pq = q.as_ptr();
+        let pk = k.map(|k| k.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i < n {
+            let m = if i + W <= n { _mm256_set1_epi32(-1) } else { tail_mask(n - i) };
+            // SAFETY: lanes of `m` cover `i..min(i+8, n)`; `q` holds `n` floats and each `k[u]`
+            // at least `n` (checked by the dispatcher in debug builds, guaranteed by callers).
+            unsafe {
+                let vq = _mm256_maskload_ps(pq.add(i), m);
+                for u in 0..4 {
+                    acc[u] = _mm256_fmadd_ps(vq, _mm256_maskload_ps(pk[u].add(i), m), acc[u]);
+                }
+            }
+            i += W;
+        }
+        acc.map(|a| hsum(a))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) fn axpy4(p: [f32; 4], v: [&[f32]; 4], acc: &mut [f32]) {
+        let n = acc.len();
+        let pa = acc.as_mut_ptr();
+        let pv = v.map(|v| v.as_ptr());
+        let vp = p.map(|p| _mm256_set1_ps(p));
+        let mut i = 0;
+        while i < n {
+            let m = if i + W <= n { _mm256_set1_epi32(-1) } else { tail_mask(n - i) };
+            // SAFETY: lanes of `m` cover `i..min(i+8, n)`; `acc` holds `n` floats and each
+            // `v[u]` at least `n`; `acc` is exclusive, so it overlaps none of them.
+            unsafe {
+                let mut a = _mm256_maskload_ps(pa.add(i), m);
+                for u in 0..4 {
+                    a = _mm256_fmadd_ps(vp[u], _mm256_maskload_ps(pv[u].add(i), m), a);
+                }
+                _mm256_maskstore_ps(pa.add(i), m, a);
+            }
+            i += W;
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
     pub(crate) fn sum_sq(x: &[f32]) -> f32 {
         dot(x, x)
     }
@@ -756,6 +867,17 @@ mod tests {
                 // These inputs are multiples of 1/4 with small sums, so every order is exact.
                 assert_eq!(dot(isa, &a, &b), want_dot, "{isa:?} dot n={n}");
                 assert_eq!(max(isa, &a), want_max, "{isa:?} max n={n}");
+                let rows: [Vec<f32>; 4] = std::array::from_fn(|u| b.iter().map(|v| v * (u as f32 - 1.5)).collect());
+                let rows = [&rows[0][..], &rows[1][..], &rows[2][..], &rows[3][..]];
+                let want4: [f32; 4] = rows.map(|r| a.iter().zip(r).map(|(x, y)| x * y).sum());
+                assert_eq!(dot4(isa, &a, rows), want4, "{isa:?} dot4 n={n}");
+                let mut y = a.clone();
+                axpy4(isa, [1.0, -0.5, 0.25, 2.0], rows, &mut y);
+                let mut y1 = a.clone();
+                for (p, r) in [1.0, -0.5, 0.25, 2.0].into_iter().zip(rows) {
+                    axpy(isa, p, r, &mut y1);
+                }
+                assert_eq!(y, y1, "{isa:?} axpy4 n={n}");
                 let mut y = b.clone();
                 axpy(isa, 2.0, &a, &mut y);
                 let want: Vec<f32> = a.iter().zip(&b).map(|(x, y)| y + 2.0 * x).collect();
