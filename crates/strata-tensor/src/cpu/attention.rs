@@ -2,15 +2,17 @@
 //! chunked prefill, a paged KV cache for decode. Grouped-query attention (and multi-query, its
 //! limit) is native: query head `h` reads KV head `h / group` of each key row.
 //!
-//! The unit of work is a set of query heads over a range of keys, walking whole key and value
-//! rows (`[n_kv_heads, head_dim]` per token, contiguous in memory, so the hardware prefetchers
-//! stream them): scaled dot products (vector `dot`) into a score buffer, per head a maximum and
-//! `exp(s - max)` with its sum, then the values accumulated with vector `axpy`, unnormalised.
-//! Prefill runs one unit per query token over all the keys it sees and divides by the sums.
-//! Decode splits the sequence into chunks of keys, one unit each, and merges the partial
-//! results with the online-softmax rule (`out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c`),
-//! flash-decoding style, so a single sequence keeps every thread busy. Units run on rayon's
-//! threads when the work pays for it.
+//! The unit of work is a block of query tokens (all their heads) over a range of keys, in the
+//! manner of flash attention: the keys go by in tiles of [`KEY_TILE`] whole rows
+//! (`[n_kv_heads, head_dim]` per token, contiguous in memory, so the hardware prefetchers stream
+//! them), each tile read once for the whole query block while it sits in cache. Per tile: the
+//! scaled dot products, four keys at a time (vector `dot4`), masked; per (token, head) row an
+//! online-softmax update of the running maximum and sum, rescaling the accumulator when the
+//! maximum grows; then the values accumulated four rows at a time (`axpy4`). Prefill divides by
+//! the sums at the end. Decode splits the sequence into chunks of keys, one unit each with a
+//! single query, and merges the chunks with the same rule
+//! (`out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c`), flash-decoding style, so a single
+//! sequence keeps every thread busy. Units run on rayon's threads when the work pays for it.
 //!
 //! Masking follows transformers: a query at position `i` sees key `j` iff `j <= i` and, with a
 //! sliding window `W`, `i - j < W` (`kv_idx > q_idx - W`).
@@ -25,6 +27,13 @@ use crate::{Error, Result};
 
 /// Work (heads x visible keys x head_dim) below which attention stays on the calling thread.
 const PAR_MIN_WORK: usize = 1 << 16;
+/// Keys per tile: a tile's key and value rows stay in cache while every query row of a unit uses
+/// them. A multiple of 4.
+const KEY_TILE: usize = 64;
+/// Query tokens per prefill unit, at most.
+const MAX_QUERY_BLOCK: usize = 16;
+/// Prefill aims for this many units of work per thread, for balance.
+const PREFILL_UNITS_PER_THREAD: usize = 4;
 /// The shortest key chunk decode splits a sequence into.
 const MIN_DECODE_CHUNK: usize = 64;
 /// Decode aims for this many units of work per thread, for balance.
@@ -86,7 +95,7 @@ impl AttentionParams {
 /// `tk >= q_pos0 + tq`. Prefill is `q_pos0 = 0, tq = tk`; chunked prefill has `q_pos0 > 0`.
 /// Scores are `p.scale * q.k`, softmax in f32, with the causal and sliding-window masks.
 pub fn attention(q: &[f32], k: &[f32], v: &[f32], q_pos0: usize, p: &AttentionParams, out: &mut [f32]) -> Result<()> {
-    attention_with(isa(), Par::Auto, q, k, v, q_pos0, p, out)
+    attention_with(isa(), Par::Auto, None, q, k, v, q_pos0, p, out)
 }
 
 /// One decode step: the query at position `seq_len - 1` (`q` and `out` `[n_heads, head_dim]`)
@@ -108,11 +117,13 @@ pub fn attention_decode(
     attention_decode_with(isa(), Par::Auto, None, q, k_blocks, v_blocks, block_len, seq_len, p, out)
 }
 
-/// [`attention`] on a given ISA and threading choice.
+/// [`attention`] on a given ISA and threading choice, with query blocks of `block` tokens (or
+/// an automatic size when `None`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention_with(
     isa: Isa,
     par: Par,
+    block: Option<usize>,
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -125,36 +136,36 @@ pub(crate) fn attention_with(
         return Ok(());
     }
     let isa = vec::usable(isa);
-    let (hd, group) = (p.head_dim, p.n_heads / p.n_kv_heads);
-    let (q_stride, kv_stride) = (p.n_heads * hd, p.n_kv_heads * hd);
-    let unit = |scratch: &mut Scratch, (t, out): (usize, &mut [f32])| {
-        let i = q_pos0 + t;
-        let keys = p.first_visible(i)..i + 1;
-        let q = &q[t * q_stride..][..q_stride];
-        let row = |j: usize| j * kv_stride;
-        attend(
-            isa,
-            q,
-            hd,
-            group,
-            p.scale,
-            keys,
-            |j| &k[row(j)..][..kv_stride],
-            |j| &v[row(j)..][..kv_stride],
-            scratch,
-            out,
-        );
+    let (hd, q_stride, kv_stride) = (p.head_dim, p.n_heads * p.head_dim, p.n_kv_heads * p.head_dim);
+    // The visible keys average at most about tk per query.
+    let work = tq.saturating_mul(p.n_heads).saturating_mul(tk.min(p.sliding_window.unwrap_or(tk))).saturating_mul(hd);
+    let parallel = tq > 1 && par.decide(work, PAR_MIN_WORK);
+    let block = match block {
+        Some(b) => b.clamp(1, tq),
+        None if parallel => {
+            tq.div_ceil(PREFILL_UNITS_PER_THREAD * rayon::current_num_threads()).clamp(1, MAX_QUERY_BLOCK)
+        }
+        None => tq.min(MAX_QUERY_BLOCK),
+    };
+    let unit = |scratch: &mut Scratch, (u, out): (usize, &mut [f32])| {
+        let t0 = u * block;
+        let bq = out.len() / q_stride;
+        let (i0, i_last) = (q_pos0 + t0, q_pos0 + t0 + bq - 1);
+        let visible = |b: usize| p.first_visible(i0 + b)..i0 + b + 1;
+        let keys = p.first_visible(i0)..i_last + 1;
+        let q = &q[t0 * q_stride..][..bq * q_stride];
+        let key = |j: usize| &k[j * kv_stride..][..kv_stride];
+        let value = |j: usize| &v[j * kv_stride..][..kv_stride];
+        attend(isa, q, p, visible, keys, key, value, scratch, out);
         for (o, sum) in out.chunks_exact_mut(hd).zip(&scratch.sum) {
             vec::scale(isa, o, 1.0 / sum);
         }
     };
-    // The visible keys average at most about tk per query.
-    let work = tq.saturating_mul(p.n_heads).saturating_mul(tk.min(p.sliding_window.unwrap_or(tk))).saturating_mul(hd);
-    if tq > 1 && par.decide(work, PAR_MIN_WORK) {
-        out.par_chunks_mut(q_stride).enumerate().for_each_init(Scratch::default, unit);
+    if parallel && tq > block {
+        out.par_chunks_mut(block * q_stride).enumerate().for_each_init(Scratch::default, unit);
     } else {
         let mut scratch = Scratch::default();
-        out.chunks_mut(q_stride).enumerate().for_each(|item| unit(&mut scratch, item));
+        out.chunks_mut(block * q_stride).enumerate().for_each(|item| unit(&mut scratch, item));
     }
     Ok(())
 }
@@ -176,7 +187,7 @@ pub(crate) fn attention_decode_with(
 ) -> Result<()> {
     check_decode("attention_decode", q.len(), out.len(), k_blocks, v_blocks, block_len, seq_len, p)?;
     let isa = vec::usable(isa);
-    let (hd, n_heads, group) = (p.head_dim, p.n_heads, p.n_heads / p.n_kv_heads);
+    let (hd, n_heads) = (p.head_dim, p.n_heads);
     let kv_stride = p.n_kv_heads * hd;
     let first = p.first_visible(seq_len - 1);
     let n_vis = seq_len - first;
@@ -202,7 +213,7 @@ pub(crate) fn attention_decode_with(
         let (acc, stats) = part.split_at_mut(acc_len);
         let key = |t| paged_row(k_blocks, block_len, kv_stride, t);
         let value = |t| paged_row(v_blocks, block_len, kv_stride, t);
-        attend(isa, q, hd, group, p.scale, keys, key, value, scratch, acc);
+        attend(isa, q, p, |_| keys.clone(), keys.clone(), key, value, scratch, acc);
         stats[..n_heads].copy_from_slice(&scratch.max);
         stats[n_heads..].copy_from_slice(&scratch.sum);
     };
@@ -239,80 +250,136 @@ fn paged_row<'a>(blocks: &[&'a [f32]], block_len: usize, stride: usize, t: usize
 /// Per-thread buffers of [`attend`].
 #[derive(Default)]
 struct Scratch {
-    /// Scores `[query heads, keys]`, then `exp(score - max)`.
+    /// Scores of the current key tile, `[rows, KEY_TILE]`, then `exp(score - max)`.
     scores: Vec<f32>,
-    /// Per query head: the maximum score.
+    /// Per row (query token, head): the running maximum score.
     max: Vec<f32>,
-    /// Per query head: the sum of `exp(score - max)`.
+    /// Per row: the running sum of `exp(score - max)`.
     sum: Vec<f32>,
+    /// Per query token of the block: the part of the current tile it sees, and that part
+    /// widened to whole groups of four keys (clamped to the tile), relative to the tile start.
+    spans: Vec<Option<(Range<usize>, Range<usize>)>>,
 }
 
-/// Unnormalised attention of the query heads `q` (`[n_q, hd]`) over the key positions `keys`
-/// (non-empty), where `key(j)` and `value(j)` give position `j`'s row of `n_q / group` KV heads
-/// and query head `h` reads KV head `h / group`: `acc[h] = sum_j exp(s_hj - max_h) v_j` with
-/// `s_hj = scale * q_h.k_j`, leaving `max_h` and `sum_j exp(s_hj - max_h)` in `scratch`.
+/// Unnormalised attention of a block of query tokens `q` (`[bq, n_heads, head_dim]`) over the
+/// key positions `keys`, token `b` seeing the positions `visible(b)` (non-empty, inside `keys`).
+/// `key(j)` and `value(j)` give position `j`'s row (`[n_kv_heads, head_dim]`); query head `h`
+/// reads KV head `h / group`.
+///
+/// Leaves `acc[b, h] = sum_j exp(s_bhj - max_bh) v_j` over the visible `j`, with
+/// `s_bhj = scale * q_bh.k_j`, and per row `max_bh` and `sum_j exp(s_bhj - max_bh)` in
+/// `scratch.max` and `scratch.sum`.
 #[allow(clippy::too_many_arguments)]
 fn attend<'a>(
     isa: Isa,
     q: &[f32],
-    hd: usize,
-    group: usize,
-    scale: f32,
+    p: &AttentionParams,
+    visible: impl Fn(usize) -> Range<usize>,
     keys: Range<usize>,
     key: impl Fn(usize) -> &'a [f32],
     value: impl Fn(usize) -> &'a [f32],
     scratch: &mut Scratch,
     acc: &mut [f32],
 ) {
-    let n_q = q.len() / hd;
-    let n = keys.len();
-    debug_assert!(n > 0 && acc.len() == q.len() && n_q.is_multiple_of(group));
-    let scores = &mut scratch.scores;
+    let (hd, n_heads, group) = (p.head_dim, p.n_heads, p.n_heads / p.n_kv_heads);
+    let q_stride = n_heads * hd;
+    let bq = q.len() / q_stride;
+    let rows = bq * n_heads;
+    debug_assert!(acc.len() == q.len() && !keys.is_empty());
+    let Scratch { scores, max, sum, spans } = scratch;
     scores.clear();
-    scores.resize(n_q * n, 0.0);
-    // Keys four at a time: one pass over each query head per four key rows.
-    let start = keys.start;
-    let mut jj = 0;
-    while jj + 4 <= n {
-        let rows: [&[f32]; 4] = std::array::from_fn(|u| key(start + jj + u));
-        for (h, q) in q.chunks_exact(hd).enumerate() {
-            let off = h / group * hd;
-            let s = vec::dot4(isa, q, rows.map(|r| &r[off..off + hd]));
-            for (u, s) in s.into_iter().enumerate() {
-                scores[h * n + jj + u] = s * scale;
+    scores.resize(rows * KEY_TILE, 0.0);
+    max.clear();
+    max.resize(rows, f32::NEG_INFINITY);
+    sum.clear();
+    sum.resize(rows, 0.0);
+    acc.fill(0.0);
+
+    let mut j0 = keys.start;
+    while j0 < keys.end {
+        let tn = KEY_TILE.min(keys.end - j0);
+        spans.clear();
+        spans.extend((0..bq).map(|b| {
+            let vis = visible(b);
+            let (lo, hi) = (vis.start.max(j0), vis.end.min(j0 + tn));
+            (lo < hi).then(|| {
+                let (lo, hi) = (lo - j0, hi - j0);
+                (lo..hi, lo / 4 * 4..hi.next_multiple_of(4).min(tn))
+            })
+        }));
+        let rows_of = |g0: usize| {
+            spans.iter().enumerate().filter_map(move |(b, s)| s.as_ref().filter(|(_, w)| w.contains(&g0)).map(|_| b))
+        };
+
+        // Scores, key-major in groups of four so the group's key rows stay in L1 for every
+        // query row that sees part of it; positions a row does not see become -inf.
+        for g0 in (0..tn).step_by(4) {
+            let gl = 4.min(tn - g0);
+            let krows: [&[f32]; 4] = std::array::from_fn(|u| key(j0 + g0 + u.min(gl - 1)));
+            for b in rows_of(g0) {
+                let (seen, _) = spans[b].as_ref().expect("filtered on spans");
+                for h in 0..n_heads {
+                    let qh = &q[b * q_stride + h * hd..][..hd];
+                    let off = h / group * hd;
+                    let s = &mut scores[(b * n_heads + h) * KEY_TILE + g0..][..gl];
+                    if gl == 4 {
+                        let d = vec::dot4(isa, qh, krows.map(|r| &r[off..off + hd]));
+                        for (s, d) in s.iter_mut().zip(d) {
+                            *s = d * p.scale;
+                        }
+                    } else {
+                        for (s, r) in s.iter_mut().zip(krows) {
+                            *s = vec::dot(isa, qh, &r[off..off + hd]) * p.scale;
+                        }
+                    }
+                    for (u, s) in s.iter_mut().enumerate() {
+                        if !seen.contains(&(g0 + u)) {
+                            *s = f32::NEG_INFINITY;
+                        }
+                    }
+                }
             }
         }
-        jj += 4;
-    }
-    for jj in jj..n {
-        let k = key(start + jj);
-        for (h, q) in q.chunks_exact(hd).enumerate() {
-            scores[h * n + jj] = vec::dot(isa, q, &k[h / group * hd..][..hd]) * scale;
+
+        // Online softmax: fold the tile into each row's running maximum and sum, rescaling
+        // what the row accumulated so far when its maximum grows.
+        for (b, span) in spans.iter().enumerate() {
+            let Some((_, wide)) = span else { continue };
+            for h in 0..n_heads {
+                let r = b * n_heads + h;
+                let seg = &mut scores[r * KEY_TILE..][wide.clone()];
+                let new_max = max[r].max(vec::max(isa, seg));
+                if new_max > max[r] && sum[r] > 0.0 {
+                    let c = (max[r] - new_max).exp();
+                    vec::scale(isa, &mut acc[r * hd..][..hd], c);
+                    sum[r] *= c;
+                }
+                max[r] = new_max;
+                sum[r] += vec::exp_shift_sum(isa, seg, new_max);
+            }
         }
-    }
-    scratch.max.clear();
-    scratch.sum.clear();
-    for row in scores.chunks_exact_mut(n) {
-        let max = vec::max(isa, row);
-        scratch.sum.push(vec::exp_shift_sum(isa, row, max));
-        scratch.max.push(max);
-    }
-    acc.fill(0.0);
-    let mut jj = 0;
-    while jj + 4 <= n {
-        let rows: [&[f32]; 4] = std::array::from_fn(|u| value(start + jj + u));
-        for (h, acc) in acc.chunks_exact_mut(hd).enumerate() {
-            let off = h / group * hd;
-            let p: [f32; 4] = std::array::from_fn(|u| scores[h * n + jj + u]);
-            vec::axpy4(isa, p, rows.map(|r| &r[off..off + hd]), acc);
+
+        // Values, four rows at a time; masked positions carry probability 0.
+        for g0 in (0..tn).step_by(4) {
+            let gl = 4.min(tn - g0);
+            let vrows: [&[f32]; 4] = std::array::from_fn(|u| value(j0 + g0 + u.min(gl - 1)));
+            for b in rows_of(g0) {
+                for h in 0..n_heads {
+                    let r = b * n_heads + h;
+                    let off = h / group * hd;
+                    let pr = &scores[r * KEY_TILE + g0..][..gl];
+                    let a = &mut acc[r * hd..][..hd];
+                    if gl == 4 {
+                        vec::axpy4(isa, [pr[0], pr[1], pr[2], pr[3]], vrows.map(|v| &v[off..off + hd]), a);
+                    } else {
+                        for (pj, v) in pr.iter().zip(vrows) {
+                            vec::axpy(isa, *pj, &v[off..off + hd], a);
+                        }
+                    }
+                }
+            }
         }
-        jj += 4;
-    }
-    for jj in jj..n {
-        let v = value(start + jj);
-        for (h, acc) in acc.chunks_exact_mut(hd).enumerate() {
-            vec::axpy(isa, scores[h * n + jj], &v[h / group * hd..][..hd], acc);
-        }
+        j0 += tn;
     }
 }
 
@@ -456,7 +523,7 @@ mod tests {
         assert_eq!(out, [1.0, 2.0, 3.0, 1.0, 2.0, 3.0]);
         // Query at position 1 sees both keys with equal (zero) scores: the mean of the values.
         for isa in Isa::available() {
-            attention_with(isa, Par::Never, &q, &k, &v, 1, &p, &mut out).unwrap();
+            attention_with(isa, Par::Never, None, &q, &k, &v, 1, &p, &mut out).unwrap();
             assert_close(&out, &[3.0, 4.0, 5.0, 3.0, 4.0, 5.0], 1e-6, 0.0, &format!("{isa:?}"));
         }
     }
@@ -470,7 +537,7 @@ mod tests {
         let q = random_vec(3, 5 * 4, 1.0);
         let mut out = vec![0f32; 20];
         for isa in Isa::available() {
-            attention_with(isa, Par::Never, &q, &k, &v, 0, &p, &mut out).unwrap();
+            attention_with(isa, Par::Never, None, &q, &k, &v, 0, &p, &mut out).unwrap();
             assert_close(&out, &v, 1e-6, 1e-6, &format!("{isa:?}"));
         }
         // Window W over a longer sequence equals no window over the last W keys.
@@ -552,6 +619,7 @@ mod tests {
             q_pos0 in 0usize..12,
             extra_keys in 0usize..3,
             window in prop::option::of(1usize..16),
+            block in prop::option::of(1usize..6),
             seed: u64,
         ) {
             let p = params(n_kv * group, n_kv, hd, window);
@@ -564,8 +632,8 @@ mod tests {
             for isa in Isa::available() {
                 for par in [Par::Never, Par::Always] {
                     let mut got = vec![0f32; q.len()];
-                    attention_with(isa, par, &q, &k, &v, q_pos0, &p, &mut got).unwrap();
-                    assert_close(&got, &want, ABS, REL, &format!("{isa:?} {par:?}"));
+                    attention_with(isa, par, block, &q, &k, &v, q_pos0, &p, &mut got).unwrap();
+                    assert_close(&got, &want, ABS, REL, &format!("{isa:?} {par:?} block {block:?}"));
                 }
             }
         }
@@ -606,7 +674,8 @@ mod tests {
         }
     }
 
-    /// A sequence long enough for the automatic chunking to split it across threads.
+    /// A sequence long enough for the automatic chunking to split it across threads, and for
+    /// each chunk to span several key tiles (the online-softmax rescaling).
     #[test]
     fn long_decode_splits_and_merges() {
         let p = params(8, 2, 64, None);
@@ -619,10 +688,37 @@ mod tests {
         let mut want = vec![0f32; q.len()];
         reference::attention_decode(&q, &refs(&kb), &refs(&vb), block_len, seq_len, &p, &mut want).unwrap();
         for isa in Isa::available() {
-            let mut got = vec![0f32; q.len()];
-            attention_decode_with(isa, Par::Always, None, &q, &refs(&kb), &refs(&vb), block_len, seq_len, &p, &mut got)
-                .unwrap();
-            assert_close(&got, &want, ABS, REL, &format!("{isa:?}"));
+            for (par, chunk) in [(Par::Always, None), (Par::Never, None), (Par::Never, Some(300))] {
+                let mut got = vec![0f32; q.len()];
+                attention_decode_with(isa, par, chunk, &q, &refs(&kb), &refs(&vb), block_len, seq_len, &p, &mut got)
+                    .unwrap();
+                assert_close(&got, &want, ABS, REL, &format!("{isa:?} {par:?} {chunk:?}"));
+            }
+        }
+    }
+
+    /// Prefill over several key tiles: blocks of queries whose visible keys start and end
+    /// inside tiles, with and without a window.
+    #[test]
+    fn long_prefill_spans_several_tiles() {
+        let (tq, q_pos0, n_kv, hd) = (150, 30, 2, 24);
+        let tk = q_pos0 + tq + 5;
+        for window in [None, Some(70), Some(3 * KEY_TILE + 1)] {
+            let p = params(2 * n_kv, n_kv, hd, window);
+            let q = random_vec(21, tq * p.n_heads * hd, 3.0);
+            let k = random_vec(22, tk * n_kv * hd, 3.0);
+            let v = random_vec(23, tk * n_kv * hd, 1.0);
+            let mut want = vec![0f32; q.len()];
+            reference::attention(&q, &k, &v, q_pos0, &p, &mut want).unwrap();
+            for isa in Isa::available() {
+                for (par, block) in
+                    [(Par::Always, None), (Par::Never, None), (Par::Never, Some(7)), (Par::Always, Some(1))]
+                {
+                    let mut got = vec![0f32; q.len()];
+                    attention_with(isa, par, block, &q, &k, &v, q_pos0, &p, &mut got).unwrap();
+                    assert_close(&got, &want, ABS, REL, &format!("{isa:?} {par:?} {block:?} window {window:?}"));
+                }
+            }
         }
     }
 }
