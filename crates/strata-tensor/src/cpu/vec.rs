@@ -2,10 +2,9 @@
 //!
 //! Each primitive (dot product, axpy, their four-row forms for attention, sum of squares,
 //! maximum, "exponentiate, shift and sum", scaling, elementwise add and multiply, a NaN scan)
-//! has an AVX-512 version, an AVX2+FMA
-//! version and a portable version, behind a dispatcher that takes the [`Isa`] to use. The
-//! vector exponential lives here too, so that softmax, SiLU and attention share one
-//! approximation. Ragged tails are handled with masked loads and stores, so a row of any length
+//! has an AVX-512 version, an AVX2+FMA version and a portable version, behind a dispatcher
+//! that takes the [`Isa`] to use. The vector exponential lives here too, so that softmax, SiLU
+//! and attention share one approximation. Ragged tails are handled with masked loads and stores, so a row of any length
 //! takes the same arithmetic path as a multiple of the vector width.
 //!
 //! The dispatchers trust their `isa` argument: every caller passes [`crate::cpu::isa()`] or a
