@@ -1,1 +1,724 @@
-//! (in progress)
+//! Causal multi-head attention on the CPU (fast versions): contiguous keys for prefill and
+//! chunked prefill, a paged KV cache for decode. Grouped-query attention (and multi-query, its
+//! limit) is native: query head `h` reads KV head `h / group` of each key row.
+//!
+//! The unit of work is a block of query tokens (all their heads) over a range of keys, in the
+//! manner of flash attention: the keys go by in tiles of [`KEY_TILE`] whole rows
+//! (`[n_kv_heads, head_dim]` per token, contiguous in memory, so the hardware prefetchers stream
+//! them), each tile read once for the whole query block while it sits in cache. Per tile: the
+//! scaled dot products, four keys at a time (vector `dot4`), masked; per (token, head) row an
+//! online-softmax update of the running maximum and sum, rescaling the accumulator when the
+//! maximum grows; then the values accumulated four rows at a time (`axpy4`). Prefill divides by
+//! the sums at the end. Decode splits the sequence into chunks of keys, one unit each with a
+//! single query, and merges the chunks with the same rule
+//! (`out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c`), flash-decoding style, so a single
+//! sequence keeps every thread busy. Units run on rayon's threads when the work pays for it.
+//!
+//! Masking follows transformers: a query at position `i` sees key `j` iff `j <= i` and, with a
+//! sliding window `W`, `i - j < W` (`kv_idx > q_idx - W`).
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use super::vec::{self, Par};
+use super::{Isa, isa};
+use crate::{Error, Result};
+
+/// Work (heads x visible keys x head_dim) below which attention stays on the calling thread.
+const PAR_MIN_WORK: usize = 1 << 16;
+/// Keys per tile: a tile's key and value rows stay in cache while every query row of a unit uses
+/// them. A multiple of 4.
+const KEY_TILE: usize = 64;
+/// Query tokens per prefill unit, at most.
+const MAX_QUERY_BLOCK: usize = 16;
+/// Prefill aims for this many units of work per thread, for balance.
+const PREFILL_UNITS_PER_THREAD: usize = 4;
+/// The shortest key chunk decode splits a sequence into.
+const MIN_DECODE_CHUNK: usize = 64;
+/// Decode aims for this many units of work per thread, for balance.
+const DECODE_UNITS_PER_THREAD: usize = 4;
+
+/// The shape of an attention layer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionParams {
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads; `n_heads` is a multiple of it (GQA; 1 is MQA). Query head `h` uses KV
+    /// head `h / (n_heads / n_kv_heads)`.
+    pub n_kv_heads: usize,
+    /// Elements per head.
+    pub head_dim: usize,
+    /// The factor applied to query-key dot products (usually `1 / sqrt(head_dim)`).
+    pub scale: f32,
+    /// Sliding-window length `W`: a query sees only the `W` most recent positions, itself
+    /// included. `None` for full causal attention.
+    pub sliding_window: Option<usize>,
+}
+
+impl AttentionParams {
+    /// The first key position visible from query position `i`.
+    pub(crate) fn first_visible(&self, i: usize) -> usize {
+        match self.sliding_window {
+            Some(w) => (i + 1).saturating_sub(w),
+            None => 0,
+        }
+    }
+
+    /// Checks the parameters and returns the elements per token of the queries and of the
+    /// keys/values.
+    fn check(&self, op: &'static str) -> Result<(usize, usize)> {
+        let bad = |msg: String| Err(Error::InvalidArgument { op, msg });
+        if self.n_heads == 0 || self.n_kv_heads == 0 || self.head_dim == 0 {
+            return bad(format!(
+                "n_heads ({}), n_kv_heads ({}) and head_dim ({}) must be positive",
+                self.n_heads, self.n_kv_heads, self.head_dim
+            ));
+        }
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
+            return bad(format!("n_heads {} is not a multiple of n_kv_heads {}", self.n_heads, self.n_kv_heads));
+        }
+        if self.sliding_window == Some(0) {
+            return bad("a sliding window of 0 hides every key".into());
+        }
+        match self.n_heads.checked_mul(self.head_dim) {
+            Some(q_stride) => Ok((q_stride, self.n_kv_heads * self.head_dim)),
+            None => bad(format!("{} heads x head_dim {} overflows", self.n_heads, self.head_dim)),
+        }
+    }
+}
+
+/// Causal attention of `tq` query tokens at positions `q_pos0..q_pos0 + tq` over `tk` keys and
+/// values at positions `0..tk`.
+///
+/// `q` and `out` are `[tq, n_heads, head_dim]`, `k` and `v` `[tk, n_kv_heads, head_dim]`, with
+/// `tk >= q_pos0 + tq`. Prefill is `q_pos0 = 0, tq = tk`; chunked prefill has `q_pos0 > 0`.
+/// Scores are `p.scale * q.k`, softmax in f32, with the causal and sliding-window masks.
+pub fn attention(q: &[f32], k: &[f32], v: &[f32], q_pos0: usize, p: &AttentionParams, out: &mut [f32]) -> Result<()> {
+    attention_with(isa(), Par::Auto, None, q, k, v, q_pos0, p, out)
+}
+
+/// One decode step: the query at position `seq_len - 1` (`q` and `out` `[n_heads, head_dim]`)
+/// against the `seq_len` keys and values of a paged KV cache.
+///
+/// Token `t` lives in block `t / block_len` at row `t % block_len`; each block is
+/// `[block_len, n_kv_heads, head_dim]`, and the last block may hold fewer than `block_len`
+/// tokens (its other rows are never read). At least `seq_len.div_ceil(block_len)` blocks must be
+/// given; later ones are ignored. The sliding window applies as in [`attention`].
+pub fn attention_decode(
+    q: &[f32],
+    k_blocks: &[&[f32]],
+    v_blocks: &[&[f32]],
+    block_len: usize,
+    seq_len: usize,
+    p: &AttentionParams,
+    out: &mut [f32],
+) -> Result<()> {
+    attention_decode_with(isa(), Par::Auto, None, q, k_blocks, v_blocks, block_len, seq_len, p, out)
+}
+
+/// [`attention`] on a given ISA and threading choice, with query blocks of `block` tokens (or
+/// an automatic size when `None`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_with(
+    isa: Isa,
+    par: Par,
+    block: Option<usize>,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    q_pos0: usize,
+    p: &AttentionParams,
+    out: &mut [f32],
+) -> Result<()> {
+    let (tq, tk) = check_attention("attention", q.len(), k.len(), v.len(), out.len(), q_pos0, p)?;
+    if tq == 0 {
+        return Ok(());
+    }
+    let isa = vec::usable(isa);
+    let (hd, q_stride, kv_stride) = (p.head_dim, p.n_heads * p.head_dim, p.n_kv_heads * p.head_dim);
+    // The visible keys average at most about tk per query.
+    let work = tq.saturating_mul(p.n_heads).saturating_mul(tk.min(p.sliding_window.unwrap_or(tk))).saturating_mul(hd);
+    let parallel = tq > 1 && par.decide(work, PAR_MIN_WORK);
+    let block = match block {
+        Some(b) => b.clamp(1, tq),
+        None if parallel => {
+            tq.div_ceil(PREFILL_UNITS_PER_THREAD * rayon::current_num_threads()).clamp(1, MAX_QUERY_BLOCK)
+        }
+        None => tq.min(MAX_QUERY_BLOCK),
+    };
+    let unit = |scratch: &mut Scratch, (u, out): (usize, &mut [f32])| {
+        let t0 = u * block;
+        let bq = out.len() / q_stride;
+        let (i0, i_last) = (q_pos0 + t0, q_pos0 + t0 + bq - 1);
+        let visible = |b: usize| p.first_visible(i0 + b)..i0 + b + 1;
+        let keys = p.first_visible(i0)..i_last + 1;
+        let q = &q[t0 * q_stride..][..bq * q_stride];
+        let key = |j: usize| &k[j * kv_stride..][..kv_stride];
+        let value = |j: usize| &v[j * kv_stride..][..kv_stride];
+        attend(isa, q, p, visible, keys, key, value, scratch, out);
+        for (o, sum) in out.chunks_exact_mut(hd).zip(&scratch.sum) {
+            vec::scale(isa, o, 1.0 / sum);
+        }
+    };
+    if parallel && tq > block {
+        out.par_chunks_mut(block * q_stride).enumerate().for_each_init(Scratch::default, unit);
+    } else {
+        let mut scratch = Scratch::default();
+        out.chunks_mut(block * q_stride).enumerate().for_each(|item| unit(&mut scratch, item));
+    }
+    Ok(())
+}
+
+/// [`attention_decode`] on a given ISA and threading choice, with keys split into chunks of
+/// `chunk` (or an automatic size when `None`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_decode_with(
+    isa: Isa,
+    par: Par,
+    chunk: Option<usize>,
+    q: &[f32],
+    k_blocks: &[&[f32]],
+    v_blocks: &[&[f32]],
+    block_len: usize,
+    seq_len: usize,
+    p: &AttentionParams,
+    out: &mut [f32],
+) -> Result<()> {
+    check_decode("attention_decode", q.len(), out.len(), k_blocks, v_blocks, block_len, seq_len, p)?;
+    let isa = vec::usable(isa);
+    let (hd, n_heads) = (p.head_dim, p.n_heads);
+    let kv_stride = p.n_kv_heads * hd;
+    let first = p.first_visible(seq_len - 1);
+    let n_vis = seq_len - first;
+    let parallel = par.decide(n_heads.saturating_mul(n_vis).saturating_mul(hd), PAR_MIN_WORK);
+    let chunk = match chunk {
+        Some(c) => c.clamp(1, n_vis),
+        None if parallel => {
+            let wanted = DECODE_UNITS_PER_THREAD * rayon::current_num_threads();
+            n_vis.div_ceil(wanted.min(n_vis.div_ceil(MIN_DECODE_CHUNK)).max(1))
+        }
+        None => n_vis,
+    };
+    let n_chunks = n_vis.div_ceil(chunk);
+
+    // Each chunk leaves every head's unnormalised output, then per head the score maximum and
+    // the sum of exp(score - maximum).
+    let acc_len = n_heads * hd;
+    let part_len = acc_len + 2 * n_heads;
+    let mut parts = vec![0f32; n_chunks * part_len];
+    let unit = |scratch: &mut Scratch, (c, part): (usize, &mut [f32])| {
+        let start = first + c * chunk;
+        let keys = start..(start + chunk).min(seq_len);
+        let (acc, stats) = part.split_at_mut(acc_len);
+        let key = |t| paged_row(k_blocks, block_len, kv_stride, t);
+        let value = |t| paged_row(v_blocks, block_len, kv_stride, t);
+        attend(isa, q, p, |_| keys.clone(), keys.clone(), key, value, scratch, acc);
+        stats[..n_heads].copy_from_slice(&scratch.max);
+        stats[n_heads..].copy_from_slice(&scratch.sum);
+    };
+    if parallel && n_chunks > 1 {
+        parts.par_chunks_mut(part_len).enumerate().for_each_init(Scratch::default, unit);
+    } else {
+        let mut scratch = Scratch::default();
+        parts.chunks_mut(part_len).enumerate().for_each(|item| unit(&mut scratch, item));
+    }
+
+    // Merge the chunks of each head. With one chunk the weight is exp(0) = 1 and this is a
+    // plain division by the sum.
+    let stat = |c: usize, which: usize, h: usize| parts[c * part_len + acc_len + which * n_heads + h];
+    for (h, out) in out.chunks_exact_mut(hd).enumerate() {
+        let global_max = (0..n_chunks).map(|c| stat(c, 0, h)).fold(f32::NEG_INFINITY, f32::max);
+        out.fill(0.0);
+        let mut sum = 0f32;
+        for c in 0..n_chunks {
+            let w = (stat(c, 0, h) - global_max).exp();
+            vec::axpy(isa, w, &parts[c * part_len + h * hd..][..hd], out);
+            sum += w * stat(c, 1, h);
+        }
+        vec::scale(isa, out, 1.0 / sum);
+    }
+    Ok(())
+}
+
+/// Token `t`'s row (`stride` elements) in a paged cache of `block_len` tokens per block.
+#[inline]
+fn paged_row<'a>(blocks: &[&'a [f32]], block_len: usize, stride: usize, t: usize) -> &'a [f32] {
+    &blocks[t / block_len][t % block_len * stride..][..stride]
+}
+
+/// Per-thread buffers of [`attend`].
+#[derive(Default)]
+struct Scratch {
+    /// Scores of the current key tile, `[rows, KEY_TILE]`, then `exp(score - max)`.
+    scores: Vec<f32>,
+    /// Per row (query token, head): the running maximum score.
+    max: Vec<f32>,
+    /// Per row: the running sum of `exp(score - max)`.
+    sum: Vec<f32>,
+    /// Per query token of the block: the part of the current tile it sees, and that part
+    /// widened to whole groups of four keys (clamped to the tile), relative to the tile start.
+    spans: Vec<Option<(Range<usize>, Range<usize>)>>,
+}
+
+/// Unnormalised attention of a block of query tokens `q` (`[bq, n_heads, head_dim]`) over the
+/// key positions `keys`, token `b` seeing the positions `visible(b)` (non-empty, inside `keys`).
+/// `key(j)` and `value(j)` give position `j`'s row (`[n_kv_heads, head_dim]`); query head `h`
+/// reads KV head `h / group`.
+///
+/// Leaves `acc[b, h] = sum_j exp(s_bhj - max_bh) v_j` over the visible `j`, with
+/// `s_bhj = scale * q_bh.k_j`, and per row `max_bh` and `sum_j exp(s_bhj - max_bh)` in
+/// `scratch.max` and `scratch.sum`.
+#[allow(clippy::too_many_arguments)]
+fn attend<'a>(
+    isa: Isa,
+    q: &[f32],
+    p: &AttentionParams,
+    visible: impl Fn(usize) -> Range<usize>,
+    keys: Range<usize>,
+    key: impl Fn(usize) -> &'a [f32],
+    value: impl Fn(usize) -> &'a [f32],
+    scratch: &mut Scratch,
+    acc: &mut [f32],
+) {
+    let (hd, n_heads, group) = (p.head_dim, p.n_heads, p.n_heads / p.n_kv_heads);
+    let q_stride = n_heads * hd;
+    let bq = q.len() / q_stride;
+    let rows = bq * n_heads;
+    debug_assert!(acc.len() == q.len() && !keys.is_empty());
+    let Scratch { scores, max, sum, spans } = scratch;
+    scores.clear();
+    scores.resize(rows * KEY_TILE, 0.0);
+    max.clear();
+    max.resize(rows, f32::NEG_INFINITY);
+    sum.clear();
+    sum.resize(rows, 0.0);
+    acc.fill(0.0);
+
+    let mut j0 = keys.start;
+    while j0 < keys.end {
+        let tn = KEY_TILE.min(keys.end - j0);
+        spans.clear();
+        spans.extend((0..bq).map(|b| {
+            let vis = visible(b);
+            let (lo, hi) = (vis.start.max(j0), vis.end.min(j0 + tn));
+            (lo < hi).then(|| {
+                let (lo, hi) = (lo - j0, hi - j0);
+                (lo..hi, lo / 4 * 4..hi.next_multiple_of(4).min(tn))
+            })
+        }));
+        let rows_of = |g0: usize| {
+            spans.iter().enumerate().filter_map(move |(b, s)| s.as_ref().filter(|(_, w)| w.contains(&g0)).map(|_| b))
+        };
+
+        // Scores, key-major in groups of four so the group's key rows stay in L1 for every
+        // query row that sees part of it; positions a row does not see become -inf.
+        for g0 in (0..tn).step_by(4) {
+            let gl = 4.min(tn - g0);
+            let krows: [&[f32]; 4] = std::array::from_fn(|u| key(j0 + g0 + u.min(gl - 1)));
+            for b in rows_of(g0) {
+                let (seen, _) = spans[b].as_ref().expect("filtered on spans");
+                for h in 0..n_heads {
+                    let qh = &q[b * q_stride + h * hd..][..hd];
+                    let off = h / group * hd;
+                    let s = &mut scores[(b * n_heads + h) * KEY_TILE + g0..][..gl];
+                    if gl == 4 {
+                        let d = vec::dot4(isa, qh, krows.map(|r| &r[off..off + hd]));
+                        for (s, d) in s.iter_mut().zip(d) {
+                            *s = d * p.scale;
+                        }
+                    } else {
+                        for (s, r) in s.iter_mut().zip(krows) {
+                            *s = vec::dot(isa, qh, &r[off..off + hd]) * p.scale;
+                        }
+                    }
+                    for (u, s) in s.iter_mut().enumerate() {
+                        if !seen.contains(&(g0 + u)) {
+                            *s = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+            }
+        }
+
+        // Online softmax: fold the tile into each row's running maximum and sum, rescaling
+        // what the row accumulated so far when its maximum grows.
+        for (b, span) in spans.iter().enumerate() {
+            let Some((_, wide)) = span else { continue };
+            for h in 0..n_heads {
+                let r = b * n_heads + h;
+                let seg = &mut scores[r * KEY_TILE..][wide.clone()];
+                let new_max = max[r].max(vec::max(isa, seg));
+                if new_max > max[r] && sum[r] > 0.0 {
+                    let c = (max[r] - new_max).exp();
+                    vec::scale(isa, &mut acc[r * hd..][..hd], c);
+                    sum[r] *= c;
+                }
+                max[r] = new_max;
+                sum[r] += vec::exp_shift_sum(isa, seg, new_max);
+            }
+        }
+
+        // Values, four rows at a time; masked positions carry probability 0.
+        for g0 in (0..tn).step_by(4) {
+            let gl = 4.min(tn - g0);
+            let vrows: [&[f32]; 4] = std::array::from_fn(|u| value(j0 + g0 + u.min(gl - 1)));
+            for b in rows_of(g0) {
+                for h in 0..n_heads {
+                    let r = b * n_heads + h;
+                    let off = h / group * hd;
+                    let pr = &scores[r * KEY_TILE + g0..][..gl];
+                    let a = &mut acc[r * hd..][..hd];
+                    if gl == 4 {
+                        vec::axpy4(isa, [pr[0], pr[1], pr[2], pr[3]], vrows.map(|v| &v[off..off + hd]), a);
+                    } else {
+                        for (pj, v) in pr.iter().zip(vrows) {
+                            vec::axpy(isa, *pj, &v[off..off + hd], a);
+                        }
+                    }
+                }
+            }
+        }
+        j0 += tn;
+    }
+}
+
+/// Checks the operands of [`attention`] and returns `(tq, tk)`.
+pub(crate) fn check_attention(
+    op: &'static str,
+    q_len: usize,
+    k_len: usize,
+    v_len: usize,
+    out_len: usize,
+    q_pos0: usize,
+    p: &AttentionParams,
+) -> Result<(usize, usize)> {
+    let (q_stride, kv_stride) = p.check(op)?;
+    if !q_len.is_multiple_of(q_stride) {
+        return Err(Error::InvalidArgument {
+            op,
+            msg: format!("q has {q_len} elements, not a whole number of tokens of {q_stride} (n_heads x head_dim)"),
+        });
+    }
+    if !k_len.is_multiple_of(kv_stride) {
+        return Err(Error::InvalidArgument {
+            op,
+            msg: format!("k has {k_len} elements, not a whole number of tokens of {kv_stride} (n_kv_heads x head_dim)"),
+        });
+    }
+    if v_len != k_len {
+        return Err(Error::LengthMismatch { op, what: "v", expected: k_len, got: v_len });
+    }
+    if out_len != q_len {
+        return Err(Error::LengthMismatch { op, what: "out", expected: q_len, got: out_len });
+    }
+    let (tq, tk) = (q_len / q_stride, k_len / kv_stride);
+    if tk < q_pos0 + tq {
+        return Err(Error::InvalidArgument {
+            op,
+            msg: format!("{tq} queries from position {q_pos0} need at least {} keys, got {tk}", q_pos0 + tq),
+        });
+    }
+    Ok((tq, tk))
+}
+
+/// Checks the operands of [`attention_decode`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_decode(
+    op: &'static str,
+    q_len: usize,
+    out_len: usize,
+    k_blocks: &[&[f32]],
+    v_blocks: &[&[f32]],
+    block_len: usize,
+    seq_len: usize,
+    p: &AttentionParams,
+) -> Result<()> {
+    let (q_stride, kv_stride) = p.check(op)?;
+    if q_len != q_stride {
+        return Err(Error::LengthMismatch { op, what: "q", expected: q_stride, got: q_len });
+    }
+    if out_len != q_stride {
+        return Err(Error::LengthMismatch { op, what: "out", expected: q_stride, got: out_len });
+    }
+    if block_len == 0 || seq_len == 0 {
+        return Err(Error::InvalidArgument {
+            op,
+            msg: format!("block_len ({block_len}) and seq_len ({seq_len}) must be positive"),
+        });
+    }
+    if v_blocks.len() != k_blocks.len() {
+        return Err(Error::LengthMismatch { op, what: "v_blocks", expected: k_blocks.len(), got: v_blocks.len() });
+    }
+    let needed = seq_len.div_ceil(block_len);
+    if k_blocks.len() < needed {
+        return Err(Error::InvalidArgument {
+            op,
+            msg: format!("{} blocks of {block_len} tokens cannot hold a sequence of {seq_len}", k_blocks.len()),
+        });
+    }
+    let block_elems = block_len
+        .checked_mul(kv_stride)
+        .ok_or_else(|| Error::InvalidArgument { op, msg: format!("block_len {block_len} x {kv_stride} overflows") })?;
+    for (b, (kb, vb)) in k_blocks.iter().zip(v_blocks).take(needed).enumerate() {
+        for (what, len) in [("key", kb.len()), ("value", vb.len())] {
+            if len != block_elems {
+                return Err(Error::InvalidArgument {
+                    op,
+                    msg: format!(
+                        "{what} block {b} has {len} elements, expected {block_elems} ([{block_len}, {}, {}])",
+                        p.n_kv_heads, p.head_dim
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::cpu::reference;
+    use crate::cpu::vec::testing::{assert_close, random_vec};
+
+    const ABS: f32 = 2e-6;
+    const REL: f32 = 2e-5;
+
+    fn params(n_heads: usize, n_kv_heads: usize, head_dim: usize, window: Option<usize>) -> AttentionParams {
+        AttentionParams { n_heads, n_kv_heads, head_dim, scale: 1.0 / (head_dim as f32).sqrt(), sliding_window: window }
+    }
+
+    /// Splits contiguous `[seq_len, n_kv, hd]` rows into blocks of `block_len` tokens, the
+    /// unused rows of the last block and `extra` trailing blocks filled with NaN, which would
+    /// poison the output if they were read.
+    fn to_blocks(x: &[f32], kv_stride: usize, block_len: usize, extra: usize) -> Vec<Vec<f32>> {
+        let mut blocks: Vec<Vec<f32>> = x
+            .chunks(block_len * kv_stride)
+            .map(|c| {
+                let mut b = c.to_vec();
+                b.resize(block_len * kv_stride, f32::NAN);
+                b
+            })
+            .collect();
+        blocks.extend((0..extra).map(|_| vec![f32::NAN; block_len * kv_stride]));
+        blocks
+    }
+
+    fn refs(blocks: &[Vec<f32>]) -> Vec<&[f32]> {
+        blocks.iter().map(|b| b.as_slice()).collect()
+    }
+
+    #[test]
+    fn single_key_returns_its_value_and_equal_scores_average() {
+        let p = params(2, 1, 3, None);
+        let q = [1.0f32, 2.0, 3.0, -1.0, 0.5, 0.0];
+        let k = [0.0f32, 0.0, 0.0, 0.0, 0.0, 0.0];
+        let v = [1.0f32, 2.0, 3.0, 5.0, 6.0, 7.0];
+        let mut out = [0f32; 6];
+        // Query at position 0 sees only key 0.
+        reference::attention(&q[..6], &k[..3], &v[..3], 0, &p, &mut out).unwrap();
+        assert_eq!(out, [1.0, 2.0, 3.0, 1.0, 2.0, 3.0]);
+        // Query at position 1 sees both keys with equal (zero) scores: the mean of the values.
+        for isa in Isa::available() {
+            attention_with(isa, Par::Never, None, &q, &k, &v, 1, &p, &mut out).unwrap();
+            assert_close(&out, &[3.0, 4.0, 5.0, 3.0, 4.0, 5.0], 1e-6, 0.0, &format!("{isa:?}"));
+        }
+    }
+
+    #[test]
+    fn window_masks_old_keys() {
+        // Window 1: every query sees only its own position, so the output is its own value.
+        let p = params(1, 1, 4, Some(1));
+        let k = random_vec(1, 5 * 4, 1.0);
+        let v = random_vec(2, 5 * 4, 1.0);
+        let q = random_vec(3, 5 * 4, 1.0);
+        let mut out = vec![0f32; 20];
+        for isa in Isa::available() {
+            attention_with(isa, Par::Never, None, &q, &k, &v, 0, &p, &mut out).unwrap();
+            assert_close(&out, &v, 1e-6, 1e-6, &format!("{isa:?}"));
+        }
+        // Window W over a longer sequence equals no window over the last W keys.
+        let (seq, w, hd) = (11, 4, 8);
+        let p = params(3, 3, hd, Some(w));
+        let k = random_vec(4, seq * 3 * hd, 1.0);
+        let v = random_vec(5, seq * 3 * hd, 1.0);
+        let q = random_vec(6, 3 * hd, 2.0);
+        let mut windowed = vec![0f32; 3 * hd];
+        let (kb, vb) = (to_blocks(&k, 3 * hd, 4, 0), to_blocks(&v, 3 * hd, 4, 0));
+        attention_decode(&q, &refs(&kb), &refs(&vb), 4, seq, &p, &mut windowed).unwrap();
+        let tail = (seq - w) * 3 * hd;
+        let mut full = vec![0f32; 3 * hd];
+        reference::attention(&q, &k[tail..], &v[tail..], w - 1, &params(3, 3, hd, None), &mut full).unwrap();
+        assert_close(&windowed, &full, ABS, REL, "window vs truncated");
+    }
+
+    #[test]
+    fn future_keys_are_masked() {
+        let p = params(4, 2, 16, None);
+        let (tq, tk) = (3, 9);
+        let q = random_vec(1, tq * 64, 1.0);
+        let mut k = random_vec(2, tk * 32, 1.0);
+        let mut v = random_vec(3, tk * 32, 1.0);
+        let mut a = vec![0f32; tq * 64];
+        attention(&q, &k, &v, 2, &p, &mut a).unwrap();
+        // Queries sit at positions 2..5; keys 5.. are in their future.
+        k[5 * 32..].fill(100.0);
+        v[5 * 32..].fill(f32::NAN);
+        let mut b = vec![0f32; tq * 64];
+        attention(&q, &k, &v, 2, &p, &mut b).unwrap();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn bad_arguments_are_errors() {
+        let p = params(4, 2, 8, None);
+        let (q, kv) = (vec![0f32; 2 * 32], vec![0f32; 3 * 16]);
+        let mut out = vec![0f32; 64];
+        assert!(attention(&q, &kv, &kv, 1, &p, &mut out).is_ok());
+        assert!(attention(&q, &kv, &kv, 2, &p, &mut out).is_err(), "needs 4 keys");
+        assert!(attention(&q[..60], &kv, &kv, 0, &p, &mut out[..60]).is_err());
+        assert!(matches!(attention(&q, &kv, &kv[..32], 0, &p, &mut out), Err(Error::LengthMismatch { what: "v", .. })));
+        assert!(matches!(attention(&q, &kv, &kv, 0, &p, &mut out[..32]), Err(Error::LengthMismatch { .. })));
+        for bad in [params(4, 3, 8, None), params(0, 1, 8, None), params(4, 2, 0, None), params(4, 2, 8, Some(0))] {
+            assert!(attention(&q, &kv, &kv, 0, &bad, &mut out).is_err(), "{bad:?}");
+            assert!(reference::attention(&q, &kv, &kv, 0, &bad, &mut out).is_err(), "{bad:?}");
+        }
+        let block = vec![0f32; 2 * 16];
+        let blocks: Vec<&[f32]> = vec![&block, &block];
+        let mut o = vec![0f32; 32];
+        assert!(attention_decode(&q[..32], &blocks, &blocks, 2, 4, &p, &mut o).is_ok());
+        assert!(attention_decode(&q[..32], &blocks, &blocks, 2, 5, &p, &mut o).is_err(), "too few blocks");
+        assert!(attention_decode(&q[..32], &blocks, &blocks[..1], 2, 2, &p, &mut o).is_err());
+        assert!(attention_decode(&q[..32], &blocks, &blocks, 3, 4, &p, &mut o).is_err(), "block size");
+        assert!(attention_decode(&q[..32], &blocks, &blocks, 0, 4, &p, &mut o).is_err());
+        assert!(attention_decode(&q[..32], &blocks, &blocks, 2, 0, &p, &mut o).is_err());
+        assert!(attention_decode(&q[..31], &blocks, &blocks, 2, 4, &p, &mut o).is_err());
+        assert!(reference::attention_decode(&q[..32], &blocks, &blocks, 2, 5, &p, &mut o).is_err());
+    }
+
+    /// Shapes for the random tests: query heads per KV head in {1, 2, 4, 7}, head dims that are
+    /// the common ones or awkward.
+    fn shape() -> impl Strategy<Value = (usize, usize, usize)> {
+        (
+            1usize..=3,
+            prop::sample::select(vec![1usize, 2, 4, 7]),
+            prop::sample::select(vec![64usize, 80, 128, 1, 3, 17, 33, 67, 130]),
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn attention_matches_reference(
+            (n_kv, group, hd) in shape(),
+            tq in 1usize..8,
+            q_pos0 in 0usize..12,
+            extra_keys in 0usize..3,
+            window in prop::option::of(1usize..16),
+            block in prop::option::of(1usize..6),
+            seed: u64,
+        ) {
+            let p = params(n_kv * group, n_kv, hd, window);
+            let tk = q_pos0 + tq + extra_keys;
+            let q = random_vec(seed, tq * p.n_heads * hd, 2.0);
+            let k = random_vec(seed ^ 1, tk * n_kv * hd, 2.0);
+            let v = random_vec(seed ^ 2, tk * n_kv * hd, 1.0);
+            let mut want = vec![0f32; q.len()];
+            reference::attention(&q, &k, &v, q_pos0, &p, &mut want).unwrap();
+            for isa in Isa::available() {
+                for par in [Par::Never, Par::Always] {
+                    let mut got = vec![0f32; q.len()];
+                    attention_with(isa, par, block, &q, &k, &v, q_pos0, &p, &mut got).unwrap();
+                    assert_close(&got, &want, ABS, REL, &format!("{isa:?} {par:?} block {block:?}"));
+                }
+            }
+        }
+
+        /// Decode over blocks equals the reference, and equals `attention` on the same keys made
+        /// contiguous (its last row), for every chunking of the keys.
+        #[test]
+        fn decode_matches_reference_and_contiguous(
+            (n_kv, group, hd) in shape(),
+            seq_len in 1usize..40,
+            block_len in 1usize..9,
+            extra_blocks in 0usize..2,
+            window in prop::option::of(1usize..24),
+            chunk in prop::option::of(1usize..12),
+            seed: u64,
+        ) {
+            let p = params(n_kv * group, n_kv, hd, window);
+            let kv_stride = n_kv * hd;
+            let q = random_vec(seed, p.n_heads * hd, 2.0);
+            let k = random_vec(seed ^ 1, seq_len * kv_stride, 2.0);
+            let v = random_vec(seed ^ 2, seq_len * kv_stride, 1.0);
+            let (kb, vb) = (to_blocks(&k, kv_stride, block_len, extra_blocks), to_blocks(&v, kv_stride, block_len, extra_blocks));
+            let (kb, vb) = (refs(&kb), refs(&vb));
+            let mut want = vec![0f32; q.len()];
+            reference::attention_decode(&q, &kb, &vb, block_len, seq_len, &p, &mut want).unwrap();
+            let mut contiguous = vec![0f32; q.len()];
+            attention(&q, &k, &v, seq_len - 1, &p, &mut contiguous).unwrap();
+            assert_close(&contiguous, &want, ABS, REL, "contiguous attention vs reference decode");
+            for isa in Isa::available() {
+                for par in [Par::Never, Par::Always] {
+                    let mut got = vec![0f32; q.len()];
+                    attention_decode_with(isa, par, chunk, &q, &kb, &vb, block_len, seq_len, &p, &mut got).unwrap();
+                    let ctx = format!("{isa:?} {par:?} chunk {chunk:?}");
+                    assert_close(&got, &want, ABS, REL, &ctx);
+                    assert_close(&got, &contiguous, ABS, REL, &ctx);
+                }
+            }
+        }
+    }
+
+    /// A sequence long enough for the automatic chunking to split it across threads, and for
+    /// each chunk to span several key tiles (the online-softmax rescaling).
+    #[test]
+    fn long_decode_splits_and_merges() {
+        let p = params(8, 2, 64, None);
+        let (seq_len, block_len) = (1000, 48);
+        let kv_stride = 2 * 64;
+        let q = random_vec(11, 8 * 64, 2.0);
+        let k = random_vec(12, seq_len * kv_stride, 2.0);
+        let v = random_vec(13, seq_len * kv_stride, 1.0);
+        let (kb, vb) = (to_blocks(&k, kv_stride, block_len, 0), to_blocks(&v, kv_stride, block_len, 0));
+        let mut want = vec![0f32; q.len()];
+        reference::attention_decode(&q, &refs(&kb), &refs(&vb), block_len, seq_len, &p, &mut want).unwrap();
+        for isa in Isa::available() {
+            for (par, chunk) in [(Par::Always, None), (Par::Never, None), (Par::Never, Some(300))] {
+                let mut got = vec![0f32; q.len()];
+                attention_decode_with(isa, par, chunk, &q, &refs(&kb), &refs(&vb), block_len, seq_len, &p, &mut got)
+                    .unwrap();
+                assert_close(&got, &want, ABS, REL, &format!("{isa:?} {par:?} {chunk:?}"));
+            }
+        }
+    }
+
+    /// Prefill over several key tiles: blocks of queries whose visible keys start and end
+    /// inside tiles, with and without a window.
+    #[test]
+    fn long_prefill_spans_several_tiles() {
+        let (tq, q_pos0, n_kv, hd) = (150, 30, 2, 24);
+        let tk = q_pos0 + tq + 5;
+        for window in [None, Some(70), Some(3 * KEY_TILE + 1)] {
+            let p = params(2 * n_kv, n_kv, hd, window);
+            let q = random_vec(21, tq * p.n_heads * hd, 3.0);
+            let k = random_vec(22, tk * n_kv * hd, 3.0);
+            let v = random_vec(23, tk * n_kv * hd, 1.0);
+            let mut want = vec![0f32; q.len()];
+            reference::attention(&q, &k, &v, q_pos0, &p, &mut want).unwrap();
+            for isa in Isa::available() {
+                for (par, block) in
+                    [(Par::Always, None), (Par::Never, None), (Par::Never, Some(7)), (Par::Always, Some(1))]
+                {
+                    let mut got = vec![0f32; q.len()];
+                    attention_with(isa, par, block, &q, &k, &v, q_pos0, &p, &mut got).unwrap();
+                    assert_close(&got, &want, ABS, REL, &format!("{isa:?} {par:?} {block:?} window {window:?}"));
+                }
+            }
+        }
+    }
+}

@@ -24,6 +24,7 @@ pub mod reference;
 mod rope;
 mod simd;
 mod softmax;
+mod vec;
 
 pub use attention::*;
 pub use bandwidth::{DEFAULT_BANDWIDTH_BYTES, read_bandwidth};
