@@ -253,7 +253,20 @@ fn gemm_block<K: Kernel>(
             pack_b_panel::<K>(pb, j0, (n - j0).min(K::NR), p0, kc, panel, &mut s.rows)?;
         }
         let b = f32s(&mut s.b);
-        for ip in panels_i.clone() {
+        // The rows of `W` this block packs next, and how many of them to prefetch per panel of
+        // `x`, so that the reads of the next slice overlap this slice's arithmetic.
+        let w_rows = panels_j.start * K::NR..(panels_j.end * K::NR).min(n);
+        let next = (p0 + KC < k).then(|| {
+            let dtype = pb.dtype;
+            let (off, len) = (dtype.bytes_for(p0 + KC), dtype.bytes_for((k - p0 - KC).min(KC)));
+            (off.unwrap_or(0), len.unwrap_or(0))
+        });
+        let per_panel = w_rows.len().div_ceil(panels_i.len().max(1));
+        for (nth, ip) in panels_i.clone().enumerate() {
+            if let Some((off, len)) = next {
+                let first = w_rows.start + nth * per_panel;
+                prefetch_rows(pb.w, first..(first + per_panel).min(w_rows.end), pb.row_bytes, off, len);
+            }
             let i0 = (mb0 + ip) * K::MR;
             let rows = (m - i0).min(K::MR);
             let a_panel = &a[ip * K::MR * k + p0 * K::MR..][..kc * K::MR];
@@ -285,6 +298,24 @@ fn gemm_block<K: Kernel>(
         }
     }
     Ok(())
+}
+
+/// Asks for bytes `off..off + len` of rows `rows` of `w` (rows `row_bytes` apart) to be brought
+/// into L2, one cache line at a time. A hint only: it never faults and changes no result.
+fn prefetch_rows(w: &[u8], rows: std::ops::Range<usize>, row_bytes: usize, off: usize, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for r in rows {
+        let start = r * row_bytes + off;
+        for line in (start..(start + len).min(w.len())).step_by(64) {
+            // SAFETY: `line < w.len()`, so the address is inside `w`; a prefetch reads nothing
+            // architecturally and cannot fault.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(w.as_ptr().add(line).cast())
+            };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (w, rows, row_bytes, off, len);
 }
 
 /// Packs `rows` rows of `W` starting at row `j0`, elements `p0..p0 + kc`, into `out` in `K`'s
