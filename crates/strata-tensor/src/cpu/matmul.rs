@@ -131,12 +131,14 @@ unsafe trait Kernel {
     /// `NR` f32 with stride `ldc`, written by no one else meanwhile.
     unsafe fn tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, accumulate: bool);
 
-    /// Packs `rows <= NR` rows of `kc` elements of `E` (the first at `src`, the next ones
-    /// `stride` bytes apart) into `out` as `kc` steps of `NR` f32, zero beyond `rows`.
+    /// Packs `rows <= width` rows of `kc` elements of `E` (the first at `src`, the next ones
+    /// `stride` bytes apart) into `out` as `kc` steps of `width` f32, zero beyond `rows`: a
+    /// transpose, widened to f32. Panels of `W` are packed with `width = NR`, of `x` with `MR`.
     ///
     /// # Safety
-    /// Each of the `rows` rows must have `kc` readable elements and `out` `kc * NR` writable f32.
-    unsafe fn pack_b<E: FloatElem>(src: *const u8, stride: usize, rows: usize, kc: usize, out: *mut f32);
+    /// Each of the `rows` rows must have `kc` readable elements and `out` `kc * width` writable
+    /// f32; `width <= 64`.
+    unsafe fn pack<E: FloatElem>(src: *const u8, stride: usize, rows: usize, kc: usize, width: usize, out: *mut f32);
 }
 
 /// A pointer to `y` that tasks share. Each task writes only its own tiles.
@@ -163,6 +165,37 @@ struct Scratch {
     rows: AlignedBytes,
 }
 
+impl Scratch {
+    /// Grows the buffers to at least `b` and `rows` bytes.
+    fn reserve(&mut self, b: usize, rows: usize) {
+        if self.b.len() < b {
+            self.b = AlignedBytes::zeroed(b);
+        }
+        if self.rows.len() < rows {
+            self.rows = AlignedBytes::zeroed(rows);
+        }
+    }
+}
+
+thread_local! {
+    /// The packing buffers of the tasks that run on this thread, kept from call to call: they
+    /// are a few hundred KiB, and allocating them afresh costs page faults and zeroing.
+    static SCRATCH: std::cell::RefCell<Scratch> =
+        std::cell::RefCell::new(Scratch { b: AlignedBytes::zeroed(0), rows: AlignedBytes::zeroed(0) });
+}
+
+/// Runs `f` with this thread's packing buffers, grown to `b` and `rows` bytes (or with fresh
+/// ones, should this thread already be using its own further up the stack).
+fn with_scratch<R>(b: usize, rows: usize, f: impl FnOnce(&mut Scratch) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut s) => {
+            s.reserve(b, rows);
+            f(&mut s)
+        }
+        Err(_) => f(&mut Scratch { b: AlignedBytes::zeroed(b), rows: AlignedBytes::zeroed(rows) }),
+    })
+}
+
 fn f32s(buf: &mut AlignedBytes) -> &mut [f32] {
     bytemuck::cast_slice_mut(buf.as_mut_slice())
 }
@@ -185,7 +218,7 @@ fn gemm<K: Kernel>(pb: &Problem<'_>, y: &mut [f32]) -> Result<()> {
         let a = &mut f32s(&mut apack)[..m_panels * K::MR * k];
         let pack = |(ip, panel): (usize, &mut [f32])| {
             let i0 = (mb0 + ip) * K::MR;
-            pack_a(&pb.x[i0 * k..], K::MR, (m - i0).min(K::MR), k, panel);
+            pack_a::<K>(&pb.x[i0 * k..], (m - i0).min(K::MR), k, panel);
         };
         if serial {
             a.chunks_mut(K::MR * k).enumerate().for_each(pack);
@@ -198,37 +231,31 @@ fn gemm<K: Kernel>(pb: &Problem<'_>, y: &mut [f32]) -> Result<()> {
         let m_chunks = if n_blocks >= 4 * threads { 1 } else { m_panels.min((4 * threads).div_ceil(n_blocks)) };
         let mc_panels = m_panels.div_ceil(m_chunks);
         let m_chunks = m_panels.div_ceil(mc_panels);
-        let new_scratch = || Scratch {
-            b: AlignedBytes::zeroed(nc_panels * K::NR * KC * 4),
-            rows: AlignedBytes::zeroed(if pb.dtype.is_quantized() { K::NR * KC * 4 } else { 0 }),
-        };
-        let task = |s: &mut Scratch, t: usize| -> Result<()> {
+        let b_bytes = nc_panels * K::NR * KC * 4;
+        let rows_bytes = if pb.dtype.is_quantized() { K::NR * KC * 4 } else { 0 };
+        let task = |t: usize| -> Result<()> {
             let (jb, mc) = (t % n_blocks, t / n_blocks);
             let panels_j = jb * nc_panels..((jb + 1) * nc_panels).min(n_panels);
             let panels_i = mc * mc_panels..((mc + 1) * mc_panels).min(m_panels);
-            gemm_block::<K>(pb, a, mb0, panels_i, panels_j, s, out)
+            with_scratch(b_bytes, rows_bytes, |s| gemm_block::<K>(pb, a, mb0, panels_i, panels_j, s, out))
         };
         let tasks = n_blocks * m_chunks;
         if serial {
-            let mut s = new_scratch();
-            (0..tasks).try_for_each(|t| task(&mut s, t))?;
+            (0..tasks).try_for_each(task)?;
         } else {
-            (0..tasks).into_par_iter().try_for_each_init(new_scratch, task)?;
+            (0..tasks).into_par_iter().try_for_each(task)?;
         }
     }
     Ok(())
 }
 
-/// Packs `rows <= mr` rows of `x` (row `i` at `x[i * k..]`) into `out` as `k` steps of `mr`
+/// Packs `rows <= MR` rows of `x` (row `i` at `x[i * k..]`) into `out` as `k` steps of `MR`
 /// values, zero beyond `rows`.
-fn pack_a(x: &[f32], mr: usize, rows: usize, k: usize, out: &mut [f32]) {
-    debug_assert!(out.len() == mr * k && x.len() >= rows * k);
-    let rows_of_x: Vec<&[f32]> = (0..rows).map(|i| &x[i * k..(i + 1) * k]).collect();
-    for (p, step) in out.chunks_exact_mut(mr).enumerate() {
-        for (i, v) in step.iter_mut().enumerate() {
-            *v = if i < rows { rows_of_x[i][p] } else { 0.0 };
-        }
-    }
+fn pack_a<K: Kernel>(x: &[f32], rows: usize, k: usize, out: &mut [f32]) {
+    assert!(out.len() == K::MR * k && x.len() >= rows * k && rows <= K::MR);
+    // SAFETY: `rows` rows of `k` f32 are readable at `x` (asserted), `k * 4` bytes apart, and
+    // `out` holds `k * MR` f32.
+    unsafe { K::pack::<F32>(x.as_ptr().cast(), k * 4, rows, k, K::MR, out.as_mut_ptr()) }
 }
 
 /// Computes the tiles of `y` in panels `panels_i` (of the current block of `m`, which starts at
@@ -253,20 +280,14 @@ fn gemm_block<K: Kernel>(
             pack_b_panel::<K>(pb, j0, (n - j0).min(K::NR), p0, kc, panel, &mut s.rows)?;
         }
         let b = f32s(&mut s.b);
-        // The rows of `W` this block packs next, and how many of them to prefetch per panel of
-        // `x`, so that the reads of the next slice overlap this slice's arithmetic.
-        let w_rows = panels_j.start * K::NR..(panels_j.end * K::NR).min(n);
-        let next = (p0 + KC < k).then(|| {
-            let dtype = pb.dtype;
-            let (off, len) = (dtype.bytes_for(p0 + KC), dtype.bytes_for((k - p0 - KC).min(KC)));
-            (off.unwrap_or(0), len.unwrap_or(0))
+        // Prefetch the slice of `W` this block packs next, a few lines before each tile, so that
+        // its reads from memory overlap this slice's arithmetic.
+        let mut prefetch = (p0 + KC < k).then(|| {
+            let rows = panels_j.start * K::NR..(panels_j.end * K::NR).min(n);
+            let tiles = panels_i.len() * panels_j.len();
+            PrefetchCursor::new(pb, rows, p0 + KC, (k - p0 - KC).min(KC), tiles)
         });
-        let per_panel = w_rows.len().div_ceil(panels_i.len().max(1));
-        for (nth, ip) in panels_i.clone().enumerate() {
-            if let Some((off, len)) = next {
-                let first = w_rows.start + nth * per_panel;
-                prefetch_rows(pb.w, first..(first + per_panel).min(w_rows.end), pb.row_bytes, off, len);
-            }
+        for ip in panels_i.clone() {
             let i0 = (mb0 + ip) * K::MR;
             let rows = (m - i0).min(K::MR);
             let a_panel = &a[ip * K::MR * k + p0 * K::MR..][..kc * K::MR];
@@ -274,6 +295,9 @@ fn gemm_block<K: Kernel>(
                 let j0 = jp * K::NR;
                 let cols = (n - j0).min(K::NR);
                 let b_panel = &b[q * K::NR * kc..(q + 1) * K::NR * kc];
+                if let Some(cursor) = prefetch.as_mut() {
+                    cursor.step(pb.w);
+                }
                 if rows == K::MR && cols == K::NR {
                     // SAFETY: the panels hold `kc` steps (sliced above); the tile lies inside `y`
                     // (`i0 + MR <= m`, `j0 + NR <= n`, `y` is `m * n`), and belongs to this task
@@ -300,22 +324,58 @@ fn gemm_block<K: Kernel>(
     Ok(())
 }
 
-/// Asks for bytes `off..off + len` of rows `rows` of `w` (rows `row_bytes` apart) to be brought
-/// into L2, one cache line at a time. A hint only: it never faults and changes no result.
-fn prefetch_rows(w: &[u8], rows: std::ops::Range<usize>, row_bytes: usize, off: usize, len: usize) {
-    #[cfg(target_arch = "x86_64")]
-    for r in rows {
-        let start = r * row_bytes + off;
-        for line in (start..(start + len).min(w.len())).step_by(64) {
-            // SAFETY: `line < w.len()`, so the address is inside `w`; a prefetch reads nothing
-            // architecturally and cannot fault.
-            unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(w.as_ptr().add(line).cast())
-            };
+/// Walks the cache lines of a slice of rows of `W` (elements `p0..p0 + kc` of each), asking for
+/// a share of them to be brought into L2 at each step. Prefetches are hints only: they never
+/// fault and change no result.
+struct PrefetchCursor {
+    /// Byte offset of the next line to prefetch, within the current row's slice.
+    line: usize,
+    /// The current row, and the end of the rows.
+    row: usize,
+    end: usize,
+    row_bytes: usize,
+    /// The slice's byte offset within a row, and its length.
+    off: usize,
+    len: usize,
+    /// Lines per step.
+    per_step: usize,
+}
+
+impl PrefetchCursor {
+    /// A cursor over `rows` of `W`, elements `p0..p0 + kc`, spread over `steps` steps.
+    fn new(pb: &Problem<'_>, rows: std::ops::Range<usize>, p0: usize, kc: usize, steps: usize) -> PrefetchCursor {
+        // Both are whole blocks: `p0` is a multiple of KC and `p0 + kc` is `k` or a multiple of KC.
+        let off = pb.dtype.bytes_for(p0).unwrap_or(0);
+        let len = pb.dtype.bytes_for(kc).unwrap_or(0);
+        let lines = rows.len() * len.div_ceil(64);
+        let per_step = lines.div_ceil(steps.max(1));
+        PrefetchCursor { line: 0, row: rows.start, end: rows.end, row_bytes: pb.row_bytes, off, len, per_step }
+    }
+
+    /// Prefetches the next share of lines of `w`.
+    fn step(&mut self, w: &[u8]) {
+        for _ in 0..self.per_step {
+            if self.row >= self.end {
+                return;
+            }
+            let at = self.row * self.row_bytes + self.off + self.line;
+            #[cfg(target_arch = "x86_64")]
+            if at < w.len() {
+                // SAFETY: `at < w.len()`, so the address is inside `w`; a prefetch reads nothing
+                // architecturally and cannot fault.
+                unsafe {
+                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(w.as_ptr().add(at).cast())
+                };
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = (w, at);
+            self.line += 64;
+            if self.line >= self.len {
+                self.line = 0;
+                self.row += 1;
+            }
         }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (w, rows, row_bytes, off, len);
 }
 
 /// Packs `rows` rows of `W` starting at row `j0`, elements `p0..p0 + kc`, into `out` in `K`'s
@@ -335,9 +395,9 @@ fn pack_b_panel<K: Kernel>(
     // SAFETY (each arm): rows `j0..j0 + rows` lie inside `w` and each has elements `p0..p0 + kc`
     // (asserted above); `out` holds `kc * NR` f32.
     match pb.dtype {
-        DType::F32 => unsafe { K::pack_b::<F32>(start(4), rb, rows, kc, out.as_mut_ptr()) },
-        DType::F16 => unsafe { K::pack_b::<F16>(start(2), rb, rows, kc, out.as_mut_ptr()) },
-        DType::BF16 => unsafe { K::pack_b::<Bf16>(start(2), rb, rows, kc, out.as_mut_ptr()) },
+        DType::F32 => unsafe { K::pack::<F32>(start(4), rb, rows, kc, K::NR, out.as_mut_ptr()) },
+        DType::F16 => unsafe { K::pack::<F16>(start(2), rb, rows, kc, K::NR, out.as_mut_ptr()) },
+        DType::BF16 => unsafe { K::pack::<Bf16>(start(2), rb, rows, kc, K::NR, out.as_mut_ptr()) },
         dtype => {
             // `p0` and `kc` are whole blocks: KC is a multiple of every block length and `k`
             // (the end of the last slice) is a whole number of blocks.
@@ -351,7 +411,7 @@ fn pack_b_panel<K: Kernel>(
                 quant::dequantize_row(dtype, row, dst)?;
             }
             // SAFETY: `tmp` holds `rows` rows of `kc` f32, `kc * 4` bytes apart.
-            unsafe { K::pack_b::<F32>(tmp.as_ptr().cast(), kc * 4, rows, kc, out.as_mut_ptr()) }
+            unsafe { K::pack::<F32>(tmp.as_ptr().cast(), kc * 4, rows, kc, K::NR, out.as_mut_ptr()) }
         }
     }
     Ok(())
@@ -388,18 +448,18 @@ unsafe impl Kernel for Portable {
         }
     }
 
-    unsafe fn pack_b<E: FloatElem>(src: *const u8, stride: usize, rows: usize, kc: usize, out: *mut f32) {
-        // SAFETY: the caller guarantees `kc * NR` f32 at `out` and `kc` elements in each row.
-        let out = unsafe { std::slice::from_raw_parts_mut(out, kc * Self::NR) };
-        for r in 0..Self::NR {
+    unsafe fn pack<E: FloatElem>(src: *const u8, stride: usize, rows: usize, kc: usize, width: usize, out: *mut f32) {
+        // SAFETY: the caller guarantees `kc * width` f32 at `out` and `kc` elements in each row.
+        let out = unsafe { std::slice::from_raw_parts_mut(out, kc * width) };
+        for r in 0..width {
             if r >= rows {
-                (0..kc).for_each(|p| out[p * Self::NR + r] = 0.0);
+                (0..kc).for_each(|p| out[p * width + r] = 0.0);
                 continue;
             }
             // SAFETY: as above.
             let row = unsafe { std::slice::from_raw_parts(src.add(r * stride), kc * E::BYTES) };
             for (p, e) in row.chunks_exact(E::BYTES).enumerate() {
-                out[p * Self::NR + r] = E::scalar(e);
+                out[p * width + r] = E::scalar(e);
             }
         }
     }
@@ -425,9 +485,16 @@ mod x86 {
             unsafe { tile_avx512(kc, a, b, c, ldc, accumulate) }
         }
 
-        unsafe fn pack_b<E: FloatElem>(src: *const u8, stride: usize, rows: usize, kc: usize, out: *mut f32) {
+        unsafe fn pack<E: FloatElem>(
+            src: *const u8,
+            stride: usize,
+            rows: usize,
+            kc: usize,
+            width: usize,
+            out: *mut f32,
+        ) {
             // SAFETY: as above.
-            unsafe { pack_b_avx512::<E>(src, stride, rows, kc, out) }
+            unsafe { pack_avx512::<E>(src, stride, rows, kc, width, out) }
         }
     }
 
@@ -497,13 +564,22 @@ mod x86 {
         }
     }
 
+    /// [`Kernel::pack`] with AVX-512: blocks of 16 rows by 16 elements are loaded (widened to
+    /// f32), transposed in registers and stored as 16 steps of up to 16 lanes.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
-    unsafe fn pack_b_avx512<E: FloatElem>(src: *const u8, stride: usize, rows: usize, kc: usize, out: *mut f32) {
-        const NR: usize = 48;
+    unsafe fn pack_avx512<E: FloatElem>(
+        src: *const u8,
+        stride: usize,
+        rows: usize,
+        kc: usize,
+        width: usize,
+        out: *mut f32,
+    ) {
         let mut v = [_mm512_setzero_ps(); 16];
-        for g in 0..NR / 16 {
-            let r0 = 16 * g;
+        for r0 in (0..width).step_by(16) {
             let valid = rows.saturating_sub(r0).min(16);
+            let lanes = (width - r0).min(16);
+            let lane_mask = ((1u32 << lanes) - 1) as u16;
             for p0 in (0..kc).step_by(16) {
                 let cols = (kc - p0).min(16);
                 let mask = ((1u32 << cols) - 1) as u16;
@@ -520,9 +596,17 @@ mod x86 {
                     };
                 }
                 transpose16(&mut v);
-                for (q, vq) in v.iter().enumerate().take(cols) {
-                    // SAFETY: step `p0 + q < kc`, lanes `r0..r0 + 16 <= NR`: inside `out`.
-                    unsafe { _mm512_storeu_ps(out.add((p0 + q) * NR + r0), *vq) };
+                if cols == 16 && lanes == 16 {
+                    for (q, vq) in v.iter().enumerate() {
+                        // SAFETY: step `p0 + q < kc`, lanes `r0..r0 + 16 <= width`: inside `out`.
+                        unsafe { _mm512_storeu_ps(out.add((p0 + q) * width + r0), *vq) };
+                    }
+                } else {
+                    for (q, vq) in v.iter().enumerate().take(cols) {
+                        // SAFETY: step `p0 + q < kc`; the mask stores only lanes
+                        // `r0..r0 + lanes <= width`: inside `out`.
+                        unsafe { _mm512_mask_storeu_ps(out.add((p0 + q) * width + r0), lane_mask, *vq) };
+                    }
                 }
             }
         }
@@ -541,9 +625,16 @@ mod x86 {
             unsafe { tile_avx2(kc, a, b, c, ldc, accumulate) }
         }
 
-        unsafe fn pack_b<E: FloatElem>(src: *const u8, stride: usize, rows: usize, kc: usize, out: *mut f32) {
+        unsafe fn pack<E: FloatElem>(
+            src: *const u8,
+            stride: usize,
+            rows: usize,
+            kc: usize,
+            width: usize,
+            out: *mut f32,
+        ) {
             // SAFETY: as above.
-            unsafe { pack_b_avx2::<E>(src, stride, rows, kc, out) }
+            unsafe { pack_avx2::<E>(src, stride, rows, kc, width, out) }
         }
     }
 
@@ -600,13 +691,24 @@ mod x86 {
         }
     }
 
+    /// [`Kernel::pack`] with AVX2: blocks of 8 rows by 8 elements are loaded (widened to f32),
+    /// transposed in registers and stored as 8 steps of up to 8 lanes.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn pack_b_avx2<E: FloatElem>(src: *const u8, stride: usize, rows: usize, kc: usize, out: *mut f32) {
-        const NR: usize = 16;
+    unsafe fn pack_avx2<E: FloatElem>(
+        src: *const u8,
+        stride: usize,
+        rows: usize,
+        kc: usize,
+        width: usize,
+        out: *mut f32,
+    ) {
         let mut v = [_mm256_setzero_ps(); 8];
-        for g in 0..NR / 8 {
-            let r0 = 8 * g;
+        for r0 in (0..width).step_by(8) {
             let valid = rows.saturating_sub(r0).min(8);
+            let lanes = (width - r0).min(8);
+            // Lane `l` is stored when the sign bit of its mask element is set.
+            let lane_mask =
+                _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
             for p0 in (0..kc).step_by(8) {
                 let cols = (kc - p0).min(8);
                 for (r, vr) in v.iter_mut().enumerate() {
@@ -631,9 +733,17 @@ mod x86 {
                     };
                 }
                 transpose8(&mut v);
-                for (q, vq) in v.iter().enumerate().take(cols) {
-                    // SAFETY: step `p0 + q < kc`, lanes `r0..r0 + 8 <= NR`: inside `out`.
-                    unsafe { _mm256_storeu_ps(out.add((p0 + q) * NR + r0), *vq) };
+                if cols == 8 && lanes == 8 {
+                    for (q, vq) in v.iter().enumerate() {
+                        // SAFETY: step `p0 + q < kc`, lanes `r0..r0 + 8 <= width`: inside `out`.
+                        unsafe { _mm256_storeu_ps(out.add((p0 + q) * width + r0), *vq) };
+                    }
+                } else {
+                    for (q, vq) in v.iter().enumerate().take(cols) {
+                        // SAFETY: step `p0 + q < kc`; the mask stores only lanes
+                        // `r0..r0 + lanes <= width`: inside `out`.
+                        unsafe { _mm256_maskstore_ps(out.add((p0 + q) * width + r0), lane_mask, *vq) };
+                    }
                 }
             }
         }
@@ -753,8 +863,58 @@ mod tests {
         }
     }
 
+    /// Packs with kernel `K`'s packer; `src` holds rows of `stride` bytes.
+    fn pack_with<K: Kernel, E: FloatElem>(src: &[u8], stride: usize, rows: usize, kc: usize, width: usize) -> Vec<f32> {
+        assert!(rows <= width && (rows == 0 || src.len() >= (rows - 1) * stride + kc * E::BYTES));
+        let mut out = vec![f32::NAN; kc * width];
+        // SAFETY: `rows` rows of `kc` elements are readable (asserted), `out` holds `kc * width`
+        // f32, and the caller runs `K` only on an ISA this CPU has.
+        unsafe { K::pack::<E>(src.as_ptr(), stride, rows, kc, width, out.as_mut_ptr()) };
+        out
+    }
+
+    fn check_pack<E: FloatElem>(dtype: DType, rows: usize, kc: usize, seed: u64) {
+        // Rows of `kc + 3` elements, starting one element past an aligned boundary.
+        let cols = kc + 3;
+        let t = Tensor::from_f32_as(&random(64 * cols, seed), [64, cols], dtype).unwrap();
+        let src = &t.cpu_bytes().unwrap()[E::BYTES..];
+        let stride = cols * E::BYTES;
+        for isa in Isa::available() {
+            for width in [4, 6, 8, 16, 48] {
+                let rows = rows.min(width);
+                let want = pack_with::<Portable, E>(src, stride, rows, kc, width);
+                let got = match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512 | Isa::Avx512Vnni => pack_with::<x86::Avx512, E>(src, stride, rows, kc, width),
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => pack_with::<x86::Avx2, E>(src, stride, rows, kc, width),
+                    _ => pack_with::<Portable, E>(src, stride, rows, kc, width),
+                };
+                let same = want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{dtype} {isa:?} rows={rows} kc={kc} width={width}");
+            }
+        }
+        // The portable packer itself: element `p` of row `r` lands at `p * width + r`.
+        let all = t.to_f32_vec().unwrap();
+        let packed = pack_with::<Portable, E>(src, stride, rows.min(6), kc, 6);
+        for p in 0..kc {
+            for r in 0..6 {
+                let want = if r < rows.min(6) { all[r * cols + p + 1] } else { 0.0 };
+                assert_eq!(packed[p * 6 + r], want);
+            }
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(40))]
+
+        /// Every packer equals the portable one bit for bit (widening to f32 is exact).
+        #[test]
+        fn packers_agree(rows in 0usize..50, kc in 1usize..70, seed in any::<u64>()) {
+            check_pack::<F32>(DType::F32, rows, kc, seed);
+            check_pack::<F16>(DType::F16, rows, kc, seed);
+            check_pack::<Bf16>(DType::BF16, rows, kc, seed);
+        }
 
         #[test]
         fn matches_reference(
