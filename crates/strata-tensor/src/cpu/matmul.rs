@@ -17,9 +17,13 @@
 //!
 //! A task owns the outputs `y[rows, cols]` of its block of `n` (and of `m`, when `n` alone gives
 //! too few tasks), so tasks never write the same element. Within a task the loop order is: slice
-//! of `k` (pack `W`) -> panel of `x` (stays in L1) -> panel of `W` (streams from L2). The
-//! microkernels exist for AVX-512 (8 x 48), AVX2 + FMA (6 x 16) and portable code (4 x 16); the
-//! level is an explicit parameter of [`matmul_with`] so tests run all of them. `m = 1` with a
+//! of `k` (pack `W`) -> panel of `x` (stays in L1) -> panel of `W` (streams from L2); while a
+//! slice is multiplied, the next slice of the task's rows of `W` is prefetched a few cache lines
+//! per tile, so packing reads from L2 rather than waiting on memory. Packing buffers are kept per
+//! thread between calls.
+//!
+//! The microkernels exist for AVX-512 (8 x 48), AVX2 + FMA (6 x 16) and portable code (4 x 16);
+//! the level is an explicit parameter of [`matmul_with`] so tests run all of them. `m = 1` with a
 //! float weight goes to the matrix-vector kernel, which reads `W` without packing it.
 
 use rayon::prelude::*;
