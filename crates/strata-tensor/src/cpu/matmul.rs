@@ -98,8 +98,12 @@ pub(crate) fn check_matmul(op: &'static str, x: &[f32], w: &Tensor, y: &[f32]) -
         });
     }
     let m = x.len() / k;
-    if y.len() != m * n {
-        return Err(Error::LengthMismatch { op, what: "y", expected: m * n, got: y.len() });
+    let expected = m.checked_mul(n).ok_or_else(|| Error::InvalidArgument {
+        op,
+        msg: format!("y = [{m}, {n}] has more elements than memory can address"),
+    })?;
+    if y.len() != expected {
+        return Err(Error::LengthMismatch { op, what: "y", expected, got: y.len() });
     }
     Ok((m, n, k))
 }
@@ -115,7 +119,7 @@ struct Problem<'a> {
     x: &'a [f32],
 }
 
-/// A register-blocked microkernel and the packing of `W` panels in its layout.
+/// A register-blocked microkernel and the packing of panels of `x` and `W` into its layout.
 ///
 /// # Safety
 /// Implementors' methods may only be called on a CPU with the instructions they use; `gemm`
@@ -200,14 +204,17 @@ fn with_scratch<R>(b: usize, rows: usize, f: impl FnOnce(&mut Scratch) -> R) -> 
     })
 }
 
+/// The bytes of `buf` as f32 (its 64-byte alignment suits any element type).
 fn f32s(buf: &mut AlignedBytes) -> &mut [f32] {
     bytemuck::cast_slice_mut(buf.as_mut_slice())
 }
 
+/// `y = x W^T` with microkernel `K`: packs `x` block by block, then runs one task per block of
+/// `y` in the caller's rayon pool (or on this thread, for small products).
 fn gemm<K: Kernel>(pb: &Problem<'_>, y: &mut [f32]) -> Result<()> {
     let Problem { m, n, k, .. } = *pb;
     let threads = rayon::current_num_threads();
-    let serial = threads == 1 || m * n * k < SERIAL_FLOPS;
+    let serial = threads == 1 || m.saturating_mul(n).saturating_mul(k) < SERIAL_FLOPS;
     let n_panels = n.div_ceil(K::NR);
     // Enough blocks of `n` for every thread to get several (work stealing then balances the
     // end), each no wider than MAX_NC_PANELS.
