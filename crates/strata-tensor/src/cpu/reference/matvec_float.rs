@@ -1,4 +1,5 @@
-//! Matrix-vector product for f32, f16 and bf16 weights (placeholder: scalar).
+//! Reference matrix-vector product for f32, f16 and bf16 weights: each row is converted to f32
+//! and its dot product with `x` summed in order, one element at a time.
 
 use crate::DType;
 
@@ -8,7 +9,11 @@ pub(crate) fn matvec_float(dtype: DType, w: &[u8], n: usize, k: usize, x: &[f32]
     let mut row = vec![0f32; k];
     for (i, out) in y.iter_mut().enumerate().take(n) {
         crate::quant::dequantize_row(dtype, &w[i * row_bytes..(i + 1) * row_bytes], &mut row)
-            .expect("checked by caller");
-        *out = row.iter().zip(x).map(|(a, b)| a * b).sum();
+            .expect("the caller checked the dtype and the lengths");
+        let mut sum = 0f32;
+        for (a, b) in row.iter().zip(x) {
+            sum += a * b;
+        }
+        *out = sum;
     }
 }
