@@ -60,7 +60,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         kv_bytes = cache.allocated_bytes();
     }
     say("measuring memory read bandwidth");
-    let bandwidth = model.install(|| strata::memory_read_bandwidth());
+    let bandwidth = model.install(strata::memory_read_bandwidth);
 
     let prefill_tok_s = a.prompt_tokens as f64 / median(&mut prefill);
     let decode_tok_s = a.gen_tokens as f64 / median(&mut decode);

@@ -195,7 +195,9 @@ fn load(args: &ModelArgs) -> Result<Model> {
         ("--capacity-factor", args.moe.capacity_factor.is_some()),
     ];
     if let Some((flag, _)) = unsupported.iter().find(|(_, set)| *set) {
-        bail!("{flag} is not supported yet in this version of strata (tiered placement, context scaling and MoE flags arrive with their features)");
+        bail!(
+            "{flag} is not supported yet in this version of strata (tiered placement, context scaling and MoE flags arrive with their features)"
+        );
     }
     match args.device.as_str() {
         "cpu" => {}

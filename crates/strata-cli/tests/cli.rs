@@ -1,9 +1,18 @@
-//! Runs the `strata` binary and checks what it prints.
+//! Runs the `strata` binary: the CLI contract's commands, flags and outputs.
 
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn strata(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_strata")).args(args).output().expect("the strata binary runs")
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 #[test]
@@ -14,24 +23,93 @@ fn version_names_the_package_version() {
 }
 
 #[test]
-fn help_says_no_subcommands_exist_yet() {
+fn help_lists_the_contract_commands() {
     let out = strata(&["--help"]);
     assert!(out.status.success(), "{out:?}");
     let help = String::from_utf8_lossy(&out.stdout);
-    assert!(help.contains("Usage: strata"), "{help}");
-    assert!(help.contains("No subcommands are implemented yet"), "{help}");
+    for cmd in ["logits", "generate", "bench"] {
+        assert!(help.contains(cmd), "{help}");
+    }
 }
 
 #[test]
-fn no_arguments_print_help_and_fail() {
-    let out = strata(&[]);
-    assert!(!out.status.success(), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("Usage: strata"), "{out:?}");
+fn logits_writes_an_npy_of_every_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("out.npy");
+    let model = fixture("llama_tied");
+    for decode in [false, true] {
+        let mut args = vec!["logits", "--model", model.to_str().unwrap(), "--ids", "1,2,3"];
+        args.extend(["--out", out_path.to_str().unwrap()]);
+        if decode {
+            args.push("--decode");
+        }
+        let out = strata(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let bytes = std::fs::read(&out_path).unwrap();
+        assert_eq!(&bytes[..6], b"\x93NUMPY");
+        let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+        let header = std::str::from_utf8(&bytes[10..10 + header_len]).unwrap();
+        assert!(header.contains("'shape': (3, 256)"), "{header}");
+        assert_eq!(bytes.len(), 10 + header_len + 3 * 256 * 4);
+    }
 }
 
 #[test]
-fn unknown_subcommands_are_rejected() {
-    let out = strata(&["generate"]);
-    assert!(!out.status.success(), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unexpected argument"), "{out:?}");
+fn flags_of_later_features_are_refused_by_name() {
+    let model = fixture("llama_tied");
+    let out =
+        strata(&["logits", "--model", model.to_str().unwrap(), "--ids", "1", "--out", "/dev/null", "--max-ram", "1GB"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--max-ram is not supported yet"), "{}", stderr(&out));
+}
+
+#[test]
+fn bad_inputs_get_clear_errors() {
+    let out = strata(&["logits", "--model", "/nonexistent/model", "--ids", "1", "--out", "/dev/null"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("/nonexistent/model"), "{}", stderr(&out));
+
+    let model = fixture("llama_tied");
+    let out = strata(&["logits", "--model", model.to_str().unwrap(), "--ids", "1,9999", "--out", "/dev/null"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("token id 9999"), "{}", stderr(&out));
+
+    let out = strata(&["generate", "--model", model.to_str().unwrap(), "--prompt", "hi"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("no tokenizer"), "{}", stderr(&out));
+}
+
+#[test]
+fn bench_reports_the_contract_fields_as_json() {
+    let model = fixture("qwen2_bias");
+    let out = strata(&[
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt-tokens",
+        "8",
+        "--gen-tokens",
+        "4",
+        "--threads",
+        "1",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in [
+        "prefill_tok_s",
+        "decode_tok_s",
+        "peak_rss_bytes",
+        "peak_vram_bytes",
+        "bytes_read_per_token",
+        "io_gb_s",
+        "expert_cache_hit_rate",
+        "plan",
+        "kv_bytes",
+        "memory_read_gb_s",
+        "decode_bound_tok_s",
+    ] {
+        assert!(report.get(key).is_some(), "missing {key} in {report}");
+    }
+    assert!(report["decode_tok_s"].as_f64().unwrap() > 0.0);
 }

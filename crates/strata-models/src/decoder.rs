@@ -168,7 +168,8 @@ impl Decoder {
     /// Bytes of weights read to decode one token: every layer, the output head, and one row of
     /// the embedding.
     pub fn weight_bytes_per_token(&self) -> usize {
-        self.weight_bytes() - self.embed.byte_len() + self.embed.row_bytes()
+        self.weight_bytes() - self.embed.byte_len()
+            + self.embed.row_bytes()
             + if self.hp.tie_embeddings { self.lm_head.byte_len() } else { 0 }
     }
 
@@ -206,8 +207,24 @@ impl Decoder {
                 cpu::rms_norm(&q_in, qn, hp.rms_norm_eps, &mut q)?;
                 cpu::rms_norm(&k_in, kn, hp.rms_norm_eps, &mut k)?;
             }
-            cpu::rope(&mut q, &positions, hp.n_heads, hp.head_dim, &hp.rope_inv_freq, hp.rope_attention_factor, hp.rope_layout)?;
-            cpu::rope(&mut k, &positions, hp.n_kv_heads, hp.head_dim, &hp.rope_inv_freq, hp.rope_attention_factor, hp.rope_layout)?;
+            cpu::rope(
+                &mut q,
+                &positions,
+                hp.n_heads,
+                hp.head_dim,
+                &hp.rope_inv_freq,
+                hp.rope_attention_factor,
+                hp.rope_layout,
+            )?;
+            cpu::rope(
+                &mut k,
+                &positions,
+                hp.n_kv_heads,
+                hp.head_dim,
+                &hp.rope_inv_freq,
+                hp.rope_attention_factor,
+                hp.rope_layout,
+            )?;
             cache.append(li, &k, &v);
 
             let params = AttentionParams {
@@ -262,7 +279,10 @@ struct Loader<'a> {
 impl Loader<'_> {
     fn get(&self, name: &str) -> Result<Tensor> {
         if !self.src.contains(name) {
-            return Err(Error::TensorNotFound { checkpoint: self.src.location().to_path_buf(), tensor: name.to_string() });
+            return Err(Error::TensorNotFound {
+                checkpoint: self.src.location().to_path_buf(),
+                tensor: name.to_string(),
+            });
         }
         self.src.tensor(name)
     }

@@ -70,7 +70,10 @@ impl Hparams {
     /// The hyperparameters of a Hugging Face checkpoint's config.json.
     pub fn from_config(cfg: &ModelConfig) -> Result<Hparams> {
         if cfg.family.is_moe() {
-            return Err(Error::Unsupported(format!("{} (Mixture-of-Experts) models are not supported yet", cfg.family.model_type())));
+            return Err(Error::Unsupported(format!(
+                "{} (Mixture-of-Experts) models are not supported yet",
+                cfg.family.model_type()
+            )));
         }
         if cfg.hidden_act != "silu" {
             return Err(Error::Unsupported(format!(

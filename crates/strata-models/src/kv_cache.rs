@@ -92,7 +92,8 @@ impl KvCache {
     pub fn contiguous(&self, layer: usize) -> (Vec<f32>, Vec<f32>) {
         let l = &self.layers[layer];
         let n = l.len * self.row;
-        let gather = |blocks: &[Box<[f32]>]| blocks.iter().flat_map(|b| b.iter().copied()).take(n).collect::<Vec<f32>>();
+        let gather =
+            |blocks: &[Box<[f32]>]| blocks.iter().flat_map(|b| b.iter().copied()).take(n).collect::<Vec<f32>>();
         (gather(&l.k_blocks), gather(&l.v_blocks))
     }
 

@@ -18,12 +18,12 @@ pub mod rope;
 pub mod safetensors;
 
 pub use config::ModelConfig;
-pub use error::{ByteCount, ConfigError, Error, HeaderError, Result};
-pub use resolve::{ModelSource, resolve_model};
 pub use decoder::{Decoder, Linear, Logits, TensorSource};
+pub use error::{ByteCount, ConfigError, Error, HeaderError, Result};
 pub use hparams::Hparams;
 pub use kv_cache::{DEFAULT_BLOCK_LEN, KvCache};
 pub use load::{LoadedModel, load, load_dir};
+pub use resolve::{ModelSource, resolve_model};
 pub use safetensors::Checkpoint;
 /// The tensor core, re-exported for the facade.
 pub use strata_tensor as tensor;

@@ -67,7 +67,7 @@ impl DType {
     /// Bytes needed for `numel` elements, or `None` when `numel` is not a whole number of
     /// blocks.
     pub const fn bytes_for(self, numel: usize) -> Option<usize> {
-        if numel % self.block_len() != 0 {
+        if !numel.is_multiple_of(self.block_len()) {
             return None;
         }
         Some(numel / self.block_len() * self.block_bytes())

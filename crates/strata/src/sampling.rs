@@ -63,7 +63,8 @@ impl Sampler {
             return argmax(logits) as u32;
         }
         // Candidates sorted by logit, descending; ties by lower id, as torch's sort is stable.
-        let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l / p.temperature)).collect();
+        let mut cand: Vec<(u32, f32)> =
+            logits.iter().enumerate().map(|(i, &l)| (i as u32, l / p.temperature)).collect();
         cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if let Some(k) = p.top_k.filter(|&k| k > 0) {
             cand.truncate(k.max(1));
