@@ -1,1 +1,5 @@
 //! strata-models (skeleton)
+#![warn(missing_docs)]
+
+pub mod gguf;
+pub mod gguf_tokenizer;
