@@ -280,12 +280,15 @@ fn tensor_info(cur: &mut Cursor<'_>, i: usize) -> Result<TensorInfo, GgufError> 
     let ggml_type = cur.u32(|| format!("the type of tensor {name:?}"))?;
     let offset = cur.u64(|| format!("the offset of tensor {name:?}"))?;
 
-    // ggml holds element counts in i64; anything larger cannot be a real tensor.
-    let numel = dims
+    // ggml holds element counts in i64; anything larger cannot be a real tensor. Zero
+    // dimensions count as one here, so that no partial product of the dimensions, in any order
+    // (a row count, say), overflows either.
+    let nonzero_product = dims
         .iter()
-        .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d.max(1)))
         .filter(|&n| n <= i64::MAX as u64 && usize::try_from(n).is_ok())
         .ok_or_else(|| bad(format!("dimensions {dims:?} overflow the element count")))?;
+    let numel: u64 = dims.iter().product();
     let byte_len = match ggml_type_info(ggml_type) {
         None => None,
         Some((type_name, block_len, block_bytes)) => {
@@ -295,12 +298,13 @@ fn tensor_info(cur: &mut Cursor<'_>, i: usize) -> Result<TensorInfo, GgufError> 
                     dims[0]
                 )));
             }
-            // numel / block_len * block_bytes <= numel * 9 for every ggml type: no overflow of
-            // u64 after the i64 bound above, but check anyway.
-            let len = (numel / block_len)
+            // The same bound in bytes: no row size, or product of row sizes, overflows later.
+            nonzero_product
+                .div_ceil(block_len)
                 .checked_mul(block_bytes)
+                .filter(|&n| n <= i64::MAX as u64)
                 .ok_or_else(|| bad(format!("dimensions {dims:?} overflow the byte size")))?;
-            Some(len)
+            Some(numel / block_len * block_bytes)
         }
     };
     Ok(TensorInfo { name, dims, ggml_type, offset, byte_len })

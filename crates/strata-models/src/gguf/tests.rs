@@ -393,6 +393,16 @@ fn malformed_headers_get_typed_errors() {
         |e| matches!(e, E::BadTensorInfo { what, .. } if what.contains("overflow")),
     );
     check(
+        "zero and huge dimensions",
+        &tensor_file(&[0, 1 << 40, 1 << 40], 0, 0, 0),
+        |e| matches!(e, E::BadTensorInfo { what, .. } if what.contains("overflow")),
+    );
+    check(
+        "zero and huge dimensions in bytes",
+        &tensor_file(&[1 << 62, 0], 0, 0, 0),
+        |e| matches!(e, E::BadTensorInfo { what, .. } if what.contains("byte size")),
+    );
+    check(
         "partial q4_0 block",
         &tensor_file(&[31], 2, 0, 18),
         |e| matches!(e, E::BadTensorInfo { what, .. } if what.contains("q4_0")),
