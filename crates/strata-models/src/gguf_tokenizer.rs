@@ -246,6 +246,15 @@ impl<'a> Builder<'a> {
             .map(Some)
     }
 
+    /// The file's merges or, when it has none, the ones its tokens and scores imply (for
+    /// either vocabulary kind, as transformers' `get_merges`).
+    fn merges_or_derived(&self) -> Result<Merges, GgufError> {
+        match self.merges()? {
+            Some(merges) => Ok(merges),
+            None => Ok(merges_from_scores(self.tokens, self.meta.get_f32_array(KEY_SCORES)?)),
+        }
+    }
+
     fn added_error(&self, e: impl std::fmt::Display) -> GgufError {
         error(self.meta, format!("cannot add tokens: {e}"))
     }
@@ -270,7 +279,7 @@ impl<'a> Builder<'a> {
                 (spelled, id as u32)
             })
             .collect();
-        let merges = self.merges()?.unwrap_or_default();
+        let merges = self.merges_or_derived()?;
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .continuing_subword_prefix(String::new())
@@ -297,13 +306,7 @@ impl<'a> Builder<'a> {
         // Python's `{token: index for index, token in enumerate(tokens)}`: a repeated token keeps
         // its last id.
         let vocab: Vocab = self.tokens.iter().enumerate().map(|(id, t)| (t.clone(), id as u32)).collect();
-        let merges = match self.merges()? {
-            Some(merges) => merges,
-            None => {
-                let scores = self.meta.get_f32_array(KEY_SCORES)?;
-                merges_from_scores(self.tokens, scores)
-            }
-        };
+        let merges = self.merges_or_derived()?;
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .fuse_unk(true)
@@ -511,6 +514,8 @@ fn error(meta: &Metadata, what: String) -> GgufError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gguf::write::GgufWriter;
+    use crate::gguf::{MetaValue, parse_header};
 
     #[test]
     fn byte_alphabet_matches_gpt2() {
@@ -538,6 +543,77 @@ mod tests {
         let merges = merges_from_scores(&tokens, &scores);
         let pairs: Vec<(&str, &str)> = merges.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
         assert_eq!(pairs, [("a", "b"), ("ab", "c"), ("a", "bc"), ("b", "c")]);
+    }
+
+    /// Metadata of a tiny vocabulary with `extra` keys, through the writer and the parser.
+    fn metadata(model: &str, extra: &[(&str, MetaValue)]) -> Metadata {
+        let mut w = GgufWriter::new();
+        w.set_metadata("general.architecture", "llama");
+        w.set_metadata(KEY_MODEL, model);
+        w.set_metadata(KEY_TOKENS, vec!["a", "b", "ab", "<s>"]);
+        w.set_metadata(KEY_TOKEN_TYPE, vec![1i32, 1, 1, 3]);
+        for (k, v) in extra {
+            w.set_metadata(*k, v.clone());
+        }
+        parse_header(&w.to_bytes()).unwrap().metadata().clone()
+    }
+
+    fn tokenizer_error(meta: &Metadata) -> String {
+        match tokenizer_from_gguf(meta) {
+            Ok(_) => panic!("built a tokenizer from bad metadata"),
+            Err(GgufError::Tokenizer { what, .. }) => what,
+            Err(other) => other.to_string(),
+        }
+    }
+
+    #[test]
+    fn merges_come_from_the_scores_when_the_file_has_none() {
+        let scores: MetaValue = vec![-1.0f32, -2.0, 0.0, 0.0].into();
+        for model in ["gpt2", "llama"] {
+            let meta = metadata(model, &[(KEY_SCORES, scores.clone())]);
+            let tokenizer = tokenizer_from_gguf(&meta).unwrap();
+            assert_eq!(tokenizer.encode("ab", false).unwrap().get_ids(), [2], "{model}");
+            // Without scores either, there is nothing to build merges from.
+            let message = tokenizer_error(&metadata(model, &[]));
+            assert!(message.contains(KEY_SCORES), "{model}: {message}");
+        }
+    }
+
+    #[test]
+    fn bad_tokenizer_metadata_is_an_error() {
+        let merges = |m: Vec<&str>| (KEY_MERGES, MetaValue::from(m));
+        let cases: Vec<(Metadata, &str)> = vec![
+            (metadata("t5", &[]), "\"t5\" is not supported"),
+            (metadata("llama", &[("general.architecture", "gemma2".into())]), "gemma2"),
+            (metadata("gpt2", &[merges(vec!["a b c"])]), "not two tokens"),
+            (metadata("gpt2", &[merges(vec!["a x"])]), "BPE"),
+            (metadata("gpt2", &[merges(vec!["a b"]), (KEY_BOS_ID, 9u32.into())]), "past the 4 tokens"),
+            (metadata("gpt2", &[merges(vec!["a b"]), (KEY_ADD_BOS, 1u8.into())]), KEY_ADD_BOS),
+            (metadata("gpt2", &[(KEY_TOKENS, 5u32.into())]), KEY_TOKENS),
+        ];
+        for (meta, expected) in cases {
+            let message = tokenizer_error(&meta);
+            assert!(message.contains(expected), "expected {expected:?} in {message:?}");
+        }
+    }
+
+    #[test]
+    fn add_bos_and_add_eos_shape_the_template() {
+        let base = [(KEY_MERGES, MetaValue::from(vec!["a b"])), (KEY_BOS_ID, 3u32.into()), (KEY_EOS_ID, 3u32.into())];
+        let encode = |extra: &[(&str, MetaValue)]| {
+            let mut keys = base.to_vec();
+            keys.extend_from_slice(extra);
+            let tokenizer = tokenizer_from_gguf(&metadata("gpt2", &keys)).unwrap();
+            tokenizer.encode("ab", true).unwrap().get_ids().to_vec()
+        };
+        assert_eq!(encode(&[]), [2]);
+        assert_eq!(encode(&[(KEY_ADD_BOS, true.into())]), [3, 2]);
+        assert_eq!(encode(&[(KEY_ADD_EOS, true.into())]), [2, 3]);
+        assert_eq!(encode(&[(KEY_ADD_BOS, true.into()), (KEY_ADD_EOS, true.into())]), [3, 2, 3]);
+        // "<s>" is a control token: matched whole in text, skipped when decoding special tokens.
+        let tokenizer = tokenizer_from_gguf(&metadata("gpt2", &base)).unwrap();
+        assert_eq!(tokenizer.encode("a<s>b", false).unwrap().get_ids(), [0, 3, 1]);
+        assert_eq!(tokenizer.decode(&[0, 3, 1], true).unwrap(), "ab");
     }
 
     #[test]
