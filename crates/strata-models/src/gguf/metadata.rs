@@ -328,7 +328,7 @@ impl Metadata {
         self.entries.is_empty()
     }
 
-    /// The file the metadata came from (`<memory>` for [`parse_header`]).
+    /// The file the metadata came from (`<memory>` for [`parse_header`](super::parse_header)).
     pub fn path(&self) -> &Path {
         &self.path
     }
