@@ -10,6 +10,8 @@
 pub mod config;
 mod decoder;
 mod error;
+pub mod gguf;
+pub mod gguf_tokenizer;
 mod hparams;
 mod kv_cache;
 mod load;
