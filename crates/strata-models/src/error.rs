@@ -116,6 +116,9 @@ pub enum Error {
         /// The shape in the file.
         got: Vec<usize>,
     },
+    /// A GGUF file that is malformed or lacks what the model needs.
+    #[error(transparent)]
+    Gguf(#[from] crate::gguf::GgufError),
     /// A tensor operation failed while running the model.
     #[error(transparent)]
     Compute(#[from] strata_tensor::Error),

@@ -11,6 +11,7 @@ pub mod config;
 mod decoder;
 mod error;
 pub mod gguf;
+pub mod gguf_model;
 pub mod gguf_tokenizer;
 mod hparams;
 mod kv_cache;
@@ -24,7 +25,7 @@ pub use decoder::{Decoder, Linear, Logits, TensorSource};
 pub use error::{ByteCount, ConfigError, Error, HeaderError, Result};
 pub use hparams::Hparams;
 pub use kv_cache::{DEFAULT_BLOCK_LEN, KvCache};
-pub use load::{LoadedModel, load, load_dir};
+pub use load::{LoadedModel, TokenizerSource, load, load_dir, load_gguf};
 pub use resolve::{ModelSource, resolve_model};
 pub use safetensors::Checkpoint;
 /// The tensor core, re-exported for the facade.
