@@ -3,8 +3,8 @@
 //! Each block type is a `#[repr(C)]` struct whose size and field order equal ggml's `block_*`
 //! definitions (checked by tests), so bytes from a GGUF file are reinterpreted in place with
 //! `bytemuck`. [`quantize_row`] and [`dequantize_row`] are the plain reference conversions; the
-//! per-format modules hold the details. [`q8act`] quantizes activations to 8-bit blocks for the
-//! integer dot products of the quantized matrix-vector product.
+//! per-format modules hold the details. `q8act` quantizes activations to 8-bit blocks and
+//! `vec_dot` holds the scalar integer dot products of the quantized matrix-vector product.
 
 use bytemuck::Pod;
 use half::{bf16, f16};
@@ -17,11 +17,12 @@ mod q4_k;
 mod q6_k;
 mod q8_0;
 pub(crate) mod q8act;
+pub(crate) mod vec_dot;
 
 pub use q4_0::BlockQ4_0;
 pub use q4_1::BlockQ4_1;
 pub use q4_k::BlockQ4K;
-pub(crate) use q4_k::unpack_scales_mins;
+use q4_k::unpack_scales_mins;
 pub use q6_k::BlockQ6K;
 pub use q8_0::BlockQ8_0;
 

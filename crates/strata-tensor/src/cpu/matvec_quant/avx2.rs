@@ -1,0 +1,338 @@
+//! AVX2 (with FMA and F16C) kernels of the quantized matrix-vector product: one 32-element block
+//! per 256-bit register, integer dot products by `vpmaddubsw` (unsigned weight levels times signed
+//! activations, pairs summed to i16) and `vpmaddwd` with ones (i16 pairs summed to i32 lanes of
+//! four elements each), then per-lane f32 scaling.
+//!
+//! Only [`rows`] carries `#[target_feature]`; every helper is `#[inline(always)]` and ends up
+//! inside it, where the intrinsics are compiled for AVX2. No sums saturate: weight levels are at
+//! most 63 (or |q| <= 128 with the sign trick) and activations at most 127 in magnitude, so a
+//! pair is at most 2 * 128 * 127 = 32512.
+
+use std::arch::x86_64::*;
+
+use super::{Prepared, RowKernel, drive};
+use crate::DType;
+use crate::quant::QK_K;
+
+/// Computes `ys.len()` rows of `dtype` held in `w` against the prepared activation.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; `w` must hold `ys.len()` rows of `row_bytes` bytes and
+/// `prep` must have been built for `Isa::Avx2` and `dtype` from an activation of the row length.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn rows(dtype: DType, w: &[u8], row_bytes: usize, prep: &Prepared, ys: &mut [f32]) {
+    let nb = row_bytes / dtype.block_bytes();
+    // SAFETY: the caller guarantees the CPU features, the row layout and the preparation.
+    unsafe {
+        match dtype {
+            DType::Q8_0 => drive(&Q8_0 { nb, prep }, w, row_bytes, ys),
+            DType::Q4_0 => drive(&Q4_0 { nb, prep }, w, row_bytes, ys),
+            DType::Q4_1 => drive(&Q4_1 { nb, prep }, w, row_bytes, ys),
+            DType::Q4K => drive(&Q4K { nb, prep }, w, row_bytes, ys),
+            DType::Q6K => drive(&Q6K { nb, prep }, w, row_bytes, ys),
+            DType::F32 | DType::F16 | DType::BF16 => unreachable!("not a block-quantized dtype"),
+        }
+    }
+}
+
+// Every function below is only ever inlined into `rows`, which enables AVX2, FMA and F16C; the
+// SAFETY comments on their intrinsic calls rely on that and say what else they need.
+
+/// Sums of four adjacent products of unsigned `u` and signed `s`, in 8 i32 lanes.
+#[inline(always)]
+unsafe fn dot4(u: __m256i, s: __m256i) -> __m256i {
+    // SAFETY: AVX2 (see above); no memory access.
+    unsafe { _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)) }
+}
+
+/// An f16 read from unaligned memory, converted to f32.
+#[inline(always)]
+unsafe fn f16_at(p: *const u8) -> f32 {
+    // SAFETY: the caller guarantees two readable bytes at `p`; F16C (see above).
+    unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(p.cast::<u16>().read_unaligned())))) }
+}
+
+/// Two adjacent f16 values read from unaligned memory, converted to f32 in lanes 0 and 1.
+#[inline(always)]
+unsafe fn f16x2_at(p: *const u8) -> __m128 {
+    // SAFETY: the caller guarantees four readable bytes at `p`; F16C (see above).
+    unsafe { _mm_cvtph_ps(_mm_cvtsi32_si128(p.cast::<i32>().read_unaligned())) }
+}
+
+/// The sum of the 8 lanes.
+#[inline(always)]
+unsafe fn hsum(v: __m256) -> f32 {
+    // SAFETY: AVX (see above); no memory access.
+    unsafe {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+}
+
+/// The 32 nibbles of a `Q4_0`/`Q4_1` block's 16 bytes at `p`, in element order: the low nibbles
+/// (elements 0..16), then the high ones (16..32).
+#[inline(always)]
+unsafe fn nibbles32(p: *const u8) -> __m256i {
+    // SAFETY: the caller guarantees 16 readable bytes at `p`; AVX2 (see above).
+    unsafe {
+        let bytes = _mm_loadu_si128(p.cast());
+        _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(bytes), bytes), _mm256_set1_epi8(0x0f))
+    }
+}
+
+/// The eight 6-bit scales and eight 6-bit minimums of a `Q4_K` super-block from its 12 packed
+/// bytes at `p` (16 bytes are read), as bytes `[sc0..8, m0..8]` (ggml's `get_scale_min_k4`).
+#[inline(always)]
+pub(super) unsafe fn q4k_scales_mins(p: *const u8) -> __m128i {
+    // SAFETY: the caller guarantees 16 readable bytes at `p`; AVX2 (see above).
+    unsafe {
+        // As u32 lanes: w0 = bytes 0..4, w1 = bytes 4..8, w2 = bytes 8..12.
+        let w = _mm_loadu_si128(p.cast());
+        // sc0..4 = w0 & 63 and m0..4 = w1 & 63, per byte.
+        let low = _mm_and_si128(w, _mm_set1_epi8(0x3f));
+        // sc4..8 = (w2 & 0x0f) | ((w0 >> 6) << 4) and m4..8 = (w2 >> 4) | ((w1 >> 6) << 4), per byte;
+        // (v >> 6) << 4 of a byte is (u32 >> 2) & 0x30.
+        let w2 = _mm_shuffle_epi32::<0b10_10_10_10>(w);
+        let nib = _mm_and_si128(_mm_srlv_epi32(w2, _mm_set_epi32(0, 0, 4, 0)), _mm_set1_epi8(0x0f));
+        let top = _mm_and_si128(_mm_srli_epi32::<2>(w), _mm_set1_epi8(0x30));
+        _mm_unpacklo_epi32(low, _mm_or_si128(nib, top))
+    }
+}
+
+/// `Q8_0`: signed weights, so `|w|` times the activation with `w`'s sign (`vpsignb`).
+struct Q8_0<'a> {
+    nb: usize,
+    prep: &'a Prepared,
+}
+
+impl RowKernel for Q8_0<'_> {
+    #[inline(always)]
+    unsafe fn dot<const R: usize>(&self, rows: [*const u8; R]) -> [f32; R] {
+        // SAFETY: each row holds `nb` blocks of 34 bytes (d, then 32 values); the activation
+        // holds `nb` blocks of 32. AVX2, FMA and F16C (see above).
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); R];
+            for b in 0..self.nb {
+                let a = _mm256_loadu_si256(self.prep.act.qs.as_ptr().add(32 * b).cast());
+                let da = self.prep.act.d[b];
+                for r in 0..R {
+                    let block = rows[r].add(34 * b);
+                    let w = _mm256_loadu_si256(block.add(2).cast());
+                    let dot = dot4(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
+                    let scale = _mm256_set1_ps(f16_at(block) * da);
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[r]);
+                }
+            }
+            let mut out = [0f32; R];
+            for r in 0..R {
+                out[r] = hsum(acc[r]);
+            }
+            out
+        }
+    }
+}
+
+/// `Q4_0`: nibbles carry an offset of 8, removed by the prepared bias lanes.
+struct Q4_0<'a> {
+    nb: usize,
+    prep: &'a Prepared,
+}
+
+impl RowKernel for Q4_0<'_> {
+    #[inline(always)]
+    unsafe fn dot<const R: usize>(&self, rows: [*const u8; R]) -> [f32; R] {
+        // SAFETY: each row holds `nb` blocks of 18 bytes (d, then 16 bytes of nibbles); the
+        // activation holds `nb` blocks of 32 and the bias 8 lanes per block.
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); R];
+            for b in 0..self.nb {
+                let a = _mm256_loadu_si256(self.prep.act.qs.as_ptr().add(32 * b).cast());
+                let bias = _mm256_loadu_si256(self.prep.bias.as_ptr().add(8 * b).cast());
+                let da = self.prep.act.d[b];
+                for r in 0..R {
+                    let block = rows[r].add(18 * b);
+                    let dot = _mm256_add_epi32(dot4(nibbles32(block.add(2)), a), bias);
+                    let scale = _mm256_set1_ps(f16_at(block) * da);
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[r]);
+                }
+            }
+            let mut out = [0f32; R];
+            for r in 0..R {
+                out[r] = hsum(acc[r]);
+            }
+            out
+        }
+    }
+}
+
+/// `Q4_1`: `(d * da) * dot + (m * da) * S` with `[da, da * S]` prepared per block.
+struct Q4_1<'a> {
+    nb: usize,
+    prep: &'a Prepared,
+}
+
+impl RowKernel for Q4_1<'_> {
+    #[inline(always)]
+    unsafe fn dot<const R: usize>(&self, rows: [*const u8; R]) -> [f32; R] {
+        // SAFETY: each row holds `nb` blocks of 20 bytes (d, m, then 16 bytes of nibbles); the
+        // activation holds `nb` blocks of 32 and `aux` two floats per block.
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); R];
+            // Lane 1 accumulates the minimum terms m * da * S.
+            let mut acc_min = [_mm_setzero_ps(); R];
+            for b in 0..self.nb {
+                let a = _mm256_loadu_si256(self.prep.act.qs.as_ptr().add(32 * b).cast());
+                let factors = _mm_castpd_ps(_mm_load_sd(self.prep.aux.as_ptr().add(2 * b).cast()));
+                for r in 0..R {
+                    let block = rows[r].add(20 * b);
+                    let dot = dot4(nibbles32(block.add(4)), a);
+                    let prod = _mm_mul_ps(f16x2_at(block), factors);
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcastss_ps(prod), acc[r]);
+                    acc_min[r] = _mm_add_ps(acc_min[r], prod);
+                }
+            }
+            let mut out = [0f32; R];
+            for r in 0..R {
+                out[r] = hsum(acc[r]) + _mm_cvtss_f32(_mm_movehdup_ps(acc_min[r]));
+            }
+            out
+        }
+    }
+}
+
+/// `Q4_K`: per sub-block `(d * sc) * da * dot - (dmin * m) * da * S`, with the `da` and
+/// `da * S` of each super-block prepared as 16 floats.
+struct Q4K<'a> {
+    nb: usize,
+    prep: &'a Prepared,
+}
+
+impl RowKernel for Q4K<'_> {
+    #[inline(always)]
+    unsafe fn dot<const R: usize>(&self, rows: [*const u8; R]) -> [f32; R] {
+        // SAFETY: each row holds `nb` super-blocks of 144 bytes (d, dmin, 12 scale bytes, 128
+        // bytes of nibbles; reading 16 bytes at the scales stays inside); the activation holds
+        // 256 values and `aux` 16 floats per super-block.
+        unsafe {
+            let mask = _mm256_set1_epi8(0x0f);
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            let mut acc_min = [_mm256_setzero_ps(); R];
+            for i in 0..self.nb {
+                let a = self.prep.act.qs.as_ptr().add(QK_K * i);
+                let da = _mm256_loadu_ps(self.prep.aux.as_ptr().add(16 * i));
+                let das = _mm256_loadu_ps(self.prep.aux.as_ptr().add(16 * i + 8));
+                for r in 0..R {
+                    let block = rows[r].add(144 * i);
+                    let dd = f16x2_at(block);
+                    let scm = q4k_scales_mins(block.add(4));
+                    let sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(scm));
+                    let m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(scm)));
+                    // Per sub-block j: d * sc_j * da_j, and dmin * m_j * da_j * S_j.
+                    let scale = _mm256_mul_ps(_mm256_mul_ps(sc, _mm256_broadcastss_ps(dd)), da);
+                    let dmin = _mm256_broadcastss_ps(_mm_movehdup_ps(dd));
+                    acc_min[r] = _mm256_fmadd_ps(_mm256_mul_ps(m, dmin), das, acc_min[r]);
+                    for c in 0..4 {
+                        let bytes = _mm256_loadu_si256(block.add(16 + 32 * c).cast());
+                        let lo = _mm256_and_si256(bytes, mask);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(bytes), mask);
+                        let a_lo = _mm256_loadu_si256(a.add(64 * c).cast());
+                        let a_hi = _mm256_loadu_si256(a.add(64 * c + 32).cast());
+                        let s_lo = _mm256_permutevar8x32_ps(scale, _mm256_set1_epi32(2 * c as i32));
+                        let s_hi = _mm256_permutevar8x32_ps(scale, _mm256_set1_epi32(2 * c as i32 + 1));
+                        acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4(lo, a_lo)), s_lo, acc[r][0]);
+                        acc[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4(hi, a_hi)), s_hi, acc[r][1]);
+                    }
+                }
+            }
+            let mut out = [0f32; R];
+            for r in 0..R {
+                out[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1])) - hsum(acc_min[r]);
+            }
+            out
+        }
+    }
+}
+
+/// `Q6_K`: levels carry an offset of 32, removed by the prepared bias lanes; each lane's f32
+/// scale is `d * sc * da` of its sub-block of 16.
+struct Q6K<'a> {
+    nb: usize,
+    prep: &'a Prepared,
+}
+
+impl RowKernel for Q6K<'_> {
+    #[inline(always)]
+    unsafe fn dot<const R: usize>(&self, rows: [*const u8; R]) -> [f32; R] {
+        // SAFETY: each row holds `nb` super-blocks of 210 bytes (ql 128, qh 64, scales 16, d);
+        // the activation holds 256 values, the bias 64 lanes and `aux` 16 floats per super-block.
+        unsafe {
+            let m0f = _mm256_set1_epi8(0x0f);
+            let m30 = _mm256_set1_epi8(0x30);
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            for i in 0..self.nb {
+                let a = self.prep.act.qs.as_ptr().add(QK_K * i);
+                let bias = self.prep.bias.as_ptr().add(64 * i);
+                let da = [
+                    _mm256_loadu_ps(self.prep.aux.as_ptr().add(16 * i)),
+                    _mm256_loadu_ps(self.prep.aux.as_ptr().add(16 * i + 8)),
+                ];
+                for r in 0..R {
+                    let block = rows[r].add(210 * i);
+                    let d = _mm256_set1_ps(f16_at(block.add(208)));
+                    let sc = _mm_loadu_si128(block.add(192).cast());
+                    let sc = [_mm256_cvtepi8_epi32(sc), _mm256_cvtepi8_epi32(_mm_srli_si128::<8>(sc))];
+                    for h in 0..2 {
+                        let scale = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sc[h]), d), da[h]);
+                        let l0 = _mm256_loadu_si256(block.add(64 * h).cast());
+                        let l1 = _mm256_loadu_si256(block.add(64 * h + 32).cast());
+                        let qh = _mm256_loadu_si256(block.add(128 + 32 * h).cast());
+                        // The four quarters of the half, elements 32q..32q + 32 of it (module
+                        // `quant::q6_k` gives the bit layout).
+                        let levels = [
+                            _mm256_or_si256(
+                                _mm256_and_si256(l0, m0f),
+                                _mm256_and_si256(_mm256_slli_epi16::<4>(qh), m30),
+                            ),
+                            _mm256_or_si256(
+                                _mm256_and_si256(l1, m0f),
+                                _mm256_and_si256(_mm256_slli_epi16::<2>(qh), m30),
+                            ),
+                            _mm256_or_si256(
+                                _mm256_and_si256(_mm256_srli_epi16::<4>(l0), m0f),
+                                _mm256_and_si256(qh, m30),
+                            ),
+                            _mm256_or_si256(
+                                _mm256_and_si256(_mm256_srli_epi16::<4>(l1), m0f),
+                                _mm256_and_si256(_mm256_srli_epi16::<2>(qh), m30),
+                            ),
+                        ];
+                        for (q, level) in levels.into_iter().enumerate() {
+                            let e = 128 * h + 32 * q;
+                            let av = _mm256_loadu_si256(a.add(e).cast());
+                            let dot = _mm256_add_epi32(dot4(level, av), _mm256_loadu_si256(bias.add(e / 4).cast()));
+                            // Lanes 0..4 belong to sub-block 2q of the half, lanes 4..8 to 2q + 1.
+                            let idx = _mm256_set_epi32(
+                                2 * q as i32 + 1,
+                                2 * q as i32 + 1,
+                                2 * q as i32 + 1,
+                                2 * q as i32 + 1,
+                                2 * q as i32,
+                                2 * q as i32,
+                                2 * q as i32,
+                                2 * q as i32,
+                            );
+                            let s = _mm256_permutevar8x32_ps(scale, idx);
+                            acc[r][q % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[r][q % 2]);
+                        }
+                    }
+                }
+            }
+            let mut out = [0f32; R];
+            for r in 0..R {
+                out[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+            }
+            out
+        }
+    }
+}
