@@ -82,28 +82,93 @@ fn rows(isa: Isa, dtype: DType, w: &[u8], row_bytes: usize, prep: &Prepared, ys:
 /// The quantized activation of one call plus values the SIMD kernels would otherwise recompute
 /// for every row.
 struct Prepared {
-    /// The 8-bit activation.
+    /// The 8-bit activation (scales and sums per block of 32, in natural order).
     act: ActQ8,
-    /// For each group of four activation values, `-offset * their sum`, where `offset` is what
-    /// the kernels' unsigned weight levels carry (see [`weight_offset`]); empty when zero.
+    /// The activation values in the order the kernels of this `isa` and `dtype` read them (see
+    /// [`Order`]).
+    qs: Vec<i8>,
+    /// Lanes of `-offset * (sum of four activation values)`, where `offset` is what the kernels'
+    /// unsigned weight levels carry (see [`weight_offset`]); empty when zero. One lane per four
+    /// values of `qs`, except that [`Order::Groups4`] folds each group's second half onto its
+    /// first (16 lanes per group of four blocks), because its kernels chain the two halves into
+    /// one accumulator.
     bias: Vec<i32>,
     /// Per-dtype f32 factors: `Q4_1`: `[da, da * S]` per block; `Q4_K`: per super-block the
-    /// eight `da` then the eight `da * S`; `Q6_K`: the `da` of each sub-block of 16. Empty for
-    /// the others, which read `act.d`.
+    /// eight `da` then the eight `da * S` (natural sub-block order); `Q6_K`: the `da` of each
+    /// sub-block of 16. Empty for the others, which read `act.d`.
     aux: Vec<f32>,
+}
+
+/// The order in which a kernel reads the activation values.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Order {
+    /// As in `x`.
+    Natural,
+    /// For AVX-512 `Q4_0`/`Q4_1`: each group of four whole blocks holds the first halves
+    /// (elements 0..16, the low nibbles) of the four blocks, then their second halves (16..32,
+    /// the high nibbles), so one 512-bit load of four blocks' nibbles needs no shuffles. A tail of
+    /// fewer than four blocks stays natural.
+    Groups4,
+    /// For AVX-512 `Q4_K`: each super-block's sub-blocks of 32 in the order 0, 2, 1, 3, 4, 6, 5,
+    /// 7, matching the low nibbles of 64 bytes (sub-blocks 0 and 2) then their high nibbles (1 and
+    /// 3), and likewise for the second 64 bytes.
+    SubBlocks0213,
+}
+
+impl Order {
+    fn of(isa: Isa, dtype: DType) -> Order {
+        match (isa, dtype) {
+            (Isa::Avx512 | Isa::Avx512Vnni, DType::Q4_0 | DType::Q4_1) => Order::Groups4,
+            (Isa::Avx512 | Isa::Avx512Vnni, DType::Q4K) => Order::SubBlocks0213,
+            _ => Order::Natural,
+        }
+    }
+
+    /// `qs` rearranged into this order.
+    fn apply(self, qs: &[i8]) -> Vec<i8> {
+        let mut out = qs.to_vec();
+        match self {
+            Order::Natural => {}
+            Order::Groups4 => {
+                for (src, dst) in qs.chunks_exact(128).zip(out.chunks_exact_mut(128)) {
+                    for b in 0..4 {
+                        dst[16 * b..16 * b + 16].copy_from_slice(&src[32 * b..32 * b + 16]);
+                        dst[64 + 16 * b..64 + 16 * b + 16].copy_from_slice(&src[32 * b + 16..32 * b + 32]);
+                    }
+                }
+            }
+            Order::SubBlocks0213 => {
+                for (src, dst) in qs.chunks_exact(QK_K).zip(out.chunks_exact_mut(QK_K)) {
+                    for (p, sb) in [0, 2, 1, 3, 4, 6, 5, 7].into_iter().enumerate() {
+                        dst[32 * p..32 * p + 32].copy_from_slice(&src[32 * sb..32 * sb + 32]);
+                    }
+                }
+            }
+        }
+        out
+    }
 }
 
 impl Prepared {
     fn new(isa: Isa, dtype: DType, act: ActQ8) -> Prepared {
         if isa == Isa::Scalar {
-            return Prepared { act, bias: Vec::new(), aux: Vec::new() };
+            return Prepared { act, qs: Vec::new(), bias: Vec::new(), aux: Vec::new() };
         }
+        let order = Order::of(isa, dtype);
+        let qs = order.apply(&act.qs);
         let offset = weight_offset(isa, dtype);
-        let bias = if offset == 0 {
+        let mut bias: Vec<i32> = if offset == 0 {
             Vec::new()
         } else {
-            act.qs.chunks_exact(4).map(|g| -offset * g.iter().map(|&a| i32::from(a)).sum::<i32>()).collect()
+            qs.chunks_exact(4).map(|g| -offset * g.iter().map(|&a| i32::from(a)).sum::<i32>()).collect()
         };
+        if order == Order::Groups4 && !bias.is_empty() {
+            let groups = qs.len() / 128;
+            let mut folded: Vec<i32> =
+                bias[..32 * groups].chunks_exact(32).flat_map(|g| (0..16).map(move |l| g[l] + g[16 + l])).collect();
+            folded.extend_from_slice(&bias[32 * groups..]);
+            bias = folded;
+        }
         let das = |b: usize| act.d[b] * act.sum[b] as f32;
         let aux = match dtype {
             DType::Q4_1 => (0..act.d.len()).flat_map(|b| [act.d[b], das(b)]).collect(),
@@ -114,7 +179,7 @@ impl Prepared {
             DType::Q6K => act.d.iter().flat_map(|&d| [d, d]).collect(),
             _ => Vec::new(),
         };
-        Prepared { act, bias, aux }
+        Prepared { act, qs, bias, aux }
     }
 }
 
@@ -153,7 +218,6 @@ unsafe fn drive<K: RowKernel>(kernel: &K, w: &[u8], row_bytes: usize, ys: &mut [
     let mut pairs = ys.chunks_exact_mut(2);
     let mut r = 0;
     for pair in &mut pairs {
-        prefetch(&w[((r + 2) * row_bytes).min(w.len())..((r + 4) * row_bytes).min(w.len())]);
         // SAFETY: rows r and r + 1 are inside `w` (there are `ys.len()` rows); the caller
         // guarantees the rest.
         let out = unsafe { kernel.dot([base.add(r * row_bytes), base.add((r + 1) * row_bytes)]) };
@@ -166,15 +230,21 @@ unsafe fn drive<K: RowKernel>(kernel: &K, w: &[u8], row_bytes: usize, ys: &mut [
     }
 }
 
-/// Asks the memory system for every cache line of `bytes`, so the next rows stream in while the
-/// current ones are computed (the hardware prefetchers alone leave the kernels waiting on DRAM).
+/// Prefetches the `N` bytes at `p + ahead`, one request per 64 bytes. The kernels call it for the
+/// bytes of each step, `ahead` being the distance to the rows they will process next, so those
+/// rows stream in from DRAM while the current ones are computed: the hardware prefetchers alone
+/// leave the kernels waiting on memory. Consecutive steps are contiguous, so requests at most 64
+/// bytes apart reach every cache line.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn prefetch(bytes: &[u8]) {
-    use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-    for line in bytes.chunks(64) {
-        // SAFETY: SSE is part of x86_64; a prefetch never faults and `line` is a valid address.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
+fn prefetch_ahead<const N: usize>(p: *const u8, ahead: usize) {
+    use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
+    let mut offset = 0;
+    while offset < N {
+        // SAFETY: SSE is part of x86_64; a prefetch never faults, whatever the address, and
+        // `wrapping_add` computes it without claiming it is in bounds.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(ahead + offset).cast()) };
+        offset += 64;
     }
 }
 

@@ -10,7 +10,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Prepared, RowKernel, drive};
+use super::{Prepared, RowKernel, drive, prefetch_ahead};
 use crate::DType;
 use crate::quant::QK_K;
 
@@ -22,14 +22,16 @@ use crate::quant::QK_K;
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn rows(dtype: DType, w: &[u8], row_bytes: usize, prep: &Prepared, ys: &mut [f32]) {
     let nb = row_bytes / dtype.block_bytes();
+    // Each kernel prefetches the rows it will compute after the current pair.
+    let ahead = (2 * row_bytes).max(12 * 1024);
     // SAFETY: the caller guarantees the CPU features, the row layout and the preparation.
     unsafe {
         match dtype {
-            DType::Q8_0 => drive(&Q8_0 { nb, prep }, w, row_bytes, ys),
-            DType::Q4_0 => drive(&Q4_0 { nb, prep }, w, row_bytes, ys),
-            DType::Q4_1 => drive(&Q4_1 { nb, prep }, w, row_bytes, ys),
-            DType::Q4K => drive(&Q4K { nb, prep }, w, row_bytes, ys),
-            DType::Q6K => drive(&Q6K { nb, prep }, w, row_bytes, ys),
+            DType::Q8_0 => drive(&Q8_0 { nb, prep, ahead }, w, row_bytes, ys),
+            DType::Q4_0 => drive(&Q4_0 { nb, prep, ahead }, w, row_bytes, ys),
+            DType::Q4_1 => drive(&Q4_1 { nb, prep, ahead }, w, row_bytes, ys),
+            DType::Q4K => drive(&Q4K { nb, prep, ahead }, w, row_bytes, ys),
+            DType::Q6K => drive(&Q6K { nb, prep, ahead }, w, row_bytes, ys),
             DType::F32 | DType::F16 | DType::BF16 => unreachable!("not a block-quantized dtype"),
         }
     }
@@ -104,6 +106,7 @@ pub(super) unsafe fn q4k_scales_mins(p: *const u8) -> __m128i {
 struct Q8_0<'a> {
     nb: usize,
     prep: &'a Prepared,
+    ahead: usize,
 }
 
 impl RowKernel for Q8_0<'_> {
@@ -114,10 +117,11 @@ impl RowKernel for Q8_0<'_> {
         unsafe {
             let mut acc = [_mm256_setzero_ps(); R];
             for b in 0..self.nb {
-                let a = _mm256_loadu_si256(self.prep.act.qs.as_ptr().add(32 * b).cast());
+                let a = _mm256_loadu_si256(self.prep.qs.as_ptr().add(32 * b).cast());
                 let da = self.prep.act.d[b];
                 for r in 0..R {
                     let block = rows[r].add(34 * b);
+                    prefetch_ahead::<34>(block, self.ahead);
                     let w = _mm256_loadu_si256(block.add(2).cast());
                     let dot = dot4(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
                     let scale = _mm256_set1_ps(f16_at(block) * da);
@@ -137,6 +141,7 @@ impl RowKernel for Q8_0<'_> {
 struct Q4_0<'a> {
     nb: usize,
     prep: &'a Prepared,
+    ahead: usize,
 }
 
 impl RowKernel for Q4_0<'_> {
@@ -147,11 +152,12 @@ impl RowKernel for Q4_0<'_> {
         unsafe {
             let mut acc = [_mm256_setzero_ps(); R];
             for b in 0..self.nb {
-                let a = _mm256_loadu_si256(self.prep.act.qs.as_ptr().add(32 * b).cast());
+                let a = _mm256_loadu_si256(self.prep.qs.as_ptr().add(32 * b).cast());
                 let bias = _mm256_loadu_si256(self.prep.bias.as_ptr().add(8 * b).cast());
                 let da = self.prep.act.d[b];
                 for r in 0..R {
                     let block = rows[r].add(18 * b);
+                    prefetch_ahead::<18>(block, self.ahead);
                     let dot = _mm256_add_epi32(dot4(nibbles32(block.add(2)), a), bias);
                     let scale = _mm256_set1_ps(f16_at(block) * da);
                     acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[r]);
@@ -170,6 +176,7 @@ impl RowKernel for Q4_0<'_> {
 struct Q4_1<'a> {
     nb: usize,
     prep: &'a Prepared,
+    ahead: usize,
 }
 
 impl RowKernel for Q4_1<'_> {
@@ -182,10 +189,11 @@ impl RowKernel for Q4_1<'_> {
             // Lane 1 accumulates the minimum terms m * da * S.
             let mut acc_min = [_mm_setzero_ps(); R];
             for b in 0..self.nb {
-                let a = _mm256_loadu_si256(self.prep.act.qs.as_ptr().add(32 * b).cast());
+                let a = _mm256_loadu_si256(self.prep.qs.as_ptr().add(32 * b).cast());
                 let factors = _mm_castpd_ps(_mm_load_sd(self.prep.aux.as_ptr().add(2 * b).cast()));
                 for r in 0..R {
                     let block = rows[r].add(20 * b);
+                    prefetch_ahead::<20>(block, self.ahead);
                     let dot = dot4(nibbles32(block.add(4)), a);
                     let prod = _mm_mul_ps(f16x2_at(block), factors);
                     acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcastss_ps(prod), acc[r]);
@@ -206,6 +214,7 @@ impl RowKernel for Q4_1<'_> {
 struct Q4K<'a> {
     nb: usize,
     prep: &'a Prepared,
+    ahead: usize,
 }
 
 impl RowKernel for Q4K<'_> {
@@ -219,11 +228,12 @@ impl RowKernel for Q4K<'_> {
             let mut acc = [[_mm256_setzero_ps(); 2]; R];
             let mut acc_min = [_mm256_setzero_ps(); R];
             for i in 0..self.nb {
-                let a = self.prep.act.qs.as_ptr().add(QK_K * i);
+                let a = self.prep.qs.as_ptr().add(QK_K * i);
                 let da = _mm256_loadu_ps(self.prep.aux.as_ptr().add(16 * i));
                 let das = _mm256_loadu_ps(self.prep.aux.as_ptr().add(16 * i + 8));
                 for r in 0..R {
                     let block = rows[r].add(144 * i);
+                    prefetch_ahead::<144>(block, self.ahead);
                     let dd = f16x2_at(block);
                     let scm = q4k_scales_mins(block.add(4));
                     let sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(scm));
@@ -259,6 +269,7 @@ impl RowKernel for Q4K<'_> {
 struct Q6K<'a> {
     nb: usize,
     prep: &'a Prepared,
+    ahead: usize,
 }
 
 impl RowKernel for Q6K<'_> {
@@ -271,7 +282,7 @@ impl RowKernel for Q6K<'_> {
             let m30 = _mm256_set1_epi8(0x30);
             let mut acc = [[_mm256_setzero_ps(); 2]; R];
             for i in 0..self.nb {
-                let a = self.prep.act.qs.as_ptr().add(QK_K * i);
+                let a = self.prep.qs.as_ptr().add(QK_K * i);
                 let bias = self.prep.bias.as_ptr().add(64 * i);
                 let da = [
                     _mm256_loadu_ps(self.prep.aux.as_ptr().add(16 * i)),
@@ -279,6 +290,7 @@ impl RowKernel for Q6K<'_> {
                 ];
                 for r in 0..R {
                     let block = rows[r].add(210 * i);
+                    prefetch_ahead::<210>(block, self.ahead);
                     let d = _mm256_set1_ps(f16_at(block.add(208)));
                     let sc = _mm_loadu_si128(block.add(192).cast());
                     let sc = [_mm256_cvtepi8_epi32(sc), _mm256_cvtepi8_epi32(_mm_srli_si128::<8>(sc))];

@@ -11,7 +11,7 @@ use std::arch::x86_64::*;
 use std::marker::PhantomData;
 
 use super::avx2::q4k_scales_mins;
-use super::{Prepared, RowKernel, drive};
+use super::{Prepared, RowKernel, drive, prefetch_ahead};
 use crate::DType;
 use crate::quant::QK_K;
 
@@ -40,14 +40,16 @@ pub(super) unsafe fn rows_vnni(dtype: DType, w: &[u8], row_bytes: usize, prep: &
 #[inline(always)]
 unsafe fn rows<D: Dot>(dtype: DType, w: &[u8], row_bytes: usize, prep: &Prepared, ys: &mut [f32]) {
     let nb = row_bytes / dtype.block_bytes();
+    // Each kernel prefetches the rows it will compute after the current pair.
+    let ahead = (2 * row_bytes).max(12 * 1024);
     // SAFETY: forwarded from the entry points' callers.
     unsafe {
         match dtype {
-            DType::Q8_0 => drive(&Q8_0::<D> { nb, prep, dot: PhantomData }, w, row_bytes, ys),
-            DType::Q4_0 => drive(&Q4_0::<D> { nb, prep, dot: PhantomData }, w, row_bytes, ys),
-            DType::Q4_1 => drive(&Q4_1::<D> { nb, prep, dot: PhantomData }, w, row_bytes, ys),
-            DType::Q4K => drive(&Q4K::<D> { nb, prep, dot: PhantomData }, w, row_bytes, ys),
-            DType::Q6K => drive(&Q6K::<D> { nb, prep, dot: PhantomData }, w, row_bytes, ys),
+            DType::Q8_0 => drive(&Q8_0::<D> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
+            DType::Q4_0 => drive(&Q4_0::<D> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
+            DType::Q4_1 => drive(&Q4_1::<D> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
+            DType::Q4K => drive(&Q4K::<D> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
+            DType::Q6K => drive(&Q6K::<D> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
             DType::F32 | DType::F16 | DType::BF16 => unreachable!("not a block-quantized dtype"),
         }
     }
@@ -160,37 +162,6 @@ unsafe fn f16_pair(p: *const u8, stride: usize) -> __m128 {
     }
 }
 
-/// The 4-byte values at `p` and `p + stride` (unaligned) in u32 lanes 0 and 1.
-#[inline(always)]
-unsafe fn u32_pair(p: *const u8, stride: usize) -> __m128i {
-    // SAFETY: the caller guarantees four readable bytes at `p` and at `p + stride`.
-    unsafe {
-        let v0 = p.cast::<i32>().read_unaligned();
-        let v1 = p.add(stride).cast::<i32>().read_unaligned();
-        _mm_insert_epi32::<1>(_mm_cvtsi32_si128(v0), v1)
-    }
-}
-
-/// The 64 nibbles of two consecutive `Q4_0`/`Q4_1` blocks whose 16 bytes of nibbles start at `p`
-/// and `p + stride`, in element order: block 0's low nibbles, its high ones, then block 1's.
-#[inline(always)]
-unsafe fn nibbles64(p: *const u8, stride: usize) -> __m512i {
-    // SAFETY: the caller guarantees 16 readable bytes at `p` and at `p + stride`; AVX-512 F/BW.
-    unsafe {
-        // [b0, b0, b1, b1] in 128-bit lanes, then lanes 1 and 3 shifted down by 4 bits.
-        let both = _mm512_mask_broadcast_i32x4(
-            _mm512_broadcast_i32x4(_mm_loadu_si128(p.cast())),
-            0xff00,
-            _mm_loadu_si128(p.add(stride).cast()),
-        );
-        let shift = _mm512_set_epi64(S4, S4, 0, 0, S4, S4, 0, 0);
-        _mm512_and_si512(_mm512_srlv_epi16(both, shift), _mm512_set1_epi8(0x0f))
-    }
-}
-
-/// A shift of 4 in each of four u16 lanes.
-const S4: i64 = 0x0004_0004_0004_0004;
-
 /// The 32 nibbles of one `Q4_0`/`Q4_1` block's 16 bytes at `p`, in element order.
 #[inline(always)]
 unsafe fn nibbles32(p: *const u8) -> __m256i {
@@ -227,6 +198,7 @@ unsafe fn hsum256(v: __m256) -> f32 {
 struct Q8_0<'a, D> {
     nb: usize,
     prep: &'a Prepared,
+    ahead: usize,
     dot: PhantomData<D>,
 }
 
@@ -241,7 +213,7 @@ impl<D: Dot> RowKernel for Q8_0<'_, D> {
             debug_assert_eq!(vnni_bias, !self.prep.bias.is_empty());
             let mut acc = [_mm512_setzero_ps(); R];
             for b in (0..self.nb - self.nb % 2).step_by(2) {
-                let a = _mm512_loadu_si512(act.qs.as_ptr().add(32 * b).cast());
+                let a = _mm512_loadu_si512(self.prep.qs.as_ptr().add(32 * b).cast());
                 let bias = if vnni_bias {
                     _mm512_loadu_si512(self.prep.bias.as_ptr().add(8 * b).cast())
                 } else {
@@ -250,6 +222,7 @@ impl<D: Dot> RowKernel for Q8_0<'_, D> {
                 let da = _mm_castpd_ps(_mm_load_sd(act.d.as_ptr().add(b).cast()));
                 for r in 0..R {
                     let block = rows[r].add(34 * b);
+                    prefetch_ahead::<68>(block, self.ahead);
                     let lo = _mm512_castsi256_si512(_mm256_loadu_si256(block.add(2).cast()));
                     let w = _mm512_inserti64x4::<1>(lo, _mm256_loadu_si256(block.add(36).cast()));
                     let scale = spread_pair::<1>(_mm_mul_ps(f16_pair(block, 34), da));
@@ -262,7 +235,7 @@ impl<D: Dot> RowKernel for Q8_0<'_, D> {
             }
             if self.nb % 2 == 1 {
                 let b = self.nb - 1;
-                let a = _mm256_loadu_si256(act.qs.as_ptr().add(32 * b).cast());
+                let a = _mm256_loadu_si256(self.prep.qs.as_ptr().add(32 * b).cast());
                 let bias = if vnni_bias {
                     _mm256_loadu_si256(self.prep.bias.as_ptr().add(8 * b).cast())
                 } else {
@@ -270,6 +243,7 @@ impl<D: Dot> RowKernel for Q8_0<'_, D> {
                 };
                 for r in 0..R {
                     let block = rows[r].add(34 * b);
+                    prefetch_ahead::<34>(block, self.ahead);
                     let w = _mm256_loadu_si256(block.add(2).cast());
                     let dot = _mm256_cvtepi32_ps(D::dot_i8_256(bias, w, a));
                     out[r] += hsum256(_mm256_mul_ps(dot, _mm256_set1_ps(f16_at(block) * act.d[b])));
@@ -280,10 +254,63 @@ impl<D: Dot> RowKernel for Q8_0<'_, D> {
     }
 }
 
-/// `Q4_0`, two blocks per register; the offset of 8 is removed by the prepared bias lanes.
+/// The nibbles of four consecutive `Q4_0`/`Q4_1` blocks whose 16 bytes of nibbles start at `p`
+/// with a block stride of `stride`: the low nibbles (each block's elements 0..16) in the first
+/// register, the high ones (elements 16..32) in the second, block `i` in 128-bit lane `i`; the
+/// activation of [`super::Order::Groups4`] matches.
+#[inline(always)]
+unsafe fn nibbles4x32(p: *const u8, stride: usize) -> (__m512i, __m512i) {
+    // SAFETY: the caller guarantees 16 readable bytes at `p + i * stride` for i in 0..4; AVX-512 F/BW.
+    unsafe {
+        // Two 256-bit inserts and one 512-bit one: cheaper than three 512-bit inserts on CPUs
+        // that split 512-bit shuffles.
+        let y0 = _mm256_inserti128_si256::<1>(
+            _mm256_castsi128_si256(_mm_loadu_si128(p.cast())),
+            _mm_loadu_si128(p.add(stride).cast()),
+        );
+        let y1 = _mm256_inserti128_si256::<1>(
+            _mm256_castsi128_si256(_mm_loadu_si128(p.add(2 * stride).cast())),
+            _mm_loadu_si128(p.add(3 * stride).cast()),
+        );
+        let z = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(y0), y1);
+        let mask = _mm512_set1_epi8(0x0f);
+        (_mm512_and_si512(z, mask), _mm512_and_si512(_mm512_srli_epi16::<4>(z), mask))
+    }
+}
+
+/// The f16 values at `p + i * stride` for i in 0..4 (unaligned), converted to f32. The halves
+/// are combined in a general-purpose register, which keeps the vector shuffle units free.
+#[inline(always)]
+unsafe fn f16x4(p: *const u8, stride: usize) -> __m128 {
+    // SAFETY: the caller guarantees two readable bytes at each address; F16C.
+    unsafe {
+        let h = |i: usize| u64::from(p.add(i * stride).cast::<u16>().read_unaligned()) << (16 * i);
+        _mm_cvtph_ps(_mm_cvtsi64_si128((h(0) | h(1) | h(2) | h(3)) as i64))
+    }
+}
+
+/// The f16 pairs at `p + i * stride` for i in 0..4 (unaligned), converted to 8 f32.
+#[inline(always)]
+unsafe fn f16x2x4(p: *const u8, stride: usize) -> __m256 {
+    // SAFETY: the caller guarantees four readable bytes at each address; F16C.
+    unsafe {
+        let w = |i: usize| u64::from(p.add(i * stride).cast::<u32>().read_unaligned());
+        _mm256_cvtph_ps(_mm_set_epi64x((w(2) | (w(3) << 32)) as i64, (w(0) | (w(1) << 32)) as i64))
+    }
+}
+
+/// `vpermps` indices putting lane `i` of a 4-lane vector in 128-bit lane `i` (lanes `4i..4i+4`).
+static SPREAD4: [i32; 16] = [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3];
+
+/// `vpermps` indices putting the even lanes `2i` of an 8-lane vector in 128-bit lane `i`.
+static SPREAD4_EVEN: [i32; 16] = [0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6];
+
+/// `Q4_0`, four blocks per pair of registers (activation in [`super::Order::Groups4`]); the offset
+/// of 8 is removed by the prepared bias lanes.
 struct Q4_0<'a, D> {
     nb: usize,
     prep: &'a Prepared,
+    ahead: usize,
     dot: PhantomData<D>,
 }
 
@@ -291,45 +318,53 @@ impl<D: Dot> RowKernel for Q4_0<'_, D> {
     #[inline(always)]
     unsafe fn dot<const R: usize>(&self, rows: [*const u8; R]) -> [f32; R] {
         // SAFETY: each row holds `nb` blocks of 18 bytes (d, then 16 bytes of nibbles); the
-        // activation holds `nb` blocks of 32 and the bias 8 lanes per block.
+        // activation holds `nb` blocks of 32 and the bias 16 lanes per group of four blocks, then
+        // 8 per tail block.
         unsafe {
-            let act = &self.prep.act;
+            let (act, qs, bias) = (&self.prep.act, self.prep.qs.as_ptr(), self.prep.bias.as_ptr());
+            let spread = _mm512_loadu_si512(SPREAD4.as_ptr().cast());
+            let groups = self.nb / 4;
             let mut acc = [_mm512_setzero_ps(); R];
-            for b in (0..self.nb - self.nb % 2).step_by(2) {
-                let a = _mm512_loadu_si512(act.qs.as_ptr().add(32 * b).cast());
-                let bias = _mm512_loadu_si512(self.prep.bias.as_ptr().add(8 * b).cast());
-                let da = _mm_castpd_ps(_mm_load_sd(act.d.as_ptr().add(b).cast()));
+            for g in 0..groups {
+                let a_lo = _mm512_loadu_si512(qs.add(128 * g).cast());
+                let a_hi = _mm512_loadu_si512(qs.add(128 * g + 64).cast());
+                let bias = _mm512_loadu_si512(bias.add(16 * g).cast());
+                let da = _mm_loadu_ps(act.d.as_ptr().add(4 * g));
+                for r in 0..R {
+                    let block = rows[r].add(18 * 4 * g);
+                    prefetch_ahead::<72>(block, self.ahead);
+                    let (lo, hi) = nibbles4x32(block.add(2), 18);
+                    let dot = D::dpbusd(D::dpbusd(bias, lo, a_lo), hi, a_hi);
+                    let scale = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_mul_ps(f16x4(block, 18), da)));
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
+                }
+            }
+            let mut tail = [_mm256_setzero_ps(); R];
+            for b in 4 * groups..self.nb {
+                let a = _mm256_loadu_si256(qs.add(32 * b).cast());
+                let bias = _mm256_loadu_si256(bias.add(16 * groups + 8 * (b - 4 * groups)).cast());
                 for r in 0..R {
                     let block = rows[r].add(18 * b);
-                    let dot = D::dpbusd(bias, nibbles64(block.add(2), 18), a);
-                    let scale = spread_pair::<1>(_mm_mul_ps(f16_pair(block, 18), da));
-                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
+                    prefetch_ahead::<18>(block, self.ahead);
+                    let dot = _mm256_cvtepi32_ps(D::dpbusd256(bias, nibbles32(block.add(2)), a));
+                    tail[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(f16_at(block) * act.d[b]), tail[r]);
                 }
             }
             let mut out = [0f32; R];
             for r in 0..R {
-                out[r] = _mm512_reduce_add_ps(acc[r]);
-            }
-            if self.nb % 2 == 1 {
-                let b = self.nb - 1;
-                let a = _mm256_loadu_si256(act.qs.as_ptr().add(32 * b).cast());
-                let bias = _mm256_loadu_si256(self.prep.bias.as_ptr().add(8 * b).cast());
-                for r in 0..R {
-                    let block = rows[r].add(18 * b);
-                    let dot = _mm256_cvtepi32_ps(D::dpbusd256(bias, nibbles32(block.add(2)), a));
-                    out[r] += hsum256(_mm256_mul_ps(dot, _mm256_set1_ps(f16_at(block) * act.d[b])));
-                }
+                out[r] = _mm512_reduce_add_ps(acc[r]) + hsum256(tail[r]);
             }
             out
         }
     }
 }
 
-/// `Q4_1`, two blocks per register: `(d * da) * dot + (m * da) * S` with `[da, da * S]`
-/// prepared per block.
+/// `Q4_1`, four blocks per pair of registers (activation in [`super::Order::Groups4`]):
+/// `(d * da) * dot + (m * da) * S` with `[da, da * S]` prepared per block.
 struct Q4_1<'a, D> {
     nb: usize,
     prep: &'a Prepared,
+    ahead: usize,
     dot: PhantomData<D>,
 }
 
@@ -339,51 +374,64 @@ impl<D: Dot> RowKernel for Q4_1<'_, D> {
         // SAFETY: each row holds `nb` blocks of 20 bytes (d, m, then 16 bytes of nibbles); the
         // activation holds `nb` blocks of 32 and `aux` two floats per block.
         unsafe {
-            let act = &self.prep.act;
+            let (qs, aux) = (self.prep.qs.as_ptr(), self.prep.aux.as_ptr());
+            let spread = _mm512_loadu_si512(SPREAD4_EVEN.as_ptr().cast());
+            let groups = self.nb / 4;
             let mut acc = [_mm512_setzero_ps(); R];
-            // Lanes 1 and 3 accumulate the minimum terms m * da * S.
-            let mut acc_min = [_mm_setzero_ps(); R];
-            for b in (0..self.nb - self.nb % 2).step_by(2) {
-                let a = _mm512_loadu_si512(act.qs.as_ptr().add(32 * b).cast());
-                let factors = _mm_loadu_ps(self.prep.aux.as_ptr().add(2 * b));
+            // The odd lanes accumulate the minimum terms m * da * S.
+            let mut acc_min = [_mm256_setzero_ps(); R];
+            for g in 0..groups {
+                let a_lo = _mm512_loadu_si512(qs.add(128 * g).cast());
+                let a_hi = _mm512_loadu_si512(qs.add(128 * g + 64).cast());
+                let factors = _mm256_loadu_ps(aux.add(8 * g));
                 for r in 0..R {
-                    let block = rows[r].add(20 * b);
-                    let dot = D::dpbusd(_mm512_setzero_si512(), nibbles64(block.add(4), 20), a);
-                    // [d0 * da0, m0 * da0 * S0, d1 * da1, m1 * da1 * S1].
-                    let prod = _mm_mul_ps(_mm_cvtph_ps(u32_pair(block, 20)), factors);
-                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), spread_pair::<2>(prod), acc[r]);
-                    acc_min[r] = _mm_add_ps(acc_min[r], prod);
+                    let block = rows[r].add(20 * 4 * g);
+                    prefetch_ahead::<80>(block, self.ahead);
+                    let (lo, hi) = nibbles4x32(block.add(4), 20);
+                    let dot = D::dpbusd(D::dpbusd(_mm512_setzero_si512(), lo, a_lo), hi, a_hi);
+                    // [d_i * da_i, m_i * da_i * S_i] for the four blocks.
+                    let prod = _mm256_mul_ps(f16x2x4(block, 20), factors);
+                    let scale = _mm512_permutexvar_ps(spread, _mm512_castps256_ps512(prod));
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
+                    acc_min[r] = _mm256_add_ps(acc_min[r], prod);
                 }
             }
             let mut tail = [_mm256_setzero_ps(); R];
-            if self.nb % 2 == 1 {
-                let b = self.nb - 1;
-                let a = _mm256_loadu_si256(act.qs.as_ptr().add(32 * b).cast());
-                let factors = _mm_castpd_ps(_mm_load_sd(self.prep.aux.as_ptr().add(2 * b).cast()));
+            for b in 4 * groups..self.nb {
+                let a = _mm256_loadu_si256(qs.add(32 * b).cast());
+                let factors = _mm_castpd_ps(_mm_load_sd(aux.add(2 * b).cast()));
                 for r in 0..R {
                     let block = rows[r].add(20 * b);
+                    prefetch_ahead::<20>(block, self.ahead);
                     let dot = _mm256_cvtepi32_ps(D::dpbusd256(_mm256_setzero_si256(), nibbles32(block.add(4)), a));
-                    let prod =
-                        _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(block.cast::<i32>().read_unaligned())), factors);
-                    tail[r] = _mm256_mul_ps(dot, _mm256_broadcastss_ps(prod));
-                    acc_min[r] = _mm_add_ps(acc_min[r], prod);
+                    let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(block.cast::<i32>().read_unaligned()));
+                    let prod = _mm_mul_ps(dm, factors);
+                    tail[r] = _mm256_fmadd_ps(dot, _mm256_broadcastss_ps(prod), tail[r]);
+                    acc_min[r] = _mm256_add_ps(acc_min[r], _mm256_castps128_ps256(prod));
                 }
             }
             let mut out = [0f32; R];
             for r in 0..R {
-                let mins = _mm_add_ps(acc_min[r], _mm_movehl_ps(acc_min[r], acc_min[r]));
-                out[r] = _mm512_reduce_add_ps(acc[r]) + hsum256(tail[r]) + _mm_cvtss_f32(_mm_movehdup_ps(mins));
+                // Gather the odd lanes of acc_min into lanes 0..4 and add them.
+                let v = acc_min[r];
+                let odd = _mm256_permutevar8x32_ps(v, _mm256_set_epi32(7, 5, 3, 1, 7, 5, 3, 1));
+                let mins = _mm256_castps256_ps128(odd);
+                let mins = _mm_add_ps(mins, _mm_movehl_ps(mins, mins));
+                let mins = _mm_add_ss(mins, _mm_movehdup_ps(mins));
+                out[r] = _mm512_reduce_add_ps(acc[r]) + hsum256(tail[r]) + _mm_cvtss_f32(mins);
             }
             out
         }
     }
 }
 
-/// `Q4_K`: per sub-block `(d * sc) * da * dot - (dmin * m) * da * S`; a register holds the 64
-/// elements of one 32-byte group of nibbles (two sub-blocks).
+/// `Q4_K` (activation in [`super::Order::SubBlocks0213`]): per sub-block
+/// `(d * sc) * da * dot - (dmin * m) * da * S`. The low nibbles of 64 bytes (sub-blocks `4h` and
+/// `4h + 2`) fill one register, their high nibbles (`4h + 1`, `4h + 3`) another.
 struct Q4K<'a, D> {
     nb: usize,
     prep: &'a Prepared,
+    ahead: usize,
     dot: PhantomData<D>,
 }
 
@@ -395,17 +443,16 @@ impl<D: Dot> RowKernel for Q4K<'_, D> {
         // 256 values and `aux` 16 floats per super-block.
         unsafe {
             let mask = _mm512_set1_epi8(0x0f);
-            // The upper 256 bits take the high nibbles.
-            let shift = _mm512_set_epi64(S4, S4, S4, S4, 0, 0, 0, 0);
             let dd_idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
             let mut acc = [[_mm512_setzero_ps(); 2]; R];
             // Lanes 8..16 accumulate dmin * m * da * S.
             let mut acc_min = [_mm512_setzero_ps(); R];
             for i in 0..self.nb {
-                let a_ptr = self.prep.act.qs.as_ptr().add(QK_K * i);
+                let a_ptr = self.prep.qs.as_ptr().add(QK_K * i);
                 let factors = _mm512_loadu_ps(self.prep.aux.as_ptr().add(16 * i));
                 for r in 0..R {
                     let block = rows[r].add(144 * i);
+                    prefetch_ahead::<144>(block, self.ahead);
                     // [d x 8, dmin x 8] times [sc_j, m_j] times [da_j, da_j * S_j].
                     let dd = _mm512_permutexvar_ps(
                         dd_idx,
@@ -414,13 +461,17 @@ impl<D: Dot> RowKernel for Q4K<'_, D> {
                     let scm = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q4k_scales_mins(block.add(4))));
                     let t = _mm512_mul_ps(_mm512_mul_ps(scm, dd), factors);
                     acc_min[r] = _mm512_add_ps(acc_min[r], t);
-                    for c in 0..4 {
-                        let bytes = _mm512_broadcast_i64x4(_mm256_loadu_si256(block.add(16 + 32 * c).cast()));
-                        let q = _mm512_and_si512(_mm512_srlv_epi16(bytes, shift), mask);
-                        let a = _mm512_loadu_si512(a_ptr.add(64 * c).cast());
-                        let dot = D::dpbusd(_mm512_setzero_si512(), q, a);
-                        let scale = _mm512_permutexvar_ps(_mm512_loadu_si512(PAIR_IDX[c].as_ptr().cast()), t);
-                        acc[r][c % 2] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r][c % 2]);
+                    for h in 0..2 {
+                        let bytes = _mm512_loadu_si512(block.add(16 + 64 * h).cast());
+                        let nibbles =
+                            [_mm512_and_si512(bytes, mask), _mm512_and_si512(_mm512_srli_epi16::<4>(bytes), mask)];
+                        for (j, q) in nibbles.into_iter().enumerate() {
+                            let p = 2 * h + j;
+                            let a = _mm512_loadu_si512(a_ptr.add(64 * p).cast());
+                            let dot = D::dpbusd(_mm512_setzero_si512(), q, a);
+                            let scale = _mm512_permutexvar_ps(_mm512_loadu_si512(PAIR_IDX[p].as_ptr().cast()), t);
+                            acc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r][j]);
+                        }
                     }
                 }
             }
@@ -439,6 +490,7 @@ impl<D: Dot> RowKernel for Q4K<'_, D> {
 struct Q6K<'a, D> {
     nb: usize,
     prep: &'a Prepared,
+    ahead: usize,
     dot: PhantomData<D>,
 }
 
@@ -457,11 +509,12 @@ impl<D: Dot> RowKernel for Q6K<'_, D> {
             let shr = _mm512_set_epi64(2 * S1, 2 * S1, 2 * S1, 2 * S1, 0, 0, 0, 0);
             let mut acc = [[_mm512_setzero_ps(); 2]; R];
             for i in 0..self.nb {
-                let a_ptr = self.prep.act.qs.as_ptr().add(QK_K * i);
+                let a_ptr = self.prep.qs.as_ptr().add(QK_K * i);
                 let bias_ptr = self.prep.bias.as_ptr().add(64 * i);
                 let da = _mm512_loadu_ps(self.prep.aux.as_ptr().add(16 * i));
                 for r in 0..R {
                     let block = rows[r].add(210 * i);
+                    prefetch_ahead::<210>(block, self.ahead);
                     let d = _mm512_set1_ps(f16_at(block.add(208)));
                     let sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(block.add(192).cast())));
                     let scale = _mm512_mul_ps(_mm512_mul_ps(sc, d), da);
@@ -502,25 +555,35 @@ impl<D: Dot> RowKernel for Q6K<'_, D> {
 /// A shift of 1 in each of four u16 lanes.
 const S1: i64 = 0x0001_0001_0001_0001;
 
-/// `vpermps` indices spreading 16 per-sub-block scales over the lanes of `Q4_K` register `c`:
-/// lanes 0..8 read scale `2c`, lanes 8..16 scale `2c + 1`.
-static PAIR_IDX: [[i32; 16]; 4] = lane_groups(2, 8);
+/// `vpermps` indices spreading the 8 per-sub-block scales of a `Q4_K` super-block over the lanes
+/// of register `p = 2h + j` (nibble half `j` of bytes `64h..64h + 64`): lanes 0..8 read sub-block
+/// `4h + j`, lanes 8..16 sub-block `4h + j + 2`.
+static PAIR_IDX: [[i32; 16]; 4] = {
+    let mut t = [[0; 16]; 4];
+    let mut p = 0;
+    while p < 4 {
+        let mut l = 0;
+        while l < 16 {
+            t[p][l] = (4 * (p / 2) + p % 2 + 2 * (l / 8)) as i32;
+            l += 1;
+        }
+        p += 1;
+    }
+    t
+};
 
 /// `vpermps` indices spreading 16 per-sub-block scales over the lanes of `Q6_K` register `c`:
 /// lane `l` reads scale `4c + l / 4`.
-static QUAD_IDX: [[i32; 16]; 4] = lane_groups(4, 4);
-
-/// Tables `t[c][l] = per * c + l / width`.
-const fn lane_groups(per: usize, width: usize) -> [[i32; 16]; 4] {
+static QUAD_IDX: [[i32; 16]; 4] = {
     let mut t = [[0; 16]; 4];
     let mut c = 0;
     while c < 4 {
         let mut l = 0;
         while l < 16 {
-            t[c][l] = (per * c + l / width) as i32;
+            t[c][l] = (4 * c + l / 4) as i32;
             l += 1;
         }
         c += 1;
     }
     t
-}
+};
