@@ -4,8 +4,10 @@
 //! `x` is quantized once per call to 8-bit blocks of 32 (`quant::q8act`); every row of `W` is
 //! then combined with it by integer dot products scaled in f32, with exactly the integers of the
 //! reference (`quant::vec_dot`, which also serves as the scalar path). Rows are split into rayon
-//! tasks of about [`TASK_BYTES`] of weights, and each task runs two rows at a time so the two
-//! rows share the activation loads and keep two independent accumulation chains in flight.
+//! tasks of about [`TASK_BYTES`] of weights, and each task runs several rows at a time (four with
+//! AVX-512, two with AVX2's 16 registers) so they share the activation loads and keep independent
+//! accumulation chains in flight. The kernels prefetch the rows they will compute next into L2
+//! (see [`prefetch_ahead`]).
 //!
 //! The SIMD kernels multiply unsigned weight levels (4 or 6 bits) directly with the signed 8-bit
 //! activations (`vpmaddubsw` + `vpmaddwd`, or `vpdpbusd` with VNNI). A weight offset (8 for
@@ -206,27 +208,29 @@ trait RowKernel {
     unsafe fn dot<const R: usize>(&self, rows: [*const u8; R]) -> [f32; R];
 }
 
-/// Runs `kernel` over the rows of `w`, two at a time, then the odd one out.
+/// Runs `kernel` over the rows of `w`, `R` at a time (they share the activation loads and keep
+/// `R` independent accumulation chains in flight), then the remaining rows one by one.
 ///
 /// # Safety
 /// `w` must hold `ys.len()` rows of `row_bytes` bytes, each valid for `kernel`, and the CPU must
 /// support the kernel's instruction set.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn drive<K: RowKernel>(kernel: &K, w: &[u8], row_bytes: usize, ys: &mut [f32]) {
+unsafe fn drive<const R: usize, K: RowKernel>(kernel: &K, w: &[u8], row_bytes: usize, ys: &mut [f32]) {
     let base = w.as_ptr();
-    let mut pairs = ys.chunks_exact_mut(2);
+    let mut groups = ys.chunks_exact_mut(R);
     let mut r = 0;
-    for pair in &mut pairs {
-        // SAFETY: rows r and r + 1 are inside `w` (there are `ys.len()` rows); the caller
-        // guarantees the rest.
-        let out = unsafe { kernel.dot([base.add(r * row_bytes), base.add((r + 1) * row_bytes)]) };
-        pair.copy_from_slice(&out);
-        r += 2;
+    for group in &mut groups {
+        // SAFETY: rows r..r + R are inside `w` (there are `ys.len()` rows); the caller guarantees
+        // the rest.
+        let out: [f32; R] = unsafe { kernel.dot(std::array::from_fn(|i| base.add((r + i) * row_bytes))) };
+        group.copy_from_slice(&out);
+        r += R;
     }
-    if let [last] = pairs.into_remainder() {
-        // SAFETY: as above, for the last row.
+    for last in groups.into_remainder() {
+        // SAFETY: as above, for row r.
         *last = unsafe { kernel.dot([base.add(r * row_bytes)]) }[0];
+        r += 1;
     }
 }
 

@@ -21,17 +21,18 @@ use crate::quant::QK_K;
 /// `prep` must have been built for `Isa::Avx2` and `dtype` from an activation of the row length.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn rows(dtype: DType, w: &[u8], row_bytes: usize, prep: &Prepared, ys: &mut [f32]) {
+    const ROWS: usize = 2;
     let nb = row_bytes / dtype.block_bytes();
-    // Each kernel prefetches the rows it will compute after the current pair.
-    let ahead = (2 * row_bytes).max(12 * 1024);
+    // Each kernel prefetches the rows it will compute after the current group of ROWS.
+    let ahead = (2 * ROWS * row_bytes).max(12 * 1024);
     // SAFETY: the caller guarantees the CPU features, the row layout and the preparation.
     unsafe {
         match dtype {
-            DType::Q8_0 => drive(&Q8_0 { nb, prep, ahead }, w, row_bytes, ys),
-            DType::Q4_0 => drive(&Q4_0 { nb, prep, ahead }, w, row_bytes, ys),
-            DType::Q4_1 => drive(&Q4_1 { nb, prep, ahead }, w, row_bytes, ys),
-            DType::Q4K => drive(&Q4K { nb, prep, ahead }, w, row_bytes, ys),
-            DType::Q6K => drive(&Q6K { nb, prep, ahead }, w, row_bytes, ys),
+            DType::Q8_0 => drive::<ROWS, _>(&Q8_0 { nb, prep, ahead }, w, row_bytes, ys),
+            DType::Q4_0 => drive::<ROWS, _>(&Q4_0 { nb, prep, ahead }, w, row_bytes, ys),
+            DType::Q4_1 => drive::<ROWS, _>(&Q4_1 { nb, prep, ahead }, w, row_bytes, ys),
+            DType::Q4K => drive::<ROWS, _>(&Q4K { nb, prep, ahead }, w, row_bytes, ys),
+            DType::Q6K => drive::<ROWS, _>(&Q6K { nb, prep, ahead }, w, row_bytes, ys),
             DType::F32 | DType::F16 | DType::BF16 => unreachable!("not a block-quantized dtype"),
         }
     }

@@ -39,17 +39,18 @@ pub(super) unsafe fn rows_vnni(dtype: DType, w: &[u8], row_bytes: usize, prep: &
 
 #[inline(always)]
 unsafe fn rows<D: Dot>(dtype: DType, w: &[u8], row_bytes: usize, prep: &Prepared, ys: &mut [f32]) {
+    const ROWS: usize = 4;
     let nb = row_bytes / dtype.block_bytes();
-    // Each kernel prefetches the rows it will compute after the current pair.
-    let ahead = (2 * row_bytes).max(12 * 1024);
+    // Each kernel prefetches the rows it will compute after the current group of ROWS.
+    let ahead = (2 * ROWS * row_bytes).max(12 * 1024);
     // SAFETY: forwarded from the entry points' callers.
     unsafe {
         match dtype {
-            DType::Q8_0 => drive(&Q8_0::<D> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
-            DType::Q4_0 => drive(&Q4_0::<D> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
-            DType::Q4_1 => drive(&Q4_1::<D> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
-            DType::Q4K => drive(&Q4K::<D> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
-            DType::Q6K => drive(&Q6K::<D> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
+            DType::Q8_0 => drive::<ROWS, _>(&Q8_0::<D> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
+            DType::Q4_0 => drive::<ROWS, _>(&Q4_0::<D> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
+            DType::Q4_1 => drive::<ROWS, _>(&Q4_1::<D> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
+            DType::Q4K => drive::<ROWS, _>(&Q4K::<D> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
+            DType::Q6K => drive::<ROWS, _>(&Q6K::<D> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
             DType::F32 | DType::F16 | DType::BF16 => unreachable!("not a block-quantized dtype"),
         }
     }
