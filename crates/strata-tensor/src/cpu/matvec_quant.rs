@@ -106,10 +106,10 @@ struct Prepared {
 enum Order {
     /// As in `x`.
     Natural,
-    /// For AVX-512 `Q4_0`/`Q4_1`: each group of four whole blocks holds the first halves
-    /// (elements 0..16, the low nibbles) of the four blocks, then their second halves (16..32,
-    /// the high nibbles), so one 512-bit load of four blocks' nibbles needs no shuffles. A tail of
-    /// fewer than four blocks stays natural.
+    /// For `Q4_0`/`Q4_1` on AVX2 and AVX-512: each group of four whole blocks holds the first
+    /// halves (elements 0..16, the low nibbles) of the four blocks, then their second halves
+    /// (16..32, the high nibbles), so the nibbles of 2 or 4 blocks loaded side by side line up
+    /// with the activation without shuffles. A tail of fewer than four blocks stays natural.
     Groups4,
     /// For AVX-512 `Q4_K`: each super-block's sub-blocks of 32 in the order 0, 2, 1, 3, 4, 6, 5,
     /// 7, matching the low nibbles of 64 bytes (sub-blocks 0 and 2) then their high nibbles (1 and
@@ -120,7 +120,7 @@ enum Order {
 impl Order {
     fn of(isa: Isa, dtype: DType) -> Order {
         match (isa, dtype) {
-            (Isa::Avx512 | Isa::Avx512Vnni, DType::Q4_0 | DType::Q4_1) => Order::Groups4,
+            (Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni, DType::Q4_0 | DType::Q4_1) => Order::Groups4,
             (Isa::Avx512 | Isa::Avx512Vnni, DType::Q4K) => Order::SubBlocks0213,
             _ => Order::Natural,
         }

@@ -138,7 +138,61 @@ impl RowKernel for Q8_0<'_> {
     }
 }
 
-/// `Q4_0`: nibbles carry an offset of 8, removed by the prepared bias lanes.
+/// The f16 values at `p + i * stride` for i in 0..4 (unaligned), converted to f32. The halves
+/// are combined in a general-purpose register, which keeps the vector shuffle units free.
+#[inline(always)]
+pub(super) unsafe fn f16x4(p: *const u8, stride: usize) -> __m128 {
+    // SAFETY: the caller guarantees two readable bytes at each address; F16C (see above).
+    unsafe {
+        let h = |i: usize| u64::from(p.add(i * stride).cast::<u16>().read_unaligned()) << (16 * i);
+        _mm_cvtph_ps(_mm_cvtsi64_si128((h(0) | h(1) | h(2) | h(3)) as i64))
+    }
+}
+
+/// The f16 pairs at `p + i * stride` for i in 0..4 (unaligned), converted to 8 f32.
+#[inline(always)]
+pub(super) unsafe fn f16x2x4(p: *const u8, stride: usize) -> __m256 {
+    // SAFETY: the caller guarantees four readable bytes at each address; F16C (see above).
+    unsafe {
+        let w = |i: usize| u64::from(p.add(i * stride).cast::<u32>().read_unaligned());
+        _mm256_cvtph_ps(_mm_set_epi64x((w(2) | (w(3) << 32)) as i64, (w(0) | (w(1) << 32)) as i64))
+    }
+}
+
+/// The nibbles of two consecutive `Q4_0`/`Q4_1` blocks whose 16 bytes of nibbles start at `p`
+/// and `p + stride`: the low nibbles (elements 0..16 of each block) in the first register, the
+/// high ones (16..32) in the second, block `i` in 128-bit lane `i`. Pairs of blocks of the
+/// activation's `Order::Groups4` match.
+#[inline(always)]
+unsafe fn nibbles2x32(p: *const u8, stride: usize) -> (__m256i, __m256i) {
+    // SAFETY: the caller guarantees 16 readable bytes at `p` and at `p + stride`; AVX2.
+    unsafe {
+        let y = _mm256_inserti128_si256::<1>(
+            _mm256_castsi128_si256(_mm_loadu_si128(p.cast())),
+            _mm_loadu_si128(p.add(stride).cast()),
+        );
+        let mask = _mm256_set1_epi8(0x0f);
+        (_mm256_and_si256(y, mask), _mm256_and_si256(_mm256_srli_epi16::<4>(y), mask))
+    }
+}
+
+/// Lanes of four products of 4-bit weights with activations, for two halves of the same blocks:
+/// `lo` times `a_lo` plus `hi` times `a_hi`. The i16 pair sums (at most 2 * 15 * 127 each) are
+/// added before widening, which saves one `vpmaddwd`.
+#[inline(always)]
+unsafe fn dot4_halves(lo: __m256i, a_lo: __m256i, hi: __m256i, a_hi: __m256i) -> __m256i {
+    // SAFETY: AVX2 (see above); no memory access.
+    unsafe {
+        let pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, a_lo), _mm256_maddubs_epi16(hi, a_hi));
+        _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+    }
+}
+
+/// `vpermps` indices putting lane 0 of a vector in lanes 0..4 and lane 1 in lanes 4..8.
+const SPREAD01: [i32; 8] = [0, 0, 0, 0, 1, 1, 1, 1];
+
+/// `Q4_0`, four blocks per step (activation in `Order::Groups4`, tail blocks natural): nibbles
+/// carry an offset of 8, removed by the prepared bias lanes.
 struct Q4_0<'a> {
     nb: usize,
     prep: &'a Prepared,
@@ -149,31 +203,56 @@ impl RowKernel for Q4_0<'_> {
     #[inline(always)]
     unsafe fn dot<const R: usize>(&self, rows: [*const u8; R]) -> [f32; R] {
         // SAFETY: each row holds `nb` blocks of 18 bytes (d, then 16 bytes of nibbles); the
-        // activation holds `nb` blocks of 32 and the bias 8 lanes per block.
+        // activation holds `nb` blocks of 32, and the bias 16 lanes per group of four blocks,
+        // then 8 per tail block.
         unsafe {
-            let mut acc = [_mm256_setzero_ps(); R];
-            for b in 0..self.nb {
-                let a = _mm256_loadu_si256(self.prep.qs.as_ptr().add(32 * b).cast());
-                let bias = _mm256_loadu_si256(self.prep.bias.as_ptr().add(8 * b).cast());
-                let da = self.prep.act.d[b];
+            let (act, qs, bias) = (&self.prep.act, self.prep.qs.as_ptr(), self.prep.bias.as_ptr());
+            let spread = [
+                _mm256_loadu_si256(SPREAD01.as_ptr().cast()),
+                _mm256_add_epi32(_mm256_loadu_si256(SPREAD01.as_ptr().cast()), _mm256_set1_epi32(2)),
+            ];
+            let groups = self.nb / 4;
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            for g in 0..groups {
+                let da = _mm_loadu_ps(act.d.as_ptr().add(4 * g));
+                for r in 0..R {
+                    let block = rows[r].add(18 * 4 * g);
+                    prefetch_ahead::<72>(block, self.ahead);
+                    let scales = _mm256_castps128_ps256(_mm_mul_ps(f16x4(block, 18), da));
+                    for h in 0..2 {
+                        // Blocks 2h and 2h + 1 of the group.
+                        let (lo, hi) = nibbles2x32(block.add(2 + 36 * h), 18);
+                        let a_lo = _mm256_loadu_si256(qs.add(128 * g + 32 * h).cast());
+                        let a_hi = _mm256_loadu_si256(qs.add(128 * g + 64 + 32 * h).cast());
+                        let b = _mm256_loadu_si256(bias.add(16 * g + 8 * h).cast());
+                        let dot = _mm256_add_epi32(dot4_halves(lo, a_lo, hi, a_hi), b);
+                        let s = _mm256_permutevar8x32_ps(scales, spread[h]);
+                        acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[r][h]);
+                    }
+                }
+            }
+            for b in 4 * groups..self.nb {
+                let a = _mm256_loadu_si256(qs.add(32 * b).cast());
+                let bias = _mm256_loadu_si256(bias.add(16 * groups + 8 * (b - 4 * groups)).cast());
+                let da = act.d[b];
                 for r in 0..R {
                     let block = rows[r].add(18 * b);
-                    prefetch_ahead::<18>(block, self.ahead);
                     let dot = _mm256_add_epi32(dot4(nibbles32(block.add(2)), a), bias);
                     let scale = _mm256_set1_ps(f16_at(block) * da);
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[r]);
+                    acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[r][0]);
                 }
             }
             let mut out = [0f32; R];
             for r in 0..R {
-                out[r] = hsum(acc[r]);
+                out[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
             }
             out
         }
     }
 }
 
-/// `Q4_1`: `(d * da) * dot + (m * da) * S` with `[da, da * S]` prepared per block.
+/// `Q4_1`, four blocks per step (activation in `Order::Groups4`, tail blocks natural):
+/// `(d * da) * dot + (m * da) * S` with `[da, da * S]` prepared per block.
 struct Q4_1<'a> {
     nb: usize,
     prep: &'a Prepared,
@@ -186,27 +265,58 @@ impl RowKernel for Q4_1<'_> {
         // SAFETY: each row holds `nb` blocks of 20 bytes (d, m, then 16 bytes of nibbles); the
         // activation holds `nb` blocks of 32 and `aux` two floats per block.
         unsafe {
-            let mut acc = [_mm256_setzero_ps(); R];
-            // Lane 1 accumulates the minimum terms m * da * S.
-            let mut acc_min = [_mm_setzero_ps(); R];
-            for b in 0..self.nb {
-                let a = _mm256_loadu_si256(self.prep.qs.as_ptr().add(32 * b).cast());
-                let factors = _mm_castpd_ps(_mm_load_sd(self.prep.aux.as_ptr().add(2 * b).cast()));
+            let (qs, aux) = (self.prep.qs.as_ptr(), self.prep.aux.as_ptr());
+            // Even lanes of [d0 * da0, m0 * da0 * S0, ...]: lanes 0 and 2, then 4 and 6.
+            let spread = [_mm256_set_epi32(2, 2, 2, 2, 0, 0, 0, 0), _mm256_set_epi32(6, 6, 6, 6, 4, 4, 4, 4)];
+            let groups = self.nb / 4;
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            // The odd lanes accumulate the minimum terms m * da * S.
+            let mut acc_min = [_mm256_setzero_ps(); R];
+            for g in 0..groups {
+                let factors = _mm256_loadu_ps(aux.add(8 * g));
+                for r in 0..R {
+                    let block = rows[r].add(20 * 4 * g);
+                    prefetch_ahead::<80>(block, self.ahead);
+                    let prod = _mm256_mul_ps(f16x2x4(block, 20), factors);
+                    acc_min[r] = _mm256_add_ps(acc_min[r], prod);
+                    for h in 0..2 {
+                        let (lo, hi) = nibbles2x32(block.add(4 + 40 * h), 20);
+                        let a_lo = _mm256_loadu_si256(qs.add(128 * g + 32 * h).cast());
+                        let a_hi = _mm256_loadu_si256(qs.add(128 * g + 64 + 32 * h).cast());
+                        let dot = dot4_halves(lo, a_lo, hi, a_hi);
+                        let s = _mm256_permutevar8x32_ps(prod, spread[h]);
+                        acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[r][h]);
+                    }
+                }
+            }
+            for b in 4 * groups..self.nb {
+                let a = _mm256_loadu_si256(qs.add(32 * b).cast());
+                let factors = _mm_castpd_ps(_mm_load_sd(aux.add(2 * b).cast()));
                 for r in 0..R {
                     let block = rows[r].add(20 * b);
-                    prefetch_ahead::<20>(block, self.ahead);
                     let dot = dot4(nibbles32(block.add(4)), a);
                     let prod = _mm_mul_ps(f16x2_at(block), factors);
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcastss_ps(prod), acc[r]);
-                    acc_min[r] = _mm_add_ps(acc_min[r], prod);
+                    acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcastss_ps(prod), acc[r][0]);
+                    acc_min[r] = _mm256_add_ps(acc_min[r], _mm256_castps128_ps256(prod));
                 }
             }
             let mut out = [0f32; R];
             for r in 0..R {
-                out[r] = hsum(acc[r]) + _mm_cvtss_f32(_mm_movehdup_ps(acc_min[r]));
+                out[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1])) + odd_lane_sum(acc_min[r]);
             }
             out
         }
+    }
+}
+
+/// The sum of lanes 1, 3, 5 and 7.
+#[inline(always)]
+pub(super) unsafe fn odd_lane_sum(v: __m256) -> f32 {
+    // SAFETY: AVX2 (see above); no memory access.
+    unsafe {
+        let odd = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(v, _mm256_set_epi32(7, 5, 3, 1, 7, 5, 3, 1)));
+        let s = _mm_add_ps(odd, _mm_movehl_ps(odd, odd));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
     }
 }
 

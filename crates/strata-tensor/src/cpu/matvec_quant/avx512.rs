@@ -10,7 +10,7 @@
 use std::arch::x86_64::*;
 use std::marker::PhantomData;
 
-use super::avx2::q4k_scales_mins;
+use super::avx2::{f16x2x4, f16x4, odd_lane_sum, q4k_scales_mins};
 use super::{Prepared, RowKernel, drive, prefetch_ahead};
 use crate::DType;
 use crate::quant::QK_K;
@@ -70,6 +70,9 @@ trait Dot {
     unsafe fn dpbusd(acc: __m512i, u: __m512i, s: __m512i) -> __m512i;
     /// [`Dot::dpbusd`] on 256-bit registers.
     unsafe fn dpbusd256(acc: __m256i, u: __m256i, s: __m256i) -> __m256i;
+    /// `acc` plus the lanes of `lo` times `a_lo` and of `hi` times `a_hi`, for 4-bit `lo` and
+    /// `hi`: the BW version adds the i16 pair sums (at most 2 * 15 * 127 each) before widening.
+    unsafe fn dpbusd_halves(acc: __m512i, lo: __m512i, a_lo: __m512i, hi: __m512i, a_hi: __m512i) -> __m512i;
     /// Lanes of four products of signed weights `w` with signed activations `a`. `bias` holds
     /// `-128 * (sum of the lane's activations)` when the activation was prepared for VNNI (whose
     /// version adds 128 to `w` to make it unsigned) and is ignored otherwise.
@@ -94,6 +97,15 @@ impl Dot for Plain {
     unsafe fn dpbusd256(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
         // SAFETY: AVX2 (see above); no memory access.
         unsafe { _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))) }
+    }
+
+    #[inline(always)]
+    unsafe fn dpbusd_halves(acc: __m512i, lo: __m512i, a_lo: __m512i, hi: __m512i, a_hi: __m512i) -> __m512i {
+        // SAFETY: AVX-512 BW (see above); no memory access.
+        unsafe {
+            let pairs = _mm512_add_epi16(_mm512_maddubs_epi16(lo, a_lo), _mm512_maddubs_epi16(hi, a_hi));
+            _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)))
+        }
     }
 
     #[inline(always)]
@@ -130,6 +142,12 @@ impl Dot for Vnni {
     unsafe fn dpbusd256(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
         // SAFETY: AVX-512 VNNI and VL (see above); no memory access.
         unsafe { _mm256_dpbusd_epi32(acc, u, s) }
+    }
+
+    #[inline(always)]
+    unsafe fn dpbusd_halves(acc: __m512i, lo: __m512i, a_lo: __m512i, hi: __m512i, a_hi: __m512i) -> __m512i {
+        // SAFETY: AVX-512 VNNI (see above); no memory access.
+        unsafe { _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc, lo, a_lo), hi, a_hi) }
     }
 
     #[inline(always)]
@@ -279,27 +297,6 @@ unsafe fn nibbles4x32(p: *const u8, stride: usize) -> (__m512i, __m512i) {
     }
 }
 
-/// The f16 values at `p + i * stride` for i in 0..4 (unaligned), converted to f32. The halves
-/// are combined in a general-purpose register, which keeps the vector shuffle units free.
-#[inline(always)]
-unsafe fn f16x4(p: *const u8, stride: usize) -> __m128 {
-    // SAFETY: the caller guarantees two readable bytes at each address; F16C.
-    unsafe {
-        let h = |i: usize| u64::from(p.add(i * stride).cast::<u16>().read_unaligned()) << (16 * i);
-        _mm_cvtph_ps(_mm_cvtsi64_si128((h(0) | h(1) | h(2) | h(3)) as i64))
-    }
-}
-
-/// The f16 pairs at `p + i * stride` for i in 0..4 (unaligned), converted to 8 f32.
-#[inline(always)]
-unsafe fn f16x2x4(p: *const u8, stride: usize) -> __m256 {
-    // SAFETY: the caller guarantees four readable bytes at each address; F16C.
-    unsafe {
-        let w = |i: usize| u64::from(p.add(i * stride).cast::<u32>().read_unaligned());
-        _mm256_cvtph_ps(_mm_set_epi64x((w(2) | (w(3) << 32)) as i64, (w(0) | (w(1) << 32)) as i64))
-    }
-}
-
 /// `vpermps` indices putting lane `i` of a 4-lane vector in 128-bit lane `i` (lanes `4i..4i+4`).
 static SPREAD4: [i32; 16] = [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3];
 
@@ -335,7 +332,7 @@ impl<D: Dot> RowKernel for Q4_0<'_, D> {
                     let block = rows[r].add(18 * 4 * g);
                     prefetch_ahead::<72>(block, self.ahead);
                     let (lo, hi) = nibbles4x32(block.add(2), 18);
-                    let dot = D::dpbusd(D::dpbusd(bias, lo, a_lo), hi, a_hi);
+                    let dot = D::dpbusd_halves(bias, lo, a_lo, hi, a_hi);
                     let scale = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_mul_ps(f16x4(block, 18), da)));
                     acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
                 }
@@ -389,7 +386,7 @@ impl<D: Dot> RowKernel for Q4_1<'_, D> {
                     let block = rows[r].add(20 * 4 * g);
                     prefetch_ahead::<80>(block, self.ahead);
                     let (lo, hi) = nibbles4x32(block.add(4), 20);
-                    let dot = D::dpbusd(D::dpbusd(_mm512_setzero_si512(), lo, a_lo), hi, a_hi);
+                    let dot = D::dpbusd_halves(_mm512_setzero_si512(), lo, a_lo, hi, a_hi);
                     // [d_i * da_i, m_i * da_i * S_i] for the four blocks.
                     let prod = _mm256_mul_ps(f16x2x4(block, 20), factors);
                     let scale = _mm512_permutexvar_ps(spread, _mm512_castps256_ps512(prod));
@@ -413,13 +410,7 @@ impl<D: Dot> RowKernel for Q4_1<'_, D> {
             }
             let mut out = [0f32; R];
             for r in 0..R {
-                // Gather the odd lanes of acc_min into lanes 0..4 and add them.
-                let v = acc_min[r];
-                let odd = _mm256_permutevar8x32_ps(v, _mm256_set_epi32(7, 5, 3, 1, 7, 5, 3, 1));
-                let mins = _mm256_castps256_ps128(odd);
-                let mins = _mm_add_ps(mins, _mm_movehl_ps(mins, mins));
-                let mins = _mm_add_ss(mins, _mm_movehdup_ps(mins));
-                out[r] = _mm512_reduce_add_ps(acc[r]) + hsum256(tail[r]) + _mm_cvtss_f32(mins);
+                out[r] = _mm512_reduce_add_ps(acc[r]) + hsum256(tail[r]) + odd_lane_sum(acc_min[r]);
             }
             out
         }
