@@ -255,6 +255,8 @@ fn prefetch_ahead<const N: usize>(p: *const u8, ahead: usize) {
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
 
     use super::*;
     use crate::quant::test_util::{random_row, random_weights};
@@ -292,10 +294,35 @@ mod tests {
     /// magnitudes of all terms (activations bounded by their block's max) and of the result.
     fn check(isa: Isa, dtype: DType, n: usize, k: usize, seed: u64) -> Result<(), TestCaseError> {
         let (w, _) = random_weights(dtype, n, k, seed);
+        check_bytes(isa, dtype, &w, n, k, seed)
+    }
+
+    /// Weights of `n` rows of `k` elements whose bytes are random except the f16 scales, which
+    /// are random finite values in -1..1: every level, packed scale and sign pattern occurs,
+    /// including ones the quantizers never write (such as `Q8_0` values of -128).
+    fn arbitrary_weights(dtype: DType, n: usize, k: usize, seed: u64) -> Vec<u8> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut w: Vec<u8> = (0..n * dtype.bytes_for(k).unwrap()).map(|_| rng.random()).collect();
+        let f16_fields: &[usize] = match dtype {
+            DType::Q8_0 | DType::Q4_0 => &[0],
+            DType::Q4_1 | DType::Q4K => &[0, 2],
+            DType::Q6K => &[208],
+            _ => unreachable!(),
+        };
+        for block in w.chunks_mut(dtype.block_bytes()) {
+            for &at in f16_fields {
+                let v = half::f16::from_f32(rng.random_range(-1.0f32..1.0));
+                block[at..at + 2].copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        w
+    }
+
+    fn check_bytes(isa: Isa, dtype: DType, w: &[u8], n: usize, k: usize, seed: u64) -> Result<(), TestCaseError> {
         let x = random_row(seed.wrapping_add(1), k);
         let (mut fast, mut slow) = (vec![f32::NAN; n], vec![f32::NAN; n]);
-        matvec_quant_with(isa, dtype, &w, n, k, &x, &mut fast);
-        let tensor = Tensor::from_storage(CpuStorage::owned(AlignedBytes::copy_from(&w)), dtype, [n, k]).unwrap();
+        matvec_quant_with(isa, dtype, w, n, k, &x, &mut fast);
+        let tensor = Tensor::from_storage(CpuStorage::owned(AlignedBytes::copy_from(w)), dtype, [n, k]).unwrap();
         cpu::reference::matvec(&tensor, &x, &mut slow).unwrap();
         let row_bytes = dtype.bytes_for(k).unwrap();
         let amax: Vec<f32> = x.chunks(QK_ACT).map(|b| b.iter().fold(0f32, |m, v| m.max(v.abs()))).collect();
@@ -327,6 +354,20 @@ mod tests {
             let k = blocks * dtype.block_len();
             for isa in Isa::available() {
                 check(isa, dtype, n, k, seed)?;
+            }
+        }
+
+        #[test]
+        fn every_isa_matches_reference_on_arbitrary_bytes(
+            dtype in prop::sample::select(QUANT.to_vec()),
+            n in 1usize..6,
+            blocks in 1usize..6,
+            seed in any::<u64>(),
+        ) {
+            let k = blocks * dtype.block_len();
+            let w = arbitrary_weights(dtype, n, k, seed);
+            for isa in Isa::available() {
+                check_bytes(isa, dtype, &w, n, k, seed)?;
             }
         }
     }
