@@ -320,6 +320,18 @@ pub(super) unsafe fn odd_lane_sum(v: __m256) -> f32 {
     }
 }
 
+/// Lane `j` of the result is the sum of the 8 lanes of `v[j]`.
+#[inline(always)]
+unsafe fn lane_sums8(v: [__m256i; 8]) -> __m256i {
+    // SAFETY: AVX2 (see above); no memory access.
+    unsafe {
+        // Per 128-bit half: [v0, v1, v2, v3] partial sums, then [v4..v8].
+        let a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+        let b = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+        _mm256_add_epi32(_mm256_permute2x128_si256::<0x20>(a, b), _mm256_permute2x128_si256::<0x31>(a, b))
+    }
+}
+
 /// `Q4_K`: per sub-block `(d * sc) * da * dot - (dmin * m) * da * S`, with the `da` and
 /// `da * S` of each super-block prepared as 16 floats.
 struct Q4K<'a> {
@@ -353,17 +365,18 @@ impl RowKernel for Q4K<'_> {
                     let scale = _mm256_mul_ps(_mm256_mul_ps(sc, _mm256_broadcastss_ps(dd)), da);
                     let dmin = _mm256_broadcastss_ps(_mm_movehdup_ps(dd));
                     acc_min[r] = _mm256_fmadd_ps(_mm256_mul_ps(m, dmin), das, acc_min[r]);
+                    // The eight sub-block dot products, each in 8 lanes, then summed to one
+                    // lane per sub-block so a single conversion and FMA scale them all.
+                    let mut dots = [_mm256_setzero_si256(); 8];
                     for c in 0..4 {
                         let bytes = _mm256_loadu_si256(block.add(16 + 32 * c).cast());
                         let lo = _mm256_and_si256(bytes, mask);
                         let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(bytes), mask);
-                        let a_lo = _mm256_loadu_si256(a.add(64 * c).cast());
-                        let a_hi = _mm256_loadu_si256(a.add(64 * c + 32).cast());
-                        let s_lo = _mm256_permutevar8x32_ps(scale, _mm256_set1_epi32(2 * c as i32));
-                        let s_hi = _mm256_permutevar8x32_ps(scale, _mm256_set1_epi32(2 * c as i32 + 1));
-                        acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4(lo, a_lo)), s_lo, acc[r][0]);
-                        acc[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4(hi, a_hi)), s_hi, acc[r][1]);
+                        dots[2 * c] = dot4(lo, _mm256_loadu_si256(a.add(64 * c).cast()));
+                        dots[2 * c + 1] = dot4(hi, _mm256_loadu_si256(a.add(64 * c + 32).cast()));
                     }
+                    let sums = lane_sums8(dots);
+                    acc[r][i % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[r][i % 2]);
                 }
             }
             let mut out = [0f32; R];

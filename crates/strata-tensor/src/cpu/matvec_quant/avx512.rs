@@ -419,7 +419,8 @@ impl<D: Dot> RowKernel for Q4_1<'_, D> {
 
 /// `Q4_K` (activation in [`super::Order::SubBlocks0213`]): per sub-block
 /// `(d * sc) * da * dot - (dmin * m) * da * S`. The low nibbles of 64 bytes (sub-blocks `4h` and
-/// `4h + 2`) fill one register, their high nibbles (`4h + 1`, `4h + 3`) another.
+/// `4h + 2`) fill one register, their high nibbles (`4h + 1`, `4h + 3`) another; the four
+/// registers' lanes are then summed to two per sub-block before scaling.
 struct Q4K<'a, D> {
     nb: usize,
     prep: &'a Prepared,
@@ -453,6 +454,7 @@ impl<D: Dot> RowKernel for Q4K<'_, D> {
                     let scm = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q4k_scales_mins(block.add(4))));
                     let t = _mm512_mul_ps(_mm512_mul_ps(scm, dd), factors);
                     acc_min[r] = _mm512_add_ps(acc_min[r], t);
+                    let mut dots = [_mm512_setzero_si512(); 4];
                     for h in 0..2 {
                         let bytes = _mm512_loadu_si512(block.add(16 + 64 * h).cast());
                         let nibbles =
@@ -460,11 +462,22 @@ impl<D: Dot> RowKernel for Q4K<'_, D> {
                         for (j, q) in nibbles.into_iter().enumerate() {
                             let p = 2 * h + j;
                             let a = _mm512_loadu_si512(a_ptr.add(64 * p).cast());
-                            let dot = D::dpbusd(_mm512_setzero_si512(), q, a);
-                            let scale = _mm512_permutexvar_ps(_mm512_loadu_si512(PAIR_IDX[p].as_ptr().cast()), t);
-                            acc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r][j]);
+                            dots[p] = D::dpbusd(_mm512_setzero_si512(), q, a);
                         }
                     }
+                    // Sum each register's 8 lanes per sub-block down to 2 with in-lane shuffles:
+                    // then one conversion and one FMA scale all eight sub-blocks.
+                    let x = _mm512_add_epi32(
+                        _mm512_unpacklo_epi32(dots[0], dots[1]),
+                        _mm512_unpackhi_epi32(dots[0], dots[1]),
+                    );
+                    let y = _mm512_add_epi32(
+                        _mm512_unpacklo_epi32(dots[2], dots[3]),
+                        _mm512_unpackhi_epi32(dots[2], dots[3]),
+                    );
+                    let z = _mm512_add_epi32(_mm512_unpacklo_epi64(x, y), _mm512_unpackhi_epi64(x, y));
+                    let scale = _mm512_permutexvar_ps(_mm512_loadu_si512(Z_ORDER.as_ptr().cast()), t);
+                    acc[r][i % 2] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(z), scale, acc[r][i % 2]);
                 }
             }
             let mut out = [0f32; R];
@@ -547,22 +560,10 @@ impl<D: Dot> RowKernel for Q6K<'_, D> {
 /// A shift of 1 in each of four u16 lanes.
 const S1: i64 = 0x0001_0001_0001_0001;
 
-/// `vpermps` indices spreading the 8 per-sub-block scales of a `Q4_K` super-block over the lanes
-/// of register `p = 2h + j` (nibble half `j` of bytes `64h..64h + 64`): lanes 0..8 read sub-block
-/// `4h + j`, lanes 8..16 sub-block `4h + j + 2`.
-static PAIR_IDX: [[i32; 16]; 4] = {
-    let mut t = [[0; 16]; 4];
-    let mut p = 0;
-    while p < 4 {
-        let mut l = 0;
-        while l < 16 {
-            t[p][l] = (4 * (p / 2) + p % 2 + 2 * (l / 8)) as i32;
-            l += 1;
-        }
-        p += 1;
-    }
-    t
-};
+/// The sub-block of each lane of the reduced `Q4_K` dot products: in 128-bit lane `s`, the sums
+/// of registers 0..4 over that lane, register `p` holding sub-blocks `4 * (p / 2) + p % 2` (first
+/// half) and that plus 2 (second half).
+static Z_ORDER: [i32; 16] = [0, 1, 4, 5, 0, 1, 4, 5, 2, 3, 6, 7, 2, 3, 6, 7];
 
 /// `vpermps` indices spreading 16 per-sub-block scales over the lanes of `Q6_K` register `c`:
 /// lane `l` reads scale `4c + l / 4`.
