@@ -443,24 +443,19 @@ impl RowKernel for Q6K<'_> {
                                 _mm256_and_si256(_mm256_srli_epi16::<2>(qh), m30),
                             ),
                         ];
+                        let mut dots = [_mm256_setzero_si256(); 4];
                         for (q, level) in levels.into_iter().enumerate() {
                             let e = 128 * h + 32 * q;
                             let av = _mm256_loadu_si256(a.add(e).cast());
-                            let dot = _mm256_add_epi32(dot4(level, av), _mm256_loadu_si256(bias.add(e / 4).cast()));
-                            // Lanes 0..4 belong to sub-block 2q of the half, lanes 4..8 to 2q + 1.
-                            let idx = _mm256_set_epi32(
-                                2 * q as i32 + 1,
-                                2 * q as i32 + 1,
-                                2 * q as i32 + 1,
-                                2 * q as i32 + 1,
-                                2 * q as i32,
-                                2 * q as i32,
-                                2 * q as i32,
-                                2 * q as i32,
-                            );
-                            let s = _mm256_permutevar8x32_ps(scale, idx);
-                            acc[r][q % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[r][q % 2]);
+                            dots[q] = _mm256_add_epi32(dot4(level, av), _mm256_loadu_si256(bias.add(e / 4).cast()));
                         }
+                        // Lanes 0..4 of dots[q] belong to sub-block 2q of the half, lanes 4..8 to
+                        // 2q + 1; two rounds of pairwise sums leave one lane per sub-block, in the
+                        // order 0, 2, 4, 6, 1, 3, 5, 7.
+                        let sums =
+                            _mm256_hadd_epi32(_mm256_hadd_epi32(dots[0], dots[1]), _mm256_hadd_epi32(dots[2], dots[3]));
+                        let s = _mm256_permutevar8x32_ps(scale, _mm256_set_epi32(7, 5, 3, 1, 6, 4, 2, 0));
+                        acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), s, acc[r][h]);
                     }
                 }
             }
