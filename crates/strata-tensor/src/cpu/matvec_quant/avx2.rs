@@ -1,10 +1,13 @@
-//! AVX2 (with FMA and F16C) kernels of the quantized matrix-vector product: one 32-element block
-//! per 256-bit register, integer dot products by `vpmaddubsw` (unsigned weight levels times signed
-//! activations, pairs summed to i16) and `vpmaddwd` with ones (i16 pairs summed to i32 lanes of
-//! four elements each), then per-lane f32 scaling.
+//! AVX2 (with FMA and F16C) kernels of the quantized matrix-vector product: 32 weights per 256-bit
+//! register (a `Q8_0` block, the low or high nibbles of two `Q4_0`/`Q4_1` blocks matched by a
+//! permuted activation, a `Q4_K` sub-block, two `Q6_K` sub-blocks), integer dot products by
+//! `vpmaddubsw` (unsigned weight levels times signed activations, pairs summed to i16) and
+//! `vpmaddwd` with ones (i16 pairs summed to i32 lanes of four elements each), then f32 scaling
+//! per lane, or per sub-block after a tree of `vphaddd` for the k-quants.
 //!
 //! Only [`rows`] carries `#[target_feature]`; every helper is `#[inline(always)]` and ends up
-//! inside it, where the intrinsics are compiled for AVX2. No sums saturate: weight levels are at
+//! inside it (or inside the AVX-512 entry points, which reuse some), where the intrinsics are
+//! compiled for AVX2 or better. No sums saturate: weight levels are at
 //! most 63 (or |q| <= 128 with the sign trick) and activations at most 127 in magnitude, so a
 //! pair is at most 2 * 128 * 127 = 32512.
 
@@ -38,7 +41,8 @@ pub(super) unsafe fn rows(dtype: DType, w: &[u8], row_bytes: usize, prep: &Prepa
     }
 }
 
-// Every function below is only ever inlined into `rows`, which enables AVX2, FMA and F16C; the
+// Every function below is only ever inlined into `rows`, which enables AVX2, FMA and F16C, or into
+// the AVX-512 entry points, which enable more; the
 // SAFETY comments on their intrinsic calls rely on that and say what else they need.
 
 /// Sums of four adjacent products of unsigned `u` and signed `s`, in 8 i32 lanes.
@@ -50,7 +54,7 @@ unsafe fn dot4(u: __m256i, s: __m256i) -> __m256i {
 
 /// An f16 read from unaligned memory, converted to f32.
 #[inline(always)]
-unsafe fn f16_at(p: *const u8) -> f32 {
+pub(super) unsafe fn f16_at(p: *const u8) -> f32 {
     // SAFETY: the caller guarantees two readable bytes at `p`; F16C (see above).
     unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(p.cast::<u16>().read_unaligned())))) }
 }
@@ -64,7 +68,7 @@ unsafe fn f16x2_at(p: *const u8) -> __m128 {
 
 /// The sum of the 8 lanes.
 #[inline(always)]
-unsafe fn hsum(v: __m256) -> f32 {
+pub(super) unsafe fn hsum(v: __m256) -> f32 {
     // SAFETY: AVX (see above); no memory access.
     unsafe {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
@@ -76,7 +80,7 @@ unsafe fn hsum(v: __m256) -> f32 {
 /// The 32 nibbles of a `Q4_0`/`Q4_1` block's 16 bytes at `p`, in element order: the low nibbles
 /// (elements 0..16), then the high ones (16..32).
 #[inline(always)]
-unsafe fn nibbles32(p: *const u8) -> __m256i {
+pub(super) unsafe fn nibbles32(p: *const u8) -> __m256i {
     // SAFETY: the caller guarantees 16 readable bytes at `p`; AVX2 (see above).
     unsafe {
         let bytes = _mm_loadu_si128(p.cast());

@@ -1,7 +1,8 @@
-//! AVX-512 kernels of the quantized matrix-vector product, with and without VNNI: two 32-element
-//! blocks (or four sub-blocks of 16) per 512-bit register, integer dot products by `vpdpbusd`
-//! (VNNI) or `vpmaddubsw` + `vpmaddwd` (plain AVX-512 BW), then per-lane f32 scaling. A trailing
-//! odd block of the 32-element formats runs on 256-bit registers.
+//! AVX-512 kernels of the quantized matrix-vector product, with and without VNNI: 64 weights per
+//! 512-bit register (two `Q8_0` blocks; the low or high nibbles of four `Q4_0`/`Q4_1` blocks or of
+//! 64 `Q4_K` bytes, matched by a permuted activation; four `Q6_K` sub-blocks), integer dot
+//! products by `vpdpbusd` (VNNI) or `vpmaddubsw` + `vpmaddwd` (plain AVX-512 BW), then f32
+//! scaling per lane. Blocks that do not fill a register run on 256-bit registers.
 //!
 //! The kernels are written once, generic over [`Dot`], and `#[inline(always)]`; the two entry
 //! points [`rows_avx512`] and [`rows_vnni`] carry the `#[target_feature]`s, so everything is
@@ -10,7 +11,7 @@
 use std::arch::x86_64::*;
 use std::marker::PhantomData;
 
-use super::avx2::{f16x2x4, f16x4, odd_lane_sum, q4k_scales_mins};
+use super::avx2::{f16_at, f16x2x4, f16x4, hsum, nibbles32, odd_lane_sum, q4k_scales_mins};
 use super::{Prepared, RowKernel, drive, prefetch_ahead};
 use crate::DType;
 use crate::quant::QK_K;
@@ -163,13 +164,6 @@ impl Dot for Vnni {
     }
 }
 
-/// An f16 read from unaligned memory, converted to f32.
-#[inline(always)]
-unsafe fn f16_at(p: *const u8) -> f32 {
-    // SAFETY: the caller guarantees two readable bytes at `p`; F16C (see above).
-    unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(p.cast::<u16>().read_unaligned())))) }
-}
-
 /// The f16 values at `p` and `p + stride` (unaligned), converted to f32 in lanes 0 and 1.
 #[inline(always)]
 unsafe fn f16_pair(p: *const u8, stride: usize) -> __m128 {
@@ -181,16 +175,6 @@ unsafe fn f16_pair(p: *const u8, stride: usize) -> __m128 {
     }
 }
 
-/// The 32 nibbles of one `Q4_0`/`Q4_1` block's 16 bytes at `p`, in element order.
-#[inline(always)]
-unsafe fn nibbles32(p: *const u8) -> __m256i {
-    // SAFETY: the caller guarantees 16 readable bytes at `p`; AVX2.
-    unsafe {
-        let bytes = _mm_loadu_si128(p.cast());
-        _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(bytes), bytes), _mm256_set1_epi8(0x0f))
-    }
-}
-
 /// A 16-lane vector of `s[0]` in lanes 0..8 and `s[i1]` in lanes 8..16, for the two blocks of a
 /// register.
 #[inline(always)]
@@ -199,17 +183,6 @@ unsafe fn spread_pair<const I1: i32>(s: __m128) -> __m512 {
     unsafe {
         let idx = _mm512_set_epi32(I1, I1, I1, I1, I1, I1, I1, I1, 0, 0, 0, 0, 0, 0, 0, 0);
         _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(s))
-    }
-}
-
-/// The sum of the 8 lanes.
-#[inline(always)]
-unsafe fn hsum256(v: __m256) -> f32 {
-    // SAFETY: AVX; no memory access.
-    unsafe {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
     }
 }
 
@@ -265,7 +238,7 @@ impl<D: Dot> RowKernel for Q8_0<'_, D> {
                     prefetch_ahead::<34>(block, self.ahead);
                     let w = _mm256_loadu_si256(block.add(2).cast());
                     let dot = _mm256_cvtepi32_ps(D::dot_i8_256(bias, w, a));
-                    out[r] += hsum256(_mm256_mul_ps(dot, _mm256_set1_ps(f16_at(block) * act.d[b])));
+                    out[r] += hsum(_mm256_mul_ps(dot, _mm256_set1_ps(f16_at(block) * act.d[b])));
                 }
             }
             out
@@ -350,7 +323,7 @@ impl<D: Dot> RowKernel for Q4_0<'_, D> {
             }
             let mut out = [0f32; R];
             for r in 0..R {
-                out[r] = _mm512_reduce_add_ps(acc[r]) + hsum256(tail[r]);
+                out[r] = _mm512_reduce_add_ps(acc[r]) + hsum(tail[r]);
             }
             out
         }
@@ -410,7 +383,7 @@ impl<D: Dot> RowKernel for Q4_1<'_, D> {
             }
             let mut out = [0f32; R];
             for r in 0..R {
-                out[r] = _mm512_reduce_add_ps(acc[r]) + hsum256(tail[r]) + odd_lane_sum(acc_min[r]);
+                out[r] = _mm512_reduce_add_ps(acc[r]) + hsum(tail[r]) + odd_lane_sum(acc_min[r]);
             }
             out
         }
@@ -483,7 +456,7 @@ impl<D: Dot> RowKernel for Q4K<'_, D> {
             let mut out = [0f32; R];
             for r in 0..R {
                 let mins = _mm512_extractf32x8_ps::<1>(acc_min[r]);
-                out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1])) - hsum256(mins);
+                out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1])) - hsum(mins);
             }
             out
         }
