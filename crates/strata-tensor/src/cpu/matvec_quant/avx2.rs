@@ -107,6 +107,24 @@ pub(super) unsafe fn q4k_scales_mins(p: *const u8) -> __m128i {
     }
 }
 
+/// [`q4k_scales_mins`] of two super-blocks at once, in the two 128-bit halves.
+#[inline(always)]
+pub(super) unsafe fn q4k_scales_mins_x2(p0: *const u8, p1: *const u8) -> __m256i {
+    // SAFETY: the caller guarantees 16 readable bytes at `p0` and at `p1`; AVX2 (see above).
+    unsafe {
+        let w = _mm256_inserti128_si256::<1>(
+            _mm256_castsi128_si256(_mm_loadu_si128(p0.cast())),
+            _mm_loadu_si128(p1.cast()),
+        );
+        let low = _mm256_and_si256(w, _mm256_set1_epi8(0x3f));
+        let w2 = _mm256_shuffle_epi32::<0b10_10_10_10>(w);
+        let nib =
+            _mm256_and_si256(_mm256_srlv_epi32(w2, _mm256_set_epi32(0, 0, 4, 0, 0, 0, 4, 0)), _mm256_set1_epi8(0x0f));
+        let top = _mm256_and_si256(_mm256_srli_epi32::<2>(w), _mm256_set1_epi8(0x30));
+        _mm256_unpacklo_epi32(low, _mm256_or_si256(nib, top))
+    }
+}
+
 /// `Q8_0`: signed weights, so `|w|` times the activation with `w`'s sign (`vpsignb`).
 struct Q8_0<'a> {
     nb: usize,

@@ -11,7 +11,7 @@
 use std::arch::x86_64::*;
 use std::marker::PhantomData;
 
-use super::avx2::{f16_at, f16x2x4, f16x4, hsum, nibbles32, odd_lane_sum, q4k_scales_mins};
+use super::avx2::{f16_at, f16x2x4, f16x4, hsum, nibbles32, odd_lane_sum, q4k_scales_mins, q4k_scales_mins_x2};
 use super::{Prepared, RowKernel, drive, prefetch_ahead};
 use crate::DType;
 use crate::quant::QK_K;
@@ -416,6 +416,18 @@ impl<D: Dot> RowKernel for Q4K<'_, D> {
             for i in 0..self.nb {
                 let a_ptr = self.prep.qs.as_ptr().add(QK_K * i);
                 let factors = _mm512_loadu_ps(self.prep.aux.as_ptr().add(16 * i));
+                // The packed scales of two rows are unpacked together in 256-bit registers.
+                let mut packed = [_mm_setzero_si128(); R];
+                let mut r = 0;
+                while r + 1 < R {
+                    let both = q4k_scales_mins_x2(rows[r].add(144 * i + 4), rows[r + 1].add(144 * i + 4));
+                    packed[r] = _mm256_castsi256_si128(both);
+                    packed[r + 1] = _mm256_extracti128_si256::<1>(both);
+                    r += 2;
+                }
+                if r < R {
+                    packed[r] = q4k_scales_mins(rows[r].add(144 * i + 4));
+                }
                 for r in 0..R {
                     let block = rows[r].add(144 * i);
                     prefetch_ahead::<144>(block, self.ahead);
@@ -424,7 +436,7 @@ impl<D: Dot> RowKernel for Q4K<'_, D> {
                         dd_idx,
                         _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(block.cast::<i32>().read_unaligned()))),
                     );
-                    let scm = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q4k_scales_mins(block.add(4))));
+                    let scm = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(packed[r]));
                     let t = _mm512_mul_ps(_mm512_mul_ps(scm, dd), factors);
                     acc_min[r] = _mm512_add_ps(acc_min[r], t);
                     let mut dots = [_mm512_setzero_si512(); 4];
