@@ -14,8 +14,10 @@
 //! `Q4_0`, 32 for `Q6_K`, 128 for `Q8_0` on VNNI, whose signed bytes are flipped to unsigned)
 //! is removed by starting each 32-bit lane at `-offset * (sum of the lane's four activations)`,
 //! precomputed once per call in [`Prepared`]; `Q4_1` and `Q4_K` minimums use the activation
-//! block sums the same way. Scales are applied per lane in f32, so no horizontal sums happen
-//! until the end of a row.
+//! block sums the same way. Where it saves shuffles, the prepared activation is also permuted to
+//! the order in which the weights' nibbles come out of memory ([`Order`]). Scales are applied in
+//! f32, per lane or, for the k-quants, per sub-block after summing its lanes; each row's
+//! accumulators are summed horizontally once, at its end.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -52,7 +54,8 @@ pub(crate) fn matvec_quant_with(isa: Isa, dtype: DType, w: &[u8], n: usize, k: u
     // Never run instructions this CPU lacks, whatever the caller asked for.
     let isa = isa.min(Isa::detect());
     let prep = Prepared::new(isa, dtype, ActQ8::quantize(x));
-    let rows_per_task = ((TASK_BYTES / row_bytes).max(2) + 1) & !1;
+    // A multiple of four rows, so every group of rows a kernel runs at once is full.
+    let rows_per_task = (TASK_BYTES / row_bytes).max(4).next_multiple_of(4);
     y[..n].par_chunks_mut(rows_per_task).enumerate().for_each(|(task, ys)| {
         let first = task * rows_per_task;
         let w = &w[first * row_bytes..(first + ys.len()) * row_bytes];
