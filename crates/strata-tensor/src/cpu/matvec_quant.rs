@@ -1,14 +1,413 @@
-//! Matrix-vector product for block-quantized weights (placeholder: dequantize then dot).
+//! Matrix-vector product `y = W x` for block-quantized weights: ggml's method, multi-threaded
+//! with rayon and vectorised for AVX2, AVX-512 and AVX-512 VNNI.
+//!
+//! `x` is quantized once per call to 8-bit blocks of 32 (`quant::q8act`); every row of `W` is
+//! then combined with it by integer dot products scaled in f32, with exactly the integers of the
+//! reference (`quant::vec_dot`, which also serves as the scalar path). Rows are split into rayon
+//! tasks of about [`TASK_BYTES`] of weights, and each task runs several rows at a time (four with
+//! AVX-512, two with AVX2's 16 registers) so they share the activation loads and keep independent
+//! accumulation chains in flight. The kernels prefetch the rows they will compute next into L2
+//! (see [`prefetch_ahead`]).
+//!
+//! The SIMD kernels multiply unsigned weight levels (4 or 6 bits) directly with the signed 8-bit
+//! activations (`vpmaddubsw` + `vpmaddwd`, or `vpdpbusd` with VNNI). A weight offset (8 for
+//! `Q4_0`, 32 for `Q6_K`, 128 for `Q8_0` on VNNI, whose signed bytes are flipped to unsigned)
+//! is removed by starting each 32-bit lane at `-offset * (sum of the lane's four activations)`,
+//! precomputed once per call in [`Prepared`]; `Q4_1` and `Q4_K` minimums use the activation
+//! block sums the same way. Where it saves shuffles, the prepared activation is also permuted to
+//! the order in which the weights' nibbles come out of memory ([`Order`]). Scales are applied in
+//! f32, per lane or, for the k-quants, per sub-block after summing its lanes; each row's
+//! accumulators are summed horizontally once, at its end.
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
+use rayon::prelude::*;
+
+use super::{Isa, isa};
 use crate::DType;
+use crate::quant::QK_K;
+use crate::quant::q8act::{ActQ8, QK_ACT};
+use crate::quant::vec_dot::row_dot;
 
-/// `y = W x` for block-quantized weights `w` (`n` rows of `k` elements of `dtype`).
+/// Weight bytes per rayon task: large enough that task overhead is negligible, small enough that
+/// the threads finish together.
+const TASK_BYTES: usize = 64 * 1024;
+
+/// `y = W x` for block-quantized weights `w` (`n` rows of `k` elements of `dtype`), on the
+/// instruction set [`isa()`] picks.
 pub(crate) fn matvec_quant(dtype: DType, w: &[u8], n: usize, k: usize, x: &[f32], y: &mut [f32]) {
+    matvec_quant_with(isa(), dtype, w, n, k, x, y);
+}
+
+/// [`matvec_quant`] on an explicit instruction set (lowered to what the CPU supports), so tests
+/// can compare every level with the reference.
+pub(crate) fn matvec_quant_with(isa: Isa, dtype: DType, w: &[u8], n: usize, k: usize, x: &[f32], y: &mut [f32]) {
     let row_bytes = dtype.bytes_for(k).expect("checked by caller");
-    let mut row = vec![0f32; k];
-    for (i, out) in y.iter_mut().enumerate().take(n) {
-        crate::quant::dequantize_row(dtype, &w[i * row_bytes..(i + 1) * row_bytes], &mut row)
-            .expect("checked by caller");
-        *out = row.iter().zip(x).map(|(a, b)| a * b).sum();
+    debug_assert!(dtype.is_quantized() && x.len() == k && y.len() == n && w.len() >= n * row_bytes);
+    if row_bytes == 0 {
+        y.fill(0.0);
+        return;
+    }
+    // Never run instructions this CPU lacks, whatever the caller asked for.
+    let isa = isa.min(Isa::detect());
+    let prep = Prepared::new(isa, dtype, ActQ8::quantize(x));
+    // A multiple of four rows, so every group of rows a kernel runs at once is full.
+    let rows_per_task = (TASK_BYTES / row_bytes).max(4).next_multiple_of(4);
+    y[..n].par_chunks_mut(rows_per_task).enumerate().for_each(|(task, ys)| {
+        let first = task * rows_per_task;
+        let w = &w[first * row_bytes..(first + ys.len()) * row_bytes];
+        rows(isa, dtype, w, row_bytes, &prep, ys);
+    });
+}
+
+/// Computes `ys.len()` consecutive rows held in `w`.
+fn rows(isa: Isa, dtype: DType, w: &[u8], row_bytes: usize, prep: &Prepared, ys: &mut [f32]) {
+    debug_assert_eq!(w.len(), ys.len() * row_bytes);
+    match isa {
+        // SAFETY (all three): `isa` is at most `Isa::detect()`, so the CPU has every feature the
+        // kernel enables; `w` holds `ys.len()` whole rows of `dtype` and `prep` was built for this
+        // `isa` and `dtype` from an activation of the same row length, as the kernels require.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { avx2::rows(dtype, w, row_bytes, prep, ys) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { avx512::rows_avx512(dtype, w, row_bytes, prep, ys) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni => unsafe { avx512::rows_vnni(dtype, w, row_bytes, prep, ys) },
+        _ => {
+            for (row, y) in w.chunks_exact(row_bytes).zip(ys) {
+                *y = row_dot(dtype, row, &prep.act);
+            }
+        }
+    }
+}
+
+/// The quantized activation of one call plus values the SIMD kernels would otherwise recompute
+/// for every row.
+struct Prepared {
+    /// The 8-bit activation (scales and sums per block of 32, in natural order).
+    act: ActQ8,
+    /// The activation values in the order the kernels of this `isa` and `dtype` read them (see
+    /// [`Order`]).
+    qs: Vec<i8>,
+    /// Lanes of `-offset * (sum of four activation values)`, where `offset` is what the kernels'
+    /// unsigned weight levels carry (see [`weight_offset`]); empty when zero. One lane per four
+    /// values of `qs`, except that [`Order::Groups4`] folds each group's second half onto its
+    /// first (16 lanes per group of four blocks), because its kernels chain the two halves into
+    /// one accumulator.
+    bias: Vec<i32>,
+    /// Per-dtype f32 factors: `Q4_1`: `[da, da * S]` per block; `Q4_K`: per super-block the
+    /// eight `da` then the eight `da * S` (natural sub-block order); `Q6_K`: the `da` of each
+    /// sub-block of 16. Empty for the others, which read `act.d`.
+    aux: Vec<f32>,
+}
+
+/// The order in which a kernel reads the activation values.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Order {
+    /// As in `x`.
+    Natural,
+    /// For `Q4_0`/`Q4_1` on AVX2 and AVX-512: each group of four whole blocks holds the first
+    /// halves (elements 0..16, the low nibbles) of the four blocks, then their second halves
+    /// (16..32, the high nibbles), so the nibbles of 2 or 4 blocks loaded side by side line up
+    /// with the activation without shuffles. A tail of fewer than four blocks stays natural.
+    Groups4,
+    /// For AVX-512 `Q4_K`: each super-block's sub-blocks of 32 in the order 0, 2, 1, 3, 4, 6, 5,
+    /// 7, matching the low nibbles of 64 bytes (sub-blocks 0 and 2) then their high nibbles (1 and
+    /// 3), and likewise for the second 64 bytes.
+    SubBlocks0213,
+}
+
+impl Order {
+    fn of(isa: Isa, dtype: DType) -> Order {
+        match (isa, dtype) {
+            (Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni, DType::Q4_0 | DType::Q4_1) => Order::Groups4,
+            (Isa::Avx512 | Isa::Avx512Vnni, DType::Q4K) => Order::SubBlocks0213,
+            _ => Order::Natural,
+        }
+    }
+
+    /// `qs` rearranged into this order.
+    fn apply(self, qs: &[i8]) -> Vec<i8> {
+        let mut out = qs.to_vec();
+        match self {
+            Order::Natural => {}
+            Order::Groups4 => {
+                for (src, dst) in qs.chunks_exact(128).zip(out.chunks_exact_mut(128)) {
+                    for b in 0..4 {
+                        dst[16 * b..16 * b + 16].copy_from_slice(&src[32 * b..32 * b + 16]);
+                        dst[64 + 16 * b..64 + 16 * b + 16].copy_from_slice(&src[32 * b + 16..32 * b + 32]);
+                    }
+                }
+            }
+            Order::SubBlocks0213 => {
+                for (src, dst) in qs.chunks_exact(QK_K).zip(out.chunks_exact_mut(QK_K)) {
+                    for (p, sb) in [0, 2, 1, 3, 4, 6, 5, 7].into_iter().enumerate() {
+                        dst[32 * p..32 * p + 32].copy_from_slice(&src[32 * sb..32 * sb + 32]);
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Prepared {
+    fn new(isa: Isa, dtype: DType, act: ActQ8) -> Prepared {
+        if isa == Isa::Scalar {
+            return Prepared { act, qs: Vec::new(), bias: Vec::new(), aux: Vec::new() };
+        }
+        let order = Order::of(isa, dtype);
+        let qs = order.apply(&act.qs);
+        let offset = weight_offset(isa, dtype);
+        let mut bias: Vec<i32> = if offset == 0 {
+            Vec::new()
+        } else {
+            qs.chunks_exact(4).map(|g| -offset * g.iter().map(|&a| i32::from(a)).sum::<i32>()).collect()
+        };
+        if order == Order::Groups4 && !bias.is_empty() {
+            let groups = qs.len() / 128;
+            let mut folded: Vec<i32> =
+                bias[..32 * groups].chunks_exact(32).flat_map(|g| (0..16).map(move |l| g[l] + g[16 + l])).collect();
+            folded.extend_from_slice(&bias[32 * groups..]);
+            bias = folded;
+        }
+        let das = |b: usize| act.d[b] * act.sum[b] as f32;
+        let aux = match dtype {
+            DType::Q4_1 => (0..act.d.len()).flat_map(|b| [act.d[b], das(b)]).collect(),
+            DType::Q4K => (0..act.d.len())
+                .step_by(QK_K / QK_ACT)
+                .flat_map(|first| (first..first + 8).map(|b| act.d[b]).chain((first..first + 8).map(das)))
+                .collect(),
+            DType::Q6K => act.d.iter().flat_map(|&d| [d, d]).collect(),
+            _ => Vec::new(),
+        };
+        Prepared { act, qs, bias, aux }
+    }
+}
+
+/// The offset of the unsigned weight levels the SIMD kernels multiply: `Q4_0` nibbles carry 8,
+/// `Q6_K` levels 32, and `Q8_0` bytes on VNNI are flipped to unsigned (`q + 128`) because
+/// `vpdpbusd` multiplies unsigned by signed bytes.
+fn weight_offset(isa: Isa, dtype: DType) -> i32 {
+    match (dtype, isa) {
+        (DType::Q4_0, _) => 8,
+        (DType::Q6K, _) => 32,
+        (DType::Q8_0, Isa::Avx512Vnni) => 128,
+        _ => 0,
+    }
+}
+
+/// A kernel computing the dot products of `R` rows with the prepared activation.
+#[cfg(target_arch = "x86_64")]
+trait RowKernel {
+    /// The dot products of the rows starting at `rows` with the activation.
+    ///
+    /// # Safety
+    /// Each pointer must be the start of a whole row of the kernel's dtype and length, and the
+    /// CPU must support the instruction set of the kernel's module.
+    unsafe fn dot<const R: usize>(&self, rows: [*const u8; R]) -> [f32; R];
+}
+
+/// Runs `kernel` over the rows of `w`, `R` at a time (they share the activation loads and keep
+/// `R` independent accumulation chains in flight), then the remaining rows one by one.
+///
+/// # Safety
+/// `w` must hold `ys.len()` rows of `row_bytes` bytes, each valid for `kernel`, and the CPU must
+/// support the kernel's instruction set.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn drive<const R: usize, K: RowKernel>(kernel: &K, w: &[u8], row_bytes: usize, ys: &mut [f32]) {
+    let base = w.as_ptr();
+    let mut groups = ys.chunks_exact_mut(R);
+    let mut r = 0;
+    for group in &mut groups {
+        // SAFETY: rows r..r + R are inside `w` (there are `ys.len()` rows); the caller guarantees
+        // the rest.
+        let out: [f32; R] = unsafe { kernel.dot(std::array::from_fn(|i| base.add((r + i) * row_bytes))) };
+        group.copy_from_slice(&out);
+        r += R;
+    }
+    for last in groups.into_remainder() {
+        // SAFETY: as above, for row r.
+        *last = unsafe { kernel.dot([base.add(r * row_bytes)]) }[0];
+        r += 1;
+    }
+}
+
+/// Prefetches the `N` bytes at `p + ahead`, one request per 64 bytes. The kernels call it for the
+/// bytes of each step, `ahead` being the distance to the rows they will process next, so those
+/// rows stream in from DRAM while the current ones are computed: the hardware prefetchers alone
+/// leave the kernels waiting on memory. Consecutive steps are contiguous, so requests at most 64
+/// bytes apart reach every cache line.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_ahead<const N: usize>(p: *const u8, ahead: usize) {
+    use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
+    let mut offset = 0;
+    while offset < N {
+        // SAFETY: SSE is part of x86_64; a prefetch never faults, whatever the address, and
+        // `wrapping_add` computes it without claiming it is in bounds.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(ahead + offset).cast()) };
+        offset += 64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+    use crate::quant::test_util::{random_row, random_weights};
+    use crate::{AlignedBytes, CpuStorage, Tensor, cpu};
+
+    const QUANT: [DType; 5] = [DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q4K, DType::Q6K];
+
+    /// For each element of a row, `|scale part| + |offset part|` of its dequantized value, so that
+    /// sums of these times `|x|` bound every partial sum either implementation forms.
+    fn term_magnitudes(dtype: DType, row: &[u8], k: usize) -> Vec<f32> {
+        let mut row = row.to_vec();
+        let bb = dtype.block_bytes();
+        for block in row.chunks_mut(bb) {
+            match dtype {
+                // x = d * q + m: make d and m positive (clear the f16 sign bits).
+                DType::Q4_1 => {
+                    block[1] &= 0x7f;
+                    block[3] &= 0x7f;
+                }
+                // x = d * sc * q - dmin * m: make d positive and dmin negative.
+                DType::Q4K => {
+                    block[1] &= 0x7f;
+                    block[3] |= 0x80;
+                }
+                _ => {}
+            }
+        }
+        let mut out = vec![0f32; k];
+        crate::quant::dequantize_row(dtype, &row, &mut out).unwrap();
+        out.iter().map(|v| v.abs()).collect()
+    }
+
+    /// Runs `isa` and the reference on the same data and compares them: the integers are equal,
+    /// so they differ only by f32 rounding, bounded by a relative 1e-5 of the sum of the
+    /// magnitudes of all terms (activations bounded by their block's max) and of the result.
+    fn check(isa: Isa, dtype: DType, n: usize, k: usize, seed: u64) -> Result<(), TestCaseError> {
+        let (w, _) = random_weights(dtype, n, k, seed);
+        check_bytes(isa, dtype, &w, n, k, seed)
+    }
+
+    /// Weights of `n` rows of `k` elements whose bytes are random except the f16 scales, which
+    /// are random finite values in -1..1: every level, packed scale and sign pattern occurs,
+    /// including ones the quantizers never write (such as `Q8_0` values of -128).
+    fn arbitrary_weights(dtype: DType, n: usize, k: usize, seed: u64) -> Vec<u8> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut w: Vec<u8> = (0..n * dtype.bytes_for(k).unwrap()).map(|_| rng.random()).collect();
+        let f16_fields: &[usize] = match dtype {
+            DType::Q8_0 | DType::Q4_0 => &[0],
+            DType::Q4_1 | DType::Q4K => &[0, 2],
+            DType::Q6K => &[208],
+            _ => unreachable!(),
+        };
+        for block in w.chunks_mut(dtype.block_bytes()) {
+            for &at in f16_fields {
+                let v = half::f16::from_f32(rng.random_range(-1.0f32..1.0));
+                block[at..at + 2].copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        w
+    }
+
+    fn check_bytes(isa: Isa, dtype: DType, w: &[u8], n: usize, k: usize, seed: u64) -> Result<(), TestCaseError> {
+        let x = random_row(seed.wrapping_add(1), k);
+        let (mut fast, mut slow) = (vec![f32::NAN; n], vec![f32::NAN; n]);
+        matvec_quant_with(isa, dtype, w, n, k, &x, &mut fast);
+        let tensor = Tensor::from_storage(CpuStorage::owned(AlignedBytes::copy_from(w)), dtype, [n, k]).unwrap();
+        cpu::reference::matvec(&tensor, &x, &mut slow).unwrap();
+        let row_bytes = dtype.bytes_for(k).unwrap();
+        let amax: Vec<f32> = x.chunks(QK_ACT).map(|b| b.iter().fold(0f32, |m, v| m.max(v.abs()))).collect();
+        for r in 0..n {
+            let terms = term_magnitudes(dtype, &w[r * row_bytes..(r + 1) * row_bytes], k);
+            let magnitude: f32 = terms.chunks(QK_ACT).zip(&amax).map(|(t, a)| a * t.iter().sum::<f32>()).sum();
+            let tol = 1e-5 * magnitude + 1e-5 * slow[r].abs();
+            prop_assert!(
+                (fast[r] - slow[r]).abs() <= tol,
+                "{isa:?} {dtype} n={n} k={k} row {r}: {} vs {}, tol {tol}",
+                fast[r],
+                slow[r]
+            );
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn every_isa_matches_reference(
+            dtype in prop::sample::select(QUANT.to_vec()),
+            n in 1usize..8,
+            blocks in 1usize..8,
+            seed in any::<u64>(),
+        ) {
+            // Odd and even block counts, a single block, and odd and even row counts.
+            let k = blocks * dtype.block_len();
+            for isa in Isa::available() {
+                check(isa, dtype, n, k, seed)?;
+            }
+        }
+
+        #[test]
+        fn every_isa_matches_reference_on_arbitrary_bytes(
+            dtype in prop::sample::select(QUANT.to_vec()),
+            n in 1usize..6,
+            blocks in 1usize..6,
+            seed in any::<u64>(),
+        ) {
+            let k = blocks * dtype.block_len();
+            let w = arbitrary_weights(dtype, n, k, seed);
+            for isa in Isa::available() {
+                check_bytes(isa, dtype, &w, n, k, seed)?;
+            }
+        }
+    }
+
+    #[test]
+    fn many_tasks_and_a_model_sized_row() {
+        // 2048 columns give rows of 1152 to 2176 bytes: several rayon tasks, the last one short.
+        for dtype in QUANT {
+            for isa in Isa::available() {
+                check(isa, dtype, 131, 2048, 11).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn through_the_tensor_api() {
+        let (n, k) = (5, 512);
+        let data = random_row(3, n * k);
+        let x = random_row(4, k);
+        for dtype in QUANT {
+            let w = Tensor::from_f32_as(&data, [n, k], dtype).unwrap();
+            let (mut fast, mut slow) = (vec![0f32; n], vec![0f32; n]);
+            cpu::matvec(&w, &x, &mut fast).unwrap();
+            cpu::reference::matvec(&w, &x, &mut slow).unwrap();
+            for (a, b) in fast.iter().zip(&slow) {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{dtype}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn zero_activation_gives_zero() {
+        let (w, _) = random_weights(DType::Q4K, 3, 256, 1);
+        for isa in Isa::available() {
+            let mut y = vec![f32::NAN; 3];
+            matvec_quant_with(isa, DType::Q4K, &w, 3, 256, &[0.0; 256], &mut y);
+            assert_eq!(y, vec![0.0; 3], "{isa:?}");
+        }
     }
 }

@@ -1,0 +1,567 @@
+//! AVX-512 kernels of the quantized matrix-vector product, with and without VNNI: 64 weights per
+//! 512-bit register (two `Q8_0` blocks; the low or high nibbles of four `Q4_0`/`Q4_1` blocks or of
+//! 64 `Q4_K` bytes, matched by a permuted activation; four `Q6_K` sub-blocks), integer dot
+//! products by `vpdpbusd` (VNNI) or `vpmaddubsw` + `vpmaddwd` (plain AVX-512 BW), then f32
+//! scaling per lane. Blocks that do not fill a register run on 256-bit registers.
+//!
+//! The kernels are written once, generic over [`Dot`], and `#[inline(always)]`; the two entry
+//! points [`rows_avx512`] and [`rows_vnni`] carry the `#[target_feature]`s, so everything is
+//! compiled inside them for their instruction set.
+
+use std::arch::x86_64::*;
+use std::marker::PhantomData;
+
+use super::avx2::{f16_at, f16x2x4, f16x4, hsum, nibbles32, odd_lane_sum, q4k_scales_mins, q4k_scales_mins_x2};
+use super::{Prepared, RowKernel, drive, prefetch_ahead};
+use crate::DType;
+use crate::quant::QK_K;
+
+/// Computes `ys.len()` rows of `dtype` held in `w` with AVX-512 F/BW/DQ/VL.
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW/DQ/VL, AVX2, FMA and F16C; `w` must hold `ys.len()` rows of
+/// `row_bytes` bytes and `prep` must have been built for `Isa::Avx512` and `dtype` from an
+/// activation of the row length.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")]
+pub(super) unsafe fn rows_avx512(dtype: DType, w: &[u8], row_bytes: usize, prep: &Prepared, ys: &mut [f32]) {
+    // SAFETY: forwarded from the caller; this function enables what `Plain` needs.
+    unsafe { rows::<Plain>(dtype, w, row_bytes, prep, ys) }
+}
+
+/// Computes `ys.len()` rows of `dtype` held in `w` with AVX-512 VNNI.
+///
+/// # Safety
+/// As [`rows_avx512`], plus AVX-512 VNNI, and `prep` built for `Isa::Avx512Vnni`.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub(super) unsafe fn rows_vnni(dtype: DType, w: &[u8], row_bytes: usize, prep: &Prepared, ys: &mut [f32]) {
+    // SAFETY: forwarded from the caller; this function enables what `Vnni` needs.
+    unsafe { rows::<Vnni>(dtype, w, row_bytes, prep, ys) }
+}
+
+#[inline(always)]
+unsafe fn rows<D: Dot>(dtype: DType, w: &[u8], row_bytes: usize, prep: &Prepared, ys: &mut [f32]) {
+    const ROWS: usize = 4;
+    let nb = row_bytes / dtype.block_bytes();
+    // Each kernel prefetches the rows it will compute after the current group of ROWS.
+    let ahead = (2 * ROWS * row_bytes).max(12 * 1024);
+    // SAFETY: forwarded from the entry points' callers.
+    unsafe {
+        match dtype {
+            DType::Q8_0 => drive::<ROWS, _>(&Q8_0::<D> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
+            DType::Q4_0 => drive::<ROWS, _>(&Q4_0::<D> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
+            DType::Q4_1 => drive::<ROWS, _>(&Q4_1::<D> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
+            DType::Q4K => drive::<ROWS, _>(&Q4K::<D> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
+            DType::Q6K => drive::<ROWS, _>(&Q6K::<D> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
+            DType::F32 | DType::F16 | DType::BF16 => unreachable!("not a block-quantized dtype"),
+        }
+    }
+}
+
+// Every function below is only ever inlined into `rows_avx512` or `rows_vnni`; the SAFETY
+// comments on their intrinsic calls rely on the features those enable (VNNI only in `Vnni`, which
+// only `rows_vnni` uses) and say what else they need.
+
+/// The integer dot-product instructions: `vpdpbusd` or its two-instruction AVX-512 BW equivalent.
+trait Dot {
+    /// Whether [`Dot::dot_i8`] needs the `-128 * sum` bias (the activation is then prepared with
+    /// it).
+    const I8_BIAS: bool;
+    /// `acc` plus, in each i32 lane, the four products of the lane's unsigned bytes of `u` with
+    /// the signed bytes of `s` (products below 2^15 in pairs, so the BW version cannot saturate).
+    unsafe fn dpbusd(acc: __m512i, u: __m512i, s: __m512i) -> __m512i;
+    /// [`Dot::dpbusd`] on 256-bit registers.
+    unsafe fn dpbusd256(acc: __m256i, u: __m256i, s: __m256i) -> __m256i;
+    /// `acc` plus the lanes of `lo` times `a_lo` and of `hi` times `a_hi`, for 4-bit `lo` and
+    /// `hi`: the BW version adds the i16 pair sums (at most 2 * 15 * 127 each) before widening.
+    unsafe fn dpbusd_halves(acc: __m512i, lo: __m512i, a_lo: __m512i, hi: __m512i, a_hi: __m512i) -> __m512i;
+    /// Lanes of four products of signed weights `w` with signed activations `a`. `bias` holds
+    /// `-128 * (sum of the lane's activations)` when the activation was prepared for VNNI (whose
+    /// version adds 128 to `w` to make it unsigned) and is ignored otherwise.
+    unsafe fn dot_i8(bias: __m512i, w: __m512i, a: __m512i) -> __m512i;
+    /// [`Dot::dot_i8`] on 256-bit registers.
+    unsafe fn dot_i8_256(bias: __m256i, w: __m256i, a: __m256i) -> __m256i;
+}
+
+/// AVX-512 BW: `vpmaddubsw` then `vpmaddwd` with ones.
+struct Plain;
+
+impl Dot for Plain {
+    const I8_BIAS: bool = false;
+
+    #[inline(always)]
+    unsafe fn dpbusd(acc: __m512i, u: __m512i, s: __m512i) -> __m512i {
+        // SAFETY: AVX-512 BW (see above); no memory access.
+        unsafe { _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1))) }
+    }
+
+    #[inline(always)]
+    unsafe fn dpbusd256(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        // SAFETY: AVX2 (see above); no memory access.
+        unsafe { _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))) }
+    }
+
+    #[inline(always)]
+    unsafe fn dpbusd_halves(acc: __m512i, lo: __m512i, a_lo: __m512i, hi: __m512i, a_hi: __m512i) -> __m512i {
+        // SAFETY: AVX-512 BW (see above); no memory access.
+        unsafe {
+            let pairs = _mm512_add_epi16(_mm512_maddubs_epi16(lo, a_lo), _mm512_maddubs_epi16(hi, a_hi));
+            _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn dot_i8(_bias: __m512i, w: __m512i, a: __m512i) -> __m512i {
+        // SAFETY: AVX-512 BW (see above); no memory access.
+        unsafe {
+            // |w| times a with w's sign; activations are never -128, so negating them is exact.
+            let negate = _mm512_movepi8_mask(w);
+            let signed_a = _mm512_mask_sub_epi8(a, negate, _mm512_setzero_si512(), a);
+            Plain::dpbusd(_mm512_setzero_si512(), _mm512_abs_epi8(w), signed_a)
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn dot_i8_256(_bias: __m256i, w: __m256i, a: __m256i) -> __m256i {
+        // SAFETY: AVX2 (see above); no memory access.
+        unsafe { Plain::dpbusd256(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w)) }
+    }
+}
+
+/// AVX-512 VNNI: `vpdpbusd`.
+struct Vnni;
+
+impl Dot for Vnni {
+    const I8_BIAS: bool = true;
+
+    #[inline(always)]
+    unsafe fn dpbusd(acc: __m512i, u: __m512i, s: __m512i) -> __m512i {
+        // SAFETY: AVX-512 VNNI (only `rows_vnni` instantiates `Vnni`); no memory access.
+        unsafe { _mm512_dpbusd_epi32(acc, u, s) }
+    }
+
+    #[inline(always)]
+    unsafe fn dpbusd256(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        // SAFETY: AVX-512 VNNI and VL (see above); no memory access.
+        unsafe { _mm256_dpbusd_epi32(acc, u, s) }
+    }
+
+    #[inline(always)]
+    unsafe fn dpbusd_halves(acc: __m512i, lo: __m512i, a_lo: __m512i, hi: __m512i, a_hi: __m512i) -> __m512i {
+        // SAFETY: AVX-512 VNNI (see above); no memory access.
+        unsafe { _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc, lo, a_lo), hi, a_hi) }
+    }
+
+    #[inline(always)]
+    unsafe fn dot_i8(bias: __m512i, w: __m512i, a: __m512i) -> __m512i {
+        // SAFETY: AVX-512 VNNI (see above); no memory access.
+        unsafe { _mm512_dpbusd_epi32(bias, _mm512_xor_si512(w, _mm512_set1_epi8(-128)), a) }
+    }
+
+    #[inline(always)]
+    unsafe fn dot_i8_256(bias: __m256i, w: __m256i, a: __m256i) -> __m256i {
+        // SAFETY: AVX-512 VNNI and VL (see above); no memory access.
+        unsafe { _mm256_dpbusd_epi32(bias, _mm256_xor_si256(w, _mm256_set1_epi8(-128)), a) }
+    }
+}
+
+/// The f16 values at `p` and `p + stride` (unaligned), converted to f32 in lanes 0 and 1.
+#[inline(always)]
+unsafe fn f16_pair(p: *const u8, stride: usize) -> __m128 {
+    // SAFETY: the caller guarantees two readable bytes at `p` and at `p + stride`; F16C.
+    unsafe {
+        let h0 = i32::from(p.cast::<u16>().read_unaligned());
+        let h1 = i32::from(p.add(stride).cast::<u16>().read_unaligned());
+        _mm_cvtph_ps(_mm_insert_epi16::<1>(_mm_cvtsi32_si128(h0), h1))
+    }
+}
+
+/// A 16-lane vector of `s[0]` in lanes 0..8 and `s[i1]` in lanes 8..16, for the two blocks of a
+/// register.
+#[inline(always)]
+unsafe fn spread_pair<const I1: i32>(s: __m128) -> __m512 {
+    // SAFETY: AVX-512 F; only lanes 0..4 of the cast are read.
+    unsafe {
+        let idx = _mm512_set_epi32(I1, I1, I1, I1, I1, I1, I1, I1, 0, 0, 0, 0, 0, 0, 0, 0);
+        _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(s))
+    }
+}
+
+/// `Q8_0`, two blocks per register.
+struct Q8_0<'a, D> {
+    nb: usize,
+    prep: &'a Prepared,
+    ahead: usize,
+    dot: PhantomData<D>,
+}
+
+impl<D: Dot> RowKernel for Q8_0<'_, D> {
+    #[inline(always)]
+    unsafe fn dot<const R: usize>(&self, rows: [*const u8; R]) -> [f32; R] {
+        // SAFETY: each row holds `nb` blocks of 34 bytes (d, then 32 values); the activation
+        // holds `nb` blocks of 32, and the bias (VNNI only) 8 lanes per block.
+        unsafe {
+            let act = &self.prep.act;
+            let vnni_bias = D::I8_BIAS;
+            debug_assert_eq!(vnni_bias, !self.prep.bias.is_empty());
+            let mut acc = [_mm512_setzero_ps(); R];
+            for b in (0..self.nb - self.nb % 2).step_by(2) {
+                let a = _mm512_loadu_si512(self.prep.qs.as_ptr().add(32 * b).cast());
+                let bias = if vnni_bias {
+                    _mm512_loadu_si512(self.prep.bias.as_ptr().add(8 * b).cast())
+                } else {
+                    _mm512_setzero_si512()
+                };
+                let da = _mm_castpd_ps(_mm_load_sd(act.d.as_ptr().add(b).cast()));
+                for r in 0..R {
+                    let block = rows[r].add(34 * b);
+                    prefetch_ahead::<68>(block, self.ahead);
+                    let lo = _mm512_castsi256_si512(_mm256_loadu_si256(block.add(2).cast()));
+                    let w = _mm512_inserti64x4::<1>(lo, _mm256_loadu_si256(block.add(36).cast()));
+                    let scale = spread_pair::<1>(_mm_mul_ps(f16_pair(block, 34), da));
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(D::dot_i8(bias, w, a)), scale, acc[r]);
+                }
+            }
+            let mut out = [0f32; R];
+            for r in 0..R {
+                out[r] = _mm512_reduce_add_ps(acc[r]);
+            }
+            if self.nb % 2 == 1 {
+                let b = self.nb - 1;
+                let a = _mm256_loadu_si256(self.prep.qs.as_ptr().add(32 * b).cast());
+                let bias = if vnni_bias {
+                    _mm256_loadu_si256(self.prep.bias.as_ptr().add(8 * b).cast())
+                } else {
+                    _mm256_setzero_si256()
+                };
+                for r in 0..R {
+                    let block = rows[r].add(34 * b);
+                    prefetch_ahead::<34>(block, self.ahead);
+                    let w = _mm256_loadu_si256(block.add(2).cast());
+                    let dot = _mm256_cvtepi32_ps(D::dot_i8_256(bias, w, a));
+                    out[r] += hsum(_mm256_mul_ps(dot, _mm256_set1_ps(f16_at(block) * act.d[b])));
+                }
+            }
+            out
+        }
+    }
+}
+
+/// The nibbles of four consecutive `Q4_0`/`Q4_1` blocks whose 16 bytes of nibbles start at `p`
+/// with a block stride of `stride`: the low nibbles (each block's elements 0..16) in the first
+/// register, the high ones (elements 16..32) in the second, block `i` in 128-bit lane `i`; the
+/// activation of [`super::Order::Groups4`] matches.
+#[inline(always)]
+unsafe fn nibbles4x32(p: *const u8, stride: usize) -> (__m512i, __m512i) {
+    // SAFETY: the caller guarantees 16 readable bytes at `p + i * stride` for i in 0..4; AVX-512 F/BW.
+    unsafe {
+        // Two 256-bit inserts and one 512-bit one: cheaper than three 512-bit inserts on CPUs
+        // that split 512-bit shuffles.
+        let y0 = _mm256_inserti128_si256::<1>(
+            _mm256_castsi128_si256(_mm_loadu_si128(p.cast())),
+            _mm_loadu_si128(p.add(stride).cast()),
+        );
+        let y1 = _mm256_inserti128_si256::<1>(
+            _mm256_castsi128_si256(_mm_loadu_si128(p.add(2 * stride).cast())),
+            _mm_loadu_si128(p.add(3 * stride).cast()),
+        );
+        let z = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(y0), y1);
+        let mask = _mm512_set1_epi8(0x0f);
+        (_mm512_and_si512(z, mask), _mm512_and_si512(_mm512_srli_epi16::<4>(z), mask))
+    }
+}
+
+/// `vpermps` indices putting lane `i` of a 4-lane vector in 128-bit lane `i` (lanes `4i..4i+4`).
+static SPREAD4: [i32; 16] = [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3];
+
+/// `vpermps` indices putting the even lanes `2i` of an 8-lane vector in 128-bit lane `i`.
+static SPREAD4_EVEN: [i32; 16] = [0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6];
+
+/// `Q4_0`, four blocks per pair of registers (activation in [`super::Order::Groups4`]); the offset
+/// of 8 is removed by the prepared bias lanes.
+struct Q4_0<'a, D> {
+    nb: usize,
+    prep: &'a Prepared,
+    ahead: usize,
+    dot: PhantomData<D>,
+}
+
+impl<D: Dot> RowKernel for Q4_0<'_, D> {
+    #[inline(always)]
+    unsafe fn dot<const R: usize>(&self, rows: [*const u8; R]) -> [f32; R] {
+        // SAFETY: each row holds `nb` blocks of 18 bytes (d, then 16 bytes of nibbles); the
+        // activation holds `nb` blocks of 32 and the bias 16 lanes per group of four blocks, then
+        // 8 per tail block.
+        unsafe {
+            let (act, qs, bias) = (&self.prep.act, self.prep.qs.as_ptr(), self.prep.bias.as_ptr());
+            let spread = _mm512_loadu_si512(SPREAD4.as_ptr().cast());
+            let groups = self.nb / 4;
+            let mut acc = [_mm512_setzero_ps(); R];
+            for g in 0..groups {
+                let a_lo = _mm512_loadu_si512(qs.add(128 * g).cast());
+                let a_hi = _mm512_loadu_si512(qs.add(128 * g + 64).cast());
+                let bias = _mm512_loadu_si512(bias.add(16 * g).cast());
+                let da = _mm_loadu_ps(act.d.as_ptr().add(4 * g));
+                for r in 0..R {
+                    let block = rows[r].add(18 * 4 * g);
+                    prefetch_ahead::<72>(block, self.ahead);
+                    let (lo, hi) = nibbles4x32(block.add(2), 18);
+                    let dot = D::dpbusd_halves(bias, lo, a_lo, hi, a_hi);
+                    let scale = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_mul_ps(f16x4(block, 18), da)));
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
+                }
+            }
+            let mut tail = [_mm256_setzero_ps(); R];
+            for b in 4 * groups..self.nb {
+                let a = _mm256_loadu_si256(qs.add(32 * b).cast());
+                let bias = _mm256_loadu_si256(bias.add(16 * groups + 8 * (b - 4 * groups)).cast());
+                for r in 0..R {
+                    let block = rows[r].add(18 * b);
+                    prefetch_ahead::<18>(block, self.ahead);
+                    let dot = _mm256_cvtepi32_ps(D::dpbusd256(bias, nibbles32(block.add(2)), a));
+                    tail[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(f16_at(block) * act.d[b]), tail[r]);
+                }
+            }
+            let mut out = [0f32; R];
+            for r in 0..R {
+                out[r] = _mm512_reduce_add_ps(acc[r]) + hsum(tail[r]);
+            }
+            out
+        }
+    }
+}
+
+/// `Q4_1`, four blocks per pair of registers (activation in [`super::Order::Groups4`]):
+/// `(d * da) * dot + (m * da) * S` with `[da, da * S]` prepared per block.
+struct Q4_1<'a, D> {
+    nb: usize,
+    prep: &'a Prepared,
+    ahead: usize,
+    dot: PhantomData<D>,
+}
+
+impl<D: Dot> RowKernel for Q4_1<'_, D> {
+    #[inline(always)]
+    unsafe fn dot<const R: usize>(&self, rows: [*const u8; R]) -> [f32; R] {
+        // SAFETY: each row holds `nb` blocks of 20 bytes (d, m, then 16 bytes of nibbles); the
+        // activation holds `nb` blocks of 32 and `aux` two floats per block.
+        unsafe {
+            let (qs, aux) = (self.prep.qs.as_ptr(), self.prep.aux.as_ptr());
+            let spread = _mm512_loadu_si512(SPREAD4_EVEN.as_ptr().cast());
+            let groups = self.nb / 4;
+            let mut acc = [_mm512_setzero_ps(); R];
+            // The odd lanes accumulate the minimum terms m * da * S.
+            let mut acc_min = [_mm256_setzero_ps(); R];
+            for g in 0..groups {
+                let a_lo = _mm512_loadu_si512(qs.add(128 * g).cast());
+                let a_hi = _mm512_loadu_si512(qs.add(128 * g + 64).cast());
+                let factors = _mm256_loadu_ps(aux.add(8 * g));
+                for r in 0..R {
+                    let block = rows[r].add(20 * 4 * g);
+                    prefetch_ahead::<80>(block, self.ahead);
+                    let (lo, hi) = nibbles4x32(block.add(4), 20);
+                    let dot = D::dpbusd_halves(_mm512_setzero_si512(), lo, a_lo, hi, a_hi);
+                    // [d_i * da_i, m_i * da_i * S_i] for the four blocks.
+                    let prod = _mm256_mul_ps(f16x2x4(block, 20), factors);
+                    let scale = _mm512_permutexvar_ps(spread, _mm512_castps256_ps512(prod));
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
+                    acc_min[r] = _mm256_add_ps(acc_min[r], prod);
+                }
+            }
+            let mut tail = [_mm256_setzero_ps(); R];
+            for b in 4 * groups..self.nb {
+                let a = _mm256_loadu_si256(qs.add(32 * b).cast());
+                let factors = _mm_castpd_ps(_mm_load_sd(aux.add(2 * b).cast()));
+                for r in 0..R {
+                    let block = rows[r].add(20 * b);
+                    prefetch_ahead::<20>(block, self.ahead);
+                    let dot = _mm256_cvtepi32_ps(D::dpbusd256(_mm256_setzero_si256(), nibbles32(block.add(4)), a));
+                    let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(block.cast::<i32>().read_unaligned()));
+                    let prod = _mm_mul_ps(dm, factors);
+                    tail[r] = _mm256_fmadd_ps(dot, _mm256_broadcastss_ps(prod), tail[r]);
+                    acc_min[r] = _mm256_add_ps(acc_min[r], _mm256_castps128_ps256(prod));
+                }
+            }
+            let mut out = [0f32; R];
+            for r in 0..R {
+                out[r] = _mm512_reduce_add_ps(acc[r]) + hsum(tail[r]) + odd_lane_sum(acc_min[r]);
+            }
+            out
+        }
+    }
+}
+
+/// `Q4_K` (activation in [`super::Order::SubBlocks0213`]): per sub-block
+/// `(d * sc) * da * dot - (dmin * m) * da * S`. The low nibbles of 64 bytes (sub-blocks `4h` and
+/// `4h + 2`) fill one register, their high nibbles (`4h + 1`, `4h + 3`) another; the four
+/// registers' lanes are then summed to two per sub-block before scaling.
+struct Q4K<'a, D> {
+    nb: usize,
+    prep: &'a Prepared,
+    ahead: usize,
+    dot: PhantomData<D>,
+}
+
+impl<D: Dot> RowKernel for Q4K<'_, D> {
+    #[inline(always)]
+    unsafe fn dot<const R: usize>(&self, rows: [*const u8; R]) -> [f32; R] {
+        // SAFETY: each row holds `nb` super-blocks of 144 bytes (d, dmin, 12 scale bytes, 128
+        // bytes of nibbles; reading 16 bytes at the scales stays inside); the activation holds
+        // 256 values and `aux` 16 floats per super-block.
+        unsafe {
+            let mask = _mm512_set1_epi8(0x0f);
+            let dd_idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+            let mut acc = [[_mm512_setzero_ps(); 2]; R];
+            // Lanes 8..16 accumulate dmin * m * da * S.
+            let mut acc_min = [_mm512_setzero_ps(); R];
+            for i in 0..self.nb {
+                let a_ptr = self.prep.qs.as_ptr().add(QK_K * i);
+                let factors = _mm512_loadu_ps(self.prep.aux.as_ptr().add(16 * i));
+                // The packed scales of two rows are unpacked together in 256-bit registers.
+                let mut packed = [_mm_setzero_si128(); R];
+                let mut r = 0;
+                while r + 1 < R {
+                    let both = q4k_scales_mins_x2(rows[r].add(144 * i + 4), rows[r + 1].add(144 * i + 4));
+                    packed[r] = _mm256_castsi256_si128(both);
+                    packed[r + 1] = _mm256_extracti128_si256::<1>(both);
+                    r += 2;
+                }
+                if r < R {
+                    packed[r] = q4k_scales_mins(rows[r].add(144 * i + 4));
+                }
+                for r in 0..R {
+                    let block = rows[r].add(144 * i);
+                    prefetch_ahead::<144>(block, self.ahead);
+                    // [d x 8, dmin x 8] times [sc_j, m_j] times [da_j, da_j * S_j].
+                    let dd = _mm512_permutexvar_ps(
+                        dd_idx,
+                        _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(block.cast::<i32>().read_unaligned()))),
+                    );
+                    let scm = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(packed[r]));
+                    let t = _mm512_mul_ps(_mm512_mul_ps(scm, dd), factors);
+                    acc_min[r] = _mm512_add_ps(acc_min[r], t);
+                    let mut dots = [_mm512_setzero_si512(); 4];
+                    for h in 0..2 {
+                        let bytes = _mm512_loadu_si512(block.add(16 + 64 * h).cast());
+                        let nibbles =
+                            [_mm512_and_si512(bytes, mask), _mm512_and_si512(_mm512_srli_epi16::<4>(bytes), mask)];
+                        for (j, q) in nibbles.into_iter().enumerate() {
+                            let p = 2 * h + j;
+                            let a = _mm512_loadu_si512(a_ptr.add(64 * p).cast());
+                            dots[p] = D::dpbusd(_mm512_setzero_si512(), q, a);
+                        }
+                    }
+                    // Sum each register's 8 lanes per sub-block down to 2 with in-lane shuffles:
+                    // then one conversion and one FMA scale all eight sub-blocks.
+                    let x = _mm512_add_epi32(
+                        _mm512_unpacklo_epi32(dots[0], dots[1]),
+                        _mm512_unpackhi_epi32(dots[0], dots[1]),
+                    );
+                    let y = _mm512_add_epi32(
+                        _mm512_unpacklo_epi32(dots[2], dots[3]),
+                        _mm512_unpackhi_epi32(dots[2], dots[3]),
+                    );
+                    let z = _mm512_add_epi32(_mm512_unpacklo_epi64(x, y), _mm512_unpackhi_epi64(x, y));
+                    let scale = _mm512_permutexvar_ps(_mm512_loadu_si512(Z_ORDER.as_ptr().cast()), t);
+                    acc[r][i % 2] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(z), scale, acc[r][i % 2]);
+                }
+            }
+            let mut out = [0f32; R];
+            for r in 0..R {
+                let mins = _mm512_extractf32x8_ps::<1>(acc_min[r]);
+                out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1])) - hsum(mins);
+            }
+            out
+        }
+    }
+}
+
+/// `Q6_K`: a register holds 64 elements (four sub-blocks of 16); the offset of 32 is removed by
+/// the prepared bias lanes and each lane's f32 scale is `d * sc * da` of its sub-block.
+struct Q6K<'a, D> {
+    nb: usize,
+    prep: &'a Prepared,
+    ahead: usize,
+    dot: PhantomData<D>,
+}
+
+impl<D: Dot> RowKernel for Q6K<'_, D> {
+    #[inline(always)]
+    unsafe fn dot<const R: usize>(&self, rows: [*const u8; R]) -> [f32; R] {
+        // SAFETY: each row holds `nb` super-blocks of 210 bytes (ql 128, qh 64, scales 16, d);
+        // the activation holds 256 values, the bias 64 lanes and `aux` 16 floats per super-block.
+        unsafe {
+            let m0f = _mm512_set1_epi8(0x0f);
+            let m30 = _mm512_set1_epi8(0x30);
+            // High bits for elements 0..32 of a half sit at bits 0..2 of qh (shift left by 4),
+            // for 32..64 at bits 2..4 (by 2), for 64..96 at bits 4..6 (none), for 96..128 at
+            // bits 6..8 (right by 2); see `quant::q6_k`.
+            let shl = _mm512_set_epi64(2 * S1, 2 * S1, 2 * S1, 2 * S1, 4 * S1, 4 * S1, 4 * S1, 4 * S1);
+            let shr = _mm512_set_epi64(2 * S1, 2 * S1, 2 * S1, 2 * S1, 0, 0, 0, 0);
+            let mut acc = [[_mm512_setzero_ps(); 2]; R];
+            for i in 0..self.nb {
+                let a_ptr = self.prep.qs.as_ptr().add(QK_K * i);
+                let bias_ptr = self.prep.bias.as_ptr().add(64 * i);
+                let da = _mm512_loadu_ps(self.prep.aux.as_ptr().add(16 * i));
+                for r in 0..R {
+                    let block = rows[r].add(210 * i);
+                    prefetch_ahead::<210>(block, self.ahead);
+                    let d = _mm512_set1_ps(f16_at(block.add(208)));
+                    let sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(block.add(192).cast())));
+                    let scale = _mm512_mul_ps(_mm512_mul_ps(sc, d), da);
+                    for h in 0..2 {
+                        let ql = _mm512_loadu_si512(block.add(64 * h).cast());
+                        let qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(block.add(128 + 32 * h).cast()));
+                        // Select the low nibble from the first operand, bits 4..6 from the second.
+                        let first = _mm512_ternarylogic_epi32::<0xe4>(
+                            ql,
+                            _mm512_and_si512(_mm512_sllv_epi16(qh, shl), m30),
+                            m0f,
+                        );
+                        let second = _mm512_ternarylogic_epi32::<0xe4>(
+                            _mm512_srli_epi16::<4>(ql),
+                            _mm512_and_si512(_mm512_srlv_epi16(qh, shr), m30),
+                            m0f,
+                        );
+                        for (j, q) in [first, second].into_iter().enumerate() {
+                            let c = 2 * h + j;
+                            let a = _mm512_loadu_si512(a_ptr.add(64 * c).cast());
+                            let bias = _mm512_loadu_si512(bias_ptr.add(16 * c).cast());
+                            let dot = D::dpbusd(bias, q, a);
+                            let s = _mm512_permutexvar_ps(_mm512_loadu_si512(QUAD_IDX[c].as_ptr().cast()), scale);
+                            acc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[r][j]);
+                        }
+                    }
+                }
+            }
+            let mut out = [0f32; R];
+            for r in 0..R {
+                out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+            }
+            out
+        }
+    }
+}
+
+/// A shift of 1 in each of four u16 lanes.
+const S1: i64 = 0x0001_0001_0001_0001;
+
+/// The sub-block of each lane of the reduced `Q4_K` dot products: in 128-bit lane `s`, the sums
+/// of registers 0..4 over that lane, register `p` holding sub-blocks `4 * (p / 2) + p % 2` (first
+/// half) and that plus 2 (second half).
+static Z_ORDER: [i32; 16] = [0, 1, 4, 5, 0, 1, 4, 5, 2, 3, 6, 7, 2, 3, 6, 7];
+
+/// `vpermps` indices spreading 16 per-sub-block scales over the lanes of `Q6_K` register `c`:
+/// lane `l` reads scale `4c + l / 4`.
+static QUAD_IDX: [[i32; 16]; 4] = {
+    let mut t = [[0; 16]; 4];
+    let mut c = 0;
+    while c < 4 {
+        let mut l = 0;
+        while l < 16 {
+            t[c][l] = (4 * c + l / 4) as i32;
+            l += 1;
+        }
+        c += 1;
+    }
+    t
+};

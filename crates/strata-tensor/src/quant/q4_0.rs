@@ -1,0 +1,122 @@
+//! ggml `Q4_0`: blocks of 32 unsigned 4-bit values with offset 8 and one f16 scale,
+//! `x = (q - 8) * d`.
+//!
+//! Byte `j` of `qs` holds element `j` in its low nibble and element `j + 16` in its high nibble.
+//! Quantization is ggml's reference `quantize_row_q4_0_ref`: the value of largest magnitude
+//! (with its sign) maps to -8, `d = max / -8`, and `q = min(15, trunc(x / d + 8.5))`.
+
+use bytemuck::{Pod, Zeroable};
+use half::f16;
+
+use super::QK;
+
+/// One `Q4_0` block (18 bytes), laid out as ggml's `block_q4_0`.
+#[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
+#[repr(C)]
+pub struct BlockQ4_0 {
+    /// The scale.
+    pub d: f16,
+    /// Nibbles: element `j` in the low half of `qs[j]`, element `j + 16` in the high half.
+    pub qs: [u8; QK / 2],
+}
+
+const _: () = assert!(size_of::<BlockQ4_0>() == 18);
+
+/// Quantizes `src` (`dst.len()` blocks of 32 values) with ggml's reference rounding.
+pub(super) fn quantize(src: &[f32], dst: &mut [BlockQ4_0]) {
+    for (x, block) in src.chunks_exact(QK).zip(dst) {
+        // The signed value of largest magnitude; the first one wins ties, as in ggml.
+        let (mut amax, mut max) = (0f32, 0f32);
+        for &v in x {
+            if amax < v.abs() {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        let d = max / -8.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        block.d = f16::from_f32(d);
+        let quant = |v: f32| ((v * id + 8.5) as i8).min(15) as u8;
+        for j in 0..QK / 2 {
+            block.qs[j] = quant(x[j]) | (quant(x[j + QK / 2]) << 4);
+        }
+    }
+}
+
+/// Decodes `src` into `dst` (`32 * src.len()` values) exactly as ggml's `dequantize_row_q4_0`.
+pub(super) fn dequantize(src: &[BlockQ4_0], dst: &mut [f32]) {
+    for (block, y) in src.iter().zip(dst.chunks_exact_mut(QK)) {
+        let d = block.d.to_f32();
+        for (j, &q) in block.qs.iter().enumerate() {
+            y[j] = ((q & 0x0f) as i32 - 8) as f32 * d;
+            y[j + QK / 2] = ((q >> 4) as i32 - 8) as f32 * d;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DType;
+    use crate::quant::{dequantize_row, quantize_row, test_util};
+
+    #[test]
+    fn layout_matches_ggml() {
+        assert_eq!(std::mem::offset_of!(BlockQ4_0, d), 0);
+        assert_eq!(std::mem::offset_of!(BlockQ4_0, qs), 2);
+    }
+
+    #[test]
+    fn dequantizes_hand_made_block() {
+        // d = 2.0 (f16 0x4000). Byte 0 = 0x9f: element 0 = 15 - 8 = 7, element 16 = 9 - 8 = 1.
+        // Byte 5 = 0x08: element 5 = 0, element 21 = -8. Other bytes 0x88: zeros.
+        let mut bytes = vec![0x00, 0x40];
+        bytes.extend([0x88u8; 16]);
+        bytes[2] = 0x9f;
+        bytes[2 + 5] = 0x08;
+        let mut out = [0f32; 32];
+        dequantize_row(DType::Q4_0, &bytes, &mut out).unwrap();
+        let mut expected = [0f32; 32];
+        expected[0] = 14.0;
+        expected[16] = 2.0;
+        expected[21] = -16.0;
+        assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn quantizes_hand_chosen_row_to_exact_bytes() {
+        // The largest magnitude is -4.0 (negative), so d = 0.5 and q = trunc(x / 0.5 + 8.5).
+        let mut x = [0f32; 32];
+        x[0] = -4.0; // -8 + 8.5 = 0.5 -> 0
+        x[1] = 3.5; // 7 + 8.5 = 15.5 -> 15
+        x[2] = 0.74; // 1.48 + 8.5 = 9.98 -> 9
+        x[16] = 4.0; // 16.5 -> 16, clamped to 15
+        x[17] = -0.3; // -0.6 + 8.5 = 7.9 -> 7
+        let mut bytes = [0u8; 18];
+        quantize_row(DType::Q4_0, &x, &mut bytes).unwrap();
+        assert_eq!(&bytes[..2], &f16::from_f32(0.5).to_le_bytes());
+        let mut expected = [0x88u8; 16];
+        expected[0] = 15 << 4; // Elements 0 and 16.
+        expected[1] = 15 | (7 << 4);
+        expected[2] = 9 | (8 << 4);
+        assert_eq!(&bytes[2..], &expected);
+    }
+
+    #[test]
+    fn round_trip_error_is_within_one_step() {
+        let x = test_util::random_row(2, 32 * 64);
+        let mut bytes = vec![0u8; DType::Q4_0.bytes_for(x.len()).unwrap()];
+        quantize_row(DType::Q4_0, &x, &mut bytes).unwrap();
+        let mut y = vec![0f32; x.len()];
+        dequantize_row(DType::Q4_0, &bytes, &mut y).unwrap();
+        for (xb, yb) in x.chunks(32).zip(y.chunks(32)) {
+            let step = xb.iter().fold(0f32, |m, v| m.max(v.abs())) / 8.0;
+            // Half a step of rounding, except at the end opposite the maximum, where 8 steps are
+            // clamped to 7: a full step. Plus the f16 rounding of d times |q - 8| <= 8.
+            let bound = step * (1.0 + 8.0 / 2048.0) + 1e-7;
+            for (a, b) in xb.iter().zip(yb) {
+                assert!((a - b).abs() <= bound, "{a} vs {b}, bound {bound}");
+            }
+        }
+    }
+}
