@@ -140,7 +140,10 @@ mod tests {
         assert_eq!(gguf_tensor_name("model.layers.12.self_attn.q_proj.weight").unwrap(), "blk.12.attn_q.weight");
         assert_eq!(gguf_tensor_name("model.layers.0.self_attn.k_proj.bias").unwrap(), "blk.0.attn_k.bias");
         assert_eq!(gguf_tensor_name("model.layers.3.mlp.down_proj.weight").unwrap(), "blk.3.ffn_down.weight");
-        assert_eq!(gguf_tensor_name("model.layers.3.post_attention_layernorm.weight").unwrap(), "blk.3.ffn_norm.weight");
+        assert_eq!(
+            gguf_tensor_name("model.layers.3.post_attention_layernorm.weight").unwrap(),
+            "blk.3.ffn_norm.weight"
+        );
         assert!(gguf_tensor_name("model.layers.3.mlp.experts.0.w1.weight").is_none());
     }
 }

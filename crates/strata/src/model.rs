@@ -4,7 +4,7 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use strata_models::{Decoder, KvCache, Logits};
+use strata_models::{Decoder, KvCache, Logits, TokenizerSource};
 
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::{TextStream, Tokenizer};
@@ -71,6 +71,7 @@ pub struct Generation {
 pub struct Model {
     decoder: Decoder,
     tokenizer: Option<Tokenizer>,
+    chat_template: Option<String>,
     pool: rayon::ThreadPool,
     source: PathBuf,
 }
@@ -87,8 +88,9 @@ impl Model {
     pub fn from_pretrained(spec: impl AsRef<Path>, options: LoadOptions) -> Result<Model> {
         let spec = spec.as_ref();
         let loaded = strata_models::load(&spec.to_string_lossy())?;
-        let tokenizer = match &loaded.tokenizer_json {
-            Some(p) => Some(Tokenizer::from_file(p)?),
+        let tokenizer = match loaded.tokenizer {
+            Some(TokenizerSource::Json(p)) => Some(Tokenizer::from_file(&p)?),
+            Some(TokenizerSource::Built(t)) => Some(Tokenizer::from_inner(*t)),
             None => None,
         };
         let mut builder = rayon::ThreadPoolBuilder::new().thread_name(|i| format!("strata-cpu-{i}"));
@@ -96,7 +98,7 @@ impl Model {
             builder = builder.num_threads(n);
         }
         let pool = builder.build().map_err(|e| Error::Runtime(format!("cannot start the CPU thread pool: {e}")))?;
-        Ok(Model { decoder: loaded.decoder, tokenizer, pool, source: loaded.path })
+        Ok(Model { decoder: loaded.decoder, tokenizer, chat_template: loaded.chat_template, pool, source: loaded.path })
     }
 
     /// The decoder (hyperparameters, weight sizes).
@@ -107,6 +109,11 @@ impl Model {
     /// The tokenizer, if the checkpoint has one.
     pub fn tokenizer(&self) -> Option<&Tokenizer> {
         self.tokenizer.as_ref()
+    }
+
+    /// The model's Jinja chat template, if it has one.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
     }
 
     /// Where the model was loaded from.
