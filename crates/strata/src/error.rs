@@ -17,6 +17,18 @@ pub enum Error {
         /// The model's path.
         model: PathBuf,
     },
+    /// The chat template could not be compiled or rendered.
+    #[error("{0}")]
+    Template(String),
+    /// The model has no chat template.
+    #[error("{} has no chat template", model.display())]
+    NoChatTemplate {
+        /// The model's path.
+        model: PathBuf,
+    },
+    /// The default model could not be fetched.
+    #[error("{0}")]
+    Fetch(String),
     /// A caller's input is invalid.
     #[error("invalid input: {0}")]
     InvalidInput(String),

@@ -9,11 +9,15 @@
 //! kernels directly.
 #![warn(missing_docs)]
 
+mod chat;
+mod default_model;
 mod error;
 mod model;
 pub mod sampling;
 mod tokenizer;
 
+pub use chat::{ChatMessage, ChatTemplate};
+pub use default_model::{DEFAULT_MODEL_FILE, DEFAULT_MODEL_PACKAGE, cache_dir, default_model};
 pub use error::{Error, Result};
 pub use model::{GenerateOptions, Generation, LoadOptions, LogitsMode, Model, StopReason};
 pub use sampling::{Sampler, SamplingParams};

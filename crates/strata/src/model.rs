@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use strata_models::{Decoder, KvCache, Logits, TokenizerSource};
 
+use crate::chat::{ChatMessage, ChatTemplate};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::{TextStream, Tokenizer};
 use crate::{Error, Result};
@@ -202,17 +203,36 @@ impl Model {
 
     /// Generates from a text prompt, calling `on_text` with each new piece of text as soon as it
     /// is complete (a multi-byte character split across tokens is held back until whole).
-    pub fn generate_text(
+    pub fn generate_text(&self, prompt: &str, options: &GenerateOptions, on_text: impl FnMut(&str)) -> Result<Generation> {
+        let tok = self.tokenizer.as_ref().ok_or_else(|| Error::NoTokenizer { model: self.source.clone() })?;
+        let ids = tok.encode(prompt, true)?;
+        self.generate_ids_text(&ids, options, on_text)
+    }
+
+    /// The token ids of a conversation rendered with the model's chat template, ending with the
+    /// opening of the assistant's turn (special tokens come from the template, so none are added).
+    pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        let tok = self.tokenizer.as_ref().ok_or_else(|| Error::NoTokenizer { model: self.source.clone() })?;
+        let source = self.chat_template.as_deref().ok_or_else(|| Error::NoChatTemplate { model: self.source.clone() })?;
+        let hp = self.decoder.hparams();
+        let name = |id: Option<u32>| id.and_then(|id| tok.inner().id_to_token(id)).unwrap_or_default();
+        let template = ChatTemplate::new(source, &name(hp.bos_token_id), &name(hp.eos_token_ids.first().copied()))?;
+        let text = template.render(messages, true)?;
+        tok.encode(&text, false)
+    }
+
+    /// Generates from token ids, calling `on_text` with each new piece of text as soon as it is
+    /// complete (a multi-byte character split across tokens is held back until whole).
+    pub fn generate_ids_text(
         &self,
-        prompt: &str,
+        prompt: &[u32],
         options: &GenerateOptions,
         mut on_text: impl FnMut(&str),
     ) -> Result<Generation> {
         let tok = self.tokenizer.as_ref().ok_or_else(|| Error::NoTokenizer { model: self.source.clone() })?;
-        let ids = tok.encode(prompt, true)?;
         let mut stream = TextStream::new(tok);
         let mut failure = None;
-        let generation = self.generate(&ids, options, |id| match stream.push(id) {
+        let generation = self.generate(prompt, options, |id| match stream.push(id) {
             Ok(text) => {
                 if !text.is_empty() {
                     on_text(&text);
