@@ -140,9 +140,6 @@ fn bench(args: &[String]) -> Result<()> {
     if cfg!(debug_assertions) {
         let mut cmd = cargo();
         cmd.args(["run", "--release", "--quiet", "-p", "xtask"]);
-        if cfg!(feature = "strata-matmul") {
-            cmd.args(["--features", "strata-matmul"]);
-        }
         cmd.arg("--").arg("bench").args(opts.to_args());
         eprintln!("xtask bench: building and running in release");
         let status = cmd.status().context("could not start `cargo run --release -p xtask`")?;

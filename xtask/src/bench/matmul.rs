@@ -104,16 +104,8 @@ fn gemm_matmul(x: &[f32], w: &[f32], y: &mut [f32], m: usize, n: usize, k: usize
 }
 
 /// `y = x W^T` through strata.
-#[cfg(feature = "strata-matmul")]
 fn strata_matmul(x: &[f32], w: &Tensor, y: &mut [f32]) -> Result<(), String> {
     strata_tensor::cpu::matmul(x, w, y).map_err(|e| e.to_string())
-}
-
-/// Stands in for strata's matmul until it lands on this branch (see the `strata-matmul` feature
-/// in xtask/Cargo.toml).
-#[cfg(not(feature = "strata-matmul"))]
-fn strata_matmul(_x: &[f32], _w: &Tensor, _y: &mut [f32]) -> Result<(), String> {
-    Err("not built: xtask's `strata-matmul` feature is off until strata_tensor::cpu::matmul lands".into())
 }
 
 #[cfg(test)]
@@ -150,12 +142,7 @@ mod tests {
         let budget = Budget { min_samples: 2, min_time: Duration::ZERO, max_time: Duration::from_secs(5) };
         let r = measure(&random_f32(n * k, 12), m, n, k, 1, budget);
         assert!(r.gemm.calls >= 2 && r.gemm.gflop_s > 0.0, "{r:?}");
-        #[cfg(feature = "strata-matmul")]
-        {
-            let (strata, diff) = r.strata.as_ref().expect("strata matmul runs");
-            assert!(strata.gflop_s > 0.0 && *diff < 1e-4, "{r:?}");
-        }
-        #[cfg(not(feature = "strata-matmul"))]
-        assert!(r.strata.as_ref().is_err_and(|e| e.contains("not built")), "{r:?}");
+        let (strata, diff) = r.strata.as_ref().expect("strata matmul runs");
+        assert!(strata.gflop_s > 0.0 && *diff < 1e-4, "{r:?}");
     }
 }

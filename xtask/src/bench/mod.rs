@@ -241,7 +241,7 @@ impl Report {
                 Json::Obj(vec![
                     ("bytes", Json::Int(bw.bytes)),
                     ("passes", Json::Int(bw.passes)),
-                    ("kernel", Json::Str(bw.kernel.into())),
+                    ("kernel", Json::Str(bw.kernel.clone())),
                     ("median_gb_s", Json::Num(bw.median_gb_s)),
                     ("best_gb_s", Json::Num(bw.best_gb_s)),
                 ]),

@@ -27,7 +27,7 @@ mod softmax;
 mod vec;
 
 pub use attention::*;
-pub use bandwidth::{DEFAULT_BANDWIDTH_BYTES, read_bandwidth};
+pub use bandwidth::{DEFAULT_BANDWIDTH_BYTES, read_bandwidth, sum_f32};
 pub use elementwise::*;
 pub use embedding::*;
 pub use gating::*;
