@@ -17,10 +17,9 @@
 //!
 //! A task owns the outputs `y[rows, cols]` of its block of `n` (and of `m`, when `n` alone gives
 //! too few tasks), so tasks never write the same element. Within a task the loop order is: slice
-//! of `k` (pack `W`) -> panel of `x` (stays in L1) -> panel of `W` (streams from L2); while a
-//! slice is multiplied, the next slice of the task's rows of `W` is prefetched a few cache lines
-//! per tile, so packing reads from L2 rather than waiting on memory. Packing buffers are kept per
-//! thread between calls.
+//! of `k` (pack `W`) -> panel of `x` (stays in L1) -> panel of `W` (streams from L2). Packing
+//! buffers are kept per thread between calls. (Software prefetching of the next slice of `W`
+//! during the arithmetic was tried and measured no faster: the hardware prefetcher keeps up.)
 //!
 //! The microkernels exist for AVX-512 (8 x 48), AVX2 + FMA (6 x 16) and portable code (4 x 16);
 //! the level is an explicit parameter of [`matmul_with`] so tests run all of them. `m = 1` with a
@@ -291,13 +290,6 @@ fn gemm_block<K: Kernel>(
             pack_b_panel::<K>(pb, j0, (n - j0).min(K::NR), p0, kc, panel, &mut s.rows)?;
         }
         let b = f32s(&mut s.b);
-        // Prefetch the slice of `W` this block packs next, a few lines before each tile, so that
-        // its reads from memory overlap this slice's arithmetic.
-        let mut prefetch = (p0 + KC < k).then(|| {
-            let rows = panels_j.start * K::NR..(panels_j.end * K::NR).min(n);
-            let tiles = panels_i.len() * panels_j.len();
-            PrefetchCursor::new(pb, rows, p0 + KC, (k - p0 - KC).min(KC), tiles)
-        });
         for ip in panels_i.clone() {
             let i0 = (mb0 + ip) * K::MR;
             let rows = (m - i0).min(K::MR);
@@ -306,9 +298,6 @@ fn gemm_block<K: Kernel>(
                 let j0 = jp * K::NR;
                 let cols = (n - j0).min(K::NR);
                 let b_panel = &b[q * K::NR * kc..(q + 1) * K::NR * kc];
-                if let Some(cursor) = prefetch.as_mut() {
-                    cursor.step(pb.w);
-                }
                 if rows == K::MR && cols == K::NR {
                     // SAFETY: the panels hold `kc` steps (sliced above); the tile lies inside `y`
                     // (`i0 + MR <= m`, `j0 + NR <= n`, `y` is `m * n`), and belongs to this task
@@ -333,60 +322,6 @@ fn gemm_block<K: Kernel>(
         }
     }
     Ok(())
-}
-
-/// Walks the cache lines of a slice of rows of `W` (elements `p0..p0 + kc` of each), asking for
-/// a share of them to be brought into L2 at each step. Prefetches are hints only: they never
-/// fault and change no result.
-struct PrefetchCursor {
-    /// Byte offset of the next line to prefetch, within the current row's slice.
-    line: usize,
-    /// The current row, and the end of the rows.
-    row: usize,
-    end: usize,
-    row_bytes: usize,
-    /// The slice's byte offset within a row, and its length.
-    off: usize,
-    len: usize,
-    /// Lines per step.
-    per_step: usize,
-}
-
-impl PrefetchCursor {
-    /// A cursor over `rows` of `W`, elements `p0..p0 + kc`, spread over `steps` steps.
-    fn new(pb: &Problem<'_>, rows: std::ops::Range<usize>, p0: usize, kc: usize, steps: usize) -> PrefetchCursor {
-        // Both are whole blocks: `p0` is a multiple of KC and `p0 + kc` is `k` or a multiple of KC.
-        let off = pb.dtype.bytes_for(p0).unwrap_or(0);
-        let len = pb.dtype.bytes_for(kc).unwrap_or(0);
-        let lines = rows.len() * len.div_ceil(64);
-        let per_step = lines.div_ceil(steps.max(1));
-        PrefetchCursor { line: 0, row: rows.start, end: rows.end, row_bytes: pb.row_bytes, off, len, per_step }
-    }
-
-    /// Prefetches the next share of lines of `w`.
-    fn step(&mut self, w: &[u8]) {
-        for _ in 0..self.per_step {
-            if self.row >= self.end {
-                return;
-            }
-            let at = self.row * self.row_bytes + self.off + self.line;
-            #[cfg(target_arch = "x86_64")]
-            if at < w.len() {
-                // SAFETY: `at < w.len()`, so the address is inside `w`; a prefetch reads nothing
-                // architecturally and cannot fault.
-                unsafe {
-                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(w.as_ptr().add(at).cast())
-                };
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            let _ = (w, at);
-            self.line += 64;
-            if self.line >= self.len {
-                self.line = 0;
-                self.row += 1;
-            }
-        }
-    }
 }
 
 /// Packs `rows` rows of `W` starting at row `j0`, elements `p0..p0 + kc`, into `out` in `K`'s
