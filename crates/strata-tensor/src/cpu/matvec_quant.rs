@@ -104,11 +104,13 @@ struct Prepared {
     /// the kernels' unsigned weight levels carry (see [`weight_offset`]); empty when zero. One lane
     /// per four values, except that [`Order::Groups4`] folds each group's second half onto its
     /// first (16 lanes per group of four blocks), because its kernels chain the two halves into
-    /// one accumulator.
+    /// one accumulator, and that the AVX-512 `Q6_K` kernel takes one lane per sub-block of 16
+    /// (see [`q6k_sub_block_bias`]).
     bias: Vec<i32>,
     /// Per-dtype f32 factors: `Q4_1`: `[da, da * S]` per block; `Q4_K`: per super-block the
     /// eight `da` then the eight `da * S` (natural sub-block order); `Q6_K`: the `da` of each
-    /// sub-block of 16. Empty for the others, which read `act.d`.
+    /// sub-block of 16 (in [`transposed`] order for AVX-512). Empty for the others, which read
+    /// `act.d`.
     aux: Vec<f32>,
 }
 
@@ -194,7 +196,14 @@ impl Prepared {
         let order = Order::of(isa, dtype);
         let (hi, lo) = (order.apply(&act.hi), order.apply(&act.lo));
         let offset = weight_offset(isa, dtype);
-        let bias = if offset == 0 { Vec::new() } else { lane_bias(order, &hi, &lo, offset) };
+        let wide = matches!(isa, Isa::Avx512 | Isa::Avx512Vnni);
+        let bias = if wide && dtype == DType::Q6K {
+            q6k_sub_block_bias(&hi, &lo, offset)
+        } else if offset == 0 {
+            Vec::new()
+        } else {
+            lane_bias(order, &hi, &lo, offset)
+        };
         let blocks = act.d.len();
         let mut aux = Vec::new();
         match dtype {
@@ -209,6 +218,12 @@ impl Prepared {
                 for (ds, ss) in act.d.chunks_exact(QK_K / QK_ACT).zip(act.sum.chunks_exact(QK_K / QK_ACT)) {
                     aux.extend_from_slice(ds);
                     aux.extend(ds.iter().zip(ss).map(|(&d, &s)| d * s as f32));
+                }
+            }
+            DType::Q6K if wide => {
+                aux.reserve(2 * blocks);
+                for ds in act.d.chunks_exact(QK_K / QK_ACT) {
+                    aux.extend((0..16).map(|t| ds[transposed(t) / 2]));
                 }
             }
             DType::Q6K => {
@@ -249,6 +264,26 @@ fn lane_bias(order: Order, hi: &[i8], lo: &[i8], offset: i32) -> Vec<i32> {
         lanes.drain(16 * groups..32 * groups);
     }
     lanes
+}
+
+/// The sub-block of 16 whose sum lane `t` of the AVX-512 `Q6_K` kernel holds: `4c + s` for
+/// `t = 4s + c` (a 4 x 4 transpose, see `avx512::TRANSPOSE4`).
+fn transposed(t: usize) -> usize {
+    4 * (t % 4) + t / 4
+}
+
+/// The bias of the AVX-512 `Q6_K` kernel: per super-block, 16 lanes of `-offset` times the sum of
+/// the values `256 * h + l` of sub-block [`transposed`]`(t)` in lane `t`.
+#[inline(always)]
+fn q6k_sub_block_bias(hi: &[i8], lo: &[i8], offset: i32) -> Vec<i32> {
+    let mut bias = Vec::with_capacity(hi.len() / 16);
+    for (h, l) in hi.chunks_exact(QK_K).zip(lo.chunks_exact(QK_K)) {
+        let sums: [i32; 16] = std::array::from_fn(|sb| {
+            (16 * sb..16 * sb + 16).map(|i| HI_WEIGHT * i32::from(h[i]) + i32::from(l[i])).sum()
+        });
+        bias.extend((0..16).map(|t| -offset * sums[transposed(t)]));
+    }
+    bias
 }
 
 /// The offset of the unsigned weight levels the SIMD kernels multiply: `Q4_0` nibbles carry 8,
@@ -422,10 +457,11 @@ mod tests {
         fn every_isa_matches_reference(
             dtype in prop::sample::select(QUANT.to_vec()),
             n in 1usize..8,
-            blocks in 1usize..8,
+            blocks in prop_oneof![1usize..8, 8usize..40],
             seed in any::<u64>(),
         ) {
-            // Odd and even block counts, a single block, and odd and even row counts.
+            // Odd and even block counts, a single block, counts with and without whole groups of
+            // four blocks and a tail, and odd and even row counts.
             let k = blocks * dtype.block_len();
             for isa in Isa::available() {
                 check(isa, dtype, n, k, seed)?;
@@ -436,7 +472,7 @@ mod tests {
         fn every_isa_matches_reference_on_arbitrary_bytes(
             dtype in prop::sample::select(QUANT.to_vec()),
             n in 1usize..6,
-            blocks in 1usize..6,
+            blocks in prop_oneof![1usize..6, 6usize..24],
             seed in any::<u64>(),
         ) {
             let k = blocks * dtype.block_len();

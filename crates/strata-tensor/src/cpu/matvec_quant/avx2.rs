@@ -187,7 +187,7 @@ impl RowKernel for Q8_0<'_> {
 /// The f16 values at `p + i * stride` for i in 0..4 (unaligned), converted to f32. The halves
 /// are combined in a general-purpose register, which keeps the vector shuffle units free.
 #[inline(always)]
-pub(super) unsafe fn f16x4(p: *const u8, stride: usize) -> __m128 {
+unsafe fn f16x4(p: *const u8, stride: usize) -> __m128 {
     // SAFETY: the caller guarantees two readable bytes at each address; F16C (see above).
     unsafe {
         let h = |i: usize| u64::from(p.add(i * stride).cast::<u16>().read_unaligned()) << (16 * i);
@@ -197,7 +197,7 @@ pub(super) unsafe fn f16x4(p: *const u8, stride: usize) -> __m128 {
 
 /// The f16 pairs at `p + i * stride` for i in 0..4 (unaligned), converted to 8 f32.
 #[inline(always)]
-pub(super) unsafe fn f16x2x4(p: *const u8, stride: usize) -> __m256 {
+unsafe fn f16x2x4(p: *const u8, stride: usize) -> __m256 {
     // SAFETY: the caller guarantees four readable bytes at each address; F16C (see above).
     unsafe {
         let w = |i: usize| u64::from(p.add(i * stride).cast::<u32>().read_unaligned());
