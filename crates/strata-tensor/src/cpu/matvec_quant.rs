@@ -1,23 +1,29 @@
-//! Matrix-vector product `y = W x` for block-quantized weights: ggml's method, multi-threaded
-//! with rayon and vectorised for AVX2, AVX-512 and AVX-512 VNNI.
+//! Matrix-vector product `y = W x` for block-quantized weights: ggml's integer method with a
+//! two-digit activation, multi-threaded with rayon and vectorised for AVX2, AVX-512 and AVX-512
+//! VNNI.
 //!
-//! `x` is quantized once per call to 8-bit blocks of 32 (`quant::q8act`); every row of `W` is
-//! then combined with it by integer dot products scaled in f32, with exactly the integers of the
-//! reference (`quant::vec_dot`, which also serves as the scalar path). Rows are split into rayon
-//! tasks of about [`TASK_BYTES`] of weights, and each task runs several rows at a time (four with
-//! AVX-512, two with AVX2's 16 registers) so they share the activation loads and keep independent
-//! accumulation chains in flight. The kernels prefetch the rows they will compute next into L2
-//! (see [`prefetch_ahead`]).
+//! `x` is quantized once per call to blocks of 32 values `a = 256 * h + l` with two 8-bit digits
+//! (`quant::q8act`: within one unit `max|x| / 32512` of `x`, where ggml's single 8-bit digit is
+//! within `max|x| / 254`, too coarse for the outlier dimensions of real hidden states); every row
+//! of `W` is then combined with it by integer dot products scaled in f32, with exactly the integers
+//! of the reference (`quant::vec_dot`, which also serves as the scalar path). Rows are split into
+//! rayon tasks of about [`TASK_BYTES`] of weights, and each task runs several rows at a time (four
+//! with AVX-512, two with AVX2's 16 registers) so they share the activation loads and keep
+//! independent accumulation chains in flight. The kernels prefetch the rows they will compute next
+//! into L2 (see [`prefetch_ahead`]).
 //!
 //! The SIMD kernels multiply unsigned weight levels (4 or 6 bits) directly with the signed 8-bit
-//! activations (`vpmaddubsw` + `vpmaddwd`, or `vpdpbusd` with VNNI). A weight offset (8 for
-//! `Q4_0`, 32 for `Q6_K`, 128 for `Q8_0` on VNNI, whose signed bytes are flipped to unsigned)
-//! is removed by starting each 32-bit lane at `-offset * (sum of the lane's four activations)`,
-//! precomputed once per call in [`Prepared`]; `Q4_1` and `Q4_K` minimums use the activation
-//! block sums the same way. Where it saves shuffles, the prepared activation is also permuted to
-//! the order in which the weights' nibbles come out of memory ([`Order`]). Scales are applied in
-//! f32, per lane or, for the k-quants, per sub-block after summing its lanes; each row's
-//! accumulators are summed horizontally once, at its end.
+//! digits (`vpmaddubsw` + `vpmaddwd`, or `vpdpbusd` with VNNI), each weight register once with
+//! the high digits and once with the low ones, and combine the two in i32 lanes as
+//! `256 * high + low` (a shift, or `vpmaddwd` with 256 instead of 1), so the weights are read and
+//! unpacked once and the f32 work is that of a single digit. A weight offset (8 for `Q4_0`, 32 for
+//! `Q6_K`, 128 for `Q8_0` on VNNI, whose signed bytes are flipped to unsigned) is removed by
+//! starting each 32-bit lane at `-offset * (sum of the lane's four activation values)`, precomputed
+//! once per call in [`Prepared`]; `Q4_1` and `Q4_K` minimums use the activation block sums the same
+//! way. Where it saves shuffles, the prepared activation is also permuted to the order in which the
+//! weights' nibbles come out of memory ([`Order`]). Scales are applied in f32, per lane or, for the
+//! k-quants, per sub-block after summing its lanes; each row's accumulators are summed
+//! horizontally once, at its end.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -29,7 +35,7 @@ use rayon::prelude::*;
 use super::{Isa, isa};
 use crate::DType;
 use crate::quant::QK_K;
-use crate::quant::q8act::{ActQ8, QK_ACT};
+use crate::quant::q8act::{ActQ8, HI_WEIGHT, QK_ACT};
 use crate::quant::vec_dot::row_dot;
 
 /// Weight bytes per rayon task: large enough that task overhead is negligible, small enough that
@@ -87,20 +93,24 @@ fn rows(isa: Isa, dtype: DType, w: &[u8], row_bytes: usize, prep: &Prepared, ys:
 /// The quantized activation of one call plus values the SIMD kernels would otherwise recompute
 /// for every row.
 struct Prepared {
-    /// The 8-bit activation (scales and sums per block of 32, in natural order).
+    /// The two-digit activation (units and sums per block of 32, in natural order).
     act: ActQ8,
-    /// The activation values in the order the kernels of this `isa` and `dtype` read them (see
+    /// The high digits in the order the kernels of this `isa` and `dtype` read them (see
     /// [`Order`]).
-    qs: Vec<i8>,
-    /// Lanes of `-offset * (sum of four activation values)`, where `offset` is what the kernels'
-    /// unsigned weight levels carry (see [`weight_offset`]); empty when zero. One lane per four
-    /// values of `qs`, except that [`Order::Groups4`] folds each group's second half onto its
+    hi: Vec<i8>,
+    /// The low digits, in the same order.
+    lo: Vec<i8>,
+    /// Lanes of `-offset * (sum of four activation values 256 * h + l)`, where `offset` is what
+    /// the kernels' unsigned weight levels carry (see [`weight_offset`]); empty when zero. One lane
+    /// per four values, except that [`Order::Groups4`] folds each group's second half onto its
     /// first (16 lanes per group of four blocks), because its kernels chain the two halves into
-    /// one accumulator.
+    /// one accumulator, and that the AVX-512 `Q6_K` kernel takes one lane per sub-block of 16
+    /// (see [`q6k_sub_block_bias`]).
     bias: Vec<i32>,
     /// Per-dtype f32 factors: `Q4_1`: `[da, da * S]` per block; `Q4_K`: per super-block the
     /// eight `da` then the eight `da * S` (natural sub-block order); `Q6_K`: the `da` of each
-    /// sub-block of 16. Empty for the others, which read `act.d`.
+    /// sub-block of 16 (in [`transposed`] order for AVX-512). Empty for the others, which read
+    /// `act.d`.
     aux: Vec<f32>,
 }
 
@@ -130,7 +140,7 @@ impl Order {
     }
 
     /// `qs` rearranged into this order.
-    fn apply(self, qs: &[i8]) -> Vec<i8> {
+    fn apply<T: Copy>(self, qs: &[T]) -> Vec<T> {
         let mut out = qs.to_vec();
         match self {
             Order::Natural => {}
@@ -157,35 +167,123 @@ impl Order {
 impl Prepared {
     fn new(isa: Isa, dtype: DType, act: ActQ8) -> Prepared {
         if isa == Isa::Scalar {
-            return Prepared { act, qs: Vec::new(), bias: Vec::new(), aux: Vec::new() };
+            return Prepared { act, hi: Vec::new(), lo: Vec::new(), bias: Vec::new(), aux: Vec::new() };
         }
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: `isa` is above `Scalar` and at most `Isa::detect()`, so the CPU has AVX2.
+            unsafe { Prepared::new_avx2(isa, dtype, act) }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            Prepared::build(isa, dtype, act)
+        }
+    }
+
+    /// [`Prepared::build`] compiled for AVX2, which vectorizes its loops (integer sums and f32
+    /// products, identical in any build).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn new_avx2(isa: Isa, dtype: DType, act: ActQ8) -> Prepared {
+        Prepared::build(isa, dtype, act)
+    }
+
+    #[inline(always)]
+    fn build(isa: Isa, dtype: DType, act: ActQ8) -> Prepared {
         let order = Order::of(isa, dtype);
-        let qs = order.apply(&act.qs);
+        let (hi, lo) = (order.apply(&act.hi), order.apply(&act.lo));
         let offset = weight_offset(isa, dtype);
-        let mut bias: Vec<i32> = if offset == 0 {
+        let wide = matches!(isa, Isa::Avx512 | Isa::Avx512Vnni);
+        let bias = if wide && dtype == DType::Q6K {
+            q6k_sub_block_bias(&hi, &lo, offset)
+        } else if offset == 0 {
             Vec::new()
         } else {
-            qs.chunks_exact(4).map(|g| -offset * g.iter().map(|&a| i32::from(a)).sum::<i32>()).collect()
+            lane_bias(order, &hi, &lo, offset)
         };
-        if order == Order::Groups4 && !bias.is_empty() {
-            let groups = qs.len() / 128;
-            let mut folded: Vec<i32> =
-                bias[..32 * groups].chunks_exact(32).flat_map(|g| (0..16).map(move |l| g[l] + g[16 + l])).collect();
-            folded.extend_from_slice(&bias[32 * groups..]);
-            bias = folded;
+        let blocks = act.d.len();
+        let mut aux = Vec::new();
+        match dtype {
+            DType::Q4_1 => {
+                aux.reserve(2 * blocks);
+                for (&d, &s) in act.d.iter().zip(&act.sum) {
+                    aux.extend([d, d * s as f32]);
+                }
+            }
+            DType::Q4K => {
+                aux.reserve(2 * blocks);
+                for (ds, ss) in act.d.chunks_exact(QK_K / QK_ACT).zip(act.sum.chunks_exact(QK_K / QK_ACT)) {
+                    aux.extend_from_slice(ds);
+                    aux.extend(ds.iter().zip(ss).map(|(&d, &s)| d * s as f32));
+                }
+            }
+            DType::Q6K if wide => {
+                aux.reserve(2 * blocks);
+                for ds in act.d.chunks_exact(QK_K / QK_ACT) {
+                    aux.extend((0..16).map(|t| ds[transposed(t) / 2]));
+                }
+            }
+            DType::Q6K => {
+                aux.reserve(2 * blocks);
+                for &d in &act.d {
+                    aux.extend([d, d]);
+                }
+            }
+            _ => {}
         }
-        let das = |b: usize| act.d[b] * act.sum[b] as f32;
-        let aux = match dtype {
-            DType::Q4_1 => (0..act.d.len()).flat_map(|b| [act.d[b], das(b)]).collect(),
-            DType::Q4K => (0..act.d.len())
-                .step_by(QK_K / QK_ACT)
-                .flat_map(|first| (first..first + 8).map(|b| act.d[b]).chain((first..first + 8).map(das)))
-                .collect(),
-            DType::Q6K => act.d.iter().flat_map(|&d| [d, d]).collect(),
-            _ => Vec::new(),
-        };
-        Prepared { act, qs, bias, aux }
+        Prepared { act, hi, lo, bias, aux }
     }
+}
+
+/// The bias lanes of [`Prepared::bias`] for digits `hi`, `lo` already in `order`: `-offset` times
+/// the sum of each four values `256 * h + l`, with [`Order::Groups4`]'s folding.
+#[inline(always)]
+fn lane_bias(order: Order, hi: &[i8], lo: &[i8], offset: i32) -> Vec<i32> {
+    let mut lanes = vec![0i32; hi.len() / 4];
+    // Eight lanes per block of 32 values, on fixed-size arrays so that the loops vectorize.
+    for ((out, h), l) in lanes.chunks_exact_mut(8).zip(hi.chunks_exact(QK_ACT)).zip(lo.chunks_exact(QK_ACT)) {
+        let (out, h, l): (&mut [i32; 8], &[i8; QK_ACT], &[i8; QK_ACT]) =
+            (out.try_into().unwrap(), h.try_into().unwrap(), l.try_into().unwrap());
+        for (j, lane) in out.iter_mut().enumerate() {
+            let sum: i32 = (4 * j..4 * j + 4).map(|i| HI_WEIGHT * i32::from(h[i]) + i32::from(l[i])).sum();
+            *lane = -offset * sum;
+        }
+    }
+    if order == Order::Groups4 {
+        // Each group of four blocks folds its second half (the high nibbles' activation) onto its
+        // first: 16 lanes per 128 values; a tail of fewer than four blocks stays as it is.
+        let groups = hi.len() / 128;
+        for g in 0..groups {
+            for l in 0..16 {
+                lanes[16 * g + l] = lanes[32 * g + l] + lanes[32 * g + 16 + l];
+            }
+        }
+        lanes.drain(16 * groups..32 * groups);
+    }
+    lanes
+}
+
+/// The sub-block of 16 whose sum lane `t` of the AVX-512 `Q6_K` kernel holds: `4c + s` for
+/// `t = 4s + c` (a 4 x 4 transpose, see `avx512::TRANSPOSE4`).
+fn transposed(t: usize) -> usize {
+    4 * (t % 4) + t / 4
+}
+
+/// The bias of the AVX-512 `Q6_K` kernel: per super-block, 16 lanes of `-offset` times the sum of
+/// the values `256 * h + l` of sub-block [`transposed`]`(t)` in lane `t`.
+#[inline(always)]
+fn q6k_sub_block_bias(hi: &[i8], lo: &[i8], offset: i32) -> Vec<i32> {
+    let mut bias = Vec::with_capacity(hi.len() / 16);
+    for (h, l) in hi.chunks_exact(QK_K).zip(lo.chunks_exact(QK_K)) {
+        let sums: [i32; 16] = std::array::from_fn(|sb| {
+            (16 * sb..16 * sb + 16).map(|i| HI_WEIGHT * i32::from(h[i]) + i32::from(l[i])).sum()
+        });
+        bias.extend((0..16).map(|t| -offset * sums[transposed(t)]));
+    }
+    bias
 }
 
 /// The offset of the unsigned weight levels the SIMD kernels multiply: `Q4_0` nibbles carry 8,
@@ -198,6 +296,15 @@ fn weight_offset(isa: Isa, dtype: DType) -> i32 {
         (DType::Q8_0, Isa::Avx512Vnni) => 128,
         _ => 0,
     }
+}
+
+/// The registers of the two digits of some activation values, in the same lanes: the values are
+/// `256 * hi + lo`.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Digits<V> {
+    hi: V,
+    lo: V,
 }
 
 /// A kernel computing the dot products of `R` rows with the prepared activation.
@@ -350,10 +457,11 @@ mod tests {
         fn every_isa_matches_reference(
             dtype in prop::sample::select(QUANT.to_vec()),
             n in 1usize..8,
-            blocks in 1usize..8,
+            blocks in prop_oneof![1usize..8, 8usize..40],
             seed in any::<u64>(),
         ) {
-            // Odd and even block counts, a single block, and odd and even row counts.
+            // Odd and even block counts, a single block, counts with and without whole groups of
+            // four blocks and a tail, and odd and even row counts.
             let k = blocks * dtype.block_len();
             for isa in Isa::available() {
                 check(isa, dtype, n, k, seed)?;
@@ -364,7 +472,7 @@ mod tests {
         fn every_isa_matches_reference_on_arbitrary_bytes(
             dtype in prop::sample::select(QUANT.to_vec()),
             n in 1usize..6,
-            blocks in 1usize..6,
+            blocks in prop_oneof![1usize..6, 6usize..24],
             seed in any::<u64>(),
         ) {
             let k = blocks * dtype.block_len();

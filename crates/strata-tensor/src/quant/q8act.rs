@@ -1,24 +1,47 @@
-//! 8-bit quantization of the activation vector for the quantized matrix-vector product.
+//! Quantization of the activation vector for the quantized matrix-vector product: two 8-bit digits
+//! per value.
 //!
-//! Like ggml, strata multiplies block-quantized weights with an activation quantized to 8 bits, so
-//! the inner products are integer dot products. The format is internal: `x` is cut into blocks of
-//! 32, each with an f32 scale `d = max|x| / 127`, values `q = round(x * 127 / max|x|)` (ties to
-//! even) in `-127..=127` (never -128, so a sign flip cannot overflow), and the sum of the block's
-//! values, which the kernels need to undo the weights' offsets and minimums. The reference and the
-//! fast kernels call the same function, so they see identical integers and differ only in the
-//! order of their float additions.
+//! Like ggml, strata multiplies block-quantized weights with a quantized activation, so the inner
+//! products are integer dot products. ggml rounds the activation to 8 bits per block of 32; on real
+//! models that is too coarse (hidden states have outlier dimensions, and a block holding one
+//! quantizes its other 31 values with a step of `max|x| / 127`), and decode logits drift far from
+//! the float product. strata keeps ggml's value as a high digit and adds a low digit for the
+//! residual, so the kernels still multiply bytes and read the weights once. Per block of 32 with
+//! `amax = max|x|` and step `u = amax / 127`:
+//!
+//! - the high digit `h = round(x * 127 / amax)` (ties to even), in `-127..=127`;
+//! - the low digit `l = round((x - u * h) * 256 / u)`, clamped to `-127..=127`;
+//! - the value `a = 256 * h + l` (a 16-bit integer), with the unit `d = u / 256`: `x ≈ d * a`.
+//!
+//! Digits are never -128 (for finite `x`), so a sign flip cannot overflow; a block whose `amax` is
+//! below 2^-100 quantizes to zero, and a block holding a NaN gets a NaN unit. Since `|x - u * h| <= u / 2`, the low
+//! digit before clamping is within `-128..=128` and every value is within half a unit `d / 2` of
+//! `x`, except where the clamp moved a low digit of ±128 to ±127 (the residual within `u / 512`
+//! of `±u / 2`): those are within one unit. The bound `|x - d * a| <= d` per value is 128 times
+//! tighter than the 8-bit rounding's `u / 2`. The integer dot product with a weight block is
+//! `sum(q * a) = 256 * sum(q * h) + sum(q * l)`; the SIMD kernels compute the two digit products
+//! from the same weight registers and combine them in integers, so the f32 scaling is unchanged
+//! and only `d` replaces the 8-bit scale.
+//!
+//! The reference and the fast kernels call the same function, so they see identical integers and
+//! differ only in the order of their float additions.
 
 /// Elements per activation block.
 pub(crate) const QK_ACT: usize = 32;
 
-/// An activation vector quantized to 8-bit blocks of 32.
+/// The weight of the high digit: a value is `HI_WEIGHT * h + l`.
+pub(crate) const HI_WEIGHT: i32 = 256;
+
+/// An activation vector quantized to two 8-bit digits per value, in blocks of 32.
 #[derive(Clone, Debug)]
 pub(crate) struct ActQ8 {
-    /// The quantized values, in the order of `x`.
-    pub qs: Vec<i8>,
-    /// The scale of each block.
+    /// The high digits `h`, in the order of `x`.
+    pub hi: Vec<i8>,
+    /// The low digits `l`, in the order of `x`.
+    pub lo: Vec<i8>,
+    /// The unit `d` of each block: `max|x| / (127 * 256)`.
     pub d: Vec<f32>,
-    /// The sum of each block's quantized values.
+    /// The sum of each block's values `256 * h + l`.
     pub sum: Vec<i32>,
 }
 
@@ -28,39 +51,94 @@ impl ActQ8 {
     pub fn quantize(x: &[f32]) -> ActQ8 {
         debug_assert_eq!(x.len() % QK_ACT, 0);
         let blocks = x.len() / QK_ACT;
-        let mut act = ActQ8 { qs: vec![0; x.len()], d: vec![0.0; blocks], sum: vec![0; blocks] };
-        for (b, (xs, qs)) in x.chunks_exact(QK_ACT).zip(act.qs.chunks_exact_mut(QK_ACT)).enumerate() {
-            let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
-            let mut sum = 0i32;
-            for (q, &v) in qs.iter_mut().zip(xs) {
-                let r = round_ties_even(v * id).clamp(-127.0, 127.0) as i8;
-                *q = r;
-                sum += i32::from(r);
-            }
-            act.d[b] = amax / 127.0;
-            act.sum[b] = sum;
+        let mut act = ActQ8 { hi: vec![0; x.len()], lo: vec![0; x.len()], d: vec![0.0; blocks], sum: vec![0; blocks] };
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            unsafe { quantize_avx2(x, &mut act) };
+            return act;
         }
+        quantize_blocks(x, &mut act);
         act
     }
 
-    /// The dequantized activation `d * q`, for tests.
+    /// The integer value `256 * h + l` of element `i`.
+    pub fn value(&self, i: usize) -> i32 {
+        HI_WEIGHT * i32::from(self.hi[i]) + i32::from(self.lo[i])
+    }
+
+    /// The dequantized activation `d * (256 * h + l)`, for tests.
     #[cfg(test)]
     pub fn dequantized(&self) -> Vec<f32> {
-        self.qs
-            .chunks_exact(QK_ACT)
-            .zip(&self.d)
-            .flat_map(|(qs, &d)| qs.iter().map(move |&q| d * f32::from(q)))
-            .collect()
+        (0..self.hi.len()).map(|i| self.d[i / QK_ACT] * self.value(i) as f32).collect()
     }
 }
+
+/// [`quantize_blocks`] compiled for AVX2, which vectorizes its loops. The float operations are the
+/// same IEEE operations in the same order (no contraction into FMAs, no reassociation), so the
+/// results are identical to the portable build's.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_avx2(x: &[f32], act: &mut ActQ8) {
+    quantize_blocks(x, act);
+}
+
+/// Fills `act`, already sized for `x`, block by block. Written on fixed-size arrays with
+/// branch-free loops so that the compiler vectorizes it.
+#[inline(always)]
+fn quantize_blocks(x: &[f32], act: &mut ActQ8) {
+    let digits = act.hi.chunks_exact_mut(QK_ACT).zip(act.lo.chunks_exact_mut(QK_ACT));
+    let scales = act.d.iter_mut().zip(act.sum.iter_mut());
+    for ((xs, (his, los)), (d, sum)) in x.chunks_exact(QK_ACT).zip(digits).zip(scales) {
+        let xs: &[f32; QK_ACT] = xs.try_into().expect("chunks of QK_ACT");
+        // max|x| through the bits of |x|, whose integer order is the float order. A NaN gives a
+        // NaN maximum and unit, so the results touching the block are NaN, as in the float
+        // product, rather than silently finite.
+        let amax = f32::from_bits(xs.iter().fold(0u32, |m, v| m.max(v.to_bits() & 0x7fff_ffff)));
+        // The step of the high digit and the inverse steps of both, zero for a negligible block.
+        let u = amax / 127.0;
+        let negligible = amax < NEGLIGIBLE;
+        let ih = if negligible { 0.0 } else { 127.0 / amax };
+        let il = if negligible { 0.0 } else { 256.0 * 127.0 / amax };
+        let mut values = [0i32; QK_ACT];
+        for ((h, l), (&v, value)) in his.iter_mut().zip(los.iter_mut()).zip(xs.iter().zip(&mut values)) {
+            // Clamping before rounding equals rounding before clamping, as the bounds are
+            // integers; the rounded value's integer is then in the low bits of the sum.
+            let (hq, hi) = round_ties_even_int((v * ih).clamp(-127.0, 127.0));
+            let (_, lo) = round_ties_even_int(((v - u * hq) * il).clamp(-127.0, 127.0));
+            (*h, *l) = (hi as i8, lo as i8);
+            *value = HI_WEIGHT * i32::from(*h) + i32::from(*l);
+        }
+        *d = if negligible { 0.0 } else { u / HI_WEIGHT as f32 };
+        *sum = values.iter().sum();
+    }
+}
+
+/// Blocks whose max|x| is below 2^-100 quantize to zero: their inverse steps would overflow f32
+/// (or their units be subnormal), and no activation of a real model is that small.
+const NEGLIGIBLE: f32 = f32::from_bits((127 - 100) << 23);
+
+/// 1.5 * 2^23: adding it to an f32 of magnitude at most 2^22 leaves no fraction bits.
+const MAGIC: f32 = 12_582_912.0;
 
 /// Rounds `v` (|v| <= 2^22) to the nearest integer, ties to even. Adding and removing 1.5 * 2^23
 /// leaves no fraction bits, and the default rounding mode is to nearest even; unlike
 /// `f32::round_ties_even` this needs no SSE4.1 and vectorizes.
+#[cfg(test)]
 fn round_ties_even(v: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0;
     (v + MAGIC) - MAGIC
+}
+
+/// [`round_ties_even`] of `v` (|v| <= 2^22) as an f32 and as an i32: the sum with 1.5 * 2^23 holds
+/// the integer in its low mantissa bits, so the difference of the bit patterns is the integer,
+/// which vectorizes where a float-to-int conversion would not.
+#[inline(always)]
+fn round_ties_even_int(v: f32) -> (f32, i32) {
+    let sum = v + MAGIC;
+    (sum - MAGIC, sum.to_bits() as i32 - MAGIC.to_bits() as i32)
 }
 
 #[cfg(test)]
@@ -69,19 +147,24 @@ mod tests {
 
     #[test]
     fn quantizes_hand_chosen_block() {
-        // max|x| = 127, so the scale is exactly 1 and the values round directly.
+        // max|x| = 127, so the high step is exactly 1, the unit 1/256, and the residuals are
+        // exact in f32.
         let mut x = [0f32; 64];
         x[0] = 127.0;
-        x[1] = -63.5; // -64 (ties to even)
-        x[2] = 1.5; // 2
-        x[3] = 2.5; // 2
+        x[1] = -63.5; // h = -64 (ties to even), residual 0.5: l = 128, clamped to 127
+        x[2] = 1.5; // h = 2, residual -0.5: l = -128, clamped to -127
+        x[3] = 2.25; // h = 2, l = 64
         x[4] = -127.0;
-        x[5] = 0.49; // 0
+        x[5] = 0.49; // h = 0, l = round(125.44) = 125
+        x[6] = -0.001; // h = 0, l = round(-0.256) = 0
         let act = ActQ8::quantize(&x);
-        assert_eq!(&act.qs[..5], &[127, -64, 2, 2, -127]);
-        assert!(act.qs[5..].iter().all(|q| *q == 0));
-        assert_eq!(act.d, vec![1.0, 0.0]);
-        assert_eq!(act.sum, vec![127 - 64 + 2 + 2 - 127, 0]);
+        assert_eq!(&act.hi[..7], &[127, -64, 2, 2, -127, 0, 0]);
+        assert_eq!(&act.lo[..7], &[0, 127, -127, 64, 0, 125, 0]);
+        assert!(act.hi[7..].iter().chain(&act.lo[7..]).all(|q| *q == 0));
+        assert_eq!(act.d, vec![1.0 / 256.0, 0.0]);
+        let values: Vec<i32> = (0..7).map(|i| act.value(i)).collect();
+        assert_eq!(values, [32512, -16257, 385, 576, -32512, 125, 0]);
+        assert_eq!(act.sum, vec![values.iter().sum::<i32>(), 0]);
     }
 
     #[test]
@@ -89,17 +172,75 @@ mod tests {
         for i in -2540..=2540 {
             let v = i as f32 * 0.05;
             assert_eq!(round_ties_even(v), v.round_ties_even(), "{v}");
+            assert_eq!(round_ties_even_int(v), (v.round_ties_even(), v.round_ties_even() as i32), "{v}");
         }
     }
 
+    /// Every value is within one unit of `x`, and within half a unit unless its low digit sits at
+    /// the clamp; f32 rounding adds at most two roundings relative to `|x|` (the residual's
+    /// product `u * h` and the dequantized product `d * a`) and a negligible part of a unit (the
+    /// rounded inverse steps).
     #[test]
-    fn dequantized_is_within_half_a_step() {
-        let x = crate::quant::test_util::random_row(9, 32 * 16);
+    fn dequantized_is_within_half_a_unit() {
+        let x = crate::quant::test_util::random_row(9, 32 * 64);
         let act = ActQ8::quantize(&x);
-        for ((xs, ys), d) in x.chunks(32).zip(act.dequantized().chunks(32)).zip(&act.d) {
-            for (a, b) in xs.iter().zip(ys) {
-                assert!((a - b).abs() <= d * 0.5001 + 1e-12, "{a} vs {b}");
-            }
+        let deq = act.dequantized();
+        let mut clamped = 0;
+        for (i, (&a, &b)) in x.iter().zip(&deq).enumerate() {
+            let d = act.d[i / QK_ACT];
+            let half = if act.lo[i].abs() == 127 {
+                clamped += 1;
+                1.0
+            } else {
+                0.5
+            };
+            let tol = d * (half + 1e-4) + 2.0 * f32::EPSILON * a.abs();
+            assert!((a - b).abs() <= tol, "{i}: {a} vs {b}, unit {d}");
+            assert!(act.hi[i] != -128 && act.lo[i] != -128);
+        }
+        assert!(clamped < x.len() / 50, "{clamped} low digits at the clamp");
+    }
+
+    /// The AVX2 build of the quantizer gives the portable build's bits, on blocks with outliers,
+    /// zeros, ties and values at the clamp.
+    #[test]
+    fn every_build_gives_the_same_digits() {
+        let mut x = crate::quant::test_util::random_row(17, 32 * 64);
+        x[..32].copy_from_slice(&[0.0; 32]);
+        for (i, v) in x[32..64].iter_mut().enumerate() {
+            *v = (i as f32 - 16.0) * 0.5;
+        }
+        x[64] = -1e-30;
+        // A negligible block (zero digits), and one just above the threshold.
+        x[96..128].copy_from_slice(&[3e-31; 32]);
+        x[128..160].copy_from_slice(&[-8e-31; 32]);
+        let mut portable = ActQ8 { hi: vec![0; x.len()], lo: vec![0; x.len()], d: vec![0.0; 64], sum: vec![0; 64] };
+        quantize_blocks(&x, &mut portable);
+        let dispatched = ActQ8::quantize(&x);
+        assert_eq!(portable.hi, dispatched.hi);
+        assert_eq!(portable.lo, dispatched.lo);
+        assert_eq!(portable.d, dispatched.d);
+        assert_eq!(portable.sum, dispatched.sum);
+        assert_eq!((&portable.hi[96..128], portable.d[3]), (&[0i8; 32][..], 0.0));
+        assert_eq!((&portable.hi[128..160], &portable.lo[128..160]), (&[-127i8; 32][..], &[0i8; 32][..]));
+        assert!(portable.hi.iter().chain(&portable.lo).all(|&q| q != -128));
+    }
+
+    #[test]
+    fn nan_gives_a_nan_unit() {
+        let mut x = [1f32; 64];
+        x[40] = f32::NAN;
+        let act = ActQ8::quantize(&x);
+        assert_eq!(act.d[0], 1.0 / 127.0 / 256.0);
+        assert!(act.d[1].is_nan());
+    }
+
+    #[test]
+    fn sums_are_of_the_values() {
+        let x = crate::quant::test_util::random_row(5, 32 * 8);
+        let act = ActQ8::quantize(&x);
+        for (b, &s) in act.sum.iter().enumerate() {
+            assert_eq!(s, (32 * b..32 * b + 32).map(|i| act.value(i)).sum::<i32>());
         }
     }
 }

@@ -1,7 +1,7 @@
-//! Scalar dot products of each block format with an 8-bit activation ([`ActQ8`]): the reference
-//! math of the quantized matrix-vector product, one element at a time.
+//! Scalar dot products of each block format with the two-digit activation ([`ActQ8`]): the
+//! reference math of the quantized matrix-vector product, one element at a time.
 //!
-//! With activation blocks of 32 (scale `da`, values `a`, sum `S`), per dtype:
+//! With activation blocks of 32 (unit `da`, integer values `a = 256 * h + l`, sum `S`), per dtype:
 //!
 //! - `Q8_0`: `(d * da) * sum(q * a)`
 //! - `Q4_0`: `(d * da) * (sum(q * a) - 8 * S)` (the offset of 8 removed through the sum)
@@ -11,8 +11,11 @@
 //! - `Q6_K`, per activation block covering sub-blocks `s` and `s + 1`:
 //!   `(d * da) * sum over both of sc * (sum(q * a) - 32 * sum(a))`
 //!
-//! The SIMD kernels in `cpu::matvec_quant` compute the same integers and differ only in the
-//! order of their float operations; their scalar fallback is this module.
+//! The dot products of a block fit in i32 (`|a| <= 32639`, so 32 products of levels up to 128 stay
+//! below 2^28); the `Q6_K` sums weighted by the 8-bit scales are formed in i64, since two
+//! sub-blocks of extreme values and scales of -128 could pass 2^31. The SIMD kernels in
+//! `cpu::matvec_quant` compute the same integers, as `256 * sum(q * h) + sum(q * l)`, and differ
+//! only in the order of their float operations; their scalar fallback is this module.
 
 use super::q8act::{ActQ8, QK_ACT};
 use super::{BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ6K, BlockQ8_0, QK, QK_K, unpack_scales_mins, with_blocks};
@@ -32,7 +35,7 @@ pub(crate) fn row_dot(dtype: DType, row: &[u8], act: &ActQ8) -> f32 {
 
 /// The integer dot product of weight levels `q` with activation block `b`.
 fn idot(q: &[i32], act: &ActQ8, b: usize) -> i32 {
-    q.iter().zip(&act.qs[QK_ACT * b..QK_ACT * (b + 1)]).map(|(&q, &a)| q * i32::from(a)).sum()
+    q.iter().enumerate().map(|(i, &q)| q * act.value(QK_ACT * b + i)).sum()
 }
 
 /// The 32 levels of a `Q4_0` or `Q4_1` block in element order: low nibbles, then high nibbles.
@@ -112,14 +115,14 @@ fn dot_q6_k(blocks: &[BlockQ6K], act: &ActQ8) -> f32 {
         let q = q6_levels(block);
         for j in 0..QK_K / QK_ACT {
             let b = (QK_K / QK_ACT) * i + j;
-            let a = &act.qs[QK_ACT * b..QK_ACT * (b + 1)];
-            let mut isum = 0i32;
+            let a: Vec<i32> = (QK_ACT * b..QK_ACT * (b + 1)).map(|e| act.value(e)).collect();
+            let mut isum = 0i64;
             for half in 0..2 {
                 let s = 2 * j + half;
                 let (qs, as_) = (&q[16 * s..16 * (s + 1)], &a[16 * half..16 * (half + 1)]);
-                let dot: i32 = qs.iter().zip(as_).map(|(&q, &a)| q * i32::from(a)).sum();
-                let asum: i32 = as_.iter().map(|&a| i32::from(a)).sum();
-                isum += i32::from(block.scales[s]) * (dot - 32 * asum);
+                let dot: i32 = qs.iter().zip(as_).map(|(&q, &a)| q * a).sum();
+                let asum: i32 = as_.iter().sum();
+                isum += i64::from(block.scales[s]) * i64::from(dot - 32 * asum);
             }
             sum += (d * act.d[b]) * isum as f32;
         }

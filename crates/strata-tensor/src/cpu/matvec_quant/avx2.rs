@@ -1,19 +1,20 @@
 //! AVX2 (with FMA and F16C) kernels of the quantized matrix-vector product: 32 weights per 256-bit
 //! register (a `Q8_0` block, the low or high nibbles of two `Q4_0`/`Q4_1` blocks matched by a
-//! permuted activation, a `Q4_K` sub-block, two `Q6_K` sub-blocks), integer dot products by
-//! `vpmaddubsw` (unsigned weight levels times signed activations, pairs summed to i16) and
-//! `vpmaddwd` with ones (i16 pairs summed to i32 lanes of four elements each), then f32 scaling
-//! per lane, or per sub-block after a tree of `vphaddd` for the k-quants.
+//! permuted activation, a `Q4_K` sub-block, two `Q6_K` sub-blocks), integer dot products with
+//! both digits of the activation by `vpmaddubsw` (unsigned weight levels times signed digits,
+//! pairs summed to i16) and `vpmaddwd` with 256 for the high digit and 1 for the low one (i16
+//! pairs summed to i32 lanes of four elements each), then f32 scaling per lane, or per sub-block
+//! after a tree of `vphaddd` for the k-quants.
 //!
 //! Only [`rows`] carries `#[target_feature]`; every helper is `#[inline(always)]` and ends up
 //! inside it (or inside the AVX-512 entry points, which reuse some), where the intrinsics are
-//! compiled for AVX2 or better. No sums saturate: weight levels are at
-//! most 63 (or |q| <= 128 with the sign trick) and activations at most 127 in magnitude, so a
-//! pair is at most 2 * 128 * 127 = 32512.
+//! compiled for AVX2 or better. No sums saturate: weight levels are at most 63 (or |q| <= 128 with
+//! the sign trick) and digits at most 127 in magnitude, so an i16 pair is at most
+//! 2 * 128 * 127 = 32512, and a lane at most 4 * 128 * 32639 < 2^24.
 
 use std::arch::x86_64::*;
 
-use super::{Prepared, RowKernel, drive, prefetch_ahead};
+use super::{Digits, Prepared, RowKernel, drive, prefetch_ahead};
 use crate::DType;
 use crate::quant::QK_K;
 
@@ -45,11 +46,33 @@ pub(super) unsafe fn rows(dtype: DType, w: &[u8], row_bytes: usize, prep: &Prepa
 // the AVX-512 entry points, which enable more; the
 // SAFETY comments on their intrinsic calls rely on that and say what else they need.
 
-/// Sums of four adjacent products of unsigned `u` and signed `s`, in 8 i32 lanes.
+/// The two digit registers of the activation values at offset `at` of `prep`'s arrays.
 #[inline(always)]
-unsafe fn dot4(u: __m256i, s: __m256i) -> __m256i {
+pub(super) unsafe fn digits256(prep: &Prepared, at: usize) -> Digits<__m256i> {
+    // SAFETY: the caller guarantees 32 values at `at`; AVX (see above).
+    unsafe {
+        Digits {
+            hi: _mm256_loadu_si256(prep.hi.as_ptr().add(at).cast()),
+            lo: _mm256_loadu_si256(prep.lo.as_ptr().add(at).cast()),
+        }
+    }
+}
+
+/// The i32 lanes `256 * hi + lo` of the i16 pair sums of the two digits' products.
+#[inline(always)]
+pub(super) unsafe fn combine256(hi: __m256i, lo: __m256i) -> __m256i {
     // SAFETY: AVX2 (see above); no memory access.
-    unsafe { _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)) }
+    unsafe {
+        _mm256_add_epi32(_mm256_madd_epi16(hi, _mm256_set1_epi16(256)), _mm256_madd_epi16(lo, _mm256_set1_epi16(1)))
+    }
+}
+
+/// Sums of four adjacent products of unsigned `u` and the activation values `256 * hi + lo`, in
+/// 8 i32 lanes.
+#[inline(always)]
+unsafe fn dot4(u: __m256i, a: Digits<__m256i>) -> __m256i {
+    // SAFETY: AVX2 (see above); no memory access.
+    unsafe { combine256(_mm256_maddubs_epi16(u, a.hi), _mm256_maddubs_epi16(u, a.lo)) }
 }
 
 /// An f16 read from unaligned memory, converted to f32.
@@ -140,13 +163,14 @@ impl RowKernel for Q8_0<'_> {
         unsafe {
             let mut acc = [_mm256_setzero_ps(); R];
             for b in 0..self.nb {
-                let a = _mm256_loadu_si256(self.prep.qs.as_ptr().add(32 * b).cast());
+                let a = digits256(self.prep, 32 * b);
                 let da = self.prep.act.d[b];
                 for r in 0..R {
                     let block = rows[r].add(34 * b);
                     prefetch_ahead::<34>(block, self.ahead);
                     let w = _mm256_loadu_si256(block.add(2).cast());
-                    let dot = dot4(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
+                    let signed = Digits { hi: _mm256_sign_epi8(a.hi, w), lo: _mm256_sign_epi8(a.lo, w) };
+                    let dot = dot4(_mm256_sign_epi8(w, w), signed);
                     let scale = _mm256_set1_ps(f16_at(block) * da);
                     acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[r]);
                 }
@@ -163,7 +187,7 @@ impl RowKernel for Q8_0<'_> {
 /// The f16 values at `p + i * stride` for i in 0..4 (unaligned), converted to f32. The halves
 /// are combined in a general-purpose register, which keeps the vector shuffle units free.
 #[inline(always)]
-pub(super) unsafe fn f16x4(p: *const u8, stride: usize) -> __m128 {
+unsafe fn f16x4(p: *const u8, stride: usize) -> __m128 {
     // SAFETY: the caller guarantees two readable bytes at each address; F16C (see above).
     unsafe {
         let h = |i: usize| u64::from(p.add(i * stride).cast::<u16>().read_unaligned()) << (16 * i);
@@ -173,7 +197,7 @@ pub(super) unsafe fn f16x4(p: *const u8, stride: usize) -> __m128 {
 
 /// The f16 pairs at `p + i * stride` for i in 0..4 (unaligned), converted to 8 f32.
 #[inline(always)]
-pub(super) unsafe fn f16x2x4(p: *const u8, stride: usize) -> __m256 {
+unsafe fn f16x2x4(p: *const u8, stride: usize) -> __m256 {
     // SAFETY: the caller guarantees four readable bytes at each address; F16C (see above).
     unsafe {
         let w = |i: usize| u64::from(p.add(i * stride).cast::<u32>().read_unaligned());
@@ -200,13 +224,14 @@ unsafe fn nibbles2x32(p: *const u8, stride: usize) -> (__m256i, __m256i) {
 
 /// Lanes of four products of 4-bit weights with activations, for two halves of the same blocks:
 /// `lo` times `a_lo` plus `hi` times `a_hi`. The i16 pair sums (at most 2 * 15 * 127 each) are
-/// added before widening, which saves one `vpmaddwd`.
+/// added before widening, which saves a `vpmaddwd` per digit.
 #[inline(always)]
-unsafe fn dot4_halves(lo: __m256i, a_lo: __m256i, hi: __m256i, a_hi: __m256i) -> __m256i {
+unsafe fn dot4_halves(lo: __m256i, a_lo: Digits<__m256i>, hi: __m256i, a_hi: Digits<__m256i>) -> __m256i {
     // SAFETY: AVX2 (see above); no memory access.
     unsafe {
-        let pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, a_lo), _mm256_maddubs_epi16(hi, a_hi));
-        _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+        let pairs_hi = _mm256_add_epi16(_mm256_maddubs_epi16(lo, a_lo.hi), _mm256_maddubs_epi16(hi, a_hi.hi));
+        let pairs_lo = _mm256_add_epi16(_mm256_maddubs_epi16(lo, a_lo.lo), _mm256_maddubs_epi16(hi, a_hi.lo));
+        combine256(pairs_hi, pairs_lo)
     }
 }
 
@@ -228,7 +253,7 @@ impl RowKernel for Q4_0<'_> {
         // activation holds `nb` blocks of 32, and the bias 16 lanes per group of four blocks,
         // then 8 per tail block.
         unsafe {
-            let (act, qs, bias) = (&self.prep.act, self.prep.qs.as_ptr(), self.prep.bias.as_ptr());
+            let (act, bias) = (&self.prep.act, self.prep.bias.as_ptr());
             let spread = [
                 _mm256_loadu_si256(SPREAD01.as_ptr().cast()),
                 _mm256_add_epi32(_mm256_loadu_si256(SPREAD01.as_ptr().cast()), _mm256_set1_epi32(2)),
@@ -244,8 +269,8 @@ impl RowKernel for Q4_0<'_> {
                     for h in 0..2 {
                         // Blocks 2h and 2h + 1 of the group.
                         let (lo, hi) = nibbles2x32(block.add(2 + 36 * h), 18);
-                        let a_lo = _mm256_loadu_si256(qs.add(128 * g + 32 * h).cast());
-                        let a_hi = _mm256_loadu_si256(qs.add(128 * g + 64 + 32 * h).cast());
+                        let a_lo = digits256(self.prep, 128 * g + 32 * h);
+                        let a_hi = digits256(self.prep, 128 * g + 64 + 32 * h);
                         let b = _mm256_loadu_si256(bias.add(16 * g + 8 * h).cast());
                         let dot = _mm256_add_epi32(dot4_halves(lo, a_lo, hi, a_hi), b);
                         let s = _mm256_permutevar8x32_ps(scales, spread[h]);
@@ -254,7 +279,7 @@ impl RowKernel for Q4_0<'_> {
                 }
             }
             for b in 4 * groups..self.nb {
-                let a = _mm256_loadu_si256(qs.add(32 * b).cast());
+                let a = digits256(self.prep, 32 * b);
                 let bias = _mm256_loadu_si256(bias.add(16 * groups + 8 * (b - 4 * groups)).cast());
                 let da = act.d[b];
                 for r in 0..R {
@@ -287,7 +312,7 @@ impl RowKernel for Q4_1<'_> {
         // SAFETY: each row holds `nb` blocks of 20 bytes (d, m, then 16 bytes of nibbles); the
         // activation holds `nb` blocks of 32 and `aux` two floats per block.
         unsafe {
-            let (qs, aux) = (self.prep.qs.as_ptr(), self.prep.aux.as_ptr());
+            let aux = self.prep.aux.as_ptr();
             // Even lanes of [d0 * da0, m0 * da0 * S0, ...]: lanes 0 and 2, then 4 and 6.
             let spread = [_mm256_set_epi32(2, 2, 2, 2, 0, 0, 0, 0), _mm256_set_epi32(6, 6, 6, 6, 4, 4, 4, 4)];
             let groups = self.nb / 4;
@@ -303,8 +328,8 @@ impl RowKernel for Q4_1<'_> {
                     acc_min[r] = _mm256_add_ps(acc_min[r], prod);
                     for h in 0..2 {
                         let (lo, hi) = nibbles2x32(block.add(4 + 40 * h), 20);
-                        let a_lo = _mm256_loadu_si256(qs.add(128 * g + 32 * h).cast());
-                        let a_hi = _mm256_loadu_si256(qs.add(128 * g + 64 + 32 * h).cast());
+                        let a_lo = digits256(self.prep, 128 * g + 32 * h);
+                        let a_hi = digits256(self.prep, 128 * g + 64 + 32 * h);
                         let dot = dot4_halves(lo, a_lo, hi, a_hi);
                         let s = _mm256_permutevar8x32_ps(prod, spread[h]);
                         acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[r][h]);
@@ -312,7 +337,7 @@ impl RowKernel for Q4_1<'_> {
                 }
             }
             for b in 4 * groups..self.nb {
-                let a = _mm256_loadu_si256(qs.add(32 * b).cast());
+                let a = digits256(self.prep, 32 * b);
                 let factors = _mm_castpd_ps(_mm_load_sd(aux.add(2 * b).cast()));
                 for r in 0..R {
                     let block = rows[r].add(20 * b);
@@ -373,7 +398,7 @@ impl RowKernel for Q4K<'_> {
             let mut acc = [[_mm256_setzero_ps(); 2]; R];
             let mut acc_min = [_mm256_setzero_ps(); R];
             for i in 0..self.nb {
-                let a = self.prep.qs.as_ptr().add(QK_K * i);
+                let a = QK_K * i;
                 let da = _mm256_loadu_ps(self.prep.aux.as_ptr().add(16 * i));
                 let das = _mm256_loadu_ps(self.prep.aux.as_ptr().add(16 * i + 8));
                 for r in 0..R {
@@ -394,8 +419,8 @@ impl RowKernel for Q4K<'_> {
                         let bytes = _mm256_loadu_si256(block.add(16 + 32 * c).cast());
                         let lo = _mm256_and_si256(bytes, mask);
                         let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(bytes), mask);
-                        dots[2 * c] = dot4(lo, _mm256_loadu_si256(a.add(64 * c).cast()));
-                        dots[2 * c + 1] = dot4(hi, _mm256_loadu_si256(a.add(64 * c + 32).cast()));
+                        dots[2 * c] = dot4(lo, digits256(self.prep, a + 64 * c));
+                        dots[2 * c + 1] = dot4(hi, digits256(self.prep, a + 64 * c + 32));
                     }
                     let sums = lane_sums8(dots);
                     acc[r][i % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[r][i % 2]);
@@ -428,7 +453,6 @@ impl RowKernel for Q6K<'_> {
             let m30 = _mm256_set1_epi8(0x30);
             let mut acc = [[_mm256_setzero_ps(); 2]; R];
             for i in 0..self.nb {
-                let a = self.prep.qs.as_ptr().add(QK_K * i);
                 let bias = self.prep.bias.as_ptr().add(64 * i);
                 let da = [
                     _mm256_loadu_ps(self.prep.aux.as_ptr().add(16 * i)),
@@ -468,7 +492,7 @@ impl RowKernel for Q6K<'_> {
                         let mut dots = [_mm256_setzero_si256(); 4];
                         for (q, level) in levels.into_iter().enumerate() {
                             let e = 128 * h + 32 * q;
-                            let av = _mm256_loadu_si256(a.add(e).cast());
+                            let av = digits256(self.prep, QK_K * i + e);
                             dots[q] = _mm256_add_epi32(dot4(level, av), _mm256_loadu_si256(bias.add(e / 4).cast()));
                         }
                         // Lanes 0..4 of dots[q] belong to sub-block 2q of the half, lanes 4..8 to

@@ -1,8 +1,11 @@
 //! AVX-512 kernels of the quantized matrix-vector product, with and without VNNI: 64 weights per
 //! 512-bit register (two `Q8_0` blocks; the low or high nibbles of four `Q4_0`/`Q4_1` blocks or of
 //! 64 `Q4_K` bytes, matched by a permuted activation; four `Q6_K` sub-blocks), integer dot
-//! products by `vpdpbusd` (VNNI) or `vpmaddubsw` + `vpmaddwd` (plain AVX-512 BW), then f32
-//! scaling per lane. Blocks that do not fill a register run on 256-bit registers.
+//! products with both digits of the activation from the same weight register, by `vpdpbusd`
+//! (VNNI: the high digit's lanes shifted left by 8 before the low digit's products are added) or
+//! `vpmaddubsw` + `vpmaddwd` (plain AVX-512 BW: the high digit's i16 pairs widened with 256, the
+//! low digit's with 1), then f32 scaling per lane. Blocks that do not fill a register run on
+//! 256-bit registers.
 //!
 //! The kernels are written once, generic over [`Dot`], and `#[inline(always)]`; the two entry
 //! points [`rows_avx512`] and [`rows_vnni`] carry the `#[target_feature]`s, so everything is
@@ -11,8 +14,8 @@
 use std::arch::x86_64::*;
 use std::marker::PhantomData;
 
-use super::avx2::{f16_at, f16x2x4, f16x4, hsum, nibbles32, odd_lane_sum, q4k_scales_mins, q4k_scales_mins_x2};
-use super::{Prepared, RowKernel, drive, prefetch_ahead};
+use super::avx2::{combine256, digits256, f16_at, hsum, nibbles32, odd_lane_sum, q4k_scales_mins, q4k_scales_mins_x2};
+use super::{Digits, Prepared, RowKernel, drive, prefetch_ahead};
 use crate::DType;
 use crate::quant::QK_K;
 
@@ -43,7 +46,9 @@ unsafe fn rows<D: Dot>(dtype: DType, w: &[u8], row_bytes: usize, prep: &Prepared
     const ROWS: usize = 4;
     let nb = row_bytes / dtype.block_bytes();
     // Each kernel prefetches the rows it will compute after the current group of ROWS.
-    let ahead = (2 * ROWS * row_bytes).max(12 * 1024);
+    let f: usize = std::env::var("PF_F").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
+    let m: usize = std::env::var("PF_M").ok().and_then(|s| s.parse().ok()).unwrap_or(12);
+    let ahead = (f * ROWS * row_bytes).max(m * 1024);
     // SAFETY: forwarded from the entry points' callers.
     unsafe {
         match dtype {
@@ -61,106 +66,171 @@ unsafe fn rows<D: Dot>(dtype: DType, w: &[u8], row_bytes: usize, prep: &Prepared
 // comments on their intrinsic calls rely on the features those enable (VNNI only in `Vnni`, which
 // only `rows_vnni` uses) and say what else they need.
 
-/// The integer dot-product instructions: `vpdpbusd` or its two-instruction AVX-512 BW equivalent.
+/// The integer dot-product instructions, for the two digits of the activation: `vpdpbusd` or its
+/// two-instruction AVX-512 BW equivalent.
 trait Dot {
     /// Whether [`Dot::dot_i8`] needs the `-128 * sum` bias (the activation is then prepared with
     /// it).
     const I8_BIAS: bool;
-    /// `acc` plus, in each i32 lane, the four products of the lane's unsigned bytes of `u` with
-    /// the signed bytes of `s` (products below 2^15 in pairs, so the BW version cannot saturate).
-    unsafe fn dpbusd(acc: __m512i, u: __m512i, s: __m512i) -> __m512i;
+    /// `acc` plus, in each i32 lane, the four products of the lane's unsigned bytes of `u` with the
+    /// activation values `256 * hi + lo` of `a` (weight bytes at most 128 in the BW version, so its
+    /// i16 pairs cannot saturate).
+    unsafe fn dpbusd(acc: __m512i, u: __m512i, a: Digits<__m512i>) -> __m512i;
     /// [`Dot::dpbusd`] on 256-bit registers.
-    unsafe fn dpbusd256(acc: __m256i, u: __m256i, s: __m256i) -> __m256i;
+    unsafe fn dpbusd256(acc: __m256i, u: __m256i, a: Digits<__m256i>) -> __m256i;
     /// `acc` plus the lanes of `lo` times `a_lo` and of `hi` times `a_hi`, for 4-bit `lo` and
     /// `hi`: the BW version adds the i16 pair sums (at most 2 * 15 * 127 each) before widening.
-    unsafe fn dpbusd_halves(acc: __m512i, lo: __m512i, a_lo: __m512i, hi: __m512i, a_hi: __m512i) -> __m512i;
-    /// Lanes of four products of signed weights `w` with signed activations `a`. `bias` holds
-    /// `-128 * (sum of the lane's activations)` when the activation was prepared for VNNI (whose
-    /// version adds 128 to `w` to make it unsigned) and is ignored otherwise.
-    unsafe fn dot_i8(bias: __m512i, w: __m512i, a: __m512i) -> __m512i;
+    unsafe fn dpbusd_halves(
+        acc: __m512i,
+        lo: __m512i,
+        a_lo: Digits<__m512i>,
+        hi: __m512i,
+        a_hi: Digits<__m512i>,
+    ) -> __m512i;
+    /// Lanes of four products of signed weights `w` with the activation values of `a`. `bias`
+    /// holds `-128 * (sum of the lane's activation values)` when the activation was prepared for
+    /// VNNI (whose version adds 128 to `w` to make it unsigned) and is ignored otherwise.
+    unsafe fn dot_i8(bias: __m512i, w: __m512i, a: Digits<__m512i>) -> __m512i;
     /// [`Dot::dot_i8`] on 256-bit registers.
-    unsafe fn dot_i8_256(bias: __m256i, w: __m256i, a: __m256i) -> __m256i;
+    unsafe fn dot_i8_256(bias: __m256i, w: __m256i, a: Digits<__m256i>) -> __m256i;
 }
 
-/// AVX-512 BW: `vpmaddubsw` then `vpmaddwd` with ones.
+/// AVX-512 BW: `vpmaddubsw` per digit, then `vpmaddwd` with 256 (high digit) and 1 (low digit).
 struct Plain;
+
+impl Plain {
+    /// The i32 lanes `256 * hi + lo` of the i16 pair sums of the two digits' products.
+    #[inline(always)]
+    unsafe fn combine(hi: __m512i, lo: __m512i) -> __m512i {
+        // SAFETY: AVX-512 BW (see above); no memory access.
+        unsafe {
+            _mm512_add_epi32(_mm512_madd_epi16(hi, _mm512_set1_epi16(256)), _mm512_madd_epi16(lo, _mm512_set1_epi16(1)))
+        }
+    }
+}
 
 impl Dot for Plain {
     const I8_BIAS: bool = false;
 
     #[inline(always)]
-    unsafe fn dpbusd(acc: __m512i, u: __m512i, s: __m512i) -> __m512i {
-        // SAFETY: AVX-512 BW (see above); no memory access.
-        unsafe { _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1))) }
-    }
-
-    #[inline(always)]
-    unsafe fn dpbusd256(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
-        // SAFETY: AVX2 (see above); no memory access.
-        unsafe { _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))) }
-    }
-
-    #[inline(always)]
-    unsafe fn dpbusd_halves(acc: __m512i, lo: __m512i, a_lo: __m512i, hi: __m512i, a_hi: __m512i) -> __m512i {
+    unsafe fn dpbusd(acc: __m512i, u: __m512i, a: Digits<__m512i>) -> __m512i {
         // SAFETY: AVX-512 BW (see above); no memory access.
         unsafe {
-            let pairs = _mm512_add_epi16(_mm512_maddubs_epi16(lo, a_lo), _mm512_maddubs_epi16(hi, a_hi));
-            _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)))
+            let dot = Plain::combine(_mm512_maddubs_epi16(u, a.hi), _mm512_maddubs_epi16(u, a.lo));
+            _mm512_add_epi32(acc, dot)
         }
     }
 
     #[inline(always)]
-    unsafe fn dot_i8(_bias: __m512i, w: __m512i, a: __m512i) -> __m512i {
+    unsafe fn dpbusd256(acc: __m256i, u: __m256i, a: Digits<__m256i>) -> __m256i {
+        // SAFETY: AVX2 (see above); no memory access.
+        unsafe { _mm256_add_epi32(acc, combine256(_mm256_maddubs_epi16(u, a.hi), _mm256_maddubs_epi16(u, a.lo))) }
+    }
+
+    #[inline(always)]
+    unsafe fn dpbusd_halves(
+        acc: __m512i,
+        lo: __m512i,
+        a_lo: Digits<__m512i>,
+        hi: __m512i,
+        a_hi: Digits<__m512i>,
+    ) -> __m512i {
         // SAFETY: AVX-512 BW (see above); no memory access.
         unsafe {
-            // |w| times a with w's sign; activations are never -128, so negating them is exact.
+            let pairs_hi = _mm512_add_epi16(_mm512_maddubs_epi16(lo, a_lo.hi), _mm512_maddubs_epi16(hi, a_hi.hi));
+            let pairs_lo = _mm512_add_epi16(_mm512_maddubs_epi16(lo, a_lo.lo), _mm512_maddubs_epi16(hi, a_hi.lo));
+            _mm512_add_epi32(acc, Plain::combine(pairs_hi, pairs_lo))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn dot_i8(_bias: __m512i, w: __m512i, a: Digits<__m512i>) -> __m512i {
+        // SAFETY: AVX-512 BW (see above); no memory access.
+        unsafe {
+            // |w| times the digits with w's sign; digits are never -128, so negating them is exact.
             let negate = _mm512_movepi8_mask(w);
-            let signed_a = _mm512_mask_sub_epi8(a, negate, _mm512_setzero_si512(), a);
-            Plain::dpbusd(_mm512_setzero_si512(), _mm512_abs_epi8(w), signed_a)
+            let zero = _mm512_setzero_si512();
+            let signed = Digits {
+                hi: _mm512_mask_sub_epi8(a.hi, negate, zero, a.hi),
+                lo: _mm512_mask_sub_epi8(a.lo, negate, zero, a.lo),
+            };
+            Plain::dpbusd(zero, _mm512_abs_epi8(w), signed)
         }
     }
 
     #[inline(always)]
-    unsafe fn dot_i8_256(_bias: __m256i, w: __m256i, a: __m256i) -> __m256i {
+    unsafe fn dot_i8_256(_bias: __m256i, w: __m256i, a: Digits<__m256i>) -> __m256i {
         // SAFETY: AVX2 (see above); no memory access.
-        unsafe { Plain::dpbusd256(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w)) }
+        unsafe {
+            let signed = Digits { hi: _mm256_sign_epi8(a.hi, w), lo: _mm256_sign_epi8(a.lo, w) };
+            Plain::dpbusd256(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), signed)
+        }
     }
 }
 
-/// AVX-512 VNNI: `vpdpbusd`.
+/// AVX-512 VNNI: `vpdpbusd` per digit, the high digit's lanes shifted left by 8 (times 256) before
+/// the low digit's products are accumulated onto them.
 struct Vnni;
 
 impl Dot for Vnni {
     const I8_BIAS: bool = true;
 
     #[inline(always)]
-    unsafe fn dpbusd(acc: __m512i, u: __m512i, s: __m512i) -> __m512i {
+    unsafe fn dpbusd(acc: __m512i, u: __m512i, a: Digits<__m512i>) -> __m512i {
         // SAFETY: AVX-512 VNNI (only `rows_vnni` instantiates `Vnni`); no memory access.
-        unsafe { _mm512_dpbusd_epi32(acc, u, s) }
+        unsafe {
+            let hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, a.hi);
+            _mm512_dpbusd_epi32(_mm512_add_epi32(acc, _mm512_slli_epi32::<8>(hi)), u, a.lo)
+        }
     }
 
     #[inline(always)]
-    unsafe fn dpbusd256(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+    unsafe fn dpbusd256(acc: __m256i, u: __m256i, a: Digits<__m256i>) -> __m256i {
         // SAFETY: AVX-512 VNNI and VL (see above); no memory access.
-        unsafe { _mm256_dpbusd_epi32(acc, u, s) }
+        unsafe {
+            let hi = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, a.hi);
+            _mm256_dpbusd_epi32(_mm256_add_epi32(acc, _mm256_slli_epi32::<8>(hi)), u, a.lo)
+        }
     }
 
     #[inline(always)]
-    unsafe fn dpbusd_halves(acc: __m512i, lo: __m512i, a_lo: __m512i, hi: __m512i, a_hi: __m512i) -> __m512i {
+    unsafe fn dpbusd_halves(
+        acc: __m512i,
+        lo: __m512i,
+        a_lo: Digits<__m512i>,
+        hi: __m512i,
+        a_hi: Digits<__m512i>,
+    ) -> __m512i {
         // SAFETY: AVX-512 VNNI (see above); no memory access.
-        unsafe { _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc, lo, a_lo), hi, a_hi) }
+        unsafe {
+            let high = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, a_lo.hi), hi, a_hi.hi);
+            let acc = _mm512_add_epi32(acc, _mm512_slli_epi32::<8>(high));
+            _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc, lo, a_lo.lo), hi, a_hi.lo)
+        }
     }
 
     #[inline(always)]
-    unsafe fn dot_i8(bias: __m512i, w: __m512i, a: __m512i) -> __m512i {
+    unsafe fn dot_i8(bias: __m512i, w: __m512i, a: Digits<__m512i>) -> __m512i {
         // SAFETY: AVX-512 VNNI (see above); no memory access.
-        unsafe { _mm512_dpbusd_epi32(bias, _mm512_xor_si512(w, _mm512_set1_epi8(-128)), a) }
+        unsafe { Vnni::dpbusd(bias, _mm512_xor_si512(w, _mm512_set1_epi8(-128)), a) }
     }
 
     #[inline(always)]
-    unsafe fn dot_i8_256(bias: __m256i, w: __m256i, a: __m256i) -> __m256i {
+    unsafe fn dot_i8_256(bias: __m256i, w: __m256i, a: Digits<__m256i>) -> __m256i {
         // SAFETY: AVX-512 VNNI and VL (see above); no memory access.
-        unsafe { _mm256_dpbusd_epi32(bias, _mm256_xor_si256(w, _mm256_set1_epi8(-128)), a) }
+        unsafe { Vnni::dpbusd256(bias, _mm256_xor_si256(w, _mm256_set1_epi8(-128)), a) }
+    }
+}
+
+/// The two digit registers of the 64 activation values at offset `at` of `prep`'s arrays.
+#[inline(always)]
+unsafe fn digits512(prep: &Prepared, at: usize) -> Digits<__m512i> {
+    // SAFETY: the caller guarantees 64 values at `at`; AVX-512 F.
+    unsafe {
+        Digits {
+            hi: _mm512_loadu_si512(prep.hi.as_ptr().add(at).cast()),
+            lo: _mm512_loadu_si512(prep.lo.as_ptr().add(at).cast()),
+        }
     }
 }
 
@@ -205,7 +275,7 @@ impl<D: Dot> RowKernel for Q8_0<'_, D> {
             debug_assert_eq!(vnni_bias, !self.prep.bias.is_empty());
             let mut acc = [_mm512_setzero_ps(); R];
             for b in (0..self.nb - self.nb % 2).step_by(2) {
-                let a = _mm512_loadu_si512(self.prep.qs.as_ptr().add(32 * b).cast());
+                let a = digits512(self.prep, 32 * b);
                 let bias = if vnni_bias {
                     _mm512_loadu_si512(self.prep.bias.as_ptr().add(8 * b).cast())
                 } else {
@@ -227,7 +297,7 @@ impl<D: Dot> RowKernel for Q8_0<'_, D> {
             }
             if self.nb % 2 == 1 {
                 let b = self.nb - 1;
-                let a = _mm256_loadu_si256(self.prep.qs.as_ptr().add(32 * b).cast());
+                let a = digits256(self.prep, 32 * b);
                 let bias = if vnni_bias {
                     _mm256_loadu_si256(self.prep.bias.as_ptr().add(8 * b).cast())
                 } else {
@@ -246,29 +316,41 @@ impl<D: Dot> RowKernel for Q8_0<'_, D> {
     }
 }
 
-/// The nibbles of four consecutive `Q4_0`/`Q4_1` blocks whose 16 bytes of nibbles start at `p`
-/// with a block stride of `stride`: the low nibbles (each block's elements 0..16) in the first
-/// register, the high ones (elements 16..32) in the second, block `i` in 128-bit lane `i`; the
-/// activation of [`super::Order::Groups4`] matches.
-#[inline(always)]
-unsafe fn nibbles4x32(p: *const u8, stride: usize) -> (__m512i, __m512i) {
-    // SAFETY: the caller guarantees 16 readable bytes at `p + i * stride` for i in 0..4; AVX-512 F/BW.
-    unsafe {
-        // Two 256-bit inserts and one 512-bit one: cheaper than three 512-bit inserts on CPUs
-        // that split 512-bit shuffles.
-        let y0 = _mm256_inserti128_si256::<1>(
-            _mm256_castsi128_si256(_mm_loadu_si128(p.cast())),
-            _mm_loadu_si128(p.add(stride).cast()),
-        );
-        let y1 = _mm256_inserti128_si256::<1>(
-            _mm256_castsi128_si256(_mm_loadu_si128(p.add(2 * stride).cast())),
-            _mm_loadu_si128(p.add(3 * stride).cast()),
-        );
-        let z = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(y0), y1);
-        let mask = _mm512_set1_epi8(0x0f);
-        (_mm512_and_si512(z, mask), _mm512_and_si512(_mm512_srli_epi16::<4>(z), mask))
+/// `vpermt2w` indices gathering the nibbles of four `Q4_0` blocks from the 72 bytes at the first
+/// one, loaded as bytes 0..64 and 8..72: 128-bit lane `b` gets bytes `18b + 2..18b + 18`.
+static Q4_0_QS: [u16; 32] = {
+    let mut t = [0u16; 32];
+    let mut i = 0;
+    while i < 32 {
+        let byte = 18 * (i / 8) + 2 + 2 * (i % 8);
+        t[i] = if byte < 64 { (byte / 2) as u16 } else { 32 + ((byte - 8) / 2) as u16 };
+        i += 1;
     }
-}
+    t
+};
+
+/// `vpermw` indices gathering the scales `[d0, .., d3]` of four `Q4_0` blocks from their first 64
+/// bytes.
+static Q4_0_D: [u16; 32] =
+    [0, 9, 18, 27, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+
+/// `vpermt2w` indices gathering the nibbles of four `Q4_1` blocks from the 80 bytes at the first
+/// one, loaded as bytes 0..64 and 16..80: 128-bit lane `b` gets bytes `20b + 4..20b + 20`.
+static Q4_1_QS: [u16; 32] = {
+    let mut t = [0u16; 32];
+    let mut i = 0;
+    while i < 32 {
+        let byte = 20 * (i / 8) + 4 + 2 * (i % 8);
+        t[i] = if byte < 64 { (byte / 2) as u16 } else { 32 + ((byte - 16) / 2) as u16 };
+        i += 1;
+    }
+    t
+};
+
+/// `vpermw` indices gathering `[d0, m0, .., d3, m3]` of four `Q4_1` blocks from their first 64
+/// bytes.
+static Q4_1_DM: [u16; 32] =
+    [0, 1, 10, 11, 20, 21, 30, 31, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
 
 /// `vpermps` indices putting lane `i` of a 4-lane vector in 128-bit lane `i` (lanes `4i..4i+4`).
 static SPREAD4: [i32; 16] = [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3];
@@ -277,7 +359,10 @@ static SPREAD4: [i32; 16] = [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3];
 static SPREAD4_EVEN: [i32; 16] = [0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6];
 
 /// `Q4_0`, four blocks per pair of registers (activation in [`super::Order::Groups4`]); the offset
-/// of 8 is removed by the prepared bias lanes.
+/// of 8 is removed by the prepared bias lanes. A group's 72 bytes are loaded as two registers,
+/// from which one `vpermt2w` gathers the four blocks' nibbles into 128-bit lanes and one `vpermw`
+/// their scales (`Q4_0_QS`, `Q4_0_D`): far fewer instructions than loading and inserting each
+/// block's nibbles and assembling the f16 scales in general-purpose registers.
 struct Q4_0<'a, D> {
     nb: usize,
     prep: &'a Prepared,
@@ -292,27 +377,34 @@ impl<D: Dot> RowKernel for Q4_0<'_, D> {
         // activation holds `nb` blocks of 32 and the bias 16 lanes per group of four blocks, then
         // 8 per tail block.
         unsafe {
-            let (act, qs, bias) = (&self.prep.act, self.prep.qs.as_ptr(), self.prep.bias.as_ptr());
+            let (act, bias) = (&self.prep.act, self.prep.bias.as_ptr());
             let spread = _mm512_loadu_si512(SPREAD4.as_ptr().cast());
+            let qs_idx = _mm512_loadu_si512(Q4_0_QS.as_ptr().cast());
+            let d_idx = _mm512_loadu_si512(Q4_0_D.as_ptr().cast());
+            let mask = _mm512_set1_epi8(0x0f);
             let groups = self.nb / 4;
             let mut acc = [_mm512_setzero_ps(); R];
             for g in 0..groups {
-                let a_lo = _mm512_loadu_si512(qs.add(128 * g).cast());
-                let a_hi = _mm512_loadu_si512(qs.add(128 * g + 64).cast());
+                let a_lo = digits512(self.prep, 128 * g);
+                let a_hi = digits512(self.prep, 128 * g + 64);
                 let bias = _mm512_loadu_si512(bias.add(16 * g).cast());
                 let da = _mm_loadu_ps(act.d.as_ptr().add(4 * g));
                 for r in 0..R {
                     let block = rows[r].add(18 * 4 * g);
                     prefetch_ahead::<72>(block, self.ahead);
-                    let (lo, hi) = nibbles4x32(block.add(2), 18);
+                    let z0 = _mm512_loadu_si512(block.cast());
+                    let z1 = _mm512_loadu_si512(block.add(8).cast());
+                    let qs = _mm512_permutex2var_epi16(z0, qs_idx, z1);
+                    let (lo, hi) = (_mm512_and_si512(qs, mask), _mm512_and_si512(_mm512_srli_epi16::<4>(qs), mask));
                     let dot = D::dpbusd_halves(bias, lo, a_lo, hi, a_hi);
-                    let scale = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_mul_ps(f16x4(block, 18), da)));
+                    let d = _mm_cvtph_ps(_mm512_castsi512_si128(_mm512_permutexvar_epi16(d_idx, z0)));
+                    let scale = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_mul_ps(d, da)));
                     acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
                 }
             }
             let mut tail = [_mm256_setzero_ps(); R];
             for b in 4 * groups..self.nb {
-                let a = _mm256_loadu_si256(qs.add(32 * b).cast());
+                let a = digits256(self.prep, 32 * b);
                 let bias = _mm256_loadu_si256(bias.add(16 * groups + 8 * (b - 4 * groups)).cast());
                 for r in 0..R {
                     let block = rows[r].add(18 * b);
@@ -331,7 +423,8 @@ impl<D: Dot> RowKernel for Q4_0<'_, D> {
 }
 
 /// `Q4_1`, four blocks per pair of registers (activation in [`super::Order::Groups4`]):
-/// `(d * da) * dot + (m * da) * S` with `[da, da * S]` prepared per block.
+/// `(d * da) * dot + (m * da) * S` with `[da, da * S]` prepared per block. Nibbles, scales and
+/// minimums are gathered from two registers as for `Q4_0`.
 struct Q4_1<'a, D> {
     nb: usize,
     prep: &'a Prepared,
@@ -345,23 +438,30 @@ impl<D: Dot> RowKernel for Q4_1<'_, D> {
         // SAFETY: each row holds `nb` blocks of 20 bytes (d, m, then 16 bytes of nibbles); the
         // activation holds `nb` blocks of 32 and `aux` two floats per block.
         unsafe {
-            let (qs, aux) = (self.prep.qs.as_ptr(), self.prep.aux.as_ptr());
+            let aux = self.prep.aux.as_ptr();
             let spread = _mm512_loadu_si512(SPREAD4_EVEN.as_ptr().cast());
+            let qs_idx = _mm512_loadu_si512(Q4_1_QS.as_ptr().cast());
+            let dm_idx = _mm512_loadu_si512(Q4_1_DM.as_ptr().cast());
+            let mask = _mm512_set1_epi8(0x0f);
             let groups = self.nb / 4;
             let mut acc = [_mm512_setzero_ps(); R];
             // The odd lanes accumulate the minimum terms m * da * S.
             let mut acc_min = [_mm256_setzero_ps(); R];
             for g in 0..groups {
-                let a_lo = _mm512_loadu_si512(qs.add(128 * g).cast());
-                let a_hi = _mm512_loadu_si512(qs.add(128 * g + 64).cast());
+                let a_lo = digits512(self.prep, 128 * g);
+                let a_hi = digits512(self.prep, 128 * g + 64);
                 let factors = _mm256_loadu_ps(aux.add(8 * g));
                 for r in 0..R {
                     let block = rows[r].add(20 * 4 * g);
                     prefetch_ahead::<80>(block, self.ahead);
-                    let (lo, hi) = nibbles4x32(block.add(4), 20);
+                    let z0 = _mm512_loadu_si512(block.cast());
+                    let z1 = _mm512_loadu_si512(block.add(16).cast());
+                    let qs = _mm512_permutex2var_epi16(z0, qs_idx, z1);
+                    let (lo, hi) = (_mm512_and_si512(qs, mask), _mm512_and_si512(_mm512_srli_epi16::<4>(qs), mask));
                     let dot = D::dpbusd_halves(_mm512_setzero_si512(), lo, a_lo, hi, a_hi);
                     // [d_i * da_i, m_i * da_i * S_i] for the four blocks.
-                    let prod = _mm256_mul_ps(f16x2x4(block, 20), factors);
+                    let dm = _mm512_castsi512_si128(_mm512_permutexvar_epi16(dm_idx, z0));
+                    let prod = _mm256_mul_ps(_mm256_cvtph_ps(dm), factors);
                     let scale = _mm512_permutexvar_ps(spread, _mm512_castps256_ps512(prod));
                     acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
                     acc_min[r] = _mm256_add_ps(acc_min[r], prod);
@@ -369,7 +469,7 @@ impl<D: Dot> RowKernel for Q4_1<'_, D> {
             }
             let mut tail = [_mm256_setzero_ps(); R];
             for b in 4 * groups..self.nb {
-                let a = _mm256_loadu_si256(qs.add(32 * b).cast());
+                let a = digits256(self.prep, 32 * b);
                 let factors = _mm_castpd_ps(_mm_load_sd(aux.add(2 * b).cast()));
                 for r in 0..R {
                     let block = rows[r].add(20 * b);
@@ -414,7 +514,6 @@ impl<D: Dot> RowKernel for Q4K<'_, D> {
             // Lanes 8..16 accumulate dmin * m * da * S.
             let mut acc_min = [_mm512_setzero_ps(); R];
             for i in 0..self.nb {
-                let a_ptr = self.prep.qs.as_ptr().add(QK_K * i);
                 let factors = _mm512_loadu_ps(self.prep.aux.as_ptr().add(16 * i));
                 // The packed scales of two rows are unpacked together in 256-bit registers.
                 let mut packed = [_mm_setzero_si128(); R];
@@ -446,8 +545,7 @@ impl<D: Dot> RowKernel for Q4K<'_, D> {
                             [_mm512_and_si512(bytes, mask), _mm512_and_si512(_mm512_srli_epi16::<4>(bytes), mask)];
                         for (j, q) in nibbles.into_iter().enumerate() {
                             let p = 2 * h + j;
-                            let a = _mm512_loadu_si512(a_ptr.add(64 * p).cast());
-                            dots[p] = D::dpbusd(_mm512_setzero_si512(), q, a);
+                            dots[p] = D::dpbusd(_mm512_setzero_si512(), q, digits512(self.prep, QK_K * i + 64 * p));
                         }
                     }
                     // Sum each register's 8 lanes per sub-block down to 2 with in-lane shuffles:
@@ -475,8 +573,10 @@ impl<D: Dot> RowKernel for Q4K<'_, D> {
     }
 }
 
-/// `Q6_K`: a register holds 64 elements (four sub-blocks of 16); the offset of 32 is removed by
-/// the prepared bias lanes and each lane's f32 scale is `d * sc * da` of its sub-block.
+/// `Q6_K`: a register holds 64 elements (four sub-blocks of 16, one per 128-bit lane). The four
+/// registers of a super-block are summed to one lane per sub-block with in-lane shuffles, then the
+/// offset of 32 is removed by the prepared per-sub-block bias and one FMA applies `d * sc * da` of
+/// every sub-block. Sums, bias and factors are in the transposed order [`TRANSPOSE4`] leaves them.
 struct Q6K<'a, D> {
     nb: usize,
     prep: &'a Prepared,
@@ -488,7 +588,7 @@ impl<D: Dot> RowKernel for Q6K<'_, D> {
     #[inline(always)]
     unsafe fn dot<const R: usize>(&self, rows: [*const u8; R]) -> [f32; R] {
         // SAFETY: each row holds `nb` super-blocks of 210 bytes (ql 128, qh 64, scales 16, d);
-        // the activation holds 256 values, the bias 64 lanes and `aux` 16 floats per super-block.
+        // the activation holds 256 values, and the bias and `aux` 16 lanes per super-block.
         unsafe {
             let m0f = _mm512_set1_epi8(0x0f);
             let m30 = _mm512_set1_epi8(0x30);
@@ -497,17 +597,18 @@ impl<D: Dot> RowKernel for Q6K<'_, D> {
             // bits 6..8 (right by 2); see `quant::q6_k`.
             let shl = _mm512_set_epi64(2 * S1, 2 * S1, 2 * S1, 2 * S1, 4 * S1, 4 * S1, 4 * S1, 4 * S1);
             let shr = _mm512_set_epi64(2 * S1, 2 * S1, 2 * S1, 2 * S1, 0, 0, 0, 0);
+            let transpose = _mm_loadu_si128(TRANSPOSE4.as_ptr().cast());
             let mut acc = [[_mm512_setzero_ps(); 2]; R];
             for i in 0..self.nb {
-                let a_ptr = self.prep.qs.as_ptr().add(QK_K * i);
-                let bias_ptr = self.prep.bias.as_ptr().add(64 * i);
+                let bias = _mm512_loadu_si512(self.prep.bias.as_ptr().add(16 * i).cast());
                 let da = _mm512_loadu_ps(self.prep.aux.as_ptr().add(16 * i));
                 for r in 0..R {
                     let block = rows[r].add(210 * i);
                     prefetch_ahead::<210>(block, self.ahead);
                     let d = _mm512_set1_ps(f16_at(block.add(208)));
-                    let sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(block.add(192).cast())));
-                    let scale = _mm512_mul_ps(_mm512_mul_ps(sc, d), da);
+                    let sc = _mm_shuffle_epi8(_mm_loadu_si128(block.add(192).cast()), transpose);
+                    let scale = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)), d), da);
+                    let mut dots = [_mm512_setzero_si512(); 4];
                     for h in 0..2 {
                         let ql = _mm512_loadu_si512(block.add(64 * h).cast());
                         let qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(block.add(128 + 32 * h).cast()));
@@ -524,13 +625,20 @@ impl<D: Dot> RowKernel for Q6K<'_, D> {
                         );
                         for (j, q) in [first, second].into_iter().enumerate() {
                             let c = 2 * h + j;
-                            let a = _mm512_loadu_si512(a_ptr.add(64 * c).cast());
-                            let bias = _mm512_loadu_si512(bias_ptr.add(16 * c).cast());
-                            let dot = D::dpbusd(bias, q, a);
-                            let s = _mm512_permutexvar_ps(_mm512_loadu_si512(QUAD_IDX[c].as_ptr().cast()), scale);
-                            acc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[r][j]);
+                            dots[c] = D::dpbusd(_mm512_setzero_si512(), q, digits512(self.prep, QK_K * i + 64 * c));
                         }
                     }
+                    let x = _mm512_add_epi32(
+                        _mm512_unpacklo_epi32(dots[0], dots[1]),
+                        _mm512_unpackhi_epi32(dots[0], dots[1]),
+                    );
+                    let y = _mm512_add_epi32(
+                        _mm512_unpacklo_epi32(dots[2], dots[3]),
+                        _mm512_unpackhi_epi32(dots[2], dots[3]),
+                    );
+                    let z = _mm512_add_epi32(_mm512_unpacklo_epi64(x, y), _mm512_unpackhi_epi64(x, y));
+                    let z = _mm512_add_epi32(z, bias);
+                    acc[r][i % 2] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(z), scale, acc[r][i % 2]);
                 }
             }
             let mut out = [0f32; R];
@@ -542,6 +650,12 @@ impl<D: Dot> RowKernel for Q6K<'_, D> {
     }
 }
 
+/// `vpshufb` indices transposing a 4 x 4 matrix of bytes: byte `4s + c` reads byte `4c + s`. Summing
+/// the four 128-bit lanes of registers 0..4 with `vpunpck*` leaves, in lane `4s + c`, the sum over
+/// 128-bit lane `s` of register `c`; for `Q6_K` that is sub-block `4c + s`, and its scales are
+/// transposed the same way.
+static TRANSPOSE4: [u8; 16] = [0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15];
+
 /// A shift of 1 in each of four u16 lanes.
 const S1: i64 = 0x0001_0001_0001_0001;
 
@@ -549,19 +663,3 @@ const S1: i64 = 0x0001_0001_0001_0001;
 /// of registers 0..4 over that lane, register `p` holding sub-blocks `4 * (p / 2) + p % 2` (first
 /// half) and that plus 2 (second half).
 static Z_ORDER: [i32; 16] = [0, 1, 4, 5, 0, 1, 4, 5, 2, 3, 6, 7, 2, 3, 6, 7];
-
-/// `vpermps` indices spreading 16 per-sub-block scales over the lanes of `Q6_K` register `c`:
-/// lane `l` reads scale `4c + l / 4`.
-static QUAD_IDX: [[i32; 16]; 4] = {
-    let mut t = [[0; 16]; 4];
-    let mut c = 0;
-    while c < 4 {
-        let mut l = 0;
-        while l < 16 {
-            t[c][l] = (4 * c + l / 4) as i32;
-            l += 1;
-        }
-        c += 1;
-    }
-    t
-};
