@@ -152,7 +152,9 @@ mod tests {
 
     #[test]
     fn trims_blocks_uses_python_methods_and_raises() {
-        let src = "{% for m in messages %}\n  {{ m.content.strip() | upper }}{% if m.role == 'bad' %}{{ raise_exception('no ' + m.role) }}{% endif %}\n{% endfor %}";
+        // Jinja2 with trim_blocks and lstrip_blocks renders this as "HI\n" (checked with jinja2
+        // 3.1): the indentation before `{% if %}` and the newlines after block tags go.
+        let src = "{% for m in messages %}\n  {% if m.role == 'bad' %}{{ raise_exception('no ' + m.role) }}{% endif %}{% if true %}{{ m.content.strip() | upper }}\n{% endif %}\n{% endfor %}";
         let t = ChatTemplate::new(src, "<s>", "</s>").unwrap();
         assert_eq!(t.render(&[ChatMessage::new("user", "  hi  ")], false).unwrap(), "HI\n");
         let err = t.render(&[ChatMessage::new("bad", "x")], false).unwrap_err();
