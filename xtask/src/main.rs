@@ -38,9 +38,10 @@ commands:
   bench [--threads N] [--json]
                               CPU op microbenchmarks in release: memory bandwidth, decode matvec per dtype,
                               f32 prefill matmul next to the gemm crate (N threads, default 2)
-  bench --peers [--threads N] [--files FILE.gguf...] [--json]
+  bench --peers [--threads N] [--files FILE.gguf...] [--rounds N] [--json]
                               strata against llama.cpp and mistral.rs on the same GGUF files (installs them
-                              into $XDG_CACHE_HOME/strata/peers once): prefill 128 and decode 64 tokens";
+                              into $XDG_CACHE_HOME/strata/peers once): prefill 128 and decode 64 tokens,
+                              best of N rounds; --json: JSON on stdout, the table on stderr";
 
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();

@@ -317,6 +317,8 @@ pub fn run(args: &[String]) -> Result<()> {
         peers,
     };
     if opts.json {
+        // The table goes to stderr, for the person watching; stdout holds only the JSON.
+        eprint!("\n{}", report.table());
         println!("{}", serde_json::to_string_pretty(&report.json())?);
     } else {
         print!("{}", report.table());
