@@ -10,6 +10,7 @@
 mod bench;
 mod fixtures;
 mod fuzz;
+mod peers;
 mod synth;
 
 use std::env;
@@ -28,13 +29,19 @@ commands:
   fixtures [--out DIR] [--venv DIR] [--list] [NAMES...]
                               regenerate the reference fixtures in tests/fixtures with transformers
                               (installs pinned torch + transformers into a cached venv once)
-  synth-model --shape NAME --dtype D --out DIR [--layers N]
+  synth-model --shape NAME --dtype D --out PATH [--layers N] [--format safetensors|gguf]
                               write a random-weight checkpoint of a real model's shape for benchmarks
-                              (shapes: tinyllama-1.1b, llama-3-8b, smollm2-135m; dtypes: f32, f16, bf16)
+                              (shapes: tinyllama-1.1b, llama-3-8b, smollm2-135m; safetensors: f32, f16, bf16
+                              into the directory PATH; gguf, or PATH ending in .gguf: also q8_0, q4_0, q4_1,
+                              q4_k, q6_k)
   fuzz [TARGET] [SECONDS]     run a cargo-fuzz target (default safetensors_header, 600 s) and print the exec count
   bench [--threads N] [--json]
                               CPU op microbenchmarks in release: memory bandwidth, decode matvec per dtype,
-                              f32 prefill matmul next to the gemm crate (N threads, default 2)";
+                              f32 prefill matmul next to the gemm crate (N threads, default 2)
+  bench --peers [--threads N] [--files FILE.gguf...] [--rounds N] [--json]
+                              strata against llama.cpp and mistral.rs on the same GGUF files (installs them
+                              into $XDG_CACHE_HOME/strata/peers once): prefill 128 and decode 64 tokens,
+                              best of N rounds; --json: JSON on stdout, the table on stderr";
 
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
@@ -59,6 +66,7 @@ fn run(args: &[String]) -> Result<()> {
             no_arguments("tidy", rest)?;
             step(&["test", "-p", "strata-tests", "--test", "tidy"])
         }
+        Some("bench") if rest.iter().any(|a| a == "--peers") => peers::run(rest),
         Some("bench") => bench(rest),
         Some("fuzz") => {
             let target = rest.first().map(String::as_str).unwrap_or("safetensors_header");
@@ -149,9 +157,9 @@ fn bench(args: &[String]) -> Result<()> {
     bench::run(&opts)
 }
 
-/// `synth-model --shape NAME --dtype D --out DIR [--layers N]`.
+/// `synth-model --shape NAME --dtype D --out PATH [--layers N] [--format F]`.
 fn synth_model(args: &[String]) -> Result<()> {
-    let (mut shape, mut dtype, mut out, mut layers) = (None, None, None, None);
+    let (mut shape, mut dtype, mut out, mut layers, mut format) = (None, None, None, None, None);
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
@@ -159,6 +167,7 @@ fn synth_model(args: &[String]) -> Result<()> {
             "--shape" => shape = Some(value()?.clone()),
             "--dtype" => dtype = Some(value()?.clone()),
             "--out" => out = Some(PathBuf::from(value()?)),
+            "--format" => format = Some(synth::Format::from_name(value()?)?),
             "--layers" => {
                 let v = value()?;
                 layers = Some(v.parse().with_context(|| format!("--layers must be a number, got {v:?}"))?);
@@ -167,6 +176,6 @@ fn synth_model(args: &[String]) -> Result<()> {
         }
     }
     let shape = shape.context("synth-model needs --shape")?;
-    let out = out.context("synth-model needs --out DIR")?;
-    synth::run(&shape, dtype.as_deref().unwrap_or("bf16"), layers, &out)
+    let out = out.context("synth-model needs --out PATH")?;
+    synth::run(&shape, dtype.as_deref().unwrap_or("bf16"), layers, format, &out).map(drop)
 }

@@ -1,12 +1,20 @@
 //! `cargo xtask synth-model`: random-weight checkpoints with the shapes of real models, for
 //! benchmarks. Fast and without Python: weights come from a xorshift generator and are streamed
-//! to a safetensors file next to a config.json that transformers and strata both read.
+//! either to a safetensors file next to a config.json that transformers and strata both read, or
+//! to one GGUF file (llama architecture, a synthetic vocabulary) that strata, llama.cpp and
+//! mistral.rs all load, in a float or a ggml block dtype.
+
+mod gguf;
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
+use rayon::prelude::*;
+use strata_tensor::DType;
+
+use gguf::{TensorInfo, Value};
 
 /// The shape of a real model.
 #[derive(Clone, Debug)]
@@ -64,26 +72,61 @@ pub const SHAPES: &[ModelShape] = &[
     },
 ];
 
-/// Writes a checkpoint of `shape` (optionally with only `layers` layers) in `dtype`
-/// (f32, f16 or bf16) to `out`.
-pub fn run(shape: &str, dtype: &str, layers: Option<usize>, out: &Path) -> Result<()> {
+/// The file format `synth-model` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// A directory with `model.safetensors` and `config.json`.
+    Safetensors,
+    /// One `.gguf` file.
+    Gguf,
+}
+
+impl Format {
+    /// Parses `--format`: `safetensors` or `gguf`.
+    pub fn from_name(name: &str) -> Result<Format> {
+        match name {
+            "safetensors" => Ok(Format::Safetensors),
+            "gguf" => Ok(Format::Gguf),
+            other => bail!("unknown --format {other:?}: expected safetensors or gguf"),
+        }
+    }
+}
+
+/// Writes a checkpoint of `shape` (optionally with only `layers` layers) in `dtype` to `out`
+/// and returns the path of the weights file.
+///
+/// The format is `format`, or when not given GGUF if `out` ends in `.gguf` and safetensors
+/// otherwise. Safetensors: `out` is a directory, dtypes f32, f16 and bf16. GGUF: `out` is the
+/// file, or a directory that receives `<shape>-<dtype>.gguf`; every dtype strata knows (f32,
+/// f16, bf16, q8_0, q4_0, q4_1, q4_k, q6_k) for the matrices, f32 for the norm weights.
+pub fn run(shape: &str, dtype: &str, layers: Option<usize>, format: Option<Format>, out: &Path) -> Result<PathBuf> {
     let Some(base) = SHAPES.iter().find(|s| s.name == shape) else {
         let names: Vec<&str> = SHAPES.iter().map(|s| s.name).collect();
         bail!("unknown shape {shape:?}: expected one of {}", names.join(", "));
     };
     let mut s = base.clone();
     if let Some(n) = layers {
-        anyhow::ensure!(n > 0, "--layers must be at least 1");
+        ensure!(n > 0, "--layers must be at least 1");
         s.layers = n;
     }
-    let (st_dtype, elem) = match dtype {
-        "f32" => ("F32", 4),
-        "f16" => ("F16", 2),
-        "bf16" => ("BF16", 2),
-        other => bail!("unsupported --dtype {other:?} for safetensors: expected f32, f16 or bf16"),
-    };
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let is_gguf_path = out.extension().is_some_and(|e| e == "gguf");
+    match format.unwrap_or(if is_gguf_path { Format::Gguf } else { Format::Safetensors }) {
+        Format::Safetensors => write_safetensors(&s, dtype, out),
+        Format::Gguf => {
+            let path = if is_gguf_path {
+                out.to_path_buf()
+            } else {
+                let layers = layers.map(|n| format!("-{n}l")).unwrap_or_default();
+                out.join(format!("{}{layers}-{dtype}.gguf", s.name))
+            };
+            write_gguf(&s, dtype, &path)?;
+            Ok(path)
+        }
+    }
+}
 
+/// The model's tensors with their Hugging Face names and shapes, in checkpoint order.
+fn hf_tensors(s: &ModelShape) -> Vec<(String, Vec<usize>)> {
     let head_dim = s.hidden / s.heads;
     let mut tensors: Vec<(String, Vec<usize>)> = vec![("model.embed_tokens.weight".into(), vec![s.vocab, s.hidden])];
     for i in 0..s.layers {
@@ -102,6 +145,57 @@ pub fn run(shape: &str, dtype: &str, layers: Option<usize>, out: &Path) -> Resul
     if !s.tie {
         tensors.push(("lm_head.weight".into(), vec![s.vocab, s.hidden]));
     }
+    tensors
+}
+
+/// The name llama.cpp's converter gives the Hugging Face tensor `hf`.
+fn gguf_name(hf: &str) -> String {
+    match hf {
+        "model.embed_tokens.weight" => return "token_embd.weight".into(),
+        "model.norm.weight" => return "output_norm.weight".into(),
+        "lm_head.weight" => return "output.weight".into(),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("model.layers.").expect("every other tensor is in a layer");
+    let (layer, module) = rest.split_once('.').expect("a layer index, then the module");
+    let module = match module {
+        "input_layernorm.weight" => "attn_norm",
+        "self_attn.q_proj.weight" => "attn_q",
+        "self_attn.k_proj.weight" => "attn_k",
+        "self_attn.v_proj.weight" => "attn_v",
+        "self_attn.o_proj.weight" => "attn_output",
+        "post_attention_layernorm.weight" => "ffn_norm",
+        "mlp.gate_proj.weight" => "ffn_gate",
+        "mlp.up_proj.weight" => "ffn_up",
+        "mlp.down_proj.weight" => "ffn_down",
+        other => unreachable!("hf_tensors lists no module {other}"),
+    };
+    format!("blk.{layer}.{module}.weight")
+}
+
+/// The weights' magnitude: uniform on `[-A, A]` has the variance of N(0, 0.02^2).
+const WEIGHT_RANGE: f32 = 0.0346;
+
+/// One step of the xorshift64 generator, mapped to a weight in `[-WEIGHT_RANGE, WEIGHT_RANGE)`.
+fn next_weight(rng: &mut u64) -> f32 {
+    *rng ^= *rng << 13;
+    *rng ^= *rng >> 7;
+    *rng ^= *rng << 17;
+    ((*rng >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * WEIGHT_RANGE
+}
+
+/// Writes model.safetensors and config.json into the directory `out`.
+fn write_safetensors(s: &ModelShape, dtype: &str, out: &Path) -> Result<PathBuf> {
+    let (st_dtype, elem) = match dtype {
+        "f32" => ("F32", 4),
+        "f16" => ("F16", 2),
+        "bf16" => ("BF16", 2),
+        other => bail!("unsupported --dtype {other:?} for safetensors: expected f32, f16 or bf16 (or --format gguf)"),
+    };
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+
+    let head_dim = s.hidden / s.heads;
+    let tensors = hf_tensors(s);
 
     // The header: every tensor's dtype, shape and byte range, padded to 8 bytes.
     let mut header = String::from("{\"__metadata__\":{\"format\":\"pt\",\"generator\":\"strata xtask synth-model\"}");
@@ -142,14 +236,7 @@ pub fn run(shape: &str, dtype: &str, layers: Option<usize>, out: &Path) -> Resul
             let m = left.min(1 << 20);
             buf.clear();
             for _ in 0..m {
-                let x = if is_norm {
-                    1.0f32
-                } else {
-                    rng ^= rng << 13;
-                    rng ^= rng >> 7;
-                    rng ^= rng << 17;
-                    ((rng >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * 0.0346
-                };
+                let x = if is_norm { 1.0f32 } else { next_weight(&mut rng) };
                 match elem {
                     4 => buf.extend_from_slice(&x.to_le_bytes()),
                     _ if st_dtype == "BF16" => buf.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes()),
@@ -210,5 +297,140 @@ pub fn run(shape: &str, dtype: &str, layers: Option<usize>, out: &Path) -> Resul
     );
     std::fs::write(out.join("config.json"), config)?;
     eprintln!("wrote {} and config.json", path.display());
+    Ok(path)
+}
+
+/// `general.file_type` (llama.cpp's `llama_ftype`) of a file whose matrices are all `dtype`.
+fn file_type(dtype: DType) -> u32 {
+    match dtype {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::Q4_0 => 2,
+        DType::Q4_1 => 3,
+        DType::Q8_0 => 7,
+        // All-q4_k matrices are what llama.cpp calls Q4_K_S.
+        DType::Q4K => 14,
+        DType::Q6K => 18,
+        DType::BF16 => 32,
+    }
+}
+
+/// The seed of row `row` of tensor `tensor`: rows are generated independently (in parallel)
+/// and the file is the same whatever the thread count.
+fn row_seed(tensor: usize, row: usize) -> u64 {
+    // splitmix64 of the pair, so that neighbouring rows get unrelated xorshift states.
+    let mut z = ((tensor as u64) << 32 | row as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) | 1
+}
+
+/// Writes a llama-architecture GGUF of shape `s` with its matrices in `dtype` to `path`
+/// (through `path.partial`, renamed when complete).
+fn write_gguf(s: &ModelShape, dtype_name: &str, path: &Path) -> Result<()> {
+    let Some(dtype) = DType::from_name(dtype_name) else {
+        let names: Vec<&str> = DType::ALL.iter().map(|d| d.name()).collect();
+        bail!("unsupported --dtype {dtype_name:?} for GGUF: expected one of {}", names.join(", "));
+    };
+    let infos: Vec<TensorInfo> = hf_tensors(s)
+        .into_iter()
+        .map(|(hf, shape)| {
+            let dtype = if shape.len() == 1 { DType::F32 } else { dtype };
+            TensorInfo { name: gguf_name(&hf), shape, dtype }
+        })
+        .collect();
+    for t in &infos {
+        let k = t.shape[t.shape.len() - 1];
+        ensure!(
+            k.is_multiple_of(t.dtype.block_len()),
+            "{}: rows of {k} elements are not whole {} blocks of {} (shape {} cannot be written as {})",
+            t.name,
+            t.dtype,
+            t.dtype.block_len(),
+            s.name,
+            t.dtype
+        );
+    }
+
+    let head_dim = s.hidden / s.heads;
+    let vocab = gguf::vocab(s.vocab)?;
+    let u32_of = |n: usize| Value::U32(u32::try_from(n).expect("model dimensions fit in u32"));
+    let metadata = [
+        ("general.architecture", Value::Str("llama".into())),
+        ("general.name", Value::Str(format!("strata synth-model {} {dtype}", s.name))),
+        ("general.file_type", Value::U32(file_type(dtype))),
+        ("llama.vocab_size", u32_of(s.vocab)),
+        ("llama.context_length", u32_of(s.max_positions)),
+        ("llama.embedding_length", u32_of(s.hidden)),
+        ("llama.block_count", u32_of(s.layers)),
+        ("llama.feed_forward_length", u32_of(s.intermediate)),
+        ("llama.attention.head_count", u32_of(s.heads)),
+        ("llama.attention.head_count_kv", u32_of(s.kv_heads)),
+        ("llama.rope.dimension_count", u32_of(head_dim)),
+        ("llama.rope.freq_base", Value::F32(s.rope_theta as f32)),
+        ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
+        ("tokenizer.ggml.model", Value::Str("llama".into())),
+        ("tokenizer.ggml.tokens", Value::StrArray(vocab.tokens)),
+        ("tokenizer.ggml.scores", Value::F32Array(vocab.scores)),
+        ("tokenizer.ggml.token_type", Value::I32Array(vocab.types)),
+        ("tokenizer.ggml.unknown_token_id", Value::U32(0)),
+        ("tokenizer.ggml.bos_token_id", Value::U32(1)),
+        ("tokenizer.ggml.eos_token_id", Value::U32(2)),
+        ("tokenizer.ggml.add_bos_token", Value::Bool(true)),
+        ("tokenizer.ggml.add_eos_token", Value::Bool(false)),
+    ];
+
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let mut tmp_name = path.file_name().context("the GGUF path names a file")?.to_owned();
+    tmp_name.push(".partial");
+    let tmp = path.with_file_name(tmp_name);
+    let file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let mut w = BufWriter::with_capacity(8 << 20, file);
+    w.write_all(&gguf::header(&metadata, &infos))?;
+
+    let total: usize = infos.iter().map(TensorInfo::bytes).sum();
+    eprintln!("writing {} ({:.2} GB, {} layers, {dtype})", path.display(), total as f64 / 1e9, s.layers);
+    let mut written = 0usize;
+    let mut last_report = 0usize;
+    for (index, t) in infos.iter().enumerate() {
+        let k = t.shape[t.shape.len() - 1];
+        let rows = t.shape.iter().product::<usize>() / k;
+        let row_bytes = t.bytes() / rows;
+        if t.shape.len() == 1 {
+            // Norm weights are ones, as in a freshly initialised model.
+            let ones: Vec<u8> = std::iter::repeat_n(1f32.to_le_bytes(), k).flatten().collect();
+            w.write_all(&ones)?;
+        } else {
+            // Rows in batches of about 16 MiB, each batch generated and quantized in parallel.
+            let batch_rows = ((16 << 20) / row_bytes).max(1);
+            let mut buf = Vec::new();
+            for first in (0..rows).step_by(batch_rows) {
+                let n = batch_rows.min(rows - first);
+                buf.resize(n * row_bytes, 0);
+                buf.par_chunks_mut(row_bytes).enumerate().try_for_each_init(
+                    || vec![0f32; k],
+                    |row, (i, dst)| {
+                        let mut rng = row_seed(index, first + i);
+                        row.iter_mut().for_each(|x| *x = next_weight(&mut rng));
+                        strata_tensor::quant::quantize_row(t.dtype, row, dst)
+                    },
+                )?;
+                w.write_all(&buf)?;
+            }
+        }
+        gguf::pad(&mut w, t.bytes())?;
+        written += t.bytes();
+        if written - last_report >= 256 << 20 {
+            last_report = written;
+            eprint!("\r  {:>5.1}%", 100.0 * written as f64 / total as f64);
+        }
+    }
+    w.flush()?;
+    w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    eprintln!("\r  100.0%");
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+    eprintln!("wrote {}", path.display());
     Ok(())
 }
