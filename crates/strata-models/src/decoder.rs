@@ -196,6 +196,7 @@ impl Decoder {
         let mut gate = vec![0f32; t * inter];
         let mut up = vec![0f32; t * inter];
         let mut act = vec![0f32; t * inter];
+        let mut qk_scratch = Vec::with_capacity(if hp.qk_norm { t * qd } else { 0 });
 
         for (li, layer) in self.layers.iter().enumerate() {
             cpu::rms_norm(&x, &layer.attn_norm, hp.rms_norm_eps, &mut normed)?;
@@ -203,9 +204,13 @@ impl Decoder {
             layer.k.forward(&normed, &mut k)?;
             layer.v.forward(&normed, &mut v)?;
             if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-                let (q_in, k_in) = (q.clone(), k.clone());
-                cpu::rms_norm(&q_in, qn, hp.rms_norm_eps, &mut q)?;
-                cpu::rms_norm(&k_in, kn, hp.rms_norm_eps, &mut k)?;
+                // Per-head RMSNorm of q and k (Qwen3), through one scratch buffer.
+                qk_scratch.clear();
+                qk_scratch.extend_from_slice(&q);
+                cpu::rms_norm(&qk_scratch, qn, hp.rms_norm_eps, &mut q)?;
+                qk_scratch.clear();
+                qk_scratch.extend_from_slice(&k);
+                cpu::rms_norm(&qk_scratch, kn, hp.rms_norm_eps, &mut k)?;
             }
             cpu::rope(
                 &mut q,
