@@ -191,6 +191,8 @@ impl Prepared {
         Prepared::build(isa, dtype, act)
     }
 
+    /// The preparation for `isa` and `dtype`: the digits in the kernels' order, the bias lanes
+    /// and the f32 factors.
     #[inline(always)]
     fn build(isa: Isa, dtype: DType, act: ActQ8) -> Prepared {
         let order = Order::of(isa, dtype);
