@@ -5,7 +5,8 @@ use crate::{DType, Error, Result, Tensor};
 
 /// `y = W x` for a weight `w` of shape `[n, k]` (any dtype), `x` of length `k` and `y` of
 /// length `n`. Float weights are converted on the fly; block-quantized weights take `x`
-/// quantized to 8-bit blocks and integer dot products, as ggml does.
+/// quantized per block of 32 as two 8-bit digits (a 16-bit value) and integer dot products, both
+/// digits multiplied from the same unpacked weights.
 pub fn matvec(w: &Tensor, x: &[f32], y: &mut [f32]) -> Result<()> {
     let (n, k) = check_matvec("matvec", w, x, y)?;
     let bytes = w.cpu_bytes()?;

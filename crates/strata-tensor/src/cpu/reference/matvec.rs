@@ -4,7 +4,7 @@ use super::{matvec_float, matvec_quant};
 use crate::cpu::matvec::check_matvec;
 use crate::{DType, Result, Tensor};
 
-/// Reference for [`crate::cpu::matvec`]: same signature, same rounding model (8-bit activation
+/// Reference for [`crate::cpu::matvec`]: same signature, same rounding model (two-digit activation
 /// blocks for block-quantized weights), scalar arithmetic.
 pub fn matvec(w: &Tensor, x: &[f32], y: &mut [f32]) -> Result<()> {
     let (n, k) = check_matvec("reference::matvec", w, x, y)?;
