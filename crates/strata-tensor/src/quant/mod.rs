@@ -4,8 +4,7 @@
 //! definitions (checked by tests), so bytes from a GGUF file are reinterpreted in place with
 //! `bytemuck`. [`quantize_row`] and [`dequantize_row`] are the plain reference conversions; the
 //! per-format modules hold the details. `q8act` quantizes activations to blocks of two 8-bit
-//! digits and
-//! `vec_dot` holds the scalar integer dot products of the quantized matrix-vector product.
+//! digits and `vec_dot` holds the scalar integer dot products of the quantized matrix-vector product.
 
 use bytemuck::Pod;
 use half::{bf16, f16};
