@@ -1,11 +1,13 @@
 //! `cargo xtask`: strata's task runner (the alias lives in `.cargo/config.toml`).
 //!
 //! Commands: `test` (formatting, clippy, every test: what CI runs), `tidy` (the tidy checks in
-//! tests/tests/tidy.rs), `bench` (CPU op microbenchmarks, built and run in release), `fixtures` (reference
-//! logits from transformers). Later issues add `kernels`, `demo` and `device-bundle`.
+//! tests/tests/tidy.rs), `bench` (CPU op microbenchmarks in release; `--peers` runs strata,
+//! llama.cpp and mistral.rs on the same GGUF files), `fixtures` (reference logits from
+//! transformers), `synth-model` (random-weight checkpoints of real shapes, safetensors or GGUF)
+//! and `fuzz`. Later issues add `kernels`, `demo` and `device-bundle`.
 //!
-//! Dependencies: strata-tensor, only for `bench`. Few third-party crates: anyhow, plus rayon and
-//! gemm for the bench.
+//! Dependencies: strata-tensor (the bench's ops, synth-model's quantization). Few third-party
+//! crates: anyhow, rayon, gemm (the bench's reference GEMM), half and serde_json.
 
 mod bench;
 mod fixtures;
