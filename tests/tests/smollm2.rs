@@ -13,7 +13,7 @@
 //! The logits are checked on both paths: one pass over the prompt (prefill) and one token at a
 //! time through the KV cache (decode, what `generate` uses after the prompt).
 //!
-//! The model is read from the strata cache (see `strata_tests::strata_cache_dir`); every test
+//! The model is read from the strata cache (see `strata::cache_dir`); every test
 //! skips, saying so, when the file is absent.
 
 use std::ops::ControlFlow;
