@@ -27,6 +27,18 @@ impl Tensor {
         Ok(Tensor { storage: Storage::Cpu(storage), shape, dtype })
     }
 
+    /// A tensor over CUDA device storage (allocated by `strata-kernels`), checking that its
+    /// length fits `dtype` and `shape`.
+    #[cfg(feature = "cuda")]
+    pub fn from_cuda_storage(storage: crate::CudaStorage, dtype: DType, shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape = shape.into();
+        let expected = row_bytes_checked("Tensor::from_cuda_storage", dtype, shape.last_dim())? * shape.rows();
+        if storage.len != expected {
+            return Err(Error::ByteLength { dtype, shape, expected, got: storage.len });
+        }
+        Ok(Tensor { storage: Storage::Cuda(storage), shape, dtype })
+    }
+
     /// A zero-copy tensor over `len` bytes at `offset` of `source` (a memory map, say).
     pub fn from_source(
         source: Arc<dyn ByteSource>,

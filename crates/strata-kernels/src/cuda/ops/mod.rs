@@ -1,0 +1,6 @@
+//! Launchers: one module per kernel file, each checking lengths on the host, filling the
+//! parameter struct of `kernels/include/<file>.h`, and launching on the compute stream.
+
+mod norm;
+
+pub use norm::*;

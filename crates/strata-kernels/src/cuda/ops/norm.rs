@@ -1,0 +1,49 @@
+//! RMSNorm (`kernels/rmsnorm.cu`).
+
+use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
+
+use crate::Result;
+use crate::cuda::params::RmsNormParams;
+use crate::cuda::{Cuda, check_len, ptr, ptr_mut};
+
+/// `out[r, :] = x[r, :] * rsqrt(mean(x[r, :]²) + eps) * w` for `rows = x.len() / w.len()` rows.
+/// The CUDA twin of `strata_tensor::cpu::rms_norm`.
+pub fn rms_norm<X, W, O>(cuda: &Cuda, x: &X, w: &W, eps: f32, rows: usize, out: &mut O) -> Result<()>
+where
+    X: DevicePtr<f32>,
+    W: DevicePtr<f32>,
+    O: DevicePtrMut<f32>,
+{
+    let cols = w.len();
+    check_len("rms_norm", "x", x.len(), rows * cols)?;
+    check_len("rms_norm", "out", out.len(), rows * cols)?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let p = RmsNormParams { rows: rows as u32, cols: cols as u32, eps };
+    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let ptrs = [ptr(cuda, x), ptr(cuda, w), ptr_mut(cuda, out)];
+    // SAFETY: x and out hold rows * cols floats and w holds cols, checked above.
+    unsafe { cuda.launch("rmsnorm", "rmsnorm_f32", cfg, &p, &ptrs) }
+}
+
+/// [`rms_norm`] in place: `x[r, :] = x[r, :] * rsqrt(mean(x[r, :]²) + eps) * w` (each element is
+/// read and written by the same thread, so in place is safe).
+pub fn rms_norm_inplace<X, W>(cuda: &Cuda, x: &mut X, w: &W, eps: f32, rows: usize) -> Result<()>
+where
+    X: DevicePtrMut<f32>,
+    W: DevicePtr<f32>,
+{
+    let cols = w.len();
+    check_len("rms_norm_inplace", "x", x.len(), rows * cols)?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let p = RmsNormParams { rows: rows as u32, cols: cols as u32, eps };
+    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let xp = ptr_mut(cuda, x);
+    let ptrs = [xp, ptr(cuda, w), xp];
+    // SAFETY: x holds rows * cols floats and w holds cols, checked above; the kernel reads and
+    // writes each element from the same thread.
+    unsafe { cuda.launch("rmsnorm", "rmsnorm_f32", cfg, &p, &ptrs) }
+}

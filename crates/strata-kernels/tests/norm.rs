@@ -1,0 +1,34 @@
+//! RMSNorm on the GPU against the CPU reference, on random shapes.
+#![cfg(feature = "cuda")]
+
+use proptest::prelude::*;
+use strata_kernels::cuda::ops;
+use strata_kernels::cuda::testing::{assert_close, device_or_skip, random_f32};
+use strata_tensor::cpu::reference;
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    #[test]
+    fn rms_norm_matches_the_reference(rows in 1usize..9, cols in 1usize..2200, seed in any::<u64>()) {
+        let Some(cuda) = device_or_skip("rms_norm_matches_the_reference") else { return Ok(()) };
+        let x = random_f32(rows * cols, seed, 2.0);
+        let w = random_f32(cols, seed ^ 1, 1.5);
+        let mut want = vec![0f32; rows * cols];
+        reference::rms_norm(&x, &w, 1e-5, &mut want).unwrap();
+        let dx = cuda.upload(&x).unwrap();
+        let dw = cuda.upload(&w).unwrap();
+        let mut dout = cuda.zeros::<f32>(rows * cols).unwrap();
+        ops::rms_norm(&cuda, &dx, &dw, 1e-5, rows, &mut dout).unwrap();
+        assert_close("rms_norm", &cuda.download(&dout).unwrap(), &want, 1e-5, 1e-5);
+    }
+}
+
+#[test]
+fn rms_norm_rejects_short_buffers() {
+    let Some(cuda) = device_or_skip("rms_norm_rejects_short_buffers") else { return };
+    let x = cuda.zeros::<f32>(10).unwrap();
+    let w = cuda.zeros::<f32>(4).unwrap();
+    let mut out = cuda.zeros::<f32>(10).unwrap();
+    let err = ops::rms_norm(&cuda, &x, &w, 1e-5, 3, &mut out).unwrap_err();
+    assert!(err.to_string().contains("12 needed"), "{err}");
+}
