@@ -2,5 +2,7 @@
 //! parameter struct of `kernels/include/<file>.h`, and launching on the compute stream.
 
 mod norm;
+mod rope;
 
 pub use norm::*;
+pub use rope::*;
