@@ -1,8 +1,12 @@
 //! Launchers: one module per kernel file, each checking lengths on the host, filling the
 //! parameter struct of `kernels/include/<file>.h`, and launching on the compute stream.
 
+mod elementwise;
 mod norm;
 mod rope;
+mod softmax;
 
+pub use elementwise::*;
 pub use norm::*;
 pub use rope::*;
+pub use softmax::*;
