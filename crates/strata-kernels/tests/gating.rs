@@ -274,7 +274,7 @@ fn bad_arguments_are_typed_errors() {
     let wide = cuda.zeros::<f32>(40).unwrap();
     invalid(ops::topk_gating(&cuda, &wide, 40, 33, false, &mut ids, &mut w), "k = 33");
     invalid(ops::topk_gating(&cuda, &logits, 3, 1, false, &mut ids, &mut w), "whole number of tokens");
-    invalid(ops::topk_gating(&cuda, &logits, 2, 2, false, &mut ids, &mut w), "ids holds 8");
+    invalid(ops::topk_gating(&cuda, &logits, 4, 2, false, &mut ids.slice_mut(0..3), &mut w), "ids holds 3");
     invalid(ops::topk_gating(&cuda, &logits, 4, 2, false, &mut ids, &mut w.slice_mut(0..3)), "weights holds 3");
     let dynamic = |min_k, max_k, t: f32, ids: &mut _, w: &mut _, counts: &mut _| {
         ops::topk_gating_dynamic(&cuda, &logits, 4, min_k, max_k, t, true, ids, w, counts)
