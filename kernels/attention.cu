@@ -19,8 +19,10 @@
 // an online softmax (running max and sum per head), and the values are accumulated in
 // registers. With one chunk it writes the normalised output; otherwise it leaves the
 // unnormalised accumulators and (max, sum) per head in `part`, and
-// attention_decode_combine_f32 (one block per query head) merges the chunks with the
-// log-sum-exp rule out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c.
+// attention_decode_combine_f32 (one block of STRATA_ATTN_COMBINE_THREADS per query head,
+// dynamic shared memory for the chunk weights and per-group sums) merges the chunks with the
+// log-sum-exp rule out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c, groups of threads
+// summing interleaved chunks.
 //
 // attention_prefill_f32_d{64,128,256}: `tokens` queries at positions q_pos0.. (the last
 // positions of the cache). Grid (ceil(tokens / 64), n_heads), STRATA_ATTN_PREFILL_THREADS
@@ -170,6 +172,7 @@ extern "C" __global__ void __launch_bounds__(STRATA_ATTN_DECODE_THREADS)
             const float pr = lane < TK ? expf(s - m_new) : 0.0f;
             const float sum = warp_sum(pr);
             if (lane < TK) ss[hh * TK + lane] = pr;
+            __syncwarp();  // every lane has read m_run[hh] before lane 0 updates it
             if (lane == 0) {
                 const float a = expf(m_old - m_new);
                 alpha[hh] = a;
@@ -218,22 +221,44 @@ extern "C" __global__ void __launch_bounds__(STRATA_ATTN_DECODE_THREADS)
     }
 }
 
-extern "C" __global__ void attention_decode_combine_f32(AttnDecodeParams p, const float* part, float* out) {
+extern "C" __global__ void __launch_bounds__(STRATA_ATTN_COMBINE_THREADS)
+    attention_decode_combine_f32(AttnDecodeParams p, const float* part, float* out) {
     __shared__ float scratch[32];
-    const unsigned int h = blockIdx.x, D = p.head_dim, C = p.n_chunks, H = p.n_heads;
-    const float* stats = part + (size_t)C * H * D;
+    extern __shared__ float4 combine_smem[];
+    const unsigned int h = blockIdx.x, D4 = p.head_dim / 4, C = p.n_chunks, H = p.n_heads, tid = threadIdx.x;
+    const unsigned int groups = blockDim.x / D4;  // chunk groups summed in parallel
+    float4* sums = combine_smem;                                    // [groups][D4]
+    float* w = reinterpret_cast<float*>(combine_smem + groups * D4);  // [C] chunk weights
+    const float* stats = part + (size_t)C * H * p.head_dim;
+
     float m = -INFINITY;
-    for (unsigned int c = threadIdx.x; c < C; c += blockDim.x) m = fmaxf(m, stats[((size_t)c * H + h) * 2]);
+    for (unsigned int c = tid; c < C; c += blockDim.x) m = fmaxf(m, stats[((size_t)c * H + h) * 2]);
     m = block_max(m, scratch);
-    for (unsigned int d = threadIdx.x; d < D; d += blockDim.x) {
-        float num = 0.0f, den = 0.0f;
-        for (unsigned int c = 0; c < C; ++c) {
-            const float* st = stats + ((size_t)c * H + h) * 2;
-            const float w = expf(st[0] - m);
-            den = fmaf(w, st[1], den);
-            num = fmaf(w, part[((size_t)c * H + h) * D + d], num);
+    float den = 0.0f;
+    for (unsigned int c = tid; c < C; c += blockDim.x) {
+        const float* st = stats + ((size_t)c * H + h) * 2;
+        w[c] = expf(st[0] - m);
+        den = fmaf(w[c], st[1], den);
+    }
+    den = block_sum(den, scratch);  // its barriers also publish w
+
+    if (tid < groups * D4) {
+        const unsigned int c4 = tid % D4, grp = tid / D4;
+        const float4* acc = reinterpret_cast<const float4*>(part) + (size_t)h * D4 + c4;
+        const size_t chunk_stride = (size_t)H * D4;
+        float4 num = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll 4
+        for (unsigned int c = grp; c < C; c += groups) num = axpy4(w[c], acc[c * chunk_stride], num);
+        sums[grp * D4 + c4] = num;
+    }
+    __syncthreads();
+    if (tid < D4) {
+        float4 num = sums[tid];
+        for (unsigned int grp = 1; grp < groups; ++grp) {
+            const float4 x = sums[grp * D4 + tid];
+            num = make_float4(num.x + x.x, num.y + x.y, num.z + x.z, num.w + x.w);
         }
-        out[(size_t)h * D + d] = num / den;
+        reinterpret_cast<float4*>(out)[(size_t)h * D4 + tid] = scale4(num, 1.0f / den);
     }
 }
 

@@ -8,6 +8,8 @@
 #define STRATA_ATTN_DECODE_THREADS 128
 /// The most query heads one decode block serves (a larger group is split over blocks).
 #define STRATA_ATTN_DECODE_MAX_HEADS 8
+/// Threads per block of the decode combine kernel (at least 4 x head_dim / 4).
+#define STRATA_ATTN_COMBINE_THREADS 256
 /// Threads per block of the prefill kernels.
 #define STRATA_ATTN_PREFILL_THREADS 256
 /// Query tokens per block of the prefill kernels.

@@ -7,8 +7,8 @@ use strata_tensor::cpu::AttentionParams;
 
 use crate::cuda::kv::DeviceKvCache;
 use crate::cuda::params::{
-    AttnDecodeParams, AttnPrefillParams, STRATA_ATTN_DECODE_MAX_HEADS, STRATA_ATTN_DECODE_THREADS,
-    STRATA_ATTN_MAX_HEAD_DIM, STRATA_ATTN_PREFILL_QUERIES, STRATA_ATTN_PREFILL_THREADS,
+    AttnDecodeParams, AttnPrefillParams, STRATA_ATTN_COMBINE_THREADS, STRATA_ATTN_DECODE_MAX_HEADS,
+    STRATA_ATTN_DECODE_THREADS, STRATA_ATTN_MAX_HEAD_DIM, STRATA_ATTN_PREFILL_QUERIES, STRATA_ATTN_PREFILL_THREADS,
 };
 use crate::cuda::{Cuda, check_len, driver, ptr, ptr_mut};
 use crate::{Error, Result};
@@ -170,7 +170,15 @@ fn decode(
         // SAFETY: as above, and the partials buffer holds n_chunks * n_heads * (head_dim + 2)
         // floats: the accumulators and the (max, sum) pairs of every chunk and head.
         unsafe { cuda.launch("attention", "attention_decode_f32", cfg, &params, &ptrs) }?;
-        let combine = LaunchConfig { grid_dim: (n_heads as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        // Dynamic shared memory: per chunk group a float4 per 4 elements of a head, then a weight
+        // per chunk (at most DECODE_BLOCKS_PER_SM x multiprocessors chunks: a few KiB).
+        let threads = STRATA_ATTN_COMBINE_THREADS as usize;
+        let combine_smem = threads / (hd / 4) * hd * 4 + n_chunks * 4;
+        let combine = LaunchConfig {
+            grid_dim: (n_heads as u32, 1, 1),
+            block_dim: (threads as u32, 1, 1),
+            shared_mem_bytes: combine_smem as u32,
+        };
         // SAFETY: the combine step reads the partials written above (same stream, in order)
         // and writes n_heads * head_dim floats of out.
         unsafe { cuda.launch("attention", "attention_decode_combine_f32", combine, &params, &[pp, op]) }
