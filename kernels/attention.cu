@@ -15,7 +15,8 @@
 // ceil(group / heads_per_block)), STRATA_ATTN_DECODE_THREADS threads, dynamic shared memory
 // (see the launcher). Each block takes one chunk of chunk_len visible keys for up to
 // heads_per_block query heads of one KV group, so each key and value row is read once for
-// the whole group: tiles of key_tile rows are staged in shared memory, the scores go through
+// the whole group: tiles of key_tile rows are staged in shared memory (double-buffered with
+// cp.async, the next tile in flight while this one is used), the scores go through
 // an online softmax (running max and sum per head), and the values are accumulated in
 // registers. With one chunk it writes the normalised output; otherwise it leaves the
 // unnormalised accumulators and (max, sum) per head in `part`, and
@@ -79,13 +80,39 @@ extern "C" __global__ void kv_append_f32(KvAppendParams p, const float* k, const
     }
 }
 
+// Asynchronous 16-byte copy from global to shared memory (sm_80+); with valid false it
+// writes zeros and reads nothing.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+    const unsigned int s = static_cast<unsigned int>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(valid ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Waits until at most one committed group of this thread's copies is still in flight.
+__device__ __forceinline__ void cp_async_wait_all_but_one() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
+
 // Accumulator float4s per thread of the decode kernel: (head, float4 of head_dim) pairs of a
 // block, spread over its threads.
 #define DECODE_PAIRS \
     ((STRATA_ATTN_DECODE_MAX_HEADS * STRATA_ATTN_MAX_HEAD_DIM / 4 + STRATA_ATTN_DECODE_THREADS - 1) / \
      STRATA_ATTN_DECODE_THREADS)
-// Global loads in flight per thread while staging a tile.
-#define DECODE_LOAD_UNROLL 4
+
+// Starts copying the key and value rows t0 .. t0 + n of KV head offset `head_off` into a tile
+// pair (keys at kt, values tile_floats later); rows n .. TK become zeros (they get probability
+// 0, and 0 x a stale value could be NaN).
+__device__ __forceinline__ void decode_stage(const AttnDecodeParams& p, const unsigned long long* table,
+                                             unsigned int t0, unsigned int n, unsigned int row,
+                                             unsigned int head_off, float* kt, unsigned int tile_floats) {
+    const unsigned int D4 = p.head_dim / 4, stride = p.head_dim + 4;
+    for (unsigned int i = threadIdx.x; i < p.key_tile * D4; i += blockDim.x) {
+        const unsigned int j = i / D4, d4 = i % D4;
+        const bool valid = j < n;
+        const unsigned int pos = t0 + (valid ? j : 0);  // a readable row even when nothing is read
+        float* dst = kt + j * stride + 4 * d4;
+        cp_async16(dst, cache_row(table, 0, pos, p.block_len, row, head_off) + 4 * d4, valid);
+        cp_async16(dst + tile_floats, cache_row(table, 1, pos, p.block_len, row, head_off) + 4 * d4, valid);
+    }
+}
 
 extern "C" __global__ void __launch_bounds__(STRATA_ATTN_DECODE_THREADS)
     attention_decode_f32(AttnDecodeParams p, const float* q, const unsigned long long* table, float* part, float* out) {
@@ -93,6 +120,7 @@ extern "C" __global__ void __launch_bounds__(STRATA_ATTN_DECODE_THREADS)
     float* smem = reinterpret_cast<float*>(decode_smem);
     const unsigned int D = p.head_dim, D4 = D / 4, TK = p.key_tile, NH = p.heads_per_block;
     const unsigned int stride = D + 4;  // padded tile row: float4 reads of 8 rows hit 32 banks
+    const unsigned int tile_floats = TK * stride;
     const unsigned int group = p.n_heads / p.n_kv_heads;
     const unsigned int g = blockIdx.y;
     const unsigned int h0 = g * group + blockIdx.z * NH;  // this block's first query head
@@ -100,17 +128,20 @@ extern "C" __global__ void __launch_bounds__(STRATA_ATTN_DECODE_THREADS)
     const unsigned int chunk = blockIdx.x;
     const unsigned int k_begin = p.first + chunk * p.chunk_len;
     const unsigned int k_end = min(k_begin + p.chunk_len, p.seq_len);
+    const unsigned int n_tiles = (k_end - k_begin + TK - 1) / TK;
     const unsigned int row = p.n_kv_heads * D, head_off = g * D;
     const unsigned int tid = threadIdx.x;
 
-    float* qs = smem;                // [NH][D] queries
-    float* ks = qs + NH * D;         // [TK][stride] key tile
-    float* vs = ks + TK * stride;    // [TK][stride] value tile
-    float* ss = vs + TK * stride;    // [NH][TK] scores, then probabilities
-    float* alpha = ss + NH * TK;     // [NH] the tile's rescale of the accumulators
-    float* m_run = alpha + NH;       // [NH] running max
-    float* l_run = m_run + NH;       // [NH] running sum of exp(score - max)
+    float* qs = smem;                     // [NH][D] queries
+    float* tiles = qs + NH * D;           // [2 buffers][keys, values][TK][stride]
+    float* ss = tiles + 4 * tile_floats;  // [NH][TK] scores, then probabilities
+    float* alpha = ss + NH * TK;          // [NH] the tile's rescale of the accumulators
+    float* m_run = alpha + NH;            // [NH] running max
+    float* l_run = m_run + NH;            // [NH] running sum of exp(score - max)
 
+    // The first tile's copy overlaps the query load.
+    decode_stage(p, table, k_begin, min(TK, k_end - k_begin), row, head_off, tiles, tile_floats);
+    cp_async_commit();
     const float4* q4 = reinterpret_cast<const float4*>(q) + (size_t)h0 * D4;
     for (unsigned int i = tid; i < nh * D4; i += blockDim.x) reinterpret_cast<float4*>(qs)[i] = q4[i];
     if (tid < nh) {
@@ -123,32 +154,20 @@ extern "C" __global__ void __launch_bounds__(STRATA_ATTN_DECODE_THREADS)
     for (int i = 0; i < DECODE_PAIRS; ++i) acc[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 
     const unsigned int warp = tid / STRATA_WARP, lane = tid % STRATA_WARP, n_warps = blockDim.x / STRATA_WARP;
-    for (unsigned int t0 = k_begin; t0 < k_end; t0 += TK) {
-        const unsigned int n = min(TK, k_end - t0);
-        __syncthreads();  // the previous tile is no longer read; qs and the stats are written
-        // Stage the tile; rows past the chunk are zeros (they get probability 0, and 0 x a
-        // stale value could be NaN).
-        for (unsigned int base = tid; base < TK * D4; base += DECODE_LOAD_UNROLL * blockDim.x) {
-            float4 kr[DECODE_LOAD_UNROLL], vr[DECODE_LOAD_UNROLL];
-#pragma unroll
-            for (int u = 0; u < DECODE_LOAD_UNROLL; ++u) {
-                const unsigned int i = base + u * blockDim.x, j = i / D4, d4 = i % D4;
-                kr[u] = vr[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-                if (i < TK * D4 && j < n) {
-                    kr[u] = reinterpret_cast<const float4*>(cache_row(table, 0, t0 + j, p.block_len, row, head_off))[d4];
-                    vr[u] = reinterpret_cast<const float4*>(cache_row(table, 1, t0 + j, p.block_len, row, head_off))[d4];
-                }
-            }
-#pragma unroll
-            for (int u = 0; u < DECODE_LOAD_UNROLL; ++u) {
-                const unsigned int i = base + u * blockDim.x, j = i / D4, d4 = i % D4;
-                if (i < TK * D4) {
-                    reinterpret_cast<float4*>(ks + j * stride)[d4] = kr[u];
-                    reinterpret_cast<float4*>(vs + j * stride)[d4] = vr[u];
-                }
-            }
+    for (unsigned int it = 0; it < n_tiles; ++it) {
+        const unsigned int t0 = k_begin + it * TK, n = min(TK, k_end - t0);
+        // Copy the next tile into the other buffer while this one is used (the barrier at the
+        // end of the previous iteration freed it).
+        if (it + 1 < n_tiles) {
+            decode_stage(p, table, t0 + TK, min(TK, k_end - t0 - TK), row, head_off,
+                         tiles + ((it + 1) & 1) * 2 * tile_floats, tile_floats);
         }
-        __syncthreads();
+        cp_async_commit();
+        cp_async_wait_all_but_one();
+        __syncthreads();  // this tile, the queries and the stats are visible to every thread
+        const float* ks = tiles + (it & 1) * 2 * tile_floats;
+        const float* vs = ks + tile_floats;
+
         // Scores: one (head, key) pair per thread at a time.
         for (unsigned int i = tid; i < nh * TK; i += blockDim.x) {
             const unsigned int hh = i / TK, j = i % TK;
@@ -193,8 +212,8 @@ extern "C" __global__ void __launch_bounds__(STRATA_ATTN_DECODE_THREADS)
                 acc[i] = o;
             }
         }
+        __syncthreads();  // this buffer and the probabilities are free for the next iteration
     }
-    __syncthreads();  // the last tile's stats are visible to every thread
 
     if (p.n_chunks == 1) {
 #pragma unroll

@@ -132,11 +132,16 @@ fn decode(
     let group = n_heads / n_kv;
     let heads_per_block = group.min(STRATA_ATTN_DECODE_MAX_HEADS as usize);
     let sub_blocks = group.div_ceil(heads_per_block);
-    // Two tiles of keys and values stay under 48 KiB of shared memory up to head_dim 256.
+    // Two buffers of a key and a value tile: about 70 KiB of shared memory, three blocks per
+    // multiprocessor, up to head_dim 256.
     let tile = if hd <= 128 { 32 } else { 16 };
     let first = first_visible(seq_len - 1, window);
     let (chunk_len, n_chunks) = decode_split(seq_len - first, tile, n_kv * sub_blocks, cache.multiprocessors());
-    let smem_floats = heads_per_block * hd + 2 * tile * (hd + 4) + heads_per_block * tile + 3 * heads_per_block;
+    let smem_floats = heads_per_block * hd + 4 * tile * (hd + 4) + heads_per_block * tile + 3 * heads_per_block;
+    let smem_bytes = smem_floats * 4;
+    cuda.function("attention", "attention_decode_f32")?
+        .set_attribute(MAX_DYNAMIC_SMEM, smem_bytes as i32)
+        .map_err(driver("attention: setting the shared memory size"))?;
     let params = AttnDecodeParams {
         n_heads: n_heads as u32,
         n_kv_heads: n_kv as u32,
@@ -153,7 +158,7 @@ fn decode(
     let cfg = LaunchConfig {
         grid_dim: (n_chunks as u32, n_kv as u32, sub_blocks as u32),
         block_dim: (STRATA_ATTN_DECODE_THREADS, 1, 1),
-        shared_mem_bytes: (smem_floats * 4) as u32,
+        shared_mem_bytes: smem_bytes as u32,
     };
     let (qp, op) = (ptr(cuda, q), ptr_mut(cuda, out));
     if n_chunks == 1 {
