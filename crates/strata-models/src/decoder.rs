@@ -13,8 +13,8 @@ use strata_tensor::cpu::{self, AttentionParams};
 
 use crate::context::ContextScaling;
 use crate::hparams::Hparams;
-use crate::kv_cache::{DEFAULT_BLOCK_LEN, KvCache};
-use crate::rope::RopeScheme;
+use crate::kv_cache::{DEFAULT_BLOCK_LEN, KvCache, RopeUpdate};
+use crate::rope::{RopeScheme, RopeTable};
 use crate::{Error, Result};
 
 /// Where weights come from: a safetensors checkpoint, a GGUF file, or (later) the store.
@@ -213,20 +213,65 @@ impl Decoder {
     /// their keys and values to `cache`, and returns logits as `which` asks.
     ///
     /// RoPE follows the cache's scheme (else the model's): every position of the sequence uses
-    /// the table for the sequence's new length, and when that table differs from the one the
-    /// cached keys were rotated with, the cached keys are re-rotated first. A sequence that would
-    /// pass the request's `max_capacity` is refused before any work.
+    /// the table for the sequence's length after this pass (or the cache's planned length, if
+    /// longer: see [`Decoder::plan`]). When that table differs from the one the cached tokens
+    /// were computed with, the cache's [`RopeUpdate`] policy applies first: recompute the held
+    /// tokens with the new table (the default, exact), or re-rotate the cached keys (cheap,
+    /// approximate). A sequence that would pass the request's `max_capacity` is refused before
+    /// any work.
     pub fn forward(&self, ids: &[u32], cache: &mut KvCache, which: Logits) -> Result<Vec<f32>> {
-        let hp = &self.hp;
         let t = ids.len();
         if t == 0 {
             return Err(Error::InvalidInput("forward needs at least one token".into()));
         }
         self.check_capacity(cache, t)?;
+        let held = cache.len();
+        let rope = cache.rope_scheme().unwrap_or(&self.rope).table((held + t).max(cache.planned_length()));
+        let rows = match which {
+            Logits::All => t,
+            Logits::Last => 1,
+        };
+        if held > 0 && cache.rope_table().is_some_and(|old| *old != rope) {
+            match cache.rope_update() {
+                RopeUpdate::Recompute => {
+                    let mut all = cache.token_ids().to_vec();
+                    if all.len() != held {
+                        return Err(Error::Unsupported(format!(
+                            "the RoPE table changed but the cache knows {} of its {held} tokens, so it cannot \
+                             recompute them (keys were appended without their ids; use RopeUpdate::Rerotate)",
+                            all.len()
+                        )));
+                    }
+                    all.extend_from_slice(ids);
+                    cache.clear();
+                    return self.run(&all, cache, &rope, rows);
+                }
+                RopeUpdate::Rerotate => cache.rerotate_keys(&rope, self.hp.rope_layout)?,
+            }
+        }
+        self.run(ids, cache, &rope, rows)
+    }
+
+    /// Checks that a request may reach `total_len` tokens ([`Error::ContextTooLong`] otherwise,
+    /// before any work) and plans `cache` for that length: its RoPE table is the one for
+    /// `total_len` tokens from the first pass on, so that a length-dependent scaling does not
+    /// change while the request decodes (no recompute, no re-rotation) and cached decoding of
+    /// the whole request equals a one-pass forward over it. A generation plans the prompt length
+    /// plus the tokens it may generate.
+    pub fn plan(&self, cache: &mut KvCache, total_len: usize) -> Result<()> {
+        cache.rope_scheme().unwrap_or(&self.rope).check_fits(total_len)?;
+        cache.set_planned_length(total_len);
+        Ok(())
+    }
+
+    /// The forward pass proper: `ids` at the positions after the cache's tokens, RoPE with
+    /// `rope`, logits for the last `out_rows` positions.
+    fn run(&self, ids: &[u32], cache: &mut KvCache, rope: &RopeTable, out_rows: usize) -> Result<Vec<f32>> {
+        let hp = &self.hp;
+        let t = ids.len();
         let pos0 = cache.len();
         let positions: Vec<usize> = (pos0..pos0 + t).collect();
-        let rope = cache.rope_scheme().unwrap_or(&self.rope).table(pos0 + t);
-        cache.rerotate_keys(&rope, hp.rope_layout)?;
+        cache.set_rope_table(rope);
         let (h, qd, kvd, inter) = (hp.hidden_size, hp.q_dim(), hp.kv_dim(), hp.intermediate_size);
 
         let mut x = vec![0f32; t * h];
@@ -296,11 +341,9 @@ impl Decoder {
             cpu::add(&mut x, &proj)?;
         }
 
-        let rows = match which {
-            Logits::All => &x[..],
-            Logits::Last => &x[(t - 1) * h..],
-        };
-        let n_rows = rows.len() / h;
+        cache.record_ids(ids);
+        let rows = &x[(t - out_rows) * h..];
+        let n_rows = out_rows;
         let mut final_normed = vec![0f32; rows.len()];
         cpu::rms_norm(rows, &self.norm, hp.rms_norm_eps, &mut final_normed)?;
         let mut logits = vec![0f32; n_rows * hp.vocab_size];

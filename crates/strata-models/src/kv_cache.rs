@@ -5,10 +5,16 @@
 //! Memory is proportional to the tokens held, rounded up to one block per layer.
 //!
 //! The cache is one request's state, RoPE included: it may carry the request's [`RopeScheme`]
-//! (else the decoder's applies), and it records the [`RopeTable`] its keys were rotated with.
-//! When a length-dependent scaling moves to a new table, [`KvCache::rerotate_keys`] turns every
-//! cached key to the new angles (and attention factor), so that decoding through the cache gives
-//! what a full recompute of the sequence would.
+//! (else the decoder's applies), a planned length (the RoPE table is the one for that length
+//! from the start), the token ids it holds, and the [`RopeTable`] its keys were computed with.
+//!
+//! When a length-dependent scaling moves to a new table while the request runs, rotating the
+//! cached keys to the new angles is not enough to equal a full recompute: from the second layer
+//! on, the cached keys and values were computed from hidden states that attention produced with
+//! the earlier table. So the default [`RopeUpdate::Recompute`] recomputes the held tokens with the
+//! new table (exact), and [`RopeUpdate::Rerotate`] turns the cached keys by the angle difference
+//! and rescales them (cheap; exact for the first layer, approximate beyond). Planning the
+//! request's length avoids both.
 
 use strata_tensor::cpu::{self, RopeLayout};
 
@@ -24,7 +30,26 @@ pub struct KvCache {
     row: usize,
     layers: Vec<LayerKv>,
     rope_scheme: Option<RopeScheme>,
+    rope_update: RopeUpdate,
+    planned_length: usize,
     rotated_with: Option<RopeTable>,
+    ids: Vec<u32>,
+}
+
+/// What a forward pass does when the sequence's RoPE table differs from the one the cached
+/// tokens were computed with (a length-dependent scaling crossing a boundary).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RopeUpdate {
+    /// Recompute every held token with the new table, in one pass over the whole sequence:
+    /// cached decoding then equals a full recompute, at the cost of a prefill of the held tokens
+    /// at each change (every step past the boundary for the `*-dynamic` algorithms, unless the
+    /// request's length is planned).
+    #[default]
+    Recompute,
+    /// Turn the cached keys by the angle difference and rescale them by the ratio of attention
+    /// factors ([`KvCache::rerotate_keys`]): linear in the tokens held, exact for the first
+    /// layer's keys, approximate beyond (their inputs came from attention under the earlier table).
+    Rerotate,
 }
 
 #[derive(Debug, Default)]
@@ -49,7 +74,50 @@ impl KvCache {
             row: n_kv_heads * head_dim,
             layers: (0..n_layers).map(|_| LayerKv::default()).collect(),
             rope_scheme: None,
+            rope_update: RopeUpdate::default(),
+            planned_length: 0,
             rotated_with: None,
+            ids: Vec::new(),
+        }
+    }
+
+    /// This cache with `update` as its policy for RoPE table changes.
+    pub fn with_rope_update(mut self, update: RopeUpdate) -> KvCache {
+        self.rope_update = update;
+        self
+    }
+
+    /// The policy for RoPE table changes.
+    pub fn rope_update(&self) -> RopeUpdate {
+        self.rope_update
+    }
+
+    /// Plans the request's total length: forward passes pick the RoPE table for at least this
+    /// many tokens. Prefer `Decoder::plan`, which also checks the request's capacity.
+    pub fn set_planned_length(&mut self, len: usize) {
+        self.planned_length = len;
+    }
+
+    /// The planned total length (0: none).
+    pub fn planned_length(&self) -> usize {
+        self.planned_length
+    }
+
+    /// The ids of the tokens held, as forward passes recorded them (empty when keys were
+    /// appended by hand).
+    pub fn token_ids(&self) -> &[u32] {
+        &self.ids
+    }
+
+    /// Records the ids of tokens a forward pass appended.
+    pub(crate) fn record_ids(&mut self, ids: &[u32]) {
+        self.ids.extend_from_slice(ids);
+    }
+
+    /// Records that the cached keys (and those about to be appended) are rotated with `table`.
+    pub(crate) fn set_rope_table(&mut self, table: &RopeTable) {
+        if self.rotated_with.as_ref() != Some(table) {
+            self.rotated_with = Some(table.clone());
         }
     }
 
@@ -91,12 +159,14 @@ impl KvCache {
         self.layers.iter().map(|l| (l.k_blocks.len() + l.v_blocks.len()) * block_bytes).sum()
     }
 
-    /// Drops every token, keeping no blocks (and forgetting the table keys were rotated with).
+    /// Drops every token, keeping no blocks (and forgetting the tokens' ids and RoPE table; the
+    /// scheme, the plan and the update policy stay).
     pub fn clear(&mut self) {
         for l in &mut self.layers {
             *l = LayerKv::default();
         }
         self.rotated_with = None;
+        self.ids.clear();
     }
 
     /// Appends the keys and values of `t` new tokens (`[t, n_kv_heads, head_dim]` each) to `layer`.

@@ -27,7 +27,7 @@ pub use context::{ContextScaling, ScalingAlgorithm};
 pub use decoder::{Decoder, Linear, Logits, TensorSource};
 pub use error::{ByteCount, ConfigError, Error, HeaderError, Result};
 pub use hparams::Hparams;
-pub use kv_cache::{DEFAULT_BLOCK_LEN, KvCache};
+pub use kv_cache::{DEFAULT_BLOCK_LEN, KvCache, RopeUpdate};
 pub use load::{LoadedModel, TokenizerSource, load, load_dir, load_gguf};
 pub use resolve::{ModelSource, resolve_model};
 pub use rope::{RopeScheme, RopeTable};
