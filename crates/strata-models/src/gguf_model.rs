@@ -209,6 +209,7 @@ fn rope_scaling_from_gguf(file: &GgufFile, arch: &str, context_length: usize) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gguf::write::GgufWriter;
 
     #[test]
     fn names_map_to_gguf() {
@@ -221,5 +222,85 @@ mod tests {
             "blk.3.ffn_norm.weight"
         );
         assert!(gguf_tensor_name("model.layers.3.mlp.experts.0.w1.weight").is_none());
+    }
+
+    /// The RoPE scaling of a minimal llama GGUF (context 64, head_dim 8) with `edit` applied.
+    fn scaling_of(edit: impl FnOnce(&mut GgufWriter)) -> Result<RopeScaling> {
+        let mut w = GgufWriter::new();
+        w.set_metadata("general.architecture", "llama");
+        w.set_metadata("llama.context_length", 64u32);
+        w.set_metadata("llama.embedding_length", 16u32);
+        w.set_metadata("llama.attention.head_count", 2u32);
+        w.set_metadata("llama.block_count", 1u32);
+        w.set_metadata("llama.vocab_size", 10u32);
+        w.set_metadata("llama.feed_forward_length", 8u32);
+        w.set_metadata("llama.attention.layer_norm_rms_epsilon", 1e-5f32);
+        edit(&mut w);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        w.write_file(&path).unwrap();
+        let file = GgufFile::open(&path).unwrap();
+        let hp = hparams_from_gguf(&file)?;
+        Ok(hp.rope.scaling().clone())
+    }
+
+    #[test]
+    fn rope_scaling_metadata() {
+        assert_eq!(scaling_of(|_| {}).unwrap(), RopeScaling::Default);
+        let linear = scaling_of(|w| {
+            w.set_metadata("llama.rope.scaling.type", "linear");
+            w.set_metadata("llama.rope.scaling.factor", 4.0f32);
+        });
+        assert_eq!(linear.unwrap(), RopeScaling::Linear { factor: 4.0 });
+        // Older files: `rope.scale_linear` alone.
+        let old = scaling_of(|w| w.set_metadata("llama.rope.scale_linear", 2.0f32));
+        assert_eq!(old.unwrap(), RopeScaling::Linear { factor: 2.0 });
+        let yarn = scaling_of(|w| {
+            w.set_metadata("llama.rope.scaling.type", "yarn");
+            w.set_metadata("llama.rope.scaling.factor", 4.0f32);
+            w.set_metadata("llama.rope.scaling.original_context_length", 16u32);
+            w.set_metadata("llama.rope.scaling.yarn_beta_fast", 8.0f32);
+            w.set_metadata("llama.rope.scaling.attn_factor", 1.5f32);
+        });
+        match yarn.unwrap() {
+            RopeScaling::Yarn {
+                factor: 4.0,
+                original_max_position_embeddings: 16,
+                attention_factor: Some(1.5),
+                beta_fast: 8.0,
+                beta_slow: 1.0,
+                ..
+            } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+        let divisors = scaling_of(|w| {
+            w.add_tensor("rope_freqs.weight", &Tensor::from_f32(&[1.0, 2.0, 4.0, 4.0], vec![4]).unwrap()).unwrap();
+        });
+        assert_eq!(divisors.unwrap(), RopeScaling::FreqDivisors { divisors: vec![1.0, 2.0, 4.0, 4.0] });
+    }
+
+    #[test]
+    fn unsupported_rope_metadata_is_refused() {
+        let err = |edit: &dyn Fn(&mut GgufWriter)| scaling_of(edit).unwrap_err().to_string();
+        let e = err(&|w| w.set_metadata("llama.rope.scaling.type", "longrope"));
+        assert!(e.contains("\"longrope\" is not supported"), "{e}");
+        let e = err(&|w| {
+            w.set_metadata("llama.rope.scaling.type", "yarn");
+            w.set_metadata("llama.rope.scaling.yarn_ext_factor", 0.5f32);
+        });
+        assert!(e.contains("extrapolation mix 0.5"), "{e}");
+        let e = err(&|w| {
+            w.set_metadata("llama.rope.scaling.type", "linear");
+            w.set_metadata("llama.rope.scaling.factor", 2.0f32);
+            w.add_tensor("rope_freqs.weight", &Tensor::from_f32(&[1.0, 2.0], vec![2]).unwrap()).unwrap();
+        });
+        assert!(e.contains("rope_freqs.weight together with"), "{e}");
+        let e = err(&|w| w.set_metadata("llama.rope.scaling.factor", -1.0f32));
+        assert!(e.contains("not a positive number"), "{e}");
+        // Divisors of the wrong length are refused when the scheme is built.
+        let e = err(&|w| {
+            w.add_tensor("rope_freqs.weight", &Tensor::from_f32(&[1.0, 2.0, 3.0], vec![3]).unwrap()).unwrap();
+        });
+        assert!(e.contains("3 divisors for 4 rotated pairs"), "{e}");
     }
 }
