@@ -287,6 +287,19 @@ fn a_request_past_max_capacity_is_refused_before_any_work() {
 }
 
 #[test]
+fn a_bad_id_at_a_table_change_leaves_the_cache_as_it_was() {
+    let f = Fixture::load("rope_dynamic");
+    let d = decoder(&f.dir);
+    let mut cache = d.new_cache();
+    d.forward(&f.prompt_ids[..32], &mut cache, Logits::Last).unwrap();
+    let before = (cache.len(), cache.token_ids().to_vec(), cache.rope_table().cloned(), cache.contiguous(1));
+    // The 33rd token would change the table (and recompute the 32 held tokens), but it is invalid.
+    let err = d.forward(&[5, 128], &mut cache, Logits::Last).unwrap_err().to_string();
+    assert!(err.contains("token id 128"), "{err}");
+    assert!(before == (cache.len(), cache.token_ids().to_vec(), cache.rope_table().cloned(), cache.contiguous(1)));
+}
+
+#[test]
 fn kv_memory_follows_the_tokens_held() {
     let f = Fixture::load("rope_dynamic");
     let d = decoder(&f.dir);

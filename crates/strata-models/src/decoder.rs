@@ -224,6 +224,14 @@ impl Decoder {
         if t == 0 {
             return Err(Error::InvalidInput("forward needs at least one token".into()));
         }
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= self.hp.vocab_size) {
+            // Checked here, not only by the embedding, so that a recompute never drops the cache
+            // for a bad id.
+            return Err(Error::InvalidInput(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.hp.vocab_size
+            )));
+        }
         self.check_capacity(cache, t)?;
         let held = cache.len();
         let rope = cache.rope_scheme().unwrap_or(&self.rope).table((held + t).max(cache.planned_length()));
