@@ -2,7 +2,9 @@
 //! parameter struct of `kernels/include/<file>.h`, and launching on the compute stream.
 
 mod convert;
+mod matvec;
 mod norm;
 
 pub use convert::*;
+pub use matvec::*;
 pub use norm::*;
