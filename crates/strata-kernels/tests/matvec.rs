@@ -126,6 +126,38 @@ fn matvec_matches_the_cpu_decode_path() {
     }
 }
 
+/// Activations from 1e-15 to 1e11 in magnitude: the kernels that scale x internally stay within
+/// f32 rounding of the reference (relative tolerance only).
+#[test]
+fn matvec_keeps_precision_for_large_and_tiny_activations() {
+    let Some(cuda) = device_or_skip("matvec_keeps_precision_for_large_and_tiny_activations") else { return };
+    let (n, k) = (40, 512);
+    for dtype in DType::ALL {
+        let w = weight(dtype, n, k, 21);
+        let wf = w.to_f32_vec().unwrap();
+        let dw = upload_tensor(&cuda, &w).unwrap();
+        for scale in [1e-15f32, 1e6, 1e11] {
+            for tokens in [1, 2, 5] {
+                let x: Vec<f32> = random_f32(tokens * k, 22, 1.0).iter().map(|v| v * scale).collect();
+                let mut want = vec![0f32; tokens * n];
+                reference::matmul(&x, &w, &mut want).unwrap();
+                let mut dy = cuda.zeros::<f32>(tokens * n).unwrap();
+                ops::matvec(&cuda, &dw, &cuda.upload(&x).unwrap(), &mut dy, tokens).unwrap();
+                let got = cuda.download(&dy).unwrap();
+                for (i, (&g, &v)) in got.iter().zip(&want).enumerate() {
+                    let (t, r) = (i / n, i % n);
+                    let magnitude: f32 = (0..k).map(|c| (wf[r * k + c] * x[t * k + c]).abs()).sum();
+                    let tol = 1e-4 * magnitude;
+                    assert!(
+                        (g - v).abs() <= tol,
+                        "{dtype} x*{scale} tokens={tokens}: y[{t}, {r}] = {g}, want {v} ({tol})"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// Views at odd offsets (no alignment of x or y) and outputs outside `tokens * n` left alone.
 #[test]
 fn matvec_takes_views_and_writes_only_its_outputs() {

@@ -54,8 +54,8 @@ fn kernel_names(dtype: DType, k: usize) -> [&'static str; 4] {
 
 /// The dynamic shared memory of the `t`-token kernel for `dtype`, laid out as `mv_quant` and
 /// `mv_float_*` lay it out: the activation tile (padded by 4 floats every 32 and every 256
-/// columns), and for block-quantized dtypes the tile's block sums and each warp's pipeline of
-/// chunk buffers.
+/// columns), and for block-quantized dtypes the tile's sums over each 8 columns and each warp's
+/// pipeline of chunk buffers.
 fn shared_bytes(dtype: DType, t: usize) -> usize {
     let kt = (STRATA_MATVEC_XTILE as usize / t).max(STRATA_MATVEC_XTILE_MIN as usize);
     let tile = 4 * t * (kt + kt / 8 + kt / 64);
@@ -65,7 +65,7 @@ fn shared_bytes(dtype: DType, t: usize) -> usize {
     let chunk = if dtype == DType::Q8_0 { STRATA_MATVEC_CHUNK_Q8_0 } else { STRATA_MATVEC_CHUNK } as usize;
     let chunk_bytes = chunk / dtype.block_len() * dtype.block_bytes();
     let buffer = (chunk_bytes + 32).div_ceil(16) * 16;
-    tile + 4 * t * (kt / 32) + WARPS * (STRATA_MATVEC_STAGES * STRATA_MATVEC_ROWS_PER_WARP) as usize * buffer
+    tile + 4 * t * (kt / 8) + WARPS * (STRATA_MATVEC_STAGES * STRATA_MATVEC_ROWS_PER_WARP) as usize * buffer
 }
 
 /// `y[t, :] = W x[t, :]` for `t < tokens`: `w` a `[n, k]` device tensor of any dtype, `x`
@@ -74,6 +74,11 @@ fn shared_bytes(dtype: DType, t: usize) -> usize {
 /// The CUDA twin of `strata_tensor::cpu::reference::matmul` with `x` as `[tokens, k]` (and of
 /// `reference::matvec` per token, up to that function's quantization of `x` for block-quantized
 /// weights). Tokens go in launches of up to [`MATVEC_MAX_TOKENS`], each reading the weight once.
+///
+/// For the 4- and 6-bit dtypes at one or two tokens the kernels scale `x` by 2^90 internally
+/// (`kernels/matvec.cu`), so activations must stay below 2^38 in magnitude (about 2.7e11; any
+/// model's are far smaller); products `|w x|` below about 1e-20 lose relative precision, far
+/// under f32 resolution of the sums they join.
 pub fn matvec<X, Y>(cuda: &Cuda, w: &Tensor, x: &X, y: &mut Y, tokens: usize) -> Result<()>
 where
     X: DevicePtr<f32>,
