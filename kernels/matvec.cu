@@ -41,7 +41,8 @@
 //   conversion is shared by T FMAs), use the magic number 2^23 (quant.cuh), with the block scale
 //   folded into the weights for T >= 4 (fewer live registers).
 //
-// The results differ from the CPU's only by the order of the f32 additions (and, against
+// The results differ from the CPU's by f32 rounding only: the order of the additions, and block
+// scales applied to partial sums rather than to each weight (and, against
 // strata_tensor::cpu::reference::matvec for block-quantized weights, by the CPU's quantization of
 // x). CPU reference: strata_tensor::cpu::reference::matmul (x as [tokens, k]), and
 // reference::matvec per token. Launchers: strata_kernels::cuda::ops::{matvec, linear}.
