@@ -4,16 +4,23 @@
 // activations stay f32: no quantization of x.
 //
 // Launch: blocks of STRATA_MATVEC_WARPS warps; each warp owns STRATA_MATVEC_ROWS_PER_WARP
-// consecutive rows (grid = ceil(n / (warps * rows))), and every lane of it works on the same
-// columns of all of its rows, so each activation value read from shared memory serves all of
-// them. One kernel per dtype and token count T in {1, 2, 4, 8}: a launch computes up to T tokens
+// consecutive rows at a time, and every lane of it works on the same columns of all of its rows,
+// so each activation value read from shared memory serves all of them. Float kernels: one block
+// per group of warps * rows rows (grid = ceil(n / (warps * rows))). Block-quantized kernels:
+// persistent, as many blocks as are resident at once (the launcher asks the driver), each warp
+// taking the groups of STRATA_MATVEC_ROWS_PER_WARP rows g, g + all warps, .. from its place g in
+// the grid, its weight pipeline running on from one group into the next; the block's activations
+// are staged once when a row fits one tile (else tile by tile, all warps in step). For 1 and 2
+// tokens a block has STRATA_MATVEC_WARPS_DECODE warps (one block per SM) and deeper pipelines:
+// what bounds these kernels is the weight bytes in flight per SM, not arithmetic. One kernel per dtype and token count T in {1, 2, 4, 8}: a launch computes up to T tokens
 // (p.tokens; the launcher loops over groups of 8 and rounds a group up to the next T), reading
 // each weight byte once for all of them.
 //
-// - Activations: staged per block in shared memory, in tiles of STRATA_MATVEC_XTILE / T columns
-//   (at least STRATA_MATVEC_XTILE_MIN), padded by 4 floats every 32 and every 256 columns so
-//   that the lanes' 16-byte reads fall in distinct banks; with the sums of x over each 8 columns
-//   for the block-quantized kernels of T <= 2.
+// - Activations: staged per block in shared memory with 4-byte cp.async copies (one round trip),
+//   in tiles of STRATA_MATVEC_XTILE / T columns (STRATA_MATVEC_XTILE_FLOAT / T for the float
+//   kernels; at least STRATA_MATVEC_XTILE_MIN), padded by 4 floats every 32 and every 256
+//   columns so that the lanes' 16-byte reads fall in distinct banks; with the sums of x over each
+//   8 columns for the block-quantized kernels of T <= 2.
 // - Float weights (f32, f16, bf16): rows whose byte length is a multiple of 16 are read with
 //   16-byte streaming loads, consecutive lanes on consecutive 16 bytes, two per row in flight;
 //   other rows element by element (the _scalar kernels).
@@ -34,7 +41,8 @@
 //   conversion is shared by T FMAs), use the magic number 2^23 (quant.cuh), with the block scale
 //   folded into the weights for T >= 4 (fewer live registers).
 //
-// The results differ from the CPU's only by the order of the f32 additions (and, against
+// The results differ from the CPU's by f32 rounding only: the order of the additions, and block
+// scales applied to partial sums rather than to each weight (and, against
 // strata_tensor::cpu::reference::matvec for block-quantized weights, by the CPU's quantization of
 // x). CPU reference: strata_tensor::cpu::reference::matmul (x as [tokens, k]), and
 // reference::matvec per token. Launchers: strata_kernels::cuda::ops::{matvec, linear}.
@@ -44,8 +52,8 @@
 
 #define MV_WARPS STRATA_MATVEC_WARPS
 #define MV_ROWS STRATA_MATVEC_ROWS_PER_WARP
-#define MV_STAGES STRATA_MATVEC_STAGES
 #define MV_THREADS (MV_WARPS * 32)
+#define MV_THREADS_DECODE (STRATA_MATVEC_WARPS_DECODE * 32)
 
 // The activation scale of the subnormal path, and the factor that undoes it (2^149 / 2^90).
 #define MV_XSCALE 0x1p90f
@@ -55,10 +63,9 @@
 
 // The activation tile of a T-token kernel: KT columns per token, STRIDE floats per token in
 // shared memory (KT padded), SUMS sums of 8 columns per token.
-template <int T>
+template <int T, int TOTAL = STRATA_MATVEC_XTILE>
 struct XTile {
-    static constexpr int KT =
-        STRATA_MATVEC_XTILE / T > STRATA_MATVEC_XTILE_MIN ? STRATA_MATVEC_XTILE / T : STRATA_MATVEC_XTILE_MIN;
+    static constexpr int KT = TOTAL / T > STRATA_MATVEC_XTILE_MIN ? TOTAL / T : STRATA_MATVEC_XTILE_MIN;
     static constexpr int STRIDE = KT + KT / 8 + KT / 64;
     static constexpr int SUMS = KT / 8;
     static_assert(KT % STRATA_MATVEC_CHUNK == 0 && KT % STRATA_MATVEC_CHUNK_Q8_0 == 0, "tiles hold whole chunks");
@@ -71,31 +78,53 @@ __device__ __forceinline__ int xpad(int e) { return e + ((e >> 5) << 2) + ((e >>
 
 __device__ __forceinline__ float4 lds4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 
-// Copies columns k0 .. k0 + kt of the launch's x rows into the tile (zeros for tokens at or past
+// A 4-byte copy from global to shared memory, cached in L1 (every block of the SM reads x).
+__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
+    const unsigned int d = (unsigned int)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(d), "l"(src) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Copies columns k0 .. k0 + kt of the launch's x rows into tile X (zeros for tokens at or past
 // p.tokens), times 2^90 with SCALED, and with SUMS the sum of x (unscaled) over each 8 columns.
-// Called by the whole block between barriers.
-template <int T, bool SCALED, bool SUMS>
+// Called by the whole block after a barrier; ends with one. Waits for every cp.async group of the
+// thread, so the weight chunks in flight land too.
+template <class X, int T, bool SCALED, bool SUMS>
 __device__ __forceinline__ void stage_x(const MatvecParams& p, const float* __restrict__ x, unsigned int k0, int kt,
                                         float* xs, float* xsum) {
-    using X = XTile<T>;
 #pragma unroll
     for (int t = 0; t < T; ++t) {
         const bool live = t < (int)p.tokens;
         const float* xr = x + (size_t)t * p.cols + k0;
-        for (int e = threadIdx.x; e < kt; e += MV_THREADS) {
-            const float v = live ? __ldg(xr + e) : 0.0f;
-            xs[t * X::STRIDE + xpad(e)] = SCALED ? v * MV_XSCALE : v;
+        for (int e = threadIdx.x; e < kt; e += blockDim.x) {
+            float* d = xs + t * X::STRIDE + xpad(e);
+            if (live) cp_async4(d, xr + e);
+            else *d = 0.0f;
         }
     }
+    cp_async_commit();
+    cp_async_wait<0>();
+    if constexpr (SCALED) {
+        // Each thread scales the values it copied itself.
+#pragma unroll
+        for (int t = 0; t < T; ++t)
+            for (int e = threadIdx.x; e < kt; e += blockDim.x) xs[t * X::STRIDE + xpad(e)] *= MV_XSCALE;
+    }
+    __syncthreads();
     if constexpr (SUMS) {
-        __syncthreads();
         const int nb = kt / 8;
         // Sums of the unscaled values (the scaling is exact, and undoing it first keeps the sums
         // finite for any |x| < 2^38).
         constexpr float U = SCALED ? 1.0f / MV_XSCALE : 1.0f;
 #pragma unroll
         for (int t = 0; t < T; ++t) {
-            for (int b = threadIdx.x; b < nb; b += MV_THREADS) {
+            for (int b = threadIdx.x; b < nb; b += blockDim.x) {
                 const float* v = xs + t * X::STRIDE + xpad(8 * b);
                 const float4 q0 = lds4(v), q1 = lds4(v + 4);
                 const float s = ((q0.x * U + q0.y * U) + (q0.z * U + q0.w * U)) +
@@ -103,6 +132,7 @@ __device__ __forceinline__ void stage_x(const MatvecParams& p, const float* __re
                 xsum[t * X::SUMS + b] = s;
             }
         }
+        __syncthreads();
     }
 }
 
@@ -140,7 +170,7 @@ __device__ __forceinline__ void write_rows(const MatvecParams& p, float (&acc)[M
 template <int DT, int T>
 __device__ __forceinline__ void float_unit(const uint4 (&v)[MV_ROWS], const float* xs, int e,
                                            float (&acc)[MV_ROWS][T]) {
-    using X = XTile<T>;
+    using X = XTile<T, STRATA_MATVEC_XTILE_FLOAT>;
     if constexpr (DT == STRATA_DTYPE_F32) {
 #pragma unroll
         for (int t = 0; t < T; ++t) {
@@ -195,7 +225,7 @@ __device__ __forceinline__ void float_unit(const uint4 (&v)[MV_ROWS], const floa
 template <int DT, int T>
 __device__ __forceinline__ void mv_float_vec(const MatvecParams& p, const unsigned char* __restrict__ w,
                                              const float* __restrict__ x, float* __restrict__ y) {
-    using X = XTile<T>;
+    using X = XTile<T, STRATA_MATVEC_XTILE_FLOAT>;
     constexpr int ES = DT == STRATA_DTYPE_F32 ? 4 : 2;
     constexpr int E = 16 / ES;
     extern __shared__ float4 smem[];
@@ -210,8 +240,7 @@ __device__ __forceinline__ void mv_float_vec(const MatvecParams& p, const unsign
     for (unsigned int k0 = 0; k0 < p.cols; k0 += X::KT) {
         const int kt = min((unsigned int)X::KT, p.cols - k0);
         __syncthreads();
-        stage_x<T, false, false>(p, x, k0, kt, xs, nullptr);
-        __syncthreads();
+        stage_x<X, T, false, false>(p, x, k0, kt, xs, nullptr);
         const int units = kt / E;
         for (int u = lane; u < units; u += 64) {
             const bool two = u + 32 < units;
@@ -234,7 +263,7 @@ __device__ __forceinline__ void mv_float_vec(const MatvecParams& p, const unsign
 template <int DT, int T>
 __device__ __forceinline__ void mv_float_scalar(const MatvecParams& p, const unsigned char* __restrict__ w,
                                                 const float* __restrict__ x, float* __restrict__ y) {
-    using X = XTile<T>;
+    using X = XTile<T, STRATA_MATVEC_XTILE_FLOAT>;
     extern __shared__ float4 smem[];
     float* xs = reinterpret_cast<float*>(smem);
     check_smem(T * X::STRIDE * 4);
@@ -247,8 +276,7 @@ __device__ __forceinline__ void mv_float_scalar(const MatvecParams& p, const uns
     for (unsigned int k0 = 0; k0 < p.cols; k0 += X::KT) {
         const int kt = min((unsigned int)X::KT, p.cols - k0);
         __syncthreads();
-        stage_x<T, false, false>(p, x, k0, kt, xs, nullptr);
-        __syncthreads();
+        stage_x<X, T, false, false>(p, x, k0, kt, xs, nullptr);
         for (int e = lane; e < kt; e += 32) {
             float wv[MV_ROWS];
 #pragma unroll
@@ -284,13 +312,6 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool on) 
 __device__ __forceinline__ void cp_async16_zfill(void* dst, const void* src, unsigned int src_bytes) {
     const unsigned int d = (unsigned int)__cvta_generic_to_shared(dst);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(src_bytes) : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 // a * b + c, rounded once, keeping subnormal operands and results even under -ftz.
@@ -349,7 +370,8 @@ __device__ __forceinline__ void lds_words_a2(const unsigned char* p, unsigned in
 // last block).
 __host__ __device__ constexpr int chunk_buffer(int chunk_bytes) { return (chunk_bytes + 32 + 15) / 16 * 16; }
 
-// Each format: CHUNK_ELEMS columns per pipeline step, whose CHUNK_BYTES bytes (per row) land in a
+// Each format: STAGES_DECODE, its pipeline depth for 1 and 2 tokens; CHUNK_ELEMS columns per
+// pipeline step, whose CHUNK_BYTES bytes (per row) land in a
 // BUF-byte buffer; SUBNORMAL when its T <= 2 kernels use the subnormal path (and need the scaled
 // activations and their sums); unit_elem / unit_byte: where lane `lane`'s block (or super-block)
 // starts in the chunk; dot<T, SUB>: adds the lane's share of the chunk for every row and token,
@@ -359,6 +381,7 @@ __host__ __device__ constexpr int chunk_buffer(int chunk_bytes) { return (chunk_
 
 // q4_0: one lane per block of 32, x = (q - 8) * d.
 struct Q4_0 {
+    static constexpr int STAGES_DECODE = STRATA_MATVEC_STAGES_DECODE;
     static constexpr int CHUNK_ELEMS = STRATA_MATVEC_CHUNK;
     static constexpr int CHUNK_BYTES = CHUNK_ELEMS / 32 * 18;
     static constexpr int BUF = chunk_buffer(CHUNK_BYTES);
@@ -428,6 +451,7 @@ struct Q4_0 {
 
 // q4_1: one lane per block of 32, x = q * d + m; blocks are 4-byte aligned.
 struct Q4_1 {
+    static constexpr int STAGES_DECODE = STRATA_MATVEC_STAGES_DECODE;
     static constexpr int CHUNK_ELEMS = STRATA_MATVEC_CHUNK;
     static constexpr int CHUNK_BYTES = CHUNK_ELEMS / 32 * 20;
     static constexpr int BUF = chunk_buffer(CHUNK_BYTES);
@@ -492,6 +516,7 @@ struct Q4_1 {
 // q8_0: two lanes per block of 32 (16 values each), x = q * d. Always the magic number: at 8.5
 // bits a value the conversion is not the bottleneck.
 struct Q8_0 {
+    static constexpr int STAGES_DECODE = STRATA_MATVEC_STAGES_DECODE;
     static constexpr int CHUNK_ELEMS = STRATA_MATVEC_CHUNK_Q8_0;
     static constexpr int CHUNK_BYTES = CHUNK_ELEMS / 32 * 34;
     static constexpr int BUF = chunk_buffer(CHUNK_BYTES);
@@ -552,6 +577,7 @@ struct Q8_0 {
 // the high ones (sub-block 2c + 1). Lanes with h = 1 do their high run first, which keeps the
 // eight lanes' activation reads in distinct banks. Super-blocks are 16-byte aligned.
 struct Q4_K {
+    static constexpr int STAGES_DECODE = STRATA_MATVEC_STAGES_DECODE;
     static constexpr int CHUNK_ELEMS = STRATA_MATVEC_CHUNK;
     static constexpr int CHUNK_BYTES = CHUNK_ELEMS / 256 * 144;
     static constexpr int BUF = chunk_buffer(CHUNK_BYTES);
@@ -635,6 +661,7 @@ struct Q4_K {
 // ql[64h + l], ql[64h + 32 + l] and qh[32h + l], with scales[8h + m / 2 + 2i]. Lanes with h = 1
 // take the i in the order 1, 0, 3, 2 (distinct activation banks). Super-blocks are 2-byte aligned.
 struct Q6_K {
+    static constexpr int STAGES_DECODE = STRATA_MATVEC_STAGES_DECODE_Q6_K;
     static constexpr int CHUNK_ELEMS = STRATA_MATVEC_CHUNK;
     static constexpr int CHUNK_BYTES = CHUNK_ELEMS / 256 * 210;
     static constexpr int BUF = chunk_buffer(CHUNK_BYTES);
@@ -717,6 +744,8 @@ __device__ __forceinline__ void mv_quant(const MatvecParams& p, const unsigned c
                                          const float* __restrict__ x, float* __restrict__ y) {
     using X = XTile<T>;
     constexpr bool SUB = F::SUBNORMAL && T <= 2;
+    constexpr int WARPS = T <= 2 ? STRATA_MATVEC_WARPS_DECODE : STRATA_MATVEC_WARPS;
+    constexpr int STAGES = T <= 2 ? F::STAGES_DECODE : STRATA_MATVEC_STAGES;
     static_assert(X::KT % F::CHUNK_ELEMS == 0, "a chunk never straddles two activation tiles");
     // Pieces of 16 bytes a row's chunk can need (its start is rounded down to 16 bytes), and the
     // copies per lane that cover them.
@@ -728,44 +757,45 @@ __device__ __forceinline__ void mv_quant(const MatvecParams& p, const unsigned c
     float* xs = reinterpret_cast<float*>(smem);
     float* xsum = xs + T * X::STRIDE;
     unsigned char* wbuf = reinterpret_cast<unsigned char*>(xsum + T * X::SUMS);
-    check_smem(4 * (T * X::STRIDE + T * X::SUMS) + MV_WARPS * MV_STAGES * MV_ROWS * F::BUF);
+    check_smem(4 * (T * X::STRIDE + T * X::SUMS) + WARPS * STAGES * MV_ROWS * F::BUF);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    wbuf += warp * (MV_STAGES * MV_ROWS * F::BUF);
-    const unsigned int row0 = (blockIdx.x * MV_WARPS + warp) * MV_ROWS;
-    // Rows past the end are neither staged nor written; their lanes compute on stale bytes. Only
-    // the tensor's last row can end inside a 16-byte piece past the end of the tensor (`tail`).
-    unsigned long long next[MV_ROWS];  // byte offset of each row's next chunk to stage
-    bool live[MV_ROWS], tail[MV_ROWS];
-#pragma unroll
-    for (int r = 0; r < MV_ROWS; ++r) {
-        next[r] = (unsigned long long)(row0 + r) * p.row_bytes;
-        live[r] = row0 + r < p.rows;
-        tail[r] = row0 + r == p.rows - 1 && (p.total_bytes & 15) != 0;
-    }
-    const unsigned int roff_lo0 = (unsigned int)(row0 * p.row_bytes);  // low bits of row 0's offset
-    const unsigned int row_lo = (unsigned int)p.row_bytes;
-    const int chunks = (int)((p.cols + F::CHUNK_ELEMS - 1) / F::CHUNK_ELEMS);
+    wbuf += warp * (STAGES * MV_ROWS * F::BUF);
 
-    // Queues chunk c of every row (an empty group past the last chunk keeps the count uniform);
-    // called for c = 0, 1, 2, .. in order. A full chunk needs every copy but the last, whatever
-    // its alignment; a short one (the row's last) or one running past the tensor takes the
-    // general path.
-    auto stage = [&](int c) {
-        if (c < chunks) {
-            unsigned char* dst = wbuf + (c % MV_STAGES) * (MV_ROWS * F::BUF) + 16 * lane;
-            const unsigned int len =
-                (unsigned int)min((unsigned long long)F::CHUNK_BYTES, p.row_bytes - (unsigned long long)c * F::CHUNK_BYTES);
+    // This warp's work: groups of MV_ROWS rows g0, g0 + stride, .. where g0 is its place in the
+    // grid; each group in `chunks` steps. Every warp of the block takes the same number of steps
+    // (those past the last group do nothing), so that all meet at the barriers of the
+    // activation tiles.
+    const unsigned int groups = (p.rows + MV_ROWS - 1) / MV_ROWS;
+    const unsigned int g0 = blockIdx.x * WARPS + warp, stride = gridDim.x * WARPS;
+    const unsigned int rounds = (groups + stride - 1) / stride;
+    const unsigned int chunks = (p.cols + F::CHUNK_ELEMS - 1) / F::CHUNK_ELEMS;
+    const unsigned long long steps = (unsigned long long)rounds * chunks;
+    const bool one_tile = p.cols <= (unsigned int)X::KT;
+    const unsigned int row_lo = (unsigned int)p.row_bytes;  // low bits, for the misalignments
+
+    // Queues the next step's chunk for the warp's rows (an empty group past the last step keeps
+    // the count uniform). A full chunk needs every copy but the last, whatever its alignment; a
+    // short one (the row's last) or one running past the tensor takes the general path. Rows past
+    // the end are not staged (their lanes compute on stale bytes and write nothing).
+    unsigned long long s_step = 0;
+    unsigned int s_group = g0, s_chunk = 0;
+    auto stage = [&]() {
+        if (s_step < steps && s_group < groups) {
+            unsigned char* dst = wbuf + (unsigned int)(s_step % STAGES) * (MV_ROWS * F::BUF) + 16 * lane;
+            const unsigned long long start = (unsigned long long)s_chunk * F::CHUNK_BYTES;
+            const unsigned int len = (unsigned int)min((unsigned long long)F::CHUNK_BYTES, p.row_bytes - start);
             const bool full = len == F::CHUNK_BYTES;
+            const unsigned int row0 = s_group * MV_ROWS;
 #pragma unroll
             for (int r = 0; r < MV_ROWS; ++r) {
-                const unsigned long long g = next[r];
-                next[r] = g + F::CHUNK_BYTES;
-                if (!live[r]) continue;
+                const unsigned int row = row0 + r;
+                if (row >= p.rows) continue;
+                const unsigned long long g = (unsigned long long)row * p.row_bytes + start;
                 const unsigned long long a0 = g & ~15ull;
                 const unsigned int need = ((unsigned int)g & 15u) + len;  // bytes from a0
                 const unsigned char* src = w + a0 + 16 * lane;
                 unsigned char* d = dst + r * F::BUF;
-                if (full && !(tail[r] && c == chunks - 1)) {
+                if (full && a0 + 16 * PIECES <= p.total_bytes) {
 #pragma unroll
                     for (int i = 0; i < COPIES - 1; ++i) cp_async16(d + 512 * i, src + 512 * i, true);
                     constexpr int L = 512 * (COPIES - 1);
@@ -774,8 +804,8 @@ __device__ __forceinline__ void mv_quant(const MatvecParams& p, const unsigned c
 #pragma unroll
                     for (int i = 0; i < COPIES; ++i) {
                         const unsigned int o = 16 * lane + 512 * i;
-                        const unsigned long long left = p.total_bytes - (a0 + o);
                         if (o < need) {
+                            const unsigned long long left = p.total_bytes - (a0 + o);
                             if (left >= 16) cp_async16(d + 512 * i, src + 512 * i, true);
                             else cp_async16_zfill(d + 512 * i, src + 512 * i, (unsigned int)left);
                         }
@@ -784,60 +814,73 @@ __device__ __forceinline__ void mv_quant(const MatvecParams& p, const unsigned c
             }
         }
         cp_async_commit();
+        ++s_step;
+        if (++s_chunk == chunks) s_chunk = 0, s_group += stride;
     };
 
-    float acc[MV_ROWS][T] = {};
 #pragma unroll
-    for (int s = 0; s < MV_STAGES - 1; ++s) stage(s);
-    for (int c = 0; c < chunks; ++c) {
-        const unsigned int e0 = (unsigned int)c * F::CHUNK_ELEMS;
-        if (e0 % X::KT == 0) {
+    for (int s = 0; s < STAGES - 1; ++s) stage();
+    if (one_tile && rounds > 0) {
+        __syncthreads();
+        stage_x<X, T, SUB, SUB>(p, x, 0, (int)p.cols, xs, xsum);
+    }
+    float acc[MV_ROWS][T] = {};
+    unsigned int group = g0, c = 0;
+    for (unsigned long long step = 0; step < steps; ++step) {
+        const unsigned int e0 = c * F::CHUNK_ELEMS;
+        if (!one_tile && e0 % X::KT == 0) {
             __syncthreads();
-            stage_x<T, SUB, SUB>(p, x, e0, (int)min((unsigned int)X::KT, p.cols - e0), xs, xsum);
-            __syncthreads();
+            stage_x<X, T, SUB, SUB>(p, x, e0, (int)min((unsigned int)X::KT, p.cols - e0), xs, xsum);
         }
-        cp_async_wait<MV_STAGES - 2>();
+        cp_async_wait<STAGES - 2>();
         __syncwarp();
+        const unsigned int row0 = group * MV_ROWS;
         const int ue = F::unit_elem(lane);
-        if (e0 + ue < p.cols) {
-            const unsigned char* buf = wbuf + (c % MV_STAGES) * (MV_ROWS * F::BUF);
+        if (group < groups && e0 + ue < p.cols) {
+            const unsigned char* buf = wbuf + (unsigned int)(step % STAGES) * (MV_ROWS * F::BUF);
+            const unsigned int g_lo = row0 * row_lo + c * F::CHUNK_BYTES;  // low bits of the chunk's offset
             const unsigned char* blk[MV_ROWS];
 #pragma unroll
-            for (int r = 0; r < MV_ROWS; ++r)
-                blk[r] = buf + r * F::BUF + ((roff_lo0 + r * row_lo + (unsigned int)c * F::CHUNK_BYTES) & 15u) +
-                         F::unit_byte(lane);
+            for (int r = 0; r < MV_ROWS; ++r) blk[r] = buf + r * F::BUF + ((g_lo + r * row_lo) & 15u) + F::unit_byte(lane);
             F::template dot<T, SUB>(blk, xs, xsum, (int)(e0 % X::KT) + ue, lane, acc);
         }
         __syncwarp();
-        stage(c + MV_STAGES - 1);
+        stage();
+        if (++c == chunks) {
+            if (group < groups) write_rows<T>(p, acc, row0, lane, y);
+#pragma unroll
+            for (int r = 0; r < MV_ROWS; ++r)
+#pragma unroll
+                for (int t = 0; t < T; ++t) acc[r][t] = 0.0f;
+            c = 0, group += stride;
+        }
     }
     cp_async_wait<0>();
-    write_rows<T>(p, acc, row0, lane, y);
 }
 
 // ---- Entry points: matvec_<dtype>[_scalar]_t<T> ------------------------------------------------
 
-#define MV_ENTRY(name, T, CALL)                                                                                    \
-    extern "C" __global__ void __launch_bounds__(MV_THREADS)                                                     \
+#define MV_ENTRY(name, T, THREADS, CALL)                                                                          \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                        \
         matvec_##name##_t##T(MatvecParams p, const unsigned char* w, const float* x, float* y) {                 \
         CALL;                                                                                                    \
     }
 
-#define MV_QUANT(name, F)                                  \
-    MV_ENTRY(name, 1, (mv_quant<F, 1>(p, w, x, y)))        \
-    MV_ENTRY(name, 2, (mv_quant<F, 2>(p, w, x, y)))        \
-    MV_ENTRY(name, 4, (mv_quant<F, 4>(p, w, x, y)))        \
-    MV_ENTRY(name, 8, (mv_quant<F, 8>(p, w, x, y)))
+#define MV_QUANT(name, F)                                                   \
+    MV_ENTRY(name, 1, MV_THREADS_DECODE, (mv_quant<F, 1>(p, w, x, y)))      \
+    MV_ENTRY(name, 2, MV_THREADS_DECODE, (mv_quant<F, 2>(p, w, x, y)))      \
+    MV_ENTRY(name, 4, MV_THREADS, (mv_quant<F, 4>(p, w, x, y)))             \
+    MV_ENTRY(name, 8, MV_THREADS, (mv_quant<F, 8>(p, w, x, y)))
 
-#define MV_FLOAT(name, DT)                                            \
-    MV_ENTRY(name, 1, (mv_float_vec<DT, 1>(p, w, x, y)))              \
-    MV_ENTRY(name, 2, (mv_float_vec<DT, 2>(p, w, x, y)))              \
-    MV_ENTRY(name, 4, (mv_float_vec<DT, 4>(p, w, x, y)))              \
-    MV_ENTRY(name, 8, (mv_float_vec<DT, 8>(p, w, x, y)))              \
-    MV_ENTRY(name##_scalar, 1, (mv_float_scalar<DT, 1>(p, w, x, y)))  \
-    MV_ENTRY(name##_scalar, 2, (mv_float_scalar<DT, 2>(p, w, x, y)))  \
-    MV_ENTRY(name##_scalar, 4, (mv_float_scalar<DT, 4>(p, w, x, y)))  \
-    MV_ENTRY(name##_scalar, 8, (mv_float_scalar<DT, 8>(p, w, x, y)))
+#define MV_FLOAT(name, DT)                                                        \
+    MV_ENTRY(name, 1, MV_THREADS, (mv_float_vec<DT, 1>(p, w, x, y)))              \
+    MV_ENTRY(name, 2, MV_THREADS, (mv_float_vec<DT, 2>(p, w, x, y)))              \
+    MV_ENTRY(name, 4, MV_THREADS, (mv_float_vec<DT, 4>(p, w, x, y)))              \
+    MV_ENTRY(name, 8, MV_THREADS, (mv_float_vec<DT, 8>(p, w, x, y)))              \
+    MV_ENTRY(name##_scalar, 1, MV_THREADS, (mv_float_scalar<DT, 1>(p, w, x, y)))  \
+    MV_ENTRY(name##_scalar, 2, MV_THREADS, (mv_float_scalar<DT, 2>(p, w, x, y)))  \
+    MV_ENTRY(name##_scalar, 4, MV_THREADS, (mv_float_scalar<DT, 4>(p, w, x, y)))  \
+    MV_ENTRY(name##_scalar, 8, MV_THREADS, (mv_float_scalar<DT, 8>(p, w, x, y)))
 
 MV_FLOAT(f32, STRATA_DTYPE_F32)
 MV_FLOAT(f16, STRATA_DTYPE_F16)

@@ -5,15 +5,28 @@
 
 /// Tokens one launch handles: each weight byte is read once per this many tokens.
 #define STRATA_MATVEC_MAX_TOKENS 8
-/// Warps per thread block.
+/// Warps per thread block (float kernels, and block-quantized kernels for 4 and 8 tokens). The
+/// block-quantized kernels run as many blocks as fit on the device at once (the launcher asks
+/// the driver), each warp looping over groups of rows.
 #define STRATA_MATVEC_WARPS 4
+/// Warps per thread block of the block-quantized kernels for 1 and 2 tokens (decode): one large
+/// block per SM shares one activation tile, leaving shared memory for a deep weight pipeline.
+#define STRATA_MATVEC_WARPS_DECODE 16
 /// Weight rows per warp: each activation value read from shared memory serves this many rows.
 #define STRATA_MATVEC_ROWS_PER_WARP 4
-/// Depth of each warp's cp.async pipeline of weight chunks (block-quantized dtypes).
+/// Depth of each warp's cp.async pipeline of weight chunks (block-quantized dtypes, 4 and 8
+/// tokens).
 #define STRATA_MATVEC_STAGES 3
-/// Activation floats staged in shared memory per tile, over all tokens of the launch (a tile is
-/// this divided by the kernel's token count, but at least STRATA_MATVEC_XTILE_MIN columns).
-#define STRATA_MATVEC_XTILE 4096
+/// The same for 1 and 2 tokens: three chunks in flight per warp (two for q6_k, whose chunks are
+/// larger), about 110 KiB per SM, which HBM's latency under load needs.
+#define STRATA_MATVEC_STAGES_DECODE 4
+#define STRATA_MATVEC_STAGES_DECODE_Q6_K 3
+/// Activation floats staged in shared memory per tile by the block-quantized kernels, over all
+/// tokens of the launch (a tile is this divided by the kernel's token count, but at least
+/// STRATA_MATVEC_XTILE_MIN columns). Rows up to a tile long are staged once per block.
+#define STRATA_MATVEC_XTILE 8192
+/// The same for the float kernels, whose rows are long enough to amortize restaging.
+#define STRATA_MATVEC_XTILE_FLOAT 4096
 /// The smallest activation tile, in columns: a multiple of every chunk below.
 #define STRATA_MATVEC_XTILE_MIN 1024
 /// Columns of one row a warp streams per pipeline step (block-quantized dtypes), except q8_0.

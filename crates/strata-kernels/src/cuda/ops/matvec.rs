@@ -2,13 +2,17 @@
 //! weight of any dtype and a few tokens of f32 activations, reading each weight byte once per
 //! [`MATVEC_MAX_TOKENS`] tokens.
 
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
 use strata_tensor::{DType, Tensor};
 
 use crate::cuda::params::{
     MatvecParams, STRATA_MATVEC_CHUNK, STRATA_MATVEC_CHUNK_Q8_0, STRATA_MATVEC_MAX_TOKENS, STRATA_MATVEC_ROWS_PER_WARP,
-    STRATA_MATVEC_STAGES, STRATA_MATVEC_WARPS, STRATA_MATVEC_XTILE, STRATA_MATVEC_XTILE_MIN,
+    STRATA_MATVEC_STAGES, STRATA_MATVEC_STAGES_DECODE, STRATA_MATVEC_STAGES_DECODE_Q6_K, STRATA_MATVEC_WARPS,
+    STRATA_MATVEC_WARPS_DECODE, STRATA_MATVEC_XTILE, STRATA_MATVEC_XTILE_FLOAT, STRATA_MATVEC_XTILE_MIN,
 };
 use crate::cuda::{Cuda, check_len, driver, ptr, ptr_mut};
 use crate::{Error, Result};
@@ -18,8 +22,7 @@ use super::convert::device_matrix;
 /// Tokens one matvec launch computes together (more are done in groups of this many).
 pub const MATVEC_MAX_TOKENS: usize = STRATA_MATVEC_MAX_TOKENS as usize;
 
-const WARPS: usize = STRATA_MATVEC_WARPS as usize;
-const ROWS_PER_BLOCK: usize = WARPS * STRATA_MATVEC_ROWS_PER_WARP as usize;
+const ROWS_PER_WARP: usize = STRATA_MATVEC_ROWS_PER_WARP as usize;
 
 /// The kernel names of one dtype for 1, 2, 4 and 8 tokens.
 macro_rules! kernels {
@@ -52,12 +55,19 @@ fn kernel_names(dtype: DType, k: usize) -> [&'static str; 4] {
     }
 }
 
+/// Warps per block of the `t`-token kernel for `dtype`: more for the block-quantized decode
+/// kernels (1 and 2 tokens), which share one activation tile among them.
+fn warps(dtype: DType, t: usize) -> usize {
+    if dtype.is_quantized() && t <= 2 { STRATA_MATVEC_WARPS_DECODE as usize } else { STRATA_MATVEC_WARPS as usize }
+}
+
 /// The dynamic shared memory of the `t`-token kernel for `dtype`, laid out as `mv_quant` and
 /// `mv_float_*` lay it out: the activation tile (padded by 4 floats every 32 and every 256
 /// columns), and for block-quantized dtypes the tile's sums over each 8 columns and each warp's
 /// pipeline of chunk buffers.
 fn shared_bytes(dtype: DType, t: usize) -> usize {
-    let kt = (STRATA_MATVEC_XTILE as usize / t).max(STRATA_MATVEC_XTILE_MIN as usize);
+    let total = if dtype.is_quantized() { STRATA_MATVEC_XTILE } else { STRATA_MATVEC_XTILE_FLOAT };
+    let kt = (total as usize / t).max(STRATA_MATVEC_XTILE_MIN as usize);
     let tile = 4 * t * (kt + kt / 8 + kt / 64);
     if !dtype.is_quantized() {
         return tile;
@@ -65,7 +75,49 @@ fn shared_bytes(dtype: DType, t: usize) -> usize {
     let chunk = if dtype == DType::Q8_0 { STRATA_MATVEC_CHUNK_Q8_0 } else { STRATA_MATVEC_CHUNK } as usize;
     let chunk_bytes = chunk / dtype.block_len() * dtype.block_bytes();
     let buffer = (chunk_bytes + 32).div_ceil(16) * 16;
-    tile + 4 * t * (kt / 8) + WARPS * (STRATA_MATVEC_STAGES * STRATA_MATVEC_ROWS_PER_WARP) as usize * buffer
+    let stages = match (t <= 2, dtype) {
+        (true, DType::Q6K) => STRATA_MATVEC_STAGES_DECODE_Q6_K,
+        (true, _) => STRATA_MATVEC_STAGES_DECODE,
+        (false, _) => STRATA_MATVEC_STAGES,
+    } as usize;
+    tile + 4 * t * (kt / 8) + warps(dtype, t) * stages * STRATA_MATVEC_ROWS_PER_WARP as usize * buffer
+}
+
+/// A per-device (ordinal) cache of facts asked of the driver.
+type DeviceCache<K> = OnceLock<Mutex<HashMap<(usize, K), usize>>>;
+
+/// The blocks of `kernel` (`threads` threads, `smem` bytes of dynamic shared memory) the device
+/// holds at once, asked of the driver once per device and kernel: the grid of the persistent
+/// block-quantized kernels. The kernel's shared-memory limit must already allow `smem`.
+fn resident_blocks(cuda: &Cuda, kernel: &'static str, threads: u32, smem: usize) -> Result<usize> {
+    static CACHE: DeviceCache<&'static str> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let key = (cuda.ordinal(), kernel);
+    if let Some(&blocks) = cache.lock().unwrap().get(&key) {
+        return Ok(blocks);
+    }
+    let per_sm = cuda
+        .function("matvec", kernel)?
+        .occupancy_max_active_blocks_per_multiprocessor(threads, smem, None)
+        .map_err(driver(kernel))?;
+    let blocks = per_sm.max(1) as usize * cuda.multiprocessors()?;
+    cache.lock().unwrap().insert(key, blocks);
+    Ok(blocks)
+}
+
+/// The most dynamic shared memory a block may opt in to on this device (227 KiB on Hopper, 163
+/// KiB on the A100).
+fn shared_limit(cuda: &Cuda) -> Result<usize> {
+    use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN as OPTIN;
+    static CACHE: DeviceCache<()> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let key = (cuda.ordinal(), ());
+    if let Some(&bytes) = cache.lock().unwrap().get(&key) {
+        return Ok(bytes);
+    }
+    let bytes = cuda.context().attribute(OPTIN).map_err(driver("attribute"))? as usize;
+    cache.lock().unwrap().insert(key, bytes);
+    Ok(bytes)
 }
 
 /// `y[t, :] = W x[t, :]` for `t < tokens`: `w` a `[n, k]` device tensor of any dtype, `x`
@@ -100,18 +152,32 @@ where
     let (rows, cols) = (to_u32(n, "n")?, to_u32(k, "k")?);
     let names = kernel_names(w.dtype(), k);
     let (wp, xp, yp) = (ptr(cuda, bytes), ptr(cuda, x), ptr_mut(cuda, y));
-    let blocks = to_u32(n.div_ceil(ROWS_PER_BLOCK), "the grid")?;
+    let limit = shared_limit(cuda)?;
     for t0 in (0..tokens).step_by(MATVEC_MAX_TOKENS) {
         let group = (tokens - t0).min(MATVEC_MAX_TOKENS);
-        let t = group.next_power_of_two();
+        let mut t = group.next_power_of_two();
+        if shared_bytes(w.dtype(), t) > limit {
+            // The decode kernels' deep pipelines need Hopper's shared memory; elsewhere the
+            // 4-token kernel does (it takes any count of tokens up to 4).
+            t = 4;
+        }
         let kernel = names[t.trailing_zeros() as usize];
         let smem = shared_bytes(w.dtype(), t);
+        let threads = (warps(w.dtype(), t) * 32) as u32;
         if smem > 48 * 1024 {
             // Above 48 KiB a kernel must opt in to its dynamic shared memory.
             cuda.function("matvec", kernel)?
                 .set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
                 .map_err(driver(kernel))?;
         }
+        // Float kernels take one block per group of rows; block-quantized ones are persistent,
+        // with a warp per group of rows at a time.
+        let per_block = warps(w.dtype(), t) * ROWS_PER_WARP;
+        let mut blocks = n.div_ceil(per_block);
+        if w.dtype().is_quantized() {
+            blocks = blocks.min(resident_blocks(cuda, kernel, threads, smem)?);
+        }
+        let blocks = to_u32(blocks, "the grid")?;
         let p = MatvecParams {
             rows,
             cols,
@@ -119,11 +185,7 @@ where
             total_bytes: w.byte_len() as u64,
             tokens: group as u32,
         };
-        let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: ((WARPS * 32) as u32, 1, 1),
-            shared_mem_bytes: smem as u32,
-        };
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 };
         let ptrs = [wp, xp + (t0 * k * 4) as u64, yp + (t0 * n * 4) as u64];
         // SAFETY: x holds tokens * k floats and y tokens * n (checked above), so tokens t0 ..
         // t0 + group of each are in bounds; the kernel reads the weight only below total_bytes
@@ -139,11 +201,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_largest_kernels_fit_in_the_shared_memory_of_an_sm80_block() {
+    fn every_kernel_fits_a_hopper_block_and_the_fallbacks_an_sm80_one() {
         for dtype in DType::ALL {
             for t in [1, 2, 4, 8] {
                 let bytes = shared_bytes(dtype, t);
-                assert!(bytes <= 163 * 1024, "{dtype} t{t}: {bytes} bytes");
+                assert!(bytes <= 227 * 1024, "{dtype} t{t}: {bytes} bytes");
+                if !(dtype.is_quantized() && t <= 2) {
+                    assert!(bytes <= 163 * 1024, "{dtype} t{t}: {bytes} bytes");
+                }
             }
         }
     }
