@@ -3,15 +3,18 @@
 //! Commands: `test` (formatting, clippy, every test: what CI runs), `tidy` (the tidy checks in
 //! tests/tests/tidy.rs), `bench` (CPU op microbenchmarks in release; `--peers` runs strata,
 //! llama.cpp and mistral.rs on the same GGUF files), `fixtures` (reference logits from
-//! transformers), `synth-model` (random-weight checkpoints of real shapes, safetensors or GGUF)
-//! and `fuzz`. Later issues add `kernels`, `demo` and `device-bundle`.
+//! transformers), `synth-model` (random-weight checkpoints of real shapes, safetensors or GGUF),
+//! `fuzz`, `kernels` (nvcc from PyPI when missing; PTX and a per-kernel register report) and
+//! `device-bundle` (GPU test binaries, CLI, PTX and a run script for a machine without Rust).
 //!
 //! Dependencies: strata-tensor (the bench's ops, synth-model's quantization). Few third-party
 //! crates: anyhow, rayon, gemm (the bench's reference GEMM), half and serde_json.
 
 mod bench;
+mod bundle;
 mod fixtures;
 mod fuzz;
+mod kernels;
 mod peers;
 mod synth;
 
@@ -36,6 +39,10 @@ commands:
                               (shapes: tinyllama-1.1b, llama-3-8b, smollm2-135m; safetensors: f32, f16, bf16
                               into the directory PATH; gguf, or PATH ending in .gguf: also q8_0, q4_0, q4_1,
                               q4_k, q6_k)
+  kernels                     install the pinned nvcc (PyPI, cached venv) if none is found, compile every
+                              kernels/*.cu to PTX, and print each kernel's registers and shared memory (sm_90)
+  device-bundle [--out DIR]   build the GPU test binaries, the CLI, kernel_bench, PTX and run.sh into one
+                              folder (default bundle/) to run on a GPU machine with no Rust
   fuzz [TARGET] [SECONDS]     run a cargo-fuzz target (default safetensors_header, 600 s) and print the exec count
   bench [--threads N] [--json]
                               CPU op microbenchmarks in release: memory bandwidth, decode matvec per dtype,
@@ -79,6 +86,11 @@ fn run(args: &[String]) -> Result<()> {
             fuzz::run(target, seconds)
         }
         Some("synth-model") => synth_model(rest),
+        Some("kernels") => {
+            no_arguments("kernels", rest)?;
+            kernels::run(&workspace_root())
+        }
+        Some("device-bundle") => bundle::run(rest),
         Some("fixtures") => fixtures::run(&fixtures::FixturesArgs::parse(rest)?),
         Some("help" | "--help" | "-h") => {
             println!("{USAGE}");
@@ -125,20 +137,50 @@ fn has_nextest() -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// The features that turn on CUDA in every crate that has it.
+const CUDA_FEATURES: &str = "strata-kernels/cuda";
+
 /// What CI runs: formatting, lints, then every test, stopping at the first failing step.
 fn test() -> Result<()> {
     step(&["fmt", "--all", "--", "--check"])?;
     step(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    // The CUDA code builds without a GPU: clippy and the tests (whose GPU parts skip) run with
+    // the feature too when nvcc is here (`cargo xtask kernels` installs it; CI runs that first).
+    let cuda = kernels::find_nvcc().is_some();
+    if cuda {
+        step(&[
+            "clippy",
+            "-p",
+            "strata-kernels",
+            "--features",
+            CUDA_FEATURES,
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ])?;
+    } else {
+        eprintln!(
+            "
+no nvcc found: the `cuda` feature is not checked (run `cargo xtask kernels` to install it)"
+        );
+    }
     if has_nextest() {
         // nextest does not run doctests, so they run first (its summary then closes the output).
         step(&["test", "--workspace", "--doc"])?;
         step(&["nextest", "run", "--workspace"])?;
+        if cuda {
+            step(&["nextest", "run", "-p", "strata-kernels", "--features", CUDA_FEATURES])?;
+        }
     } else {
         eprintln!(
             "\ncargo-nextest is not installed, so the tests run under `cargo test` \
              (install it with `cargo install cargo-nextest --locked`)"
         );
         step(&["test", "--workspace"])?;
+        if cuda {
+            step(&["test", "-p", "strata-kernels", "--features", CUDA_FEATURES])?;
+        }
     }
     eprintln!("\nxtask test: all steps passed");
     Ok(())

@@ -28,5 +28,5 @@ pub use tokenizer::{TextStream, Tokenizer};
 /// current rayon pool (run it inside [`Model::install`] to use the model's threads): the bound
 /// a CPU decode is compared with.
 pub fn memory_read_bandwidth() -> f64 {
-    strata_models::tensor::cpu::read_bandwidth(strata_models::tensor::cpu::DEFAULT_BANDWIDTH_BYTES, 5)
+    strata_models::tensor::cpu::read_bandwidth(strata_models::tensor::cpu::DEFAULT_BANDWIDTH_BYTES, 15)
 }

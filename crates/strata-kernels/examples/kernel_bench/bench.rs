@@ -25,6 +25,7 @@ pub struct Bench {
     /// Device-to-device copy bandwidth (bytes read + written per second), measured at start.
     pub peak_bytes_s: f64,
     rows: Vec<Row>,
+    notes: Vec<String>,
 }
 
 type R<T> = Result<T, Box<dyn std::error::Error>>;
@@ -41,7 +42,7 @@ impl Bench {
         })?;
         let peak_bytes_s = 2.0 * (n * 4) as f64 / (ms / 1e3);
         eprintln!("{}: device-to-device copy {:.0} GB/s (read + write)", cuda.name()?, peak_bytes_s / 1e9);
-        Ok(Bench { cuda, peak_bytes_s, rows: Vec::new() })
+        Ok(Bench { cuda, peak_bytes_s, rows: Vec::new(), notes: Vec::new() })
     }
 
     /// Times `f` (which launches the kernel once) and records it.
@@ -51,6 +52,11 @@ impl Bench {
         eprintln!("{}", self.line(&row));
         self.rows.push(row);
         Ok(())
+    }
+
+    /// A free-form result line for the report (transfers, overlap).
+    pub fn note(&mut self, line: String) {
+        self.notes.push(line);
     }
 
     fn line(&self, r: &Row) -> String {
@@ -71,6 +77,9 @@ impl Bench {
         for r in &self.rows {
             println!("{}", self.line(r));
         }
+        for n in &self.notes {
+            println!("{n}");
+        }
         if let Some(path) = json {
             let mut s = format!(
                 "{{\"device\": {:?}, \"copy_peak_gb_s\": {:.1}, \"kernels\": [\n",
@@ -89,6 +98,8 @@ impl Bench {
                     if i + 1 < self.rows.len() { "," } else { "" }
                 ));
             }
+            s.push_str("], \"notes\": [");
+            s.push_str(&self.notes.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", "));
             s.push_str("]}\n");
             std::fs::write(path, s)?;
         }

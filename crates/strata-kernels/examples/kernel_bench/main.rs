@@ -14,6 +14,8 @@ mod bench;
 mod elementwise;
 #[cfg(feature = "cuda")]
 mod matvec;
+#[cfg(feature = "cuda")]
+mod transfer;
 
 #[cfg(not(feature = "cuda"))]
 fn main() {
@@ -35,6 +37,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     elementwise::run(&mut b)?;
     matvec::run(&mut b)?;
     attention::run(&mut b)?;
+    transfer::run(&mut b)?;
     b.finish(json.as_deref())?;
     Ok(())
 }

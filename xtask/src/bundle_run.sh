@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# strata's GPU checks, from a bundle made by `cargo xtask device-bundle` (no Rust needed here).
+# Runs every GPU test, the kernel benchmarks and the model benchmarks, and writes a summary,
+# the logs and the JSON reports to $OUT (default ./gpu-out). Usage: bash bundle/run.sh [quick]
+# ("quick": tests and kernel benchmarks only, no synthetic models).
+set -uo pipefail
+B="$(cd "$(dirname "$0")" && pwd)"
+OUT="${OUT:-$PWD/gpu-out}"
+mkdir -p "$OUT"
+SUMMARY="$OUT/summary.txt"
+: >"$SUMMARY"
+say() { echo "$*" | tee -a "$SUMMARY"; }
+export STRATA_FIXTURES_DIR="$B/fixtures"
+export RUST_BACKTRACE=1
+
+# cuBLAS comes from the CUDA libraries the machine's Python packages carry, or a system CUDA.
+for d in /usr/local/cuda/lib64 /opt/torch/.venv/lib/python3*/site-packages/nvidia/cu13/lib \
+         /opt/torch/.venv/lib/python3*/site-packages/nvidia/cublas/lib /usr/local/lib/python3*/dist-packages/nvidia/cu13/lib; do
+  [ -e "$d/libcublas.so.13" ] || [ -e "$d/libcublas.so" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
+done
+if ! ls ${LD_LIBRARY_PATH//:/ } 2>/dev/null | grep -q libcublas; then
+  lib=$(find / -xdev -name 'libcublas.so.1*' -not -path '/proc/*' 2>/dev/null | head -n1)
+  [ -n "$lib" ] && export LD_LIBRARY_PATH="$(dirname "$lib"):${LD_LIBRARY_PATH:-}"
+fi
+say "== $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv,noheader 2>&1)"
+say "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+
+fails=0
+for t in "$B"/tests/*; do
+  name=$(basename "$t")
+  start=$(date +%s.%N)
+  if timeout 240 "$t" --test-threads=1 >"$OUT/test-$name.log" 2>&1; then status=ok; else status=FAIL; fails=$((fails + 1)); fi
+  secs=$(echo "$(date +%s.%N) - $start" | bc)
+  counts=$(grep -E '^test result:' "$OUT/test-$name.log" | tail -n1)
+  skipped=$(grep -c 'skipping' "$OUT/test-$name.log")
+  say "test $name: $status ($counts) [${secs}s, skip messages: $skipped]"
+  if [ $status = FAIL ]; then grep -E 'panicked|FAILED|failed|error' "$OUT/test-$name.log" | head -n 20 | tee -a "$SUMMARY"; fi
+done
+
+say "== kernel benchmarks"
+timeout 180 "$B/bin/kernel_bench" --json "$OUT/kernels.json" >"$OUT/kernel_bench.txt" 2>"$OUT/kernel_bench.log"
+say "kernel_bench exit $?"
+cat "$OUT/kernel_bench.txt" | tee -a "$SUMMARY"
+tail -n 5 "$OUT/kernel_bench.log" >>"$SUMMARY"
+
+if [ "${1:-}" != quick ]; then
+  say "== model benchmarks (synthetic TinyLlama-1.1B shape)"
+  M=/tmp/strata-synth
+  mkdir -p "$M"
+  "$B/bin/xtask" synth-model --shape tinyllama-1.1b --dtype bf16 --out "$M/tinyllama-bf16" >"$OUT/synth.log" 2>&1
+  "$B/bin/xtask" synth-model --shape tinyllama-1.1b --dtype q4_0 --out "$M/tinyllama-q4_0.gguf" >>"$OUT/synth.log" 2>&1
+  for m in "$M/tinyllama-bf16" "$M/tinyllama-q4_0.gguf"; do
+    n=$(basename "$m")
+    timeout 120 "$B/bin/strata" bench --model "$m" --device cuda --prompt-tokens 128 --gen-tokens 64 --json \
+      >"$OUT/bench-$n.json" 2>"$OUT/bench-$n.log"
+    say "bench $n (cuda): exit $? $(cat "$OUT/bench-$n.json" 2>/dev/null | tr -d '\n' | head -c 900)"
+  done
+fi
+say "== done: $fails failing test binaries"
+exit $fails
