@@ -1,0 +1,136 @@
+//! Element-wise kernels: SwiGLU, residual add, bias add, and f32 → f16/bf16 casts
+//! (`kernels/elementwise.cu`).
+
+use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig};
+
+use crate::cuda::params::{AddBiasParams, ElementwiseParams};
+use crate::cuda::{Cuda, check_len, ptr, ptr_mut};
+use crate::{Error, Result};
+
+/// Threads per block of the flat kernels.
+const BLOCK: u32 = 256;
+
+/// The launch of a flat kernel over `n` elements: a thread per four elements, at most 65535
+/// blocks (the kernels stride over the rest).
+fn flat_launch(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(4).div_ceil(BLOCK as usize).clamp(1, 65535) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Checks that operand `what` has exactly the `n` elements of the first operand.
+fn check_same(op: &str, what: &str, have: usize, n: usize) -> Result<()> {
+    if have != n {
+        return Err(Error::invalid(op, format!("{what} holds {have} elements, the other operands {n}")));
+    }
+    Ok(())
+}
+
+/// SwiGLU: `out = silu(gate) * up = gate / (1 + exp(-gate)) * up`, all three the same length.
+/// The CUDA twin of `strata_tensor::cpu::reference::swiglu` (it differs by the device `expf`'s
+/// last-bit error only).
+pub fn swiglu<G, U, O>(cuda: &Cuda, gate: &G, up: &U, out: &mut O) -> Result<()>
+where
+    G: DevicePtr<f32>,
+    U: DevicePtr<f32>,
+    O: DevicePtrMut<f32>,
+{
+    let n = gate.len();
+    check_same("swiglu", "up", up.len(), n)?;
+    check_same("swiglu", "out", out.len(), n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let p = ElementwiseParams { n: n as u64 };
+    let ptrs = [ptr(cuda, gate), ptr(cuda, up), ptr_mut(cuda, out)];
+    // SAFETY: gate, up and out each hold n floats (checked above); the kernel touches indices
+    // below n only.
+    unsafe { cuda.launch("elementwise", "swiglu_f32", flat_launch(n), &p, &ptrs) }
+}
+
+/// Residual add in place: `acc += x`, both the same length. The CUDA twin of
+/// `strata_tensor::cpu::reference::add` (bit for bit).
+pub fn add<A, X>(cuda: &Cuda, acc: &mut A, x: &X) -> Result<()>
+where
+    A: DevicePtrMut<f32>,
+    X: DevicePtr<f32>,
+{
+    let n = acc.len();
+    check_same("add", "x", x.len(), n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let p = ElementwiseParams { n: n as u64 };
+    let ptrs = [ptr_mut(cuda, acc), ptr(cuda, x)];
+    // SAFETY: acc and x each hold n floats (checked above); the kernel touches indices below n.
+    unsafe { cuda.launch("elementwise", "add_f32", flat_launch(n), &p, &ptrs) }
+}
+
+/// Bias add in place: `y[r, c] += bias[c]` for the first `rows` rows of `bias.len()` elements of
+/// `y` (which may be longer).
+pub fn add_bias<Y, B>(cuda: &Cuda, y: &mut Y, bias: &B, rows: usize) -> Result<()>
+where
+    Y: DevicePtrMut<f32>,
+    B: DevicePtr<f32>,
+{
+    let cols = bias.len();
+    let need = rows.checked_mul(cols).ok_or_else(|| Error::invalid("add_bias", "rows x cols overflows"))?;
+    check_len("add_bias", "y", y.len(), need)?;
+    if need == 0 {
+        return Ok(());
+    }
+    if rows > u32::MAX as usize || cols > u32::MAX as usize {
+        return Err(Error::invalid("add_bias", format!("{rows} rows of {cols}: at most 2^32 - 1 of each")));
+    }
+    let p = AddBiasParams { rows: rows as u32, cols: cols as u32 };
+    // Columns across x, rows across y: about 64K blocks in all, each walking its rows.
+    let blocks_x = cols.div_ceil(BLOCK as usize);
+    let blocks_y = rows.min((65536 / blocks_x).max(1)).min(65535);
+    let cfg =
+        LaunchConfig { grid_dim: (blocks_x as u32, blocks_y as u32, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    let ptrs = [ptr_mut(cuda, y), ptr(cuda, bias)];
+    // SAFETY: y holds rows * cols floats and bias cols (checked above); the kernel touches
+    // y[r * cols + c] for r < rows, c < cols only.
+    unsafe { cuda.launch("elementwise", "add_bias_f32", cfg, &p, &ptrs) }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
+}
+
+/// The 16-bit floats [`cast_f32_to`] writes: f16 and bf16. Sealed.
+pub trait HalfElem: DeviceRepr + sealed::Sealed {
+    /// The kernel of `kernels/elementwise.cu` that casts f32 to this type.
+    #[doc(hidden)]
+    const CAST_KERNEL: &'static str;
+}
+
+impl HalfElem for half::f16 {
+    const CAST_KERNEL: &'static str = "cast_f32_f16";
+}
+
+impl HalfElem for half::bf16 {
+    const CAST_KERNEL: &'static str = "cast_f32_bf16";
+}
+
+/// `out = x` rounded to nearest even as f16 or bf16 (the bits `half::f16::from_f32` /
+/// `half::bf16::from_f32` give, NaNs aside: the device writes its canonical NaN), both the same
+/// length. Feeds cuBLAS's 16-bit GEMMs.
+pub fn cast_f32_to<T, X, O>(cuda: &Cuda, x: &X, out: &mut O) -> Result<()>
+where
+    T: HalfElem,
+    X: DevicePtr<f32>,
+    O: DevicePtrMut<T>,
+{
+    let n = x.len();
+    check_same("cast_f32_to", "out", out.len(), n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let p = ElementwiseParams { n: n as u64 };
+    let ptrs = [ptr(cuda, x), ptr_mut(cuda, out)];
+    // SAFETY: x holds n floats and out n elements of T (checked above); the kernel touches
+    // indices below n only.
+    unsafe { cuda.launch("elementwise", T::CAST_KERNEL, flat_launch(n), &p, &ptrs) }
+}

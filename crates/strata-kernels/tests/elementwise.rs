@@ -1,0 +1,179 @@
+//! SwiGLU, residual add, bias add and the f16/bf16 casts on the GPU against the CPU reference
+//! (or exact host arithmetic), on lengths that are and are not multiples of four and on buffers
+//! that do and do not start 16-byte aligned (the kernels' float4 and scalar paths).
+#![cfg(feature = "cuda")]
+
+use half::{bf16, f16};
+use proptest::prelude::*;
+use strata_kernels::cuda::ops;
+use strata_kernels::cuda::testing::{assert_close, device_or_skip, random_f32};
+use strata_kernels::{Error, Result};
+use strata_tensor::cpu::reference;
+
+/// Asserts an [`Error::InvalidArgument`] whose message contains `needle`.
+fn assert_invalid(r: Result<()>, needle: &str) {
+    match r {
+        Err(Error::InvalidArgument { message, .. }) => assert!(message.contains(needle), "{message}"),
+        other => panic!("expected InvalidArgument about {needle:?}, got {other:?}"),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// `offset` elements are skipped at the start of every buffer: 0 keeps the float4 path, 1 to
+    /// 3 force the scalar one.
+    #[test]
+    fn swiglu_matches_the_reference(n in 0usize..5000, offset in 0usize..4, seed: u64) {
+        let Some(cuda) = device_or_skip("swiglu_matches_the_reference") else { return Ok(()) };
+        let mut gate = random_f32(n + offset, seed, 12.0);
+        if n > 3 {
+            // Saturated and extreme gates: exp overflows to inf, silu goes to -0 and to the gate.
+            gate[offset] = -100.0;
+            gate[offset + 1] = 100.0;
+            gate[offset + 2] = -88.5;
+        }
+        let up = random_f32(n + offset, seed ^ 1, 3.0);
+        let mut want = vec![0f32; n];
+        reference::swiglu(&gate[offset..], &up[offset..], &mut want).unwrap();
+        let dg = cuda.upload(&gate).unwrap();
+        let du = cuda.upload(&up).unwrap();
+        let mut dout = cuda.zeros::<f32>(n + offset).unwrap();
+        ops::swiglu(&cuda, &dg.slice(offset..offset + n), &du.slice(offset..offset + n), &mut dout.slice_mut(offset..offset + n)).unwrap();
+        let got = cuda.download(&dout).unwrap();
+        assert_close("swiglu", &got[offset..offset + n], &want, 1e-30, 2e-6);
+    }
+
+    #[test]
+    fn add_matches_the_reference_exactly(n in 0usize..5000, offset in 0usize..4, seed: u64) {
+        let Some(cuda) = device_or_skip("add_matches_the_reference_exactly") else { return Ok(()) };
+        let acc = random_f32(n + offset, seed, 5.0);
+        let x = random_f32(n + offset, seed ^ 1, 5.0);
+        let mut want = acc[offset..].to_vec();
+        reference::add(&mut want, &x[offset..]).unwrap();
+        let mut dacc = cuda.upload(&acc).unwrap();
+        let dx = cuda.upload(&x).unwrap();
+        ops::add(&cuda, &mut dacc.slice_mut(offset..offset + n), &dx.slice(offset..offset + n)).unwrap();
+        let got = cuda.download(&dacc).unwrap();
+        prop_assert_eq!(&got[..offset], &acc[..offset]);
+        prop_assert_eq!(&got[offset..], &want[..]);
+    }
+
+    #[test]
+    fn add_bias_matches_host_arithmetic(rows in 0usize..40, cols in 1usize..700, seed: u64) {
+        let Some(cuda) = device_or_skip("add_bias_matches_host_arithmetic") else { return Ok(()) };
+        let y = random_f32(rows * cols + 5, seed, 5.0);
+        let bias = random_f32(cols, seed ^ 1, 5.0);
+        let mut want = y.clone();
+        for (i, v) in want[..rows * cols].iter_mut().enumerate() {
+            *v += bias[i % cols];
+        }
+        let mut dy = cuda.upload(&y).unwrap();
+        let db = cuda.upload(&bias).unwrap();
+        ops::add_bias(&cuda, &mut dy, &db, rows).unwrap();
+        prop_assert_eq!(cuda.download(&dy).unwrap(), want);
+    }
+
+    #[test]
+    fn casts_round_to_nearest_even(n in 0usize..3000, offset in 0usize..4, seed: u64) {
+        let Some(cuda) = device_or_skip("casts_round_to_nearest_even") else { return Ok(()) };
+        let mut x = random_f32(n + offset, seed, 4.0);
+        // Scale some values across the whole f16 range, and some into its subnormals.
+        for (i, v) in x.iter_mut().enumerate() {
+            *v *= [1.0, 1e-6, 3e4, 1e-3][i % 4];
+        }
+        check_casts(&cuda, &x, offset);
+    }
+}
+
+/// Casts `x[offset..]` on the device to f16 and bf16 and compares the bits with the half
+/// crate's round-to-nearest-even conversion (NaN only as NaN).
+fn check_casts(cuda: &strata_kernels::Cuda, x: &[f32], offset: usize) {
+    let n = x.len() - offset;
+    let dx = cuda.upload(x).unwrap();
+    let view = dx.slice(offset..offset + n);
+    let mut h = cuda.upload(&vec![f16::ZERO; n + offset]).unwrap();
+    ops::cast_f32_to(cuda, &view, &mut h.slice_mut(offset..offset + n)).unwrap();
+    let mut b = cuda.upload(&vec![bf16::ZERO; n + offset]).unwrap();
+    ops::cast_f32_to(cuda, &view, &mut b.slice_mut(offset..offset + n)).unwrap();
+    let (h, b) = (cuda.download(&h).unwrap(), cuda.download(&b).unwrap());
+    for (i, &v) in x[offset..].iter().enumerate() {
+        let (got_h, got_b) = (h[offset + i], b[offset + i]);
+        if v.is_nan() {
+            assert!(got_h.is_nan() && got_b.is_nan(), "element {i}: NaN became {got_h} / {got_b}");
+        } else {
+            assert_eq!(got_h.to_bits(), f16::from_f32(v).to_bits(), "f16 of element {i} = {v:e}");
+            assert_eq!(got_b.to_bits(), bf16::from_f32(v).to_bits(), "bf16 of element {i} = {v:e}");
+        }
+    }
+}
+
+#[test]
+fn casts_of_special_values() {
+    let Some(cuda) = device_or_skip("casts_of_special_values") else { return };
+    let x = [
+        0.0f32,
+        -0.0,
+        1.0,
+        1.0 + 2f32.powi(-11),       // halfway between f16 1 and 1 + 2^-10: rounds to even (1)
+        1.0 + 3.0 * 2f32.powi(-11), // halfway: rounds to even (1 + 2^-9)
+        1.0 + 2f32.powi(-8),        // halfway for bf16
+        65504.0,
+        65519.0,
+        65520.0, // rounds to f16 inf
+        -1e6,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        1e-8,   // below half the smallest f16 subnormal: 0
+        3e-8,   // f16 subnormal
+        6.0e-5, // f16 subnormal, just under the smallest normal
+        f32::MIN_POSITIVE,
+        1e-40, // f32 subnormal
+        f32::MAX,
+        3.4e38,
+    ];
+    for offset in 0..4 {
+        let mut padded = vec![7.0f32; offset];
+        padded.extend_from_slice(&x);
+        check_casts(&cuda, &padded, offset);
+    }
+}
+
+#[test]
+fn large_lengths_stride_over_the_grid() {
+    let Some(cuda) = device_or_skip("large_lengths_stride_over_the_grid") else { return };
+    // More than 65535 blocks x 256 threads x 4 elements: every thread loops.
+    let n = 65535 * 256 * 4 + 4 * 1000 + 3;
+    let gate = random_f32(n, 1, 8.0);
+    let up = random_f32(n, 2, 2.0);
+    let mut want = vec![0f32; n];
+    reference::swiglu(&gate, &up, &mut want).unwrap();
+    let dg = cuda.upload(&gate).unwrap();
+    let du = cuda.upload(&up).unwrap();
+    let mut dout = cuda.zeros::<f32>(n).unwrap();
+    ops::swiglu(&cuda, &dg, &du, &mut dout).unwrap();
+    assert_close("swiglu", &cuda.download(&dout).unwrap(), &want, 1e-30, 2e-6);
+    let mut dacc = cuda.upload(&gate).unwrap();
+    ops::add(&cuda, &mut dacc, &du).unwrap();
+    let sum: Vec<f32> = gate.iter().zip(&up).map(|(a, b)| a + b).collect();
+    assert_eq!(cuda.download(&dacc).unwrap(), sum);
+}
+
+#[test]
+fn mismatched_lengths_are_typed_errors() {
+    let Some(cuda) = device_or_skip("mismatched_lengths_are_typed_errors") else { return };
+    let a = cuda.zeros::<f32>(10).unwrap();
+    let b = cuda.zeros::<f32>(9).unwrap();
+    let mut out = cuda.zeros::<f32>(10).unwrap();
+    assert_invalid(ops::swiglu(&cuda, &a, &b, &mut out), "up holds 9");
+    assert_invalid(ops::swiglu(&cuda, &a, &a, &mut out.slice_mut(0..9)), "out holds 9");
+    assert_invalid(ops::add(&cuda, &mut out, &b), "x holds 9");
+    assert_invalid(ops::add_bias(&cuda, &mut out, &cuda.zeros::<f32>(4).unwrap(), 3), "12 needed");
+    let mut h = cuda.upload(&[f16::ZERO; 9]).unwrap();
+    assert_invalid(ops::cast_f32_to(&cuda, &a, &mut h), "out holds 9");
+    // Empty operands are fine and touch nothing.
+    ops::swiglu(&cuda, &a.slice(0..0), &b.slice(0..0), &mut out.slice_mut(0..0)).unwrap();
+    ops::add_bias(&cuda, &mut out, &a.slice(0..0), 3).unwrap();
+    ops::add_bias(&cuda, &mut out, &a, 0).unwrap();
+}

@@ -1,0 +1,109 @@
+// Element-wise kernels: SwiGLU, residual add, bias add, and f32 -> f16/bf16 casts.
+//
+//   swiglu_f32:     out = gate / (1 + exp(-gate)) * up   (strata_tensor::cpu::reference::swiglu)
+//   add_f32:        acc += x                             (strata_tensor::cpu::reference::add)
+//   add_bias_f32:   y[r, c] += bias[c]
+//   cast_f32_f16, cast_f32_bf16: out = x rounded to nearest even (what half::f16::from_f32 and
+//                   half::bf16::from_f32 give), to feed cuBLAS's 16-bit GEMMs.
+//
+// Launch: the flat kernels take any 1-D grid and block and stride over the elements with
+// grid * block threads; when every operand is 16-byte aligned (8 bytes for 16-bit outputs) they
+// move four elements per access (float4), the last n % 4 one at a time. The alignment test is
+// uniform across the grid. add_bias_f32: grid (ceil(cols / block), any y), each thread loads
+// its bias element once and walks the rows blockIdx.y, blockIdx.y + gridDim.y, ...
+//
+// SwiGLU uses the accurate expf and IEEE division; nothing is fused, so it differs from the
+// reference by expf's last-bit error only. Launchers: strata_kernels::cuda::ops::{swiglu, add,
+// add_bias, cast_f32_to}.
+#include "strata_common.cuh"
+#include "elementwise.h"
+
+__device__ __forceinline__ unsigned long long thread_index() {
+    return (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+}
+
+__device__ __forceinline__ unsigned long long thread_count() {
+    return (unsigned long long)gridDim.x * blockDim.x;
+}
+
+__device__ __forceinline__ bool aligned(const void* p, unsigned long long bytes) {
+    return ((unsigned long long)p & (bytes - 1)) == 0;
+}
+
+__device__ __forceinline__ float silu_mul(float g, float u) {
+    return __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), u);
+}
+
+extern "C" __global__ void swiglu_f32(ElementwiseParams p, const float* gate, const float* up, float* out) {
+    const unsigned long long i0 = thread_index(), stride = thread_count();
+    unsigned long long tail = 0;
+    if (aligned(gate, 16) && aligned(up, 16) && aligned(out, 16)) {
+        const unsigned long long n4 = p.n / 4;
+        for (unsigned long long i = i0; i < n4; i += stride) {
+            const float4 g = reinterpret_cast<const float4*>(gate)[i];
+            const float4 u = reinterpret_cast<const float4*>(up)[i];
+            reinterpret_cast<float4*>(out)[i] =
+                make_float4(silu_mul(g.x, u.x), silu_mul(g.y, u.y), silu_mul(g.z, u.z), silu_mul(g.w, u.w));
+        }
+        tail = n4 * 4;
+    }
+    for (unsigned long long i = tail + i0; i < p.n; i += stride) out[i] = silu_mul(gate[i], up[i]);
+}
+
+extern "C" __global__ void add_f32(ElementwiseParams p, float* acc, const float* x) {
+    const unsigned long long i0 = thread_index(), stride = thread_count();
+    unsigned long long tail = 0;
+    if (aligned(acc, 16) && aligned(x, 16)) {
+        const unsigned long long n4 = p.n / 4;
+        for (unsigned long long i = i0; i < n4; i += stride) {
+            float4 a = reinterpret_cast<float4*>(acc)[i];
+            const float4 v = reinterpret_cast<const float4*>(x)[i];
+            a.x += v.x;
+            a.y += v.y;
+            a.z += v.z;
+            a.w += v.w;
+            reinterpret_cast<float4*>(acc)[i] = a;
+        }
+        tail = n4 * 4;
+    }
+    for (unsigned long long i = tail + i0; i < p.n; i += stride) acc[i] += x[i];
+}
+
+extern "C" __global__ void add_bias_f32(AddBiasParams p, float* y, const float* bias) {
+    const unsigned int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= p.cols) return;
+    const float b = bias[c];
+    for (unsigned int r = blockIdx.y; r < p.rows; r += gridDim.y) y[(unsigned long long)r * p.cols + c] += b;
+}
+
+// The bits of x rounded to nearest even, as a 16-bit float.
+__device__ __forceinline__ unsigned int bits16(float x, const __half*) { return __half_as_ushort(__float2half_rn(x)); }
+__device__ __forceinline__ unsigned int bits16(float x, const __nv_bfloat16*) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+}
+
+// Four f32 -> four 16-bit floats, stored as one 8-byte word (element 0 in the low bits).
+template <typename H>
+__device__ __forceinline__ void cast4(float4 v, H* out, unsigned long long i) {
+    const H* tag = out;
+    const uint2 w = make_uint2(bits16(v.x, tag) | bits16(v.y, tag) << 16, bits16(v.z, tag) | bits16(v.w, tag) << 16);
+    reinterpret_cast<uint2*>(out)[i] = w;
+}
+
+template <typename H>
+__device__ __forceinline__ void cast_f32(const ElementwiseParams& p, const float* x, H* out) {
+    const unsigned long long i0 = thread_index(), stride = thread_count();
+    unsigned long long tail = 0;
+    if (aligned(x, 16) && aligned(out, 8)) {
+        const unsigned long long n4 = p.n / 4;
+        for (unsigned long long i = i0; i < n4; i += stride) cast4(reinterpret_cast<const float4*>(x)[i], out, i);
+        tail = n4 * 4;
+    }
+    for (unsigned long long i = tail + i0; i < p.n; i += stride) store_f32(out, i, x[i]);
+}
+
+extern "C" __global__ void cast_f32_f16(ElementwiseParams p, const float* x, __half* out) { cast_f32(p, x, out); }
+
+extern "C" __global__ void cast_f32_bf16(ElementwiseParams p, const float* x, __nv_bfloat16* out) {
+    cast_f32(p, x, out);
+}

@@ -1,0 +1,67 @@
+// Rotary position embedding of queries and keys, fused: q and k rotated in place in one launch.
+//
+// For token t at position pos = positions[t] and pair i < n_pairs: angle = (float)pos *
+// inv_freq[i] in f32, c = cos(angle) * attention_factor, s = sin(angle) * attention_factor, and
+// the pair (a, b) of every head, (i, i + n_pairs) for rotate-half or (2i, 2i + 1) for
+// interleaved, becomes (a*c - b*s, b*c + a*s). Every product and sum is rounded separately (no
+// fused multiply-add, __fmul_rn/__fadd_rn stop nvcc from contracting them), as the CPU
+// reference does. Dimensions past 2 * n_pairs are left alone. Sines and cosines come from the
+// accurate sincosf: angles reach tens of thousands of radians, where __sinf/__cosf are useless.
+//
+// Launch: grid (tokens, ceil(items / chunk)) with items = (n_heads + n_kv_heads) * n_pairs, any
+// block size that is a multiple of 32, dynamic shared memory 2 * n_pairs floats. Each block first
+// computes its token's cos/sin table into shared memory (one sincosf per pair, not per head),
+// then walks its chunk of (head, pair) items; consecutive threads take consecutive pairs of a
+// head, so loads and stores are coalesced. Elements are f32, f16 or bf16 (computed in f32,
+// stored rounded to nearest even).
+//
+// CPU reference: strata_tensor::cpu::reference::rope (applied to q and to k). Launcher:
+// strata_kernels::cuda::ops::rope_qk.
+#include "strata_common.cuh"
+#include "rope.h"
+
+template <typename T>
+__device__ __forceinline__ void rope_qk(const RopeParams& p, T* q, T* k, const unsigned int* positions,
+                                        const float* inv_freq) {
+    extern __shared__ float table[];  // cos[0..n_pairs), then sin[0..n_pairs)
+    const unsigned int t = blockIdx.x;
+    const unsigned int n = p.n_pairs;
+    const float pos = __uint2float_rn(positions[t]);
+    for (unsigned int i = threadIdx.x; i < n; i += blockDim.x) {
+        float s, c;
+        sincosf(__fmul_rn(pos, inv_freq[i]), &s, &c);
+        table[i] = __fmul_rn(c, p.attention_factor);
+        table[n + i] = __fmul_rn(s, p.attention_factor);
+    }
+    __syncthreads();
+    const unsigned int items = (p.n_heads + p.n_kv_heads) * n;
+    const unsigned int begin = blockIdx.y * p.chunk;
+    const unsigned int end = min(items, begin + p.chunk);
+    for (unsigned int w = begin + threadIdx.x; w < end; w += blockDim.x) {
+        const unsigned int h = w / n;
+        const unsigned int i = w - h * n;
+        T* v = h < p.n_heads ? q + ((long long)t * p.n_heads + h) * p.head_dim
+                             : k + ((long long)t * p.n_kv_heads + (h - p.n_heads)) * p.head_dim;
+        const unsigned int a = p.layout == STRATA_ROPE_INTERLEAVED ? 2 * i : i;
+        const unsigned int b = p.layout == STRATA_ROPE_INTERLEAVED ? 2 * i + 1 : i + n;
+        const float x0 = load_f32(v, a), x1 = load_f32(v, b);
+        const float c = table[i], s = table[n + i];
+        store_f32(v, a, __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s)));
+        store_f32(v, b, __fadd_rn(__fmul_rn(x1, c), __fmul_rn(x0, s)));
+    }
+}
+
+extern "C" __global__ void rope_qk_f32(RopeParams p, float* q, float* k, const unsigned int* positions,
+                                       const float* inv_freq) {
+    rope_qk(p, q, k, positions, inv_freq);
+}
+
+extern "C" __global__ void rope_qk_f16(RopeParams p, __half* q, __half* k, const unsigned int* positions,
+                                       const float* inv_freq) {
+    rope_qk(p, q, k, positions, inv_freq);
+}
+
+extern "C" __global__ void rope_qk_bf16(RopeParams p, __nv_bfloat16* q, __nv_bfloat16* k,
+                                        const unsigned int* positions, const float* inv_freq) {
+    rope_qk(p, q, k, positions, inv_freq);
+}
