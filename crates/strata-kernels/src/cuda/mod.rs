@@ -19,6 +19,7 @@ use cudarc::driver::{
 use crate::{Error, Result};
 
 pub mod blas;
+pub mod kv;
 pub mod ops;
 pub mod pinned;
 pub mod tensor;

@@ -1,0 +1,257 @@
+//! The paged key/value cache on the device: the CUDA twin of `strata_models::KvCache`.
+//!
+//! Each layer keeps its keys and values in blocks of `block_len` tokens, each laid out
+//! `[block_len, n_kv_heads, head_dim]` in f32, allocated as the sequence grows, and a device
+//! table of the blocks' addresses, interleaved (`[k_0, v_0, k_1, v_1, ..]` as `u64`), which the
+//! kernels of `kernels/attention.cu` read. The table is re-uploaded when a block is added; its
+//! buffer grows by doubling. Memory is proportional to the tokens held, rounded up to one block
+//! per layer.
+//!
+//! Everything is ordered on the compute stream: a block or table that is dropped or replaced is
+//! freed in stream order, after the kernels queued before it.
+
+use std::sync::Mutex;
+
+use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig};
+
+use crate::cuda::params::KvAppendParams;
+use crate::cuda::{Cuda, check_len, ptr, ptr_mut};
+use crate::{Error, Result};
+
+/// Keys and values of every layer for one sequence, on the device.
+pub struct DeviceKvCache {
+    n_kv_heads: usize,
+    head_dim: usize,
+    block_len: usize,
+    /// Floats per token row: `n_kv_heads * head_dim`.
+    row: usize,
+    /// Streaming multiprocessors of the device, for sizing the decode split.
+    multiprocessors: usize,
+    layers: Vec<LayerKv>,
+    /// Scratch of the split-K decode (partial accumulators and statistics), grown on demand
+    /// and reused by every layer: the launches that use it are ordered on the compute stream.
+    scratch: Mutex<Option<CudaSlice<f32>>>,
+}
+
+#[derive(Default)]
+struct LayerKv {
+    k_blocks: Vec<CudaSlice<f32>>,
+    v_blocks: Vec<CudaSlice<f32>>,
+    /// The host copy of the block table, `[k_0, v_0, k_1, v_1, ..]`.
+    host_table: Vec<u64>,
+    /// The device block table; its capacity may exceed `host_table.len()`.
+    table: Option<CudaSlice<u64>>,
+    len: usize,
+}
+
+impl std::fmt::Debug for DeviceKvCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceKvCache")
+            .field("n_layers", &self.layers.len())
+            .field("n_kv_heads", &self.n_kv_heads)
+            .field("head_dim", &self.head_dim)
+            .field("block_len", &self.block_len)
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
+/// The most tokens a layer may hold: positions are 32-bit in the kernels.
+const MAX_TOKENS: usize = i32::MAX as usize;
+
+impl DeviceKvCache {
+    /// An empty cache for `n_layers` layers of `n_kv_heads` heads of `head_dim`, in blocks of
+    /// `block_len` tokens. Allocates nothing yet.
+    pub fn new(
+        cuda: &Cuda,
+        n_layers: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        block_len: usize,
+    ) -> Result<DeviceKvCache> {
+        if n_kv_heads == 0 || head_dim == 0 || block_len == 0 {
+            return Err(Error::invalid(
+                "DeviceKvCache::new",
+                format!(
+                    "n_kv_heads ({n_kv_heads}), head_dim ({head_dim}) and block_len ({block_len}) must be positive"
+                ),
+            ));
+        }
+        let row = n_kv_heads
+            .checked_mul(head_dim)
+            .filter(|r| r.checked_mul(block_len).is_some_and(|b| b <= u32::MAX as usize))
+            .ok_or_else(|| {
+                Error::invalid(
+                    "DeviceKvCache::new",
+                    format!("a block of {block_len} x {n_kv_heads} x {head_dim} floats is too large"),
+                )
+            })?;
+        Ok(DeviceKvCache {
+            n_kv_heads,
+            head_dim,
+            block_len,
+            row,
+            multiprocessors: cuda.multiprocessors()?.max(1),
+            layers: (0..n_layers).map(|_| LayerKv::default()).collect(),
+            scratch: Mutex::new(None),
+        })
+    }
+
+    /// Layers.
+    pub fn n_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Key/value heads per token.
+    pub fn n_kv_heads(&self) -> usize {
+        self.n_kv_heads
+    }
+
+    /// Elements per head.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
+    /// Tokens held (by the last layer, which is written last in a forward pass).
+    pub fn len(&self) -> usize {
+        self.layers.last().map_or(0, |l| l.len)
+    }
+
+    /// Whether the cache holds no tokens.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Tokens held by `layer`.
+    ///
+    /// # Panics
+    /// If `layer` is not below [`DeviceKvCache::n_layers`].
+    pub fn layer_len(&self, layer: usize) -> usize {
+        self.layers[layer].len
+    }
+
+    /// Tokens per block.
+    pub fn block_len(&self) -> usize {
+        self.block_len
+    }
+
+    /// Device bytes of all key and value blocks, across all layers.
+    pub fn allocated_bytes(&self) -> usize {
+        let block_bytes = self.block_len * self.row * std::mem::size_of::<f32>();
+        self.layers.iter().map(|l| (l.k_blocks.len() + l.v_blocks.len()) * block_bytes).sum()
+    }
+
+    /// Drops every token and block (freed in stream order).
+    pub fn clear(&mut self) {
+        for l in &mut self.layers {
+            *l = LayerKv::default();
+        }
+    }
+
+    /// Appends the keys and values of `tokens` new tokens to `layer`: `k` and `v` hold
+    /// `[tokens, n_kv_heads * head_dim]` (longer buffers are fine; the rest is ignored). Blocks
+    /// are allocated as needed, then one kernel launch copies the rows through the block table.
+    pub fn append<K, V>(&mut self, cuda: &Cuda, layer: usize, k: &K, v: &V, tokens: usize) -> Result<()>
+    where
+        K: DevicePtr<f32>,
+        V: DevicePtr<f32>,
+    {
+        const OP: &str = "DeviceKvCache::append";
+        let n_layers = self.layers.len();
+        if layer >= n_layers {
+            return Err(Error::invalid(OP, format!("layer {layer} is out of range: the cache has {n_layers} layers")));
+        }
+        let need =
+            tokens.checked_mul(self.row).ok_or_else(|| Error::invalid(OP, format!("{tokens} tokens overflow")))?;
+        check_len(OP, "k", k.len(), need)?;
+        check_len(OP, "v", v.len(), need)?;
+        if tokens == 0 {
+            return Ok(());
+        }
+        let (block_len, row) = (self.block_len, self.row);
+        let l = &mut self.layers[layer];
+        let start = l.len;
+        let new_len = start + tokens;
+        if new_len > MAX_TOKENS {
+            return Err(Error::invalid(OP, format!("{new_len} tokens exceed the cache's limit of {MAX_TOKENS}")));
+        }
+
+        let blocks = new_len.div_ceil(block_len);
+        if blocks > l.k_blocks.len() {
+            while l.k_blocks.len() < blocks {
+                let kb = cuda.zeros::<f32>(block_len * row)?;
+                let vb = cuda.zeros::<f32>(block_len * row)?;
+                l.host_table.push(ptr(cuda, &kb));
+                l.host_table.push(ptr(cuda, &vb));
+                l.k_blocks.push(kb);
+                l.v_blocks.push(vb);
+            }
+            let capacity = l.table.as_ref().map_or(0, |t| t.len());
+            if capacity < l.host_table.len() {
+                l.table = Some(cuda.zeros::<u64>(l.host_table.len().next_power_of_two().max(8))?);
+            }
+            let table = l.table.as_mut().expect("allocated above");
+            cuda.upload_into(&l.host_table, table)?;
+        }
+
+        let table = l.table.as_mut().expect("a layer holding tokens has a table");
+        let p =
+            KvAppendParams { tokens: tokens as u32, start: start as u32, block_len: block_len as u32, row: row as u32 };
+        let threads = 256u32;
+        let grid = (need.div_ceil(threads as usize)).clamp(1, 8192) as u32;
+        let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        let ptrs = [ptr(cuda, k), ptr(cuda, v), ptr_mut(cuda, table)];
+        // SAFETY: k and v hold tokens * row floats (checked above); the table lists
+        // ceil((start + tokens) / block_len) key and value blocks of block_len * row floats each,
+        // so every destination row start + t lies inside a block the table names.
+        unsafe { cuda.launch("attention", "kv_append_f32", cfg, &p, &ptrs) }?;
+        l.len = new_len;
+        Ok(())
+    }
+
+    /// The keys and values of `layer` copied to the host as contiguous
+    /// `[layer_len, n_kv_heads * head_dim]` buffers (for tests and debugging; it synchronizes).
+    pub fn download(&self, cuda: &Cuda, layer: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let l = self.layers.get(layer).ok_or_else(|| {
+            Error::invalid(
+                "DeviceKvCache::download",
+                format!("layer {layer} is out of range: the cache has {} layers", self.layers.len()),
+            )
+        })?;
+        let n = l.len * self.row;
+        let gather = |blocks: &[CudaSlice<f32>]| -> Result<Vec<f32>> {
+            let mut all = Vec::with_capacity(blocks.len() * self.block_len * self.row);
+            for b in blocks {
+                all.extend(cuda.download(b)?);
+            }
+            all.truncate(n);
+            Ok(all)
+        };
+        Ok((gather(&l.k_blocks)?, gather(&l.v_blocks)?))
+    }
+
+    /// The device address of `layer`'s block table, and the tokens it holds.
+    pub(crate) fn table(&self, cuda: &Cuda, layer: usize) -> Option<(u64, usize)> {
+        let l = self.layers.get(layer)?;
+        Some((l.table.as_ref().map_or(0, |t| ptr(cuda, t)), l.len))
+    }
+
+    /// Streaming multiprocessors of the device the cache lives on.
+    pub(crate) fn multiprocessors(&self) -> usize {
+        self.multiprocessors
+    }
+
+    /// Runs `f` with a scratch buffer of at least `len` floats, reallocating it when too small.
+    pub(crate) fn with_scratch<T>(
+        &self,
+        cuda: &Cuda,
+        len: usize,
+        f: impl FnOnce(&mut CudaSlice<f32>) -> Result<T>,
+    ) -> Result<T> {
+        let mut guard = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.as_ref().is_none_or(|s| s.len() < len) {
+            *guard = Some(cuda.zeros::<f32>(len.next_power_of_two())?);
+        }
+        f(guard.as_mut().expect("allocated above"))
+    }
+}
