@@ -259,6 +259,13 @@ pub enum RopeScaling {
         /// The high-frequency wavelength factor.
         high_freq_factor: f64,
     },
+    /// Per-frequency divisors (GGUF's `rope_freqs.weight`, which llama.cpp's converter writes for
+    /// Llama 3.1 scaling): `inv_freq[i] = theta^(-2i/rot) / divisors[i]`. Never read from
+    /// config.json.
+    FreqDivisors {
+        /// One divisor per rotated pair.
+        divisors: Vec<f64>,
+    },
     /// LongRoPE (Phi-3 style).
     LongRope {
         /// Per-dimension factors for short contexts.
@@ -278,7 +285,8 @@ impl RopeScaling {
     /// The RoPE types strata parses.
     pub const TYPES: [&'static str; 6] = ["default", "linear", "dynamic", "yarn", "llama3", "longrope"];
 
-    /// The transformers `rope_type` name.
+    /// The transformers `rope_type` name (`rope_freqs` for [`RopeScaling::FreqDivisors`], which
+    /// only GGUF files have).
     pub fn rope_type(&self) -> &'static str {
         match self {
             RopeScaling::Default => "default",
@@ -287,6 +295,7 @@ impl RopeScaling {
             RopeScaling::Yarn { .. } => "yarn",
             RopeScaling::Llama3 { .. } => "llama3",
             RopeScaling::LongRope { .. } => "longrope",
+            RopeScaling::FreqDivisors { .. } => "rope_freqs",
         }
     }
 }
@@ -707,9 +716,20 @@ fn parse_rope(raw: &RawConfig, max_position_embeddings: usize) -> Result<RopeCon
         "dynamic" => RopeScaling::Dynamic { factor: p.factor()? },
         "yarn" => {
             let nonzero_or = |v: Option<f64>, default: f64| v.filter(|&x| x != 0.0).unwrap_or(default);
+            let original = original_max()?;
+            // An explicit null factor is the ratio of the two context lengths (DeepSeek-V3 style),
+            // as transformers' `_compute_yarn_parameters` derives it; an absent one is an error.
+            let factor = match params.get("factor") {
+                Some(Value::Null) if original > 0 => {
+                    let f = max_position_embeddings as f64 / original as f64;
+                    p.check_factor(f)?;
+                    f
+                }
+                _ => p.factor()?,
+            };
             RopeScaling::Yarn {
-                factor: p.factor()?,
-                original_max_position_embeddings: original_max()?,
+                factor,
+                original_max_position_embeddings: original,
                 attention_factor: p.f64("attention_factor")?,
                 beta_fast: nonzero_or(p.f64("beta_fast")?, 32.0),
                 beta_slow: nonzero_or(p.f64("beta_slow")?, 1.0),

@@ -11,8 +11,10 @@ use std::path::Path;
 use strata_tensor::Tensor;
 use strata_tensor::cpu::{self, AttentionParams};
 
+use crate::context::ContextScaling;
 use crate::hparams::Hparams;
-use crate::kv_cache::{DEFAULT_BLOCK_LEN, KvCache};
+use crate::kv_cache::{DEFAULT_BLOCK_LEN, KvCache, RopeUpdate};
+use crate::rope::{RopeScheme, RopeTable};
 use crate::{Error, Result};
 
 /// Where weights come from: a safetensors checkpoint, a GGUF file, or (later) the store.
@@ -94,6 +96,9 @@ pub struct Decoder {
     layers: Vec<Layer>,
     norm: Vec<f32>,
     lm_head: Tensor,
+    /// The RoPE scheme of caches from [`Decoder::new_cache`]: the checkpoint's, or with the
+    /// context scaling set by [`Decoder::set_context_scaling`].
+    rope: RopeScheme,
 }
 
 impl Decoder {
@@ -138,7 +143,8 @@ impl Decoder {
             });
         }
         let norm = loader.vector("model.norm.weight", h)?;
-        Ok(Decoder { hp, embed, layers, norm, lm_head })
+        let rope = hp.rope.clone();
+        Ok(Decoder { hp, embed, layers, norm, lm_head, rope })
     }
 
     /// The hyperparameters.
@@ -146,9 +152,39 @@ impl Decoder {
         &self.hp
     }
 
-    /// An empty KV cache for this model.
+    /// An empty KV cache for this model, with the model's RoPE scheme (its context scaling, if
+    /// [`Decoder::set_context_scaling`] set one).
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.hp.n_layers, self.hp.n_kv_heads, self.hp.head_dim, DEFAULT_BLOCK_LEN)
+            .with_rope_scheme(self.rope.clone())
+    }
+
+    /// An empty KV cache for one request that runs with `scaling` instead of the model's own
+    /// RoPE scaling (`None`: the checkpoint's scaling, whatever the model's default is).
+    pub fn new_cache_with_scaling(&self, scaling: Option<ContextScaling>) -> Result<KvCache> {
+        let scheme = self.hp.rope.with_context_scaling(scaling)?;
+        Ok(KvCache::new(self.hp.n_layers, self.hp.n_kv_heads, self.hp.head_dim, DEFAULT_BLOCK_LEN)
+            .with_rope_scheme(scheme))
+    }
+
+    /// Makes `scaling` the context scaling of every cache [`Decoder::new_cache`] makes from now
+    /// on, replacing the checkpoint's RoPE scaling (`None`: back to the checkpoint's).
+    pub fn set_context_scaling(&mut self, scaling: Option<ContextScaling>) -> Result<()> {
+        self.rope = self.hp.rope.with_context_scaling(scaling)?;
+        Ok(())
+    }
+
+    /// The RoPE scheme [`Decoder::new_cache`] gives its caches.
+    pub fn rope_scheme(&self) -> &RopeScheme {
+        &self.rope
+    }
+
+    /// Checks, before any work, that feeding `new_tokens` more tokens through `cache` stays
+    /// within the request's `max_capacity` ([`Error::ContextTooLong`] otherwise). A generation
+    /// can call it with the prompt length plus the tokens it may generate.
+    pub fn check_capacity(&self, cache: &KvCache, new_tokens: usize) -> Result<()> {
+        let scheme = cache.rope_scheme().unwrap_or(&self.rope);
+        scheme.check_fits(cache.len().saturating_add(new_tokens))
     }
 
     /// Bytes of all weights (the output head counted once when tied).
@@ -175,14 +211,75 @@ impl Decoder {
 
     /// Runs `ids` (the next tokens of the sequence in `cache`) through the model, appending
     /// their keys and values to `cache`, and returns logits as `which` asks.
+    ///
+    /// RoPE follows the cache's scheme (else the model's): every position of the sequence uses
+    /// the table for the sequence's length after this pass (or the cache's planned length, if
+    /// longer: see [`Decoder::plan`]). When that table differs from the one the cached tokens
+    /// were computed with, the cache's [`RopeUpdate`] policy applies first: recompute the held
+    /// tokens with the new table (the default, exact), or re-rotate the cached keys (cheap,
+    /// approximate). A sequence that would pass the request's `max_capacity` is refused before
+    /// any work.
     pub fn forward(&self, ids: &[u32], cache: &mut KvCache, which: Logits) -> Result<Vec<f32>> {
-        let hp = &self.hp;
         let t = ids.len();
         if t == 0 {
             return Err(Error::InvalidInput("forward needs at least one token".into()));
         }
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= self.hp.vocab_size) {
+            // Checked here, not only by the embedding, so that a recompute never drops the cache
+            // for a bad id.
+            return Err(Error::InvalidInput(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.hp.vocab_size
+            )));
+        }
+        self.check_capacity(cache, t)?;
+        let held = cache.len();
+        let rope = cache.rope_scheme().unwrap_or(&self.rope).table((held + t).max(cache.planned_length()));
+        let rows = match which {
+            Logits::All => t,
+            Logits::Last => 1,
+        };
+        if held > 0 && cache.rope_table().is_some_and(|old| *old != rope) {
+            match cache.rope_update() {
+                RopeUpdate::Recompute => {
+                    let mut all = cache.token_ids().to_vec();
+                    if all.len() != held {
+                        return Err(Error::Unsupported(format!(
+                            "the RoPE table changed but the cache knows {} of its {held} tokens, so it cannot \
+                             recompute them (keys were appended without their ids; use RopeUpdate::Rerotate)",
+                            all.len()
+                        )));
+                    }
+                    all.extend_from_slice(ids);
+                    cache.clear();
+                    return self.run(&all, cache, &rope, rows);
+                }
+                RopeUpdate::Rerotate => cache.rerotate_keys(&rope, self.hp.rope_layout)?,
+            }
+        }
+        self.run(ids, cache, &rope, rows)
+    }
+
+    /// Checks that a request may reach `total_len` tokens ([`Error::ContextTooLong`] otherwise,
+    /// before any work) and plans `cache` for that length: its RoPE table is the one for
+    /// `total_len` tokens from the first pass on, so that a length-dependent scaling does not
+    /// change while the request decodes (no recompute, no re-rotation) and cached decoding of
+    /// the whole request equals a one-pass forward over it. A generation plans the prompt length
+    /// plus the tokens it may generate.
+    pub fn plan(&self, cache: &mut KvCache, total_len: usize) -> Result<()> {
+        cache.rope_scheme().unwrap_or(&self.rope).check_fits(total_len)?;
+        cache.set_planned_length(total_len);
+        Ok(())
+    }
+
+    /// The forward pass proper: `ids` at the positions after the cache's tokens, RoPE with
+    /// `rope`, logits for the last `out_rows` positions.
+    fn run(&self, ids: &[u32], cache: &mut KvCache, rope: &RopeTable, out_rows: usize) -> Result<Vec<f32>> {
+        let hp = &self.hp;
+        let t = ids.len();
         let pos0 = cache.len();
         let positions: Vec<usize> = (pos0..pos0 + t).collect();
+        cache.set_rope_table(rope);
         let (h, qd, kvd, inter) = (hp.hidden_size, hp.q_dim(), hp.kv_dim(), hp.intermediate_size);
 
         let mut x = vec![0f32; t * h];
@@ -212,22 +309,15 @@ impl Decoder {
                 qk_scratch.extend_from_slice(&k);
                 cpu::rms_norm(&qk_scratch, kn, hp.rms_norm_eps, &mut k)?;
             }
-            cpu::rope(
+            cpu::rope_qk(
                 &mut q,
-                &positions,
-                hp.n_heads,
-                hp.head_dim,
-                &hp.rope_inv_freq,
-                hp.rope_attention_factor,
-                hp.rope_layout,
-            )?;
-            cpu::rope(
                 &mut k,
                 &positions,
+                hp.n_heads,
                 hp.n_kv_heads,
                 hp.head_dim,
-                &hp.rope_inv_freq,
-                hp.rope_attention_factor,
+                &rope.inv_freq,
+                rope.attention_factor,
                 hp.rope_layout,
             )?;
             cache.append(li, &k, &v);
@@ -259,11 +349,9 @@ impl Decoder {
             cpu::add(&mut x, &proj)?;
         }
 
-        let rows = match which {
-            Logits::All => &x[..],
-            Logits::Last => &x[(t - 1) * h..],
-        };
-        let n_rows = rows.len() / h;
+        cache.record_ids(ids);
+        let rows = &x[(t - out_rows) * h..];
+        let n_rows = out_rows;
         let mut final_normed = vec![0f32; rows.len()];
         cpu::rms_norm(rows, &self.norm, hp.rms_norm_eps, &mut final_normed)?;
         let mut logits = vec![0f32; n_rows * hp.vocab_size];

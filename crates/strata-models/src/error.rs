@@ -125,6 +125,25 @@ pub enum Error {
     /// A caller's input is invalid (empty or out-of-vocabulary ids, say).
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// A request would run past the longest sequence its context scaling allows. Raised before
+    /// any work, with the cache untouched.
+    #[error(
+        "the sequence would reach {tokens} tokens, past max_capacity {max_capacity}: shorten the prompt or the \
+         generation, or raise max_capacity"
+    )]
+    ContextTooLong {
+        /// The sequence length the request would reach (tokens held plus tokens fed).
+        tokens: usize,
+        /// The longest sequence allowed.
+        max_capacity: usize,
+    },
+    /// A context-scaling request that cannot be honoured (bad capacities, an unknown algorithm,
+    /// an algorithm the model's RoPE cannot take).
+    #[error("invalid context scaling: {what}")]
+    InvalidContextScaling {
+        /// What is wrong.
+        what: String,
+    },
     /// The model needs something this version of strata does not implement.
     #[error("{0}")]
     Unsupported(String),

@@ -6,6 +6,15 @@
 //! original weights. transformers undoes that permutation when it loads a GGUF; strata instead
 //! keeps the weights as stored (zero-copy, still quantized) and applies RoPE in the interleaved
 //! layout, which gives the same attention scores.
+//!
+//! RoPE scaling comes from the metadata llama.cpp's converter writes:
+//! `{arch}.rope.scaling.type` (`none`, `linear`, `yarn`), `{arch}.rope.scaling.factor` (or the
+//! older `{arch}.rope.scale_linear`), `{arch}.rope.scaling.original_context_length`, and for YaRN
+//! `{arch}.rope.scaling.yarn_beta_fast` / `yarn_beta_slow` and an attention factor in
+//! `{arch}.rope.scaling.attn_factor` or `yarn_attn_factor` (the converter stores transformers'
+//! `attention_factor` there). Llama 3.1 scaling has no metadata: the converter bakes it into a
+//! `rope_freqs.weight` tensor of per-frequency divisors, which becomes
+//! [`RopeScaling::FreqDivisors`].
 
 use std::path::Path;
 
@@ -16,7 +25,7 @@ use crate::config::{Family, RopeConfig, RopeScaling};
 use crate::decoder::TensorSource;
 use crate::gguf::{GgufError, GgufFile};
 use crate::hparams::Hparams;
-use crate::rope::rope_table;
+use crate::rope::RopeScheme;
 use crate::{Error, Result};
 
 /// The GGUF name of a tensor called `hf_name` in a Hugging Face checkpoint.
@@ -89,18 +98,10 @@ pub fn hparams_from_gguf(file: &GgufFile) -> Result<Hparams> {
         None => file.tensor_info("token_embd.weight")?.shape()[0],
     };
     let theta = meta.opt_f64(&key("rope.freq_base"))?.unwrap_or(10000.0);
-    let scaling = match meta.opt_str(&key("rope.scaling.type"))? {
-        None | Some("none") => RopeScaling::Default,
-        Some("linear") => RopeScaling::Linear { factor: meta.get_f64(&key("rope.scaling.factor"))? },
-        Some(other) => {
-            return Err(Error::Unsupported(format!(
-                "{}: GGUF RoPE scaling {other:?} is not supported yet",
-                file.path().display()
-            )));
-        }
-    };
+    let context_length = usize_key("context_length")?;
+    let scaling = rope_scaling_from_gguf(file, arch, context_length)?;
     let rope = RopeConfig { theta, partial_rotary_factor: rotary_dim as f64 / head_dim as f64, scaling };
-    let table = rope_table(&rope, head_dim)?;
+    let rope = RopeScheme::new(&rope, head_dim, context_length)?;
     let eos = meta.opt_u64("tokenizer.ggml.eos_token_id")?.map(|v| v as u32);
     let eot = meta.opt_u64("tokenizer.ggml.eot_token_id")?.map(|v| v as u32);
     let mut eos_token_ids: Vec<u32> = eos.into_iter().chain(eot).collect();
@@ -121,18 +122,94 @@ pub fn hparams_from_gguf(file: &GgufFile) -> Result<Hparams> {
         qk_norm: false,
         tie_embeddings: file.header().tensor_info("output.weight").is_none(),
         layer_windows: vec![None; n_layers],
-        rope_inv_freq: table.inv_freq,
-        rope_attention_factor: table.attention_factor,
+        rope,
         rope_layout: RopeLayout::Interleaved,
-        max_position_embeddings: usize_key("context_length")?,
+        max_position_embeddings: context_length,
         bos_token_id: meta.opt_u64("tokenizer.ggml.bos_token_id")?.map(|v| v as u32),
         eos_token_ids,
     })
 }
 
+/// The RoPE scaling a GGUF file's metadata (and `rope_freqs.weight`) describes.
+fn rope_scaling_from_gguf(file: &GgufFile, arch: &str, context_length: usize) -> Result<RopeScaling> {
+    let meta = file.metadata();
+    let key = |k: &str| format!("{arch}.rope.{k}");
+    let unsupported = |what: String| Error::Unsupported(format!("{}: {what}", file.path().display()));
+    let positive = |name: &str, v: f64| -> Result<f64> {
+        if v.is_finite() && v > 0.0 {
+            Ok(v)
+        } else {
+            Err(unsupported(format!("{name} = {v} is not a positive number")))
+        }
+    };
+    let factor = match meta.opt_f64(&key("scaling.factor"))? {
+        Some(f) => Some(positive(&key("scaling.factor"), f)?),
+        None => match meta.opt_f64(&key("scale_linear"))? {
+            Some(f) => Some(positive(&key("scale_linear"), f)?),
+            None => None,
+        },
+    };
+    let kind = match meta.opt_str(&key("scaling.type"))? {
+        Some(kind) => kind,
+        // Files older than `rope.scaling.type` said linear scaling with `rope.scale_linear` alone.
+        None if factor.is_some_and(|f| f != 1.0) => "linear",
+        None => "none",
+    };
+    let divisors = match file.header().tensor_info("rope_freqs.weight") {
+        Some(_) => Some(GgufFile::tensor(file, "rope_freqs.weight")?.to_f32_vec()?),
+        None => None,
+    };
+    let scaling = match kind {
+        "none" => RopeScaling::Default,
+        "linear" => RopeScaling::Linear { factor: factor.unwrap_or(1.0) },
+        "yarn" => {
+            if let Some(ext) = meta.opt_f64(&key("scaling.yarn_ext_factor"))?
+                && ext != 1.0
+            {
+                return Err(unsupported(format!("YaRN extrapolation mix {ext} (only 1, standard YaRN, is supported)")));
+            }
+            let attn = meta.opt_f64(&key("scaling.attn_factor"))?;
+            let attention_factor = match attn {
+                Some(a) => Some(a),
+                None => meta.opt_f64(&key("scaling.yarn_attn_factor"))?,
+            };
+            let original =
+                meta.opt_u64(&key("scaling.original_context_length"))?.map_or(context_length, |v| v as usize);
+            if original == 0 {
+                return Err(unsupported(format!("{} is 0", key("scaling.original_context_length"))));
+            }
+            let beta = |name: &str, default: f64| -> Result<f64> {
+                Ok(meta.opt_f64(&key(name))?.filter(|&b| b != 0.0).unwrap_or(default))
+            };
+            RopeScaling::Yarn {
+                factor: factor.unwrap_or(context_length as f64 / original as f64),
+                original_max_position_embeddings: original,
+                attention_factor,
+                beta_fast: beta("scaling.yarn_beta_fast", 32.0)?,
+                beta_slow: beta("scaling.yarn_beta_slow", 1.0)?,
+                mscale: None,
+                mscale_all_dim: None,
+                truncate: true,
+            }
+        }
+        other => return Err(unsupported(format!("GGUF RoPE scaling {other:?} is not supported (none, linear, yarn)"))),
+    };
+    match (divisors, scaling) {
+        (None, scaling) => Ok(scaling),
+        (Some(d), RopeScaling::Default) => {
+            Ok(RopeScaling::FreqDivisors { divisors: d.into_iter().map(f64::from).collect() })
+        }
+        (Some(_), other) => Err(unsupported(format!(
+            "rope_freqs.weight together with RoPE scaling {:?} is not supported",
+            other.rope_type()
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gguf::write::GgufWriter;
 
     #[test]
     fn names_map_to_gguf() {
@@ -145,5 +222,85 @@ mod tests {
             "blk.3.ffn_norm.weight"
         );
         assert!(gguf_tensor_name("model.layers.3.mlp.experts.0.w1.weight").is_none());
+    }
+
+    /// The RoPE scaling of a minimal llama GGUF (context 64, head_dim 8) with `edit` applied.
+    fn scaling_of(edit: impl FnOnce(&mut GgufWriter)) -> Result<RopeScaling> {
+        let mut w = GgufWriter::new();
+        w.set_metadata("general.architecture", "llama");
+        w.set_metadata("llama.context_length", 64u32);
+        w.set_metadata("llama.embedding_length", 16u32);
+        w.set_metadata("llama.attention.head_count", 2u32);
+        w.set_metadata("llama.block_count", 1u32);
+        w.set_metadata("llama.vocab_size", 10u32);
+        w.set_metadata("llama.feed_forward_length", 8u32);
+        w.set_metadata("llama.attention.layer_norm_rms_epsilon", 1e-5f32);
+        edit(&mut w);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        w.write_file(&path).unwrap();
+        let file = GgufFile::open(&path).unwrap();
+        let hp = hparams_from_gguf(&file)?;
+        Ok(hp.rope.scaling().clone())
+    }
+
+    #[test]
+    fn rope_scaling_metadata() {
+        assert_eq!(scaling_of(|_| {}).unwrap(), RopeScaling::Default);
+        let linear = scaling_of(|w| {
+            w.set_metadata("llama.rope.scaling.type", "linear");
+            w.set_metadata("llama.rope.scaling.factor", 4.0f32);
+        });
+        assert_eq!(linear.unwrap(), RopeScaling::Linear { factor: 4.0 });
+        // Older files: `rope.scale_linear` alone.
+        let old = scaling_of(|w| w.set_metadata("llama.rope.scale_linear", 2.0f32));
+        assert_eq!(old.unwrap(), RopeScaling::Linear { factor: 2.0 });
+        let yarn = scaling_of(|w| {
+            w.set_metadata("llama.rope.scaling.type", "yarn");
+            w.set_metadata("llama.rope.scaling.factor", 4.0f32);
+            w.set_metadata("llama.rope.scaling.original_context_length", 16u32);
+            w.set_metadata("llama.rope.scaling.yarn_beta_fast", 8.0f32);
+            w.set_metadata("llama.rope.scaling.attn_factor", 1.5f32);
+        });
+        match yarn.unwrap() {
+            RopeScaling::Yarn {
+                factor: 4.0,
+                original_max_position_embeddings: 16,
+                attention_factor: Some(1.5),
+                beta_fast: 8.0,
+                beta_slow: 1.0,
+                ..
+            } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+        let divisors = scaling_of(|w| {
+            w.add_tensor("rope_freqs.weight", &Tensor::from_f32(&[1.0, 2.0, 4.0, 4.0], vec![4]).unwrap()).unwrap();
+        });
+        assert_eq!(divisors.unwrap(), RopeScaling::FreqDivisors { divisors: vec![1.0, 2.0, 4.0, 4.0] });
+    }
+
+    #[test]
+    fn unsupported_rope_metadata_is_refused() {
+        let err = |edit: &dyn Fn(&mut GgufWriter)| scaling_of(edit).unwrap_err().to_string();
+        let e = err(&|w| w.set_metadata("llama.rope.scaling.type", "longrope"));
+        assert!(e.contains("\"longrope\" is not supported"), "{e}");
+        let e = err(&|w| {
+            w.set_metadata("llama.rope.scaling.type", "yarn");
+            w.set_metadata("llama.rope.scaling.yarn_ext_factor", 0.5f32);
+        });
+        assert!(e.contains("extrapolation mix 0.5"), "{e}");
+        let e = err(&|w| {
+            w.set_metadata("llama.rope.scaling.type", "linear");
+            w.set_metadata("llama.rope.scaling.factor", 2.0f32);
+            w.add_tensor("rope_freqs.weight", &Tensor::from_f32(&[1.0, 2.0], vec![2]).unwrap()).unwrap();
+        });
+        assert!(e.contains("rope_freqs.weight together with"), "{e}");
+        let e = err(&|w| w.set_metadata("llama.rope.scaling.factor", -1.0f32));
+        assert!(e.contains("not a positive number"), "{e}");
+        // Divisors of the wrong length are refused when the scheme is built.
+        let e = err(&|w| {
+            w.add_tensor("rope_freqs.weight", &Tensor::from_f32(&[1.0, 2.0, 3.0], vec![3]).unwrap()).unwrap();
+        });
+        assert!(e.contains("3 divisors for 4 rotated pairs"), "{e}");
     }
 }

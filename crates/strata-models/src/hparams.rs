@@ -6,7 +6,7 @@
 use strata_tensor::cpu::RopeLayout;
 
 use crate::config::{Family, ModelConfig};
-use crate::rope::rope_table;
+use crate::rope::RopeScheme;
 use crate::{Error, Result};
 
 /// Everything the decoder needs to know about a model's shape.
@@ -42,10 +42,8 @@ pub struct Hparams {
     pub tie_embeddings: bool,
     /// The attention window of each layer (`None`: full causal attention).
     pub layer_windows: Vec<Option<usize>>,
-    /// RoPE inverse frequencies (one per rotated pair).
-    pub rope_inv_freq: Vec<f32>,
-    /// Factor applied to RoPE's cos and sin (1 unless a scaling type asks otherwise).
-    pub rope_attention_factor: f32,
+    /// RoPE: the configured scaling, as a table for any sequence length.
+    pub rope: RopeScheme,
     /// Which elements RoPE pairs.
     pub rope_layout: RopeLayout,
     /// The context length the model was trained for.
@@ -81,7 +79,7 @@ impl Hparams {
                 cfg.hidden_act
             )));
         }
-        let rope = rope_table(&cfg.rope, cfg.head_dim)?;
+        let rope = RopeScheme::new(&cfg.rope, cfg.head_dim, cfg.max_position_embeddings)?;
         Ok(Hparams {
             family: cfg.family,
             vocab_size: cfg.vocab_size,
@@ -98,8 +96,7 @@ impl Hparams {
             qk_norm: cfg.qk_norm,
             tie_embeddings: cfg.tie_word_embeddings,
             layer_windows: cfg.sliding_windows.clone(),
-            rope_inv_freq: rope.inv_freq,
-            rope_attention_factor: rope.attention_factor,
+            rope,
             rope_layout: RopeLayout::RotateHalf,
             max_position_embeddings: cfg.max_position_embeddings,
             bos_token_id: cfg.bos_token_id,

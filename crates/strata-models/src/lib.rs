@@ -1,13 +1,15 @@
 //! strata-models: everything that turns a model on disk into computation. It reads Hugging Face
 //! checkpoints (safetensors, single or sharded) and `config.json`, resolves model specs (paths
-//! or model ids in the local Hugging Face cache), and will hold RoPE scaling, the KV cache,
-//! attention, MLP, the MoE router and expert layer, and the model families built from them.
+//! or model ids in the local Hugging Face cache), computes RoPE tables for every scaling type
+//! (with per-request context scaling), holds the paged KV cache and the decoder, and will hold
+//! the MoE router and expert layer and the model families built from them.
 //!
 //! It sits above the tensor core and the weight store: it may depend on `strata-tensor`,
 //! `strata-store` and, optionally, `strata-kernels`, and nothing below it depends on it.
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod context;
 mod decoder;
 mod error;
 pub mod gguf;
@@ -21,12 +23,14 @@ pub mod rope;
 pub mod safetensors;
 
 pub use config::ModelConfig;
+pub use context::{ContextScaling, ScalingAlgorithm};
 pub use decoder::{Decoder, Linear, Logits, TensorSource};
 pub use error::{ByteCount, ConfigError, Error, HeaderError, Result};
 pub use hparams::Hparams;
-pub use kv_cache::{DEFAULT_BLOCK_LEN, KvCache};
+pub use kv_cache::{DEFAULT_BLOCK_LEN, KvCache, RopeUpdate};
 pub use load::{LoadedModel, TokenizerSource, load, load_dir, load_gguf};
 pub use resolve::{ModelSource, resolve_model};
+pub use rope::{RopeScheme, RopeTable};
 pub use safetensors::Checkpoint;
 /// The tensor core, re-exported for the facade.
 pub use strata_tensor as tensor;

@@ -484,6 +484,18 @@ fn rope_normalisation_rules() {
 }
 
 #[test]
+fn yarn_null_factor_is_the_ratio_of_the_context_lengths() {
+    // transformers' `_compute_yarn_parameters`: factor None -> max_position_embeddings / original
+    // (DeepSeek-V3 style); an absent factor stays an error (see rope_errors).
+    let rope = json!({"rope_type": "yarn", "factor": null, "original_max_position_embeddings": 8192});
+    let json = patched(&llama32_legacy(), &[("rope_scaling", rope)], &[]);
+    match parse_ok(&json).rope.scaling {
+        RopeScaling::Yarn { factor, original_max_position_embeddings: 8192, .. } => assert_eq!(factor, 16.0),
+        other => panic!("expected yarn, got {other:?}"),
+    }
+}
+
+#[test]
 fn rope_errors() {
     let check = |rope: Value, want: &str| {
         let legacy = patched(&llama32_legacy(), &[("rope_scaling", rope.clone())], &[]);

@@ -5,6 +5,11 @@
 //! applied to every head with vector multiplies and adds. No fused multiply-add is used, so each
 //! product is rounded as in the reference and in `q * cos + rotate_half(q) * sin`: the fast
 //! version gives the reference's bits. Tokens are split across rayon's threads for prefill.
+//!
+//! Three entry points share that core: [`rope`] rotates one tensor, [`rope_qk`] rotates the
+//! queries and keys of the same tokens in one pass over one cos/sin table per token (the fused
+//! op the decoder uses), and [`rope_rotate`] applies caller-given cosines and sines (the KV
+//! cache uses it to turn cached keys from one RoPE table to another).
 
 use rayon::prelude::*;
 
@@ -61,8 +66,10 @@ pub(crate) fn rope_with(
         return Ok(());
     }
     let isa = vec::usable(isa);
+    let half = inv_freq.len();
     let token = |table: &mut Vec<f32>, (x, &pos): (&mut [f32], &usize)| {
-        rope_token(isa, x, pos, head_dim, inv_freq, attention_factor, layout, table);
+        fill_table(table, pos, inv_freq, attention_factor, layout);
+        rotate_heads(isa, x, head_dim, half, table, layout);
     };
     let stride = n_heads * head_dim;
     if positions.len() > 1 && par.decide(x.len(), PAR_MIN_ELEMS) {
@@ -74,41 +81,165 @@ pub(crate) fn rope_with(
     Ok(())
 }
 
-/// Rotates every head of one token; `table` is scratch for its cosines and sines.
+/// Rotates the queries `q` (`[positions.len(), n_heads, head_dim]`) and the keys `k`
+/// (`[positions.len(), n_kv_heads, head_dim]`) of the same tokens in place, in one pass: each
+/// token's cosines and sines are computed once and applied to its query and key heads.
+///
+/// The result is bit for bit that of [`rope`] on `q` and then on `k` with the same arguments.
 #[allow(clippy::too_many_arguments)]
-fn rope_token(
-    isa: Isa,
-    x: &mut [f32],
-    pos: usize,
+pub fn rope_qk(
+    q: &mut [f32],
+    k: &mut [f32],
+    positions: &[usize],
+    n_heads: usize,
+    n_kv_heads: usize,
     head_dim: usize,
     inv_freq: &[f32],
     attention_factor: f32,
     layout: RopeLayout,
-    table: &mut Vec<f32>,
-) {
+) -> Result<()> {
+    let rope = Rope { positions, head_dim, inv_freq, attention_factor, layout };
+    rope_qk_with(isa(), Par::Auto, q, k, n_heads, n_kv_heads, &rope)
+}
+
+/// The arguments [`rope_qk`] shares between queries and keys.
+pub(crate) struct Rope<'a> {
+    pub(crate) positions: &'a [usize],
+    pub(crate) head_dim: usize,
+    pub(crate) inv_freq: &'a [f32],
+    pub(crate) attention_factor: f32,
+    pub(crate) layout: RopeLayout,
+}
+
+/// [`rope_qk`] on a given ISA and threading choice.
+pub(crate) fn rope_qk_with(
+    isa: Isa,
+    par: Par,
+    q: &mut [f32],
+    k: &mut [f32],
+    n_heads: usize,
+    n_kv_heads: usize,
+    r: &Rope<'_>,
+) -> Result<()> {
+    let (tokens, head_dim, half) = (r.positions.len(), r.head_dim, r.inv_freq.len());
+    check_rope("rope_qk (queries)", q.len(), tokens, n_heads, head_dim, half)?;
+    check_rope("rope_qk (keys)", k.len(), tokens, n_kv_heads, head_dim, half)?;
+    if tokens == 0 || half == 0 || head_dim == 0 {
+        return Ok(());
+    }
+    if n_heads == 0 || n_kv_heads == 0 {
+        // Nothing to pair the other side's tokens with: rotate whichever is present alone.
+        rope_with(isa, par, q, r.positions, n_heads, head_dim, r.inv_freq, r.attention_factor, r.layout)?;
+        return rope_with(isa, par, k, r.positions, n_kv_heads, head_dim, r.inv_freq, r.attention_factor, r.layout);
+    }
+    let isa = vec::usable(isa);
+    let token = |table: &mut Vec<f32>, ((q, k), &pos): ((&mut [f32], &mut [f32]), &usize)| {
+        fill_table(table, pos, r.inv_freq, r.attention_factor, r.layout);
+        rotate_heads(isa, q, head_dim, half, table, r.layout);
+        rotate_heads(isa, k, head_dim, half, table, r.layout);
+    };
+    let (q_stride, k_stride) = (n_heads * head_dim, n_kv_heads * head_dim);
+    if tokens > 1 && par.decide(q.len() + k.len(), PAR_MIN_ELEMS) {
+        q.par_chunks_mut(q_stride)
+            .zip(k.par_chunks_mut(k_stride))
+            .zip(r.positions.par_iter())
+            .for_each_init(Vec::new, token);
+    } else {
+        let mut table = Vec::new();
+        q.chunks_mut(q_stride).zip(k.chunks_mut(k_stride)).zip(r.positions).for_each(|item| token(&mut table, item));
+    }
+    Ok(())
+}
+
+/// Rotates every head of every token of `x` (`[tokens, n_heads, head_dim]`) by caller-given
+/// cosines and sines: `cos` and `sin` are `[tokens, n_freq]`, and pair `i` of token `t` (paired
+/// as `layout` says) becomes `(a*c - b*s, b*c + a*s)` with `c = cos[t, i]`, `s = sin[t, i]`.
+/// Dimensions past `2 * n_freq` are unchanged.
+///
+/// `n_freq` is `cos.len() / tokens`. This is how cached keys are turned from the angles of one
+/// RoPE table to another's: a rotation by the angle difference, scaled by the ratio of the
+/// attention factors.
+pub fn rope_rotate(
+    x: &mut [f32],
+    n_heads: usize,
+    head_dim: usize,
+    cos: &[f32],
+    sin: &[f32],
+    layout: RopeLayout,
+) -> Result<()> {
+    rope_rotate_with(isa(), Par::Auto, x, n_heads, head_dim, cos, sin, layout)
+}
+
+/// [`rope_rotate`] on a given ISA and threading choice.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rope_rotate_with(
+    isa: Isa,
+    par: Par,
+    x: &mut [f32],
+    n_heads: usize,
+    head_dim: usize,
+    cos: &[f32],
+    sin: &[f32],
+    layout: RopeLayout,
+) -> Result<()> {
+    let (tokens, half) = check_rotate("rope_rotate", x.len(), n_heads, head_dim, cos.len(), sin.len())?;
+    if tokens == 0 || half == 0 {
+        return Ok(());
+    }
+    let isa = vec::usable(isa);
+    let token = |table: &mut Vec<f32>, ((x, c), s): ((&mut [f32], &[f32]), &[f32])| match layout {
+        RopeLayout::RotateHalf => {
+            for head in x.chunks_exact_mut(head_dim) {
+                let (x1, rest) = head.split_at_mut(half);
+                simd_dispatch!(isa, rotate_half(x1, &mut rest[..half], c, s));
+            }
+        }
+        RopeLayout::Interleaved => {
+            table.clear();
+            table.resize(4 * half, 0.0);
+            let (cos2, sin2) = table.split_at_mut(2 * half);
+            for i in 0..half {
+                cos2[2 * i] = c[i];
+                cos2[2 * i + 1] = c[i];
+                sin2[2 * i] = -s[i];
+                sin2[2 * i + 1] = s[i];
+            }
+            for head in x.chunks_exact_mut(head_dim) {
+                simd_dispatch!(isa, rotate_pairs(&mut head[..2 * half], cos2, sin2));
+            }
+        }
+    };
+    let stride = n_heads * head_dim;
+    if tokens > 1 && par.decide(x.len(), PAR_MIN_ELEMS) {
+        x.par_chunks_mut(stride).zip(cos.par_chunks(half)).zip(sin.par_chunks(half)).for_each_init(Vec::new, token);
+    } else {
+        let mut table = Vec::new();
+        x.chunks_mut(stride).zip(cos.chunks(half)).zip(sin.chunks(half)).for_each(|item| token(&mut table, item));
+    }
+    Ok(())
+}
+
+/// Fills `table` with one token's cosines and sines (times `attention_factor`) in the form
+/// [`rotate_heads`] reads for `layout`.
+fn fill_table(table: &mut Vec<f32>, pos: usize, inv_freq: &[f32], attention_factor: f32, layout: RopeLayout) {
     let half = inv_freq.len();
-    let rot = 2 * half;
     table.clear();
     match layout {
         RopeLayout::RotateHalf => {
             // table = [cos_0 .. cos_{half-1}, sin_0 .. sin_{half-1}].
-            table.resize(rot, 0.0);
+            table.resize(2 * half, 0.0);
             let (cos, sin) = table.split_at_mut(half);
             for ((c, s), f) in cos.iter_mut().zip(sin.iter_mut()).zip(inv_freq) {
                 let angle = pos as f32 * f;
                 *c = angle.cos() * attention_factor;
                 *s = angle.sin() * attention_factor;
             }
-            for head in x.chunks_exact_mut(head_dim) {
-                let (x1, rest) = head.split_at_mut(half);
-                simd_dispatch!(isa, rotate_half(x1, &mut rest[..half], cos, sin));
-            }
         }
         RopeLayout::Interleaved => {
             // table = [c_0, c_0, c_1, c_1, ..] then [-s_0, s_0, -s_1, s_1, ..], so that lane j
             // computes x[j] * cos2[j] + x[j ^ 1] * sin2[j].
-            table.resize(2 * rot, 0.0);
-            let (cos2, sin2) = table.split_at_mut(rot);
+            table.resize(4 * half, 0.0);
+            let (cos2, sin2) = table.split_at_mut(2 * half);
             for (i, f) in inv_freq.iter().enumerate() {
                 let angle = pos as f32 * f;
                 let (c, s) = (angle.cos() * attention_factor, angle.sin() * attention_factor);
@@ -117,8 +248,24 @@ fn rope_token(
                 sin2[2 * i] = -s;
                 sin2[2 * i + 1] = s;
             }
+        }
+    }
+}
+
+/// Rotates every head of one token (`x` is `[heads, head_dim]`) by a table from [`fill_table`].
+fn rotate_heads(isa: Isa, x: &mut [f32], head_dim: usize, half: usize, table: &[f32], layout: RopeLayout) {
+    match layout {
+        RopeLayout::RotateHalf => {
+            let (cos, sin) = table.split_at(half);
             for head in x.chunks_exact_mut(head_dim) {
-                simd_dispatch!(isa, rotate_pairs(&mut head[..rot], cos2, sin2));
+                let (x1, rest) = head.split_at_mut(half);
+                simd_dispatch!(isa, rotate_half(x1, &mut rest[..half], cos, sin));
+            }
+        }
+        RopeLayout::Interleaved => {
+            let (cos2, sin2) = table.split_at(2 * half);
+            for head in x.chunks_exact_mut(head_dim) {
+                simd_dispatch!(isa, rotate_pairs(&mut head[..2 * half], cos2, sin2));
             }
         }
     }
@@ -146,6 +293,45 @@ pub(crate) fn check_rope(
         });
     }
     Ok(())
+}
+
+/// Checks the operands of [`rope_rotate`] and returns `(tokens, n_freq)`.
+pub(crate) fn check_rotate(
+    op: &'static str,
+    x_len: usize,
+    n_heads: usize,
+    head_dim: usize,
+    cos_len: usize,
+    sin_len: usize,
+) -> Result<(usize, usize)> {
+    let stride = n_heads
+        .checked_mul(head_dim)
+        .ok_or_else(|| Error::InvalidArgument { op, msg: format!("{n_heads} heads x {head_dim} overflows") })?;
+    if sin_len != cos_len {
+        return Err(Error::LengthMismatch { op, what: "sin", expected: cos_len, got: sin_len });
+    }
+    if stride == 0 || x_len == 0 {
+        if x_len != 0 {
+            return Err(Error::LengthMismatch { op, what: "x", expected: 0, got: x_len });
+        }
+        return Ok((0, 0));
+    }
+    if !x_len.is_multiple_of(stride) {
+        return Err(Error::InvalidArgument {
+            op,
+            msg: format!("x has {x_len} values, not a whole number of tokens of {n_heads} x {head_dim}"),
+        });
+    }
+    let tokens = x_len / stride;
+    if !cos_len.is_multiple_of(tokens) {
+        return Err(Error::InvalidArgument {
+            op,
+            msg: format!("cos has {cos_len} values, not a whole number of frequencies for {tokens} tokens"),
+        });
+    }
+    let n_freq = cos_len / tokens;
+    check_rope(op, x_len, tokens, n_heads, head_dim, n_freq)?;
+    Ok((tokens, n_freq))
 }
 
 mod scalar {
@@ -349,8 +535,124 @@ mod tests {
         assert!(rope(&mut x, &[0, 1], 2, 6, &[1.0; 3], 1.0, RopeLayout::Interleaved).is_ok());
     }
 
+    #[test]
+    fn fused_qk_bad_shapes_are_errors() {
+        let (mut q, mut k) = (vec![0f32; 2 * 4 * 8], vec![0f32; 2 * 2 * 8]);
+        let f = inv_freq(8, 100.0);
+        assert!(rope_qk(&mut q, &mut k, &[0, 1], 4, 2, 8, &f, 1.0, RopeLayout::RotateHalf).is_ok());
+        assert!(matches!(
+            rope_qk(&mut q, &mut k, &[0, 1], 4, 1, 8, &f, 1.0, RopeLayout::RotateHalf),
+            Err(Error::LengthMismatch { op: "rope_qk (keys)", .. })
+        ));
+        assert!(rope_qk(&mut q, &mut k, &[0], 4, 2, 8, &f, 1.0, RopeLayout::Interleaved).is_err());
+        assert!(
+            reference::rope_qk(&mut q, &mut k, &[0, 1], 4, 2, 8, &inv_freq(10, 1.0), 1.0, RopeLayout::Interleaved)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn rotate_bad_shapes_are_errors() {
+        let mut x = vec![0f32; 3 * 2 * 8];
+        let ok = rope_rotate(&mut x, 2, 8, &[0.0; 12], &[0.0; 12], RopeLayout::RotateHalf);
+        assert!(ok.is_ok());
+        // sin shorter than cos; cos not a whole number of frequencies per token; too many pairs.
+        assert!(rope_rotate(&mut x, 2, 8, &[0.0; 12], &[0.0; 9], RopeLayout::RotateHalf).is_err());
+        assert!(rope_rotate(&mut x, 2, 8, &[0.0; 13], &[0.0; 13], RopeLayout::RotateHalf).is_err());
+        assert!(reference::rope_rotate(&mut x, 2, 8, &[0.0; 15], &[0.0; 15], RopeLayout::Interleaved).is_err());
+        assert!(rope_rotate(&mut x[..47], 2, 8, &[0.0; 12], &[0.0; 12], RopeLayout::Interleaved).is_err());
+        assert!(rope_rotate(&mut [], 2, 8, &[], &[], RopeLayout::Interleaved).is_ok());
+    }
+
+    #[test]
+    fn rotating_by_the_angle_difference_reaches_the_new_table() {
+        // Keys rotated with one table, then turned by the angle difference (and scaled by the ratio
+        // of attention factors), equal keys rotated with the other table: the KV cache's re-rotation.
+        let (old, new) = (inv_freq(16, 10000.0), inv_freq(16, 31000.0));
+        let positions: Vec<usize> = (0..9).map(|t| 3 + 11 * t).collect();
+        let x = random_vec(9, positions.len() * 3 * 20, 1.0);
+        for layout in LAYOUTS {
+            let mut turned = x.clone();
+            rope(&mut turned, &positions, 3, 20, &old, 1.25, layout).unwrap();
+            let (mut cos, mut sin) = (Vec::new(), Vec::new());
+            for &pos in &positions {
+                for (o, n) in old.iter().zip(&new) {
+                    let delta = f64::from(pos as f32 * n) - f64::from(pos as f32 * o);
+                    cos.push((delta.cos() * 0.8 / 1.25) as f32);
+                    sin.push((delta.sin() * 0.8 / 1.25) as f32);
+                }
+            }
+            rope_rotate(&mut turned, 3, 20, &cos, &sin, layout).unwrap();
+            let mut direct = x.clone();
+            rope(&mut direct, &positions, 3, 20, &new, 0.8, layout).unwrap();
+            for (g, w) in turned.iter().zip(&direct) {
+                assert!((g - w).abs() < 1e-5, "{layout:?}: {g} vs {w}");
+            }
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(40))]
+
+        /// The fused op gives the bits of the reference (two separate rotations), at every ISA
+        /// level, threaded or not, for any head counts (GQA and MQA included).
+        #[test]
+        fn fused_qk_matches_reference_exactly(
+            tokens in 1usize..7,
+            n_heads in 1usize..6,
+            n_kv_heads in 1usize..4,
+            head_dim in 1usize..140,
+            rot_frac in 0.0f64..=1.0,
+            pos0 in 0usize..70_000,
+            factor in 0.5f32..2.0,
+            seed: u64,
+        ) {
+            let rot = ((head_dim / 2) as f64 * rot_frac) as usize * 2;
+            let freqs = inv_freq(rot, 500_000.0);
+            let positions: Vec<usize> = (0..tokens).map(|t| pos0 + t * 13).collect();
+            let q = random_vec(seed, tokens * n_heads * head_dim, 2.0);
+            let k = random_vec(seed ^ 1, tokens * n_kv_heads * head_dim, 2.0);
+            for layout in LAYOUTS {
+                let (mut want_q, mut want_k) = (q.clone(), k.clone());
+                reference::rope_qk(&mut want_q, &mut want_k, &positions, n_heads, n_kv_heads, head_dim, &freqs,
+                    factor, layout).unwrap();
+                let r = Rope { positions: &positions, head_dim, inv_freq: &freqs, attention_factor: factor, layout };
+                for isa in Isa::available() {
+                    for par in [Par::Never, Par::Always] {
+                        let (mut got_q, mut got_k) = (q.clone(), k.clone());
+                        rope_qk_with(isa, par, &mut got_q, &mut got_k, n_heads, n_kv_heads, &r).unwrap();
+                        prop_assert_eq!(&got_q, &want_q, "q {:?} {:?} {:?}", isa, par, layout);
+                        prop_assert_eq!(&got_k, &want_k, "k {:?} {:?} {:?}", isa, par, layout);
+                    }
+                }
+            }
+        }
+
+        /// Rotation by caller-given cosines and sines gives the reference's bits.
+        #[test]
+        fn rotate_matches_reference_exactly(
+            tokens in 1usize..40,
+            n_heads in 1usize..5,
+            head_dim in 1usize..140,
+            rot_frac in 0.0f64..=1.0,
+            seed: u64,
+        ) {
+            let half = ((head_dim / 2) as f64 * rot_frac) as usize;
+            let x = random_vec(seed, tokens * n_heads * head_dim, 2.0);
+            let cos = random_vec(seed ^ 2, tokens * half, 1.2);
+            let sin = random_vec(seed ^ 3, tokens * half, 1.2);
+            for layout in LAYOUTS {
+                let mut want = x.clone();
+                reference::rope_rotate(&mut want, n_heads, head_dim, &cos, &sin, layout).unwrap();
+                for isa in Isa::available() {
+                    for par in [Par::Never, Par::Always] {
+                        let mut got = x.clone();
+                        rope_rotate_with(isa, par, &mut got, n_heads, head_dim, &cos, &sin, layout).unwrap();
+                        prop_assert_eq!(&got, &want, "{:?} {:?} {:?}", isa, par, layout);
+                    }
+                }
+            }
+        }
 
         /// The fast version gives the reference's bits: same angles, same roundings, no FMA.
         #[test]
