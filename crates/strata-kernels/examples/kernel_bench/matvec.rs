@@ -1,10 +1,125 @@
-//! Benchmarks of the dequantizing matvec kernels (filled in with the matvec kernels).
+//! Benchmarks of the weight-reading kernels: the dequantizing matvec of every dtype at 1 and 8
+//! tokens, dequantization, and the linear layer's GEMM path at 128 tokens.
+//!
+//! Weights are `[16384, 8192]` (128 MiB of q4_0 to 512 MiB of f32), four copies of each timed in
+//! turn so that no call finds its weight in the 50-60 MB L2. Their bytes are random, with every
+//! block's scales set to a small finite f16, so no value is NaN or infinite.
+
+use std::cell::Cell;
+
+use strata_kernels::Cuda;
+use strata_kernels::cuda::ops::{self, LinearScratch};
+use strata_kernels::cuda::tensor::upload_tensor;
+use strata_kernels::cuda::testing::random_f32;
+use strata_tensor::{AlignedBytes, CpuStorage, DType, Tensor};
 
 use crate::bench::Bench;
 
 type R<T> = Result<T, Box<dyn std::error::Error>>;
 
+/// Weight rows and columns.
+const N: usize = 16384;
+const K: usize = 8192;
+/// Copies of each weight timed in turn.
+const COPIES: usize = 4;
+
+/// A `[n, k]` host tensor of `dtype` with random bytes and finite values: float exponents are
+/// kept small, block scales are set to 2^-7.
+fn random_weight(dtype: DType, n: usize, k: usize, seed: u64) -> R<Tensor> {
+    let len = dtype.bytes_for(n * k).ok_or("k is not a whole number of blocks")?;
+    let mut bytes = AlignedBytes::zeroed(len);
+    let b = bytes.as_mut_slice();
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for chunk in b.chunks_mut(8) {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        chunk.copy_from_slice(&s.to_le_bytes()[..chunk.len()]);
+    }
+    const SCALE: [u8; 2] = [0x00, 0x20]; // f16 2^-7
+    let patch = |b: &mut [u8], offsets: &[usize]| {
+        for block in b.chunks_exact_mut(dtype.block_bytes()) {
+            for &o in offsets {
+                block[o..o + 2].copy_from_slice(&SCALE);
+            }
+        }
+    };
+    match dtype {
+        // Clear the top exponent bit: |v| < 2, never NaN or infinite.
+        DType::F32 => b.chunks_exact_mut(4).for_each(|v| v[3] &= 0xbf),
+        DType::F16 => b.chunks_exact_mut(2).for_each(|v| v[1] &= 0xbb),
+        DType::BF16 => b.chunks_exact_mut(2).for_each(|v| v[1] &= 0xbf),
+        DType::Q8_0 | DType::Q4_0 => patch(b, &[0]),
+        DType::Q4_1 | DType::Q4K => patch(b, &[0, 2]),
+        DType::Q6K => patch(b, &[208]),
+    }
+    Ok(Tensor::from_storage(CpuStorage::owned(bytes), dtype, [n, k])?)
+}
+
+/// `COPIES` device copies of a random `[n, k]` weight of `dtype`.
+fn device_weights(cuda: &Cuda, dtype: DType, n: usize, k: usize) -> R<Vec<Tensor>> {
+    let host = random_weight(dtype, n, k, dtype as u64 + 1)?;
+    (0..COPIES).map(|_| Ok(upload_tensor(cuda, &host)?)).collect()
+}
+
 /// Runs this module's benchmarks.
-pub fn run(_b: &mut Bench) -> R<()> {
+pub fn run(b: &mut Bench) -> R<()> {
+    let cuda = b.cuda.clone();
+    let x = cuda.upload(&random_f32(128 * K, 7, 1.0))?;
+    let mut y = cuda.zeros::<f32>(128 * N)?;
+    let mut out = cuda.zeros::<f32>(N * K)?;
+    let mut scratch = LinearScratch::new();
+    for dtype in DType::ALL {
+        let ws = device_weights(&cuda, dtype, N, K)?;
+        let next = Cell::new(0usize);
+        let pick = || {
+            next.set(next.get() + 1);
+            &ws[next.get() % COPIES]
+        };
+        let wbytes = ws[0].byte_len() as f64;
+        for tokens in [1, 8] {
+            let bytes = wbytes + (tokens * (K + N) * 4) as f64;
+            b.measure(&format!("matvec {dtype} t{tokens}"), &format!("{N}x{K} x{COPIES}"), bytes, 30, || {
+                ops::matvec(&cuda, pick(), &x, &mut y, tokens)?;
+                Ok(())
+            })?;
+        }
+        b.measure(
+            &format!("dequantize {dtype}"),
+            &format!("{N}x{K} x{COPIES}"),
+            wbytes + (N * K * 4) as f64,
+            10,
+            || {
+                ops::dequantize(&cuda, pick(), &mut out)?;
+                Ok(())
+            },
+        )?;
+        if matches!(dtype, DType::F32 | DType::F16 | DType::Q4K | DType::Q8_0) {
+            let tokens = 128;
+            let flops = 2.0 * (tokens * N * K) as f64;
+            let ms = crate::bench::time_ms(&cuda, 5, || {
+                ops::linear(&cuda, pick(), &x, &mut y, tokens, &mut scratch)?;
+                Ok(())
+            })?;
+            let shape = format!("t{tokens} {N}x{K} {:.1} TFLOP/s", flops / (ms / 1e3) / 1e12);
+            b.measure(&format!("linear {dtype} gemm"), &shape, wbytes + (tokens * (K + N) * 4) as f64, 5, || {
+                ops::linear(&cuda, pick(), &x, &mut y, tokens, &mut scratch)?;
+                Ok(())
+            })?;
+        }
+    }
+    // Decode shapes of an 8B model (FFN down and up), 1 token.
+    for (n, k) in [(4096, 14336), (14336, 4096)] {
+        for dtype in [DType::F16, DType::Q8_0, DType::Q4_0, DType::Q4K, DType::Q6K] {
+            let ws = device_weights(&cuda, dtype, n, k)?;
+            let next = Cell::new(0usize);
+            let bytes = ws[0].byte_len() as f64 + ((k + n) * 4) as f64;
+            b.measure(&format!("matvec {dtype} t1"), &format!("{n}x{k} x{COPIES}"), bytes, 30, || {
+                next.set(next.get() + 1);
+                ops::matvec(&cuda, &ws[next.get() % COPIES], &x, &mut y, 1)?;
+                Ok(())
+            })?;
+        }
+    }
     Ok(())
 }

@@ -80,18 +80,55 @@ impl Blas {
         check_len(op, "x", x.len(), t * k * dtype.size())?;
         check_len(op, "w", w.len(), n * k * dtype.size())?;
         check_len(op, "y", y.len(), t * n)?;
+        let stream = cuda.stream();
+        let (xp, _a) = x.device_ptr(stream);
+        let (wp, _b) = w.device_ptr(stream);
+        let (yp, _c) = y.device_ptr_mut(stream);
+        // SAFETY: the lengths were checked above against t, n and k.
+        unsafe { self.gemm(dtype, xp, wp, yp, (t, n, k)) }
+    }
+
+    /// [`Blas::matmul`] with f32 operands given as f32 buffers: `y[t, n] = x[t, k] · w[n, k]ᵀ`.
+    pub fn matmul_f32<X, W, Y>(
+        &self,
+        cuda: &Cuda,
+        x: &X,
+        w: &W,
+        y: &mut Y,
+        (t, n, k): (usize, usize, usize),
+    ) -> Result<()>
+    where
+        X: DevicePtr<f32>,
+        W: DevicePtr<f32>,
+        Y: DevicePtrMut<f32>,
+    {
+        let op = "gemm";
+        check_len(op, "x", x.len(), t * k)?;
+        check_len(op, "w", w.len(), n * k)?;
+        check_len(op, "y", y.len(), t * n)?;
+        let stream = cuda.stream();
+        let (xp, _a) = x.device_ptr(stream);
+        let (wp, _b) = w.device_ptr(stream);
+        let (yp, _c) = y.device_ptr_mut(stream);
+        // SAFETY: the lengths were checked above against t, n and k.
+        unsafe { self.gemm(GemmDtype::F32, xp, wp, yp, (t, n, k)) }
+    }
+
+    /// The GEMM on raw device addresses.
+    ///
+    /// # Safety
+    /// `x` must hold `t * k` and `w` `n * k` elements of `dtype`, `y` `t * n` floats.
+    unsafe fn gemm(&self, dtype: GemmDtype, xp: u64, wp: u64, yp: u64, (t, n, k): (usize, usize, usize)) -> Result<()> {
+        let op = "gemm";
         if t == 0 || n == 0 || k == 0 {
             return Ok(());
         }
         let to_i32 = |v: usize| i32::try_from(v).map_err(|_| Error::invalid(op, format!("dimension {v} too large")));
         let (ti, ni, ki) = (to_i32(t)?, to_i32(n)?, to_i32(k)?);
         let (alpha, beta) = (1f32, 0f32);
-        let stream = cuda.stream();
-        let (xp, _a) = x.device_ptr(stream);
-        let (wp, _b) = w.device_ptr(stream);
-        let (yp, _c) = y.device_ptr_mut(stream);
         // Column-major view: yᵀ[n, t] = (w as [k, n])ᵀ · (x as [k, t]).
-        // SAFETY: the lengths were checked above against m, n, k and the leading dimensions.
+        // SAFETY: the caller guarantees the buffers hold the elements the leading dimensions and
+        // m, n, k reach.
         unsafe {
             blas_result::gemm_ex(
                 *self.inner.handle(),

@@ -1,0 +1,75 @@
+//! The linear layer `y = x Wᵀ` for any weight dtype: the dequantizing matvec for a few tokens
+//! (decode), a cuBLAS f32 GEMM over the dequantized weight for more (prefill).
+
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use strata_tensor::{DType, Tensor};
+
+use crate::cuda::{Cuda, check_len};
+use crate::{Error, Result};
+
+use super::convert::{dequantize, device_matrix};
+use super::matvec::{MATVEC_MAX_TOKENS, matvec};
+
+/// Up to this many tokens [`linear`] runs the matvec kernels, which read the weight once per
+/// [`MATVEC_MAX_TOKENS`] tokens; above it, the dequantized weight goes through a GEMM.
+pub const LINEAR_MATVEC_TOKENS: usize = MATVEC_MAX_TOKENS;
+
+/// The f32 copy of a weight that [`linear`] dequantizes into before a GEMM, kept between calls
+/// and grown on demand (one per stream of work: calls that share it are ordered on the compute
+/// stream, so the next dequantization waits for the previous GEMM).
+#[derive(Debug, Default)]
+pub struct LinearScratch {
+    weights: Option<CudaSlice<f32>>,
+}
+
+impl LinearScratch {
+    /// An empty scratch; the first GEMM-path call allocates it.
+    pub fn new() -> LinearScratch {
+        LinearScratch { weights: None }
+    }
+
+    /// Floats the scratch holds now.
+    pub fn capacity(&self) -> usize {
+        self.weights.as_ref().map_or(0, |b| b.len())
+    }
+
+    /// A buffer of at least `len` floats.
+    fn weights(&mut self, cuda: &Cuda, len: usize) -> Result<&mut CudaSlice<f32>> {
+        if self.capacity() < len {
+            self.weights = None;
+            self.weights = Some(cuda.zeros::<f32>(len)?);
+        }
+        Ok(self.weights.as_mut().expect("allocated above"))
+    }
+}
+
+/// `y = x Wᵀ`: `w` a `[n, k]` device tensor of any dtype, `x` `[tokens, k]` and `y` `[tokens, n]`
+/// f32. The CUDA twin of `strata_tensor::cpu::reference::matmul`.
+///
+/// Up to [`LINEAR_MATVEC_TOKENS`] tokens this is [`matvec`]; above, an f32 weight goes straight to
+/// cuBLAS and any other is first dequantized into `scratch` ([`dequantize`], exact), so the GEMM
+/// multiplies the same f32 values the CPU does, accumulating in f32 (no TF32).
+pub fn linear<X, Y>(cuda: &Cuda, w: &Tensor, x: &X, y: &mut Y, tokens: usize, scratch: &mut LinearScratch) -> Result<()>
+where
+    X: DevicePtr<f32>,
+    Y: DevicePtrMut<f32>,
+{
+    if tokens <= LINEAR_MATVEC_TOKENS {
+        return matvec(cuda, w, x, y, tokens);
+    }
+    let op = "linear";
+    let (n, k, bytes) = device_matrix(op, cuda, w)?;
+    check_len(op, "x", x.len(), tokens * k)?;
+    check_len(op, "y", y.len(), tokens * n)?;
+    let blas = cuda.blas()?;
+    if w.dtype() == DType::F32 {
+        // SAFETY: the bytes of an f32 tensor are its n * k floats, and the buffer starts on a
+        // 16-byte boundary (checked by device_matrix).
+        let weights = unsafe { bytes.transmute::<f32>(n * k) }
+            .ok_or_else(|| Error::invalid(op, "the weight's buffer is shorter than its shape"))?;
+        return blas.matmul_f32(cuda, x, &weights, y, (tokens, n, k));
+    }
+    let weights = scratch.weights(cuda, n * k)?;
+    dequantize(cuda, w, weights)?;
+    blas.matmul_f32(cuda, x, weights, y, (tokens, n, k))
+}
