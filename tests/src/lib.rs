@@ -13,9 +13,17 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-/// The directory of committed fixtures.
+/// The environment variable that points the tests at a copy of the fixtures, for test binaries
+/// run away from the source tree (the GPU machine runs prebuilt binaries in another directory).
+pub const FIXTURES_DIR_VAR: &str = "STRATA_FIXTURES_DIR";
+
+/// The directory of committed fixtures: `$STRATA_FIXTURES_DIR` when set (and not empty), else
+/// `tests/fixtures` of the source tree this crate was built from.
 pub fn fixtures_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+    match std::env::var_os(FIXTURES_DIR_VAR) {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures"),
+    }
 }
 
 /// A reference fixture: a checkpoint directory with transformers' logits and greedy tokens.

@@ -14,7 +14,8 @@ const TOL: f32 = 1e-4;
 const DENSE: [&str; 6] = ["llama_tied", "llama_untied", "mistral_window", "qwen2_bias", "qwen3_qknorm", "llama_bf16"];
 
 fn load(f: &Fixture) -> Model {
-    Model::from_pretrained(&f.dir, LoadOptions { threads: Some(2) }).unwrap_or_else(|e| panic!("{}: {e}", f.name))
+    Model::from_pretrained(&f.dir, LoadOptions { threads: Some(2), ..LoadOptions::default() })
+        .unwrap_or_else(|e| panic!("{}: {e}", f.name))
 }
 
 #[test]

@@ -94,7 +94,9 @@ fn model(test: &str) -> Option<(&'static Model, Vec<Prompt>)> {
     static MODEL: OnceLock<Model> = OnceLock::new();
     let (expected, prompts) = fixture();
     let path = gguf(test, &expected)?;
-    let model = MODEL.get_or_init(|| Model::from_pretrained(&path, LoadOptions { threads: Some(2) }).unwrap());
+    let model = MODEL.get_or_init(|| {
+        Model::from_pretrained(&path, LoadOptions { threads: Some(2), ..LoadOptions::default() }).unwrap()
+    });
     Some((model, prompts))
 }
 

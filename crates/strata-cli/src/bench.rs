@@ -1,14 +1,22 @@
 //! `strata bench`: prefill and decode speed, next to the memory-bandwidth bound measured in the
 //! same run.
 //!
-//! Decoding one token reads every weight once, so no CPU engine can decode faster than
+//! Decoding one token reads every weight once, so no engine can decode faster than
 //! `read bandwidth / weight bytes per token`; the bench reports that bound and the achieved
 //! fraction. Prefill is reported as tokens per second of one forward pass over the prompt.
+//!
+//! The bandwidth is the model's device's: on the CPU, reading a large buffer with every thread
+//! of the model's pool; on CUDA, device-to-device copies, counting bytes read plus bytes
+//! written (`memory_read_method` in the JSON says which). On CUDA, `peak_vram_bytes` is the
+//! largest device-wide memory use (total minus free, as the driver reports it) seen after each
+//! run, while its KV cache and buffers are alive.
 
 use std::time::Instant;
 
 use anyhow::Result;
 use serde_json::json;
+
+use strata::Device;
 
 use crate::{BenchArgs, load};
 
@@ -25,7 +33,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
             eprintln!("{msg}");
         }
     };
-    say(&format!("model {} ({} threads)", model.source().display(), model.threads()));
+    let device_name = model.device_name()?;
+    match &device_name {
+        None => say(&format!("model {} ({} threads)", model.source().display(), model.threads())),
+        Some(name) => say(&format!("model {} on {} ({name})", model.source().display(), model.device())),
+    }
 
     // A fixed pseudo-random prompt: the same tokens every run.
     let mut state = 0x2545_F491_4F6C_DD1Du64;
@@ -39,15 +51,24 @@ pub fn run(a: BenchArgs) -> Result<()> {
         .collect();
 
     say("warming up");
-    let mut cache = model.new_cache();
-    model.step(&prompt[..prompt.len().min(8)], &mut cache)?;
+    let mut cache = model.new_cache()?;
+    if model.device() == Device::Cpu {
+        model.step(&prompt[..prompt.len().min(8)], &mut cache)?;
+    } else {
+        // The first calls on a device load the kernels, create the cuBLAS handle and size the
+        // activation buffers: run both paths at full size once before timing.
+        let logits = model.step(&prompt, &mut cache)?;
+        model.step(&[strata::sampling::argmax(&logits) as u32], &mut cache)?;
+    }
+    drop(cache);
 
     let mut prefill = Vec::new();
     let mut decode = Vec::new();
     let mut kv_bytes = 0;
+    let mut peak_vram: Option<usize> = None;
     for run in 0..RUNS {
         say(&format!("run {}/{RUNS}: prefill {} tokens, decode {}", run + 1, a.prompt_tokens, a.gen_tokens));
-        let mut cache = model.new_cache();
+        let mut cache = model.new_cache()?;
         let t = Instant::now();
         let mut logits = model.step(&prompt, &mut cache)?;
         prefill.push(t.elapsed().as_secs_f64());
@@ -58,15 +79,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
         decode.push(t.elapsed().as_secs_f64());
         kv_bytes = cache.allocated_bytes();
+        if let Some(used) = model.device_memory_used()? {
+            peak_vram = Some(peak_vram.unwrap_or(0).max(used));
+        }
     }
     say("measuring memory read bandwidth");
-    let bandwidth = model.install(strata::memory_read_bandwidth);
+    let bandwidth = model.memory_bandwidth()?;
 
     let prefill_tok_s = a.prompt_tokens as f64 / median(&mut prefill);
     let decode_tok_s = a.gen_tokens as f64 / median(&mut decode);
     let bytes_per_token = model.decoder().weight_bytes_per_token();
     let bound_tok_s = bandwidth / bytes_per_token as f64;
-    let report = json!({
+    let mut report = json!({
         "model": model.source().display().to_string(),
         "threads": model.threads(),
         "prompt_tokens": a.prompt_tokens,
@@ -74,7 +98,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "prefill_tok_s": prefill_tok_s,
         "decode_tok_s": decode_tok_s,
         "peak_rss_bytes": peak_rss_bytes(),
-        "peak_vram_bytes": null,
+        "peak_vram_bytes": peak_vram,
         "bytes_read_per_token": bytes_per_token,
         "weight_bytes": model.decoder().weight_bytes(),
         "kv_bytes": kv_bytes,
@@ -83,8 +107,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "decode_fraction_of_bound": decode_tok_s / bound_tok_s,
         "io_gb_s": null,
         "expert_cache_hit_rate": null,
-        "plan": { "strategy": "all-resident", "device": "cpu" },
+        "plan": { "strategy": "all-resident", "device": model.device().to_string() },
     });
+    if let Some(name) = &device_name {
+        report["device_name"] = json!(name);
+        report["memory_read_method"] = json!(
+            "device-to-device copy (cuMemcpyDtoD, up to 1 GiB), (bytes read + bytes written) / time, median of 5"
+        );
+        report["peak_vram_method"] = json!("device total - free after each run (includes the CUDA context)");
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -94,9 +125,19 @@ pub fn run(a: BenchArgs) -> Result<()> {
             100.0 * decode_tok_s / bound_tok_s
         );
         println!("weights/token {:>9.1} MB", bytes_per_token as f64 / 1e6);
-        println!("memory read  {:>10.1} GB/s (measured in this run)", bandwidth / 1e9);
+        if device_name.is_none() {
+            println!("memory read  {:>10.1} GB/s (measured in this run)", bandwidth / 1e9);
+        } else {
+            println!(
+                "memory       {:>10.1} GB/s (device-to-device copy, read + written, measured in this run)",
+                bandwidth / 1e9
+            );
+        }
         if let Some(rss) = peak_rss_bytes() {
             println!("peak RSS     {:>10.1} MB", rss as f64 / 1e6);
+        }
+        if let Some(vram) = peak_vram {
+            println!("peak VRAM    {:>10.1} MB (device total - free)", vram as f64 / 1e6);
         }
     }
     Ok(())

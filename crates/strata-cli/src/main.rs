@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use strata::{ChatMessage, GenerateOptions, LoadOptions, LogitsMode, Model, SamplingParams};
+use strata::{ChatMessage, Device, GenerateOptions, LoadOptions, LogitsMode, Model, SamplingParams};
 
 /// Run large language models on your own hardware.
 #[derive(Parser, Debug)]
@@ -42,7 +42,8 @@ struct ModelArgs {
     /// Worker threads (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
-    /// Compute device.
+    /// Compute device: cpu, or cuda (device 0; cuda:N for device N). CUDA needs a build with
+    /// the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     device: String,
     #[command(flatten)]
@@ -237,17 +238,27 @@ fn load(args: &ModelArgs) -> Result<Model> {
             "{flag} is not supported yet in this version of strata (tiered placement, context scaling and MoE flags arrive with their features)"
         );
     }
-    match args.device.as_str() {
-        "cpu" => {}
-        "cuda" => bail!("--device cuda is not supported yet: the CUDA backend is not built into this version"),
-        other => bail!("unknown device {other:?}: expected cpu or cuda"),
-    }
-    let opts = LoadOptions { threads: args.threads };
+    let device = parse_device(&args.device)?;
+    // Refused before the model is resolved (which may download the default model).
+    strata::check_device(device)?;
+    let opts = LoadOptions { threads: args.threads, device };
     let path = match &args.model {
         Some(p) => p.clone(),
         None => strata::default_model()?,
     };
     Model::from_pretrained(&path, opts).with_context(|| format!("cannot load model {}", path.display()))
+}
+
+/// `cpu`, `cuda` (device 0) or `cuda:N`.
+fn parse_device(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        other => match other.strip_prefix("cuda:").map(str::parse) {
+            Some(Ok(ordinal)) => Ok(Device::Cuda(ordinal)),
+            _ => bail!("unknown device {other:?}: expected cpu, cuda or cuda:N"),
+        },
+    }
 }
 
 fn logits(a: LogitsArgs) -> Result<()> {
@@ -336,5 +347,53 @@ fn chat(a: ChatArgs) -> Result<()> {
         drop(stdout);
         report_speed(&g);
         history.push(ChatMessage::new("assistant", answer.trim()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_parse() {
+        assert_eq!(parse_device("cpu").unwrap(), Device::Cpu);
+        assert_eq!(parse_device("cuda").unwrap(), Device::Cuda(0));
+        assert_eq!(parse_device("cuda:3").unwrap(), Device::Cuda(3));
+        for bad in ["gpu", "cuda:", "cuda:x", "CUDA"] {
+            let err = parse_device(bad).unwrap_err().to_string();
+            assert!(err.contains("expected cpu, cuda or cuda:N"), "{bad}: {err}");
+        }
+    }
+
+    /// Every command that loads a model refuses `--device cuda` with the typed error in a build
+    /// without the `cuda` feature, before looking for the model (this path does not exist).
+    #[test]
+    #[cfg(not(feature = "cuda"))]
+    fn without_the_cuda_feature_device_cuda_is_refused() {
+        let model = "/nonexistent/strata-model";
+        let commands: [&[&str]; 4] = [
+            &["logits", "--ids", "1,2", "--out", "/nonexistent/out.npy"],
+            &["generate", "--prompt", "hi"],
+            &["chat"],
+            &["bench"],
+        ];
+        for args in commands {
+            let mut argv = vec!["strata"];
+            argv.extend_from_slice(args);
+            argv.extend_from_slice(&["--model", model, "--device", "cuda"]);
+            let cli = Cli::try_parse_from(argv).unwrap();
+            let err = match cli.command {
+                Command::Logits(a) => logits(a),
+                Command::Generate(a) => generate(a),
+                Command::Chat(a) => chat(a),
+                Command::Bench(a) => bench::run(a),
+            }
+            .unwrap_err();
+            match err.downcast_ref::<strata::Error>() {
+                Some(strata::Error::CudaNotCompiled { device: Device::Cuda(0) }) => {}
+                _ => panic!("{args:?}: expected CudaNotCompiled, got {err:#}"),
+            }
+            assert!(err.to_string().contains("built without CUDA"), "{err}");
+        }
     }
 }

@@ -31,8 +31,8 @@ pub trait TensorSource {
 /// A linear layer `y = x W^T + b` with `W` stored `[out, in]` in any dtype.
 #[derive(Clone, Debug)]
 pub struct Linear {
-    weight: Tensor,
-    bias: Option<Vec<f32>>,
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Option<Vec<f32>>,
 }
 
 impl Linear {
@@ -66,17 +66,17 @@ impl Linear {
 /// One decoder layer's weights.
 #[derive(Clone, Debug)]
 pub struct Layer {
-    attn_norm: Vec<f32>,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    q_norm: Option<Vec<f32>>,
-    k_norm: Option<Vec<f32>>,
-    ffn_norm: Vec<f32>,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    pub(crate) attn_norm: Vec<f32>,
+    pub(crate) q: Linear,
+    pub(crate) k: Linear,
+    pub(crate) v: Linear,
+    pub(crate) o: Linear,
+    pub(crate) q_norm: Option<Vec<f32>>,
+    pub(crate) k_norm: Option<Vec<f32>>,
+    pub(crate) ffn_norm: Vec<f32>,
+    pub(crate) gate: Linear,
+    pub(crate) up: Linear,
+    pub(crate) down: Linear,
 }
 
 /// Which positions' logits a forward pass returns.
@@ -91,11 +91,11 @@ pub enum Logits {
 /// A loaded decoder model.
 #[derive(Debug)]
 pub struct Decoder {
-    hp: Hparams,
-    embed: Tensor,
-    layers: Vec<Layer>,
-    norm: Vec<f32>,
-    lm_head: Tensor,
+    pub(crate) hp: Hparams,
+    pub(crate) embed: Tensor,
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) norm: Vec<f32>,
+    pub(crate) lm_head: Tensor,
     /// The RoPE scheme of caches from [`Decoder::new_cache`]: the checkpoint's, or with the
     /// context scaling set by [`Decoder::set_context_scaling`].
     rope: RopeScheme,

@@ -122,6 +122,11 @@ pub enum Error {
     /// A tensor operation failed while running the model.
     #[error(transparent)]
     Compute(#[from] strata_tensor::Error),
+    /// The CUDA backend failed: no device, a driver or cuBLAS error, or arguments a kernel
+    /// refused.
+    #[cfg(feature = "cuda")]
+    #[error(transparent)]
+    Cuda(#[from] strata_kernels::Error),
     /// A caller's input is invalid (empty or out-of-vocabulary ids, say).
     #[error("invalid input: {0}")]
     InvalidInput(String),

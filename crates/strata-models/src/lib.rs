@@ -4,12 +4,17 @@
 //! (with per-request context scaling), holds the paged KV cache and the decoder, and will hold
 //! the MoE router and expert layer and the model families built from them.
 //!
+//! With the `cuda` feature, [`CudaDecoder`] runs the same decoder on a CUDA device through
+//! `strata-kernels`.
+//!
 //! It sits above the tensor core and the weight store: it may depend on `strata-tensor`,
 //! `strata-store` and, optionally, `strata-kernels`, and nothing below it depends on it.
 #![warn(missing_docs)]
 
 pub mod config;
 pub mod context;
+#[cfg(feature = "cuda")]
+pub mod cuda_decoder;
 mod decoder;
 mod error;
 pub mod gguf;
@@ -24,6 +29,8 @@ pub mod safetensors;
 
 pub use config::ModelConfig;
 pub use context::{ContextScaling, ScalingAlgorithm};
+#[cfg(feature = "cuda")]
+pub use cuda_decoder::{CudaDecoder, CudaKvCache};
 pub use decoder::{Decoder, Linear, Logits, TensorSource};
 pub use error::{ByteCount, ConfigError, Error, HeaderError, Result};
 pub use hparams::Hparams;
@@ -32,5 +39,8 @@ pub use load::{LoadedModel, TokenizerSource, load, load_dir, load_gguf};
 pub use resolve::{ModelSource, resolve_model};
 pub use rope::{RopeScheme, RopeTable};
 pub use safetensors::Checkpoint;
+/// The KV cache a [`CudaDecoder`] fills, in device memory.
+#[cfg(feature = "cuda")]
+pub use strata_kernels::cuda::kv::DeviceKvCache;
 /// The tensor core, re-exported for the facade.
 pub use strata_tensor as tensor;

@@ -35,6 +35,15 @@ pub enum Error {
     /// A requested feature does not exist yet in this version.
     #[error("{0} is not supported yet")]
     Unsupported(String),
+    /// A CUDA device was asked for, but this build of strata has no CUDA backend.
+    #[error(
+        "{device} was requested, but strata was built without CUDA (rebuild with `--features cuda`, e.g. \
+         `cargo build --release -p strata-cli --features cuda`)"
+    )]
+    CudaNotCompiled {
+        /// The device that was asked for.
+        device: strata_models::tensor::Device,
+    },
     /// The runtime could not be set up.
     #[error("{0}")]
     Runtime(String),

@@ -3,7 +3,8 @@
 //! The facade over the workspace: [`Model::from_pretrained`] loads a checkpoint (a directory
 //! with config.json and safetensors, or a model id in the local Hugging Face cache),
 //! [`Model::logits`] runs ids through it, and [`Model::generate`] / [`Model::generate_text`]
-//! sample new tokens with [`SamplingParams`], streaming them as they arrive.
+//! sample new tokens with [`SamplingParams`], streaming them as they arrive. A model runs on the
+//! CPU or, built with the `cuda` feature, on a CUDA device ([`LoadOptions::device`]).
 //!
 //! Depends on `strata-models` (and through it the tensor core), never on the store or the
 //! kernels directly.
@@ -19,9 +20,11 @@ mod tokenizer;
 pub use chat::{ChatMessage, ChatTemplate};
 pub use default_model::{DEFAULT_MODEL_FILE, DEFAULT_MODEL_PACKAGE, cache_dir, default_model};
 pub use error::{Error, Result};
-pub use model::{GenerateOptions, Generation, LoadOptions, LogitsMode, Model, StopReason};
+pub use model::{Cache, GenerateOptions, Generation, LoadOptions, LogitsMode, Model, StopReason, check_device};
 pub use sampling::{Sampler, SamplingParams};
 pub use strata_models::KvCache;
+/// Where a model runs ([`LoadOptions::device`]).
+pub use strata_models::tensor::Device;
 pub use tokenizer::{TextStream, Tokenizer};
 
 /// This machine's memory read bandwidth in bytes per second, measured with every thread of the

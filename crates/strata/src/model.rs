@@ -1,9 +1,15 @@
 //! [`Model`]: a loaded model with its tokenizer, a thread pool, and the generation loop.
+//!
+//! A model runs on the CPU or, in builds with the `cuda` feature, on a CUDA device
+//! ([`LoadOptions::device`]); both sit behind the same API, dispatched over a closed enum. The
+//! KV cache of a sequence ([`Cache`]) lives on the model's device. Sampling runs on the host
+//! over the logits the forward pass returns.
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use strata_models::tensor::Device;
 use strata_models::{Decoder, KvCache, Logits, TokenizerSource};
 
 use crate::chat::{ChatMessage, ChatTemplate};
@@ -16,6 +22,20 @@ use crate::{Error, Result};
 pub struct LoadOptions {
     /// Worker threads for the CPU backend (`None`: one per core).
     pub threads: Option<usize>,
+    /// Where the model runs: the CPU (the default) or a CUDA device. CUDA needs a build with the
+    /// `cuda` feature; without it, loading fails with [`Error::CudaNotCompiled`].
+    pub device: Device,
+}
+
+/// Whether this build of strata can run models on `device`: always for the CPU; for a CUDA
+/// device only in builds with the `cuda` feature ([`Error::CudaNotCompiled`] otherwise). Opens
+/// nothing: a missing GPU shows when the model is loaded.
+pub fn check_device(device: Device) -> Result<()> {
+    match device {
+        Device::Cpu => Ok(()),
+        Device::Cuda(_) if cfg!(feature = "cuda") => Ok(()),
+        Device::Cuda(_) => Err(Error::CudaNotCompiled { device }),
+    }
 }
 
 /// How a sequence of ids is run to produce logits at every position.
@@ -68,9 +88,76 @@ pub struct Generation {
     pub decode_time: Duration,
 }
 
+/// Where a model computes.
+enum Backend {
+    /// [`Decoder::forward`] on the CPU thread pool.
+    Cpu,
+    /// The same decoder on a CUDA device, weights uploaded once.
+    #[cfg(feature = "cuda")]
+    Cuda(Box<strata_models::CudaDecoder>),
+}
+
+/// The KV cache of one sequence, on the device of the model that made it ([`Model::new_cache`]).
+#[derive(Debug)]
+pub struct Cache {
+    inner: CacheInner,
+    device: Device,
+}
+
+#[derive(Debug)]
+enum CacheInner {
+    Cpu(KvCache),
+    #[cfg(feature = "cuda")]
+    Cuda(strata_models::CudaKvCache),
+}
+
+impl Cache {
+    /// Tokens held.
+    pub fn len(&self) -> usize {
+        match &self.inner {
+            CacheInner::Cpu(c) => c.len(),
+            #[cfg(feature = "cuda")]
+            CacheInner::Cuda(c) => c.len(),
+        }
+    }
+
+    /// Whether the cache holds no tokens.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes allocated for keys and values (host or device memory, wherever the cache lives).
+    pub fn allocated_bytes(&self) -> usize {
+        match &self.inner {
+            CacheInner::Cpu(c) => c.allocated_bytes(),
+            #[cfg(feature = "cuda")]
+            CacheInner::Cuda(c) => c.allocated_bytes(),
+        }
+    }
+
+    /// Drops every token.
+    pub fn clear(&mut self) {
+        match &mut self.inner {
+            CacheInner::Cpu(c) => c.clear(),
+            #[cfg(feature = "cuda")]
+            CacheInner::Cuda(c) => c.clear(),
+        }
+    }
+
+    /// The device the cache lives on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+}
+
 /// A loaded model ready to run.
 pub struct Model {
+    /// The weights on the host: the CPU backend computes with them; with CUDA they give the
+    /// hyperparameters and weight sizes (the weights are usually views of the memory-mapped
+    /// checkpoint, so keeping them costs page cache, not a copy).
     decoder: Decoder,
+    backend: Backend,
+    device: Device,
     tokenizer: Option<Tokenizer>,
     chat_template: Option<String>,
     pool: rayon::ThreadPool,
@@ -79,15 +166,22 @@ pub struct Model {
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Model").field("source", &self.source).field("hparams", self.decoder.hparams()).finish()
+        f.debug_struct("Model")
+            .field("source", &self.source)
+            .field("device", &self.device)
+            .field("hparams", self.decoder.hparams())
+            .finish()
     }
 }
 
 impl Model {
     /// Loads a model from a checkpoint directory (config.json + safetensors, tokenizer.json if
-    /// present) or a model id found in the local Hugging Face cache.
+    /// present), a GGUF file, or a model id found in the local Hugging Face cache, onto
+    /// `options.device`. A CUDA device is checked before anything is read: without the `cuda`
+    /// feature it is [`Error::CudaNotCompiled`].
     pub fn from_pretrained(spec: impl AsRef<Path>, options: LoadOptions) -> Result<Model> {
         let spec = spec.as_ref();
+        check_device(options.device)?;
         let loaded = strata_models::load(&spec.to_string_lossy())?;
         let tokenizer = match loaded.tokenizer {
             Some(TokenizerSource::Json(p)) => Some(Tokenizer::from_file(&p)?),
@@ -99,10 +193,43 @@ impl Model {
             builder = builder.num_threads(n);
         }
         let pool = builder.build().map_err(|e| Error::Runtime(format!("cannot start the CPU thread pool: {e}")))?;
-        Ok(Model { decoder: loaded.decoder, tokenizer, chat_template: loaded.chat_template, pool, source: loaded.path })
+        let backend = match options.device {
+            Device::Cpu => Backend::Cpu,
+            #[cfg(feature = "cuda")]
+            Device::Cuda(ordinal) => {
+                Backend::Cuda(Box::new(strata_models::CudaDecoder::open(&loaded.decoder, ordinal)?))
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => return Err(Error::CudaNotCompiled { device: options.device }),
+        };
+        Ok(Model {
+            decoder: loaded.decoder,
+            backend,
+            device: options.device,
+            tokenizer,
+            chat_template: loaded.chat_template,
+            pool,
+            source: loaded.path,
+        })
     }
 
-    /// The decoder (hyperparameters, weight sizes).
+    /// The device the model runs on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The device's name as its driver gives it ("NVIDIA H100 80GB HBM3"), for a model on a
+    /// CUDA device; `None` on the CPU.
+    pub fn device_name(&self) -> Result<Option<String>> {
+        match &self.backend {
+            Backend::Cpu => Ok(None),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(d) => Ok(Some(d.device_name()?)),
+        }
+    }
+
+    /// The decoder (hyperparameters, weight sizes). Its weights are the host copy: on CUDA the
+    /// forward pass runs on the device's.
     pub fn decoder(&self) -> &Decoder {
         &self.decoder
     }
@@ -132,33 +259,79 @@ impl Model {
         self.pool.install(f)
     }
 
-    /// A fresh KV cache.
-    pub fn new_cache(&self) -> KvCache {
-        self.decoder.new_cache()
+    /// A fresh KV cache on the model's device (empty: it allocates as the sequence grows).
+    pub fn new_cache(&self) -> Result<Cache> {
+        let inner = match &self.backend {
+            Backend::Cpu => CacheInner::Cpu(self.decoder.new_cache()),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(d) => CacheInner::Cuda(d.new_cache()?),
+        };
+        Ok(Cache { inner, device: self.device })
     }
 
     /// Logits at every position of `ids`, `[ids.len(), vocab]` row-major.
     pub fn logits(&self, ids: &[u32], mode: LogitsMode) -> Result<Vec<f32>> {
         self.check_ids(ids)?;
-        self.install(|| {
-            let mut cache = self.decoder.new_cache();
-            match mode {
-                LogitsMode::OnePass => Ok(self.decoder.forward(ids, &mut cache, Logits::All)?),
-                LogitsMode::Decode => {
-                    let mut out = Vec::with_capacity(ids.len() * self.decoder.hparams().vocab_size);
-                    for &id in ids {
-                        out.extend(self.decoder.forward(&[id], &mut cache, Logits::Last)?);
-                    }
-                    Ok(out)
+        let mut cache = self.new_cache()?;
+        match mode {
+            LogitsMode::OnePass => self.forward(ids, &mut cache, Logits::All),
+            LogitsMode::Decode => {
+                let mut out = Vec::with_capacity(ids.len() * self.decoder.hparams().vocab_size);
+                for &id in ids {
+                    out.extend(self.forward(&[id], &mut cache, Logits::Last)?);
                 }
+                Ok(out)
             }
-        })
+        }
     }
 
     /// One forward step: feeds `ids` through the cache and returns the last position's logits.
-    pub fn step(&self, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+    pub fn step(&self, ids: &[u32], cache: &mut Cache) -> Result<Vec<f32>> {
         self.check_ids(ids)?;
-        self.install(|| Ok(self.decoder.forward(ids, cache, Logits::Last)?))
+        self.forward(ids, cache, Logits::Last)
+    }
+
+    /// Device memory in use now, in bytes, for a model on a CUDA device: total minus free as the
+    /// driver reports them (this process's weights, caches and buffers, its CUDA context, and
+    /// any other process's allocations). `None` on the CPU.
+    pub fn device_memory_used(&self) -> Result<Option<usize>> {
+        match &self.backend {
+            Backend::Cpu => Ok(None),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(d) => Ok(Some(d.device_memory_used()?)),
+        }
+    }
+
+    /// The memory bandwidth a decode on this model's device is bounded by, in bytes per second,
+    /// measured now. CPU: reading a large buffer with every thread of the model's pool
+    /// ([`crate::memory_read_bandwidth`]). CUDA: device-to-device copies, counting bytes read
+    /// plus bytes written (`strata_models::cuda_decoder::copy_bandwidth`).
+    pub fn memory_bandwidth(&self) -> Result<f64> {
+        match &self.backend {
+            Backend::Cpu => Ok(self.install(crate::memory_read_bandwidth)),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(d) => Ok(d.memory_bandwidth()?),
+        }
+    }
+
+    /// Runs `ids` through the backend with `cache`, which must live on the model's device.
+    fn forward(&self, ids: &[u32], cache: &mut Cache, which: Logits) -> Result<Vec<f32>> {
+        let mismatch = |cache_device: Device| {
+            Error::InvalidInput(format!(
+                "a KV cache on {cache_device} cannot be used by a model on {}: make it with this model's new_cache",
+                self.device
+            ))
+        };
+        if cache.device != self.device {
+            return Err(mismatch(cache.device));
+        }
+        match (&self.backend, &mut cache.inner) {
+            (Backend::Cpu, CacheInner::Cpu(c)) => self.install(|| Ok(self.decoder.forward(ids, c, which)?)),
+            #[cfg(feature = "cuda")]
+            (Backend::Cuda(d), CacheInner::Cuda(c)) => Ok(d.forward(ids, c, which)?),
+            #[cfg(feature = "cuda")]
+            (_, _) => Err(mismatch(cache.device)),
+        }
     }
 
     /// Generates from prompt ids, calling `on_token` with each new id as soon as it exists;
@@ -174,7 +347,7 @@ impl Model {
         }
         let eos = &self.decoder.hparams().eos_token_ids;
         let mut sampler = Sampler::new(options.sampling.clone());
-        let mut cache = self.new_cache();
+        let mut cache = self.new_cache()?;
         let mut history = prompt.to_vec();
         let mut tokens = Vec::new();
         let start = Instant::now();
@@ -269,5 +442,28 @@ impl Model {
             return Err(Error::InvalidInput("no token ids given".into()));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cpu_is_always_available() {
+        assert!(check_device(Device::Cpu).is_ok());
+    }
+
+    #[test]
+    #[cfg(not(feature = "cuda"))]
+    fn without_the_cuda_feature_a_cuda_device_is_a_typed_error() {
+        let err = check_device(Device::Cuda(0)).unwrap_err();
+        assert!(matches!(err, Error::CudaNotCompiled { device: Device::Cuda(0) }), "{err}");
+        // Refused before the model is looked for: this path does not exist.
+        let options = LoadOptions { device: Device::Cuda(1), ..LoadOptions::default() };
+        let err = Model::from_pretrained("/nonexistent/strata-model", options).unwrap_err();
+        assert!(matches!(err, Error::CudaNotCompiled { device: Device::Cuda(1) }), "{err}");
+        assert!(err.to_string().contains("built without CUDA"), "{err}");
+        assert!(err.to_string().starts_with("cuda:1 was requested"), "{err}");
     }
 }

@@ -1,0 +1,597 @@
+//! The Llama-family decoder on a CUDA device: [`CudaDecoder`].
+//!
+//! The device twin of [`Decoder::forward`] in `decoder.rs`, op for op and in the same order, for
+//! every family the CPU decoder runs (Llama, Mistral, Qwen2, Qwen3, from safetensors or GGUF):
+//! token embedding, then per layer RMSNorm, the q/k/v projections (with Qwen2's biases), Qwen3's
+//! per-head q/k RMSNorm, fused RoPE of q and k, appending k and v to the device KV cache, causal
+//! attention over it (with the layer's sliding window), the output projection and residual add,
+//! RMSNorm, SwiGLU MLP and residual add; then the final RMSNorm and the output head. The kernels
+//! are `strata_kernels::cuda::ops`; each mirrors the `strata_tensor::cpu` op the CPU decoder
+//! calls.
+//!
+//! RoPE follows the CPU decoder's rules: the request's `RopeScheme` (carried by the cache, else
+//! the model's) gives the table for the sequence's length after the pass (or its planned
+//! length), and when that table differs from the one the cached tokens were computed with, the
+//! held tokens are recomputed with the new one (`RopeUpdate::Recompute`, the CPU's default). The
+//! CPU's other policy, re-rotating the cached keys, has no device kernel, so a [`CudaKvCache`]
+//! always recomputes.
+//!
+//! Every weight is uploaded once, when the decoder is built: 2-D weights as device tensors in
+//! their stored dtype (quantized blocks as they are), norms and biases as f32. Activations live
+//! in device buffers reused from call to call; only the token ids, the positions and (when the
+//! table changes) RoPE's inverse frequencies go up, and only the logits come down.
+
+use std::sync::{Arc, Mutex};
+
+use strata_kernels::cuda::CudaSlice;
+use strata_kernels::cuda::cudarc::driver::sys::CUevent_flags;
+use strata_kernels::cuda::cudarc::driver::{DevicePtr, DevicePtrMut, DriverError};
+use strata_kernels::cuda::kv::DeviceKvCache;
+use strata_kernels::cuda::ops::{self, LinearScratch, RopeArgs};
+use strata_kernels::cuda::tensor::upload_tensor;
+use strata_kernels::{Cuda, Error as KernelError};
+use strata_tensor::Tensor;
+use strata_tensor::cpu::AttentionParams;
+
+use crate::context::ContextScaling;
+use crate::decoder::{Decoder, Linear};
+use crate::hparams::Hparams;
+use crate::kv_cache::DEFAULT_BLOCK_LEN;
+use crate::rope::{RopeScheme, RopeTable};
+use crate::{Error, Logits, Result};
+
+/// A linear layer on the device: the weight in its stored dtype, the bias in f32.
+struct CudaLinear {
+    weight: Tensor,
+    bias: Option<CudaSlice<f32>>,
+}
+
+impl CudaLinear {
+    fn upload(cuda: &Cuda, l: &Linear) -> Result<CudaLinear> {
+        let weight = upload_tensor(cuda, &l.weight)?;
+        let bias = l.bias.as_deref().map(|b| cuda.upload(b)).transpose()?;
+        Ok(CudaLinear { weight, bias })
+    }
+}
+
+/// One decoder layer's weights on the device.
+struct CudaLayer {
+    attn_norm: CudaSlice<f32>,
+    q: CudaLinear,
+    k: CudaLinear,
+    v: CudaLinear,
+    o: CudaLinear,
+    /// Qwen3's per-head query and key norms.
+    qk_norm: Option<(CudaSlice<f32>, CudaSlice<f32>)>,
+    ffn_norm: CudaSlice<f32>,
+    gate: CudaLinear,
+    up: CudaLinear,
+    down: CudaLinear,
+}
+
+/// A decoder model whose weights live on a CUDA device and whose forward pass runs there.
+pub struct CudaDecoder {
+    cuda: Arc<Cuda>,
+    hp: Hparams,
+    embed: Tensor,
+    layers: Vec<CudaLayer>,
+    norm: CudaSlice<f32>,
+    /// The output head: the embedding's device tensor again when the checkpoint ties them.
+    lm_head: Tensor,
+    /// The RoPE scheme of caches from [`CudaDecoder::new_cache`].
+    rope: RopeScheme,
+    weight_bytes: usize,
+    weight_bytes_per_token: usize,
+    scratch: Mutex<Scratch>,
+}
+
+impl std::fmt::Debug for CudaDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaDecoder").field("device", &self.cuda).field("hparams", &self.hp).finish_non_exhaustive()
+    }
+}
+
+impl CudaDecoder {
+    /// Opens CUDA device `ordinal` and uploads `decoder`'s weights to it.
+    pub fn open(decoder: &Decoder, ordinal: usize) -> Result<CudaDecoder> {
+        CudaDecoder::new(decoder, Cuda::new(ordinal)?)
+    }
+
+    /// Uploads every weight of `decoder` to `cuda`, once, and takes its RoPE scheme (with the
+    /// context scaling it was given, if any). The CPU decoder is left as it was.
+    pub fn new(decoder: &Decoder, cuda: Arc<Cuda>) -> Result<CudaDecoder> {
+        let c = &*cuda;
+        let embed = upload_tensor(c, &decoder.embed)?;
+        let lm_head = if shares_bytes(&decoder.embed, &decoder.lm_head) {
+            embed.clone()
+        } else {
+            upload_tensor(c, &decoder.lm_head)?
+        };
+        let layers = decoder
+            .layers
+            .iter()
+            .map(|l| {
+                let qk_norm = match (&l.q_norm, &l.k_norm) {
+                    (Some(qn), Some(kn)) => Some((c.upload(qn)?, c.upload(kn)?)),
+                    _ => None,
+                };
+                Ok(CudaLayer {
+                    attn_norm: c.upload(&l.attn_norm)?,
+                    q: CudaLinear::upload(c, &l.q)?,
+                    k: CudaLinear::upload(c, &l.k)?,
+                    v: CudaLinear::upload(c, &l.v)?,
+                    o: CudaLinear::upload(c, &l.o)?,
+                    qk_norm,
+                    ffn_norm: c.upload(&l.ffn_norm)?,
+                    gate: CudaLinear::upload(c, &l.gate)?,
+                    up: CudaLinear::upload(c, &l.up)?,
+                    down: CudaLinear::upload(c, &l.down)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let norm = c.upload(&decoder.norm)?;
+        c.synchronize()?;
+        Ok(CudaDecoder {
+            hp: decoder.hp.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope: decoder.rope_scheme().clone(),
+            weight_bytes: decoder.weight_bytes(),
+            weight_bytes_per_token: decoder.weight_bytes_per_token(),
+            scratch: Mutex::new(Scratch::new()),
+            cuda,
+        })
+    }
+
+    /// The hyperparameters.
+    pub fn hparams(&self) -> &Hparams {
+        &self.hp
+    }
+
+    /// The device.
+    pub fn cuda(&self) -> &Arc<Cuda> {
+        &self.cuda
+    }
+
+    /// The device's name as the driver gives it.
+    pub fn device_name(&self) -> Result<String> {
+        Ok(self.cuda.name()?)
+    }
+
+    /// An empty device KV cache for this model, with the model's RoPE scheme (it allocates as
+    /// the sequence grows). The twin of [`Decoder::new_cache`].
+    pub fn new_cache(&self) -> Result<CudaKvCache> {
+        self.cache_with(self.rope.clone())
+    }
+
+    /// An empty device KV cache for one request that runs with `scaling` instead of the model's
+    /// own RoPE scaling (`None`: the checkpoint's). The twin of
+    /// [`Decoder::new_cache_with_scaling`].
+    pub fn new_cache_with_scaling(&self, scaling: Option<ContextScaling>) -> Result<CudaKvCache> {
+        self.cache_with(self.hp.rope.with_context_scaling(scaling)?)
+    }
+
+    fn cache_with(&self, scheme: RopeScheme) -> Result<CudaKvCache> {
+        let hp = &self.hp;
+        let kv = DeviceKvCache::new(&self.cuda, hp.n_layers, hp.n_kv_heads, hp.head_dim, DEFAULT_BLOCK_LEN)?;
+        Ok(CudaKvCache { kv, rope_scheme: Some(scheme), planned_length: 0, rotated_with: None, ids: Vec::new() })
+    }
+
+    /// Makes `scaling` the context scaling of every cache [`CudaDecoder::new_cache`] makes from
+    /// now on (`None`: back to the checkpoint's). The twin of [`Decoder::set_context_scaling`].
+    pub fn set_context_scaling(&mut self, scaling: Option<ContextScaling>) -> Result<()> {
+        self.rope = self.hp.rope.with_context_scaling(scaling)?;
+        Ok(())
+    }
+
+    /// The RoPE scheme [`CudaDecoder::new_cache`] gives its caches.
+    pub fn rope_scheme(&self) -> &RopeScheme {
+        &self.rope
+    }
+
+    /// Checks, before any work, that feeding `new_tokens` more tokens through `cache` stays
+    /// within the request's `max_capacity`. The twin of [`Decoder::check_capacity`].
+    pub fn check_capacity(&self, cache: &CudaKvCache, new_tokens: usize) -> Result<()> {
+        let scheme = cache.rope_scheme().unwrap_or(&self.rope);
+        scheme.check_fits(cache.len().saturating_add(new_tokens))
+    }
+
+    /// Checks that a request may reach `total_len` tokens and plans `cache` for that length (its
+    /// RoPE table is the one for `total_len` from the first pass on). The twin of
+    /// [`Decoder::plan`].
+    pub fn plan(&self, cache: &mut CudaKvCache, total_len: usize) -> Result<()> {
+        cache.rope_scheme().unwrap_or(&self.rope).check_fits(total_len)?;
+        cache.planned_length = total_len;
+        Ok(())
+    }
+
+    /// Bytes of all weights (the output head counted once when tied), as [`Decoder::weight_bytes`].
+    pub fn weight_bytes(&self) -> usize {
+        self.weight_bytes
+    }
+
+    /// Bytes of weights read to decode one token, as [`Decoder::weight_bytes_per_token`].
+    pub fn weight_bytes_per_token(&self) -> usize {
+        self.weight_bytes_per_token
+    }
+
+    /// Device memory in use now, in bytes: total minus free as the driver reports them, so it
+    /// counts everything on the device (this process's context, weights, caches and buffers, and
+    /// any other process's allocations).
+    pub fn device_memory_used(&self) -> Result<usize> {
+        let (free, total) = self.cuda.memory()?;
+        Ok(total.saturating_sub(free))
+    }
+
+    /// The device's memory bandwidth in bytes per second, measured with device-to-device copies
+    /// (see [`copy_bandwidth`]): the bound a CUDA decode is compared with.
+    pub fn memory_bandwidth(&self) -> Result<f64> {
+        copy_bandwidth(&self.cuda, COPY_BANDWIDTH_BYTES, 5)
+    }
+
+    /// Runs `ids` (the next tokens of the sequence in `cache`) through the model on the device,
+    /// appending their keys and values to `cache`, and returns logits as `which` asks: the
+    /// device twin of [`Decoder::forward`], with the same checks, errors and RoPE rules (a table
+    /// change recomputes the held tokens).
+    pub fn forward(&self, ids: &[u32], cache: &mut CudaKvCache, which: Logits) -> Result<Vec<f32>> {
+        let t = ids.len();
+        if t == 0 {
+            return Err(Error::InvalidInput("forward needs at least one token".into()));
+        }
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= self.hp.vocab_size) {
+            // Checked before any work, as on the CPU: a recompute never drops the cache for a
+            // bad id, and no id outside the table reaches the embedding kernel.
+            return Err(Error::InvalidInput(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.hp.vocab_size
+            )));
+        }
+        self.check_capacity(cache, t)?;
+        let held = cache.len();
+        let rope = cache.rope_scheme().unwrap_or(&self.rope).table((held + t).max(cache.planned_length()));
+        let rows = match which {
+            Logits::All => t,
+            Logits::Last => 1,
+        };
+        if held > 0 && cache.rope_table().is_some_and(|old| *old != rope) {
+            let mut all = cache.token_ids().to_vec();
+            if all.len() != held {
+                return Err(Error::Unsupported(format!(
+                    "the RoPE table changed but the cache knows {} of its {held} tokens, so it cannot recompute them",
+                    all.len()
+                )));
+            }
+            all.extend_from_slice(ids);
+            cache.clear();
+            return self.run(&all, cache, &rope, rows);
+        }
+        self.run(ids, cache, &rope, rows)
+    }
+
+    /// The forward pass proper: `ids` at the positions after the cache's tokens, RoPE with
+    /// `rope`, logits for the last `out_rows` positions. Mirrors `Decoder::run` op for op.
+    fn run(&self, ids: &[u32], cache: &mut CudaKvCache, rope: &RopeTable, out_rows: usize) -> Result<Vec<f32>> {
+        let hp = &self.hp;
+        let t = ids.len();
+        let pos0 = cache.len();
+        let end = u32::try_from(pos0 + t)
+            .map_err(|_| Error::InvalidInput(format!("position {} does not fit in 32 bits", pos0 + t)))?;
+        let positions: Vec<u32> = (pos0 as u32..end).collect();
+        cache.rotated_with = Some(rope.clone());
+        let (h, qd, kvd, inter, vocab) = (hp.hidden_size, hp.q_dim(), hp.kv_dim(), hp.intermediate_size, hp.vocab_size);
+
+        let cuda = &*self.cuda;
+        let mut guard = self.scratch.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        guard.reserve(cuda, hp, t, out_rows)?;
+        guard.set_rope(cuda, rope)?;
+        let Scratch { buffers, logits, linear: work, inv_freq, .. } = &mut *guard;
+        let s = buffers.as_mut().expect("reserved above");
+        let logits = logits.as_mut().expect("reserved above");
+        cuda.upload_into(ids, &mut s.ids)?;
+        cuda.upload_into(&positions, &mut s.positions)?;
+        let ids_d = s.ids.slice(..t);
+        let positions_d = s.positions.slice(..t);
+        let kv = &mut cache.kv;
+
+        ops::embedding(cuda, &self.embed, &ids_d, t, &mut s.x.slice_mut(..t * h))?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let mut normed = s.normed.slice_mut(..t * h);
+            let mut q = s.q.slice_mut(..t * qd);
+            let mut k = s.k.slice_mut(..t * kvd);
+            let mut v = s.v.slice_mut(..t * kvd);
+            ops::rms_norm(cuda, &s.x.slice(..t * h), &layer.attn_norm, hp.rms_norm_eps, t, &mut normed)?;
+            linear(cuda, &layer.q, &normed, &mut q, t, work)?;
+            linear(cuda, &layer.k, &normed, &mut k, t, work)?;
+            linear(cuda, &layer.v, &normed, &mut v, t, work)?;
+            if let Some((qn, kn)) = &layer.qk_norm {
+                // Per-head RMSNorm of q and k (Qwen3): one row per token and head.
+                ops::rms_norm_inplace(cuda, &mut q, qn, hp.rms_norm_eps, t * hp.n_heads)?;
+                ops::rms_norm_inplace(cuda, &mut k, kn, hp.rms_norm_eps, t * hp.n_kv_heads)?;
+            }
+            if let Some(inv_freq) = inv_freq.as_ref() {
+                let args = RopeArgs {
+                    tokens: t,
+                    n_heads: hp.n_heads,
+                    n_kv_heads: hp.n_kv_heads,
+                    head_dim: hp.head_dim,
+                    attention_factor: rope.attention_factor,
+                    layout: hp.rope_layout,
+                };
+                ops::rope_qk::<f32, _, _, _, _>(cuda, &mut q, &mut k, &positions_d, inv_freq, &args)?;
+            }
+            kv.append(cuda, li, &k, &v, t)?;
+
+            let params = AttentionParams {
+                n_heads: hp.n_heads,
+                n_kv_heads: hp.n_kv_heads,
+                head_dim: hp.head_dim,
+                scale: 1.0 / (hp.head_dim as f32).sqrt(),
+                sliding_window: hp.layer_windows[li],
+            };
+            let mut attn = s.attn.slice_mut(..t * qd);
+            ops::attention(cuda, kv, li, &q, t, &params, &mut attn)?;
+            let mut proj = s.proj.slice_mut(..t * h);
+            linear(cuda, &layer.o, &attn, &mut proj, t, work)?;
+            ops::add(cuda, &mut s.x.slice_mut(..t * h), &proj)?;
+
+            ops::rms_norm(cuda, &s.x.slice(..t * h), &layer.ffn_norm, hp.rms_norm_eps, t, &mut normed)?;
+            let mut gate = s.gate.slice_mut(..t * inter);
+            let mut up = s.up.slice_mut(..t * inter);
+            let mut act = s.act.slice_mut(..t * inter);
+            linear(cuda, &layer.gate, &normed, &mut gate, t, work)?;
+            linear(cuda, &layer.up, &normed, &mut up, t, work)?;
+            ops::swiglu(cuda, &gate, &up, &mut act)?;
+            linear(cuda, &layer.down, &act, &mut proj, t, work)?;
+            ops::add(cuda, &mut s.x.slice_mut(..t * h), &proj)?;
+        }
+
+        cache.ids.extend_from_slice(ids);
+        let rows = s.x.slice((t - out_rows) * h..t * h);
+        let mut final_normed = s.normed.slice_mut(..out_rows * h);
+        ops::rms_norm(cuda, &rows, &self.norm, hp.rms_norm_eps, out_rows, &mut final_normed)?;
+        let mut logits = logits.slice_mut(..out_rows * vocab);
+        ops::linear(cuda, &self.lm_head, &final_normed, &mut logits, out_rows, work)?;
+        Ok(cuda.download(&logits)?)
+    }
+}
+
+/// `y = x W^T + b` for `tokens` rows on the device.
+fn linear(
+    cuda: &Cuda,
+    l: &CudaLinear,
+    x: &impl DevicePtr<f32>,
+    y: &mut impl DevicePtrMut<f32>,
+    tokens: usize,
+    scratch: &mut LinearScratch,
+) -> Result<()> {
+    ops::linear(cuda, &l.weight, x, y, tokens, scratch)?;
+    if let Some(b) = &l.bias {
+        ops::add_bias(cuda, y, b, tokens)?;
+    }
+    Ok(())
+}
+
+/// One request's state on the device: the key/value blocks of every layer
+/// ([`DeviceKvCache`]) and what the CPU's `KvCache` carries besides them: the request's RoPE
+/// scheme, its planned length, the token ids held, and the RoPE table their keys were computed
+/// with. Made by [`CudaDecoder::new_cache`].
+pub struct CudaKvCache {
+    kv: DeviceKvCache,
+    rope_scheme: Option<RopeScheme>,
+    planned_length: usize,
+    rotated_with: Option<RopeTable>,
+    ids: Vec<u32>,
+}
+
+impl std::fmt::Debug for CudaKvCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaKvCache")
+            .field("kv", &self.kv)
+            .field("rope_scheme", &self.rope_scheme)
+            .field("planned_length", &self.planned_length)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CudaKvCache {
+    /// The request's RoPE scheme, if the cache carries one.
+    pub fn rope_scheme(&self) -> Option<&RopeScheme> {
+        self.rope_scheme.as_ref()
+    }
+
+    /// The planned total length (0: none; see [`CudaDecoder::plan`]).
+    pub fn planned_length(&self) -> usize {
+        self.planned_length
+    }
+
+    /// The ids of the tokens held.
+    pub fn token_ids(&self) -> &[u32] {
+        &self.ids
+    }
+
+    /// The table the cached keys are rotated with (`None` before the first forward pass).
+    pub fn rope_table(&self) -> Option<&RopeTable> {
+        self.rotated_with.as_ref()
+    }
+
+    /// Tokens held.
+    pub fn len(&self) -> usize {
+        self.kv.len()
+    }
+
+    /// Whether the cache holds no tokens.
+    pub fn is_empty(&self) -> bool {
+        self.kv.is_empty()
+    }
+
+    /// Tokens per block.
+    pub fn block_len(&self) -> usize {
+        self.kv.block_len()
+    }
+
+    /// Device bytes of all key and value blocks.
+    pub fn allocated_bytes(&self) -> usize {
+        self.kv.allocated_bytes()
+    }
+
+    /// Drops every token and block (and the tokens' ids and RoPE table; the scheme and the plan
+    /// stay), as `KvCache::clear` does.
+    pub fn clear(&mut self) {
+        self.kv.clear();
+        self.rotated_with = None;
+        self.ids.clear();
+    }
+
+    /// The key/value blocks themselves.
+    pub fn device_cache(&self) -> &DeviceKvCache {
+        &self.kv
+    }
+}
+
+/// Whether two host tensors are views of the same bytes (a tied output head).
+fn shares_bytes(a: &Tensor, b: &Tensor) -> bool {
+    match (a.cpu_bytes(), b.cpu_bytes()) {
+        (Ok(x), Ok(y)) => {
+            std::ptr::eq(x.as_ptr(), y.as_ptr())
+                && x.len() == y.len()
+                && a.dtype() == b.dtype()
+                && a.shape() == b.shape()
+        }
+        _ => false,
+    }
+}
+
+/// The activation buffers of a forward pass, sized for the longest call so far and reused.
+struct Scratch {
+    /// Tokens every buffer of `buffers` has room for.
+    tokens: usize,
+    buffers: Option<Buffers>,
+    /// Rows of the vocabulary `logits` has room for (1 while only the last position is asked
+    /// for).
+    logits_rows: usize,
+    logits: Option<CudaSlice<f32>>,
+    /// What the linear layers keep between calls (dequantized weights for GEMMs).
+    linear: LinearScratch,
+    /// RoPE's inverse frequencies on the device (`None` when no dimension rotates), and the
+    /// host values they hold.
+    inv_freq: Option<CudaSlice<f32>>,
+    inv_freq_host: Vec<f32>,
+}
+
+/// The per-token device buffers; each holds `tokens` rows.
+struct Buffers {
+    ids: CudaSlice<u32>,
+    positions: CudaSlice<u32>,
+    x: CudaSlice<f32>,
+    normed: CudaSlice<f32>,
+    q: CudaSlice<f32>,
+    k: CudaSlice<f32>,
+    v: CudaSlice<f32>,
+    attn: CudaSlice<f32>,
+    proj: CudaSlice<f32>,
+    gate: CudaSlice<f32>,
+    up: CudaSlice<f32>,
+    act: CudaSlice<f32>,
+}
+
+impl Scratch {
+    fn new() -> Scratch {
+        Scratch {
+            tokens: 0,
+            buffers: None,
+            logits_rows: 0,
+            logits: None,
+            linear: LinearScratch::new(),
+            inv_freq: None,
+            inv_freq_host: Vec::new(),
+        }
+    }
+
+    /// Makes `rope`'s inverse frequencies the device's, uploading them only when they changed.
+    fn set_rope(&mut self, cuda: &Cuda, rope: &RopeTable) -> Result<()> {
+        if rope.inv_freq.is_empty() {
+            self.inv_freq = None;
+        } else if self.inv_freq.is_none() || self.inv_freq_host != rope.inv_freq {
+            self.inv_freq = Some(cuda.upload(&rope.inv_freq)?);
+        }
+        self.inv_freq_host.clone_from(&rope.inv_freq);
+        Ok(())
+    }
+
+    /// Makes room for `t` tokens and `rows` rows of logits, reallocating what is smaller. The
+    /// old buffers are freed before the new ones are allocated, so that peak memory holds one
+    /// set, not two.
+    fn reserve(&mut self, cuda: &Cuda, hp: &Hparams, t: usize, rows: usize) -> Result<()> {
+        if self.buffers.is_none() || self.tokens < t {
+            self.buffers = None;
+            let (h, qd, kvd, inter) = (hp.hidden_size, hp.q_dim(), hp.kv_dim(), hp.intermediate_size);
+            let f = |n: usize| cuda.zeros::<f32>(t * n);
+            self.buffers = Some(Buffers {
+                ids: cuda.zeros::<u32>(t)?,
+                positions: cuda.zeros::<u32>(t)?,
+                x: f(h)?,
+                normed: f(h)?,
+                q: f(qd)?,
+                k: f(kvd)?,
+                v: f(kvd)?,
+                attn: f(qd)?,
+                proj: f(h)?,
+                gate: f(inter)?,
+                up: f(inter)?,
+                act: f(inter)?,
+            });
+            self.tokens = t;
+        }
+        if self.logits.is_none() || self.logits_rows < rows {
+            self.logits = None;
+            self.logits = Some(cuda.zeros::<f32>(rows * hp.vocab_size)?);
+            self.logits_rows = rows;
+        }
+        Ok(())
+    }
+}
+
+/// Bytes of each buffer of the bandwidth measurement (two are allocated).
+pub const COPY_BANDWIDTH_BYTES: usize = 1 << 30;
+
+/// The device's memory bandwidth in bytes per second: copies `bytes` from one device buffer to
+/// another (`cuMemcpyDtoDAsync` on the compute stream), `reps` times timed with events after
+/// one warm-up copy, and divides the bytes moved (read plus written, `2 × bytes`) by the median
+/// time. A copy is the plainest streaming access there is, so this is what a memory-bound
+/// kernel can hope to reach, a little under the datasheet figure.
+///
+/// `bytes` shrinks (halving, down to 64 MiB) when two buffers of it would take more than three
+/// quarters of the free memory.
+pub fn copy_bandwidth(cuda: &Cuda, bytes: usize, reps: usize) -> Result<f64> {
+    let driver =
+        |op: &'static str| move |e: DriverError| KernelError::Driver { op: op.to_string(), message: format!("{e:?}") };
+    let (free, _) = cuda.memory()?;
+    let mut n = bytes.max(1);
+    while n > (64 << 20) && 2 * n > free / 4 * 3 {
+        n /= 2;
+    }
+    let src = cuda.zeros::<u8>(n)?;
+    let mut dst = cuda.zeros::<u8>(n)?;
+    let stream = cuda.stream();
+    stream.memcpy_dtod(&src, &mut dst).map_err(driver("copy_bandwidth: memcpy_dtod"))?;
+    let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
+    let mut ms = Vec::with_capacity(reps.max(1));
+    for _ in 0..reps.max(1) {
+        let start = stream.record_event(timing).map_err(driver("copy_bandwidth: record_event"))?;
+        stream.memcpy_dtod(&src, &mut dst).map_err(driver("copy_bandwidth: memcpy_dtod"))?;
+        let stop = stream.record_event(timing).map_err(driver("copy_bandwidth: record_event"))?;
+        ms.push(start.elapsed_ms(&stop).map_err(driver("copy_bandwidth: elapsed_ms"))?);
+    }
+    ms.sort_by(f32::total_cmp);
+    let median = f64::from(ms[ms.len() / 2]);
+    if median <= 0.0 {
+        return Err(KernelError::Driver {
+            op: "copy_bandwidth".into(),
+            message: format!("a {n}-byte copy timed at {median} ms"),
+        }
+        .into());
+    }
+    Ok(2.0 * n as f64 / (median * 1e-3))
+}

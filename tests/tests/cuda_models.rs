@@ -1,0 +1,441 @@
+//! Dense models on CUDA against the same references as on the CPU: every committed fixture's
+//! logits (one pass, token by token through the device KV cache, and in uneven chunks) and
+//! greedy continuation, the RoPE scaling fixtures (including tables that change with the length,
+//! which the device cache handles by recomputing, as the CPU's does by default), the GGUF path
+//! (the llama fixtures written as GGUF files, in f32 and in ggml block dtypes), and the real
+//! SmolLM2 GGUF when it is in the strata cache.
+//!
+//! Tolerances: [`TOL`] (1e-3) against transformers' logits for every safetensors fixture,
+//! including `llama_bf16`, whose reference upcasts the stored bf16 weights to f32 as strata's
+//! kernels do (the CPU meets 1e-4 on all of them; the device sums in a different order, and
+//! its GEMMs go through cuBLAS). A quantized GGUF has no transformers reference here: it is
+//! compared with strata's CPU one-pass logits on the same file, whose f32 arithmetic over the
+//! dequantized weights is what the device computes.
+//!
+//! Every test that needs a GPU skips, saying so, when there is none
+//! (`strata_kernels::cuda::testing::device_or_skip`). The GGUF writer's own check (its f32 file
+//! gives the reference logits on the CPU) runs everywhere. Run with
+//! `cargo test -p strata-tests --features cuda --test cuda_models`; `STRATA_FIXTURES_DIR` points
+//! a prebuilt test binary at the fixtures (`strata_tests::fixtures_dir`).
+#![cfg(feature = "cuda")]
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use strata::{Device, GenerateOptions, LoadOptions, LogitsMode, Model, SamplingParams};
+use strata_kernels::cuda::testing::device_or_skip;
+use strata_models::gguf::write::GgufWriter;
+use strata_models::gguf_model::gguf_tensor_name;
+use strata_models::tensor::{DType, Tensor};
+use strata_models::{Checkpoint, ContextScaling, CudaDecoder, Decoder, Logits, ModelConfig, ScalingAlgorithm};
+use strata_tests::{Fixture, max_abs_diff, read_npy_f32};
+
+/// The tolerance on CUDA logits against the reference.
+const TOL: f32 = 1e-3;
+
+/// The tolerance of the CPU, for the GGUF writer's own check (as in dense_models.rs).
+const CPU_TOL: f32 = 1e-4;
+
+const DENSE: [&str; 6] = ["llama_tied", "llama_untied", "mistral_window", "qwen2_bias", "qwen3_qknorm", "llama_bf16"];
+
+/// The RoPE scaling fixtures (tests/tests/rope_scaling.rs checks them on the CPU).
+const ROPE_FIXTURES: [&str; 6] =
+    ["rope_linear", "rope_dynamic", "rope_yarn", "rope_yarn_mscale", "rope_llama3", "rope_longrope"];
+
+/// The fixtures a GGUF file can express: the `llama` GGUF architecture has no sliding window
+/// and no q/k norm, so mistral_window and qwen3_qknorm stay safetensors-only.
+const GGUF_ABLE: [&str; 4] = ["llama_tied", "llama_untied", "qwen2_bias", "llama_bf16"];
+
+fn options(device: Device) -> LoadOptions {
+    LoadOptions { threads: Some(2), device }
+}
+
+fn load(path: &Path, device: Device) -> Model {
+    Model::from_pretrained(path, options(device)).unwrap_or_else(|e| panic!("{} on {device}: {e}", path.display()))
+}
+
+/// Checks `got` against `want` within `tol`, naming the fixture, the mode and the worst position.
+fn check(what: &str, got: &[f32], want: &[f32], vocab: usize, tol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: logits length");
+    let diff = max_abs_diff(got, want);
+    let worst = got
+        .chunks_exact(vocab)
+        .zip(want.chunks_exact(vocab))
+        .map(|(a, b)| max_abs_diff(a, b))
+        .enumerate()
+        .fold((0, 0f32), |best, (i, d)| if d > best.1 { (i, d) } else { best });
+    println!("{what}: max |diff| {diff:.2e} (position {})", worst.0);
+    assert!(diff <= tol, "{what}: max |logit - reference| = {diff} at position {} (tolerance {tol})", worst.0);
+}
+
+fn greedy(model: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
+    let options = GenerateOptions { max_new_tokens: n, sampling: SamplingParams::default(), stop_at_eos: false };
+    model.generate(prompt, &options, |_| ControlFlow::Continue(())).unwrap().tokens
+}
+
+#[test]
+fn logits_match_the_reference_in_one_pass_and_through_the_cache() {
+    let Some(_) = device_or_skip("logits_match_the_reference_in_one_pass_and_through_the_cache") else { return };
+    for name in DENSE {
+        let f = Fixture::load(name);
+        let model = load(&f.dir, Device::Cuda(0));
+        assert_eq!(model.device(), Device::Cuda(0));
+        for mode in [LogitsMode::OnePass, LogitsMode::Decode] {
+            let got = model.logits(&f.prompt_ids, mode).unwrap();
+            check(&format!("{name} cuda {mode:?}"), &got, &f.logits, f.vocab, TOL);
+        }
+    }
+}
+
+#[test]
+fn greedy_continuations_match_the_reference() {
+    let Some(_) = device_or_skip("greedy_continuations_match_the_reference") else { return };
+    for name in DENSE {
+        let f = Fixture::load(name);
+        let model = load(&f.dir, Device::Cuda(0));
+        assert_eq!(greedy(&model, &f.prompt_ids, f.greedy_ids.len()), f.greedy_ids, "{name}");
+    }
+}
+
+/// The prompt fed in uneven chunks (5, 1, 4 tokens, then the rest) through one device cache,
+/// every position's logits asked for: prefill over a cache that already holds tokens, and
+/// mistral_window's window (6) straddling chunk boundaries.
+#[test]
+fn chunked_prefill_matches_the_reference() {
+    let Some(cuda) = device_or_skip("chunked_prefill_matches_the_reference") else { return };
+    for name in DENSE {
+        let f = Fixture::load(name);
+        let decoder = strata_models::load_dir(&f.dir).unwrap().decoder;
+        let model = CudaDecoder::new(&decoder, cuda.clone()).unwrap();
+        let mut cache = model.new_cache().unwrap();
+        let mut got = Vec::new();
+        let mut start = 0usize;
+        for len in [5, 1, 4, usize::MAX] {
+            let end = start.saturating_add(len).min(f.prompt_ids.len());
+            got.extend(model.forward(&f.prompt_ids[start..end], &mut cache, Logits::All).unwrap());
+            start = end;
+        }
+        assert_eq!(cache.len(), f.prompt_ids.len(), "{name}: tokens in the cache");
+        check(&format!("{name} cuda chunks 5,1,4,rest"), &got, &f.logits, f.vocab, TOL);
+    }
+}
+
+/// Out-of-vocabulary ids get the CPU's error, and nothing runs; a cache made for another device
+/// is refused.
+#[test]
+fn bad_input_is_refused_like_on_the_cpu() {
+    let Some(cuda) = device_or_skip("bad_input_is_refused_like_on_the_cpu") else { return };
+    let f = Fixture::load("llama_tied");
+    let decoder = strata_models::load_dir(&f.dir).unwrap().decoder;
+    let model = CudaDecoder::new(&decoder, cuda).unwrap();
+    let mut cache = model.new_cache().unwrap();
+    model.forward(&[1, 2], &mut cache, Logits::Last).unwrap();
+    let cuda_err = model.forward(&[1, 256], &mut cache, Logits::All).unwrap_err();
+    let cpu_err = decoder.forward(&[1, 256], &mut decoder.new_cache(), Logits::All).unwrap_err();
+    assert_eq!(cuda_err.to_string(), cpu_err.to_string());
+    assert_eq!(cache.token_ids(), [1, 2], "a refused call must not touch the cache");
+    let empty = model.forward(&[], &mut cache, Logits::All).unwrap_err();
+    assert_eq!(empty.to_string(), decoder.forward(&[], &mut decoder.new_cache(), Logits::All).unwrap_err().to_string());
+
+    let on_cuda = load(&f.dir, Device::Cuda(0));
+    let on_cpu = load(&f.dir, Device::Cpu);
+    let err = on_cuda.step(&[1], &mut on_cpu.new_cache().unwrap()).unwrap_err();
+    assert!(err.to_string().contains("a KV cache on cpu cannot be used by a model on cuda:0"), "{err}");
+    let err = on_cuda.logits(&[1, 256], LogitsMode::OnePass).unwrap_err();
+    assert!(err.to_string().contains("token id 256"), "{err}");
+}
+
+/// The weight sizes agree with the CPU decoder's, and the device reports memory and bandwidth.
+#[test]
+fn sizes_memory_and_bandwidth_are_reported() {
+    let Some(cuda) = device_or_skip("sizes_memory_and_bandwidth_are_reported") else { return };
+    let f = Fixture::load("llama_untied");
+    let decoder = strata_models::load_dir(&f.dir).unwrap().decoder;
+    let model = CudaDecoder::new(&decoder, cuda.clone()).unwrap();
+    assert_eq!(model.weight_bytes(), decoder.weight_bytes());
+    assert_eq!(model.weight_bytes_per_token(), decoder.weight_bytes_per_token());
+    assert!(model.device_memory_used().unwrap() > decoder.weight_bytes());
+    let bw = strata_models::cuda_decoder::copy_bandwidth(&cuda, 256 << 20, 3).unwrap();
+    println!("device-to-device copy: {:.0} GB/s (read + written)", bw / 1e9);
+    assert!(bw > 1e10 && bw < 1e14, "implausible bandwidth {bw} B/s");
+}
+
+/// Every RoPE scaling fixture's prompts (the main one and the shorter extra ones, on both sides
+/// of a length-dependent scaling's boundary) against transformers' one-pass logits, and its
+/// greedy continuation.
+#[test]
+fn rope_scalings_match_the_reference() {
+    let Some(cuda) = device_or_skip("rope_scalings_match_the_reference") else { return };
+    for name in ROPE_FIXTURES {
+        let f = Fixture::load(name);
+        let model = CudaDecoder::new(&strata_models::load_dir(&f.dir).unwrap().decoder, cuda.clone()).unwrap();
+        let mut prompts = vec![(f.prompt_ids.clone(), f.logits.clone())];
+        for extra in f.expected["extra_prompts"].as_array().into_iter().flatten() {
+            let ids = extra["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            prompts.push((ids, read_npy_f32(&f.dir.join(extra["logits_file"].as_str().unwrap())).1));
+        }
+        for (ids, want) in &prompts {
+            let got = model.forward(ids, &mut model.new_cache().unwrap(), Logits::All).unwrap();
+            check(&format!("{name} cuda, {} ids", ids.len()), &got, want, f.vocab, TOL);
+        }
+        let mut cache = model.new_cache().unwrap();
+        let mut logits = model.forward(&f.prompt_ids, &mut cache, Logits::Last).unwrap();
+        let mut tokens = Vec::new();
+        for _ in 0..f.greedy_ids.len() {
+            let next = strata::sampling::argmax(&logits) as u32;
+            tokens.push(next);
+            logits = model.forward(&[next], &mut cache, Logits::Last).unwrap();
+        }
+        assert_eq!(tokens, f.greedy_ids, "{name} cuda greedy");
+    }
+}
+
+/// Tables that change with the sequence length (rope_scaling.rs's cases, a few of them): on the
+/// device, decoding token by token across the boundaries, feeding uneven chunks, and a planned
+/// request all give the logits of the CPU's one-pass recompute of the same prefix.
+#[test]
+fn length_dependent_tables_recompute_like_the_cpu() {
+    let Some(cuda) = device_or_skip("length_dependent_tables_recompute_like_the_cpu") else { return };
+    let ids = Fixture::load("rope_dynamic").prompt_ids; // 48 ids: past 16 and 32.
+    let expanding = |algorithm| ContextScaling { dynamic_expansion: true, ..ContextScaling::new(algorithm, 16, 64) };
+    let cases = [
+        ("rope_dynamic", None),
+        ("rope_longrope", None),
+        ("rope_linear", Some(ContextScaling::new(ScalingAlgorithm::NtkDynamic, 16, 64))),
+        ("rope_yarn", Some(ContextScaling::new(ScalingAlgorithm::YarnDynamic, 16, 64))),
+        ("rope_linear", Some(expanding(ScalingAlgorithm::Llama3))),
+    ];
+    for (name, scaling) in cases {
+        let what = format!("{name} with {:?}", scaling.as_ref().map(|s| s.algorithm));
+        let cpu = strata_models::load_dir(&Fixture::load(name).dir).unwrap().decoder;
+        let vocab = cpu.hparams().vocab_size;
+        let dev = CudaDecoder::new(&cpu, cuda.clone()).unwrap();
+        let recompute = |prefix: &[u32]| {
+            let mut c = cpu.new_cache_with_scaling(scaling.clone()).unwrap();
+            cpu.forward(prefix, &mut c, Logits::All).unwrap()
+        };
+
+        let mut cache = dev.new_cache_with_scaling(scaling.clone()).unwrap();
+        let mut tables = Vec::new();
+        for i in 0..ids.len() {
+            let step = dev.forward(&ids[i..=i], &mut cache, Logits::Last).unwrap();
+            tables.push(cache.rope_table().unwrap().clone());
+            let full = recompute(&ids[..=i]);
+            let diff = max_abs_diff(&step, &full[full.len() - vocab..]);
+            assert!(diff <= TOL, "{what}: token {i}: cuda decode vs cpu recompute differ by {diff}");
+        }
+        assert_ne!(tables.first(), tables.last(), "{what}: the table never changed");
+        assert_eq!(cache.token_ids(), &ids[..], "{what}: the cache holds every id");
+
+        let mut cache = dev.new_cache_with_scaling(scaling.clone()).unwrap();
+        let mut start = 0;
+        for len in [10, 9, 1, 14, 1, 13] {
+            let end = start + len;
+            let chunk = dev.forward(&ids[start..end], &mut cache, Logits::All).unwrap();
+            let full = recompute(&ids[..end]);
+            check(&format!("{what} chunk {start}..{end}"), &chunk, &full[full.len() - chunk.len()..], vocab, TOL);
+            start = end;
+        }
+
+        let mut cache = dev.new_cache_with_scaling(scaling.clone()).unwrap();
+        dev.plan(&mut cache, ids.len()).unwrap();
+        let mut rows = Vec::new();
+        for i in 0..ids.len() {
+            rows.extend(dev.forward(&ids[i..=i], &mut cache, Logits::Last).unwrap());
+        }
+        check(&format!("{what} planned decode vs one pass"), &rows, &recompute(&ids), vocab, TOL);
+    }
+}
+
+/// How the GGUF writer stores each weight.
+#[derive(Clone, Copy, Debug)]
+enum GgufDtypes {
+    /// Every tensor in f32: the file holds the fixture's weights exactly.
+    F32,
+    /// The way llama.cpp's quantized files mix types: the embedding and output head in Q8_0, the
+    /// attention in Q4_1, gate and up in Q4_0; tensors whose rows are not whole 32-element
+    /// blocks (down_proj's 48 columns) in F16; norms and biases in f32.
+    Mixed,
+}
+
+impl GgufDtypes {
+    fn of(self, gguf_name: &str, cols: usize) -> DType {
+        match self {
+            GgufDtypes::F32 => DType::F32,
+            GgufDtypes::Mixed => {
+                let dtype = if gguf_name.contains("attn_") {
+                    DType::Q4_1
+                } else if gguf_name.contains("ffn_gate") || gguf_name.contains("ffn_up") {
+                    DType::Q4_0
+                } else {
+                    DType::Q8_0
+                };
+                if cols.is_multiple_of(dtype.block_len()) { dtype } else { DType::F16 }
+            }
+        }
+    }
+}
+
+/// Writes fixture `name` as a `llama`-architecture GGUF file in `dir`, as llama.cpp's converter
+/// would: q and k rows (and biases) permuted within each head for ggml's interleaved RoPE,
+/// GGUF tensor names, hyperparameters in metadata, no tokenizer.
+fn write_gguf(name: &str, dtypes: GgufDtypes, dir: &Path) -> PathBuf {
+    let f = Fixture::load(name);
+    let cfg = ModelConfig::from_dir(&f.dir).unwrap();
+    assert!(cfg.sliding_windows.iter().all(Option::is_none) && !cfg.qk_norm, "{name} cannot be a llama GGUF");
+    let ckpt = Checkpoint::open(&f.dir).unwrap();
+    let hd = cfg.head_dim;
+    let mut w = GgufWriter::new();
+    let u32_of = |n: usize| u32::try_from(n).unwrap();
+    w.set_metadata("general.architecture", "llama");
+    w.set_metadata("llama.vocab_size", u32_of(cfg.vocab_size));
+    w.set_metadata("llama.context_length", u32_of(cfg.max_position_embeddings));
+    w.set_metadata("llama.embedding_length", u32_of(cfg.hidden_size));
+    w.set_metadata("llama.block_count", u32_of(cfg.num_hidden_layers));
+    w.set_metadata("llama.feed_forward_length", u32_of(cfg.intermediate_size));
+    w.set_metadata("llama.attention.head_count", u32_of(cfg.num_attention_heads));
+    w.set_metadata("llama.attention.head_count_kv", u32_of(cfg.num_key_value_heads));
+    w.set_metadata("llama.attention.key_length", u32_of(hd));
+    w.set_metadata("llama.rope.dimension_count", u32_of(cfg.rope.rotary_dim(hd)));
+    w.set_metadata("llama.rope.freq_base", cfg.rope.theta as f32);
+    w.set_metadata("llama.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps as f32);
+
+    let mut names: Vec<String> = ckpt.tensor_names().map(str::to_string).collect();
+    names.sort();
+    for hf in names {
+        let gguf = gguf_tensor_name(&hf).unwrap_or_else(|| panic!("{name}: no GGUF name for {hf}"));
+        let t = ckpt.tensor(&hf).unwrap();
+        let shape = t.shape().dims().to_vec();
+        let mut data = ckpt.tensor_f32_vec(&hf).unwrap();
+        // Rows of q and k (and their biases) are permuted within each head.
+        if hf.contains("self_attn.q_proj") || hf.contains("self_attn.k_proj") {
+            data = permute_rows_for_interleaved_rope(&data, hd, shape.get(1).copied().unwrap_or(1));
+        }
+        let dtype = if shape.len() == 1 { DType::F32 } else { dtypes.of(&gguf, shape[1]) };
+        // bf16 fixtures keep bf16 in the f32 file (their weights are exactly bf16 values).
+        let dtype = if matches!(dtypes, GgufDtypes::F32) && t.dtype() == DType::BF16 { DType::BF16 } else { dtype };
+        let tensor = Tensor::from_f32_as(&data, shape, dtype).unwrap();
+        w.add_tensor(gguf, &tensor).unwrap();
+    }
+    let path = dir.join(format!("{name}-{dtypes:?}.gguf"));
+    w.write_file(&path).unwrap();
+    path
+}
+
+/// llama.cpp's q/k permutation: within each head of `head_dim` rows of `cols` values, row
+/// `2i` takes row `i` and row `2i + 1` takes row `head_dim / 2 + i`.
+fn permute_rows_for_interleaved_rope(data: &[f32], head_dim: usize, cols: usize) -> Vec<f32> {
+    let rows = data.len() / cols;
+    assert_eq!(rows % head_dim, 0, "rows {rows} are not whole heads of {head_dim}");
+    let half = head_dim / 2;
+    let mut out = vec![0f32; data.len()];
+    for head in 0..rows / head_dim {
+        for i in 0..half {
+            for (j, src) in [i, half + i].into_iter().enumerate() {
+                let (dst, src) = ((head * head_dim + 2 * i + j) * cols, (head * head_dim + src) * cols);
+                out[dst..dst + cols].copy_from_slice(&data[src..src + cols]);
+            }
+        }
+    }
+    out
+}
+
+/// The writer is right: its f32 files give the reference logits on the CPU (with the
+/// interleaved RoPE of the GGUF path). Needs no GPU.
+#[test]
+fn gguf_files_of_the_fixtures_match_the_reference_on_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in GGUF_ABLE {
+        let f = Fixture::load(name);
+        let model = load(&write_gguf(name, GgufDtypes::F32, dir.path()), Device::Cpu);
+        let got = model.logits(&f.prompt_ids, LogitsMode::OnePass).unwrap();
+        check(&format!("{name} gguf f32 cpu"), &got, &f.logits, f.vocab, CPU_TOL);
+    }
+}
+
+/// The GGUF path on the device: f32 files against the reference (one pass, decode, greedy),
+/// and mixed block-dtype files against the CPU's one-pass logits of the same file.
+#[test]
+fn gguf_models_match_on_cuda() {
+    let Some(_) = device_or_skip("gguf_models_match_on_cuda") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    for name in GGUF_ABLE {
+        let f = Fixture::load(name);
+        let path = write_gguf(name, GgufDtypes::F32, dir.path());
+        let model = load(&path, Device::Cuda(0));
+        for mode in [LogitsMode::OnePass, LogitsMode::Decode] {
+            let got = model.logits(&f.prompt_ids, mode).unwrap();
+            check(&format!("{name} gguf f32 cuda {mode:?}"), &got, &f.logits, f.vocab, TOL);
+        }
+        assert_eq!(greedy(&model, &f.prompt_ids, f.greedy_ids.len()), f.greedy_ids, "{name} gguf f32 cuda");
+
+        let path = write_gguf(name, GgufDtypes::Mixed, dir.path());
+        let want = load(&path, Device::Cpu).logits(&f.prompt_ids, LogitsMode::OnePass).unwrap();
+        let model = load(&path, Device::Cuda(0));
+        for mode in [LogitsMode::OnePass, LogitsMode::Decode] {
+            let got = model.logits(&f.prompt_ids, mode).unwrap();
+            check(&format!("{name} gguf mixed cuda {mode:?} vs cpu"), &got, &want, f.vocab, TOL);
+        }
+    }
+}
+
+/// The real SmolLM2-135M-Instruct Q4_1 GGUF (Q8_0 embedding) on the device, when it is in the
+/// strata cache: at every position of the fixture's three prompts, cosine similarity with
+/// transformers' logits of at least 0.999 on both paths, the same last-position argmax, the
+/// same 8 greedy tokens (the bounds of tests/tests/smollm2.rs).
+#[test]
+fn smollm2_matches_transformers_on_cuda() {
+    let test = "smollm2_matches_transformers_on_cuda";
+    let Some(_) = device_or_skip(test) else { return };
+    let Some(path) = strata_tests::cached_file(strata_tests::SMOLLM2_GGUF) else {
+        println!("{}", strata_tests::skip_message(test, strata_tests::SMOLLM2_GGUF));
+        return;
+    };
+    let dir = strata_tests::fixtures_dir().join("smollm2");
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let model = load(&path, Device::Cuda(0));
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    };
+    for p in expected["prompts"].as_array().unwrap() {
+        let name = p["name"].as_str().unwrap();
+        let prompt = ids(&p["ids"]);
+        let (shape, want) = strata_tests::read_npy(&dir.join(p["logits_file"].as_str().unwrap()));
+        let vocab = shape[1];
+        for mode in [LogitsMode::OnePass, LogitsMode::Decode] {
+            let got = model.logits(&prompt, mode).unwrap();
+            let rows = || got.chunks_exact(vocab).zip(want.chunks_exact(vocab));
+            let min_cos = rows().map(|(a, b)| strata_tests::cosine_similarity(a, b)).fold(f64::INFINITY, f64::min);
+            let (last, last_ref) = rows().next_back().unwrap();
+            let (am, am_ref) = (strata::sampling::argmax(last), strata::sampling::argmax(last_ref));
+            println!("smollm2 {name} cuda {mode:?}: min cosine 1 - {:.1e}, last argmax {am} ({am_ref})", 1.0 - min_cos);
+            assert!(min_cos >= 0.999, "{name} {mode:?}: min cosine {min_cos}");
+            assert_eq!(am, am_ref, "{name} {mode:?}: last-position argmax");
+        }
+        let want_greedy = ids(&p["greedy_ids"]);
+        assert_eq!(greedy(&model, &prompt, want_greedy.len()), want_greedy, "{name}: greedy ids");
+    }
+}
+
+/// Decoding on the device and on the CPU from one loaded checkpoint agree token for token over
+/// a longer run than the fixtures' (past several KV blocks), and the device's cache grows by
+/// blocks.
+#[test]
+fn a_long_greedy_run_agrees_with_the_cpu() {
+    let Some(cuda) = device_or_skip("a_long_greedy_run_agrees_with_the_cpu") else { return };
+    let f = Fixture::load("mistral_window");
+    let decoder: Decoder = strata_models::load_dir(&f.dir).unwrap().decoder;
+    let on_cuda = CudaDecoder::new(&decoder, cuda).unwrap();
+    let (mut cpu_cache, mut cuda_cache) = (decoder.new_cache(), on_cuda.new_cache().unwrap());
+    let mut cpu = decoder.forward(&f.prompt_ids, &mut cpu_cache, Logits::Last).unwrap();
+    let mut dev = on_cuda.forward(&f.prompt_ids, &mut cuda_cache, Logits::Last).unwrap();
+    for step in 0..100 {
+        check(&format!("mistral_window step {step}"), &dev, &cpu, f.vocab, TOL);
+        let next = strata::sampling::argmax(&cpu) as u32;
+        cpu = decoder.forward(&[next], &mut cpu_cache, Logits::Last).unwrap();
+        dev = on_cuda.forward(&[next], &mut cuda_cache, Logits::Last).unwrap();
+    }
+    assert_eq!(cuda_cache.len(), cpu_cache.len());
+    assert_eq!(cuda_cache.allocated_bytes(), cpu_cache.allocated_bytes(), "same blocks of the same size");
+}
