@@ -138,7 +138,11 @@ fn has_nextest() -> bool {
 }
 
 /// The features that turn on CUDA in every crate that has it.
-const CUDA_FEATURES: &str = "strata-kernels/cuda";
+const CUDA_FEATURES: &str = "strata-kernels/cuda,strata-models/cuda,strata/cuda,strata-cli/cuda,strata-tests/cuda";
+
+/// The same for the packages whose tests run with the feature (the GPU parts skip without a
+/// device).
+const CUDA_TEST_FEATURES: &str = "strata-kernels/cuda,strata-tests/cuda";
 
 /// What CI runs: formatting, lints, then every test, stopping at the first failing step.
 fn test() -> Result<()> {
@@ -148,29 +152,16 @@ fn test() -> Result<()> {
     // the feature too when nvcc is here (`cargo xtask kernels` installs it; CI runs that first).
     let cuda = kernels::find_nvcc().is_some();
     if cuda {
-        step(&[
-            "clippy",
-            "-p",
-            "strata-kernels",
-            "--features",
-            CUDA_FEATURES,
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ])?;
+        step(&["clippy", "--workspace", "--features", CUDA_FEATURES, "--all-targets", "--", "-D", "warnings"])?;
     } else {
-        eprintln!(
-            "
-no nvcc found: the `cuda` feature is not checked (run `cargo xtask kernels` to install it)"
-        );
+        eprintln!("\nno nvcc found: the `cuda` feature is not checked (run `cargo xtask kernels` to install it)");
     }
     if has_nextest() {
         // nextest does not run doctests, so they run first (its summary then closes the output).
         step(&["test", "--workspace", "--doc"])?;
         step(&["nextest", "run", "--workspace"])?;
         if cuda {
-            step(&["nextest", "run", "-p", "strata-kernels", "--features", CUDA_FEATURES])?;
+            step(&["nextest", "run", "-p", "strata-kernels", "-p", "strata-tests", "--features", CUDA_TEST_FEATURES])?;
         }
     } else {
         eprintln!(
@@ -179,7 +170,7 @@ no nvcc found: the `cuda` feature is not checked (run `cargo xtask kernels` to i
         );
         step(&["test", "--workspace"])?;
         if cuda {
-            step(&["test", "-p", "strata-kernels", "--features", CUDA_FEATURES])?;
+            step(&["test", "-p", "strata-kernels", "-p", "strata-tests", "--features", CUDA_TEST_FEATURES])?;
         }
     }
     eprintln!("\nxtask test: all steps passed");
