@@ -216,6 +216,25 @@ fn main() {
     }
 }
 
+/// The context scaling the flags ask for: `--rope-scaling` names the algorithm; the capacities
+/// default from the model (see [`strata::ContextScalingConfig`]).
+fn context_scaling(a: &ScalingArgs) -> Result<Option<strata::ContextScalingConfig>> {
+    let Some(name) = &a.rope_scaling else {
+        if a.base_capacity.is_some() || a.max_capacity.is_some() {
+            bail!(
+                "--base-capacity and --max-capacity need --rope-scaling (none, linear, dynamic, yarn, yarn-dynamic or llama3)"
+            );
+        }
+        return Ok(None);
+    };
+    let algorithm: strata::ScalingAlgorithm = name.parse()?;
+    Ok(Some(strata::ContextScalingConfig {
+        base_capacity: a.base_capacity,
+        max_capacity: a.max_capacity,
+        ..strata::ContextScalingConfig::new(algorithm)
+    }))
+}
+
 /// Loads the model after refusing the flags this version cannot honour yet.
 fn load(args: &ModelArgs) -> Result<Model> {
     let p = &args.placement;
@@ -226,22 +245,19 @@ fn load(args: &ModelArgs) -> Result<Model> {
         ("--prefetch-layers", p.prefetch_layers.is_some()),
         ("--strategy", p.strategy.is_some()),
         ("--expert-cache", p.expert_cache.is_some()),
-        ("--rope-scaling", args.scaling.rope_scaling.is_some()),
-        ("--base-capacity", args.scaling.base_capacity.is_some()),
-        ("--max-capacity", args.scaling.max_capacity.is_some()),
         ("--active-experts", args.moe.active_experts.is_some()),
         ("--routing", args.moe.routing.is_some()),
         ("--capacity-factor", args.moe.capacity_factor.is_some()),
     ];
     if let Some((flag, _)) = unsupported.iter().find(|(_, set)| *set) {
         bail!(
-            "{flag} is not supported yet in this version of strata (tiered placement, context scaling and MoE flags arrive with their features)"
+            "{flag} is not supported yet in this version of strata (tiered placement and MoE flags arrive with their features)"
         );
     }
     let device = parse_device(&args.device)?;
     // Refused before the model is resolved (which may download the default model).
     strata::check_device(device)?;
-    let opts = LoadOptions { threads: args.threads, device };
+    let opts = LoadOptions { threads: args.threads, device, context_scaling: context_scaling(&args.scaling)? };
     let path = match &args.model {
         Some(p) => p.clone(),
         None => strata::default_model()?,

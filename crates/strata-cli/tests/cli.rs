@@ -113,3 +113,63 @@ fn bench_reports_the_contract_fields_as_json() {
     }
     assert!(report["decode_tok_s"].as_f64().unwrap() > 0.0);
 }
+
+/// The float32 payload of a `.npy` written by `strata logits`.
+fn read_npy(path: &Path) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap();
+    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    bytes[10 + header_len..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+#[test]
+fn dynamic_rope_scaling_decodes_across_the_boundary_like_one_pass() {
+    // rope_dynamic was trained on 32 positions; 48 ids cross into the scaled range.
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("rope_dynamic");
+    let ids: Vec<String> = (0..48).map(|i| ((i * 37 + 11) % 128).to_string()).collect();
+    let ids = ids.join(",");
+    for algorithm in ["dynamic", "yarn-dynamic"] {
+        let mut runs = Vec::new();
+        for decode in [false, true] {
+            let path = dir.path().join(format!("{algorithm}-{decode}.npy"));
+            let mut args = vec!["logits", "--model", model.to_str().unwrap(), "--ids", &ids];
+            args.extend(["--out", path.to_str().unwrap(), "--rope-scaling", algorithm, "--base-capacity", "32"]);
+            if decode {
+                args.push("--decode");
+            }
+            let out = strata(&args);
+            assert!(out.status.success(), "{algorithm}: {}", stderr(&out));
+            runs.push(read_npy(&path));
+        }
+        let worst = runs[0].iter().zip(&runs[1]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst <= 1e-4, "{algorithm}: --decode differs from one pass by {worst}");
+    }
+}
+
+#[test]
+fn a_request_past_max_capacity_is_refused_up_front() {
+    let model = fixture("rope_dynamic");
+    let ids: Vec<String> = (0..40).map(|i| (i % 128).to_string()).collect();
+    let args = ["--rope-scaling", "yarn-dynamic", "--base-capacity", "16", "--max-capacity", "32"];
+    let mut cmd = vec!["logits", "--model", model.to_str().unwrap(), "--ids"];
+    let ids = ids.join(",");
+    cmd.extend([ids.as_str(), "--out", "/dev/null"]);
+    cmd.extend(args);
+    let out = strata(&cmd);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("40 tokens, past max_capacity 32"), "{}", stderr(&out));
+
+    let out = strata(&[
+        "logits",
+        "--model",
+        model.to_str().unwrap(),
+        "--ids",
+        "1",
+        "--out",
+        "/dev/null",
+        "--max-capacity",
+        "64",
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("need --rope-scaling"), "{}", stderr(&out));
+}

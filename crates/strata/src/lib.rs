@@ -15,6 +15,7 @@ mod default_model;
 mod error;
 mod model;
 pub mod sampling;
+mod scaling;
 mod tokenizer;
 
 pub use chat::{ChatMessage, ChatTemplate};
@@ -22,7 +23,9 @@ pub use default_model::{DEFAULT_MODEL_FILE, DEFAULT_MODEL_PACKAGE, cache_dir, de
 pub use error::{Error, Result};
 pub use model::{Cache, GenerateOptions, Generation, LoadOptions, LogitsMode, Model, StopReason, check_device};
 pub use sampling::{Sampler, SamplingParams};
+pub use scaling::{ContextScalingConfig, DEFAULT_DYNAMIC_EXPANSION};
 pub use strata_models::KvCache;
+pub use strata_models::ScalingAlgorithm;
 /// Where a model runs ([`LoadOptions::device`]).
 pub use strata_models::tensor::Device;
 pub use tokenizer::{TextStream, Tokenizer};

@@ -25,6 +25,8 @@ pub struct LoadOptions {
     /// Where the model runs: the CPU (the default) or a CUDA device. CUDA needs a build with the
     /// `cuda` feature; without it, loading fails with [`Error::CudaNotCompiled`].
     pub device: Device,
+    /// RoPE context scaling that overrides the checkpoint's own (`None`: the checkpoint's).
+    pub context_scaling: Option<crate::ContextScalingConfig>,
 }
 
 /// Whether this build of strata can run models on `device`: always for the CPU; for a CUDA
@@ -193,17 +195,20 @@ impl Model {
             builder = builder.num_threads(n);
         }
         let pool = builder.build().map_err(|e| Error::Runtime(format!("cannot start the CPU thread pool: {e}")))?;
+        let mut decoder = loaded.decoder;
+        if let Some(config) = &options.context_scaling {
+            let scaling = config.resolve(decoder.rope_scheme().trained_context())?;
+            decoder.set_context_scaling(Some(scaling))?;
+        }
         let backend = match options.device {
             Device::Cpu => Backend::Cpu,
             #[cfg(feature = "cuda")]
-            Device::Cuda(ordinal) => {
-                Backend::Cuda(Box::new(strata_models::CudaDecoder::open(&loaded.decoder, ordinal)?))
-            }
+            Device::Cuda(ordinal) => Backend::Cuda(Box::new(strata_models::CudaDecoder::open(&decoder, ordinal)?)),
             #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => return Err(Error::CudaNotCompiled { device: options.device }),
         };
         Ok(Model {
-            decoder: loaded.decoder,
+            decoder,
             backend,
             device: options.device,
             tokenizer,
@@ -269,10 +274,29 @@ impl Model {
         Ok(Cache { inner, device: self.device })
     }
 
-    /// Logits at every position of `ids`, `[ids.len(), vocab]` row-major.
+    /// Fixes the RoPE table of the request in `cache` for a sequence of `total_len` tokens, after
+    /// checking that it fits the context scaling's `max_capacity` (before any work). With a
+    /// length-driven scaling, a planned request decodes token by token with the same angles as a
+    /// one-pass forward of the whole sequence, and never recomputes its cache.
+    pub fn plan(&self, cache: &mut Cache, total_len: usize) -> Result<()> {
+        match (&self.backend, &mut cache.inner) {
+            (Backend::Cpu, CacheInner::Cpu(c)) => Ok(self.decoder.plan(c, total_len)?),
+            #[cfg(feature = "cuda")]
+            (Backend::Cuda(d), CacheInner::Cuda(c)) => Ok(d.plan(c, total_len)?),
+            #[cfg(feature = "cuda")]
+            (_, _) => Err(Error::InvalidInput(format!(
+                "a KV cache on {} cannot be planned by a model on {}",
+                cache.device, self.device
+            ))),
+        }
+    }
+
+    /// Logits at every position of `ids`, `[ids.len(), vocab]` row-major. Both modes plan the
+    /// request for `ids.len()` tokens, so they compute the same function.
     pub fn logits(&self, ids: &[u32], mode: LogitsMode) -> Result<Vec<f32>> {
         self.check_ids(ids)?;
         let mut cache = self.new_cache()?;
+        self.plan(&mut cache, ids.len())?;
         match mode {
             LogitsMode::OnePass => self.forward(ids, &mut cache, Logits::All),
             LogitsMode::Decode => {
@@ -348,6 +372,9 @@ impl Model {
         let eos = &self.decoder.hparams().eos_token_ids;
         let mut sampler = Sampler::new(options.sampling.clone());
         let mut cache = self.new_cache()?;
+        // The whole request is checked against the context limit, and its RoPE table fixed,
+        // before the prompt runs.
+        self.plan(&mut cache, prompt.len().saturating_add(options.max_new_tokens))?;
         let mut history = prompt.to_vec();
         let mut tokens = Vec::new();
         let start = Instant::now();
