@@ -52,7 +52,7 @@ mod cuda {
                 let stem = src.file_stem().unwrap().to_str().unwrap().to_string();
                 let ptx = out.join(format!("{stem}.ptx"));
                 let child = Command::new(&nvcc)
-                    .args(["--ptx", "-arch=compute_80", "-O3", "-std=c++17", "-lineinfo"])
+                    .args(["--ptx", "-arch=compute_80", "-O3", "-std=c++17"])
                     .arg("-I")
                     .arg(&include)
                     .arg("-o")

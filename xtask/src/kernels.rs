@@ -153,7 +153,7 @@ pub fn run(root: &Path) -> Result<()> {
         let stem = src.file_stem().unwrap().to_string_lossy().to_string();
         // The PTX the build script embeds.
         let ptx = Command::new(&nvcc)
-            .args(["--ptx", "-arch=compute_80", "-O3", "-std=c++17", "-lineinfo", "-I"])
+            .args(["--ptx", "-arch=compute_80", "-O3", "-std=c++17", "-I"])
             .arg(&include)
             .arg("-o")
             .arg(tmp.join(format!("{stem}.ptx")))
