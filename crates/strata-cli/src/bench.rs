@@ -50,8 +50,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
         })
         .collect();
 
+    // Each request is planned for its whole length, as `generate` does: the context limit is
+    // checked up front and a length-driven RoPE scaling keeps one table for the request.
+    let total = a.prompt_tokens + a.gen_tokens;
     say("warming up");
     let mut cache = model.new_cache()?;
+    model.plan(&mut cache, total)?;
     if model.device() == Device::Cpu {
         model.step(&prompt[..prompt.len().min(8)], &mut cache)?;
     } else {
@@ -69,6 +73,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     for run in 0..RUNS {
         say(&format!("run {}/{RUNS}: prefill {} tokens, decode {}", run + 1, a.prompt_tokens, a.gen_tokens));
         let mut cache = model.new_cache()?;
+        model.plan(&mut cache, total)?;
         let t = Instant::now();
         let mut logits = model.step(&prompt, &mut cache)?;
         prefill.push(t.elapsed().as_secs_f64());
