@@ -47,7 +47,7 @@ const ROPE_FIXTURES: [&str; 6] =
 const GGUF_ABLE: [&str; 4] = ["llama_tied", "llama_untied", "qwen2_bias", "llama_bf16"];
 
 fn options(device: Device) -> LoadOptions {
-    LoadOptions { threads: Some(2), device }
+    LoadOptions { threads: Some(2), device, ..LoadOptions::default() }
 }
 
 fn load(path: &Path, device: Device) -> Model {
