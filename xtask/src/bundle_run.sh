@@ -18,21 +18,22 @@ for d in /usr/local/cuda/lib64 /opt/torch/.venv/lib/python3*/site-packages/nvidi
          /opt/torch/.venv/lib/python3*/site-packages/nvidia/cublas/lib /usr/local/lib/python3*/dist-packages/nvidia/cu13/lib; do
   [ -e "$d/libcublas.so.13" ] || [ -e "$d/libcublas.so" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
 done
-if ! ls ${LD_LIBRARY_PATH//:/ } 2>/dev/null | grep -q libcublas; then
+ld="${LD_LIBRARY_PATH:-}"
+if ! ls ${ld//:/ } 2>/dev/null | grep -q libcublas; then
   lib=$(find / -xdev -name 'libcublas.so.1*' -not -path '/proc/*' 2>/dev/null | head -n1)
   [ -n "$lib" ] && export LD_LIBRARY_PATH="$(dirname "$lib"):${LD_LIBRARY_PATH:-}"
 fi
-say "== $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv,noheader 2>&1)"
+say "== $(date -u +%FT%TZ) $(command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv,noheader 2>&1)"
 say "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
 
 fails=0
 for t in "$B"/tests/*; do
   name=$(basename "$t")
   start=$(date +%s.%N)
-  if timeout 240 "$t" --test-threads=1 >"$OUT/test-$name.log" 2>&1; then status=ok; else status=FAIL; fails=$((fails + 1)); fi
+  if timeout 240 "$t" --test-threads=1 --nocapture >"$OUT/test-$name.log" 2>&1; then status=ok; else status=FAIL; fails=$((fails + 1)); fi
   secs=$(echo "$(date +%s.%N) - $start" | bc)
   counts=$(grep -E '^test result:' "$OUT/test-$name.log" | tail -n1)
-  skipped=$(grep -c 'skipping' "$OUT/test-$name.log")
+  skipped=$(grep -ci 'skipping\|skipped' "$OUT/test-$name.log")
   say "test $name: $status ($counts) [${secs}s, skip messages: $skipped]"
   if [ $status = FAIL ]; then grep -E 'panicked|FAILED|failed|error' "$OUT/test-$name.log" | head -n 20 | tee -a "$SUMMARY"; fi
 done
