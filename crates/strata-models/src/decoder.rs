@@ -297,9 +297,13 @@ impl Decoder {
 
         for (li, layer) in self.layers.iter().enumerate() {
             cpu::rms_norm(&x, &layer.attn_norm, hp.rms_norm_eps, &mut normed)?;
-            layer.q.forward(&normed, &mut q)?;
-            layer.k.forward(&normed, &mut k)?;
-            layer.v.forward(&normed, &mut v)?;
+            // q, k and v read the same input: one fork-join for the three (k and v are small,
+            // and three joins in a row leave threads idle at each barrier).
+            let (rq, (rk, rv)) = rayon::join(
+                || layer.q.forward(&normed, &mut q),
+                || rayon::join(|| layer.k.forward(&normed, &mut k), || layer.v.forward(&normed, &mut v)),
+            );
+            rq.and(rk).and(rv)?;
             if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
                 // Per-head RMSNorm of q and k (Qwen3), through one scratch buffer.
                 qk_scratch.clear();
@@ -342,8 +346,9 @@ impl Decoder {
             cpu::add(&mut x, &proj)?;
 
             cpu::rms_norm(&x, &layer.ffn_norm, hp.rms_norm_eps, &mut normed)?;
-            layer.gate.forward(&normed, &mut gate)?;
-            layer.up.forward(&normed, &mut up)?;
+            let (rg, ru) =
+                rayon::join(|| layer.gate.forward(&normed, &mut gate), || layer.up.forward(&normed, &mut up));
+            rg.and(ru)?;
             cpu::swiglu(&gate, &up, &mut act)?;
             layer.down.forward(&act, &mut proj)?;
             cpu::add(&mut x, &proj)?;
