@@ -237,17 +237,7 @@ impl CudaDecoder {
     /// change recomputes the held tokens).
     pub fn forward(&self, ids: &[u32], cache: &mut CudaKvCache, which: Logits) -> Result<Vec<f32>> {
         let t = ids.len();
-        if t == 0 {
-            return Err(Error::InvalidInput("forward needs at least one token".into()));
-        }
-        if let Some(bad) = ids.iter().find(|&&id| id as usize >= self.hp.vocab_size) {
-            // Checked before any work, as on the CPU: a recompute never drops the cache for a
-            // bad id, and no id outside the table reaches the embedding kernel.
-            return Err(Error::InvalidInput(format!(
-                "token id {bad} is outside the vocabulary of {}",
-                self.hp.vocab_size
-            )));
-        }
+        crate::decoder::check_ids(&self.hp, ids)?;
         self.check_capacity(cache, t)?;
         let held = cache.len();
         let rope = cache.rope_scheme().unwrap_or(&self.rope).table((held + t).max(cache.planned_length()));

@@ -221,17 +221,7 @@ impl Decoder {
     /// any work.
     pub fn forward(&self, ids: &[u32], cache: &mut KvCache, which: Logits) -> Result<Vec<f32>> {
         let t = ids.len();
-        if t == 0 {
-            return Err(Error::InvalidInput("forward needs at least one token".into()));
-        }
-        if let Some(bad) = ids.iter().find(|&&id| id as usize >= self.hp.vocab_size) {
-            // Checked here, not only by the embedding, so that a recompute never drops the cache
-            // for a bad id.
-            return Err(Error::InvalidInput(format!(
-                "token id {bad} is outside the vocabulary of {}",
-                self.hp.vocab_size
-            )));
-        }
+        check_ids(&self.hp, ids)?;
         self.check_capacity(cache, t)?;
         let held = cache.len();
         let rope = cache.rope_scheme().unwrap_or(&self.rope).table((held + t).max(cache.planned_length()));
@@ -367,6 +357,19 @@ impl Decoder {
         }
         Ok(logits)
     }
+}
+
+/// Checks the ids of a forward pass before any work: at least one, each inside the vocabulary.
+/// Checked up front, not only by the embedding, so that a recompute never drops a cache for a
+/// bad id and no id outside the table reaches a device kernel.
+pub(crate) fn check_ids(hp: &Hparams, ids: &[u32]) -> Result<()> {
+    if ids.is_empty() {
+        return Err(Error::InvalidInput("forward needs at least one token".into()));
+    }
+    if let Some(bad) = ids.iter().find(|&&id| id as usize >= hp.vocab_size) {
+        return Err(Error::InvalidInput(format!("token id {bad} is outside the vocabulary of {}", hp.vocab_size)));
+    }
+    Ok(())
 }
 
 /// Fetches tensors from a source and checks their shapes.
