@@ -287,6 +287,16 @@ mod x86 {
                     let x0 = _mm512_loadu_ps(x.add(p));
                     let x1 = _mm512_loadu_ps(x.add(p + 16));
                     for j in 0..4 {
+                        // The same place in the next block's row: each row is its own stream
+                        // (often its own 4 KiB page, where the hardware prefetcher starts cold),
+                        // so the next four rows are fetched while these are summed. A prefetch
+                        // never faults; `wrapping_add` keeps the address computation defined
+                        // past the end of the buffer.
+                        let ahead = r[j].wrapping_add(4 * row_bytes + p * E::BYTES);
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                        if E::BYTES == 4 {
+                            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64).cast());
+                        }
                         acc0[j] = _mm512_fmadd_ps(E::load16(r[j].add(p * E::BYTES)), x0, acc0[j]);
                         acc1[j] = _mm512_fmadd_ps(E::load16(r[j].add((p + 16) * E::BYTES)), x1, acc1[j]);
                     }
