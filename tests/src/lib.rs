@@ -74,24 +74,24 @@ impl Fixture {
     }
 }
 
-/// Reads a little-endian float32 `.npy` file (format 1.0 or 2.0, C order): shape and data.
+/// Reads a little-endian float32 `.npy` file (format 1.0 or 2.0, C order): shape and data. As
+/// [`read_npy`], refusing any dtype but float32.
 pub fn read_npy_f32(path: &Path) -> (Vec<usize>, Vec<f32>) {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let (header, _) = npy_header(path, &bytes);
+    assert!(header.contains("'descr': '<f4'"), "{}: not little-endian float32: {header}", path.display());
+    read_npy(path)
+}
+
+/// The header text of an `.npy` file and the offset where its data starts.
+fn npy_header<'a>(path: &Path, bytes: &'a [u8]) -> (&'a str, usize) {
     assert_eq!(&bytes[..6], b"\x93NUMPY", "{}: not an npy file", path.display());
     let (header_len, start) = match bytes[6] {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
         _ => (u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize, 12),
     };
     let header = std::str::from_utf8(&bytes[start..start + header_len]).expect("npy header is text");
-    assert!(header.contains("'descr': '<f4'"), "{}: not little-endian float32: {header}", path.display());
-    assert!(header.contains("'fortran_order': False"), "{}: not C order", path.display());
-    let shape_str = header.split("'shape': (").nth(1).and_then(|s| s.split(')').next()).expect("npy shape");
-    let shape: Vec<usize> =
-        shape_str.split(',').filter(|s| !s.trim().is_empty()).map(|s| s.trim().parse().unwrap()).collect();
-    let data: Vec<f32> =
-        bytes[start + header_len..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
-    assert_eq!(data.len(), shape.iter().product::<usize>(), "{}: data length does not match shape", path.display());
-    (shape, data)
+    (header, start + header_len)
 }
 
 /// The largest absolute difference between two equally long slices.
@@ -121,17 +121,12 @@ pub fn skip_message(test: &str, relative: &str) -> String {
 /// (`<f2`) values: shape and data, float16 widened exactly to float32.
 pub fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    assert_eq!(&bytes[..6], b"\x93NUMPY", "{}: not an npy file", path.display());
-    let (header_len, start) = match bytes[6] {
-        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        _ => (u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize, 12),
-    };
-    let header = std::str::from_utf8(&bytes[start..start + header_len]).expect("npy header is text");
+    let (header, data_start) = npy_header(path, &bytes);
     assert!(header.contains("'fortran_order': False"), "{}: not C order", path.display());
     let shape_str = header.split("'shape': (").nth(1).and_then(|s| s.split(')').next()).expect("npy shape");
     let shape: Vec<usize> =
         shape_str.split(',').filter(|s| !s.trim().is_empty()).map(|s| s.trim().parse().unwrap()).collect();
-    let raw = &bytes[start + header_len..];
+    let raw = &bytes[data_start..];
     let data: Vec<f32> = if header.contains("'descr': '<f4'") {
         raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
     } else if header.contains("'descr': '<f2'") {
