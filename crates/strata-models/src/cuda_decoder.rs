@@ -246,14 +246,7 @@ impl CudaDecoder {
             Logits::Last => 1,
         };
         if held > 0 && cache.rope_table().is_some_and(|old| *old != rope) {
-            let mut all = cache.token_ids().to_vec();
-            if all.len() != held {
-                return Err(Error::Unsupported(format!(
-                    "the RoPE table changed but the cache knows {} of its {held} tokens, so it cannot recompute them",
-                    all.len()
-                )));
-            }
-            all.extend_from_slice(ids);
+            let all = crate::decoder::recompute_ids(cache.token_ids(), held, ids)?;
             cache.clear();
             return self.run(&all, cache, &rope, rows);
         }

@@ -232,15 +232,7 @@ impl Decoder {
         if held > 0 && cache.rope_table().is_some_and(|old| *old != rope) {
             match cache.rope_update() {
                 RopeUpdate::Recompute => {
-                    let mut all = cache.token_ids().to_vec();
-                    if all.len() != held {
-                        return Err(Error::Unsupported(format!(
-                            "the RoPE table changed but the cache knows {} of its {held} tokens, so it cannot \
-                             recompute them (keys were appended without their ids; use RopeUpdate::Rerotate)",
-                            all.len()
-                        )));
-                    }
-                    all.extend_from_slice(ids);
+                    let all = recompute_ids(cache.token_ids(), held, ids)?;
                     cache.clear();
                     return self.run(&all, cache, &rope, rows);
                 }
@@ -357,6 +349,19 @@ impl Decoder {
         }
         Ok(logits)
     }
+}
+
+/// The ids a recompute runs when the RoPE table changes: the `held` tokens of the cache (whose ids
+/// it must know) followed by the new `ids`.
+pub(crate) fn recompute_ids(known: &[u32], held: usize, ids: &[u32]) -> Result<Vec<u32>> {
+    if known.len() != held {
+        return Err(Error::Unsupported(format!(
+            "the RoPE table changed but the cache knows {} of its {held} tokens, so it cannot recompute them \
+             (keys were appended without their ids; use RopeUpdate::Rerotate)",
+            known.len()
+        )));
+    }
+    Ok([known, ids].concat())
 }
 
 /// Checks the ids of a forward pass before any work: at least one, each inside the vocabulary.
