@@ -17,14 +17,8 @@ where
     let cols = w.len();
     check_len("rms_norm", "x", x.len(), rows * cols)?;
     check_len("rms_norm", "out", out.len(), rows * cols)?;
-    if rows == 0 {
-        return Ok(());
-    }
-    let p = RmsNormParams { rows: rows as u32, cols: cols as u32, eps };
-    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    let ptrs = [ptr(cuda, x), ptr(cuda, w), ptr_mut(cuda, out)];
     // SAFETY: x and out hold rows * cols floats and w holds cols, checked above.
-    unsafe { cuda.launch("rmsnorm", "rmsnorm_f32", cfg, &p, &ptrs) }
+    unsafe { launch(cuda, [ptr(cuda, x), ptr(cuda, w), ptr_mut(cuda, out)], rows, cols, eps) }
 }
 
 /// [`rms_norm`] in place: `x[r, :] = x[r, :] * rsqrt(mean(x[r, :]²) + eps) * w` (each element is
@@ -36,14 +30,22 @@ where
 {
     let cols = w.len();
     check_len("rms_norm_inplace", "x", x.len(), rows * cols)?;
+    let xp = ptr_mut(cuda, x);
+    // SAFETY: x holds rows * cols floats and w holds cols, checked above; the kernel reads and
+    // writes each element from the same thread.
+    unsafe { launch(cuda, [xp, ptr(cuda, w), xp], rows, cols, eps) }
+}
+
+/// Launches `rmsnorm_f32` over `[x, w, out]`: one 256-thread block per row.
+///
+/// # Safety
+/// `x` and `out` must hold `rows * cols` floats and `w` `cols`.
+unsafe fn launch(cuda: &Cuda, ptrs: [u64; 3], rows: usize, cols: usize, eps: f32) -> Result<()> {
     if rows == 0 {
         return Ok(());
     }
     let p = RmsNormParams { rows: rows as u32, cols: cols as u32, eps };
     let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    let xp = ptr_mut(cuda, x);
-    let ptrs = [xp, ptr(cuda, w), xp];
-    // SAFETY: x holds rows * cols floats and w holds cols, checked above; the kernel reads and
-    // writes each element from the same thread.
+    // SAFETY: the caller guarantees the buffers' lengths.
     unsafe { cuda.launch("rmsnorm", "rmsnorm_f32", cfg, &p, &ptrs) }
 }
