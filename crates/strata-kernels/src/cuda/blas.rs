@@ -2,7 +2,7 @@
 //! result, accumulated in f32 (no TF32: results are comparable with the CPU's f32).
 //!
 //! Both operands have the same dtype (cuBLAS's `GemmEx` rule); the caller casts activations to
-//! the weight's dtype or dequantizes the weight to f32 ([`super::ops::convert`]).
+//! the weight's dtype or dequantizes the weight to f32 ([`super::ops::dequantize`]).
 
 use std::sync::Arc;
 
