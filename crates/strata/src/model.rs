@@ -339,6 +339,12 @@ impl Model {
     }
 
     /// Runs `ids` through the backend with `cache`, which must live on the model's device.
+    pub(crate) fn forward_cached(&self, ids: &[u32], cache: &mut Cache, which: Logits) -> Result<Vec<f32>> {
+        self.check_ids(ids)?;
+        self.forward(ids, cache, which)
+    }
+
+    /// Runs `ids` through the backend with `cache`, which must live on the model's device.
     fn forward(&self, ids: &[u32], cache: &mut Cache, which: Logits) -> Result<Vec<f32>> {
         let mismatch = |cache_device: Device| {
             Error::InvalidInput(format!(
