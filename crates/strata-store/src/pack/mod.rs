@@ -204,8 +204,8 @@ pub fn ensure_pack(
 
 /// Removes the packs in `offload_dir` built from an older version of `key`'s checkpoint: the
 /// same file paths with other lengths or modification times. Packs of the same files with
-/// another conversion or extra string are kept, and so are packs another process holds locked.
-/// Returns the directories removed.
+/// another conversion or extra string are kept, and so are packs another process holds locked
+/// and directories that are not readable packs. Returns the directories removed.
 pub fn remove_stale_packs(offload_dir: &Path, key: &SourceKey) -> Result<Vec<PathBuf>> {
     let digest = key.digest();
     let mut removed = Vec::new();
@@ -227,7 +227,8 @@ pub fn remove_stale_packs(offload_dir: &Path, key: &SourceKey) -> Result<Vec<Pat
         if !other.key.same_paths(key) || other.key.files() == key.files() {
             continue;
         }
-        let Some(_lock) = LockFile::try_exclusive(&dir.join(LOCK_FILE))? else { continue };
+        // A pack in use, or one this process may not lock, is left for a later run.
+        let Ok(Some(_lock)) = LockFile::try_exclusive(&dir.join(LOCK_FILE)) else { continue };
         // The manifest goes first, so that an interrupted removal leaves an incomplete pack.
         let manifest_path = dir.join(MANIFEST_FILE);
         fs::remove_file(&manifest_path).map_err(Error::io("remove", &manifest_path))?;
