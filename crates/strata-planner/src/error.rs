@@ -59,6 +59,14 @@ pub enum PlanError {
         /// What is wrong, naming the unit.
         reason: String,
     },
+    /// The prefetch depth asked for is deeper than the planner models.
+    #[error("prefetch depth {depth} is above the deepest the planner models ({max})")]
+    PrefetchTooDeep {
+        /// The depth asked for.
+        depth: usize,
+        /// `MAX_PREFETCH_DEPTH`.
+        max: usize,
+    },
     /// A byte count does not fit in 64 bits.
     #[error("{what} is larger than 2^64 - 1 bytes")]
     Overflow {

@@ -2,6 +2,7 @@
 //! streamed ones, the memory each tier holds and the predicted time per token. A plan prints as
 //! a table for people (`to_table`) and serializes to JSON for tools.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -228,8 +229,14 @@ fn group_units(plan: &Plan, m: &WeightManifest) -> Vec<Group> {
         })
         .collect();
     units.sort();
-    let last_expert =
-        |layer: usize| units.iter().filter(|u| u.0 == Category::Expert && u.1 == layer).map(|u| u.2).max().unwrap_or(0);
+    let mut last_experts: BTreeMap<usize, usize> = BTreeMap::new();
+    for &(cat, layer, expert, _) in &units {
+        if cat == Category::Expert {
+            let last = last_experts.entry(layer).or_insert(expert);
+            *last = (*last).max(expert);
+        }
+    }
+    let last_expert = |layer: usize| last_experts.get(&layer).copied().unwrap_or(0);
     let tier = |i: usize| plan.placements.get(i).map(|p| p.tier);
     let mut groups = Vec::new();
     let mut start = 0;

@@ -6,6 +6,9 @@
 //! that choice into a `Plan` or a `DoesNotFit` error that says what the choice needs. So a new
 //! strategy is a type implementing the trait, not an edit of the accounting.
 
+use std::cmp::Reverse;
+use std::collections::BTreeMap;
+
 use crate::error::PlanError;
 use crate::hardware::{HardwareProfile, TierBudgets, Workload};
 use crate::manifest::{UnitKind, WeightManifest};
@@ -21,6 +24,9 @@ pub const DEFAULT_STRATEGY: &str = "cost-model";
 
 /// The deepest prefetch the cost model tries when the user fixes no depth.
 pub const MAX_AUTO_PREFETCH_DEPTH: usize = 4;
+
+/// The deepest prefetch the planner models (a user's depth above it is an error).
+pub const MAX_PREFETCH_DEPTH: usize = 64;
 
 /// The default prefetch depth of `pin-attention`.
 pub const PIN_ATTENTION_DEPTH: usize = 2;
@@ -46,7 +52,8 @@ impl PlanInput<'_> {
     /// The depth is capped at one less than the number of streamed units (a ring never has more
     /// buffers than streamed units) and is 0 when nothing is streamed.
     ///
-    /// Fails if the manifest or hardware profile is invalid, if `streamed` does not have one
+    /// Fails if the manifest or hardware profile is invalid, if the depth is above
+    /// `MAX_PREFETCH_DEPTH`, if `streamed` does not have one
     /// entry per unit or streams an embedding or `Other` unit, or if the plan needs more RAM
     /// than the budget (the error says how much, of what).
     pub fn assemble(&self, strategy: &str, streamed: &[bool], prefetch_depth: usize) -> Result<Plan, PlanError> {
@@ -301,6 +308,9 @@ impl<'a> Context<'a> {
     /// Memory and time of a layout, without the budget check.
     fn evaluate(&self, strategy: &str, streamed: &[bool], depth: usize) -> Result<Candidate, PlanError> {
         let units = self.units();
+        if depth > MAX_PREFETCH_DEPTH {
+            return Err(PlanError::PrefetchTooDeep { depth, max: MAX_PREFETCH_DEPTH });
+        }
         if streamed.len() != units.len() {
             return Err(PlanError::InvalidPlacement {
                 reason: format!("{} placements for a manifest of {} units", streamed.len(), units.len()),
@@ -384,7 +394,7 @@ impl<'a> Context<'a> {
             None => (0..=MAX_AUTO_PREFETCH_DEPTH).collect(),
         };
         let streamable: Vec<usize> = self.order.iter().copied().filter(|&i| units[i].kind.is_streamable()).collect();
-        let priority = self.residency_priority(&streamable);
+        let priorities = [self.residency_priority(&streamable, false), self.residency_priority(&streamable, true)];
         let mut caps: Vec<u64> = streamable.iter().map(|&i| units[i].bytes).collect();
         caps.sort_unstable_by(|a, b| b.cmp(a));
         caps.dedup();
@@ -407,8 +417,10 @@ impl<'a> Context<'a> {
                 let forced = self.streamed_up_to(cap);
                 consider(self.evaluate(strategy, &forced, depth)?);
                 if let Some(budget) = self.input.budgets.ram {
-                    let filled = self.fill(forced, cap, depth, budget, &priority);
-                    consider(self.evaluate(strategy, &filled, depth)?);
+                    for priority in &priorities {
+                        let filled = self.fill(forced.clone(), cap, depth, budget, priority);
+                        consider(self.evaluate(strategy, &filled, depth)?);
+                    }
                 }
             }
         }
@@ -447,15 +459,25 @@ impl<'a> Context<'a> {
     }
 
     /// The order in which the cost model makes streamable units resident: the largest first;
-    /// among units of one size, spread over the execution order (bit-reversed rank), so that the
-    /// streamed ones between them have resident compute to hide behind.
-    fn residency_priority(&self, streamable: &[usize]) -> Vec<usize> {
+    /// among units of one size, spread over the execution order (by bit-reversed rank), so that
+    /// the streamed ones between them have resident compute to hide behind. The spread starts
+    /// at the first unit of each size, or with `offset`, half-way through them (which keeps the
+    /// first resident pick away from the head and embedding at the token's wrap).
+    fn residency_priority(&self, streamable: &[usize], offset: bool) -> Vec<usize> {
         let units = self.units();
-        let mut keyed: Vec<(std::cmp::Reverse<u64>, u32, usize)> = Vec::with_capacity(streamable.len());
-        let mut rank_of_size: std::collections::BTreeMap<u64, u32> = std::collections::BTreeMap::new();
+        let mut count_of_size: BTreeMap<u64, usize> = BTreeMap::new();
         for &i in streamable {
-            let rank = rank_of_size.entry(units[i].bytes).or_insert(0);
-            keyed.push((std::cmp::Reverse(units[i].bytes), rank.reverse_bits(), i));
+            *count_of_size.entry(units[i].bytes).or_insert(0) += 1;
+        }
+        let mut rank_of_size: BTreeMap<u64, usize> = BTreeMap::new();
+        let mut keyed: Vec<(Reverse<u64>, u32, usize)> = Vec::with_capacity(streamable.len());
+        for &i in streamable {
+            let bytes = units[i].bytes;
+            let rank = rank_of_size.entry(bytes).or_insert(0);
+            let count = count_of_size[&bytes];
+            let position = if offset { (*rank + count / 2) % count } else { *rank };
+            // Ranks beyond 2^32 units of one size only lose the spread, not the determinism.
+            keyed.push((Reverse(bytes), (position as u32).reverse_bits(), i));
             *rank += 1;
         }
         keyed.sort_unstable();

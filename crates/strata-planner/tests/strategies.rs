@@ -208,12 +208,13 @@ fn a_third_of_the_model_streams_the_rest() {
     // The head is the largest streamable unit: keeping it resident halves the ring's buffers.
     assert_eq!(cost.tier_of(manifest.units.len() - 1), Tier::Ram);
     assert!(cost.prefetch_depth >= 1, "a disk-bound pipeline overlaps compute: {}", cost.to_table(&manifest));
-    // Disk-bound: the time is close to the streamed bytes at disk speed. It is not equal: the
-    // disk idles for a few ms at each token's wrap, where the head, the embedding and the first
-    // layer's resident units compute for longer than the next load takes (depth 1 hides only one
-    // unit's compute). A deeper ring would cost a resident FFN.
+    // Disk-bound: the time is the streamed bytes at disk speed, or close to it. Where resident
+    // units cluster (the head and the embedding at the token's wrap) they can compute for
+    // longer than the next load takes, and depth 1 hides only one unit's compute, so the disk
+    // may idle briefly; a deeper ring would cost a resident FFN.
     let t = cost.predicted;
-    assert!(t.total_s > t.transfer_s && t.total_s < 1.01 * t.transfer_s, "{t:?}");
+    println!("{t:?}");
+    assert!(t.total_s >= t.transfer_s && t.total_s < 1.01 * t.transfer_s, "{t:?}");
     // Little RAM is left unused: less than one more FFN's worth.
     assert!(budget - cost.ram.total < ffn, "{}", cost.to_table(&manifest));
 }
@@ -364,6 +365,10 @@ fn bad_inputs_are_errors_not_panics() {
     assert!(error.to_string().contains("\"token_embd\""), "{error}");
     let error = input.assemble("mine", &[true], 0).unwrap_err();
     assert!(error.to_string().contains("1 placements for a manifest of 46 units"), "{error}");
+
+    let result = StreamAll.plan(&PlanInput { prefetch_depth: Some(65), ..input });
+    assert_eq!(result, Err(PlanError::PrefetchTooDeep { depth: 65, max: 64 }));
+    assert!(StreamAll.plan(&PlanInput { prefetch_depth: Some(64), ..input }).is_ok());
 
     let mut huge = tinyllama();
     huge.kv_bytes_per_token = u64::MAX / 2;
@@ -526,4 +531,37 @@ proptest! {
             previous = total;
         }
     }
+}
+
+#[test]
+fn the_table_groups_experts_across_layers() {
+    let make = |name: String, kind| UnitInfo { name, kind, bytes: 1000, dtype: "f32".into(), bytes_per_token: 250 };
+    let mut units = vec![make("embed".into(), UnitKind::Embedding)];
+    for layer in 0..3 {
+        units.push(make(format!("{layer}.attn"), UnitKind::Attention { layer }));
+        for expert in 0..4 {
+            units.push(make(format!("{layer}.e{expert}"), UnitKind::Expert { layer, expert }));
+        }
+    }
+    let manifest = WeightManifest { units, n_layers: 3, kv_bytes_per_token: 0, activation_bytes_per_token: 0 };
+    let hardware = hardware();
+    let input = input(&manifest, &hardware, None, Some(1));
+    // Stream the experts of layer 1 from expert 2 on, and all of layer 2's.
+    let streamed: Vec<bool> = manifest
+        .units
+        .iter()
+        .map(|u| matches!(u.kind, UnitKind::Expert { layer, expert } if layer == 2 || (layer == 1 && expert >= 2)))
+        .collect();
+    let plan = input.assemble("mine", &streamed, 1).unwrap();
+    check(&plan, &input);
+    // An expert streams its expected share per token.
+    assert_eq!(plan.bytes_streamed_per_token, 6 * 250);
+    let table = plan.to_table(&manifest);
+    let labels: Vec<&str> = table.lines().skip(2).take(4).map(|l| l.split("  ").next().unwrap().trim()).collect();
+    assert_eq!(
+        labels,
+        ["embed", "layers 0-2 attention", "layer 0 expert 0 - layer 1 expert 1", "layer 1 expert 2 - layer 2 expert 3"],
+        "{table}"
+    );
+    assert!(table.lines().nth(5).unwrap().contains("disk"), "{table}");
 }
