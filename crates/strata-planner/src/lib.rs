@@ -1,10 +1,30 @@
 //! strata-planner: the pure placement policy.
 //!
-//! It will turn a weight manifest, tier budgets (VRAM, RAM, NVMe) and a hardware profile into a
-//! plan that says where every weight lives and where every piece of work runs, through the
-//! `PlacementStrategy` and `ExpertCachePolicy` traits, with built-in strategies and a trace
-//! simulator. The planner is a pure function: no I/O, no tensors, no threads. None of it is
-//! written yet: this crate is an empty placeholder that later issues fill.
+//! It turns a weight manifest (the model's units: embedding, attention blocks, FFNs, experts,
+//! head), tier budgets and a hardware profile into a plan: which units stay resident in RAM,
+//! which are streamed from the offload pack on disk through a ring of staging buffers, how deep
+//! the prefetch is, how much memory each tier holds and how long a token should take. Strategies
+//! implement the `PlacementStrategy` trait; `strategy_by_name` finds the built-in ones. The
+//! planner is a pure function: no I/O, no tensors, no threads, and the same input gives the
+//! same plan.
 //!
-//! Dependencies: no other strata crate, or only strata-tensor (for dtype sizes).
+//! Dependencies: no other strata crate (dtypes are plain strings here).
 #![warn(missing_docs)]
+
+mod error;
+mod hardware;
+mod manifest;
+mod plan;
+mod size;
+mod strategy;
+mod timing;
+
+pub use error::PlanError;
+pub use hardware::{HardwareProfile, TierBudgets, Workload};
+pub use manifest::{UnitInfo, UnitKind, WeightManifest};
+pub use plan::{MemoryUse, Placement, Plan, Tier, TokenTime};
+pub use size::{format_size, parse_size};
+pub use strategy::{
+    AllResident, CostModel, DEFAULT_STRATEGY, MAX_AUTO_PREFETCH_DEPTH, MAX_PREFETCH_DEPTH, PIN_ATTENTION_DEPTH,
+    PinAttention, PlacementStrategy, PlanInput, STRATEGY_NAMES, StreamAll, strategy_by_name,
+};

@@ -1,0 +1,492 @@
+//! Placement strategies: the `PlacementStrategy` trait, the four built-in strategies, and the
+//! accounting every strategy shares (`PlanInput::assemble`: memory per tier, the staging ring,
+//! the predicted time per token and the budget check).
+//!
+//! A strategy only chooses which units are streamed and the prefetch depth; `assemble` turns
+//! that choice into a `Plan` or a `DoesNotFit` error that says what the choice needs. So a new
+//! strategy is a type implementing the trait, not an edit of the accounting.
+
+use std::cmp::Reverse;
+use std::collections::BTreeMap;
+
+use crate::error::PlanError;
+use crate::hardware::{HardwareProfile, TierBudgets, Workload};
+use crate::manifest::{UnitKind, WeightManifest};
+use crate::plan::{MemoryUse, Placement, Plan, Tier, TokenTime};
+use crate::size::format_size;
+use crate::timing::{Ratio, Stage, cycle_time, picoseconds, seconds};
+
+/// The names `strategy_by_name` knows, in the order error messages list them.
+pub const STRATEGY_NAMES: [&str; 4] = ["all-resident", "stream-all", "pin-attention", "cost-model"];
+
+/// The strategy used when the user names none.
+pub const DEFAULT_STRATEGY: &str = "cost-model";
+
+/// The deepest prefetch the cost model tries when the user fixes no depth.
+pub const MAX_AUTO_PREFETCH_DEPTH: usize = 4;
+
+/// The deepest prefetch the planner models (a user's depth above it is an error).
+pub const MAX_PREFETCH_DEPTH: usize = 64;
+
+/// The default prefetch depth of `pin-attention`.
+pub const PIN_ATTENTION_DEPTH: usize = 2;
+
+/// Everything a strategy plans from.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanInput<'a> {
+    /// The model's weight units and per-token memory.
+    pub manifest: &'a WeightManifest,
+    /// The memory each tier may hold.
+    pub budgets: TierBudgets,
+    /// The machine's measured rates.
+    pub hardware: &'a HardwareProfile,
+    /// The request shape: context reserved in the KV cache, largest forward chunk.
+    pub workload: Workload,
+    /// The user's `--prefetch-layers`; `None` lets the strategy decide.
+    pub prefetch_depth: Option<usize>,
+}
+
+impl PlanInput<'_> {
+    /// Turns a strategy's choice into a plan: `streamed[i]` says whether unit `i` is streamed
+    /// from disk (the others stay in RAM), and `prefetch_depth` how far ahead the ring loads.
+    /// The depth is capped at one less than the number of streamed units (a ring never has more
+    /// buffers than streamed units) and is 0 when nothing is streamed.
+    ///
+    /// Fails if the manifest or hardware profile is invalid, if the depth is above
+    /// `MAX_PREFETCH_DEPTH`, if `streamed` does not have one
+    /// entry per unit or streams an embedding or `Other` unit, or if the plan needs more RAM
+    /// than the budget (the error says how much, of what).
+    pub fn assemble(&self, strategy: &str, streamed: &[bool], prefetch_depth: usize) -> Result<Plan, PlanError> {
+        let context = Context::new(self)?;
+        let candidate = context.evaluate(strategy, streamed, prefetch_depth)?;
+        context.check_budget(&candidate)?;
+        Ok(candidate.plan)
+    }
+}
+
+/// A placement policy: given the model, the budgets and the machine, where each unit lives.
+pub trait PlacementStrategy {
+    /// The strategy's name, as `--strategy` spells it.
+    fn name(&self) -> &'static str;
+    /// Makes a plan, or says why none fits.
+    fn plan(&self, input: &PlanInput) -> Result<Plan, PlanError>;
+}
+
+/// Everything resident in RAM; nothing streamed. Fails if RAM is short.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AllResident;
+
+/// Every unit but the embedding (and `Other` units) streamed, on demand unless the user gives a
+/// prefetch depth: the synchronous baseline that offloading hooks in other frameworks use.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StreamAll;
+
+/// The embedding, attention blocks (with their norms), head and KV cache resident; the FFNs and
+/// experts streamed with prefetch depth 2 unless the user gives one.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PinAttention;
+
+/// Chooses the resident set and the prefetch depth (0 to 4, or the user's) that minimise the
+/// predicted time per token within the RAM budget.
+///
+/// For each depth it tries every staging buffer size `s` among the unit sizes: units larger
+/// than `s` must be resident; the RAM left after the KV cache, activations and the ring is
+/// filled greedily with the largest remaining units (a streamed byte costs the same transfer
+/// time wherever it is, so resident bytes are what count; among units of one size the resident
+/// ones are spread evenly over the layers, which leaves compute between the streamed ones to
+/// hide their loads). It also tries the all-resident, stream-all and pin-attention layouts, so
+/// it never predicts slower than those under the same budget and depth. The fastest candidate
+/// wins; ties go to fewer streamed bytes, then less RAM, then the shallower depth, then the
+/// first tried, so the same input always gives the same plan.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CostModel;
+
+/// The strategy of the given name (one of `STRATEGY_NAMES`).
+pub fn strategy_by_name(name: &str) -> Result<Box<dyn PlacementStrategy>, PlanError> {
+    match name {
+        "all-resident" => Ok(Box::new(AllResident)),
+        "stream-all" => Ok(Box::new(StreamAll)),
+        "pin-attention" => Ok(Box::new(PinAttention)),
+        "cost-model" => Ok(Box::new(CostModel)),
+        _ => Err(PlanError::UnknownStrategy { name: name.to_string(), known: STRATEGY_NAMES.join(", ") }),
+    }
+}
+
+impl PlacementStrategy for AllResident {
+    fn name(&self) -> &'static str {
+        "all-resident"
+    }
+
+    fn plan(&self, input: &PlanInput) -> Result<Plan, PlanError> {
+        let context = Context::new(input)?;
+        let streamed = vec![false; input.manifest.units.len()];
+        context.fixed_layout(self.name(), &streamed, 0)
+    }
+}
+
+impl PlacementStrategy for StreamAll {
+    fn name(&self) -> &'static str {
+        "stream-all"
+    }
+
+    fn plan(&self, input: &PlanInput) -> Result<Plan, PlanError> {
+        let context = Context::new(input)?;
+        context.fixed_layout(self.name(), &context.stream_all(), input.prefetch_depth.unwrap_or(0))
+    }
+}
+
+impl PlacementStrategy for PinAttention {
+    fn name(&self) -> &'static str {
+        "pin-attention"
+    }
+
+    fn plan(&self, input: &PlanInput) -> Result<Plan, PlanError> {
+        let context = Context::new(input)?;
+        let depth = input.prefetch_depth.unwrap_or(PIN_ATTENTION_DEPTH);
+        context.fixed_layout(self.name(), &context.pin_attention(), depth)
+    }
+}
+
+impl PlacementStrategy for CostModel {
+    fn name(&self) -> &'static str {
+        "cost-model"
+    }
+
+    fn plan(&self, input: &PlanInput) -> Result<Plan, PlanError> {
+        let context = Context::new(input)?;
+        let search = context.search(self.name())?;
+        match search.best {
+            Some(best) => Ok(best.plan),
+            None => Err(context.shortfall(&search.smallest, None)),
+        }
+    }
+}
+
+/// A plan before the budget check, with its exact time per token.
+#[derive(Debug, Clone)]
+struct Candidate {
+    plan: Plan,
+    time: Ratio,
+    /// Bytes of units that are always resident (embedding and `Other`).
+    pinned_bytes: u64,
+}
+
+/// The outcome of the cost model's search.
+struct Search {
+    /// The best candidate within the budget.
+    best: Option<Candidate>,
+    /// The candidate that needs the least RAM, for error messages.
+    smallest: Candidate,
+}
+
+/// The input, validated, with per-unit times worked out once.
+struct Context<'a> {
+    input: &'a PlanInput<'a>,
+    /// All units in execution order.
+    order: Vec<usize>,
+    /// Per unit: the time to compute it, in picoseconds.
+    compute_ps: Vec<i128>,
+    /// Per unit: the time to read it from disk if streamed, in picoseconds.
+    transfer_ps: Vec<i128>,
+    /// Per unit: the bytes read from disk per token if streamed (an expert's expected share).
+    stream_bytes: Vec<u64>,
+    kv_cache: u64,
+    activations: u64,
+}
+
+fn checked_product(a: u64, b: usize, what: &str) -> Result<u64, PlanError> {
+    a.checked_mul(b as u64).ok_or_else(|| PlanError::Overflow { what: what.to_string() })
+}
+
+fn checked_sum(values: impl IntoIterator<Item = u64>, what: &str) -> Result<u64, PlanError> {
+    values
+        .into_iter()
+        .try_fold(0u64, |sum, v| sum.checked_add(v))
+        .ok_or_else(|| PlanError::Overflow { what: what.to_string() })
+}
+
+impl<'a> Context<'a> {
+    fn new(input: &'a PlanInput<'a>) -> Result<Context<'a>, PlanError> {
+        let manifest = input.manifest;
+        manifest.validate()?;
+        input.hardware.validate()?;
+        let hardware = input.hardware;
+        let compute_ps =
+            manifest.units.iter().map(|u| picoseconds(u.bytes_per_token, hardware.matvec_rate(&u.dtype))).collect();
+        let stream_bytes: Vec<u64> = manifest
+            .units
+            .iter()
+            .map(|u| if matches!(u.kind, UnitKind::Expert { .. }) { u.bytes_per_token } else { u.bytes })
+            .collect();
+        let transfer_ps = stream_bytes.iter().map(|&b| picoseconds(b, hardware.disk_read_gb_s)).collect();
+        Ok(Context {
+            input,
+            order: manifest.execution_order(),
+            compute_ps,
+            transfer_ps,
+            stream_bytes,
+            kv_cache: checked_product(manifest.kv_bytes_per_token, input.workload.context_tokens, "the KV cache")?,
+            activations: checked_product(
+                manifest.activation_bytes_per_token,
+                input.workload.batch_tokens,
+                "the activations",
+            )?,
+        })
+    }
+
+    fn units(&self) -> &[crate::manifest::UnitInfo] {
+        &self.input.manifest.units
+    }
+
+    fn stream_all(&self) -> Vec<bool> {
+        self.units().iter().map(|u| u.kind.is_streamable()).collect()
+    }
+
+    fn pin_attention(&self) -> Vec<bool> {
+        self.units().iter().map(|u| matches!(u.kind, UnitKind::Ffn { .. } | UnitKind::Expert { .. })).collect()
+    }
+
+    /// Plans a layout a fixed strategy chose, with the budget check; a shortfall also says what
+    /// the cost model would need at least, when that is less.
+    fn fixed_layout(&self, strategy: &str, streamed: &[bool], depth: usize) -> Result<Plan, PlanError> {
+        let candidate = self.evaluate(strategy, streamed, depth)?;
+        if self.fits(&candidate) {
+            return Ok(candidate.plan);
+        }
+        let search = self.search(CostModel.name())?;
+        let hint =
+            (search.smallest.plan.ram.total < candidate.plan.ram.total).then_some(search.smallest.plan.ram.total);
+        Err(self.shortfall(&candidate, hint))
+    }
+
+    fn fits(&self, candidate: &Candidate) -> bool {
+        self.input.budgets.ram.is_none_or(|budget| candidate.plan.ram.total <= budget)
+    }
+
+    fn check_budget(&self, candidate: &Candidate) -> Result<(), PlanError> {
+        if self.fits(candidate) { Ok(()) } else { Err(self.shortfall(candidate, None)) }
+    }
+
+    /// The `DoesNotFit` error for a candidate over the RAM budget: what it needs, of what, and
+    /// how short the budget is; `cost_model_minimum` adds what the cost model would need.
+    fn shortfall(&self, candidate: &Candidate, cost_model_minimum: Option<u64>) -> PlanError {
+        let plan = &candidate.plan;
+        let budget = self.input.budgets.ram.unwrap_or(u64::MAX);
+        let ram = &plan.ram;
+        let mut parts = Vec::new();
+        let pinned = candidate.pinned_bytes;
+        if pinned > 0 {
+            parts.push(format!("embedding {}", format_size(pinned)));
+        }
+        if ram.resident_weights > pinned {
+            parts.push(format!("resident weights {}", format_size(ram.resident_weights - pinned)));
+        }
+        parts.push(format!("KV cache {}", format_size(ram.kv_cache)));
+        parts.push(format!("activations {}", format_size(ram.activations)));
+        if plan.staging_buffers > 0 {
+            parts.push(format!(
+                "{} staging buffer{} of {}",
+                plan.staging_buffers,
+                if plan.staging_buffers == 1 { "" } else { "s" },
+                format_size(plan.staging_buffer_bytes)
+            ));
+        }
+        let mut what = format!(
+            "the {} plan needs at least {} of RAM ({}); the RAM budget of {} is {} short",
+            plan.strategy,
+            format_size(ram.total),
+            parts.join(", "),
+            format_size(budget),
+            format_size(ram.total.saturating_sub(budget))
+        );
+        if let Some(minimum) = cost_model_minimum {
+            what.push_str(&format!("; the cost-model strategy needs at least {}", format_size(minimum)));
+        }
+        PlanError::DoesNotFit { strategy: plan.strategy.clone(), needed: ram.total, budget, tier: Tier::Ram, what }
+    }
+
+    /// Memory and time of a layout, without the budget check.
+    fn evaluate(&self, strategy: &str, streamed: &[bool], depth: usize) -> Result<Candidate, PlanError> {
+        let units = self.units();
+        if depth > MAX_PREFETCH_DEPTH {
+            return Err(PlanError::PrefetchTooDeep { depth, max: MAX_PREFETCH_DEPTH });
+        }
+        if streamed.len() != units.len() {
+            return Err(PlanError::InvalidPlacement {
+                reason: format!("{} placements for a manifest of {} units", streamed.len(), units.len()),
+            });
+        }
+        if let Some(unit) = units.iter().zip(streamed).find(|(u, s)| **s && !u.kind.is_streamable()).map(|(u, _)| u) {
+            return Err(PlanError::InvalidPlacement {
+                reason: format!("unit {:?} is an embedding or `Other` unit, which stay resident", unit.name),
+            });
+        }
+        let stream_order: Vec<usize> = self.order.iter().copied().filter(|&i| streamed[i]).collect();
+        let streamed_count = stream_order.len();
+        let prefetch_depth = if streamed_count == 0 { 0 } else { depth.min(streamed_count - 1) };
+        let staging_buffers = if streamed_count == 0 { 0 } else { prefetch_depth + 1 };
+        let staging_buffer_bytes = stream_order.iter().map(|&i| units[i].bytes).max().unwrap_or(0);
+        let staging = checked_product(staging_buffer_bytes, staging_buffers, "the staging ring")?;
+        let resident = (0..units.len()).filter(|&i| !streamed[i]).map(|i| units[i].bytes);
+        let resident_weights = checked_sum(resident, "the resident weights")?;
+        let pinned_bytes = checked_sum(
+            units.iter().filter(|u| !u.kind.is_streamable()).map(|u| u.bytes),
+            "the embedding and other resident units",
+        )?;
+        let total = checked_sum([resident_weights, self.kv_cache, self.activations, staging], "the RAM total")?;
+        let ram =
+            MemoryUse { resident_weights, kv_cache: self.kv_cache, activations: self.activations, staging, total };
+        let placements = (0..units.len())
+            .map(|unit| Placement { unit, tier: if streamed[unit] { Tier::Disk } else { Tier::Ram } })
+            .collect();
+        let compute: i128 = self.compute_ps.iter().fold(0i128, |sum, &t| sum.saturating_add(t));
+        let transfer: i128 = stream_order.iter().fold(0i128, |sum, &i| sum.saturating_add(self.transfer_ps[i]));
+        let time = if streamed_count == 0 {
+            Ratio::whole(compute)
+        } else {
+            cycle_time(&self.stages(streamed), prefetch_depth)
+        };
+        let bytes_streamed_per_token =
+            stream_order.iter().fold(0u64, |sum, &i| sum.saturating_add(self.stream_bytes[i]));
+        let plan = Plan {
+            strategy: strategy.to_string(),
+            placements,
+            stream_order,
+            prefetch_depth,
+            staging_buffers,
+            staging_buffer_bytes,
+            budgets: self.input.budgets,
+            ram,
+            vram: MemoryUse::default(),
+            bytes_streamed_per_token,
+            predicted: TokenTime {
+                compute_s: seconds(compute),
+                transfer_s: seconds(transfer),
+                total_s: time.seconds(),
+            },
+        };
+        Ok(Candidate { plan, time, pinned_bytes })
+    }
+
+    /// The pipeline stages of a layout with at least one streamed unit: each streamed unit with
+    /// its transfer time and the compute from its start to the next streamed unit's start.
+    fn stages(&self, streamed: &[bool]) -> Vec<Stage> {
+        let positions: Vec<usize> = (0..self.order.len()).filter(|&p| streamed[self.order[p]]).collect();
+        let n = self.order.len();
+        positions
+            .iter()
+            .enumerate()
+            .map(|(k, &p)| {
+                let next = positions[(k + 1) % positions.len()];
+                let span = if next > p { next - p } else { next + n - p };
+                let compute =
+                    (0..span).fold(0i128, |sum, step| sum.saturating_add(self.compute_ps[self.order[(p + step) % n]]));
+                Stage { transfer: self.transfer_ps[self.order[p]], compute }
+            })
+            .collect()
+    }
+
+    /// The cost model's search over depths and staging buffer sizes (see `CostModel`).
+    fn search(&self, strategy: &str) -> Result<Search, PlanError> {
+        let units = self.units();
+        let depths: Vec<usize> = match self.input.prefetch_depth {
+            Some(depth) => vec![depth],
+            None => (0..=MAX_AUTO_PREFETCH_DEPTH).collect(),
+        };
+        let streamable: Vec<usize> = self.order.iter().copied().filter(|&i| units[i].kind.is_streamable()).collect();
+        let priorities = [self.residency_priority(&streamable, false), self.residency_priority(&streamable, true)];
+        let mut caps: Vec<u64> = streamable.iter().map(|&i| units[i].bytes).collect();
+        caps.sort_unstable_by(|a, b| b.cmp(a));
+        caps.dedup();
+
+        let all_resident = self.evaluate(strategy, &vec![false; units.len()], 0)?;
+        let mut best: Option<Candidate> = self.fits(&all_resident).then(|| all_resident.clone());
+        let mut smallest = all_resident;
+        let mut consider = |candidate: Candidate| {
+            if candidate.plan.ram.total < smallest.plan.ram.total {
+                smallest = candidate.clone();
+            }
+            if self.fits(&candidate) && best.as_ref().is_none_or(|b| better(&candidate, b)) {
+                best = Some(candidate);
+            }
+        };
+        for &depth in &depths {
+            consider(self.evaluate(strategy, &self.stream_all(), depth)?);
+            consider(self.evaluate(strategy, &self.pin_attention(), depth)?);
+            for &cap in &caps {
+                let forced = self.streamed_up_to(cap);
+                consider(self.evaluate(strategy, &forced, depth)?);
+                if let Some(budget) = self.input.budgets.ram {
+                    for priority in &priorities {
+                        let filled = self.fill(forced.clone(), cap, depth, budget, priority);
+                        consider(self.evaluate(strategy, &filled, depth)?);
+                    }
+                }
+            }
+        }
+        Ok(Search { best, smallest })
+    }
+
+    /// The streamed flags with every streamable unit no larger than `cap` streamed and the
+    /// larger ones resident.
+    fn streamed_up_to(&self, cap: u64) -> Vec<bool> {
+        self.units().iter().map(|u| u.kind.is_streamable() && u.bytes <= cap).collect()
+    }
+
+    /// Makes resident, in `priority` order, every streamed unit that still fits in `budget`
+    /// with a ring of `depth + 1` buffers of `cap` bytes (fewer when few units are left).
+    fn fill(&self, mut streamed: Vec<bool>, cap: u64, depth: usize, budget: u64, priority: &[usize]) -> Vec<bool> {
+        let units = self.units();
+        let ring = |count: usize| if count == 0 { 0 } else { (depth.min(count - 1) as u64 + 1).saturating_mul(cap) };
+        let mut count = streamed.iter().filter(|&&s| s).count();
+        let mut used = units
+            .iter()
+            .zip(&streamed)
+            .filter(|(_, s)| !**s)
+            .fold(self.kv_cache.saturating_add(self.activations), |sum, (u, _)| sum.saturating_add(u.bytes));
+        for &i in priority {
+            if !streamed[i] {
+                continue;
+            }
+            let with_it = used.saturating_add(units[i].bytes);
+            if with_it.saturating_add(ring(count - 1)) <= budget {
+                streamed[i] = false;
+                used = with_it;
+                count -= 1;
+            }
+        }
+        streamed
+    }
+
+    /// The order in which the cost model makes streamable units resident: the largest first;
+    /// among units of one size, spread over the execution order (by bit-reversed rank), so that
+    /// the streamed ones between them have resident compute to hide behind. The spread starts
+    /// at the first unit of each size, or with `offset`, half-way through them (which keeps the
+    /// first resident pick away from the head and embedding at the token's wrap).
+    fn residency_priority(&self, streamable: &[usize], offset: bool) -> Vec<usize> {
+        let units = self.units();
+        let mut count_of_size: BTreeMap<u64, usize> = BTreeMap::new();
+        for &i in streamable {
+            *count_of_size.entry(units[i].bytes).or_insert(0) += 1;
+        }
+        let mut rank_of_size: BTreeMap<u64, usize> = BTreeMap::new();
+        let mut keyed: Vec<(Reverse<u64>, u32, usize)> = Vec::with_capacity(streamable.len());
+        for &i in streamable {
+            let bytes = units[i].bytes;
+            let rank = rank_of_size.entry(bytes).or_insert(0);
+            let count = count_of_size[&bytes];
+            let position = if offset { (*rank + count / 2) % count } else { *rank };
+            // Ranks beyond 2^32 units of one size only lose the spread, not the determinism.
+            keyed.push((Reverse(bytes), (position as u32).reverse_bits(), i));
+            *rank += 1;
+        }
+        keyed.sort_unstable();
+        keyed.into_iter().map(|(_, _, i)| i).collect()
+    }
+}
+
+/// Whether `a` beats `b`: faster, then fewer streamed bytes, then less RAM, then shallower.
+fn better(a: &Candidate, b: &Candidate) -> bool {
+    let key = |c: &Candidate| (c.time, c.plan.bytes_streamed_per_token, c.plan.ram.total, c.plan.prefetch_depth);
+    key(a) < key(b)
+}
