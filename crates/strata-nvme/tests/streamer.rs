@@ -375,3 +375,59 @@ fn the_public_types_cross_threads() {
     send_sync::<Error>();
     send::<strata_nvme::Ticket>();
 }
+
+/// Installs a seccomp filter on the calling thread (inherited by the threads it starts) that
+/// fails `io_uring_setup` with `EPERM`, as a container runtime's default profile does.
+fn refuse_io_uring_on_this_thread() -> std::io::Result<()> {
+    const NR_IO_URING_SETUP: u32 = 425;
+    let stmt = |code: u32, k: u32| libc::sock_filter { code: code as u16, jt: 0, jf: 0, k };
+    let filter = [
+        // Load the syscall number (offset 0 of `struct seccomp_data`).
+        stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0),
+        // If it is io_uring_setup, fall through to the refusal; otherwise skip it.
+        libc::sock_filter {
+            code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 1,
+            k: NR_IO_URING_SETUP,
+        },
+        stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32),
+        stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
+    ];
+    let program = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr().cast_mut() };
+    // SAFETY: PR_SET_NO_NEW_PRIVS takes integer arguments only and affects this thread.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `program` points at `filter`, a valid classic BPF program that outlives the call
+    // (the kernel copies it); without TSYNC the filter applies to this thread and its children.
+    if unsafe { libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &program as *const libc::sock_fprog) } != 0
+    {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[test]
+fn a_refused_io_uring_falls_back_to_pread() {
+    let file = pattern_file(FILE_LEN);
+    let path = file.path().to_path_buf();
+    // A thread of its own carries the filter, so no other test is affected.
+    std::thread::spawn(move || {
+        if let Err(e) = refuse_io_uring_on_this_thread() {
+            eprintln!("skipping: cannot install a seccomp filter: {e}");
+            return;
+        }
+        let auto = Streamer::open(&path, small_config()).expect("open with Auto");
+        assert!(matches!(auto.backend(), Backend::Pread { .. }), "{}", auto.backend());
+        check(&auto, 4095, 100_000);
+        let forced = StreamerConfig { backend: BackendChoice::IoUring, ..small_config() };
+        let err = Streamer::open(&path, forced).expect_err("io_uring is refused");
+        assert!(
+            matches!(&err, Error::IoUringUnavailable { reason, .. } if reason.contains("Operation not permitted")),
+            "{err}"
+        );
+    })
+    .join()
+    .expect("the filtered thread");
+}
