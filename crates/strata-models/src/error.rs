@@ -122,6 +122,12 @@ pub enum Error {
     /// A tensor operation failed while running the model.
     #[error(transparent)]
     Compute(#[from] strata_tensor::Error),
+    /// The weight store failed: the offload pack, a streamed read, a corrupt unit.
+    #[error(transparent)]
+    Store(#[from] strata_store::Error),
+    /// The placement of the weights does not fit the memory budgets (or is invalid).
+    #[error(transparent)]
+    Plan(#[from] strata_store::planner::PlanError),
     /// The CUDA backend failed: no device, a driver or cuBLAS error, or arguments a kernel
     /// refused.
     #[cfg(feature = "cuda")]

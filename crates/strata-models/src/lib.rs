@@ -23,6 +23,7 @@ pub mod gguf_tokenizer;
 mod hparams;
 mod kv_cache;
 mod load;
+pub mod offload;
 pub mod resolve;
 pub mod rope;
 pub mod safetensors;

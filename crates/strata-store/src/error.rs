@@ -152,6 +152,34 @@ pub enum Error {
         /// The checksum of the bytes read.
         actual: u32,
     },
+    /// A unit has no tensor of that name.
+    #[error("unit {unit} of the offload pack has no tensor {tensor}")]
+    TensorNotInUnit {
+        /// The unit's name.
+        unit: String,
+        /// The tensor asked for.
+        tensor: String,
+    },
+    /// A manifest entry cannot be used (a dtype or range the store does not understand).
+    #[error("offload pack {path}: {reason}")]
+    BadManifest {
+        /// The pack's data file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The placement and the pack disagree (a plan made for another model or pack).
+    #[error("the placement plan does not fit the offload pack: {reason}")]
+    PlanMismatch {
+        /// What differs.
+        reason: String,
+    },
+    /// A read through the streamer failed.
+    #[error(transparent)]
+    Stream(#[from] strata_nvme::Error),
+    /// A tensor could not be made from a unit's bytes.
+    #[error(transparent)]
+    Tensor(#[from] strata_tensor::Error),
 }
 
 impl Error {

@@ -12,5 +12,11 @@
 
 pub mod error;
 pub mod pack;
+mod store;
 
 pub use error::{Error, Result};
+pub use store::{Residency, Store, StoreStats, UnitHandle};
+/// The streamer, re-exported for the layers above (which may not depend on it directly).
+pub use strata_nvme as nvme;
+/// The planner, re-exported for the layers above (which may not depend on it directly).
+pub use strata_planner as planner;
