@@ -34,7 +34,7 @@ use strata_tensor::Tensor;
 use strata_tensor::cpu::AttentionParams;
 
 use crate::context::ContextScaling;
-use crate::decoder::{Decoder, Linear};
+use crate::decoder::{Decoder, Linear, shares_bytes};
 use crate::hparams::Hparams;
 use crate::kv_cache::DEFAULT_BLOCK_LEN;
 use crate::rope::{RopeScheme, RopeTable};
@@ -101,31 +101,34 @@ impl CudaDecoder {
     /// context scaling it was given, if any). The CPU decoder is left as it was.
     pub fn new(decoder: &Decoder, cuda: Arc<Cuda>) -> Result<CudaDecoder> {
         let c = &*cuda;
-        let embed = upload_tensor(c, &decoder.embed)?;
-        let lm_head = if shares_bytes(&decoder.embed, &decoder.lm_head) {
-            embed.clone()
-        } else {
-            upload_tensor(c, &decoder.lm_head)?
+        let streamed = || {
+            Error::Unsupported(
+                "this model has weights streamed from the offload pack, which runs on the CPU only for now".into(),
+            )
         };
+        let embed = upload_tensor(c, &decoder.embed)?;
+        let head = decoder.lm_head.resident().ok_or_else(streamed)?;
+        let lm_head = if shares_bytes(&decoder.embed, head) { embed.clone() } else { upload_tensor(c, head)? };
         let layers = decoder
             .layers
             .iter()
             .map(|l| {
-                let qk_norm = match (&l.q_norm, &l.k_norm) {
+                let (a, f) = (l.attn.resident().ok_or_else(streamed)?, l.ffn.resident().ok_or_else(streamed)?);
+                let qk_norm = match (&a.q_norm, &a.k_norm) {
                     (Some(qn), Some(kn)) => Some((c.upload(qn)?, c.upload(kn)?)),
                     _ => None,
                 };
                 Ok(CudaLayer {
-                    attn_norm: c.upload(&l.attn_norm)?,
-                    q: CudaLinear::upload(c, &l.q)?,
-                    k: CudaLinear::upload(c, &l.k)?,
-                    v: CudaLinear::upload(c, &l.v)?,
-                    o: CudaLinear::upload(c, &l.o)?,
+                    attn_norm: c.upload(&a.norm)?,
+                    q: CudaLinear::upload(c, &a.q)?,
+                    k: CudaLinear::upload(c, &a.k)?,
+                    v: CudaLinear::upload(c, &a.v)?,
+                    o: CudaLinear::upload(c, &a.o)?,
                     qk_norm,
-                    ffn_norm: c.upload(&l.ffn_norm)?,
-                    gate: CudaLinear::upload(c, &l.gate)?,
-                    up: CudaLinear::upload(c, &l.up)?,
-                    down: CudaLinear::upload(c, &l.down)?,
+                    ffn_norm: c.upload(&f.norm)?,
+                    gate: CudaLinear::upload(c, &f.gate)?,
+                    up: CudaLinear::upload(c, &f.up)?,
+                    down: CudaLinear::upload(c, &f.down)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -430,19 +433,6 @@ impl CudaKvCache {
     /// The key/value blocks themselves.
     pub fn device_cache(&self) -> &DeviceKvCache {
         &self.kv
-    }
-}
-
-/// Whether two host tensors are views of the same bytes (a tied output head).
-fn shares_bytes(a: &Tensor, b: &Tensor) -> bool {
-    match (a.cpu_bytes(), b.cpu_bytes()) {
-        (Ok(x), Ok(y)) => {
-            std::ptr::eq(x.as_ptr(), y.as_ptr())
-                && x.len() == y.len()
-                && a.dtype() == b.dtype()
-                && a.shape() == b.shape()
-        }
-        _ => false,
     }
 }
 

@@ -7,13 +7,16 @@
 //! the output head. One attention, one MLP, one RMSNorm and one RoPE serve every family.
 
 use std::path::Path;
+use std::sync::Arc;
 
+use strata_store::{Store, UnitHandle};
 use strata_tensor::Tensor;
 use strata_tensor::cpu::{self, AttentionParams};
 
 use crate::context::ContextScaling;
 use crate::hparams::Hparams;
 use crate::kv_cache::{DEFAULT_BLOCK_LEN, KvCache, RopeUpdate};
+use crate::offload::{EMBEDDING_UNIT, HEAD_UNIT, UnitLayout, attention_unit, ffn_unit};
 use crate::rope::{RopeScheme, RopeTable};
 use crate::{Error, Result};
 
@@ -63,20 +66,65 @@ impl Linear {
     }
 }
 
-/// One decoder layer's weights.
+/// One decoder layer's attention block: its input norm, the q/k/v/o projections and the
+/// optional per-head q/k norms (one unit of the offload pack).
 #[derive(Clone, Debug)]
-pub struct Layer {
-    pub(crate) attn_norm: Vec<f32>,
+pub struct Attention {
+    pub(crate) norm: Vec<f32>,
     pub(crate) q: Linear,
     pub(crate) k: Linear,
     pub(crate) v: Linear,
     pub(crate) o: Linear,
     pub(crate) q_norm: Option<Vec<f32>>,
     pub(crate) k_norm: Option<Vec<f32>>,
-    pub(crate) ffn_norm: Vec<f32>,
+}
+
+impl Attention {
+    fn byte_len(&self) -> usize {
+        [&self.q, &self.k, &self.v, &self.o].iter().map(|x| x.byte_len()).sum::<usize>() + 4 * self.norm.len()
+    }
+}
+
+/// One decoder layer's feed-forward block: its post-attention norm and the SwiGLU MLP (one unit
+/// of the offload pack).
+#[derive(Clone, Debug)]
+pub struct FeedForward {
+    pub(crate) norm: Vec<f32>,
     pub(crate) gate: Linear,
     pub(crate) up: Linear,
     pub(crate) down: Linear,
+}
+
+impl FeedForward {
+    fn byte_len(&self) -> usize {
+        [&self.gate, &self.up, &self.down].iter().map(|x| x.byte_len()).sum::<usize>() + 4 * self.norm.len()
+    }
+}
+
+/// Weights held in memory for the model's lifetime, or a unit of the store read on each use.
+#[derive(Clone, Debug)]
+pub enum Slot<T> {
+    /// In memory.
+    Resident(T),
+    /// Streamed: the store's unit index.
+    Streamed(usize),
+}
+
+impl<T> Slot<T> {
+    /// The weights, if resident.
+    pub fn resident(&self) -> Option<&T> {
+        match self {
+            Slot::Resident(t) => Some(t),
+            Slot::Streamed(_) => None,
+        }
+    }
+}
+
+/// One decoder layer's weights.
+#[derive(Clone, Debug)]
+pub struct Layer {
+    pub(crate) attn: Slot<Attention>,
+    pub(crate) ffn: Slot<FeedForward>,
 }
 
 /// Which positions' logits a forward pass returns.
@@ -95,7 +143,9 @@ pub struct Decoder {
     pub(crate) embed: Tensor,
     pub(crate) layers: Vec<Layer>,
     pub(crate) norm: Vec<f32>,
-    pub(crate) lm_head: Tensor,
+    pub(crate) lm_head: Slot<Tensor>,
+    /// The store streamed units come from (`None`: every weight is resident).
+    pub(crate) store: Option<Arc<Store>>,
     /// The RoPE scheme of caches from [`Decoder::new_cache`]: the checkpoint's, or with the
     /// context scaling set by [`Decoder::set_context_scaling`].
     rope: RopeScheme,
@@ -104,47 +154,98 @@ pub struct Decoder {
 impl Decoder {
     /// Loads every weight the hyperparameters call for from `src`, checking each tensor's shape.
     pub fn load(hp: Hparams, src: &dyn TensorSource) -> Result<Decoder> {
-        let (h, q, kv, inter) = (hp.hidden_size, hp.q_dim(), hp.kv_dim(), hp.intermediate_size);
         let loader = Loader { src };
-        let embed = loader.matrix("model.embed_tokens.weight", hp.vocab_size, h)?;
+        let embed = loader.matrix("model.embed_tokens.weight", hp.vocab_size, hp.hidden_size)?;
         let lm_head = if hp.tie_embeddings && !src.contains("lm_head.weight") {
             embed.clone()
         } else {
-            loader.matrix("lm_head.weight", hp.vocab_size, h)?
+            loader.matrix("lm_head.weight", hp.vocab_size, hp.hidden_size)?
         };
         let mut layers = Vec::with_capacity(hp.n_layers);
         for i in 0..hp.n_layers {
-            let p = format!("model.layers.{i}");
-            let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-                let weight = loader.matrix(&format!("{p}.{name}.weight"), out, inp)?;
-                let bias = if bias { Some(loader.vector(&format!("{p}.{name}.bias"), out)?) } else { None };
-                Ok(Linear { weight, bias })
-            };
             layers.push(Layer {
-                attn_norm: loader.vector(&format!("{p}.input_layernorm.weight"), h)?,
-                q: linear("self_attn.q_proj", q, h, hp.qkv_bias)?,
-                k: linear("self_attn.k_proj", kv, h, hp.qkv_bias)?,
-                v: linear("self_attn.v_proj", kv, h, hp.qkv_bias)?,
-                o: linear("self_attn.o_proj", h, q, hp.o_bias)?,
-                q_norm: if hp.qk_norm {
-                    Some(loader.vector(&format!("{p}.self_attn.q_norm.weight"), hp.head_dim)?)
-                } else {
-                    None
-                },
-                k_norm: if hp.qk_norm {
-                    Some(loader.vector(&format!("{p}.self_attn.k_norm.weight"), hp.head_dim)?)
-                } else {
-                    None
-                },
-                ffn_norm: loader.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
-                gate: linear("mlp.gate_proj", inter, h, hp.mlp_bias)?,
-                up: linear("mlp.up_proj", inter, h, hp.mlp_bias)?,
-                down: linear("mlp.down_proj", h, inter, hp.mlp_bias)?,
+                attn: Slot::Resident(load_attention(&hp, i, &loader)?),
+                ffn: Slot::Resident(load_ffn(&hp, i, &loader)?),
             });
         }
-        let norm = loader.vector("model.norm.weight", h)?;
+        let norm = loader.vector("model.norm.weight", hp.hidden_size)?;
         let rope = hp.rope.clone();
-        Ok(Decoder { hp, embed, layers, norm, lm_head, rope })
+        Ok(Decoder { hp, embed, layers, norm, lm_head: Slot::Resident(lm_head), store: None, rope })
+    }
+
+    /// Loads a model whose weights live in `store`, grouped into units as `layout` says: the
+    /// store's resident units become the decoder's resident weights (views of the store's
+    /// buffers), its streamed units are read on each use. The layout must be the one the store's
+    /// pack was built with (from a checkpoint that [`Decoder::load`] accepted, so shapes hold).
+    pub fn load_placed(hp: Hparams, store: Arc<Store>, layout: &UnitLayout) -> Result<Decoder> {
+        let unit = |name: &str| {
+            store.unit_index(name).ok_or_else(|| {
+                Error::Unsupported(format!(
+                    "the offload pack {} has no unit {name}",
+                    store.pack().data_path().display()
+                ))
+            })
+        };
+        let resident = |u: usize| -> Result<Option<UnitHandle>> {
+            Ok(if store.streamed_units().contains(&u) { None } else { Some(store.acquire(u)?) })
+        };
+        let location = store.pack().data_path().to_path_buf();
+        let globals = resident(unit(EMBEDDING_UNIT)?)?.ok_or_else(|| {
+            Error::Unsupported("the embedding unit must be resident (one row of it is read per token)".into())
+        })?;
+        let src = UnitSource { handle: &globals, location: &location };
+        let loader = Loader { src: &src };
+        let embed = loader.matrix("model.embed_tokens.weight", hp.vocab_size, hp.hidden_size)?;
+        let norm = loader.vector("model.norm.weight", hp.hidden_size)?;
+        let lm_head = match layout.index(HEAD_UNIT) {
+            None => Slot::Resident(embed.clone()),
+            Some(_) => {
+                let u = unit(HEAD_UNIT)?;
+                match resident(u)? {
+                    Some(h) => Slot::Resident(Loader { src: &UnitSource { handle: &h, location: &location } }.matrix(
+                        "lm_head.weight",
+                        hp.vocab_size,
+                        hp.hidden_size,
+                    )?),
+                    None => Slot::Streamed(u),
+                }
+            }
+        };
+        let mut layers = Vec::with_capacity(hp.n_layers);
+        for i in 0..hp.n_layers {
+            let a = unit(&attention_unit(i))?;
+            let attn = match resident(a)? {
+                Some(h) => Slot::Resident(load_attention(
+                    &hp,
+                    i,
+                    &Loader { src: &UnitSource { handle: &h, location: &location } },
+                )?),
+                None => Slot::Streamed(a),
+            };
+            let f = unit(&ffn_unit(i))?;
+            let ffn = match resident(f)? {
+                Some(h) => {
+                    Slot::Resident(load_ffn(&hp, i, &Loader { src: &UnitSource { handle: &h, location: &location } })?)
+                }
+                None => Slot::Streamed(f),
+            };
+            layers.push(Layer { attn, ffn });
+        }
+        let rope = hp.rope.clone();
+        Ok(Decoder { hp, embed, layers, norm, lm_head, store: Some(store), rope })
+    }
+
+    /// The store the streamed weights come from, for an offloaded model.
+    pub fn store(&self) -> Option<&Arc<Store>> {
+        self.store.as_ref()
+    }
+
+    /// Builds streamed weights from unit `unit` of the store with `build`. The weights view the
+    /// unit's buffer, which returns to the store's ring when they are dropped.
+    fn fetch<T>(&self, unit: usize, build: impl FnOnce(&Loader<'_>) -> Result<T>) -> Result<T> {
+        let store = self.store.as_ref().expect("a decoder with streamed weights has a store");
+        let handle = store.acquire(unit)?;
+        build(&Loader { src: &UnitSource { handle: &handle, location: store.pack().data_path() } })
     }
 
     /// The hyperparameters.
@@ -187,26 +288,43 @@ impl Decoder {
         scheme.check_fits(cache.len().saturating_add(new_tokens))
     }
 
-    /// Bytes of all weights (the output head counted once when tied).
+    /// Bytes of all weights (the output head counted once when tied), resident or streamed.
     pub fn weight_bytes(&self) -> usize {
+        let streamed = |unit: usize| self.store.as_ref().map_or(0, |s| s.pack().manifest().units[unit].len as usize);
         let layers: usize = self
             .layers
             .iter()
             .map(|l| {
-                [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down].iter().map(|x| x.byte_len()).sum::<usize>()
-                    + 4 * (l.attn_norm.len() + l.ffn_norm.len())
+                let attn = match &l.attn {
+                    Slot::Resident(a) => a.byte_len(),
+                    Slot::Streamed(u) => streamed(*u),
+                };
+                let ffn = match &l.ffn {
+                    Slot::Resident(f) => f.byte_len(),
+                    Slot::Streamed(u) => streamed(*u),
+                };
+                attn + ffn
             })
             .sum();
-        let head = if self.hp.tie_embeddings { 0 } else { self.lm_head.byte_len() };
-        self.embed.byte_len() + layers + head + 4 * self.norm.len()
+        self.embed.byte_len() + layers + self.head_bytes_untied() + 4 * self.norm.len()
+    }
+
+    /// Bytes of the output head when it is not the embedding matrix (0 when tied).
+    fn head_bytes_untied(&self) -> usize {
+        match &self.lm_head {
+            Slot::Resident(t) if self.hp.tie_embeddings && shares_bytes(t, &self.embed) => 0,
+            Slot::Resident(t) => t.byte_len(),
+            Slot::Streamed(u) => self.store.as_ref().map_or(0, |s| s.pack().manifest().units[*u].len as usize),
+        }
     }
 
     /// Bytes of weights read to decode one token: every layer, the output head, and one row of
     /// the embedding.
     pub fn weight_bytes_per_token(&self) -> usize {
+        let head_is_embed = self.head_bytes_untied() == 0;
         self.weight_bytes() - self.embed.byte_len()
             + self.embed.row_bytes()
-            + if self.hp.tie_embeddings { self.lm_head.byte_len() } else { 0 }
+            + if head_is_embed { self.embed.byte_len() } else { 0 }
     }
 
     /// Runs `ids` (the next tokens of the sequence in `cache`) through the model, appending
@@ -270,7 +388,7 @@ impl Decoder {
         let mut q = vec![0f32; t * qd];
         let mut k = vec![0f32; t * kvd];
         let mut v = vec![0f32; t * kvd];
-        let mut attn = vec![0f32; t * qd];
+        let mut attn_out = vec![0f32; t * qd];
         let mut proj = vec![0f32; t * h];
         let mut gate = vec![0f32; t * inter];
         let mut up = vec![0f32; t * inter];
@@ -278,15 +396,20 @@ impl Decoder {
         let mut qk_scratch = Vec::with_capacity(if hp.qk_norm { t * qd } else { 0 });
 
         for (li, layer) in self.layers.iter().enumerate() {
-            cpu::rms_norm(&x, &layer.attn_norm, hp.rms_norm_eps, &mut normed)?;
+            let mut streamed_attn = None;
+            let attn = match &layer.attn {
+                Slot::Resident(a) => a,
+                Slot::Streamed(unit) => &*streamed_attn.insert(self.fetch(*unit, |l| load_attention(hp, li, l))?),
+            };
+            cpu::rms_norm(&x, &attn.norm, hp.rms_norm_eps, &mut normed)?;
             // q, k and v read the same input: one fork-join for the three (k and v are small,
             // and three joins in a row leave threads idle at each barrier).
             let (rq, (rk, rv)) = rayon::join(
-                || layer.q.forward(&normed, &mut q),
-                || rayon::join(|| layer.k.forward(&normed, &mut k), || layer.v.forward(&normed, &mut v)),
+                || attn.q.forward(&normed, &mut q),
+                || rayon::join(|| attn.k.forward(&normed, &mut k), || attn.v.forward(&normed, &mut v)),
             );
             rq.and(rk).and(rv)?;
-            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+            if let (Some(qn), Some(kn)) = (&attn.q_norm, &attn.k_norm) {
                 // Per-head RMSNorm of q and k (Qwen3), through one scratch buffer.
                 qk_scratch.clear();
                 qk_scratch.extend_from_slice(&q);
@@ -316,23 +439,32 @@ impl Decoder {
                 sliding_window: hp.layer_windows[li],
             };
             if pos0 == 0 {
-                cpu::attention(&q, &k, &v, 0, &params, &mut attn)?;
+                cpu::attention(&q, &k, &v, 0, &params, &mut attn_out)?;
             } else if t == 1 {
                 let (kb, vb) = cache.blocks(li);
-                cpu::attention_decode(&q, &kb, &vb, cache.block_len(), pos0 + 1, &params, &mut attn)?;
+                cpu::attention_decode(&q, &kb, &vb, cache.block_len(), pos0 + 1, &params, &mut attn_out)?;
             } else {
                 let (kc, vc) = cache.contiguous(li);
-                cpu::attention(&q, &kc, &vc, pos0, &params, &mut attn)?;
+                cpu::attention(&q, &kc, &vc, pos0, &params, &mut attn_out)?;
             }
-            layer.o.forward(&attn, &mut proj)?;
+            attn.o.forward(&attn_out, &mut proj)?;
             cpu::add(&mut x, &proj)?;
+            // A streamed unit's buffer goes back to the store's ring before the next is asked for.
+            drop(streamed_attn);
 
-            cpu::rms_norm(&x, &layer.ffn_norm, hp.rms_norm_eps, &mut normed)?;
-            let (rg, ru) =
-                rayon::join(|| layer.gate.forward(&normed, &mut gate), || layer.up.forward(&normed, &mut up));
+            let streamed_ffn;
+            let ffn = match &layer.ffn {
+                Slot::Resident(f) => f,
+                Slot::Streamed(unit) => {
+                    streamed_ffn = self.fetch(*unit, |l| load_ffn(hp, li, l))?;
+                    &streamed_ffn
+                }
+            };
+            cpu::rms_norm(&x, &ffn.norm, hp.rms_norm_eps, &mut normed)?;
+            let (rg, ru) = rayon::join(|| ffn.gate.forward(&normed, &mut gate), || ffn.up.forward(&normed, &mut up));
             rg.and(ru)?;
             cpu::swiglu(&gate, &up, &mut act)?;
-            layer.down.forward(&act, &mut proj)?;
+            ffn.down.forward(&act, &mut proj)?;
             cpu::add(&mut x, &proj)?;
         }
 
@@ -342,10 +474,18 @@ impl Decoder {
         let mut final_normed = vec![0f32; rows.len()];
         cpu::rms_norm(rows, &self.norm, hp.rms_norm_eps, &mut final_normed)?;
         let mut logits = vec![0f32; n_rows * hp.vocab_size];
+        let streamed_head;
+        let lm_head = match &self.lm_head {
+            Slot::Resident(t) => t,
+            Slot::Streamed(unit) => {
+                streamed_head = self.fetch(*unit, |l| l.matrix("lm_head.weight", hp.vocab_size, hp.hidden_size))?;
+                &streamed_head
+            }
+        };
         if n_rows == 1 {
-            cpu::matvec(&self.lm_head, &final_normed, &mut logits)?;
+            cpu::matvec(lm_head, &final_normed, &mut logits)?;
         } else {
-            cpu::matmul(&final_normed, &self.lm_head, &mut logits)?;
+            cpu::matmul(&final_normed, lm_head, &mut logits)?;
         }
         Ok(logits)
     }
@@ -377,6 +517,73 @@ pub(crate) fn check_ids(hp: &Hparams, ids: &[u32]) -> Result<()> {
     Ok(())
 }
 
+/// Loads layer `i`'s attention block.
+fn load_attention(hp: &Hparams, i: usize, loader: &Loader<'_>) -> Result<Attention> {
+    let (h, q, kv) = (hp.hidden_size, hp.q_dim(), hp.kv_dim());
+    let p = format!("model.layers.{i}");
+    let qk_norm = |name: &str| -> Result<Option<Vec<f32>>> {
+        if hp.qk_norm {
+            Ok(Some(loader.vector(&format!("{p}.self_attn.{name}.weight"), hp.head_dim)?))
+        } else {
+            Ok(None)
+        }
+    };
+    Ok(Attention {
+        norm: loader.vector(&format!("{p}.input_layernorm.weight"), h)?,
+        q: loader.linear(&format!("{p}.self_attn.q_proj"), q, h, hp.qkv_bias)?,
+        k: loader.linear(&format!("{p}.self_attn.k_proj"), kv, h, hp.qkv_bias)?,
+        v: loader.linear(&format!("{p}.self_attn.v_proj"), kv, h, hp.qkv_bias)?,
+        o: loader.linear(&format!("{p}.self_attn.o_proj"), h, q, hp.o_bias)?,
+        q_norm: qk_norm("q_norm")?,
+        k_norm: qk_norm("k_norm")?,
+    })
+}
+
+/// Loads layer `i`'s feed-forward block.
+fn load_ffn(hp: &Hparams, i: usize, loader: &Loader<'_>) -> Result<FeedForward> {
+    let (h, inter) = (hp.hidden_size, hp.intermediate_size);
+    let p = format!("model.layers.{i}");
+    Ok(FeedForward {
+        norm: loader.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
+        gate: loader.linear(&format!("{p}.mlp.gate_proj"), inter, h, hp.mlp_bias)?,
+        up: loader.linear(&format!("{p}.mlp.up_proj"), inter, h, hp.mlp_bias)?,
+        down: loader.linear(&format!("{p}.mlp.down_proj"), h, inter, hp.mlp_bias)?,
+    })
+}
+
+/// Whether two tensors are views of the same bytes as the same matrix (a tied output head).
+pub(crate) fn shares_bytes(a: &Tensor, b: &Tensor) -> bool {
+    match (a.cpu_bytes(), b.cpu_bytes()) {
+        (Ok(x), Ok(y)) => {
+            std::ptr::eq(x.as_ptr(), y.as_ptr())
+                && x.len() == y.len()
+                && a.dtype() == b.dtype()
+                && a.shape() == b.shape()
+        }
+        _ => false,
+    }
+}
+
+/// The tensors of one unit of the store, by their checkpoint names.
+struct UnitSource<'a> {
+    handle: &'a UnitHandle,
+    location: &'a Path,
+}
+
+impl TensorSource for UnitSource<'_> {
+    fn tensor(&self, name: &str) -> Result<Tensor> {
+        Ok(self.handle.tensor(name)?)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.handle.contains(name)
+    }
+
+    fn location(&self) -> &Path {
+        self.location
+    }
+}
+
 /// Fetches tensors from a source and checks their shapes.
 struct Loader<'a> {
     src: &'a dyn TensorSource,
@@ -391,6 +598,13 @@ impl Loader<'_> {
             });
         }
         self.src.tensor(name)
+    }
+
+    /// A linear layer `name.weight` `[out, inp]`, with `name.bias` if `bias`.
+    fn linear(&self, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        let weight = self.matrix(&format!("{name}.weight"), out, inp)?;
+        let bias = if bias { Some(self.vector(&format!("{name}.bias"), out)?) } else { None };
+        Ok(Linear { weight, bias })
     }
 
     /// A 2-D weight `[rows, cols]`, kept in its stored dtype.

@@ -32,16 +32,18 @@ pub use config::ModelConfig;
 pub use context::{ContextScaling, ScalingAlgorithm};
 #[cfg(feature = "cuda")]
 pub use cuda_decoder::{CudaDecoder, CudaKvCache};
-pub use decoder::{Decoder, Linear, Logits, TensorSource};
+pub use decoder::{Decoder, Linear, Logits, Slot, TensorSource};
 pub use error::{ByteCount, ConfigError, Error, HeaderError, Result};
 pub use hparams::Hparams;
 pub use kv_cache::{DEFAULT_BLOCK_LEN, KvCache, RopeUpdate};
-pub use load::{LoadedModel, TokenizerSource, load, load_dir, load_gguf};
+pub use load::{LoadedModel, OpenedModel, TokenizerSource, load, load_dir, load_gguf, open, open_dir, open_gguf};
 pub use resolve::{ModelSource, resolve_model};
 pub use rope::{RopeScheme, RopeTable};
 pub use safetensors::Checkpoint;
 /// The KV cache a [`CudaDecoder`] fills, in device memory.
 #[cfg(feature = "cuda")]
 pub use strata_kernels::cuda::kv::DeviceKvCache;
+/// The weight store (and through it the planner and the streamer), re-exported for the facade.
+pub use strata_store as store;
 /// The tensor core, re-exported for the facade.
 pub use strata_tensor as tensor;

@@ -1,14 +1,19 @@
 //! Loading a model from a spec: resolve it, read its configuration, map its weights.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use strata_tensor::Tensor;
+use strata_store::pack::{Pack, Progress as PackProgress};
+use strata_store::planner::{Plan, Tier, WeightManifest};
+use strata_store::{Residency, Store};
+use strata_tensor::{DType, Tensor};
 
 use crate::decoder::{Decoder, TensorSource};
 use crate::gguf::GgufFile;
 use crate::gguf_model::hparams_from_gguf;
 use crate::gguf_tokenizer::tokenizer_from_gguf;
 use crate::hparams::Hparams;
+use crate::offload::{self, UnitLayout};
 use crate::resolve::{ModelSource, resolve_model};
 use crate::safetensors::Checkpoint;
 use crate::{Error, ModelConfig, Result};
@@ -38,36 +43,136 @@ pub struct LoadedModel {
 /// Loads the model `spec` names: a checkpoint directory, or a model id in the local Hugging
 /// Face cache.
 pub fn load(spec: &str) -> Result<LoadedModel> {
-    match resolve_model(spec)? {
-        ModelSource::Dir(dir) => load_dir(&dir),
-        ModelSource::Gguf(path) => load_gguf(&path),
-    }
+    open(spec)?.load()
 }
 
 /// Loads a GGUF file: weights used in place, the tokenizer and chat template from metadata.
 pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
+    open_gguf(path)?.load()
+}
+
+/// Loads a Hugging Face checkpoint directory (config.json + safetensors).
+pub fn load_dir(dir: &Path) -> Result<LoadedModel> {
+    open_dir(dir)?.load()
+}
+
+/// A checkpoint opened (configuration read, weights mapped, nothing loaded yet): the step
+/// before loading where the weights' placement can be planned.
+pub struct OpenedModel {
+    /// The model's hyperparameters.
+    pub hparams: Hparams,
+    source: Box<dyn TensorSource>,
+    tokenizer: Option<TokenizerSource>,
+    chat_template: Option<String>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for OpenedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenedModel").field("path", &self.path).field("hparams", &self.hparams).finish()
+    }
+}
+
+/// Opens the model `spec` names (see [`load`]).
+pub fn open(spec: &str) -> Result<OpenedModel> {
+    match resolve_model(spec)? {
+        ModelSource::Dir(dir) => open_dir(&dir),
+        ModelSource::Gguf(path) => open_gguf(&path),
+    }
+}
+
+/// Opens a GGUF file (see [`load_gguf`]).
+pub fn open_gguf(path: &Path) -> Result<OpenedModel> {
     let file = GgufFile::open(path)?;
     let hparams = hparams_from_gguf(&file)?;
-    let decoder = Decoder::load(hparams, &file)?;
     let meta = file.metadata();
     let tokenizer = match meta.opt_str("tokenizer.ggml.model")? {
         Some(_) => Some(TokenizerSource::Built(Box::new(tokenizer_from_gguf(meta)?))),
         None => None,
     };
     let chat_template = meta.opt_str("tokenizer.chat_template")?.map(str::to_string);
-    Ok(LoadedModel { decoder, tokenizer, chat_template, path: path.to_path_buf() })
+    Ok(OpenedModel { hparams, source: Box::new(file), tokenizer, chat_template, path: path.to_path_buf() })
 }
 
-/// Loads a Hugging Face checkpoint directory (config.json + safetensors).
-pub fn load_dir(dir: &Path) -> Result<LoadedModel> {
+/// Opens a Hugging Face checkpoint directory (see [`load_dir`]).
+pub fn open_dir(dir: &Path) -> Result<OpenedModel> {
     let config = ModelConfig::from_dir(dir)?;
     let hparams = Hparams::from_config(&config)?;
     let checkpoint = Checkpoint::open(dir)?;
-    let decoder = Decoder::load(hparams, &checkpoint)?;
     let tokenizer = dir.join("tokenizer.json");
     let tokenizer = tokenizer.is_file().then_some(TokenizerSource::Json(tokenizer));
     let chat_template = chat_template_of_dir(dir)?;
-    Ok(LoadedModel { decoder, tokenizer, chat_template, path: dir.to_path_buf() })
+    Ok(OpenedModel { hparams, source: Box::new(checkpoint), tokenizer, chat_template, path: dir.to_path_buf() })
+}
+
+impl OpenedModel {
+    /// The checkpoint directory or file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Loads every weight in place (memory-mapped): the whole model resident.
+    pub fn load(self) -> Result<LoadedModel> {
+        let decoder = Decoder::load(self.hparams, &*self.source)?;
+        Ok(LoadedModel { decoder, tokenizer: self.tokenizer, chat_template: self.chat_template, path: self.path })
+    }
+
+    /// The units the model's weights group into for placement.
+    pub fn layout(&self) -> Result<UnitLayout> {
+        UnitLayout::of(&self.hparams, &*self.source)
+    }
+
+    /// The weight manifest the planner places.
+    pub fn manifest(&self, layout: &UnitLayout) -> Result<WeightManifest> {
+        layout.manifest(&self.hparams, &*self.source)
+    }
+
+    /// Builds (or finds) the model's offload pack in `offload_dir`.
+    pub fn pack(
+        &self,
+        layout: &UnitLayout,
+        offload_dir: &Path,
+        convert: Option<DType>,
+        progress: &mut dyn FnMut(&PackProgress),
+    ) -> Result<Pack> {
+        offload::ensure_pack(layout, &*self.source, &self.path, offload_dir, convert, progress)
+    }
+
+    /// Loads the model placed as `plan` says. With nothing streamed, this is [`OpenedModel::load`].
+    /// Otherwise the offload pack in `offload_dir` is built if missing (`pack_progress`), the
+    /// checkpoint is unmapped, the resident units are read from the pack into RAM
+    /// (`read_progress(done, total)`) and the streamed ones are read on use, `plan.prefetch_depth`
+    /// ahead.
+    pub fn load_placed(
+        self,
+        plan: &Plan,
+        layout: &UnitLayout,
+        offload_dir: &Path,
+        pack_progress: &mut dyn FnMut(&PackProgress),
+        read_progress: impl FnMut(u64, u64),
+    ) -> Result<LoadedModel> {
+        if plan.placements.len() != layout.units.len() {
+            return Err(Error::Unsupported(format!(
+                "the plan places {} units but the model has {}",
+                plan.placements.len(),
+                layout.units.len()
+            )));
+        }
+        if plan.stream_order.is_empty() {
+            return self.load();
+        }
+        let pack = self.pack(layout, offload_dir, None, pack_progress)?;
+        let OpenedModel { hparams, source, tokenizer, chat_template, path } = self;
+        // The checkpoint's mapping goes before the resident units are read, so its pages do not
+        // count against the memory budget.
+        drop(source);
+        let residency: Vec<Residency> = (0..layout.units.len())
+            .map(|i| if plan.tier_of(i) == Tier::Disk { Residency::Streamed } else { Residency::Resident })
+            .collect();
+        let store = Store::open(pack, &residency, plan.prefetch_depth, read_progress)?;
+        let decoder = Decoder::load_placed(hparams, Arc::new(store), layout)?;
+        Ok(LoadedModel { decoder, tokenizer, chat_template, path })
+    }
 }
 
 /// The chat template of a checkpoint directory: `chat_template.jinja` (transformers 5), else

@@ -47,7 +47,39 @@ pub enum Error {
     /// The runtime could not be set up.
     #[error("{0}")]
     Runtime(String),
+    /// A file could not be read or written.
+    #[error("{}: {error}", path.display())]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        error: std::io::Error,
+    },
 }
 
 /// The facade's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<strata_models::store::Error> for Error {
+    fn from(e: strata_models::store::Error) -> Error {
+        Error::Model(e.into())
+    }
+}
+
+impl From<strata_models::store::nvme::Error> for Error {
+    fn from(e: strata_models::store::nvme::Error) -> Error {
+        Error::Model(strata_models::store::Error::from(e).into())
+    }
+}
+
+impl From<strata_models::store::planner::PlanError> for Error {
+    fn from(e: strata_models::store::planner::PlanError) -> Error {
+        Error::Model(e.into())
+    }
+}
+
+impl From<strata_models::tensor::Error> for Error {
+    fn from(e: strata_models::tensor::Error) -> Error {
+        Error::Model(e.into())
+    }
+}

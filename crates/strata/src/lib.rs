@@ -14,6 +14,7 @@ mod chat;
 mod default_model;
 mod error;
 mod model;
+mod offload;
 mod perplexity;
 pub mod sampling;
 mod scaling;
@@ -23,11 +24,19 @@ pub use chat::{ChatMessage, ChatTemplate};
 pub use default_model::{DEFAULT_MODEL_FILE, DEFAULT_MODEL_PACKAGE, cache_dir, default_model};
 pub use error::{Error, Result};
 pub use model::{Cache, GenerateOptions, Generation, LoadOptions, LogitsMode, Model, StopReason, check_device};
+pub use offload::{
+    DEFAULT_PREFILL_CHUNK, OffloadConfig, cached_hardware_profile, hardware_profile, hardware_profile_path,
+    probe_hardware, save_hardware_profile,
+};
 pub use perplexity::{DEFAULT_PERPLEXITY_CHUNK, Perplexity};
 pub use sampling::{Sampler, SamplingParams};
 pub use scaling::{ContextScalingConfig, DEFAULT_DYNAMIC_EXPANSION};
 pub use strata_models::KvCache;
 pub use strata_models::ScalingAlgorithm;
+/// The placement planner's types (plans, budgets, sizes, the hardware profile).
+pub use strata_models::store::planner;
+/// The weight store's counters.
+pub use strata_models::store::{Store, StoreStats};
 /// Where a model runs ([`LoadOptions::device`]).
 pub use strata_models::tensor::Device;
 pub use tokenizer::{TextStream, Tokenizer};

@@ -9,6 +9,7 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use strata_models::store::planner::Plan;
 use strata_models::tensor::Device;
 use strata_models::{Decoder, KvCache, Logits, TokenizerSource};
 
@@ -27,6 +28,9 @@ pub struct LoadOptions {
     pub device: Device,
     /// RoPE context scaling that overrides the checkpoint's own (`None`: the checkpoint's).
     pub context_scaling: Option<crate::ContextScalingConfig>,
+    /// Where the weights live (memory ceilings, streaming from the offload pack). The default
+    /// keeps every weight in the memory-mapped checkpoint.
+    pub offload: crate::OffloadConfig,
 }
 
 /// Whether this build of strata can run models on `device`: always for the CPU; for a CUDA
@@ -164,6 +168,11 @@ pub struct Model {
     chat_template: Option<String>,
     pool: rayon::ThreadPool,
     source: PathBuf,
+    /// The placement the model loaded with, when an [`crate::OffloadConfig`] asked for one.
+    plan: Option<Plan>,
+    /// Forward passes are cut into chunks of at most this many tokens (with a plan: the
+    /// activations it counted).
+    chunk: Option<usize>,
 }
 
 impl std::fmt::Debug for Model {
@@ -184,21 +193,62 @@ impl Model {
     pub fn from_pretrained(spec: impl AsRef<Path>, options: LoadOptions) -> Result<Model> {
         let spec = spec.as_ref();
         check_device(options.device)?;
-        let loaded = strata_models::load(&spec.to_string_lossy())?;
-        let tokenizer = match loaded.tokenizer {
-            Some(TokenizerSource::Json(p)) => Some(Tokenizer::from_file(&p)?),
-            Some(TokenizerSource::Built(t)) => Some(Tokenizer::from_inner(*t)),
-            None => None,
-        };
+        let opened = strata_models::open(&spec.to_string_lossy())?;
         let mut builder = rayon::ThreadPoolBuilder::new().thread_name(|i| format!("strata-cpu-{i}"));
         if let Some(n) = options.threads {
             builder = builder.num_threads(n);
         }
         let pool = builder.build().map_err(|e| Error::Runtime(format!("cannot start the CPU thread pool: {e}")))?;
+        let scaling = match &options.context_scaling {
+            Some(config) => Some(config.resolve(opened.hparams.rope.trained_context())?),
+            None => None,
+        };
+        let (loaded, plan) = if options.offload.is_active() {
+            if options.device != Device::Cpu {
+                return Err(Error::Unsupported(format!(
+                    "placement flags with {}: tiered weights run on the CPU for now",
+                    options.device
+                )));
+            }
+            // The plan reserves the KV cache for the longest request the scaling allows.
+            let scheme = opened.hparams.rope.with_context_scaling(scaling.clone())?;
+            let context = scheme.max_capacity().unwrap_or(opened.hparams.max_position_embeddings);
+            let dir = options.offload.offload_dir();
+            let hardware = match &options.offload.hardware {
+                Some(h) => h.clone(),
+                None => pool.install(|| crate::offload::hardware_profile(&dir, pool.current_num_threads()))?,
+            };
+            let layout = opened.layout()?;
+            let manifest = opened.manifest(&layout)?;
+            let plan = options.offload.plan(&manifest, &hardware, context)?;
+            let name = opened.path().display().to_string();
+            let mut shown = 0u64;
+            let mut pack_progress = |p: &strata_models::store::pack::Progress| {
+                // One line per tenth of the pack on stderr.
+                let step = p.total_bytes.div_ceil(10).max(1);
+                if p.done_bytes >= shown + step || (p.done_bytes == p.total_bytes && shown < p.total_bytes) {
+                    shown = p.done_bytes;
+                    eprintln!(
+                        "packing {name} into {}: {:.0}% ({})",
+                        dir.display(),
+                        100.0 * p.done_bytes as f64 / p.total_bytes.max(1) as f64,
+                        p.unit
+                    );
+                }
+            };
+            let loaded = opened.load_placed(&plan, &layout, &dir, &mut pack_progress, |_, _| {})?;
+            (loaded, Some(plan))
+        } else {
+            (opened.load()?, None)
+        };
+        let tokenizer = match loaded.tokenizer {
+            Some(TokenizerSource::Json(p)) => Some(Tokenizer::from_file(&p)?),
+            Some(TokenizerSource::Built(t)) => Some(Tokenizer::from_inner(*t)),
+            None => None,
+        };
         let mut decoder = loaded.decoder;
-        if let Some(config) = &options.context_scaling {
-            let scaling = config.resolve(decoder.rope_scheme().trained_context())?;
-            decoder.set_context_scaling(Some(scaling))?;
+        if scaling.is_some() {
+            decoder.set_context_scaling(scaling)?;
         }
         let backend = match options.device {
             Device::Cpu => Backend::Cpu,
@@ -207,6 +257,7 @@ impl Model {
             #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => return Err(Error::CudaNotCompiled { device: options.device }),
         };
+        let chunk = plan.as_ref().map(|_| crate::DEFAULT_PREFILL_CHUNK);
         Ok(Model {
             decoder,
             backend,
@@ -215,7 +266,19 @@ impl Model {
             chat_template: loaded.chat_template,
             pool,
             source: loaded.path,
+            plan,
+            chunk,
         })
+    }
+
+    /// The placement plan the model loaded with (`None` without an [`crate::OffloadConfig`]).
+    pub fn placement(&self) -> Option<&Plan> {
+        self.plan.as_ref()
+    }
+
+    /// The offload store's counters and I/O path, for a model with streamed weights.
+    pub fn store(&self) -> Option<&std::sync::Arc<strata_models::store::Store>> {
+        self.decoder.store()
     }
 
     /// The device the model runs on.
@@ -356,7 +419,21 @@ impl Model {
             return Err(mismatch(cache.device));
         }
         match (&self.backend, &mut cache.inner) {
-            (Backend::Cpu, CacheInner::Cpu(c)) => self.install(|| Ok(self.decoder.forward(ids, c, which)?)),
+            (Backend::Cpu, CacheInner::Cpu(c)) => match self.chunk {
+                Some(chunk) if ids.len() > chunk => self.install(|| {
+                    // Chunk by chunk through the cache: the activations the plan counted.
+                    let mut out = Vec::new();
+                    let pieces = ids.len().div_ceil(chunk);
+                    for (i, piece) in ids.chunks(chunk).enumerate() {
+                        let logits = self.decoder.forward(piece, c, which)?;
+                        if which == Logits::All || i + 1 == pieces {
+                            out.extend(logits);
+                        }
+                    }
+                    Ok(out)
+                }),
+                _ => self.install(|| Ok(self.decoder.forward(ids, c, which)?)),
+            },
             #[cfg(feature = "cuda")]
             (Backend::Cuda(d), CacheInner::Cuda(c)) => Ok(d.forward(ids, c, which)?),
             #[cfg(feature = "cuda")]

@@ -1,0 +1,211 @@
+//! Tiered weights in the facade: [`OffloadConfig`] (strategy, memory ceilings, prefetch depth,
+//! offload directory), the machine's [`HardwareProfile`] (measured once and cached), and the
+//! plan a model loads with.
+//!
+//! With a RAM ceiling set, loading plans the placement first (the planner's strategies, under
+//! `max_ram`, for the longest context a request may reach); a plan that streams nothing runs
+//! from the memory-mapped checkpoint as usual, one that streams builds the offload pack on first
+//! use and runs through the store. Forward passes are then cut into chunks of at most
+//! [`DEFAULT_PREFILL_CHUNK`] tokens, the activation size the plan counted.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use strata_models::store::nvme::{Streamer, StreamerConfig, Ticket};
+use strata_models::store::planner::{
+    DEFAULT_STRATEGY, HardwareProfile, Plan, PlanInput, TierBudgets, WeightManifest, Workload, strategy_by_name,
+};
+use strata_models::tensor::{DType, Tensor, cpu};
+
+use crate::{Error, Result, cache_dir};
+
+/// Tokens per forward pass of a model loaded with a memory ceiling: the activations the plan
+/// counts. Longer prompts run chunk by chunk through the KV cache (the same result).
+pub const DEFAULT_PREFILL_CHUNK: usize = 512;
+
+/// Where weights live: the placement strategy, the memory ceilings, how far the store reads
+/// ahead, and where the offload pack goes. The default (nothing set) keeps every weight in the
+/// memory-mapped checkpoint, with no plan.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct OffloadConfig {
+    /// A planner strategy: `all-resident`, `stream-all`, `pin-attention` or `cost-model` (the
+    /// default).
+    pub strategy: Option<String>,
+    /// GPU memory ceiling in bytes (GPU placement is not planned yet: refused when set).
+    pub max_vram: Option<u64>,
+    /// Host memory ceiling in bytes: weights, KV cache, activations and staging buffers stay
+    /// under it, or loading fails saying what would fit.
+    pub max_ram: Option<u64>,
+    /// Streamed units read ahead of compute (`None`: the strategy decides).
+    pub prefetch_layers: Option<usize>,
+    /// Where the offload pack is built (default: `<strata cache>/offload`).
+    pub offload_dir: Option<PathBuf>,
+    /// The machine's rates for the cost model (`None`: the cached profile, measured once on
+    /// first use; see [`hardware_profile`]).
+    pub hardware: Option<HardwareProfile>,
+}
+
+impl OffloadConfig {
+    /// Whether anything is set, so that loading plans the placement.
+    pub fn is_active(&self) -> bool {
+        self.strategy.is_some()
+            || self.max_vram.is_some()
+            || self.max_ram.is_some()
+            || self.prefetch_layers.is_some()
+            || self.offload_dir.is_some()
+    }
+
+    /// The offload directory: the configured one or `<strata cache>/offload`.
+    pub fn offload_dir(&self) -> PathBuf {
+        self.offload_dir.clone().unwrap_or_else(|| cache_dir().join("offload"))
+    }
+
+    /// Plans `manifest` under this configuration for requests of up to `context_tokens` tokens.
+    pub fn plan(&self, manifest: &WeightManifest, hardware: &HardwareProfile, context_tokens: usize) -> Result<Plan> {
+        if self.max_vram.is_some() {
+            return Err(Error::InvalidInput(
+                "--max-vram: placing weights in GPU memory under a ceiling is not supported yet (CPU plans only)"
+                    .into(),
+            ));
+        }
+        let name = self.strategy.as_deref().unwrap_or(DEFAULT_STRATEGY);
+        let strategy = strategy_by_name(name)?;
+        let input = PlanInput {
+            manifest,
+            budgets: TierBudgets { vram: None, ram: self.max_ram },
+            hardware,
+            workload: Workload { context_tokens, batch_tokens: DEFAULT_PREFILL_CHUNK.min(context_tokens.max(1)) },
+            prefetch_depth: self.prefetch_layers,
+        };
+        Ok(strategy.plan(&input)?)
+    }
+}
+
+/// Where the hardware profile is cached.
+pub fn hardware_profile_path() -> PathBuf {
+    cache_dir().join("hardware.json")
+}
+
+/// The cached hardware profile, if one was measured for `threads` threads.
+pub fn cached_hardware_profile(threads: usize) -> Result<Option<HardwareProfile>> {
+    let path = hardware_profile_path();
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(None);
+    };
+    match serde_json::from_str::<HardwareProfile>(&text) {
+        Ok(p) if p.threads == threads && p.validate().is_ok() => Ok(Some(p)),
+        _ => Ok(None),
+    }
+}
+
+/// The machine's profile for `threads` threads: the cached one, or measured now (a few
+/// seconds, said on stderr; the offload directory's disk is the one measured) and cached.
+/// Runs the measurement on the current rayon pool, which should have `threads` threads.
+pub fn hardware_profile(offload_dir: &Path, threads: usize) -> Result<HardwareProfile> {
+    if let Some(p) = cached_hardware_profile(threads)? {
+        return Ok(p);
+    }
+    eprintln!("measuring this machine once for the placement planner (disk, memory, matvec per dtype)...");
+    let p = probe_hardware(offload_dir, threads)?;
+    save_hardware_profile(&p)?;
+    eprintln!(
+        "  disk {:.2} GB/s, memory {:.1} GB/s; saved to {}",
+        p.disk_read_gb_s,
+        p.memory_gb_s,
+        hardware_profile_path().display()
+    );
+    Ok(p)
+}
+
+/// Writes `profile` to the cache.
+pub fn save_hardware_profile(profile: &HardwareProfile) -> Result<()> {
+    let path = hardware_profile_path();
+    let io = |error: std::io::Error| Error::Io { path: path.clone(), error };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let text =
+        serde_json::to_string_pretty(profile).map_err(|e| Error::Runtime(format!("encoding the profile: {e}")))?;
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, text).map_err(io)?;
+    std::fs::rename(&tmp, &path).map_err(io)
+}
+
+/// Bytes of the file the disk probe reads.
+const DISK_PROBE_BYTES: usize = 512 << 20;
+/// Bytes of each matrix the matvec probe multiplies.
+const MATVEC_PROBE_BYTES: usize = 64 << 20;
+
+/// Measures the machine: the sequential read rate of the disk under `dir` through the
+/// streamer (`O_DIRECT` where it works, so the page cache does not flatter it), the memory read
+/// bandwidth with the current pool, and the bytes of weights per second a matvec consumes in
+/// each dtype.
+pub fn probe_hardware(dir: &Path, threads: usize) -> Result<HardwareProfile> {
+    let disk_read_gb_s = probe_disk(dir)?;
+    let memory_gb_s = crate::memory_read_bandwidth() / 1e9;
+    let mut matvec_gb_s = std::collections::BTreeMap::new();
+    for dtype in [DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q4K, DType::Q6K] {
+        matvec_gb_s.insert(dtype.name().to_string(), probe_matvec(dtype)?);
+    }
+    Ok(HardwareProfile { disk_read_gb_s, memory_gb_s, matvec_gb_s, host_to_device_gb_s: None, threads })
+}
+
+/// Writes a file of [`DISK_PROBE_BYTES`] under `dir`, then reads it back in 8 MiB units with
+/// four in flight; GB/s of the read.
+fn probe_disk(dir: &Path) -> Result<f64> {
+    std::fs::create_dir_all(dir).map_err(|error| Error::Io { path: dir.to_path_buf(), error })?;
+    let path = dir.join(format!("disk-probe-{}.tmp", std::process::id()));
+    let io = |error: std::io::Error| Error::Io { path: path.clone(), error };
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&path).map_err(io)?;
+        let chunk: Vec<u8> = (0..8 << 20).map(|i: usize| ((i * 2654435761) >> 13) as u8).collect();
+        for _ in 0..DISK_PROBE_BYTES / chunk.len() {
+            f.write_all(&chunk).map_err(io)?;
+        }
+        f.sync_all().map_err(io)?;
+    }
+    let result = (|| -> Result<f64> {
+        let unit = 8 << 20;
+        let config = StreamerConfig { queue_depth: 4, buffer_bytes: unit, buffers: 5, ..StreamerConfig::default() };
+        let streamer = Streamer::open(&path, config)?;
+        let start = Instant::now();
+        let mut tickets = std::collections::VecDeque::new();
+        for offset in (0..DISK_PROBE_BYTES).step_by(unit) {
+            if tickets.len() == 4 {
+                let t: Ticket = tickets.pop_front().expect("four in flight");
+                drop(t.wait()?);
+            }
+            let t = streamer.read(offset as u64, unit)?;
+            tickets.push_back(t);
+        }
+        for t in tickets {
+            drop(t.wait()?);
+        }
+        Ok(DISK_PROBE_BYTES as f64 / start.elapsed().as_secs_f64() / 1e9)
+    })();
+    let _ = std::fs::remove_file(&path);
+    result
+}
+
+/// The weight bytes per second of a matvec over a [`MATVEC_PROBE_BYTES`] matrix in `dtype`
+/// (the median of five, after a warm-up).
+fn probe_matvec(dtype: DType) -> Result<f64> {
+    let cols = 4096;
+    let row_bytes = dtype.bytes_for(cols).ok_or_else(|| Error::Runtime(format!("{} rows of {cols}", dtype.name())))?;
+    let rows = MATVEC_PROBE_BYTES / row_bytes;
+    let values: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 5000.0).collect();
+    let w = Tensor::from_f32_as(&values, [rows, cols], dtype)?;
+    drop(values);
+    let x: Vec<f32> = (0..cols).map(|i| (i % 13) as f32 / 13.0).collect();
+    let mut y = vec![0f32; rows];
+    cpu::matvec(&w, &x, &mut y)?;
+    let mut times = Vec::with_capacity(5);
+    for _ in 0..5 {
+        let start = Instant::now();
+        cpu::matvec(&w, &x, &mut y)?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(w.byte_len() as f64 / times[2] / 1e9)
+}

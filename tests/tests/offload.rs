@@ -1,0 +1,137 @@
+//! Tiered weights through the facade: every placement strategy and prefetch depth gives the
+//! same logits as the unoffloaded model, and the faults the issue lists (a corrupt unit, a
+//! budget below the minimum, an offload directory on tmpfs) behave.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use strata::planner::{HardwareProfile, PlanError, Tier};
+use strata::{Error, LoadOptions, LogitsMode, Model, OffloadConfig};
+use strata_tests::Fixture;
+
+const FIXTURES: [&str; 4] = ["llama_tied", "llama_untied", "qwen2_bias", "qwen3_qknorm"];
+
+/// A fixed profile, so that tests never measure the machine.
+fn hardware() -> HardwareProfile {
+    HardwareProfile {
+        disk_read_gb_s: 1.5,
+        memory_gb_s: 20.0,
+        matvec_gb_s: BTreeMap::new(),
+        host_to_device_gb_s: None,
+        threads: 2,
+    }
+}
+
+fn load(dir: &Path, offload: OffloadConfig) -> strata::Result<Model> {
+    Model::from_pretrained(dir, LoadOptions { threads: Some(2), offload, ..LoadOptions::default() })
+}
+
+fn config(strategy: &str, depth: Option<usize>, max_ram: Option<u64>, offload_dir: &Path) -> OffloadConfig {
+    OffloadConfig {
+        strategy: Some(strategy.to_string()),
+        max_ram,
+        prefetch_layers: depth,
+        offload_dir: Some(offload_dir.to_path_buf()),
+        hardware: Some(hardware()),
+        ..OffloadConfig::default()
+    }
+}
+
+/// The smallest RAM budget `strategy` accepts for the model in `dir`, from its refusal of 1 byte.
+fn minimum_ram(dir: &Path, offload_dir: &Path) -> u64 {
+    match load(dir, config("cost-model", None, Some(1), offload_dir)) {
+        Err(Error::Model(strata_models::Error::Plan(PlanError::DoesNotFit { needed, .. }))) => needed,
+        other => panic!("expected DoesNotFit, got {:?}", other.map(|_| ())),
+    }
+}
+
+#[test]
+fn every_strategy_and_depth_gives_the_unoffloaded_logits() {
+    let offload_dir = tempfile::tempdir().unwrap();
+    for name in FIXTURES {
+        let f = Fixture::load(name);
+        let plain = load(&f.dir, OffloadConfig::default()).unwrap();
+        assert!(plain.placement().is_none());
+        let want_one = plain.logits(&f.prompt_ids, LogitsMode::OnePass).unwrap();
+        let want_decode = plain.logits(&f.prompt_ids, LogitsMode::Decode).unwrap();
+        let tight = minimum_ram(&f.dir, offload_dir.path());
+        let cases: Vec<(&str, Option<usize>, Option<u64>)> = vec![
+            ("all-resident", None, None),
+            ("stream-all", Some(0), None),
+            ("stream-all", Some(1), None),
+            ("stream-all", Some(3), None),
+            ("pin-attention", None, None),
+            ("pin-attention", Some(0), None),
+            ("cost-model", None, Some(tight)),
+            ("cost-model", Some(2), Some(tight + tight / 2)),
+        ];
+        for (strategy, depth, max_ram) in cases {
+            let what = format!("{name} {strategy} depth {depth:?} max_ram {max_ram:?}");
+            let model = load(&f.dir, config(strategy, depth, max_ram, offload_dir.path()))
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            let plan = model.placement().expect("a plan");
+            let streamed = plan.placements.iter().filter(|p| p.tier == Tier::Disk).count();
+            match strategy {
+                "all-resident" => assert_eq!(streamed, 0, "{what}"),
+                "stream-all" | "pin-attention" => assert!(streamed > 0 && model.store().is_some(), "{what}"),
+                _ => {}
+            }
+            if let Some(budget) = max_ram {
+                assert!(plan.ram.total <= budget, "{what}: plan uses {} of {budget}", plan.ram.total);
+            }
+            let got_one = model.logits(&f.prompt_ids, LogitsMode::OnePass).unwrap();
+            let got_decode = model.logits(&f.prompt_ids, LogitsMode::Decode).unwrap();
+            assert_eq!(got_one, want_one, "{what}: one pass");
+            assert_eq!(got_decode, want_decode, "{what}: decode");
+            if let Some(store) = model.store() {
+                let stats = store.stats();
+                assert!(stats.streamed_units > 0 && stats.streamed_bytes > 0, "{what}: {stats:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_budget_below_the_minimum_is_refused_before_anything_is_written() {
+    let f = Fixture::load("llama_untied");
+    let offload_dir = tempfile::tempdir().unwrap();
+    let tight = minimum_ram(&f.dir, offload_dir.path());
+    let err = load(&f.dir, config("cost-model", None, Some(tight - 1), offload_dir.path())).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("needs at least") && text.contains("short"), "{text}");
+    assert_eq!(std::fs::read_dir(offload_dir.path()).unwrap().count(), 0, "nothing may be written: {text}");
+    // A fixed strategy that cannot fit says what the cost model would need.
+    let err = load(&f.dir, config("all-resident", None, Some(tight), offload_dir.path())).unwrap_err().to_string();
+    assert!(err.contains("cost-model"), "{err}");
+}
+
+#[test]
+fn a_corrupt_unit_is_a_clear_error() {
+    let f = Fixture::load("llama_untied");
+    let offload_dir = tempfile::tempdir().unwrap();
+    let model = load(&f.dir, config("stream-all", Some(1), None, offload_dir.path())).unwrap();
+    let store = model.store().expect("streamed").clone();
+    let pack = store.pack();
+    let unit = pack.unit_index("layers.1.ffn").unwrap();
+    let at = pack.manifest().units[unit].offset as usize + 100;
+    let path = pack.data_path().to_path_buf();
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[at] ^= 0x01;
+    std::fs::write(&path, bytes).unwrap();
+    let err = model.logits(&f.prompt_ids, LogitsMode::OnePass).unwrap_err().to_string();
+    assert!(err.contains("layers.1.ffn") && err.contains("corrupt"), "{err}");
+}
+
+#[test]
+fn an_offload_dir_on_tmpfs_works() {
+    let shm = Path::new("/dev/shm");
+    if !shm.is_dir() {
+        eprintln!("skipped: no /dev/shm on this machine");
+        return;
+    }
+    let f = Fixture::load("qwen2_bias");
+    let offload_dir = tempfile::tempdir_in(shm).unwrap();
+    let plain = load(&f.dir, OffloadConfig::default()).unwrap().logits(&f.prompt_ids, LogitsMode::OnePass).unwrap();
+    let model = load(&f.dir, config("stream-all", Some(2), None, offload_dir.path())).unwrap();
+    assert_eq!(model.logits(&f.prompt_ids, LogitsMode::OnePass).unwrap(), plain);
+}
