@@ -70,6 +70,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut decode = Vec::new();
     let mut kv_bytes = 0;
     let mut peak_vram: Option<usize> = None;
+    let mut streamed_per_token = Vec::new();
     for run in 0..RUNS {
         say(&format!("run {}/{RUNS}: prefill {} tokens, decode {}", run + 1, a.prompt_tokens, a.gen_tokens));
         let mut cache = model.new_cache()?;
@@ -77,19 +78,40 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let t = Instant::now();
         let mut logits = model.step(&prompt, &mut cache)?;
         prefill.push(t.elapsed().as_secs_f64());
+        if let Some(store) = model.store() {
+            store.reset_stats();
+        }
         let t = Instant::now();
         for _ in 0..a.gen_tokens {
             let next = strata::sampling::argmax(&logits) as u32;
             logits = model.step(&[next], &mut cache)?;
         }
         decode.push(t.elapsed().as_secs_f64());
+        if let Some(store) = model.store() {
+            streamed_per_token.push(store.stats().streamed_bytes as f64 / a.gen_tokens as f64);
+        }
         kv_bytes = cache.allocated_bytes();
         if let Some(used) = model.device_memory_used()? {
             peak_vram = Some(peak_vram.unwrap_or(0).max(used));
         }
     }
+    // The peak resident set of the runs, before the measurements below allocate their buffers.
+    let peak_rss = peak_rss_bytes();
     say("measuring memory read bandwidth");
     let bandwidth = model.memory_bandwidth()?;
+    // With streamed weights, the disk is the bound: its read rate, measured in this run
+    // through the streamer on the offload directory's disk.
+    let streaming = match model.store() {
+        Some(store) => {
+            say("measuring disk read bandwidth");
+            let dir = store.pack().dir().parent().unwrap_or(store.pack().dir()).to_path_buf();
+            let disk = strata::measure_disk_read(&dir)? * 1e9;
+            let per_token = median(&mut streamed_per_token);
+            let io = store.streamer().map(|s| s.stats().gb_per_s());
+            Some((disk, per_token, io))
+        }
+        None => None,
+    };
 
     let prefill_tok_s = a.prompt_tokens as f64 / median(&mut prefill);
     let decode_tok_s = a.gen_tokens as f64 / median(&mut decode);
@@ -102,7 +124,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "gen_tokens": a.gen_tokens,
         "prefill_tok_s": prefill_tok_s,
         "decode_tok_s": decode_tok_s,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": peak_rss,
         "peak_vram_bytes": peak_vram,
         "bytes_read_per_token": bytes_per_token,
         "weight_bytes": model.decoder().weight_bytes(),
@@ -114,6 +136,30 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "expert_cache_hit_rate": null,
         "plan": { "strategy": "all-resident", "device": model.device().to_string() },
     });
+    if let Some(plan) = model.placement() {
+        report["plan"] = json!({
+            "strategy": plan.strategy,
+            "device": model.device().to_string(),
+            "prefetch_depth": plan.prefetch_depth,
+            "staging_buffers": plan.staging_buffers,
+            "streamed_units": plan.stream_order.len(),
+            "max_ram_bytes": plan.budgets.ram,
+            "planned_ram_bytes": plan.ram.total,
+            "resident_weight_bytes": plan.ram.resident_weights,
+            "predicted_s_per_token": plan.predicted.total_s,
+        });
+    }
+    let mut disk_fraction = None;
+    if let Some((disk, per_token, io)) = streaming {
+        let disk_bound = disk / per_token;
+        disk_fraction = Some((disk_bound, decode_tok_s / disk_bound));
+        report["bytes_streamed_per_token"] = json!(per_token);
+        report["disk_read_gb_s"] = json!(disk / 1e9);
+        report["io_gb_s"] = json!(io);
+        report["decode_disk_bound_tok_s"] = json!(disk_bound);
+        report["decode_fraction_of_disk_bound"] = json!(decode_tok_s / disk_bound);
+        report["disk_read_method"] = json!("512 MiB file in the offload dir, O_DIRECT io_uring reads of 8 MiB, 4 in flight");
+    }
     if let Some(name) = &device_name {
         report["device_name"] = json!(name);
         report["memory_read_method"] = json!(
@@ -138,7 +184,22 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 bandwidth / 1e9
             );
         }
-        if let Some(rss) = peak_rss_bytes() {
+        if let (Some((disk, per_token, io)), Some((bound, fraction))) = (streaming, disk_fraction) {
+            println!(
+                "streamed     {:>10.1} MB/token from the offload pack ({})",
+                per_token / 1e6,
+                model.placement().map_or("", |p| p.strategy.as_str())
+            );
+            println!(
+                "disk read   {:>10.2} GB/s (measured in this run): bound {bound:.2} tok/s, decode at {:.0}%",
+                disk / 1e9,
+                100.0 * fraction
+            );
+            if let Some(io) = io {
+                println!("io achieved {io:>10.2} GB/s (while reads were in flight)");
+            }
+        }
+        if let Some(rss) = peak_rss {
             println!("peak RSS     {:>10.1} MB", rss as f64 / 1e6);
         }
         if let Some(vram) = peak_vram {

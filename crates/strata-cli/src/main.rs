@@ -4,6 +4,7 @@
 mod bench;
 mod npy;
 mod perplexity;
+mod placement;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -32,6 +33,10 @@ enum Command {
     Bench(BenchArgs),
     /// Score a text file: perplexity at one or more sequence lengths.
     Perplexity(perplexity::PerplexityArgs),
+    /// Plan where the weights live under the placement flags, with the predicted time per token.
+    Plan(placement::PlanArgs),
+    /// Build the offload pack of a model (done automatically on the first offloaded run).
+    Pack(placement::PackArgs),
 }
 
 /// Which model, on which device, with how many threads.
@@ -50,7 +55,7 @@ pub(crate) struct ModelArgs {
     #[arg(long, default_value = "cpu")]
     device: String,
     #[command(flatten)]
-    placement: PlacementArgs,
+    pub(crate) placement: PlacementArgs,
     #[command(flatten)]
     pub(crate) scaling: ScalingArgs,
     #[command(flatten)]
@@ -59,7 +64,7 @@ pub(crate) struct ModelArgs {
 
 /// Where weights live (tiered memory).
 #[derive(Args, Debug, Clone, Default)]
-struct PlacementArgs {
+pub(crate) struct PlacementArgs {
     /// GPU memory ceiling, like 20GB or 512MiB.
     #[arg(long, value_name = "SIZE")]
     max_vram: Option<String>,
@@ -213,6 +218,8 @@ fn main() {
         Command::Chat(a) => chat(a),
         Command::Bench(a) => bench::run(a),
         Command::Perplexity(a) => perplexity::run(a),
+        Command::Plan(a) => placement::plan(a),
+        Command::Pack(a) => placement::pack(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -239,33 +246,56 @@ fn context_scaling(a: &ScalingArgs) -> Result<Option<strata::ContextScalingConfi
     }))
 }
 
-/// Loads the model after refusing the flags this version cannot honour yet.
-pub(crate) fn load(args: &ModelArgs) -> Result<Model> {
+/// The placement the flags ask for (an inactive config when none is set).
+pub(crate) fn offload_config(p: &PlacementArgs) -> Result<strata::OffloadConfig> {
+    let size = |flag: &str, v: &Option<String>| -> Result<Option<u64>> {
+        v.as_deref().map(|s| strata::planner::parse_size(s).with_context(|| format!("{flag} {s:?}"))).transpose()
+    };
+    Ok(strata::OffloadConfig {
+        strategy: p.strategy.clone(),
+        max_vram: size("--max-vram", &p.max_vram)?,
+        max_ram: size("--max-ram", &p.max_ram)?,
+        prefetch_layers: p.prefetch_layers,
+        offload_dir: p.offload_dir.clone(),
+        hardware: None,
+    })
+}
+
+/// The load options the flags ask for, after refusing the flags this version cannot honour yet.
+pub(crate) fn load_options(args: &ModelArgs) -> Result<LoadOptions> {
     let p = &args.placement;
     let unsupported = [
-        ("--max-vram", p.max_vram.is_some()),
-        ("--max-ram", p.max_ram.is_some()),
-        ("--offload-dir", p.offload_dir.is_some()),
-        ("--prefetch-layers", p.prefetch_layers.is_some()),
-        ("--strategy", p.strategy.is_some()),
         ("--expert-cache", p.expert_cache.is_some()),
         ("--active-experts", args.moe.active_experts.is_some()),
         ("--routing", args.moe.routing.is_some()),
         ("--capacity-factor", args.moe.capacity_factor.is_some()),
     ];
     if let Some((flag, _)) = unsupported.iter().find(|(_, set)| *set) {
-        bail!(
-            "{flag} is not supported yet in this version of strata (tiered placement and MoE flags arrive with their features)"
-        );
+        bail!("{flag} is not supported yet in this version of strata (the MoE flags arrive with their feature)");
     }
     let device = parse_device(&args.device)?;
     // Refused before the model is resolved (which may download the default model).
     strata::check_device(device)?;
-    let opts = LoadOptions { threads: args.threads, device, context_scaling: context_scaling(&args.scaling)? };
-    let path = match &args.model {
-        Some(p) => p.clone(),
-        None => strata::default_model()?,
-    };
+    Ok(LoadOptions {
+        threads: args.threads,
+        device,
+        context_scaling: context_scaling(&args.scaling)?,
+        offload: offload_config(p)?,
+    })
+}
+
+/// The model path the flags name, or the default model (fetched on first use).
+pub(crate) fn model_path(args: &ModelArgs) -> Result<PathBuf> {
+    match &args.model {
+        Some(p) => Ok(p.clone()),
+        None => Ok(strata::default_model()?),
+    }
+}
+
+/// Loads the model the flags describe.
+pub(crate) fn load(args: &ModelArgs) -> Result<Model> {
+    let opts = load_options(args)?;
+    let path = model_path(args)?;
     Model::from_pretrained(&path, opts).with_context(|| format!("cannot load model {}", path.display()))
 }
 

@@ -25,8 +25,8 @@ pub use default_model::{DEFAULT_MODEL_FILE, DEFAULT_MODEL_PACKAGE, cache_dir, de
 pub use error::{Error, Result};
 pub use model::{Cache, GenerateOptions, Generation, LoadOptions, LogitsMode, Model, StopReason, check_device};
 pub use offload::{
-    DEFAULT_PREFILL_CHUNK, OffloadConfig, cached_hardware_profile, hardware_profile, hardware_profile_path,
-    probe_hardware, save_hardware_profile,
+    DEFAULT_PREFILL_CHUNK, OffloadConfig, PackReport, PlacementReport, cached_hardware_profile, hardware_profile,
+    hardware_profile_path, measure_disk_read, pack_model, plan_placement, probe_hardware, save_hardware_profile,
 };
 pub use perplexity::{DEFAULT_PERPLEXITY_CHUNK, Perplexity};
 pub use sampling::{Sampler, SamplingParams};

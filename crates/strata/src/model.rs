@@ -194,11 +194,7 @@ impl Model {
         let spec = spec.as_ref();
         check_device(options.device)?;
         let opened = strata_models::open(&spec.to_string_lossy())?;
-        let mut builder = rayon::ThreadPoolBuilder::new().thread_name(|i| format!("strata-cpu-{i}"));
-        if let Some(n) = options.threads {
-            builder = builder.num_threads(n);
-        }
-        let pool = builder.build().map_err(|e| Error::Runtime(format!("cannot start the CPU thread pool: {e}")))?;
+        let pool = crate::offload::thread_pool(options.threads)?;
         let scaling = match &options.context_scaling {
             Some(config) => Some(config.resolve(opened.hparams.rope.trained_context())?),
             None => None,
@@ -210,17 +206,8 @@ impl Model {
                     options.device
                 )));
             }
-            // The plan reserves the KV cache for the longest request the scaling allows.
-            let scheme = opened.hparams.rope.with_context_scaling(scaling.clone())?;
-            let context = scheme.max_capacity().unwrap_or(opened.hparams.max_position_embeddings);
             let dir = options.offload.offload_dir();
-            let hardware = match &options.offload.hardware {
-                Some(h) => h.clone(),
-                None => pool.install(|| crate::offload::hardware_profile(&dir, pool.current_num_threads()))?,
-            };
-            let layout = opened.layout()?;
-            let manifest = opened.manifest(&layout)?;
-            let plan = options.offload.plan(&manifest, &hardware, context)?;
+            let (layout, _, plan) = crate::offload::plan_opened(&opened, &options.offload, scaling.clone(), &pool)?;
             let name = opened.path().display().to_string();
             let mut shown = 0u64;
             let mut pack_progress = |p: &strata_models::store::pack::Progress| {

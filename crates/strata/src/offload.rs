@@ -17,7 +17,10 @@ use strata_models::store::planner::{
 };
 use strata_models::tensor::{DType, Tensor, cpu};
 
-use crate::{Error, Result, cache_dir};
+use strata_models::offload::UnitLayout;
+use strata_models::{ContextScaling, OpenedModel};
+
+use crate::{Error, LoadOptions, Result, cache_dir};
 
 /// Tokens per forward pass of a model loaded with a memory ceiling: the activations the plan
 /// counts. Longer prompts run chunk by chunk through the KV cache (the same result).
@@ -81,6 +84,109 @@ impl OffloadConfig {
     }
 }
 
+/// A placement planned without loading the weights ([`plan_placement`]).
+#[derive(Clone, Debug)]
+pub struct PlacementReport {
+    /// The plan.
+    pub plan: Plan,
+    /// The units it places.
+    pub manifest: WeightManifest,
+    /// The machine's rates the plan used.
+    pub hardware: HardwareProfile,
+    /// The context (tokens of KV cache) reserved.
+    pub context_tokens: usize,
+}
+
+/// Plans the placement of an opened model: its units and manifest, and the plan for the
+/// longest request its context scaling allows.
+pub(crate) fn plan_opened(
+    opened: &OpenedModel,
+    config: &OffloadConfig,
+    scaling: Option<ContextScaling>,
+    pool: &rayon::ThreadPool,
+) -> Result<(UnitLayout, WeightManifest, Plan)> {
+    let (layout, manifest, plan, _, _) = plan_opened_full(opened, config, scaling, pool)?;
+    Ok((layout, manifest, plan))
+}
+
+fn plan_opened_full(
+    opened: &OpenedModel,
+    config: &OffloadConfig,
+    scaling: Option<ContextScaling>,
+    pool: &rayon::ThreadPool,
+) -> Result<(UnitLayout, WeightManifest, Plan, HardwareProfile, usize)> {
+    // The plan reserves the KV cache for the longest request the scaling allows.
+    let scheme = opened.hparams.rope.with_context_scaling(scaling)?;
+    let context = scheme.max_capacity().unwrap_or(opened.hparams.max_position_embeddings);
+    let hardware = match &config.hardware {
+        Some(h) => h.clone(),
+        None => hardware_profile(&config.offload_dir(), pool.current_num_threads())?,
+    };
+    let layout = opened.layout()?;
+    let manifest = opened.manifest(&layout)?;
+    let plan = config.plan(&manifest, &hardware, context)?;
+    Ok((layout, manifest, plan, hardware, context))
+}
+
+/// Plans where the weights of the model at `spec` would live under `options` (its placement,
+/// context scaling and threads), without loading them.
+pub fn plan_placement(spec: impl AsRef<Path>, options: &LoadOptions) -> Result<PlacementReport> {
+    let opened = strata_models::open(&spec.as_ref().to_string_lossy())?;
+    let pool = thread_pool(options.threads)?;
+    let scaling = match &options.context_scaling {
+        Some(c) => Some(c.resolve(opened.hparams.rope.trained_context())?),
+        None => None,
+    };
+    let (_, manifest, plan, hardware, context_tokens) = plan_opened_full(&opened, &options.offload, scaling, &pool)?;
+    Ok(PlacementReport { plan, manifest, hardware, context_tokens })
+}
+
+/// What [`pack_model`] did.
+#[derive(Clone, Debug)]
+pub struct PackReport {
+    /// The pack's directory.
+    pub dir: PathBuf,
+    /// Units in the pack.
+    pub units: usize,
+    /// Bytes of the data file.
+    pub bytes: u64,
+    /// Whether it was built now (`false`: a valid pack was already there).
+    pub built: bool,
+}
+
+/// Builds the offload pack of the model at `spec` in `offload_dir` (or finds it there),
+/// calling `progress(done_bytes, total_bytes, unit)` as it writes.
+pub fn pack_model(
+    spec: impl AsRef<Path>,
+    offload_dir: &Path,
+    mut progress: impl FnMut(u64, u64, &str),
+) -> Result<PackReport> {
+    let opened = strata_models::open(&spec.as_ref().to_string_lossy())?;
+    let layout = opened.layout()?;
+    let pack = opened.pack(&layout, offload_dir, None, &mut |p| progress(p.done_bytes, p.total_bytes, &p.unit))?;
+    Ok(PackReport {
+        dir: pack.dir().to_path_buf(),
+        units: pack.manifest().units.len(),
+        bytes: pack.manifest().data_len,
+        built: matches!(pack.origin(), strata_models::store::pack::PackOrigin::Built { .. }),
+    })
+}
+
+/// A rayon pool of `threads` threads (`None`: one per core).
+pub(crate) fn thread_pool(threads: Option<usize>) -> Result<rayon::ThreadPool> {
+    let mut builder = rayon::ThreadPoolBuilder::new().thread_name(|i| format!("strata-cpu-{i}"));
+    if let Some(n) = threads {
+        builder = builder.num_threads(n);
+    }
+    builder.build().map_err(|e| Error::Runtime(format!("cannot start the CPU thread pool: {e}")))
+}
+
+/// Measures the sequential read rate of the disk under `dir` now, in GB/s (see
+/// [`probe_hardware`]).
+pub fn measure_disk_read(dir: &Path) -> Result<f64> {
+    probe_disk(dir)
+}
+
 /// Where the hardware profile is cached.
 pub fn hardware_profile_path() -> PathBuf {
     cache_dir().join("hardware.json")
@@ -100,7 +206,6 @@ pub fn cached_hardware_profile(threads: usize) -> Result<Option<HardwareProfile>
 
 /// The machine's profile for `threads` threads: the cached one, or measured now (a few
 /// seconds, said on stderr; the offload directory's disk is the one measured) and cached.
-/// Runs the measurement on the current rayon pool, which should have `threads` threads.
 pub fn hardware_profile(offload_dir: &Path, threads: usize) -> Result<HardwareProfile> {
     if let Some(p) = cached_hardware_profile(threads)? {
         return Ok(p);
@@ -138,16 +243,21 @@ const MATVEC_PROBE_BYTES: usize = 64 << 20;
 
 /// Measures the machine: the sequential read rate of the disk under `dir` through the
 /// streamer (`O_DIRECT` where it works, so the page cache does not flatter it), the memory read
-/// bandwidth with the current pool, and the bytes of weights per second a matvec consumes in
+/// bandwidth with `threads` threads, and the bytes of weights per second a matvec consumes in
 /// each dtype.
 pub fn probe_hardware(dir: &Path, threads: usize) -> Result<HardwareProfile> {
     let disk_read_gb_s = probe_disk(dir)?;
-    let memory_gb_s = crate::memory_read_bandwidth() / 1e9;
-    let mut matvec_gb_s = std::collections::BTreeMap::new();
-    for dtype in [DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q4K, DType::Q6K] {
-        matvec_gb_s.insert(dtype.name().to_string(), probe_matvec(dtype)?);
-    }
-    Ok(HardwareProfile { disk_read_gb_s, memory_gb_s, matvec_gb_s, host_to_device_gb_s: None, threads })
+    let pool = thread_pool(Some(threads))?;
+    pool.install(|| {
+        let memory_gb_s = crate::memory_read_bandwidth() / 1e9;
+        let mut matvec_gb_s = std::collections::BTreeMap::new();
+        for dtype in
+            [DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q4K, DType::Q6K]
+        {
+            matvec_gb_s.insert(dtype.name().to_string(), probe_matvec(dtype)?);
+        }
+        Ok(HardwareProfile { disk_read_gb_s, memory_gb_s, matvec_gb_s, host_to_device_gb_s: None, threads })
+    })
 }
 
 /// Writes a file of [`DISK_PROBE_BYTES`] under `dir`, then reads it back in 8 MiB units with

@@ -1,0 +1,109 @@
+//! `strata plan` (where the weights would live, and the predicted time per token) and
+//! `strata pack` (build the offload pack ahead of the first offloaded run).
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use crate::{ModelArgs, load_options, model_path};
+
+#[derive(Args, Debug)]
+pub(crate) struct PlanArgs {
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
+    /// Print the plan as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Measure this machine again (disk, memory, matvec per dtype) and cache the result.
+    #[arg(long)]
+    probe: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct PackArgs {
+    /// A checkpoint directory, a .gguf file or a model id (default: the default model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Directory for the offload pack (default: <strata cache>/offload).
+    #[arg(long, value_name = "DIR")]
+    offload_dir: Option<PathBuf>,
+}
+
+pub(crate) fn plan(a: PlanArgs) -> Result<()> {
+    let mut options = load_options(&a.model)?;
+    if !options.offload.is_active() {
+        // `strata plan` with no placement flags plans the default strategy with no ceiling.
+        options.offload.strategy = Some(strata::planner::DEFAULT_STRATEGY.to_string());
+    }
+    if a.probe {
+        let threads = options.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        eprintln!("measuring disk, memory and matvec rates with {threads} threads...");
+        let profile = strata::probe_hardware(&options.offload.offload_dir(), threads)?;
+        strata::save_hardware_profile(&profile)?;
+        eprintln!("saved {}", strata::hardware_profile_path().display());
+        options.offload.hardware = Some(profile);
+    }
+    let path = model_path(&a.model)?;
+    let report = strata::plan_placement(&path, &options).with_context(|| format!("cannot plan {}", path.display()))?;
+    if a.json {
+        let value = serde_json::json!({
+            "model": path.display().to_string(),
+            "context_tokens": report.context_tokens,
+            "hardware": report.hardware,
+            "units": report.manifest.units,
+            "plan": report.plan,
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        let h = &report.hardware;
+        println!(
+            "model {}: {} units, {} of weights; KV cache reserved for {} tokens",
+            path.display(),
+            report.manifest.units.len(),
+            strata::planner::format_size(report.manifest.total_bytes()),
+            report.context_tokens
+        );
+        println!(
+            "machine: disk {:.2} GB/s, memory {:.1} GB/s, {} threads ({})",
+            h.disk_read_gb_s,
+            h.memory_gb_s,
+            h.threads,
+            strata::hardware_profile_path().display()
+        );
+        print!("{}", report.plan.to_table(&report.manifest));
+    }
+    Ok(())
+}
+
+pub(crate) fn pack(a: PackArgs) -> Result<()> {
+    let path = match &a.model {
+        Some(p) => p.clone(),
+        None => strata::default_model()?,
+    };
+    let dir = a.offload_dir.clone().unwrap_or_else(|| strata::cache_dir().join("offload"));
+    let mut last_percent = None;
+    let report = strata::pack_model(&path, &dir, |done, total, unit| {
+        let percent = (100 * done / total.max(1)) as usize;
+        if last_percent != Some(percent) {
+            last_percent = Some(percent);
+            let bar = "#".repeat(percent / 4) + &" ".repeat(25 - percent / 4);
+            eprint!("\r  packing [{bar}] {percent:>3}%  {unit:<24}");
+            let _ = std::io::stderr().flush();
+        }
+    })
+    .with_context(|| format!("cannot pack {}", path.display()))?;
+    if last_percent.is_some() {
+        eprintln!();
+    }
+    println!(
+        "{} pack of {}: {} units, {} in {}",
+        if report.built { "built the" } else { "found a valid" },
+        path.display(),
+        report.units,
+        strata::planner::format_size(report.bytes),
+        report.dir.display()
+    );
+    Ok(())
+}
