@@ -48,10 +48,8 @@ pub enum Family {
     Qwen3Moe,
 }
 
-/// The families strata can run. Later issues extend this list as each model lands; the
-/// others are parsed (so their fields can be tested) but rejected by
-/// [`ModelConfig::from_json_str`].
-pub const SUPPORTED: &[Family] = &[Family::Llama, Family::Mistral, Family::Qwen2, Family::Qwen3];
+/// The families strata can run: every family it parses, dense and Mixture-of-Experts.
+pub const SUPPORTED: &[Family] = &Family::ALL;
 
 impl Family {
     /// Every family whose config strata can parse.
@@ -166,8 +164,9 @@ pub struct AttentionBias {
     pub o: bool,
 }
 
-/// The Mixture-of-Experts fields, parsed for the families that have them (all `None` or empty
-/// for dense families). The MoE issues give them meaning.
+/// The Mixture-of-Experts fields as written, for the families that have them (all `None` or
+/// empty for dense families). [`crate::hparams::MoeHparams::from_config`] applies each family's
+/// defaults and rules.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct MoeConfig {
     /// Experts per MoE layer: `num_local_experts` (Mixtral) or `num_experts` (Qwen).

@@ -34,7 +34,7 @@ use strata_tensor::Tensor;
 use strata_tensor::cpu::AttentionParams;
 
 use crate::context::ContextScaling;
-use crate::decoder::{Decoder, Linear};
+use crate::decoder::{Decoder, Ffn, Linear};
 use crate::hparams::Hparams;
 use crate::kv_cache::DEFAULT_BLOCK_LEN;
 use crate::rope::{RopeScheme, RopeTable};
@@ -111,6 +111,11 @@ impl CudaDecoder {
             .layers
             .iter()
             .map(|l| {
+                let Ffn::Dense(mlp) = &l.ffn else {
+                    return Err(Error::Unsupported(
+                        "Mixture-of-Experts models do not run on CUDA yet (use the CPU decoder)".into(),
+                    ));
+                };
                 let qk_norm = match (&l.q_norm, &l.k_norm) {
                     (Some(qn), Some(kn)) => Some((c.upload(qn)?, c.upload(kn)?)),
                     _ => None,
@@ -123,9 +128,9 @@ impl CudaDecoder {
                     o: CudaLinear::upload(c, &l.o)?,
                     qk_norm,
                     ffn_norm: c.upload(&l.ffn_norm)?,
-                    gate: CudaLinear::upload(c, &l.gate)?,
-                    up: CudaLinear::upload(c, &l.up)?,
-                    down: CudaLinear::upload(c, &l.down)?,
+                    gate: CudaLinear::upload(c, &mlp.gate)?,
+                    up: CudaLinear::upload(c, &mlp.up)?,
+                    down: CudaLinear::upload(c, &mlp.down)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

@@ -5,6 +5,10 @@
 //! `x += o_proj(attention(rope(norm_qk(q_proj(rmsnorm(x)))), rope(norm_qk(k_proj(..))), v_proj(..)))`
 //! and `x += down_proj(silu(gate_proj(rmsnorm(x))) * up_proj(rmsnorm(x)))`, a final RMSNorm and
 //! the output head. One attention, one MLP, one RMSNorm and one RoPE serve every family.
+//!
+//! Mixture-of-Experts families (Mixtral, Qwen2-MoE, Qwen3-MoE) replace the MLP of their sparse
+//! layers by a [`MoeLayer`] (router + experts, see [`crate::moe`]); the rest of the layer is the
+//! same.
 
 use std::path::Path;
 
@@ -14,6 +18,7 @@ use strata_tensor::cpu::{self, AttentionParams};
 use crate::context::ContextScaling;
 use crate::hparams::Hparams;
 use crate::kv_cache::{DEFAULT_BLOCK_LEN, KvCache, RopeUpdate};
+use crate::moe::{Mlp, MoeLayer, MoeOptions, RouterTrace, load_moe_layer};
 use crate::rope::{RopeScheme, RopeTable};
 use crate::{Error, Result};
 
@@ -74,9 +79,28 @@ pub struct Layer {
     pub(crate) q_norm: Option<Vec<f32>>,
     pub(crate) k_norm: Option<Vec<f32>>,
     pub(crate) ffn_norm: Vec<f32>,
-    pub(crate) gate: Linear,
-    pub(crate) up: Linear,
-    pub(crate) down: Linear,
+    pub(crate) ffn: Ffn,
+}
+
+/// A layer's feed-forward block. One per layer, so the variants' size difference (a few hundred
+/// bytes) costs nothing worth a box.
+#[derive(Clone, Debug)]
+#[allow(clippy::large_enum_variant)]
+pub enum Ffn {
+    /// A dense SwiGLU MLP.
+    Dense(Mlp),
+    /// A sparse Mixture-of-Experts block.
+    Moe(MoeLayer),
+}
+
+impl Ffn {
+    /// Bytes of all its weights.
+    pub fn byte_len(&self) -> usize {
+        match self {
+            Ffn::Dense(mlp) => mlp.byte_len(),
+            Ffn::Moe(moe) => moe.byte_len(),
+        }
+    }
 }
 
 /// Which positions' logits a forward pass returns.
@@ -99,6 +123,8 @@ pub struct Decoder {
     /// The RoPE scheme of caches from [`Decoder::new_cache`]: the checkpoint's, or with the
     /// context scaling set by [`Decoder::set_context_scaling`].
     rope: RopeScheme,
+    /// The MoE routing options of every forward pass (see [`Decoder::set_moe_options`]).
+    moe: MoeOptions,
 }
 
 impl Decoder {
@@ -137,14 +163,19 @@ impl Decoder {
                     None
                 },
                 ffn_norm: loader.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
-                gate: linear("mlp.gate_proj", inter, h, hp.mlp_bias)?,
-                up: linear("mlp.up_proj", inter, h, hp.mlp_bias)?,
-                down: linear("mlp.down_proj", h, inter, hp.mlp_bias)?,
+                ffn: match &hp.moe {
+                    Some(moe) if moe.is_sparse(i) => Ffn::Moe(load_moe_layer(&loader, &p, h, moe)?),
+                    _ => Ffn::Dense(Mlp::new(
+                        linear("mlp.gate_proj", inter, h, hp.mlp_bias)?,
+                        linear("mlp.up_proj", inter, h, hp.mlp_bias)?,
+                        linear("mlp.down_proj", h, inter, hp.mlp_bias)?,
+                    )),
+                },
             });
         }
         let norm = loader.vector("model.norm.weight", h)?;
         let rope = hp.rope.clone();
-        Ok(Decoder { hp, embed, layers, norm, lm_head, rope })
+        Ok(Decoder { hp, embed, layers, norm, lm_head, rope, moe: MoeOptions::default() })
     }
 
     /// The hyperparameters.
@@ -174,6 +205,28 @@ impl Decoder {
         Ok(())
     }
 
+    /// Makes `options` the Mixture-of-Experts routing of every forward pass from now on
+    /// (checked against the model: [`Error::InvalidMoeOptions`] when they do not fit, or when
+    /// the model is dense and the options are not the default).
+    pub fn set_moe_options(&mut self, options: MoeOptions) -> Result<()> {
+        match &self.hp.moe {
+            Some(moe) => {
+                options.check(moe.num_experts, moe.top_k)?;
+            }
+            None if options != MoeOptions::default() => {
+                return Err(Error::InvalidMoeOptions { what: "the model has no Mixture-of-Experts layers".into() });
+            }
+            None => {}
+        }
+        self.moe = options;
+        Ok(())
+    }
+
+    /// The Mixture-of-Experts routing options.
+    pub fn moe_options(&self) -> &MoeOptions {
+        &self.moe
+    }
+
     /// The RoPE scheme [`Decoder::new_cache`] gives its caches.
     pub fn rope_scheme(&self) -> &RopeScheme {
         &self.rope
@@ -193,7 +246,8 @@ impl Decoder {
             .layers
             .iter()
             .map(|l| {
-                [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down].iter().map(|x| x.byte_len()).sum::<usize>()
+                [&l.q, &l.k, &l.v, &l.o].iter().map(|x| x.byte_len()).sum::<usize>()
+                    + l.ffn.byte_len()
                     + 4 * (l.attn_norm.len() + l.ffn_norm.len())
             })
             .sum();
@@ -202,9 +256,22 @@ impl Decoder {
     }
 
     /// Bytes of weights read to decode one token: every layer, the output head, and one row of
-    /// the embedding.
+    /// the embedding; of a MoE layer, the router, the shared expert and the active experts
+    /// (their mean size times the experts per token of the current [`MoeOptions`], the most
+    /// for dynamic top-k).
     pub fn weight_bytes_per_token(&self) -> usize {
-        self.weight_bytes() - self.embed.byte_len()
+        let inactive: usize = self
+            .layers
+            .iter()
+            .map(|l| match &l.ffn {
+                Ffn::Dense(_) => 0,
+                Ffn::Moe(moe) => {
+                    let k = self.moe.active_experts.unwrap_or(moe.router().top_k());
+                    moe.byte_len() - moe.active_byte_len(k)
+                }
+            })
+            .sum();
+        self.weight_bytes() - inactive - self.embed.byte_len()
             + self.embed.row_bytes()
             + if self.hp.tie_embeddings { self.lm_head.byte_len() } else { 0 }
     }
@@ -220,6 +287,29 @@ impl Decoder {
     /// approximate). A sequence that would pass the request's `max_capacity` is refused before
     /// any work.
     pub fn forward(&self, ids: &[u32], cache: &mut KvCache, which: Logits) -> Result<Vec<f32>> {
+        self.forward_traced(ids, cache, which, None)
+    }
+
+    /// [`Decoder::forward`], appending what every MoE layer's router saw and chose to `trace`
+    /// (router logits `[tokens, n_experts]`, expert token counts, experts per token): feed it to
+    /// [`crate::load_balancing_loss`] and [`crate::router_z_loss`]. A dense model leaves it empty.
+    pub fn forward_with_router(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        which: Logits,
+        trace: &mut RouterTrace,
+    ) -> Result<Vec<f32>> {
+        self.forward_traced(ids, cache, which, Some(trace))
+    }
+
+    fn forward_traced(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        which: Logits,
+        trace: Option<&mut RouterTrace>,
+    ) -> Result<Vec<f32>> {
         let t = ids.len();
         check_ids(&self.hp, ids)?;
         self.check_capacity(cache, t)?;
@@ -234,12 +324,12 @@ impl Decoder {
                 RopeUpdate::Recompute => {
                     let all = recompute_ids(cache.token_ids(), held, ids)?;
                     cache.clear();
-                    return self.run(&all, cache, &rope, rows);
+                    return self.run(&all, cache, &rope, rows, trace);
                 }
                 RopeUpdate::Rerotate => cache.rerotate_keys(&rope, self.hp.rope_layout)?,
             }
         }
-        self.run(ids, cache, &rope, rows)
+        self.run(ids, cache, &rope, rows, trace)
     }
 
     /// Checks that a request may reach `total_len` tokens ([`Error::ContextTooLong`] otherwise,
@@ -255,8 +345,15 @@ impl Decoder {
     }
 
     /// The forward pass proper: `ids` at the positions after the cache's tokens, RoPE with
-    /// `rope`, logits for the last `out_rows` positions.
-    fn run(&self, ids: &[u32], cache: &mut KvCache, rope: &RopeTable, out_rows: usize) -> Result<Vec<f32>> {
+    /// `rope`, logits for the last `out_rows` positions, MoE routing recorded in `trace`.
+    fn run(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        rope: &RopeTable,
+        out_rows: usize,
+        mut trace: Option<&mut RouterTrace>,
+    ) -> Result<Vec<f32>> {
         let hp = &self.hp;
         let t = ids.len();
         let pos0 = cache.len();
@@ -328,11 +425,19 @@ impl Decoder {
             cpu::add(&mut x, &proj)?;
 
             cpu::rms_norm(&x, &layer.ffn_norm, hp.rms_norm_eps, &mut normed)?;
-            let (rg, ru) =
-                rayon::join(|| layer.gate.forward(&normed, &mut gate), || layer.up.forward(&normed, &mut up));
-            rg.and(ru)?;
-            cpu::swiglu(&gate, &up, &mut act)?;
-            layer.down.forward(&act, &mut proj)?;
+            match &layer.ffn {
+                Ffn::Dense(mlp) => {
+                    let (rg, ru) =
+                        rayon::join(|| mlp.gate.forward(&normed, &mut gate), || mlp.up.forward(&normed, &mut up));
+                    rg.and(ru)?;
+                    cpu::swiglu(&gate, &up, &mut act)?;
+                    mlp.down.forward(&act, &mut proj)?;
+                }
+                Ffn::Moe(moe) => {
+                    let record = trace.as_deref_mut().map(|tr| tr.layer_mut(li));
+                    moe.forward(&normed, t, &self.moe, &mut proj, record)?;
+                }
+            }
             cpu::add(&mut x, &proj)?;
         }
 
@@ -378,11 +483,16 @@ pub(crate) fn check_ids(hp: &Hparams, ids: &[u32]) -> Result<()> {
 }
 
 /// Fetches tensors from a source and checks their shapes.
-struct Loader<'a> {
-    src: &'a dyn TensorSource,
+pub(crate) struct Loader<'a> {
+    pub(crate) src: &'a dyn TensorSource,
 }
 
 impl Loader<'_> {
+    /// Whether the source has a tensor called `name`.
+    pub(crate) fn contains(&self, name: &str) -> bool {
+        self.src.contains(name)
+    }
+
     fn get(&self, name: &str) -> Result<Tensor> {
         if !self.src.contains(name) {
             return Err(Error::TensorNotFound {
@@ -393,8 +503,17 @@ impl Loader<'_> {
         self.src.tensor(name)
     }
 
+    /// A weight of shape `dims`, kept in its stored dtype.
+    pub(crate) fn shaped(&self, name: &str, dims: &[usize]) -> Result<Tensor> {
+        let t = self.get(name)?;
+        if t.shape().dims() != dims {
+            return Err(self.shape_error(name, dims.to_vec(), &t));
+        }
+        Ok(t)
+    }
+
     /// A 2-D weight `[rows, cols]`, kept in its stored dtype.
-    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Tensor> {
+    pub(crate) fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Tensor> {
         let t = self.get(name)?;
         if t.shape().dims() != [rows, cols] {
             return Err(self.shape_error(name, vec![rows, cols], &t));
