@@ -2,8 +2,9 @@
 //! way Hugging Face transformers (version 5, and the 4.x files still in circulation) reads them.
 //!
 //! Each family's defaults for absent keys mirror its transformers config class
-//! (`LlamaConfig`, `MistralConfig`, `Qwen2Config`, `Qwen3Config`, and the MoE classes whose
-//! fields are parsed ahead of their models). The dimensions (`vocab_size`, `hidden_size`,
+//! (`LlamaConfig`, `MistralConfig`, `Qwen2Config`, `Qwen3Config`, `MixtralConfig`,
+//! `Qwen2MoeConfig`, `Qwen3MoeConfig`; the MoE defaults are applied by
+//! [`crate::hparams::MoeHparams::from_config`]). The dimensions (`vocab_size`, `hidden_size`,
 //! `intermediate_size`, `num_hidden_layers`, `num_attention_heads`) are required: the class
 //! defaults exist for building configs in code, and a checkpoint without them is broken.
 //!

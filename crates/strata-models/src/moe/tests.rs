@@ -157,3 +157,35 @@ proptest! {
         }
     }
 }
+
+/// Which layers are sparse, and each family's defaults, as transformers' decoder layers decide.
+#[test]
+fn moe_hparams_follow_the_family_rules() {
+    use crate::config::ModelConfig;
+    use crate::hparams::MoeHparams;
+
+    let config = |model_type: &str, extra: &str| {
+        let json = format!(
+            r#"{{"model_type": "{model_type}", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 6,
+                "num_hidden_layers": 4, "num_attention_heads": 2, "head_dim": 4{extra}}}"#
+        );
+        MoeHparams::from_config(&ModelConfig::from_json_str(&json).unwrap())
+    };
+    let m = config("mixtral", "").unwrap().unwrap();
+    assert_eq!((m.num_experts, m.top_k, m.expert_intermediate_size, m.norm_topk_prob), (8, 2, 6, true));
+    assert_eq!((m.sparse_layers, m.shared_expert_intermediate_size, m.mixtral_names), (vec![true; 4], None, true));
+    let q = config("qwen2_moe", r#", "decoder_sparse_step": 2, "mlp_only_layers": [3]"#).unwrap().unwrap();
+    assert_eq!(q.sparse_layers, [false, true, false, false]);
+    assert_eq!((q.num_experts, q.top_k, q.expert_intermediate_size), (60, 4, 1408));
+    assert_eq!((q.norm_topk_prob, q.shared_expert_intermediate_size), (false, Some(5632)));
+    let q = config("qwen3_moe", r#", "num_experts": 16, "num_experts_per_tok": 4, "norm_topk_prob": true"#);
+    let q = q.unwrap().unwrap();
+    assert_eq!((q.num_experts, q.top_k, q.norm_topk_prob, q.shared_expert_intermediate_size), (16, 4, true, None));
+    assert_eq!(q.sparse_layers, vec![true; 4]);
+    // No sparse layer at all: a dense model.
+    assert_eq!(config("qwen3_moe", r#", "num_experts": 0"#).unwrap(), None);
+    assert_eq!(config("qwen2_moe", r#", "mlp_only_layers": [0, 1, 2, 3]"#).unwrap(), None);
+    assert_eq!(config("llama", "").unwrap(), None);
+    assert!(config("qwen2_moe", r#", "decoder_sparse_step": 0"#).is_err());
+    assert!(config("mixtral", r#", "num_local_experts": 2, "num_experts_per_tok": 3"#).is_err());
+}
