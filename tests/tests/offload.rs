@@ -9,7 +9,7 @@ use strata::planner::{HardwareProfile, PlanError, Tier};
 use strata::{Error, LoadOptions, LogitsMode, Model, OffloadConfig};
 use strata_tests::Fixture;
 
-const FIXTURES: [&str; 4] = ["llama_tied", "llama_untied", "qwen2_bias", "qwen3_qknorm"];
+const FIXTURES: [&str; 6] = ["llama_tied", "llama_untied", "qwen2_bias", "qwen3_qknorm", "mixtral_moe", "qwen2_moe"];
 
 /// A fixed profile, so that tests never measure the machine.
 fn hardware() -> HardwareProfile {

@@ -2,7 +2,9 @@
 //! benchmarks. Fast and without Python: weights come from a xorshift generator and are streamed
 //! either to a safetensors file next to a config.json that transformers and strata both read, or
 //! to one GGUF file (llama architecture, a synthetic vocabulary) that strata, llama.cpp and
-//! mistral.rs all load, in a float or a ggml block dtype.
+//! mistral.rs all load, in a float or a ggml block dtype. Mixture-of-Experts shapes (Mixtral)
+//! write one tensor per expert in safetensors (`block_sparse_moe.experts.N.w1/w2/w3`, as
+//! `save_pretrained` does) and llama.cpp's stacked `ffn_{gate,up,down}_exps` in GGUF.
 
 mod gguf;
 
@@ -30,6 +32,8 @@ pub struct ModelShape {
     rope_theta: f64,
     max_positions: usize,
     tie: bool,
+    /// Mixture-of-Experts: (experts per layer, experts per token); `None` for a dense model.
+    experts: Option<(usize, usize)>,
 }
 
 /// The shapes `--shape` accepts.
@@ -45,6 +49,7 @@ pub const SHAPES: &[ModelShape] = &[
         rope_theta: 10000.0,
         max_positions: 2048,
         tie: false,
+        experts: None,
     },
     ModelShape {
         name: "llama-3-8b",
@@ -57,6 +62,7 @@ pub const SHAPES: &[ModelShape] = &[
         rope_theta: 500000.0,
         max_positions: 8192,
         tie: false,
+        experts: None,
     },
     ModelShape {
         name: "smollm2-135m",
@@ -69,6 +75,20 @@ pub const SHAPES: &[ModelShape] = &[
         rope_theta: 100000.0,
         max_positions: 8192,
         tie: true,
+        experts: None,
+    },
+    ModelShape {
+        name: "mixtral-8x7b",
+        vocab: 32000,
+        hidden: 4096,
+        intermediate: 14336,
+        layers: 32,
+        heads: 32,
+        kv_heads: 8,
+        rope_theta: 1e6,
+        max_positions: 32768,
+        tie: false,
+        experts: Some((8, 2)),
     },
 ];
 
@@ -125,8 +145,18 @@ pub fn run(shape: &str, dtype: &str, layers: Option<usize>, format: Option<Forma
     }
 }
 
+/// How a MoE shape's experts are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Experts {
+    /// One tensor per expert and projection (`block_sparse_moe.experts.N.w1/w2/w3`).
+    PerExpert,
+    /// One `[E, rows, cols]` stack per projection (`block_sparse_moe.experts.{gate,up,down}_proj`,
+    /// strata's names for GGUF's `ffn_{gate,up,down}_exps`).
+    Stacked,
+}
+
 /// The model's tensors with their Hugging Face names and shapes, in checkpoint order.
-fn hf_tensors(s: &ModelShape) -> Vec<(String, Vec<usize>)> {
+fn hf_tensors(s: &ModelShape, layout: Experts) -> Vec<(String, Vec<usize>)> {
     let head_dim = s.hidden / s.heads;
     let mut tensors: Vec<(String, Vec<usize>)> = vec![("model.embed_tokens.weight".into(), vec![s.vocab, s.hidden])];
     for i in 0..s.layers {
@@ -137,9 +167,30 @@ fn hf_tensors(s: &ModelShape) -> Vec<(String, Vec<usize>)> {
         tensors.push((format!("{p}.self_attn.v_proj.weight"), vec![s.kv_heads * head_dim, s.hidden]));
         tensors.push((format!("{p}.self_attn.o_proj.weight"), vec![s.hidden, s.heads * head_dim]));
         tensors.push((format!("{p}.post_attention_layernorm.weight"), vec![s.hidden]));
-        tensors.push((format!("{p}.mlp.gate_proj.weight"), vec![s.intermediate, s.hidden]));
-        tensors.push((format!("{p}.mlp.up_proj.weight"), vec![s.intermediate, s.hidden]));
-        tensors.push((format!("{p}.mlp.down_proj.weight"), vec![s.hidden, s.intermediate]));
+        let (h, f) = (s.hidden, s.intermediate);
+        match (s.experts, layout) {
+            (None, _) => {
+                tensors.push((format!("{p}.mlp.gate_proj.weight"), vec![f, h]));
+                tensors.push((format!("{p}.mlp.up_proj.weight"), vec![f, h]));
+                tensors.push((format!("{p}.mlp.down_proj.weight"), vec![h, f]));
+            }
+            (Some((e, _)), Experts::PerExpert) => {
+                tensors.push((format!("{p}.block_sparse_moe.gate.weight"), vec![e, h]));
+                for x in 0..e {
+                    let q = format!("{p}.block_sparse_moe.experts.{x}");
+                    tensors.push((format!("{q}.w1.weight"), vec![f, h]));
+                    tensors.push((format!("{q}.w2.weight"), vec![h, f]));
+                    tensors.push((format!("{q}.w3.weight"), vec![f, h]));
+                }
+            }
+            (Some((e, _)), Experts::Stacked) => {
+                tensors.push((format!("{p}.block_sparse_moe.gate.weight"), vec![e, h]));
+                let q = format!("{p}.block_sparse_moe.experts");
+                tensors.push((format!("{q}.gate_proj.weight"), vec![e, f, h]));
+                tensors.push((format!("{q}.up_proj.weight"), vec![e, f, h]));
+                tensors.push((format!("{q}.down_proj.weight"), vec![e, h, f]));
+            }
+        }
     }
     tensors.push(("model.norm.weight".into(), vec![s.hidden]));
     if !s.tie {
@@ -168,6 +219,10 @@ fn gguf_name(hf: &str) -> String {
         "mlp.gate_proj.weight" => "ffn_gate",
         "mlp.up_proj.weight" => "ffn_up",
         "mlp.down_proj.weight" => "ffn_down",
+        "block_sparse_moe.gate.weight" => "ffn_gate_inp",
+        "block_sparse_moe.experts.gate_proj.weight" => "ffn_gate_exps",
+        "block_sparse_moe.experts.up_proj.weight" => "ffn_up_exps",
+        "block_sparse_moe.experts.down_proj.weight" => "ffn_down_exps",
         other => unreachable!("hf_tensors lists no module {other}"),
     };
     format!("blk.{layer}.{module}.weight")
@@ -195,7 +250,7 @@ fn write_safetensors(s: &ModelShape, dtype: &str, out: &Path) -> Result<PathBuf>
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
 
     let head_dim = s.hidden / s.heads;
-    let tensors = hf_tensors(s);
+    let tensors = hf_tensors(s, Experts::PerExpert);
 
     // The header: every tensor's dtype, shape and byte range, padded to 8 bytes.
     let mut header = String::from("{\"__metadata__\":{\"format\":\"pt\",\"generator\":\"strata xtask synth-model\"}");
@@ -257,10 +312,18 @@ fn write_safetensors(s: &ModelShape, dtype: &str, out: &Path) -> Result<PathBuf>
     eprintln!("\r  100.0%");
     std::fs::rename(&tmp, &path)?;
 
+    let (architecture, model_type, moe) = match s.experts {
+        None => ("LlamaForCausalLM", "llama", String::new()),
+        Some((e, k)) => (
+            "MixtralForCausalLM",
+            "mixtral",
+            format!("\n  \"num_local_experts\": {e},\n  \"num_experts_per_tok\": {k},"),
+        ),
+    };
     let config = format!(
         r#"{{
-  "architectures": ["LlamaForCausalLM"],
-  "model_type": "llama",
+  "architectures": ["{architecture}"],
+  "model_type": "{model_type}",{moe}
   "vocab_size": {vocab},
   "hidden_size": {hidden},
   "intermediate_size": {inter},
@@ -332,7 +395,7 @@ fn write_gguf(s: &ModelShape, dtype_name: &str, path: &Path) -> Result<()> {
         let names: Vec<&str> = DType::ALL.iter().map(|d| d.name()).collect();
         bail!("unsupported --dtype {dtype_name:?} for GGUF: expected one of {}", names.join(", "));
     };
-    let infos: Vec<TensorInfo> = hf_tensors(s)
+    let infos: Vec<TensorInfo> = hf_tensors(s, Experts::Stacked)
         .into_iter()
         .map(|(hf, shape)| {
             let dtype = if shape.len() == 1 { DType::F32 } else { dtype };
@@ -355,7 +418,7 @@ fn write_gguf(s: &ModelShape, dtype_name: &str, path: &Path) -> Result<()> {
     let head_dim = s.hidden / s.heads;
     let vocab = gguf::vocab(s.vocab)?;
     let u32_of = |n: usize| Value::U32(u32::try_from(n).expect("model dimensions fit in u32"));
-    let metadata = [
+    let mut metadata = vec![
         ("general.architecture", Value::Str("llama".into())),
         ("general.name", Value::Str(format!("strata synth-model {} {dtype}", s.name))),
         ("general.file_type", Value::U32(file_type(dtype))),
@@ -379,6 +442,10 @@ fn write_gguf(s: &ModelShape, dtype_name: &str, path: &Path) -> Result<()> {
         ("tokenizer.ggml.add_bos_token", Value::Bool(true)),
         ("tokenizer.ggml.add_eos_token", Value::Bool(false)),
     ];
+    if let Some((e, k)) = s.experts {
+        metadata.push(("llama.expert_count", u32_of(e)));
+        metadata.push(("llama.expert_used_count", u32_of(k)));
+    }
 
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -433,4 +500,25 @@ fn write_gguf(s: &ModelShape, dtype_name: &str, path: &Path) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
     eprintln!("wrote {}", path.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mixtral_shape_lists_experts_per_layout() {
+        let mut s = SHAPES.iter().find(|s| s.name == "mixtral-8x7b").unwrap().clone();
+        s.layers = 1;
+        let stacked = hf_tensors(&s, Experts::Stacked);
+        let names: Vec<String> = stacked.iter().map(|(n, _)| gguf_name(n)).collect();
+        for want in ["blk.0.ffn_gate_inp.weight", "blk.0.ffn_gate_exps.weight", "blk.0.ffn_down_exps.weight"] {
+            assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
+        }
+        let down = stacked.iter().find(|(n, _)| n.ends_with("experts.down_proj.weight")).unwrap();
+        assert_eq!(down.1, [8, 4096, 14336]);
+        let per_expert = hf_tensors(&s, Experts::PerExpert);
+        assert_eq!(per_expert.iter().filter(|(n, _)| n.contains(".experts.")).count(), 24);
+        assert!(per_expert.iter().any(|(n, _)| n == "model.layers.0.block_sparse_moe.experts.7.w2.weight"));
+    }
 }

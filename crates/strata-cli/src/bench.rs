@@ -158,7 +158,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         report["io_gb_s"] = json!(io);
         report["decode_disk_bound_tok_s"] = json!(disk_bound);
         report["decode_fraction_of_disk_bound"] = json!(decode_tok_s / disk_bound);
-        report["disk_read_method"] = json!("512 MiB file in the offload dir, O_DIRECT io_uring reads of 8 MiB, 4 in flight");
+        report["disk_read_method"] =
+            json!("512 MiB file in the offload dir, O_DIRECT io_uring reads of 8 MiB, 4 in flight");
     }
     if let Some(name) = &device_name {
         report["device_name"] = json!(name);

@@ -421,12 +421,13 @@ mod tests {
     #[cfg(not(feature = "cuda"))]
     fn without_the_cuda_feature_device_cuda_is_refused() {
         let model = "/nonexistent/strata-model";
-        let commands: [&[&str]; 5] = [
+        let commands: [&[&str]; 6] = [
             &["logits", "--ids", "1,2", "--out", "/nonexistent/out.npy"],
             &["generate", "--prompt", "hi"],
             &["chat"],
             &["bench"],
             &["perplexity", "--text-file", "/nonexistent/text.txt"],
+            &["plan"],
         ];
         for args in commands {
             let mut argv = vec!["strata"];
@@ -439,6 +440,8 @@ mod tests {
                 Command::Chat(a) => chat(a),
                 Command::Bench(a) => bench::run(a),
                 Command::Perplexity(a) => perplexity::run(a),
+                Command::Plan(a) => placement::plan(a),
+                Command::Pack(_) => unreachable!("pack has no --device"),
             }
             .unwrap_err();
             match err.downcast_ref::<strata::Error>() {

@@ -57,10 +57,97 @@ fn logits_writes_an_npy_of_every_position() {
 #[test]
 fn flags_of_later_features_are_refused_by_name() {
     let model = fixture("llama_tied");
-    let out =
-        strata(&["logits", "--model", model.to_str().unwrap(), "--ids", "1", "--out", "/dev/null", "--max-ram", "1GB"]);
+    let out = strata(&[
+        "logits",
+        "--model",
+        model.to_str().unwrap(),
+        "--ids",
+        "1",
+        "--out",
+        "/dev/null",
+        "--expert-cache",
+        "1GB",
+    ]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("--max-ram is not supported yet"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--expert-cache is not supported yet"), "{}", stderr(&out));
+}
+
+/// A strata cache dir holding a fixed hardware profile for 2 threads, so that no command
+/// measures the machine.
+fn cache_with_profile() -> tempfile::TempDir {
+    let cache = tempfile::tempdir().unwrap();
+    let profile =
+        r#"{"disk_read_gb_s": 1.5, "memory_gb_s": 20.0, "matvec_gb_s": {}, "host_to_device_gb_s": null, "threads": 2}"#;
+    std::fs::write(cache.path().join("hardware.json"), profile).unwrap();
+    cache
+}
+
+fn strata_in(cache: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_strata")).env("STRATA_CACHE", cache).args(args).output().expect("strata runs")
+}
+
+#[test]
+fn placement_flags_give_the_same_logits_and_plan_and_pack_work() {
+    let cache = cache_with_profile();
+    let model = fixture("llama_untied");
+    let model = model.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("plain.npy");
+    let out =
+        strata_in(cache.path(), &["logits", "--model", model, "--ids", "1,2,3,4", "--out", plain.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let offload = dir.path().join("offload");
+    for (strategy, depth) in [("stream-all", "0"), ("stream-all", "2"), ("pin-attention", "1")] {
+        let placed = dir.path().join(format!("{strategy}-{depth}.npy"));
+        let out = strata_in(
+            cache.path(),
+            &[
+                "logits",
+                "--model",
+                model,
+                "--ids",
+                "1,2,3,4",
+                "--out",
+                placed.to_str().unwrap(),
+                "--decode",
+                "--threads",
+                "2",
+                "--strategy",
+                strategy,
+                "--prefetch-layers",
+                depth,
+                "--max-ram",
+                "1GB",
+                "--offload-dir",
+                offload.to_str().unwrap(),
+            ],
+        );
+        assert!(out.status.success(), "{strategy} {depth}: {}", stderr(&out));
+        let (a, b) = (std::fs::read(&plain).unwrap(), std::fs::read(&placed).unwrap());
+        assert_eq!(a.len(), b.len());
+        let max = a[128..]
+            .chunks_exact(4)
+            .zip(b[128..].chunks_exact(4))
+            .map(|(x, y)| (f32::from_le_bytes(x.try_into().unwrap()) - f32::from_le_bytes(y.try_into().unwrap())).abs())
+            .fold(0f32, f32::max);
+        assert!(max <= 1e-4, "{strategy} {depth}: decode through the store differs by {max}");
+    }
+
+    let out = strata_in(cache.path(), &["plan", "--model", model, "--threads", "2", "--max-ram", "3MB", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(plan["plan"]["strategy"], "cost-model");
+    assert!(plan["plan"]["ram"]["total"].as_u64().unwrap() <= 3_000_000);
+    let out = strata_in(cache.path(), &["plan", "--model", model, "--threads", "2", "--max-ram", "1kB"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("needs at least"), "{}", stderr(&out));
+
+    let packs = dir.path().join("packs");
+    let out = strata_in(cache.path(), &["pack", "--model", model, "--offload-dir", packs.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("built the pack"), "{:?}", out);
+    let out = strata_in(cache.path(), &["pack", "--model", model, "--offload-dir", packs.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("found a valid pack"), "{:?}", out);
 }
 
 #[test]

@@ -2,8 +2,9 @@
 //! way Hugging Face transformers (version 5, and the 4.x files still in circulation) reads them.
 //!
 //! Each family's defaults for absent keys mirror its transformers config class
-//! (`LlamaConfig`, `MistralConfig`, `Qwen2Config`, `Qwen3Config`, and the MoE classes whose
-//! fields are parsed ahead of their models). The dimensions (`vocab_size`, `hidden_size`,
+//! (`LlamaConfig`, `MistralConfig`, `Qwen2Config`, `Qwen3Config`, `MixtralConfig`,
+//! `Qwen2MoeConfig`, `Qwen3MoeConfig`; the MoE defaults are applied by
+//! [`crate::hparams::MoeHparams::from_config`]). The dimensions (`vocab_size`, `hidden_size`,
 //! `intermediate_size`, `num_hidden_layers`, `num_attention_heads`) are required: the class
 //! defaults exist for building configs in code, and a checkpoint without them is broken.
 //!
@@ -48,10 +49,8 @@ pub enum Family {
     Qwen3Moe,
 }
 
-/// The families strata can run. Later issues extend this list as each model lands; the
-/// others are parsed (so their fields can be tested) but rejected by
-/// [`ModelConfig::from_json_str`].
-pub const SUPPORTED: &[Family] = &[Family::Llama, Family::Mistral, Family::Qwen2, Family::Qwen3];
+/// The families strata can run: every family it parses, dense and Mixture-of-Experts.
+pub const SUPPORTED: &[Family] = &Family::ALL;
 
 impl Family {
     /// Every family whose config strata can parse.
@@ -166,8 +165,9 @@ pub struct AttentionBias {
     pub o: bool,
 }
 
-/// The Mixture-of-Experts fields, parsed for the families that have them (all `None` or empty
-/// for dense families). The MoE issues give them meaning.
+/// The Mixture-of-Experts fields as written, for the families that have them (all `None` or
+/// empty for dense families). [`crate::hparams::MoeHparams::from_config`] applies each family's
+/// defaults and rules.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct MoeConfig {
     /// Experts per MoE layer: `num_local_experts` (Mixtral) or `num_experts` (Qwen).

@@ -34,7 +34,7 @@ use strata_tensor::Tensor;
 use strata_tensor::cpu::AttentionParams;
 
 use crate::context::ContextScaling;
-use crate::decoder::{Decoder, Linear, shares_bytes};
+use crate::decoder::{Decoder, Ffn, Linear, shares_bytes};
 use crate::hparams::Hparams;
 use crate::kv_cache::DEFAULT_BLOCK_LEN;
 use crate::rope::{RopeScheme, RopeTable};
@@ -114,6 +114,11 @@ impl CudaDecoder {
             .iter()
             .map(|l| {
                 let (a, f) = (l.attn.resident().ok_or_else(streamed)?, l.ffn.resident().ok_or_else(streamed)?);
+                let Ffn::Dense(mlp) = &f.ffn else {
+                    return Err(Error::Unsupported(
+                        "Mixture-of-Experts models do not run on CUDA yet (use the CPU decoder)".into(),
+                    ));
+                };
                 let qk_norm = match (&a.q_norm, &a.k_norm) {
                     (Some(qn), Some(kn)) => Some((c.upload(qn)?, c.upload(kn)?)),
                     _ => None,
@@ -126,9 +131,9 @@ impl CudaDecoder {
                     o: CudaLinear::upload(c, &a.o)?,
                     qk_norm,
                     ffn_norm: c.upload(&f.norm)?,
-                    gate: CudaLinear::upload(c, &f.gate)?,
-                    up: CudaLinear::upload(c, &f.up)?,
-                    down: CudaLinear::upload(c, &f.down)?,
+                    gate: CudaLinear::upload(c, &mlp.gate)?,
+                    up: CudaLinear::upload(c, &mlp.up)?,
+                    down: CudaLinear::upload(c, &mlp.down)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

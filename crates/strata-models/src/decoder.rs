@@ -5,6 +5,10 @@
 //! `x += o_proj(attention(rope(norm_qk(q_proj(rmsnorm(x)))), rope(norm_qk(k_proj(..))), v_proj(..)))`
 //! and `x += down_proj(silu(gate_proj(rmsnorm(x))) * up_proj(rmsnorm(x)))`, a final RMSNorm and
 //! the output head. One attention, one MLP, one RMSNorm and one RoPE serve every family.
+//!
+//! Mixture-of-Experts families (Mixtral, Qwen2-MoE, Qwen3-MoE) replace the MLP of their sparse
+//! layers by a [`MoeLayer`] (router + experts, see [`crate::moe`]); the rest of the layer is the
+//! same.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -16,6 +20,7 @@ use strata_tensor::cpu::{self, AttentionParams};
 use crate::context::ContextScaling;
 use crate::hparams::Hparams;
 use crate::kv_cache::{DEFAULT_BLOCK_LEN, KvCache, RopeUpdate};
+use crate::moe::{Mlp, MoeLayer, MoeOptions, RouterTrace, load_moe_layer};
 use crate::offload::{EMBEDDING_UNIT, HEAD_UNIT, UnitLayout, attention_unit, ffn_unit};
 use crate::rope::{RopeScheme, RopeTable};
 use crate::{Error, Result};
@@ -85,19 +90,39 @@ impl Attention {
     }
 }
 
-/// One decoder layer's feed-forward block: its post-attention norm and the SwiGLU MLP (one unit
-/// of the offload pack).
+/// One decoder layer's feed-forward block: its post-attention norm and the dense MLP or the
+/// Mixture-of-Experts block (one unit of the offload pack).
 #[derive(Clone, Debug)]
 pub struct FeedForward {
     pub(crate) norm: Vec<f32>,
-    pub(crate) gate: Linear,
-    pub(crate) up: Linear,
-    pub(crate) down: Linear,
+    pub(crate) ffn: Ffn,
 }
 
 impl FeedForward {
     fn byte_len(&self) -> usize {
-        [&self.gate, &self.up, &self.down].iter().map(|x| x.byte_len()).sum::<usize>() + 4 * self.norm.len()
+        self.ffn.byte_len() + 4 * self.norm.len()
+    }
+}
+
+/// A layer's feed-forward block.
+// One per layer, built once: the variants' size difference costs a few hundred bytes per layer,
+// and boxing either would add an indirection to every forward pass for nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug)]
+pub enum Ffn {
+    /// A dense SwiGLU MLP.
+    Dense(Mlp),
+    /// A sparse Mixture-of-Experts block.
+    Moe(MoeLayer),
+}
+
+impl Ffn {
+    /// Bytes of all its weights.
+    pub fn byte_len(&self) -> usize {
+        match self {
+            Ffn::Dense(mlp) => mlp.byte_len(),
+            Ffn::Moe(moe) => moe.byte_len(),
+        }
     }
 }
 
@@ -149,6 +174,8 @@ pub struct Decoder {
     /// The RoPE scheme of caches from [`Decoder::new_cache`]: the checkpoint's, or with the
     /// context scaling set by [`Decoder::set_context_scaling`].
     rope: RopeScheme,
+    /// The MoE routing options of every forward pass (see [`Decoder::set_moe_options`]).
+    moe: MoeOptions,
 }
 
 impl Decoder {
@@ -170,7 +197,16 @@ impl Decoder {
         }
         let norm = loader.vector("model.norm.weight", hp.hidden_size)?;
         let rope = hp.rope.clone();
-        Ok(Decoder { hp, embed, layers, norm, lm_head: Slot::Resident(lm_head), store: None, rope })
+        Ok(Decoder {
+            hp,
+            embed,
+            layers,
+            norm,
+            lm_head: Slot::Resident(lm_head),
+            store: None,
+            rope,
+            moe: MoeOptions::default(),
+        })
     }
 
     /// Loads a model whose weights live in `store`, grouped into units as `layout` says: the
@@ -232,7 +268,7 @@ impl Decoder {
             layers.push(Layer { attn, ffn });
         }
         let rope = hp.rope.clone();
-        Ok(Decoder { hp, embed, layers, norm, lm_head, store: Some(store), rope })
+        Ok(Decoder { hp, embed, layers, norm, lm_head, store: Some(store), rope, moe: MoeOptions::default() })
     }
 
     /// The store the streamed weights come from, for an offloaded model.
@@ -273,6 +309,28 @@ impl Decoder {
     pub fn set_context_scaling(&mut self, scaling: Option<ContextScaling>) -> Result<()> {
         self.rope = self.hp.rope.with_context_scaling(scaling)?;
         Ok(())
+    }
+
+    /// Makes `options` the Mixture-of-Experts routing of every forward pass from now on
+    /// (checked against the model: [`Error::InvalidMoeOptions`] when they do not fit, or when
+    /// the model is dense and the options are not the default).
+    pub fn set_moe_options(&mut self, options: MoeOptions) -> Result<()> {
+        match &self.hp.moe {
+            Some(moe) => {
+                options.check(moe.num_experts, moe.top_k)?;
+            }
+            None if options != MoeOptions::default() => {
+                return Err(Error::InvalidMoeOptions { what: "the model has no Mixture-of-Experts layers".into() });
+            }
+            None => {}
+        }
+        self.moe = options;
+        Ok(())
+    }
+
+    /// The Mixture-of-Experts routing options.
+    pub fn moe_options(&self) -> &MoeOptions {
+        &self.moe
     }
 
     /// The RoPE scheme [`Decoder::new_cache`] gives its caches.
@@ -319,10 +377,23 @@ impl Decoder {
     }
 
     /// Bytes of weights read to decode one token: every layer, the output head, and one row of
-    /// the embedding.
+    /// the embedding; of a MoE layer, the router, the shared expert and the active experts
+    /// (their mean size times the experts per token of the current [`MoeOptions`], the most
+    /// for dynamic top-k).
     pub fn weight_bytes_per_token(&self) -> usize {
         let head_is_embed = self.head_bytes_untied() == 0;
-        self.weight_bytes() - self.embed.byte_len()
+        let inactive: usize = self
+            .layers
+            .iter()
+            .map(|l| match l.ffn.resident().map(|f| &f.ffn) {
+                Some(Ffn::Moe(moe)) => {
+                    let k = self.moe.active_experts.unwrap_or(moe.router().top_k());
+                    moe.byte_len() - moe.active_byte_len(k)
+                }
+                _ => 0,
+            })
+            .sum();
+        self.weight_bytes() - inactive - self.embed.byte_len()
             + self.embed.row_bytes()
             + if head_is_embed { self.embed.byte_len() } else { 0 }
     }
@@ -338,6 +409,29 @@ impl Decoder {
     /// approximate). A sequence that would pass the request's `max_capacity` is refused before
     /// any work.
     pub fn forward(&self, ids: &[u32], cache: &mut KvCache, which: Logits) -> Result<Vec<f32>> {
+        self.forward_traced(ids, cache, which, None)
+    }
+
+    /// [`Decoder::forward`], appending what every MoE layer's router saw and chose to `trace`
+    /// (router logits `[tokens, n_experts]`, expert token counts, experts per token): feed it to
+    /// [`crate::load_balancing_loss`] and [`crate::router_z_loss`]. A dense model leaves it empty.
+    pub fn forward_with_router(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        which: Logits,
+        trace: &mut RouterTrace,
+    ) -> Result<Vec<f32>> {
+        self.forward_traced(ids, cache, which, Some(trace))
+    }
+
+    fn forward_traced(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        which: Logits,
+        trace: Option<&mut RouterTrace>,
+    ) -> Result<Vec<f32>> {
         let t = ids.len();
         check_ids(&self.hp, ids)?;
         self.check_capacity(cache, t)?;
@@ -352,12 +446,12 @@ impl Decoder {
                 RopeUpdate::Recompute => {
                     let all = recompute_ids(cache.token_ids(), held, ids)?;
                     cache.clear();
-                    return self.run(&all, cache, &rope, rows);
+                    return self.run(&all, cache, &rope, rows, trace);
                 }
                 RopeUpdate::Rerotate => cache.rerotate_keys(&rope, self.hp.rope_layout)?,
             }
         }
-        self.run(ids, cache, &rope, rows)
+        self.run(ids, cache, &rope, rows, trace)
     }
 
     /// Checks that a request may reach `total_len` tokens ([`Error::ContextTooLong`] otherwise,
@@ -373,8 +467,15 @@ impl Decoder {
     }
 
     /// The forward pass proper: `ids` at the positions after the cache's tokens, RoPE with
-    /// `rope`, logits for the last `out_rows` positions.
-    fn run(&self, ids: &[u32], cache: &mut KvCache, rope: &RopeTable, out_rows: usize) -> Result<Vec<f32>> {
+    /// `rope`, logits for the last `out_rows` positions, MoE routing recorded in `trace`.
+    fn run(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        rope: &RopeTable,
+        out_rows: usize,
+        mut trace: Option<&mut RouterTrace>,
+    ) -> Result<Vec<f32>> {
         let hp = &self.hp;
         let t = ids.len();
         let pos0 = cache.len();
@@ -461,10 +562,19 @@ impl Decoder {
                 }
             };
             cpu::rms_norm(&x, &ffn.norm, hp.rms_norm_eps, &mut normed)?;
-            let (rg, ru) = rayon::join(|| ffn.gate.forward(&normed, &mut gate), || ffn.up.forward(&normed, &mut up));
-            rg.and(ru)?;
-            cpu::swiglu(&gate, &up, &mut act)?;
-            ffn.down.forward(&act, &mut proj)?;
+            match &ffn.ffn {
+                Ffn::Dense(mlp) => {
+                    let (rg, ru) =
+                        rayon::join(|| mlp.gate.forward(&normed, &mut gate), || mlp.up.forward(&normed, &mut up));
+                    rg.and(ru)?;
+                    cpu::swiglu(&gate, &up, &mut act)?;
+                    mlp.down.forward(&act, &mut proj)?;
+                }
+                Ffn::Moe(moe) => {
+                    let record = trace.as_deref_mut().map(|tr| tr.layer_mut(li));
+                    moe.forward(&normed, t, &self.moe, &mut proj, record)?;
+                }
+            }
             cpu::add(&mut x, &proj)?;
         }
 
@@ -539,16 +649,19 @@ fn load_attention(hp: &Hparams, i: usize, loader: &Loader<'_>) -> Result<Attenti
     })
 }
 
-/// Loads layer `i`'s feed-forward block.
+/// Loads layer `i`'s feed-forward block: a dense MLP, or the MoE block of a sparse layer.
 fn load_ffn(hp: &Hparams, i: usize, loader: &Loader<'_>) -> Result<FeedForward> {
     let (h, inter) = (hp.hidden_size, hp.intermediate_size);
     let p = format!("model.layers.{i}");
-    Ok(FeedForward {
-        norm: loader.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
-        gate: loader.linear(&format!("{p}.mlp.gate_proj"), inter, h, hp.mlp_bias)?,
-        up: loader.linear(&format!("{p}.mlp.up_proj"), inter, h, hp.mlp_bias)?,
-        down: loader.linear(&format!("{p}.mlp.down_proj"), h, inter, hp.mlp_bias)?,
-    })
+    let ffn = match &hp.moe {
+        Some(moe) if moe.is_sparse(i) => Ffn::Moe(load_moe_layer(loader, &p, h, moe)?),
+        _ => Ffn::Dense(Mlp::new(
+            loader.linear(&format!("{p}.mlp.gate_proj"), inter, h, hp.mlp_bias)?,
+            loader.linear(&format!("{p}.mlp.up_proj"), inter, h, hp.mlp_bias)?,
+            loader.linear(&format!("{p}.mlp.down_proj"), h, inter, hp.mlp_bias)?,
+        )),
+    };
+    Ok(FeedForward { norm: loader.vector(&format!("{p}.post_attention_layernorm.weight"), h)?, ffn })
 }
 
 /// Whether two tensors are views of the same bytes as the same matrix (a tied output head).
@@ -585,11 +698,16 @@ impl TensorSource for UnitSource<'_> {
 }
 
 /// Fetches tensors from a source and checks their shapes.
-struct Loader<'a> {
-    src: &'a dyn TensorSource,
+pub(crate) struct Loader<'a> {
+    pub(crate) src: &'a dyn TensorSource,
 }
 
 impl Loader<'_> {
+    /// Whether the source has a tensor called `name`.
+    pub(crate) fn contains(&self, name: &str) -> bool {
+        self.src.contains(name)
+    }
+
     fn get(&self, name: &str) -> Result<Tensor> {
         if !self.src.contains(name) {
             return Err(Error::TensorNotFound {
@@ -600,15 +718,24 @@ impl Loader<'_> {
         self.src.tensor(name)
     }
 
+    /// A weight of shape `dims`, kept in its stored dtype.
+    pub(crate) fn shaped(&self, name: &str, dims: &[usize]) -> Result<Tensor> {
+        let t = self.get(name)?;
+        if t.shape().dims() != dims {
+            return Err(self.shape_error(name, dims.to_vec(), &t));
+        }
+        Ok(t)
+    }
+
     /// A linear layer `name.weight` `[out, inp]`, with `name.bias` if `bias`.
-    fn linear(&self, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+    pub(crate) fn linear(&self, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
         let weight = self.matrix(&format!("{name}.weight"), out, inp)?;
         let bias = if bias { Some(self.vector(&format!("{name}.bias"), out)?) } else { None };
         Ok(Linear { weight, bias })
     }
 
     /// A 2-D weight `[rows, cols]`, kept in its stored dtype.
-    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Tensor> {
+    pub(crate) fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Tensor> {
         let t = self.get(name)?;
         if t.shape().dims() != [rows, cols] {
             return Err(self.shape_error(name, vec![rows, cols], &t));
@@ -617,7 +744,7 @@ impl Loader<'_> {
     }
 
     /// A 1-D weight converted to f32 (norms, biases).
-    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+    pub(crate) fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
         let t = self.get(name)?;
         if t.shape().dims() != [len] {
             return Err(self.shape_error(name, vec![len], &t));

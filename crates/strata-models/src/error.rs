@@ -155,6 +155,13 @@ pub enum Error {
         /// What is wrong.
         what: String,
     },
+    /// Mixture-of-Experts options that the model cannot take (an active-expert count outside its
+    /// experts, a bad dynamic top-k threshold or capacity factor, MoE options on a dense model).
+    #[error("invalid MoE options: {what}")]
+    InvalidMoeOptions {
+        /// What is wrong.
+        what: String,
+    },
     /// The model needs something this version of strata does not implement.
     #[error("{0}")]
     Unsupported(String),

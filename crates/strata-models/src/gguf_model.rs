@@ -1,7 +1,10 @@
 //! Models from GGUF files: hyperparameters from metadata, tensors by their GGUF names.
 //!
 //! Supports the `llama` architecture (Llama 2/3, Mistral, SmolLM2 and other files converted as
-//! Llama). llama.cpp's converter permutes the rows of `attn_q` and `attn_k` within each head so
+//! Llama), including its Mixture-of-Experts form (Mixtral): `{arch}.expert_count` experts per
+//! layer, `{arch}.expert_used_count` per token, the router in `blk.N.ffn_gate_inp` and the
+//! experts stacked in `blk.N.ffn_{gate,up,down}_exps` (`[E, I, H]`, `[E, I, H]`, `[E, H, I]`
+//! in row-major order), which strata views per expert without a copy. llama.cpp's converter permutes the rows of `attn_q` and `attn_k` within each head so
 //! that ggml's interleaved RoPE (pairs `2i, 2i+1`) equals Hugging Face's rotate-half RoPE on the
 //! original weights. transformers undoes that permutation when it loads a GGUF; strata instead
 //! keeps the weights as stored (zero-copy, still quantized) and applies RoPE in the interleaved
@@ -24,11 +27,14 @@ use strata_tensor::cpu::RopeLayout;
 use crate::config::{Family, RopeConfig, RopeScaling};
 use crate::decoder::TensorSource;
 use crate::gguf::{GgufError, GgufFile};
-use crate::hparams::Hparams;
+use crate::hparams::{Hparams, MoeHparams};
 use crate::rope::RopeScheme;
 use crate::{Error, Result};
 
-/// The GGUF name of a tensor called `hf_name` in a Hugging Face checkpoint.
+/// The GGUF name of a tensor called `hf_name` in a Hugging Face checkpoint. GGUF's stacked
+/// expert tensors answer to strata's stacked names
+/// `model.layers.N.{mlp,block_sparse_moe}.experts.{gate,up,down}_proj.weight` (see
+/// [`crate::moe`]).
 pub fn gguf_tensor_name(hf_name: &str) -> Option<String> {
     let fixed = match hf_name {
         "model.embed_tokens.weight" => Some("token_embd.weight"),
@@ -54,6 +60,11 @@ pub fn gguf_tensor_name(hf_name: &str) -> Option<String> {
         "mlp.gate_proj" => "ffn_gate",
         "mlp.up_proj" => "ffn_up",
         "mlp.down_proj" => "ffn_down",
+        // Mixture-of-Experts: the router under either block name, and the experts as stacks.
+        "block_sparse_moe.gate" | "mlp.gate" => "ffn_gate_inp",
+        "block_sparse_moe.experts.gate_proj" | "mlp.experts.gate_proj" => "ffn_gate_exps",
+        "block_sparse_moe.experts.up_proj" | "mlp.experts.up_proj" => "ffn_up_exps",
+        "block_sparse_moe.experts.down_proj" | "mlp.experts.down_proj" => "ffn_down_exps",
         _ => return None,
     };
     Some(format!("blk.{layer}.{gguf_module}.{suffix}"))
@@ -106,11 +117,13 @@ pub fn hparams_from_gguf(file: &GgufFile) -> Result<Hparams> {
     let eot = meta.opt_u64("tokenizer.ggml.eot_token_id")?.map(|v| v as u32);
     let mut eos_token_ids: Vec<u32> = eos.into_iter().chain(eot).collect();
     eos_token_ids.dedup();
+    let intermediate_size = usize_key("feed_forward_length")?;
+    let moe = moe_from_gguf(file, arch, n_layers, intermediate_size)?;
     Ok(Hparams {
-        family: Family::Llama,
+        family: if moe.is_some() { Family::Mixtral } else { Family::Llama },
         vocab_size,
         hidden_size: hidden,
-        intermediate_size: usize_key("feed_forward_length")?,
+        intermediate_size,
         n_layers,
         n_heads,
         n_kv_heads,
@@ -127,7 +140,49 @@ pub fn hparams_from_gguf(file: &GgufFile) -> Result<Hparams> {
         max_position_embeddings: context_length,
         bos_token_id: meta.opt_u64("tokenizer.ggml.bos_token_id")?.map(|v| v as u32),
         eos_token_ids,
+        moe,
     })
+}
+
+/// The Mixture-of-Experts shape of a llama-architecture GGUF: `{arch}.expert_count` experts
+/// (absent or 0: a dense model) and `{arch}.expert_used_count` per token, every layer sparse,
+/// weights renormalised as Mixtral does, experts `{arch}.expert_feed_forward_length` wide when
+/// given, else `feed_forward_length`.
+fn moe_from_gguf(file: &GgufFile, arch: &str, n_layers: usize, ffn: usize) -> Result<Option<MoeHparams>> {
+    let meta = file.metadata();
+    let key = |k: &str| format!("{arch}.{k}");
+    let experts = meta.opt_u64(&key("expert_count"))?.unwrap_or(0) as usize;
+    if experts == 0 {
+        return Ok(None);
+    }
+    let used = match meta.opt_u64(&key("expert_used_count"))? {
+        Some(k) => k as usize,
+        None => {
+            return Err(Error::Unsupported(format!(
+                "{}: {} is set but {} is missing",
+                file.path().display(),
+                key("expert_count"),
+                key("expert_used_count")
+            )));
+        }
+    };
+    if used == 0 || used > experts {
+        return Err(Error::Unsupported(format!(
+            "{}: {} = {used} is outside 1..={experts}",
+            file.path().display(),
+            key("expert_used_count")
+        )));
+    }
+    let inter = meta.opt_u64(&key("expert_feed_forward_length"))?.map_or(ffn, |v| v as usize);
+    Ok(Some(MoeHparams {
+        num_experts: experts,
+        top_k: used,
+        expert_intermediate_size: inter,
+        norm_topk_prob: true,
+        shared_expert_intermediate_size: None,
+        sparse_layers: vec![true; n_layers],
+        mixtral_names: true,
+    }))
 }
 
 /// The RoPE scaling a GGUF file's metadata (and `rope_freqs.weight`) describes.
@@ -222,6 +277,15 @@ mod tests {
             "blk.3.ffn_norm.weight"
         );
         assert!(gguf_tensor_name("model.layers.3.mlp.experts.0.w1.weight").is_none());
+        assert_eq!(
+            gguf_tensor_name("model.layers.1.block_sparse_moe.gate.weight").unwrap(),
+            "blk.1.ffn_gate_inp.weight"
+        );
+        assert_eq!(gguf_tensor_name("model.layers.1.mlp.gate.weight").unwrap(), "blk.1.ffn_gate_inp.weight");
+        assert_eq!(
+            gguf_tensor_name("model.layers.2.block_sparse_moe.experts.down_proj.weight").unwrap(),
+            "blk.2.ffn_down_exps.weight"
+        );
     }
 
     /// The RoPE scaling of a minimal llama GGUF (context 64, head_dim 8) with `edit` applied.
@@ -277,6 +341,109 @@ mod tests {
             w.add_tensor("rope_freqs.weight", &Tensor::from_f32(&[1.0, 2.0, 4.0, 4.0], vec![4]).unwrap()).unwrap();
         });
         assert_eq!(divisors.unwrap(), RopeScaling::FreqDivisors { divisors: vec![1.0, 2.0, 4.0, 4.0] });
+    }
+
+    /// llama.cpp's permutation of `attn_q`/`attn_k` rows for `heads` heads of `rows / heads`:
+    /// within each head, row `2i` takes the original row `i` and row `2i + 1` the original
+    /// row `i + head_dim / 2`, so interleaved RoPE on the permuted weights equals rotate-half RoPE
+    /// on the original ones.
+    fn permute_qk(w: &[f32], heads: usize, cols: usize) -> Vec<f32> {
+        let head_dim = w.len() / cols / heads;
+        let mut out = vec![0f32; w.len()];
+        for h in 0..heads {
+            for i in 0..head_dim / 2 {
+                for (dst, src) in [(2 * i, i), (2 * i + 1, i + head_dim / 2)] {
+                    let (d, s) = ((h * head_dim + dst) * cols, (h * head_dim + src) * cols);
+                    out[d..d + cols].copy_from_slice(&w[s..s + cols]);
+                }
+            }
+        }
+        out
+    }
+
+    /// A Mixtral GGUF written from the `mixtral_moe` safetensors fixture (llama architecture,
+    /// `expert_count` / `expert_used_count`, the router as `ffn_gate_inp`, the experts stacked in
+    /// `ffn_{gate,up,down}_exps`) gives the same logits as the checkpoint it came from.
+    #[test]
+    fn a_mixtral_gguf_matches_its_safetensors_checkpoint() {
+        use crate::decoder::{Decoder, Logits};
+        use crate::safetensors::Checkpoint;
+
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/mixtral_moe");
+        let cfg = crate::ModelConfig::from_dir(&dir).unwrap();
+        let want_hp = Hparams::from_config(&cfg).unwrap();
+        let moe = want_hp.moe.clone().unwrap();
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let (h, hd, e, inter) = (cfg.hidden_size, cfg.head_dim, moe.num_experts, moe.expert_intermediate_size);
+        let f32_of = |name: &str| ckpt.tensor_f32_vec(name).unwrap();
+        let tensor = |data: &[f32], shape: Vec<usize>| Tensor::from_f32(data, shape).unwrap();
+
+        let mut w = GgufWriter::new();
+        w.set_metadata("general.architecture", "llama");
+        w.set_metadata("llama.context_length", cfg.max_position_embeddings as u32);
+        w.set_metadata("llama.embedding_length", h as u32);
+        w.set_metadata("llama.attention.head_count", cfg.num_attention_heads as u32);
+        w.set_metadata("llama.attention.head_count_kv", cfg.num_key_value_heads as u32);
+        w.set_metadata("llama.attention.key_length", hd as u32);
+        w.set_metadata("llama.rope.dimension_count", hd as u32);
+        w.set_metadata("llama.rope.freq_base", cfg.rope.theta as f32);
+        w.set_metadata("llama.block_count", cfg.num_hidden_layers as u32);
+        w.set_metadata("llama.vocab_size", cfg.vocab_size as u32);
+        w.set_metadata("llama.feed_forward_length", cfg.intermediate_size as u32);
+        w.set_metadata("llama.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps as f32);
+        w.set_metadata("llama.expert_count", e as u32);
+        w.set_metadata("llama.expert_used_count", moe.top_k as u32);
+        for name in ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"] {
+            let t = ckpt.tensor_aligned(name).unwrap();
+            w.add_tensor(gguf_tensor_name(name).unwrap(), &t).unwrap();
+        }
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            for module in [
+                "input_layernorm",
+                "post_attention_layernorm",
+                "self_attn.v_proj",
+                "self_attn.o_proj",
+                "block_sparse_moe.gate",
+            ] {
+                let name = format!("{p}.{module}.weight");
+                w.add_tensor(gguf_tensor_name(&name).unwrap(), &ckpt.tensor_aligned(&name).unwrap()).unwrap();
+            }
+            for (module, heads) in [("q_proj", cfg.num_attention_heads), ("k_proj", cfg.num_key_value_heads)] {
+                let name = format!("{p}.self_attn.{module}.weight");
+                let permuted = permute_qk(&f32_of(&name), heads, h);
+                w.add_tensor(gguf_tensor_name(&name).unwrap(), &tensor(&permuted, vec![heads * hd, h])).unwrap();
+            }
+            for (stacked, per_expert, rows, cols) in
+                [("gate_proj", "w1", inter, h), ("up_proj", "w3", inter, h), ("down_proj", "w2", h, inter)]
+            {
+                let data: Vec<f32> = (0..e)
+                    .flat_map(|x| f32_of(&format!("{p}.block_sparse_moe.experts.{x}.{per_expert}.weight")))
+                    .collect();
+                let name = gguf_tensor_name(&format!("{p}.block_sparse_moe.experts.{stacked}.weight")).unwrap();
+                w.add_tensor(name, &tensor(&data, vec![e, rows, cols])).unwrap();
+            }
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("mixtral.gguf");
+        w.write_file(&path).unwrap();
+
+        let file = GgufFile::open(&path).unwrap();
+        let hp = hparams_from_gguf(&file).unwrap();
+        assert_eq!(hp.family, Family::Mixtral);
+        assert_eq!(hp.moe.as_ref(), Some(&moe));
+        let gguf = Decoder::load(hp, &file).unwrap();
+        let st = Decoder::load(want_hp, &ckpt).unwrap();
+        let ids = [5u32, 17, 90, 3, 44, 61, 2, 78];
+        let a = gguf.forward(&ids, &mut gguf.new_cache(), Logits::All).unwrap();
+        let b = st.forward(&ids, &mut st.new_cache(), Logits::All).unwrap();
+        let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-5, "GGUF vs safetensors: {diff}");
+        // A bad expert_used_count is refused.
+        w.set_metadata("llama.expert_used_count", 9u32);
+        w.write_file(&path).unwrap();
+        let err = hparams_from_gguf(&GgufFile::open(&path).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("outside 1..=8"), "{err}");
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! strata-models: everything that turns a model on disk into computation. It reads Hugging Face
 //! checkpoints (safetensors, single or sharded) and `config.json`, resolves model specs (paths
 //! or model ids in the local Hugging Face cache), computes RoPE tables for every scaling type
-//! (with per-request context scaling), holds the paged KV cache and the decoder, and will hold
-//! the MoE router and expert layer and the model families built from them.
+//! (with per-request context scaling), holds the paged KV cache and the decoder, and the MoE
+//! router and expert layer ([`moe`]) of the Mixtral and Qwen MoE families.
 //!
 //! With the `cuda` feature, [`CudaDecoder`] runs the same decoder on a CUDA device through
 //! `strata-kernels`.
@@ -23,6 +23,7 @@ pub mod gguf_tokenizer;
 mod hparams;
 mod kv_cache;
 mod load;
+pub mod moe;
 pub mod offload;
 pub mod resolve;
 pub mod rope;
@@ -32,11 +33,14 @@ pub use config::ModelConfig;
 pub use context::{ContextScaling, ScalingAlgorithm};
 #[cfg(feature = "cuda")]
 pub use cuda_decoder::{CudaDecoder, CudaKvCache};
-pub use decoder::{Decoder, Linear, Logits, Slot, TensorSource};
+pub use decoder::{Decoder, Ffn, Linear, Logits, Slot, TensorSource};
 pub use error::{ByteCount, ConfigError, Error, HeaderError, Result};
-pub use hparams::Hparams;
+pub use hparams::{Hparams, MoeHparams};
 pub use kv_cache::{DEFAULT_BLOCK_LEN, KvCache, RopeUpdate};
 pub use load::{LoadedModel, OpenedModel, TokenizerSource, load, load_dir, load_gguf, open, open_dir, open_gguf};
+pub use moe::{
+    LayerRecord, Mlp, MoeLayer, MoeOptions, Router, RouterTrace, Routing, load_balancing_loss, router_z_loss,
+};
 pub use resolve::{ModelSource, resolve_model};
 pub use rope::{RopeScheme, RopeTable};
 pub use safetensors::Checkpoint;

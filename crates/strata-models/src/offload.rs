@@ -4,8 +4,8 @@
 //! Units follow the decoder's execution order: `embedding` (the token embedding and the final
 //! norm: always resident, one row read per token), then per layer `layers.N.attention` (its
 //! input norm, q/k/v/o and their biases and norms) and `layers.N.ffn` (its post-attention norm
-//! and MLP; for MoE the router and shared expert), and `layers.N.experts.E` (one expert each),
-//! and last `head` (an untied output head). The grouping is derived from the names the decoder
+//! and MLP; for MoE the router, the shared expert and the experts), and last `head` (an untied
+//! output head). Per-expert units (`UnitKind::Expert`) arrive with the expert cache. The grouping is derived from the names the decoder
 //! actually loads, so a family's optional tensors land in the right unit without a list here.
 
 use std::cell::RefCell;
@@ -67,12 +67,8 @@ fn unit_of(name: &str) -> (String, UnitKind) {
     if rest.starts_with("self_attn.") || rest.starts_with("input_layernorm.") {
         return (attention_unit(layer), UnitKind::Attention { layer });
     }
-    // One expert: `mlp.experts.5.gate_proj.weight`, `block_sparse_moe.experts.5.w1.weight`.
-    if let Some((_, after)) = rest.split_once(".experts.")
-        && let Some(expert) = after.split('.').next().and_then(|e| e.parse::<usize>().ok())
-    {
-        return (format!("layers.{layer}.experts.{expert}"), UnitKind::Expert { layer, expert });
-    }
+    // A MoE layer's experts stay in its FFN unit for now (router, shared expert and every
+    // expert read together): streaming one expert at a time comes with the expert cache.
     (ffn_unit(layer), UnitKind::Ffn { layer })
 }
 
@@ -251,18 +247,11 @@ mod tests {
             ("model.layers.3.post_attention_layernorm.weight", "layers.3.ffn", UnitKind::Ffn { layer: 3 }),
             ("model.layers.3.mlp.down_proj.weight", "layers.3.ffn", UnitKind::Ffn { layer: 3 }),
             ("model.layers.3.mlp.gate.weight", "layers.3.ffn", UnitKind::Ffn { layer: 3 }),
-            (
-                "model.layers.3.mlp.experts.5.up_proj.weight",
-                "layers.3.experts.5",
-                UnitKind::Expert { layer: 3, expert: 5 },
-            ),
-            (
-                "model.layers.0.block_sparse_moe.experts.7.w2.weight",
-                "layers.0.experts.7",
-                UnitKind::Expert { layer: 0, expert: 7 },
-            ),
-            // Fused expert tensors hold every expert: they stay in the FFN unit.
+            // Experts stay in their layer's FFN unit, one tensor each or fused.
+            ("model.layers.3.mlp.experts.5.up_proj.weight", "layers.3.ffn", UnitKind::Ffn { layer: 3 }),
+            ("model.layers.0.block_sparse_moe.experts.7.w2.weight", "layers.0.ffn", UnitKind::Ffn { layer: 0 }),
             ("model.layers.2.mlp.experts.gate_up_proj", "layers.2.ffn", UnitKind::Ffn { layer: 2 }),
+            ("model.layers.2.mlp.shared_expert_gate.weight", "layers.2.ffn", UnitKind::Ffn { layer: 2 }),
         ];
         for (tensor, unit, kind) in cases {
             assert_eq!(unit_of(tensor), (unit.to_string(), kind), "{tensor}");

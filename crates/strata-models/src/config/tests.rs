@@ -534,25 +534,25 @@ fn unsupported_architectures_are_named() {
         err,
         ConfigError::UnsupportedArchitecture {
             found: "model_type \"gemma2\" (architectures: Gemma2ForCausalLM)".into(),
-            supported: vec!["llama", "mistral", "qwen2", "qwen3"],
+            supported: vec!["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe"],
         }
     );
     assert_eq!(
         err.to_string(),
         "unsupported architecture model_type \"gemma2\" (architectures: Gemma2ForCausalLM); \
-         supported: llama, mistral, qwen2, qwen3"
+         supported: llama, mistral, qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe"
     );
-    // MoE families parse but are not supported yet.
-    let err = parse_err(&patched(&mistral_v01(), &[("model_type", json!("mixtral"))], &[]));
-    assert!(matches!(err, ConfigError::UnsupportedArchitecture { .. }), "{err}");
+    // MoE families are supported.
+    let c = ModelConfig::from_json_str(&patched(&mistral_v01(), &[("model_type", json!("mixtral"))], &[])).unwrap();
+    assert_eq!(c.family, Family::Mixtral);
     // Neither key.
     let err = parse_err(&patched(&llama32_legacy(), &[], &["model_type", "architectures"]));
     assert!(err.to_string().contains("no model_type"), "{err}");
-    assert!(SUPPORTED.iter().all(|f| f.is_supported() && !f.is_moe()));
+    assert!(Family::ALL.iter().all(|f| f.is_supported()));
 }
 
 #[test]
-fn moe_fields_are_parsed_for_later_families() {
+fn moe_fields_are_parsed() {
     let mixtral = patched(
         &mistral_v01(),
         &[
@@ -568,7 +568,7 @@ fn moe_fields_are_parsed_for_later_families() {
     );
     let c = parse(&mixtral, &Family::ALL).unwrap();
     assert_eq!(c.family, Family::Mixtral);
-    assert!(c.family.is_moe() && !c.family.is_supported());
+    assert!(c.family.is_moe() && c.family.is_supported());
     assert_eq!((c.moe.num_experts, c.moe.num_experts_per_tok), (Some(8), Some(2)));
     assert_eq!((c.moe.router_aux_loss_coef, c.moe.router_jitter_noise), (Some(0.02), Some(0.0)));
     assert_eq!(c.sliding_windows, vec![None; 32]);
