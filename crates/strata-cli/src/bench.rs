@@ -20,12 +20,11 @@ use strata::Device;
 
 use crate::{BenchArgs, load};
 
-/// Timed repetitions of each measurement; the median is reported.
-const RUNS: usize = 3;
-
 pub fn run(a: BenchArgs) -> Result<()> {
     anyhow::ensure!(a.prompt_tokens > 0, "--prompt-tokens must be at least 1");
     anyhow::ensure!(a.gen_tokens > 0, "--gen-tokens must be at least 1");
+    anyhow::ensure!(a.runs > 0, "--runs must be at least 1");
+    let runs = a.runs;
     let model = load(&a.model)?;
     let hp = model.decoder().hparams().clone();
     let say = |msg: &str| {
@@ -71,8 +70,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut kv_bytes = 0;
     let mut peak_vram: Option<usize> = None;
     let mut streamed_per_token = Vec::new();
-    for run in 0..RUNS {
-        say(&format!("run {}/{RUNS}: prefill {} tokens, decode {}", run + 1, a.prompt_tokens, a.gen_tokens));
+    for run in 0..runs {
+        say(&format!("run {}/{runs}: prefill {} tokens, decode {}", run + 1, a.prompt_tokens, a.gen_tokens));
         let mut cache = model.new_cache()?;
         model.plan(&mut cache, total)?;
         let t = Instant::now();

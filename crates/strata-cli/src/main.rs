@@ -205,6 +205,9 @@ struct BenchArgs {
     /// Tokens to decode for the decode measurement.
     #[arg(long, default_value_t = 64)]
     gen_tokens: usize,
+    /// Timed repetitions of each measurement; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,

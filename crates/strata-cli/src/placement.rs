@@ -97,9 +97,12 @@ pub(crate) fn pack(a: PackArgs) -> Result<()> {
     if last_percent.is_some() {
         eprintln!();
     }
+    let what = match &report.built_because {
+        Some(reason) => format!("built the pack ({reason})"),
+        None => "found a valid pack".to_string(),
+    };
     println!(
-        "{} pack of {}: {} units, {} in {}",
-        if report.built { "built the" } else { "found a valid" },
+        "{what} of {}: {} units, {} in {}",
         path.display(),
         report.units,
         strata::planner::format_size(report.bytes),

@@ -150,8 +150,9 @@ pub struct PackReport {
     pub units: usize,
     /// Bytes of the data file.
     pub bytes: u64,
-    /// Whether it was built now (`false`: a valid pack was already there).
-    pub built: bool,
+    /// Why it was built now (no pack yet, an interrupted build, a changed checkpoint...);
+    /// `None` when a valid pack was already there.
+    pub built_because: Option<String>,
 }
 
 /// Builds the offload pack of the model at `spec` in `offload_dir` (or finds it there),
@@ -168,7 +169,10 @@ pub fn pack_model(
         dir: pack.dir().to_path_buf(),
         units: pack.manifest().units.len(),
         bytes: pack.manifest().data_len,
-        built: matches!(pack.origin(), strata_models::store::pack::PackOrigin::Built { .. }),
+        built_because: match pack.origin() {
+            strata_models::store::pack::PackOrigin::Built { reason } => Some(reason.to_string()),
+            strata_models::store::pack::PackOrigin::Opened => None,
+        },
     })
 }
 
