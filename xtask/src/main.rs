@@ -53,7 +53,10 @@ commands:
   bench --peers [--threads N] [--files FILE.gguf...] [--rounds N] [--json]
                               strata against llama.cpp and mistral.rs on the same GGUF files (installs them
                               into $XDG_CACHE_HOME/strata/peers once): prefill 128 and decode 64 tokens,
-                              best of N rounds; --json: JSON on stdout, the table on stderr";
+                              best of N rounds; --json: JSON on stdout, the table on stderr
+  bench --offload [--file FILE.gguf] [--max-ram SIZE] [--threads N] [--json]
+                              decode with --max-ram (default a third of the file, synthetic TinyLlama q8_0) against
+                              the disk bound, the stream-all depth-0 baseline and llama.cpp in a memory cgroup";
 
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
@@ -79,6 +82,7 @@ fn run(args: &[String]) -> Result<()> {
             step(&["test", "-p", "strata-tests", "--test", "tidy"])
         }
         Some("bench") if rest.iter().any(|a| a == "--peers") => peers::run(rest),
+        Some("bench") if rest.iter().any(|a| a == "--offload") => peers::offload::run(rest),
         Some("bench") => bench(rest),
         Some("fuzz") => {
             let target = rest.first().map(String::as_str).unwrap_or("safetensors_header");

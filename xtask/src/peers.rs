@@ -23,6 +23,7 @@
 mod engines;
 mod install;
 mod load;
+pub mod offload;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};

@@ -17,7 +17,7 @@ use serde_json::Value;
 /// Timed runs per measurement (strata's bench also does 3).
 pub const RUNS: usize = 3;
 /// The longest one engine may take on one file.
-const TIME_LIMIT: Duration = Duration::from_secs(30 * 60);
+pub(super) const TIME_LIMIT: Duration = Duration::from_secs(30 * 60);
 
 /// One engine's speeds on one file.
 #[derive(Clone, Debug)]
@@ -42,23 +42,23 @@ pub struct Workload {
 }
 
 /// A child's exit status and its captured output.
-struct Captured {
-    success: bool,
-    status: String,
-    stdout: String,
-    stderr: String,
+pub(super) struct Captured {
+    pub(super) success: bool,
+    pub(super) status: String,
+    pub(super) stdout: String,
+    pub(super) stderr: String,
 }
 
 impl Captured {
     /// The last lines of stderr, for an error message.
-    fn stderr_tail(&self) -> String {
+    pub(super) fn stderr_tail(&self) -> String {
         let lines: Vec<&str> = self.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
         lines[lines.len().saturating_sub(6)..].join("\n")
     }
 }
 
 /// Runs `cmd` with its stdout and stderr captured, killing it after `limit`.
-fn run_captured(cmd: &mut Command, limit: Duration) -> Result<Captured> {
+pub(super) fn run_captured(cmd: &mut Command, limit: Duration) -> Result<Captured> {
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -102,12 +102,12 @@ pub fn median(xs: &[f64]) -> Option<f64> {
     v.get(v.len() / 2).copied()
 }
 
-fn number(v: &Value, key: &str) -> Result<f64> {
+pub(super) fn number(v: &Value, key: &str) -> Result<f64> {
     v.get(key).and_then(Value::as_f64).with_context(|| format!("the report has no number {key:?}"))
 }
 
 /// The last line of `stdout` that parses as a JSON object, or the whole text as JSON.
-fn json_output(stdout: &str) -> Result<Value> {
+pub(super) fn json_output(stdout: &str) -> Result<Value> {
     if let Ok(v) = serde_json::from_str::<Value>(stdout.trim()) {
         return Ok(v);
     }
