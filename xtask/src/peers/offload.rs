@@ -34,11 +34,12 @@ struct Options {
     file: Option<PathBuf>,
     max_ram: Option<String>,
     threads: usize,
+    rounds: usize,
     json: bool,
 }
 
 fn parse(args: &[String]) -> Result<Options> {
-    let mut o = Options { file: None, max_ram: None, threads: 2, json: false };
+    let mut o = Options { file: None, max_ram: None, threads: 2, rounds: 3, json: false };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -49,6 +50,10 @@ fn parse(args: &[String]) -> Result<Options> {
             "--threads" => {
                 let v = it.next().context("--threads needs a number")?;
                 o.threads = v.parse().ok().filter(|&n| n > 0).with_context(|| format!("--threads {v}"))?;
+            }
+            "--rounds" => {
+                let v = it.next().context("--rounds needs a number")?;
+                o.rounds = v.parse().ok().filter(|&n| n > 0).with_context(|| format!("--rounds {v}"))?;
             }
             other => bail!("unknown flag `{other}` for `cargo xtask bench --offload`"),
         }
@@ -97,10 +102,21 @@ pub fn run(args: &[String]) -> Result<()> {
         ensure!(out.success, "strata bench {extra:?} failed ({}): {}", out.status, out.stderr_tail());
         json_output(&out.stdout)
     };
-    say(&format!("strata bench --max-ram {max_ram} (cost-model)"));
-    let planned = bench(&[])?;
-    say("strata bench --strategy stream-all --prefetch-layers 0 (the synchronous baseline)");
-    let baseline = bench(&["--strategy", "stream-all", "--prefetch-layers", "0"])?;
+    // The disk's speed drifts on a shared machine: the two configurations alternate, and each
+    // reports the run with its median decode speed (with the disk rate measured in that run).
+    let mut planned_runs = Vec::new();
+    let mut baseline_runs = Vec::new();
+    for round in 1..=o.rounds {
+        say(&format!("round {round}/{}: strata bench --max-ram {max_ram} (cost-model)", o.rounds));
+        planned_runs.push(bench(&[])?);
+        say(&format!(
+            "round {round}/{}: strata bench --strategy stream-all --prefetch-layers 0 (the synchronous baseline)",
+            o.rounds
+        ));
+        baseline_runs.push(bench(&["--strategy", "stream-all", "--prefetch-layers", "0"])?);
+    }
+    let planned = median_run(&mut planned_runs)?;
+    let baseline = median_run(&mut baseline_runs)?;
 
     let llama = match install::llama_bench(&cache.join("peers")) {
         Ok(bin) => llama_in_cgroup(&bin, &file, max_bytes(&max_ram)?, o.threads).map_err(|e| format!("{e:#}")),
@@ -117,6 +133,9 @@ pub fn run(args: &[String]) -> Result<()> {
         "file_bytes": file_bytes,
         "max_ram": max_ram,
         "threads": o.threads,
+        "rounds": o.rounds,
+        "strata_rounds": planned_runs,
+        "stream_all_rounds": baseline_runs,
         "prompt_tokens": PROMPT_TOKENS,
         "gen_tokens": GEN_TOKENS,
         "strata": planned,
@@ -135,6 +154,15 @@ pub fn run(args: &[String]) -> Result<()> {
         print!("{table}");
     }
     Ok(())
+}
+
+/// The report with the median decode speed of `runs` (sorted in place).
+fn median_run(runs: &mut [Value]) -> Result<Value> {
+    runs.sort_by(|a, b| {
+        let d = |v: &Value| v["decode_tok_s"].as_f64().unwrap_or(0.0);
+        d(a).total_cmp(&d(b))
+    });
+    runs.get(runs.len() / 2).cloned().context("no run")
 }
 
 /// `--max-ram`'s value in bytes (plain bytes, or the size suffixes strata takes).
@@ -210,11 +238,12 @@ fn table(r: &Value) -> Result<String> {
     let gb = |v: &Value, k: &str| v[k].as_f64().map_or("n/a".to_string(), |x| format!("{:.2}", x / 1e9));
     writeln!(
         t,
-        "\n{} ({:.2} GB) with --max-ram {}, {} threads",
+        "\n{} ({:.2} GB) with --max-ram {}, {} threads, median of {} rounds",
         r["file"].as_str().unwrap_or(""),
         r["file_bytes"].as_f64().unwrap_or(0.0) / 1e9,
         r["max_ram"].as_str().unwrap_or(""),
-        r["threads"]
+        r["threads"],
+        r["rounds"]
     )?;
     writeln!(
         t,
