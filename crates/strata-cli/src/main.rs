@@ -83,6 +83,10 @@ pub(crate) struct PlacementArgs {
     /// Memory for the MoE expert cache.
     #[arg(long, value_name = "SIZE")]
     expert_cache: Option<String>,
+    /// Store the offload pack's matrices in this dtype (q8_0, q4_0, q4_1, q4_k, q6_k, f16, bf16):
+    /// fewer bytes to stream, at that dtype's precision.
+    #[arg(long, value_name = "DTYPE")]
+    pack_dtype: Option<String>,
 }
 
 /// RoPE context scaling.
@@ -261,6 +265,14 @@ pub(crate) fn offload_config(p: &PlacementArgs) -> Result<strata::OffloadConfig>
         prefetch_layers: p.prefetch_layers,
         offload_dir: p.offload_dir.clone(),
         hardware: None,
+        pack_dtype: p.pack_dtype.as_deref().map(parse_dtype).transpose()?,
+    })
+}
+
+/// A dtype by its name (`q8_0`, `bf16`, ...).
+pub(crate) fn parse_dtype(name: &str) -> Result<strata::DType> {
+    strata::DType::from_name(name).with_context(|| {
+        format!("unknown dtype {name:?}: expected one of f32, f16, bf16, q8_0, q4_0, q4_1, q4_k, q6_k")
     })
 }
 

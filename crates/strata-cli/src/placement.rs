@@ -29,6 +29,9 @@ pub(crate) struct PackArgs {
     /// Directory for the offload pack (default: <strata cache>/offload).
     #[arg(long, value_name = "DIR")]
     offload_dir: Option<PathBuf>,
+    /// Store the pack's matrices in this dtype (q8_0, q4_0, q4_1, q4_k, q6_k, f16, bf16).
+    #[arg(long, value_name = "DTYPE")]
+    pack_dtype: Option<String>,
 }
 
 pub(crate) fn plan(a: PlanArgs) -> Result<()> {
@@ -84,7 +87,8 @@ pub(crate) fn pack(a: PackArgs) -> Result<()> {
     };
     let dir = a.offload_dir.clone().unwrap_or_else(|| strata::cache_dir().join("offload"));
     let mut last_percent = None;
-    let report = strata::pack_model(&path, &dir, |done, total, unit| {
+    let dtype = a.pack_dtype.as_deref().map(crate::parse_dtype).transpose()?;
+    let report = strata::pack_model(&path, &dir, dtype, |done, total, unit| {
         let percent = (100 * done / total.max(1)) as usize;
         if last_percent != Some(percent) {
             last_percent = Some(percent);

@@ -122,9 +122,10 @@ impl OpenedModel {
         UnitLayout::of(&self.hparams, &*self.source)
     }
 
-    /// The weight manifest the planner places.
-    pub fn manifest(&self, layout: &UnitLayout) -> Result<WeightManifest> {
-        layout.manifest(&self.hparams, &*self.source)
+    /// The weight manifest the planner places, with the pack's matrices converted to
+    /// `convert` (if any).
+    pub fn manifest(&self, layout: &UnitLayout, convert: Option<DType>) -> Result<WeightManifest> {
+        layout.manifest(&self.hparams, &*self.source, convert)
     }
 
     /// Builds (or finds) the model's offload pack in `offload_dir`.
@@ -138,16 +139,17 @@ impl OpenedModel {
         offload::ensure_pack(layout, &*self.source, &self.path, offload_dir, convert, progress)
     }
 
-    /// Loads the model placed as `plan` says. With nothing streamed, this is [`OpenedModel::load`].
-    /// Otherwise the offload pack in `offload_dir` is built if missing (`pack_progress`), the
-    /// checkpoint is unmapped, the resident units are read from the pack into RAM
-    /// (`read_progress(done, total)`) and the streamed ones are read on use, `plan.prefetch_depth`
-    /// ahead.
+    /// Loads the model placed as `plan` says. With nothing streamed and no conversion, this is
+    /// [`OpenedModel::load`]. Otherwise the offload pack in `offload_dir` (its matrices converted
+    /// to `convert`, if given) is built if missing (`pack_progress`), the checkpoint is unmapped,
+    /// the resident units are read from the pack into RAM (`read_progress(done, total)`) and the
+    /// streamed ones are read on use, `plan.prefetch_depth` ahead.
     pub fn load_placed(
         self,
         plan: &Plan,
         layout: &UnitLayout,
         offload_dir: &Path,
+        convert: Option<DType>,
         pack_progress: &mut dyn FnMut(&PackProgress),
         read_progress: impl FnMut(u64, u64),
     ) -> Result<LoadedModel> {
@@ -158,10 +160,10 @@ impl OpenedModel {
                 layout.units.len()
             )));
         }
-        if plan.stream_order.is_empty() {
+        if plan.stream_order.is_empty() && convert.is_none() {
             return self.load();
         }
-        let pack = self.pack(layout, offload_dir, None, pack_progress)?;
+        let pack = self.pack(layout, offload_dir, convert, pack_progress)?;
         let OpenedModel { hparams, source, tokenizer, chat_template, path } = self;
         // The checkpoint's mapping goes before the resident units are read, so its pages do not
         // count against the memory budget.

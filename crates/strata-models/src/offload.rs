@@ -130,9 +130,10 @@ impl UnitLayout {
         self.units.iter().position(|u| u.name == name)
     }
 
-    /// The weight manifest for the planner: each unit's bytes in `src`, the bytes a decode step
-    /// reads from it, and the model's KV and activation bytes per token.
-    pub fn manifest(&self, hp: &Hparams, src: &dyn TensorSource) -> Result<WeightManifest> {
+    /// The weight manifest for the planner: each unit's bytes in `src` (stored as the pack
+    /// would store them with `convert`), the bytes a decode step reads from it, and the model's
+    /// KV and activation bytes per token.
+    pub fn manifest(&self, hp: &Hparams, src: &dyn TensorSource, convert: Option<DType>) -> Result<WeightManifest> {
         let mut units = Vec::with_capacity(self.units.len());
         for u in &self.units {
             let mut bytes = 0u64;
@@ -140,14 +141,18 @@ impl UnitLayout {
             let mut per_token = 0u64;
             for name in &u.tensors {
                 let t = src.tensor(name)?;
-                let len = t.byte_len() as u64;
+                let dims = t.shape().dims();
+                let dtype = pack::target_dtype(t.dtype(), dims, convert);
+                let numel: usize = dims.iter().product();
+                let len = dtype.bytes_for(numel).unwrap_or(t.byte_len()) as u64;
                 // Each tensor starts on a cache line inside its unit.
                 bytes += len.next_multiple_of(pack::TENSOR_ALIGN);
                 if len > largest.0 {
-                    largest = (len, t.dtype());
+                    largest = (len, dtype);
                 }
-                per_token +=
-                    if name == "model.embed_tokens.weight" && !hp.tie_embeddings { t.row_bytes() as u64 } else { len };
+                // One row of an untied embedding is read per token.
+                let rows = dims.first().copied().unwrap_or(1).max(1) as u64;
+                per_token += if name == "model.embed_tokens.weight" && !hp.tie_embeddings { len / rows } else { len };
             }
             units.push(UnitInfo {
                 name: u.name.clone(),

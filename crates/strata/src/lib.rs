@@ -38,7 +38,7 @@ pub use strata_models::store::planner;
 /// The weight store's counters.
 pub use strata_models::store::{Store, StoreStats};
 /// Where a model runs ([`LoadOptions::device`]).
-pub use strata_models::tensor::Device;
+pub use strata_models::tensor::{DType, Device};
 pub use tokenizer::{TextStream, Tokenizer};
 
 /// This machine's memory read bandwidth in bytes per second, measured with every thread of the

@@ -223,7 +223,8 @@ impl Model {
                     );
                 }
             };
-            let loaded = opened.load_placed(&plan, &layout, &dir, &mut pack_progress, |_, _| {})?;
+            let convert = options.offload.pack_dtype;
+            let loaded = opened.load_placed(&plan, &layout, &dir, convert, &mut pack_progress, |_, _| {})?;
             (loaded, Some(plan))
         } else {
             (opened.load()?, None)

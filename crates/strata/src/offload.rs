@@ -46,6 +46,10 @@ pub struct OffloadConfig {
     /// The machine's rates for the cost model (`None`: the cached profile, measured once on
     /// first use; see [`hardware_profile`]).
     pub hardware: Option<HardwareProfile>,
+    /// Store the offload pack's matrices in this dtype (a block-quantized one such as q8_0 to
+    /// stream fewer bytes); the model then runs from the pack even when nothing streams.
+    /// `None`: as the checkpoint stores them.
+    pub pack_dtype: Option<DType>,
 }
 
 impl OffloadConfig {
@@ -56,6 +60,7 @@ impl OffloadConfig {
             || self.max_ram.is_some()
             || self.prefetch_layers.is_some()
             || self.offload_dir.is_some()
+            || self.pack_dtype.is_some()
     }
 
     /// The offload directory: the configured one or `<strata cache>/offload`.
@@ -123,7 +128,7 @@ fn plan_opened_full(
         None => hardware_profile(&config.offload_dir(), pool.current_num_threads())?,
     };
     let layout = opened.layout()?;
-    let manifest = opened.manifest(&layout)?;
+    let manifest = opened.manifest(&layout, config.pack_dtype)?;
     let plan = config.plan(&manifest, &hardware, context)?;
     Ok((layout, manifest, plan, hardware, context))
 }
@@ -155,16 +160,18 @@ pub struct PackReport {
     pub built_because: Option<String>,
 }
 
-/// Builds the offload pack of the model at `spec` in `offload_dir` (or finds it there),
-/// calling `progress(done_bytes, total_bytes, unit)` as it writes.
+/// Builds the offload pack of the model at `spec` in `offload_dir` (or finds it there), its
+/// matrices converted to `pack_dtype` if given, calling `progress(done_bytes, total_bytes, unit)` as it writes.
 pub fn pack_model(
     spec: impl AsRef<Path>,
     offload_dir: &Path,
+    pack_dtype: Option<DType>,
     mut progress: impl FnMut(u64, u64, &str),
 ) -> Result<PackReport> {
     let opened = strata_models::open(&spec.as_ref().to_string_lossy())?;
     let layout = opened.layout()?;
-    let pack = opened.pack(&layout, offload_dir, None, &mut |p| progress(p.done_bytes, p.total_bytes, &p.unit))?;
+    let pack =
+        opened.pack(&layout, offload_dir, pack_dtype, &mut |p| progress(p.done_bytes, p.total_bytes, &p.unit))?;
     Ok(PackReport {
         dir: pack.dir().to_path_buf(),
         units: pack.manifest().units.len(),

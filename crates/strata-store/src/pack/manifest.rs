@@ -142,7 +142,7 @@ pub(crate) fn numel(shape: &[usize]) -> Option<usize> {
 
 /// The dtype a tensor is stored as: `convert` for a 2-D tensor whose rows are whole blocks of
 /// both its own dtype and `convert`, its own dtype otherwise.
-pub(crate) fn target_dtype(dtype: DType, shape: &[usize], convert: Option<DType>) -> DType {
+pub fn target_dtype(dtype: DType, shape: &[usize], convert: Option<DType>) -> DType {
     match (convert, shape) {
         (Some(to), &[_, cols]) if cols.is_multiple_of(to.block_len()) && cols.is_multiple_of(dtype.block_len()) => to,
         _ => dtype,

@@ -36,7 +36,7 @@ use std::path::{Path, PathBuf};
 use strata_tensor::{AlignedBytes, DType};
 
 pub use key::{SourceFile, SourceKey};
-pub use manifest::{FORMAT_VERSION, PackManifest, PackTensor, PackUnit};
+pub use manifest::{FORMAT_VERSION, PackManifest, PackTensor, PackUnit, target_dtype};
 
 use crate::{Error, Result};
 use lock::LockFile;
