@@ -25,14 +25,13 @@
 //! the level is an explicit parameter of [`matmul_with`] so tests run all of them. `m = 1` with a
 //! float weight goes to the matrix-vector kernel, which reads `W` without packing it.
 //!
-//! With AVX-512 VNNI, block-quantized weights and at least [`QUANTIZED_MIN_M`] rows take the
-//! quantized GEMM of `cpu::matmul_quant` instead (two-digit activations, integer dot products:
-//! the decode path's arithmetic, and faster); this GEMM remains their path elsewhere
-//! ([`matmul_dequantized`] runs it explicitly).
+//! Block-quantized weights take `cpu::matmul_quant` instead (two-digit activations, integer dot
+//! products: the decode path's arithmetic, and faster) with AVX-512 VNNI or for few rows; this
+//! GEMM remains their path for many rows without VNNI ([`matmul_dequantized`] runs it explicitly).
 
 use rayon::prelude::*;
 
-use super::matmul_quant::matmul_quantized_with;
+use super::matmul_quant::{GEMM_MIN_M, matmul_quantized_with};
 use super::matvec_float::{Bf16, F16, F32, FloatElem, matvec_float_with};
 use crate::cpu::{Isa, isa};
 use crate::{AlignedBytes, DType, Error, Result, Tensor, quant};
@@ -54,18 +53,14 @@ const SERIAL_FLOPS: usize = 1 << 20;
 /// The largest tile of any microkernel, for the scratch tile used at the edges of `y`.
 const MAX_TILE: usize = 8 * 48;
 
-/// The fewest rows of `x` for which a block-quantized weight takes the quantized GEMM
-/// ([`crate::cpu::matmul_quantized`]) rather than the dequantizing f32 GEMM, with VNNI. Measured
-/// on Zen4 with TinyLlama shapes (`cargo xtask bench` prints both paths).
-pub(crate) const QUANTIZED_MIN_M: usize = 2;
-
 /// `y = x W^T`: `x` is `[m, k]` row-major with `m = x.len() / k`, `w` is `[n, k]` of any dtype
 /// and `y` is `[m, n]`. Multi-threaded over blocks of `y` in the caller's rayon pool.
 ///
-/// Block-quantized weights take, with AVX-512 VNNI and at least [`QUANTIZED_MIN_M`] rows, the
-/// quantized GEMM: each row of `x` quantized to two-digit blocks and integer dot products, the
-/// arithmetic of [`crate::cpu::matvec`] (see [`crate::cpu::matmul_quantized`]). Otherwise they are
-/// dequantized while packing for the f32 GEMM ([`matmul_dequantized`]).
+/// Block-quantized weights take [`crate::cpu::matmul_quantized`] (each row of `x` quantized to
+/// two-digit blocks and integer dot products, the arithmetic of [`crate::cpu::matvec`]) with
+/// AVX-512 VNNI, where it is a tiled GEMM, or for fewer than `GEMM_MIN_M` (16) rows, where it
+/// is the matrix-vector product per row. Otherwise (many rows without VNNI) they are dequantized
+/// while packing for the f32 GEMM ([`matmul_dequantized`]).
 pub fn matmul(x: &[f32], w: &Tensor, y: &mut [f32]) -> Result<()> {
     matmul_with(isa(), x, w, y)
 }
@@ -74,7 +69,7 @@ pub fn matmul(x: &[f32], w: &Tensor, y: &mut [f32]) -> Result<()> {
 pub(crate) fn matmul_with(isa: Isa, x: &[f32], w: &Tensor, y: &mut [f32]) -> Result<()> {
     let isa = isa.min(Isa::detect());
     let (m, _, _) = check_matmul("matmul", x, w, y)?;
-    if w.dtype().is_quantized() && isa == Isa::Avx512Vnni && m >= QUANTIZED_MIN_M {
+    if w.dtype().is_quantized() && (isa == Isa::Avx512Vnni || m < GEMM_MIN_M) {
         return matmul_quantized_with(isa, x, w, y);
     }
     matmul_dequantized_with(isa, x, w, y)
@@ -844,20 +839,20 @@ mod tests {
         }
     }
 
-    /// `matmul` sends block-quantized weights to the quantized GEMM with VNNI from
-    /// `QUANTIZED_MIN_M` rows, and to the dequantizing GEMM otherwise: bit for bit the results
-    /// of the path it picks.
+    /// `matmul` sends block-quantized weights to the quantized product with VNNI or below
+    /// `GEMM_MIN_M` rows, and to the dequantizing GEMM otherwise: bit for bit the results of the
+    /// path it picks.
     #[test]
     fn quantized_weights_take_the_path_for_their_isa_and_rows() {
         let k = 256;
         for dtype in [DType::Q8_0, DType::Q4K] {
             let w = Tensor::from_f32_as(&random(40 * k, 5), [40, k], dtype).unwrap();
-            for m in [1, QUANTIZED_MIN_M, 33] {
+            for m in [1, GEMM_MIN_M - 1, GEMM_MIN_M, 33] {
                 let x = random(m * k, 6);
                 for isa in Isa::available() {
                     let (mut got, mut want) = (vec![f32::NAN; m * 40], vec![f32::NAN; m * 40]);
                     matmul_with(isa, &x, &w, &mut got).unwrap();
-                    if isa == Isa::Avx512Vnni && m >= QUANTIZED_MIN_M {
+                    if isa == Isa::Avx512Vnni || m < GEMM_MIN_M {
                         matmul_quantized_with(isa, &x, &w, &mut want).unwrap();
                     } else {
                         matmul_dequantized_with(isa, &x, &w, &mut want).unwrap();
