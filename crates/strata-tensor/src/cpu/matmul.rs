@@ -24,9 +24,14 @@
 //! The microkernels exist for AVX-512 (8 x 48), AVX2 + FMA (6 x 16) and portable code (4 x 16);
 //! the level is an explicit parameter of [`matmul_with`] so tests run all of them. `m = 1` with a
 //! float weight goes to the matrix-vector kernel, which reads `W` without packing it.
+//!
+//! Block-quantized weights take `cpu::matmul_quant` instead (two-digit activations, integer dot
+//! products: the decode path's arithmetic, and faster) with AVX-512 VNNI or for few rows; this
+//! GEMM remains their path for many rows without VNNI ([`matmul_dequantized`] runs it explicitly).
 
 use rayon::prelude::*;
 
+use super::matmul_quant::{GEMM_MIN_M, matmul_quantized_with};
 use super::matvec_float::{Bf16, F16, F32, FloatElem, matvec_float_with};
 use crate::cpu::{Isa, isa};
 use crate::{AlignedBytes, DType, Error, Result, Tensor, quant};
@@ -50,12 +55,36 @@ const MAX_TILE: usize = 8 * 48;
 
 /// `y = x W^T`: `x` is `[m, k]` row-major with `m = x.len() / k`, `w` is `[n, k]` of any dtype
 /// and `y` is `[m, n]`. Multi-threaded over blocks of `y` in the caller's rayon pool.
+///
+/// Block-quantized weights take [`crate::cpu::matmul_quantized`] (each row of `x` quantized to
+/// two-digit blocks and integer dot products, the arithmetic of [`crate::cpu::matvec`]) with
+/// AVX-512 VNNI, where it is a tiled GEMM, or for fewer than `GEMM_MIN_M` (16) rows, where it
+/// is the matrix-vector product per row. Otherwise (many rows without VNNI) they are dequantized
+/// while packing for the f32 GEMM ([`matmul_dequantized`]).
 pub fn matmul(x: &[f32], w: &Tensor, y: &mut [f32]) -> Result<()> {
     matmul_with(isa(), x, w, y)
 }
 
 /// [`matmul`] at SIMD level `isa` (lowered to what this CPU supports).
 pub(crate) fn matmul_with(isa: Isa, x: &[f32], w: &Tensor, y: &mut [f32]) -> Result<()> {
+    let isa = isa.min(Isa::detect());
+    let (m, _, _) = check_matmul("matmul", x, w, y)?;
+    if w.dtype().is_quantized() && (isa == Isa::Avx512Vnni || m < GEMM_MIN_M) {
+        return matmul_quantized_with(isa, x, w, y);
+    }
+    matmul_dequantized_with(isa, x, w, y)
+}
+
+/// `y = x W^T` through the f32 GEMM for every dtype: block-quantized weights are dequantized to
+/// f32 while packing, so the product is that of the dequantized weight with `x` itself (no
+/// quantized activation). [`matmul`]'s path for float weights, and for quantized ones without
+/// VNNI or with a single row.
+pub fn matmul_dequantized(x: &[f32], w: &Tensor, y: &mut [f32]) -> Result<()> {
+    matmul_dequantized_with(isa(), x, w, y)
+}
+
+/// [`matmul_dequantized`] at SIMD level `isa` (lowered to what this CPU supports).
+pub(crate) fn matmul_dequantized_with(isa: Isa, x: &[f32], w: &Tensor, y: &mut [f32]) -> Result<()> {
     let isa = isa.min(Isa::detect());
     let (m, n, k) = check_matmul("matmul", x, w, y)?;
     if m == 0 || n == 0 {
@@ -721,7 +750,7 @@ mod tests {
         crate::cpu::reference::matmul(&x, &w, &mut want).unwrap();
         for isa in Isa::available() {
             let mut got = vec![f32::NAN; m * n];
-            matmul_with(isa, &x, &w, &mut got).unwrap();
+            matmul_dequantized_with(isa, &x, &w, &mut got).unwrap();
             for i in 0..m {
                 for j in 0..n {
                     let mag: f32 = (0..k).map(|p| (x[i * k + p] * wf[j * k + p]).abs()).sum();
@@ -787,8 +816,9 @@ mod tests {
         check(DType::BF16, 3, 500, KC + 1, 3);
     }
 
-    /// Block-quantized weights go through `quant::dequantize_row` while packing: same answers as
-    /// the reference (which dequantizes the same way), over several slices of `k`.
+    /// Block-quantized weights go through `quant::dequantize_row` while packing in
+    /// [`matmul_dequantized`]: same answers as the reference (which dequantizes the same way),
+    /// over several slices of `k`.
     #[test]
     fn block_dtypes_match_reference() {
         for dtype in DType::ALL.into_iter().filter(|d| d.is_quantized()) {
@@ -805,6 +835,31 @@ mod tests {
                 let w = Tensor::zeros([3, k], dtype).unwrap();
                 let mut y = [0f32; 6];
                 assert!(matches!(matmul(&random(2 * k, 4), &w, &mut y), Err(Error::UnsupportedDType { .. })));
+            }
+        }
+    }
+
+    /// `matmul` sends block-quantized weights to the quantized product with VNNI or below
+    /// `GEMM_MIN_M` rows, and to the dequantizing GEMM otherwise: bit for bit the results of the
+    /// path it picks.
+    #[test]
+    fn quantized_weights_take_the_path_for_their_isa_and_rows() {
+        let k = 256;
+        for dtype in [DType::Q8_0, DType::Q4K] {
+            let w = Tensor::from_f32_as(&random(40 * k, 5), [40, k], dtype).unwrap();
+            for m in [1, GEMM_MIN_M - 1, GEMM_MIN_M, 33] {
+                let x = random(m * k, 6);
+                for isa in Isa::available() {
+                    let (mut got, mut want) = (vec![f32::NAN; m * 40], vec![f32::NAN; m * 40]);
+                    matmul_with(isa, &x, &w, &mut got).unwrap();
+                    if isa == Isa::Avx512Vnni || m < GEMM_MIN_M {
+                        matmul_quantized_with(isa, &x, &w, &mut want).unwrap();
+                    } else {
+                        matmul_dequantized_with(isa, &x, &w, &mut want).unwrap();
+                    }
+                    let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{dtype} {isa:?} m={m}");
+                }
             }
         }
     }

@@ -1,0 +1,595 @@
+//! Prefill matrix multiplication `y = x W^T` for block-quantized weights with the arithmetic of the
+//! decode path: every row of `x` is quantized once to the two-digit activation blocks of
+//! `quant::q8act` (values `a = 256 * h + l` with a unit `da` per block of 32), and each output is
+//! the sum over weight blocks of integer dot products scaled in f32, exactly the integers of the
+//! quantized matrix-vector product (`cpu::matvec_quant`) and its reference (`quant::vec_dot`), so
+//! a row of `y` equals the matrix-vector product of the same row of `x` up to the order of the
+//! float additions.
+//!
+//! With AVX-512 VNNI the product is a register-tiled GEMM ([`vnni`]). Weight rows are decoded, a
+//! panel of [`NR`] rows and a slice of [`KC`] columns at a time, into one layout shared by every
+//! dtype: unsigned 8-bit levels `u` interleaved by four columns (`[KC / 4][NR][4]`, so that one
+//! 512-bit register holds four consecutive levels of each of 16 rows), an f32 scale per group of
+//! [`Format::group`] levels and row, and for `Q4_1`/`Q4_K` an f32 minimum per block of 32 and row.
+//! A weight value is `scale * (u - offset) + min` with a per-dtype integer `offset` (128 for
+//! `Q8_0`, whose signed bytes are flipped to unsigned for `vpdpbusd`; 8 for `Q4_0`; 32 for `Q6_K`).
+//! The microkernel then multiplies [`MR`] rows of `x` by a panel: per step, two registers of
+//! levels (32 rows) and a broadcast of four digits of each row of `x`, one `vpdpbusd` per pair,
+//! so the integer accumulators hold the dot product of each (x row, weight row) pair without any
+//! horizontal sum. Per group it combines the two digits (`256 * high + low`), removes the offset
+//! (`- offset * S`, the activation's sum over the group, prepared once per row), converts to f32
+//! and accumulates `(scale * da) * dot` plus `min * (da * S)`. Each level loaded is used for
+//! [`MR`] rows of `x`, each broadcast digit for 32 weight rows.
+//!
+//! Work is split over blocks of weight rows (and of `x` rows, when the weight has too few rows
+//! for the threads) in the caller's rayon pool; each task decodes its panels once per slice of `k`
+//! and keeps them in L2 while every tile of `x` rows passes over them.
+//!
+//! Without VNNI the same results come from the existing matrix-vector kernels, one row of `x` at a
+//! time; `cpu::matmul` then keeps its dequantizing f32 GEMM for large `m`, which is faster there.
+
+#[cfg(target_arch = "x86_64")]
+mod vnni;
+
+use rayon::prelude::*;
+
+use super::matmul::check_matmul;
+use super::matvec_quant::matvec_quant_with;
+use super::{Isa, isa};
+use crate::quant::q8act::{ActQ8, HI_WEIGHT, QK_ACT};
+use crate::quant::{BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ6K, BlockQ8_0, QK_K, with_blocks};
+use crate::{DType, Error, Result, Tensor};
+
+/// Rows of `x` per microkernel tile.
+const MR: usize = 4;
+
+/// Weight rows per panel: two 512-bit registers of 16 i32 lanes.
+const NR: usize = 32;
+
+/// Columns of `W` decoded per slice: a multiple of every block length, small enough that a tile
+/// of `x` digits (`2 * MR * KC` bytes) stays in L1 and a task's panels in L2.
+const KC: usize = 1024;
+
+/// The most panels a task decodes at once (`MAX_NC_PANELS * NR * KC` bytes of levels).
+const MAX_NC_PANELS: usize = 4;
+
+/// `y = x W^T` for a block-quantized weight `w` (`[n, k]`), `x` `[m, k]` and `y` `[m, n]`, each row
+/// of `x` quantized to two-digit blocks as [`crate::cpu::matvec`] does: row `i` of `y` equals
+/// `matvec(w, x[i])` up to float rounding. Multi-threaded in the caller's rayon pool. A weight of
+/// a float dtype is an [`Error::UnsupportedDType`].
+pub fn matmul_quantized(x: &[f32], w: &Tensor, y: &mut [f32]) -> Result<()> {
+    matmul_quantized_with(isa(), x, w, y)
+}
+
+/// The fewest rows of `x` for which the VNNI GEMM runs; below, the matrix-vector kernels run
+/// once per row (the weight stays in cache between rows, and the GEMM's decoding of the weight
+/// into panels is not amortized). Measured on Zen4 with the `prefill_matmul` example.
+pub(crate) const GEMM_MIN_M: usize = 16;
+
+/// The quantized product into `y` on SIMD level `isa` (lowered to what this CPU supports):
+/// the tiled VNNI GEMM from [`GEMM_MIN_M`] rows, otherwise the matrix-vector kernels of `isa`
+/// row by row.
+pub(crate) fn matmul_quantized_with(isa: Isa, x: &[f32], w: &Tensor, y: &mut [f32]) -> Result<()> {
+    let op = "matmul_quantized";
+    let (m, n, k) = check_matmul(op, x, w, y)?;
+    let dtype = w.dtype();
+    if !dtype.is_quantized() {
+        return Err(Error::UnsupportedDType { op, dtype });
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let bytes = w.cpu_bytes()?;
+    let isa = isa.min(Isa::detect());
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512Vnni && m >= GEMM_MIN_M {
+        gemm(dtype, bytes, w.row_bytes(), m, n, k, x, y);
+        return Ok(());
+    }
+    for (xr, yr) in x.chunks_exact(k).zip(y.chunks_exact_mut(n)) {
+        matvec_quant_with(isa, dtype, bytes, n, k, xr, yr);
+    }
+    Ok(())
+}
+
+/// How a dtype maps onto the shared panel layout: `w = scale * (u - offset) + min`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Format {
+    /// Levels per f32 scale: 32, or 16 for `Q6_K`'s sub-blocks.
+    group: usize,
+    /// The integer the unsigned levels carry.
+    offset: i32,
+    /// Whether blocks have an additive minimum (`Q4_1`, `Q4_K`), one per 32 levels.
+    min: bool,
+}
+
+impl Format {
+    fn of(dtype: DType) -> Format {
+        match dtype {
+            DType::Q8_0 => Format { group: 32, offset: 128, min: false },
+            DType::Q4_0 => Format { group: 32, offset: 8, min: false },
+            DType::Q4_1 | DType::Q4K => Format { group: 32, offset: 0, min: true },
+            DType::Q6K => Format { group: 16, offset: 32, min: false },
+            DType::F32 | DType::F16 | DType::BF16 => unreachable!("not a block-quantized dtype"),
+        }
+    }
+}
+
+/// One row of `x`, quantized, with what the microkernel needs per group.
+struct RowAct {
+    /// The digits and the unit of each block of 32.
+    q: ActQ8,
+    /// `-offset * S` per group of [`Format::group`] values (`S` the sum of its values
+    /// `256 * h + l`); empty when the offset is zero.
+    bias: Vec<i32>,
+    /// `da * S` per block of 32, the factor of the minimums; empty without minimums.
+    e: Vec<f32>,
+}
+
+impl RowAct {
+    fn new(x: &[f32], format: Format) -> RowAct {
+        let q = ActQ8::quantize(x);
+        let bias = if format.offset == 0 {
+            Vec::new()
+        } else if format.group == QK_ACT {
+            q.sum.iter().map(|&s| -format.offset * s).collect()
+        } else {
+            (0..x.len() / format.group)
+                .map(|g| {
+                    let s: i32 = (format.group * g..format.group * (g + 1))
+                        .map(|i| HI_WEIGHT * i32::from(q.hi[i]) + i32::from(q.lo[i]))
+                        .sum();
+                    -format.offset * s
+                })
+                .collect()
+        };
+        let e = if format.min { q.d.iter().zip(&q.sum).map(|(&d, &s)| d * s as f32).collect() } else { Vec::new() };
+        RowAct { q, bias, e }
+    }
+}
+
+/// Decodes `rows` rows of `w` (`row_bytes` each, the first at row `j0`), columns `p0..p0 + kc`, into
+/// a panel of `NR` rows: `levels` `[kc / 4][NR][4]`, `scales` `[kc / group][NR]` and, with
+/// minimums, `mins` `[kc / 32][NR]`. Rows past `rows` are zero.
+#[allow(clippy::too_many_arguments)]
+fn pack_panel(
+    dtype: DType,
+    w: &[u8],
+    row_bytes: usize,
+    j0: usize,
+    rows: usize,
+    p0: usize,
+    kc: usize,
+    levels: &mut [u8],
+    scales: &mut [f32],
+    mins: &mut [f32],
+) {
+    let format = Format::of(dtype);
+    let groups = kc / format.group;
+    debug_assert!(levels.len() == kc * NR && scales.len() == groups * NR);
+    debug_assert!(!format.min || mins.len() == kc / QK_ACT * NR);
+    let (off, len) = (dtype.bytes_for(p0).expect("whole blocks"), dtype.bytes_for(kc).expect("whole blocks"));
+    let mut lv = [0u8; KC];
+    let mut sc = [0f32; KC / 16];
+    let mut mn = [0f32; KC / QK_ACT];
+    for r in 0..NR {
+        if r < rows {
+            let src = &w[(j0 + r) * row_bytes + off..][..len];
+            decode(dtype, src, &mut lv[..kc], &mut sc[..groups], &mut mn[..kc / QK_ACT]);
+        } else {
+            lv[..kc].fill(0);
+            sc[..groups].fill(0.0);
+            mn[..kc / QK_ACT].fill(0.0);
+        }
+        for (s, four) in lv[..kc].chunks_exact(4).enumerate() {
+            levels[(s * NR + r) * 4..][..4].copy_from_slice(four);
+        }
+        for (g, &v) in sc[..groups].iter().enumerate() {
+            scales[g * NR + r] = v;
+        }
+        if format.min {
+            for (b, &v) in mn[..kc / QK_ACT].iter().enumerate() {
+                mins[b * NR + r] = v;
+            }
+        }
+    }
+}
+
+/// Decodes whole blocks `src` of `dtype` into unsigned levels `lv`, a scale per group `sc` and,
+/// for dtypes with minimums, a minimum per block of 32 `mn` (see [`Format`]).
+fn decode(dtype: DType, src: &[u8], lv: &mut [u8], sc: &mut [f32], mn: &mut [f32]) {
+    match dtype {
+        DType::Q8_0 => with_blocks(src, |blocks: &[BlockQ8_0]| {
+            for ((b, l), s) in blocks.iter().zip(lv.chunks_exact_mut(32)).zip(sc.iter_mut()) {
+                for (u, &q) in l.iter_mut().zip(&b.qs) {
+                    *u = (q as u8) ^ 0x80;
+                }
+                *s = b.d.to_f32();
+            }
+        }),
+        DType::Q4_0 => with_blocks(src, |blocks: &[BlockQ4_0]| {
+            for ((b, l), s) in blocks.iter().zip(lv.chunks_exact_mut(32)).zip(sc.iter_mut()) {
+                nibbles(&b.qs, l);
+                *s = b.d.to_f32();
+            }
+        }),
+        DType::Q4_1 => with_blocks(src, |blocks: &[BlockQ4_1]| {
+            for (((b, l), s), m) in blocks.iter().zip(lv.chunks_exact_mut(32)).zip(sc.iter_mut()).zip(mn.iter_mut()) {
+                nibbles(&b.qs, l);
+                (*s, *m) = (b.d.to_f32(), b.m.to_f32());
+            }
+        }),
+        DType::Q4K => with_blocks(src, |blocks: &[BlockQ4K]| {
+            let chunks = lv.chunks_exact_mut(QK_K).zip(sc.chunks_exact_mut(8)).zip(mn.chunks_exact_mut(8));
+            for (b, ((l, s), m)) in blocks.iter().zip(chunks) {
+                let (d, dmin) = (b.d.to_f32(), b.dmin.to_f32());
+                let (scs, ms) = unpack_scales_mins(&b.scales);
+                for j in 0..8 {
+                    let bytes = &b.qs[32 * (j / 2)..32 * (j / 2 + 1)];
+                    for (u, &byte) in l[32 * j..32 * j + 32].iter_mut().zip(bytes) {
+                        *u = (byte >> (4 * (j % 2))) & 0x0f;
+                    }
+                    s[j] = d * f32::from(scs[j]);
+                    m[j] = -(dmin * f32::from(ms[j]));
+                }
+            }
+        }),
+        DType::Q6K => with_blocks(src, |blocks: &[BlockQ6K]| {
+            for ((b, l), s) in blocks.iter().zip(lv.chunks_exact_mut(QK_K)).zip(sc.chunks_exact_mut(16)) {
+                for h in 0..2 {
+                    for i in 0..32 {
+                        let (a, bb, c) = (b.ql[64 * h + i], b.ql[64 * h + 32 + i], b.qh[32 * h + i]);
+                        l[128 * h + i] = (a & 0x0f) | ((c & 3) << 4);
+                        l[128 * h + i + 32] = (bb & 0x0f) | (((c >> 2) & 3) << 4);
+                        l[128 * h + i + 64] = (a >> 4) | (((c >> 4) & 3) << 4);
+                        l[128 * h + i + 96] = (bb >> 4) | (((c >> 6) & 3) << 4);
+                    }
+                }
+                let d = b.d.to_f32();
+                for (v, &q) in s.iter_mut().zip(&b.scales) {
+                    *v = d * f32::from(q);
+                }
+            }
+        }),
+        DType::F32 | DType::F16 | DType::BF16 => unreachable!("not a block-quantized dtype"),
+    }
+}
+
+/// The 32 levels of a `Q4_0`/`Q4_1` block: low nibbles (elements 0..16), then high nibbles.
+fn nibbles(qs: &[u8; 16], out: &mut [u8]) {
+    for (j, &q) in qs.iter().enumerate() {
+        out[j] = q & 0x0f;
+        out[j + 16] = q >> 4;
+    }
+}
+
+/// The 6-bit scales and minimums of the eight sub-blocks of a `Q4_K` super-block, as ggml's
+/// `get_scale_min_k4` reads them (the same unpacking as `quant::q4_k`).
+fn unpack_scales_mins(s: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
+    let (mut sc, mut m) = ([0u8; 8], [0u8; 8]);
+    for j in 0..4 {
+        sc[j] = s[j] & 63;
+        m[j] = s[j + 4] & 63;
+        sc[j + 4] = (s[j + 8] & 0x0f) | ((s[j] >> 6) << 4);
+        m[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+    }
+    (sc, m)
+}
+
+/// A pointer to `y` that tasks share. Each task writes only its own tiles.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+
+// SAFETY: `gemm` gives every task a disjoint set of output tiles (its rows of `x` times its rows
+// of `W`), so no element is written by two threads, and `y` outlives the parallel loop.
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// A task's decoded panels, kept per thread from call to call (a few hundred KiB: allocating
+/// them afresh would cost page faults).
+#[derive(Default)]
+struct Panels {
+    levels: Vec<u8>,
+    scales: Vec<f32>,
+    mins: Vec<f32>,
+}
+
+thread_local! {
+    static PANELS: std::cell::RefCell<Panels> = std::cell::RefCell::new(Panels::default());
+}
+
+/// Runs `f` with this thread's panel buffers, grown to hold `panels` panels (or with fresh ones,
+/// should this thread already be using its own further up the stack).
+fn with_panels<R>(panels: usize, f: impl FnOnce(&mut Panels) -> R) -> R {
+    let grow = |p: &mut Panels| {
+        let (l, s) = (panels * NR * KC, panels * NR * (KC / 16));
+        if p.levels.len() < l {
+            p.levels.resize(l, 0);
+            p.scales.resize(s, 0.0);
+            p.mins.resize(s, 0.0);
+        }
+    };
+    PANELS.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut p) => {
+            grow(&mut p);
+            f(&mut p)
+        }
+        Err(_) => {
+            let mut p = Panels::default();
+            grow(&mut p);
+            f(&mut p)
+        }
+    })
+}
+
+/// The tiled VNNI GEMM: quantizes the rows of `x` in parallel, then runs one task per block of
+/// weight rows (and of `x` rows, when there are too few weight blocks for the threads).
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn gemm(dtype: DType, w: &[u8], row_bytes: usize, m: usize, n: usize, k: usize, x: &[f32], y: &mut [f32]) {
+    let format = Format::of(dtype);
+    let threads = rayon::current_num_threads();
+    let acts: Vec<RowAct> = if threads == 1 || m < 4 {
+        x.chunks_exact(k).map(|r| RowAct::new(r, format)).collect()
+    } else {
+        x.par_chunks_exact(k).map(|r| RowAct::new(r, format)).collect()
+    };
+    let n_panels = n.div_ceil(NR);
+    let nc_panels = n_panels.div_ceil(4 * threads).clamp(1, MAX_NC_PANELS);
+    let n_blocks = n_panels.div_ceil(nc_panels);
+    let m_tiles = m.div_ceil(MR);
+    let m_chunks = if n_blocks >= 4 * threads { 1 } else { m_tiles.min((4 * threads).div_ceil(n_blocks)) };
+    let mc_tiles = m_tiles.div_ceil(m_chunks);
+    let m_chunks = m_tiles.div_ceil(mc_tiles);
+    let out = OutPtr(y.as_mut_ptr());
+    let task = |t: usize| {
+        let (jb, mc) = (t % n_blocks, t / n_blocks);
+        let panels = jb * nc_panels..((jb + 1) * nc_panels).min(n_panels);
+        let tiles = mc * mc_tiles..((mc + 1) * mc_tiles).min(m_tiles);
+        with_panels(panels.len(), |p| {
+            for p0 in (0..k).step_by(KC) {
+                let kc = (k - p0).min(KC);
+                let (lv_len, sc_len, mn_len) = (NR * kc, NR * kc / format.group, NR * kc / QK_ACT);
+                for (q, jp) in panels.clone().enumerate() {
+                    let j0 = jp * NR;
+                    pack_panel(
+                        dtype,
+                        w,
+                        row_bytes,
+                        j0,
+                        (n - j0).min(NR),
+                        p0,
+                        kc,
+                        &mut p.levels[q * lv_len..][..lv_len],
+                        &mut p.scales[q * sc_len..][..sc_len],
+                        &mut p.mins[q * mn_len..][..mn_len],
+                    );
+                }
+                for ti in tiles.clone() {
+                    let i0 = ti * MR;
+                    let rows = (m - i0).min(MR);
+                    for (q, jp) in panels.clone().enumerate() {
+                        let j0 = jp * NR;
+                        let panel = vnni::Panel {
+                            levels: &p.levels[q * lv_len..][..lv_len],
+                            scales: &p.scales[q * sc_len..][..sc_len],
+                            mins: &p.mins[q * mn_len..][..mn_len],
+                        };
+                        let tile = vnni::Tile { i0, rows, j0, cols: (n - j0).min(NR), ldc: n, accumulate: p0 > 0 };
+                        // SAFETY: `isa` is `Avx512Vnni`, at most `Isa::detect()`; the panel was
+                        // decoded for `format` over columns `p0..p0 + kc` of rows `j0..j0 + cols`,
+                        // the activations cover those columns, and the tile's outputs lie inside
+                        // `y` (`i0 + rows <= m`, `j0 + cols <= n`) and belong to this task alone.
+                        unsafe { vnni::tile(format, &acts[i0..i0 + rows], p0, kc, &panel, &tile, out.get()) };
+                    }
+                }
+            }
+        });
+    };
+    let tasks = n_blocks * m_chunks;
+    if threads == 1 || m * n * k < 1 << 20 {
+        (0..tasks).for_each(task);
+    } else {
+        (0..tasks).into_par_iter().for_each(task);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+    use crate::quant::test_util::{random_row, random_weights};
+    use crate::{AlignedBytes, CpuStorage, cpu};
+
+    const QUANT: [DType; 5] = [DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q4K, DType::Q6K];
+
+    /// For each element of a row, `|scale part| + |offset or minimum part|` of its dequantized
+    /// value, so that sums of these times `|x|` bound every partial sum either side forms.
+    fn term_magnitudes(dtype: DType, row: &[u8], k: usize) -> Vec<f32> {
+        let mut row = row.to_vec();
+        for block in row.chunks_mut(dtype.block_bytes()) {
+            match dtype {
+                DType::Q4_1 => {
+                    block[1] &= 0x7f;
+                    block[3] &= 0x7f;
+                }
+                DType::Q4K => {
+                    block[1] &= 0x7f;
+                    block[3] |= 0x80;
+                }
+                _ => {}
+            }
+        }
+        let mut out = vec![0f32; k];
+        crate::quant::dequantize_row(dtype, &row, &mut out).unwrap();
+        out.iter().map(|v| v.abs()).collect()
+    }
+
+    /// Weights whose bytes are random except the f16 scales (random finite values in -1..1), so
+    /// every level, packed scale and sign pattern occurs, including ones quantizers never write.
+    fn arbitrary_weights(dtype: DType, n: usize, k: usize, seed: u64) -> Vec<u8> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut w: Vec<u8> = (0..n * dtype.bytes_for(k).unwrap()).map(|_| rng.random()).collect();
+        let f16_fields: &[usize] = match dtype {
+            DType::Q8_0 | DType::Q4_0 => &[0],
+            DType::Q4_1 | DType::Q4K => &[0, 2],
+            DType::Q6K => &[208],
+            _ => unreachable!(),
+        };
+        for block in w.chunks_mut(dtype.block_bytes()) {
+            for &at in f16_fields {
+                let v = half::f16::from_f32(rng.random_range(-1.0f32..1.0));
+                block[at..at + 2].copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        w
+    }
+
+    /// The bound on the f32 rounding between two sums of the same integer terms for output
+    /// `(x row, weight row)`: a relative 1e-5 of the sum of the magnitudes of all terms (the
+    /// activations bounded by their block's max, `terms` from [`term_magnitudes`]) plus 1e-5 of
+    /// the result `r`.
+    fn tolerance(terms: &[f32], x: &[f32], r: f32) -> f32 {
+        let amax = x.chunks(QK_ACT).map(|b| b.iter().fold(0f32, |a, v| a.max(v.abs())));
+        let magnitude: f32 = terms.chunks(QK_ACT).zip(amax).map(|(t, a)| a * t.iter().sum::<f32>()).sum();
+        1e-5 * magnitude + 1e-5 * r.abs()
+    }
+
+    /// Runs every available level and the reference on `x` `[m, k]` and the weight bytes `w`
+    /// (`[n, k]` of `dtype`). The integers are the reference's, so the results differ only by
+    /// f32 rounding ([`tolerance`]).
+    fn check(dtype: DType, w: &[u8], m: usize, n: usize, k: usize, seed: u64) -> Result<(), TestCaseError> {
+        let x = random_row(seed.wrapping_add(1), m * k);
+        let tensor = Tensor::from_storage(CpuStorage::owned(AlignedBytes::copy_from(w)), dtype, [n, k]).unwrap();
+        let mut want = vec![f32::NAN; m * n];
+        cpu::reference::matmul_quantized(&x, &tensor, &mut want).unwrap();
+        let row_bytes = dtype.bytes_for(k).unwrap();
+        let terms: Vec<Vec<f32>> =
+            (0..n).map(|j| term_magnitudes(dtype, &w[j * row_bytes..][..row_bytes], k)).collect();
+        for isa in Isa::available() {
+            let mut got = vec![f32::NAN; m * n];
+            matmul_quantized_with(isa, &x, &tensor, &mut got).unwrap();
+            #[cfg(target_arch = "x86_64")]
+            if isa == Isa::Avx512Vnni && m < GEMM_MIN_M {
+                // The GEMM itself, which `matmul_quantized_with` leaves to the matrix-vector
+                // kernels at this `m`: every tile height must match too.
+                let mut tiled = vec![f32::NAN; m * n];
+                gemm(dtype, w, row_bytes, m, n, k, &x, &mut tiled);
+                for (idx, (&t, &r)) in tiled.iter().zip(&want).enumerate() {
+                    let tol = tolerance(&terms[idx % n], &x[idx / n * k..(idx / n + 1) * k], r);
+                    prop_assert!((t - r).abs() <= tol, "GEMM {dtype} m={m} n={n} k={k}: y[{idx}] = {t} vs {r}");
+                }
+            }
+            for i in 0..m {
+                for j in 0..n {
+                    let (g, r) = (got[i * n + j], want[i * n + j]);
+                    let tol = tolerance(&terms[j], &x[i * k..(i + 1) * k], r);
+                    prop_assert!(
+                        (g - r).abs() <= tol,
+                        "{isa:?} {dtype} m={m} n={n} k={k}: y[{i}, {j}] = {g}, reference {r}, tol {tol}"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn dims() -> impl Strategy<Value = (DType, usize, usize, usize)> {
+        (
+            prop::sample::select(QUANT.to_vec()),
+            prop_oneof![Just(1usize), Just(3), Just(17), Just(129), 1usize..12],
+            prop_oneof![1usize..40, 60usize..100],
+            prop_oneof![1usize..5, Just(KC / 32 + 3)],
+        )
+            .prop_map(|(dtype, m, n, blocks)| {
+                // Several slices of `k` for the 32-element formats, one or two for the k-quants.
+                let blocks = if dtype.block_len() == QK_K { blocks.min(5) } else { blocks };
+                // Keep the scalar reference quick on the tallest `x`.
+                let blocks = if m > 100 { blocks.min(3) } else { blocks };
+                (dtype, m, n, blocks * dtype.block_len())
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        #[test]
+        fn every_isa_matches_reference((dtype, m, n, k) in dims(), seed in any::<u64>()) {
+            let (w, _) = random_weights(dtype, n, k, seed);
+            check(dtype, &w, m, n, k, seed)?;
+        }
+
+        #[test]
+        fn every_isa_matches_reference_on_arbitrary_bytes((dtype, m, n, k) in dims(), seed in any::<u64>()) {
+            let w = arbitrary_weights(dtype, n, k, seed);
+            check(dtype, &w, m, n, k, seed)?;
+        }
+    }
+
+    /// Model-sized rows, several slices of `k` and tasks, and an `x` taller than one tile: each
+    /// row of the product equals the fast matrix-vector product of the same row of `x`.
+    #[test]
+    fn rows_equal_the_matvec_of_each_row() {
+        let (m, n, k) = (9, 70, 2 * KC + 256);
+        let x = random_row(21, m * k);
+        for dtype in QUANT {
+            let (w, _) = random_weights(dtype, n, k, 22);
+            let tensor = Tensor::from_storage(CpuStorage::owned(AlignedBytes::copy_from(&w)), dtype, [n, k]).unwrap();
+            let mut got = vec![f32::NAN; m * n];
+            matmul_quantized(&x, &tensor, &mut got).unwrap();
+            let row_bytes = dtype.bytes_for(k).unwrap();
+            for (i, row) in got.chunks_exact(n).enumerate() {
+                let xr = &x[i * k..(i + 1) * k];
+                let mut want = vec![0f32; n];
+                cpu::matvec(&tensor, xr, &mut want).unwrap();
+                for (j, (&g, &r)) in row.iter().zip(&want).enumerate() {
+                    let tol = tolerance(&term_magnitudes(dtype, &w[j * row_bytes..][..row_bytes], k), xr, r);
+                    assert!((g - r).abs() <= tol, "{dtype} y[{i}, {j}] = {g}, matvec {r}, tol {tol}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn zero_activation_gives_zero() {
+        let (w, _) = random_weights(DType::Q4K, 5, 256, 1);
+        let tensor =
+            Tensor::from_storage(CpuStorage::owned(AlignedBytes::copy_from(&w)), DType::Q4K, [5, 256]).unwrap();
+        for isa in Isa::available() {
+            let mut y = vec![f32::NAN; 15];
+            matmul_quantized_with(isa, &[0.0; 3 * 256], &tensor, &mut y).unwrap();
+            assert_eq!(y, vec![0.0; 15], "{isa:?}");
+        }
+    }
+
+    #[test]
+    fn rejects_float_weights_and_bad_lengths() {
+        let w = Tensor::from_f32(&[0.0; 64], [2, 32]).unwrap();
+        let mut y = [0f32; 2];
+        let err = matmul_quantized(&[0.0; 32], &w, &mut y);
+        assert!(matches!(err, Err(Error::UnsupportedDType { dtype: DType::F32, .. })));
+        let q = Tensor::from_f32_as(&[0.5; 64], [2, 32], DType::Q8_0).unwrap();
+        assert!(matches!(matmul_quantized(&[0.0; 33], &q, &mut y), Err(Error::InvalidArgument { .. })));
+        let mut y3 = [0f32; 3];
+        for isa in Isa::available() {
+            let err = matmul_quantized_with(isa, &[0.0; 32], &q, &mut y3);
+            assert!(matches!(err, Err(Error::LengthMismatch { what: "y", expected: 2, .. })), "{isa:?}");
+        }
+        matmul_quantized(&[], &q, &mut []).unwrap();
+        // The reference validates the same way.
+        assert!(matches!(
+            cpu::reference::matmul_quantized(&[0.0; 32], &w, &mut y),
+            Err(Error::UnsupportedDType { dtype: DType::F32, .. })
+        ));
+    }
+}
