@@ -41,14 +41,18 @@ pub(super) unsafe fn rows_vnni(dtype: DType, w: &[u8], row_bytes: usize, prep: &
     unsafe { rows::<Vnni>(dtype, w, row_bytes, prep, ys) }
 }
 
+/// How many groups of rows ahead the kernels prefetch.
+const PREFETCH_GROUPS: usize = 2;
+/// The least distance, in bytes, the kernels prefetch ahead.
+const PREFETCH_MIN_BYTES: usize = 12 * 1024;
+
 #[inline(always)]
 unsafe fn rows<D: Dot>(dtype: DType, w: &[u8], row_bytes: usize, prep: &Prepared, ys: &mut [f32]) {
     const ROWS: usize = 4;
     let nb = row_bytes / dtype.block_bytes();
-    // Each kernel prefetches the rows it will compute after the current group of ROWS.
-    let f: usize = std::env::var("PF_F").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
-    let m: usize = std::env::var("PF_M").ok().and_then(|s| s.parse().ok()).unwrap_or(12);
-    let ahead = (f * ROWS * row_bytes).max(m * 1024);
+    // Each kernel prefetches the rows it will compute two groups of ROWS ahead, and at least
+    // 12 KiB ahead (short rows).
+    let ahead = (PREFETCH_GROUPS * ROWS * row_bytes).max(PREFETCH_MIN_BYTES);
     // SAFETY: forwarded from the entry points' callers.
     unsafe {
         match dtype {
