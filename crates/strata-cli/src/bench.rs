@@ -5,6 +5,11 @@
 //! `read bandwidth / weight bytes per token`; the bench reports that bound and the achieved
 //! fraction. Prefill is reported as tokens per second of one forward pass over the prompt.
 //!
+//! On a Mixture-of-Experts model a token reads only the experts its router picks: the bench
+//! records the routing of the timed decode steps, reports `mean_experts_per_token`, and counts
+//! that many experts per layer in the bytes per token (the model's `k` for plain top-k; fewer
+//! with dynamic top-k; `--active-experts` changes `k`).
+//!
 //! The bandwidth is the model's device's: on the CPU, reading a large buffer with every thread
 //! of the model's pool; on CUDA, device-to-device copies, counting bytes read plus bytes
 //! written (`memory_read_method` in the JSON says which). On CUDA, `peak_vram_bytes` is the
@@ -70,6 +75,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut kv_bytes = 0;
     let mut peak_vram: Option<usize> = None;
     let mut streamed_per_token = Vec::new();
+    let moe = hp.moe.is_some();
+    let mut decode_trace = strata::RouterTrace::new();
     for run in 0..runs {
         say(&format!("run {}/{runs}: prefill {} tokens, decode {}", run + 1, a.prompt_tokens, a.gen_tokens));
         let mut cache = model.new_cache()?;
@@ -83,7 +90,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let t = Instant::now();
         for _ in 0..a.gen_tokens {
             let next = strata::sampling::argmax(&logits) as u32;
-            logits = model.step(&[next], &mut cache)?;
+            logits = if moe {
+                model.step_with_router(&[next], &mut cache, &mut decode_trace)?
+            } else {
+                model.step(&[next], &mut cache)?
+            };
         }
         decode.push(t.elapsed().as_secs_f64());
         if let Some(store) = model.store() {
@@ -114,7 +125,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
 
     let prefill_tok_s = a.prompt_tokens as f64 / median(&mut prefill);
     let decode_tok_s = a.gen_tokens as f64 / median(&mut decode);
-    let bytes_per_token = model.decoder().weight_bytes_per_token();
+    // A MoE token reads the experts it was routed to: the mean of the timed decode steps
+    // instead of the `k` (the most) the model's weight count assumes.
+    let mean_experts = moe.then(|| decode_trace.mean_experts_per_token());
+    let mut bytes_per_token = model.decoder().weight_bytes_per_token();
+    if let (Some(mean), Some(shape)) = (mean_experts, &hp.moe) {
+        let k = model.decoder().moe_options().active_experts.unwrap_or(shape.top_k);
+        let unused = (k as f64 - mean).max(0.0) * model.decoder().bytes_per_active_expert() as f64;
+        bytes_per_token -= unused.round() as usize;
+    }
     let bound_tok_s = bandwidth / bytes_per_token as f64;
     let mut report = json!({
         "model": model.source().display().to_string(),
@@ -133,6 +152,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "decode_fraction_of_bound": decode_tok_s / bound_tok_s,
         "io_gb_s": null,
         "expert_cache_hit_rate": null,
+        "mean_experts_per_token": mean_experts,
         "plan": { "strategy": "all-resident", "device": model.device().to_string() },
     });
     if let Some(plan) = model.placement() {
@@ -176,6 +196,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
             100.0 * decode_tok_s / bound_tok_s
         );
         println!("weights/token {:>9.1} MB", bytes_per_token as f64 / 1e6);
+        if let Some(mean) = mean_experts {
+            println!("experts/token {mean:>9.2} (mean over the MoE layers of the timed decode steps)");
+        }
         if device_name.is_none() {
             println!("memory read  {:>10.1} GB/s (measured in this run)", bandwidth / 1e9);
         } else {

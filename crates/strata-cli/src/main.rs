@@ -10,7 +10,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use strata::{ChatMessage, Device, GenerateOptions, LoadOptions, LogitsMode, Model, SamplingParams};
 
 /// Run large language models on your own hardware.
@@ -103,18 +103,76 @@ pub(crate) struct ScalingArgs {
     max_capacity: Option<usize>,
 }
 
-/// Mixture-of-Experts routing.
+/// Mixture-of-Experts routing (MoE models only: a dense model refuses these flags).
 #[derive(Args, Debug, Clone, Default)]
-struct MoeArgs {
-    /// Experts per token (overrides the model's k).
+pub(crate) struct MoeArgs {
+    /// Experts per token, overriding the model's k (for dynamic-top-k: the most a token gets).
     #[arg(long, value_name = "K")]
     active_experts: Option<usize>,
-    /// top-k or dynamic-top-k.
-    #[arg(long, value_name = "MODE")]
-    routing: Option<String>,
-    /// Expert capacity factor at inference.
+    /// How tokens pick experts: the k most probable (the model's own routing), or per token
+    /// the fewest whose probabilities reach --routing-threshold, at least --min-experts.
+    #[arg(long, value_enum, value_name = "MODE")]
+    routing: Option<RoutingArg>,
+    /// dynamic-top-k: the cumulative routing probability to reach (default 0.9; 1 is top-k).
+    #[arg(long, value_name = "P")]
+    routing_threshold: Option<f32>,
+    /// dynamic-top-k: the fewest experts a token gets (default 1).
+    #[arg(long, value_name = "N")]
+    min_experts: Option<usize>,
+    /// Each expert takes at most ceil(F x tokens x k / experts) tokens of a forward pass; the
+    /// overflow goes to the next-best expert with room (default: no limit; `inf` is top-k).
     #[arg(long, value_name = "F")]
-    capacity_factor: Option<f64>,
+    capacity_factor: Option<f32>,
+}
+
+/// `--routing`'s values.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum RoutingArg {
+    /// The model's top-k.
+    TopK,
+    /// Dynamic top-k.
+    DynamicTopK,
+}
+
+/// The default `--routing-threshold` of dynamic top-k.
+const DEFAULT_ROUTING_THRESHOLD: f32 = 0.9;
+/// The default `--min-experts` of dynamic top-k.
+const DEFAULT_MIN_EXPERTS: usize = 1;
+
+impl MoeArgs {
+    /// Whether any MoE flag is set.
+    fn any(&self) -> bool {
+        self.active_experts.is_some()
+            || self.routing.is_some()
+            || self.routing_threshold.is_some()
+            || self.min_experts.is_some()
+            || self.capacity_factor.is_some()
+    }
+
+    /// The MoE config the flags ask for (`None` when no flag is set).
+    fn config(&self) -> Result<Option<strata::MoeConfig>> {
+        if !self.any() {
+            return Ok(None);
+        }
+        let routing = match self.routing.unwrap_or(RoutingArg::TopK) {
+            RoutingArg::TopK => {
+                if self.routing_threshold.is_some() || self.min_experts.is_some() {
+                    bail!("--routing-threshold and --min-experts need --routing dynamic-top-k");
+                }
+                strata::Routing::TopK
+            }
+            RoutingArg::DynamicTopK => strata::Routing::DynamicTopK {
+                p: self.routing_threshold.unwrap_or(DEFAULT_ROUTING_THRESHOLD),
+                min_experts: self.min_experts.unwrap_or(DEFAULT_MIN_EXPERTS),
+            },
+        };
+        Ok(Some(strata::MoeConfig {
+            routing,
+            active_experts: self.active_experts,
+            capacity_factor: self.capacity_factor,
+            expert_offload: false,
+        }))
+    }
 }
 
 #[derive(Args, Debug)]
@@ -130,7 +188,8 @@ struct LogitsArgs {
     /// Feed the ids one at a time through the KV cache instead of one forward pass.
     #[arg(long)]
     decode: bool,
-    /// Write router statistics (MoE models) to this JSON file.
+    /// Write router statistics (MoE models) to this JSON file: aux_loss, z_loss,
+    /// mean_experts_per_token, and each MoE layer's expert_counts.
     #[arg(long, value_name = "FILE")]
     router_json: Option<PathBuf>,
 }
@@ -279,14 +338,8 @@ pub(crate) fn parse_dtype(name: &str) -> Result<strata::DType> {
 /// The load options the flags ask for, after refusing the flags this version cannot honour yet.
 pub(crate) fn load_options(args: &ModelArgs) -> Result<LoadOptions> {
     let p = &args.placement;
-    let unsupported = [
-        ("--expert-cache", p.expert_cache.is_some()),
-        ("--active-experts", args.moe.active_experts.is_some()),
-        ("--routing", args.moe.routing.is_some()),
-        ("--capacity-factor", args.moe.capacity_factor.is_some()),
-    ];
-    if let Some((flag, _)) = unsupported.iter().find(|(_, set)| *set) {
-        bail!("{flag} is not supported yet in this version of strata (the MoE flags arrive with their feature)");
+    if p.expert_cache.is_some() {
+        bail!("--expert-cache is not supported yet in this version of strata (it arrives with the expert cache)");
     }
     let device = parse_device(&args.device)?;
     // Refused before the model is resolved (which may download the default model).
@@ -296,6 +349,7 @@ pub(crate) fn load_options(args: &ModelArgs) -> Result<LoadOptions> {
         device,
         context_scaling: context_scaling(&args.scaling)?,
         offload: offload_config(p)?,
+        moe: args.moe.config()?,
     })
 }
 
@@ -307,11 +361,21 @@ pub(crate) fn model_path(args: &ModelArgs) -> Result<PathBuf> {
     }
 }
 
-/// Loads the model the flags describe.
+/// Loads the model the flags describe. Any MoE flag on a dense model is refused, even one that
+/// asks for the default routing (`--routing top-k`).
 pub(crate) fn load(args: &ModelArgs) -> Result<Model> {
     let opts = load_options(args)?;
     let path = model_path(args)?;
-    Model::from_pretrained(&path, opts).with_context(|| format!("cannot load model {}", path.display()))
+    let model = Model::from_pretrained(&path, opts).with_context(|| format!("cannot load model {}", path.display()))?;
+    if args.moe.any() && model.decoder().hparams().moe.is_none() {
+        return Err(strata::Error::NotMixtureOfExperts {
+            model: model.source().to_path_buf(),
+            what: "each MoE flag (--active-experts, --routing, --routing-threshold, --min-experts, --capacity-factor)"
+                .into(),
+        }
+        .into());
+    }
+    Ok(model)
 }
 
 /// `cpu`, `cuda` (device 0) or `cuda:N`.
@@ -328,14 +392,42 @@ fn parse_device(s: &str) -> Result<Device> {
 
 fn logits(a: LogitsArgs) -> Result<()> {
     let model = load(&a.model)?;
-    if a.router_json.is_some() {
-        bail!("--router-json needs a Mixture-of-Experts model; {} is dense", model.source().display());
-    }
     let mode = if a.decode { LogitsMode::Decode } else { LogitsMode::OnePass };
-    let logits = model.logits(&a.ids, mode)?;
+    let logits = match &a.router_json {
+        None => model.logits(&a.ids, mode)?,
+        Some(path) => {
+            if model.decoder().hparams().moe.is_none() {
+                return Err(strata::Error::NotMixtureOfExperts {
+                    model: model.source().to_path_buf(),
+                    what: "--router-json".into(),
+                }
+                .into());
+            }
+            let (logits, stats) = model.logits_with_router(&a.ids, mode)?;
+            let json = serde_json::to_string_pretty(&router_json(&stats))?;
+            std::fs::write(path, json + "\n").with_context(|| format!("cannot write {}", path.display()))?;
+            logits
+        }
+    };
     let vocab = model.decoder().hparams().vocab_size;
     npy::write_f32(&a.out, &[a.ids.len(), vocab], &logits)?;
     Ok(())
+}
+
+/// The `--router-json` document: the contract's `aux_loss` and per-layer `expert_counts`, plus
+/// `z_loss`, `mean_experts_per_token` and the MoE layers' indices (`moe_layers`) at the top level.
+fn router_json(stats: &strata::RouterStats) -> serde_json::Value {
+    serde_json::json!({
+        "aux_loss": stats.aux_loss,
+        "z_loss": stats.z_loss,
+        "mean_experts_per_token": stats.mean_experts_per_token,
+        "moe_layers": stats.layers.iter().map(|l| l.layer).collect::<Vec<_>>(),
+        "layers": stats
+            .layers
+            .iter()
+            .map(|l| serde_json::json!({ "expert_counts": l.expert_counts }))
+            .collect::<Vec<_>>(),
+    })
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {

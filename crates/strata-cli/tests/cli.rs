@@ -260,3 +260,182 @@ fn a_request_past_max_capacity_is_refused_up_front() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("need --rope-scaling"), "{}", stderr(&out));
 }
+
+/// `strata logits` with `args` on `model`, writing the logits to `dir/name.npy`; returns them.
+fn logits_with(dir: &Path, name: &str, model: &Path, ids: &str, args: &[&str]) -> Vec<f32> {
+    let path = dir.join(format!("{name}.npy"));
+    let mut cmd = vec!["logits", "--model", model.to_str().unwrap(), "--ids", ids, "--out", path.to_str().unwrap()];
+    cmd.extend_from_slice(args);
+    let out = strata(&cmd);
+    assert!(out.status.success(), "{name}: {}", stderr(&out));
+    read_npy(&path)
+}
+
+/// The prompt ids of a fixture, comma-separated, and its expected.json.
+fn fixture_prompt(name: &str) -> (String, serde_json::Value) {
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture(name).join("expected.json")).unwrap()).unwrap();
+    let ids: Vec<String> = expected["prompt_ids"].as_array().unwrap().iter().map(|v| v.to_string()).collect();
+    (ids.join(","), expected)
+}
+
+#[test]
+fn router_json_has_the_contract_format_and_transformers_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["mixtral_moe", "mixtral_e6_k3", "qwen2_moe_norm", "qwen2_moe", "qwen3_moe"] {
+        let model = fixture(name);
+        let (ids, expected) = fixture_prompt(name);
+        let moe = &expected["moe"];
+        for decode in [false, true] {
+            let json_path = dir.path().join(format!("{name}-{decode}.json"));
+            let mut args = vec!["--router-json", json_path.to_str().unwrap()];
+            if decode {
+                args.push("--decode");
+            }
+            let with_router = logits_with(dir.path(), &format!("{name}-{decode}"), &model, &ids, &args);
+            let plain = logits_with(dir.path(), &format!("{name}-{decode}-plain"), &model, &ids, &args[2..]);
+            assert!(with_router == plain, "{name}: --router-json changed the logits");
+
+            let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json_path).unwrap()).unwrap();
+            let aux = report["aux_loss"].as_f64().unwrap();
+            let want = moe["aux_loss"].as_f64().unwrap();
+            assert!((aux - want).abs() <= 1e-5, "{name} decode={decode}: aux_loss {aux} vs transformers {want}");
+            let layers = report["layers"].as_array().unwrap();
+            assert_eq!(layers.len(), moe["expert_counts"].as_array().unwrap().len(), "{name}");
+            for (layer, want) in layers.iter().zip(moe["expert_counts"].as_array().unwrap()) {
+                // Each layer holds exactly the contract's key.
+                assert_eq!(layer.as_object().unwrap().keys().collect::<Vec<_>>(), ["expert_counts"], "{layer}");
+                assert_eq!(&layer["expert_counts"], want, "{name} decode={decode}");
+            }
+            assert_eq!(report["moe_layers"], moe["moe_layers"], "{name}");
+            assert_eq!(report["mean_experts_per_token"].as_f64(), moe["top_k"].as_f64(), "{name}");
+            let z = report["z_loss"].as_f64().unwrap();
+            let want_z = moe["router_z_loss"].as_f64().unwrap();
+            assert!((z - want_z).abs() <= 1e-5 * want_z.abs().max(1.0), "{name}: z-loss {z} vs {want_z}");
+        }
+    }
+}
+
+#[test]
+fn neutral_moe_flags_give_plain_topk_logits_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("qwen2_moe");
+    let (ids, expected) = fixture_prompt("qwen2_moe");
+    let k = expected["moe"]["top_k"].to_string();
+    for decode in [&[][..], &["--decode"][..]] {
+        let plain = logits_with(dir.path(), "plain", &model, &ids, decode);
+        let neutral: [&[&str]; 4] = [
+            &["--capacity-factor", "1e9"],
+            &["--capacity-factor", "inf"],
+            &["--routing", "dynamic-top-k", "--routing-threshold", "1.0"],
+            &["--routing", "top-k", "--active-experts", &k],
+        ];
+        for flags in neutral {
+            let mut args = flags.to_vec();
+            args.extend_from_slice(decode);
+            let got = logits_with(dir.path(), "neutral", &model, &ids, &args);
+            assert!(got == plain, "{args:?}: the logits differ from plain top-k");
+        }
+        // Fewer experts per token changes the answer.
+        let mut args = vec!["--routing", "dynamic-top-k", "--routing-threshold", "0.3"];
+        args.extend_from_slice(decode);
+        assert!(logits_with(dir.path(), "dynamic", &model, &ids, &args) != plain, "{args:?}: no change");
+    }
+}
+
+#[test]
+fn bad_moe_flags_get_clear_errors() {
+    let moe = fixture("mixtral_moe");
+    let dense = fixture("llama_tied");
+    let run = |model: &Path, flags: &[&str]| {
+        let mut args = vec!["logits", "--model", model.to_str().unwrap(), "--ids", "1,2", "--out", "/dev/null"];
+        args.extend_from_slice(flags);
+        let out = strata(&args);
+        assert!(!out.status.success(), "{flags:?} succeeded");
+        stderr(&out)
+    };
+    let err = run(&moe, &["--active-experts", "9"]);
+    assert!(err.contains("active_experts = 9 is outside 1..=8"), "{err}");
+    let err = run(&moe, &["--active-experts", "0"]);
+    assert!(err.contains("active_experts = 0 is outside 1..=8"), "{err}");
+    let err = run(&moe, &["--routing", "dynamic-top-k", "--min-experts", "3"]);
+    assert!(err.contains("min_experts = 3 is outside 1..=2"), "{err}");
+    let err = run(&moe, &["--routing", "dynamic-top-k", "--routing-threshold=-1"]);
+    assert!(err.contains("threshold"), "{err}");
+    let err = run(&moe, &["--routing-threshold", "0.5"]);
+    assert!(err.contains("need --routing dynamic-top-k"), "{err}");
+    let err = run(&moe, &["--capacity-factor", "0"]);
+    assert!(err.contains("capacity_factor = 0"), "{err}");
+    let err = run(&moe, &["--routing", "top-p"]);
+    assert!(err.contains("top-k") && err.contains("dynamic-top-k"), "{err}");
+
+    for flags in [
+        &["--active-experts", "2"][..],
+        &["--routing", "top-k"],
+        &["--capacity-factor", "1.5"],
+        &["--routing", "dynamic-top-k"],
+        &["--router-json", "/dev/null"],
+    ] {
+        let err = run(&dense, flags);
+        assert!(err.contains("llama_tied is not a Mixture-of-Experts model"), "{flags:?}: {err}");
+    }
+}
+
+#[test]
+fn moe_flags_are_documented_with_their_defaults() {
+    for cmd in ["logits", "generate", "chat", "bench", "perplexity", "plan"] {
+        let out = strata(&[cmd, "--help"]);
+        assert!(out.status.success(), "{cmd}");
+        let help = String::from_utf8_lossy(&out.stdout);
+        for flag in ["--active-experts", "--routing", "--capacity-factor", "--routing-threshold", "--min-experts"] {
+            assert!(help.contains(flag), "{cmd} --help lacks {flag}");
+        }
+        assert!(help.contains("default 0.9") && help.contains("default 1)"), "{cmd}: {help}");
+    }
+}
+
+#[test]
+fn bench_reports_experts_per_token_on_a_moe_model() {
+    let model = fixture("mixtral_e6_k3");
+    let bench = |flags: &[&str]| {
+        let mut args = vec!["bench", "--model", model.to_str().unwrap(), "--prompt-tokens", "8"];
+        args.extend(["--gen-tokens", "6", "--threads", "1", "--json"]);
+        args.extend_from_slice(flags);
+        let out = strata(&args);
+        assert!(out.status.success(), "{flags:?}: {}", stderr(&out));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let plain = bench(&[]);
+    assert_eq!(plain["mean_experts_per_token"].as_f64(), Some(3.0), "{plain}");
+    assert!(plain["expert_cache_hit_rate"].is_null());
+    let bytes = |r: &serde_json::Value| r["bytes_read_per_token"].as_u64().unwrap();
+
+    // One expert per token reads fewer bytes; dynamic top-k reads as many as it uses.
+    let one = bench(&["--active-experts", "1"]);
+    assert_eq!(one["mean_experts_per_token"].as_f64(), Some(1.0));
+    assert!(bytes(&one) < bytes(&plain), "{one}");
+    let dynamic = bench(&["--routing", "dynamic-top-k", "--routing-threshold", "0.3"]);
+    let mean = dynamic["mean_experts_per_token"].as_f64().unwrap();
+    assert!((1.0..3.0).contains(&mean), "{dynamic}");
+    assert!(bytes(&one) <= bytes(&dynamic) && bytes(&dynamic) < bytes(&plain), "{dynamic}");
+    // The bytes per expert are the same whichever way the count goes down.
+    let per_expert = (bytes(&plain) - bytes(&one)) as f64 / 2.0;
+    let expected = bytes(&plain) as f64 - (3.0 - mean) * per_expert;
+    assert!((bytes(&dynamic) as f64 - expected).abs() <= 4.0, "{} vs {expected}", bytes(&dynamic));
+
+    // A dense model reports no experts.
+    let out = strata(&[
+        "bench",
+        "--model",
+        fixture("llama_tied").to_str().unwrap(),
+        "--prompt-tokens",
+        "4",
+        "--gen-tokens",
+        "2",
+        "--threads",
+        "1",
+        "--json",
+    ]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["mean_experts_per_token"].is_null(), "{report}");
+}

@@ -398,6 +398,22 @@ impl Decoder {
             + if head_is_embed { self.embed.byte_len() } else { 0 }
     }
 
+    /// Bytes one more active expert per token adds to [`Decoder::weight_bytes_per_token`]: the
+    /// mean expert size of each resident MoE layer, summed over those layers (0 for a dense
+    /// model). A token that uses `m` experts per layer instead of `k` reads
+    /// `weight_bytes_per_token() - (k - m) * bytes_per_active_expert()`.
+    pub fn bytes_per_active_expert(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| match l.ffn.resident().map(|f| &f.ffn) {
+                Some(Ffn::Moe(moe)) => {
+                    moe.experts().iter().map(Mlp::byte_len).sum::<usize>() / moe.experts().len().max(1)
+                }
+                _ => 0,
+            })
+            .sum()
+    }
+
     /// Runs `ids` (the next tokens of the sequence in `cache`) through the model, appending
     /// their keys and values to `cache`, and returns logits as `which` asks.
     ///

@@ -29,6 +29,14 @@ pub enum Error {
     /// The default model could not be fetched.
     #[error("{0}")]
     Fetch(String),
+    /// A Mixture-of-Experts setting or statistic was asked of a dense model.
+    #[error("{} is not a Mixture-of-Experts model, which {what} needs", model.display())]
+    NotMixtureOfExperts {
+        /// The model's path.
+        model: PathBuf,
+        /// What needed a MoE model (a flag, a setting, a statistic).
+        what: String,
+    },
     /// A caller's input is invalid.
     #[error("invalid input: {0}")]
     InvalidInput(String),

@@ -4,7 +4,9 @@
 //! with config.json and safetensors, or a model id in the local Hugging Face cache),
 //! [`Model::logits`] runs ids through it, and [`Model::generate`] / [`Model::generate_text`]
 //! sample new tokens with [`SamplingParams`], streaming them as they arrive. A model runs on the
-//! CPU or, built with the `cuda` feature, on a CUDA device ([`LoadOptions::device`]).
+//! CPU or, built with the `cuda` feature, on a CUDA device ([`LoadOptions::device`]). A
+//! Mixture-of-Experts model routes as [`MoeConfig`] says, and reports what its routers did
+//! ([`Model::logits_with_router`]).
 //!
 //! Depends on `strata-models` (and through it the tensor core), never on the store or the
 //! kernels directly.
@@ -14,6 +16,7 @@ mod chat;
 mod default_model;
 mod error;
 mod model;
+mod moe;
 mod offload;
 mod perplexity;
 pub mod sampling;
@@ -24,6 +27,7 @@ pub use chat::{ChatMessage, ChatTemplate};
 pub use default_model::{DEFAULT_MODEL_FILE, DEFAULT_MODEL_PACKAGE, cache_dir, default_model};
 pub use error::{Error, Result};
 pub use model::{Cache, GenerateOptions, Generation, LoadOptions, LogitsMode, Model, StopReason, check_device};
+pub use moe::{LayerStats, MoeConfig, RouterStats};
 pub use offload::{
     DEFAULT_PREFILL_CHUNK, OffloadConfig, PackReport, PlacementReport, cached_hardware_profile, hardware_profile,
     hardware_profile_path, measure_disk_read, pack_model, plan_placement, probe_hardware, save_hardware_profile,
@@ -39,6 +43,9 @@ pub use strata_models::store::planner;
 pub use strata_models::store::{Store, StoreStats};
 /// Where a model runs ([`LoadOptions::device`]).
 pub use strata_models::tensor::{DType, Device};
+/// A Mixture-of-Experts model's routing rule ([`MoeConfig::routing`]) and the routers' record
+/// over a run ([`Model::step_with_router`]).
+pub use strata_models::{RouterTrace, Routing};
 pub use tokenizer::{TextStream, Tokenizer};
 
 /// This machine's memory read bandwidth in bytes per second, measured with every thread of the

@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 
 use strata_models::store::planner::Plan;
 use strata_models::tensor::Device;
-use strata_models::{Decoder, KvCache, Logits, TokenizerSource};
+use strata_models::{Decoder, KvCache, Logits, MoeHparams, RouterTrace, TokenizerSource};
 
 use crate::chat::{ChatMessage, ChatTemplate};
+use crate::moe::RouterStats;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::{TextStream, Tokenizer};
 use crate::{Error, Result};
@@ -31,6 +32,9 @@ pub struct LoadOptions {
     /// Where the weights live (memory ceilings, streaming from the offload pack). The default
     /// keeps every weight in the memory-mapped checkpoint.
     pub offload: crate::OffloadConfig,
+    /// Mixture-of-Experts routing (`None`: the model's own). A dense model refuses any config but
+    /// the default ([`Error::NotMixtureOfExperts`]).
+    pub moe: Option<crate::MoeConfig>,
 }
 
 /// Whether this build of strata can run models on `device`: always for the CPU; for a CUDA
@@ -194,6 +198,11 @@ impl Model {
         let spec = spec.as_ref();
         check_device(options.device)?;
         let opened = strata_models::open(&spec.to_string_lossy())?;
+        // MoE settings are checked against the model before any weight is read.
+        let moe = match &options.moe {
+            Some(config) => Some(config.options_for(opened.path(), opened.hparams.moe.as_ref())?),
+            None => None,
+        };
         let pool = crate::offload::thread_pool(options.threads)?;
         let scaling = match &options.context_scaling {
             Some(config) => Some(config.resolve(opened.hparams.rope.trained_context())?),
@@ -237,6 +246,9 @@ impl Model {
         let mut decoder = loaded.decoder;
         if scaling.is_some() {
             decoder.set_context_scaling(scaling)?;
+        }
+        if let Some(moe) = moe {
+            decoder.set_moe_options(moe)?;
         }
         let backend = match options.device {
             Device::Cpu => Backend::Cpu,
@@ -345,15 +357,58 @@ impl Model {
     /// Logits at every position of `ids`, `[ids.len(), vocab]` row-major. Both modes plan the
     /// request for `ids.len()` tokens, so they compute the same function.
     pub fn logits(&self, ids: &[u32], mode: LogitsMode) -> Result<Vec<f32>> {
+        self.logits_traced(ids, mode, None)
+    }
+
+    /// [`Model::logits`] of a Mixture-of-Experts model, with what its routers did over every
+    /// token ([`RouterStats`]: the auxiliary load-balancing loss a fine-tuning loop adds, the
+    /// z-loss, tokens per expert and layer, mean experts per token). Both modes see the same
+    /// tokens, so they give the same statistics (up to rounding, and to capacity limits, which
+    /// apply per forward pass). A dense model is [`Error::NotMixtureOfExperts`].
+    pub fn logits_with_router(&self, ids: &[u32], mode: LogitsMode) -> Result<(Vec<f32>, RouterStats)> {
+        self.moe_shape("router statistics")?;
+        let mut trace = RouterTrace::new();
+        let logits = self.logits_traced(ids, mode, Some(&mut trace))?;
+        Ok((logits, self.router_stats(&trace)?))
+    }
+
+    /// [`Model::step`], appending what every MoE layer's router saw and chose to `trace`
+    /// (a dense model leaves it empty): a generation or training loop can record many steps and
+    /// condense them with [`Model::router_stats`].
+    pub fn step_with_router(&self, ids: &[u32], cache: &mut Cache, trace: &mut RouterTrace) -> Result<Vec<f32>> {
+        self.check_ids(ids)?;
+        self.forward_traced(ids, cache, Logits::Last, Some(trace))
+    }
+
+    /// The statistics of a trace recorded on this model ([`Model::step_with_router`]), with the
+    /// auxiliary loss over the `k` the model routes with (its own, or
+    /// [`crate::MoeConfig::active_experts`]). A dense model is [`Error::NotMixtureOfExperts`].
+    pub fn router_stats(&self, trace: &RouterTrace) -> Result<RouterStats> {
+        let moe = self.moe_shape("router statistics")?;
+        let k = self.decoder.moe_options().active_experts.unwrap_or(moe.top_k);
+        RouterStats::from_trace(trace, moe.num_experts, k)
+    }
+
+    /// The model's MoE shape, or [`Error::NotMixtureOfExperts`] saying that `what` needs one.
+    fn moe_shape(&self, what: &str) -> Result<&MoeHparams> {
+        self.decoder
+            .hparams()
+            .moe
+            .as_ref()
+            .ok_or_else(|| Error::NotMixtureOfExperts { model: self.source.clone(), what: what.into() })
+    }
+
+    /// [`Model::logits`], recording the routing in `trace` when given.
+    fn logits_traced(&self, ids: &[u32], mode: LogitsMode, mut trace: Option<&mut RouterTrace>) -> Result<Vec<f32>> {
         self.check_ids(ids)?;
         let mut cache = self.new_cache()?;
         self.plan(&mut cache, ids.len())?;
         match mode {
-            LogitsMode::OnePass => self.forward(ids, &mut cache, Logits::All),
+            LogitsMode::OnePass => self.forward_traced(ids, &mut cache, Logits::All, trace),
             LogitsMode::Decode => {
                 let mut out = Vec::with_capacity(ids.len() * self.decoder.hparams().vocab_size);
                 for &id in ids {
-                    out.extend(self.forward(&[id], &mut cache, Logits::Last)?);
+                    out.extend(self.forward_traced(&[id], &mut cache, Logits::Last, trace.as_deref_mut())?);
                 }
                 Ok(out)
             }
@@ -397,6 +452,18 @@ impl Model {
 
     /// Runs `ids` through the backend with `cache`, which must live on the model's device.
     fn forward(&self, ids: &[u32], cache: &mut Cache, which: Logits) -> Result<Vec<f32>> {
+        self.forward_traced(ids, cache, which, None)
+    }
+
+    /// [`Model::forward`], recording every MoE layer's routing in `trace` when given (over every
+    /// chunk of a chunked pass).
+    fn forward_traced(
+        &self,
+        ids: &[u32],
+        cache: &mut Cache,
+        which: Logits,
+        mut trace: Option<&mut RouterTrace>,
+    ) -> Result<Vec<f32>> {
         let mismatch = |cache_device: Device| {
             Error::InvalidInput(format!(
                 "a KV cache on {cache_device} cannot be used by a model on {}: make it with this model's new_cache",
@@ -406,6 +473,10 @@ impl Model {
         if cache.device != self.device {
             return Err(mismatch(cache.device));
         }
+        let cpu_forward = |piece: &[u32], c: &mut KvCache, trace: Option<&mut RouterTrace>| match trace {
+            Some(trace) => self.decoder.forward_with_router(piece, c, which, trace),
+            None => self.decoder.forward(piece, c, which),
+        };
         match (&self.backend, &mut cache.inner) {
             (Backend::Cpu, CacheInner::Cpu(c)) => match self.chunk {
                 Some(chunk) if ids.len() > chunk => self.install(|| {
@@ -413,15 +484,17 @@ impl Model {
                     let mut out = Vec::new();
                     let pieces = ids.len().div_ceil(chunk);
                     for (i, piece) in ids.chunks(chunk).enumerate() {
-                        let logits = self.decoder.forward(piece, c, which)?;
+                        let logits = cpu_forward(piece, c, trace.as_deref_mut())?;
                         if which == Logits::All || i + 1 == pieces {
                             out.extend(logits);
                         }
                     }
                     Ok(out)
                 }),
-                _ => self.install(|| Ok(self.decoder.forward(ids, c, which)?)),
+                _ => self.install(|| Ok(cpu_forward(ids, c, trace)?)),
             },
+            // The CUDA decoder refuses MoE models at load, so a trace stays empty there, as it
+            // does for a dense model on the CPU.
             #[cfg(feature = "cuda")]
             (Backend::Cuda(d), CacheInner::Cuda(c)) => Ok(d.forward(ids, c, which)?),
             #[cfg(feature = "cuda")]
