@@ -133,7 +133,10 @@ fn cargo() -> Command {
 fn step(args: &[&str]) -> Result<()> {
     let line = format!("cargo {}", args.join(" "));
     eprintln!("\n==> {line}");
-    let status = cargo().args(args).status().with_context(|| format!("could not start `{line}`"))?;
+    // No step reads standard input, and cargo's `rustc -` probe would take an inherited one
+    // that holds text as its source file.
+    let status =
+        cargo().args(args).stdin(Stdio::null()).status().with_context(|| format!("could not start `{line}`"))?;
     ensure!(status.success(), "step failed: `{line}` ({status})");
     Ok(())
 }
