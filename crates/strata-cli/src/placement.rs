@@ -1,7 +1,7 @@
 //! `strata plan` (where the weights would live, and the predicted time per token) and
 //! `strata pack` (build the offload pack ahead of the first offloaded run).
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -86,19 +86,23 @@ pub(crate) fn pack(a: PackArgs) -> Result<()> {
         None => strata::default_model()?,
     };
     let dir = a.offload_dir.clone().unwrap_or_else(|| strata::cache_dir().join("offload"));
-    let mut last_percent = None;
+    let mut last_percent: Option<usize> = None;
     let dtype = a.pack_dtype.as_deref().map(crate::parse_dtype).transpose()?;
+    // A bar redrawn in place on a terminal; a line per tenth in a log.
+    let terminal = std::io::stderr().is_terminal();
     let report = strata::pack_model(&path, &dir, dtype, |done, total, unit| {
         let percent = (100 * done / total.max(1)) as usize;
-        if last_percent != Some(percent) {
-            last_percent = Some(percent);
+        if terminal && last_percent != Some(percent) {
             let bar = "#".repeat(percent / 4) + &" ".repeat(25 - percent / 4);
             eprint!("\r  packing [{bar}] {percent:>3}%  {unit:<24}");
             let _ = std::io::stderr().flush();
+        } else if !terminal && last_percent.is_none_or(|last| percent / 10 > last / 10) {
+            eprintln!("  packing: {percent:>3}% ({unit})");
         }
+        last_percent = Some(percent);
     })
     .with_context(|| format!("cannot pack {}", path.display()))?;
-    if last_percent.is_some() {
+    if terminal && last_percent.is_some() {
         eprintln!();
     }
     let what = match &report.built_because {

@@ -18,6 +18,7 @@ use strata_models::store::planner::{
 use strata_models::tensor::{DType, Tensor, cpu};
 
 use strata_models::offload::UnitLayout;
+use strata_models::store::pack::InvalidPack;
 use strata_models::{ContextScaling, OpenedModel};
 
 use crate::{Error, LoadOptions, Result, cache_dir};
@@ -177,6 +178,7 @@ pub fn pack_model(
         units: pack.manifest().units.len(),
         bytes: pack.manifest().data_len,
         built_because: match pack.origin() {
+            strata_models::store::pack::PackOrigin::Built { reason: InvalidPack::Absent } => Some("first build".into()),
             strata_models::store::pack::PackOrigin::Built { reason } => Some(reason.to_string()),
             strata_models::store::pack::PackOrigin::Opened => None,
         },
