@@ -259,28 +259,29 @@ fn decode(dtype: DType, src: &[u8], lv: &mut [u8], sc: &mut [f32], mn: &mut [f32
     }
 }
 
-/// The scales (and minimums) of [`decode`] without its levels, for the vectorised decoder.
+/// The scales (and minimums) of [`decode`] without its levels, for the vectorised decoder, with
+/// `f32_of` (an exact conversion) for the f16 fields.
 #[cfg(target_arch = "x86_64")]
-fn decode_scales(dtype: DType, src: &[u8], sc: &mut [f32], mn: &mut [f32]) {
+fn decode_scales(dtype: DType, src: &[u8], sc: &mut [f32], mn: &mut [f32], f32_of: impl Fn(half::f16) -> f32) {
     match dtype {
         DType::Q8_0 => with_blocks(src, |blocks: &[BlockQ8_0]| {
             for (b, s) in blocks.iter().zip(sc.iter_mut()) {
-                *s = b.d.to_f32();
+                *s = f32_of(b.d);
             }
         }),
         DType::Q4_0 => with_blocks(src, |blocks: &[BlockQ4_0]| {
             for (b, s) in blocks.iter().zip(sc.iter_mut()) {
-                *s = b.d.to_f32();
+                *s = f32_of(b.d);
             }
         }),
         DType::Q4_1 => with_blocks(src, |blocks: &[BlockQ4_1]| {
             for ((b, s), m) in blocks.iter().zip(sc.iter_mut()).zip(mn.iter_mut()) {
-                (*s, *m) = (b.d.to_f32(), b.m.to_f32());
+                (*s, *m) = (f32_of(b.d), f32_of(b.m));
             }
         }),
         DType::Q4K => with_blocks(src, |blocks: &[BlockQ4K]| {
             for (b, (s, m)) in blocks.iter().zip(sc.chunks_exact_mut(8).zip(mn.chunks_exact_mut(8))) {
-                let (d, dmin) = (b.d.to_f32(), b.dmin.to_f32());
+                let (d, dmin) = (f32_of(b.d), f32_of(b.dmin));
                 let (scs, ms) = unpack_scales_mins(&b.scales);
                 for j in 0..8 {
                     s[j] = d * f32::from(scs[j]);
@@ -290,7 +291,7 @@ fn decode_scales(dtype: DType, src: &[u8], sc: &mut [f32], mn: &mut [f32]) {
         }),
         DType::Q6K => with_blocks(src, |blocks: &[BlockQ6K]| {
             for (b, s) in blocks.iter().zip(sc.chunks_exact_mut(16)) {
-                let d = b.d.to_f32();
+                let d = f32_of(b.d);
                 for (v, &q) in s.iter_mut().zip(&b.scales) {
                     *v = d * f32::from(q);
                 }
@@ -338,7 +339,7 @@ fn pack_fast(
     mins: &mut [f32],
 ) {
     if pack::supports(dtype) && Isa::detect() >= Isa::Avx512 {
-        // SAFETY: the CPU has AVX-512 F/BW (`Isa::Avx512` and above include them).
+        // SAFETY: the CPU has AVX-512 F/BW and F16C (`Isa::Avx512` and above include them).
         unsafe { pack::pack_panel(dtype, w, row_bytes, j0, rows, p0, kc, levels, scales, mins) }
     } else {
         pack_panel(dtype, w, row_bytes, j0, rows, p0, kc, levels, scales, mins);

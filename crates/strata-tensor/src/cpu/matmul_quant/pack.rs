@@ -27,9 +27,9 @@ pub(super) fn supports(dtype: DType) -> bool {
 /// [`supports`] accepts.
 ///
 /// # Safety
-/// The CPU must support AVX-512 F and BW. (Every slice access is bounds-checked.)
+/// The CPU must support AVX-512 F and BW and F16C. (Every slice access is bounds-checked.)
 #[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx512f,avx512bw")]
+#[target_feature(enable = "avx512f,avx512bw,f16c")]
 pub(super) unsafe fn pack_panel(
     dtype: DType,
     w: &[u8],
@@ -64,7 +64,8 @@ pub(super) unsafe fn pack_panel(
     let (sc, mn) = (&mut sc[..groups], &mut mn[..kc / QK_ACT]);
     for r in 0..NR {
         if r < rows {
-            decode_scales(dtype, src(r), sc, mn);
+            // SAFETY: the caller vouches for F16C with AVX-512 F/BW (`Isa::Avx512` includes it).
+            decode_scales(dtype, src(r), sc, mn, |h| unsafe { f32_of(h) });
         } else {
             sc.fill(0.0);
             mn.fill(0.0);
@@ -78,6 +79,16 @@ pub(super) unsafe fn pack_panel(
             }
         }
     }
+}
+
+/// `h` in f32, with `vcvtph2ps` (exact, as `half::f16::to_f32`).
+///
+/// # Safety
+/// F16C.
+#[inline(always)]
+unsafe fn f32_of(h: half::f16) -> f32 {
+    // SAFETY: register conversion only; F16C from the caller.
+    unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h.to_bits())))) }
 }
 
 /// How a dtype's levels come out of its blocks, 64 columns at a time.
