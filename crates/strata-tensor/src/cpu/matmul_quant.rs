@@ -13,6 +13,8 @@
 //! [`Format::group`] levels and row, and for `Q4_1`/`Q4_K` an f32 minimum per block of 32 and row.
 //! A weight value is `scale * (u - offset) + min` with a per-dtype integer `offset` (128 for
 //! `Q8_0`, whose signed bytes are flipped to unsigned for `vpdpbusd`; 8 for `Q4_0`; 32 for `Q6_K`).
+//! The decoding is vectorised for `Q8_0`, `Q4_0`, `Q4_1` and `Q4_K` ([`pack`], byte for byte the
+//! panels of the scalar `pack_panel`, which stays the reference and decodes `Q6_K`).
 //! The microkernel then multiplies [`MR`] rows of `x` by a panel: per step, two registers of
 //! levels (32 rows) and a broadcast of four digits of each row of `x`, one `vpdpbusd` per pair,
 //! so the integer accumulators hold the dot product of each (x row, weight row) pair without any
@@ -28,6 +30,8 @@
 //! Without VNNI the same results come from the existing matrix-vector kernels, one row of `x` at a
 //! time; `cpu::matmul` then keeps its dequantizing f32 GEMM for large `m`, which is faster there.
 
+#[cfg(target_arch = "x86_64")]
+mod pack;
 #[cfg(target_arch = "x86_64")]
 mod vnni;
 
@@ -255,6 +259,48 @@ fn decode(dtype: DType, src: &[u8], lv: &mut [u8], sc: &mut [f32], mn: &mut [f32
     }
 }
 
+/// The scales (and minimums) of [`decode`] without its levels, for the vectorised decoder, with
+/// `f32_of` (an exact conversion) for the f16 fields.
+#[cfg(target_arch = "x86_64")]
+fn decode_scales(dtype: DType, src: &[u8], sc: &mut [f32], mn: &mut [f32], f32_of: impl Fn(half::f16) -> f32) {
+    match dtype {
+        DType::Q8_0 => with_blocks(src, |blocks: &[BlockQ8_0]| {
+            for (b, s) in blocks.iter().zip(sc.iter_mut()) {
+                *s = f32_of(b.d);
+            }
+        }),
+        DType::Q4_0 => with_blocks(src, |blocks: &[BlockQ4_0]| {
+            for (b, s) in blocks.iter().zip(sc.iter_mut()) {
+                *s = f32_of(b.d);
+            }
+        }),
+        DType::Q4_1 => with_blocks(src, |blocks: &[BlockQ4_1]| {
+            for ((b, s), m) in blocks.iter().zip(sc.iter_mut()).zip(mn.iter_mut()) {
+                (*s, *m) = (f32_of(b.d), f32_of(b.m));
+            }
+        }),
+        DType::Q4K => with_blocks(src, |blocks: &[BlockQ4K]| {
+            for (b, (s, m)) in blocks.iter().zip(sc.chunks_exact_mut(8).zip(mn.chunks_exact_mut(8))) {
+                let (d, dmin) = (f32_of(b.d), f32_of(b.dmin));
+                let (scs, ms) = unpack_scales_mins(&b.scales);
+                for j in 0..8 {
+                    s[j] = d * f32::from(scs[j]);
+                    m[j] = -(dmin * f32::from(ms[j]));
+                }
+            }
+        }),
+        DType::Q6K => with_blocks(src, |blocks: &[BlockQ6K]| {
+            for (b, s) in blocks.iter().zip(sc.chunks_exact_mut(16)) {
+                let d = f32_of(b.d);
+                for (v, &q) in s.iter_mut().zip(&b.scales) {
+                    *v = d * f32::from(q);
+                }
+            }
+        }),
+        DType::F32 | DType::F16 | DType::BF16 => unreachable!("not a block-quantized dtype"),
+    }
+}
+
 /// The 32 levels of a `Q4_0`/`Q4_1` block: low nibbles (elements 0..16), then high nibbles.
 fn nibbles(qs: &[u8; 16], out: &mut [u8]) {
     for (j, &q) in qs.iter().enumerate() {
@@ -274,6 +320,30 @@ fn unpack_scales_mins(s: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
         m[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
     }
     (sc, m)
+}
+
+/// [`pack_panel`] with the AVX-512 decoder for the dtypes it has (the GEMM runs only where the
+/// CPU has AVX-512 VNNI, and with it F and BW).
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn pack_fast(
+    dtype: DType,
+    w: &[u8],
+    row_bytes: usize,
+    j0: usize,
+    rows: usize,
+    p0: usize,
+    kc: usize,
+    levels: &mut [u8],
+    scales: &mut [f32],
+    mins: &mut [f32],
+) {
+    if pack::supports(dtype) && Isa::detect() >= Isa::Avx512 {
+        // SAFETY: the CPU has AVX-512 F/BW and F16C (`Isa::Avx512` and above include them).
+        unsafe { pack::pack_panel(dtype, w, row_bytes, j0, rows, p0, kc, levels, scales, mins) }
+    } else {
+        pack_panel(dtype, w, row_bytes, j0, rows, p0, kc, levels, scales, mins);
+    }
 }
 
 /// A pointer to `y` that tasks share. Each task writes only its own tiles.
@@ -359,7 +429,7 @@ fn gemm(dtype: DType, w: &[u8], row_bytes: usize, m: usize, n: usize, k: usize, 
                 let (lv_len, sc_len, mn_len) = (NR * kc, NR * kc / format.group, NR * kc / QK_ACT);
                 for (q, jp) in panels.clone().enumerate() {
                     let j0 = jp * NR;
-                    pack_panel(
+                    pack_fast(
                         dtype,
                         w,
                         row_bytes,
@@ -555,6 +625,52 @@ mod tests {
                 for (j, (&g, &r)) in row.iter().zip(&want).enumerate() {
                     let tol = tolerance(&term_magnitudes(dtype, &w[j * row_bytes..][..row_bytes], k), xr, r);
                     assert!((g - r).abs() <= tol, "{dtype} y[{i}, {j}] = {g}, matvec {r}, tol {tol}");
+                }
+            }
+        }
+    }
+
+    /// The AVX-512 decoder writes the scalar decoder's panels byte for byte: random blocks (every
+    /// bit pattern of the levels and packed scales), full and partial panels, slices of `k` that
+    /// start past the first block and end on half a register.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vectorised_panels_equal_scalar_panels() {
+        if Isa::detect() < Isa::Avx512 {
+            eprintln!("skipped: this CPU lacks AVX-512 F/BW");
+            return;
+        }
+        let dtypes: Vec<DType> = QUANT.into_iter().filter(|&d| pack::supports(d)).collect();
+        assert_eq!(dtypes, [DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q4K]);
+        let mut rng = StdRng::seed_from_u64(5);
+        for dtype in dtypes {
+            for case in 0..12u64 {
+                let bl = dtype.block_len();
+                let k = bl * rng.random_range(1..=(2 * KC / bl + 2));
+                let n = NR + 5;
+                let w = arbitrary_weights(dtype, n, k, case * 31 + 7);
+                let row_bytes = dtype.bytes_for(k).unwrap();
+                let p0 = bl * rng.random_range(0..k / bl);
+                let kc = (bl * rng.random_range(1..=(k - p0) / bl)).min(KC);
+                let format = Format::of(dtype);
+                for (j0, rows) in [(0, NR), (5, NR), (NR, 5), (3, 1), (0, 0)] {
+                    let mut panels = [(); 2].map(|_| {
+                        (vec![0xa5u8; kc * NR], vec![f32::NAN; kc / format.group * NR], vec![f32::NAN; kc / 32 * NR])
+                    });
+                    let (scalar, simd) = panels.split_at_mut(1);
+                    let (a, b) = (&mut scalar[0], &mut simd[0]);
+                    let mins = |m: &mut Vec<f32>| if format.min { m.len() } else { 0 };
+                    let (ma, mb) = (mins(&mut a.2), mins(&mut b.2));
+                    pack_panel(dtype, &w, row_bytes, j0, rows, p0, kc, &mut a.0, &mut a.1, &mut a.2[..ma]);
+                    // SAFETY: checked above that the CPU has AVX-512 F/BW.
+                    unsafe {
+                        pack::pack_panel(dtype, &w, row_bytes, j0, rows, p0, kc, &mut b.0, &mut b.1, &mut b.2[..mb])
+                    };
+                    let what = format!("{dtype} k={k} p0={p0} kc={kc} j0={j0} rows={rows}");
+                    assert_eq!(a.0, b.0, "levels of {what}");
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&a.1), bits(&b.1), "scales of {what}");
+                    assert_eq!(bits(&a.2), bits(&b.2), "minimums of {what}");
                 }
             }
         }

@@ -1,0 +1,256 @@
+//! The AVX-512 decoder of the quantized GEMM's panels: the same bytes as the scalar `pack_panel`
+//! (its reference, also used by the dtypes this file leaves out), built a register at a time.
+//!
+//! For each half of the panel (16 weight rows) and each 64 columns of the slice, one register per
+//! row receives that row's 64 unsigned levels, decoded from its blocks with a few shifts and masks
+//! (`Q4_0`, `Q4_1` and `Q4_K` nibbles, `Q8_0` bytes flipped to unsigned). Read as 16 four-byte
+//! words each, the 16 registers are a 16 x 16 matrix of steps by rows; a transpose of 32-bit
+//! elements (four rounds of shuffles) turns it into the panel's layout, one register per step
+//! holding the four levels of each of the 16 rows, stored with no scattering. The scales and
+//! minimums (one or two values per 32 levels) are decoded by scalar code as before.
+
+use std::arch::x86_64::*;
+
+use super::{Format, NR, decode_scales};
+use crate::DType;
+use crate::quant::q8act::QK_ACT;
+use crate::quant::{BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ8_0, QK_K};
+
+const _: () = assert!(NR == 32);
+
+/// Whether [`pack_panel`] decodes `dtype`.
+pub(super) fn supports(dtype: DType) -> bool {
+    matches!(dtype, DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q4K)
+}
+
+/// The same panel as the scalar `pack_panel` with the same arguments, for a dtype that
+/// [`supports`] accepts.
+///
+/// # Safety
+/// The CPU must support AVX-512 F and BW and F16C. (Every slice access is bounds-checked.)
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,f16c")]
+pub(super) unsafe fn pack_panel(
+    dtype: DType,
+    w: &[u8],
+    row_bytes: usize,
+    j0: usize,
+    rows: usize,
+    p0: usize,
+    kc: usize,
+    levels: &mut [u8],
+    scales: &mut [f32],
+    mins: &mut [f32],
+) {
+    debug_assert!(supports(dtype) && rows <= NR);
+    let format = Format::of(dtype);
+    let groups = kc / format.group;
+    assert!(levels.len() == kc * NR && scales.len() == groups * NR);
+    assert!(!format.min || mins.len() == kc / QK_ACT * NR);
+    let (off, len) = (dtype.bytes_for(p0).expect("whole blocks"), dtype.bytes_for(kc).expect("whole blocks"));
+    let src = |r: usize| &w[(j0 + r) * row_bytes + off..][..len];
+    // SAFETY: the caller vouches for AVX-512 F/BW, all that `levels_by` needs.
+    unsafe {
+        match dtype {
+            DType::Q8_0 => levels_by::<Q8>(&src, rows, kc, levels),
+            DType::Q4_0 => levels_by::<Q4<{ size_of::<BlockQ4_0>() }, 2>>(&src, rows, kc, levels),
+            DType::Q4_1 => levels_by::<Q4<{ size_of::<BlockQ4_1>() }, 4>>(&src, rows, kc, levels),
+            DType::Q4K => levels_by::<Q4K>(&src, rows, kc, levels),
+            _ => unreachable!("{dtype} has no vectorised decoder"),
+        }
+    }
+    let mut sc = [0f32; super::KC / 16];
+    let mut mn = [0f32; super::KC / QK_ACT];
+    let (sc, mn) = (&mut sc[..groups], &mut mn[..kc / QK_ACT]);
+    for r in 0..NR {
+        if r < rows {
+            // SAFETY: the caller vouches for F16C with AVX-512 F/BW (`Isa::Avx512` includes it).
+            decode_scales(dtype, src(r), sc, mn, |h| unsafe { f32_of(h) });
+        } else {
+            sc.fill(0.0);
+            mn.fill(0.0);
+        }
+        for (g, &v) in sc.iter().enumerate() {
+            scales[g * NR + r] = v;
+        }
+        if format.min {
+            for (b, &v) in mn.iter().enumerate() {
+                mins[b * NR + r] = v;
+            }
+        }
+    }
+}
+
+/// `h` in f32, with `vcvtph2ps` (exact, as `half::f16::to_f32`).
+///
+/// # Safety
+/// F16C.
+#[inline(always)]
+unsafe fn f32_of(h: half::f16) -> f32 {
+    // SAFETY: register conversion only; F16C from the caller.
+    unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h.to_bits())))) }
+}
+
+/// How a dtype's levels come out of its blocks, 64 columns at a time.
+trait Levels {
+    /// The levels of columns `c..c + 64` of the row `src` (whole blocks, starting at column 0), or
+    /// of `c..c + 32` in the low half when `full` is false (the high half is then unspecified).
+    /// `c` is a multiple of 64.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW. (Reads are bounds-checked.)
+    unsafe fn load(src: &[u8], c: usize, full: bool) -> __m512i;
+}
+
+/// `Q8_0`: two blocks of 32 signed bytes, flipped to unsigned.
+struct Q8;
+
+impl Levels for Q8 {
+    #[inline(always)]
+    unsafe fn load(src: &[u8], c: usize, full: bool) -> __m512i {
+        const B: usize = size_of::<BlockQ8_0>();
+        let at = c / 32 * B + 2;
+        let first = &src[at..at + 32];
+        // SAFETY: each load reads the 32 bytes of a slice of that length; AVX-512 F/BW from the
+        // caller.
+        unsafe {
+            let lo = _mm256_loadu_si256(first.as_ptr().cast());
+            let hi = if full {
+                let second = &src[at + B..at + B + 32];
+                _mm256_loadu_si256(second.as_ptr().cast())
+            } else {
+                _mm256_setzero_si256()
+            };
+            let v = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+            _mm512_xor_si512(v, _mm512_set1_epi8(0x80u8 as i8))
+        }
+    }
+}
+
+/// `Q4_0` and `Q4_1`: blocks of `B` bytes whose 16 bytes of nibbles start at `QS`; element `j` is
+/// the low nibble of byte `j`, element `j + 16` its high nibble.
+struct Q4<const B: usize, const QS: usize>;
+
+impl<const B: usize, const QS: usize> Levels for Q4<B, QS> {
+    #[inline(always)]
+    unsafe fn load(src: &[u8], c: usize, full: bool) -> __m512i {
+        let at = c / 32 * B + QS;
+        let first = &src[at..at + 16];
+        // SAFETY: each load reads the 16 bytes of a slice of that length; AVX-512 F/BW from the
+        // caller.
+        unsafe {
+            let q0 = _mm_loadu_si128(first.as_ptr().cast());
+            let q1 = if full {
+                let second = &src[at + B..at + B + 16];
+                _mm_loadu_si128(second.as_ptr().cast())
+            } else {
+                _mm_setzero_si128()
+            };
+            // Lanes `[q0, q0, q1, q1]`, the second copy of each shifted to its high nibbles.
+            let both = _mm512_castsi256_si512(_mm256_set_m128i(q1, q0));
+            let v = _mm512_shuffle_i64x2::<0b01_01_00_00>(both, both);
+            nibbles(v, _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0))
+        }
+    }
+}
+
+/// `Q4_K`: super-blocks of 256 whose 128 bytes of nibbles start at byte 16; byte `32 * j + l`
+/// holds element `64 * j + l` (low nibble) and `64 * j + 32 + l` (high nibble).
+struct Q4K;
+
+impl Levels for Q4K {
+    #[inline(always)]
+    unsafe fn load(src: &[u8], c: usize, _full: bool) -> __m512i {
+        const B: usize = size_of::<BlockQ4K>();
+        let at = c / QK_K * B + 16 + (c % QK_K) / 2;
+        let q = &src[at..at + 32];
+        // SAFETY: the load reads the 32 bytes of a slice of that length; AVX-512 F/BW from the
+        // caller.
+        unsafe {
+            let v = _mm512_broadcast_i64x4(_mm256_loadu_si256(q.as_ptr().cast()));
+            nibbles(v, _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0))
+        }
+    }
+}
+
+/// The low nibble of each byte of `v` after shifting each 64-bit lane right by `shift`'s lane.
+///
+/// # Safety
+/// AVX-512 F/BW.
+#[inline(always)]
+unsafe fn nibbles(v: __m512i, shift: __m512i) -> __m512i {
+    // SAFETY: register arithmetic only; AVX-512 F/BW from the caller.
+    unsafe { _mm512_and_si512(_mm512_srlv_epi64(v, shift), _mm512_set1_epi8(0x0f)) }
+}
+
+/// Writes the panel's levels (`[kc / 4][NR][4]`) of rows `src(0..rows)`, zero for the others.
+///
+/// # Safety
+/// AVX-512 F/BW. `kc` is a multiple of 32 (of 256 for `Q4_K`) and `levels.len() == kc * NR`.
+#[inline(always)]
+unsafe fn levels_by<'a, L: Levels>(src: &impl Fn(usize) -> &'a [u8], rows: usize, kc: usize, levels: &mut [u8]) {
+    debug_assert!(kc.is_multiple_of(32) && levels.len() == kc * NR);
+    for half in 0..NR / 16 {
+        for c in (0..kc).step_by(64) {
+            let full = kc - c >= 64;
+            // SAFETY: AVX-512 F/BW from the caller; the loads and stores are of bounds-checked
+            // slices of 64 bytes.
+            unsafe {
+                let mut a = [_mm512_setzero_si512(); 16];
+                for (i, v) in a.iter_mut().enumerate() {
+                    let r = 16 * half + i;
+                    if r < rows {
+                        *v = L::load(src(r), c, full);
+                    }
+                }
+                let t = transpose(a);
+                let steps = if full { 16 } else { 8 };
+                for (j, v) in t.iter().take(steps).enumerate() {
+                    let at = ((c / 4 + j) * NR + 16 * half) * 4;
+                    let dst = &mut levels[at..at + 64];
+                    _mm512_storeu_si512(dst.as_mut_ptr().cast(), *v);
+                }
+            }
+        }
+    }
+}
+
+/// The transpose of 16 registers read as a 16 x 16 matrix of 32-bit elements: element `j` of
+/// output `i` is element `i` of input `j`.
+///
+/// # Safety
+/// AVX-512 F.
+#[inline(always)]
+unsafe fn transpose(a: [__m512i; 16]) -> [__m512i; 16] {
+    // SAFETY: register shuffles only; AVX-512 F from the caller.
+    unsafe {
+        // Per 128-bit lane `L`: pairs of rows interleaved, elements `4L, 4L + 1` (lo) and
+        // `4L + 2, 4L + 3` (hi).
+        let mut b = [_mm512_setzero_si512(); 16];
+        for i in 0..8 {
+            b[2 * i] = _mm512_unpacklo_epi32(a[2 * i], a[2 * i + 1]);
+            b[2 * i + 1] = _mm512_unpackhi_epi32(a[2 * i], a[2 * i + 1]);
+        }
+        // `c[4i + j]`, lane `L`: element `4L + j` of rows `4i..4i + 4`.
+        let mut c = [_mm512_setzero_si512(); 16];
+        for i in 0..4 {
+            c[4 * i] = _mm512_unpacklo_epi64(b[4 * i], b[4 * i + 2]);
+            c[4 * i + 1] = _mm512_unpackhi_epi64(b[4 * i], b[4 * i + 2]);
+            c[4 * i + 2] = _mm512_unpacklo_epi64(b[4 * i + 1], b[4 * i + 3]);
+            c[4 * i + 3] = _mm512_unpackhi_epi64(b[4 * i + 1], b[4 * i + 3]);
+        }
+        // Output `4L + j` gathers lane `L` of `c[j]`, `c[4 + j]`, `c[8 + j]` and `c[12 + j]`.
+        let mut out = [_mm512_setzero_si512(); 16];
+        for j in 0..4 {
+            let d0 = _mm512_shuffle_i32x4::<0x44>(c[j], c[4 + j]);
+            let d1 = _mm512_shuffle_i32x4::<0xee>(c[j], c[4 + j]);
+            let e0 = _mm512_shuffle_i32x4::<0x44>(c[8 + j], c[12 + j]);
+            let e1 = _mm512_shuffle_i32x4::<0xee>(c[8 + j], c[12 + j]);
+            out[j] = _mm512_shuffle_i32x4::<0x88>(d0, e0);
+            out[4 + j] = _mm512_shuffle_i32x4::<0xdd>(d0, e0);
+            out[8 + j] = _mm512_shuffle_i32x4::<0x88>(d1, e1);
+            out[12 + j] = _mm512_shuffle_i32x4::<0xdd>(d1, e1);
+        }
+        out
+    }
+}
