@@ -333,6 +333,10 @@ static Q4_0_QS: [u16; 32] = {
     t
 };
 
+/// `vpermt2w` indices gathering the scales `[d0, .., d7]` of eight `Q4_0` blocks (two groups) from
+/// the first 64 bytes of each group (the second group's in the second operand, indices 32..64).
+static Q4_0_D8: [u16; 16] = [0, 9, 18, 27, 32, 41, 50, 59, 0, 0, 0, 0, 0, 0, 0, 0];
+
 /// `vpermw` indices gathering the scales `[d0, .., d3]` of four `Q4_0` blocks from their first 64
 /// bytes.
 static Q4_0_D: [u16; 32] =
@@ -359,14 +363,18 @@ static Q4_1_DM: [u16; 32] =
 /// `vpermps` indices putting lane `i` of a 4-lane vector in 128-bit lane `i` (lanes `4i..4i+4`).
 static SPREAD4: [i32; 16] = [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3];
 
+/// `vpermps` indices putting lane `4 + i` of an 8-lane vector in 128-bit lane `i`.
+static SPREAD4_HI: [i32; 16] = [4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7];
+
 /// `vpermps` indices putting the even lanes `2i` of an 8-lane vector in 128-bit lane `i`.
 static SPREAD4_EVEN: [i32; 16] = [0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6];
 
 /// `Q4_0`, four blocks per pair of registers (activation in [`super::Order::Groups4`]); the offset
 /// of 8 is removed by the prepared bias lanes. A group's 72 bytes are loaded as two registers,
-/// from which one `vpermt2w` gathers the four blocks' nibbles into 128-bit lanes and one `vpermw`
-/// their scales (`Q4_0_QS`, `Q4_0_D`): far fewer instructions than loading and inserting each
-/// block's nibbles and assembling the f16 scales in general-purpose registers.
+/// from which one `vpermt2w` gathers the four blocks' nibbles into 128-bit lanes (`Q4_0_QS`): far
+/// fewer instructions than loading and inserting each block's nibbles. Groups go in pairs, whose
+/// eight f16 scales one `vpermt2w` gathers from the two groups' first registers (`Q4_0_D8`); a
+/// last odd group gathers its four with one `vpermw` (`Q4_0_D`).
 struct Q4_0<'a, D> {
     nb: usize,
     prep: &'a Prepared,
@@ -388,7 +396,37 @@ impl<D: Dot> RowKernel for Q4_0<'_, D> {
             let mask = _mm512_set1_epi8(0x0f);
             let groups = self.nb / 4;
             let mut acc = [_mm512_setzero_ps(); R];
-            for g in 0..groups {
+            let d8_idx = _mm512_castsi256_si512(_mm256_loadu_si256(Q4_0_D8.as_ptr().cast()));
+            let spread_hi = _mm512_loadu_si512(SPREAD4_HI.as_ptr().cast());
+            // Two groups (eight blocks) per step: one `vpermt2w` gathers their eight scales, and one
+            // conversion and one product with the activation's units serve both groups.
+            let pairs = groups - groups % 2;
+            for g in (0..pairs).step_by(2) {
+                let a = [
+                    (digits512(self.prep, 128 * g), digits512(self.prep, 128 * g + 64)),
+                    (digits512(self.prep, 128 * g + 128), digits512(self.prep, 128 * g + 192)),
+                ];
+                let biases =
+                    [_mm512_loadu_si512(bias.add(16 * g).cast()), _mm512_loadu_si512(bias.add(16 * g + 16).cast())];
+                let da = _mm256_loadu_ps(act.d.as_ptr().add(4 * g));
+                for r in 0..R {
+                    let block = rows[r].add(18 * 4 * g);
+                    prefetch_ahead::<144>(block, self.ahead);
+                    let z = [_mm512_loadu_si512(block.cast()), _mm512_loadu_si512(block.add(72).cast())];
+                    let d = _mm256_cvtph_ps(_mm512_castsi512_si128(_mm512_permutex2var_epi16(z[0], d8_idx, z[1])));
+                    let prod = _mm512_castps256_ps512(_mm256_mul_ps(d, da));
+                    let scales = [_mm512_permutexvar_ps(spread, prod), _mm512_permutexvar_ps(spread_hi, prod)];
+                    for h in 0..2 {
+                        let qs =
+                            _mm512_permutex2var_epi16(z[h], qs_idx, _mm512_loadu_si512(block.add(72 * h + 8).cast()));
+                        let (lo, hi) = (_mm512_and_si512(qs, mask), _mm512_and_si512(_mm512_srli_epi16::<4>(qs), mask));
+                        let dot = D::dpbusd_halves(biases[h], lo, a[h].0, hi, a[h].1);
+                        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scales[h], acc[r]);
+                    }
+                }
+            }
+            // An odd last group on its own.
+            for g in pairs..groups {
                 let a_lo = digits512(self.prep, 128 * g);
                 let a_hi = digits512(self.prep, 128 * g + 64);
                 let bias = _mm512_loadu_si512(bias.add(16 * g).cast());
