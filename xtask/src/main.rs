@@ -137,11 +137,14 @@ fn step(args: &[&str]) -> Result<()> {
     // that holds text as its source file.
     let run = || cargo().args(args).stdin(Stdio::null()).status().with_context(|| format!("could not start `{line}`"));
     let mut status = run()?;
-    if !status.success() && drop_failed_rustc_probe() {
-        // On these machines cargo's probe of rustc (`rustc - --print=cfg ...`) has been seen to
-        // fail now and then, its source being some other process's diagnostics; cargo caches
-        // the failure in target/.rustc_info.json and repeats it for every later command. The
-        // cache is gone now: one more try probes afresh.
+    // On these machines cargo's probe of rustc (`rustc - --print=cfg ...`) has been seen to fail
+    // now and then, its source being some other process's diagnostics; cargo caches the failure
+    // in target/.rustc_info.json and repeats it for every later command. With the cache gone,
+    // another try probes afresh (up to three tries in all).
+    for _ in 0..2 {
+        if status.success() || !drop_failed_rustc_probe() {
+            break;
+        }
         eprintln!("\n==> {line}: cargo's cached probe of rustc had failed; removed it, running the step again");
         status = run()?;
     }
