@@ -177,18 +177,19 @@ unsafe trait Kernel {
     unsafe fn pack<E: FloatElem>(src: *const u8, stride: usize, rows: usize, kc: usize, width: usize, out: *mut f32);
 }
 
-/// A pointer to `y` that tasks share. Each task writes only its own tiles.
+/// A pointer to `y` that tasks share. Each task writes only its own tiles. (The quantized GEMM in
+/// `matmul_quant` shares it on the same terms.)
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(super) struct OutPtr(pub(super) *mut f32);
 
-// SAFETY: `gemm` gives every task a disjoint set of output tiles, so no element is written by two
-// threads, and `y` outlives the parallel loop that uses the pointer.
+// SAFETY: `gemm` (and `matmul_quant`'s) gives every task a disjoint set of output tiles, so no
+// element is written by two threads, and `y` outlives the parallel loop that uses the pointer.
 unsafe impl Send for OutPtr {}
 // SAFETY: as above.
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
-    fn get(self) -> *mut f32 {
+    pub(super) fn get(self) -> *mut f32 {
         self.0
     }
 }

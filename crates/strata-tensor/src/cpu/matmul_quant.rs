@@ -37,9 +37,10 @@ mod vnni;
 
 use rayon::prelude::*;
 
-use super::matmul::check_matmul;
+use super::matmul::{OutPtr, check_matmul};
 use super::matvec_quant::matvec_quant_with;
 use super::{Isa, isa};
+use crate::quant::q4_k::unpack_scales_mins;
 use crate::quant::q8act::{ActQ8, HI_WEIGHT, QK_ACT};
 use crate::quant::{BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ6K, BlockQ8_0, QK_K, with_blocks};
 use crate::{DType, Error, Result, Tensor};
@@ -309,19 +310,6 @@ fn nibbles(qs: &[u8; 16], out: &mut [u8]) {
     }
 }
 
-/// The 6-bit scales and minimums of the eight sub-blocks of a `Q4_K` super-block, as ggml's
-/// `get_scale_min_k4` reads them (the same unpacking as `quant::q4_k`).
-fn unpack_scales_mins(s: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
-    let (mut sc, mut m) = ([0u8; 8], [0u8; 8]);
-    for j in 0..4 {
-        sc[j] = s[j] & 63;
-        m[j] = s[j + 4] & 63;
-        sc[j + 4] = (s[j + 8] & 0x0f) | ((s[j] >> 6) << 4);
-        m[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
-    }
-    (sc, m)
-}
-
 /// [`pack_panel`] with the AVX-512 decoder for the dtypes it has (the GEMM runs only where the
 /// CPU has AVX-512 VNNI, and with it F and BW).
 #[cfg(target_arch = "x86_64")]
@@ -343,22 +331,6 @@ fn pack_fast(
         unsafe { pack::pack_panel(dtype, w, row_bytes, j0, rows, p0, kc, levels, scales, mins) }
     } else {
         pack_panel(dtype, w, row_bytes, j0, rows, p0, kc, levels, scales, mins);
-    }
-}
-
-/// A pointer to `y` that tasks share. Each task writes only its own tiles.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-
-// SAFETY: `gemm` gives every task a disjoint set of output tiles (its rows of `x` times its rows
-// of `W`), so no element is written by two threads, and `y` outlives the parallel loop.
-unsafe impl Send for OutPtr {}
-// SAFETY: as above.
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 
@@ -478,52 +450,10 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     use super::*;
-    use crate::quant::test_util::{random_row, random_weights};
+    use crate::quant::test_util::{arbitrary_weights, random_row, random_weights, term_magnitudes};
     use crate::{AlignedBytes, CpuStorage, cpu};
 
     const QUANT: [DType; 5] = [DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q4K, DType::Q6K];
-
-    /// For each element of a row, `|scale part| + |offset or minimum part|` of its dequantized
-    /// value, so that sums of these times `|x|` bound every partial sum either side forms.
-    fn term_magnitudes(dtype: DType, row: &[u8], k: usize) -> Vec<f32> {
-        let mut row = row.to_vec();
-        for block in row.chunks_mut(dtype.block_bytes()) {
-            match dtype {
-                DType::Q4_1 => {
-                    block[1] &= 0x7f;
-                    block[3] &= 0x7f;
-                }
-                DType::Q4K => {
-                    block[1] &= 0x7f;
-                    block[3] |= 0x80;
-                }
-                _ => {}
-            }
-        }
-        let mut out = vec![0f32; k];
-        crate::quant::dequantize_row(dtype, &row, &mut out).unwrap();
-        out.iter().map(|v| v.abs()).collect()
-    }
-
-    /// Weights whose bytes are random except the f16 scales (random finite values in -1..1), so
-    /// every level, packed scale and sign pattern occurs, including ones quantizers never write.
-    fn arbitrary_weights(dtype: DType, n: usize, k: usize, seed: u64) -> Vec<u8> {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let mut w: Vec<u8> = (0..n * dtype.bytes_for(k).unwrap()).map(|_| rng.random()).collect();
-        let f16_fields: &[usize] = match dtype {
-            DType::Q8_0 | DType::Q4_0 => &[0],
-            DType::Q4_1 | DType::Q4K => &[0, 2],
-            DType::Q6K => &[208],
-            _ => unreachable!(),
-        };
-        for block in w.chunks_mut(dtype.block_bytes()) {
-            for &at in f16_fields {
-                let v = half::f16::from_f32(rng.random_range(-1.0f32..1.0));
-                block[at..at + 2].copy_from_slice(&v.to_le_bytes());
-            }
-        }
-        w
-    }
 
     /// The bound on the f32 rounding between two sums of the same integer terms for output
     /// `(x row, weight row)`: a relative 1e-5 of the sum of the magnitudes of all terms (the

@@ -367,39 +367,12 @@ fn prefetch_ahead<const N: usize>(p: *const u8, ahead: usize) {
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
-    use rand::rngs::StdRng;
-    use rand::{Rng, SeedableRng};
 
     use super::*;
-    use crate::quant::test_util::{random_row, random_weights};
+    use crate::quant::test_util::{arbitrary_weights, random_row, random_weights, term_magnitudes};
     use crate::{AlignedBytes, CpuStorage, Tensor, cpu};
 
     const QUANT: [DType; 5] = [DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q4K, DType::Q6K];
-
-    /// For each element of a row, `|scale part| + |offset part|` of its dequantized value, so that
-    /// sums of these times `|x|` bound every partial sum either implementation forms.
-    fn term_magnitudes(dtype: DType, row: &[u8], k: usize) -> Vec<f32> {
-        let mut row = row.to_vec();
-        let bb = dtype.block_bytes();
-        for block in row.chunks_mut(bb) {
-            match dtype {
-                // x = d * q + m: make d and m positive (clear the f16 sign bits).
-                DType::Q4_1 => {
-                    block[1] &= 0x7f;
-                    block[3] &= 0x7f;
-                }
-                // x = d * sc * q - dmin * m: make d positive and dmin negative.
-                DType::Q4K => {
-                    block[1] &= 0x7f;
-                    block[3] |= 0x80;
-                }
-                _ => {}
-            }
-        }
-        let mut out = vec![0f32; k];
-        crate::quant::dequantize_row(dtype, &row, &mut out).unwrap();
-        out.iter().map(|v| v.abs()).collect()
-    }
 
     /// Runs `isa` and the reference on the same data and compares them: the integers are equal,
     /// so they differ only by f32 rounding, bounded by a relative 1e-5 of the sum of the
@@ -407,27 +380,6 @@ mod tests {
     fn check(isa: Isa, dtype: DType, n: usize, k: usize, seed: u64) -> Result<(), TestCaseError> {
         let (w, _) = random_weights(dtype, n, k, seed);
         check_bytes(isa, dtype, &w, n, k, seed)
-    }
-
-    /// Weights of `n` rows of `k` elements whose bytes are random except the f16 scales, which
-    /// are random finite values in -1..1: every level, packed scale and sign pattern occurs,
-    /// including ones the quantizers never write (such as `Q8_0` values of -128).
-    fn arbitrary_weights(dtype: DType, n: usize, k: usize, seed: u64) -> Vec<u8> {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let mut w: Vec<u8> = (0..n * dtype.bytes_for(k).unwrap()).map(|_| rng.random()).collect();
-        let f16_fields: &[usize] = match dtype {
-            DType::Q8_0 | DType::Q4_0 => &[0],
-            DType::Q4_1 | DType::Q4K => &[0, 2],
-            DType::Q6K => &[208],
-            _ => unreachable!(),
-        };
-        for block in w.chunks_mut(dtype.block_bytes()) {
-            for &at in f16_fields {
-                let v = half::f16::from_f32(rng.random_range(-1.0f32..1.0));
-                block[at..at + 2].copy_from_slice(&v.to_le_bytes());
-            }
-        }
-        w
     }
 
     fn check_bytes(isa: Isa, dtype: DType, w: &[u8], n: usize, k: usize, seed: u64) -> Result<(), TestCaseError> {

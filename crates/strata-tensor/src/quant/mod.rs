@@ -13,7 +13,7 @@ use crate::{DType, Error, Result};
 
 mod q4_0;
 mod q4_1;
-mod q4_k;
+pub(crate) mod q4_k;
 mod q6_k;
 mod q8_0;
 pub(crate) mod q8act;
@@ -170,6 +170,52 @@ pub(crate) mod test_util {
             super::dequantize_row(dtype, dst, out).unwrap();
         }
         (bytes, deq)
+    }
+
+    /// For each element of a row, `|scale part| + |offset or minimum part|` of its dequantized
+    /// value, so that sums of these times `|x|` bound every partial sum an integer dot product
+    /// forms (the tolerance of the quantized matvec and GEMM tests).
+    pub fn term_magnitudes(dtype: DType, row: &[u8], k: usize) -> Vec<f32> {
+        let mut row = row.to_vec();
+        for block in row.chunks_mut(dtype.block_bytes()) {
+            match dtype {
+                // x = d * q + m: make d and m positive (clear the f16 sign bits).
+                DType::Q4_1 => {
+                    block[1] &= 0x7f;
+                    block[3] &= 0x7f;
+                }
+                // x = d * sc * q - dmin * m: make d positive and dmin negative.
+                DType::Q4K => {
+                    block[1] &= 0x7f;
+                    block[3] |= 0x80;
+                }
+                _ => {}
+            }
+        }
+        let mut out = vec![0f32; k];
+        super::dequantize_row(dtype, &row, &mut out).unwrap();
+        out.iter().map(|v| v.abs()).collect()
+    }
+
+    /// Weights of `n` rows of `k` elements whose bytes are random except the f16 scales, which
+    /// are random finite values in -1..1: every level, packed scale and sign pattern occurs,
+    /// including ones the quantizers never write (such as `Q8_0` values of -128).
+    pub fn arbitrary_weights(dtype: DType, n: usize, k: usize, seed: u64) -> Vec<u8> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut w: Vec<u8> = (0..n * dtype.bytes_for(k).unwrap()).map(|_| rng.random()).collect();
+        let f16_fields: &[usize] = match dtype {
+            DType::Q8_0 | DType::Q4_0 => &[0],
+            DType::Q4_1 | DType::Q4K => &[0, 2],
+            DType::Q6K => &[208],
+            _ => unreachable!("{} is not block-quantized", dtype.name()),
+        };
+        for block in w.chunks_mut(dtype.block_bytes()) {
+            for &at in f16_fields {
+                let v = half::f16::from_f32(rng.random_range(-1.0f32..1.0));
+                block[at..at + 2].copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        w
     }
 }
 
