@@ -222,49 +222,27 @@ impl Decoder {
                 ))
             })
         };
-        let resident = |u: usize| -> Result<Option<UnitHandle>> {
-            Ok(if store.streamed_units().contains(&u) { None } else { Some(store.acquire(u)?) })
+        let (embed, norm) = match place(&store, unit(EMBEDDING_UNIT)?, |l| {
+            Ok((
+                l.matrix("model.embed_tokens.weight", hp.vocab_size, hp.hidden_size)?,
+                l.vector("model.norm.weight", hp.hidden_size)?,
+            ))
+        })? {
+            Slot::Resident(globals) => globals,
+            Slot::Streamed(_) => {
+                return Err(Error::Unsupported(
+                    "the embedding unit must be resident (one row of it is read per token)".into(),
+                ));
+            }
         };
-        let location = store.pack().data_path().to_path_buf();
-        let globals = resident(unit(EMBEDDING_UNIT)?)?.ok_or_else(|| {
-            Error::Unsupported("the embedding unit must be resident (one row of it is read per token)".into())
-        })?;
-        let src = UnitSource { handle: &globals, location: &location };
-        let loader = Loader { src: &src };
-        let embed = loader.matrix("model.embed_tokens.weight", hp.vocab_size, hp.hidden_size)?;
-        let norm = loader.vector("model.norm.weight", hp.hidden_size)?;
         let lm_head = match layout.index(HEAD_UNIT) {
             None => Slot::Resident(embed.clone()),
-            Some(_) => {
-                let u = unit(HEAD_UNIT)?;
-                match resident(u)? {
-                    Some(h) => Slot::Resident(Loader { src: &UnitSource { handle: &h, location: &location } }.matrix(
-                        "lm_head.weight",
-                        hp.vocab_size,
-                        hp.hidden_size,
-                    )?),
-                    None => Slot::Streamed(u),
-                }
-            }
+            Some(_) => place(&store, unit(HEAD_UNIT)?, |l| l.matrix("lm_head.weight", hp.vocab_size, hp.hidden_size))?,
         };
         let mut layers = Vec::with_capacity(hp.n_layers);
         for i in 0..hp.n_layers {
-            let a = unit(&attention_unit(i))?;
-            let attn = match resident(a)? {
-                Some(h) => Slot::Resident(load_attention(
-                    &hp,
-                    i,
-                    &Loader { src: &UnitSource { handle: &h, location: &location } },
-                )?),
-                None => Slot::Streamed(a),
-            };
-            let f = unit(&ffn_unit(i))?;
-            let ffn = match resident(f)? {
-                Some(h) => {
-                    Slot::Resident(load_ffn(&hp, i, &Loader { src: &UnitSource { handle: &h, location: &location } })?)
-                }
-                None => Slot::Streamed(f),
-            };
+            let attn = place(&store, unit(&attention_unit(i))?, |l| load_attention(&hp, i, l))?;
+            let ffn = place(&store, unit(&ffn_unit(i))?, |l| load_ffn(&hp, i, l))?;
             layers.push(Layer { attn, ffn });
         }
         let rope = hp.rope.clone();
@@ -280,8 +258,7 @@ impl Decoder {
     /// unit's buffer, which returns to the store's ring when they are dropped.
     fn fetch<T>(&self, unit: usize, build: impl FnOnce(&Loader<'_>) -> Result<T>) -> Result<T> {
         let store = self.store.as_ref().expect("a decoder with streamed weights has a store");
-        let handle = store.acquire(unit)?;
-        build(&Loader { src: &UnitSource { handle: &handle, location: store.pack().data_path() } })
+        build_from(store, unit, build)
     }
 
     /// The hyperparameters.
@@ -691,6 +668,21 @@ pub(crate) fn shares_bytes(a: &Tensor, b: &Tensor) -> bool {
         }
         _ => false,
     }
+}
+
+/// Unit `unit` of `store` as a slot: a streamed unit stays one; a resident unit's weights are
+/// built by `build` (views of the store's buffer).
+fn place<T>(store: &Store, unit: usize, build: impl FnOnce(&Loader<'_>) -> Result<T>) -> Result<Slot<T>> {
+    if store.streamed_units().contains(&unit) {
+        return Ok(Slot::Streamed(unit));
+    }
+    Ok(Slot::Resident(build_from(store, unit, build)?))
+}
+
+/// Builds weights from unit `unit` of `store` with `build` (waiting for it if it streams).
+fn build_from<T>(store: &Store, unit: usize, build: impl FnOnce(&Loader<'_>) -> Result<T>) -> Result<T> {
+    let handle = store.acquire(unit)?;
+    build(&Loader { src: &UnitSource { handle: &handle, location: store.pack().data_path() } })
 }
 
 /// The tensors of one unit of the store, by their checkpoint names.

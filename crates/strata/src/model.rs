@@ -417,8 +417,7 @@ impl Model {
 
     /// One forward step: feeds `ids` through the cache and returns the last position's logits.
     pub fn step(&self, ids: &[u32], cache: &mut Cache) -> Result<Vec<f32>> {
-        self.check_ids(ids)?;
-        self.forward(ids, cache, Logits::Last)
+        self.forward_cached(ids, cache, Logits::Last)
     }
 
     /// Device memory in use now, in bytes, for a model on a CUDA device: total minus free as the

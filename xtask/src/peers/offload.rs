@@ -119,7 +119,11 @@ pub fn run(args: &[String]) -> Result<()> {
     let baseline = median_run(&mut baseline_runs)?;
 
     let llama = match install::llama_bench(&cache.join("peers")) {
-        Ok(bin) => llama_in_cgroup(&bin, &file, max_bytes(&max_ram)?, o.threads).map_err(|e| format!("{e:#}")),
+        // The ceiling in bytes as strata parsed it (its bench reports the plan's budget).
+        Ok(bin) => {
+            let limit = planned["plan"]["max_ram_bytes"].as_u64().context("strata bench reported no max_ram_bytes")?;
+            llama_in_cgroup(&bin, &file, limit, o.threads).map_err(|e| format!("{e:#}"))
+        }
         Err(e) => Err(format!("llama.cpp not installed: {e:#}")),
     };
     if let Err(e) = &llama {
@@ -163,24 +167,6 @@ fn median_run(runs: &mut [Value]) -> Result<Value> {
         d(a).total_cmp(&d(b))
     });
     runs.get(runs.len() / 2).cloned().context("no run")
-}
-
-/// `--max-ram`'s value in bytes (plain bytes, or the size suffixes strata takes).
-fn max_bytes(s: &str) -> Result<u64> {
-    let t = s.trim();
-    let (num, unit) = t.split_at(t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len()));
-    let n: f64 = num.trim().parse().with_context(|| format!("size {s:?}"))?;
-    let scale = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "kb" | "k" => 1e3,
-        "mb" | "m" => 1e6,
-        "gb" | "g" => 1e9,
-        "kib" => 1024.0,
-        "mib" => 1024.0 * 1024.0,
-        "gib" => 1024.0 * 1024.0 * 1024.0,
-        other => bail!("unknown size unit {other:?} in {s:?}"),
-    };
-    Ok((n * scale) as u64)
 }
 
 /// llama-bench on `file` inside a fresh cgroup v1 memory controller limited to `limit` bytes,
