@@ -133,36 +133,11 @@ fn cargo() -> Command {
 fn step(args: &[&str]) -> Result<()> {
     let line = format!("cargo {}", args.join(" "));
     eprintln!("\n==> {line}");
-    // No step reads standard input, and cargo's `rustc -` probe would take an inherited one
-    // that holds text as its source file.
-    let run = || cargo().args(args).stdin(Stdio::null()).status().with_context(|| format!("could not start `{line}`"));
-    let mut status = run()?;
-    // On these machines cargo's probe of rustc (`rustc - --print=cfg ...`) has been seen to fail
-    // now and then, its source being some other process's diagnostics; cargo caches the failure
-    // in target/.rustc_info.json and repeats it for every later command. With the cache gone,
-    // another try probes afresh (up to three tries in all).
-    for _ in 0..2 {
-        if status.success() || !drop_failed_rustc_probe() {
-            break;
-        }
-        eprintln!("\n==> {line}: cargo's cached probe of rustc had failed; removed it, running the step again");
-        status = run()?;
-    }
+    // No step reads standard input.
+    let status =
+        cargo().args(args).stdin(Stdio::null()).status().with_context(|| format!("could not start `{line}`"))?;
     ensure!(status.success(), "step failed: `{line}` ({status})");
     Ok(())
-}
-
-/// Removes cargo's cache of rustc probes (`<target>/.rustc_info.json`) if it records a failed
-/// probe, and says whether it did.
-fn drop_failed_rustc_probe() -> bool {
-    let target = env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), PathBuf::from);
-    let cache = target.join(".rustc_info.json");
-    let failed = std::fs::read_to_string(&cache)
-        .ok()
-        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-        .and_then(|v| v.get("outputs").and_then(|o| o.as_object()).cloned())
-        .is_some_and(|outputs| outputs.values().any(|o| o.get("success") == Some(&serde_json::Value::Bool(false))));
-    failed && std::fs::remove_file(&cache).is_ok()
 }
 
 /// Whether `cargo nextest` is installed.

@@ -405,7 +405,8 @@ fn logits(a: LogitsArgs) -> Result<()> {
             }
             let (logits, stats) = model.logits_with_router(&a.ids, mode)?;
             let json = serde_json::to_string_pretty(&router_json(&stats))?;
-            std::fs::write(path, json + "\n").with_context(|| format!("cannot write {}", path.display()))?;
+            strata::write_replacing(path, |out| writeln!(out, "{json}"))
+                .with_context(|| format!("cannot write {}", path.display()))?;
             logits
         }
     };

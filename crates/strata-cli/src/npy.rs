@@ -1,6 +1,5 @@
 //! Writing NumPy `.npy` files (format version 1.0, little-endian float32, C order).
 
-use std::io::Write;
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -26,11 +25,8 @@ pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
     for x in data {
         bytes.extend_from_slice(&x.to_le_bytes());
     }
-    let tmp = path.with_extension("npy.tmp");
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    f.write_all(&bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    drop(f);
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+    strata::write_replacing(path, |out| out.write_all(&bytes))
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 

@@ -72,6 +72,23 @@ fn flags_of_later_features_are_refused_by_name() {
     assert!(stderr(&out).contains("--expert-cache is not supported yet"), "{}", stderr(&out));
 }
 
+/// `--out` writes a regular file through a temporary renamed into place; a special file is
+/// written in place. (Renaming over `/dev/null`, as root, once left a regular file there that
+/// fed its contents to every later reader: cargo's `rustc -` probe among them.)
+#[test]
+fn logits_to_dev_null_leave_it_a_device() {
+    use std::os::unix::fs::FileTypeExt;
+    let null = Path::new("/dev/null");
+    if !std::fs::metadata(null).is_ok_and(|m| m.file_type().is_char_device()) {
+        eprintln!("skipped: /dev/null is not a character device on this machine");
+        return;
+    }
+    let model = fixture("llama_tied");
+    let out = strata(&["logits", "--model", model.to_str().unwrap(), "--ids", "1,2", "--out", "/dev/null"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(std::fs::metadata(null).unwrap().file_type().is_char_device(), "/dev/null was replaced by a file");
+}
+
 /// A strata cache dir holding a fixed hardware profile for 2 threads, so that no command
 /// measures the machine.
 fn cache_with_profile() -> tempfile::TempDir {

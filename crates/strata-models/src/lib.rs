@@ -25,6 +25,7 @@ mod kv_cache;
 mod load;
 pub mod moe;
 pub mod offload;
+pub mod output;
 pub mod resolve;
 pub mod rope;
 pub mod safetensors;

@@ -37,6 +37,9 @@ pub use sampling::{Sampler, SamplingParams};
 pub use scaling::{ContextScalingConfig, DEFAULT_DYNAMIC_EXPANSION};
 pub use strata_models::KvCache;
 pub use strata_models::ScalingAlgorithm;
+/// Writing an output file whole (through a temporary file renamed into place), never replacing a
+/// special file such as `/dev/null` or a named pipe.
+pub use strata_models::output::write_replacing;
 /// The placement planner's types (plans, budgets, sizes, the hardware profile).
 pub use strata_models::store::planner;
 /// The weight store's counters.

@@ -185,19 +185,12 @@ impl GgufWriter {
     }
 
     /// Writes the file to `path` through a temporary file in the same directory, renamed into
-    /// place once complete, so an interrupted write never leaves a truncated file at `path`.
+    /// place once complete, so an interrupted write never leaves a truncated file at `path` (a
+    /// special file such as a named pipe is written in place: see [`crate::output`]).
     pub fn write_file(&self, path: impl AsRef<Path>) -> Result<(), GgufError> {
         let path = path.as_ref();
-        let io = |source| GgufError::Io { path: path.to_owned(), source };
-        let mut tmp_name = path.file_name().unwrap_or_default().to_owned();
-        tmp_name.push(".partial");
-        let tmp = path.with_file_name(tmp_name);
-        let file = std::fs::File::create(&tmp).map_err(io)?;
-        let mut buffered = io::BufWriter::new(file);
-        self.write_to(&mut buffered).map_err(io)?;
-        let file = buffered.into_inner().map_err(|e| io(e.into_error()))?;
-        file.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
+        crate::output::write_replacing(path, |out| self.write_to(out))
+            .map_err(|source| GgufError::Io { path: path.to_owned(), source })
     }
 }
 
