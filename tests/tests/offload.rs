@@ -174,3 +174,46 @@ fn an_offload_dir_on_tmpfs_works() {
     let model = load(&f.dir, config("stream-all", Some(2), None, offload_dir.path())).unwrap();
     assert_eq!(model.logits(&f.prompt_ids, LogitsMode::OnePass).unwrap(), plain);
 }
+
+/// `max_context` bounds what a plan reserves: the KV cache and activations of a request of that
+/// length fit a budget the model's full context would not, and a longer request is refused
+/// before any work.
+#[test]
+fn a_max_context_plans_the_kv_cache_for_that_length_and_refuses_longer_requests() {
+    let offload_dir = tempfile::tempdir().unwrap();
+    let f = Fixture::load("llama_untied");
+    let ids = &f.prompt_ids;
+    let with = |max_ram: Option<u64>, max_context: Option<usize>| LoadOptions {
+        threads: Some(2),
+        max_context,
+        offload: config("cost-model", None, max_ram, offload_dir.path()),
+        ..LoadOptions::default()
+    };
+    let full = strata::plan_placement(&f.dir, &with(None, None)).unwrap();
+    let short = strata::plan_placement(&f.dir, &with(None, Some(ids.len()))).unwrap();
+    assert_eq!(short.context_tokens, ids.len());
+    assert!(full.context_tokens > short.context_tokens, "{} tokens", full.context_tokens);
+    assert!(short.plan.ram.kv_cache < full.plan.ram.kv_cache, "{:?} vs {:?}", short.plan.ram, full.plan.ram);
+
+    // The budget that only the short context fits.
+    let tight = minimum_ram(&f.dir, offload_dir.path());
+    let short_minimum = match Model::from_pretrained(&f.dir, with(Some(1), Some(ids.len()))) {
+        Err(Error::Model(strata_models::Error::Plan(PlanError::DoesNotFit { needed, .. }))) => needed,
+        other => panic!("expected DoesNotFit, got {:?}", other.map(|_| ())),
+    };
+    assert!(short_minimum < tight, "{short_minimum} vs {tight}");
+    let model = Model::from_pretrained(&f.dir, with(Some(short_minimum), Some(ids.len()))).unwrap();
+    let plain = load(&f.dir, OffloadConfig::default()).unwrap();
+    assert_eq!(
+        model.logits(ids, LogitsMode::Decode).unwrap(),
+        plain.logits(ids, LogitsMode::Decode).unwrap(),
+        "logits under a short context"
+    );
+    let longer: Vec<u32> = ids.iter().chain(&ids[..1]).copied().collect();
+    match model.logits(&longer, LogitsMode::OnePass) {
+        Err(Error::Model(strata_models::Error::ContextTooLong { tokens, max_capacity })) => {
+            assert_eq!((tokens, max_capacity), (ids.len() + 1, ids.len()));
+        }
+        other => panic!("expected ContextTooLong, got {:?}", other.map(|_| ())),
+    }
+}

@@ -30,7 +30,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
     anyhow::ensure!(a.gen_tokens > 0, "--gen-tokens must be at least 1");
     anyhow::ensure!(a.runs > 0, "--runs must be at least 1");
     let runs = a.runs;
-    let model = load(&a.model)?;
+    let total = a.prompt_tokens + a.gen_tokens;
+    // Under a memory ceiling the plan reserves the KV cache and activations for the longest
+    // request: the bench's own unless --max-capacity says otherwise (llama-bench likewise sizes
+    // its context to the prompt plus the generated tokens).
+    let mut model_args = a.model.clone();
+    let placed = crate::offload_config(&model_args.placement)?.is_active();
+    if placed && model_args.scaling.max_capacity.is_none() && model_args.scaling.rope_scaling.is_none() {
+        model_args.scaling.max_capacity = Some(total);
+    }
+    let model = load(&model_args)?;
     let hp = model.decoder().hparams().clone();
     let say = |msg: &str| {
         if !a.json {
@@ -56,7 +65,6 @@ pub fn run(a: BenchArgs) -> Result<()> {
 
     // Each request is planned for its whole length, as `generate` does: the context limit is
     // checked up front and a length-driven RoPE scaling keeps one table for the request.
-    let total = a.prompt_tokens + a.gen_tokens;
     say("warming up");
     let mut cache = model.new_cache()?;
     model.plan(&mut cache, total)?;
@@ -164,6 +172,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "streamed_units": plan.stream_order.len(),
             "max_ram_bytes": plan.budgets.ram,
             "planned_ram_bytes": plan.ram.total,
+            "context_tokens": model.decoder().max_context(),
             "resident_weight_bytes": plan.ram.resident_weights,
             "predicted_s_per_token": plan.predicted.total_s,
         });

@@ -98,9 +98,11 @@ pub(crate) struct ScalingArgs {
     /// The model's trained context length.
     #[arg(long, value_name = "N")]
     base_capacity: Option<usize>,
-    /// The longest sequence a request may reach.
+    /// The longest sequence a request may reach, prompt plus generated tokens (with
+    /// --rope-scaling: the scaled context; alone: a cap under the model's own RoPE). Longer
+    /// requests are refused up front; under --max-ram the KV cache is planned for this length.
     #[arg(long, value_name = "N")]
-    max_capacity: Option<usize>,
+    pub(crate) max_capacity: Option<usize>,
 }
 
 /// Mixture-of-Experts routing (MoE models only: a dense model refuses these flags).
@@ -297,10 +299,8 @@ fn main() {
 /// default from the model (see [`strata::ContextScalingConfig`]).
 fn context_scaling(a: &ScalingArgs) -> Result<Option<strata::ContextScalingConfig>> {
     let Some(name) = &a.rope_scaling else {
-        if a.base_capacity.is_some() || a.max_capacity.is_some() {
-            bail!(
-                "--base-capacity and --max-capacity need --rope-scaling (none, linear, dynamic, yarn, yarn-dynamic or llama3)"
-            );
+        if a.base_capacity.is_some() {
+            bail!("--base-capacity needs --rope-scaling (none, linear, dynamic, yarn, yarn-dynamic or llama3)");
         }
         return Ok(None);
     };
@@ -310,6 +310,12 @@ fn context_scaling(a: &ScalingArgs) -> Result<Option<strata::ContextScalingConfi
         max_capacity: a.max_capacity,
         ..strata::ContextScalingConfig::new(algorithm)
     }))
+}
+
+/// The cap on a request's length under the model's own RoPE: `--max-capacity` without
+/// `--rope-scaling` (with it, the capacity belongs to the scaling).
+fn max_context(a: &ScalingArgs) -> Option<usize> {
+    a.max_capacity.filter(|_| a.rope_scaling.is_none())
 }
 
 /// The placement the flags ask for (an inactive config when none is set).
@@ -348,6 +354,7 @@ pub(crate) fn load_options(args: &ModelArgs) -> Result<LoadOptions> {
         threads: args.threads,
         device,
         context_scaling: context_scaling(&args.scaling)?,
+        max_context: max_context(&args.scaling),
         offload: offload_config(p)?,
         moe: args.moe.config()?,
     })

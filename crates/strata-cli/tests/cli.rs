@@ -263,6 +263,28 @@ fn a_request_past_max_capacity_is_refused_up_front() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("40 tokens, past max_capacity 32"), "{}", stderr(&out));
 
+    // Alone, --max-capacity caps requests under the model's own RoPE.
+    let out = strata(&["logits", "--model", model.to_str().unwrap(), "--ids", "1,2,3", "--out", "/dev/null"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let capped = |cap: &str| {
+        strata(&[
+            "logits",
+            "--model",
+            model.to_str().unwrap(),
+            "--ids",
+            "1,2,3",
+            "--out",
+            "/dev/null",
+            "--max-capacity",
+            cap,
+        ])
+    };
+    let out = capped("2");
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("3 tokens, past max_capacity 2"), "{}", stderr(&out));
+    let out = capped("3");
+    assert!(out.status.success(), "{}", stderr(&out));
+
     let out = strata(&[
         "logits",
         "--model",
@@ -271,11 +293,11 @@ fn a_request_past_max_capacity_is_refused_up_front() {
         "1",
         "--out",
         "/dev/null",
-        "--max-capacity",
+        "--base-capacity",
         "64",
     ]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("need --rope-scaling"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--base-capacity needs --rope-scaling"), "{}", stderr(&out));
 }
 
 /// `strata logits` with `args` on `model`, writing the logits to `dir/name.npy`; returns them.

@@ -276,7 +276,7 @@ impl Decoder {
     /// An empty KV cache for one request that runs with `scaling` instead of the model's own
     /// RoPE scaling (`None`: the checkpoint's scaling, whatever the model's default is).
     pub fn new_cache_with_scaling(&self, scaling: Option<ContextScaling>) -> Result<KvCache> {
-        let scheme = self.hp.rope.with_context_scaling(scaling)?;
+        let scheme = self.rope.with_context_scaling(scaling)?;
         Ok(KvCache::new(self.hp.n_layers, self.hp.n_kv_heads, self.hp.head_dim, DEFAULT_BLOCK_LEN)
             .with_rope_scheme(scheme))
     }
@@ -284,8 +284,20 @@ impl Decoder {
     /// Makes `scaling` the context scaling of every cache [`Decoder::new_cache`] makes from now
     /// on, replacing the checkpoint's RoPE scaling (`None`: back to the checkpoint's).
     pub fn set_context_scaling(&mut self, scaling: Option<ContextScaling>) -> Result<()> {
-        self.rope = self.hp.rope.with_context_scaling(scaling)?;
+        self.rope = self.rope.with_context_scaling(scaling)?;
         Ok(())
+    }
+
+    /// Caps every request of this model at `limit` tokens, prompt plus generated (`None`: no cap
+    /// beyond the context scaling's `max_capacity`): a longer one is refused before any work
+    /// with [`Error::ContextTooLong`]. A plan under a memory ceiling reserves the KV cache for it.
+    pub fn set_max_context(&mut self, limit: Option<usize>) {
+        self.rope = self.rope.with_limit(limit);
+    }
+
+    /// The longest request this model accepts, prompt plus generated tokens (`None`: no cap).
+    pub fn max_context(&self) -> Option<usize> {
+        self.rope.max_capacity()
     }
 
     /// Makes `options` the Mixture-of-Experts routing of every forward pass from now on

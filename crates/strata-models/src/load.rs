@@ -169,7 +169,11 @@ impl OpenedModel {
         // count against the memory budget.
         drop(source);
         let residency: Vec<Residency> = (0..layout.units.len())
-            .map(|i| if plan.tier_of(i) == Tier::Disk { Residency::Streamed } else { Residency::Resident })
+            .map(|i| match plan.tier_of(i) {
+                Tier::Disk => Residency::Streamed,
+                Tier::Mapped => Residency::Mapped,
+                Tier::Ram | Tier::Vram => Residency::Resident,
+            })
             .collect();
         let store = Store::open(pack, &residency, plan.prefetch_depth, read_progress)?;
         let decoder = Decoder::load_placed(hparams, Arc::new(store), layout)?;

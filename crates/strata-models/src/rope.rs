@@ -63,8 +63,9 @@ fn exponent(i: usize, rotary_dim: usize) -> f32 {
     (2 * i) as f32 / rotary_dim as f32
 }
 
-/// A model's RoPE: its configuration, the context it was configured for, and an optional
-/// per-request [`ContextScaling`] that replaces the configured scaling. Cheap to clone.
+/// A model's RoPE: its configuration, the context it was configured for, an optional
+/// per-request [`ContextScaling`] that replaces the configured scaling, and an optional cap on
+/// the sequence length. Cheap to clone.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RopeScheme {
     theta: f64,
@@ -72,6 +73,9 @@ pub struct RopeScheme {
     max_position_embeddings: usize,
     scaling: RopeScaling,
     context: Option<ContextScaling>,
+    /// A cap on the sequence length set by the caller ([`RopeScheme::with_limit`]), enforced
+    /// besides the context scaling's `max_capacity`.
+    limit: Option<usize>,
 }
 
 impl RopeScheme {
@@ -86,6 +90,7 @@ impl RopeScheme {
             max_position_embeddings,
             scaling: cfg.scaling.clone(),
             context: None,
+            limit: None,
         };
         let bad = |what: String| Err(Error::Unsupported(format!("RoPE scaling {}: {what}", cfg.scaling.rope_type())));
         let pairs = rotary_dim / 2;
@@ -130,6 +135,13 @@ impl RopeScheme {
         Ok(RopeScheme { context, ..self.clone() })
     }
 
+    /// This scheme with requests capped at `limit` tokens (prompt plus generated), whatever the
+    /// scaling (`None`: no cap beyond the context scaling's `max_capacity`). It changes no angle:
+    /// it lets a caller bound the KV cache, as a memory ceiling needs.
+    pub fn with_limit(&self, limit: Option<usize>) -> RopeScheme {
+        RopeScheme { limit, ..self.clone() }
+    }
+
     /// The RoPE base (`rope_theta`).
     pub fn theta(&self) -> f64 {
         self.theta
@@ -162,16 +174,23 @@ impl RopeScheme {
         }
     }
 
-    /// The longest sequence a request may reach (`None`: unbounded).
+    /// The longest sequence a request may reach: the smaller of the context scaling's
+    /// `max_capacity` and the cap of [`RopeScheme::with_limit`] (`None`: unbounded).
     pub fn max_capacity(&self) -> Option<usize> {
-        self.context.as_ref().map(|c| c.max_capacity)
+        match (self.context.as_ref().map(|c| c.max_capacity), self.limit) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
-    /// Checks that a sequence of `seq_len` tokens is allowed.
+    /// Checks that a sequence of `seq_len` tokens is allowed ([`Error::ContextTooLong`] past
+    /// [`RopeScheme::max_capacity`]).
     pub fn check_fits(&self, seq_len: usize) -> Result<()> {
-        match &self.context {
-            Some(c) => c.check_fits(seq_len),
-            None => Ok(()),
+        match self.max_capacity() {
+            Some(max_capacity) if seq_len > max_capacity => {
+                Err(Error::ContextTooLong { tokens: seq_len, max_capacity })
+            }
+            _ => Ok(()),
         }
     }
 

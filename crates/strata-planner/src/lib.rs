@@ -25,6 +25,7 @@ pub use manifest::{UnitInfo, UnitKind, WeightManifest};
 pub use plan::{MemoryUse, Placement, Plan, Tier, TokenTime};
 pub use size::{format_size, parse_size};
 pub use strategy::{
-    AllResident, CostModel, DEFAULT_STRATEGY, MAX_AUTO_PREFETCH_DEPTH, MAX_PREFETCH_DEPTH, PIN_ATTENTION_DEPTH,
-    PinAttention, PlacementStrategy, PlanInput, STRATEGY_NAMES, StreamAll, strategy_by_name,
+    AllResident, CostModel, DEFAULT_STRATEGY, MAPPED_SLACK_BYTES, MAX_AUTO_PREFETCH_DEPTH, MAX_PREFETCH_DEPTH,
+    PAGE_BYTES, PIN_ATTENTION_DEPTH, PinAttention, PlacementStrategy, PlanInput, STRATEGY_NAMES, StreamAll, mapped_ram,
+    strategy_by_name,
 };

@@ -19,6 +19,10 @@ pub enum Tier {
     Vram,
     /// Resident in host RAM.
     Ram,
+    /// Memory-mapped from the offload pack: a page is read when a token first touches it and
+    /// then stays, so RAM holds only the pages touched. The embedding of a model with its own
+    /// output head lives here: a token reads one row of it.
+    Mapped,
     /// Streamed from the offload pack on disk through the staging buffers, every token.
     Disk,
 }
@@ -28,6 +32,7 @@ impl fmt::Display for Tier {
         f.pad(match self {
             Tier::Vram => "VRAM",
             Tier::Ram => "RAM",
+            Tier::Mapped => "mapped",
             Tier::Disk => "disk",
         })
     }
@@ -45,7 +50,7 @@ pub struct Placement {
 /// The bytes a plan holds in one tier. `total` is the sum of the other four.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryUse {
-    /// Weights that stay in the tier.
+    /// Weights that stay in the tier (a mapped unit counts the pages the workload can touch).
     pub resident_weights: u64,
     /// The KV cache, reserved for the workload's whole context.
     pub kv_cache: u64,
@@ -130,10 +135,10 @@ impl Plan {
             )
         };
         out.push_str(&format!("strategy {}: {ring}\n", self.strategy));
-        out.push_str(&format!("{:<label_width$}  {:<4}  {:>8}\n", "unit", "tier", "size"));
+        out.push_str(&format!("{:<label_width$}  {:<6}  {:>8}\n", "unit", "tier", "size"));
         for group in &groups {
             let tier = group.tier.map_or("none".to_string(), |t| t.to_string());
-            out.push_str(&format!("{:<label_width$}  {tier:<4}  {:>8}\n", group.label, format_size(group.bytes)));
+            out.push_str(&format!("{:<label_width$}  {tier:<6}  {:>8}\n", group.label, format_size(group.bytes)));
         }
         out.push_str(&memory_line("RAM", &self.ram, self.budgets.ram));
         if self.vram.total == 0 {

@@ -190,8 +190,29 @@ struct Context<'a> {
     transfer_ps: Vec<i128>,
     /// Per unit: the bytes read from disk per token if streamed (an expert's expected share).
     stream_bytes: Vec<u64>,
+    /// Per unit: whether it is memory-mapped rather than read whole when not streamed.
+    mapped: Vec<bool>,
+    /// Per unit: the RAM it holds when not streamed (a mapped unit: the pages the workload can
+    /// touch).
+    ram_bytes: Vec<u64>,
     kv_cache: u64,
     activations: u64,
+}
+
+/// The page size RAM is charged in for mapped units.
+pub const PAGE_BYTES: u64 = 4096;
+
+/// What a mapped unit may hold in RAM besides the rows a workload touches (the final norm
+/// packed with the embedding, say).
+pub const MAPPED_SLACK_BYTES: u64 = 1 << 20;
+
+/// The RAM a mapped unit can come to hold over `context_tokens` tokens, each reading
+/// `row_bytes` of it: every row's pages (a row may straddle one more page than its length
+/// needs) plus [`MAPPED_SLACK_BYTES`], at most the whole unit. A plan counts this for a unit in
+/// [`Tier::Mapped`].
+pub fn mapped_ram(unit_bytes: u64, row_bytes: u64, context_tokens: usize) -> u64 {
+    let row_pages = row_bytes.div_ceil(PAGE_BYTES) + 1;
+    (context_tokens as u64).saturating_mul(row_pages * PAGE_BYTES).saturating_add(MAPPED_SLACK_BYTES).min(unit_bytes)
 }
 
 fn checked_product(a: u64, b: usize, what: &str) -> Result<u64, PlanError> {
@@ -219,12 +240,25 @@ impl<'a> Context<'a> {
             .map(|u| if matches!(u.kind, UnitKind::Expert { .. }) { u.bytes_per_token } else { u.bytes })
             .collect();
         let transfer_ps = stream_bytes.iter().map(|&b| picoseconds(b, hardware.disk_read_gb_s)).collect();
+        // The embedding is mapped when the model has its own output head (a tied head reads the
+        // whole table every token, so it stays resident).
+        let has_head = manifest.units.iter().any(|u| u.kind == UnitKind::Head);
+        let mapped: Vec<bool> = manifest.units.iter().map(|u| has_head && u.kind == UnitKind::Embedding).collect();
+        let context_tokens = input.workload.context_tokens;
+        let ram_bytes = manifest
+            .units
+            .iter()
+            .zip(&mapped)
+            .map(|(u, &m)| if m { mapped_ram(u.bytes, u.bytes_per_token, context_tokens) } else { u.bytes })
+            .collect();
         Ok(Context {
             input,
             order: manifest.execution_order(),
             compute_ps,
             transfer_ps,
             stream_bytes,
+            mapped,
+            ram_bytes,
             kv_cache: checked_product(manifest.kv_bytes_per_token, input.workload.context_tokens, "the KV cache")?,
             activations: checked_product(
                 manifest.activation_bytes_per_token,
@@ -327,17 +361,26 @@ impl<'a> Context<'a> {
         let staging_buffers = if streamed_count == 0 { 0 } else { prefetch_depth + 1 };
         let staging_buffer_bytes = stream_order.iter().map(|&i| units[i].bytes).max().unwrap_or(0);
         let staging = checked_product(staging_buffer_bytes, staging_buffers, "the staging ring")?;
-        let resident = (0..units.len()).filter(|&i| !streamed[i]).map(|i| units[i].bytes);
+        let resident = (0..units.len()).filter(|&i| !streamed[i]).map(|i| self.ram_bytes[i]);
         let resident_weights = checked_sum(resident, "the resident weights")?;
         let pinned_bytes = checked_sum(
-            units.iter().filter(|u| !u.kind.is_streamable()).map(|u| u.bytes),
+            (0..units.len()).filter(|&i| !units[i].kind.is_streamable()).map(|i| self.ram_bytes[i]),
             "the embedding and other resident units",
         )?;
         let total = checked_sum([resident_weights, self.kv_cache, self.activations, staging], "the RAM total")?;
         let ram =
             MemoryUse { resident_weights, kv_cache: self.kv_cache, activations: self.activations, staging, total };
         let placements = (0..units.len())
-            .map(|unit| Placement { unit, tier: if streamed[unit] { Tier::Disk } else { Tier::Ram } })
+            .map(|unit| {
+                let tier = if streamed[unit] {
+                    Tier::Disk
+                } else if self.mapped[unit] {
+                    Tier::Mapped
+                } else {
+                    Tier::Ram
+                };
+                Placement { unit, tier }
+            })
             .collect();
         let compute: i128 = self.compute_ps.iter().fold(0i128, |sum, &t| sum.saturating_add(t));
         let transfer: i128 = stream_order.iter().fold(0i128, |sum, &i| sum.saturating_add(self.transfer_ps[i]));
@@ -439,11 +482,9 @@ impl<'a> Context<'a> {
         let units = self.units();
         let ring = |count: usize| if count == 0 { 0 } else { (depth.min(count - 1) as u64 + 1).saturating_mul(cap) };
         let mut count = streamed.iter().filter(|&&s| s).count();
-        let mut used = units
-            .iter()
-            .zip(&streamed)
-            .filter(|(_, s)| !**s)
-            .fold(self.kv_cache.saturating_add(self.activations), |sum, (u, _)| sum.saturating_add(u.bytes));
+        let mut used = (0..units.len())
+            .filter(|&i| !streamed[i])
+            .fold(self.kv_cache.saturating_add(self.activations), |sum, i| sum.saturating_add(self.ram_bytes[i]));
         for &i in priority {
             if !streamed[i] {
                 continue;

@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 use strata_planner::{
     AllResident, CostModel, HardwareProfile, PinAttention, PlacementStrategy, Plan, PlanError, PlanInput, StreamAll,
-    Tier, TierBudgets, UnitInfo, UnitKind, WeightManifest, Workload, format_size, parse_size, strategy_by_name,
+    Tier, TierBudgets, UnitInfo, UnitKind, WeightManifest, Workload, format_size, mapped_ram, parse_size,
+    strategy_by_name,
 };
 
 /// Bytes of `weights` q8_0 weights: 34 bytes per block of 32.
@@ -60,6 +61,22 @@ fn hardware() -> HardwareProfile {
 
 const WORKLOAD: Workload = Workload { context_tokens: 2048, batch_tokens: 32 };
 
+/// Whether a plan maps unit `i` of `m` (the embedding of a model with its own head).
+fn is_mapped(m: &WeightManifest, i: usize) -> bool {
+    m.units[i].kind == UnitKind::Embedding && m.units.iter().any(|u| u.kind == UnitKind::Head)
+}
+
+/// The RAM unit `i` holds when not streamed, over `context_tokens` tokens.
+fn ram_bytes(m: &WeightManifest, i: usize, context_tokens: usize) -> u64 {
+    let u = &m.units[i];
+    if is_mapped(m, i) { mapped_ram(u.bytes, u.bytes_per_token, context_tokens) } else { u.bytes }
+}
+
+/// TinyLlama's RAM with every unit resident (the embedding mapped) over [`WORKLOAD`]'s context.
+fn all_resident_weights(m: &WeightManifest) -> u64 {
+    (0..m.units.len()).map(|i| ram_bytes(m, i, WORKLOAD.context_tokens)).sum()
+}
+
 fn input<'a>(
     manifest: &'a WeightManifest,
     hardware: &'a HardwareProfile,
@@ -88,7 +105,10 @@ fn check_plan(plan: &Plan, input: &PlanInput) -> Result<(), TestCaseError> {
         prop_assert_eq!(plan.tier_of(i), placement.tier);
         prop_assert!(placement.tier != Tier::Vram, "CPU plans use no VRAM");
         if !m.units[i].kind.is_streamable() {
-            prop_assert_eq!(placement.tier, Tier::Ram, "unit {} must stay resident", m.units[i].name);
+            let tier = if is_mapped(m, i) { Tier::Mapped } else { Tier::Ram };
+            prop_assert_eq!(placement.tier, tier, "unit {} must stay resident", m.units[i].name);
+        } else {
+            prop_assert!(placement.tier != Tier::Mapped, "unit {} is mapped", m.units[i].name);
         }
     }
     let expected_order: Vec<usize> =
@@ -103,7 +123,10 @@ fn check_plan(plan: &Plan, input: &PlanInput) -> Result<(), TestCaseError> {
         let largest = expected_order.iter().map(|&i| m.units[i].bytes).max().unwrap();
         prop_assert_eq!(plan.staging_buffer_bytes, largest);
     }
-    let resident: u64 = (0..m.units.len()).filter(|&i| plan.tier_of(i) == Tier::Ram).map(|i| m.units[i].bytes).sum();
+    let resident: u64 = (0..m.units.len())
+        .filter(|&i| plan.tier_of(i) != Tier::Disk)
+        .map(|i| ram_bytes(m, i, input.workload.context_tokens))
+        .sum();
     let ram = plan.ram;
     prop_assert_eq!(ram.resident_weights, resident);
     prop_assert_eq!(ram.kv_cache, m.kv_bytes_per_token * input.workload.context_tokens as u64);
@@ -165,7 +188,7 @@ fn ample_ram_keeps_everything_resident() {
         assert!(cost.streamed_units().is_empty(), "{}", cost.to_table(&manifest));
         assert_eq!(cost.ram, all.ram);
         assert_eq!(cost.predicted, all.predicted);
-        assert_eq!(all.ram.total, manifest.total_bytes() + 46_137_344 + 6_586_368);
+        assert_eq!(all.ram.total, all_resident_weights(&manifest) + 46_137_344 + 6_586_368);
         // Everything resident: the token costs its compute and nothing else.
         assert_eq!(all.predicted.total_s, all.predicted.compute_s);
         assert_eq!(all.predicted.transfer_s, 0.0);
@@ -184,17 +207,19 @@ fn a_third_of_the_model_streams_the_rest() {
     let input = input(&manifest, &hardware, Some(budget), None);
 
     let (needed, _, what) = does_not_fit(AllResident.plan(&input));
-    assert_eq!(needed, manifest.total_bytes() + 46_137_344 + 6_586_368);
-    assert!(what.contains("the all-resident plan needs at least 1.22 GB of RAM"), "{what}");
+    assert_eq!(needed, all_resident_weights(&manifest) + 46_137_344 + 6_586_368);
+    assert!(what.contains("the all-resident plan needs at least 1.17 GB of RAM"), "{what}");
 
     // Pin-attention keeps 22 attention blocks and the head resident and rings three FFNs.
     let (needed, _, what) = does_not_fit(PinAttention.plan(&input));
     let ffn = manifest.units[2].bytes;
-    let pinned =
-        manifest.units.iter().filter(|u| !matches!(u.kind, UnitKind::Ffn { .. })).map(|u| u.bytes).sum::<u64>();
+    let pinned = (0..manifest.units.len())
+        .filter(|&i| !matches!(manifest.units[i].kind, UnitKind::Ffn { .. }))
+        .map(|i| ram_bytes(&manifest, i, WORKLOAD.context_tokens))
+        .sum::<u64>();
     assert_eq!(needed, pinned + 46_137_344 + 6_586_368 + 3 * ffn);
     assert!(what.contains("3 staging buffers of 36.8 MB"), "{what}");
-    assert!(what.contains("the cost-model strategy needs at least 192 MB"), "{what}");
+    assert!(what.contains("the cost-model strategy needs at least 140 MB"), "{what}");
 
     let stream = StreamAll.plan(&input).unwrap();
     check(&stream, &input);
@@ -223,23 +248,23 @@ fn a_third_of_the_model_streams_the_rest() {
 fn below_the_minimum_every_strategy_says_what_would_fit() {
     let manifest = tinyllama();
     let hardware = hardware();
-    let budget = parse_size("150MB").unwrap();
+    let budget = parse_size("100MB").unwrap();
     let input = input(&manifest, &hardware, Some(budget), None);
     for strategy in strategies() {
         let (needed, reported_budget, what) = does_not_fit(strategy.plan(&input));
         assert_eq!(reported_budget, budget);
         assert!(needed > budget);
-        assert!(what.contains("the RAM budget of 150 MB is"), "{what}");
+        assert!(what.contains("the RAM budget of 100 MB is"), "{what}");
     }
     // The smallest ring holds the head: one buffer, on demand.
     let (needed, _, what) = does_not_fit(CostModel.plan(&input));
-    let embedding = manifest.units[0].bytes;
+    let embedding = ram_bytes(&manifest, 0, WORKLOAD.context_tokens);
     let head = manifest.units.last().unwrap().bytes;
     assert_eq!(needed, embedding + 46_137_344 + 6_586_368 + head);
     assert_eq!(
         what,
-        "the cost-model plan needs at least 192 MB of RAM (embedding 69.6 MB, KV cache 46.1 MB, activations \
-         6.59 MB, 1 staging buffer of 69.6 MB); the RAM budget of 150 MB is 42 MB short"
+        "the cost-model plan needs at least 140 MB of RAM (embedding 17.8 MB, KV cache 46.1 MB, activations \
+         6.59 MB, 1 staging buffer of 69.6 MB); the RAM budget of 100 MB is 40.2 MB short"
     );
     let message = CostModel.plan(&input).unwrap_err().to_string();
     assert!(message.starts_with("the plan does not fit in RAM: the cost-model plan needs"), "{message}");
@@ -315,14 +340,14 @@ fn the_table_collapses_layers_by_tier() {
     let lines: Vec<&str> = table.lines().collect();
     assert_eq!(lines[0], "strategy pin-attention: prefetch depth 2, 3 staging buffers of 36.8 MB");
     assert!(
-        lines.iter().any(|l| l.starts_with("token_embd") && l.contains("RAM") && l.ends_with("69.6 MB")),
+        lines.iter().any(|l| l.starts_with("token_embd") && l.contains("mapped") && l.ends_with("69.6 MB")),
         "{table}"
     );
     assert!(lines.iter().any(|l| l.starts_with("layers 0-21 attention") && l.contains("RAM") && l.ends_with("221 MB")));
     assert!(lines.iter().any(|l| l.starts_with("layers 0-21 ffn") && l.contains("disk") && l.ends_with("809 MB")));
     assert!(lines.iter().any(|l| l.starts_with("output") && l.contains("RAM")));
     assert!(
-        table.contains("RAM   523 MB of 900 MB: weights 360 MB, KV cache 46.1 MB, activations 6.59 MB, staging 110 MB")
+        table.contains("RAM   471 MB of 900 MB: weights 308 MB, KV cache 46.1 MB, activations 6.59 MB, staging 110 MB")
     );
     assert!(table.contains("VRAM  unused"));
     assert!(table.contains("streamed per token: 809 MB"));
@@ -564,4 +589,30 @@ fn the_table_groups_experts_across_layers() {
         "{table}"
     );
     assert!(table.lines().nth(5).unwrap().contains("disk"), "{table}");
+}
+
+/// The embedding is mapped only when the model has its own head: a tied head reads the whole
+/// table every token, so there it stays in RAM at its full size.
+#[test]
+fn the_embedding_is_mapped_only_beside_a_separate_head() {
+    let hardware = hardware();
+    let separate = tinyllama();
+    let mut tied = tinyllama();
+    tied.units.retain(|u| u.kind != UnitKind::Head);
+    for (manifest, tier) in [(&separate, Tier::Mapped), (&tied, Tier::Ram)] {
+        let input = input(manifest, &hardware, None, None);
+        for strategy in strategies() {
+            let plan = strategy.plan(&input).unwrap();
+            check(&plan, &input);
+            assert_eq!(plan.tier_of(0), tier, "{}", plan.to_table(manifest));
+        }
+    }
+    // Mapped, the embedding counts the pages 2,048 tokens can touch: two per 2,176-byte row.
+    let plan = AllResident.plan(&input(&separate, &hardware, None, None)).unwrap();
+    let tied_plan = AllResident.plan(&input(&tied, &hardware, None, None)).unwrap();
+    let head = separate.units.last().unwrap().bytes;
+    assert_eq!(
+        plan.ram.resident_weights - head,
+        tied_plan.ram.resident_weights - separate.units[0].bytes + 2048 * 8192 + (1 << 20)
+    );
 }

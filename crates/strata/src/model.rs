@@ -29,6 +29,11 @@ pub struct LoadOptions {
     pub device: Device,
     /// RoPE context scaling that overrides the checkpoint's own (`None`: the checkpoint's).
     pub context_scaling: Option<crate::ContextScalingConfig>,
+    /// The longest request, prompt plus generated tokens, with the checkpoint's own RoPE: a
+    /// longer one is refused before any work ([`Error::ContextTooLong`]). Under a memory ceiling
+    /// the plan reserves the KV cache for this length. `None`: no cap beyond the context
+    /// scaling's `max_capacity` (and a plan reserves that, or the model's trained context).
+    pub max_context: Option<usize>,
     /// Where the weights live (memory ceilings, streaming from the offload pack). The default
     /// keeps every weight in the memory-mapped checkpoint.
     pub offload: crate::OffloadConfig,
@@ -208,6 +213,9 @@ impl Model {
             Some(config) => Some(config.resolve(opened.hparams.rope.trained_context())?),
             None => None,
         };
+        if options.max_context == Some(0) {
+            return Err(Error::InvalidInput("max_context must be at least 1 token".into()));
+        }
         let (loaded, plan) = if options.offload.is_active() {
             if options.device != Device::Cpu {
                 return Err(Error::Unsupported(format!(
@@ -216,7 +224,8 @@ impl Model {
                 )));
             }
             let dir = options.offload.offload_dir();
-            let (layout, _, plan) = crate::offload::plan_opened(&opened, &options.offload, scaling.clone(), &pool)?;
+            let (layout, plan, context) =
+                crate::offload::plan_opened(&opened, &options.offload, scaling.clone(), options.max_context, &pool)?;
             let name = opened.path().display().to_string();
             let mut shown = 0u64;
             let mut pack_progress = |p: &strata_models::store::pack::Progress| {
@@ -234,10 +243,13 @@ impl Model {
             };
             let convert = options.offload.pack_dtype;
             let loaded = opened.load_placed(&plan, &layout, &dir, convert, &mut pack_progress, |_, _| {})?;
-            (loaded, Some(plan))
+            (loaded, Some((plan, context)))
         } else {
             (opened.load()?, None)
         };
+        // Forward passes of a planned model stay within the activations the plan counted.
+        let chunk = plan.as_ref().map(|&(_, context)| crate::offload::batch_tokens(context));
+        let plan = plan.map(|(plan, _)| plan);
         let tokenizer = match loaded.tokenizer {
             Some(TokenizerSource::Json(p)) => Some(Tokenizer::from_file(&p)?),
             Some(TokenizerSource::Built(t)) => Some(Tokenizer::from_inner(*t)),
@@ -247,6 +259,7 @@ impl Model {
         if scaling.is_some() {
             decoder.set_context_scaling(scaling)?;
         }
+        decoder.set_max_context(options.max_context);
         if let Some(moe) = moe {
             decoder.set_moe_options(moe)?;
         }
@@ -257,7 +270,6 @@ impl Model {
             #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => return Err(Error::CudaNotCompiled { device: options.device }),
         };
-        let chunk = plan.as_ref().map(|_| crate::DEFAULT_PREFILL_CHUNK);
         Ok(Model {
             decoder,
             backend,

@@ -83,11 +83,17 @@ impl OffloadConfig {
             manifest,
             budgets: TierBudgets { vram: None, ram: self.max_ram },
             hardware,
-            workload: Workload { context_tokens, batch_tokens: DEFAULT_PREFILL_CHUNK.min(context_tokens.max(1)) },
+            workload: Workload { context_tokens, batch_tokens: batch_tokens(context_tokens) },
             prefetch_depth: self.prefetch_layers,
         };
         Ok(strategy.plan(&input)?)
     }
+}
+
+/// Tokens per forward pass of a model planned for requests of up to `context_tokens` tokens:
+/// [`DEFAULT_PREFILL_CHUNK`], or fewer when no request can be that long.
+pub(crate) fn batch_tokens(context_tokens: usize) -> usize {
+    DEFAULT_PREFILL_CHUNK.min(context_tokens.max(1))
 }
 
 /// A placement planned without loading the weights ([`plan_placement`]).
@@ -103,26 +109,29 @@ pub struct PlacementReport {
     pub context_tokens: usize,
 }
 
-/// Plans the placement of an opened model: its units and manifest, and the plan for the
-/// longest request its context scaling allows.
+/// Plans the placement of an opened model: its units, and the plan for the longest request
+/// allowed (by `max_context`, else the context scaling's `max_capacity`, else the model's
+/// trained context), which it also returns.
 pub(crate) fn plan_opened(
     opened: &OpenedModel,
     config: &OffloadConfig,
     scaling: Option<ContextScaling>,
+    max_context: Option<usize>,
     pool: &rayon::ThreadPool,
-) -> Result<(UnitLayout, WeightManifest, Plan)> {
-    let (layout, manifest, plan, _, _) = plan_opened_full(opened, config, scaling, pool)?;
-    Ok((layout, manifest, plan))
+) -> Result<(UnitLayout, Plan, usize)> {
+    let (layout, _, plan, _, context) = plan_opened_full(opened, config, scaling, max_context, pool)?;
+    Ok((layout, plan, context))
 }
 
 fn plan_opened_full(
     opened: &OpenedModel,
     config: &OffloadConfig,
     scaling: Option<ContextScaling>,
+    max_context: Option<usize>,
     pool: &rayon::ThreadPool,
 ) -> Result<(UnitLayout, WeightManifest, Plan, HardwareProfile, usize)> {
-    // The plan reserves the KV cache for the longest request the scaling allows.
-    let scheme = opened.hparams.rope.with_context_scaling(scaling)?;
+    // The plan reserves the KV cache for the longest request allowed.
+    let scheme = opened.hparams.rope.with_context_scaling(scaling)?.with_limit(max_context);
     let context = scheme.max_capacity().unwrap_or(opened.hparams.max_position_embeddings);
     let hardware = match &config.hardware {
         Some(h) => h.clone(),
@@ -143,7 +152,8 @@ pub fn plan_placement(spec: impl AsRef<Path>, options: &LoadOptions) -> Result<P
         Some(c) => Some(c.resolve(opened.hparams.rope.trained_context())?),
         None => None,
     };
-    let (_, manifest, plan, hardware, context_tokens) = plan_opened_full(&opened, &options.offload, scaling, &pool)?;
+    let (_, manifest, plan, hardware, context_tokens) =
+        plan_opened_full(&opened, &options.offload, scaling, options.max_context, &pool)?;
     Ok(PlacementReport { plan, manifest, hardware, context_tokens })
 }
 

@@ -167,6 +167,18 @@ pub struct Pack {
     origin: PackOrigin,
 }
 
+/// Bytes per read when [`Pack::map_unit`] checks a unit.
+const MAP_CHECK_CHUNK: usize = 4 << 20;
+
+/// A unit of the data file mapped read-only ([`Pack::map_unit`]).
+pub struct MappedUnit(memmap2::Mmap);
+
+impl strata_tensor::ByteSource for MappedUnit {
+    fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 /// Builds the pack for `key` under `offload_dir/<key.digest()>/`, or opens the existing one if
 /// it is complete and holds exactly `units` (same names, dtypes after conversion, shapes and
 /// offsets). Every unit is validated before anything is written. While building, `progress` is
@@ -309,6 +321,37 @@ impl Pack {
         self.file.read_exact_at(buf.as_mut_slice(), u.offset).map_err(Error::io("read", &self.data_path))?;
         self.verify(unit, buf.as_slice())?;
         Ok(buf)
+    }
+
+    /// Maps unit `unit` of the data file read-only, after checking its checksum: the map holds
+    /// only the pages touched since, read from disk on first touch. The check reads the unit in
+    /// chunks through one small buffer, so it does not leave the unit in this process's memory.
+    pub fn map_unit(&self, unit: usize) -> Result<MappedUnit> {
+        let u = self.unit(unit)?;
+        let mut hasher = crc32fast::Hasher::new();
+        let mut chunk = vec![0u8; MAP_CHECK_CHUNK.min(u.len as usize)];
+        let mut done = 0u64;
+        while done < u.len {
+            let n = (u.len - done).min(chunk.len() as u64) as usize;
+            self.file.read_exact_at(&mut chunk[..n], u.offset + done).map_err(Error::io("read", &self.data_path))?;
+            hasher.update(&chunk[..n]);
+            done += n as u64;
+        }
+        let actual = hasher.finalize();
+        if actual != u.crc32 {
+            return Err(Error::Checksum {
+                unit: u.name.clone(),
+                path: self.data_path.clone(),
+                expected: u.crc32,
+                actual,
+            });
+        }
+        // SAFETY: the pack's data file is only written through a temporary file renamed into
+        // place under the pack's lock; a complete pack is never modified in place, so the
+        // mapped bytes do not change while the map lives.
+        let map = unsafe { memmap2::MmapOptions::new().offset(u.offset).len(u.len as usize).map(&self.file) }
+            .map_err(Error::io("map", &self.data_path))?;
+        Ok(MappedUnit(map))
     }
 
     /// Verifies the checksum of a unit read elsewhere. `bytes` starts at the unit's offset and
