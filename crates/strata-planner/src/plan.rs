@@ -47,7 +47,7 @@ pub struct Placement {
     pub tier: Tier,
 }
 
-/// The bytes a plan holds in one tier. `total` is the sum of the other four.
+/// The bytes a plan holds in one tier. `total` is the sum of the other five.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryUse {
     /// Weights that stay in the tier (a mapped unit counts the pages the workload can touch).
@@ -58,6 +58,9 @@ pub struct MemoryUse {
     pub activations: u64,
     /// The ring of staging buffers that streamed units pass through.
     pub staging: u64,
+    /// What the process holds besides (code, libraries, heap, per-thread scratch): RAM only.
+    #[serde(default)]
+    pub process: u64,
     /// All of the above.
     pub total: u64,
 }
@@ -160,12 +163,13 @@ impl Plan {
 fn memory_line(name: &str, memory: &MemoryUse, budget: Option<u64>) -> String {
     let budget = budget.map_or("unlimited".to_string(), format_size);
     format!(
-        "{name:<4}  {} of {budget}: weights {}, KV cache {}, activations {}, staging {}\n",
+        "{name:<4}  {} of {budget}: weights {}, KV cache {}, activations {}, staging {}{}\n",
         format_size(memory.total),
         format_size(memory.resident_weights),
         format_size(memory.kv_cache),
         format_size(memory.activations),
-        format_size(memory.staging)
+        format_size(memory.staging),
+        if memory.process > 0 { format!(", process {}", format_size(memory.process)) } else { String::new() }
     )
 }
 

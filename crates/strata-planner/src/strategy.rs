@@ -44,6 +44,9 @@ pub struct PlanInput<'a> {
     pub workload: Workload,
     /// The user's `--prefetch-layers`; `None` lets the strategy decide.
     pub prefetch_depth: Option<usize>,
+    /// RAM the process holds outside the plan (its code and libraries, heap, per-thread
+    /// scratch), counted against the RAM budget with the rest.
+    pub process_ram: u64,
 }
 
 impl PlanInput<'_> {
@@ -325,6 +328,9 @@ impl<'a> Context<'a> {
                 format_size(plan.staging_buffer_bytes)
             ));
         }
+        if ram.process > 0 {
+            parts.push(format!("the process itself {}", format_size(ram.process)));
+        }
         let mut what = format!(
             "the {} plan needs at least {} of RAM ({}); the RAM budget of {} is {} short",
             plan.strategy,
@@ -367,9 +373,17 @@ impl<'a> Context<'a> {
             (0..units.len()).filter(|&i| !units[i].kind.is_streamable()).map(|i| self.ram_bytes[i]),
             "the embedding and other resident units",
         )?;
-        let total = checked_sum([resident_weights, self.kv_cache, self.activations, staging], "the RAM total")?;
-        let ram =
-            MemoryUse { resident_weights, kv_cache: self.kv_cache, activations: self.activations, staging, total };
+        let process = self.input.process_ram;
+        let total =
+            checked_sum([resident_weights, self.kv_cache, self.activations, staging, process], "the RAM total")?;
+        let ram = MemoryUse {
+            resident_weights,
+            kv_cache: self.kv_cache,
+            activations: self.activations,
+            staging,
+            process,
+            total,
+        };
         let placements = (0..units.len())
             .map(|unit| {
                 let tier = if streamed[unit] {
@@ -484,7 +498,9 @@ impl<'a> Context<'a> {
         let mut count = streamed.iter().filter(|&&s| s).count();
         let mut used = (0..units.len())
             .filter(|&i| !streamed[i])
-            .fold(self.kv_cache.saturating_add(self.activations), |sum, i| sum.saturating_add(self.ram_bytes[i]));
+            .fold(self.kv_cache.saturating_add(self.activations).saturating_add(self.input.process_ram), |sum, i| {
+                sum.saturating_add(self.ram_bytes[i])
+            });
         for &i in priority {
             if !streamed[i] {
                 continue;

@@ -89,6 +89,7 @@ fn input<'a>(
         hardware,
         workload: WORKLOAD,
         prefetch_depth: depth,
+        process_ram: 0,
     }
 }
 
@@ -132,7 +133,8 @@ fn check_plan(plan: &Plan, input: &PlanInput) -> Result<(), TestCaseError> {
     prop_assert_eq!(ram.kv_cache, m.kv_bytes_per_token * input.workload.context_tokens as u64);
     prop_assert_eq!(ram.activations, m.activation_bytes_per_token * input.workload.batch_tokens as u64);
     prop_assert_eq!(ram.staging, plan.staging_buffers as u64 * plan.staging_buffer_bytes);
-    prop_assert_eq!(ram.total, ram.resident_weights + ram.kv_cache + ram.activations + ram.staging);
+    prop_assert_eq!(ram.process, input.process_ram);
+    prop_assert_eq!(ram.total, ram.resident_weights + ram.kv_cache + ram.activations + ram.staging + ram.process);
     if let Some(budget) = input.budgets.ram {
         prop_assert!(
             ram.total <= budget,
@@ -510,7 +512,7 @@ proptest! {
         let everything = manifest.total_bytes() + manifest.kv_bytes_per_token * context as u64
             + manifest.activation_bytes_per_token * batch as u64;
         let ram = budget_fraction.map(|f| (everything as f64 * f) as u64);
-        let input = PlanInput { manifest: &manifest, budgets: TierBudgets { vram: Some(1 << 30), ram }, hardware: &hardware, workload, prefetch_depth: depth };
+        let input = PlanInput { manifest: &manifest, budgets: TierBudgets { vram: Some(1 << 30), ram }, hardware: &hardware, workload, prefetch_depth: depth, process_ram: 0 };
         let cost = CostModel.plan(&input);
         prop_assert_eq!(&cost, &CostModel.plan(&input), "the same input gives the same plan");
         for strategy in strategies() {
@@ -546,7 +548,7 @@ proptest! {
     ) {
         let mut previous = f64::INFINITY;
         for depth in 0..6 {
-            let input = PlanInput { manifest: &manifest, budgets: TierBudgets::default(), hardware: &hardware, workload: WORKLOAD, prefetch_depth: Some(depth) };
+            let input = PlanInput { manifest: &manifest, budgets: TierBudgets::default(), hardware: &hardware, workload: WORKLOAD, prefetch_depth: Some(depth), process_ram: 0 };
             for plan in [StreamAll.plan(&input), PinAttention.plan(&input)] {
                 let plan = plan.map_err(|e| TestCaseError::fail(e.to_string()))?;
                 check_plan(&plan, &input)?;
@@ -615,4 +617,26 @@ fn the_embedding_is_mapped_only_beside_a_separate_head() {
         plan.ram.resident_weights - head,
         tied_plan.ram.resident_weights - separate.units[0].bytes + 2048 * 8192 + (1 << 20)
     );
+}
+
+/// What the process holds outside the plan counts against the budget: the cost model keeps
+/// fewer weights resident, and a shortfall names it.
+#[test]
+fn the_process_itself_counts_against_the_budget() {
+    let manifest = tinyllama();
+    let hardware = hardware();
+    let budget = manifest.total_bytes() / 3;
+    let bare = input(&manifest, &hardware, Some(budget), None);
+    let process_ram = 50_000_000;
+    let with_process = PlanInput { process_ram, ..input(&manifest, &hardware, Some(budget), None) };
+    let (a, b) = (CostModel.plan(&bare).unwrap(), CostModel.plan(&with_process).unwrap());
+    check(&a, &bare);
+    check(&b, &with_process);
+    assert_eq!(b.ram.process, process_ram);
+    assert!(b.ram.resident_weights < a.ram.resident_weights, "{}", b.to_table(&manifest));
+    assert!(b.to_table(&manifest).contains(", process 50 MB"), "{}", b.to_table(&manifest));
+    let tiny =
+        PlanInput { budgets: TierBudgets { vram: None, ram: Some(parse_size("150MB").unwrap()) }, ..with_process };
+    let (_, _, what) = does_not_fit(CostModel.plan(&tiny));
+    assert!(what.contains("the process itself 50 MB"), "{what}");
 }

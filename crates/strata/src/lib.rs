@@ -30,7 +30,8 @@ pub use model::{Cache, GenerateOptions, Generation, LoadOptions, LogitsMode, Mod
 pub use moe::{LayerStats, MoeConfig, RouterStats};
 pub use offload::{
     DEFAULT_PREFILL_CHUNK, OffloadConfig, PackReport, PlacementReport, cached_hardware_profile, hardware_profile,
-    hardware_profile_path, measure_disk_read, pack_model, plan_placement, probe_hardware, save_hardware_profile,
+    hardware_profile_path, measure_disk_read, pack_model, plan_placement, probe_hardware, process_ram,
+    save_hardware_profile,
 };
 pub use perplexity::{DEFAULT_PERPLEXITY_CHUNK, Perplexity};
 pub use sampling::{Sampler, SamplingParams};
