@@ -21,7 +21,7 @@ use crate::context::ContextScaling;
 use crate::hparams::Hparams;
 use crate::kv_cache::{DEFAULT_BLOCK_LEN, KvCache, RopeUpdate};
 use crate::moe::{Mlp, MoeLayer, MoeOptions, RouterTrace, load_moe_layer};
-use crate::offload::{EMBEDDING_UNIT, HEAD_UNIT, UnitLayout, attention_unit, ffn_unit};
+use crate::offload::{EMBEDDING_UNIT, HEAD_UNIT, UnitLayout, attention_unit, ffn_down_unit, ffn_unit, ffn_up_unit};
 use crate::rope::{RopeScheme, RopeTable};
 use crate::{Error, Result};
 
@@ -149,7 +149,41 @@ impl<T> Slot<T> {
 #[derive(Clone, Debug)]
 pub struct Layer {
     pub(crate) attn: Slot<Attention>,
-    pub(crate) ffn: Slot<FeedForward>,
+    pub(crate) ffn: FfnSlot,
+}
+
+/// Where a layer's feed-forward block lives.
+// One per layer, built once (as for `Ffn`): boxing a variant would add an indirection to every
+// forward pass for a few hundred bytes per layer.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug)]
+pub enum FfnSlot {
+    /// The whole block, resident or streamed as one unit.
+    Whole(Slot<FeedForward>),
+    /// A dense MLP streamed in three units of the offload pack, run one after the other so that
+    /// only one of them needs a staging buffer at a time.
+    Split(SplitMlp),
+}
+
+/// A dense MLP whose parts are placed one by one.
+#[derive(Clone, Debug)]
+pub struct SplitMlp {
+    /// The post-attention norm and the gate projection.
+    pub(crate) gate: Slot<(Vec<f32>, Linear)>,
+    /// The up projection.
+    pub(crate) up: Slot<Linear>,
+    /// The down projection.
+    pub(crate) down: Slot<Linear>,
+}
+
+impl FfnSlot {
+    /// The block, if resident as a whole.
+    pub fn resident(&self) -> Option<&FeedForward> {
+        match self {
+            FfnSlot::Whole(slot) => slot.resident(),
+            FfnSlot::Split(_) => None,
+        }
+    }
 }
 
 /// Which positions' logits a forward pass returns.
@@ -192,7 +226,7 @@ impl Decoder {
         for i in 0..hp.n_layers {
             layers.push(Layer {
                 attn: Slot::Resident(load_attention(&hp, i, &loader)?),
-                ffn: Slot::Resident(load_ffn(&hp, i, &loader)?),
+                ffn: FfnSlot::Whole(Slot::Resident(load_ffn(&hp, i, &loader)?)),
             });
         }
         let norm = loader.vector("model.norm.weight", hp.hidden_size)?;
@@ -242,7 +276,35 @@ impl Decoder {
         let mut layers = Vec::with_capacity(hp.n_layers);
         for i in 0..hp.n_layers {
             let attn = place(&store, unit(&attention_unit(i))?, |l| load_attention(&hp, i, l))?;
-            let ffn = place(&store, unit(&ffn_unit(i))?, |l| load_ffn(&hp, i, l))?;
+            let ffn = match (layout.index(&ffn_up_unit(i)), layout.index(&ffn_down_unit(i))) {
+                (Some(_), Some(_)) => {
+                    let parts = [unit(&ffn_unit(i))?, unit(&ffn_up_unit(i))?, unit(&ffn_down_unit(i))?];
+                    if parts.iter().any(|u| store.streamed_units().contains(u)) {
+                        let (h, inter, bias) = (hp.hidden_size, hp.intermediate_size, hp.mlp_bias);
+                        let p = format!("model.layers.{i}");
+                        FfnSlot::Split(SplitMlp {
+                            gate: place(&store, parts[0], |l| {
+                                Ok((
+                                    l.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                                    l.linear(&format!("{p}.mlp.gate_proj"), inter, h, bias)?,
+                                ))
+                            })?,
+                            up: place(&store, parts[1], |l| l.linear(&format!("{p}.mlp.up_proj"), inter, h, bias))?,
+                            down: place(&store, parts[2], |l| l.linear(&format!("{p}.mlp.down_proj"), h, inter, bias))?,
+                        })
+                    } else {
+                        // All three resident: one block, as if loaded from the checkpoint.
+                        let handles = parts.map(|u| store.acquire(u)).into_iter().collect::<Result<Vec<_>, _>>()?;
+                        let sources: Vec<UnitSource<'_>> = handles
+                            .iter()
+                            .map(|handle| UnitSource { handle, location: store.pack().data_path() })
+                            .collect();
+                        let chain = Chain(sources.iter().map(|s| s as &dyn TensorSource).collect());
+                        FfnSlot::Whole(Slot::Resident(load_ffn(&hp, i, &Loader { src: &chain })?))
+                    }
+                }
+                _ => FfnSlot::Whole(place(&store, unit(&ffn_unit(i))?, |l| load_ffn(&hp, i, l))?),
+            };
             layers.push(Layer { attn, ffn });
         }
         let rope = hp.rope.clone();
@@ -252,6 +314,62 @@ impl Decoder {
     /// The store the streamed weights come from, for an offloaded model.
     pub fn store(&self) -> Option<&Arc<Store>> {
         self.store.as_ref()
+    }
+
+    /// A dense MLP placed in three units ([`SplitMlp`]): `proj = down(silu(gate(n)) * up(n))`
+    /// with `n` the normed `x`, each projection fetched just before it runs and released after,
+    /// so a streamed part holds one staging buffer at a time. The same operations in the same
+    /// order as the whole block, so the same result bit for bit.
+    fn split_mlp(
+        &self,
+        mlp: &SplitMlp,
+        li: usize,
+        x: &[f32],
+        normed: &mut [f32],
+        [gate, up, act]: [&mut Vec<f32>; 3],
+        proj: &mut [f32],
+    ) -> Result<()> {
+        let hp = &self.hp;
+        let (h, inter, bias) = (hp.hidden_size, hp.intermediate_size, hp.mlp_bias);
+        let p = format!("model.layers.{li}");
+        {
+            let streamed;
+            let (norm, gate_proj) = match &mlp.gate {
+                Slot::Resident((n, g)) => (n, g),
+                Slot::Streamed(unit) => {
+                    streamed = self.fetch(*unit, |l| {
+                        Ok((
+                            l.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                            l.linear(&format!("{p}.mlp.gate_proj"), inter, h, bias)?,
+                        ))
+                    })?;
+                    (&streamed.0, &streamed.1)
+                }
+            };
+            cpu::rms_norm(x, norm, hp.rms_norm_eps, normed)?;
+            gate_proj.forward(normed, gate)?;
+        }
+        {
+            let streamed;
+            let up_proj = match &mlp.up {
+                Slot::Resident(l) => l,
+                Slot::Streamed(unit) => {
+                    streamed = self.fetch(*unit, |l| l.linear(&format!("{p}.mlp.up_proj"), inter, h, bias))?;
+                    &streamed
+                }
+            };
+            up_proj.forward(normed, up)?;
+        }
+        cpu::swiglu(gate, up, act)?;
+        let streamed;
+        let down_proj = match &mlp.down {
+            Slot::Resident(l) => l,
+            Slot::Streamed(unit) => {
+                streamed = self.fetch(*unit, |l| l.linear(&format!("{p}.mlp.down_proj"), h, inter, bias))?;
+                &streamed
+            }
+        };
+        down_proj.forward(act, proj)
     }
 
     /// Builds streamed weights from unit `unit` of the store with `build`. The weights view the
@@ -347,8 +465,19 @@ impl Decoder {
                     Slot::Streamed(u) => streamed(*u),
                 };
                 let ffn = match &l.ffn {
-                    Slot::Resident(f) => f.byte_len(),
-                    Slot::Streamed(u) => streamed(*u),
+                    FfnSlot::Whole(Slot::Resident(f)) => f.byte_len(),
+                    FfnSlot::Whole(Slot::Streamed(u)) => streamed(*u),
+                    FfnSlot::Split(m) => {
+                        let gate = match &m.gate {
+                            Slot::Resident((norm, gate)) => 4 * norm.len() + gate.byte_len(),
+                            Slot::Streamed(u) => streamed(*u),
+                        };
+                        let linear = |slot: &Slot<Linear>| match slot {
+                            Slot::Resident(l) => l.byte_len(),
+                            Slot::Streamed(u) => streamed(*u),
+                        };
+                        gate + linear(&m.up) + linear(&m.down)
+                    }
                 };
                 attn + ffn
             })
@@ -560,10 +689,15 @@ impl Decoder {
 
             let streamed_ffn;
             let ffn = match &layer.ffn {
-                Slot::Resident(f) => f,
-                Slot::Streamed(unit) => {
+                FfnSlot::Whole(Slot::Resident(f)) => f,
+                FfnSlot::Whole(Slot::Streamed(unit)) => {
                     streamed_ffn = self.fetch(*unit, |l| load_ffn(hp, li, l))?;
                     &streamed_ffn
+                }
+                FfnSlot::Split(mlp) => {
+                    self.split_mlp(mlp, li, &x, &mut normed, [&mut gate, &mut up, &mut act], &mut proj)?;
+                    cpu::add(&mut x, &proj)?;
+                    continue;
                 }
             };
             cpu::rms_norm(&x, &ffn.norm, hp.rms_norm_eps, &mut normed)?;
@@ -714,6 +848,26 @@ impl TensorSource for UnitSource<'_> {
 
     fn location(&self) -> &Path {
         self.location
+    }
+}
+
+/// Several sources as one: a tensor comes from the first that has it.
+struct Chain<'a>(Vec<&'a dyn TensorSource>);
+
+impl TensorSource for Chain<'_> {
+    fn tensor(&self, name: &str) -> Result<Tensor> {
+        match self.0.iter().find(|s| s.contains(name)) {
+            Some(s) => s.tensor(name),
+            None => self.0[0].tensor(name),
+        }
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.0.iter().any(|s| s.contains(name))
+    }
+
+    fn location(&self) -> &Path {
+        self.0[0].location()
     }
 }
 

@@ -47,9 +47,20 @@ pub fn attention_unit(layer: usize) -> String {
     format!("layers.{layer}.attention")
 }
 
-/// The unit name of layer `layer`'s FFN.
+/// The unit name of layer `layer`'s FFN: the whole block of a MoE layer; of a dense one, its
+/// norm and gate projection (the up and down projections are units of their own).
 pub fn ffn_unit(layer: usize) -> String {
     format!("layers.{layer}.ffn")
+}
+
+/// The unit name of a dense layer's up projection.
+pub fn ffn_up_unit(layer: usize) -> String {
+    format!("layers.{layer}.ffn_up")
+}
+
+/// The unit name of a dense layer's down projection.
+pub fn ffn_down_unit(layer: usize) -> String {
+    format!("layers.{layer}.ffn_down")
 }
 
 /// Which unit a checkpoint tensor belongs to.
@@ -67,8 +78,16 @@ fn unit_of(name: &str) -> (String, UnitKind) {
     if rest.starts_with("self_attn.") || rest.starts_with("input_layernorm.") {
         return (attention_unit(layer), UnitKind::Attention { layer });
     }
-    // A MoE layer's experts stay in its FFN unit for now (router, shared expert and every
-    // expert read together): streaming one expert at a time comes with the expert cache.
+    // A dense MLP is three units (norm and gate, up, down), run one after the other, so that a
+    // streamed FFN needs staging buffers of a third of its size. A MoE layer's experts stay in
+    // its FFN unit for now (router, shared expert and every expert read together): streaming
+    // one expert at a time comes with the expert cache.
+    if rest.starts_with("mlp.up_proj.") {
+        return (ffn_up_unit(layer), UnitKind::Ffn { layer });
+    }
+    if rest.starts_with("mlp.down_proj.") {
+        return (ffn_down_unit(layer), UnitKind::Ffn { layer });
+    }
     (ffn_unit(layer), UnitKind::Ffn { layer })
 }
 
@@ -250,7 +269,11 @@ mod tests {
             ("model.layers.3.self_attn.q_proj.bias", "layers.3.attention", UnitKind::Attention { layer: 3 }),
             ("model.layers.12.self_attn.k_norm.weight", "layers.12.attention", UnitKind::Attention { layer: 12 }),
             ("model.layers.3.post_attention_layernorm.weight", "layers.3.ffn", UnitKind::Ffn { layer: 3 }),
-            ("model.layers.3.mlp.down_proj.weight", "layers.3.ffn", UnitKind::Ffn { layer: 3 }),
+            ("model.layers.3.mlp.gate_proj.weight", "layers.3.ffn", UnitKind::Ffn { layer: 3 }),
+            ("model.layers.3.mlp.up_proj.weight", "layers.3.ffn_up", UnitKind::Ffn { layer: 3 }),
+            ("model.layers.3.mlp.up_proj.bias", "layers.3.ffn_up", UnitKind::Ffn { layer: 3 }),
+            ("model.layers.3.mlp.down_proj.weight", "layers.3.ffn_down", UnitKind::Ffn { layer: 3 }),
+            ("model.layers.3.mlp.shared_expert.down_proj.weight", "layers.3.ffn", UnitKind::Ffn { layer: 3 }),
             ("model.layers.3.mlp.gate.weight", "layers.3.ffn", UnitKind::Ffn { layer: 3 }),
             // Experts stay in their layer's FFN unit, one tensor each or fused.
             ("model.layers.3.mlp.experts.5.up_proj.weight", "layers.3.ffn", UnitKind::Ffn { layer: 3 }),
