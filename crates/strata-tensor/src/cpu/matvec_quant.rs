@@ -24,19 +24,25 @@
 //! weights' nibbles come out of memory ([`Order`]). Scales are applied in f32, per lane or, for the
 //! k-quants, per sub-block after summing its lanes; each row's accumulators are summed
 //! horizontally once, at its end.
+//!
+//! A `Q4_0` weight can also be repacked once at load ([`RepackedQ4_0`]), which spares the AVX-512
+//! kernel its gathers of nibbles and scales with identical results.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod repacked;
+
+pub use repacked::RepackedQ4_0;
 
 use rayon::prelude::*;
 
 use super::{Isa, isa};
 use crate::DType;
-use crate::quant::QK_K;
 use crate::quant::q8act::{ActQ8, HI_WEIGHT, QK_ACT};
 use crate::quant::vec_dot::row_dot;
+use crate::quant::{QK_K, q4_0};
 
 /// Weight bytes per rayon task: large enough that task overhead is negligible, small enough that
 /// the threads finish together.
@@ -60,12 +66,48 @@ pub(crate) fn matvec_quant_with(isa: Isa, dtype: DType, w: &[u8], n: usize, k: u
     // Never run instructions this CPU lacks, whatever the caller asked for.
     let isa = isa.min(Isa::detect());
     let prep = Prepared::new(isa, dtype, ActQ8::quantize(x));
+    in_tasks(w, row_bytes, &mut y[..n], |w, ys| rows(isa, dtype, w, row_bytes, &prep, ys));
+}
+
+/// Runs `f` on consecutive runs of rows of `w` and their outputs in `y`, one rayon task each.
+fn in_tasks(w: &[u8], row_bytes: usize, y: &mut [f32], f: impl Fn(&[u8], &mut [f32]) + Sync) {
     // A multiple of four rows, so every group of rows a kernel runs at once is full.
     let rows_per_task = (TASK_BYTES / row_bytes).max(4).next_multiple_of(4);
-    y[..n].par_chunks_mut(rows_per_task).enumerate().for_each(|(task, ys)| {
+    y.par_chunks_mut(rows_per_task).enumerate().for_each(|(task, ys)| {
         let first = task * rows_per_task;
-        let w = &w[first * row_bytes..(first + ys.len()) * row_bytes];
-        rows(isa, dtype, w, row_bytes, &prep, ys);
+        f(&w[first * row_bytes..(first + ys.len()) * row_bytes], ys);
+    });
+}
+
+/// [`matvec_quant_with`] for a `Q4_0` weight whose rows are in the layout of
+/// [`q4_0::repack_row`] (`cpu::RepackedQ4_0`): the same results, bit for bit, as
+/// `matvec_quant_with(isa, DType::Q4_0, ..)` on the original rows. AVX-512 reads the repacked rows
+/// directly; the other instruction sets restore each task's rows first.
+pub(crate) fn matvec_q4_0_packed_with(isa: Isa, w: &[u8], n: usize, k: usize, x: &[f32], y: &mut [f32]) {
+    let dtype = DType::Q4_0;
+    let row_bytes = dtype.bytes_for(k).expect("checked by caller");
+    debug_assert!(x.len() == k && y.len() == n && w.len() >= n * row_bytes);
+    if row_bytes == 0 {
+        y.fill(0.0);
+        return;
+    }
+    let isa = isa.min(Isa::detect());
+    let prep = Prepared::new(isa, dtype, ActQ8::quantize(x));
+    in_tasks(w, row_bytes, &mut y[..n], |w, ys| match isa {
+        // SAFETY (both): `isa` is at most `Isa::detect()`, so the CPU has every feature the kernel
+        // enables; `w` holds `ys.len()` whole repacked `Q4_0` rows and `prep` was built for this
+        // `isa` and `Q4_0` from an activation of the same row length.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { avx512::q4_0_packed_avx512(w, row_bytes, &prep, ys) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni => unsafe { avx512::q4_0_packed_vnni(w, row_bytes, &prep, ys) },
+        _ => {
+            let mut original = vec![0u8; w.len()];
+            for (src, dst) in w.chunks_exact(row_bytes).zip(original.chunks_exact_mut(row_bytes)) {
+                q4_0::unpack_row(src, dst);
+            }
+            rows(isa, dtype, &original, row_bytes, &prep, ys);
+        }
     });
 }
 

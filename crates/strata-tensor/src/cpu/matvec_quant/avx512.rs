@@ -41,6 +41,44 @@ pub(super) unsafe fn rows_vnni(dtype: DType, w: &[u8], row_bytes: usize, prep: &
     unsafe { rows::<Vnni>(dtype, w, row_bytes, prep, ys) }
 }
 
+/// Computes `ys.len()` rows of a repacked `Q4_0` weight (the rows of `quant::q4_0::repack_row`)
+/// held in `w` with AVX-512 F/BW/DQ/VL: the results of [`rows_avx512`] on the original rows.
+///
+/// # Safety
+/// As [`rows_avx512`] for `DType::Q4_0`, with `w` holding repacked rows.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")]
+pub(super) unsafe fn q4_0_packed_avx512(w: &[u8], row_bytes: usize, prep: &Prepared, ys: &mut [f32]) {
+    // SAFETY: forwarded from the caller; this function enables what `Plain` needs.
+    unsafe { q4_0_packed::<Plain>(w, row_bytes, prep, ys) }
+}
+
+/// [`q4_0_packed_avx512`] with AVX-512 VNNI: the results of [`rows_vnni`] on the original rows.
+///
+/// # Safety
+/// As [`rows_vnni`] for `DType::Q4_0`, with `w` holding repacked rows.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub(super) unsafe fn q4_0_packed_vnni(w: &[u8], row_bytes: usize, prep: &Prepared, ys: &mut [f32]) {
+    // SAFETY: forwarded from the caller; this function enables what `Vnni` needs.
+    unsafe { q4_0_packed::<Vnni>(w, row_bytes, prep, ys) }
+}
+
+#[inline(always)]
+unsafe fn q4_0_packed<D: Dot>(w: &[u8], row_bytes: usize, prep: &Prepared, ys: &mut [f32]) {
+    let nb = row_bytes / DType::Q4_0.block_bytes();
+    let ahead = prefetch_distance(row_bytes);
+    // SAFETY: forwarded from the entry points' callers.
+    unsafe { drive::<ROWS, _>(&Q4_0::<D, true> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys) }
+}
+
+/// Rows per group: the kernels compute this many rows at once.
+const ROWS: usize = 4;
+
+/// The distance the kernels prefetch ahead: the rows two groups of [`ROWS`] ahead, and at least
+/// [`PREFETCH_MIN_BYTES`] (short rows).
+fn prefetch_distance(row_bytes: usize) -> usize {
+    (PREFETCH_GROUPS * ROWS * row_bytes).max(PREFETCH_MIN_BYTES)
+}
+
 /// How many groups of rows ahead the kernels prefetch.
 const PREFETCH_GROUPS: usize = 2;
 /// The least distance, in bytes, the kernels prefetch ahead.
@@ -48,16 +86,13 @@ const PREFETCH_MIN_BYTES: usize = 12 * 1024;
 
 #[inline(always)]
 unsafe fn rows<D: Dot>(dtype: DType, w: &[u8], row_bytes: usize, prep: &Prepared, ys: &mut [f32]) {
-    const ROWS: usize = 4;
     let nb = row_bytes / dtype.block_bytes();
-    // Each kernel prefetches the rows it will compute two groups of ROWS ahead, and at least
-    // 12 KiB ahead (short rows).
-    let ahead = (PREFETCH_GROUPS * ROWS * row_bytes).max(PREFETCH_MIN_BYTES);
+    let ahead = prefetch_distance(row_bytes);
     // SAFETY: forwarded from the entry points' callers.
     unsafe {
         match dtype {
             DType::Q8_0 => drive::<ROWS, _>(&Q8_0::<D> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
-            DType::Q4_0 => drive::<ROWS, _>(&Q4_0::<D> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
+            DType::Q4_0 => drive::<ROWS, _>(&Q4_0::<D, false> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
             DType::Q4_1 => drive::<ROWS, _>(&Q4_1::<D> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
             DType::Q4K => drive::<ROWS, _>(&Q4K::<D> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
             DType::Q6K => drive::<ROWS, _>(&Q6K::<D> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
@@ -375,19 +410,24 @@ static SPREAD4_EVEN: [i32; 16] = [0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6
 /// fewer instructions than loading and inserting each block's nibbles. Groups go in pairs, whose
 /// eight f16 scales one `vpermt2w` gathers from the two groups' first registers (`Q4_0_D8`); a
 /// last odd group gathers its four with one `vpermw` (`Q4_0_D`).
-struct Q4_0<'a, D> {
+///
+/// With `PACKED`, the rows are in the layout of `quant::q4_0::repack_row` (`cpu::RepackedQ4_0`):
+/// a group's nibbles are one load and a pair's scales another, with no gathering; the arithmetic,
+/// and so every result bit, is the same.
+struct Q4_0<'a, D, const PACKED: bool> {
     nb: usize,
     prep: &'a Prepared,
     ahead: usize,
     dot: PhantomData<D>,
 }
 
-impl<D: Dot> RowKernel for Q4_0<'_, D> {
+impl<D: Dot, const PACKED: bool> RowKernel for Q4_0<'_, D, PACKED> {
     #[inline(always)]
     unsafe fn dot<const R: usize>(&self, rows: [*const u8; R]) -> [f32; R] {
-        // SAFETY: each row holds `nb` blocks of 18 bytes (d, then 16 bytes of nibbles); the
-        // activation holds `nb` blocks of 32 and the bias 16 lanes per group of four blocks, then
-        // 8 per tail block.
+        // SAFETY: each row holds `nb` blocks of 18 bytes (d, then 16 bytes of nibbles), or their
+        // repacked form of the same length (the groups' nibbles at `64 * g`, their scales at
+        // `64 * groups + 8 * g`, then the tail blocks at `18 * b`); the activation holds `nb`
+        // blocks of 32 and the bias 16 lanes per group of four blocks, then 8 per tail block.
         unsafe {
             let (act, bias) = (&self.prep.act, self.prep.bias.as_ptr());
             let spread = _mm512_loadu_si512(SPREAD4.as_ptr().cast());
@@ -395,11 +435,13 @@ impl<D: Dot> RowKernel for Q4_0<'_, D> {
             let d_idx = _mm512_loadu_si512(Q4_0_D.as_ptr().cast());
             let mask = _mm512_set1_epi8(0x0f);
             let groups = self.nb / 4;
+            // Where a repacked row keeps the scales of its groups.
+            let scales_at = 64 * groups;
             let mut acc = [_mm512_setzero_ps(); R];
             let d8_idx = _mm512_castsi256_si512(_mm256_loadu_si256(Q4_0_D8.as_ptr().cast()));
             let spread_hi = _mm512_loadu_si512(SPREAD4_HI.as_ptr().cast());
-            // Two groups (eight blocks) per step: one `vpermt2w` gathers their eight scales, and one
-            // conversion and one product with the activation's units serve both groups.
+            // Two groups (eight blocks) per step: one `vpermt2w` (or one load) gathers their eight
+            // scales, and one conversion and one product with the activation's units serve both.
             let pairs = groups - groups % 2;
             for g in (0..pairs).step_by(2) {
                 let a = [
@@ -412,14 +454,23 @@ impl<D: Dot> RowKernel for Q4_0<'_, D> {
                 for r in 0..R {
                     let block = rows[r].add(18 * 4 * g);
                     prefetch_ahead::<144>(block, self.ahead);
-                    let z = [_mm512_loadu_si512(block.cast()), _mm512_loadu_si512(block.add(72).cast())];
-                    let d = _mm256_cvtph_ps(_mm512_castsi512_si128(_mm512_permutex2var_epi16(z[0], d8_idx, z[1])));
-                    let prod = _mm512_castps256_ps512(_mm256_mul_ps(d, da));
+                    let (d, qs) = if PACKED {
+                        let d = _mm_loadu_si128(rows[r].add(scales_at + 8 * g).cast());
+                        let nibbles = rows[r].add(64 * g);
+                        (d, [_mm512_loadu_si512(nibbles.cast()), _mm512_loadu_si512(nibbles.add(64).cast())])
+                    } else {
+                        let z = [_mm512_loadu_si512(block.cast()), _mm512_loadu_si512(block.add(72).cast())];
+                        let d = _mm512_castsi512_si128(_mm512_permutex2var_epi16(z[0], d8_idx, z[1]));
+                        let qs = [0, 1].map(|h| {
+                            _mm512_permutex2var_epi16(z[h], qs_idx, _mm512_loadu_si512(block.add(72 * h + 8).cast()))
+                        });
+                        (d, qs)
+                    };
+                    let prod = _mm512_castps256_ps512(_mm256_mul_ps(_mm256_cvtph_ps(d), da));
                     let scales = [_mm512_permutexvar_ps(spread, prod), _mm512_permutexvar_ps(spread_hi, prod)];
                     for h in 0..2 {
-                        let qs =
-                            _mm512_permutex2var_epi16(z[h], qs_idx, _mm512_loadu_si512(block.add(72 * h + 8).cast()));
-                        let (lo, hi) = (_mm512_and_si512(qs, mask), _mm512_and_si512(_mm512_srli_epi16::<4>(qs), mask));
+                        let (lo, hi) =
+                            (_mm512_and_si512(qs[h], mask), _mm512_and_si512(_mm512_srli_epi16::<4>(qs[h]), mask));
                         let dot = D::dpbusd_halves(biases[h], lo, a[h].0, hi, a[h].1);
                         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scales[h], acc[r]);
                     }
@@ -434,16 +485,25 @@ impl<D: Dot> RowKernel for Q4_0<'_, D> {
                 for r in 0..R {
                     let block = rows[r].add(18 * 4 * g);
                     prefetch_ahead::<72>(block, self.ahead);
-                    let z0 = _mm512_loadu_si512(block.cast());
-                    let z1 = _mm512_loadu_si512(block.add(8).cast());
-                    let qs = _mm512_permutex2var_epi16(z0, qs_idx, z1);
+                    let (d, qs) = if PACKED {
+                        let d = _mm_loadl_epi64(rows[r].add(scales_at + 8 * g).cast());
+                        (d, _mm512_loadu_si512(rows[r].add(64 * g).cast()))
+                    } else {
+                        let z0 = _mm512_loadu_si512(block.cast());
+                        let z1 = _mm512_loadu_si512(block.add(8).cast());
+                        (
+                            _mm512_castsi512_si128(_mm512_permutexvar_epi16(d_idx, z0)),
+                            _mm512_permutex2var_epi16(z0, qs_idx, z1),
+                        )
+                    };
                     let (lo, hi) = (_mm512_and_si512(qs, mask), _mm512_and_si512(_mm512_srli_epi16::<4>(qs), mask));
                     let dot = D::dpbusd_halves(bias, lo, a_lo, hi, a_hi);
-                    let d = _mm_cvtph_ps(_mm512_castsi512_si128(_mm512_permutexvar_epi16(d_idx, z0)));
+                    let d = _mm_cvtph_ps(d);
                     let scale = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_mul_ps(d, da)));
                     acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
                 }
             }
+            // The tail blocks are at `18 * b` in both layouts.
             let mut tail = [_mm256_setzero_ps(); R];
             for b in 4 * groups..self.nb {
                 let a = digits256(self.prep, 32 * b);
