@@ -4,8 +4,8 @@
 //!
 //! `cargo run --release -p strata-tensor --example decode_matvec -- [threads] [dtype,..] [reps]`
 //!
-//! `dtype` is `q4_0`, `q4_k`, `q8_0`, `q4_1`, `q6_k`, or `q4_0r` for `Q4_0` through
-//! `cpu::RepackedQ4_0` (default `q4_0,q4_0r,q4_k`). With `reps` given,
+//! `dtype` is `q4_0`, `q4_k`, `q8_0`, `q4_1`, `q6_k`, or `q4_0r` / `q4_kr` for `Q4_0` / `Q4_K`
+//! through `cpu::RepackedWeight` (default `q4_0,q4_0r,q4_k,q4_kr`). With `reps` given,
 //! each shape runs exactly `reps` calls after one warm-up (for instruction counts under
 //! `valgrind --tool=callgrind`) instead of timing for half a second. Weights are random bytes with
 //! finite scales (the speed does not depend on the values); several copies of each weight rotate,
@@ -13,7 +13,7 @@
 
 use std::time::Instant;
 
-use strata_tensor::cpu::RepackedQ4_0;
+use strata_tensor::cpu::RepackedWeight;
 use strata_tensor::{AlignedBytes, CpuStorage, DType, Tensor, cpu};
 
 /// TinyLlama-1.1B's products, `(n, k)`: q/o, k/v, gate/up, down.
@@ -26,13 +26,14 @@ fn main() -> Result<(), BoxError> {
     let threads: usize = args.first().map_or(Ok(2), |a| a.parse())?;
     let dtypes: Vec<(DType, bool)> = args
         .get(1)
-        .map_or("q4_0,q4_0r,q4_k", String::as_str)
+        .map_or("q4_0,q4_0r,q4_k,q4_kr", String::as_str)
         .split(',')
         .map(|s| match s {
             "q4_0" => Ok((DType::Q4_0, false)),
             "q4_0r" => Ok((DType::Q4_0, true)),
             "q4_1" => Ok((DType::Q4_1, false)),
             "q4_k" => Ok((DType::Q4K, false)),
+            "q4_kr" => Ok((DType::Q4K, true)),
             "q6_k" => Ok((DType::Q6K, false)),
             "q8_0" => Ok((DType::Q8_0, false)),
             other => Err(format!("unknown dtype {other}")),
@@ -56,7 +57,7 @@ fn main() -> Result<(), BoxError> {
 /// A weight as the timed product takes it.
 enum Weight {
     Tensor(Tensor),
-    Repacked(RepackedQ4_0),
+    Repacked(RepackedWeight),
 }
 
 impl Weight {
@@ -76,7 +77,7 @@ fn run(dtype: DType, repack: bool, n: usize, k: usize, reps: Option<usize>) -> R
     let ws: Vec<Weight> = (0..copies)
         .map(|c| {
             let w = random_weight(dtype, n, k, 7 + c as u64)?;
-            Ok(if repack { Weight::Repacked(RepackedQ4_0::from_tensor(&w)?) } else { Weight::Tensor(w) })
+            Ok(if repack { Weight::Repacked(RepackedWeight::from_tensor(&w)?) } else { Weight::Tensor(w) })
         })
         .collect::<strata_tensor::Result<_>>()?;
     let x: Vec<f32> = (0..k).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.5).collect();

@@ -58,7 +58,7 @@ pub(super) fn dequantize(src: &[BlockQ4_0], dst: &mut [f32]) {
 const BLOCK_BYTES: usize = size_of::<BlockQ4_0>();
 
 /// Rewrites one row of `Q4_0` blocks `src` into the interleaved row layout of
-/// `cpu::RepackedQ4_0`, `dst` (the same length): with `G` whole groups of four blocks, first the
+/// `cpu::RepackedWeight`, `dst` (the same length): with `G` whole groups of four blocks, first the
 /// `16 * 4` nibble bytes of each group (block `4g + b`'s 16 bytes at `64 * g + 16 * b`), then the
 /// `4 * G` f16 scales in block order (at `64 * G`), then the remaining blocks unchanged (at
 /// `72 * G`, which is their offset in `src`).

@@ -41,33 +41,40 @@ pub(super) unsafe fn rows_vnni(dtype: DType, w: &[u8], row_bytes: usize, prep: &
     unsafe { rows::<Vnni>(dtype, w, row_bytes, prep, ys) }
 }
 
-/// Computes `ys.len()` rows of a repacked `Q4_0` weight (the rows of `quant::q4_0::repack_row`)
-/// held in `w` with AVX-512 F/BW/DQ/VL: the results of [`rows_avx512`] on the original rows.
+/// Computes `ys.len()` rows of a repacked `Q4_0` or `Q4_K` weight (the rows of
+/// `quant::q4_0::repack_row` or `quant::q4_k::repack_row`) held in `w` with AVX-512 F/BW/DQ/VL:
+/// the results of [`rows_avx512`] on the original rows.
 ///
 /// # Safety
-/// As [`rows_avx512`] for `DType::Q4_0`, with `w` holding repacked rows.
+/// As [`rows_avx512`], with `w` holding repacked rows and `prep` built for them.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")]
-pub(super) unsafe fn q4_0_packed_avx512(w: &[u8], row_bytes: usize, prep: &Prepared, ys: &mut [f32]) {
+pub(super) unsafe fn packed_avx512(dtype: DType, w: &[u8], row_bytes: usize, prep: &Prepared, ys: &mut [f32]) {
     // SAFETY: forwarded from the caller; this function enables what `Plain` needs.
-    unsafe { q4_0_packed::<Plain>(w, row_bytes, prep, ys) }
+    unsafe { packed::<Plain>(dtype, w, row_bytes, prep, ys) }
 }
 
-/// [`q4_0_packed_avx512`] with AVX-512 VNNI: the results of [`rows_vnni`] on the original rows.
+/// [`packed_avx512`] with AVX-512 VNNI: the results of [`rows_vnni`] on the original rows.
 ///
 /// # Safety
-/// As [`rows_vnni`] for `DType::Q4_0`, with `w` holding repacked rows.
+/// As [`rows_vnni`], with `w` holding repacked rows and `prep` built for them.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")]
-pub(super) unsafe fn q4_0_packed_vnni(w: &[u8], row_bytes: usize, prep: &Prepared, ys: &mut [f32]) {
+pub(super) unsafe fn packed_vnni(dtype: DType, w: &[u8], row_bytes: usize, prep: &Prepared, ys: &mut [f32]) {
     // SAFETY: forwarded from the caller; this function enables what `Vnni` needs.
-    unsafe { q4_0_packed::<Vnni>(w, row_bytes, prep, ys) }
+    unsafe { packed::<Vnni>(dtype, w, row_bytes, prep, ys) }
 }
 
 #[inline(always)]
-unsafe fn q4_0_packed<D: Dot>(w: &[u8], row_bytes: usize, prep: &Prepared, ys: &mut [f32]) {
-    let nb = row_bytes / DType::Q4_0.block_bytes();
+unsafe fn packed<D: Dot>(dtype: DType, w: &[u8], row_bytes: usize, prep: &Prepared, ys: &mut [f32]) {
+    let nb = row_bytes / dtype.block_bytes();
     let ahead = prefetch_distance(row_bytes);
     // SAFETY: forwarded from the entry points' callers.
-    unsafe { drive::<ROWS, _>(&Q4_0::<D, true> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys) }
+    unsafe {
+        match dtype {
+            DType::Q4_0 => drive::<ROWS, _>(&Q4_0::<D, true> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
+            DType::Q4K => drive::<ROWS, _>(&Q4K::<D, true> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
+            _ => unreachable!("only Q4_0 and Q4_K are repacked"),
+        }
+    }
 }
 
 /// Rows per group: the kernels compute this many rows at once.
@@ -94,7 +101,7 @@ unsafe fn rows<D: Dot>(dtype: DType, w: &[u8], row_bytes: usize, prep: &Prepared
             DType::Q8_0 => drive::<ROWS, _>(&Q8_0::<D> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
             DType::Q4_0 => drive::<ROWS, _>(&Q4_0::<D, false> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
             DType::Q4_1 => drive::<ROWS, _>(&Q4_1::<D> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
-            DType::Q4K => drive::<ROWS, _>(&Q4K::<D> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
+            DType::Q4K => drive::<ROWS, _>(&Q4K::<D, false> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
             DType::Q6K => drive::<ROWS, _>(&Q6K::<D> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
             DType::F32 | DType::F16 | DType::BF16 => unreachable!("not a block-quantized dtype"),
         }
@@ -126,6 +133,10 @@ trait Dot {
         hi: __m512i,
         a_hi: Digits<__m512i>,
     ) -> __m512i;
+    /// The lanes of [`Dot::dpbusd`] of four unsigned 4-bit registers `u[p]` with `a[p]`, summed:
+    /// the VNNI version keeps two chains per digit, the BW version sums the i16 pairs of the four
+    /// (at most 4 * 2 * 15 * 127) before widening.
+    unsafe fn dpbusd4(u: [__m512i; 4], a: [Digits<__m512i>; 4]) -> __m512i;
     /// Lanes of four products of signed weights `w` with the activation values of `a`. `bias`
     /// holds `-128 * (sum of the lane's activation values)` when the activation was prepared for
     /// VNNI (whose version adds 128 to `w` to make it unsigned) and is ignored otherwise.
@@ -179,6 +190,25 @@ impl Dot for Plain {
             let pairs_hi = _mm512_add_epi16(_mm512_maddubs_epi16(lo, a_lo.hi), _mm512_maddubs_epi16(hi, a_hi.hi));
             let pairs_lo = _mm512_add_epi16(_mm512_maddubs_epi16(lo, a_lo.lo), _mm512_maddubs_epi16(hi, a_hi.lo));
             _mm512_add_epi32(acc, Plain::combine(pairs_hi, pairs_lo))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn dpbusd4(u: [__m512i; 4], a: [Digits<__m512i>; 4]) -> __m512i {
+        // SAFETY: AVX-512 BW (see above); no memory access.
+        unsafe {
+            let pairs = |digit: fn(&Digits<__m512i>) -> __m512i| {
+                let p01 = _mm512_add_epi16(
+                    _mm512_maddubs_epi16(u[0], digit(&a[0])),
+                    _mm512_maddubs_epi16(u[1], digit(&a[1])),
+                );
+                let p23 = _mm512_add_epi16(
+                    _mm512_maddubs_epi16(u[2], digit(&a[2])),
+                    _mm512_maddubs_epi16(u[3], digit(&a[3])),
+                );
+                _mm512_add_epi16(p01, p23)
+            };
+            Plain::combine(pairs(|d| d.hi), pairs(|d| d.lo))
         }
     }
 
@@ -245,6 +275,21 @@ impl Dot for Vnni {
             let high = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, a_lo.hi), hi, a_hi.hi);
             let acc = _mm512_add_epi32(acc, _mm512_slli_epi32::<8>(high));
             _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc, lo, a_lo.lo), hi, a_hi.lo)
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn dpbusd4(u: [__m512i; 4], a: [Digits<__m512i>; 4]) -> __m512i {
+        // SAFETY: AVX-512 VNNI (see above); no memory access.
+        unsafe {
+            let zero = _mm512_setzero_si512();
+            let high = _mm512_add_epi32(
+                _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, u[0], a[0].hi), u[1], a[1].hi),
+                _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, u[2], a[2].hi), u[3], a[3].hi),
+            );
+            let first =
+                _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(high), u[0], a[0].lo), u[1], a[1].lo);
+            _mm512_add_epi32(first, _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, u[2], a[2].lo), u[3], a[3].lo))
         }
     }
 
@@ -596,14 +641,20 @@ impl<D: Dot> RowKernel for Q4_1<'_, D> {
 /// `(d * sc) * da * dot - (dmin * m) * da * S`. The low nibbles of 64 bytes (sub-blocks `4h` and
 /// `4h + 2`) fill one register, their high nibbles (`4h + 1`, `4h + 3`) another; the four
 /// registers' lanes are then summed to two per sub-block before scaling.
-struct Q4K<'a, D> {
+///
+/// With `PACKED`, the nibbles are in the layout of `quant::q4_k::repack_row`
+/// (`cpu::RepackedWeight`), where lane `m` of the four registers holds the nibbles that the
+/// original layout's in-lane shuffles sum into lane `m`: the four registers' dot products are then
+/// accumulated in the same lanes ([`Dot::dpbusd4`]), with the same integers, and the rest is
+/// unchanged.
+struct Q4K<'a, D, const PACKED: bool> {
     nb: usize,
     prep: &'a Prepared,
     ahead: usize,
     dot: PhantomData<D>,
 }
 
-impl<D: Dot> RowKernel for Q4K<'_, D> {
+impl<D: Dot, const PACKED: bool> RowKernel for Q4K<'_, D, PACKED> {
     #[inline(always)]
     unsafe fn dot<const R: usize>(&self, rows: [*const u8; R]) -> [f32; R] {
         // SAFETY: each row holds `nb` super-blocks of 144 bytes (d, dmin, 12 scale bytes, 128
@@ -640,27 +691,29 @@ impl<D: Dot> RowKernel for Q4K<'_, D> {
                     let scm = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(packed[r]));
                     let t = _mm512_mul_ps(_mm512_mul_ps(scm, dd), factors);
                     acc_min[r] = _mm512_add_ps(acc_min[r], t);
-                    let mut dots = [_mm512_setzero_si512(); 4];
+                    let mut q = [_mm512_setzero_si512(); 4];
                     for h in 0..2 {
                         let bytes = _mm512_loadu_si512(block.add(16 + 64 * h).cast());
-                        let nibbles =
-                            [_mm512_and_si512(bytes, mask), _mm512_and_si512(_mm512_srli_epi16::<4>(bytes), mask)];
-                        for (j, q) in nibbles.into_iter().enumerate() {
-                            let p = 2 * h + j;
-                            dots[p] = D::dpbusd(_mm512_setzero_si512(), q, digits512(self.prep, QK_K * i + 64 * p));
-                        }
+                        q[2 * h] = _mm512_and_si512(bytes, mask);
+                        q[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16::<4>(bytes), mask);
                     }
-                    // Sum each register's 8 lanes per sub-block down to 2 with in-lane shuffles:
-                    // then one conversion and one FMA scale all eight sub-blocks.
-                    let x = _mm512_add_epi32(
-                        _mm512_unpacklo_epi32(dots[0], dots[1]),
-                        _mm512_unpackhi_epi32(dots[0], dots[1]),
-                    );
-                    let y = _mm512_add_epi32(
-                        _mm512_unpacklo_epi32(dots[2], dots[3]),
-                        _mm512_unpackhi_epi32(dots[2], dots[3]),
-                    );
-                    let z = _mm512_add_epi32(_mm512_unpacklo_epi64(x, y), _mm512_unpackhi_epi64(x, y));
+                    let a: [Digits<__m512i>; 4] = std::array::from_fn(|p| digits512(self.prep, QK_K * i + 64 * p));
+                    let z = if PACKED {
+                        D::dpbusd4(q, a)
+                    } else {
+                        let dots: [__m512i; 4] = std::array::from_fn(|p| D::dpbusd(_mm512_setzero_si512(), q[p], a[p]));
+                        // Sum each register's 8 lanes per sub-block down to 2 with in-lane
+                        // shuffles: then one conversion and one FMA scale all eight sub-blocks.
+                        let x = _mm512_add_epi32(
+                            _mm512_unpacklo_epi32(dots[0], dots[1]),
+                            _mm512_unpackhi_epi32(dots[0], dots[1]),
+                        );
+                        let y = _mm512_add_epi32(
+                            _mm512_unpacklo_epi32(dots[2], dots[3]),
+                            _mm512_unpackhi_epi32(dots[2], dots[3]),
+                        );
+                        _mm512_add_epi32(_mm512_unpacklo_epi64(x, y), _mm512_unpackhi_epi64(x, y))
+                    };
                     let scale = _mm512_permutexvar_ps(_mm512_loadu_si512(Z_ORDER.as_ptr().cast()), t);
                     acc[r][i % 2] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(z), scale, acc[r][i % 2]);
                 }
