@@ -73,6 +73,22 @@ pub(crate) fn repack_row(src: &[u8], dst: &mut [u8]) {
     dst[72 * groups..].copy_from_slice(&src[72 * groups..]);
 }
 
+/// Writes blocks `first..first + dst.len() / 18` of the repacked row `row` (a whole row, as
+/// [`repack_row`] wrote it) into `dst` as `Q4_0` blocks.
+pub(crate) fn unpack_blocks(row: &[u8], first: usize, dst: &mut [u8]) {
+    debug_assert!(row.len().is_multiple_of(BLOCK_BYTES) && dst.len().is_multiple_of(BLOCK_BYTES));
+    let groups = row.len() / BLOCK_BYTES / 4;
+    let scales_at = 64 * groups;
+    for (b, block) in (first..).zip(dst.chunks_exact_mut(BLOCK_BYTES)) {
+        if b < 4 * groups {
+            block[..2].copy_from_slice(&row[scales_at + 2 * b..scales_at + 2 * b + 2]);
+            block[2..].copy_from_slice(&row[16 * b..16 * b + 16]);
+        } else {
+            block.copy_from_slice(&row[BLOCK_BYTES * b..BLOCK_BYTES * (b + 1)]);
+        }
+    }
+}
+
 /// The inverse of [`repack_row`]: the `Q4_0` blocks of a repacked row.
 pub(crate) fn unpack_row(src: &[u8], dst: &mut [u8]) {
     debug_assert!(src.len() == dst.len() && src.len().is_multiple_of(BLOCK_BYTES));
@@ -166,6 +182,12 @@ mod tests {
         let mut back = vec![0u8; src.len()];
         unpack_row(&packed, &mut back);
         assert_eq!(back, src);
+        // Any run of blocks, inside the groups, across their end, and in the tail.
+        for (first, count) in [(0, 9), (1, 3), (6, 3), (8, 1), (3, 2)] {
+            let mut part = vec![0u8; 18 * count];
+            unpack_blocks(&packed, first, &mut part);
+            assert_eq!(part, &src[18 * first..18 * (first + count)], "blocks {first}..+{count}");
+        }
         // A row shorter than a group is unchanged.
         let mut short = vec![0u8; 54];
         repack_row(&src[..54], &mut short);

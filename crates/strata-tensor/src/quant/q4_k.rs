@@ -210,19 +210,31 @@ pub(crate) static PACKED_ELEMENT: [u8; QK_K] = {
     t
 };
 
+/// [`packed_source`] of every slot, computed at compile time.
+static PACKED_SOURCE: [u8; QK_K] = {
+    let mut t = [0u8; QK_K];
+    let mut slot = 0;
+    while slot < QK_K {
+        t[slot] = packed_source(slot) as u8;
+        slot += 1;
+    }
+    t
+};
+
 /// Bytes of one `Q4_K` super-block, and where its nibbles start.
 const BLOCK_BYTES: usize = size_of::<BlockQ4K>();
 const QS_AT: usize = 16;
 
 /// Rewrites one row of `Q4_K` super-blocks `src` into the repacked layout of
 /// `cpu::RepackedWeight`, `dst` (the same length): each super-block keeps its 16 bytes of scales,
-/// and its nibbles move as [`packed_source`] says.
+/// and its nibbles move as [`packed_source`] says. Super-blocks stay where they were, so a run of
+/// whole super-blocks of a repacked row is itself a repacked row.
 pub(crate) fn repack_row(src: &[u8], dst: &mut [u8]) {
     debug_assert!(src.len() == dst.len() && src.len().is_multiple_of(BLOCK_BYTES));
     for (s, d) in src.chunks_exact(BLOCK_BYTES).zip(dst.chunks_exact_mut(BLOCK_BYTES)) {
         d[..QS_AT].copy_from_slice(&s[..QS_AT]);
         let nibble = |slot: usize| {
-            let source = packed_source(slot);
+            let source = usize::from(PACKED_SOURCE[slot]);
             (s[QS_AT + source / 2] >> (4 * (source % 2))) & 0x0f
         };
         for (b, out) in d[QS_AT..].iter_mut().enumerate() {
@@ -238,10 +250,10 @@ pub(crate) fn unpack_row(src: &[u8], dst: &mut [u8]) {
     for (s, d) in src.chunks_exact(BLOCK_BYTES).zip(dst.chunks_exact_mut(BLOCK_BYTES)) {
         d[..QS_AT].copy_from_slice(&s[..QS_AT]);
         d[QS_AT..].fill(0);
-        for slot in 0..QK_K {
+        for (slot, &source) in PACKED_SOURCE.iter().enumerate() {
             let (h2, j2, b) = (slot / 128, slot / 64 % 2, slot % 64);
             let value = (s[QS_AT + 64 * h2 + b] >> (4 * j2)) & 0x0f;
-            let source = packed_source(slot);
+            let source = usize::from(source);
             d[QS_AT + source / 2] |= value << (4 * (source % 2));
         }
     }

@@ -7,7 +7,7 @@
 //! instruction count differs.
 
 use super::super::matmul::{check_matmul, matmul_dequantized_with};
-use super::super::matmul_quant::{GEMM_MIN_M, matmul_quantized_with};
+use super::super::matmul_quant::{GEMM_MIN_M, matmul_packed_with};
 use super::super::matvec::check_matvec;
 use super::super::{Isa, isa};
 use super::matvec_packed_with;
@@ -88,8 +88,9 @@ impl RepackedWeight {
 
     /// `y = x W^T` for `x` `[m, k]` and `y` `[m, n]`, the result of [`crate::cpu::matmul`] on the
     /// original weight. Below the GEMM's threshold of rows it runs the repacked decode kernels row
-    /// by row; from there the GEMM runs on a temporary copy of the original rows (the panel
-    /// decoding reads GGUF blocks), which costs one pass over the weight's bytes.
+    /// by row; the VNNI GEMM restores the original blocks of each panel's slice of rows as it
+    /// decodes them (a copy of a few KiB); without VNNI, from the threshold up, the f32 GEMM runs
+    /// on a restored copy of the whole weight.
     pub fn matmul(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
         self.matmul_with(isa(), x, y)
     }
@@ -98,23 +99,11 @@ impl RepackedWeight {
     /// choice of `cpu::matmul_with`.
     pub(crate) fn matmul_with(&self, isa: Isa, x: &[f32], y: &mut [f32]) -> Result<()> {
         let isa = isa.min(Isa::detect());
-        let (m, n, k) = check_matmul("RepackedWeight::matmul", x, &self.packed, y)?;
-        if m == 0 || n == 0 {
-            return Ok(());
+        let (m, _, _) = check_matmul("RepackedWeight::matmul", x, &self.packed, y)?;
+        if isa == Isa::Avx512Vnni || m < GEMM_MIN_M {
+            return matmul_packed_with(isa, x, &self.packed, y);
         }
-        if m < GEMM_MIN_M {
-            let bytes = self.packed.cpu_bytes()?;
-            for (xr, yr) in x.chunks_exact(k).zip(y.chunks_exact_mut(n)) {
-                matvec_packed_with(isa, self.dtype(), bytes, n, k, xr, yr);
-            }
-            return Ok(());
-        }
-        let original = self.to_tensor()?;
-        if isa == Isa::Avx512Vnni {
-            matmul_quantized_with(isa, x, &original, y)
-        } else {
-            matmul_dequantized_with(isa, x, &original, y)
-        }
+        matmul_dequantized_with(isa, x, &self.to_tensor()?, y)
     }
 }
 
