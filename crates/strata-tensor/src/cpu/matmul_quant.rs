@@ -464,9 +464,11 @@ fn gemm(
                 let (lv_len, sc_len, mn_len) = (NR * kc, NR * kc / format.group, NR * kc / QK_ACT);
                 for (q, jp) in panels.clone().enumerate() {
                     let (j0, rows) = (jp * NR, (n - jp * NR).min(NR));
-                    if packed && dtype == DType::Q4K && Isa::detect() >= Isa::Avx512 {
+                    let direct = dtype == DType::Q4K || pack::packed_q4_0_fits(row_bytes, p0, kc);
+                    if packed && direct && Isa::detect() >= Isa::Avx512 {
                         // SAFETY: the CPU has AVX-512 F/BW and F16C (`Isa::Avx512` and above
-                        // include them); the rows are repacked `Q4_K`.
+                        // include them); the rows are repacked `Q4_K`, or repacked `Q4_0` with
+                        // the columns within their whole groups.
                         unsafe {
                             pack::pack_panel(
                                 dtype,
@@ -711,31 +713,38 @@ mod tests {
     /// original rows, byte for byte.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn repacked_q4k_panels_equal_scalar_panels() {
+    fn repacked_panels_equal_scalar_panels() {
         if Isa::detect() < Isa::Avx512 {
             eprintln!("skipped: this CPU lacks AVX-512 F/BW");
             return;
         }
-        let dtype = DType::Q4K;
-        for case in 0..6u64 {
-            let (n, k) = (NR + 3, QK_K * (1 + case as usize));
-            let w = arbitrary_weights(dtype, n, k, case + 40);
+        for (dtype, case) in [DType::Q4K, DType::Q4_0].into_iter().flat_map(|d| (0..6usize).map(move |c| (d, c))) {
+            // Q4_0: rows of 8 to 18 blocks whose last blocks (past the whole groups) are not read.
+            let (n, k) = (NR + 3, if dtype == DType::Q4K { QK_K * (1 + case) } else { 32 * (8 + 2 * case) });
+            let w = arbitrary_weights(dtype, n, k, case as u64 + 40);
             let row_bytes = dtype.bytes_for(k).unwrap();
             let mut packed = vec![0u8; w.len()];
+            let repack = if dtype == DType::Q4K { q4_k::repack_row } else { q4_0::repack_row };
             for (src, dst) in w.chunks_exact(row_bytes).zip(packed.chunks_exact_mut(row_bytes)) {
-                q4_k::repack_row(src, dst);
+                repack(src, dst);
             }
-            let p0 = QK_K * (case as usize / 2);
-            let kc = (k - p0).min(KC);
+            let (p0, kc) = if dtype == DType::Q4K {
+                let p0 = QK_K * (case / 2);
+                (p0, (k - p0).min(KC))
+            } else {
+                (32 * (case % 3), 32 * (4 + case - case % 3))
+            };
+            assert!(dtype == DType::Q4K || pack::packed_q4_0_fits(row_bytes, p0, kc));
             for (j0, rows) in [(0, NR), (3, NR), (NR, 3)] {
-                let mut a = (vec![0xa5u8; kc * NR], vec![f32::NAN; kc / 32 * NR], vec![f32::NAN; kc / 32 * NR]);
+                let mins = if dtype == DType::Q4K { kc / 32 * NR } else { 0 };
+                let mut a = (vec![0xa5u8; kc * NR], vec![f32::NAN; kc / 32 * NR], vec![f32::NAN; mins]);
                 let mut b = a.clone();
                 pack_panel(dtype, &w, row_bytes, j0, rows, p0, kc, &mut a.0, &mut a.1, &mut a.2);
                 // SAFETY: checked above that the CPU has AVX-512 F/BW.
                 unsafe {
                     pack::pack_panel(dtype, true, &packed, row_bytes, j0, rows, p0, kc, &mut b.0, &mut b.1, &mut b.2)
                 };
-                let what = format!("k={k} p0={p0} kc={kc} j0={j0} rows={rows}");
+                let what = format!("{dtype} k={k} p0={p0} kc={kc} j0={j0} rows={rows}");
                 assert_eq!(a.0, b.0, "levels of {what}");
                 let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&a.1), bits(&b.1), "scales of {what}");

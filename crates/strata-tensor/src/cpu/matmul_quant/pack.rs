@@ -24,8 +24,9 @@ pub(super) fn supports(dtype: DType) -> bool {
 }
 
 /// The same panel as the scalar `pack_panel` with the same arguments, for a dtype that
-/// [`supports`] accepts; with `packed`, of `Q4_K` rows repacked by `quant::q4_k::repack_row`
-/// (whose scales keep their places) the panel of the original rows.
+/// [`supports`] accepts; with `packed`, of `Q4_0` or `Q4_K` rows repacked by
+/// `quant::q4_0::repack_row` or `quant::q4_k::repack_row` the panel of the original rows (for
+/// `Q4_0`, the columns must lie within the row's whole groups of four blocks: [`packed_q4_0_fits`]).
 ///
 /// # Safety
 /// The CPU must support AVX-512 F and BW and F16C. (Every slice access is bounds-checked.)
@@ -44,13 +45,19 @@ pub(super) unsafe fn pack_panel(
     scales: &mut [f32],
     mins: &mut [f32],
 ) {
-    debug_assert!(supports(dtype) && rows <= NR && (!packed || dtype == DType::Q4K));
+    debug_assert!(supports(dtype) && rows <= NR);
+    debug_assert!(!packed || dtype == DType::Q4K || (dtype == DType::Q4_0 && packed_q4_0_fits(row_bytes, p0, kc)));
     let format = Format::of(dtype);
     let groups = kc / format.group;
     assert!(levels.len() == kc * NR && scales.len() == groups * NR);
     assert!(!format.min || mins.len() == kc / QK_ACT * NR);
     let (off, len) = (dtype.bytes_for(p0).expect("whole blocks"), dtype.bytes_for(kc).expect("whole blocks"));
     let src = |r: usize| &w[(j0 + r) * row_bytes + off..][..len];
+    if packed && dtype == DType::Q4_0 {
+        // SAFETY: forwarded from the caller, with the columns within the whole groups.
+        unsafe { pack_q4_0_packed(w, row_bytes, j0, rows, p0, kc, levels, scales) };
+        return;
+    }
     // SAFETY: the caller vouches for AVX-512 F/BW, all that `levels_by` needs.
     unsafe {
         match dtype {
@@ -80,6 +87,51 @@ pub(super) unsafe fn pack_panel(
             for (b, &v) in mn.iter().enumerate() {
                 mins[b * NR + r] = v;
             }
+        }
+    }
+}
+
+/// Whether columns `p0..p0 + kc` of a repacked `Q4_0` row of `row_bytes` lie within its whole
+/// groups of four blocks, where [`pack_panel`] reads the repacked row directly.
+pub(super) fn packed_q4_0_fits(row_bytes: usize, p0: usize, kc: usize) -> bool {
+    let blocks = row_bytes / size_of::<BlockQ4_0>();
+    (p0 + kc) / 32 <= blocks - blocks % 4
+}
+
+/// [`pack_panel`] of repacked `Q4_0` rows, columns within the whole groups: block `b`'s nibbles
+/// are the 16 bytes at `16 b` (so those of consecutive blocks are contiguous, read as by [`Q4`]
+/// with no header), its scale the f16 at `64 G + 2 b` for `G` groups.
+///
+/// # Safety
+/// As [`pack_panel`].
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn pack_q4_0_packed(
+    w: &[u8],
+    row_bytes: usize,
+    j0: usize,
+    rows: usize,
+    p0: usize,
+    kc: usize,
+    levels: &mut [u8],
+    scales: &mut [f32],
+) {
+    let (b0, blocks) = (p0 / 32, kc / 32);
+    let scales_at = 64 * (row_bytes / size_of::<BlockQ4_0>() / 4);
+    let row = |r: usize| &w[(j0 + r) * row_bytes..][..row_bytes];
+    let nibbles = |r: usize| &row(r)[16 * b0..16 * (b0 + blocks)];
+    // SAFETY: the caller vouches for AVX-512 F/BW, all that `levels_by` needs.
+    unsafe { levels_by::<Q4<16, 0>>(&nibbles, rows, kc, levels) };
+    for r in 0..NR {
+        for g in 0..blocks {
+            scales[g * NR + r] = if r < rows {
+                let at = scales_at + 2 * (b0 + g);
+                let h = half::f16::from_le_bytes([row(r)[at], row(r)[at + 1]]);
+                // SAFETY: F16C from the caller.
+                unsafe { f32_of(h) }
+            } else {
+                0.0
+            };
         }
     }
 }
