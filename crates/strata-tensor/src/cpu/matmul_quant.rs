@@ -27,6 +27,9 @@
 //! for the threads) in the caller's rayon pool; each task decodes its panels once per slice of `k`
 //! and keeps them in L2 while every tile of `x` rows passes over them.
 //!
+//! Weights repacked at load (`cpu::RepackedWeight`, `Q4_0` and `Q4_K`) run the same GEMM: their
+//! panels are decoded from the repacked rows into the same bytes ([`matmul_packed_with`]).
+//!
 //! Without VNNI the same results come from the existing matrix-vector kernels, one row of `x` at a
 //! time; `cpu::matmul` then keeps its dequantizing f32 GEMM for large `m`, which is faster there.
 
@@ -99,8 +102,9 @@ pub(crate) fn matmul_quantized_with(isa: Isa, x: &[f32], w: &Tensor, y: &mut [f3
 
 /// [`matmul_quantized_with`] for a weight `w` of repacked rows (`cpu::RepackedWeight`, whose
 /// checks `w` went through: a 2-D `Q4_0` or `Q4_K` tensor on the CPU): the same results, bit for
-/// bit, as on the original rows. The GEMM restores the original blocks of each panel's slice of
-/// rows before decoding it; the matrix-vector kernels read the repacked rows.
+/// bit, as on the original rows. The GEMM decodes its panels from the repacked rows (restoring the
+/// original blocks of a slice only where it reaches `Q4_0` blocks past the whole groups); the
+/// matrix-vector kernels read the repacked rows.
 pub(crate) fn matmul_packed_with(isa: Isa, x: &[f32], w: &Tensor, y: &mut [f32]) -> Result<()> {
     let (m, n, k) = check_matmul("RepackedWeight::matmul", x, w, y)?;
     let dtype = w.dtype();

@@ -24,6 +24,11 @@ use crate::{AlignedBytes, CpuStorage, DType, Error, Result, Tensor};
 /// [`crate::cpu::matvec`] and [`crate::cpu::matmul`] on the original weight, at every instruction
 /// set; the AVX-512 decode reads the repacked rows directly (fewer instructions per block), and
 /// the other paths restore GGUF rows where they need them.
+///
+/// A model adopts it by repacking each `Q4_0`/`Q4_K` projection weight once after loading (when
+/// [`RepackedWeight::supports`] its dtype and the weight stays on the CPU), dropping the original
+/// tensor, and calling [`RepackedWeight::matvec`] / [`RepackedWeight::matmul`] where it called
+/// `cpu::matvec` / `cpu::matmul`; the memory is the same.
 #[derive(Debug, Clone)]
 pub struct RepackedWeight {
     /// The repacked bytes, held as a tensor of the weight's dtype and shape so that the shape checks
@@ -88,9 +93,9 @@ impl RepackedWeight {
 
     /// `y = x W^T` for `x` `[m, k]` and `y` `[m, n]`, the result of [`crate::cpu::matmul`] on the
     /// original weight. Below the GEMM's threshold of rows it runs the repacked decode kernels row
-    /// by row; the VNNI GEMM restores the original blocks of each panel's slice of rows as it
-    /// decodes them (a copy of a few KiB); without VNNI, from the threshold up, the f32 GEMM runs
-    /// on a restored copy of the whole weight.
+    /// by row; the VNNI GEMM decodes its panels from the repacked rows (restoring only slices of
+    /// `Q4_0` rows that reach the blocks past the last whole group of four); without VNNI, from
+    /// the threshold up, the f32 GEMM runs on a restored copy of the whole weight.
     pub fn matmul(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
         self.matmul_with(isa(), x, y)
     }
