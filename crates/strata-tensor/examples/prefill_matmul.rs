@@ -1,7 +1,8 @@
 //! Times prefill-shaped products with block-quantized weights: `cpu::matmul_dequantized` (the
 //! weight dequantized to f32 while packing, then the f32 GEMM) next to `cpu::matmul_quantized`
-//! (two-digit activations, integer dot products; the VNNI GEMM where the CPU has it), and what
-//! `cpu::matmul` picks, in GFLOP/s (`2 m n k` per call, median of the timed calls).
+//! (two-digit activations, integer dot products; the VNNI GEMM where the CPU has it), and, for
+//! `Q4_0` and `Q4_K`, `cpu::RepackedWeight::matmul` (the same products on the repacked weight), in
+//! GFLOP/s (`2 m n k` per call, median of the timed calls).
 //!
 //! `cargo run --release -p strata-tensor --example prefill_matmul -- [threads] [m,m,..]`
 //!
@@ -12,6 +13,7 @@
 
 use std::time::{Duration, Instant};
 
+use strata_tensor::cpu::RepackedWeight;
 use strata_tensor::{AlignedBytes, CpuStorage, DType, Tensor, cpu};
 
 /// TinyLlama-1.1B's products, `(n, k)`: q/o, k/v, gate/up, down, lm_head.
@@ -30,8 +32,8 @@ fn main() -> Result<(), BoxError> {
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!("threads {threads}, isa {:?}, loadavg {}", cpu::isa(), load.trim());
     println!(
-        "{:>5} {:>6} {:>6} {:>5} {:>12} {:>12} {:>12} {:>8}",
-        "dtype", "n", "k", "m", "dequant", "quantized", "per-row", "speedup"
+        "{:>5} {:>6} {:>6} {:>5} {:>12} {:>12} {:>12} {:>12} {:>8}",
+        "dtype", "n", "k", "m", "dequant", "quantized", "repacked", "per-row", "speedup"
     );
     pool.install(|| {
         for dtype in DTYPES {
@@ -60,6 +62,12 @@ fn run(dtype: DType, m: usize, n: usize, k: usize, per_row: bool) -> Result<(), 
     let gflop = 2.0 * (m * n * k) as f64 / 1e9;
     let old = gflop / median_time(|| cpu::matmul_dequantized(&x, &w, &mut y))?;
     let new = gflop / median_time(|| cpu::matmul_quantized(&x, &w, &mut y))?;
+    let repacked = if RepackedWeight::supports(dtype) {
+        let packed = RepackedWeight::from_tensor(&w)?;
+        format!("{:>12.1}", gflop / median_time(|| packed.matmul(&x, &mut y))?)
+    } else {
+        format!("{:>12}", "-")
+    };
     let rows = if per_row {
         let rate = gflop
             / median_time(|| {
@@ -72,7 +80,11 @@ fn run(dtype: DType, m: usize, n: usize, k: usize, per_row: bool) -> Result<(), 
     } else {
         format!("{:>12}", "-")
     };
-    println!("{:>5} {n:>6} {k:>6} {m:>5} {old:>12.1} {new:>12.1} {rows} {:>7.2}x", dtype.to_string(), new / old);
+    println!(
+        "{:>5} {n:>6} {k:>6} {m:>5} {old:>12.1} {new:>12.1} {repacked} {rows} {:>7.2}x",
+        dtype.to_string(),
+        new / old
+    );
     Ok(())
 }
 

@@ -27,6 +27,9 @@
 //! for the threads) in the caller's rayon pool; each task decodes its panels once per slice of `k`
 //! and keeps them in L2 while every tile of `x` rows passes over them.
 //!
+//! Weights repacked at load (`cpu::RepackedWeight`, `Q4_0` and `Q4_K`) run the same GEMM: their
+//! panels are decoded from the repacked rows into the same bytes ([`matmul_packed_with`]).
+//!
 //! Without VNNI the same results come from the existing matrix-vector kernels, one row of `x` at a
 //! time; `cpu::matmul` then keeps its dequantizing f32 GEMM for large `m`, which is faster there.
 
@@ -38,11 +41,11 @@ mod vnni;
 use rayon::prelude::*;
 
 use super::matmul::{OutPtr, check_matmul};
-use super::matvec_quant::matvec_quant_with;
+use super::matvec_quant::{matvec_packed_with, matvec_quant_with};
 use super::{Isa, isa};
 use crate::quant::q4_k::unpack_scales_mins;
 use crate::quant::q8act::{ActQ8, HI_WEIGHT, QK_ACT};
-use crate::quant::{BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ6K, BlockQ8_0, QK_K, with_blocks};
+use crate::quant::{BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ6K, BlockQ8_0, QK_K, q4_0, q4_k, with_blocks};
 use crate::{DType, Error, Result, Tensor};
 
 /// Rows of `x` per microkernel tile.
@@ -88,13 +91,65 @@ pub(crate) fn matmul_quantized_with(isa: Isa, x: &[f32], w: &Tensor, y: &mut [f3
     let isa = isa.min(Isa::detect());
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512Vnni && m >= GEMM_MIN_M {
-        gemm(dtype, bytes, w.row_bytes(), m, n, k, x, y);
+        gemm(dtype, bytes, w.row_bytes(), false, m, n, k, x, y);
         return Ok(());
     }
     for (xr, yr) in x.chunks_exact(k).zip(y.chunks_exact_mut(n)) {
         matvec_quant_with(isa, dtype, bytes, n, k, xr, yr);
     }
     Ok(())
+}
+
+/// [`matmul_quantized_with`] for a weight `w` of repacked rows (`cpu::RepackedWeight`, whose
+/// checks `w` went through: a 2-D `Q4_0` or `Q4_K` tensor on the CPU): the same results, bit for
+/// bit, as on the original rows. The GEMM decodes its panels from the repacked rows (restoring the
+/// original blocks of a slice only where it reaches `Q4_0` blocks past the whole groups); the
+/// matrix-vector kernels read the repacked rows.
+pub(crate) fn matmul_packed_with(isa: Isa, x: &[f32], w: &Tensor, y: &mut [f32]) -> Result<()> {
+    let (m, n, k) = check_matmul("RepackedWeight::matmul", x, w, y)?;
+    let dtype = w.dtype();
+    debug_assert!(matches!(dtype, DType::Q4_0 | DType::Q4K));
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let bytes = w.cpu_bytes()?;
+    let isa = isa.min(Isa::detect());
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512Vnni && m >= GEMM_MIN_M {
+        gemm(dtype, bytes, w.row_bytes(), true, m, n, k, x, y);
+        return Ok(());
+    }
+    for (xr, yr) in x.chunks_exact(k).zip(y.chunks_exact_mut(n)) {
+        matvec_packed_with(isa, dtype, bytes, n, k, xr, yr);
+    }
+    Ok(())
+}
+
+/// Writes columns `p0..p0 + kc` of rows `j0..j0 + rows` of the repacked weight `w` (`row_bytes`
+/// per row) into `dst` as original blocks, `len` bytes per row; returns the part of `dst` written.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn restore_rows<'a>(
+    dtype: DType,
+    w: &[u8],
+    row_bytes: usize,
+    j0: usize,
+    rows: usize,
+    p0: usize,
+    kc: usize,
+    dst: &'a mut Vec<u8>,
+) -> &'a [u8] {
+    let (off, len) = (dtype.bytes_for(p0).expect("whole blocks"), dtype.bytes_for(kc).expect("whole blocks"));
+    dst.resize(rows * len, 0);
+    for (r, out) in dst.chunks_exact_mut(len).enumerate() {
+        let row = &w[(j0 + r) * row_bytes..(j0 + r + 1) * row_bytes];
+        match dtype {
+            DType::Q4_0 => q4_0::unpack_blocks(row, p0 / dtype.block_len(), out),
+            // Super-blocks keep their places: a slice of them is a repacked row of its own.
+            _ => q4_k::unpack_row(&row[off..off + len], out),
+        }
+    }
+    &dst[..rows * len]
 }
 
 /// How a dtype maps onto the shared panel layout: `w = scale * (u - offset) + min`.
@@ -328,7 +383,7 @@ fn pack_fast(
 ) {
     if pack::supports(dtype) && Isa::detect() >= Isa::Avx512 {
         // SAFETY: the CPU has AVX-512 F/BW and F16C (`Isa::Avx512` and above include them).
-        unsafe { pack::pack_panel(dtype, w, row_bytes, j0, rows, p0, kc, levels, scales, mins) }
+        unsafe { pack::pack_panel(dtype, false, w, row_bytes, j0, rows, p0, kc, levels, scales, mins) }
     } else {
         pack_panel(dtype, w, row_bytes, j0, rows, p0, kc, levels, scales, mins);
     }
@@ -375,7 +430,17 @@ fn with_panels<R>(panels: usize, f: impl FnOnce(&mut Panels) -> R) -> R {
 /// weight rows (and of `x` rows, when there are too few weight blocks for the threads).
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-fn gemm(dtype: DType, w: &[u8], row_bytes: usize, m: usize, n: usize, k: usize, x: &[f32], y: &mut [f32]) {
+fn gemm(
+    dtype: DType,
+    w: &[u8],
+    row_bytes: usize,
+    packed: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    x: &[f32],
+    y: &mut [f32],
+) {
     let format = Format::of(dtype);
     let threads = rayon::current_num_threads();
     let acts: Vec<RowAct> = if threads == 1 || m < 4 {
@@ -395,18 +460,48 @@ fn gemm(dtype: DType, w: &[u8], row_bytes: usize, m: usize, n: usize, k: usize, 
         let (jb, mc) = (t % n_blocks, t / n_blocks);
         let panels = jb * nc_panels..((jb + 1) * nc_panels).min(n_panels);
         let tiles = mc * mc_tiles..((mc + 1) * mc_tiles).min(m_tiles);
+        // With repacked rows, each panel's slice of rows restored to original blocks.
+        let mut restored = Vec::new();
         with_panels(panels.len(), |p| {
             for p0 in (0..k).step_by(KC) {
                 let kc = (k - p0).min(KC);
                 let (lv_len, sc_len, mn_len) = (NR * kc, NR * kc / format.group, NR * kc / QK_ACT);
                 for (q, jp) in panels.clone().enumerate() {
-                    let j0 = jp * NR;
+                    let (j0, rows) = (jp * NR, (n - jp * NR).min(NR));
+                    let direct = dtype == DType::Q4K || pack::packed_q4_0_fits(row_bytes, p0, kc);
+                    if packed && direct && Isa::detect() >= Isa::Avx512 {
+                        // SAFETY: the CPU has AVX-512 F/BW and F16C (`Isa::Avx512` and above
+                        // include them); the rows are repacked `Q4_K`, or repacked `Q4_0` with
+                        // the columns within their whole groups.
+                        unsafe {
+                            pack::pack_panel(
+                                dtype,
+                                true,
+                                w,
+                                row_bytes,
+                                j0,
+                                rows,
+                                p0,
+                                kc,
+                                &mut p.levels[q * lv_len..][..lv_len],
+                                &mut p.scales[q * sc_len..][..sc_len],
+                                &mut p.mins[q * mn_len..][..mn_len],
+                            )
+                        };
+                        continue;
+                    }
+                    let (w, row_bytes, j0, p0) = if packed {
+                        let slice = restore_rows(dtype, w, row_bytes, j0, rows, p0, kc, &mut restored);
+                        (slice, dtype.bytes_for(kc).expect("whole blocks"), 0, 0)
+                    } else {
+                        (w, row_bytes, j0, p0)
+                    };
                     pack_fast(
                         dtype,
                         w,
                         row_bytes,
                         j0,
-                        (n - j0).min(NR),
+                        rows,
                         p0,
                         kc,
                         &mut p.levels[q * lv_len..][..lv_len],
@@ -484,7 +579,7 @@ mod tests {
                 // The GEMM itself, which `matmul_quantized_with` leaves to the matrix-vector
                 // kernels at this `m`: every tile height must match too.
                 let mut tiled = vec![f32::NAN; m * n];
-                gemm(dtype, w, row_bytes, m, n, k, &x, &mut tiled);
+                gemm(dtype, w, row_bytes, false, m, n, k, &x, &mut tiled);
                 for (idx, (&t, &r)) in tiled.iter().zip(&want).enumerate() {
                     let tol = tolerance(&terms[idx % n], &x[idx / n * k..(idx / n + 1) * k], r);
                     prop_assert!((t - r).abs() <= tol, "GEMM {dtype} m={m} n={n} k={k}: y[{idx}] = {t} vs {r}");
@@ -594,7 +689,19 @@ mod tests {
                     pack_panel(dtype, &w, row_bytes, j0, rows, p0, kc, &mut a.0, &mut a.1, &mut a.2[..ma]);
                     // SAFETY: checked above that the CPU has AVX-512 F/BW.
                     unsafe {
-                        pack::pack_panel(dtype, &w, row_bytes, j0, rows, p0, kc, &mut b.0, &mut b.1, &mut b.2[..mb])
+                        pack::pack_panel(
+                            dtype,
+                            false,
+                            &w,
+                            row_bytes,
+                            j0,
+                            rows,
+                            p0,
+                            kc,
+                            &mut b.0,
+                            &mut b.1,
+                            &mut b.2[..mb],
+                        )
                     };
                     let what = format!("{dtype} k={k} p0={p0} kc={kc} j0={j0} rows={rows}");
                     assert_eq!(a.0, b.0, "levels of {what}");
@@ -602,6 +709,50 @@ mod tests {
                     assert_eq!(bits(&a.1), bits(&b.1), "scales of {what}");
                     assert_eq!(bits(&a.2), bits(&b.2), "minimums of {what}");
                 }
+            }
+        }
+    }
+
+    /// The AVX-512 decoder of repacked `Q4_K` rows writes the scalar decoder's panels of the
+    /// original rows, byte for byte.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn repacked_panels_equal_scalar_panels() {
+        if Isa::detect() < Isa::Avx512 {
+            eprintln!("skipped: this CPU lacks AVX-512 F/BW");
+            return;
+        }
+        for (dtype, case) in [DType::Q4K, DType::Q4_0].into_iter().flat_map(|d| (0..6usize).map(move |c| (d, c))) {
+            // Q4_0: rows of 8 to 18 blocks whose last blocks (past the whole groups) are not read.
+            let (n, k) = (NR + 3, if dtype == DType::Q4K { QK_K * (1 + case) } else { 32 * (8 + 2 * case) });
+            let w = arbitrary_weights(dtype, n, k, case as u64 + 40);
+            let row_bytes = dtype.bytes_for(k).unwrap();
+            let mut packed = vec![0u8; w.len()];
+            let repack = if dtype == DType::Q4K { q4_k::repack_row } else { q4_0::repack_row };
+            for (src, dst) in w.chunks_exact(row_bytes).zip(packed.chunks_exact_mut(row_bytes)) {
+                repack(src, dst);
+            }
+            let (p0, kc) = if dtype == DType::Q4K {
+                let p0 = QK_K * (case / 2);
+                (p0, (k - p0).min(KC))
+            } else {
+                (32 * (case % 3), 32 * (4 + case - case % 3))
+            };
+            assert!(dtype == DType::Q4K || pack::packed_q4_0_fits(row_bytes, p0, kc));
+            for (j0, rows) in [(0, NR), (3, NR), (NR, 3)] {
+                let mins = if dtype == DType::Q4K { kc / 32 * NR } else { 0 };
+                let mut a = (vec![0xa5u8; kc * NR], vec![f32::NAN; kc / 32 * NR], vec![f32::NAN; mins]);
+                let mut b = a.clone();
+                pack_panel(dtype, &w, row_bytes, j0, rows, p0, kc, &mut a.0, &mut a.1, &mut a.2);
+                // SAFETY: checked above that the CPU has AVX-512 F/BW.
+                unsafe {
+                    pack::pack_panel(dtype, true, &packed, row_bytes, j0, rows, p0, kc, &mut b.0, &mut b.1, &mut b.2)
+                };
+                let what = format!("{dtype} k={k} p0={p0} kc={kc} j0={j0} rows={rows}");
+                assert_eq!(a.0, b.0, "levels of {what}");
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&a.1), bits(&b.1), "scales of {what}");
+                assert_eq!(bits(&a.2), bits(&b.2), "minimums of {what}");
             }
         }
     }

@@ -24,19 +24,26 @@
 //! weights' nibbles come out of memory ([`Order`]). Scales are applied in f32, per lane or, for the
 //! k-quants, per sub-block after summing its lanes; each row's accumulators are summed
 //! horizontally once, at its end.
+//!
+//! A `Q4_0` or `Q4_K` weight can also be repacked once at load ([`RepackedWeight`]), which spares
+//! the AVX-512 kernels their gathers of `Q4_0` nibbles and scales and their `Q4_K` lane shuffles,
+//! with identical results.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod repacked;
+
+pub use repacked::RepackedWeight;
 
 use rayon::prelude::*;
 
 use super::{Isa, isa};
 use crate::DType;
-use crate::quant::QK_K;
 use crate::quant::q8act::{ActQ8, HI_WEIGHT, QK_ACT};
 use crate::quant::vec_dot::row_dot;
+use crate::quant::{QK_K, q4_0, q4_k};
 
 /// Weight bytes per rayon task: large enough that task overhead is negligible, small enough that
 /// the threads finish together.
@@ -60,12 +67,49 @@ pub(crate) fn matvec_quant_with(isa: Isa, dtype: DType, w: &[u8], n: usize, k: u
     // Never run instructions this CPU lacks, whatever the caller asked for.
     let isa = isa.min(Isa::detect());
     let prep = Prepared::new(isa, dtype, ActQ8::quantize(x));
+    in_tasks(w, row_bytes, &mut y[..n], |w, ys| rows(isa, dtype, w, row_bytes, &prep, ys));
+}
+
+/// Runs `f` on consecutive runs of rows of `w` and their outputs in `y`, one rayon task each.
+fn in_tasks(w: &[u8], row_bytes: usize, y: &mut [f32], f: impl Fn(&[u8], &mut [f32]) + Sync) {
     // A multiple of four rows, so every group of rows a kernel runs at once is full.
     let rows_per_task = (TASK_BYTES / row_bytes).max(4).next_multiple_of(4);
-    y[..n].par_chunks_mut(rows_per_task).enumerate().for_each(|(task, ys)| {
+    y.par_chunks_mut(rows_per_task).enumerate().for_each(|(task, ys)| {
         let first = task * rows_per_task;
-        let w = &w[first * row_bytes..(first + ys.len()) * row_bytes];
-        rows(isa, dtype, w, row_bytes, &prep, ys);
+        f(&w[first * row_bytes..(first + ys.len()) * row_bytes], ys);
+    });
+}
+
+/// [`matvec_quant_with`] for a `Q4_0` or `Q4_K` weight whose rows are in the layout of
+/// [`q4_0::repack_row`] or [`q4_k::repack_row`] (`cpu::RepackedWeight`): the same results, bit for
+/// bit, as `matvec_quant_with(isa, dtype, ..)` on the original rows. AVX-512 reads the repacked
+/// rows directly; the other instruction sets restore each task's rows first.
+pub(crate) fn matvec_packed_with(isa: Isa, dtype: DType, w: &[u8], n: usize, k: usize, x: &[f32], y: &mut [f32]) {
+    let row_bytes = dtype.bytes_for(k).expect("checked by caller");
+    debug_assert!(matches!(dtype, DType::Q4_0 | DType::Q4K));
+    debug_assert!(x.len() == k && y.len() == n && w.len() >= n * row_bytes);
+    if row_bytes == 0 {
+        y.fill(0.0);
+        return;
+    }
+    let isa = isa.min(Isa::detect());
+    let prep = Prepared::new_for(isa, dtype, true, ActQ8::quantize(x));
+    in_tasks(w, row_bytes, &mut y[..n], |w, ys| match isa {
+        // SAFETY (both): `isa` is at most `Isa::detect()`, so the CPU has every feature the kernel
+        // enables; `w` holds `ys.len()` whole repacked rows of `dtype` and `prep` was built for
+        // this `isa`, `dtype` and repacked rows from an activation of the same row length.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { avx512::packed_avx512(dtype, w, row_bytes, &prep, ys) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni => unsafe { avx512::packed_vnni(dtype, w, row_bytes, &prep, ys) },
+        _ => {
+            let unpack = if dtype == DType::Q4_0 { q4_0::unpack_row } else { q4_k::unpack_row };
+            let mut original = vec![0u8; w.len()];
+            for (src, dst) in w.chunks_exact(row_bytes).zip(original.chunks_exact_mut(row_bytes)) {
+                unpack(src, dst);
+            }
+            rows(isa, dtype, &original, row_bytes, &prep, ys);
+        }
     });
 }
 
@@ -128,12 +172,16 @@ enum Order {
     /// 7, matching the low nibbles of 64 bytes (sub-blocks 0 and 2) then their high nibbles (1 and
     /// 3), and likewise for the second 64 bytes.
     SubBlocks0213,
+    /// For AVX-512 `Q4_K` repacked by `quant::q4_k::repack_row`: slot `s` of each super-block
+    /// holds the activation of the element whose nibble the repacked slot `s` holds.
+    Q4KPacked,
 }
 
 impl Order {
-    fn of(isa: Isa, dtype: DType) -> Order {
+    fn of(isa: Isa, dtype: DType, packed: bool) -> Order {
         match (isa, dtype) {
             (Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni, DType::Q4_0 | DType::Q4_1) => Order::Groups4,
+            (Isa::Avx512 | Isa::Avx512Vnni, DType::Q4K) if packed => Order::Q4KPacked,
             (Isa::Avx512 | Isa::Avx512Vnni, DType::Q4K) => Order::SubBlocks0213,
             _ => Order::Natural,
         }
@@ -159,6 +207,13 @@ impl Order {
                     }
                 }
             }
+            Order::Q4KPacked => {
+                for (src, dst) in qs.chunks_exact(QK_K).zip(out.chunks_exact_mut(QK_K)) {
+                    for (v, &e) in dst.iter_mut().zip(&q4_k::PACKED_ELEMENT) {
+                        *v = src[usize::from(e)];
+                    }
+                }
+            }
         }
         out
     }
@@ -166,17 +221,23 @@ impl Order {
 
 impl Prepared {
     fn new(isa: Isa, dtype: DType, act: ActQ8) -> Prepared {
+        Prepared::new_for(isa, dtype, false, act)
+    }
+
+    /// The preparation for `isa` and `dtype`, with `packed` for the kernels of repacked rows
+    /// (`cpu::RepackedWeight`).
+    fn new_for(isa: Isa, dtype: DType, packed: bool, act: ActQ8) -> Prepared {
         if isa == Isa::Scalar {
             return Prepared { act, hi: Vec::new(), lo: Vec::new(), bias: Vec::new(), aux: Vec::new() };
         }
         #[cfg(target_arch = "x86_64")]
         {
             // SAFETY: `isa` is above `Scalar` and at most `Isa::detect()`, so the CPU has AVX2.
-            unsafe { Prepared::new_avx2(isa, dtype, act) }
+            unsafe { Prepared::new_avx2(isa, dtype, packed, act) }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            Prepared::build(isa, dtype, act)
+            Prepared::build(isa, dtype, packed, act)
         }
     }
 
@@ -187,15 +248,15 @@ impl Prepared {
     /// The CPU must support AVX2.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    unsafe fn new_avx2(isa: Isa, dtype: DType, act: ActQ8) -> Prepared {
-        Prepared::build(isa, dtype, act)
+    unsafe fn new_avx2(isa: Isa, dtype: DType, packed: bool, act: ActQ8) -> Prepared {
+        Prepared::build(isa, dtype, packed, act)
     }
 
     /// The preparation for `isa` and `dtype`: the digits in the kernels' order, the bias lanes
     /// and the f32 factors.
     #[inline(always)]
-    fn build(isa: Isa, dtype: DType, act: ActQ8) -> Prepared {
-        let order = Order::of(isa, dtype);
+    fn build(isa: Isa, dtype: DType, packed: bool, act: ActQ8) -> Prepared {
+        let order = Order::of(isa, dtype, packed);
         let (hi, lo) = (order.apply(&act.hi), order.apply(&act.lo));
         let offset = weight_offset(isa, dtype);
         let wide = matches!(isa, Isa::Avx512 | Isa::Avx512Vnni);

@@ -35,6 +35,7 @@ pub use gating::*;
 pub use matmul::*;
 pub use matmul_quant::matmul_quantized;
 pub use matvec::*;
+pub use matvec_quant::RepackedWeight;
 pub use norm::*;
 pub use rope::*;
 pub use simd::{Isa, isa};

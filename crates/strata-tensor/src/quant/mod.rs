@@ -11,7 +11,7 @@ use half::{bf16, f16};
 
 use crate::{DType, Error, Result};
 
-mod q4_0;
+pub(crate) mod q4_0;
 mod q4_1;
 pub(crate) mod q4_k;
 mod q6_k;

@@ -54,6 +54,53 @@ pub(super) fn dequantize(src: &[BlockQ4_0], dst: &mut [f32]) {
     }
 }
 
+/// Bytes of one `Q4_0` block.
+const BLOCK_BYTES: usize = size_of::<BlockQ4_0>();
+
+/// Rewrites one row of `Q4_0` blocks `src` into the interleaved row layout of
+/// `cpu::RepackedWeight`, `dst` (the same length): with `G` whole groups of four blocks, first the
+/// `16 * 4` nibble bytes of each group (block `4g + b`'s 16 bytes at `64 * g + 16 * b`), then the
+/// `4 * G` f16 scales in block order (at `64 * G`), then the remaining blocks unchanged (at
+/// `72 * G`, which is their offset in `src`).
+pub(crate) fn repack_row(src: &[u8], dst: &mut [u8]) {
+    debug_assert!(src.len() == dst.len() && src.len().is_multiple_of(BLOCK_BYTES));
+    let groups = src.len() / BLOCK_BYTES / 4;
+    let scales_at = 64 * groups;
+    for (b, block) in src[..72 * groups].chunks_exact(BLOCK_BYTES).enumerate() {
+        dst[scales_at + 2 * b..scales_at + 2 * b + 2].copy_from_slice(&block[..2]);
+        dst[16 * b..16 * b + 16].copy_from_slice(&block[2..]);
+    }
+    dst[72 * groups..].copy_from_slice(&src[72 * groups..]);
+}
+
+/// Writes blocks `first..first + dst.len() / 18` of the repacked row `row` (a whole row, as
+/// [`repack_row`] wrote it) into `dst` as `Q4_0` blocks.
+pub(crate) fn unpack_blocks(row: &[u8], first: usize, dst: &mut [u8]) {
+    debug_assert!(row.len().is_multiple_of(BLOCK_BYTES) && dst.len().is_multiple_of(BLOCK_BYTES));
+    let groups = row.len() / BLOCK_BYTES / 4;
+    let scales_at = 64 * groups;
+    for (b, block) in (first..).zip(dst.chunks_exact_mut(BLOCK_BYTES)) {
+        if b < 4 * groups {
+            block[..2].copy_from_slice(&row[scales_at + 2 * b..scales_at + 2 * b + 2]);
+            block[2..].copy_from_slice(&row[16 * b..16 * b + 16]);
+        } else {
+            block.copy_from_slice(&row[BLOCK_BYTES * b..BLOCK_BYTES * (b + 1)]);
+        }
+    }
+}
+
+/// The inverse of [`repack_row`]: the `Q4_0` blocks of a repacked row.
+pub(crate) fn unpack_row(src: &[u8], dst: &mut [u8]) {
+    debug_assert!(src.len() == dst.len() && src.len().is_multiple_of(BLOCK_BYTES));
+    let groups = src.len() / BLOCK_BYTES / 4;
+    let scales_at = 64 * groups;
+    for (b, block) in dst[..72 * groups].chunks_exact_mut(BLOCK_BYTES).enumerate() {
+        block[..2].copy_from_slice(&src[scales_at + 2 * b..scales_at + 2 * b + 2]);
+        block[2..].copy_from_slice(&src[16 * b..16 * b + 16]);
+    }
+    dst[72 * groups..].copy_from_slice(&src[72 * groups..]);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,5 +165,32 @@ mod tests {
                 assert!((a - b).abs() <= bound, "{a} vs {b}, bound {bound}");
             }
         }
+    }
+
+    #[test]
+    fn repacked_row_layout_and_round_trip() {
+        // Nine blocks: two whole groups of four and a tail block, with every byte distinct enough
+        // to locate it.
+        let src: Vec<u8> = (0..9 * 18).map(|i| (i * 7 + 3) as u8).collect();
+        let mut packed = vec![0u8; src.len()];
+        repack_row(&src, &mut packed);
+        for b in 0..8 {
+            assert_eq!(&packed[16 * b..16 * b + 16], &src[18 * b + 2..18 * b + 18], "nibbles of block {b}");
+            assert_eq!(&packed[128 + 2 * b..128 + 2 * b + 2], &src[18 * b..18 * b + 2], "scale of block {b}");
+        }
+        assert_eq!(&packed[144..], &src[144..], "the tail block");
+        let mut back = vec![0u8; src.len()];
+        unpack_row(&packed, &mut back);
+        assert_eq!(back, src);
+        // Any run of blocks, inside the groups, across their end, and in the tail.
+        for (first, count) in [(0, 9), (1, 3), (6, 3), (8, 1), (3, 2)] {
+            let mut part = vec![0u8; 18 * count];
+            unpack_blocks(&packed, first, &mut part);
+            assert_eq!(part, &src[18 * first..18 * (first + count)], "blocks {first}..+{count}");
+        }
+        // A row shorter than a group is unchanged.
+        let mut short = vec![0u8; 54];
+        repack_row(&src[..54], &mut short);
+        assert_eq!(short, &src[..54]);
     }
 }

@@ -174,6 +174,91 @@ pub(super) fn dequantize(src: &[BlockQ4K], dst: &mut [f32]) {
     }
 }
 
+/// The nibble of a super-block's original `qs` that slot `slot` (0..256) of its repacked `qs`
+/// holds, as `2 * byte + nibble`, for the repacked layout of `cpu::RepackedWeight`.
+///
+/// A repacked slot is nibble `j'` (`slot / 64 % 2`) of byte `b` (`slot % 64`) of half `h'`
+/// (`slot / 128`), so that the AVX-512 decode kernel's four nibble registers (low and high nibbles
+/// of each 64-byte half) can be summed lane by lane with no shuffles: 32-bit lane `m = b / 4` of
+/// all four registers holds the 16 nibbles that the original layout's kernel sums into lane `m`
+/// of its reduced dot product, namely nibble `p % 2` of the 16 bytes `64 * (p / 2) + 16 * L..` for
+/// `m = 4L + p`. Within a lane, the nibbles go in the order `8h' + 4j' + t` (`t = b % 4`).
+pub(crate) const fn packed_source(slot: usize) -> usize {
+    let (h2, j2, b) = (slot / 128, slot / 64 % 2, slot % 64);
+    let (m, t) = (b / 4, b % 4);
+    let (l, p) = (m / 4, m % 4);
+    let byte = 64 * (p / 2) + 16 * l + 8 * h2 + 4 * j2 + t;
+    2 * byte + p % 2
+}
+
+/// The element (0..256) of a super-block that original nibble `2 * byte + nibble` holds.
+pub(crate) const fn nibble_element(source: usize) -> usize {
+    let (byte, nibble) = (source / 2, source % 2);
+    SUB * (2 * (byte / SUB) + nibble) + byte % SUB
+}
+
+/// For each repacked slot, the element of the super-block whose nibble it holds
+/// ([`nibble_element`] of [`packed_source`]), computed at compile time: the order in which the
+/// decode kernel of repacked rows reads the activation.
+pub(crate) static PACKED_ELEMENT: [u8; QK_K] = {
+    let mut t = [0u8; QK_K];
+    let mut slot = 0;
+    while slot < QK_K {
+        t[slot] = nibble_element(packed_source(slot)) as u8;
+        slot += 1;
+    }
+    t
+};
+
+/// [`packed_source`] of every slot, computed at compile time.
+static PACKED_SOURCE: [u8; QK_K] = {
+    let mut t = [0u8; QK_K];
+    let mut slot = 0;
+    while slot < QK_K {
+        t[slot] = packed_source(slot) as u8;
+        slot += 1;
+    }
+    t
+};
+
+/// Bytes of one `Q4_K` super-block, and where its nibbles start.
+const BLOCK_BYTES: usize = size_of::<BlockQ4K>();
+const QS_AT: usize = 16;
+
+/// Rewrites one row of `Q4_K` super-blocks `src` into the repacked layout of
+/// `cpu::RepackedWeight`, `dst` (the same length): each super-block keeps its 16 bytes of scales,
+/// and its nibbles move as [`packed_source`] says. Super-blocks stay where they were, so a run of
+/// whole super-blocks of a repacked row is itself a repacked row.
+pub(crate) fn repack_row(src: &[u8], dst: &mut [u8]) {
+    debug_assert!(src.len() == dst.len() && src.len().is_multiple_of(BLOCK_BYTES));
+    for (s, d) in src.chunks_exact(BLOCK_BYTES).zip(dst.chunks_exact_mut(BLOCK_BYTES)) {
+        d[..QS_AT].copy_from_slice(&s[..QS_AT]);
+        let nibble = |slot: usize| {
+            let source = usize::from(PACKED_SOURCE[slot]);
+            (s[QS_AT + source / 2] >> (4 * (source % 2))) & 0x0f
+        };
+        for (b, out) in d[QS_AT..].iter_mut().enumerate() {
+            let (h2, b) = (b / 64, b % 64);
+            *out = nibble(128 * h2 + b) | (nibble(128 * h2 + 64 + b) << 4);
+        }
+    }
+}
+
+/// The inverse of [`repack_row`]: the `Q4_K` super-blocks of a repacked row.
+pub(crate) fn unpack_row(src: &[u8], dst: &mut [u8]) {
+    debug_assert!(src.len() == dst.len() && src.len().is_multiple_of(BLOCK_BYTES));
+    for (s, d) in src.chunks_exact(BLOCK_BYTES).zip(dst.chunks_exact_mut(BLOCK_BYTES)) {
+        d[..QS_AT].copy_from_slice(&s[..QS_AT]);
+        d[QS_AT..].fill(0);
+        for (slot, &source) in PACKED_SOURCE.iter().enumerate() {
+            let (h2, j2, b) = (slot / 128, slot / 64 % 2, slot % 64);
+            let value = (s[QS_AT + 64 * h2 + b] >> (4 * j2)) & 0x0f;
+            let source = usize::from(source);
+            d[QS_AT + source / 2] |= value << (4 * (source % 2));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,5 +348,33 @@ mod tests {
         // Uniform rounding error has an RMS of step / sqrt(12) = 0.29 step.
         let rel_rms = (err2 / step2).sqrt();
         assert!(rel_rms < 0.32, "RMS error {rel_rms} steps");
+    }
+
+    #[test]
+    fn repacked_slots_are_a_permutation_and_round_trip() {
+        let mut seen = [false; QK_K];
+        for slot in 0..QK_K {
+            let source = super::packed_source(slot);
+            assert!(!seen[source], "slot {slot} repeats nibble {source}");
+            seen[source] = true;
+            // Both nibbles of a repacked byte come from the same sub-block half that the original
+            // kernel sums into the same lane.
+            let (b, m) = (slot % 64, slot % 64 / 4);
+            let (l, p) = (m / 4, m % 4);
+            assert_eq!(source % 2, p % 2, "slot {slot}");
+            assert_eq!(source / 2 / 16 % 4, l, "slot {slot} byte {b}");
+            assert_eq!(source / 2 / 64, p / 2, "slot {slot}");
+        }
+        // Element numbering: byte 32c + l holds elements 64c + l (low) and 64c + 32 + l (high).
+        assert_eq!(super::nibble_element(2 * 33), 65);
+        assert_eq!(super::nibble_element(2 * 33 + 1), 97);
+        let src: Vec<u8> = (0..3 * 144).map(|i| (i * 37 + 11) as u8).collect();
+        let mut packed = vec![0u8; src.len()];
+        super::repack_row(&src, &mut packed);
+        assert_eq!(&packed[..16], &src[..16]);
+        assert_ne!(packed, src);
+        let mut back = vec![0u8; src.len()];
+        super::unpack_row(&packed, &mut back);
+        assert_eq!(back, src);
     }
 }

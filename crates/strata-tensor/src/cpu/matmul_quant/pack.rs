@@ -24,7 +24,9 @@ pub(super) fn supports(dtype: DType) -> bool {
 }
 
 /// The same panel as the scalar `pack_panel` with the same arguments, for a dtype that
-/// [`supports`] accepts.
+/// [`supports`] accepts; with `packed`, of `Q4_0` or `Q4_K` rows repacked by
+/// `quant::q4_0::repack_row` or `quant::q4_k::repack_row` the panel of the original rows (for
+/// `Q4_0`, the columns must lie within the row's whole groups of four blocks: [`packed_q4_0_fits`]).
 ///
 /// # Safety
 /// The CPU must support AVX-512 F and BW and F16C. (Every slice access is bounds-checked.)
@@ -32,6 +34,7 @@ pub(super) fn supports(dtype: DType) -> bool {
 #[target_feature(enable = "avx512f,avx512bw,f16c")]
 pub(super) unsafe fn pack_panel(
     dtype: DType,
+    packed: bool,
     w: &[u8],
     row_bytes: usize,
     j0: usize,
@@ -43,18 +46,25 @@ pub(super) unsafe fn pack_panel(
     mins: &mut [f32],
 ) {
     debug_assert!(supports(dtype) && rows <= NR);
+    debug_assert!(!packed || dtype == DType::Q4K || (dtype == DType::Q4_0 && packed_q4_0_fits(row_bytes, p0, kc)));
     let format = Format::of(dtype);
     let groups = kc / format.group;
     assert!(levels.len() == kc * NR && scales.len() == groups * NR);
     assert!(!format.min || mins.len() == kc / QK_ACT * NR);
     let (off, len) = (dtype.bytes_for(p0).expect("whole blocks"), dtype.bytes_for(kc).expect("whole blocks"));
     let src = |r: usize| &w[(j0 + r) * row_bytes + off..][..len];
+    if packed && dtype == DType::Q4_0 {
+        // SAFETY: forwarded from the caller, with the columns within the whole groups.
+        unsafe { pack_q4_0_packed(w, row_bytes, j0, rows, p0, kc, levels, scales) };
+        return;
+    }
     // SAFETY: the caller vouches for AVX-512 F/BW, all that `levels_by` needs.
     unsafe {
         match dtype {
             DType::Q8_0 => levels_by::<Q8>(&src, rows, kc, levels),
             DType::Q4_0 => levels_by::<Q4<{ size_of::<BlockQ4_0>() }, 2>>(&src, rows, kc, levels),
             DType::Q4_1 => levels_by::<Q4<{ size_of::<BlockQ4_1>() }, 4>>(&src, rows, kc, levels),
+            DType::Q4K if packed => levels_by::<Q4KPacked>(&src, rows, kc, levels),
             DType::Q4K => levels_by::<Q4K>(&src, rows, kc, levels),
             _ => unreachable!("{dtype} has no vectorised decoder"),
         }
@@ -77,6 +87,51 @@ pub(super) unsafe fn pack_panel(
             for (b, &v) in mn.iter().enumerate() {
                 mins[b * NR + r] = v;
             }
+        }
+    }
+}
+
+/// Whether columns `p0..p0 + kc` of a repacked `Q4_0` row of `row_bytes` lie within its whole
+/// groups of four blocks, where [`pack_panel`] reads the repacked row directly.
+pub(super) fn packed_q4_0_fits(row_bytes: usize, p0: usize, kc: usize) -> bool {
+    let blocks = row_bytes / size_of::<BlockQ4_0>();
+    (p0 + kc) / 32 <= blocks - blocks % 4
+}
+
+/// [`pack_panel`] of repacked `Q4_0` rows, columns within the whole groups: block `b`'s nibbles
+/// are the 16 bytes at `16 b` (so those of consecutive blocks are contiguous, read as by [`Q4`]
+/// with no header), its scale the f16 at `64 G + 2 b` for `G` groups.
+///
+/// # Safety
+/// As [`pack_panel`].
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn pack_q4_0_packed(
+    w: &[u8],
+    row_bytes: usize,
+    j0: usize,
+    rows: usize,
+    p0: usize,
+    kc: usize,
+    levels: &mut [u8],
+    scales: &mut [f32],
+) {
+    let (b0, blocks) = (p0 / 32, kc / 32);
+    let scales_at = 64 * (row_bytes / size_of::<BlockQ4_0>() / 4);
+    let row = |r: usize| &w[(j0 + r) * row_bytes..][..row_bytes];
+    let nibbles = |r: usize| &row(r)[16 * b0..16 * (b0 + blocks)];
+    // SAFETY: the caller vouches for AVX-512 F/BW, all that `levels_by` needs.
+    unsafe { levels_by::<Q4<16, 0>>(&nibbles, rows, kc, levels) };
+    for r in 0..NR {
+        for g in 0..blocks {
+            scales[g * NR + r] = if r < rows {
+                let at = scales_at + 2 * (b0 + g);
+                let h = half::f16::from_le_bytes([row(r)[at], row(r)[at + 1]]);
+                // SAFETY: F16C from the caller.
+                unsafe { f32_of(h) }
+            } else {
+                0.0
+            };
         }
     }
 }
@@ -169,6 +224,50 @@ impl Levels for Q4K {
         unsafe {
             let v = _mm512_broadcast_i64x4(_mm256_loadu_si256(q.as_ptr().cast()));
             nibbles(v, _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0))
+        }
+    }
+}
+
+/// `Q4_K` rows repacked by `quant::q4_k::repack_row` (`cpu::RepackedWeight`): the same levels as
+/// [`Q4K`] from the permuted nibbles. Read as 32-bit words, the original layout's low (high)
+/// nibbles of 64 bytes `h` are, in each 128-bit lane `L`, a 4 x 4 transpose of the repacked
+/// nibbles: word `4L + p'` of original register `p = 2h + j` is word `4L + p` of repacked
+/// register `p'` (the low or high nibbles of repacked half `p' / 2`). One `vpermt2d` gathers the
+/// 16 words of 64 levels from the two repacked halves and a shift per word selects the nibble.
+struct Q4KPacked;
+
+/// `vpermt2d` indices of [`Q4KPacked`] for each quarter `q` of a super-block (levels `64q..`):
+/// word `d` reads word `4L + p` of repacked half `p' / 2`, with `p' = d % 4`,
+/// `L = 2 (q % 2) + d % 8 / 4` and `p = 2 (q / 2) + d / 8`.
+static Q4K_PACKED_IDX: [[u32; 16]; 4] = {
+    let mut t = [[0u32; 16]; 4];
+    let mut q = 0;
+    while q < 4 {
+        let mut d = 0;
+        while d < 16 {
+            let (p2, l, p) = (d % 4, 2 * (q % 2) + d % 8 / 4, 2 * (q / 2) + d / 8);
+            t[q][d] = (16 * (p2 / 2) + 4 * l + p) as u32;
+            d += 1;
+        }
+        q += 1;
+    }
+    t
+};
+
+impl Levels for Q4KPacked {
+    #[inline(always)]
+    unsafe fn load(src: &[u8], c: usize, _full: bool) -> __m512i {
+        const B: usize = size_of::<BlockQ4K>();
+        let at = c / QK_K * B + 16;
+        let q = &src[at..at + 128];
+        // SAFETY: the loads read the 128 bytes of a slice of that length and a static table of 16
+        // words; AVX-512 F/BW from the caller.
+        unsafe {
+            let idx = _mm512_loadu_si512(Q4K_PACKED_IDX[(c % QK_K) / 64].as_ptr().cast());
+            let halves = (_mm512_loadu_si512(q.as_ptr().cast()), _mm512_loadu_si512(q.as_ptr().add(64).cast()));
+            let words = _mm512_permutex2var_epi32(halves.0, idx, halves.1);
+            let shift = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+            _mm512_and_si512(_mm512_srlv_epi32(words, shift), _mm512_set1_epi8(0x0f))
         }
     }
 }

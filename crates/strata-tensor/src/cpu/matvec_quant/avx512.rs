@@ -41,6 +41,51 @@ pub(super) unsafe fn rows_vnni(dtype: DType, w: &[u8], row_bytes: usize, prep: &
     unsafe { rows::<Vnni>(dtype, w, row_bytes, prep, ys) }
 }
 
+/// Computes `ys.len()` rows of a repacked `Q4_0` or `Q4_K` weight (the rows of
+/// `quant::q4_0::repack_row` or `quant::q4_k::repack_row`) held in `w` with AVX-512 F/BW/DQ/VL:
+/// the results of [`rows_avx512`] on the original rows.
+///
+/// # Safety
+/// As [`rows_avx512`], with `w` holding repacked rows and `prep` built for them.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")]
+pub(super) unsafe fn packed_avx512(dtype: DType, w: &[u8], row_bytes: usize, prep: &Prepared, ys: &mut [f32]) {
+    // SAFETY: forwarded from the caller; this function enables what `Plain` needs.
+    unsafe { packed::<Plain>(dtype, w, row_bytes, prep, ys) }
+}
+
+/// [`packed_avx512`] with AVX-512 VNNI: the results of [`rows_vnni`] on the original rows.
+///
+/// # Safety
+/// As [`rows_vnni`], with `w` holding repacked rows and `prep` built for them.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub(super) unsafe fn packed_vnni(dtype: DType, w: &[u8], row_bytes: usize, prep: &Prepared, ys: &mut [f32]) {
+    // SAFETY: forwarded from the caller; this function enables what `Vnni` needs.
+    unsafe { packed::<Vnni>(dtype, w, row_bytes, prep, ys) }
+}
+
+#[inline(always)]
+unsafe fn packed<D: Dot>(dtype: DType, w: &[u8], row_bytes: usize, prep: &Prepared, ys: &mut [f32]) {
+    let nb = row_bytes / dtype.block_bytes();
+    let ahead = prefetch_distance(row_bytes);
+    // SAFETY: forwarded from the entry points' callers.
+    unsafe {
+        match dtype {
+            DType::Q4_0 => drive::<ROWS, _>(&Q4_0::<D, true> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
+            DType::Q4K => drive::<ROWS, _>(&Q4K::<D, true> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
+            _ => unreachable!("only Q4_0 and Q4_K are repacked"),
+        }
+    }
+}
+
+/// Rows per group: the kernels compute this many rows at once.
+const ROWS: usize = 4;
+
+/// The distance the kernels prefetch ahead: the rows two groups of [`ROWS`] ahead, and at least
+/// [`PREFETCH_MIN_BYTES`] (short rows).
+fn prefetch_distance(row_bytes: usize) -> usize {
+    (PREFETCH_GROUPS * ROWS * row_bytes).max(PREFETCH_MIN_BYTES)
+}
+
 /// How many groups of rows ahead the kernels prefetch.
 const PREFETCH_GROUPS: usize = 2;
 /// The least distance, in bytes, the kernels prefetch ahead.
@@ -48,18 +93,15 @@ const PREFETCH_MIN_BYTES: usize = 12 * 1024;
 
 #[inline(always)]
 unsafe fn rows<D: Dot>(dtype: DType, w: &[u8], row_bytes: usize, prep: &Prepared, ys: &mut [f32]) {
-    const ROWS: usize = 4;
     let nb = row_bytes / dtype.block_bytes();
-    // Each kernel prefetches the rows it will compute two groups of ROWS ahead, and at least
-    // 12 KiB ahead (short rows).
-    let ahead = (PREFETCH_GROUPS * ROWS * row_bytes).max(PREFETCH_MIN_BYTES);
+    let ahead = prefetch_distance(row_bytes);
     // SAFETY: forwarded from the entry points' callers.
     unsafe {
         match dtype {
             DType::Q8_0 => drive::<ROWS, _>(&Q8_0::<D> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
-            DType::Q4_0 => drive::<ROWS, _>(&Q4_0::<D> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
+            DType::Q4_0 => drive::<ROWS, _>(&Q4_0::<D, false> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
             DType::Q4_1 => drive::<ROWS, _>(&Q4_1::<D> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
-            DType::Q4K => drive::<ROWS, _>(&Q4K::<D> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
+            DType::Q4K => drive::<ROWS, _>(&Q4K::<D, false> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
             DType::Q6K => drive::<ROWS, _>(&Q6K::<D> { nb, prep, ahead, dot: PhantomData }, w, row_bytes, ys),
             DType::F32 | DType::F16 | DType::BF16 => unreachable!("not a block-quantized dtype"),
         }
@@ -91,6 +133,10 @@ trait Dot {
         hi: __m512i,
         a_hi: Digits<__m512i>,
     ) -> __m512i;
+    /// The lanes of [`Dot::dpbusd`] of four unsigned 4-bit registers `u[p]` with `a[p]`, summed:
+    /// the VNNI version keeps two chains per digit, the BW version sums the i16 pairs of the four
+    /// (at most 4 * 2 * 15 * 127) before widening.
+    unsafe fn dpbusd4(u: [__m512i; 4], a: [Digits<__m512i>; 4]) -> __m512i;
     /// Lanes of four products of signed weights `w` with the activation values of `a`. `bias`
     /// holds `-128 * (sum of the lane's activation values)` when the activation was prepared for
     /// VNNI (whose version adds 128 to `w` to make it unsigned) and is ignored otherwise.
@@ -144,6 +190,25 @@ impl Dot for Plain {
             let pairs_hi = _mm512_add_epi16(_mm512_maddubs_epi16(lo, a_lo.hi), _mm512_maddubs_epi16(hi, a_hi.hi));
             let pairs_lo = _mm512_add_epi16(_mm512_maddubs_epi16(lo, a_lo.lo), _mm512_maddubs_epi16(hi, a_hi.lo));
             _mm512_add_epi32(acc, Plain::combine(pairs_hi, pairs_lo))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn dpbusd4(u: [__m512i; 4], a: [Digits<__m512i>; 4]) -> __m512i {
+        // SAFETY: AVX-512 BW (see above); no memory access.
+        unsafe {
+            let pairs = |digit: fn(&Digits<__m512i>) -> __m512i| {
+                let p01 = _mm512_add_epi16(
+                    _mm512_maddubs_epi16(u[0], digit(&a[0])),
+                    _mm512_maddubs_epi16(u[1], digit(&a[1])),
+                );
+                let p23 = _mm512_add_epi16(
+                    _mm512_maddubs_epi16(u[2], digit(&a[2])),
+                    _mm512_maddubs_epi16(u[3], digit(&a[3])),
+                );
+                _mm512_add_epi16(p01, p23)
+            };
+            Plain::combine(pairs(|d| d.hi), pairs(|d| d.lo))
         }
     }
 
@@ -210,6 +275,21 @@ impl Dot for Vnni {
             let high = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, a_lo.hi), hi, a_hi.hi);
             let acc = _mm512_add_epi32(acc, _mm512_slli_epi32::<8>(high));
             _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc, lo, a_lo.lo), hi, a_hi.lo)
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn dpbusd4(u: [__m512i; 4], a: [Digits<__m512i>; 4]) -> __m512i {
+        // SAFETY: AVX-512 VNNI (see above); no memory access.
+        unsafe {
+            let zero = _mm512_setzero_si512();
+            let high = _mm512_add_epi32(
+                _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, u[0], a[0].hi), u[1], a[1].hi),
+                _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, u[2], a[2].hi), u[3], a[3].hi),
+            );
+            let first =
+                _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(high), u[0], a[0].lo), u[1], a[1].lo);
+            _mm512_add_epi32(first, _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, u[2], a[2].lo), u[3], a[3].lo))
         }
     }
 
@@ -375,19 +455,24 @@ static SPREAD4_EVEN: [i32; 16] = [0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6
 /// fewer instructions than loading and inserting each block's nibbles. Groups go in pairs, whose
 /// eight f16 scales one `vpermt2w` gathers from the two groups' first registers (`Q4_0_D8`); a
 /// last odd group gathers its four with one `vpermw` (`Q4_0_D`).
-struct Q4_0<'a, D> {
+///
+/// With `PACKED`, the rows are in the layout of `quant::q4_0::repack_row` (`cpu::RepackedQ4_0`):
+/// a group's nibbles are one load and a pair's scales another, with no gathering; the arithmetic,
+/// and so every result bit, is the same.
+struct Q4_0<'a, D, const PACKED: bool> {
     nb: usize,
     prep: &'a Prepared,
     ahead: usize,
     dot: PhantomData<D>,
 }
 
-impl<D: Dot> RowKernel for Q4_0<'_, D> {
+impl<D: Dot, const PACKED: bool> RowKernel for Q4_0<'_, D, PACKED> {
     #[inline(always)]
     unsafe fn dot<const R: usize>(&self, rows: [*const u8; R]) -> [f32; R] {
-        // SAFETY: each row holds `nb` blocks of 18 bytes (d, then 16 bytes of nibbles); the
-        // activation holds `nb` blocks of 32 and the bias 16 lanes per group of four blocks, then
-        // 8 per tail block.
+        // SAFETY: each row holds `nb` blocks of 18 bytes (d, then 16 bytes of nibbles), or their
+        // repacked form of the same length (the groups' nibbles at `64 * g`, their scales at
+        // `64 * groups + 8 * g`, then the tail blocks at `18 * b`); the activation holds `nb`
+        // blocks of 32 and the bias 16 lanes per group of four blocks, then 8 per tail block.
         unsafe {
             let (act, bias) = (&self.prep.act, self.prep.bias.as_ptr());
             let spread = _mm512_loadu_si512(SPREAD4.as_ptr().cast());
@@ -395,11 +480,13 @@ impl<D: Dot> RowKernel for Q4_0<'_, D> {
             let d_idx = _mm512_loadu_si512(Q4_0_D.as_ptr().cast());
             let mask = _mm512_set1_epi8(0x0f);
             let groups = self.nb / 4;
+            // Where a repacked row keeps the scales of its groups.
+            let scales_at = 64 * groups;
             let mut acc = [_mm512_setzero_ps(); R];
             let d8_idx = _mm512_castsi256_si512(_mm256_loadu_si256(Q4_0_D8.as_ptr().cast()));
             let spread_hi = _mm512_loadu_si512(SPREAD4_HI.as_ptr().cast());
-            // Two groups (eight blocks) per step: one `vpermt2w` gathers their eight scales, and one
-            // conversion and one product with the activation's units serve both groups.
+            // Two groups (eight blocks) per step: one `vpermt2w` (or one load) gathers their eight
+            // scales, and one conversion and one product with the activation's units serve both.
             let pairs = groups - groups % 2;
             for g in (0..pairs).step_by(2) {
                 let a = [
@@ -412,14 +499,23 @@ impl<D: Dot> RowKernel for Q4_0<'_, D> {
                 for r in 0..R {
                     let block = rows[r].add(18 * 4 * g);
                     prefetch_ahead::<144>(block, self.ahead);
-                    let z = [_mm512_loadu_si512(block.cast()), _mm512_loadu_si512(block.add(72).cast())];
-                    let d = _mm256_cvtph_ps(_mm512_castsi512_si128(_mm512_permutex2var_epi16(z[0], d8_idx, z[1])));
-                    let prod = _mm512_castps256_ps512(_mm256_mul_ps(d, da));
+                    let (d, qs) = if PACKED {
+                        let d = _mm_loadu_si128(rows[r].add(scales_at + 8 * g).cast());
+                        let nibbles = rows[r].add(64 * g);
+                        (d, [_mm512_loadu_si512(nibbles.cast()), _mm512_loadu_si512(nibbles.add(64).cast())])
+                    } else {
+                        let z = [_mm512_loadu_si512(block.cast()), _mm512_loadu_si512(block.add(72).cast())];
+                        let d = _mm512_castsi512_si128(_mm512_permutex2var_epi16(z[0], d8_idx, z[1]));
+                        let qs = [0, 1].map(|h| {
+                            _mm512_permutex2var_epi16(z[h], qs_idx, _mm512_loadu_si512(block.add(72 * h + 8).cast()))
+                        });
+                        (d, qs)
+                    };
+                    let prod = _mm512_castps256_ps512(_mm256_mul_ps(_mm256_cvtph_ps(d), da));
                     let scales = [_mm512_permutexvar_ps(spread, prod), _mm512_permutexvar_ps(spread_hi, prod)];
                     for h in 0..2 {
-                        let qs =
-                            _mm512_permutex2var_epi16(z[h], qs_idx, _mm512_loadu_si512(block.add(72 * h + 8).cast()));
-                        let (lo, hi) = (_mm512_and_si512(qs, mask), _mm512_and_si512(_mm512_srli_epi16::<4>(qs), mask));
+                        let (lo, hi) =
+                            (_mm512_and_si512(qs[h], mask), _mm512_and_si512(_mm512_srli_epi16::<4>(qs[h]), mask));
                         let dot = D::dpbusd_halves(biases[h], lo, a[h].0, hi, a[h].1);
                         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scales[h], acc[r]);
                     }
@@ -434,16 +530,25 @@ impl<D: Dot> RowKernel for Q4_0<'_, D> {
                 for r in 0..R {
                     let block = rows[r].add(18 * 4 * g);
                     prefetch_ahead::<72>(block, self.ahead);
-                    let z0 = _mm512_loadu_si512(block.cast());
-                    let z1 = _mm512_loadu_si512(block.add(8).cast());
-                    let qs = _mm512_permutex2var_epi16(z0, qs_idx, z1);
+                    let (d, qs) = if PACKED {
+                        let d = _mm_loadl_epi64(rows[r].add(scales_at + 8 * g).cast());
+                        (d, _mm512_loadu_si512(rows[r].add(64 * g).cast()))
+                    } else {
+                        let z0 = _mm512_loadu_si512(block.cast());
+                        let z1 = _mm512_loadu_si512(block.add(8).cast());
+                        (
+                            _mm512_castsi512_si128(_mm512_permutexvar_epi16(d_idx, z0)),
+                            _mm512_permutex2var_epi16(z0, qs_idx, z1),
+                        )
+                    };
                     let (lo, hi) = (_mm512_and_si512(qs, mask), _mm512_and_si512(_mm512_srli_epi16::<4>(qs), mask));
                     let dot = D::dpbusd_halves(bias, lo, a_lo, hi, a_hi);
-                    let d = _mm_cvtph_ps(_mm512_castsi512_si128(_mm512_permutexvar_epi16(d_idx, z0)));
+                    let d = _mm_cvtph_ps(d);
                     let scale = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_mul_ps(d, da)));
                     acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
                 }
             }
+            // The tail blocks are at `18 * b` in both layouts.
             let mut tail = [_mm256_setzero_ps(); R];
             for b in 4 * groups..self.nb {
                 let a = digits256(self.prep, 32 * b);
@@ -536,14 +641,20 @@ impl<D: Dot> RowKernel for Q4_1<'_, D> {
 /// `(d * sc) * da * dot - (dmin * m) * da * S`. The low nibbles of 64 bytes (sub-blocks `4h` and
 /// `4h + 2`) fill one register, their high nibbles (`4h + 1`, `4h + 3`) another; the four
 /// registers' lanes are then summed to two per sub-block before scaling.
-struct Q4K<'a, D> {
+///
+/// With `PACKED`, the nibbles are in the layout of `quant::q4_k::repack_row`
+/// (`cpu::RepackedWeight`), where lane `m` of the four registers holds the nibbles that the
+/// original layout's in-lane shuffles sum into lane `m`: the four registers' dot products are then
+/// accumulated in the same lanes ([`Dot::dpbusd4`]), with the same integers, and the rest is
+/// unchanged.
+struct Q4K<'a, D, const PACKED: bool> {
     nb: usize,
     prep: &'a Prepared,
     ahead: usize,
     dot: PhantomData<D>,
 }
 
-impl<D: Dot> RowKernel for Q4K<'_, D> {
+impl<D: Dot, const PACKED: bool> RowKernel for Q4K<'_, D, PACKED> {
     #[inline(always)]
     unsafe fn dot<const R: usize>(&self, rows: [*const u8; R]) -> [f32; R] {
         // SAFETY: each row holds `nb` super-blocks of 144 bytes (d, dmin, 12 scale bytes, 128
@@ -580,27 +691,29 @@ impl<D: Dot> RowKernel for Q4K<'_, D> {
                     let scm = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(packed[r]));
                     let t = _mm512_mul_ps(_mm512_mul_ps(scm, dd), factors);
                     acc_min[r] = _mm512_add_ps(acc_min[r], t);
-                    let mut dots = [_mm512_setzero_si512(); 4];
+                    let mut q = [_mm512_setzero_si512(); 4];
                     for h in 0..2 {
                         let bytes = _mm512_loadu_si512(block.add(16 + 64 * h).cast());
-                        let nibbles =
-                            [_mm512_and_si512(bytes, mask), _mm512_and_si512(_mm512_srli_epi16::<4>(bytes), mask)];
-                        for (j, q) in nibbles.into_iter().enumerate() {
-                            let p = 2 * h + j;
-                            dots[p] = D::dpbusd(_mm512_setzero_si512(), q, digits512(self.prep, QK_K * i + 64 * p));
-                        }
+                        q[2 * h] = _mm512_and_si512(bytes, mask);
+                        q[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16::<4>(bytes), mask);
                     }
-                    // Sum each register's 8 lanes per sub-block down to 2 with in-lane shuffles:
-                    // then one conversion and one FMA scale all eight sub-blocks.
-                    let x = _mm512_add_epi32(
-                        _mm512_unpacklo_epi32(dots[0], dots[1]),
-                        _mm512_unpackhi_epi32(dots[0], dots[1]),
-                    );
-                    let y = _mm512_add_epi32(
-                        _mm512_unpacklo_epi32(dots[2], dots[3]),
-                        _mm512_unpackhi_epi32(dots[2], dots[3]),
-                    );
-                    let z = _mm512_add_epi32(_mm512_unpacklo_epi64(x, y), _mm512_unpackhi_epi64(x, y));
+                    let a: [Digits<__m512i>; 4] = std::array::from_fn(|p| digits512(self.prep, QK_K * i + 64 * p));
+                    let z = if PACKED {
+                        D::dpbusd4(q, a)
+                    } else {
+                        let dots: [__m512i; 4] = std::array::from_fn(|p| D::dpbusd(_mm512_setzero_si512(), q[p], a[p]));
+                        // Sum each register's 8 lanes per sub-block down to 2 with in-lane
+                        // shuffles: then one conversion and one FMA scale all eight sub-blocks.
+                        let x = _mm512_add_epi32(
+                            _mm512_unpacklo_epi32(dots[0], dots[1]),
+                            _mm512_unpackhi_epi32(dots[0], dots[1]),
+                        );
+                        let y = _mm512_add_epi32(
+                            _mm512_unpacklo_epi32(dots[2], dots[3]),
+                            _mm512_unpackhi_epi32(dots[2], dots[3]),
+                        );
+                        _mm512_add_epi32(_mm512_unpacklo_epi64(x, y), _mm512_unpackhi_epi64(x, y))
+                    };
                     let scale = _mm512_permutexvar_ps(_mm512_loadu_si512(Z_ORDER.as_ptr().cast()), t);
                     acc[r][i % 2] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(z), scale, acc[r][i % 2]);
                 }
