@@ -12,6 +12,10 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
+use strata_models::Checkpoint;
+use strata_models::gguf::write::GgufWriter;
+use strata_models::gguf_model::gguf_tensor_name;
+use strata_models::tensor::{DType, Tensor};
 
 /// The environment variable that points the tests at a copy of the fixtures, for test binaries
 /// run away from the source tree (the GPU machine runs prebuilt binaries in another directory).
@@ -153,6 +157,60 @@ pub fn cosine_similarity(a: &[f32], b: &[f32]) -> f64 {
         bb += y * y;
     }
     dot / (aa.sqrt() * bb.sqrt())
+}
+
+/// Writes fixture `f` as a llama GGUF file (q/k rows permuted within each head as llama.cpp's
+/// converter does, so that interleaved RoPE applies) with `edit` applied to its metadata. 2-D
+/// tensors are stored in `dtype` where their rows are whole blocks of it (else f32), 1-D ones in
+/// f32.
+pub fn write_gguf(f: &Fixture, dtype: DType, edit: impl FnOnce(&mut GgufWriter), path: &Path) {
+    let config: Value = serde_json::from_str(&std::fs::read_to_string(f.dir.join("config.json")).unwrap()).unwrap();
+    let n = |key: &str| config[key].as_u64().unwrap() as u32;
+    let (heads, kv_heads, head_dim) = (n("num_attention_heads"), n("num_key_value_heads"), n("head_dim"));
+    let mut w = GgufWriter::new();
+    w.set_metadata("general.architecture", "llama");
+    w.set_metadata("llama.context_length", n("max_position_embeddings"));
+    w.set_metadata("llama.embedding_length", n("hidden_size"));
+    w.set_metadata("llama.block_count", n("num_hidden_layers"));
+    w.set_metadata("llama.feed_forward_length", n("intermediate_size"));
+    w.set_metadata("llama.attention.head_count", heads);
+    w.set_metadata("llama.attention.head_count_kv", kv_heads);
+    w.set_metadata("llama.attention.key_length", head_dim);
+    w.set_metadata("llama.attention.value_length", head_dim);
+    w.set_metadata("llama.rope.dimension_count", head_dim);
+    w.set_metadata("llama.vocab_size", n("vocab_size"));
+    w.set_metadata("llama.attention.layer_norm_rms_epsilon", config["rms_norm_eps"].as_f64().unwrap() as f32);
+    w.set_metadata("llama.rope.freq_base", config["rope_parameters"]["rope_theta"].as_f64().unwrap() as f32);
+    edit(&mut w);
+    let ckpt = Checkpoint::open(&f.dir).unwrap();
+    for name in ckpt.tensor_names().map(str::to_string).collect::<Vec<_>>() {
+        let t = ckpt.tensor(&name).unwrap();
+        let dims = t.shape().dims().to_vec();
+        let mut data = t.to_f32_vec().unwrap();
+        let heads_here = if name.ends_with("q_proj.weight") {
+            Some(heads)
+        } else if name.ends_with("k_proj.weight") {
+            Some(kv_heads)
+        } else {
+            None
+        };
+        if let Some(h) = heads_here {
+            // Row i of each head's first half goes to 2i, row i of the second half to 2i + 1.
+            let (hd, cols) = (head_dim as usize, dims[1]);
+            let src = data.clone();
+            for head in 0..h as usize {
+                for r in 0..hd {
+                    let from = head * hd + if r % 2 == 0 { r / 2 } else { hd / 2 + r / 2 };
+                    let to = head * hd + r;
+                    data[to * cols..(to + 1) * cols].copy_from_slice(&src[from * cols..(from + 1) * cols]);
+                }
+            }
+        }
+        let gguf_name = gguf_tensor_name(&name).unwrap();
+        let stored = if dims.len() == 2 && dims[1].is_multiple_of(dtype.block_len()) { dtype } else { DType::F32 };
+        w.add_tensor(gguf_name, &Tensor::from_f32_as(&data, dims, stored).unwrap()).unwrap();
+    }
+    w.write_file(path).unwrap();
 }
 
 #[cfg(test)]

@@ -18,10 +18,9 @@ use std::path::Path;
 
 use serde_json::Value;
 use strata_models::gguf::write::GgufWriter;
-use strata_models::gguf_model::gguf_tensor_name;
-use strata_models::tensor::Tensor;
-use strata_models::{Checkpoint, ContextScaling, Decoder, Error, Logits, RopeUpdate, ScalingAlgorithm};
-use strata_tests::{Fixture, max_abs_diff, read_npy_f32};
+use strata_models::tensor::{DType, Tensor};
+use strata_models::{ContextScaling, Decoder, Error, Logits, RopeUpdate, ScalingAlgorithm};
+use strata_tests::{Fixture, max_abs_diff, read_npy_f32, write_gguf};
 
 /// The tolerance on logits.
 const TOL: f32 = 1e-4;
@@ -312,57 +311,6 @@ fn kv_memory_follows_the_tokens_held() {
     }
 }
 
-/// Writes fixture `f` as a llama GGUF file (f32 tensors, q/k rows permuted within each head as
-/// llama.cpp's converter does, so that interleaved RoPE applies) with `rope` metadata added.
-fn write_gguf(f: &Fixture, rope: impl FnOnce(&mut GgufWriter), path: &Path) {
-    let config = read_json(&f.dir.join("config.json"));
-    let n = |key: &str| config[key].as_u64().unwrap() as u32;
-    let (heads, kv_heads, head_dim) = (n("num_attention_heads"), n("num_key_value_heads"), n("head_dim"));
-    let mut w = GgufWriter::new();
-    w.set_metadata("general.architecture", "llama");
-    w.set_metadata("llama.context_length", n("max_position_embeddings"));
-    w.set_metadata("llama.embedding_length", n("hidden_size"));
-    w.set_metadata("llama.block_count", n("num_hidden_layers"));
-    w.set_metadata("llama.feed_forward_length", n("intermediate_size"));
-    w.set_metadata("llama.attention.head_count", heads);
-    w.set_metadata("llama.attention.head_count_kv", kv_heads);
-    w.set_metadata("llama.attention.key_length", head_dim);
-    w.set_metadata("llama.attention.value_length", head_dim);
-    w.set_metadata("llama.rope.dimension_count", head_dim);
-    w.set_metadata("llama.vocab_size", n("vocab_size"));
-    w.set_metadata("llama.attention.layer_norm_rms_epsilon", config["rms_norm_eps"].as_f64().unwrap() as f32);
-    w.set_metadata("llama.rope.freq_base", config["rope_parameters"]["rope_theta"].as_f64().unwrap() as f32);
-    rope(&mut w);
-    let ckpt = Checkpoint::open(&f.dir).unwrap();
-    for name in ckpt.tensor_names().map(str::to_string).collect::<Vec<_>>() {
-        let t = ckpt.tensor(&name).unwrap();
-        let dims = t.shape().dims().to_vec();
-        let mut data = t.to_f32_vec().unwrap();
-        let heads_here = if name.ends_with("q_proj.weight") {
-            Some(heads)
-        } else if name.ends_with("k_proj.weight") {
-            Some(kv_heads)
-        } else {
-            None
-        };
-        if let Some(h) = heads_here {
-            // Row i of each head's first half goes to 2i, row i of the second half to 2i + 1.
-            let (hd, cols) = (head_dim as usize, dims[1]);
-            let src = data.clone();
-            for head in 0..h as usize {
-                for r in 0..hd {
-                    let from = head * hd + if r % 2 == 0 { r / 2 } else { hd / 2 + r / 2 };
-                    let to = head * hd + r;
-                    data[to * cols..(to + 1) * cols].copy_from_slice(&src[from * cols..(from + 1) * cols]);
-                }
-            }
-        }
-        let gguf_name = gguf_tensor_name(&name).unwrap();
-        w.add_tensor(gguf_name, &Tensor::from_f32(&data, dims).unwrap()).unwrap();
-    }
-    w.write_file(path).unwrap();
-}
-
 #[test]
 fn gguf_rope_metadata_gives_the_same_logits() {
     let dir = tempfile::tempdir().unwrap();
@@ -412,7 +360,7 @@ fn gguf_rope_metadata_gives_the_same_logits() {
     for (name, rope) in cases {
         let f = Fixture::load(name);
         let path = dir.path().join(format!("{name}.gguf"));
-        write_gguf(&f, rope, &path);
+        write_gguf(&f, DType::F32, rope, &path);
         let d = strata_models::load_gguf(&path).unwrap().decoder;
         let diff = max_abs_diff(&one_pass(&d, None, &f.prompt_ids), &f.logits);
         assert!(diff <= TOL, "{name} from GGUF: max |logit - transformers| = {diff}");

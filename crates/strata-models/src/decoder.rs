@@ -40,22 +40,45 @@ pub trait TensorSource {
 #[derive(Clone, Debug)]
 pub struct Linear {
     pub(crate) weight: Tensor,
+    /// `weight` rearranged for the CPU kernels ([`Linear::repack_for_cpu`]), which the forward
+    /// pass then reads instead: the products are bit for bit the same.
+    pub(crate) repacked: Option<cpu::RepackedWeight>,
     pub(crate) bias: Option<Vec<f32>>,
 }
 
 impl Linear {
+    /// A linear layer of `weight` `[out, in]` and an optional bias.
+    pub fn new(weight: Tensor, bias: Option<Vec<f32>>) -> Linear {
+        Linear { weight, repacked: None, bias }
+    }
+
     /// Output features.
     pub fn out_features(&self) -> usize {
         self.weight.shape().dims()[0]
     }
 
+    /// Repacks a CPU weight of a dtype the CPU kernels read faster rearranged (`q4_0`, `q4_k`:
+    /// [`cpu::RepackedWeight`]) and releases the original's pages (a memory-mapped checkpoint's
+    /// are read again from the file if anything else needs them): the same memory, faster
+    /// products. Other weights stay as they are. Says whether it repacked the weight now.
+    pub fn repack_for_cpu(&mut self) -> Result<bool> {
+        if self.repacked.is_some() || !cpu::RepackedWeight::supports(self.weight.dtype()) {
+            return Ok(false);
+        }
+        let Ok(bytes) = self.weight.cpu_bytes() else { return Ok(false) };
+        self.repacked = Some(cpu::RepackedWeight::from_tensor(&self.weight)?);
+        strata_tensor::release_pages(bytes);
+        Ok(true)
+    }
+
     /// `out[t, out_features] = x[t, in_features] W^T + b`.
     pub fn forward(&self, x: &[f32], out: &mut [f32]) -> Result<()> {
         let n = self.out_features();
-        if out.len() == n {
-            cpu::matvec(&self.weight, x, out)?;
-        } else {
-            cpu::matmul(x, &self.weight, out)?;
+        match (&self.repacked, out.len() == n) {
+            (Some(w), true) => w.matvec(x, out)?,
+            (Some(w), false) => w.matmul(x, out)?,
+            (None, true) => cpu::matvec(&self.weight, x, out)?,
+            (None, false) => cpu::matmul(x, &self.weight, out)?,
         }
         if let Some(b) = &self.bias {
             for row in out.chunks_exact_mut(n) {
@@ -309,6 +332,24 @@ impl Decoder {
         }
         let rope = hp.rope.clone();
         Ok(Decoder { hp, embed, layers, norm, lm_head, store: Some(store), rope, moe: MoeOptions::default() })
+    }
+
+    /// Repacks the resident projection weights the CPU kernels read faster rearranged
+    /// ([`Linear::repack_for_cpu`]: `q4_0` and `q4_k`) of the attention blocks and dense MLPs, in
+    /// parallel, and returns how many it repacked. Logits stay bit for bit the same; the
+    /// original tensors stay valid (for a CUDA upload, say) but leave the resident set.
+    pub fn repack_for_cpu(&mut self) -> Result<usize> {
+        use rayon::prelude::*;
+        let mut linears: Vec<&mut Linear> = Vec::new();
+        for layer in &mut self.layers {
+            if let Slot::Resident(a) = &mut layer.attn {
+                linears.extend([&mut a.q, &mut a.k, &mut a.v, &mut a.o]);
+            }
+            if let FfnSlot::Whole(Slot::Resident(FeedForward { ffn: Ffn::Dense(mlp), .. })) = &mut layer.ffn {
+                linears.extend([&mut mlp.gate, &mut mlp.up, &mut mlp.down]);
+            }
+        }
+        linears.into_par_iter().map(|l| l.repack_for_cpu().map(usize::from)).try_reduce(|| 0, |a, b| Ok(a + b))
     }
 
     /// The store the streamed weights come from, for an offloaded model.
@@ -905,7 +946,7 @@ impl Loader<'_> {
     pub(crate) fn linear(&self, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
         let weight = self.matrix(&format!("{name}.weight"), out, inp)?;
         let bias = if bias { Some(self.vector(&format!("{name}.bias"), out)?) } else { None };
-        Ok(Linear { weight, bias })
+        Ok(Linear::new(weight, bias))
     }
 
     /// A 2-D weight `[rows, cols]`, kept in its stored dtype.

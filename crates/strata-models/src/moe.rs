@@ -678,7 +678,7 @@ pub(crate) fn load_moe_layer(loader: &Loader<'_>, p: &str, hidden: usize, moe: &
         .map(|m| format!("{p}.{m}"))
         .find(|b| loader.contains(&format!("{b}.gate.weight")))
         .unwrap_or_else(|| format!("{p}.{}", prefixes[0]));
-    let router = Linear { weight: loader.matrix(&format!("{block}.gate.weight"), e, hidden)?, bias: None };
+    let router = Linear::new(loader.matrix(&format!("{block}.gate.weight"), e, hidden)?, None);
     let router = Router::new(router, moe.top_k, moe.norm_topk_prob);
 
     let names = expert_names(moe.mixtral_names);
@@ -692,7 +692,7 @@ pub(crate) fn load_moe_layer(loader: &Loader<'_>, p: &str, hidden: usize, moe: &
         // Report the name of the layout save_pretrained writes.
         ExpertLayout::PerExpert
     };
-    let linear = |weight: Tensor| Linear { weight, bias: None };
+    let linear = |weight: Tensor| Linear::new(weight, None);
     let experts = match layout {
         ExpertLayout::PerExpert => (0..e)
             .map(|i| {

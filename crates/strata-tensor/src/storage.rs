@@ -200,6 +200,22 @@ impl Storage {
     }
 }
 
+/// Asks the kernel to reclaim the whole pages of `bytes` (those entirely inside it), so that
+/// memory read once, such as a tensor of a memory-mapped file that was repacked or copied
+/// elsewhere, stops counting in the process's resident set. `MADV_PAGEOUT` never changes
+/// memory contents: file pages are read again if touched, anonymous pages stay or go to swap.
+/// Does nothing where the kernel does not support it.
+pub fn release_pages(bytes: &[u8]) {
+    const PAGE: usize = 4096;
+    let start = (bytes.as_ptr() as usize).next_multiple_of(PAGE);
+    let end = (bytes.as_ptr() as usize + bytes.len()) / PAGE * PAGE;
+    if end > start {
+        // SAFETY: [start, end) lies within `bytes`, memory this process has mapped for the
+        // borrow's lifetime; MADV_PAGEOUT is advice that never alters the memory's contents.
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_PAGEOUT) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

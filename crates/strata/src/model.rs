@@ -256,6 +256,11 @@ impl Model {
             None => None,
         };
         let mut decoder = loaded.decoder;
+        if options.device == Device::Cpu && decoder.store().is_none() {
+            // Weights of the memory-mapped checkpoint that the CPU kernels read faster
+            // rearranged (q4_0, q4_k) are repacked once: the same bytes, the same logits.
+            decoder.repack_for_cpu()?;
+        }
         if scaling.is_some() {
             decoder.set_context_scaling(scaling)?;
         }

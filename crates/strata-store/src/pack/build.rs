@@ -77,7 +77,9 @@ pub(super) fn build(
                 write(&mut out, &tmp, &converted)?;
                 crc.update(&converted);
             }
-            release_source(spec_t.data);
+            // Reading a memory-mapped checkpoint from start to end must not leave all of it in
+            // the resident set: a pack built on first load stays under `--max-ram`.
+            strata_tensor::release_pages(spec_t.data);
             pos = t.offset + t.len;
             progress(&Progress { done_bytes: done + pos, total_bytes, unit: unit.name.clone() });
         }
@@ -162,22 +164,6 @@ fn sync_dir(dir: &Path) -> Result<()> {
 
 /// Advises the kernel that the synced range `offset..offset + len` of `file` will not be read
 /// soon. Only advice: an error changes nothing that matters, so it is ignored.
-/// Asks the kernel to reclaim the whole pages of a source tensor once it is packed, so that
-/// reading a memory-mapped checkpoint from start to end does not leave all of it in this
-/// process's resident set (a pack built on first load stays under `--max-ram`). `MADV_PAGEOUT`
-/// never changes memory contents: file pages are read again if touched, anonymous pages stay
-/// or go to swap. Ignored where the kernel does not support it.
-fn release_source(bytes: &[u8]) {
-    const PAGE: usize = 4096;
-    let start = (bytes.as_ptr() as usize).next_multiple_of(PAGE);
-    let end = (bytes.as_ptr() as usize + bytes.len()) / PAGE * PAGE;
-    if end > start {
-        // SAFETY: [start, end) lies within `bytes`, memory this process has mapped for the
-        // borrow's lifetime; MADV_PAGEOUT is advice that never alters the memory's contents.
-        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_PAGEOUT) };
-    }
-}
-
 fn drop_cached(file: &File, offset: u64, len: u64) {
     let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else { return };
     // SAFETY: the descriptor belongs to `file`, which is open for the whole call; the call reads
