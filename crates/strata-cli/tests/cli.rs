@@ -220,6 +220,46 @@ fn bench_reports_the_contract_fields_as_json() {
     assert!(report["decode_tok_s"].as_f64().unwrap() > 0.0);
 }
 
+/// Under `--max-ram`, `strata bench` plans for its own request (the KV cache of 16 tokens), keeps
+/// the plan within the ceiling, streams, and its measured peak RSS stays under the ceiling too.
+#[test]
+fn bench_under_max_ram_stays_under_it() {
+    let cache = cache_with_profile();
+    let model = fixture("llama_untied");
+    let offload = tempfile::tempdir().unwrap();
+    // 0.27 MB for the model (of its 0.3 MB of weights), over the 48 MiB the process itself is
+    // counted for on 2 threads: some units stream.
+    let out = strata_in(
+        cache.path(),
+        &[
+            "bench",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt-tokens",
+            "8",
+            "--gen-tokens",
+            "8",
+            "--runs",
+            "1",
+            "--threads",
+            "2",
+            "--max-ram",
+            "50.6MB",
+            "--offload-dir",
+            offload.path().to_str().unwrap(),
+            "--json",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let plan = &report["plan"];
+    assert_eq!(plan["context_tokens"], 16, "{report}");
+    assert!(plan["streamed_units"].as_u64().unwrap() > 0, "{report}");
+    assert!(plan["planned_ram_bytes"].as_u64().unwrap() <= 50_600_000, "{report}");
+    assert!(report["peak_rss_bytes"].as_u64().unwrap() <= 50_600_000, "{report}");
+    assert!(report["bytes_streamed_per_token"].as_f64().unwrap() > 0.0, "{report}");
+}
+
 /// The float32 payload of a `.npy` written by `strata logits`.
 fn read_npy(path: &Path) -> Vec<f32> {
     let bytes = std::fs::read(path).unwrap();
