@@ -303,17 +303,10 @@ impl Decoder {
                 (Some(_), Some(_)) => {
                     let parts = [unit(&ffn_unit(i))?, unit(&ffn_up_unit(i))?, unit(&ffn_down_unit(i))?];
                     if parts.iter().any(|u| store.streamed_units().contains(u)) {
-                        let (h, inter, bias) = (hp.hidden_size, hp.intermediate_size, hp.mlp_bias);
-                        let p = format!("model.layers.{i}");
                         FfnSlot::Split(SplitMlp {
-                            gate: place(&store, parts[0], |l| {
-                                Ok((
-                                    l.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
-                                    l.linear(&format!("{p}.mlp.gate_proj"), inter, h, bias)?,
-                                ))
-                            })?,
-                            up: place(&store, parts[1], |l| l.linear(&format!("{p}.mlp.up_proj"), inter, h, bias))?,
-                            down: place(&store, parts[2], |l| l.linear(&format!("{p}.mlp.down_proj"), h, inter, bias))?,
+                            gate: place(&store, parts[0], |l| load_norm_and_gate(&hp, i, l))?,
+                            up: place(&store, parts[1], |l| load_mlp_part(&hp, i, MlpPart::Up, l))?,
+                            down: place(&store, parts[2], |l| load_mlp_part(&hp, i, MlpPart::Down, l))?,
                         })
                     } else {
                         // All three resident: one block, as if loaded from the checkpoint.
@@ -371,46 +364,31 @@ impl Decoder {
         proj: &mut [f32],
     ) -> Result<()> {
         let hp = &self.hp;
-        let (h, inter, bias) = (hp.hidden_size, hp.intermediate_size, hp.mlp_bias);
-        let p = format!("model.layers.{li}");
-        {
-            let streamed;
-            let (norm, gate_proj) = match &mlp.gate {
-                Slot::Resident((n, g)) => (n, g),
-                Slot::Streamed(unit) => {
-                    streamed = self.fetch(*unit, |l| {
-                        Ok((
-                            l.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
-                            l.linear(&format!("{p}.mlp.gate_proj"), inter, h, bias)?,
-                        ))
-                    })?;
-                    (&streamed.0, &streamed.1)
-                }
-            };
-            cpu::rms_norm(x, norm, hp.rms_norm_eps, normed)?;
-            gate_proj.forward(normed, gate)?;
-        }
-        {
-            let streamed;
-            let up_proj = match &mlp.up {
-                Slot::Resident(l) => l,
-                Slot::Streamed(unit) => {
-                    streamed = self.fetch(*unit, |l| l.linear(&format!("{p}.mlp.up_proj"), inter, h, bias))?;
-                    &streamed
-                }
-            };
-            up_proj.forward(normed, up)?;
-        }
+        self.with_slot(
+            &mlp.gate,
+            |l| load_norm_and_gate(hp, li, l),
+            |(norm, gate_proj)| {
+                cpu::rms_norm(x, norm, hp.rms_norm_eps, normed)?;
+                gate_proj.forward(normed, gate)
+            },
+        )?;
+        self.with_slot(&mlp.up, |l| load_mlp_part(hp, li, MlpPart::Up, l), |w| w.forward(normed, up))?;
         cpu::swiglu(gate, up, act)?;
-        let streamed;
-        let down_proj = match &mlp.down {
-            Slot::Resident(l) => l,
-            Slot::Streamed(unit) => {
-                streamed = self.fetch(*unit, |l| l.linear(&format!("{p}.mlp.down_proj"), h, inter, bias))?;
-                &streamed
-            }
-        };
-        down_proj.forward(act, proj)
+        self.with_slot(&mlp.down, |l| load_mlp_part(hp, li, MlpPart::Down, l), |w| w.forward(act, proj))
+    }
+
+    /// Runs `run` on the weights of `slot`: at once if resident, else on weights `build` makes
+    /// from the streamed unit, which goes back to the store's ring when `run` returns.
+    fn with_slot<T>(
+        &self,
+        slot: &Slot<T>,
+        build: impl FnOnce(&Loader<'_>) -> Result<T>,
+        run: impl FnOnce(&T) -> Result<()>,
+    ) -> Result<()> {
+        match slot {
+            Slot::Resident(t) => run(t),
+            Slot::Streamed(unit) => run(&self.fetch(*unit, build)?),
+        }
     }
 
     /// Builds streamed weights from unit `unit` of the store with `build`. The weights view the
@@ -831,17 +809,45 @@ fn load_attention(hp: &Hparams, i: usize, loader: &Loader<'_>) -> Result<Attenti
 
 /// Loads layer `i`'s feed-forward block: a dense MLP, or the MoE block of a sparse layer.
 fn load_ffn(hp: &Hparams, i: usize, loader: &Loader<'_>) -> Result<FeedForward> {
-    let (h, inter) = (hp.hidden_size, hp.intermediate_size);
     let p = format!("model.layers.{i}");
     let ffn = match &hp.moe {
-        Some(moe) if moe.is_sparse(i) => Ffn::Moe(load_moe_layer(loader, &p, h, moe)?),
+        Some(moe) if moe.is_sparse(i) => Ffn::Moe(load_moe_layer(loader, &p, hp.hidden_size, moe)?),
         _ => Ffn::Dense(Mlp::new(
-            loader.linear(&format!("{p}.mlp.gate_proj"), inter, h, hp.mlp_bias)?,
-            loader.linear(&format!("{p}.mlp.up_proj"), inter, h, hp.mlp_bias)?,
-            loader.linear(&format!("{p}.mlp.down_proj"), h, inter, hp.mlp_bias)?,
+            load_mlp_part(hp, i, MlpPart::Gate, loader)?,
+            load_mlp_part(hp, i, MlpPart::Up, loader)?,
+            load_mlp_part(hp, i, MlpPart::Down, loader)?,
         )),
     };
-    Ok(FeedForward { norm: loader.vector(&format!("{p}.post_attention_layernorm.weight"), h)?, ffn })
+    Ok(FeedForward { norm: load_ffn_norm(hp, i, loader)?, ffn })
+}
+
+/// One projection of a dense MLP.
+#[derive(Clone, Copy)]
+enum MlpPart {
+    Gate,
+    Up,
+    Down,
+}
+
+/// Layer `i`'s dense MLP projection `part`.
+fn load_mlp_part(hp: &Hparams, i: usize, part: MlpPart, loader: &Loader<'_>) -> Result<Linear> {
+    let (h, inter) = (hp.hidden_size, hp.intermediate_size);
+    let (name, out, inp) = match part {
+        MlpPart::Gate => ("gate_proj", inter, h),
+        MlpPart::Up => ("up_proj", inter, h),
+        MlpPart::Down => ("down_proj", h, inter),
+    };
+    loader.linear(&format!("model.layers.{i}.mlp.{name}"), out, inp, hp.mlp_bias)
+}
+
+/// Layer `i`'s post-attention norm.
+fn load_ffn_norm(hp: &Hparams, i: usize, loader: &Loader<'_>) -> Result<Vec<f32>> {
+    loader.vector(&format!("model.layers.{i}.post_attention_layernorm.weight"), hp.hidden_size)
+}
+
+/// The first unit of a split MLP: layer `i`'s post-attention norm and gate projection.
+fn load_norm_and_gate(hp: &Hparams, i: usize, loader: &Loader<'_>) -> Result<(Vec<f32>, Linear)> {
+    Ok((load_ffn_norm(hp, i, loader)?, load_mlp_part(hp, i, MlpPart::Gate, loader)?))
 }
 
 /// Whether two tensors are views of the same bytes as the same matrix (a tied output head).

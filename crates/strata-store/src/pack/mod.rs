@@ -337,15 +337,7 @@ impl Pack {
             hasher.update(&chunk[..n]);
             done += n as u64;
         }
-        let actual = hasher.finalize();
-        if actual != u.crc32 {
-            return Err(Error::Checksum {
-                unit: u.name.clone(),
-                path: self.data_path.clone(),
-                expected: u.crc32,
-                actual,
-            });
-        }
+        self.check_crc(u, hasher.finalize())?;
         // SAFETY: the pack's data file is only written through a temporary file renamed into
         // place under the pack's lock; a complete pack is never modified in place, so the
         // mapped bytes do not change while the map lives.
@@ -366,16 +358,15 @@ impl Pack {
                 got: bytes.len() as u64,
             });
         };
-        let actual = crc32fast::hash(covered);
-        if actual != u.crc32 {
-            return Err(Error::Checksum {
-                unit: u.name.clone(),
-                path: self.data_path.clone(),
-                expected: u.crc32,
-                actual,
-            });
+        self.check_crc(u, crc32fast::hash(covered))
+    }
+
+    /// The [`Error::Checksum`] naming unit `u` unless `actual` is its recorded CRC-32.
+    fn check_crc(&self, u: &PackUnit, actual: u32) -> Result<()> {
+        if actual == u.crc32 {
+            return Ok(());
         }
-        Ok(())
+        Err(Error::Checksum { unit: u.name.clone(), path: self.data_path.clone(), expected: u.crc32, actual })
     }
 }
 

@@ -78,7 +78,22 @@ pub(crate) const GEMM_MIN_M: usize = 16;
 /// the tiled VNNI GEMM from [`GEMM_MIN_M`] rows, otherwise the matrix-vector kernels of `isa`
 /// row by row.
 pub(crate) fn matmul_quantized_with(isa: Isa, x: &[f32], w: &Tensor, y: &mut [f32]) -> Result<()> {
-    let op = "matmul_quantized";
+    matmul_blocks(isa, "matmul_quantized", x, w, y, false)
+}
+
+/// [`matmul_quantized_with`] for a weight `w` of repacked rows (`cpu::RepackedWeight`, whose
+/// checks `w` went through: a 2-D `Q4_0` or `Q4_K` tensor on the CPU): the same results, bit for
+/// bit, as on the original rows. The GEMM decodes its panels from the repacked rows (restoring the
+/// original blocks of a slice only where it reaches `Q4_0` blocks past the whole groups); the
+/// matrix-vector kernels read the repacked rows.
+pub(crate) fn matmul_packed_with(isa: Isa, x: &[f32], w: &Tensor, y: &mut [f32]) -> Result<()> {
+    debug_assert!(matches!(w.dtype(), DType::Q4_0 | DType::Q4K));
+    matmul_blocks(isa, "RepackedWeight::matmul", x, w, y, true)
+}
+
+/// The GEMM from [`GEMM_MIN_M`] rows with VNNI, else the matrix-vector kernels row by row, on
+/// GGUF rows or (`packed`) repacked ones.
+fn matmul_blocks(isa: Isa, op: &'static str, x: &[f32], w: &Tensor, y: &mut [f32], packed: bool) -> Result<()> {
     let (m, n, k) = check_matmul(op, x, w, y)?;
     let dtype = w.dtype();
     if !dtype.is_quantized() {
@@ -91,36 +106,12 @@ pub(crate) fn matmul_quantized_with(isa: Isa, x: &[f32], w: &Tensor, y: &mut [f3
     let isa = isa.min(Isa::detect());
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512Vnni && m >= GEMM_MIN_M {
-        gemm(dtype, bytes, w.row_bytes(), false, m, n, k, x, y);
+        gemm(dtype, bytes, w.row_bytes(), packed, m, n, k, x, y);
         return Ok(());
     }
+    let matvec = if packed { matvec_packed_with } else { matvec_quant_with };
     for (xr, yr) in x.chunks_exact(k).zip(y.chunks_exact_mut(n)) {
-        matvec_quant_with(isa, dtype, bytes, n, k, xr, yr);
-    }
-    Ok(())
-}
-
-/// [`matmul_quantized_with`] for a weight `w` of repacked rows (`cpu::RepackedWeight`, whose
-/// checks `w` went through: a 2-D `Q4_0` or `Q4_K` tensor on the CPU): the same results, bit for
-/// bit, as on the original rows. The GEMM decodes its panels from the repacked rows (restoring the
-/// original blocks of a slice only where it reaches `Q4_0` blocks past the whole groups); the
-/// matrix-vector kernels read the repacked rows.
-pub(crate) fn matmul_packed_with(isa: Isa, x: &[f32], w: &Tensor, y: &mut [f32]) -> Result<()> {
-    let (m, n, k) = check_matmul("RepackedWeight::matmul", x, w, y)?;
-    let dtype = w.dtype();
-    debug_assert!(matches!(dtype, DType::Q4_0 | DType::Q4K));
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    let bytes = w.cpu_bytes()?;
-    let isa = isa.min(Isa::detect());
-    #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512Vnni && m >= GEMM_MIN_M {
-        gemm(dtype, bytes, w.row_bytes(), true, m, n, k, x, y);
-        return Ok(());
-    }
-    for (xr, yr) in x.chunks_exact(k).zip(y.chunks_exact_mut(n)) {
-        matvec_packed_with(isa, dtype, bytes, n, k, xr, yr);
+        matvec(isa, dtype, bytes, n, k, xr, yr);
     }
     Ok(())
 }
