@@ -3,8 +3,8 @@
 //! Tests that span several strata crates live in `tests/tests/*.rs`; the reference fixtures
 //! (tiny random-init models with transformers' logits, made by `cargo xtask fixtures`) live in
 //! `tests/fixtures/`. This library holds what those tests share: finding fixtures, reading
-//! `.npy` files and `expected.json`, and comparing logits. `tests/tests/tidy.rs` holds the tidy
-//! checks, ordinary `#[test]`s over the source tree.
+//! `.npy` files and `expected.json`, comparing logits, and writing fixtures as GGUF files.
+//! `tests/tests/tidy.rs` holds the tidy checks, ordinary `#[test]`s over the source tree.
 //!
 //! Dependencies: any strata crate (it sits above all of them and nothing depends on it).
 #![warn(missing_docs)]
@@ -12,10 +12,10 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use strata_models::Checkpoint;
 use strata_models::gguf::write::GgufWriter;
 use strata_models::gguf_model::gguf_tensor_name;
 use strata_models::tensor::{DType, Tensor};
+use strata_models::{Checkpoint, ModelConfig};
 
 /// The environment variable that points the tests at a copy of the fixtures, for test binaries
 /// run away from the source tree (the GPU machine runs prebuilt binaries in another directory).
@@ -159,58 +159,106 @@ pub fn cosine_similarity(a: &[f32], b: &[f32]) -> f64 {
     dot / (aa.sqrt() * bb.sqrt())
 }
 
-/// Writes fixture `f` as a llama GGUF file (q/k rows permuted within each head as llama.cpp's
-/// converter does, so that interleaved RoPE applies) with `edit` applied to its metadata. 2-D
-/// tensors are stored in `dtype` where their rows are whole blocks of it (else f32), 1-D ones in
-/// f32.
-pub fn write_gguf(f: &Fixture, dtype: DType, edit: impl FnOnce(&mut GgufWriter), path: &Path) {
-    let config: Value = serde_json::from_str(&std::fs::read_to_string(f.dir.join("config.json")).unwrap()).unwrap();
-    let n = |key: &str| config[key].as_u64().unwrap() as u32;
-    let (heads, kv_heads, head_dim) = (n("num_attention_heads"), n("num_key_value_heads"), n("head_dim"));
-    let mut w = GgufWriter::new();
-    w.set_metadata("general.architecture", "llama");
-    w.set_metadata("llama.context_length", n("max_position_embeddings"));
-    w.set_metadata("llama.embedding_length", n("hidden_size"));
-    w.set_metadata("llama.block_count", n("num_hidden_layers"));
-    w.set_metadata("llama.feed_forward_length", n("intermediate_size"));
-    w.set_metadata("llama.attention.head_count", heads);
-    w.set_metadata("llama.attention.head_count_kv", kv_heads);
-    w.set_metadata("llama.attention.key_length", head_dim);
-    w.set_metadata("llama.attention.value_length", head_dim);
-    w.set_metadata("llama.rope.dimension_count", head_dim);
-    w.set_metadata("llama.vocab_size", n("vocab_size"));
-    w.set_metadata("llama.attention.layer_norm_rms_epsilon", config["rms_norm_eps"].as_f64().unwrap() as f32);
-    w.set_metadata("llama.rope.freq_base", config["rope_parameters"]["rope_theta"].as_f64().unwrap() as f32);
-    edit(&mut w);
-    let ckpt = Checkpoint::open(&f.dir).unwrap();
-    for name in ckpt.tensor_names().map(str::to_string).collect::<Vec<_>>() {
-        let t = ckpt.tensor(&name).unwrap();
-        let dims = t.shape().dims().to_vec();
-        let mut data = t.to_f32_vec().unwrap();
-        let heads_here = if name.ends_with("q_proj.weight") {
-            Some(heads)
-        } else if name.ends_with("k_proj.weight") {
-            Some(kv_heads)
-        } else {
-            None
-        };
-        if let Some(h) = heads_here {
-            // Row i of each head's first half goes to 2i, row i of the second half to 2i + 1.
-            let (hd, cols) = (head_dim as usize, dims[1]);
-            let src = data.clone();
-            for head in 0..h as usize {
-                for r in 0..hd {
-                    let from = head * hd + if r % 2 == 0 { r / 2 } else { hd / 2 + r / 2 };
-                    let to = head * hd + r;
-                    data[to * cols..(to + 1) * cols].copy_from_slice(&src[from * cols..(from + 1) * cols]);
-                }
+/// How [`write_gguf`] stores each tensor.
+#[derive(Clone, Copy, Debug)]
+pub enum GgufDtypes {
+    /// Every 2-D tensor in this dtype where its rows are whole blocks of it, every other tensor
+    /// in f32; a tensor the checkpoint holds in bf16 stays bf16 where it would be f32 (its values
+    /// are exactly bf16 values, so the file still holds the fixture's weights exactly).
+    Uniform(DType),
+    /// The way llama.cpp's quantized files mix types: the attention in Q4_1, gate and up in Q4_0,
+    /// the other 2-D tensors (embedding, output head, down) in Q8_0; 2-D tensors whose rows are
+    /// not whole blocks of that dtype in F16; 1-D tensors (norms and biases) in f32.
+    Mixed,
+}
+
+impl GgufDtypes {
+    /// The dtype of the tensor called `gguf_name` of shape `dims`, held in `source` by the
+    /// checkpoint.
+    pub fn of(self, gguf_name: &str, dims: &[usize], source: DType) -> DType {
+        let fallback =
+            if matches!(self, GgufDtypes::Uniform(_)) && source == DType::BF16 { DType::BF16 } else { DType::F32 };
+        let [_, cols] = *dims else { return fallback };
+        match self {
+            GgufDtypes::Uniform(dtype) if dtype != DType::F32 && cols.is_multiple_of(dtype.block_len()) => dtype,
+            GgufDtypes::Uniform(_) => fallback,
+            GgufDtypes::Mixed => {
+                let dtype = if gguf_name.contains("attn_") {
+                    DType::Q4_1
+                } else if gguf_name.contains("ffn_gate") || gguf_name.contains("ffn_up") {
+                    DType::Q4_0
+                } else {
+                    DType::Q8_0
+                };
+                if cols.is_multiple_of(dtype.block_len()) { dtype } else { DType::F16 }
             }
         }
-        let gguf_name = gguf_tensor_name(&name).unwrap();
-        let stored = if dims.len() == 2 && dims[1].is_multiple_of(dtype.block_len()) { dtype } else { DType::F32 };
-        w.add_tensor(gguf_name, &Tensor::from_f32_as(&data, dims, stored).unwrap()).unwrap();
     }
-    w.write_file(path).unwrap();
+}
+
+/// Writes fixture `f` as a `llama`-architecture GGUF file at `path`, as llama.cpp's converter
+/// would: q and k rows (and biases) permuted within each head for ggml's interleaved RoPE
+/// ([`permute_rows_for_interleaved_rope`]), GGUF tensor names, hyperparameters in metadata, no
+/// tokenizer; each tensor stored as `dtypes` says, and `edit` applied to the metadata (it may
+/// also add tensors) before the fixture's tensors are added.
+///
+/// Panics on a fixture the `llama` GGUF architecture cannot express (a sliding window or q/k
+/// norm).
+pub fn write_gguf(f: &Fixture, dtypes: GgufDtypes, edit: impl FnOnce(&mut GgufWriter), path: &Path) {
+    let name = &f.name;
+    let cfg = ModelConfig::from_dir(&f.dir).unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert!(cfg.sliding_windows.iter().all(Option::is_none) && !cfg.qk_norm, "{name} cannot be a llama GGUF");
+    let hd = cfg.head_dim;
+    let u32_of = |n: usize| u32::try_from(n).unwrap();
+    let mut w = GgufWriter::new();
+    w.set_metadata("general.architecture", "llama");
+    w.set_metadata("llama.vocab_size", u32_of(cfg.vocab_size));
+    w.set_metadata("llama.context_length", u32_of(cfg.max_position_embeddings));
+    w.set_metadata("llama.embedding_length", u32_of(cfg.hidden_size));
+    w.set_metadata("llama.block_count", u32_of(cfg.num_hidden_layers));
+    w.set_metadata("llama.feed_forward_length", u32_of(cfg.intermediate_size));
+    w.set_metadata("llama.attention.head_count", u32_of(cfg.num_attention_heads));
+    w.set_metadata("llama.attention.head_count_kv", u32_of(cfg.num_key_value_heads));
+    w.set_metadata("llama.attention.key_length", u32_of(hd));
+    w.set_metadata("llama.attention.value_length", u32_of(hd));
+    w.set_metadata("llama.rope.dimension_count", u32_of(cfg.rope.rotary_dim(hd)));
+    w.set_metadata("llama.rope.freq_base", cfg.rope.theta as f32);
+    w.set_metadata("llama.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps as f32);
+    edit(&mut w);
+
+    let ckpt = Checkpoint::open(&f.dir).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let mut names: Vec<String> = ckpt.tensor_names().map(str::to_string).collect();
+    names.sort();
+    for hf in names {
+        let gguf = gguf_tensor_name(&hf).unwrap_or_else(|| panic!("{name}: no GGUF name for {hf}"));
+        let t = ckpt.tensor(&hf).unwrap();
+        let dims = t.shape().dims().to_vec();
+        let mut data = t.to_f32_vec().unwrap();
+        if hf.contains("self_attn.q_proj") || hf.contains("self_attn.k_proj") {
+            data = permute_rows_for_interleaved_rope(&data, hd, dims.get(1).copied().unwrap_or(1));
+        }
+        let dtype = dtypes.of(&gguf, &dims, t.dtype());
+        w.add_tensor(gguf, &Tensor::from_f32_as(&data, dims, dtype).unwrap()).unwrap();
+    }
+    w.write_file(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
+
+/// llama.cpp's q/k permutation: within each head of `head_dim` rows of `cols` values, row `2i`
+/// takes row `i` and row `2i + 1` takes row `head_dim / 2 + i` (a bias is rows of one value).
+pub fn permute_rows_for_interleaved_rope(data: &[f32], head_dim: usize, cols: usize) -> Vec<f32> {
+    let rows = data.len() / cols;
+    assert_eq!(rows % head_dim, 0, "rows {rows} are not whole heads of {head_dim}");
+    let half = head_dim / 2;
+    let mut out = vec![0f32; data.len()];
+    for head in 0..rows / head_dim {
+        for i in 0..half {
+            for (j, src) in [i, half + i].into_iter().enumerate() {
+                let (dst, src) = ((head * head_dim + 2 * i + j) * cols, (head * head_dim + src) * cols);
+                out[dst..dst + cols].copy_from_slice(&data[src..src + cols]);
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -24,11 +24,9 @@ use std::path::{Path, PathBuf};
 
 use strata::{Device, GenerateOptions, LoadOptions, LogitsMode, Model, SamplingParams};
 use strata_kernels::cuda::testing::device_or_skip;
-use strata_models::gguf::write::GgufWriter;
-use strata_models::gguf_model::gguf_tensor_name;
-use strata_models::tensor::{DType, Tensor};
-use strata_models::{Checkpoint, ContextScaling, CudaDecoder, Decoder, Logits, ModelConfig, ScalingAlgorithm};
-use strata_tests::{Fixture, max_abs_diff, read_npy_f32};
+use strata_models::tensor::DType;
+use strata_models::{ContextScaling, CudaDecoder, Decoder, Logits, ScalingAlgorithm};
+use strata_tests::{Fixture, GgufDtypes, max_abs_diff, read_npy_f32, write_gguf};
 
 /// The tolerance on CUDA logits against the reference.
 const TOL: f32 = 1e-3;
@@ -247,97 +245,11 @@ fn length_dependent_tables_recompute_like_the_cpu() {
     }
 }
 
-/// How the GGUF writer stores each weight.
-#[derive(Clone, Copy, Debug)]
-enum GgufDtypes {
-    /// Every tensor in f32: the file holds the fixture's weights exactly.
-    F32,
-    /// The way llama.cpp's quantized files mix types: the embedding and output head in Q8_0, the
-    /// attention in Q4_1, gate and up in Q4_0; tensors whose rows are not whole 32-element
-    /// blocks (down_proj's 48 columns) in F16; norms and biases in f32.
-    Mixed,
-}
-
-impl GgufDtypes {
-    fn of(self, gguf_name: &str, cols: usize) -> DType {
-        match self {
-            GgufDtypes::F32 => DType::F32,
-            GgufDtypes::Mixed => {
-                let dtype = if gguf_name.contains("attn_") {
-                    DType::Q4_1
-                } else if gguf_name.contains("ffn_gate") || gguf_name.contains("ffn_up") {
-                    DType::Q4_0
-                } else {
-                    DType::Q8_0
-                };
-                if cols.is_multiple_of(dtype.block_len()) { dtype } else { DType::F16 }
-            }
-        }
-    }
-}
-
-/// Writes fixture `name` as a `llama`-architecture GGUF file in `dir`, as llama.cpp's converter
-/// would: q and k rows (and biases) permuted within each head for ggml's interleaved RoPE,
-/// GGUF tensor names, hyperparameters in metadata, no tokenizer.
-fn write_gguf(name: &str, dtypes: GgufDtypes, dir: &Path) -> PathBuf {
-    let f = Fixture::load(name);
-    let cfg = ModelConfig::from_dir(&f.dir).unwrap();
-    assert!(cfg.sliding_windows.iter().all(Option::is_none) && !cfg.qk_norm, "{name} cannot be a llama GGUF");
-    let ckpt = Checkpoint::open(&f.dir).unwrap();
-    let hd = cfg.head_dim;
-    let mut w = GgufWriter::new();
-    let u32_of = |n: usize| u32::try_from(n).unwrap();
-    w.set_metadata("general.architecture", "llama");
-    w.set_metadata("llama.vocab_size", u32_of(cfg.vocab_size));
-    w.set_metadata("llama.context_length", u32_of(cfg.max_position_embeddings));
-    w.set_metadata("llama.embedding_length", u32_of(cfg.hidden_size));
-    w.set_metadata("llama.block_count", u32_of(cfg.num_hidden_layers));
-    w.set_metadata("llama.feed_forward_length", u32_of(cfg.intermediate_size));
-    w.set_metadata("llama.attention.head_count", u32_of(cfg.num_attention_heads));
-    w.set_metadata("llama.attention.head_count_kv", u32_of(cfg.num_key_value_heads));
-    w.set_metadata("llama.attention.key_length", u32_of(hd));
-    w.set_metadata("llama.rope.dimension_count", u32_of(cfg.rope.rotary_dim(hd)));
-    w.set_metadata("llama.rope.freq_base", cfg.rope.theta as f32);
-    w.set_metadata("llama.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps as f32);
-
-    let mut names: Vec<String> = ckpt.tensor_names().map(str::to_string).collect();
-    names.sort();
-    for hf in names {
-        let gguf = gguf_tensor_name(&hf).unwrap_or_else(|| panic!("{name}: no GGUF name for {hf}"));
-        let t = ckpt.tensor(&hf).unwrap();
-        let shape = t.shape().dims().to_vec();
-        let mut data = ckpt.tensor_f32_vec(&hf).unwrap();
-        // Rows of q and k (and their biases) are permuted within each head.
-        if hf.contains("self_attn.q_proj") || hf.contains("self_attn.k_proj") {
-            data = permute_rows_for_interleaved_rope(&data, hd, shape.get(1).copied().unwrap_or(1));
-        }
-        let dtype = if shape.len() == 1 { DType::F32 } else { dtypes.of(&gguf, shape[1]) };
-        // bf16 fixtures keep bf16 in the f32 file (their weights are exactly bf16 values).
-        let dtype = if matches!(dtypes, GgufDtypes::F32) && t.dtype() == DType::BF16 { DType::BF16 } else { dtype };
-        let tensor = Tensor::from_f32_as(&data, shape, dtype).unwrap();
-        w.add_tensor(gguf, &tensor).unwrap();
-    }
-    let path = dir.join(format!("{name}-{dtypes:?}.gguf"));
-    w.write_file(&path).unwrap();
+/// Writes fixture `f` as a GGUF file in `dir` stored as `dtypes` says ([`write_gguf`]).
+fn gguf_of(f: &Fixture, dtypes: GgufDtypes, dir: &Path) -> PathBuf {
+    let path = dir.join(format!("{}-{dtypes:?}.gguf", f.name));
+    write_gguf(f, dtypes, |_| {}, &path);
     path
-}
-
-/// llama.cpp's q/k permutation: within each head of `head_dim` rows of `cols` values, row
-/// `2i` takes row `i` and row `2i + 1` takes row `head_dim / 2 + i`.
-fn permute_rows_for_interleaved_rope(data: &[f32], head_dim: usize, cols: usize) -> Vec<f32> {
-    let rows = data.len() / cols;
-    assert_eq!(rows % head_dim, 0, "rows {rows} are not whole heads of {head_dim}");
-    let half = head_dim / 2;
-    let mut out = vec![0f32; data.len()];
-    for head in 0..rows / head_dim {
-        for i in 0..half {
-            for (j, src) in [i, half + i].into_iter().enumerate() {
-                let (dst, src) = ((head * head_dim + 2 * i + j) * cols, (head * head_dim + src) * cols);
-                out[dst..dst + cols].copy_from_slice(&data[src..src + cols]);
-            }
-        }
-    }
-    out
 }
 
 /// The writer is right: its f32 files give the reference logits on the CPU (with the
@@ -347,7 +259,7 @@ fn gguf_files_of_the_fixtures_match_the_reference_on_the_cpu() {
     let dir = tempfile::tempdir().unwrap();
     for name in GGUF_ABLE {
         let f = Fixture::load(name);
-        let model = load(&write_gguf(name, GgufDtypes::F32, dir.path()), Device::Cpu);
+        let model = load(&gguf_of(&f, GgufDtypes::Uniform(DType::F32), dir.path()), Device::Cpu);
         let got = model.logits(&f.prompt_ids, LogitsMode::OnePass).unwrap();
         check(&format!("{name} gguf f32 cpu"), &got, &f.logits, f.vocab, CPU_TOL);
     }
@@ -361,7 +273,7 @@ fn gguf_models_match_on_cuda() {
     let dir = tempfile::tempdir().unwrap();
     for name in GGUF_ABLE {
         let f = Fixture::load(name);
-        let path = write_gguf(name, GgufDtypes::F32, dir.path());
+        let path = gguf_of(&f, GgufDtypes::Uniform(DType::F32), dir.path());
         let model = load(&path, Device::Cuda(0));
         for mode in [LogitsMode::OnePass, LogitsMode::Decode] {
             let got = model.logits(&f.prompt_ids, mode).unwrap();
@@ -369,7 +281,7 @@ fn gguf_models_match_on_cuda() {
         }
         assert_eq!(greedy(&model, &f.prompt_ids, f.greedy_ids.len()), f.greedy_ids, "{name} gguf f32 cuda");
 
-        let path = write_gguf(name, GgufDtypes::Mixed, dir.path());
+        let path = gguf_of(&f, GgufDtypes::Mixed, dir.path());
         let want = load(&path, Device::Cpu).logits(&f.prompt_ids, LogitsMode::OnePass).unwrap();
         let model = load(&path, Device::Cuda(0));
         for mode in [LogitsMode::OnePass, LogitsMode::Decode] {

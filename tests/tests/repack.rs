@@ -5,7 +5,7 @@
 use strata::{LoadOptions, LogitsMode, Model};
 use strata_models::tensor::DType;
 use strata_models::{Decoder, Logits};
-use strata_tests::{Fixture, write_gguf};
+use strata_tests::{Fixture, GgufDtypes, write_gguf};
 
 fn logits(d: &Decoder, ids: &[u32]) -> (Vec<f32>, Vec<f32>) {
     let mut cache = d.new_cache();
@@ -26,7 +26,7 @@ fn repacked_q4_0_weights_give_the_same_logits_bit_for_bit() {
     let f = Fixture::load("llama_untied");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model-q4_0.gguf");
-    write_gguf(&f, DType::Q4_0, |_| {}, &path);
+    write_gguf(&f, GgufDtypes::Uniform(DType::Q4_0), |_| {}, &path);
     let spec = path.to_string_lossy().to_string();
     let plain = strata_models::load(&spec).unwrap().decoder;
     let mut repacked = strata_models::load(&spec).unwrap().decoder;

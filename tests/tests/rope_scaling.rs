@@ -20,7 +20,7 @@ use serde_json::Value;
 use strata_models::gguf::write::GgufWriter;
 use strata_models::tensor::{DType, Tensor};
 use strata_models::{ContextScaling, Decoder, Error, Logits, RopeUpdate, ScalingAlgorithm};
-use strata_tests::{Fixture, max_abs_diff, read_npy_f32, write_gguf};
+use strata_tests::{Fixture, GgufDtypes, max_abs_diff, read_npy_f32, write_gguf};
 
 /// The tolerance on logits.
 const TOL: f32 = 1e-4;
@@ -360,7 +360,7 @@ fn gguf_rope_metadata_gives_the_same_logits() {
     for (name, rope) in cases {
         let f = Fixture::load(name);
         let path = dir.path().join(format!("{name}.gguf"));
-        write_gguf(&f, DType::F32, rope, &path);
+        write_gguf(&f, GgufDtypes::Uniform(DType::F32), rope, &path);
         let d = strata_models::load_gguf(&path).unwrap().decoder;
         let diff = max_abs_diff(&one_pass(&d, None, &f.prompt_ids), &f.logits);
         assert!(diff <= TOL, "{name} from GGUF: max |logit - transformers| = {diff}");
