@@ -2,7 +2,9 @@
 //!
 //! Each layer holds its keys and values in blocks of `block_len` tokens laid out
 //! `[block_len, n_kv_heads, head_dim]`, the layout `strata_tensor::cpu::attention_decode` reads.
-//! Memory is proportional to the tokens held, rounded up to one block per layer.
+//! Memory is proportional to the tokens held, rounded up to one block per layer. The block
+//! bookkeeping is `strata_tensor::paged::PagedKv`'s, shared with the device cache; the blocks here
+//! are boxed slices.
 //!
 //! The cache is one request's state, RoPE included: it may carry the request's [`RopeScheme`]
 //! (else the decoder's applies), a planned length (the RoPE table is the one for that length
@@ -16,7 +18,10 @@
 //! and rescales them (cheap; exact for the first layer, approximate beyond). Planning the
 //! request's length avoids both.
 
+use std::convert::Infallible;
+
 use strata_tensor::cpu::{self, RopeLayout};
+use strata_tensor::paged::PagedKv;
 
 use crate::Result;
 use crate::rope::{RopeScheme, RopeTable, rerotation};
@@ -24,11 +29,9 @@ use crate::rope::{RopeScheme, RopeTable, rerotation};
 /// Keys and values of every layer for one sequence.
 #[derive(Debug)]
 pub struct KvCache {
-    block_len: usize,
     n_kv_heads: usize,
     head_dim: usize,
-    row: usize,
-    layers: Vec<LayerKv>,
+    blocks: PagedKv<Box<[f32]>>,
     rope_scheme: Option<RopeScheme>,
     rope_update: RopeUpdate,
     planned_length: usize,
@@ -52,27 +55,20 @@ pub enum RopeUpdate {
     Rerotate,
 }
 
-#[derive(Debug, Default)]
-struct LayerKv {
-    k_blocks: Vec<Box<[f32]>>,
-    v_blocks: Vec<Box<[f32]>>,
-    len: usize,
-}
-
 /// The default number of tokens per cache block.
 pub const DEFAULT_BLOCK_LEN: usize = 32;
 
 impl KvCache {
     /// An empty cache for `n_layers` layers of `n_kv_heads` heads of `head_dim`, in blocks of
     /// `block_len` tokens.
+    ///
+    /// # Panics
+    /// If `block_len` is 0.
     pub fn new(n_layers: usize, n_kv_heads: usize, head_dim: usize, block_len: usize) -> KvCache {
-        assert!(block_len > 0, "block_len must be positive");
         KvCache {
-            block_len,
             n_kv_heads,
             head_dim,
-            row: n_kv_heads * head_dim,
-            layers: (0..n_layers).map(|_| LayerKv::default()).collect(),
+            blocks: PagedKv::new(n_layers, n_kv_heads * head_dim, block_len),
             rope_scheme: None,
             rope_update: RopeUpdate::default(),
             planned_length: 0,
@@ -140,7 +136,7 @@ impl KvCache {
 
     /// Tokens held (by the last layer, which is written last in a forward pass).
     pub fn len(&self) -> usize {
-        self.layers.last().map_or(0, |l| l.len)
+        self.blocks.len()
     }
 
     /// Whether the cache holds no tokens.
@@ -150,62 +146,58 @@ impl KvCache {
 
     /// Tokens per block.
     pub fn block_len(&self) -> usize {
-        self.block_len
+        self.blocks.block_len()
     }
 
     /// Bytes allocated for keys and values across all layers.
     pub fn allocated_bytes(&self) -> usize {
-        let block_bytes = self.block_len * self.row * std::mem::size_of::<f32>();
-        self.layers.iter().map(|l| (l.k_blocks.len() + l.v_blocks.len()) * block_bytes).sum()
+        self.blocks.allocated_bytes()
     }
 
     /// Drops every token, keeping no blocks (and forgetting the tokens' ids and RoPE table; the
     /// scheme, the plan and the update policy stay).
     pub fn clear(&mut self) {
-        for l in &mut self.layers {
-            *l = LayerKv::default();
-        }
+        self.blocks.clear();
         self.rotated_with = None;
         self.ids.clear();
     }
 
     /// Appends the keys and values of `t` new tokens (`[t, n_kv_heads, head_dim]` each) to `layer`.
     pub fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) {
+        let row = self.blocks.row();
         debug_assert_eq!(k.len(), v.len());
-        debug_assert_eq!(k.len() % self.row, 0);
-        let (block_len, row) = (self.block_len, self.row);
-        let l = &mut self.layers[layer];
-        for (k_tok, v_tok) in k.chunks_exact(row).zip(v.chunks_exact(row)) {
-            let (b, r) = (l.len / block_len, l.len % block_len);
-            if b == l.k_blocks.len() {
-                l.k_blocks.push(vec![0f32; block_len * row].into_boxed_slice());
-                l.v_blocks.push(vec![0f32; block_len * row].into_boxed_slice());
-            }
-            l.k_blocks[b][r * row..(r + 1) * row].copy_from_slice(k_tok);
-            l.v_blocks[b][r * row..(r + 1) * row].copy_from_slice(v_tok);
-            l.len += 1;
+        debug_assert_eq!(k.len() % row, 0);
+        let (start, tokens, floats) = (self.blocks.layer_len(layer), k.len() / row, self.blocks.block_floats());
+        let Ok(()) = self.blocks.reserve(layer, tokens, || Ok::<_, Infallible>(vec![0f32; floats].into_boxed_slice()));
+        for (t, (k_tok, v_tok)) in k.chunks_exact(row).zip(v.chunks_exact(row)).enumerate() {
+            let (b, r) = self.blocks.locate(start + t);
+            let block = &mut self.blocks.blocks_mut(layer)[b];
+            block.k[r * row..(r + 1) * row].copy_from_slice(k_tok);
+            block.v[r * row..(r + 1) * row].copy_from_slice(v_tok);
         }
+        self.blocks.commit(layer, tokens);
     }
 
     /// Tokens held by `layer`.
     pub fn layer_len(&self, layer: usize) -> usize {
-        self.layers[layer].len
+        self.blocks.layer_len(layer)
     }
 
     /// The key and value blocks of `layer`, for `attention_decode`.
     pub fn blocks(&self, layer: usize) -> (Vec<&[f32]>, Vec<&[f32]>) {
-        let l = &self.layers[layer];
-        (l.k_blocks.iter().map(|b| &b[..]).collect(), l.v_blocks.iter().map(|b| &b[..]).collect())
+        let blocks = self.blocks.blocks(layer);
+        (blocks.iter().map(|b| &b.k[..]).collect(), blocks.iter().map(|b| &b.v[..]).collect())
     }
 
     /// The keys and values of `layer` copied into contiguous `[len, n_kv_heads, head_dim]`
     /// buffers, for prefill attention over an already filled cache.
     pub fn contiguous(&self, layer: usize) -> (Vec<f32>, Vec<f32>) {
-        let l = &self.layers[layer];
-        let n = l.len * self.row;
-        let gather =
-            |blocks: &[Box<[f32]>]| blocks.iter().flat_map(|b| b.iter().copied()).take(n).collect::<Vec<f32>>();
-        (gather(&l.k_blocks), gather(&l.v_blocks))
+        let Ok(kv) = self.blocks.gather(layer, |b, k, v| {
+            k.extend_from_slice(&b.k);
+            v.extend_from_slice(&b.v);
+            Ok::<_, Infallible>(())
+        });
+        kv
     }
 
     /// Makes `to` the table of the cached keys: when they were rotated with another table,
@@ -214,23 +206,24 @@ impl KvCache {
     /// `layout` is the model's RoPE pairing.
     pub fn rerotate_keys(&mut self, to: &RopeTable, layout: RopeLayout) -> Result<()> {
         let from = match self.rotated_with.take() {
-            Some(from) if from != *to && self.layers.iter().any(|l| l.len > 0) => from,
+            Some(from) if from != *to && self.blocks.max_layer_len() > 0 => from,
             _ => {
                 self.rotated_with = Some(to.clone());
                 return Ok(());
             }
         };
-        let (block_len, row, n_kv_heads, head_dim) = (self.block_len, self.row, self.n_kv_heads, self.head_dim);
-        let held = self.layers.iter().map(|l| l.len).max().unwrap_or(0);
+        let (block_len, row, n_kv_heads, head_dim) =
+            (self.blocks.block_len(), self.blocks.row(), self.n_kv_heads, self.head_dim);
+        let held = self.blocks.max_layer_len();
         let (mut cos, mut sin) = (Vec::new(), Vec::new());
-        for b in 0..held.div_ceil(block_len) {
+        for b in 0..self.blocks.blocks_for(held) {
             let start = b * block_len;
             rerotation(&from, to, start..(start + block_len).min(held), &mut cos, &mut sin);
             let n_freq = to.inv_freq.len();
-            for l in &mut self.layers {
-                let n = l.len.saturating_sub(start).min(block_len);
+            for layer in 0..self.blocks.n_layers() {
+                let n = self.blocks.layer_len(layer).saturating_sub(start).min(block_len);
                 if n > 0 {
-                    let rows = &mut l.k_blocks[b][..n * row];
+                    let rows = &mut self.blocks.blocks_mut(layer)[b].k[..n * row];
                     cpu::rope_rotate(rows, n_kv_heads, head_dim, &cos[..n * n_freq], &sin[..n * n_freq], layout)?;
                 }
             }
@@ -242,11 +235,10 @@ impl KvCache {
     /// Mutable access to the keys of `layer` token by token, for re-rotating cached keys when
     /// a request's RoPE scaling changes: calls `f(position, key_row)` for every held token.
     pub fn for_each_key_mut(&mut self, layer: usize, mut f: impl FnMut(usize, &mut [f32])) {
-        let (block_len, row) = (self.block_len, self.row);
-        let l = &mut self.layers[layer];
-        for pos in 0..l.len {
-            let (b, r) = (pos / block_len, pos % block_len);
-            f(pos, &mut l.k_blocks[b][r * row..(r + 1) * row]);
+        let row = self.blocks.row();
+        for pos in 0..self.blocks.layer_len(layer) {
+            let (b, r) = self.blocks.locate(pos);
+            f(pos, &mut self.blocks.blocks_mut(layer)[b].k[r * row..(r + 1) * row]);
         }
     }
 }

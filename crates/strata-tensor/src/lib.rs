@@ -5,7 +5,8 @@
 //! ggml so that a GGUF tensor is used in place), [`Shape`], [`Tensor`] with its storage as a
 //! closed enum over devices, and [`cpu`]: every operation a decoder model needs, each as a plain
 //! scalar reference (`cpu::reference`) and a fast multi-threaded SIMD version with the same
-//! signature, which tests compare.
+//! signature, which tests compare. [`paged`] is the block bookkeeping that the paged key/value
+//! caches of the CPU (strata-models) and of CUDA (strata-kernels) share.
 //!
 //! The tensor core never does I/O: bytes come from the caller (an owned buffer, or a memory map
 //! held by whoever opened the file).
@@ -15,6 +16,7 @@ pub mod cpu;
 mod device;
 mod dtype;
 mod error;
+pub mod paged;
 pub mod quant;
 mod shape;
 mod storage;

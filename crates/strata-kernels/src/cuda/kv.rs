@@ -5,7 +5,8 @@
 //! table of the blocks' addresses, interleaved (`[k_0, v_0, k_1, v_1, ..]` as `u64`), which the
 //! kernels of `kernels/attention.cu` read. The table is re-uploaded when a block is added; its
 //! buffer grows by doubling. Memory is proportional to the tokens held, rounded up to one block
-//! per layer.
+//! per layer. The block bookkeeping is `strata_tensor::paged::PagedKv`'s, shared with the CPU
+//! cache; the blocks here are device buffers.
 //!
 //! Everything is ordered on the compute stream: a block or table that is dropped or replaced is
 //! freed in stream order, after the kernels queued before it.
@@ -13,6 +14,7 @@
 use std::sync::Mutex;
 
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig};
+use strata_tensor::paged::PagedKv;
 
 use crate::cuda::params::KvAppendParams;
 use crate::cuda::{Cuda, check_len, ptr, ptr_mut};
@@ -22,35 +24,33 @@ use crate::{Error, Result};
 pub struct DeviceKvCache {
     n_kv_heads: usize,
     head_dim: usize,
-    block_len: usize,
-    /// Floats per token row: `n_kv_heads * head_dim`.
-    row: usize,
+    /// The key and value blocks of every layer, in token rows of `n_kv_heads * head_dim` floats.
+    blocks: PagedKv<CudaSlice<f32>>,
     /// Streaming multiprocessors of the device, for sizing the decode split.
     multiprocessors: usize,
-    layers: Vec<LayerKv>,
+    /// The block table of every layer.
+    tables: Vec<BlockTable>,
     /// Scratch of the split-K decode (partial accumulators and statistics), grown on demand
     /// and reused by every layer: the launches that use it are ordered on the compute stream.
     scratch: Mutex<Option<CudaSlice<f32>>>,
 }
 
+/// One layer's table of its blocks' device addresses.
 #[derive(Default)]
-struct LayerKv {
-    k_blocks: Vec<CudaSlice<f32>>,
-    v_blocks: Vec<CudaSlice<f32>>,
-    /// The host copy of the block table, `[k_0, v_0, k_1, v_1, ..]`.
-    host_table: Vec<u64>,
-    /// The device block table; its capacity may exceed `host_table.len()`.
-    table: Option<CudaSlice<u64>>,
-    len: usize,
+struct BlockTable {
+    /// The host copy, `[k_0, v_0, k_1, v_1, ..]`.
+    host: Vec<u64>,
+    /// The device copy; its capacity may exceed `host.len()`.
+    device: Option<CudaSlice<u64>>,
 }
 
 impl std::fmt::Debug for DeviceKvCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeviceKvCache")
-            .field("n_layers", &self.layers.len())
+            .field("n_layers", &self.n_layers())
             .field("n_kv_heads", &self.n_kv_heads)
             .field("head_dim", &self.head_dim)
-            .field("block_len", &self.block_len)
+            .field("block_len", &self.block_len())
             .field("len", &self.len())
             .finish()
     }
@@ -89,17 +89,16 @@ impl DeviceKvCache {
         Ok(DeviceKvCache {
             n_kv_heads,
             head_dim,
-            block_len,
-            row,
+            blocks: PagedKv::new(n_layers, row, block_len),
             multiprocessors: cuda.multiprocessors()?.max(1),
-            layers: (0..n_layers).map(|_| LayerKv::default()).collect(),
+            tables: (0..n_layers).map(|_| BlockTable::default()).collect(),
             scratch: Mutex::new(None),
         })
     }
 
     /// Layers.
     pub fn n_layers(&self) -> usize {
-        self.layers.len()
+        self.blocks.n_layers()
     }
 
     /// Key/value heads per token.
@@ -114,7 +113,7 @@ impl DeviceKvCache {
 
     /// Tokens held (by the last layer, which is written last in a forward pass).
     pub fn len(&self) -> usize {
-        self.layers.last().map_or(0, |l| l.len)
+        self.blocks.len()
     }
 
     /// Whether the cache holds no tokens.
@@ -127,24 +126,24 @@ impl DeviceKvCache {
     /// # Panics
     /// If `layer` is not below [`DeviceKvCache::n_layers`].
     pub fn layer_len(&self, layer: usize) -> usize {
-        self.layers[layer].len
+        self.blocks.layer_len(layer)
     }
 
     /// Tokens per block.
     pub fn block_len(&self) -> usize {
-        self.block_len
+        self.blocks.block_len()
     }
 
     /// Device bytes of all key and value blocks, across all layers.
     pub fn allocated_bytes(&self) -> usize {
-        let block_bytes = self.block_len * self.row * std::mem::size_of::<f32>();
-        self.layers.iter().map(|l| (l.k_blocks.len() + l.v_blocks.len()) * block_bytes).sum()
+        self.blocks.allocated_bytes()
     }
 
     /// Drops every token and block (freed in stream order).
     pub fn clear(&mut self) {
-        for l in &mut self.layers {
-            *l = LayerKv::default();
+        self.blocks.clear();
+        for t in &mut self.tables {
+            *t = BlockTable::default();
         }
     }
 
@@ -157,44 +156,38 @@ impl DeviceKvCache {
         V: DevicePtr<f32>,
     {
         const OP: &str = "DeviceKvCache::append";
-        let n_layers = self.layers.len();
+        let n_layers = self.n_layers();
         if layer >= n_layers {
             return Err(Error::invalid(OP, format!("layer {layer} is out of range: the cache has {n_layers} layers")));
         }
-        let need =
-            tokens.checked_mul(self.row).ok_or_else(|| Error::invalid(OP, format!("{tokens} tokens overflow")))?;
+        let (block_len, row) = (self.blocks.block_len(), self.blocks.row());
+        let need = tokens.checked_mul(row).ok_or_else(|| Error::invalid(OP, format!("{tokens} tokens overflow")))?;
         check_len(OP, "k", k.len(), need)?;
         check_len(OP, "v", v.len(), need)?;
         if tokens == 0 {
             return Ok(());
         }
-        let (block_len, row) = (self.block_len, self.row);
-        let l = &mut self.layers[layer];
-        let start = l.len;
+        let start = self.blocks.layer_len(layer);
         let new_len = start + tokens;
         if new_len > MAX_TOKENS {
             return Err(Error::invalid(OP, format!("{new_len} tokens exceed the cache's limit of {MAX_TOKENS}")));
         }
 
-        let blocks = new_len.div_ceil(block_len);
-        if blocks > l.k_blocks.len() {
-            while l.k_blocks.len() < blocks {
-                let kb = cuda.zeros::<f32>(block_len * row)?;
-                let vb = cuda.zeros::<f32>(block_len * row)?;
-                l.host_table.push(ptr(cuda, &kb));
-                l.host_table.push(ptr(cuda, &vb));
-                l.k_blocks.push(kb);
-                l.v_blocks.push(vb);
+        let floats = self.blocks.block_floats();
+        self.blocks.reserve(layer, tokens, || cuda.zeros::<f32>(floats))?;
+        let (t, blocks) = (&mut self.tables[layer], self.blocks.blocks(layer));
+        // The table lists every block, including any a failed reservation left behind.
+        if t.host.len() < 2 * blocks.len() {
+            t.host.extend(blocks[t.host.len() / 2..].iter().flat_map(|b| [ptr(cuda, &b.k), ptr(cuda, &b.v)]));
+            let capacity = t.device.as_ref().map_or(0, |d| d.len());
+            if capacity < t.host.len() {
+                t.device = Some(cuda.zeros::<u64>(t.host.len().next_power_of_two().max(8))?);
             }
-            let capacity = l.table.as_ref().map_or(0, |t| t.len());
-            if capacity < l.host_table.len() {
-                l.table = Some(cuda.zeros::<u64>(l.host_table.len().next_power_of_two().max(8))?);
-            }
-            let table = l.table.as_mut().expect("allocated above");
-            cuda.upload_into(&l.host_table, table)?;
+            let table = t.device.as_mut().expect("allocated above");
+            cuda.upload_into(&t.host, table)?;
         }
 
-        let table = l.table.as_mut().expect("a layer holding tokens has a table");
+        let table = t.device.as_mut().expect("a layer holding tokens has a table");
         let p =
             KvAppendParams { tokens: tokens as u32, start: start as u32, block_len: block_len as u32, row: row as u32 };
         let threads = 256u32;
@@ -205,35 +198,30 @@ impl DeviceKvCache {
         // ceil((start + tokens) / block_len) key and value blocks of block_len * row floats each,
         // so every destination row start + t lies inside a block the table names.
         unsafe { cuda.launch("attention", "kv_append_f32", cfg, &p, &ptrs) }?;
-        l.len = new_len;
+        self.blocks.commit(layer, tokens);
         Ok(())
     }
 
     /// The keys and values of `layer` copied to the host as contiguous
     /// `[layer_len, n_kv_heads * head_dim]` buffers (for tests and debugging; it synchronizes).
     pub fn download(&self, cuda: &Cuda, layer: usize) -> Result<(Vec<f32>, Vec<f32>)> {
-        let l = self.layers.get(layer).ok_or_else(|| {
-            Error::invalid(
+        if layer >= self.n_layers() {
+            return Err(Error::invalid(
                 "DeviceKvCache::download",
-                format!("layer {layer} is out of range: the cache has {} layers", self.layers.len()),
-            )
-        })?;
-        let n = l.len * self.row;
-        let gather = |blocks: &[CudaSlice<f32>]| -> Result<Vec<f32>> {
-            let mut all = Vec::with_capacity(blocks.len() * self.block_len * self.row);
-            for b in blocks {
-                all.extend(cuda.download(b)?);
-            }
-            all.truncate(n);
-            Ok(all)
-        };
-        Ok((gather(&l.k_blocks)?, gather(&l.v_blocks)?))
+                format!("layer {layer} is out of range: the cache has {} layers", self.n_layers()),
+            ));
+        }
+        self.blocks.gather(layer, |b, k, v| {
+            k.extend(cuda.download(&b.k)?);
+            v.extend(cuda.download(&b.v)?);
+            Ok(())
+        })
     }
 
     /// The device address of `layer`'s block table, and the tokens it holds.
     pub(crate) fn table(&self, cuda: &Cuda, layer: usize) -> Option<(u64, usize)> {
-        let l = self.layers.get(layer)?;
-        Some((l.table.as_ref().map_or(0, |t| ptr(cuda, t)), l.len))
+        let t = self.tables.get(layer)?;
+        Some((t.device.as_ref().map_or(0, |d| ptr(cuda, d)), self.blocks.layer_len(layer)))
     }
 
     /// Streaming multiprocessors of the device the cache lives on.
