@@ -239,6 +239,40 @@ fn next_weight(rng: &mut u64) -> f32 {
     ((*rng >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * WEIGHT_RANGE
 }
 
+/// The progress of writing a synthetic weights file, on stderr: a line naming the file, its
+/// size and shape, then the percentage written, updated every 256 MiB on one line.
+struct Progress {
+    total: usize,
+    written: usize,
+    last_report: usize,
+}
+
+impl Progress {
+    /// Prints `writing PATH (x GB, n layers, dtype)` and counts toward `total` bytes.
+    fn start(path: &Path, total: usize, layers: usize, dtype: impl std::fmt::Display) -> Progress {
+        eprintln!("writing {} ({:.2} GB, {layers} layers, {dtype})", path.display(), total as f64 / 1e9);
+        Progress { total, written: 0, last_report: 0 }
+    }
+
+    /// Counts `bytes` more written, printing the percentage when 256 MiB more are done since
+    /// the last print.
+    fn add(&mut self, bytes: usize) {
+        self.written += bytes;
+        if self.written - self.last_report >= 256 << 20 {
+            self.last_report = self.written;
+            eprint!("\r  {:>5.1}%", 100.0 * self.written as f64 / self.total as f64);
+        }
+    }
+
+    /// Flushes `w` and syncs its file to disk, then prints `100.0%`.
+    fn finish(self, w: BufWriter<File>) -> Result<()> {
+        let file = w.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        eprintln!("\r  100.0%");
+        Ok(())
+    }
+}
+
 /// Writes model.safetensors and config.json into the directory `out`.
 fn write_safetensors(s: &ModelShape, dtype: &str, out: &Path) -> Result<PathBuf> {
     let (st_dtype, elem) = match dtype {
@@ -276,11 +310,8 @@ fn write_safetensors(s: &ModelShape, dtype: &str, out: &Path) -> Result<PathBuf>
     let mut w = BufWriter::with_capacity(8 << 20, file);
     w.write_all(&(header.len() as u64).to_le_bytes())?;
     w.write_all(header.as_bytes())?;
-    let total = offset;
-    eprintln!("writing {} ({:.2} GB, {} layers, {dtype})", path.display(), total as f64 / 1e9, s.layers);
+    let mut progress = Progress::start(&path, offset, s.layers, dtype);
     let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ (s.hidden as u64);
-    let mut written = 0usize;
-    let mut last_report = 0usize;
     let mut buf = Vec::with_capacity(8 << 20);
     for (name, dims) in &tensors {
         let n: usize = dims.iter().product();
@@ -300,16 +331,10 @@ fn write_safetensors(s: &ModelShape, dtype: &str, out: &Path) -> Result<PathBuf>
             }
             w.write_all(&buf)?;
             left -= m;
-            written += m * elem;
-            if written - last_report >= 256 << 20 {
-                last_report = written;
-                eprint!("\r  {:>5.1}%", 100.0 * written as f64 / total as f64);
-            }
+            progress.add(m * elem);
         }
     }
-    w.flush()?;
-    w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-    eprintln!("\r  100.0%");
+    progress.finish(w)?;
     std::fs::rename(&tmp, &path)?;
 
     let (architecture, model_type, moe) = match s.experts {
@@ -457,10 +482,7 @@ fn write_gguf(s: &ModelShape, dtype_name: &str, path: &Path) -> Result<()> {
     let mut w = BufWriter::with_capacity(8 << 20, file);
     w.write_all(&gguf::header(&metadata, &infos))?;
 
-    let total: usize = infos.iter().map(TensorInfo::bytes).sum();
-    eprintln!("writing {} ({:.2} GB, {} layers, {dtype})", path.display(), total as f64 / 1e9, s.layers);
-    let mut written = 0usize;
-    let mut last_report = 0usize;
+    let mut progress = Progress::start(path, infos.iter().map(TensorInfo::bytes).sum(), s.layers, dtype);
     for (index, t) in infos.iter().enumerate() {
         let k = t.shape[t.shape.len() - 1];
         let rows = t.shape.iter().product::<usize>() / k;
@@ -488,15 +510,9 @@ fn write_gguf(s: &ModelShape, dtype_name: &str, path: &Path) -> Result<()> {
             }
         }
         gguf::pad(&mut w, t.bytes())?;
-        written += t.bytes();
-        if written - last_report >= 256 << 20 {
-            last_report = written;
-            eprint!("\r  {:>5.1}%", 100.0 * written as f64 / total as f64);
-        }
+        progress.add(t.bytes());
     }
-    w.flush()?;
-    w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-    eprintln!("\r  100.0%");
+    progress.finish(w)?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
     eprintln!("wrote {}", path.display());
     Ok(())
