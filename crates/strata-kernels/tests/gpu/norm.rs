@@ -32,3 +32,26 @@ fn rms_norm_rejects_short_buffers() {
     let err = ops::rms_norm(&cuda, &x, &w, 1e-5, 3, &mut out).unwrap_err();
     assert!(err.to_string().contains("12 needed"), "{err}");
 }
+
+/// The register path at its limit (8192 columns), the striding path past it (8200) and for rows
+/// that are not 16-byte aligned (a view one float into the buffer), each out of place and in
+/// place.
+#[test]
+fn rms_norm_register_and_striding_paths() {
+    let Some(cuda) = device_or_skip("rms_norm_register_and_striding_paths") else { return };
+    for (rows, cols, offset) in [(3usize, 8192usize, 0usize), (2, 8200, 0), (2, 1024, 1), (5, 4, 0)] {
+        let what = format!("rms_norm {rows} x {cols} at offset {offset}");
+        let x = random_f32(rows * cols + offset, cols as u64, 2.0);
+        let w = random_f32(cols, 7, 1.5);
+        let mut want = vec![0f32; rows * cols];
+        reference::rms_norm(&x[offset..], &w, 1e-5, &mut want).unwrap();
+        let dx = cuda.upload(&x).unwrap();
+        let dw = cuda.upload(&w).unwrap();
+        let mut dout = cuda.zeros::<f32>(rows * cols + offset).unwrap();
+        ops::rms_norm(&cuda, &dx.slice(offset..), &dw, 1e-5, rows, &mut dout.slice_mut(offset..)).unwrap();
+        assert_close(&what, &cuda.download(&dout).unwrap()[offset..], &want, 1e-5, 1e-5);
+        let mut dinplace = cuda.upload(&x).unwrap();
+        ops::rms_norm_inplace(&cuda, &mut dinplace.slice_mut(offset..), &dw, 1e-5, rows).unwrap();
+        assert_close(&format!("{what}, in place"), &cuda.download(&dinplace).unwrap()[offset..], &want, 1e-5, 1e-5);
+    }
+}
