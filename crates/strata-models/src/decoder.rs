@@ -92,6 +92,41 @@ impl Linear {
     pub fn byte_len(&self) -> usize {
         self.weight.byte_len() + self.bias.as_ref().map_or(0, |b| b.len() * 4)
     }
+
+    /// `outs[i] = x layers[i]^T + b_i` for layers that read the same `x` (q, k and v; gate and
+    /// up). For one token it is one [`cpu::matvec_many`], which quantizes `x` once and splits the
+    /// rows of all the layers into one parallel loop; for several tokens, the layers' products
+    /// run side by side. The results are those of [`Linear::forward`] on each.
+    pub(crate) fn forward_many(layers: &[&Linear], x: &[f32], outs: &mut [&mut [f32]]) -> Result<()> {
+        debug_assert_eq!(layers.len(), outs.len());
+        if layers.iter().zip(outs.iter()).all(|(l, out)| out.len() == l.out_features()) {
+            let mut products: Vec<(cpu::MatvecWeight<'_>, &mut [f32])> = layers
+                .iter()
+                .zip(outs.iter_mut())
+                .map(|(l, out)| {
+                    let w =
+                        l.repacked.as_ref().map_or(cpu::MatvecWeight::Tensor(&l.weight), cpu::MatvecWeight::Repacked);
+                    (w, &mut **out)
+                })
+                .collect();
+            cpu::matvec_many(x, &mut products)?;
+            for (l, out) in layers.iter().zip(outs.iter_mut()) {
+                if let Some(b) = &l.bias {
+                    cpu::add(out, b)?;
+                }
+            }
+            return Ok(());
+        }
+        match (layers, outs) {
+            ([], []) => Ok(()),
+            ([l], [out]) => l.forward(x, out),
+            ([l, rest @ ..], [out, outs @ ..]) => {
+                let (a, b) = cpu::join(|| l.forward(x, out), || Linear::forward_many(rest, x, outs));
+                a.and(b)
+            }
+            _ => unreachable!("as many outputs as layers"),
+        }
+    }
 }
 
 /// One decoder layer's attention block: its input norm, the q/k/v/o projections and the
@@ -620,8 +655,26 @@ impl Decoder {
     }
 
     /// The forward pass proper: `ids` at the positions after the cache's tokens, RoPE with
-    /// `rope`, logits for the last `out_rows` positions, MoE routing recorded in `trace`.
+    /// `rope`, logits for the last `out_rows` positions, MoE routing recorded in `trace`. A decode
+    /// step (one token) runs as a [`cpu::with_team`]: its ~4 matvecs per layer are short, and
+    /// keeping the pool's workers spinning between them saves each its wake-up.
     fn run(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        rope: &RopeTable,
+        out_rows: usize,
+        trace: Option<&mut RouterTrace>,
+    ) -> Result<Vec<f32>> {
+        if ids.len() == 1 {
+            cpu::with_team(|| self.run_steps(ids, cache, rope, out_rows, trace))
+        } else {
+            self.run_steps(ids, cache, rope, out_rows, trace)
+        }
+    }
+
+    /// [`Decoder::run`]'s body.
+    fn run_steps(
         &self,
         ids: &[u32],
         cache: &mut KvCache,
@@ -656,13 +709,9 @@ impl Decoder {
                 Slot::Streamed(unit) => &*streamed_attn.insert(self.fetch(*unit, |l| load_attention(hp, li, l))?),
             };
             cpu::rms_norm(&x, &attn.norm, hp.rms_norm_eps, &mut normed)?;
-            // q, k and v read the same input: one fork-join for the three (k and v are small,
-            // and three joins in a row leave threads idle at each barrier).
-            let (rq, (rk, rv)) = rayon::join(
-                || attn.q.forward(&normed, &mut q),
-                || rayon::join(|| attn.k.forward(&normed, &mut k), || attn.v.forward(&normed, &mut v)),
-            );
-            rq.and(rk).and(rv)?;
+            // q, k and v read the same input: one parallel loop for the three (k and v are small,
+            // and three loops in a row leave threads idle at each barrier).
+            Linear::forward_many(&[&attn.q, &attn.k, &attn.v], &normed, &mut [&mut q, &mut k, &mut v])?;
             if let (Some(qn), Some(kn)) = (&attn.q_norm, &attn.k_norm) {
                 // Per-head RMSNorm of q and k (Qwen3), through one scratch buffer.
                 qk_scratch.clear();
@@ -722,9 +771,7 @@ impl Decoder {
             cpu::rms_norm(&x, &ffn.norm, hp.rms_norm_eps, &mut normed)?;
             match &ffn.ffn {
                 Ffn::Dense(mlp) => {
-                    let (rg, ru) =
-                        rayon::join(|| mlp.gate.forward(&normed, &mut gate), || mlp.up.forward(&normed, &mut up));
-                    rg.and(ru)?;
+                    Linear::forward_many(&[&mlp.gate, &mlp.up], &normed, &mut [&mut gate, &mut up])?;
                     cpu::swiglu(&gate, &up, &mut act)?;
                     mlp.down.forward(&act, &mut proj)?;
                 }

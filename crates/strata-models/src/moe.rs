@@ -68,8 +68,7 @@ impl Mlp {
         let inter = self.intermediate_size();
         let mut gate = vec![0f32; rows * inter];
         let mut up = vec![0f32; rows * inter];
-        let (rg, ru) = rayon::join(|| self.gate.forward(x, &mut gate), || self.up.forward(x, &mut up));
-        rg.and(ru)?;
+        Linear::forward_many(&[&self.gate, &self.up], x, &mut [&mut gate, &mut up])?;
         let mut act = vec![0f32; rows * inter];
         cpu::swiglu(&gate, &up, &mut act)?;
         self.down.forward(&act, out)
@@ -460,7 +459,7 @@ impl MoeLayer {
         if let Some(shared) = &self.shared {
             let mut y = vec![0f32; tokens * hidden];
             let mut g = vec![0f32; tokens];
-            let (ry, rg) = rayon::join(|| shared.mlp.forward(x, &mut y), || shared.gate.forward(x, &mut g));
+            let (ry, rg) = cpu::join(|| shared.mlp.forward(x, &mut y), || shared.gate.forward(x, &mut g));
             ry.and(rg)?;
             for ((o, y), g) in out.chunks_exact_mut(hidden).zip(y.chunks_exact(hidden)).zip(&g) {
                 let s = 1.0 / (1.0 + (-g).exp());

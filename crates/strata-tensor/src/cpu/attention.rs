@@ -36,6 +36,9 @@ const MAX_QUERY_BLOCK: usize = 16;
 const PREFILL_UNITS_PER_THREAD: usize = 4;
 /// The shortest key chunk decode splits a sequence into.
 const MIN_DECODE_CHUNK: usize = 64;
+/// The shortest key chunk inside a decode team ([`super::with_team`]), whose threads are already
+/// running: splitting short sequences then costs little more than the merge.
+const MIN_TEAM_DECODE_CHUNK: usize = 16;
 /// Decode aims for this many units of work per thread, for balance.
 const DECODE_UNITS_PER_THREAD: usize = 4;
 
@@ -196,7 +199,8 @@ pub(crate) fn attention_decode_with(
         Some(c) => c.clamp(1, n_vis),
         None if parallel => {
             let wanted = DECODE_UNITS_PER_THREAD * rayon::current_num_threads();
-            n_vis.div_ceil(wanted.min(n_vis.div_ceil(MIN_DECODE_CHUNK)).max(1))
+            let min_chunk = if super::in_team() { MIN_TEAM_DECODE_CHUNK } else { MIN_DECODE_CHUNK };
+            n_vis.div_ceil(wanted.min(n_vis.div_ceil(min_chunk)).max(1))
         }
         None => n_vis,
     };
@@ -218,7 +222,7 @@ pub(crate) fn attention_decode_with(
         stats[n_heads..].copy_from_slice(&scratch.sum);
     };
     if parallel && n_chunks > 1 {
-        parts.par_chunks_mut(part_len).enumerate().for_each_init(Scratch::default, unit);
+        super::team::for_each_chunk_mut(&mut parts, part_len, |c, part| unit(&mut Scratch::default(), (c, part)));
     } else {
         let mut scratch = Scratch::default();
         parts.chunks_mut(part_len).enumerate().for_each(|item| unit(&mut scratch, item));

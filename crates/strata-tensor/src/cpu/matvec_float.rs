@@ -13,8 +13,6 @@
 //! The level of SIMD is an explicit parameter of [`matvec_float_with`] so that tests run every
 //! level the CPU has; [`matvec_float`] uses [`crate::cpu::isa`].
 
-use rayon::prelude::*;
-
 use crate::DType;
 use crate::cpu::{Isa, isa};
 
@@ -24,7 +22,7 @@ const SERIAL_BYTES: usize = 256 * 1024;
 
 /// The weight bytes one rayon task reads, roughly: enough to amortise the task's cost, small
 /// enough to balance the threads at the end.
-const CHUNK_BYTES: usize = 256 * 1024;
+pub(super) const CHUNK_BYTES: usize = 256 * 1024;
 
 /// `y = W x` for float weights `w` (`n` rows of `k` elements of `dtype`, little-endian), at the
 /// SIMD level of [`crate::cpu::isa`].
@@ -48,14 +46,14 @@ pub(crate) fn matvec_float_with(isa: Isa, dtype: DType, w: &[u8], n: usize, k: u
     let by_bytes = CHUNK_BYTES / row_bytes.max(1);
     let by_balance = n.div_ceil(8 * rayon::current_num_threads());
     let rows_per_task = by_bytes.min(by_balance).max(8).next_multiple_of(8);
-    y.par_chunks_mut(rows_per_task).enumerate().for_each(|(t, yc)| {
+    super::team::for_each_chunk_mut(y, rows_per_task, |t, yc| {
         let r0 = t * rows_per_task;
         rows(isa, dtype, &w[r0 * row_bytes..(r0 + yc.len()) * row_bytes], k, x, yc);
     });
 }
 
 /// `y = W x` on the calling thread, for `y.len()` rows of `w`.
-fn rows(isa: Isa, dtype: DType, w: &[u8], k: usize, x: &[f32], y: &mut [f32]) {
+pub(super) fn rows(isa: Isa, dtype: DType, w: &[u8], k: usize, x: &[f32], y: &mut [f32]) {
     match dtype {
         DType::F32 => rows_typed::<F32>(isa, w, k, x, y),
         DType::F16 => rows_typed::<F16>(isa, w, k, x, y),

@@ -37,8 +37,6 @@ mod repacked;
 
 pub use repacked::RepackedWeight;
 
-use rayon::prelude::*;
-
 use super::{Isa, isa};
 use crate::DType;
 use crate::quant::q8act::{ActQ8, HI_WEIGHT, QK_ACT};
@@ -47,7 +45,7 @@ use crate::quant::{QK_K, q4_0, q4_k};
 
 /// Weight bytes per rayon task: large enough that task overhead is negligible, small enough that
 /// the threads finish together.
-const TASK_BYTES: usize = 64 * 1024;
+pub(super) const TASK_BYTES: usize = 64 * 1024;
 
 /// `y = W x` for block-quantized weights `w` (`n` rows of `k` elements of `dtype`), on the
 /// instruction set [`isa()`] picks.
@@ -74,7 +72,7 @@ pub(crate) fn matvec_quant_with(isa: Isa, dtype: DType, w: &[u8], n: usize, k: u
 fn in_tasks(w: &[u8], row_bytes: usize, y: &mut [f32], f: impl Fn(&[u8], &mut [f32]) + Sync) {
     // A multiple of four rows, so every group of rows a kernel runs at once is full.
     let rows_per_task = (TASK_BYTES / row_bytes).max(4).next_multiple_of(4);
-    y.par_chunks_mut(rows_per_task).enumerate().for_each(|(task, ys)| {
+    super::team::for_each_chunk_mut(y, rows_per_task, |task, ys| {
         let first = task * rows_per_task;
         f(&w[first * row_bytes..(first + ys.len()) * row_bytes], ys);
     });
@@ -94,27 +92,33 @@ pub(crate) fn matvec_packed_with(isa: Isa, dtype: DType, w: &[u8], n: usize, k: 
     }
     let isa = isa.min(Isa::detect());
     let prep = Prepared::new_for(isa, dtype, true, ActQ8::quantize(x));
-    in_tasks(w, row_bytes, &mut y[..n], |w, ys| match isa {
+    in_tasks(w, row_bytes, &mut y[..n], |w, ys| packed_rows(isa, dtype, w, row_bytes, &prep, ys));
+}
+
+/// Computes `ys.len()` consecutive repacked rows held in `w` (see [`matvec_packed_with`]).
+pub(super) fn packed_rows(isa: Isa, dtype: DType, w: &[u8], row_bytes: usize, prep: &Prepared, ys: &mut [f32]) {
+    debug_assert_eq!(w.len(), ys.len() * row_bytes);
+    match isa {
         // SAFETY (both): `isa` is at most `Isa::detect()`, so the CPU has every feature the kernel
         // enables; `w` holds `ys.len()` whole repacked rows of `dtype` and `prep` was built for
         // this `isa`, `dtype` and repacked rows from an activation of the same row length.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { avx512::packed_avx512(dtype, w, row_bytes, &prep, ys) },
+        Isa::Avx512 => unsafe { avx512::packed_avx512(dtype, w, row_bytes, prep, ys) },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512Vnni => unsafe { avx512::packed_vnni(dtype, w, row_bytes, &prep, ys) },
+        Isa::Avx512Vnni => unsafe { avx512::packed_vnni(dtype, w, row_bytes, prep, ys) },
         _ => {
             let unpack = if dtype == DType::Q4_0 { q4_0::unpack_row } else { q4_k::unpack_row };
             let mut original = vec![0u8; w.len()];
             for (src, dst) in w.chunks_exact(row_bytes).zip(original.chunks_exact_mut(row_bytes)) {
                 unpack(src, dst);
             }
-            rows(isa, dtype, &original, row_bytes, &prep, ys);
+            rows(isa, dtype, &original, row_bytes, prep, ys);
         }
-    });
+    }
 }
 
 /// Computes `ys.len()` consecutive rows held in `w`.
-fn rows(isa: Isa, dtype: DType, w: &[u8], row_bytes: usize, prep: &Prepared, ys: &mut [f32]) {
+pub(super) fn rows(isa: Isa, dtype: DType, w: &[u8], row_bytes: usize, prep: &Prepared, ys: &mut [f32]) {
     debug_assert_eq!(w.len(), ys.len() * row_bytes);
     match isa {
         // SAFETY (all three): `isa` is at most `Isa::detect()`, so the CPU has every feature the
@@ -136,7 +140,7 @@ fn rows(isa: Isa, dtype: DType, w: &[u8], row_bytes: usize, prep: &Prepared, ys:
 
 /// The quantized activation of one call plus values the SIMD kernels would otherwise recompute
 /// for every row.
-struct Prepared {
+pub(super) struct Prepared {
     /// The two-digit activation (units and sums per block of 32, in natural order).
     act: ActQ8,
     /// The high digits in the order the kernels of this `isa` and `dtype` read them (see
@@ -226,7 +230,7 @@ impl Prepared {
 
     /// The preparation for `isa` and `dtype`, with `packed` for the kernels of repacked rows
     /// (`cpu::RepackedWeight`).
-    fn new_for(isa: Isa, dtype: DType, packed: bool, act: ActQ8) -> Prepared {
+    pub(super) fn new_for(isa: Isa, dtype: DType, packed: bool, act: ActQ8) -> Prepared {
         if isa == Isa::Scalar {
             return Prepared { act, hi: Vec::new(), lo: Vec::new(), bias: Vec::new(), aux: Vec::new() };
         }

@@ -68,6 +68,11 @@ impl RepackedWeight {
         Tensor::from_storage(CpuStorage::owned(bytes), self.dtype(), self.packed.shape().clone())
     }
 
+    /// The repacked rows, as a tensor of the original dtype and shape.
+    pub(crate) fn packed_tensor(&self) -> &Tensor {
+        &self.packed
+    }
+
     /// The weight's dtype, `Q4_0` or `Q4_K`.
     pub fn dtype(&self) -> DType {
         self.packed.dtype()
