@@ -137,9 +137,10 @@ pub fn strata(strata_bin: &Path, file: &Path, w: Workload) -> Result<Speeds> {
     Ok(Speeds { prefill_tok_s: number(&raw, "prefill_tok_s")?, decode_tok_s: number(&raw, "decode_tok_s")?, raw })
 }
 
-/// llama.cpp: `llama-bench -p P -n N -t T -r 3 -o json`. Its prompt test times one prefill of P
-/// tokens; its generation test decodes N tokens one at a time from an empty context (strata and
-/// mistral.rs decode after the prompt: a context of P to P+N tokens, slightly more attention).
+/// llama.cpp: `llama-bench -p P -n N -d 0,P -t T -r 3 -o json`. Its prompt test at depth 0 times
+/// one prefill of P tokens into an empty context; its generation test at depth P decodes N tokens
+/// one at a time after P tokens in the cache, as strata and mistral.rs decode after the prompt
+/// (a context of P to P+N tokens). The other two tests of the grid are not used.
 pub fn llama_cpp(llama_bench: &Path, file: &Path, w: Workload) -> Result<Speeds> {
     let out = run_captured(
         Command::new(llama_bench)
@@ -147,6 +148,7 @@ pub fn llama_cpp(llama_bench: &Path, file: &Path, w: Workload) -> Result<Speeds>
             .arg(file)
             .args(["-p", &w.prompt_tokens.to_string()])
             .args(["-n", &w.gen_tokens.to_string()])
+            .args(["-d", &format!("0,{}", w.prompt_tokens)])
             .args(["-t", &w.threads.to_string()])
             .args(["-r", &RUNS.to_string()])
             .args(["-o", "json"]),
@@ -155,14 +157,16 @@ pub fn llama_cpp(llama_bench: &Path, file: &Path, w: Workload) -> Result<Speeds>
     ensure!(out.success, "llama-bench failed ({}): {}", out.status, out.stderr_tail());
     let raw: Value = serde_json::from_str(out.stdout.trim()).context("reading llama-bench's JSON")?;
     let tests = raw.as_array().context("llama-bench's JSON is not an array of tests")?;
-    let speed = |n_prompt: usize, n_gen: usize| -> Result<f64> {
+    let speed = |n_prompt: usize, n_gen: usize, n_depth: usize| -> Result<f64> {
         let test = tests
             .iter()
             .find(|t| {
-                t.get("n_prompt").and_then(Value::as_u64) == Some(n_prompt as u64)
-                    && t.get("n_gen").and_then(Value::as_u64) == Some(n_gen as u64)
+                let is = |key: &str, want: usize| t.get(key).and_then(Value::as_u64) == Some(want as u64);
+                is("n_prompt", n_prompt) && is("n_gen", n_gen) && is("n_depth", n_depth)
             })
-            .with_context(|| format!("llama-bench reported no test with n_prompt {n_prompt}, n_gen {n_gen}"))?;
+            .with_context(|| {
+                format!("llama-bench reported no test with n_prompt {n_prompt}, n_gen {n_gen}, n_depth {n_depth}")
+            })?;
         let samples: Vec<f64> = test
             .get("samples_ts")
             .and_then(Value::as_array)
@@ -173,7 +177,11 @@ pub fn llama_cpp(llama_bench: &Path, file: &Path, w: Workload) -> Result<Speeds>
         ensure!(samples.len() >= RUNS, "llama-bench reported {} samples, expected {RUNS}", samples.len());
         median(&samples).context("no finite llama-bench sample")
     };
-    Ok(Speeds { prefill_tok_s: speed(w.prompt_tokens, 0)?, decode_tok_s: speed(0, w.gen_tokens)?, raw })
+    Ok(Speeds {
+        prefill_tok_s: speed(w.prompt_tokens, 0, 0)?,
+        decode_tok_s: speed(0, w.gen_tokens, w.prompt_tokens)?,
+        raw,
+    })
 }
 
 /// mistral.rs: the Python driver in the peers venv, threads set through `RAYON_NUM_THREADS`.
