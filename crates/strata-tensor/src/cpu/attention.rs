@@ -13,6 +13,9 @@
 //! single query, and merges the chunks with the same rule
 //! (`out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c`), flash-decoding style, so a single
 //! sequence keeps every thread busy. Units run on rayon's threads when the work pays for it.
+//! With AVX-512 and a head dim of 64 or 128, a decode unit runs one fused kernel instead
+//! (`decode_avx512`: sixteen keys per step, scores summed by a transposing shuffle tree, the
+//! head's output in registers), without the per-call overhead of the small vector primitives.
 //!
 //! Masking follows transformers: a query at position `i` sees key `j` iff `j <= i` and, with a
 //! sliding window `W`, `i - j < W` (`kv_idx > q_idx - W`).
@@ -217,6 +220,23 @@ pub(crate) fn attention_decode_with(
         let (acc, stats) = part.split_at_mut(acc_len);
         let key = |t| paged_row(k_blocks, block_len, kv_stride, t);
         let value = |t| paged_row(v_blocks, block_len, kv_stride, t);
+        #[cfg(target_arch = "x86_64")]
+        if isa >= Isa::Avx512 && matches!(hd, 64 | 128) {
+            let krow: Vec<*const f32> = keys.clone().map(|j| key(j).as_ptr()).collect();
+            let vrow: Vec<*const f32> = keys.clone().map(|j| value(j).as_ptr()).collect();
+            let (max, sum) = stats.split_at_mut(n_heads);
+            // SAFETY: `isa` is at most what the CPU supports (checked by `vec::usable`), so
+            // AVX-512 F is there; `q` and `acc` hold `n_heads` heads of `hd` and every key and
+            // value row `n_kv_heads` heads (checked by `check_decode`).
+            unsafe {
+                if hd == 64 {
+                    decode_avx512::attend_one::<4>(q, p, &krow, &vrow, acc, max, sum);
+                } else {
+                    decode_avx512::attend_one::<8>(q, p, &krow, &vrow, acc, max, sum);
+                }
+            }
+            return;
+        }
         attend(isa, q, p, |_| keys.clone(), keys.clone(), key, value, scratch, acc);
         stats[..n_heads].copy_from_slice(&scratch.max);
         stats[n_heads..].copy_from_slice(&scratch.sum);
@@ -249,6 +269,129 @@ pub(crate) fn attention_decode_with(
 #[inline]
 fn paged_row<'a>(blocks: &[&'a [f32]], block_len: usize, stride: usize, t: usize) -> &'a [f32] {
     &blocks[t / block_len][t % block_len * stride..][..stride]
+}
+
+/// Decode attention of one query over a run of keys with AVX-512, for head dims of 64 and 128:
+/// per head, sixteen keys at a time, their dot products summed into one vector of scores by a
+/// transposing tree of shuffles, the online softmax on that vector, and the value rows
+/// accumulated into the head's output held in registers. The same sums as [`attend`] (which
+/// serves every other case) in another order, without its calls per four keys and head.
+#[cfg(target_arch = "x86_64")]
+mod decode_avx512 {
+    use std::arch::x86_64::*;
+
+    use super::AttentionParams;
+    use crate::cpu::vec::avx512::exp;
+
+    /// Leaves, for every head `h` of the single query `q` (`[n_heads, 16 * NV]`) over the keys
+    /// whose rows start at `krow` and `vrow` (all visible): `acc[h] = sum_j exp(s_hj - max_h)
+    /// v_j`, `max[h]` and `sum[h] = sum_j exp(s_hj - max_h)`, with `s_hj = scale * q_h.k_j` and
+    /// query head `h` reading KV head `h / group`, as `attend` leaves them in its scratch.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F; `p.head_dim` must be `16 * NV`; `q` and `acc` must hold
+    /// `n_heads * head_dim` floats, `max` and `sum` `n_heads`, and every `krow[j]` and `vrow[j]`
+    /// point at `n_kv_heads * head_dim` readable floats; `krow` must not be empty and be as long
+    /// as `vrow`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn attend_one<const NV: usize>(
+        q: &[f32],
+        p: &AttentionParams,
+        krow: &[*const f32],
+        vrow: &[*const f32],
+        acc: &mut [f32],
+        max: &mut [f32],
+        sum: &mut [f32],
+    ) {
+        let (hd, n_heads, group) = (p.head_dim, p.n_heads, p.n_heads / p.n_kv_heads);
+        debug_assert!(hd == 16 * NV && !krow.is_empty() && krow.len() == vrow.len());
+        debug_assert!(q.len() >= n_heads * hd && acc.len() >= n_heads * hd && max.len() >= n_heads);
+        // Where the transposing tree leaves key u's score (see `scores`).
+        let order = _mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15);
+        let scale = _mm512_set1_ps(p.scale);
+        let n_keys = krow.len();
+        for h in 0..n_heads {
+            let off = h / group * hd;
+            // SAFETY (the whole body): loads read `NV` vectors at `q[h * hd..]` and at
+            // `off..off + hd` of key and value rows (`off + hd <= n_kv_heads * hd`), the stores
+            // write `acc[h * hd..][..hd]`: all inside what the caller vouches for.
+            unsafe {
+                let qv: [__m512; NV] = std::array::from_fn(|v| _mm512_loadu_ps(q.as_ptr().add(h * hd + 16 * v)));
+                let mut a = [_mm512_setzero_ps(); NV];
+                let (mut m, mut l) = (f32::NEG_INFINITY, 0f32);
+                let mut j = 0;
+                while j < n_keys {
+                    let n = (n_keys - j).min(16);
+                    // Rows past the run's end repeat its last row; their scores are masked.
+                    let kr: [*const f32; 16] = std::array::from_fn(|u| krow[j + u.min(n - 1)].add(off));
+                    let mut d = [_mm512_setzero_ps(); 16];
+                    for (v, &qv) in qv.iter().enumerate() {
+                        for (d, row) in d.iter_mut().zip(&kr) {
+                            *d = _mm512_fmadd_ps(qv, _mm512_loadu_ps(row.add(16 * v)), *d);
+                        }
+                    }
+                    let valid: __mmask16 = if n == 16 { 0xffff } else { ((1u32 << n) - 1) as u16 };
+                    let s = _mm512_mask_mov_ps(
+                        _mm512_set1_ps(f32::NEG_INFINITY),
+                        valid,
+                        _mm512_mul_ps(scores(d, order), scale),
+                    );
+                    let new_m = m.max(_mm512_reduce_max_ps(s));
+                    // exp(-inf) = 0 on the first run, when nothing is accumulated yet.
+                    let c = (m - new_m).exp();
+                    let pr = _mm512_maskz_mov_ps(valid, exp(_mm512_sub_ps(s, _mm512_set1_ps(new_m))));
+                    l = l * c + _mm512_reduce_add_ps(pr);
+                    if c != 1.0 {
+                        let cv = _mm512_set1_ps(c);
+                        for a in a.iter_mut() {
+                            *a = _mm512_mul_ps(*a, cv);
+                        }
+                    }
+                    m = new_m;
+                    let mut probs = [0f32; 16];
+                    _mm512_storeu_ps(probs.as_mut_ptr(), pr);
+                    for (u, &pu) in probs.iter().enumerate().take(n) {
+                        let row = vrow[j + u].add(off);
+                        let b = _mm512_set1_ps(pu);
+                        for (v, a) in a.iter_mut().enumerate() {
+                            *a = _mm512_fmadd_ps(b, _mm512_loadu_ps(row.add(16 * v)), *a);
+                        }
+                    }
+                    j += n;
+                }
+                for (v, a) in a.iter().enumerate() {
+                    _mm512_storeu_ps(acc.as_mut_ptr().add(h * hd + 16 * v), *a);
+                }
+                max[h] = m;
+                sum[h] = l;
+            }
+        }
+    }
+
+    /// The sixteen horizontal sums of `d`, as one vector in the order `order` undoes: each step
+    /// adds two vectors' halves (256, then 128, 64 and 32 bits) so that one vector holds the
+    /// partial sums of twice as many rows. After the 256-bit step `a[r]` holds rows r and r + 8;
+    /// after the 128-bit step 128-bit lane l of `b[r]` holds row r + [0, 8, 4, 12][l]; the last
+    /// two steps leave lane l holding rows base_l + [0, 2, 1, 3].
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn scores(d: [__m512; 16], order: __m512i) -> __m512 {
+        let a: [__m512; 8] = std::array::from_fn(|r| {
+            let (x, y) = (d[r], d[r + 8]);
+            _mm512_add_ps(_mm512_shuffle_f32x4::<0b01_00_01_00>(x, y), _mm512_shuffle_f32x4::<0b11_10_11_10>(x, y))
+        });
+        let b: [__m512; 4] = std::array::from_fn(|r| {
+            let (x, y) = (a[r], a[r + 4]);
+            _mm512_add_ps(_mm512_shuffle_f32x4::<0b10_00_10_00>(x, y), _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y))
+        });
+        let c: [__m512; 2] = std::array::from_fn(|r| {
+            let (x, y) = (b[r], b[r + 2]);
+            _mm512_add_ps(_mm512_shuffle_ps::<0b01_00_01_00>(x, y), _mm512_shuffle_ps::<0b11_10_11_10>(x, y))
+        });
+        let (x, y) = (c[0], c[1]);
+        let e = _mm512_add_ps(_mm512_shuffle_ps::<0b10_00_10_00>(x, y), _mm512_shuffle_ps::<0b11_01_11_01>(x, y));
+        _mm512_permutexvar_ps(order, e)
+    }
 }
 
 /// Per-thread buffers of [`attend`].
