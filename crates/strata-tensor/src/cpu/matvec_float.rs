@@ -22,7 +22,7 @@ const SERIAL_BYTES: usize = 256 * 1024;
 
 /// The weight bytes one rayon task reads, roughly: enough to amortise the task's cost, small
 /// enough to balance the threads at the end.
-pub(super) const CHUNK_BYTES: usize = 256 * 1024;
+const CHUNK_BYTES: usize = 256 * 1024;
 
 /// `y = W x` for float weights `w` (`n` rows of `k` elements of `dtype`, little-endian), at the
 /// SIMD level of [`crate::cpu::isa`].
@@ -41,15 +41,20 @@ pub(crate) fn matvec_float_with(isa: Isa, dtype: DType, w: &[u8], n: usize, k: u
         rows(isa, dtype, w, k, x, y);
         return;
     }
-    // Rows per task: about CHUNK_BYTES of weights, a multiple of the eight-row block, and at least
-    // eight tasks per thread so that work stealing evens out the end.
-    let by_bytes = CHUNK_BYTES / row_bytes.max(1);
-    let by_balance = n.div_ceil(8 * rayon::current_num_threads());
-    let rows_per_task = by_bytes.min(by_balance).max(8).next_multiple_of(8);
+    let rows_per_task = rows_per_task(n, row_bytes);
     super::team::for_each_chunk_mut(y, rows_per_task, |t, yc| {
         let r0 = t * rows_per_task;
         rows(isa, dtype, &w[r0 * row_bytes..(r0 + yc.len()) * row_bytes], k, x, yc);
     });
+}
+
+/// Rows per parallel task for `n` rows of `row_bytes`: about [`CHUNK_BYTES`] of weights, a multiple
+/// of the eight-row block, and at least eight tasks per thread so that the threads finish
+/// together.
+pub(super) fn rows_per_task(n: usize, row_bytes: usize) -> usize {
+    let by_bytes = CHUNK_BYTES / row_bytes.max(1);
+    let by_balance = n.div_ceil(8 * rayon::current_num_threads());
+    by_bytes.min(by_balance).max(8).next_multiple_of(8)
 }
 
 /// `y = W x` on the calling thread, for `y.len()` rows of `w`.

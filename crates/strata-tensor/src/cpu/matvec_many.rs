@@ -9,7 +9,7 @@
 //! [`RepackedWeight::matvec`], so the results are identical bit for bit.
 
 use super::matvec::check_matvec;
-use super::matvec_quant::{Prepared, TASK_BYTES};
+use super::matvec_quant::Prepared;
 use super::{Isa, RepackedWeight, isa, matvec_float, matvec_quant, team};
 use crate::quant::q8act::ActQ8;
 use crate::{DType, Result, Tensor};
@@ -72,18 +72,14 @@ pub(crate) fn matvec_many_with(isa: Isa, x: &[f32], products: &mut [(MatvecWeigh
         plans.push((rows, n));
     }
 
-    // Tasks: (product, first row, rows), each a multiple of the kernels' row group (eight for the
-    // float kernels, four for the quantized ones) apart from a product's last.
-    let threads = rayon::current_num_threads();
+    // Tasks: (product, first row, rows), sized as the products alone size theirs (a multiple of
+    // the kernels' row group apart from a product's last).
     let mut tasks = Vec::new();
     for (p, &(rows, n)) in plans.iter().enumerate() {
         let per_task = match rows {
             _ if n == 0 => continue,
-            Rows::Float { dtype, k, .. } => {
-                let row_bytes = (k * dtype.block_bytes()).max(1);
-                (matvec_float::CHUNK_BYTES / row_bytes).min(n.div_ceil(8 * threads)).max(8).next_multiple_of(8)
-            }
-            Rows::Quant { row_bytes, .. } => (TASK_BYTES / row_bytes.max(1)).max(4).next_multiple_of(4),
+            Rows::Float { dtype, k, .. } => matvec_float::rows_per_task(n, k * dtype.block_bytes()),
+            Rows::Quant { row_bytes, .. } => matvec_quant::rows_per_task(row_bytes),
         };
         tasks.extend((0..n).step_by(per_task).map(|r0| (p, r0, per_task.min(n - r0))));
     }

@@ -45,7 +45,7 @@ use crate::quant::{QK_K, q4_0, q4_k};
 
 /// Weight bytes per rayon task: large enough that task overhead is negligible, small enough that
 /// the threads finish together.
-pub(super) const TASK_BYTES: usize = 64 * 1024;
+const TASK_BYTES: usize = 64 * 1024;
 
 /// `y = W x` for block-quantized weights `w` (`n` rows of `k` elements of `dtype`), on the
 /// instruction set [`isa()`] picks.
@@ -68,10 +68,15 @@ pub(crate) fn matvec_quant_with(isa: Isa, dtype: DType, w: &[u8], n: usize, k: u
     in_tasks(w, row_bytes, &mut y[..n], |w, ys| rows(isa, dtype, w, row_bytes, &prep, ys));
 }
 
+/// Rows per parallel task for rows of `row_bytes`: about [`TASK_BYTES`] of weights, a multiple of
+/// four rows, so every group of rows a kernel runs at once is full.
+pub(super) fn rows_per_task(row_bytes: usize) -> usize {
+    (TASK_BYTES / row_bytes.max(1)).max(4).next_multiple_of(4)
+}
+
 /// Runs `f` on consecutive runs of rows of `w` and their outputs in `y`, one rayon task each.
 fn in_tasks(w: &[u8], row_bytes: usize, y: &mut [f32], f: impl Fn(&[u8], &mut [f32]) + Sync) {
-    // A multiple of four rows, so every group of rows a kernel runs at once is full.
-    let rows_per_task = (TASK_BYTES / row_bytes).max(4).next_multiple_of(4);
+    let rows_per_task = rows_per_task(row_bytes);
     super::team::for_each_chunk_mut(y, rows_per_task, |task, ys| {
         let first = task * rows_per_task;
         f(&w[first * row_bytes..(first + ys.len()) * row_bytes], ys);
