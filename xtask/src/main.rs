@@ -53,7 +53,7 @@ commands:
   bench --peers [--threads N] [--files FILE.gguf...] [--rounds N] [--json]
                               strata against llama.cpp and mistral.rs on the same GGUF files (installs them
                               into $XDG_CACHE_HOME/strata/peers once): prefill 128 and decode 64 tokens,
-                              best of N rounds; --json: JSON on stdout, the table on stderr
+                              best of N rounds and paired per-round ratios; --json: JSON on stdout, the table on stderr
   bench --offload [--file FILE.gguf] [--max-ram SIZE] [--threads N] [--rounds N] [--json]
                               decode with --max-ram (default a third of the file, synthetic TinyLlama q8_0) against
                               the disk bound, the stream-all depth-0 baseline and llama.cpp in a memory cgroup";

@@ -15,7 +15,11 @@
 //! On a shared machine other work slows whichever engine it lands on. Every measurement records
 //! how many cores other processes kept busy meanwhile (see [`load`]), and `--rounds N` repeats
 //! the whole sequence N times, interleaving the engines, and keeps each engine's best median
-//! per phase (interference only ever slows an engine down); the JSON has every round.
+//! per phase (interference only ever slows an engine down); the JSON has every round. With
+//! several rounds the table also gives paired ratios: strata over the faster peer of the same
+//! round, round by round and their median. The engines of a round run back to back on a file, so
+//! a pair shares the machine's memory bandwidth, which on a shared VM drifts by a factor of two
+//! over minutes; the best-of-rounds ratio compares figures taken minutes apart.
 //!
 //! Runs in release: from a debug build it rebuilds xtask in release and reruns itself, and it
 //! builds the release `strata` binary it measures.
@@ -158,6 +162,26 @@ impl FileResult {
         (1..ENGINES.len())
             .filter_map(|e| self.best(e, phase).map(|v| (v, ENGINES[e])))
             .max_by(|a, b| a.0.total_cmp(&b.0))
+    }
+
+    /// Per round, strata's speed in `phase` over the faster peer's in that same round (`None` for a
+    /// round where strata or both peers failed). The engines of a round run back to back on the
+    /// file, so a pair shares the machine's state: its memory bandwidth drifts by a factor of two
+    /// over minutes on a shared VM, which best-of-rounds figures taken minutes apart do not cancel.
+    fn paired(&self, phase: Phase) -> Vec<Option<f64>> {
+        let speed = |e: usize, r: usize| self.runs[e].get(r).and_then(|m| m.outcome.as_ref().ok()).map(phase);
+        (0..self.runs[0].len())
+            .map(|r| {
+                let peer = (1..ENGINES.len()).filter_map(|e| speed(e, r)).max_by(f64::total_cmp)?;
+                Some(speed(0, r)? / peer)
+            })
+            .collect()
+    }
+
+    /// The median of [`FileResult::paired`] over the rounds that have one.
+    fn paired_median(&self, phase: Phase) -> Option<f64> {
+        let v: Vec<f64> = self.paired(phase).into_iter().flatten().collect();
+        engines::median(&v)
     }
 
     /// The range of other cores busy over engine `e`'s rounds.
@@ -414,6 +438,23 @@ impl Report {
                 );
             }
         }
+        if self.rounds > 1 {
+            t += "\nPaired rounds: strata / the faster peer of the same round (the engines of a round run back to back on a file).\n\n";
+            t += "| file | prefill, round by round | prefill, median | decode, round by round | decode, median |\n";
+            t += "| --- | --- | ---: | --- | ---: |\n";
+            for f in &self.files {
+                let name = f.file.file_name().unwrap_or_default().to_string_lossy().into_owned();
+                let rounds = |phase: Phase| f.paired(phase).iter().map(|r| fmt(*r, 2)).collect::<Vec<_>>().join(" / ");
+                let _ = writeln!(
+                    t,
+                    "| {name} | {} | **{}** | {} | **{}** |",
+                    rounds(PREFILL),
+                    fmt(f.paired_median(PREFILL), 2),
+                    rounds(DECODE),
+                    fmt(f.paired_median(DECODE), 2)
+                );
+            }
+        }
         t += "\nstrata rows: the ratio against the faster peer in that phase (target >= 1.00); peer rows: strata / that peer.\n";
         t += "decode / bound: decode tok/s over (best bandwidth / weight bytes read per token, as strata reports for the file).\n";
         t += "other work: cores other processes kept busy while the engine ran (2 cores in all).\n";
@@ -468,12 +509,14 @@ impl Report {
                         .zip(f.best_peer(phase))
                         .map(|(s, (v, name))| json!({ "ratio": s / v, "peer": name }))
                 };
+                let paired = |phase: Phase| json!({ "rounds": f.paired(phase), "median": f.paired_median(phase) });
                 json!({
                     "file": f.file.display().to_string(),
                     "bytes_read_per_token": f.bytes_per_token(),
                     "decode_bound_tok_s": bound,
                     "engines": engines,
                     "strata_vs_best_peer": { "prefill": ratio(PREFILL), "decode": ratio(DECODE) },
+                    "strata_vs_best_peer_paired": { "prefill": paired(PREFILL), "decode": paired(DECODE) },
                 })
             })
             .collect();
@@ -582,5 +625,34 @@ mod tests {
         assert_eq!(j["files"][0]["engines"][2]["error"], "boom | bad");
         assert_eq!(j["files"][0]["engines"][1]["rounds"][0]["error"], "crashed");
         assert_eq!(j["files"][0]["strata_vs_best_peer"]["decode"]["ratio"], 4.0);
+        // Round 1 has no peer result; round 2: strata 80 / 50 and 20 / 5.
+        assert_eq!(f.paired(PREFILL), vec![None, Some(1.6)]);
+        assert_eq!(f.paired_median(DECODE), Some(4.0));
+        assert!(table.contains("| m.gguf | - / 1.60 | **1.60** | - / 4.00 | **4.00** |"), "{table}");
+        assert_eq!(j["files"][0]["strata_vs_best_peer_paired"]["prefill"]["rounds"][1], 1.6);
+    }
+
+    /// Paired ratios compare engines within a round: a peer's one fast round decides the
+    /// best-of-rounds ratio but only its own paired ratio.
+    #[test]
+    fn paired_ratios_take_the_median_over_rounds() {
+        let r = report(
+            vec![
+                vec![ok(100.0, 40.0, 0.0), ok(110.0, 44.0, 0.0), ok(90.0, 42.0, 0.0)],
+                vec![ok(90.0, 38.0, 0.0), ok(100.0, 55.0, 0.0), ok(95.0, 40.0, 0.0)],
+                vec![ok(120.0, 20.0, 0.0), failed("crashed"), ok(80.0, 20.0, 0.0)],
+            ],
+            3,
+        );
+        let f = &r.files[0];
+        assert_eq!(f.best_peer(DECODE), Some((55.0, "llama.cpp")));
+        let close = |a: Option<f64>, b: f64| (a.unwrap() - b).abs() < 1e-12;
+        let d = f.paired(DECODE);
+        assert!(close(d[0], 40.0 / 38.0) && close(d[1], 44.0 / 55.0) && close(d[2], 42.0 / 40.0), "{d:?}");
+        assert!(close(f.paired_median(DECODE), 42.0 / 40.0));
+        // Prefill: round 1 against mistral.rs (120), round 2 against llama.cpp alone (100).
+        let p = f.paired(PREFILL);
+        assert!(close(p[0], 100.0 / 120.0) && close(p[1], 1.1) && close(p[2], 90.0 / 95.0), "{p:?}");
+        assert!(close(f.paired_median(PREFILL), 90.0 / 95.0));
     }
 }
