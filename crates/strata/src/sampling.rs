@@ -101,15 +101,24 @@ impl Sampler {
     }
 }
 
-/// The first index of the largest value (NaN never wins).
+/// The first index of the largest value (NaN never wins; 0 when every value is NaN, or for an
+/// empty slice).
+///
+/// Two passes the compiler vectorizes: the maximum over sixteen lanes (`f32::max` skips NaN),
+/// then the first index holding it. A greedy step runs this over the whole vocabulary (49,152
+/// logits for SmolLM2), where the one-pass loop, each comparison waiting on the last, took 2% of
+/// a decode step.
 pub fn argmax(xs: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &x) in xs.iter().enumerate() {
-        if x > xs[best] || xs[best].is_nan() {
-            best = i;
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = xs.chunks_exact(16);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (m, &x) in lanes.iter_mut().zip(chunk) {
+            *m = m.max(x);
         }
     }
-    best
+    let max = lanes.iter().chain(tail).fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    xs.iter().position(|&x| x == max).unwrap_or(0)
 }
 
 /// SplitMix64: a tiny, well-mixed generator whose sequence never changes between versions,
@@ -144,6 +153,33 @@ mod tests {
     fn greedy_takes_the_first_maximum() {
         let mut s = Sampler::new(params(0.0));
         assert_eq!(s.sample(&mut [0.1, 3.0, 3.0, -1.0], &[]), 1);
+    }
+
+    /// The vectorized argmax against the one-pass definition: the first index of the largest
+    /// non-NaN value, on lengths around the sixteen lanes, with ties, NaNs, infinities and
+    /// signed zeros.
+    #[test]
+    fn argmax_is_the_first_largest_non_nan() {
+        fn one_pass(xs: &[f32]) -> usize {
+            let mut best: Option<usize> = None;
+            for (i, &x) in xs.iter().enumerate() {
+                if !x.is_nan() && best.is_none_or(|b| x > xs[b]) {
+                    best = Some(i);
+                }
+            }
+            best.unwrap_or(0)
+        }
+        let mut rng = SplitMix64(7);
+        let pool = [0.0, -0.0, 1.5, -2.0, 1.5, f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 3.25, -7.0];
+        for len in [0, 1, 2, 15, 16, 17, 31, 33, 100] {
+            for _ in 0..200 {
+                let xs: Vec<f32> = (0..len).map(|_| pool[(rng.next_u64() % pool.len() as u64) as usize]).collect();
+                assert_eq!(argmax(&xs), one_pass(&xs), "{xs:?}");
+            }
+        }
+        assert_eq!(argmax(&[f32::NAN, f32::NAN]), 0);
+        assert_eq!(argmax(&[-0.0, 0.0]), 0);
+        assert_eq!(argmax(&[f32::NAN, 1.0, 2.0, 2.0]), 2);
     }
 
     #[test]
