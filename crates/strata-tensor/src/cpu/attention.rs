@@ -16,6 +16,11 @@
 //! With AVX-512 and a head dim of 64 or 128, a decode unit runs one fused kernel instead
 //! (`decode_avx512`: sixteen keys per step, scores summed by a transposing shuffle tree, the
 //! head's output in registers), without the per-call overhead of the small vector primitives.
+//! Prefill units with AVX-512 and a head dim of 64 or 128 transpose each key tile once
+//! (`[n_kv_heads, head_dim, KEY_TILE]`) and compute a row's scores as sixteen-key vectors, one
+//! FMA per dimension and vector, then accumulate the values with the row's output in registers,
+//! heads outside and rows inside so that a KV head's part of the tile stays in L1
+//! (`prefill_avx512`); at 1,024 prompt tokens that made SmolLM2's prefill 17% faster.
 //!
 //! Masking follows transformers: a query at position `i` sees key `j` iff `j <= i` and, with a
 //! sliding window `W`, `i - j < W` (`kv_idx > q_idx - W`).
@@ -428,6 +433,76 @@ mod decode_avx512 {
     }
 }
 
+/// The AVX-512 parts of [`attend`] for head dims of 64 and 128.
+#[cfg(target_arch = "x86_64")]
+mod prefill_avx512 {
+    use std::arch::x86_64::*;
+
+    use super::KEY_TILE;
+
+    /// `s[u] = scale * q.k_u` for the `tn` keys of a tile transposed into `kt` (`[q.len(),
+    /// KEY_TILE]`, zero past `tn`), sixteen keys per vector; `s[tn..]` gets the zero keys'
+    /// scores, which the caller never uses.
+    ///
+    /// # Safety
+    /// AVX-512 F; `kt.len() >= q.len() * KEY_TILE`, `s.len() >= KEY_TILE`, `tn <= KEY_TILE`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn scores(q: &[f32], kt: &[f32], scale: f32, tn: usize, s: &mut [f32]) {
+        const V: usize = KEY_TILE / 16;
+        debug_assert!(kt.len() >= q.len() * KEY_TILE && s.len() >= KEY_TILE && tn <= KEY_TILE);
+        let vecs = tn.div_ceil(16);
+        let mut acc = [_mm512_setzero_ps(); V];
+        let kt = kt.as_ptr();
+        for (d, &qd) in q.iter().enumerate() {
+            let b = _mm512_set1_ps(qd);
+            for (v, a) in acc.iter_mut().enumerate().take(vecs) {
+                // SAFETY: `d * KEY_TILE + 16 * v + 16 <= q.len() * KEY_TILE <= kt.len()`.
+                *a = _mm512_fmadd_ps(b, unsafe { _mm512_loadu_ps(kt.add(d * KEY_TILE + 16 * v)) }, *a);
+            }
+        }
+        let scale = _mm512_set1_ps(scale);
+        for (v, a) in acc.iter().enumerate().take(vecs) {
+            // SAFETY: `16 * v + 16 <= KEY_TILE <= s.len()`.
+            unsafe { _mm512_storeu_ps(s.as_mut_ptr().add(16 * v), _mm512_mul_ps(*a, scale)) };
+        }
+    }
+
+    /// `a += sum_u p[u] * rows[u][off..off + a.len()]`, the output held in registers.
+    ///
+    /// # Safety
+    /// AVX-512 F; `a.len()` 64 or 128; every `rows[u]` points at `off + a.len()` readable floats;
+    /// `p.len() == rows.len()`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn values(p: &[f32], rows: &[*const f32], off: usize, a: &mut [f32]) {
+        debug_assert!(p.len() == rows.len() && matches!(a.len(), 64 | 128));
+        // SAFETY: forwarded.
+        unsafe { if a.len() == 64 { values_n::<4>(p, rows, off, a) } else { values_n::<8>(p, rows, off, a) } }
+    }
+
+    /// [`values`] for `a.len() == 16 * NV`.
+    ///
+    /// # Safety
+    /// As [`values`].
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn values_n<const NV: usize>(p: &[f32], rows: &[*const f32], off: usize, a: &mut [f32]) {
+        // SAFETY: `a` holds `16 * NV` floats and every row `off + 16 * NV` (the caller).
+        unsafe {
+            let out = a.as_mut_ptr();
+            let mut acc: [__m512; NV] = std::array::from_fn(|v| _mm512_loadu_ps(out.add(16 * v)));
+            for (&pu, &row) in p.iter().zip(rows) {
+                let b = _mm512_set1_ps(pu);
+                for (v, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm512_fmadd_ps(b, _mm512_loadu_ps(row.add(off + 16 * v)), *acc);
+                }
+            }
+            for (v, acc) in acc.iter().enumerate() {
+                _mm512_storeu_ps(out.add(16 * v), *acc);
+            }
+        }
+    }
+}
+
 /// Per-thread buffers of [`attend`].
 #[derive(Default)]
 struct Scratch {
@@ -440,6 +515,8 @@ struct Scratch {
     /// Per query token of the block: the part of the current tile it sees, and that part
     /// widened to whole groups of four keys (clamped to the tile), relative to the tile start.
     spans: Vec<Option<(Range<usize>, Range<usize>)>>,
+    /// The key tile transposed for the AVX-512 path: `[n_kv_heads, head_dim, KEY_TILE]`.
+    keys_t: Vec<f32>,
 }
 
 /// Unnormalised attention of a block of query tokens `q` (`[bq, n_heads, head_dim]`) over the
@@ -467,7 +544,11 @@ fn attend<'a>(
     let bq = q.len() / q_stride;
     let rows = bq * n_heads;
     debug_assert!(acc.len() == q.len() && !keys.is_empty());
-    let Scratch { scores, max, sum, spans } = scratch;
+    let Scratch { scores, max, sum, spans, keys_t } = scratch;
+    #[cfg(target_arch = "x86_64")]
+    let tiled = isa >= Isa::Avx512 && matches!(hd, 64 | 128);
+    #[cfg(not(target_arch = "x86_64"))]
+    let tiled = false;
     scores.clear();
     scores.resize(rows * KEY_TILE, 0.0);
     max.clear();
@@ -492,9 +573,41 @@ fn attend<'a>(
             spans.iter().enumerate().filter_map(move |(b, s)| s.as_ref().filter(|(_, w)| w.contains(&g0)).map(|_| b))
         };
 
+        // With AVX-512 and a head dim of 64 or 128: the tile's keys transposed once, then each
+        // row's scores as sixteen-key vectors, one FMA per dimension and vector.
+        #[cfg(target_arch = "x86_64")]
+        if tiled {
+            let kv_stride = p.n_kv_heads * hd;
+            keys_t.clear();
+            keys_t.resize(kv_stride * KEY_TILE, 0.0);
+            for u in 0..tn {
+                for (e, &x) in key(j0 + u)[..kv_stride].iter().enumerate() {
+                    keys_t[e * KEY_TILE + u] = x;
+                }
+            }
+            // Heads outside, rows inside: a KV head's transposed keys stay in L1 for every row.
+            for h in 0..n_heads {
+                for (b, span) in spans.iter().enumerate() {
+                    let Some((seen, wide)) = span else { continue };
+                    let qh = &q[b * q_stride + h * hd..][..hd];
+                    let kt = &keys_t[h / group * hd * KEY_TILE..][..hd * KEY_TILE];
+                    let s = &mut scores[(b * n_heads + h) * KEY_TILE..][..KEY_TILE];
+                    // SAFETY: `tiled` checked AVX-512 F (`isa` is at most what the CPU has).
+                    unsafe { prefill_avx512::scores(qh, kt, p.scale, tn, s) };
+                    for u in wide.clone() {
+                        if !seen.contains(&u) {
+                            s[u] = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+            }
+        }
         // Scores, key-major in groups of four so the group's key rows stay in L1 for every
         // query row that sees part of it; positions a row does not see become -inf.
         for g0 in (0..tn).step_by(4) {
+            if tiled {
+                break;
+            }
             let gl = 4.min(tn - g0);
             let krows: [&[f32]; 4] = std::array::from_fn(|u| key(j0 + g0 + u.min(gl - 1)));
             for b in rows_of(g0) {
@@ -540,8 +653,29 @@ fn attend<'a>(
             }
         }
 
+        // With AVX-512: per row, the output in registers over the row's keys of the tile.
+        #[cfg(target_arch = "x86_64")]
+        if tiled {
+            let vrows: Vec<*const f32> = (0..tn).map(|u| value(j0 + u).as_ptr()).collect();
+            // Heads outside, rows inside: a KV head's part of the value rows stays in L1.
+            for h in 0..n_heads {
+                for (b, span) in spans.iter().enumerate() {
+                    let Some((_, wide)) = span else { continue };
+                    let r = b * n_heads + h;
+                    let pr = &scores[r * KEY_TILE..][wide.clone()];
+                    let rows = &vrows[wide.clone()];
+                    let a = &mut acc[r * hd..][..hd];
+                    // SAFETY: AVX-512 F as above; every value row holds `n_kv_heads * hd` floats,
+                    // so `h / group * hd + hd` of them.
+                    unsafe { prefill_avx512::values(pr, rows, h / group * hd, a) };
+                }
+            }
+        }
         // Values, four rows at a time; masked positions carry probability 0.
         for g0 in (0..tn).step_by(4) {
+            if tiled {
+                break;
+            }
             let gl = 4.min(tn - g0);
             let vrows: [&[f32]; 4] = std::array::from_fn(|u| value(j0 + g0 + u.min(gl - 1)));
             for b in rows_of(g0) {
