@@ -441,6 +441,20 @@ mod prefill_avx512 {
 
     use super::KEY_TILE;
 
+    /// The query heads in runs of two sharing a KV head where they can (`group` heads to a KV
+    /// head), else alone: `(first head, whether a second follows)`.
+    pub(super) fn head_runs(n_heads: usize, group: usize) -> impl Iterator<Item = (usize, bool)> {
+        let mut h = 0;
+        std::iter::from_fn(move || {
+            (h < n_heads).then(|| {
+                let pair = h + 1 < n_heads && (h + 1) / group == h / group;
+                let run = (h, pair);
+                h += 1 + usize::from(pair);
+                run
+            })
+        })
+    }
+
     /// `s[i][u] = scale * q[i].k_u` for `R` query rows (of one KV head) and the `tn` keys of a
     /// tile transposed into `kt` (`[head_dim, KEY_TILE]`, zero past `tn`), sixteen keys per
     /// vector, each load of `kt` used for the `R` rows; `s[i][tn..]` gets the zero keys' scores,
@@ -599,77 +613,74 @@ fn attend<'a>(
             spans.iter().enumerate().filter_map(move |(b, s)| s.as_ref().filter(|(_, w)| w.contains(&g0)).map(|_| b))
         };
 
-        // With AVX-512 and a head dim of 64 or 128: the tile's keys transposed once, then each
-        // row's scores as sixteen-key vectors, one FMA per dimension and vector.
-        #[cfg(target_arch = "x86_64")]
         if tiled {
-            let kv_stride = p.n_kv_heads * hd;
-            keys_t.clear();
-            keys_t.resize(kv_stride * KEY_TILE, 0.0);
-            for u in 0..tn {
-                for (e, &x) in key(j0 + u)[..kv_stride].iter().enumerate() {
-                    keys_t[e * KEY_TILE + u] = x;
-                }
-            }
-            // Heads outside, rows inside: a KV head's transposed keys stay in L1 for every row.
-            // Two heads of the same KV head go together where they can, sharing each load.
-            let mut h = 0;
-            while h < n_heads {
-                let pair = h + 1 < n_heads && (h + 1) / group == h / group;
-                let kt = &keys_t[h / group * hd * KEY_TILE..][..hd * KEY_TILE];
-                for (b, span) in spans.iter().enumerate() {
-                    let Some((seen, wide)) = span else { continue };
-                    let qh = |h: usize| &q[b * q_stride + h * hd..][..hd];
-                    let row = (b * n_heads + h) * KEY_TILE;
-                    let rows = &mut scores[row..][..(1 + usize::from(pair)) * KEY_TILE];
-                    // SAFETY: `tiled` checked AVX-512 F (`isa` is at most what the CPU has).
-                    unsafe {
-                        if pair {
-                            let (s0, s1) = rows.split_at_mut(KEY_TILE);
-                            prefill_avx512::scores::<2>([qh(h), qh(h + 1)], kt, p.scale, tn, [s0, s1]);
-                        } else {
-                            prefill_avx512::scores::<1>([qh(h)], kt, p.scale, tn, [rows]);
-                        }
+            // With AVX-512 and a head dim of 64 or 128: the tile's keys transposed once, then
+            // each row's scores as sixteen-key vectors, one FMA per dimension and vector.
+            #[cfg(target_arch = "x86_64")]
+            {
+                let kv_stride = p.n_kv_heads * hd;
+                keys_t.clear();
+                keys_t.resize(kv_stride * KEY_TILE, 0.0);
+                for u in 0..tn {
+                    for (e, &x) in key(j0 + u)[..kv_stride].iter().enumerate() {
+                        keys_t[e * KEY_TILE + u] = x;
                     }
-                    for r in 0..1 + usize::from(pair) {
-                        let s = &mut scores[row + r * KEY_TILE..][..KEY_TILE];
-                        for u in wide.clone() {
-                            if !seen.contains(&u) {
-                                s[u] = f32::NEG_INFINITY;
+                }
+                // Heads outside, rows inside: a KV head's transposed keys stay in L1 for every
+                // row. Two heads of the same KV head go together where they can, sharing each
+                // load.
+                for (h, pair) in prefill_avx512::head_runs(n_heads, group) {
+                    let kt = &keys_t[h / group * hd * KEY_TILE..][..hd * KEY_TILE];
+                    for (b, span) in spans.iter().enumerate() {
+                        let Some((seen, wide)) = span else { continue };
+                        let qh = |h: usize| &q[b * q_stride + h * hd..][..hd];
+                        let row = (b * n_heads + h) * KEY_TILE;
+                        let rows = &mut scores[row..][..(1 + usize::from(pair)) * KEY_TILE];
+                        // SAFETY: `tiled` checked AVX-512 F (`isa` is at most what the CPU has).
+                        unsafe {
+                            if pair {
+                                let (s0, s1) = rows.split_at_mut(KEY_TILE);
+                                prefill_avx512::scores::<2>([qh(h), qh(h + 1)], kt, p.scale, tn, [s0, s1]);
+                            } else {
+                                prefill_avx512::scores::<1>([qh(h)], kt, p.scale, tn, [&mut *rows]);
+                            }
+                        }
+                        for s in rows.chunks_exact_mut(KEY_TILE) {
+                            for u in wide.clone() {
+                                if !seen.contains(&u) {
+                                    s[u] = f32::NEG_INFINITY;
+                                }
                             }
                         }
                     }
                 }
-                h += 1 + usize::from(pair);
             }
-        }
-        // Scores, key-major in groups of four so the group's key rows stay in L1 for every
-        // query row that sees part of it; positions a row does not see become -inf.
-        for g0 in (0..tn).step_by(4) {
-            if tiled {
-                break;
-            }
-            let gl = 4.min(tn - g0);
-            let krows: [&[f32]; 4] = std::array::from_fn(|u| key(j0 + g0 + u.min(gl - 1)));
-            for b in rows_of(g0) {
-                let (seen, _) = spans[b].as_ref().expect("filtered on spans");
-                for h in 0..n_heads {
-                    let qh = &q[b * q_stride + h * hd..][..hd];
-                    let off = h / group * hd;
-                    let s = &mut scores[(b * n_heads + h) * KEY_TILE + g0..][..gl];
-                    if gl == 4 {
-                        let d = vec::dot4(isa, qh, krows.map(|r| &r[off..off + hd]));
-                        for (s, d) in s.iter_mut().zip(d) {
-                            *s = d * p.scale;
+        } else {
+            // Scores, key-major in groups of four so the group's key rows stay in L1 for every
+            // query row that sees part of it; positions a row does not see become -inf.
+            for g0 in (0..tn).step_by(4) {
+                let gl = 4.min(tn - g0);
+                let krows: [&[f32]; 4] = std::array::from_fn(|u| key(j0 + g0 + u.min(gl - 1)));
+                for b in rows_of(g0) {
+                    let (seen, _) = spans[b].as_ref().expect("filtered on spans");
+                    for h in 0..n_heads {
+                        let qh = &q[b * q_stride + h * hd..][..hd];
+                        let off = h / group * hd;
+                        let s = &mut scores[(b * n_heads + h) * KEY_TILE + g0..][..gl];
+                        if gl == 4 {
+                            let d = vec::dot4(isa, qh, krows.map(|r| &r[off..off + hd]));
+                            for (s, d) in s.iter_mut().zip(d) {
+                                *s = d * p.scale;
+                            }
+                        } else {
+                            for (s, r) in s.iter_mut().zip(krows) {
+                                *s = vec::dot(isa, qh, &r[off..off + hd]) * p.scale;
+                            }
                         }
-                    } else {
-                        for (s, r) in s.iter_mut().zip(krows) {
-                            *s = vec::dot(isa, qh, &r[off..off + hd]) * p.scale;
-                        }
-                    }
-                    for (u, s) in s.iter_mut().enumerate() {
-                        if !seen.contains(&(g0 + u)) {
-                            *s = f32::NEG_INFINITY;
+                        for (u, s) in s.iter_mut().enumerate() {
+                            if !seen.contains(&(g0 + u)) {
+                                *s = f32::NEG_INFINITY;
+                            }
                         }
                     }
                 }
@@ -694,53 +705,50 @@ fn attend<'a>(
             }
         }
 
-        // With AVX-512: per row, the output in registers over the row's keys of the tile.
-        #[cfg(target_arch = "x86_64")]
         if tiled {
-            let vrows: Vec<*const f32> = (0..tn).map(|u| value(j0 + u).as_ptr()).collect();
+            // With AVX-512: per row, the output in registers over the row's keys of the tile.
             // Heads outside, rows inside: a KV head's part of the value rows stays in L1. Two
             // heads of the same KV head go together where they can, sharing each load.
-            let mut h = 0;
-            while h < n_heads {
-                let pair = h + 1 < n_heads && (h + 1) / group == h / group;
-                let off = h / group * hd;
-                for (b, span) in spans.iter().enumerate() {
-                    let Some((_, wide)) = span else { continue };
-                    let r = b * n_heads + h;
-                    let pr = |r: usize| &scores[r * KEY_TILE..][wide.clone()];
-                    let rows = &vrows[wide.clone()];
-                    let (a0, a1) = acc[r * hd..].split_at_mut(hd);
-                    // SAFETY: AVX-512 F as above; every value row holds `n_kv_heads * hd` floats,
-                    // so `off + hd` of them.
-                    unsafe {
-                        if pair {
-                            prefill_avx512::values::<2>([pr(r), pr(r + 1)], rows, off, [a0, &mut a1[..hd]]);
-                        } else {
-                            prefill_avx512::values::<1>([pr(r)], rows, off, [a0]);
+            #[cfg(target_arch = "x86_64")]
+            {
+                let vrows: Vec<*const f32> = (0..tn).map(|u| value(j0 + u).as_ptr()).collect();
+                for (h, pair) in prefill_avx512::head_runs(n_heads, group) {
+                    let off = h / group * hd;
+                    for (b, span) in spans.iter().enumerate() {
+                        let Some((_, wide)) = span else { continue };
+                        let r = b * n_heads + h;
+                        let pr = |r: usize| &scores[r * KEY_TILE..][wide.clone()];
+                        let rows = &vrows[wide.clone()];
+                        let (a0, a1) = acc[r * hd..].split_at_mut(hd);
+                        // SAFETY: AVX-512 F as above; every value row holds `n_kv_heads * hd`
+                        // floats, so `off + hd` of them.
+                        unsafe {
+                            if pair {
+                                prefill_avx512::values::<2>([pr(r), pr(r + 1)], rows, off, [a0, &mut a1[..hd]]);
+                            } else {
+                                prefill_avx512::values::<1>([pr(r)], rows, off, [a0]);
+                            }
                         }
                     }
                 }
-                h += 1 + usize::from(pair);
             }
-        }
-        // Values, four rows at a time; masked positions carry probability 0.
-        for g0 in (0..tn).step_by(4) {
-            if tiled {
-                break;
-            }
-            let gl = 4.min(tn - g0);
-            let vrows: [&[f32]; 4] = std::array::from_fn(|u| value(j0 + g0 + u.min(gl - 1)));
-            for b in rows_of(g0) {
-                for h in 0..n_heads {
-                    let r = b * n_heads + h;
-                    let off = h / group * hd;
-                    let pr = &scores[r * KEY_TILE + g0..][..gl];
-                    let a = &mut acc[r * hd..][..hd];
-                    if gl == 4 {
-                        vec::axpy4(isa, [pr[0], pr[1], pr[2], pr[3]], vrows.map(|v| &v[off..off + hd]), a);
-                    } else {
-                        for (pj, v) in pr.iter().zip(vrows) {
-                            vec::axpy(isa, *pj, &v[off..off + hd], a);
+        } else {
+            // Values, four rows at a time; masked positions carry probability 0.
+            for g0 in (0..tn).step_by(4) {
+                let gl = 4.min(tn - g0);
+                let vrows: [&[f32]; 4] = std::array::from_fn(|u| value(j0 + g0 + u.min(gl - 1)));
+                for b in rows_of(g0) {
+                    for h in 0..n_heads {
+                        let r = b * n_heads + h;
+                        let off = h / group * hd;
+                        let pr = &scores[r * KEY_TILE + g0..][..gl];
+                        let a = &mut acc[r * hd..][..hd];
+                        if gl == 4 {
+                            vec::axpy4(isa, [pr[0], pr[1], pr[2], pr[3]], vrows.map(|v| &v[off..off + hd]), a);
+                        } else {
+                            for (pj, v) in pr.iter().zip(vrows) {
+                                vec::axpy(isa, *pj, &v[off..off + hd], a);
+                            }
                         }
                     }
                 }
@@ -1039,6 +1047,18 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Heads pair up only within a KV head's group; an odd group leaves its last head alone.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn head_runs_pair_within_groups() {
+        let runs = |n, g| super::prefill_avx512::head_runs(n, g).collect::<Vec<_>>();
+        assert_eq!(runs(4, 4), [(0, true), (2, true)]);
+        assert_eq!(runs(9, 3), [(0, true), (2, false), (3, true), (5, false), (6, true), (8, false)]);
+        assert_eq!(runs(3, 1), [(0, false), (1, false), (2, false)]);
+        assert_eq!(runs(5, 5), [(0, true), (2, true), (4, false)]);
+        assert!(runs(0, 1).is_empty());
     }
 
     /// A sequence long enough for the automatic chunking to split it across threads, and for
