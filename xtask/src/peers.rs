@@ -165,9 +165,7 @@ impl FileResult {
     }
 
     /// Per round, strata's speed in `phase` over the faster peer's in that same round (`None` for a
-    /// round where strata or both peers failed). The engines of a round run back to back on the
-    /// file, so a pair shares the machine's state: its memory bandwidth drifts by a factor of two
-    /// over minutes on a shared VM, which best-of-rounds figures taken minutes apart do not cancel.
+    /// round where strata or both peers failed): the paired ratios of the module docs.
     fn paired(&self, phase: Phase) -> Vec<Option<f64>> {
         let speed = |e: usize, r: usize| self.runs[e].get(r).and_then(|m| m.outcome.as_ref().ok()).map(phase);
         (0..self.runs[0].len())
