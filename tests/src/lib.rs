@@ -11,6 +11,8 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod smollm2;
+
 use serde_json::Value;
 use strata_models::gguf::write::GgufWriter;
 use strata_models::gguf_model::gguf_tensor_name;

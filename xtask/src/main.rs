@@ -50,10 +50,11 @@ commands:
   bench [--threads N] [--json]
                               CPU op microbenchmarks in release: memory bandwidth, decode matvec per dtype,
                               f32 prefill matmul next to the gemm crate (N threads, default 2)
-  bench --peers [--threads N] [--files FILE.gguf...] [--rounds N] [--json]
+  bench --peers [--threads N] [--files FILE.gguf...] [--rounds N] [--int8] [--json]
                               strata against llama.cpp and mistral.rs on the same GGUF files (installs them
                               into $XDG_CACHE_HOME/strata/peers once): prefill 128 and decode 64 tokens,
-                              best of N rounds and paired per-round ratios; --json: JSON on stdout, the table on stderr
+                              best of N rounds and paired per-round ratios; --int8: also strata with
+                              --act-quant int8; --json: JSON on stdout, the table on stderr
   bench --offload [--file FILE.gguf] [--max-ram SIZE] [--threads N] [--rounds N] [--json]
                               decode with --max-ram (default a third of the file, synthetic TinyLlama q8_0) against
                               the disk bound, the stream-all depth-0 baseline and llama.cpp in a memory cgroup";

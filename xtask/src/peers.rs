@@ -21,6 +21,10 @@
 //! a pair shares the machine's memory bandwidth, which on a shared VM drifts by a factor of two
 //! over minutes; the best-of-rounds ratio compares figures taken minutes apart.
 //!
+//! `--int8` adds a fourth row, strata with one-digit activations (`--act-quant int8`, the
+//! rounding the peers use; strata's default keeps two digits for accuracy), run after the peers
+//! in each round and compared with them the same way.
+//!
 //! Runs in release: from a debug build it rebuilds xtask in release and reruns itself, and it
 //! builds the release `strata` binary it measures.
 
@@ -60,12 +64,14 @@ struct Options {
     files: Vec<PathBuf>,
     rounds: usize,
     json: bool,
+    /// Also run strata with `--act-quant int8`.
+    int8: bool,
 }
 
 impl Options {
-    /// Parses `--peers [--threads N] [--files FILE...] [--rounds N] [--json]`.
+    /// Parses `--peers [--threads N] [--files FILE...] [--rounds N] [--int8] [--json]`.
     fn parse(args: &[String]) -> Result<Options> {
-        let mut opts = Options { threads: 2, files: Vec::new(), rounds: 1, json: false };
+        let mut opts = Options { threads: 2, files: Vec::new(), rounds: 1, json: false, int8: false };
         let mut it = args.iter().peekable();
         let positive = |flag: &str, v: Option<&String>| -> Result<usize> {
             let v = v.with_context(|| format!("{flag} needs a number"))?;
@@ -78,6 +84,7 @@ impl Options {
             match arg.as_str() {
                 "--peers" => {}
                 "--json" => opts.json = true,
+                "--int8" => opts.int8 = true,
                 "--threads" => opts.threads = positive("--threads", it.next())?,
                 "--rounds" => opts.rounds = positive("--rounds", it.next())?,
                 "--files" => {
@@ -87,7 +94,7 @@ impl Options {
                     ensure!(!opts.files.is_empty(), "--files needs at least one GGUF file");
                 }
                 other => bail!(
-                    "unknown bench --peers option `{other}` (options: --threads N, --files FILE..., --rounds N, --json)"
+                    "unknown bench --peers option `{other}` (options: --threads N, --files FILE..., --rounds N, --int8, --json)"
                 ),
             }
         }
@@ -102,6 +109,9 @@ impl Options {
             args.push("--files".into());
             args.extend(self.files.iter().map(|f| f.display().to_string()));
         }
+        if self.int8 {
+            args.push("--int8".into());
+        }
         if self.json {
             args.push("--json".into());
         }
@@ -109,8 +119,20 @@ impl Options {
     }
 }
 
-/// The engines, in table order.
-const ENGINES: [&str; 3] = ["strata", "llama.cpp", "mistral.rs"];
+/// The engines, in table order: strata, the peers ([`PEERS`]), and strata with one-digit
+/// activations ([`STRATA_INT8`], only with `--int8`).
+const ENGINES: [&str; 4] = ["strata", "llama.cpp", "mistral.rs", "strata int8"];
+
+/// The peers' indices in [`ENGINES`].
+const PEERS: std::ops::Range<usize> = 1..3;
+
+/// The index of strata with `--act-quant int8` in [`ENGINES`].
+const STRATA_INT8: usize = 3;
+
+/// Whether engine `e` is strata (in either activation mode), whose rows compare with the peers.
+fn is_strata(e: usize) -> bool {
+    !PEERS.contains(&e)
+}
 
 /// One engine on one file in one round.
 struct Measurement {
@@ -125,7 +147,7 @@ struct Measurement {
 /// One file's results.
 struct FileResult {
     file: PathBuf,
-    /// `[engine][round]`, engines in [`ENGINES`] order.
+    /// `[engine][round]`, engines in [`ENGINES`] order (no rounds for an engine not run).
     runs: Vec<Vec<Measurement>>,
 }
 
@@ -159,27 +181,31 @@ impl FileResult {
 
     /// The faster peer's speed in one phase.
     fn best_peer(&self, phase: Phase) -> Option<(f64, &'static str)> {
-        (1..ENGINES.len())
-            .filter_map(|e| self.best(e, phase).map(|v| (v, ENGINES[e])))
-            .max_by(|a, b| a.0.total_cmp(&b.0))
+        PEERS.filter_map(|e| self.best(e, phase).map(|v| (v, ENGINES[e]))).max_by(|a, b| a.0.total_cmp(&b.0))
     }
 
-    /// Per round, strata's speed in `phase` over the faster peer's in that same round (`None` for a
-    /// round where strata or both peers failed): the paired ratios of the module docs.
-    fn paired(&self, phase: Phase) -> Vec<Option<f64>> {
+    /// Per round, strata's (engine `e`'s) speed in `phase` over the faster peer's in that same
+    /// round (`None` for a round where it or both peers failed): the paired ratios of the module
+    /// docs.
+    fn paired(&self, e: usize, phase: Phase) -> Vec<Option<f64>> {
         let speed = |e: usize, r: usize| self.runs[e].get(r).and_then(|m| m.outcome.as_ref().ok()).map(phase);
-        (0..self.runs[0].len())
+        (0..self.runs[e].len())
             .map(|r| {
-                let peer = (1..ENGINES.len()).filter_map(|e| speed(e, r)).max_by(f64::total_cmp)?;
-                Some(speed(0, r)? / peer)
+                let peer = PEERS.filter_map(|p| speed(p, r)).max_by(f64::total_cmp)?;
+                Some(speed(e, r)? / peer)
             })
             .collect()
     }
 
     /// The median of [`FileResult::paired`] over the rounds that have one.
-    fn paired_median(&self, phase: Phase) -> Option<f64> {
-        let v: Vec<f64> = self.paired(phase).into_iter().flatten().collect();
+    fn paired_median(&self, e: usize, phase: Phase) -> Option<f64> {
+        let v: Vec<f64> = self.paired(e, phase).into_iter().flatten().collect();
         engines::median(&v)
+    }
+
+    /// The engines that ran on this file, in table order.
+    fn engines(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..ENGINES.len()).filter(|&e| !self.runs[e].is_empty())
     }
 
     /// The range of other cores busy over engine `e`'s rounds.
@@ -276,6 +302,9 @@ pub fn run(args: &[String]) -> Result<()> {
             bandwidths.push(bandwidth(w.threads)?);
             let name = r.file.file_name().unwrap_or_default().to_string_lossy().into_owned();
             for (e, engine) in ENGINES.iter().enumerate() {
+                if e == STRATA_INT8 && !opts.int8 {
+                    continue;
+                }
                 say(&format!(
                     "round {round}/{}: {engine} on {name}: prefill {PROMPT_TOKENS}, decode {GEN_TOKENS}, {} threads",
                     opts.rounds, w.threads
@@ -284,7 +313,8 @@ pub fn run(args: &[String]) -> Result<()> {
                 let before = CpuSample::now();
                 let t = Instant::now();
                 let outcome = match e {
-                    0 => engines::strata(&strata_bin, &r.file, w).map_err(|e| format!("{e:#}")),
+                    0 => engines::strata(&strata_bin, &r.file, w, "int16").map_err(|e| format!("{e:#}")),
+                    STRATA_INT8 => engines::strata(&strata_bin, &r.file, w, "int8").map_err(|e| format!("{e:#}")),
                     1 => match &llama_bench {
                         Ok(bin) => engines::llama_cpp(bin, &r.file, w).map_err(|e| format!("{e:#}")),
                         Err(e) => Err(format!("not installed: {e}")),
@@ -314,7 +344,10 @@ pub fn run(args: &[String]) -> Result<()> {
     bandwidths.push(bandwidth(w.threads)?);
     say(&format!("done in {:.0} s", started.elapsed().as_secs_f64()));
 
-    let mut peers = vec![("strata", format!("{} (release)", strata_bin.display()))];
+    let mut peers = vec![("strata", format!("{} (release), --act-quant int16 (the default)", strata_bin.display()))];
+    if opts.int8 {
+        peers.push(("strata int8", format!("{} (release), --act-quant int8", strata_bin.display())));
+    }
     if let Ok(bin) = &llama_bench {
         peers.push((
             "llama.cpp",
@@ -398,7 +431,8 @@ impl Report {
             let name = f.file.file_name().unwrap_or_default().to_string_lossy().into_owned();
             let bound = f.bytes_per_token().map(|b| bw / b);
             let strata = (f.best(0, PREFILL), f.best(0, DECODE));
-            for (e, engine) in ENGINES.iter().enumerate() {
+            for e in f.engines() {
+                let engine = ENGINES[e];
                 let file_cell = if e == 0 {
                     format!(
                         "{name} ({} MB/token, bound {} tok/s)",
@@ -418,7 +452,7 @@ impl Report {
                     continue;
                 }
                 let (p, d) = (f.best(e, PREFILL), f.best(e, DECODE));
-                let (rp, rd) = if e == 0 {
+                let (rp, rd) = if is_strata(e) {
                     let cell = |mine: Option<f64>, phase: Phase| {
                         mine.zip(f.best_peer(phase))
                             .map_or_else(|| "-".into(), |(v, (peer, n))| format!("**{:.2}** vs {n}", v / peer))
@@ -438,22 +472,29 @@ impl Report {
         }
         if self.rounds > 1 {
             t += "\nPaired rounds: strata / the faster peer of the same round (the engines of a round run back to back on a file).\n\n";
-            t += "| file | prefill, round by round | prefill, median | decode, round by round | decode, median |\n";
-            t += "| --- | --- | ---: | --- | ---: |\n";
+            t += "| file | engine | prefill, round by round | prefill, median | decode, round by round | decode, median |\n";
+            t += "| --- | --- | --- | ---: | --- | ---: |\n";
             for f in &self.files {
                 let name = f.file.file_name().unwrap_or_default().to_string_lossy().into_owned();
-                let rounds = |phase: Phase| f.paired(phase).iter().map(|r| fmt(*r, 2)).collect::<Vec<_>>().join(" / ");
-                let _ = writeln!(
-                    t,
-                    "| {name} | {} | **{}** | {} | **{}** |",
-                    rounds(PREFILL),
-                    fmt(f.paired_median(PREFILL), 2),
-                    rounds(DECODE),
-                    fmt(f.paired_median(DECODE), 2)
-                );
+                for e in f.engines().filter(|&e| is_strata(e)) {
+                    let rounds =
+                        |phase: Phase| f.paired(e, phase).iter().map(|r| fmt(*r, 2)).collect::<Vec<_>>().join(" / ");
+                    let _ = writeln!(
+                        t,
+                        "| {name} | {} | {} | **{}** | {} | **{}** |",
+                        ENGINES[e],
+                        rounds(PREFILL),
+                        fmt(f.paired_median(e, PREFILL), 2),
+                        rounds(DECODE),
+                        fmt(f.paired_median(e, DECODE), 2)
+                    );
+                }
             }
         }
         t += "\nstrata rows: the ratio against the faster peer in that phase (target >= 1.00); peer rows: strata / that peer.\n";
+        if self.files.iter().any(|f| !f.runs[STRATA_INT8].is_empty()) {
+            t += "strata int8: one-digit activations (--act-quant int8), the peers' rounding; strata's default is int16.\n";
+        }
         t += "decode / bound: decode tok/s over (best bandwidth / weight bytes read per token, as strata reports for the file).\n";
         t += "other work: cores other processes kept busy while the engine ran (2 cores in all).\n";
         for (name, what) in &self.peers {
@@ -469,10 +510,10 @@ impl Report {
             .iter()
             .map(|f| {
                 let bound = f.bytes_per_token().map(|b| bw / b);
-                let engines: Vec<Value> = ENGINES
-                    .iter()
-                    .enumerate()
-                    .map(|(e, engine)| {
+                let engines: Vec<Value> = f
+                    .engines()
+                    .map(|e| {
+                        let engine = ENGINES[e];
                         let rounds: Vec<Value> = f.runs[e]
                             .iter()
                             .map(|m| {
@@ -502,20 +543,28 @@ impl Report {
                         })
                     })
                     .collect();
-                let ratio = |phase: Phase| {
-                    f.best(0, phase)
+                let ratio = |e: usize, phase: Phase| {
+                    f.best(e, phase)
                         .zip(f.best_peer(phase))
                         .map(|(s, (v, name))| json!({ "ratio": s / v, "peer": name }))
                 };
-                let paired = |phase: Phase| json!({ "rounds": f.paired(phase), "median": f.paired_median(phase) });
-                json!({
+                let paired =
+                    |e: usize, phase: Phase| json!({ "rounds": f.paired(e, phase), "median": f.paired_median(e, phase) });
+                let mut file = json!({
                     "file": f.file.display().to_string(),
                     "bytes_read_per_token": f.bytes_per_token(),
                     "decode_bound_tok_s": bound,
                     "engines": engines,
-                    "strata_vs_best_peer": { "prefill": ratio(PREFILL), "decode": ratio(DECODE) },
-                    "strata_vs_best_peer_paired": { "prefill": paired(PREFILL), "decode": paired(DECODE) },
-                })
+                    "strata_vs_best_peer": { "prefill": ratio(0, PREFILL), "decode": ratio(0, DECODE) },
+                    "strata_vs_best_peer_paired": { "prefill": paired(0, PREFILL), "decode": paired(0, DECODE) },
+                });
+                if !f.runs[STRATA_INT8].is_empty() {
+                    let i = STRATA_INT8;
+                    file["strata_int8_vs_best_peer"] = json!({ "prefill": ratio(i, PREFILL), "decode": ratio(i, DECODE) });
+                    file["strata_int8_vs_best_peer_paired"] =
+                        json!({ "prefill": paired(i, PREFILL), "decode": paired(i, DECODE) });
+                }
+                file
             })
             .collect();
         json!({
@@ -545,11 +594,13 @@ mod tests {
 
     #[test]
     fn options_parse_and_round_trip() {
-        let o = Options::parse(&args("--peers --threads 4 --files a.gguf b.gguf --rounds 2 --json")).unwrap();
-        assert_eq!(o, Options { threads: 4, files: vec!["a.gguf".into(), "b.gguf".into()], rounds: 2, json: true });
+        let o = Options::parse(&args("--peers --threads 4 --files a.gguf b.gguf --rounds 2 --int8 --json")).unwrap();
+        let files = vec!["a.gguf".into(), "b.gguf".into()];
+        assert_eq!(o, Options { threads: 4, files, rounds: 2, json: true, int8: true });
         assert_eq!(Options::parse(&o.to_args()).unwrap(), o);
         let d = Options::parse(&args("--peers")).unwrap();
-        assert_eq!(d, Options { threads: 2, files: vec![], rounds: 1, json: false });
+        assert_eq!(d, Options { threads: 2, files: vec![], rounds: 1, json: false, int8: false });
+        assert_eq!(Options::parse(&d.to_args()).unwrap(), d);
         assert!(Options::parse(&args("--peers --files")).is_err());
         assert!(Options::parse(&args("--peers --threads 0")).is_err());
         assert!(Options::parse(&args("--peers --rounds x")).is_err());
@@ -572,7 +623,9 @@ mod tests {
         Measurement { outcome: Err(e.into()), interference: None, load: None }
     }
 
-    fn report(runs: Vec<Vec<Measurement>>, rounds: usize) -> Report {
+    /// A report of one file with `runs` (`[engine][round]`, engines missing at the end not run).
+    fn report(mut runs: Vec<Vec<Measurement>>, rounds: usize) -> Report {
+        runs.resize_with(ENGINES.len(), Vec::new);
         Report {
             threads: 2,
             rounds,
@@ -624,9 +677,10 @@ mod tests {
         assert_eq!(j["files"][0]["engines"][1]["rounds"][0]["error"], "crashed");
         assert_eq!(j["files"][0]["strata_vs_best_peer"]["decode"]["ratio"], 4.0);
         // Round 1 has no peer result; round 2: strata 80 / 50 and 20 / 5.
-        assert_eq!(f.paired(PREFILL), vec![None, Some(1.6)]);
-        assert_eq!(f.paired_median(DECODE), Some(4.0));
-        assert!(table.contains("| m.gguf | - / 1.60 | **1.60** | - / 4.00 | **4.00** |"), "{table}");
+        assert_eq!(f.paired(0, PREFILL), vec![None, Some(1.6)]);
+        assert_eq!(f.paired_median(0, DECODE), Some(4.0));
+        assert!(table.contains("| m.gguf | strata | - / 1.60 | **1.60** | - / 4.00 | **4.00** |"), "{table}");
+        assert!(!table.contains("strata int8"), "{table}");
         assert_eq!(j["files"][0]["strata_vs_best_peer_paired"]["prefill"]["rounds"][1], 1.6);
     }
 
@@ -645,12 +699,38 @@ mod tests {
         let f = &r.files[0];
         assert_eq!(f.best_peer(DECODE), Some((55.0, "llama.cpp")));
         let close = |a: Option<f64>, b: f64| (a.unwrap() - b).abs() < 1e-12;
-        let d = f.paired(DECODE);
+        let d = f.paired(0, DECODE);
         assert!(close(d[0], 40.0 / 38.0) && close(d[1], 44.0 / 55.0) && close(d[2], 42.0 / 40.0), "{d:?}");
-        assert!(close(f.paired_median(DECODE), 42.0 / 40.0));
+        assert!(close(f.paired_median(0, DECODE), 42.0 / 40.0));
         // Prefill: round 1 against mistral.rs (120), round 2 against llama.cpp alone (100).
-        let p = f.paired(PREFILL);
+        let p = f.paired(0, PREFILL);
         assert!(close(p[0], 100.0 / 120.0) && close(p[1], 1.1) && close(p[2], 90.0 / 95.0), "{p:?}");
-        assert!(close(f.paired_median(PREFILL), 90.0 / 95.0));
+        assert!(close(f.paired_median(0, PREFILL), 90.0 / 95.0));
+    }
+
+    /// With `--int8`, strata's one-digit row is compared with the peers like strata's own.
+    #[test]
+    fn the_int8_row_compares_with_the_peers() {
+        let r = report(
+            vec![
+                vec![ok(100.0, 40.0, 0.0), ok(110.0, 44.0, 0.0)],
+                vec![ok(90.0, 38.0, 0.0), ok(100.0, 55.0, 0.0)],
+                vec![ok(120.0, 20.0, 0.0), ok(125.0, 20.0, 0.0)],
+                vec![ok(180.0, 41.0, 0.0), ok(150.0, 45.0, 0.0)],
+            ],
+            2,
+        );
+        let f = &r.files[0];
+        assert_eq!(f.best_peer(PREFILL), Some((125.0, "mistral.rs")));
+        assert_eq!(f.paired(STRATA_INT8, PREFILL), vec![Some(1.5), Some(1.2)]);
+        let table = r.table();
+        assert!(table.contains("| strata int8 | 180.0 | 45.00 |"), "{table}");
+        assert!(table.contains("**1.44** vs mistral.rs"), "{table}");
+        assert!(table.contains("| m.gguf | strata int8 | 1.50 / 1.20 | **1.50** |"), "{table}");
+        let j = r.json();
+        assert_eq!(j["files"][0]["engines"][3]["engine"], "strata int8");
+        assert_eq!(j["files"][0]["strata_int8_vs_best_peer"]["prefill"]["ratio"], 1.44);
+        assert_eq!(j["files"][0]["strata_int8_vs_best_peer_paired"]["prefill"]["median"], 1.5);
+        assert!(j["files"][0]["strata_vs_best_peer"]["prefill"]["ratio"].as_f64().unwrap() < 1.0);
     }
 }

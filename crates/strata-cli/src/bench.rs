@@ -48,7 +48,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
     };
     let device_name = model.device_name()?;
     match &device_name {
-        None => say(&format!("model {} ({} threads)", model.source().display(), model.threads())),
+        None => say(&format!(
+            "model {} ({} threads, {} activations)",
+            model.source().display(),
+            model.threads(),
+            strata::act_quant()
+        )),
         Some(name) => say(&format!("model {} on {} ({name})", model.source().display(), model.device())),
     }
 
@@ -146,6 +151,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut report = json!({
         "model": model.source().display().to_string(),
         "threads": model.threads(),
+        "act_quant": strata::act_quant().name(),
         "prompt_tokens": a.prompt_tokens,
         "gen_tokens": a.gen_tokens,
         "prefill_tok_s": prefill_tok_s,

@@ -50,6 +50,11 @@ pub(crate) struct ModelArgs {
     /// Worker threads (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
+    /// How the CPU quantizes activations for products with block-quantized weights (q8_0, q4_0,
+    /// q4_1, q4_k, q6_k): int16, two 8-bit digits per value, logits closest to the float model;
+    /// or int8, one digit per value as llama.cpp rounds: faster prefill, logits further off.
+    #[arg(long, value_name = "BITS", default_value = "int16")]
+    pub(crate) act_quant: strata::ActQuant,
     /// Compute device: cpu, or cuda (device 0; cuda:N for device N). CUDA needs a build with
     /// the `cuda` feature.
     #[arg(long, default_value = "cpu")]
@@ -372,6 +377,7 @@ pub(crate) fn model_path(args: &ModelArgs) -> Result<PathBuf> {
 /// asks for the default routing (`--routing top-k`).
 pub(crate) fn load(args: &ModelArgs) -> Result<Model> {
     let opts = load_options(args)?;
+    strata::set_act_quant(args.act_quant);
     let path = model_path(args)?;
     let model = Model::from_pretrained(&path, opts).with_context(|| format!("cannot load model {}", path.display()))?;
     if args.moe.any() && model.decoder().hparams().moe.is_none() {

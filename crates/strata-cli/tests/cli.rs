@@ -183,6 +183,10 @@ fn bad_inputs_get_clear_errors() {
     let out = strata(&["generate", "--model", model.to_str().unwrap(), "--prompt", "hi"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("no tokenizer"), "{}", stderr(&out));
+
+    let out = strata(&["logits", "--model", model.to_str().unwrap(), "--ids", "1", "--act-quant", "int4"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("`int4`") && stderr(&out).contains("int16 or int8"), "{}", stderr(&out));
 }
 
 #[test]
@@ -202,6 +206,7 @@ fn bench_reports_the_contract_fields_as_json() {
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["act_quant"], "int16");
     for key in [
         "prefill_tok_s",
         "decode_tok_s",

@@ -45,6 +45,10 @@ pub use strata_models::output::write_replacing;
 pub use strata_models::store::planner;
 /// The weight store's counters.
 pub use strata_models::store::{Store, StoreStats};
+/// How the CPU quantizes activations for products with block-quantized weights: two 8-bit digits
+/// per value (the default, logits closest to the float model) or one (as llama.cpp: faster
+/// prefill). A process-wide choice, made with [`set_act_quant`] before a model runs.
+pub use strata_models::tensor::cpu::{ActQuant, act_quant, set_act_quant};
 /// Where a model runs ([`LoadOptions::device`]).
 pub use strata_models::tensor::{DType, Device};
 /// A Mixture-of-Experts model's routing rule ([`MoeConfig::routing`]) and the routers' record

@@ -118,9 +118,9 @@ pub(super) fn json_output(stdout: &str) -> Result<Value> {
         .context("no JSON in the output")
 }
 
-/// strata: `strata bench --json` (3 runs inside, medians), which also reports the weight bytes
-/// read per decoded token and the memory bandwidth it measured.
-pub fn strata(strata_bin: &Path, file: &Path, w: Workload) -> Result<Speeds> {
+/// strata: `strata bench --json --act-quant <act_quant>` (3 runs inside, medians), which also
+/// reports the weight bytes read per decoded token and the memory bandwidth it measured.
+pub fn strata(strata_bin: &Path, file: &Path, w: Workload, act_quant: &str) -> Result<Speeds> {
     let out = run_captured(
         Command::new(strata_bin)
             .arg("bench")
@@ -129,6 +129,7 @@ pub fn strata(strata_bin: &Path, file: &Path, w: Workload) -> Result<Speeds> {
             .args(["--prompt-tokens", &w.prompt_tokens.to_string()])
             .args(["--gen-tokens", &w.gen_tokens.to_string()])
             .args(["--threads", &w.threads.to_string()])
+            .args(["--act-quant", act_quant])
             .arg("--json"),
         TIME_LIMIT,
     )?;

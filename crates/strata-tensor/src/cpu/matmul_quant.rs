@@ -44,7 +44,7 @@ use super::matmul::{OutPtr, check_matmul};
 use super::matvec_quant::{matvec_packed_with, matvec_quant_with};
 use super::{Isa, isa};
 use crate::quant::q4_k::unpack_scales_mins;
-use crate::quant::q8act::{ActQ8, HI_WEIGHT, QK_ACT};
+use crate::quant::q8act::{ActQ8, ActQuant, HI_WEIGHT, QK_ACT, act_quant};
 use crate::quant::{BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ6K, BlockQ8_0, QK_K, q4_0, q4_k, with_blocks};
 use crate::{DType, Error, Result, Tensor};
 
@@ -106,7 +106,7 @@ fn matmul_blocks(isa: Isa, op: &'static str, x: &[f32], w: &Tensor, y: &mut [f32
     let isa = isa.min(Isa::detect());
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512Vnni && m >= GEMM_MIN_M {
-        gemm(dtype, bytes, w.row_bytes(), packed, m, n, k, x, y);
+        gemm(dtype, bytes, w.row_bytes(), packed, act_quant(), m, n, k, x, y);
         return Ok(());
     }
     let matvec = if packed { matvec_packed_with } else { matvec_quant_with };
@@ -178,8 +178,8 @@ struct RowAct {
 }
 
 impl RowAct {
-    fn new(x: &[f32], format: Format) -> RowAct {
-        let q = ActQ8::quantize(x);
+    fn new(x: &[f32], format: Format, act: ActQuant) -> RowAct {
+        let q = ActQ8::quantize_as(x, act);
         let bias = if format.offset == 0 {
             Vec::new()
         } else if format.group == QK_ACT {
@@ -417,8 +417,9 @@ fn with_panels<R>(panels: usize, f: impl FnOnce(&mut Panels) -> R) -> R {
     })
 }
 
-/// The tiled VNNI GEMM: quantizes the rows of `x` in parallel, then runs one task per block of
-/// weight rows (and of `x` rows, when there are too few weight blocks for the threads).
+/// The tiled VNNI GEMM: quantizes the rows of `x` in parallel (as `act` says), then runs one task
+/// per block of weight rows (and of `x` rows, when there are too few weight blocks for the
+/// threads).
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 fn gemm(
@@ -426,6 +427,7 @@ fn gemm(
     w: &[u8],
     row_bytes: usize,
     packed: bool,
+    act: ActQuant,
     m: usize,
     n: usize,
     k: usize,
@@ -435,9 +437,9 @@ fn gemm(
     let format = Format::of(dtype);
     let threads = rayon::current_num_threads();
     let acts: Vec<RowAct> = if threads == 1 || m < 4 {
-        x.chunks_exact(k).map(|r| RowAct::new(r, format)).collect()
+        x.chunks_exact(k).map(|r| RowAct::new(r, format, act)).collect()
     } else {
-        x.par_chunks_exact(k).map(|r| RowAct::new(r, format)).collect()
+        x.par_chunks_exact(k).map(|r| RowAct::new(r, format, act)).collect()
     };
     let n_panels = n.div_ceil(NR);
     let nc_panels = n_panels.div_ceil(4 * threads).clamp(1, MAX_NC_PANELS);
@@ -570,7 +572,7 @@ mod tests {
                 // The GEMM itself, which `matmul_quantized_with` leaves to the matrix-vector
                 // kernels at this `m`: every tile height must match too.
                 let mut tiled = vec![f32::NAN; m * n];
-                gemm(dtype, w, row_bytes, false, m, n, k, &x, &mut tiled);
+                gemm(dtype, w, row_bytes, false, ActQuant::Int16, m, n, k, &x, &mut tiled);
                 for (idx, (&t, &r)) in tiled.iter().zip(&want).enumerate() {
                     let tol = tolerance(&terms[idx % n], &x[idx / n * k..(idx / n + 1) * k], r);
                     prop_assert!((t - r).abs() <= tol, "GEMM {dtype} m={m} n={n} k={k}: y[{idx}] = {t} vs {r}");
@@ -642,6 +644,55 @@ mod tests {
                     let tol = tolerance(&term_magnitudes(dtype, &w[j * row_bytes..][..row_bytes], k), xr, r);
                     assert!((g - r).abs() <= tol, "{dtype} y[{i}, {j}] = {g}, matvec {r}, tol {tol}");
                 }
+            }
+        }
+    }
+
+    /// With one-digit activations the GEMM (no low-digit pass) computes the reference's integers
+    /// from the same one-digit quantization, on every tile height, repacked rows included.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn int8_gemm_matches_the_int8_reference() {
+        if Isa::detect() < Isa::Avx512Vnni {
+            eprintln!("skipped: this CPU lacks AVX-512 VNNI");
+            return;
+        }
+        let (m, n, k) = (7, 45, KC + 512);
+        let x = random_row(31, m * k);
+        for dtype in QUANT {
+            let (w, _) = random_weights(dtype, n, k, 32);
+            let row_bytes = dtype.bytes_for(k).unwrap();
+            let mut want = vec![0f32; m * n];
+            for (xr, yr) in x.chunks_exact(k).zip(want.chunks_exact_mut(n)) {
+                let act = ActQ8::quantize_as(xr, ActQuant::Int8);
+                for (row, out) in w.chunks_exact(row_bytes).zip(yr.iter_mut()) {
+                    *out = crate::quant::vec_dot::row_dot(dtype, row, &act);
+                }
+            }
+            let mut runs = vec![(false, w.clone())];
+            if matches!(dtype, DType::Q4_0 | DType::Q4K) {
+                let repack = if dtype == DType::Q4K { q4_k::repack_row } else { q4_0::repack_row };
+                let mut packed = vec![0u8; w.len()];
+                for (src, dst) in w.chunks_exact(row_bytes).zip(packed.chunks_exact_mut(row_bytes)) {
+                    repack(src, dst);
+                }
+                runs.push((true, packed));
+            }
+            for (packed, bytes) in runs {
+                let mut got = vec![f32::NAN; m * n];
+                gemm(dtype, &bytes, row_bytes, packed, ActQuant::Int8, m, n, k, &x, &mut got);
+                let mut two = vec![f32::NAN; m * n];
+                gemm(dtype, &bytes, row_bytes, packed, ActQuant::Int16, m, n, k, &x, &mut two);
+                let mut moved = 0;
+                for (idx, ((&g, &r), &t)) in got.iter().zip(&want).zip(&two).enumerate() {
+                    let (i, j) = (idx / n, idx % n);
+                    let terms = term_magnitudes(dtype, &w[j * row_bytes..][..row_bytes], k);
+                    let tol = tolerance(&terms, &x[i * k..(i + 1) * k], r);
+                    assert!((g - r).abs() <= tol, "{dtype} packed={packed} y[{i}, {j}] = {g}, reference {r}");
+                    moved += usize::from(g != t);
+                }
+                // One digit is a different rounding of `x`: most outputs move.
+                assert!(moved > m * n / 2, "{dtype}: only {moved} outputs differ from two digits");
             }
         }
     }

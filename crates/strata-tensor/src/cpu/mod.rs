@@ -44,3 +44,5 @@ pub use rope::*;
 pub use simd::{Isa, isa};
 pub use softmax::*;
 pub use team::{in_team, join, with_team};
+
+pub use crate::quant::q8act::{ActQuant, act_quant, set_act_quant};

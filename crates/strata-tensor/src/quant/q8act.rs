@@ -25,12 +25,73 @@
 //!
 //! The reference and the fast kernels call the same function, so they see identical integers and
 //! differ only in the order of their float additions.
+//!
+//! [`ActQuant::Int8`], a process-wide opt-in ([`set_act_quant`]), keeps only the high digit: the
+//! 8-bit rounding per block of 32 that ggml uses (with a unit per 32 values where ggml's k-quant
+//! products use one per 256). Every low digit is then zero, the values `256 * h` and the unit
+//! unchanged, so every kernel computes the same integers as before from the same formulas, and
+//! the prefill GEMM skips its low-digit pass: half the multiplies, at ggml's precision.
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Elements per activation block.
 pub(crate) const QK_ACT: usize = 32;
 
 /// The weight of the high digit: a value is `HI_WEIGHT * h + l`.
 pub(crate) const HI_WEIGHT: i32 = 256;
+
+/// How the CPU's integer kernels quantize activations (see the module docs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ActQuant {
+    /// Two 8-bit digits per value, within `max|x| / 32512` of `x` per block of 32: the default.
+    #[default]
+    Int16,
+    /// One 8-bit digit per value, within `max|x| / 254` of `x` per block of 32, as ggml rounds:
+    /// faster prefill on block-quantized weights, logits further from the float product.
+    Int8,
+}
+
+impl ActQuant {
+    /// The name the CLI takes: `int16` or `int8`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ActQuant::Int16 => "int16",
+            ActQuant::Int8 => "int8",
+        }
+    }
+}
+
+impl std::str::FromStr for ActQuant {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<ActQuant, String> {
+        match s {
+            "int16" => Ok(ActQuant::Int16),
+            "int8" => Ok(ActQuant::Int8),
+            _ => Err(format!("unknown activation quantization `{s}` (expected int16 or int8)")),
+        }
+    }
+}
+
+impl std::fmt::Display for ActQuant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Whether [`ActQuant::Int8`] is in force.
+static INT8: AtomicBool = AtomicBool::new(false);
+
+/// Sets how every later quantized product of this process quantizes its activations (like the
+/// thread count, a process-wide choice, made once before a model runs).
+pub fn set_act_quant(q: ActQuant) {
+    INT8.store(q == ActQuant::Int8, Ordering::Relaxed);
+}
+
+/// The activation quantization in force ([`set_act_quant`]; [`ActQuant::Int16`] by default).
+pub fn act_quant() -> ActQuant {
+    if INT8.load(Ordering::Relaxed) { ActQuant::Int8 } else { ActQuant::Int16 }
+}
 
 /// An activation vector quantized to two 8-bit digits per value, in blocks of 32.
 #[derive(Clone, Debug)]
@@ -43,22 +104,35 @@ pub(crate) struct ActQ8 {
     pub d: Vec<f32>,
     /// The sum of each block's values `256 * h + l`.
     pub sum: Vec<i32>,
+    /// Whether every low digit is zero ([`ActQuant::Int8`]).
+    pub int8: bool,
 }
 
 impl ActQ8 {
     /// Quantizes `x`, whose length must be a multiple of 32 (every quantized dtype's block length
-    /// is, and the callers check it).
+    /// is, and the callers check it), as [`act_quant`] says.
     pub fn quantize(x: &[f32]) -> ActQ8 {
+        ActQ8::quantize_as(x, act_quant())
+    }
+
+    /// [`ActQ8::quantize`] with `q` rather than the process's choice.
+    pub fn quantize_as(x: &[f32], q: ActQuant) -> ActQ8 {
         debug_assert_eq!(x.len() % QK_ACT, 0);
         let blocks = x.len() / QK_ACT;
-        let mut act = ActQ8 { hi: vec![0; x.len()], lo: vec![0; x.len()], d: vec![0.0; blocks], sum: vec![0; blocks] };
+        let int8 = q == ActQuant::Int8;
+        let mut act =
+            ActQ8 { hi: vec![0; x.len()], lo: vec![0; x.len()], d: vec![0.0; blocks], sum: vec![0; blocks], int8 };
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU supports AVX2, checked just above.
-            unsafe { quantize_avx2(x, &mut act) };
+            unsafe { if int8 { quantize_avx2::<false>(x, &mut act) } else { quantize_avx2::<true>(x, &mut act) } };
             return act;
         }
-        quantize_blocks(x, &mut act);
+        if int8 {
+            quantize_blocks::<false>(x, &mut act)
+        } else {
+            quantize_blocks::<true>(x, &mut act)
+        }
         act
     }
 
@@ -82,14 +156,15 @@ impl ActQ8 {
 /// The CPU must support AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn quantize_avx2(x: &[f32], act: &mut ActQ8) {
-    quantize_blocks(x, act);
+unsafe fn quantize_avx2<const LO: bool>(x: &[f32], act: &mut ActQ8) {
+    quantize_blocks::<LO>(x, act);
 }
 
-/// Fills `act`, already sized for `x`, block by block. Written on fixed-size arrays with
-/// branch-free loops so that the compiler vectorizes it.
+/// Fills `act`, already sized for `x`, block by block, with the low digits (`LO`) or with zeros
+/// for them. Written on fixed-size arrays with branch-free loops so that the compiler vectorizes
+/// it.
 #[inline(always)]
-fn quantize_blocks(x: &[f32], act: &mut ActQ8) {
+fn quantize_blocks<const LO: bool>(x: &[f32], act: &mut ActQ8) {
     let digits = act.hi.chunks_exact_mut(QK_ACT).zip(act.lo.chunks_exact_mut(QK_ACT));
     let scales = act.d.iter_mut().zip(act.sum.iter_mut());
     for ((xs, (his, los)), (d, sum)) in x.chunks_exact(QK_ACT).zip(digits).zip(scales) {
@@ -108,7 +183,7 @@ fn quantize_blocks(x: &[f32], act: &mut ActQ8) {
             // Clamping before rounding equals rounding before clamping, as the bounds are
             // integers; the rounded value's integer is then in the low bits of the sum.
             let (hq, hi) = round_ties_even_int((v * ih).clamp(-127.0, 127.0));
-            let (_, lo) = round_ties_even_int(((v - u * hq) * il).clamp(-127.0, 127.0));
+            let lo = if LO { round_ties_even_int(((v - u * hq) * il).clamp(-127.0, 127.0)).1 } else { 0 };
             (*h, *l) = (hi as i8, lo as i8);
             *value = HI_WEIGHT * i32::from(*h) + i32::from(*l);
         }
@@ -214,9 +289,10 @@ mod tests {
         // A negligible block (zero digits), and one just above the threshold.
         x[96..128].copy_from_slice(&[3e-31; 32]);
         x[128..160].copy_from_slice(&[-8e-31; 32]);
-        let mut portable = ActQ8 { hi: vec![0; x.len()], lo: vec![0; x.len()], d: vec![0.0; 64], sum: vec![0; 64] };
-        quantize_blocks(&x, &mut portable);
-        let dispatched = ActQ8::quantize(&x);
+        let mut portable =
+            ActQ8 { hi: vec![0; x.len()], lo: vec![0; x.len()], d: vec![0.0; 64], sum: vec![0; 64], int8: false };
+        quantize_blocks::<true>(&x, &mut portable);
+        let dispatched = ActQ8::quantize_as(&x, ActQuant::Int16);
         assert_eq!(portable.hi, dispatched.hi);
         assert_eq!(portable.lo, dispatched.lo);
         assert_eq!(portable.d, dispatched.d);
@@ -224,6 +300,50 @@ mod tests {
         assert_eq!((&portable.hi[96..128], portable.d[3]), (&[0i8; 32][..], 0.0));
         assert_eq!((&portable.hi[128..160], &portable.lo[128..160]), (&[-127i8; 32][..], &[0i8; 32][..]));
         assert!(portable.hi.iter().chain(&portable.lo).all(|&q| q != -128));
+    }
+
+    /// One digit: the high digits, units and zeros of two digits (so `256 * h` is the 8-bit
+    /// rounding of `x`), the sums of those values, the same bits from every build, and every value
+    /// within half a step `u = max|x| / 127` of `x`.
+    #[test]
+    fn int8_keeps_the_high_digit() {
+        let mut x = crate::quant::test_util::random_row(23, 32 * 64);
+        x[..32].copy_from_slice(&[0.0; 32]);
+        x[96..128].copy_from_slice(&[3e-31; 32]);
+        let (two, one) = (ActQ8::quantize_as(&x, ActQuant::Int16), ActQ8::quantize_as(&x, ActQuant::Int8));
+        assert!(one.int8 && !two.int8);
+        assert_eq!((&one.hi, &one.d), (&two.hi, &two.d));
+        assert!(one.lo.iter().all(|&l| l == 0));
+        for (b, &s) in one.sum.iter().enumerate() {
+            assert_eq!(s, (32 * b..32 * b + 32).map(|i| 256 * i32::from(one.hi[i])).sum::<i32>());
+        }
+        let mut portable =
+            ActQ8 { hi: vec![0; x.len()], lo: vec![1; x.len()], d: vec![0.0; 64], sum: vec![0; 64], int8: true };
+        quantize_blocks::<false>(&x, &mut portable);
+        assert_eq!((&portable.hi, &portable.lo, &portable.sum), (&one.hi, &one.lo, &one.sum));
+        assert_eq!(
+            portable.d.iter().map(|d| d.to_bits()).collect::<Vec<_>>(),
+            one.d.iter().map(|d| d.to_bits()).collect::<Vec<_>>()
+        );
+        for (i, (&v, deq)) in x.iter().zip(one.dequantized()).enumerate() {
+            let step = 256.0 * one.d[i / QK_ACT];
+            // A negligible block's values (below 2^-100) quantize to zero.
+            assert!(step > 0.0 || v.abs() < NEGLIGIBLE, "{i}: {v}");
+            assert!(
+                step == 0.0 || (v - deq).abs() <= step * (0.5 + 1e-4) + 2.0 * f32::EPSILON * v.abs(),
+                "{i}: {v} vs {deq}"
+            );
+        }
+    }
+
+    #[test]
+    fn act_quant_names_round_trip() {
+        for q in [ActQuant::Int16, ActQuant::Int8] {
+            assert_eq!(q.name().parse::<ActQuant>(), Ok(q));
+            assert_eq!(q.to_string(), q.name());
+        }
+        assert!("int4".parse::<ActQuant>().unwrap_err().contains("int16 or int8"));
+        assert_eq!(ActQuant::default(), ActQuant::Int16);
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //! `sum((u - offset) * (256 * h + l))`, which is converted to f32 and accumulated with the factor
 //! `scale * da`; minimums add `min * (da * S)`. The integers stay within i32: per lane at most
 //! 32 products of `u <= 255` and `|h| <= 127` (about 2^20) before the shift, and `|offset * S| <=
-//! 128 * 32 * 32639` (about 2^27).
+//! 128 * 32 * 32639` (about 2^27). With one-digit activations (`ActQuant::Int8`, every low digit
+//! zero) the low-digit pass is left out: the same integers from half the `vpdpbusd`.
 //!
 //! Everything is in one `#[target_feature]` function per combination of tile height and
 //! [`Format`], generic over constants so that the loops unroll and the accumulators (`2 * MR`
@@ -64,21 +65,46 @@ pub(super) unsafe fn tile(
     debug_assert!(kc.is_multiple_of(format.group) && (p0 + kc) <= acts[0].q.hi.len());
     // SAFETY: forwarded from the caller; `by_rows` needs the same.
     unsafe {
+        if acts.iter().all(|a| a.q.int8) {
+            by_format::<false>(format, acts, p0, kc, panel, tile, y)
+        } else {
+            by_format::<true>(format, acts, p0, kc, panel, tile, y)
+        }
+    }
+}
+
+/// [`tile`] with the low-digit pass (`LO`) or without it (every low digit of `acts` is zero).
+///
+/// # Safety
+/// As [`tile`].
+#[inline(always)]
+unsafe fn by_format<const LO: bool>(
+    format: Format,
+    acts: &[RowAct],
+    p0: usize,
+    kc: usize,
+    panel: &Panel<'_>,
+    tile: &Tile,
+    y: *mut f32,
+) {
+    // SAFETY: forwarded from the caller; `by_rows` needs the same.
+    unsafe {
         match (format.group, format.offset != 0, format.min) {
-            (32, true, false) => by_rows::<32, true, false>(acts, p0, kc, panel, tile, y),
-            (32, false, true) => by_rows::<32, false, true>(acts, p0, kc, panel, tile, y),
-            (16, true, false) => by_rows::<16, true, false>(acts, p0, kc, panel, tile, y),
+            (32, true, false) => by_rows::<32, true, false, LO>(acts, p0, kc, panel, tile, y),
+            (32, false, true) => by_rows::<32, false, true, LO>(acts, p0, kc, panel, tile, y),
+            (16, true, false) => by_rows::<16, true, false, LO>(acts, p0, kc, panel, tile, y),
             _ => unreachable!("no dtype has format {format:?}"),
         }
     }
 }
 
-/// [`tile`] for group `G`, with an offset (`BIAS`) or minimums (`MIN`), by tile height.
+/// [`tile`] for group `G`, with an offset (`BIAS`) or minimums (`MIN`), with or without the low
+/// digits (`LO`), by tile height.
 ///
 /// # Safety
-/// As [`tile`].
+/// As [`by_format`].
 #[inline(always)]
-unsafe fn by_rows<const G: usize, const BIAS: bool, const MIN: bool>(
+unsafe fn by_rows<const G: usize, const BIAS: bool, const MIN: bool, const LO: bool>(
     acts: &[RowAct],
     p0: usize,
     kc: usize,
@@ -89,20 +115,20 @@ unsafe fn by_rows<const G: usize, const BIAS: bool, const MIN: bool>(
     // SAFETY: forwarded from the caller.
     unsafe {
         match acts.len() {
-            4 => kernel::<4, G, BIAS, MIN>(acts, p0, kc, panel, tile, y),
-            3 => kernel::<3, G, BIAS, MIN>(acts, p0, kc, panel, tile, y),
-            2 => kernel::<2, G, BIAS, MIN>(acts, p0, kc, panel, tile, y),
-            _ => kernel::<1, G, BIAS, MIN>(acts, p0, kc, panel, tile, y),
+            4 => kernel::<4, G, BIAS, MIN, LO>(acts, p0, kc, panel, tile, y),
+            3 => kernel::<3, G, BIAS, MIN, LO>(acts, p0, kc, panel, tile, y),
+            2 => kernel::<2, G, BIAS, MIN, LO>(acts, p0, kc, panel, tile, y),
+            _ => kernel::<1, G, BIAS, MIN, LO>(acts, p0, kc, panel, tile, y),
         }
     }
 }
 
-/// The microkernel for `R` rows of `x`.
+/// The microkernel for `R` rows of `x`; without `LO`, the low digits (all zero) are not read.
 ///
 /// # Safety
-/// As [`tile`], with `acts.len() == R`.
+/// As [`by_format`], with `acts.len() == R`.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma")]
-unsafe fn kernel<const R: usize, const G: usize, const BIAS: bool, const MIN: bool>(
+unsafe fn kernel<const R: usize, const G: usize, const BIAS: bool, const MIN: bool, const LO: bool>(
     acts: &[RowAct],
     p0: usize,
     kc: usize,
@@ -153,13 +179,15 @@ unsafe fn kernel<const R: usize, const G: usize, const BIAS: bool, const MIN: bo
             // The same levels again, from L1: an opaque copy of the pointer keeps the compiler
             // from holding all of the group's level registers across both passes instead (it
             // would run out of registers and spill the accumulators).
-            let again = std::hint::black_box(levels);
-            for s in 0..G / 4 {
-                let u = step(again, col + 4 * s);
-                for i in 0..R {
-                    let a = digits(lo[i], col + 4 * s);
-                    dot[i][0] = _mm512_dpbusd_epi32(dot[i][0], u[0], a);
-                    dot[i][1] = _mm512_dpbusd_epi32(dot[i][1], u[1], a);
+            if LO {
+                let again = std::hint::black_box(levels);
+                for s in 0..G / 4 {
+                    let u = step(again, col + 4 * s);
+                    for i in 0..R {
+                        let a = digits(lo[i], col + 4 * s);
+                        dot[i][0] = _mm512_dpbusd_epi32(dot[i][0], u[0], a);
+                        dot[i][1] = _mm512_dpbusd_epi32(dot[i][1], u[1], a);
+                    }
                 }
             }
             let sc = [_mm512_loadu_ps(scales.add(g * NR)), _mm512_loadu_ps(scales.add(g * NR + 16))];
