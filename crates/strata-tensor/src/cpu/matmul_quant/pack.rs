@@ -69,6 +69,11 @@ pub(super) unsafe fn pack_panel(
             _ => unreachable!("{dtype} has no vectorised decoder"),
         }
     }
+    if dtype == DType::Q4K {
+        // SAFETY: the caller vouches for AVX-512 F/BW.
+        unsafe { q4k_scales(w, row_bytes, j0, rows, off, kc, scales, mins) };
+        return;
+    }
     let mut sc = [0f32; super::KC / 16];
     let mut mn = [0f32; super::KC / QK_ACT];
     let (sc, mn) = (&mut sc[..groups], &mut mn[..kc / QK_ACT]);
@@ -86,6 +91,93 @@ pub(super) unsafe fn pack_panel(
         if format.min {
             for (b, &v) in mn.iter().enumerate() {
                 mins[b * NR + r] = v;
+            }
+        }
+    }
+}
+
+/// The scales (`d * sc`) and minimums (`-(dmin * m)`) of a `Q4_K` panel, rows `j0..j0 + rows` of
+/// `w` (`row_bytes` each) from byte `off` (a super-block boundary), `kc / 256` super-blocks, the
+/// same values as `decode_scales` (the same f32 operations on the same exact conversions) for
+/// plain and repacked rows alike (repacking moves only the nibbles). Sixteen rows at a time: one
+/// gather per word of each super-block's header (`d` and `dmin`, then the 12 bytes of packed
+/// 6-bit scales and minimums) puts a row in each lane, so each of the eight groups' values comes
+/// out as the 16 contiguous floats of its row of the panel. Lanes past `rows` are zero.
+///
+/// # Safety
+/// AVX-512 F. (The rows read are checked to lie inside `w`.)
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn q4k_scales(
+    w: &[u8],
+    row_bytes: usize,
+    j0: usize,
+    rows: usize,
+    off: usize,
+    kc: usize,
+    scales: &mut [f32],
+    mins: &mut [f32],
+) {
+    const B: usize = size_of::<BlockQ4K>();
+    let supers = kc / QK_K;
+    assert!(scales.len() == supers * 8 * NR && mins.len() == supers * 8 * NR);
+    if rows > 0 {
+        assert!((j0 + rows - 1) * row_bytes + off + supers * B <= w.len() && 16 * row_bytes <= i32::MAX as usize);
+    }
+    for half in 0..NR / 16 {
+        let r0 = 16 * half;
+        let n = rows.saturating_sub(r0).min(16);
+        // SAFETY: AVX-512 F from the caller. The gathers read, for the `n` lanes of `mask`, the
+        // four words at `(j0 + r0 + lane) * row_bytes + off + sb * B + 0..16`, inside `w` by the
+        // assertion above; masked-out lanes read nothing, and `base` is only formed when `n > 0`.
+        // Each store writes 16 floats at `(sb * 8 + j) * NR + r0 + 0..16 <= scales.len()`.
+        unsafe {
+            let mask: __mmask16 = if n == 16 { 0xffff } else { ((1u32 << n) - 1) as u16 };
+            let lanes = _mm512_mullo_epi32(
+                _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                _mm512_set1_epi32(row_bytes as i32),
+            );
+            let base = if n > 0 { w.as_ptr().add((j0 + r0) * row_bytes + off) } else { w.as_ptr() };
+            for sb in 0..supers {
+                let zero = _mm512_setzero_si512();
+                let word = |at: usize| {
+                    if n == 0 {
+                        zero
+                    } else {
+                        _mm512_mask_i32gather_epi32::<1>(zero, mask, lanes, base.add(sb * B + at).cast())
+                    }
+                };
+                let (hdr, a, b, c) = (word(0), word(4), word(8), word(12));
+                let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(hdr));
+                let dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(hdr)));
+                let byte = |v: __m512i, j: u32| {
+                    _mm512_and_si512(_mm512_srlv_epi32(v, _mm512_set1_epi32(8 * j as i32)), _mm512_set1_epi32(0xff))
+                };
+                let low6 = _mm512_set1_epi32(63);
+                let low4 = _mm512_set1_epi32(15);
+                for j in 0..4u32 {
+                    let (aj, bj, cj) = (byte(a, j), byte(b, j), byte(c, j));
+                    let sc = [
+                        _mm512_and_si512(aj, low6),
+                        _mm512_or_si512(_mm512_and_si512(cj, low4), _mm512_slli_epi32::<4>(_mm512_srli_epi32::<6>(aj))),
+                    ];
+                    let m = [
+                        _mm512_and_si512(bj, low6),
+                        _mm512_or_si512(_mm512_srli_epi32::<4>(cj), _mm512_slli_epi32::<4>(_mm512_srli_epi32::<6>(bj))),
+                    ];
+                    for (h, (sc, m)) in sc.into_iter().zip(m).enumerate() {
+                        let g = sb * 8 + j as usize + 4 * h;
+                        let at = g * NR + r0;
+                        let scale = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc));
+                        // `-(dmin * m)`, the sign flipped exactly, in the lanes of rows (the
+                        // others stay +0, as the scalar decoder's fill).
+                        let prod = _mm512_castps_si512(_mm512_mul_ps(dmin, _mm512_cvtepi32_ps(m)));
+                        let min =
+                            _mm512_castsi512_ps(_mm512_mask_xor_epi32(prod, mask, prod, _mm512_set1_epi32(i32::MIN)));
+                        _mm512_storeu_ps(scales[at..at + 16].as_mut_ptr(), scale);
+                        _mm512_storeu_ps(mins[at..at + 16].as_mut_ptr(), min);
+                    }
+                }
             }
         }
     }
