@@ -233,6 +233,11 @@ impl Prepared {
         Prepared::new_for(isa, dtype, false, act)
     }
 
+    /// Whether every low digit is zero (`ActQuant::Int8`): the kernels may leave them out.
+    pub(super) fn int8(&self) -> bool {
+        self.act.int8
+    }
+
     /// The preparation for `isa` and `dtype`, with `packed` for the kernels of repacked rows
     /// (`cpu::RepackedWeight`).
     pub(super) fn new_for(isa: Isa, dtype: DType, packed: bool, act: ActQ8) -> Prepared {
@@ -529,6 +534,54 @@ mod tests {
             cpu::reference::matvec(&w, &x, &mut slow).unwrap();
             for (a, b) in fast.iter().zip(&slow) {
                 assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{dtype}: {a} vs {b}");
+            }
+        }
+    }
+
+    /// With one-digit activations every level's kernels (AVX-512 VNNI leaving out the low
+    /// digits' products), on original and repacked rows, compute the reference's integers from the
+    /// same one-digit quantization.
+    #[test]
+    fn int8_activations_match_the_int8_reference() {
+        use crate::quant::q8act::ActQuant;
+        use crate::quant::{q4_0, q4_k, vec_dot::row_dot};
+        for dtype in QUANT {
+            let (n, k) = (9, 2048 + 3 * dtype.block_len());
+            let (w, _) = random_weights(dtype, n, k, 40);
+            let row_bytes = dtype.bytes_for(k).unwrap();
+            let x = random_row(41, k);
+            let act = ActQ8::quantize_as(&x, ActQuant::Int8);
+            let want: Vec<f32> = w.chunks_exact(row_bytes).map(|row| row_dot(dtype, row, &act)).collect();
+            let two = ActQ8::quantize_as(&x, ActQuant::Int16);
+            let amax: Vec<f32> = x.chunks(QK_ACT).map(|b| b.iter().fold(0f32, |m, v| m.max(v.abs()))).collect();
+            let check = |what: &str, got: &[f32]| {
+                for (r, (&g, &e)) in got.iter().zip(&want).enumerate() {
+                    let terms = term_magnitudes(dtype, &w[r * row_bytes..(r + 1) * row_bytes], k);
+                    let magnitude: f32 = terms.chunks(QK_ACT).zip(&amax).map(|(t, a)| a * t.iter().sum::<f32>()).sum();
+                    let tol = 1e-5 * magnitude + 1e-5 * e.abs();
+                    assert!((g - e).abs() <= tol, "{what} {dtype} row {r}: {g} vs {e}, tol {tol}");
+                    assert_ne!(
+                        g,
+                        row_dot(dtype, &w[r * row_bytes..(r + 1) * row_bytes], &two),
+                        "{what} {dtype} row {r}"
+                    );
+                }
+            };
+            for isa in Isa::available() {
+                let mut got = vec![f32::NAN; n];
+                rows(isa, dtype, &w, row_bytes, &Prepared::new(isa, dtype, act.clone()), &mut got);
+                check(&format!("{isa:?}"), &got);
+                if matches!(dtype, DType::Q4_0 | DType::Q4K) {
+                    let repack = if dtype == DType::Q4K { q4_k::repack_row } else { q4_0::repack_row };
+                    let mut packed = vec![0u8; w.len()];
+                    for (src, dst) in w.chunks_exact(row_bytes).zip(packed.chunks_exact_mut(row_bytes)) {
+                        repack(src, dst);
+                    }
+                    let prep = Prepared::new_for(isa, dtype, true, act.clone());
+                    let mut got = vec![f32::NAN; n];
+                    packed_rows(isa, dtype, &packed, row_bytes, &prep, &mut got);
+                    check(&format!("{isa:?} repacked"), &got);
+                }
             }
         }
     }

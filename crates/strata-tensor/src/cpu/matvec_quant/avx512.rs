@@ -37,8 +37,14 @@ pub(super) unsafe fn rows_avx512(dtype: DType, w: &[u8], row_bytes: usize, prep:
 /// As [`rows_avx512`], plus AVX-512 VNNI, and `prep` built for `Isa::Avx512Vnni`.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")]
 pub(super) unsafe fn rows_vnni(dtype: DType, w: &[u8], row_bytes: usize, prep: &Prepared, ys: &mut [f32]) {
-    // SAFETY: forwarded from the caller; this function enables what `Vnni` needs.
-    unsafe { rows::<Vnni>(dtype, w, row_bytes, prep, ys) }
+    // SAFETY: forwarded from the caller; this function enables what `Vnni` and `VnniHigh` need.
+    unsafe {
+        if prep.int8() {
+            rows::<VnniHigh>(dtype, w, row_bytes, prep, ys)
+        } else {
+            rows::<Vnni>(dtype, w, row_bytes, prep, ys)
+        }
+    }
 }
 
 /// Computes `ys.len()` rows of a repacked `Q4_0` or `Q4_K` weight (the rows of
@@ -59,8 +65,14 @@ pub(super) unsafe fn packed_avx512(dtype: DType, w: &[u8], row_bytes: usize, pre
 /// As [`rows_vnni`], with `w` holding repacked rows and `prep` built for them.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")]
 pub(super) unsafe fn packed_vnni(dtype: DType, w: &[u8], row_bytes: usize, prep: &Prepared, ys: &mut [f32]) {
-    // SAFETY: forwarded from the caller; this function enables what `Vnni` needs.
-    unsafe { packed::<Vnni>(dtype, w, row_bytes, prep, ys) }
+    // SAFETY: forwarded from the caller; this function enables what `Vnni` and `VnniHigh` need.
+    unsafe {
+        if prep.int8() {
+            packed::<VnniHigh>(dtype, w, row_bytes, prep, ys)
+        } else {
+            packed::<Vnni>(dtype, w, row_bytes, prep, ys)
+        }
+    }
 }
 
 #[inline(always)]
@@ -303,6 +315,67 @@ impl Dot for Vnni {
     unsafe fn dot_i8_256(bias: __m256i, w: __m256i, a: Digits<__m256i>) -> __m256i {
         // SAFETY: AVX-512 VNNI and VL (see above); no memory access.
         unsafe { Vnni::dpbusd256(bias, _mm256_xor_si256(w, _mm256_set1_epi8(-128)), a) }
+    }
+}
+
+/// [`Vnni`] for one-digit activations (`ActQuant::Int8`: every low digit zero): the same lanes
+/// from the high digits' `vpdpbusd` alone, half the instructions.
+struct VnniHigh;
+
+impl Dot for VnniHigh {
+    const I8_BIAS: bool = true;
+
+    #[inline(always)]
+    unsafe fn dpbusd(acc: __m512i, u: __m512i, a: Digits<__m512i>) -> __m512i {
+        // SAFETY: AVX-512 VNNI (only `rows_vnni` and `packed_vnni` instantiate `VnniHigh`); no
+        // memory access.
+        unsafe { _mm512_add_epi32(acc, _mm512_slli_epi32::<8>(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u, a.hi))) }
+    }
+
+    #[inline(always)]
+    unsafe fn dpbusd256(acc: __m256i, u: __m256i, a: Digits<__m256i>) -> __m256i {
+        // SAFETY: AVX-512 VNNI and VL (see above); no memory access.
+        unsafe { _mm256_add_epi32(acc, _mm256_slli_epi32::<8>(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u, a.hi))) }
+    }
+
+    #[inline(always)]
+    unsafe fn dpbusd_halves(
+        acc: __m512i,
+        lo: __m512i,
+        a_lo: Digits<__m512i>,
+        hi: __m512i,
+        a_hi: Digits<__m512i>,
+    ) -> __m512i {
+        // SAFETY: AVX-512 VNNI (see above); no memory access.
+        unsafe {
+            let high = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, a_lo.hi), hi, a_hi.hi);
+            _mm512_add_epi32(acc, _mm512_slli_epi32::<8>(high))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn dpbusd4(u: [__m512i; 4], a: [Digits<__m512i>; 4]) -> __m512i {
+        // SAFETY: AVX-512 VNNI (see above); no memory access.
+        unsafe {
+            let zero = _mm512_setzero_si512();
+            let high = _mm512_add_epi32(
+                _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, u[0], a[0].hi), u[1], a[1].hi),
+                _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, u[2], a[2].hi), u[3], a[3].hi),
+            );
+            _mm512_slli_epi32::<8>(high)
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn dot_i8(bias: __m512i, w: __m512i, a: Digits<__m512i>) -> __m512i {
+        // SAFETY: AVX-512 VNNI (see above); no memory access.
+        unsafe { VnniHigh::dpbusd(bias, _mm512_xor_si512(w, _mm512_set1_epi8(-128)), a) }
+    }
+
+    #[inline(always)]
+    unsafe fn dot_i8_256(bias: __m256i, w: __m256i, a: Digits<__m256i>) -> __m256i {
+        // SAFETY: AVX-512 VNNI and VL (see above); no memory access.
+        unsafe { VnniHigh::dpbusd256(bias, _mm256_xor_si256(w, _mm256_set1_epi8(-128)), a) }
     }
 }
 
