@@ -10,6 +10,9 @@
 //! - `groups`: whole groups of 32 columns as the microkernel runs them for `Q4_K` (two digit
 //!   passes, the shift of the high one, and per group the f32 epilogue: convert, scale by the
 //!   weight's scale times the activation's unit, add the minimums' term).
+//! - `shifted`: `groups` with activation units that are powers of two: the group's integers are
+//!   shifted right to the row's largest unit (a rounding bias added first) and scaled by the
+//!   weight's scale alone, the multiply by the unit saved.
 //!
 //! A two-digit GEMM at `F` GFLOP/s (`2 m n k` per call, as the `prefill_matmul` example reports)
 //! issues `F / 64` G `vpdpbusd` per second (two digits, 64 products each), so its fraction of the
@@ -31,7 +34,13 @@ fn main() {
             return;
         }
         println!("{threads} thread(s), each timing its own loop; G vpdpbusd/s per thread, median of 5");
-        for (name, f) in [("peak", x86::peak as fn(u64) -> u64), ("steps", x86::steps), ("groups", x86::groups)] {
+        let loops = [
+            ("peak", x86::peak as fn(u64) -> u64),
+            ("steps", x86::steps),
+            ("groups", x86::groups),
+            ("shifted", x86::shifted),
+        ];
+        for (name, f) in loops {
             let rates = run(threads, f);
             let each: Vec<String> = rates.iter().map(|r| format!("{r:.2}")).collect();
             println!("{name:>7}: {} (sum {:.2})", each.join(" "), rates.iter().sum::<f64>());
@@ -91,6 +100,8 @@ mod x86 {
         mins: Vec<f32>,
         units: [[f32; GROUPS]; R],
         sums: [[f32; GROUPS]; R],
+        bias: [[i32; GROUPS]; R],
+        shifts: [[i32; GROUPS]; R],
     }
 
     fn data() -> Data {
@@ -102,6 +113,8 @@ mod x86 {
             mins: vec![2e-3; GROUPS * 32],
             units: [[1e-4; GROUPS]; R],
             sums: [[0.5; GROUPS]; R],
+            bias: [[1; GROUPS]; R],
+            shifts: std::array::from_fn(|r| std::array::from_fn(|g| ((g + r) % 3) as i32)),
         }
     }
 
@@ -119,7 +132,13 @@ mod x86 {
     pub fn groups(reps: u64) -> u64 {
         let d = data();
         // SAFETY: as above.
-        unsafe { groups_impl(&d, reps / 8) }
+        unsafe { groups_impl::<false>(&d, reps / 8) }
+    }
+
+    pub fn shifted(reps: u64) -> u64 {
+        let d = data();
+        // SAFETY: as above.
+        unsafe { groups_impl::<true>(&d, reps / 8) }
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
@@ -167,7 +186,7 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma")]
-    unsafe fn groups_impl(d: &Data, reps: u64) -> u64 {
+    unsafe fn groups_impl<const SHIFT: bool>(d: &Data, reps: u64) -> u64 {
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         for _ in 0..reps {
             for g in 0..GROUPS {
@@ -193,9 +212,15 @@ mod x86 {
                 };
                 for i in 0..R {
                     let (unit, e) = (_mm512_set1_ps(d.units[i][g]), _mm512_set1_ps(d.sums[i][g]));
+                    let (bias, shift) = (_mm512_set1_epi32(d.bias[i][g]), _mm_cvtsi32_si128(d.shifts[i][g]));
                     for v in 0..2 {
-                        let scaled = _mm512_mul_ps(sc[v], unit);
-                        acc[i][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i][v]), scaled, acc[i][v]);
+                        if SHIFT {
+                            let dot = _mm512_sra_epi32(_mm512_add_epi32(dot[i][v], bias), shift);
+                            acc[i][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sc[v], acc[i][v]);
+                        } else {
+                            let scaled = _mm512_mul_ps(sc[v], unit);
+                            acc[i][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i][v]), scaled, acc[i][v]);
+                        }
                         acc[i][v] = _mm512_fmadd_ps(mn[v], e, acc[i][v]);
                     }
                 }
