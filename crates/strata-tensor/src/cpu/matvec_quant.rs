@@ -104,12 +104,14 @@ pub(crate) fn matvec_packed_with(isa: Isa, dtype: DType, w: &[u8], n: usize, k: 
 pub(super) fn packed_rows(isa: Isa, dtype: DType, w: &[u8], row_bytes: usize, prep: &Prepared, ys: &mut [f32]) {
     debug_assert_eq!(w.len(), ys.len() * row_bytes);
     match isa {
-        // SAFETY (both): `isa` is at most `Isa::detect()`, so the CPU has every feature the kernel
+        // SAFETY (each): `isa` is at most `Isa::detect()`, so the CPU has every feature the kernel
         // enables; `w` holds `ys.len()` whole repacked rows of `dtype` and `prep` was built for
-        // this `isa`, `dtype` and repacked rows from an activation of the same row length.
+        // this `isa`, `dtype` and repacked rows from an activation of the same row length (of one
+        // digit for the `_high` kernel).
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => unsafe { avx512::packed_avx512(dtype, w, row_bytes, prep, ys) },
         #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni if prep.int8() => unsafe { avx512::packed_vnni_high(dtype, w, row_bytes, prep, ys) },
         Isa::Avx512Vnni => unsafe { avx512::packed_vnni(dtype, w, row_bytes, prep, ys) },
         _ => {
             let unpack = if dtype == DType::Q4_0 { q4_0::unpack_row } else { q4_k::unpack_row };
@@ -126,14 +128,16 @@ pub(super) fn packed_rows(isa: Isa, dtype: DType, w: &[u8], row_bytes: usize, pr
 pub(super) fn rows(isa: Isa, dtype: DType, w: &[u8], row_bytes: usize, prep: &Prepared, ys: &mut [f32]) {
     debug_assert_eq!(w.len(), ys.len() * row_bytes);
     match isa {
-        // SAFETY (all three): `isa` is at most `Isa::detect()`, so the CPU has every feature the
+        // SAFETY (each): `isa` is at most `Isa::detect()`, so the CPU has every feature the
         // kernel enables; `w` holds `ys.len()` whole rows of `dtype` and `prep` was built for this
-        // `isa` and `dtype` from an activation of the same row length, as the kernels require.
+        // `isa` and `dtype` from an activation of the same row length (of one digit for the
+        // `_high` kernel), as the kernels require.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { avx2::rows(dtype, w, row_bytes, prep, ys) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => unsafe { avx512::rows_avx512(dtype, w, row_bytes, prep, ys) },
         #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni if prep.int8() => unsafe { avx512::rows_vnni_high(dtype, w, row_bytes, prep, ys) },
         Isa::Avx512Vnni => unsafe { avx512::rows_vnni(dtype, w, row_bytes, prep, ys) },
         _ => {
             for (row, y) in w.chunks_exact(row_bytes).zip(ys) {

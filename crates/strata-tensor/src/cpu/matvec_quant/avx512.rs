@@ -37,14 +37,20 @@ pub(super) unsafe fn rows_avx512(dtype: DType, w: &[u8], row_bytes: usize, prep:
 /// As [`rows_avx512`], plus AVX-512 VNNI, and `prep` built for `Isa::Avx512Vnni`.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")]
 pub(super) unsafe fn rows_vnni(dtype: DType, w: &[u8], row_bytes: usize, prep: &Prepared, ys: &mut [f32]) {
-    // SAFETY: forwarded from the caller; this function enables what `Vnni` and `VnniHigh` need.
-    unsafe {
-        if prep.int8() {
-            rows::<VnniHigh>(dtype, w, row_bytes, prep, ys)
-        } else {
-            rows::<Vnni>(dtype, w, row_bytes, prep, ys)
-        }
-    }
+    // SAFETY: forwarded from the caller; this function enables what `Vnni` needs.
+    unsafe { rows::<Vnni>(dtype, w, row_bytes, prep, ys) }
+}
+
+/// [`rows_vnni`] for an activation of one digit (`prep.int8()`), whose low digits it leaves out.
+/// (An entry point of its own: dispatching inside `rows_vnni` slowed its two-digit kernels.)
+///
+/// # Safety
+/// As [`rows_vnni`], with every low digit of `prep` zero.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub(super) unsafe fn rows_vnni_high(dtype: DType, w: &[u8], row_bytes: usize, prep: &Prepared, ys: &mut [f32]) {
+    debug_assert!(prep.int8());
+    // SAFETY: forwarded from the caller; this function enables what `VnniHigh` needs.
+    unsafe { rows::<VnniHigh>(dtype, w, row_bytes, prep, ys) }
 }
 
 /// Computes `ys.len()` rows of a repacked `Q4_0` or `Q4_K` weight (the rows of
@@ -65,14 +71,19 @@ pub(super) unsafe fn packed_avx512(dtype: DType, w: &[u8], row_bytes: usize, pre
 /// As [`rows_vnni`], with `w` holding repacked rows and `prep` built for them.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")]
 pub(super) unsafe fn packed_vnni(dtype: DType, w: &[u8], row_bytes: usize, prep: &Prepared, ys: &mut [f32]) {
-    // SAFETY: forwarded from the caller; this function enables what `Vnni` and `VnniHigh` need.
-    unsafe {
-        if prep.int8() {
-            packed::<VnniHigh>(dtype, w, row_bytes, prep, ys)
-        } else {
-            packed::<Vnni>(dtype, w, row_bytes, prep, ys)
-        }
-    }
+    // SAFETY: forwarded from the caller; this function enables what `Vnni` needs.
+    unsafe { packed::<Vnni>(dtype, w, row_bytes, prep, ys) }
+}
+
+/// [`packed_vnni`] for an activation of one digit (see [`rows_vnni_high`]).
+///
+/// # Safety
+/// As [`packed_vnni`], with every low digit of `prep` zero.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub(super) unsafe fn packed_vnni_high(dtype: DType, w: &[u8], row_bytes: usize, prep: &Prepared, ys: &mut [f32]) {
+    debug_assert!(prep.int8());
+    // SAFETY: forwarded from the caller; this function enables what `VnniHigh` needs.
+    unsafe { packed::<VnniHigh>(dtype, w, row_bytes, prep, ys) }
 }
 
 #[inline(always)]
@@ -327,7 +338,7 @@ impl Dot for VnniHigh {
 
     #[inline(always)]
     unsafe fn dpbusd(acc: __m512i, u: __m512i, a: Digits<__m512i>) -> __m512i {
-        // SAFETY: AVX-512 VNNI (only `rows_vnni` and `packed_vnni` instantiate `VnniHigh`); no
+        // SAFETY: AVX-512 VNNI (only `rows_vnni_high` and `packed_vnni_high` instantiate `VnniHigh`); no
         // memory access.
         unsafe { _mm512_add_epi32(acc, _mm512_slli_epi32::<8>(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u, a.hi))) }
     }
