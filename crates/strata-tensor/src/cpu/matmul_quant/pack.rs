@@ -6,8 +6,9 @@
 //! (`Q4_0`, `Q4_1` and `Q4_K` nibbles, `Q8_0` bytes flipped to unsigned). Read as 16 four-byte
 //! words each, the 16 registers are a 16 x 16 matrix of steps by rows; a transpose of 32-bit
 //! elements (four rounds of shuffles) turns it into the panel's layout, one register per step
-//! holding the four levels of each of the 16 rows, stored with no scattering. The scales and
-//! minimums (one or two values per 32 levels) are decoded by scalar code as before.
+//! holding the four levels of each of the 16 rows, stored with no scattering. `Q4_K`'s scales
+//! and minimums are decoded 16 rows at a time as well ([`q4k_scales`]); the other dtypes' (one
+//! or two f16 values per 32 levels) by scalar code.
 
 use std::arch::x86_64::*;
 
