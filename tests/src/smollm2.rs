@@ -4,9 +4,10 @@
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
+use std::sync::OnceLock;
 
 use serde_json::Value;
-use strata::{GenerateOptions, LogitsMode, Model, SamplingParams};
+use strata::{GenerateOptions, LoadOptions, LogitsMode, Model, SamplingParams};
 
 use crate::{SMOLLM2_GGUF, cached_file, cosine_similarity, fixtures_dir, max_abs_diff, read_npy, skip_message};
 
@@ -75,6 +76,18 @@ pub fn gguf(test: &str, expected: &Value) -> Option<PathBuf> {
         expected["model"]["sha256"]
     );
     Some(path)
+}
+
+/// The model (2 threads), loaded once per test binary, and the fixture's prompts; `None` (after
+/// printing why) when the model file is not in the cache.
+pub fn model(test: &str) -> Option<(&'static Model, Vec<Prompt>)> {
+    static MODEL: OnceLock<Model> = OnceLock::new();
+    let (expected, prompts) = fixture();
+    let path = gguf(test, &expected)?;
+    let model = MODEL.get_or_init(|| {
+        Model::from_pretrained(&path, LoadOptions { threads: Some(2), ..LoadOptions::default() }).unwrap()
+    });
+    Some((model, prompts))
 }
 
 /// Runs `p` in `mode`, prints the agreement, and returns what falls outside the bounds: a

@@ -16,26 +16,12 @@
 //! The model is read from the strata cache (see `strata::cache_dir`); every test
 //! skips, saying so, when the file is absent.
 
-use std::sync::OnceLock;
-
-use strata::{LoadOptions, LogitsMode, Model};
-use strata_tests::smollm2::{Prompt, compare_logits, fixture, gguf, greedy};
+use strata::LogitsMode;
+use strata_tests::smollm2::{compare_logits, greedy, model};
 
 /// The bound on the cosine similarity between strata's and transformers' logits at every
 /// position.
 const MIN_COSINE: f64 = 0.999;
-
-/// The model, loaded once for all tests of this binary, and the fixture's prompts; `None` (after
-/// printing why) when the model file is not in the cache.
-fn model(test: &str) -> Option<(&'static Model, Vec<Prompt>)> {
-    static MODEL: OnceLock<Model> = OnceLock::new();
-    let (expected, prompts) = fixture();
-    let path = gguf(test, &expected)?;
-    let model = MODEL.get_or_init(|| {
-        Model::from_pretrained(&path, LoadOptions { threads: Some(2), ..LoadOptions::default() }).unwrap()
-    });
-    Some((model, prompts))
-}
 
 #[test]
 fn the_tokenizer_gives_transformers_ids() {

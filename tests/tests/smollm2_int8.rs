@@ -16,23 +16,16 @@
 //! The activation quantization is a process-wide choice, so these tests live in their own binary
 //! (every test of it sets the same value). They skip, saying so, when the model is absent.
 
-use std::sync::OnceLock;
-
-use strata::{ActQuant, LoadOptions, LogitsMode, Model};
-use strata_tests::smollm2::{Prompt, compare_logits, fixture, gguf, greedy};
+use strata::{ActQuant, LogitsMode, Model};
+use strata_tests::smollm2::{self, Prompt, compare_logits, greedy};
 
 /// The bound for one-digit activations: ten times the two-digit bound's distance from 1.
 const MIN_COSINE_INT8: f64 = 0.99;
 
+/// The model with one-digit activations in force (see `strata_tests::smollm2::model`).
 fn model(test: &str) -> Option<(&'static Model, Vec<Prompt>)> {
-    static MODEL: OnceLock<Model> = OnceLock::new();
     strata::set_act_quant(ActQuant::Int8);
-    let (expected, prompts) = fixture();
-    let path = gguf(test, &expected)?;
-    let model = MODEL.get_or_init(|| {
-        Model::from_pretrained(&path, LoadOptions { threads: Some(2), ..LoadOptions::default() }).unwrap()
-    });
-    Some((model, prompts))
+    smollm2::model(test)
 }
 
 #[test]

@@ -376,6 +376,15 @@ pub(crate) fn model_path(args: &ModelArgs) -> Result<PathBuf> {
 /// Loads the model the flags describe. Any MoE flag on a dense model is refused, even one that
 /// asks for the default routing (`--routing top-k`).
 pub(crate) fn load(args: &ModelArgs) -> Result<Model> {
+    // Refused before the device's own checks, which a build without CUDA fails with a message
+    // about the build rather than about this flag.
+    if args.act_quant != strata::ActQuant::Int16 && parse_device(&args.device)? != Device::Cpu {
+        bail!(
+            "--act-quant {} applies to the CPU backend; --device {} multiplies f32 activations",
+            args.act_quant,
+            args.device
+        );
+    }
     let opts = load_options(args)?;
     strata::set_act_quant(args.act_quant);
     let path = model_path(args)?;

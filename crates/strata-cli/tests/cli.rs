@@ -187,6 +187,11 @@ fn bad_inputs_get_clear_errors() {
     let out = strata(&["logits", "--model", model.to_str().unwrap(), "--ids", "1", "--act-quant", "int4"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("`int4`") && stderr(&out).contains("int16 or int8"), "{}", stderr(&out));
+
+    let args = ["logits", "--model", model.to_str().unwrap(), "--ids", "1", "--out", "/dev/null"];
+    let out = strata(&[&args[..], &["--act-quant", "int8", "--device", "cuda"]].concat());
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--act-quant int8 applies to the CPU backend"), "{}", stderr(&out));
 }
 
 #[test]
