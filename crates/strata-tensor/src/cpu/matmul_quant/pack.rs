@@ -8,7 +8,8 @@
 //! elements (four rounds of shuffles) turns it into the panel's layout, one register per step
 //! holding the four levels of each of the 16 rows, stored with no scattering. `Q4_K`'s scales
 //! and minimums are decoded 16 rows at a time as well ([`q4k_scales`]); the other dtypes' (one
-//! or two f16 values per 32 levels) by scalar code.
+//! or two f16 values per 32 levels) by scalar code. The weights come from memory here, once per
+//! prefill, so each row is prefetched [`PACK_AHEAD`] steps ahead of its loads.
 
 use std::arch::x86_64::*;
 
