@@ -30,7 +30,8 @@
 //! 8-bit rounding per block of 32 that ggml uses (with a unit per 32 values where ggml's k-quant
 //! products use one per 256). Every low digit is then zero, the values `256 * h` and the unit
 //! unchanged, so every kernel computes the same integers as before from the same formulas, and
-//! the prefill GEMM skips its low-digit pass: half the multiplies, at ggml's precision.
+//! the VNNI kernels (the prefill GEMM, the decode matrix-vector products) leave out the low
+//! digits' products: half the multiplies, at ggml's precision.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
