@@ -63,36 +63,17 @@ pub(super) unsafe fn tile(
     debug_assert!(acts.len() == tile.rows && (1..=MR).contains(&tile.rows) && tile.cols <= NR);
     debug_assert!(panel.levels.len() >= kc * NR && panel.scales.len() >= kc / format.group * NR);
     debug_assert!(kc.is_multiple_of(format.group) && (p0 + kc) <= acts[0].q.hi.len());
+    // Without low digits (one-digit activations, all zero) the low-digit pass is left out.
+    let lo = !acts.iter().all(|a| a.q.int8);
     // SAFETY: forwarded from the caller; `by_rows` needs the same.
     unsafe {
-        if acts.iter().all(|a| a.q.int8) {
-            by_format::<false>(format, acts, p0, kc, panel, tile, y)
-        } else {
-            by_format::<true>(format, acts, p0, kc, panel, tile, y)
-        }
-    }
-}
-
-/// [`tile`] with the low-digit pass (`LO`) or without it (every low digit of `acts` is zero).
-///
-/// # Safety
-/// As [`tile`].
-#[inline(always)]
-unsafe fn by_format<const LO: bool>(
-    format: Format,
-    acts: &[RowAct],
-    p0: usize,
-    kc: usize,
-    panel: &Panel<'_>,
-    tile: &Tile,
-    y: *mut f32,
-) {
-    // SAFETY: forwarded from the caller; `by_rows` needs the same.
-    unsafe {
-        match (format.group, format.offset != 0, format.min) {
-            (32, true, false) => by_rows::<32, true, false, LO>(acts, p0, kc, panel, tile, y),
-            (32, false, true) => by_rows::<32, false, true, LO>(acts, p0, kc, panel, tile, y),
-            (16, true, false) => by_rows::<16, true, false, LO>(acts, p0, kc, panel, tile, y),
+        match (format.group, format.offset != 0, format.min, lo) {
+            (32, true, false, true) => by_rows::<32, true, false, true>(acts, p0, kc, panel, tile, y),
+            (32, false, true, true) => by_rows::<32, false, true, true>(acts, p0, kc, panel, tile, y),
+            (16, true, false, true) => by_rows::<16, true, false, true>(acts, p0, kc, panel, tile, y),
+            (32, true, false, false) => by_rows::<32, true, false, false>(acts, p0, kc, panel, tile, y),
+            (32, false, true, false) => by_rows::<32, false, true, false>(acts, p0, kc, panel, tile, y),
+            (16, true, false, false) => by_rows::<16, true, false, false>(acts, p0, kc, panel, tile, y),
             _ => unreachable!("no dtype has format {format:?}"),
         }
     }
@@ -102,7 +83,7 @@ unsafe fn by_format<const LO: bool>(
 /// digits (`LO`), by tile height.
 ///
 /// # Safety
-/// As [`by_format`].
+/// As [`tile`], with every low digit of `acts` zero unless `LO`.
 #[inline(always)]
 unsafe fn by_rows<const G: usize, const BIAS: bool, const MIN: bool, const LO: bool>(
     acts: &[RowAct],
@@ -126,7 +107,7 @@ unsafe fn by_rows<const G: usize, const BIAS: bool, const MIN: bool, const LO: b
 /// The microkernel for `R` rows of `x`; without `LO`, the low digits (all zero) are not read.
 ///
 /// # Safety
-/// As [`by_format`], with `acts.len() == R`.
+/// As [`by_rows`], with `acts.len() == R`.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma")]
 unsafe fn kernel<const R: usize, const G: usize, const BIAS: bool, const MIN: bool, const LO: bool>(
     acts: &[RowAct],

@@ -162,10 +162,19 @@ trait Dot {
     unsafe fn dpbusd4(u: [__m512i; 4], a: [Digits<__m512i>; 4]) -> __m512i;
     /// Lanes of four products of signed weights `w` with the activation values of `a`. `bias`
     /// holds `-128 * (sum of the lane's activation values)` when the activation was prepared for
-    /// VNNI (whose version adds 128 to `w` to make it unsigned) and is ignored otherwise.
-    unsafe fn dot_i8(bias: __m512i, w: __m512i, a: Digits<__m512i>) -> __m512i;
+    /// VNNI (whose versions, this default, add 128 to `w` to make it unsigned) and is ignored
+    /// otherwise.
+    #[inline(always)]
+    unsafe fn dot_i8(bias: __m512i, w: __m512i, a: Digits<__m512i>) -> __m512i {
+        // SAFETY: AVX-512 F for the flip, and what `Self::dpbusd` needs; no memory access.
+        unsafe { Self::dpbusd(bias, _mm512_xor_si512(w, _mm512_set1_epi8(-128)), a) }
+    }
     /// [`Dot::dot_i8`] on 256-bit registers.
-    unsafe fn dot_i8_256(bias: __m256i, w: __m256i, a: Digits<__m256i>) -> __m256i;
+    #[inline(always)]
+    unsafe fn dot_i8_256(bias: __m256i, w: __m256i, a: Digits<__m256i>) -> __m256i {
+        // SAFETY: AVX2 for the flip, and what `Self::dpbusd256` needs; no memory access.
+        unsafe { Self::dpbusd256(bias, _mm256_xor_si256(w, _mm256_set1_epi8(-128)), a) }
+    }
 }
 
 /// AVX-512 BW: `vpmaddubsw` per digit, then `vpmaddwd` with 256 (high digit) and 1 (low digit).
@@ -315,18 +324,6 @@ impl Dot for Vnni {
             _mm512_add_epi32(first, _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, u[2], a[2].lo), u[3], a[3].lo))
         }
     }
-
-    #[inline(always)]
-    unsafe fn dot_i8(bias: __m512i, w: __m512i, a: Digits<__m512i>) -> __m512i {
-        // SAFETY: AVX-512 VNNI (see above); no memory access.
-        unsafe { Vnni::dpbusd(bias, _mm512_xor_si512(w, _mm512_set1_epi8(-128)), a) }
-    }
-
-    #[inline(always)]
-    unsafe fn dot_i8_256(bias: __m256i, w: __m256i, a: Digits<__m256i>) -> __m256i {
-        // SAFETY: AVX-512 VNNI and VL (see above); no memory access.
-        unsafe { Vnni::dpbusd256(bias, _mm256_xor_si256(w, _mm256_set1_epi8(-128)), a) }
-    }
 }
 
 /// [`Vnni`] for one-digit activations (`ActQuant::Int8`: every low digit zero): the same lanes
@@ -375,18 +372,6 @@ impl Dot for VnniHigh {
             );
             _mm512_slli_epi32::<8>(high)
         }
-    }
-
-    #[inline(always)]
-    unsafe fn dot_i8(bias: __m512i, w: __m512i, a: Digits<__m512i>) -> __m512i {
-        // SAFETY: AVX-512 VNNI (see above); no memory access.
-        unsafe { VnniHigh::dpbusd(bias, _mm512_xor_si512(w, _mm512_set1_epi8(-128)), a) }
-    }
-
-    #[inline(always)]
-    unsafe fn dot_i8_256(bias: __m256i, w: __m256i, a: Digits<__m256i>) -> __m256i {
-        // SAFETY: AVX-512 VNNI and VL (see above); no memory access.
-        unsafe { VnniHigh::dpbusd256(bias, _mm256_xor_si256(w, _mm256_set1_epi8(-128)), a) }
     }
 }
 
