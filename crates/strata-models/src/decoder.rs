@@ -395,7 +395,7 @@ impl Decoder {
         li: usize,
         x: &[f32],
         normed: &mut [f32],
-        [gate, up, act]: [&mut Vec<f32>; 3],
+        [gate, up, act]: [&mut [f32]; 3],
         proj: &mut [f32],
     ) -> Result<()> {
         let hp = &self.hp;
@@ -734,6 +734,11 @@ impl Decoder {
             )?;
             cache.append(li, &k, &v);
 
+            // The last layer's outputs reach only the logits: once its keys and values are in the
+            // cache, only the rows whose logits are asked for go on through attention, `o` and the
+            // feed-forward block (all rows when a router trace records every token's routing).
+            let r = if li + 1 == self.layers.len() && trace.is_none() { out_rows } else { t };
+            let skip = t - r;
             let params = AttentionParams {
                 n_heads: hp.n_heads,
                 n_kv_heads: hp.n_kv_heads,
@@ -741,20 +746,23 @@ impl Decoder {
                 scale: 1.0 / (hp.head_dim as f32).sqrt(),
                 sliding_window: hp.layer_windows[li],
             };
+            let (q_rows, attn_rows) = (&q[skip * qd..], &mut attn_out[..r * qd]);
             if pos0 == 0 {
-                cpu::attention(&q, &k, &v, 0, &params, &mut attn_out)?;
+                cpu::attention(q_rows, &k, &v, skip, &params, attn_rows)?;
             } else if t == 1 {
                 let (kb, vb) = cache.blocks(li);
-                cpu::attention_decode(&q, &kb, &vb, cache.block_len(), pos0 + 1, &params, &mut attn_out)?;
+                cpu::attention_decode(q_rows, &kb, &vb, cache.block_len(), pos0 + 1, &params, attn_rows)?;
             } else {
                 let (kc, vc) = cache.contiguous(li);
-                cpu::attention(&q, &kc, &vc, pos0, &params, &mut attn_out)?;
+                cpu::attention(q_rows, &kc, &vc, pos0 + skip, &params, attn_rows)?;
             }
-            attn.o.forward(&attn_out, &mut proj)?;
-            cpu::add(&mut x, &proj)?;
+            let (x_rows, proj_rows, normed_rows) = (&mut x[skip * h..], &mut proj[..r * h], &mut normed[..r * h]);
+            attn.o.forward(attn_rows, proj_rows)?;
+            cpu::add(x_rows, proj_rows)?;
             // A streamed unit's buffer goes back to the store's ring before the next is asked for.
             drop(streamed_attn);
 
+            let [gate_rows, up_rows, act_rows] = [&mut gate, &mut up, &mut act].map(|b| &mut b[..r * inter]);
             let streamed_ffn;
             let ffn = match &layer.ffn {
                 FfnSlot::Whole(Slot::Resident(f)) => f,
@@ -763,24 +771,24 @@ impl Decoder {
                     &streamed_ffn
                 }
                 FfnSlot::Split(mlp) => {
-                    self.split_mlp(mlp, li, &x, &mut normed, [&mut gate, &mut up, &mut act], &mut proj)?;
-                    cpu::add(&mut x, &proj)?;
+                    self.split_mlp(mlp, li, x_rows, normed_rows, [gate_rows, up_rows, act_rows], proj_rows)?;
+                    cpu::add(x_rows, proj_rows)?;
                     continue;
                 }
             };
-            cpu::rms_norm(&x, &ffn.norm, hp.rms_norm_eps, &mut normed)?;
+            cpu::rms_norm(x_rows, &ffn.norm, hp.rms_norm_eps, normed_rows)?;
             match &ffn.ffn {
                 Ffn::Dense(mlp) => {
-                    Linear::forward_many(&[&mlp.gate, &mlp.up], &normed, &mut [&mut gate, &mut up])?;
-                    cpu::swiglu(&gate, &up, &mut act)?;
-                    mlp.down.forward(&act, &mut proj)?;
+                    Linear::forward_many(&[&mlp.gate, &mlp.up], normed_rows, &mut [gate_rows, up_rows])?;
+                    cpu::swiglu(gate_rows, up_rows, act_rows)?;
+                    mlp.down.forward(act_rows, proj_rows)?;
                 }
                 Ffn::Moe(moe) => {
                     let record = trace.as_deref_mut().map(|tr| tr.layer_mut(li));
-                    moe.forward(&normed, t, &self.moe, &mut proj, record)?;
+                    moe.forward(normed_rows, r, &self.moe, proj_rows, record)?;
                 }
             }
-            cpu::add(&mut x, &proj)?;
+            cpu::add(x_rows, proj_rows)?;
         }
 
         cache.record_ids(ids);
