@@ -51,8 +51,8 @@ pub(crate) struct ModelArgs {
     #[arg(long)]
     threads: Option<usize>,
     /// How the CPU quantizes activations for products with block-quantized weights (q8_0, q4_0,
-    /// q4_1, q4_k, q6_k): int16, two 8-bit digits per value, logits closest to the float model;
-    /// or int8, one digit per value as llama.cpp rounds: faster prefill, logits further off.
+    /// q4_1, q4_k, q6_k): int16, 16 bits per value, logits closest to the float model; or int8,
+    /// one 8-bit digit per value as llama.cpp rounds: faster prefill, logits further off.
     #[arg(long, value_name = "BITS", default_value = "int16")]
     pub(crate) act_quant: strata::ActQuant,
     /// Compute device: cpu, or cuda (device 0; cuda:N for device N). CUDA needs a build with

@@ -13,6 +13,11 @@
 //! - `shifted`: `groups` with activation units that are powers of two: the group's integers are
 //!   shifted right to the row's largest unit (a rounding bias added first) and scaled by the
 //!   weight's scale alone, the multiply by the unit saved.
+//! - `wide`: the 16-bit `Q4_K` kernel (`cpu::matmul_quant`'s `wide`): `vpdpwssd` on two columns of
+//!   16-bit `sc * q` and 16-bit activations per lane, 64 columns summed in i32, then converted and
+//!   added in f32; per 32 columns the minimums' FMA, per 256 one multiply and FMA by `d * unit`.
+//!   Counted in `vpdpwssd`, each doing the work of one two-digit `vpdpbusd` (32 products of a
+//!   weight by a 16-bit activation), so its figure compares directly with `groups`.
 //!
 //! A two-digit GEMM at `F` GFLOP/s (`2 m n k` per call, as the `prefill_matmul` example reports)
 //! issues `F / 64` G `vpdpbusd` per second (two digits, 64 products each), so its fraction of the
@@ -39,6 +44,7 @@ fn main() {
             ("steps", x86::steps),
             ("groups", x86::groups),
             ("shifted", x86::shifted),
+            ("wide", x86::wide),
         ];
         for (name, f) in loops {
             let rates = run(threads, f);
@@ -133,6 +139,91 @@ mod x86 {
         let d = data();
         // SAFETY: as above.
         unsafe { groups_impl::<false>(&d, reps / 8) }
+    }
+
+    pub fn wide(reps: u64) -> u64 {
+        let d = wide_data();
+        // SAFETY: as above.
+        unsafe { wide_impl(&d, reps / 8) }
+    }
+
+    /// Operands of the `wide` loop: 16-bit weights `[GROUPS * G / 2][32][2]`, 16-bit activations
+    /// of `R` rows, a unit per 256 columns, per super-block scales, minimums per 32.
+    struct Wide {
+        w: Vec<i16>,
+        x: [[i16; GROUPS * G]; R],
+        d: Vec<f32>,
+        mins: Vec<f32>,
+        units: [[f32; GROUPS / 8]; R],
+        sums: [[f32; GROUPS]; R],
+    }
+
+    fn wide_data() -> Wide {
+        Wide {
+            w: (0..GROUPS * G * 32).map(|i| (i * 7 % 945) as i16).collect(),
+            x: std::array::from_fn(|r| std::array::from_fn(|i| ((i * 3 + r) % 65535) as u16 as i16)),
+            d: (0..GROUPS / 8 * 32).map(|i| 1e-3 * i as f32).collect(),
+            mins: vec![2e-3; GROUPS * 32],
+            units: [[1e-4; GROUPS / 8]; R],
+            sums: [[0.5; GROUPS]; R],
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma")]
+    unsafe fn wide_impl(d: &Wide, reps: u64) -> u64 {
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        for _ in 0..reps {
+            for sb in 0..GROUPS / 8 {
+                let mut part = [[_mm512_setzero_ps(); 2]; R];
+                for h in 0..4 {
+                    let mut dot = [[_mm512_setzero_si512(); 2]; R];
+                    for s in 0..32 {
+                        let c = sb * 256 + h * 64 + 2 * s;
+                        // SAFETY: `c + 2 <= GROUPS * G`, inside `d`.
+                        unsafe {
+                            let p = d.w.as_ptr().add(c * 32);
+                            let u = [_mm512_loadu_si512(p.cast()), _mm512_loadu_si512(p.add(32).cast())];
+                            for (row, x) in dot.iter_mut().zip(&d.x) {
+                                let a = _mm512_set1_epi32(x.as_ptr().add(c).cast::<i32>().read_unaligned());
+                                row[0] = _mm512_dpwssd_epi32(row[0], u[0], a);
+                                row[1] = _mm512_dpwssd_epi32(row[1], u[1], a);
+                            }
+                        }
+                    }
+                    for i in 0..R {
+                        for v in 0..2 {
+                            part[i][v] = _mm512_add_ps(part[i][v], _mm512_cvtepi32_ps(dot[i][v]));
+                        }
+                    }
+                    for j in 2 * h..2 * h + 2 {
+                        let g = sb * 8 + j;
+                        // SAFETY: `g * 32 + 32 <= GROUPS * 32`.
+                        let mn = unsafe {
+                            let m = d.mins.as_ptr().add(g * 32);
+                            [_mm512_loadu_ps(m), _mm512_loadu_ps(m.add(16))]
+                        };
+                        for (row, sums) in acc.iter_mut().zip(&d.sums) {
+                            let e = _mm512_set1_ps(sums[g]);
+                            row[0] = _mm512_fmadd_ps(mn[0], e, row[0]);
+                            row[1] = _mm512_fmadd_ps(mn[1], e, row[1]);
+                        }
+                    }
+                }
+                // SAFETY: `sb * 32 + 32 <= GROUPS / 8 * 32`.
+                let dd = unsafe {
+                    let p = d.d.as_ptr().add(sb * 32);
+                    [_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))]
+                };
+                for i in 0..R {
+                    let unit = _mm512_set1_ps(d.units[i][sb]);
+                    for v in 0..2 {
+                        acc[i][v] = _mm512_fmadd_ps(part[i][v], _mm512_mul_ps(dd[v], unit), acc[i][v]);
+                    }
+                }
+            }
+        }
+        black_box(acc);
+        reps * (GROUPS * G / 2 * R * 2) as u64
     }
 
     pub fn shifted(reps: u64) -> u64 {

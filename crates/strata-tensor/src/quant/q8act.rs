@@ -26,6 +26,11 @@
 //! The reference and the fast kernels call the same function, so they see identical integers and
 //! differ only in the order of their float additions.
 //!
+//! The prefill GEMM of `Q4_K` weights quantizes to [`ActWide`] instead: one 16-bit value per
+//! element with a unit per 256 (a `Q4_K` super-block), as precise per value (a step of `max|x| /
+//! 32767` against the two digits' `max|x| / 32512`) but with the maximum over 256 values rather
+//! than 32, which lets its integer sums run across the super-block's eight scales.
+//!
 //! [`ActQuant::Int8`], a process-wide opt-in ([`set_act_quant`]), keeps only the high digit: the
 //! 8-bit rounding per block of 32 that ggml uses (with a unit per 32 values where ggml's k-quant
 //! products use one per 256). Every low digit is then zero, the values `256 * h` and the unit
@@ -44,7 +49,8 @@ pub(crate) const HI_WEIGHT: i32 = 256;
 /// How the CPU's integer kernels quantize activations (see the module docs).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum ActQuant {
-    /// Two 8-bit digits per value, within `max|x| / 32512` of `x` per block of 32: the default.
+    /// Two 8-bit digits per value, within `max|x| / 32512` of `x` per block of 32 (for the prefill
+    /// GEMM of `Q4_K`, one 16-bit value within `max|x| / 32767` per block of 256): the default.
     #[default]
     Int16,
     /// One 8-bit digit per value, within `max|x| / 254` of `x` per block of 32, as ggml rounds:
@@ -217,9 +223,160 @@ fn round_ties_even_int(v: f32) -> (f32, i32) {
     (sum - MAGIC, sum.to_bits() as i32 - MAGIC.to_bits() as i32)
 }
 
+/// Elements per unit of [`ActWide`]: a `Q4_K` super-block.
+pub(crate) const QK_WIDE: usize = 256;
+
+/// The largest value of [`ActWide`].
+pub(crate) const WIDE_MAX: f32 = 32767.0;
+
+/// Activations as one 16-bit value per element with a unit per block of [`QK_WIDE`], for the
+/// `Q4_K` prefill GEMM (`cpu::matmul_quant`'s 16-bit path): per block with `amax = max|x|`, the
+/// value `v = round(x * 32767 / amax)` (ties to even) in `-32767..=32767` and the unit
+/// `amax / 32767`, so `|x - unit * v| <= unit / 2` (plus the f32 rounding of the inverse step).
+/// A block whose `amax` is below 2^-100 quantizes to zero, one holding a NaN gets a NaN unit.
+///
+/// Against [`ActQ8`]'s two digits per block of 32, the step is relative to the largest value of
+/// 256 rather than of 32, and the values need one 16 x 16-bit multiply each instead of two 8 x 8.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct ActWide {
+    /// The values `v`, in the order of `x`.
+    pub v: Vec<i16>,
+    /// The unit of each block of [`QK_WIDE`].
+    pub unit: Vec<f32>,
+    /// The sum `S` of the values of each block of [`QK_ACT`].
+    pub sum: Vec<i32>,
+    /// `unit * S` per block of [`QK_ACT`], the factor of `Q4_K`'s minimums.
+    pub e: Vec<f32>,
+}
+
+impl ActWide {
+    /// Quantizes `x`, whose length must be a multiple of [`QK_WIDE`].
+    pub fn quantize(x: &[f32]) -> ActWide {
+        assert!(x.len().is_multiple_of(QK_WIDE), "ActWide of {} values, not whole blocks of {QK_WIDE}", x.len());
+        let mut act = ActWide {
+            v: vec![0; x.len()],
+            unit: vec![0.0; x.len() / QK_WIDE],
+            sum: vec![0; x.len() / QK_ACT],
+            e: vec![0.0; x.len() / QK_ACT],
+        };
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            unsafe { quantize_wide_avx2(x, &mut act) };
+            return act;
+        }
+        quantize_wide_blocks(x, &mut act);
+        act
+    }
+}
+
+/// [`quantize_wide_blocks`] compiled for AVX2: the same IEEE operations in the same order, so the
+/// same results as the portable build.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_wide_avx2(x: &[f32], act: &mut ActWide) {
+    quantize_wide_blocks(x, act);
+}
+
+/// Fills `act`, already sized for `x`, block by block (branch-free loops on fixed-size arrays,
+/// which the compiler vectorizes).
+#[inline(always)]
+fn quantize_wide_blocks(x: &[f32], act: &mut ActWide) {
+    const SUBS: usize = QK_WIDE / QK_ACT;
+    let blocks = x.chunks_exact(QK_WIDE).zip(act.v.chunks_exact_mut(QK_WIDE));
+    let per_block = act.unit.iter_mut().zip(act.sum.chunks_exact_mut(SUBS).zip(act.e.chunks_exact_mut(SUBS)));
+    for ((xs, vs), (unit, (sums, es))) in blocks.zip(per_block) {
+        let xs: &[f32; QK_WIDE] = xs.try_into().expect("chunks of QK_WIDE");
+        // As in `quantize_blocks`: the maximum through the bits of |x|, NaN for a block with a NaN.
+        let amax = f32::from_bits(xs.iter().fold(0u32, |m, v| m.max(v.to_bits() & 0x7fff_ffff)));
+        let negligible = amax < NEGLIGIBLE;
+        let inv = if negligible { 0.0 } else { WIDE_MAX / amax };
+        let mut values = [0i32; QK_WIDE];
+        for ((q, &v), value) in vs.iter_mut().zip(xs).zip(&mut values) {
+            // A NaN block's integers are meaningless (its unit is NaN) but stay 16-bit.
+            let (_, i) = round_ties_even_int((v * inv).clamp(-WIDE_MAX, WIDE_MAX));
+            *q = i as i16;
+            *value = i32::from(*q);
+        }
+        *unit = if negligible { 0.0 } else { amax / WIDE_MAX };
+        for ((s, e), vals) in sums.iter_mut().zip(es.iter_mut()).zip(values.chunks_exact(QK_ACT)) {
+            *s = vals.iter().sum();
+            *e = *unit * *s as f32;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wide_quantizes_hand_chosen_block() {
+        // max|x| = 32767: the unit is exactly 1 and every value rounds to the nearest integer.
+        let mut x = [0f32; 512];
+        x[0] = 32767.0;
+        x[1] = -2.5; // ties to even: -2
+        x[2] = 3.5; // 4
+        x[33] = -32767.0;
+        x[40] = 0.49;
+        let act = ActWide::quantize(&x);
+        assert_eq!(&act.v[..3], &[32767, -2, 4]);
+        assert_eq!((act.v[33], act.v[40]), (-32767, 0));
+        assert_eq!(act.unit, vec![1.0, 0.0]);
+        assert_eq!(&act.sum[..2], &[32767 - 2 + 4, -32767]);
+        assert!(act.sum[2..].iter().all(|&s| s == 0));
+        assert_eq!(&act.e[..2], &[(32767 - 2 + 4) as f32, -32767.0]);
+    }
+
+    #[test]
+    fn wide_dequantized_is_within_half_a_unit() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        // Blocks of ordinary values, one with an outlier 1000 times larger, one negligible.
+        let mut x: Vec<f32> = (0..1024).map(|_| next()).collect();
+        x[300] = 500.0;
+        for v in &mut x[512..768] {
+            *v *= 1e-31;
+        }
+        let act = ActWide::quantize(&x);
+        for (i, (&v, &q)) in x.iter().zip(&act.v).enumerate() {
+            let unit = act.unit[i / QK_WIDE];
+            if i / QK_WIDE == 2 {
+                assert_eq!((q, unit), (0, 0.0), "negligible block");
+                continue;
+            }
+            let err = (v - unit * f32::from(q)).abs();
+            assert!(err <= unit * 0.5 + 2.0 * f32::EPSILON * v.abs(), "x[{i}] = {v}: value {q}, unit {unit}");
+        }
+        for (b, s) in act.sum.iter().enumerate() {
+            let want: i32 = act.v[32 * b..32 * b + 32].iter().map(|&q| i32::from(q)).sum();
+            assert_eq!(*s, want, "sum of block {b}");
+        }
+    }
+
+    #[test]
+    fn wide_nan_gives_a_nan_unit_and_portable_build_agrees() {
+        let mut x = vec![0.25f32; 512];
+        x[300] = f32::NAN;
+        let act = ActWide::quantize(&x);
+        assert_eq!(act.unit[0], 0.25 / WIDE_MAX);
+        assert!(act.unit[1].is_nan());
+        let mut portable = ActWide { v: vec![0; 512], unit: vec![0.0; 2], sum: vec![0; 16], e: vec![0.0; 16] };
+        quantize_wide_blocks(&x, &mut portable);
+        assert_eq!(portable.v, act.v);
+        assert_eq!(portable.sum, act.sum);
+        assert_eq!(portable.unit[0].to_bits(), act.unit[0].to_bits());
+        assert_eq!(portable.e[..8], act.e[..8]);
+        assert!(act.e[8..].iter().all(|e| e.is_nan()));
+    }
 
     #[test]
     fn quantizes_hand_chosen_block() {

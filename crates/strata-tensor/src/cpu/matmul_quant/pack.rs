@@ -10,6 +10,10 @@
 //! and minimums are decoded 16 rows at a time as well ([`q4k_scales`]); the other dtypes' (one
 //! or two f16 values per 32 levels) by scalar code. The weights come from memory here, once per
 //! prefill, so each row is prefetched [`PACK_AHEAD`] steps ahead of its loads.
+//!
+//! The 16-bit panels of `Q4_K` ([`pack_wide`], for `super::wide`) start from the same levels:
+//! each register of the layout above is widened into two registers of two 16-bit values per row,
+//! multiplied by the rows' integer scales.
 
 use std::arch::x86_64::*;
 
@@ -73,7 +77,7 @@ pub(super) unsafe fn pack_panel(
     }
     if dtype == DType::Q4K {
         // SAFETY: the caller vouches for AVX-512 F/BW.
-        unsafe { q4k_scales(w, row_bytes, j0, rows, off, kc, scales, mins) };
+        unsafe { q4k_scales(w, row_bytes, j0, rows, off, kc, Q4kScales::Float { scales, mins }) };
         return;
     }
     let mut sc = [0f32; super::KC / 16];
@@ -117,12 +121,16 @@ unsafe fn q4k_scales(
     rows: usize,
     off: usize,
     kc: usize,
-    scales: &mut [f32],
-    mins: &mut [f32],
+    mut out: Q4kScales<'_>,
 ) {
     const B: usize = size_of::<BlockQ4K>();
     let supers = kc / QK_K;
-    assert!(scales.len() == supers * 8 * NR && mins.len() == supers * 8 * NR);
+    match &out {
+        Q4kScales::Float { scales, mins } => assert!(scales.len() == supers * 8 * NR && mins.len() == supers * 8 * NR),
+        Q4kScales::Wide { scw, d, mins } => {
+            assert!(scw.len() == supers * 8 * NR && d.len() == supers * NR && mins.len() == supers * 8 * NR)
+        }
+    }
     if rows > 0 {
         assert!((j0 + rows - 1) * row_bytes + off + supers * B <= w.len() && 16 * row_bytes <= i32::MAX as usize);
     }
@@ -152,6 +160,9 @@ unsafe fn q4k_scales(
                 let (hdr, a, b, c) = (word(0), word(4), word(8), word(12));
                 let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(hdr));
                 let dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(hdr)));
+                if let Q4kScales::Wide { d: dd, .. } = &mut out {
+                    _mm512_storeu_ps(dd[sb * NR + r0..][..16].as_mut_ptr(), d);
+                }
                 let byte = |v: __m512i, j: u32| {
                     _mm512_and_si512(_mm512_srlv_epi32(v, _mm512_set1_epi32(8 * j as i32)), _mm512_set1_epi32(0xff))
                 };
@@ -170,15 +181,121 @@ unsafe fn q4k_scales(
                     for (h, (sc, m)) in sc.into_iter().zip(m).enumerate() {
                         let g = sb * 8 + j as usize + 4 * h;
                         let at = g * NR + r0;
-                        let scale = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc));
                         // `-(dmin * m)`, the sign flipped exactly, in the lanes of rows (the
                         // others stay +0, as the scalar decoder's fill).
                         let prod = _mm512_castps_si512(_mm512_mul_ps(dmin, _mm512_cvtepi32_ps(m)));
                         let min =
                             _mm512_castsi512_ps(_mm512_mask_xor_epi32(prod, mask, prod, _mm512_set1_epi32(i32::MIN)));
-                        _mm512_storeu_ps(scales[at..at + 16].as_mut_ptr(), scale);
-                        _mm512_storeu_ps(mins[at..at + 16].as_mut_ptr(), min);
+                        match &mut out {
+                            Q4kScales::Float { scales, mins } => {
+                                let scale = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc));
+                                _mm512_storeu_ps(scales[at..at + 16].as_mut_ptr(), scale);
+                                _mm512_storeu_ps(mins[at..at + 16].as_mut_ptr(), min);
+                            }
+                            Q4kScales::Wide { scw, mins, .. } => {
+                                // The scale in both 16-bit halves of the row's word.
+                                let both = _mm512_or_si512(sc, _mm512_slli_epi32::<16>(sc));
+                                _mm512_storeu_si512(scw[at..at + 16].as_mut_ptr().cast(), both);
+                                _mm512_storeu_ps(mins[at..at + 16].as_mut_ptr(), min);
+                            }
+                        }
                     }
+                }
+            }
+        }
+    }
+}
+
+/// Where [`q4k_scales`] writes: the float scales `d * sc` and minimums of the 8-bit panel, or for
+/// the 16-bit panel ([`pack_wide`]) the integer scales `sc` (in both halves of a 32-bit word,
+/// `[kc / 32][NR]`), each super-block's `d` (`[kc / 256][NR]`) and the same minimums.
+enum Q4kScales<'a> {
+    Float { scales: &'a mut [f32], mins: &'a mut [f32] },
+    Wide { scw: &'a mut [u32], d: &'a mut [f32], mins: &'a mut [f32] },
+}
+
+/// The 16-bit panel of `Q4_K` rows (plain, or repacked with `packed`) for the 16-bit GEMM
+/// (`super::wide`): `wide` `[kc / 2][NR][2]`, the products `sc * q` of each pair of columns of
+/// each row (at most 63 * 15), each super-block's `d` per row and the minimums `-(dmin * m)` per
+/// block of 32 and row, as [`pack_panel`] has them. The levels are decoded into `scratch` (`kc *
+/// NR` bytes) as for the 8-bit panel, then widened: each register of four levels of 16 rows
+/// becomes two of two 16-bit values of 16 rows, multiplied by the rows' scales.
+///
+/// # Safety
+/// As [`pack_panel`] (AVX-512 F/BW, F16C).
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,f16c")]
+pub(super) unsafe fn pack_wide(
+    packed: bool,
+    w: &[u8],
+    row_bytes: usize,
+    j0: usize,
+    rows: usize,
+    p0: usize,
+    kc: usize,
+    scratch: &mut [u8],
+    wide: &mut [i16],
+    scw: &mut [u32],
+    d: &mut [f32],
+    mins: &mut [f32],
+) {
+    debug_assert!(rows <= NR && kc.is_multiple_of(QK_K));
+    assert!(scratch.len() == kc * NR && wide.len() == kc * NR);
+    let dtype = DType::Q4K;
+    let (off, len) = (dtype.bytes_for(p0).expect("whole blocks"), dtype.bytes_for(kc).expect("whole blocks"));
+    let src = |r: usize| &w[(j0 + r) * row_bytes + off..][..len];
+    // SAFETY: AVX-512 F/BW and F16C from the caller.
+    unsafe {
+        if packed {
+            levels_by::<Q4KPacked>(&src, rows, kc, scratch);
+        } else {
+            levels_by::<Q4K>(&src, rows, kc, scratch);
+        }
+        q4k_scales(w, row_bytes, j0, rows, off, kc, Q4kScales::Wide { scw, d, mins });
+        widen(scratch, scw, kc, wide);
+    }
+}
+
+/// `vpermt2d` indices taking the even (first four columns' first pair) or odd 32-bit words of two
+/// registers.
+static EVEN_ODD: [[u32; 16]; 2] = {
+    let mut t = [[0u32; 16]; 2];
+    let mut i = 0;
+    while i < 16 {
+        t[0][i] = 2 * i as u32;
+        t[1][i] = 2 * i as u32 + 1;
+        i += 1;
+    }
+    t
+};
+
+/// The 16-bit panel from the 8-bit levels `[kc / 4][NR][4]` and the integer scales: step `t`
+/// of four columns, half `h` of the rows, one 64-byte register (row `r`'s four levels at bytes
+/// `4r..4r + 4`) is zero-extended to 16 bits in two registers (rows 0..8 and 8..16 of the half,
+/// each row's two pairs of columns in adjacent words), whose even and odd words are the rows'
+/// first and second pairs: steps `2t` and `2t + 1` of the 16-bit panel, times the scale of the
+/// block of 32 holding the four columns.
+///
+/// # Safety
+/// AVX-512 F/BW. (Slices are bounds-checked.)
+#[inline(always)]
+unsafe fn widen(levels: &[u8], scw: &[u32], kc: usize, wide: &mut [i16]) {
+    // SAFETY: AVX-512 F/BW from the caller; every load and store is of a bounds-checked slice of
+    // 64 bytes.
+    unsafe {
+        let idx = [_mm512_loadu_si512(EVEN_ODD[0].as_ptr().cast()), _mm512_loadu_si512(EVEN_ODD[1].as_ptr().cast())];
+        for t in 0..kc / 4 {
+            for half in 0..NR / 16 {
+                let at = (t * NR + 16 * half) * 4;
+                let four = _mm512_loadu_si512(levels[at..at + 64].as_ptr().cast());
+                let lo = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(four));
+                let hi = _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64::<1>(four));
+                let s = (4 * t / QK_ACT) * NR + 16 * half;
+                let sc = _mm512_loadu_si512(scw[s..s + 16].as_ptr().cast());
+                for (pair, idx) in idx.iter().enumerate() {
+                    let v = _mm512_mullo_epi16(_mm512_permutex2var_epi32(lo, *idx, hi), sc);
+                    let o = ((2 * t + pair) * NR + 16 * half) * 2;
+                    _mm512_storeu_si512(wide[o..o + 32].as_mut_ptr().cast(), v);
                 }
             }
         }

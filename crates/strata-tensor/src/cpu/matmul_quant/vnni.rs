@@ -227,6 +227,6 @@ unsafe fn digits(p: *const i8, at: usize) -> __m512i {
 
 /// The mask of the first `lanes.min(16)` lanes.
 #[inline(always)]
-fn lane_mask(lanes: usize) -> __mmask16 {
+pub(super) fn lane_mask(lanes: usize) -> __mmask16 {
     if lanes >= 16 { 0xffff } else { ((1u32 << lanes) - 1) as u16 }
 }
