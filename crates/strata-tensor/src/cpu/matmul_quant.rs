@@ -506,7 +506,6 @@ fn gemm(
                                 rows,
                                 p0,
                                 kc,
-                                &mut p.levels[..lv_len],
                                 &mut p.wide[q * lv_len..][..lv_len],
                                 &mut p.scw[q * mn_len..][..mn_len],
                                 &mut p.scales[q * d_len..][..d_len],

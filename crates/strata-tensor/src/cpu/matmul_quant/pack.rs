@@ -217,9 +217,9 @@ enum Q4kScales<'a> {
 /// The 16-bit panel of `Q4_K` rows (plain, or repacked with `packed`) for the 16-bit GEMM
 /// (`super::wide`): `wide` `[kc / 2][NR][2]`, the products `sc * q` of each pair of columns of
 /// each row (at most 63 * 15), each super-block's `d` per row and the minimums `-(dmin * m)` per
-/// block of 32 and row, as [`pack_panel`] has them. The levels are decoded into `scratch` (`kc *
-/// NR` bytes) as for the 8-bit panel, then widened: each register of four levels of 16 rows
-/// becomes two of two 16-bit values of 16 rows, multiplied by the rows' scales.
+/// block of 32 and row, as [`pack_panel`] has them. The levels are decoded as for the 8-bit
+/// panel, and each register of four levels of 16 rows is widened into two registers of two
+/// 16-bit values of 16 rows, multiplied by the rows' integer scales ([`widen`]).
 ///
 /// # Safety
 /// As [`pack_panel`] (AVX-512 F/BW, F16C).
@@ -233,26 +233,27 @@ pub(super) unsafe fn pack_wide(
     rows: usize,
     p0: usize,
     kc: usize,
-    scratch: &mut [u8],
     wide: &mut [i16],
     scw: &mut [u32],
     d: &mut [f32],
     mins: &mut [f32],
 ) {
     debug_assert!(rows <= NR && kc.is_multiple_of(QK_K));
-    assert!(scratch.len() == kc * NR && wide.len() == kc * NR);
+    assert!(wide.len() == kc * NR);
     let dtype = DType::Q4K;
     let (off, len) = (dtype.bytes_for(p0).expect("whole blocks"), dtype.bytes_for(kc).expect("whole blocks"));
     let src = |r: usize| &w[(j0 + r) * row_bytes + off..][..len];
     // SAFETY: AVX-512 F/BW and F16C from the caller.
     unsafe {
-        if packed {
-            levels_by::<Q4KPacked>(&src, rows, kc, scratch);
-        } else {
-            levels_by::<Q4K>(&src, rows, kc, scratch);
-        }
         q4k_scales(w, row_bytes, j0, rows, off, kc, Q4kScales::Wide { scw, d, mins });
-        widen(scratch, scw, kc, wide);
+        let scw: &[u32] = scw;
+        let idx = [_mm512_loadu_si512(EVEN_ODD[0].as_ptr().cast()), _mm512_loadu_si512(EVEN_ODD[1].as_ptr().cast())];
+        let sink = |t, half, four| widen(four, t, half, &idx, scw, wide);
+        if packed {
+            steps_by::<Q4KPacked>(&src, rows, kc, sink);
+        } else {
+            steps_by::<Q4K>(&src, rows, kc, sink);
+        }
     }
 }
 
@@ -269,35 +270,27 @@ static EVEN_ODD: [[u32; 16]; 2] = {
     t
 };
 
-/// The 16-bit panel from the 8-bit levels `[kc / 4][NR][4]` and the integer scales: step `t`
-/// of four columns, half `h` of the rows, one 64-byte register (row `r`'s four levels at bytes
-/// `4r..4r + 4`) is zero-extended to 16 bits in two registers (rows 0..8 and 8..16 of the half,
-/// each row's two pairs of columns in adjacent words), whose even and odd words are the rows'
-/// first and second pairs: steps `2t` and `2t + 1` of the 16-bit panel, times the scale of the
-/// block of 32 holding the four columns.
+/// Writes steps `2t` and `2t + 1` of the 16-bit panel for the 16 rows of `half` from `four`, step
+/// `t` of the 8-bit layout (row `r`'s four levels at bytes `4r..4r + 4`): zero-extended to 16 bits
+/// in two registers (rows 0..8 and 8..16 of the half, each row's two pairs of columns in adjacent
+/// words), whose even and odd words (`idx`) are the rows' first and second pairs, times the scale
+/// of the block of 32 holding the four columns.
 ///
 /// # Safety
 /// AVX-512 F/BW. (Slices are bounds-checked.)
 #[inline(always)]
-unsafe fn widen(levels: &[u8], scw: &[u32], kc: usize, wide: &mut [i16]) {
-    // SAFETY: AVX-512 F/BW from the caller; every load and store is of a bounds-checked slice of
+unsafe fn widen(four: __m512i, t: usize, half: usize, idx: &[__m512i; 2], scw: &[u32], wide: &mut [i16]) {
+    // SAFETY: AVX-512 F/BW from the caller; the loads and stores are of bounds-checked slices of
     // 64 bytes.
     unsafe {
-        let idx = [_mm512_loadu_si512(EVEN_ODD[0].as_ptr().cast()), _mm512_loadu_si512(EVEN_ODD[1].as_ptr().cast())];
-        for t in 0..kc / 4 {
-            for half in 0..NR / 16 {
-                let at = (t * NR + 16 * half) * 4;
-                let four = _mm512_loadu_si512(levels[at..at + 64].as_ptr().cast());
-                let lo = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(four));
-                let hi = _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64::<1>(four));
-                let s = (4 * t / QK_ACT) * NR + 16 * half;
-                let sc = _mm512_loadu_si512(scw[s..s + 16].as_ptr().cast());
-                for (pair, idx) in idx.iter().enumerate() {
-                    let v = _mm512_mullo_epi16(_mm512_permutex2var_epi32(lo, *idx, hi), sc);
-                    let o = ((2 * t + pair) * NR + 16 * half) * 2;
-                    _mm512_storeu_si512(wide[o..o + 32].as_mut_ptr().cast(), v);
-                }
-            }
+        let lo = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(four));
+        let hi = _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64::<1>(four));
+        let s = (4 * t / QK_ACT) * NR + 16 * half;
+        let sc = _mm512_loadu_si512(scw[s..s + 16].as_ptr().cast());
+        for (pair, idx) in idx.iter().enumerate() {
+            let v = _mm512_mullo_epi16(_mm512_permutex2var_epi32(lo, *idx, hi), sc);
+            let o = ((2 * t + pair) * NR + 16 * half) * 2;
+            _mm512_storeu_si512(wide[o..o + 32].as_mut_ptr().cast(), v);
         }
     }
 }
@@ -514,12 +507,34 @@ const PACK_AHEAD: usize = 4;
 /// AVX-512 F/BW. `kc` is a multiple of 32 (of 256 for `Q4_K`) and `levels.len() == kc * NR`.
 #[inline(always)]
 unsafe fn levels_by<'a, L: Levels>(src: &impl Fn(usize) -> &'a [u8], rows: usize, kc: usize, levels: &mut [u8]) {
-    debug_assert!(kc.is_multiple_of(32) && levels.len() == kc * NR);
+    debug_assert!(levels.len() == kc * NR);
+    // SAFETY: AVX-512 F/BW from the caller; the store is of a bounds-checked slice of 64 bytes.
+    unsafe {
+        steps_by::<L>(src, rows, kc, |t, half, v| {
+            let at = (t * NR + 16 * half) * 4;
+            _mm512_storeu_si512(levels[at..at + 64].as_mut_ptr().cast(), v);
+        })
+    }
+}
+
+/// Decodes the levels of rows `src(0..rows)` (zero for the others) and hands each register of the
+/// panel's layout to `sink(t, half, v)`: `v` holds the four levels of step `t` (columns `4t..4t +
+/// 4`) of each of the 16 rows of `half`.
+///
+/// # Safety
+/// AVX-512 F/BW. `kc` is a multiple of 32 (of 256 for `Q4_K`).
+#[inline(always)]
+unsafe fn steps_by<'a, L: Levels>(
+    src: &impl Fn(usize) -> &'a [u8],
+    rows: usize,
+    kc: usize,
+    mut sink: impl FnMut(usize, usize, __m512i),
+) {
+    debug_assert!(kc.is_multiple_of(32));
     for half in 0..NR / 16 {
         for c in (0..kc).step_by(64) {
             let full = kc - c >= 64;
-            // SAFETY: AVX-512 F/BW from the caller; the loads and stores are of bounds-checked
-            // slices of 64 bytes.
+            // SAFETY: AVX-512 F/BW from the caller; the loads are of bounds-checked slices.
             unsafe {
                 let mut a = [_mm512_setzero_si512(); 16];
                 for (i, v) in a.iter_mut().enumerate() {
@@ -536,9 +551,7 @@ unsafe fn levels_by<'a, L: Levels>(src: &impl Fn(usize) -> &'a [u8], rows: usize
                 let t = transpose(a);
                 let steps = if full { 16 } else { 8 };
                 for (j, v) in t.iter().take(steps).enumerate() {
-                    let at = ((c / 4 + j) * NR + 16 * half) * 4;
-                    let dst = &mut levels[at..at + 64];
-                    _mm512_storeu_si512(dst.as_mut_ptr().cast(), *v);
+                    sink(c / 4 + j, half, *v);
                 }
             }
         }
