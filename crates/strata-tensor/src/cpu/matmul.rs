@@ -57,7 +57,8 @@ const MAX_TILE: usize = 8 * 48;
 /// and `y` is `[m, n]`. Multi-threaded over blocks of `y` in the caller's rayon pool.
 ///
 /// Block-quantized weights take [`crate::cpu::matmul_quantized`] (each row of `x` quantized to
-/// two-digit blocks and integer dot products, the arithmetic of [`crate::cpu::matvec`]) with
+/// two-digit blocks and integer dot products, the arithmetic of [`crate::cpu::matvec`]; for
+/// `Q4_K`'s GEMM, 16-bit values with a unit per 256) with
 /// AVX-512 VNNI, where it is a tiled GEMM, or for fewer than `GEMM_MIN_M` (16) rows, where it
 /// is the matrix-vector product per row. Otherwise (many rows without VNNI) they are dequantized
 /// while packing for the f32 GEMM ([`matmul_dequantized`]).

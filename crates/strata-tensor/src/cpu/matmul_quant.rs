@@ -76,8 +76,10 @@ const MAX_NC_PANELS: usize = 4;
 
 /// `y = x W^T` for a block-quantized weight `w` (`[n, k]`), `x` `[m, k]` and `y` `[m, n]`, each row
 /// of `x` quantized to two-digit blocks as [`crate::cpu::matvec`] does: row `i` of `y` equals
-/// `matvec(w, x[i])` up to float rounding. Multi-threaded in the caller's rayon pool. A weight of
-/// a float dtype is an [`Error::UnsupportedDType`].
+/// `matvec(w, x[i])` up to float rounding (except for `Q4_K` from 16 rows, `GEMM_MIN_M`, with
+/// AVX-512 VNNI: that GEMM quantizes `x` to 16 bits per value with a unit per 256, see the module
+/// docs). Multi-threaded in the caller's rayon pool. A weight of a float dtype is an
+/// [`Error::UnsupportedDType`].
 pub fn matmul_quantized(x: &[f32], w: &Tensor, y: &mut [f32]) -> Result<()> {
     matmul_quantized_with(isa(), x, w, y)
 }
