@@ -120,9 +120,8 @@ unsafe fn kernel<const R: usize, const G: usize, const BIAS: bool, const MIN: bo
     // SAFETY: every read below is inside the buffers the caller vouches for: the digits of row
     // `i` at `p0 + g * G + 4 * s + 0..4 < p0 + kc`, its unit, bias and `da * S` at group or block
     // `(p0 + g * G) / 32` or `/ G`; the panel's levels at `(g * G + 4 * s) * NR + 0..2 * 64 <= kc *
-    // NR`, its scales at `g * NR + 0..32` and minimums at `(g * G / 32) * NR + 0..32`. Stores and
-    // accumulating loads are masked to the tile's `cols` columns of its `R` rows, inside `y`; the
-    // pointers to masked-out lanes are formed with `wrapping_add` and never dereferenced.
+    // NR`, its scales at `g * NR + 0..32` and minimums at `(g * G / 32) * NR + 0..32`. The tile's
+    // outputs lie inside `y`, for `store`.
     unsafe {
         let hi: [*const i8; R] = std::array::from_fn(|i| acts[i].q.hi.as_ptr().add(p0));
         let lo: [*const i8; R] = std::array::from_fn(|i| acts[i].q.lo.as_ptr().add(p0));
@@ -190,6 +189,21 @@ unsafe fn kernel<const R: usize, const G: usize, const BIAS: bool, const MIN: bo
             }
         }
 
+        store(&acc, tile, y);
+    }
+}
+
+/// Writes (or with `tile.accumulate` adds) each row `i`'s sums `acc[i]` (weight rows `j0..j0 +
+/// 16` and `j0 + 16..j0 + 32`) to row `tile.i0 + i` of `y`, masked to the tile's `cols` columns.
+///
+/// # Safety
+/// AVX-512 F; the tile's rows and columns must lie inside `y` and no one else may access them
+/// meanwhile.
+#[inline(always)]
+pub(super) unsafe fn store<const R: usize>(acc: &[[__m512; 2]; R], tile: &Tile, y: *mut f32) {
+    // SAFETY: loads and stores are masked to the tile's columns, inside `y` by the caller;
+    // pointers to masked-out lanes are formed with `wrapping_add` and never dereferenced.
+    unsafe {
         let masks = [lane_mask(tile.cols), lane_mask(tile.cols.saturating_sub(16))];
         for (i, row) in acc.iter().enumerate() {
             let dst = y.wrapping_add((tile.i0 + i) * tile.ldc + tile.j0);
@@ -227,6 +241,6 @@ unsafe fn digits(p: *const i8, at: usize) -> __m512i {
 
 /// The mask of the first `lanes.min(16)` lanes.
 #[inline(always)]
-pub(super) fn lane_mask(lanes: usize) -> __mmask16 {
+fn lane_mask(lanes: usize) -> __mmask16 {
     if lanes >= 16 { 0xffff } else { ((1u32 << lanes) - 1) as u16 }
 }

@@ -25,7 +25,7 @@
 
 use std::arch::x86_64::*;
 
-use super::vnni::{Tile, lane_mask};
+use super::vnni::{Tile, store};
 use super::{MR, NR};
 use crate::quant::QK_K;
 use crate::quant::q8act::{ActWide, QK_ACT};
@@ -76,9 +76,7 @@ unsafe fn kernel<const R: usize>(acts: &[ActWide], p0: usize, kc: usize, panel: 
     // SAFETY: every read is inside the buffers [`tile`] checked: row `i`'s values at `p0 + c +
     // 0..2 <= p0 + kc`, its units at `(p0 + c) / 256` and minimums' factors at `(p0 + c) / 32`; the panel's
     // values at `(c / 2) * NR * 2 + 0..64 <= kc * NR`, `d` at `sb * NR + 0..32` and minimums at
-    // `(c / 32) * NR + 0..32`. Stores and accumulating loads are masked to the tile's `cols`
-    // columns of its `R` rows, inside `y`; pointers to masked-out lanes are formed with
-    // `wrapping_add` and never dereferenced.
+    // `(c / 32) * NR + 0..32`. The tile's outputs lie inside `y`, for `store`.
     unsafe {
         let v: [*const i16; R] = std::array::from_fn(|i| acts[i].v.as_ptr().add(p0));
         let unit: [*const f32; R] = std::array::from_fn(|i| acts[i].unit.as_ptr().add(p0 / QK_K));
@@ -124,14 +122,6 @@ unsafe fn kernel<const R: usize>(acts: &[ActWide], p0: usize, kc: usize, panel: 
             }
         }
 
-        let masks = [lane_mask(tile.cols), lane_mask(tile.cols.saturating_sub(16))];
-        for (i, row) in acc.iter().enumerate() {
-            let dst = y.wrapping_add((tile.i0 + i) * tile.ldc + tile.j0);
-            for (h, &total) in row.iter().enumerate() {
-                let (at, mask) = (dst.wrapping_add(16 * h), masks[h]);
-                let total = if tile.accumulate { _mm512_add_ps(total, _mm512_maskz_loadu_ps(mask, at)) } else { total };
-                _mm512_mask_storeu_ps(at, mask, total);
-            }
-        }
+        store(&acc, tile, y);
     }
 }
