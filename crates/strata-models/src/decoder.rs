@@ -88,6 +88,14 @@ impl Linear {
         Ok(())
     }
 
+    /// The weight bytes a product reads (the repacked ones when repacked), if on the CPU.
+    fn cpu_bytes(&self) -> Option<&[u8]> {
+        match &self.repacked {
+            Some(r) => Some(r.bytes()),
+            None => self.weight.cpu_bytes().ok(),
+        }
+    }
+
     /// Bytes of weights and bias.
     pub fn byte_len(&self) -> usize {
         self.weight.byte_len() + self.bias.as_ref().map_or(0, |b| b.len() * 4)
@@ -712,6 +720,7 @@ impl Decoder {
             // q, k and v read the same input: one parallel loop for the three (k and v are small,
             // and three loops in a row leave threads idle at each barrier).
             Linear::forward_many(&[&attn.q, &attn.k, &attn.v], &normed, &mut [&mut q, &mut k, &mut v])?;
+            prefetch_next(&[&attn.o]);
             if let (Some(qn), Some(kn)) = (&attn.q_norm, &attn.k_norm) {
                 // Per-head RMSNorm of q and k (Qwen3), through one scratch buffer.
                 qk_scratch.clear();
@@ -758,6 +767,9 @@ impl Decoder {
             }
             let (x_rows, proj_rows, normed_rows) = (&mut x[skip * h..], &mut proj[..r * h], &mut normed[..r * h]);
             attn.o.forward(attn_rows, proj_rows)?;
+            if let FfnSlot::Whole(Slot::Resident(FeedForward { ffn: Ffn::Dense(mlp), .. })) = &layer.ffn {
+                prefetch_next(&[&mlp.gate, &mlp.up]);
+            }
             cpu::add(x_rows, proj_rows)?;
             // A streamed unit's buffer goes back to the store's ring before the next is asked for.
             drop(streamed_attn);
@@ -780,8 +792,12 @@ impl Decoder {
             match &ffn.ffn {
                 Ffn::Dense(mlp) => {
                     Linear::forward_many(&[&mlp.gate, &mlp.up], normed_rows, &mut [gate_rows, up_rows])?;
+                    prefetch_next(&[&mlp.down]);
                     cpu::swiglu(gate_rows, up_rows, act_rows)?;
                     mlp.down.forward(act_rows, proj_rows)?;
+                    if let Some(Slot::Resident(next)) = self.layers.get(li + 1).map(|l| &l.attn) {
+                        prefetch_next(&[&next.q, &next.k, &next.v]);
+                    }
                 }
                 Ffn::Moe(moe) => {
                     let record = trace.as_deref_mut().map(|tr| tr.layer_mut(li));
@@ -811,6 +827,14 @@ impl Decoder {
             cpu::matmul(&final_normed, lm_head, &mut logits)?;
         }
         Ok(logits)
+    }
+}
+
+/// Hints the decode team (when there is one) at the weights of the next product.
+fn prefetch_next(layers: &[&Linear]) {
+    if cpu::in_team() {
+        let parts: Vec<&[u8]> = layers.iter().filter_map(|l| l.cpu_bytes()).collect();
+        cpu::prefetch_next(&parts);
     }
 }
 

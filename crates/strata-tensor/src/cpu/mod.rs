@@ -43,6 +43,6 @@ pub use norm::*;
 pub use rope::*;
 pub use simd::{Isa, isa};
 pub use softmax::*;
-pub use team::{in_team, join, with_team};
+pub use team::{in_team, join, prefetch_next, with_team};
 
 pub use crate::quant::q8act::{ActQuant, act_quant, set_act_quant};

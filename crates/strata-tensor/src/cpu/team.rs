@@ -20,7 +20,9 @@
 //! compare-and-swap, and a member counts a task done when it finishes it. The owner returns only
 //! when every task is done, so a job (on the owner's stack) outlives every claim on it, and a new
 //! job is published only after that, so a successful claim always refers to the job that is
-//! current. Helpers leave after
+//! current. Between jobs, a helper prefetches the start of its share of the memory the owner
+//! says the next job reads ([`prefetch_next`]: the decoder names the next projection's weights),
+//! so that the memory bus works while the owner runs the step's serial parts. Helpers leave after
 //! [`IDLE_LIMIT`] without work or when the team ends, and the owner re-spawns them at its next
 //! job, so a helper never spins for long behind serial work and never holds a worker for good.
 
@@ -145,6 +147,34 @@ struct Team {
     panicked: AtomicBool,
     /// Set while the owner runs a job, so that a loop started from inside a task runs inline.
     busy: AtomicBool,
+    /// The memory the next job reads ([`prefetch_next`]): up to [`HINT_PARTS`] (address, length)
+    /// pairs, published by bumping `hint_seq`.
+    hint: [(AtomicUsize, AtomicUsize); HINT_PARTS],
+    hint_seq: AtomicU64,
+}
+
+/// The most byte ranges one [`prefetch_next`] hint holds.
+const HINT_PARTS: usize = 3;
+
+/// The most bytes a helper prefetches for one hint.
+const HINT_BYTES: usize = 512 << 10;
+
+/// Tells the team's helpers which memory the next parallel loop reads (the weights of the next
+/// projection, in the order its tasks read them), so that while the owner runs serial work each
+/// helper prefetches the start of the part it will take. Outside a team it does nothing. A hint
+/// only affects speed: the helpers never read the memory, and a prefetch of an address that is
+/// no longer mapped is ignored.
+pub fn prefetch_next(parts: &[&[u8]]) {
+    OWNED.with_borrow(|team| {
+        if let Some(team) = team {
+            for (i, slot) in team.hint.iter().enumerate() {
+                let (at, len) = parts.get(i).map_or((0, 0), |p| (p.as_ptr() as usize, p.len()));
+                slot.0.store(at, Ordering::Relaxed);
+                slot.1.store(len, Ordering::Relaxed);
+            }
+            team.hint_seq.fetch_add(1, Ordering::Release);
+        }
+    });
 }
 
 const INDEX_MASK: u64 = u32::MAX as u64;
@@ -172,6 +202,8 @@ impl Team {
             alive: (0..members).map(|_| AtomicBool::new(false)).collect(),
             panicked: AtomicBool::new(false),
             busy: AtomicBool::new(false),
+            hint: std::array::from_fn(|_| (AtomicUsize::new(0), AtomicUsize::new(0))),
+            hint_seq: AtomicU64::new(0),
         }
     }
 
@@ -225,6 +257,24 @@ impl Team {
         }
     }
 
+    /// Where helper `slot` starts prefetching the current hint: at its share of the hinted bytes
+    /// (the next job's tasks are split in that order), for at most [`HINT_BYTES`]; returns the
+    /// address range.
+    fn hint_start(&self, slot: usize) -> (usize, usize) {
+        let parts: Vec<(usize, usize)> =
+            self.hint.iter().map(|(a, l)| (a.load(Ordering::Relaxed), l.load(Ordering::Relaxed))).collect();
+        let total: usize = parts.iter().map(|p| p.1).sum();
+        let mut skip = total / self.parts.len() * slot;
+        for (at, len) in parts {
+            if skip < len {
+                let start = at + skip;
+                return (start, start + (len - skip).min(HINT_BYTES));
+            }
+            skip -= len;
+        }
+        (0, 0)
+    }
+
     /// Claims a task of the current job for member `me`: the first of its own part, else the last
     /// of another member's.
     fn claim(&self, me: usize) -> Option<usize> {
@@ -246,6 +296,8 @@ impl Team {
         }
         let mut idle_since = Instant::now();
         let mut spins = 0u32;
+        // The hint being prefetched: its sequence number, and the lines left (address, end).
+        let (mut seen, mut next, mut end) = (self.hint_seq.load(Ordering::Acquire), 0usize, 0usize);
         loop {
             if let Some(i) = self.claim(slot) {
                 // SAFETY: task `i` of the current job is claimed and not done, so the owner is
@@ -261,6 +313,25 @@ impl Team {
             }
             if self.stop.load(Ordering::Acquire) {
                 break;
+            }
+            let seq = self.hint_seq.load(Ordering::Acquire);
+            if seq != seen {
+                seen = seq;
+                (next, end) = self.hint_start(slot);
+            }
+            if next < end {
+                // A kilobyte per turn, so that a new job is seen within a few hundred cycles.
+                for line in (next..end.min(next + 1024)).step_by(64) {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: a prefetch is a hint; it never faults, whatever the address.
+                    unsafe {
+                        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line as *const i8)
+                    };
+                    #[cfg(not(target_arch = "x86_64"))]
+                    let _ = line;
+                }
+                next += 1024;
+                continue;
             }
             spins += 1;
             if spins.is_multiple_of(256) && idle_since.elapsed() > IDLE_LIMIT {
@@ -324,6 +395,42 @@ mod tests {
                 }
             });
         }
+    }
+
+    #[test]
+    fn hints_leave_every_task_running_once() {
+        let weights = vec![7u8; 3 << 20];
+        let (a, b) = weights.split_at(1 << 20);
+        // Outside a team a hint does nothing.
+        prefetch_next(&[a, b]);
+        pool(2).install(|| {
+            with_team(|| {
+                for round in 0..50 {
+                    // Hints of every shape: several parts, one, none, more than a hint holds.
+                    match round % 4 {
+                        0 => prefetch_next(&[a, b]),
+                        1 => prefetch_next(&[b]),
+                        2 => prefetch_next(&[]),
+                        _ => prefetch_next(&[a, b, a, b]),
+                    }
+                    assert!(counts(1001).iter().all(|&c| c == 1), "round {round}");
+                }
+            });
+        });
+    }
+
+    #[test]
+    fn hint_starts_at_each_helpers_share() {
+        let team = Team::new(1);
+        let (a, b) = (vec![0u8; 4096], vec![0u8; 8192]);
+        for (i, part) in [&a[..], &b[..]].iter().enumerate() {
+            team.hint[i].0.store(part.as_ptr() as usize, Ordering::Relaxed);
+            team.hint[i].1.store(part.len(), Ordering::Relaxed);
+        }
+        // Two members: the helper's share starts half way through the 12 KiB, 2 KiB into `b`.
+        let (start, end) = team.hint_start(1);
+        assert_eq!((start, end), (b.as_ptr() as usize + 2048, b.as_ptr() as usize + 8192));
+        assert_eq!(team.hint_start(0), (a.as_ptr() as usize, a.as_ptr() as usize + 4096));
     }
 
     #[test]

@@ -69,6 +69,11 @@ impl RepackedWeight {
     }
 
     /// The repacked rows, as a tensor of the original dtype and shape.
+    /// The repacked bytes, which the matrix-vector product reads in order of rows.
+    pub fn bytes(&self) -> &[u8] {
+        self.packed_tensor().cpu_bytes().expect("a repacked weight lives on the CPU")
+    }
+
     pub(crate) fn packed_tensor(&self) -> &Tensor {
         &self.packed
     }
