@@ -833,8 +833,14 @@ impl Decoder {
 /// Hints the decode team (when there is one) at the weights of the next product.
 fn prefetch_next(layers: &[&Linear]) {
     if cpu::in_team() {
-        let parts: Vec<&[u8]> = layers.iter().filter_map(|l| l.cpu_bytes()).collect();
-        cpu::prefetch_next(&parts);
+        // A few parts at most (q, k and v): on the stack, as this runs four times a layer.
+        let mut parts: [&[u8]; 3] = [&[]; 3];
+        let mut n = 0;
+        for bytes in layers.iter().filter_map(|l| l.cpu_bytes()).take(parts.len()) {
+            parts[n] = bytes;
+            n += 1;
+        }
+        cpu::prefetch_next(&parts[..n]);
     }
 }
 

@@ -261,8 +261,8 @@ impl Team {
     /// (the next job's tasks are split in that order), for at most [`HINT_BYTES`]; returns the
     /// address range.
     fn hint_start(&self, slot: usize) -> (usize, usize) {
-        let parts: Vec<(usize, usize)> =
-            self.hint.iter().map(|(a, l)| (a.load(Ordering::Relaxed), l.load(Ordering::Relaxed))).collect();
+        let parts: [(usize, usize); HINT_PARTS] =
+            std::array::from_fn(|i| (self.hint[i].0.load(Ordering::Relaxed), self.hint[i].1.load(Ordering::Relaxed)));
         let total: usize = parts.iter().map(|p| p.1).sum();
         let mut skip = total / self.parts.len() * slot;
         for (at, len) in parts {
