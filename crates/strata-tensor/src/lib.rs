@@ -26,7 +26,7 @@ pub use device::Device;
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use shape::Shape;
-pub use storage::{AlignedBytes, ByteSource, CpuStorage, Storage, release_pages};
+pub use storage::{AlignedBytes, ByteSource, CpuStorage, HUGE_PAGE, Storage, release_pages};
 pub use tensor::Tensor;
 
 #[cfg(feature = "cuda")]

@@ -57,14 +57,14 @@ impl RepackedWeight {
             });
         }
         let repack = if w.dtype() == DType::Q4_0 { q4_0::repack_row } else { q4_k::repack_row };
-        let packed = convert(w.cpu_bytes()?, w.row_bytes(), repack);
+        let packed = convert(w.cpu_bytes()?, w.row_bytes(), repack, AlignedBytes::zeroed_huge);
         Ok(RepackedWeight { packed: Tensor::from_storage(CpuStorage::owned(packed), w.dtype(), [dims[0], dims[1]])? })
     }
 
     /// The original weight: a tensor of GGUF blocks, byte for byte the one repacked.
     pub fn to_tensor(&self) -> Result<Tensor> {
         let unpack = if self.dtype() == DType::Q4_0 { q4_0::unpack_row } else { q4_k::unpack_row };
-        let bytes = convert(self.packed.cpu_bytes()?, self.packed.row_bytes(), unpack);
+        let bytes = convert(self.packed.cpu_bytes()?, self.packed.row_bytes(), unpack, AlignedBytes::zeroed);
         Tensor::from_storage(CpuStorage::owned(bytes), self.dtype(), self.packed.shape().clone())
     }
 
@@ -122,9 +122,11 @@ impl RepackedWeight {
     }
 }
 
-/// `bytes` with `f` applied to each row of `row_bytes`.
-fn convert(bytes: &[u8], row_bytes: usize, f: fn(&[u8], &mut [u8])) -> AlignedBytes {
-    let mut out = AlignedBytes::zeroed(bytes.len());
+/// `bytes` with `f` applied to each row of `row_bytes`, in a buffer from `alloc`: huge pages for
+/// the repacked weight, which every token streams (see [`AlignedBytes::zeroed_huge`]), the
+/// allocator for the temporary copies of [`RepackedWeight::to_tensor`].
+fn convert(bytes: &[u8], row_bytes: usize, f: fn(&[u8], &mut [u8]), alloc: fn(usize) -> AlignedBytes) -> AlignedBytes {
+    let mut out = alloc(bytes.len());
     if row_bytes > 0 {
         for (src, dst) in bytes.chunks_exact(row_bytes).zip(out.as_mut_slice().chunks_exact_mut(row_bytes)) {
             f(src, dst);
