@@ -11,6 +11,7 @@ use std::time::Instant;
 use rayon::prelude::*;
 
 use super::simd::{Isa, isa};
+use crate::AlignedBytes;
 
 /// The default buffer for [`read_bandwidth`]: well past any last-level cache.
 pub const DEFAULT_BANDWIDTH_BYTES: usize = 256 << 20;
@@ -23,7 +24,12 @@ pub const DEFAULT_BANDWIDTH_BYTES: usize = 256 << 20;
 /// it is compared with is a median too.
 pub fn read_bandwidth(bytes: usize, passes: usize) -> f64 {
     let n = (bytes / 4).max(1 << 16);
-    let buf = vec![1f32; n];
+    // In huge pages where the kernel grants them, as the weights a decode streams are
+    // (`AlignedBytes::zeroed_huge`): through 4 KiB pages the bound would read low.
+    let mut storage = AlignedBytes::zeroed_huge(n * 4);
+    let buf: &mut [f32] = bytemuck::cast_slice_mut(storage.as_mut_slice());
+    buf.fill(1.0);
+    let buf: &[f32] = buf;
     let threads = rayon::current_num_threads();
     let chunk = n.div_ceil(threads * 8).next_multiple_of(16);
     let mut times = Vec::with_capacity(passes.max(1));
