@@ -85,13 +85,13 @@ impl Linear {
         if self.repacked.is_some() {
             return Ok(false);
         }
-        let Ok(bytes) = self.weight.cpu_bytes() else { return Ok(false) };
         if !cpu::RepackedWeight::supports(self.weight.dtype()) {
             if let Some(copy) = huge_page_copy(&self.weight)? {
                 self.weight = copy;
             }
             return Ok(false);
         }
+        let Ok(bytes) = self.weight.cpu_bytes() else { return Ok(false) };
         self.repacked = Some(cpu::RepackedWeight::from_tensor(&self.weight)?);
         strata_tensor::release_pages(bytes);
         Ok(true)

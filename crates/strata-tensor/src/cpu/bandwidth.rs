@@ -34,7 +34,7 @@ pub fn read_bandwidth(bytes: usize, passes: usize) -> f64 {
     let chunk = n.div_ceil(threads * 8).next_multiple_of(16);
     let mut times = Vec::with_capacity(passes.max(1));
     let mut sink = 0f32;
-    // One untimed pass faults the pages in.
+    // The fill faulted the pages in; one untimed pass starts the threads and the caches.
     sink += buf.par_chunks(chunk).map(sum_f32).sum::<f32>();
     for _ in 0..passes.max(1) {
         let t = Instant::now();
