@@ -49,6 +49,7 @@
 #include "strata_common.cuh"
 #include "quant.cuh"
 #include "matvec.h"
+#include "ptx.cuh"
 
 #define MV_WARPS STRATA_MATVEC_WARPS
 #define MV_ROWS STRATA_MATVEC_ROWS_PER_WARP
@@ -77,19 +78,6 @@ struct XTile {
 __device__ __forceinline__ int xpad(int e) { return e + ((e >> 5) << 2) + ((e >> 8) << 2); }
 
 __device__ __forceinline__ float4 lds4(const float* p) { return *reinterpret_cast<const float4*>(p); }
-
-// A 4-byte copy from global to shared memory, cached in L1 (every block of the SM reads x).
-__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
-    const unsigned int d = (unsigned int)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(d), "l"(src) : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
 
 // Copies columns k0 .. k0 + kt of the launch's x rows into tile X (zeros for tokens at or past
 // p.tokens), times 2^90 with SCALED, and with SUMS the sum of x (unscaled) over each 8 columns.
@@ -142,13 +130,6 @@ __device__ __forceinline__ float xsum32(const float* xsum, int e) {
     return (s.x + s.y) + (s.z + s.w);
 }
 
-// Traps when the launch gave less dynamic shared memory than the kernel lays out: the launcher
-// computes the size from the same constants, so this only catches a mismatch between the two.
-__device__ __forceinline__ void check_smem(unsigned int need) {
-    unsigned int have;
-    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(have));
-    if (have < need) __trap();
-}
 
 // Sums each lane's partial dot products over the warp and writes the live outputs.
 template <int T>
@@ -296,30 +277,108 @@ __device__ __forceinline__ void mv_float_scalar(const MatvecParams& p, const uns
     write_rows<T>(p, acc, row0, lane, y);
 }
 
+// ---- Two-digit integer activations --------------------------------------------------------------
+
+// The integer activation tile of a T-token kernel (the _i16 kernels): the same KT columns per
+// token as XTile, quantized as strata_tensor's ActQ8 quantizes (two 8-bit digits per value, a unit
+// per block of 32 columns). Laid out as the high digits of every token (STRIDE bytes per token,
+// padded by 16 bytes after every 128 so that the lanes' 16-byte reads fall in distinct banks),
+// the low digits likewise, then per block of 32 columns and token the unit d (f32) and the sum of
+// the values 256 h + l (i32).
+template <int T>
+struct QTile {
+    static constexpr int KT = XTile<T>::KT;
+    static constexpr int STRIDE = KT + KT / 8;
+    static constexpr int BLOCKS = KT / 32;
+    static constexpr int BYTES = 2 * T * STRIDE + 8 * T * BLOCKS;
+    static_assert(STRIDE % 16 == 0 && BYTES % 16 == 0, "the arrays and the buffers after them stay 16-byte aligned");
+};
+
+// The padded position of tile column e in a digit array.
+__device__ __forceinline__ int qpad(int e) { return e + ((e >> 7) << 4); }
+
+// The integer tile's arrays.
+struct QAct {
+    const signed char* hi;
+    const signed char* lo;
+    const float* d;
+    const int* s;
+};
+
+template <int T>
+__device__ __forceinline__ QAct qact(const unsigned char* tile) {
+    using Q = QTile<T>;
+    const signed char* hi = reinterpret_cast<const signed char*>(tile);
+    const float* d = reinterpret_cast<const float*>(tile + 2 * T * Q::STRIDE);
+    return QAct{hi, hi + T * Q::STRIDE, d, reinterpret_cast<const int*>(d + T * Q::BLOCKS)};
+}
+
+// 16 (or 8) digit bytes of a token's digit array from tile column e, a multiple of 16 (of 8).
+__device__ __forceinline__ uint4 ldq16(const signed char* digits, int e) {
+    return *reinterpret_cast<const uint4*>(digits + qpad(e));
+}
+__device__ __forceinline__ uint2 ldq8(const signed char* digits, int e) {
+    return *reinterpret_cast<const uint2*>(digits + qpad(e));
+}
+
+// The sum of the four signed byte products of a and b, added to c.
+__device__ __forceinline__ int dp4(unsigned int a, unsigned int b, int c) { return __dp4a((int)a, (int)b, c); }
+
+// Quantizes columns k0 .. k0 + kt (a multiple of 32) of the launch's x rows into the integer tile
+// (zeros for tokens at or past p.tokens), bit for bit as strata_tensor's ActQ8::quantize with two
+// digits: per block of 32 with amax = max|x| (the largest bit pattern of |x|, so a NaN wins) and
+// u = amax / 127, the high digit h = round(clamp(x * 127 / amax)), the low digit l = round(clamp(
+// (x - u h) * 32512 / amax)) (ties to even, clamps to -127..127), the unit u / 256 and the sum of
+// 256 h + l; a block with amax < 2^-100 is all zeros. The _rn intrinsics keep nvcc from fusing a
+// multiply and an add, so every rounding is the CPU's. One warp per block of 32 (a lane per
+// column), eight blocks' loads in flight per warp. Called by the whole block after a barrier;
+// ends with one.
+template <int T>
+__device__ __forceinline__ void stage_xq(const MatvecParams& p, const float* __restrict__ x, unsigned int k0, int kt,
+                                         unsigned char* tile) {
+    using Q = QTile<T>;
+    signed char* hi = reinterpret_cast<signed char*>(tile);
+    signed char* lo = hi + T * Q::STRIDE;
+    float* dd = reinterpret_cast<float*>(lo + T * Q::STRIDE);
+    int* ss = reinterpret_cast<int*>(dd + T * Q::BLOCKS);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    const int nb = kt / 32, total = T * nb;
+    constexpr int BATCH = 8;
+    for (int i0 = warp; i0 < total; i0 += BATCH * warps) {
+        float v[BATCH];
+#pragma unroll
+        for (int j = 0; j < BATCH; ++j) {
+            const int i = i0 + j * warps, t = i / nb, b = i - t * nb;
+            v[j] = i < total && t < (int)p.tokens ? __ldg(x + (size_t)t * p.cols + k0 + 32 * b + lane) : 0.0f;
+        }
+#pragma unroll
+        for (int j = 0; j < BATCH; ++j) {
+            const int i = i0 + j * warps, t = i / nb, b = i - t * nb;
+            if (i >= total) break;  // the same for every lane of the warp
+            const float amax = __uint_as_float(__reduce_max_sync(0xffffffffu, __float_as_uint(v[j]) & 0x7fffffffu));
+            const float u = __fdiv_rn(amax, 127.0f);
+            const bool negligible = amax < 0x1p-100f;
+            // 32512 / amax is exactly 256 (127 / amax): the scaling by 2^8 commutes with rounding.
+            const float ih = negligible ? 0.0f : __fdiv_rn(127.0f, amax);
+            const float il = __fmul_rn(ih, 256.0f);
+            const int h = __float2int_rn(fminf(fmaxf(__fmul_rn(v[j], ih), -127.0f), 127.0f));
+            const float r = __fmul_rn(__fsub_rn(v[j], __fmul_rn(u, (float)h)), il);
+            const int l = __float2int_rn(fminf(fmaxf(r, -127.0f), 127.0f));
+            const int at = t * Q::STRIDE + qpad(32 * b + lane);
+            hi[at] = (signed char)h;
+            lo[at] = (signed char)l;
+            const int sum = __reduce_add_sync(0xffffffffu, 256 * h + l);
+            if (lane == 0) {
+                dd[t * Q::BLOCKS + b] = negligible ? 0.0f : __fdiv_rn(u, 256.0f);
+                ss[t * Q::BLOCKS + b] = sum;
+            }
+        }
+    }
+    __syncthreads();
+}
+
 // ---- Block-quantized weights: the cp.async pipeline ------------------------------------------
 
-// A 16-byte copy from global to shared memory (both 16-byte aligned) that bypasses L1, issued
-// only when `on` (a predicated instruction, not a branch).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool on) {
-    const unsigned int d = (unsigned int)__cvta_generic_to_shared(dst);
-    asm volatile(
-        "{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n @p cp.async.cg.shared.global [%0], [%1], 16;\n}\n" ::"r"(d),
-        "l"(src), "r"((unsigned int)on)
-        : "memory");
-}
-
-// A 16-byte copy that reads only the first `src_bytes` (<= 16) bytes and zero-fills the rest.
-__device__ __forceinline__ void cp_async16_zfill(void* dst, const void* src, unsigned int src_bytes) {
-    const unsigned int d = (unsigned int)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(src_bytes) : "memory");
-}
-
-// a * b + c, rounded once, keeping subnormal operands and results even under -ftz.
-__device__ __forceinline__ float fma_sub(float a, float b, float c) {
-    float d;
-    asm("fma.rn.f32 %0, %1, %2, %3;" : "=f"(d) : "f"(a), "f"(b), "f"(c));
-    return d;
-}
 
 // Byte J of w (0..255) as the subnormal float byte * 2^-149.
 template <int J>
@@ -447,6 +506,40 @@ struct Q4_0 {
             }
         }
     }
+    // The integer path: sum (q - 8) a = 256 sum(q h) + sum(q l) - 8 S, S the block's sum of a.
+    template <int T>
+    __device__ static void idot(const unsigned char* const (&blk)[MV_ROWS], const QAct& a, int e, int,
+                                float (&acc)[MV_ROWS][T]) {
+        using Q = QTile<T>;
+        unsigned int qs[MV_ROWS][4];
+        float d[MV_ROWS];
+#pragma unroll
+        for (int r = 0; r < MV_ROWS; ++r) {
+            d[r] = f16_bits(load_u16(blk[r]));
+            lds_words_a2<4>(blk[r] + 2, qs[r]);
+        }
+#pragma unroll
+        for (int t = 0; t < T; ++t) {
+            const uint4 h0 = ldq16(a.hi + t * Q::STRIDE, e), h1 = ldq16(a.hi + t * Q::STRIDE, e + 16);
+            const uint4 l0 = ldq16(a.lo + t * Q::STRIDE, e), l1 = ldq16(a.lo + t * Q::STRIDE, e + 16);
+            const unsigned int hw[8] = {h0.x, h0.y, h0.z, h0.w, h1.x, h1.y, h1.z, h1.w};
+            const unsigned int lw[8] = {l0.x, l0.y, l0.z, l0.w, l1.x, l1.y, l1.z, l1.w};
+            const float dx = a.d[t * Q::BLOCKS + e / 32];
+            const int sx = a.s[t * Q::BLOCKS + e / 32];
+#pragma unroll
+            for (int r = 0; r < MV_ROWS; ++r) {
+                int sh = 0, sl = 0;
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    // Word i: elements 4i .. 4i + 3 in the low nibbles, 16 + 4i .. in the high ones.
+                    const unsigned int ql = qs[r][i] & 0x0F0F0F0Fu, qh = (qs[r][i] >> 4) & 0x0F0F0F0Fu;
+                    sh = dp4(ql, hw[i], dp4(qh, hw[4 + i], sh));
+                    sl = dp4(ql, lw[i], dp4(qh, lw[4 + i], sl));
+                }
+                acc[r][t] = fmaf(d[r] * dx, (float)(256 * sh + sl - 8 * sx), acc[r][t]);
+            }
+        }
+    }
 };
 
 // q4_1: one lane per block of 32, x = q * d + m; blocks are 4-byte aligned.
@@ -511,6 +604,42 @@ struct Q4_1 {
             }
         }
     }
+    // The integer path: sum (q d + m) x = d dx (256 sum(q h) + sum(q l)) + m dx S.
+    template <int T>
+    __device__ static void idot(const unsigned char* const (&blk)[MV_ROWS], const QAct& a, int e, int,
+                                float (&acc)[MV_ROWS][T]) {
+        using Q = QTile<T>;
+        unsigned int qs[MV_ROWS][4];
+        float d[MV_ROWS], m[MV_ROWS];
+#pragma unroll
+        for (int r = 0; r < MV_ROWS; ++r) {
+            const unsigned int* q = reinterpret_cast<const unsigned int*>(blk[r]);
+            const unsigned int dm = q[0];
+            d[r] = f16_bits(dm), m[r] = f16_bits(dm >> 16);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) qs[r][i] = q[1 + i];
+        }
+#pragma unroll
+        for (int t = 0; t < T; ++t) {
+            const uint4 h0 = ldq16(a.hi + t * Q::STRIDE, e), h1 = ldq16(a.hi + t * Q::STRIDE, e + 16);
+            const uint4 l0 = ldq16(a.lo + t * Q::STRIDE, e), l1 = ldq16(a.lo + t * Q::STRIDE, e + 16);
+            const unsigned int hw[8] = {h0.x, h0.y, h0.z, h0.w, h1.x, h1.y, h1.z, h1.w};
+            const unsigned int lw[8] = {l0.x, l0.y, l0.z, l0.w, l1.x, l1.y, l1.z, l1.w};
+            const float dx = a.d[t * Q::BLOCKS + e / 32];
+            const float sx = (float)a.s[t * Q::BLOCKS + e / 32];
+#pragma unroll
+            for (int r = 0; r < MV_ROWS; ++r) {
+                int sh = 0, sl = 0;
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const unsigned int ql = qs[r][i] & 0x0F0F0F0Fu, qh = (qs[r][i] >> 4) & 0x0F0F0F0Fu;
+                    sh = dp4(ql, hw[i], dp4(qh, hw[4 + i], sh));
+                    sl = dp4(ql, lw[i], dp4(qh, lw[4 + i], sl));
+                }
+                acc[r][t] = fmaf(d[r] * dx, (float)(256 * sh + sl), fmaf(m[r] * dx, sx, acc[r][t]));
+            }
+        }
+    }
 };
 
 // q8_0: two lanes per block of 32 (16 values each), x = q * d. Always the magic number: at 8.5
@@ -568,6 +697,33 @@ struct Q8_0 {
             for (int r = 0; r < MV_ROWS; ++r)
 #pragma unroll
                 for (int t = 0; t < T; ++t) acc[r][t] = fmaf(d[r], part[r][t], acc[r][t]);
+        }
+    }
+    // The integer path: the lane's 16 signed bytes against both digits, times d dx.
+    template <int T>
+    __device__ static void idot(const unsigned char* const (&blk)[MV_ROWS], const QAct& a, int e, int lane,
+                                float (&acc)[MV_ROWS][T]) {
+        using Q = QTile<T>;
+        const int half = lane & 1;
+        unsigned int qs[MV_ROWS][4];
+        float d[MV_ROWS];
+#pragma unroll
+        for (int r = 0; r < MV_ROWS; ++r) {
+            d[r] = f16_bits(load_u16(blk[r]));
+            lds_words_a2<4>(blk[r] + 2 + 16 * half, qs[r]);
+        }
+#pragma unroll
+        for (int t = 0; t < T; ++t) {
+            const uint4 h = ldq16(a.hi + t * Q::STRIDE, e), l = ldq16(a.lo + t * Q::STRIDE, e);
+            const unsigned int hw[4] = {h.x, h.y, h.z, h.w}, lw[4] = {l.x, l.y, l.z, l.w};
+            const float dx = a.d[t * Q::BLOCKS + e / 32];
+#pragma unroll
+            for (int r = 0; r < MV_ROWS; ++r) {
+                int sh = 0, sl = 0;
+#pragma unroll
+                for (int i = 0; i < 4; ++i) sh = dp4(qs[r][i], hw[i], sh), sl = dp4(qs[r][i], lw[i], sl);
+                acc[r][t] = fmaf(d[r] * dx, (float)(256 * sh + sl), acc[r][t]);
+            }
         }
     }
 };
@@ -654,6 +810,63 @@ struct Q4_K {
             }
         }
     }
+    // The integer path, per sub-block: d sc dx (256 sum(q h) + sum(q l)) - dmin m dx S. Lanes
+    // with c >= 2 and h = 0 take their high run first, which keeps the eight lanes' 16-byte
+    // activation reads in distinct banks.
+    template <int T>
+    __device__ static void idot(const unsigned char* const (&blk)[MV_ROWS], const QAct& a, int e, int lane,
+                                float (&acc)[MV_ROWS][T]) {
+        using Q = QTile<T>;
+        const int j = lane & 7, c = j >> 1, h = j & 1;
+        const int first = (c >> 1) & (h ^ 1);  // the run (0: low nibbles, 1: high) read first
+        uint4 qv[MV_ROWS];
+        float dl[MV_ROWS], dh[MV_ROWS], ml[MV_ROWS], mh[MV_ROWS];
+#pragma unroll
+        for (int r = 0; r < MV_ROWS; ++r) {
+            const uint4 hd = *reinterpret_cast<const uint4*>(blk[r]);
+            qv[r] = *reinterpret_cast<const uint4*>(blk[r] + 16 + 32 * c + 16 * h);
+            const float d = f16_bits(hd.x), dmin = f16_bits(hd.x >> 16);
+            const unsigned int scw = c < 2 ? q4k_scales_lo(hd.y) : q4k_scales_hi(hd.y, hd.w);
+            const unsigned int mw = c < 2 ? q4k_mins_lo(hd.z) : q4k_mins_hi(hd.z, hd.w);
+            const int sh = 16 * (c & 1);
+            dl[r] = d * (float)((scw >> sh) & 0xffu), dh[r] = d * (float)((scw >> (sh + 8)) & 0xffu);
+            ml[r] = dmin * (float)((mw >> sh) & 0xffu), mh[r] = dmin * (float)((mw >> (sh + 8)) & 0xffu);
+        }
+#pragma unroll
+        for (int t = 0; t < T; ++t) {
+            int v[2][MV_ROWS];
+#pragma unroll
+            for (int rho = 0; rho < 2; ++rho) {
+                const int run = rho ^ first;
+                const int col = e + 64 * c + 32 * run + 16 * h;
+                const uint4 hx = ldq16(a.hi + t * Q::STRIDE, col), lx = ldq16(a.lo + t * Q::STRIDE, col);
+                const unsigned int hw[4] = {hx.x, hx.y, hx.z, hx.w}, lw[4] = {lx.x, lx.y, lx.z, lx.w};
+#pragma unroll
+                for (int r = 0; r < MV_ROWS; ++r) {
+                    const unsigned int words[4] = {qv[r].x, qv[r].y, qv[r].z, qv[r].w};
+                    int sh = 0, sl = 0;
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        const unsigned int q = (words[i] >> (4 * run)) & 0x0F0F0F0Fu;
+                        sh = dp4(q, hw[i], sh), sl = dp4(q, lw[i], sl);
+                    }
+                    v[rho][r] = 256 * sh + sl;
+                }
+            }
+            // Sub-blocks 2c and 2c + 1: their units, and their sums for the minimums (taken once,
+            // by the h = 0 lane of the pair).
+            const int b = t * Q::BLOCKS + (e + 64 * c) / 32;
+            const float dxl = a.d[b], dxh = a.d[b + 1];
+            const float sl = h == 0 ? (float)a.s[b] * dxl : 0.0f, sh = h == 0 ? (float)a.s[b + 1] * dxh : 0.0f;
+#pragma unroll
+            for (int r = 0; r < MV_ROWS; ++r) {
+                const float vl = (float)(first ? v[1][r] : v[0][r]), vh = (float)(first ? v[0][r] : v[1][r]);
+                float s = fmaf(dl[r] * dxl, vl, (dh[r] * dxh) * vh);
+                s = fmaf(-ml[r], sl, fmaf(-mh[r], sh, s));
+                acc[r][t] += s;
+            }
+        }
+    }
 };
 
 // q6_k: eight lanes per super-block of 256. Lane j takes half h = j / 4 and positions
@@ -737,13 +950,62 @@ struct Q6_K {
             }
         }
     }
+    // The integer path: the 6-bit values less 32 as signed bytes ((q + 0x60) ^ 0x80 per byte:
+    // no carries, as q < 64), per group of 8: d sc dx (256 sum(q h) + sum(q l)).
+    template <int T>
+    __device__ static void idot(const unsigned char* const (&blk)[MV_ROWS], const QAct& a, int e, int lane,
+                                float (&acc)[MV_ROWS][T]) {
+        using Q = QTile<T>;
+        const int j = lane & 7, h = j >> 2, m = j & 3;
+        unsigned int qa[MV_ROWS][2], qb[MV_ROWS][2], qh[MV_ROWS][2], sc[MV_ROWS][2];
+        float d[MV_ROWS];
+#pragma unroll
+        for (int r = 0; r < MV_ROWS; ++r) {
+            lds_words_a2<2>(blk[r] + 64 * h + 8 * m, qa[r]);
+            lds_words_a2<2>(blk[r] + 64 * h + 32 + 8 * m, qb[r]);
+            lds_words_a2<2>(blk[r] + 128 + 32 * h + 8 * m, qh[r]);
+            lds_words_a2<2>(blk[r] + 192 + 8 * h, sc[r]);
+            d[r] = f16_bits(load_u16(blk[r] + 208));
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            unsigned int q[MV_ROWS][2];
+            float ds[MV_ROWS];
+#pragma unroll
+            for (int r = 0; r < MV_ROWS; ++r) {
+#pragma unroll
+                for (int wi = 0; wi < 2; ++wi) {
+                    const unsigned int lo = ((i & 1) ? qb[r][wi] : qa[r][wi]) >> (4 * (i >> 1));
+                    const unsigned int v = (lo & 0x0F0F0F0Fu) | (((qh[r][wi] >> (2 * i)) & 0x03030303u) << 4);
+                    q[r][wi] = (v + 0x60606060u) ^ 0x80808080u;
+                }
+                const int byte = (m >> 1) + 2 * (i & 1);  // scale (m / 2 + 2i) within word i / 2
+                ds[r] = d[r] * (float)(signed char)((sc[r][i >> 1] >> (8 * byte)) & 0xffu);
+            }
+            const int col = e + 128 * h + 32 * i + 8 * m;  // tile column of the 8 elements
+#pragma unroll
+            for (int t = 0; t < T; ++t) {
+                const uint2 hx = ldq8(a.hi + t * Q::STRIDE, col), lx = ldq8(a.lo + t * Q::STRIDE, col);
+                const float dx = a.d[t * Q::BLOCKS + col / 32];
+#pragma unroll
+                for (int r = 0; r < MV_ROWS; ++r) {
+                    const int sh = dp4(q[r][0], hx.x, dp4(q[r][1], hx.y, 0));
+                    const int sl = dp4(q[r][0], lx.x, dp4(q[r][1], lx.y, 0));
+                    acc[r][t] = fmaf(ds[r] * dx, (float)(256 * sh + sl), acc[r][t]);
+                }
+            }
+        }
+    }
 };
 
-template <class F, int T>
+// INT: the integer path (_i16 kernels), with the activations quantized to two digits in QTile;
+// else the float path, with x in XTile.
+template <class F, int T, bool INT>
 __device__ __forceinline__ void mv_quant(const MatvecParams& p, const unsigned char* __restrict__ w,
                                          const float* __restrict__ x, float* __restrict__ y) {
     using X = XTile<T>;
-    constexpr bool SUB = F::SUBNORMAL && T <= 2;
+    constexpr bool SUB = !INT && F::SUBNORMAL && T <= 2;
+    constexpr int TILE = INT ? QTile<T>::BYTES : 4 * (T * X::STRIDE + T * X::SUMS);
     constexpr int WARPS = T <= 2 ? STRATA_MATVEC_WARPS_DECODE : STRATA_MATVEC_WARPS;
     constexpr int STAGES = T <= 2 ? F::STAGES_DECODE : STRATA_MATVEC_STAGES;
     static_assert(X::KT % F::CHUNK_ELEMS == 0, "a chunk never straddles two activation tiles");
@@ -754,10 +1016,11 @@ __device__ __forceinline__ void mv_quant(const MatvecParams& p, const unsigned c
     static_assert(16 * PIECES <= F::BUF, "the buffer holds every piece");
     static_assert(512 * (COPIES - 1) <= F::CHUNK_BYTES, "a full chunk needs every copy but the last");
     extern __shared__ float4 smem[];
+    unsigned char* tile = reinterpret_cast<unsigned char*>(smem);
     float* xs = reinterpret_cast<float*>(smem);
     float* xsum = xs + T * X::STRIDE;
-    unsigned char* wbuf = reinterpret_cast<unsigned char*>(xsum + T * X::SUMS);
-    check_smem(4 * (T * X::STRIDE + T * X::SUMS) + WARPS * STAGES * MV_ROWS * F::BUF);
+    unsigned char* wbuf = tile + TILE;
+    check_smem(TILE + WARPS * STAGES * MV_ROWS * F::BUF);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     wbuf += warp * (STAGES * MV_ROWS * F::BUF);
 
@@ -786,6 +1049,22 @@ __device__ __forceinline__ void mv_quant(const MatvecParams& p, const unsigned c
             const unsigned int len = (unsigned int)min((unsigned long long)F::CHUNK_BYTES, p.row_bytes - start);
             const bool full = len == F::CHUNK_BYTES;
             const unsigned int row0 = s_group * MV_ROWS;
+            const unsigned long long g0 = (unsigned long long)row0 * p.row_bytes + start;
+            const unsigned long long last = g0 + (MV_ROWS - 1) * p.row_bytes;  // the last row's chunk
+            if (full && row0 + MV_ROWS <= p.rows && (last & ~15ull) + 16 * PIECES <= p.total_bytes) {
+                // The common case, with the tests made once for the group: every row present, a
+                // full chunk of each, and every copy within the tensor.
+                constexpr int L = 512 * (COPIES - 1);
+#pragma unroll
+                for (int r = 0; r < MV_ROWS; ++r) {
+                    const unsigned long long g = g0 + r * p.row_bytes;
+                    const unsigned char* src = w + (g & ~15ull) + 16 * lane;
+                    unsigned char* d = dst + r * F::BUF;
+#pragma unroll
+                    for (int i = 0; i < COPIES - 1; ++i) cp_async16(d + 512 * i, src + 512 * i, true);
+                    cp_async16(d + L, src + L, 16 * lane + L < ((unsigned int)g & 15u) + F::CHUNK_BYTES);
+                }
+            } else {
 #pragma unroll
             for (int r = 0; r < MV_ROWS; ++r) {
                 const unsigned int row = row0 + r;
@@ -812,6 +1091,7 @@ __device__ __forceinline__ void mv_quant(const MatvecParams& p, const unsigned c
                     }
                 }
             }
+            }
         }
         cp_async_commit();
         ++s_step;
@@ -820,18 +1100,18 @@ __device__ __forceinline__ void mv_quant(const MatvecParams& p, const unsigned c
 
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) stage();
-    if (one_tile && rounds > 0) {
+    // Stages columns k0 .. k0 + kt of the activations.
+    auto stage_acts = [&](unsigned int k0, int kt) {
         __syncthreads();
-        stage_x<X, T, SUB, SUB>(p, x, 0, (int)p.cols, xs, xsum);
-    }
+        if constexpr (INT) stage_xq<T>(p, x, k0, kt, tile);
+        else stage_x<X, T, SUB, SUB>(p, x, k0, kt, xs, xsum);
+    };
+    if (one_tile && rounds > 0) stage_acts(0, (int)p.cols);
     float acc[MV_ROWS][T] = {};
     unsigned int group = g0, c = 0;
     for (unsigned long long step = 0; step < steps; ++step) {
         const unsigned int e0 = c * F::CHUNK_ELEMS;
-        if (!one_tile && e0 % X::KT == 0) {
-            __syncthreads();
-            stage_x<X, T, SUB, SUB>(p, x, e0, (int)min((unsigned int)X::KT, p.cols - e0), xs, xsum);
-        }
+        if (!one_tile && e0 % X::KT == 0) stage_acts(e0, (int)min((unsigned int)X::KT, p.cols - e0));
         cp_async_wait<STAGES - 2>();
         __syncwarp();
         const unsigned int row0 = group * MV_ROWS;
@@ -842,7 +1122,9 @@ __device__ __forceinline__ void mv_quant(const MatvecParams& p, const unsigned c
             const unsigned char* blk[MV_ROWS];
 #pragma unroll
             for (int r = 0; r < MV_ROWS; ++r) blk[r] = buf + r * F::BUF + ((g_lo + r * row_lo) & 15u) + F::unit_byte(lane);
-            F::template dot<T, SUB>(blk, xs, xsum, (int)(e0 % X::KT) + ue, lane, acc);
+            const int e = (int)(e0 % X::KT) + ue;
+            if constexpr (INT) F::template idot<T>(blk, qact<T>(tile), e, lane, acc);
+            else F::template dot<T, SUB>(blk, xs, xsum, e, lane, acc);
         }
         __syncwarp();
         stage();
@@ -860,27 +1142,32 @@ __device__ __forceinline__ void mv_quant(const MatvecParams& p, const unsigned c
 
 // ---- Entry points: matvec_<dtype>[_scalar]_t<T> ------------------------------------------------
 
-#define MV_ENTRY(name, T, THREADS, CALL)                                                                          \
-    extern "C" __global__ void __launch_bounds__(THREADS)                                                        \
+// BOUNDS: the launch bounds, (threads) or (threads, min blocks per SM).
+#define MV_ENTRY(name, T, BOUNDS, CALL)                                                                           \
+    extern "C" __global__ void __launch_bounds__ BOUNDS                                                          \
         matvec_##name##_t##T(MatvecParams p, const unsigned char* w, const float* x, float* y) {                 \
         CALL;                                                                                                    \
     }
 
-#define MV_QUANT(name, F)                                                   \
-    MV_ENTRY(name, 1, MV_THREADS_DECODE, (mv_quant<F, 1>(p, w, x, y)))      \
-    MV_ENTRY(name, 2, MV_THREADS_DECODE, (mv_quant<F, 2>(p, w, x, y)))      \
-    MV_ENTRY(name, 4, MV_THREADS, (mv_quant<F, 4>(p, w, x, y)))             \
-    MV_ENTRY(name, 8, MV_THREADS, (mv_quant<F, 8>(p, w, x, y)))
+#define MV_QUANT(name, F)                                                                \
+    MV_ENTRY(name, 1, (MV_THREADS_DECODE), (mv_quant<F, 1, false>(p, w, x, y)))            \
+    MV_ENTRY(name, 2, (MV_THREADS_DECODE), (mv_quant<F, 2, false>(p, w, x, y)))            \
+    MV_ENTRY(name, 4, (MV_THREADS), (mv_quant<F, 4, false>(p, w, x, y)))                   \
+    MV_ENTRY(name, 8, (MV_THREADS), (mv_quant<F, 8, false>(p, w, x, y)))                   \
+    MV_ENTRY(name##_i16, 1, (MV_THREADS_DECODE, 1), (mv_quant<F, 1, true>(p, w, x, y)))       \
+    MV_ENTRY(name##_i16, 2, (MV_THREADS_DECODE, 1), (mv_quant<F, 2, true>(p, w, x, y)))       \
+    MV_ENTRY(name##_i16, 4, (MV_THREADS), (mv_quant<F, 4, true>(p, w, x, y)))              \
+    MV_ENTRY(name##_i16, 8, (MV_THREADS), (mv_quant<F, 8, true>(p, w, x, y)))
 
 #define MV_FLOAT(name, DT)                                                        \
-    MV_ENTRY(name, 1, MV_THREADS, (mv_float_vec<DT, 1>(p, w, x, y)))              \
-    MV_ENTRY(name, 2, MV_THREADS, (mv_float_vec<DT, 2>(p, w, x, y)))              \
-    MV_ENTRY(name, 4, MV_THREADS, (mv_float_vec<DT, 4>(p, w, x, y)))              \
-    MV_ENTRY(name, 8, MV_THREADS, (mv_float_vec<DT, 8>(p, w, x, y)))              \
-    MV_ENTRY(name##_scalar, 1, MV_THREADS, (mv_float_scalar<DT, 1>(p, w, x, y)))  \
-    MV_ENTRY(name##_scalar, 2, MV_THREADS, (mv_float_scalar<DT, 2>(p, w, x, y)))  \
-    MV_ENTRY(name##_scalar, 4, MV_THREADS, (mv_float_scalar<DT, 4>(p, w, x, y)))  \
-    MV_ENTRY(name##_scalar, 8, MV_THREADS, (mv_float_scalar<DT, 8>(p, w, x, y)))
+    MV_ENTRY(name, 1, (MV_THREADS), (mv_float_vec<DT, 1>(p, w, x, y)))              \
+    MV_ENTRY(name, 2, (MV_THREADS), (mv_float_vec<DT, 2>(p, w, x, y)))              \
+    MV_ENTRY(name, 4, (MV_THREADS), (mv_float_vec<DT, 4>(p, w, x, y)))              \
+    MV_ENTRY(name, 8, (MV_THREADS), (mv_float_vec<DT, 8>(p, w, x, y)))              \
+    MV_ENTRY(name##_scalar, 1, (MV_THREADS), (mv_float_scalar<DT, 1>(p, w, x, y)))  \
+    MV_ENTRY(name##_scalar, 2, (MV_THREADS), (mv_float_scalar<DT, 2>(p, w, x, y)))  \
+    MV_ENTRY(name##_scalar, 4, (MV_THREADS), (mv_float_scalar<DT, 4>(p, w, x, y)))  \
+    MV_ENTRY(name##_scalar, 8, (MV_THREADS), (mv_float_scalar<DT, 8>(p, w, x, y)))
 
 MV_FLOAT(f32, STRATA_DTYPE_F32)
 MV_FLOAT(f16, STRATA_DTYPE_F16)

@@ -52,7 +52,8 @@ pub(crate) struct ModelArgs {
     threads: Option<usize>,
     /// How the CPU quantizes activations for products with block-quantized weights (q8_0, q4_0,
     /// q4_1, q4_k, q6_k): int16, 16 bits per value, logits closest to the float model; or int8,
-    /// one 8-bit digit per value as llama.cpp rounds: faster prefill, logits further off.
+    /// one 8-bit digit per value as llama.cpp rounds: faster prefill, logits further off. The
+    /// CUDA backend decodes with int16 (and multiplies f32 activations in its prefill GEMM).
     #[arg(long, value_name = "BITS", default_value = "int16")]
     pub(crate) act_quant: strata::ActQuant,
     /// Compute device: cpu, or cuda (device 0; cuda:N for device N). CUDA needs a build with
@@ -380,7 +381,7 @@ pub(crate) fn load(args: &ModelArgs) -> Result<Model> {
     // about the build rather than about this flag.
     if args.act_quant != strata::ActQuant::Int16 && parse_device(&args.device)? != Device::Cpu {
         bail!(
-            "--act-quant {} applies to the CPU backend; --device {} multiplies f32 activations",
+            "--act-quant {} applies to the CPU backend only (--device {} decodes with int16 activations)",
             args.act_quant,
             args.device
         );

@@ -3,7 +3,7 @@
 #![cfg(feature = "cuda")]
 
 use proptest::prelude::*;
-use strata_kernels::cuda::ops;
+use strata_kernels::cuda::ops::{self, MatvecActs};
 use strata_kernels::cuda::tensor::upload_tensor;
 use strata_kernels::cuda::testing::{device_or_skip, random_f32};
 use strata_kernels::{Cuda, Error};
@@ -26,31 +26,55 @@ fn weight(dtype: DType, n: usize, k: usize, seed: u64) -> Tensor {
     Tensor::from_f32_as(&random_f32(n * k, seed, 1.0), [n, k], dtype).unwrap()
 }
 
-/// `y[t, r]` within `1e-5 + 1e-4 * sum_c |w[r, c] x[t, c]|` of `want`: the GPU and the CPU sum
-/// the same f32 products in different orders.
-fn assert_matches(what: &str, got: &[f32], want: &[f32], w: &[f32], x: &[f32], n: usize, k: usize) {
+/// The most the two-digit quantization of `x` (one row of activations) can move the product with
+/// weight row `w`: each value within one unit `max|x_b| / 32512` of its block `b` of 32, so
+/// `sum_b unit_b * sum_{c in b} |w[c]|`.
+fn two_digit_rounding(w: &[f32], x: &[f32]) -> f32 {
+    w.chunks(32)
+        .zip(x.chunks(32))
+        .map(|(ws, xs)| {
+            let unit = xs.iter().fold(0f32, |m, v| m.max(v.abs())) / 32512.0;
+            unit * ws.iter().map(|v| v.abs()).sum::<f32>()
+        })
+        .sum()
+}
+
+/// `y[t, r]` within `1e-5 + 1e-4 * sum_c |w[r, c] x[t, c]|` of `want` (the GPU and the CPU sum
+/// the same f32 products in different orders), plus, where the kernel quantized `x` to two digits
+/// (`rounded`), that quantization's bound.
+#[allow(clippy::too_many_arguments)]
+fn assert_matches(what: &str, got: &[f32], want: &[f32], w: &[f32], x: &[f32], n: usize, k: usize, rounded: bool) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     for (i, (&g, &v)) in got.iter().zip(want).enumerate() {
         let (t, r) = (i / n, i % n);
-        let magnitude: f32 = (0..k).map(|c| (w[r * k + c] * x[t * k + c]).abs()).sum();
-        let tol = 1e-5 + 1e-4 * magnitude;
+        let (wr, xt) = (&w[r * k..(r + 1) * k], &x[t * k..(t + 1) * k]);
+        let magnitude: f32 = wr.iter().zip(xt).map(|(a, b)| (a * b).abs()).sum();
+        let rounding = if rounded { 1.01 * two_digit_rounding(wr, xt) } else { 0.0 };
+        let tol = 1e-5 + 1e-4 * magnitude + rounding;
         assert!((g - v).abs() <= tol, "{what}: y[{t}, {r}] = {g}, want {v} (tolerance {tol})");
     }
 }
 
+/// Whether the matvec of a `dtype` weight with `acts` quantizes the activations.
+fn rounded(dtype: DType, acts: MatvecActs) -> bool {
+    dtype.is_quantized() && acts == MatvecActs::TwoDigits
+}
+
 /// The GPU matvec of weight `w` with `tokens` random activations against `reference::matmul`
-/// (x as `[tokens, k]`).
+/// (x as `[tokens, k]`), with both kinds of activations.
 fn check(cuda: &Cuda, w: &Tensor, dw: &Tensor, wf: &[f32], tokens: usize, seed: u64) {
     let (n, k) = (w.shape().dims()[0], w.shape().dims()[1]);
     let x = random_f32(tokens * k, seed ^ 0x5eed, 2.0);
     let mut want = vec![0f32; tokens * n];
     reference::matmul(&x, w, &mut want).unwrap();
     let dx = cuda.upload(&x).unwrap();
-    let mut dy = cuda.upload(&vec![f32::NAN; tokens * n]).unwrap();
-    ops::matvec(cuda, dw, &dx, &mut dy, tokens).unwrap();
-    let got = cuda.download(&dy).unwrap();
-    let what = format!("matvec {} n={n} k={k} tokens={tokens}", w.dtype());
-    assert_matches(&what, &got, &want, wf, &x, n, k);
+    for acts in MatvecActs::ALL {
+        let mut dy = cuda.upload(&vec![f32::NAN; tokens * n]).unwrap();
+        ops::matvec_as(cuda, dw, &dx, &mut dy, tokens, acts).unwrap();
+        let got = cuda.download(&dy).unwrap();
+        let what = format!("matvec {} {acts:?} n={n} k={k} tokens={tokens}", w.dtype());
+        assert_matches(&what, &got, &want, wf, &x, n, k, rounded(w.dtype(), acts));
+    }
 }
 
 #[test]
@@ -94,8 +118,10 @@ proptest! {
 }
 
 /// Against `reference::matvec` (the CPU decode path), which quantizes x to two 8-bit digits per
-/// value for block-quantized weights: each value within one unit `max|x_b| / 32512` of its block,
-/// so the tolerance adds `sum_b unit_b * sum_{c in b} |w[r, c]|`.
+/// value for block-quantized weights. The integer kernels quantize x to the same integers, so
+/// they differ from it by the order of the f32 sums only; the float kernels keep x, so their
+/// tolerance adds the quantization's bound `sum_b unit_b * sum_{c in b} |w[r, c]|`. Activations
+/// with an outlier per block, as hidden states have, stress the quantization.
 #[test]
 fn matvec_matches_the_cpu_decode_path() {
     let Some(cuda) = device_or_skip("matvec_matches_the_cpu_decode_path") else { return };
@@ -103,35 +129,37 @@ fn matvec_matches_the_cpu_decode_path() {
         let (n, k) = (77, if dtype.block_len() == 256 { 1024 } else { 992 });
         let w = weight(dtype, n, k, 11);
         let wf = w.to_f32_vec().unwrap();
-        let x = random_f32(k, 12, 3.0);
+        let mut x = random_f32(k, 12, 3.0);
+        for (b, xs) in x.chunks_mut(32).enumerate() {
+            xs[b % 32] *= 40.0;
+        }
         let mut want = vec![0f32; n];
         reference::matvec(&w, &x, &mut want).unwrap();
         let dw = upload_tensor(&cuda, &w).unwrap();
-        let mut dy = cuda.zeros::<f32>(n).unwrap();
-        ops::matvec(&cuda, &dw, &cuda.upload(&x).unwrap(), &mut dy, 1).unwrap();
-        let got = cuda.download(&dy).unwrap();
-        for r in 0..n {
-            let row = &wf[r * k..(r + 1) * k];
-            let magnitude: f32 = row.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
-            let rounding: f32 = if dtype.is_quantized() {
-                row.chunks(32)
-                    .zip(x.chunks(32))
-                    .map(|(ws, xs)| {
-                        let unit = xs.iter().fold(0f32, |m, v| m.max(v.abs())) / 32512.0;
-                        unit * ws.iter().map(|v| v.abs()).sum::<f32>()
-                    })
-                    .sum()
-            } else {
-                0.0
-            };
-            let tol = 1e-5 + 1e-4 * magnitude + 1.01 * rounding;
-            assert!((got[r] - want[r]).abs() <= tol, "{dtype} row {r}: {} vs {} (tolerance {tol})", got[r], want[r]);
+        for acts in MatvecActs::ALL {
+            let mut dy = cuda.zeros::<f32>(n).unwrap();
+            ops::matvec_as(&cuda, &dw, &cuda.upload(&x).unwrap(), &mut dy, 1, acts).unwrap();
+            let got = cuda.download(&dy).unwrap();
+            for r in 0..n {
+                let row = &wf[r * k..(r + 1) * k];
+                let magnitude: f32 = row.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
+                let same_integers = rounded(dtype, acts) || !dtype.is_quantized();
+                let rounding = if same_integers { 0.0 } else { 1.01 * two_digit_rounding(row, &x) };
+                let tol = 1e-5 + 1e-4 * magnitude + rounding;
+                assert!(
+                    (got[r] - want[r]).abs() <= tol,
+                    "{dtype} {acts:?} row {r}: {} vs {} (tolerance {tol})",
+                    got[r],
+                    want[r]
+                );
+            }
         }
     }
 }
 
-/// Activations from 1e-15 to 1e11 in magnitude: the kernels that scale x internally stay within
-/// f32 rounding of the reference (relative tolerance only).
+/// Activations from 1e-15 to 1e11 in magnitude: the float kernels, which scale x internally, stay
+/// within f32 rounding of the reference (relative tolerance only); the integer kernels within it
+/// plus their quantization's bound, which scales with x (the unit is relative to each block).
 #[test]
 fn matvec_keeps_precision_for_large_and_tiny_activations() {
     let Some(cuda) = device_or_skip("matvec_keeps_precision_for_large_and_tiny_activations") else { return };
@@ -145,17 +173,21 @@ fn matvec_keeps_precision_for_large_and_tiny_activations() {
                 let x: Vec<f32> = random_f32(tokens * k, 22, 1.0).iter().map(|v| v * scale).collect();
                 let mut want = vec![0f32; tokens * n];
                 reference::matmul(&x, &w, &mut want).unwrap();
-                let mut dy = cuda.zeros::<f32>(tokens * n).unwrap();
-                ops::matvec(&cuda, &dw, &cuda.upload(&x).unwrap(), &mut dy, tokens).unwrap();
-                let got = cuda.download(&dy).unwrap();
-                for (i, (&g, &v)) in got.iter().zip(&want).enumerate() {
-                    let (t, r) = (i / n, i % n);
-                    let magnitude: f32 = (0..k).map(|c| (wf[r * k + c] * x[t * k + c]).abs()).sum();
-                    let tol = 1e-4 * magnitude;
-                    assert!(
-                        (g - v).abs() <= tol,
-                        "{dtype} x*{scale} tokens={tokens}: y[{t}, {r}] = {g}, want {v} ({tol})"
-                    );
+                for acts in MatvecActs::ALL {
+                    let mut dy = cuda.zeros::<f32>(tokens * n).unwrap();
+                    ops::matvec_as(&cuda, &dw, &cuda.upload(&x).unwrap(), &mut dy, tokens, acts).unwrap();
+                    let got = cuda.download(&dy).unwrap();
+                    for (i, (&g, &v)) in got.iter().zip(&want).enumerate() {
+                        let (t, r) = (i / n, i % n);
+                        let (wr, xt) = (&wf[r * k..(r + 1) * k], &x[t * k..(t + 1) * k]);
+                        let magnitude: f32 = wr.iter().zip(xt).map(|(a, b)| (a * b).abs()).sum();
+                        let rounding = if rounded(dtype, acts) { 1.01 * two_digit_rounding(wr, xt) } else { 0.0 };
+                        let tol = 1e-4 * magnitude + rounding;
+                        assert!(
+                            (g - v).abs() <= tol,
+                            "{dtype} {acts:?} x*{scale} tokens={tokens}: y[{t}, {r}] = {g}, want {v} ({tol})"
+                        );
+                    }
                 }
             }
         }
@@ -174,14 +206,18 @@ fn matvec_takes_views_and_writes_only_its_outputs() {
         reference::matmul(&x[1..], &w, &mut want).unwrap();
         let dw = upload_tensor(&cuda, &w).unwrap();
         let dx = cuda.upload(&x).unwrap();
-        let mut dy = cuda.upload(&vec![-7f32; tokens * n + 2]).unwrap();
-        {
-            let mut view = dy.slice_mut(1..tokens * n + 1);
-            ops::matvec(&cuda, &dw, &dx.slice(1..), &mut view, tokens).unwrap();
+        for acts in MatvecActs::ALL {
+            let mut dy = cuda.upload(&vec![-7f32; tokens * n + 2]).unwrap();
+            {
+                let mut view = dy.slice_mut(1..tokens * n + 1);
+                ops::matvec_as(&cuda, &dw, &dx.slice(1..), &mut view, tokens, acts).unwrap();
+            }
+            let got = cuda.download(&dy).unwrap();
+            assert_eq!((got[0], got[tokens * n + 1]), (-7.0, -7.0), "{dtype} {acts:?}: wrote outside its view");
+            let what = format!("{dtype} {acts:?} views");
+            let wf = w.to_f32_vec().unwrap();
+            assert_matches(&what, &got[1..=tokens * n], &want, &wf, &x[1..], n, k, rounded(dtype, acts));
         }
-        let got = cuda.download(&dy).unwrap();
-        assert_eq!((got[0], got[tokens * n + 1]), (-7.0, -7.0), "{dtype}: wrote outside its view");
-        assert_matches(&format!("{dtype} views"), &got[1..=tokens * n], &want, &w.to_f32_vec().unwrap(), &x[1..], n, k);
     }
 }
 

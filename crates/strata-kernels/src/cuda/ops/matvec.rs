@@ -1,6 +1,10 @@
 //! Dequantizing matrix-vector products (`kernels/matvec.cu`): `y[t, :] = W x[t, :]` for a device
 //! weight of any dtype and a few tokens of f32 activations, reading each weight byte once per
 //! [`MATVEC_MAX_TOKENS`] tokens.
+//!
+//! Block-quantized weights multiply, by default, activations quantized in the kernel to two 8-bit
+//! digits per value, exactly as the CPU's decode path quantizes them
+//! (`strata_tensor::cpu::reference::matvec`), with integer dot products ([`MatvecActs`]).
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
@@ -36,10 +40,46 @@ macro_rules! kernels {
     };
 }
 
+/// How the matvec of a block-quantized weight takes its f32 activations (float weights always
+/// multiply them as they are).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum MatvecActs {
+    /// Quantized in the kernel to two 8-bit digits per value with a unit per block of 32, bit for
+    /// bit as the CPU's decode path does (`strata_tensor`'s two-digit activations, the CPU's
+    /// default), and multiplied with the weights' integers by `dp4a`: a value is within
+    /// `max|x_b| / 32512` of `x` in its block `b`. About half the instructions per weight of
+    /// [`MatvecActs::F32`].
+    #[default]
+    TwoDigits,
+    /// Kept in f32: each weight decoded to a float and multiplied with an FMA.
+    F32,
+}
+
+impl MatvecActs {
+    /// Both, for tests and benchmarks.
+    pub const ALL: [MatvecActs; 2] = [MatvecActs::TwoDigits, MatvecActs::F32];
+
+    /// Whether the kernels for `dtype` take the integer path.
+    fn integer(self, dtype: DType) -> bool {
+        self == MatvecActs::TwoDigits && dtype.is_quantized()
+    }
+}
+
 /// The kernels for `dtype`: float rows of a multiple of 16 bytes take the vector kernels, other
-/// float rows the element-by-element ones.
-fn kernel_names(dtype: DType, k: usize) -> [&'static str; 4] {
+/// float rows the element-by-element ones; block-quantized weights the integer (`_i16`) or the
+/// float kernels as `acts` says.
+fn kernel_names(dtype: DType, k: usize, acts: MatvecActs) -> [&'static str; 4] {
     let vector = (k * dtype.block_bytes()).is_multiple_of(16);
+    if acts.integer(dtype) {
+        return match dtype {
+            DType::Q8_0 => kernels!("q8_0_i16"),
+            DType::Q4_0 => kernels!("q4_0_i16"),
+            DType::Q4_1 => kernels!("q4_1_i16"),
+            DType::Q4K => kernels!("q4_k_i16"),
+            DType::Q6K => kernels!("q6_k_i16"),
+            DType::F32 | DType::F16 | DType::BF16 => unreachable!("float weights take no integer path"),
+        };
+    }
     match (dtype, vector) {
         (DType::F32, true) => kernels!("f32"),
         (DType::F32, false) => kernels!("f32_scalar"),
@@ -62,16 +102,19 @@ fn warps(dtype: DType, t: usize) -> usize {
 }
 
 /// The dynamic shared memory of the `t`-token kernel for `dtype`, laid out as `mv_quant` and
-/// `mv_float_*` lay it out: the activation tile (padded by 4 floats every 32 and every 256
-/// columns), and for block-quantized dtypes the tile's sums over each 8 columns and each warp's
-/// pipeline of chunk buffers.
-fn shared_bytes(dtype: DType, t: usize) -> usize {
+/// `mv_float_*` lay it out: the activation tile, and for block-quantized dtypes each warp's
+/// pipeline of chunk buffers. The float tile holds f32 values padded by 4 floats every 32 and
+/// every 256 columns (with, for block-quantized dtypes, the sums over each 8 columns); the integer
+/// tile (`QTile`) both digit arrays, padded by 16 bytes every 128 columns, and a unit and a sum per
+/// block of 32 columns.
+fn shared_bytes(dtype: DType, t: usize, acts: MatvecActs) -> usize {
     let total = if dtype.is_quantized() { STRATA_MATVEC_XTILE } else { STRATA_MATVEC_XTILE_FLOAT };
     let kt = (total as usize / t).max(STRATA_MATVEC_XTILE_MIN as usize);
     let tile = 4 * t * (kt + kt / 8 + kt / 64);
     if !dtype.is_quantized() {
         return tile;
     }
+    let tile = if acts.integer(dtype) { 2 * t * (kt + kt / 8) + 8 * t * (kt / 32) } else { tile + 4 * t * (kt / 8) };
     let chunk = if dtype == DType::Q8_0 { STRATA_MATVEC_CHUNK_Q8_0 } else { STRATA_MATVEC_CHUNK } as usize;
     let chunk_bytes = chunk / dtype.block_len() * dtype.block_bytes();
     let buffer = (chunk_bytes + 32).div_ceil(16) * 16;
@@ -80,7 +123,7 @@ fn shared_bytes(dtype: DType, t: usize) -> usize {
         (true, _) => STRATA_MATVEC_STAGES_DECODE,
         (false, _) => STRATA_MATVEC_STAGES,
     } as usize;
-    tile + 4 * t * (kt / 8) + warps(dtype, t) * stages * STRATA_MATVEC_ROWS_PER_WARP as usize * buffer
+    tile + warps(dtype, t) * stages * STRATA_MATVEC_ROWS_PER_WARP as usize * buffer
 }
 
 /// A per-device (ordinal) cache of facts asked of the driver.
@@ -121,17 +164,28 @@ fn shared_limit(cuda: &Cuda) -> Result<usize> {
 }
 
 /// `y[t, :] = W x[t, :]` for `t < tokens`: `w` a `[n, k]` device tensor of any dtype, `x`
-/// `[tokens, k]` and `y` `[tokens, n]` f32, accumulated in f32 with the activations kept in f32.
+/// `[tokens, k]` and `y` `[tokens, n]` f32, accumulated in f32; the activations of a
+/// block-quantized weight quantized to two digits ([`MatvecActs::TwoDigits`]).
 ///
-/// The CUDA twin of `strata_tensor::cpu::reference::matmul` with `x` as `[tokens, k]` (and of
-/// `reference::matvec` per token, up to that function's quantization of `x` for block-quantized
-/// weights). Tokens go in launches of up to [`MATVEC_MAX_TOKENS`], each reading the weight once.
-///
-/// For the 4- and 6-bit dtypes at one or two tokens the kernels scale `x` by 2^90 internally
-/// (`kernels/matvec.cu`), so activations must stay below 2^38 in magnitude (about 2.7e11; any
-/// model's are far smaller); products `|w x|` below about 1e-20 lose relative precision, far
-/// under f32 resolution of the sums they join.
+/// The CUDA twin of `strata_tensor::cpu::reference::matvec` per token: the same integers, summed
+/// in another order. Tokens go in launches of up to [`MATVEC_MAX_TOKENS`], each reading the
+/// weight once.
 pub fn matvec<X, Y>(cuda: &Cuda, w: &Tensor, x: &X, y: &mut Y, tokens: usize) -> Result<()>
+where
+    X: DevicePtr<f32>,
+    Y: DevicePtrMut<f32>,
+{
+    matvec_as(cuda, w, x, y, tokens, MatvecActs::default())
+}
+
+/// [`matvec`] with the activations of a block-quantized weight taken as `acts` says.
+///
+/// With [`MatvecActs::F32`] it is the CUDA twin of `strata_tensor::cpu::reference::matmul` with
+/// `x` as `[tokens, k]`. For the 4- and 6-bit dtypes at one or two tokens those kernels scale `x`
+/// by 2^90 internally (`kernels/matvec.cu`), so activations must stay below 2^38 in magnitude
+/// (about 2.7e11; any model's are far smaller); products `|w x|` below about 1e-20 lose relative
+/// precision, far under f32 resolution of the sums they join.
+pub fn matvec_as<X, Y>(cuda: &Cuda, w: &Tensor, x: &X, y: &mut Y, tokens: usize, acts: MatvecActs) -> Result<()>
 where
     X: DevicePtr<f32>,
     Y: DevicePtrMut<f32>,
@@ -150,19 +204,19 @@ where
         u32::try_from(v).map_err(|_| Error::invalid(op, format!("{what} = {v} does not fit the kernel's 32-bit index")))
     };
     let (rows, cols) = (to_u32(n, "n")?, to_u32(k, "k")?);
-    let names = kernel_names(w.dtype(), k);
+    let names = kernel_names(w.dtype(), k, acts);
     let (wp, xp, yp) = (ptr(cuda, bytes), ptr(cuda, x), ptr_mut(cuda, y));
     let limit = shared_limit(cuda)?;
     for t0 in (0..tokens).step_by(MATVEC_MAX_TOKENS) {
         let group = (tokens - t0).min(MATVEC_MAX_TOKENS);
         let mut t = group.next_power_of_two();
-        if shared_bytes(w.dtype(), t) > limit {
+        if shared_bytes(w.dtype(), t, acts) > limit {
             // The decode kernels' deep pipelines need Hopper's shared memory; elsewhere the
             // 4-token kernel does (it takes any count of tokens up to 4).
             t = 4;
         }
         let kernel = names[t.trailing_zeros() as usize];
-        let smem = shared_bytes(w.dtype(), t);
+        let smem = shared_bytes(w.dtype(), t, acts);
         let threads = (warps(w.dtype(), t) * 32) as u32;
         if smem > 48 * 1024 {
             // Above 48 KiB a kernel must opt in to its dynamic shared memory.
@@ -203,24 +257,58 @@ mod tests {
     #[test]
     fn every_kernel_fits_a_hopper_block_and_the_fallbacks_an_sm80_one() {
         for dtype in DType::ALL {
-            for t in [1, 2, 4, 8] {
-                let bytes = shared_bytes(dtype, t);
-                assert!(bytes <= 227 * 1024, "{dtype} t{t}: {bytes} bytes");
-                if !(dtype.is_quantized() && t <= 2) {
-                    assert!(bytes <= 163 * 1024, "{dtype} t{t}: {bytes} bytes");
+            for acts in MatvecActs::ALL {
+                for t in [1, 2, 4, 8] {
+                    let bytes = shared_bytes(dtype, t, acts);
+                    assert!(bytes <= 227 * 1024, "{dtype} {acts:?} t{t}: {bytes} bytes");
+                    if !(dtype.is_quantized() && t <= 2) {
+                        assert!(bytes <= 163 * 1024, "{dtype} {acts:?} t{t}: {bytes} bytes");
+                    }
                 }
             }
         }
     }
 
     #[test]
+    fn every_kernel_the_launcher_names_is_in_the_ptx() {
+        let ptx = crate::cuda::kernel_ptx("matvec").expect("matvec.cu is built");
+        for dtype in DType::ALL {
+            for k in [dtype.block_len() * 8, dtype.block_len() * 8 + 1] {
+                for acts in MatvecActs::ALL {
+                    for name in kernel_names(dtype, k, acts) {
+                        assert!(ptx.contains(&format!(".entry {name}(")), "{dtype} k={k} {acts:?}: no kernel {name}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_integer_tile_is_smaller_than_the_float_one() {
+        // Two bytes and a quarter per column against four and a half: never more shared memory.
+        for dtype in DType::ALL.into_iter().filter(|d| d.is_quantized()) {
+            for t in [1, 2, 4, 8] {
+                let (int, float) =
+                    (shared_bytes(dtype, t, MatvecActs::TwoDigits), shared_bytes(dtype, t, MatvecActs::F32));
+                assert!(int < float, "{dtype} t{t}: {int} >= {float}");
+            }
+        }
+        assert_eq!(shared_bytes(DType::F16, 1, MatvecActs::TwoDigits), shared_bytes(DType::F16, 1, MatvecActs::F32));
+    }
+
+    #[test]
     fn every_dtype_has_kernels_for_both_row_shapes() {
         for dtype in DType::ALL {
             let k = dtype.block_len() * 8;
-            assert!(kernel_names(dtype, k)[0].starts_with(&format!("matvec_{}", dtype.name())));
+            for acts in MatvecActs::ALL {
+                assert!(kernel_names(dtype, k, acts)[0].starts_with(&format!("matvec_{}", dtype.name())));
+            }
         }
-        assert_eq!(kernel_names(DType::F16, 7)[3], "matvec_f16_scalar_t8");
-        assert_eq!(kernel_names(DType::F16, 8)[0], "matvec_f16_t1");
-        assert_eq!(kernel_names(DType::F32, 6)[1], "matvec_f32_scalar_t2");
+        let two = MatvecActs::TwoDigits;
+        assert_eq!(kernel_names(DType::F16, 7, two)[3], "matvec_f16_scalar_t8");
+        assert_eq!(kernel_names(DType::F16, 8, two)[0], "matvec_f16_t1");
+        assert_eq!(kernel_names(DType::F32, 6, two)[1], "matvec_f32_scalar_t2");
+        assert_eq!(kernel_names(DType::Q4K, 256, two)[0], "matvec_q4_k_i16_t1");
+        assert_eq!(kernel_names(DType::Q4K, 256, MatvecActs::F32)[0], "matvec_q4_k_t1");
     }
 }

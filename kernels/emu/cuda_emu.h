@@ -1,0 +1,130 @@
+// A CPU emulation of the CUDA device environment that kernels/matvec.cu uses, so that its
+// kernels can run unchanged on machines without a GPU (strata-kernels' tests/emu.rs). Each thread
+// of a block is a host thread; __syncthreads and the warp collectives are barriers; shared memory
+// is one host array, blocks run one after the other. The cp.async copies happen at once
+// (kernels/emu/ptx.cuh), so the emulation checks the kernels' arithmetic, indexing and bounds,
+// not the timing of their asynchronous copies.
+#pragma once
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#define __device__
+#define __host__
+#define __global__
+#define __forceinline__ inline
+#define __shared__
+#define __launch_bounds__(...)
+
+using std::max;
+using std::min;
+
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(8) float2 { float x, y; };
+struct alignas(16) uint4 { unsigned int x, y, z, w; };
+struct alignas(8) uint2 { unsigned int x, y; };
+struct dim3 { unsigned int x = 1, y = 1, z = 1; };
+
+// The running thread's place, and its block's and warp's meeting points.
+struct EmuWarp {
+    std::barrier<> bar{32};
+    unsigned int slot[32];
+};
+struct EmuThread {
+    dim3 thread, block;
+    EmuWarp* warp;
+    std::barrier<>* block_bar;
+    unsigned int dynamic_smem;
+};
+inline thread_local EmuThread emu;
+inline dim3 gridDim, blockDim;
+#define threadIdx (emu.thread)
+#define blockIdx (emu.block)
+
+// The dynamic shared memory of the running block (blocks run one at a time).
+alignas(16) inline float4 smem[227 * 1024 / 16];
+
+inline void __syncthreads() { emu.block_bar->arrive_and_wait(); }
+inline void __syncwarp(unsigned int = 0xffffffffu) { emu.warp->bar.arrive_and_wait(); }
+[[noreturn]] inline void __trap() { std::abort(); }
+
+// Every lane's value of the warp, in slot order, to `f`; every lane gets the result.
+template <class F>
+inline unsigned int emu_warp_collective(unsigned int v, F f) {
+    EmuWarp& w = *emu.warp;
+    w.slot[emu.thread.x % 32] = v;
+    w.bar.arrive_and_wait();
+    const unsigned int r = f(w.slot);
+    w.bar.arrive_and_wait();
+    return r;
+}
+
+inline unsigned int __reduce_max_sync(unsigned int, unsigned int v) {
+    return emu_warp_collective(v, [](const unsigned int* s) { return *std::max_element(s, s + 32); });
+}
+inline int __reduce_add_sync(unsigned int, int v) {
+    return (int)emu_warp_collective((unsigned int)v, [](const unsigned int* s) {
+        unsigned int t = 0;
+        for (int i = 0; i < 32; ++i) t += s[i];
+        return t;
+    });
+}
+inline unsigned int __float_as_uint(float f) {
+    unsigned int u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+inline float __uint_as_float(unsigned int u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline float __shfl_xor_sync(unsigned int, float v, int o) {
+    const unsigned int lane = emu.thread.x % 32;
+    return __uint_as_float(emu_warp_collective(__float_as_uint(v), [&](const unsigned int* s) { return s[lane ^ o]; }));
+}
+
+// Loads and float arithmetic: the host's IEEE operations, rounded to nearest even.
+template <class T>
+inline T __ldg(const T* p) { return *p; }
+template <class T>
+inline T __ldcs(const T* p) { return *p; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline int __float2int_rn(float v) { return (int)std::nearbyint(v); }
+
+// Integer intrinsics, as PTX defines them.
+inline unsigned int __byte_perm(unsigned int x, unsigned int y, unsigned int s) {
+    const uint64_t v = ((uint64_t)y << 32) | x;
+    unsigned int r = 0;
+    for (int i = 0; i < 4; ++i) r |= (unsigned int)((v >> (8 * ((s >> (4 * i)) & 7))) & 0xff) << (8 * i);
+    return r;
+}
+inline unsigned int __funnelshift_rc(unsigned int lo, unsigned int hi, unsigned int shift) {
+    shift = std::min(shift, 32u);
+    return (unsigned int)((((uint64_t)hi << 32) | lo) >> shift);
+}
+inline int __dp4a(int a, int b, int c) {
+    for (int i = 0; i < 4; ++i) c += (int)(signed char)(a >> (8 * i)) * (int)(signed char)(b >> (8 * i));
+    return c;
+}
+
+// f16 and bf16, converted as the device converts them.
+struct __half { unsigned short bits; };
+struct __half2 { __half x, y; };
+struct __nv_bfloat16 { unsigned short bits; };
+inline __half __ushort_as_half(unsigned short b) { return __half{b}; }
+inline float __half2float(__half h) {
+    const unsigned int sign = (h.bits & 0x8000u) << 16, e = (h.bits >> 10) & 0x1f, m = h.bits & 0x3ffu;
+    if (e == 0x1f) return __uint_as_float(sign | 0x7f800000u | (m << 13));
+    if (e == 0) return (sign ? -1.0f : 1.0f) * std::ldexp((float)m, -24);
+    return __uint_as_float(sign | ((e + 112) << 23) | (m << 13));
+}
+inline float2 __half22float2(__half2 h) { return float2{__half2float(h.x), __half2float(h.y)}; }
+inline float __bfloat162float(__nv_bfloat16 b) { return __uint_as_float((unsigned int)b.bits << 16); }
+__half __float2half_rn(float);                 // declared for strata_common.cuh; not emulated
+__nv_bfloat16 __float2bfloat16_rn(float);      // likewise

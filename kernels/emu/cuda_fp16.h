@@ -1,0 +1,3 @@
+// The CPU emulation's stand-in for CUDA's header (kernels/emu/cuda_emu.h).
+#pragma once
+#include "cuda_emu.h"
