@@ -810,60 +810,60 @@ struct Q4_K {
             }
         }
     }
-    // The integer path, per sub-block: d sc dx (256 sum(q h) + sum(q l)) - dmin m dx S. Lanes
-    // with c >= 2 and h = 0 take their high run first, which keeps the eight lanes' 16-byte
-    // activation reads in distinct banks.
+    // The integer path, per sub-block: d sc dx (256 sum(q h) + sum(q l)) - dmin m dx S.
     template <int T>
     __device__ static void idot(const unsigned char* const (&blk)[MV_ROWS], const QAct& a, int e, int lane,
                                 float (&acc)[MV_ROWS][T]) {
         using Q = QTile<T>;
         const int j = lane & 7, c = j >> 1, h = j & 1;
-        const int first = (c >> 1) & (h ^ 1);  // the run (0: low nibbles, 1: high) read first
-        uint4 qv[MV_ROWS];
+        // __byte_perm selectors of bytes 2 (c & 1) and 2 (c & 1) + 1 (the scales of sub-blocks 2c
+        // and 2c + 1 in their word) under 0x4B, 0, 0 (magic_byte's layout).
+        const unsigned int sel_lo = 0x7440u | (2u * (c & 1)), sel_hi = sel_lo + 1;
+        unsigned int ql[MV_ROWS][4], qh[MV_ROWS][4];
         float dl[MV_ROWS], dh[MV_ROWS], ml[MV_ROWS], mh[MV_ROWS];
 #pragma unroll
         for (int r = 0; r < MV_ROWS; ++r) {
             const uint4 hd = *reinterpret_cast<const uint4*>(blk[r]);
-            qv[r] = *reinterpret_cast<const uint4*>(blk[r] + 16 + 32 * c + 16 * h);
+            const uint4 qv = *reinterpret_cast<const uint4*>(blk[r] + 16 + 32 * c + 16 * h);
+            const unsigned int words[4] = {qv.x, qv.y, qv.z, qv.w};
+#pragma unroll
+            for (int i = 0; i < 4; ++i) ql[r][i] = words[i] & 0x0F0F0F0Fu, qh[r][i] = (words[i] >> 4) & 0x0F0F0F0Fu;
             const float d = f16_bits(hd.x), dmin = f16_bits(hd.x >> 16);
             const unsigned int scw = c < 2 ? q4k_scales_lo(hd.y) : q4k_scales_hi(hd.y, hd.w);
             const unsigned int mw = c < 2 ? q4k_mins_lo(hd.z) : q4k_mins_hi(hd.z, hd.w);
-            const int sh = 16 * (c & 1);
-            dl[r] = d * (float)((scw >> sh) & 0xffu), dh[r] = d * (float)((scw >> (sh + 8)) & 0xffu);
-            ml[r] = dmin * (float)((mw >> sh) & 0xffu), mh[r] = dmin * (float)((mw >> (sh + 8)) & 0xffu);
+            // The scale bytes as floats 2^23 + byte (one byte permute each, the selectors made
+            // once per lane), times d less 2^23 d in one FMA: d * byte rounded once, as the
+            // product d * (float)byte would be, without a conversion instruction.
+            const float dm = -STRATA_MAGIC * d, mm = -STRATA_MAGIC * dmin;
+            dl[r] = fmaf(__uint_as_float(__byte_perm(scw, 0x4B000000u, sel_lo)), d, dm);
+            dh[r] = fmaf(__uint_as_float(__byte_perm(scw, 0x4B000000u, sel_hi)), d, dm);
+            ml[r] = fmaf(__uint_as_float(__byte_perm(mw, 0x4B000000u, sel_lo)), dmin, mm);
+            mh[r] = fmaf(__uint_as_float(__byte_perm(mw, 0x4B000000u, sel_hi)), dmin, mm);
         }
 #pragma unroll
         for (int t = 0; t < T; ++t) {
-            int v[2][MV_ROWS];
-#pragma unroll
-            for (int rho = 0; rho < 2; ++rho) {
-                const int run = rho ^ first;
-                const int col = e + 64 * c + 32 * run + 16 * h;
-                const uint4 hx = ldq16(a.hi + t * Q::STRIDE, col), lx = ldq16(a.lo + t * Q::STRIDE, col);
-                const unsigned int hw[4] = {hx.x, hx.y, hx.z, hx.w}, lw[4] = {lx.x, lx.y, lx.z, lx.w};
-#pragma unroll
-                for (int r = 0; r < MV_ROWS; ++r) {
-                    const unsigned int words[4] = {qv[r].x, qv[r].y, qv[r].z, qv[r].w};
-                    int sh = 0, sl = 0;
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) {
-                        const unsigned int q = (words[i] >> (4 * run)) & 0x0F0F0F0Fu;
-                        sh = dp4(q, hw[i], sh), sl = dp4(q, lw[i], sl);
-                    }
-                    v[rho][r] = 256 * sh + sl;
-                }
-            }
-            // Sub-blocks 2c and 2c + 1: their units, and their sums for the minimums (taken once,
-            // by the h = 0 lane of the pair).
+            // The lane's 16 columns of sub-block 2c (low nibbles) and of 2c + 1 (high nibbles).
+            const int col = e + 64 * c + 16 * h;
+            const signed char *hi = a.hi + t * Q::STRIDE, *lo = a.lo + t * Q::STRIDE;
+            const uint4 h0 = ldq16(hi, col), h1 = ldq16(hi, col + 32), l0 = ldq16(lo, col), l1 = ldq16(lo, col + 32);
+            const unsigned int hw0[4] = {h0.x, h0.y, h0.z, h0.w}, hw1[4] = {h1.x, h1.y, h1.z, h1.w};
+            const unsigned int lw0[4] = {l0.x, l0.y, l0.z, l0.w}, lw1[4] = {l1.x, l1.y, l1.z, l1.w};
+            // Their units, and their sums for the minimums (taken once, by the h = 0 lane of the
+            // pair).
             const int b = t * Q::BLOCKS + (e + 64 * c) / 32;
-            const float dxl = a.d[b], dxh = a.d[b + 1];
-            const float sl = h == 0 ? (float)a.s[b] * dxl : 0.0f, sh = h == 0 ? (float)a.s[b + 1] * dxh : 0.0f;
+            const float dx0 = a.d[b], dx1 = a.d[b + 1];
+            const float s0 = h == 0 ? (float)a.s[b] * dx0 : 0.0f, s1 = h == 0 ? (float)a.s[b + 1] * dx1 : 0.0f;
 #pragma unroll
             for (int r = 0; r < MV_ROWS; ++r) {
-                const float vl = (float)(first ? v[1][r] : v[0][r]), vh = (float)(first ? v[0][r] : v[1][r]);
-                float s = fmaf(dl[r] * dxl, vl, (dh[r] * dxh) * vh);
-                s = fmaf(-ml[r], sl, fmaf(-mh[r], sh, s));
-                acc[r][t] += s;
+                int h0s = 0, l0s = 0, h1s = 0, l1s = 0;
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    h0s = dp4(ql[r][i], hw0[i], h0s), l0s = dp4(ql[r][i], lw0[i], l0s);
+                    h1s = dp4(qh[r][i], hw1[i], h1s), l1s = dp4(qh[r][i], lw1[i], l1s);
+                }
+                float v = fmaf(dl[r] * dx0, (float)(256 * h0s + l0s), (dh[r] * dx1) * (float)(256 * h1s + l1s));
+                v = fmaf(-ml[r], s0, fmaf(-mh[r], s1, v));
+                acc[r][t] += v;
             }
         }
     }

@@ -53,9 +53,11 @@ pub fn run(args: &[String]) -> Result<()> {
         "--tests",
     ])?;
     for a in &tests {
-        // Every strata-kernels test, and the CUDA model test of strata-tests (the others need
-        // the repository or run on the CPU).
-        if a.is_test && (a.package.contains("strata-kernels") || a.name == "cuda_models") {
+        // Every strata-kernels test but the CPU emulation of the kernels (`emu`, which builds
+        // from the repository's sources), and the CUDA model test of strata-tests (the others
+        // need the repository or run on the CPU).
+        let kernels = a.package.contains("strata-kernels") && a.name != "emu";
+        if a.is_test && (kernels || a.name == "cuda_models") {
             executables.push(("tests", a.name.clone(), a.path.clone()));
         }
     }

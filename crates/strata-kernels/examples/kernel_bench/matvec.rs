@@ -1,5 +1,6 @@
 //! Benchmarks of the weight-reading kernels: the dequantizing matvec of every dtype at 1 and 8
-//! tokens, dequantization, and the linear layer's GEMM path at 128 tokens.
+//! tokens (block-quantized weights with both kinds of activations: the default integer path, and
+//! `f32-acts`), dequantization, and the linear layer's GEMM path at 128 tokens.
 //!
 //! Weights are `[16384, 8192]` (128 MiB of q4_0 to 512 MiB of f32), four copies of each timed in
 //! turn so that no call finds its weight in the 50-60 MB L2. Their bytes are random, with every
@@ -8,7 +9,7 @@
 use std::cell::Cell;
 
 use strata_kernels::Cuda;
-use strata_kernels::cuda::ops::{self, LinearScratch};
+use strata_kernels::cuda::ops::{self, LinearScratch, MatvecActs};
 use strata_kernels::cuda::tensor::upload_tensor;
 use strata_kernels::cuda::testing::random_f32;
 use strata_tensor::{AlignedBytes, CpuStorage, DType, Tensor};
@@ -62,6 +63,19 @@ fn device_weights(cuda: &Cuda, dtype: DType, n: usize, k: usize) -> R<Vec<Tensor
     (0..COPIES).map(|_| Ok(upload_tensor(cuda, &host)?)).collect()
 }
 
+/// The activation paths to time for `dtype`: both for block-quantized weights, one for floats.
+fn acts_of(dtype: DType) -> &'static [MatvecActs] {
+    if dtype.is_quantized() { &MatvecActs::ALL } else { &[MatvecActs::TwoDigits] }
+}
+
+/// The name suffix of a non-default activation path.
+fn acts_suffix(acts: MatvecActs) -> &'static str {
+    match acts {
+        MatvecActs::TwoDigits => "",
+        MatvecActs::F32 => " f32-acts",
+    }
+}
+
 /// Runs this module's benchmarks.
 pub fn run(b: &mut Bench) -> R<()> {
     let cuda = b.cuda.clone();
@@ -79,10 +93,13 @@ pub fn run(b: &mut Bench) -> R<()> {
         let wbytes = ws[0].byte_len() as f64;
         for tokens in [1, 8] {
             let bytes = wbytes + (tokens * (K + N) * 4) as f64;
-            b.measure(&format!("matvec {dtype} t{tokens}"), &format!("{N}x{K} x{COPIES}"), bytes, 30, || {
-                ops::matvec(&cuda, pick(), &x, &mut y, tokens)?;
-                Ok(())
-            })?;
+            for &acts in acts_of(dtype) {
+                let name = format!("matvec {dtype} t{tokens}{}", acts_suffix(acts));
+                b.measure(&name, &format!("{N}x{K} x{COPIES}"), bytes, 30, || {
+                    ops::matvec_as(&cuda, pick(), &x, &mut y, tokens, acts)?;
+                    Ok(())
+                })?;
+            }
         }
         b.measure(
             &format!("dequantize {dtype}"),
@@ -114,11 +131,14 @@ pub fn run(b: &mut Bench) -> R<()> {
             let ws = device_weights(&cuda, dtype, n, k)?;
             let next = Cell::new(0usize);
             let bytes = ws[0].byte_len() as f64 + ((k + n) * 4) as f64;
-            b.measure(&format!("matvec {dtype} t1"), &format!("{n}x{k} x{COPIES}"), bytes, 30, || {
-                next.set(next.get() + 1);
-                ops::matvec(&cuda, &ws[next.get() % COPIES], &x, &mut y, 1)?;
-                Ok(())
-            })?;
+            for &acts in acts_of(dtype) {
+                let name = format!("matvec {dtype} t1{}", acts_suffix(acts));
+                b.measure(&name, &format!("{n}x{k} x{COPIES}"), bytes, 30, || {
+                    next.set(next.get() + 1);
+                    ops::matvec_as(&cuda, &ws[next.get() % COPIES], &x, &mut y, 1, acts)?;
+                    Ok(())
+                })?;
+            }
         }
     }
     Ok(())
