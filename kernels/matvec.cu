@@ -1,7 +1,11 @@
 // Dequantizing matrix-vector products: y[t, r] = sum_c W[r, c] * x[t, c] for a row-major weight
 // W [n, k] of any strata dtype (f32, f16, bf16, q8_0, q4_0, q4_1, q4_k, q6_k; ggml block layouts,
-// see quant.cuh), f32 activations x [tokens, k] and outputs y [tokens, n], f32 accumulation. The
-// activations stay f32: no quantization of x.
+// see quant.cuh), f32 activations x [tokens, k] and outputs y [tokens, n], f32 accumulation.
+// Float weights multiply x as it is. Block-quantized weights take one of two paths:
+// - integer (the _i16 kernels, the default): x quantized in the kernel to two 8-bit digits per
+//   value with a unit per block of 32, bit for bit as strata_tensor's ActQ8 (the CPU decode
+//   path's default) quantizes it, and the weights' integers multiplied with both digits by dp4a;
+// - float (kept for comparison, 1 and 2 tokens only): x kept in f32, each weight made a float.
 //
 // Launch: blocks of STRATA_MATVEC_WARPS warps; each warp owns STRATA_MATVEC_ROWS_PER_WARP
 // consecutive rows at a time, and every lane of it works on the same columns of all of its rows,
@@ -12,15 +16,18 @@
 // the grid, its weight pipeline running on from one group into the next; the block's activations
 // are staged once when a row fits one tile (else tile by tile, all warps in step). For 1 and 2
 // tokens a block has STRATA_MATVEC_WARPS_DECODE warps (one block per SM) and deeper pipelines:
-// what bounds these kernels is the weight bytes in flight per SM, not arithmetic. One kernel per dtype and token count T in {1, 2, 4, 8}: a launch computes up to T tokens
-// (p.tokens; the launcher loops over groups of 8 and rounds a group up to the next T), reading
-// each weight byte once for all of them.
+// what bounds these kernels is the weight bytes in flight per SM and the instructions per
+// weight. A kernel per dtype, path and token count T (1, 2, 4, 8; the float path of quantized
+// weights 1, 2): a launch computes up to T tokens (p.tokens; the launcher loops over groups and
+// rounds a group up to the next T), reading each weight byte once for all of them.
 //
-// - Activations: staged per block in shared memory with 4-byte cp.async copies (one round trip),
-//   in tiles of STRATA_MATVEC_XTILE / T columns (STRATA_MATVEC_XTILE_FLOAT / T for the float
-//   kernels; at least STRATA_MATVEC_XTILE_MIN), padded by 4 floats every 32 and every 256
-//   columns so that the lanes' 16-byte reads fall in distinct banks; with the sums of x over each
-//   8 columns for the block-quantized kernels of T <= 2.
+// - Activations, float path: staged per block in shared memory with 4-byte cp.async copies (one
+//   round trip), in tiles of STRATA_MATVEC_XTILE / T columns (STRATA_MATVEC_XTILE_FLOAT / T for
+//   the float kernels; at least STRATA_MATVEC_XTILE_MIN), padded by 4 floats every 32 and every
+//   256 columns so that the lanes' 16-byte reads fall in distinct banks; with the sums of x over
+//   each 8 columns for the 4- and 6-bit dtypes.
+// - Activations, integer path: the same tiles, quantized by the block as it stages them (QTile,
+//   stage_xq: a warp per block of 32 columns) into two digit arrays, a unit and a sum per block.
 // - Float weights (f32, f16, bf16): rows whose byte length is a multiple of 16 are read with
 //   16-byte streaming loads, consecutive lanes on consecutive 16 bytes, two per row in flight;
 //   other rows element by element (the _scalar kernels).
@@ -30,22 +37,25 @@
 //   tensor, never read past it), so global loads are fully coalesced whatever the block size and
 //   alignment (18, 20, 34, 144, 210 bytes). Lanes then decode from shared memory: one lane per
 //   block for q4_0 and q4_1, two for q8_0, eight per super-block for q4_k and q6_k.
-// - Integer weights become floats without a conversion instruction. For T <= 2 (decode, the
-//   bandwidth-bound case) the 4- and 6-bit values enter the FMA as they are, as subnormal floats
-//   q * 2^-149, against activations staged times 2^90: each product is q x 2^-59, rounded like
-//   any f32 product as long as |q x| >= 2^-67 (smaller ones lose bits but are below f32
-//   resolution of any sum they join), and a block's partial sum times 2^59 d gives its dot
-//   product. Offsets (q4_0's 8, q6_k's 32) and minimums (q4_1, q4_k) come from the 8-column sums
-//   of x. This needs |x| < 2^38 and subnormal arithmetic, so those FMAs are written as PTX
-//   fma.rn.f32, which keeps subnormals whatever -ftz says. q8_0, and every type for T >= 4 (arithmetic-bound: the
-//   conversion is shared by T FMAs), use the magic number 2^23 (quant.cuh), with the block scale
-//   folded into the weights for T >= 4 (fewer live registers).
+// - Integer path: a lane's weights, as bytes (nibbles masked out of their words; q6_k's 6-bit
+//   values less 32 as signed bytes), go through dp4a with both digit words of x; per block (q4_k:
+//   sub-block, q6_k: group of 8 under one scale) 256 * (high sum) + (low sum) is the integer dot
+//   product, times the weight scale and the activation unit. Offsets (q4_0's 8) and minimums
+//   (q4_1, q4_k) take the block sums of the quantized x.
+// - Float path: integer weights become floats without a conversion instruction. The 4- and 6-bit
+//   values enter the FMA as they are, as subnormal floats q * 2^-149, against activations staged
+//   times 2^90: each product is q x 2^-59, rounded like any f32 product as long as |q x| >= 2^-67
+//   (smaller ones lose bits but are below f32 resolution of any sum they join), and a block's
+//   partial sum times 2^59 d gives its dot product. Offsets (q4_0's 8, q6_k's 32) and minimums
+//   (q4_1, q4_k) come from the 8-column sums of x. This needs |x| < 2^38 and subnormal
+//   arithmetic, so those FMAs are written as PTX fma.rn.f32 (ptx.cuh), which keeps subnormals
+//   whatever -ftz says. q8_0 uses the magic number 2^23 (quant.cuh).
 //
-// The results differ from the CPU's by f32 rounding only: the order of the additions, and block
-// scales applied to partial sums rather than to each weight (and, against
-// strata_tensor::cpu::reference::matvec for block-quantized weights, by the CPU's quantization of
-// x). CPU reference: strata_tensor::cpu::reference::matmul (x as [tokens, k]), and
-// reference::matvec per token. Launchers: strata_kernels::cuda::ops::{matvec, linear}.
+// The integer path computes the integers of strata_tensor::cpu::reference::matvec (per token)
+// and differs from it by f32 rounding only: the order of the additions. The float path differs
+// from strata_tensor::cpu::reference::matmul (x as [tokens, k]) likewise. The CPU emulation in
+// kernels/emu runs these kernels unchanged against both (strata-kernels' tests/emu.rs).
+// Launchers: strata_kernels::cuda::ops::{matvec, matvec_as, linear}.
 #include "strata_common.cuh"
 #include "quant.cuh"
 #include "matvec.h"
@@ -324,15 +334,38 @@ __device__ __forceinline__ uint2 ldq8(const signed char* digits, int e) {
 // The sum of the four signed byte products of a and b, added to c.
 __device__ __forceinline__ int dp4(unsigned int a, unsigned int b, int c) { return __dp4a((int)a, (int)b, c); }
 
+// Quantizes one block of 32 activations, a value per lane of the warp (v), bit for bit as
+// strata_tensor's ActQ8::quantize with two digits: with amax = max|x| (the largest bit pattern of
+// |x|, so a NaN wins) and u = amax / 127, the high digit h = round(clamp(x * 127 / amax)), the
+// low digit l = round(clamp((x - u h) * 32512 / amax)) (ties to even, clamps to -127..127), the
+// unit u / 256 and the sum of 256 h + l; a block with amax < 2^-100 is all zeros. The _rn
+// intrinsics keep nvcc from fusing a multiply and an add, so every rounding is the CPU's. Writes
+// the lane's digits at hi[at] and lo[at], and from lane 0 the unit and the sum. Not inlined: the
+// callers' loops would otherwise carry one copy of the divisions per block they unroll.
+__device__ __noinline__ void quantize_block(float v, int lane, signed char* hi, signed char* lo, int at, float* d,
+                                            int* s) {
+    const float amax = __uint_as_float(__reduce_max_sync(0xffffffffu, __float_as_uint(v) & 0x7fffffffu));
+    const float u = __fdiv_rn(amax, 127.0f);
+    const bool negligible = amax < 0x1p-100f;
+    // 32512 / amax is exactly 256 (127 / amax): the scaling by 2^8 commutes with rounding.
+    const float ih = negligible ? 0.0f : __fdiv_rn(127.0f, amax);
+    const float il = __fmul_rn(ih, 256.0f);
+    const int h = __float2int_rn(fminf(fmaxf(__fmul_rn(v, ih), -127.0f), 127.0f));
+    const float r = __fmul_rn(__fsub_rn(v, __fmul_rn(u, (float)h)), il);
+    const int l = __float2int_rn(fminf(fmaxf(r, -127.0f), 127.0f));
+    hi[at] = (signed char)h;
+    lo[at] = (signed char)l;
+    const int sum = __reduce_add_sync(0xffffffffu, 256 * h + l);
+    if (lane == 0) {
+        *d = negligible ? 0.0f : __fdiv_rn(u, 256.0f);
+        *s = sum;
+    }
+}
+
 // Quantizes columns k0 .. k0 + kt (a multiple of 32) of the launch's x rows into the integer tile
-// (zeros for tokens at or past p.tokens), bit for bit as strata_tensor's ActQ8::quantize with two
-// digits: per block of 32 with amax = max|x| (the largest bit pattern of |x|, so a NaN wins) and
-// u = amax / 127, the high digit h = round(clamp(x * 127 / amax)), the low digit l = round(clamp(
-// (x - u h) * 32512 / amax)) (ties to even, clamps to -127..127), the unit u / 256 and the sum of
-// 256 h + l; a block with amax < 2^-100 is all zeros. The _rn intrinsics keep nvcc from fusing a
-// multiply and an add, so every rounding is the CPU's. One warp per block of 32 (a lane per
-// column), eight blocks' loads in flight per warp. Called by the whole block after a barrier;
-// ends with one.
+// (zeros for tokens at or past p.tokens), a block of 32 per warp at a time (quantize_block), with
+// eight blocks' loads in flight per warp. Called by the whole block after a barrier; ends with
+// one.
 template <int T>
 __device__ __forceinline__ void stage_xq(const MatvecParams& p, const float* __restrict__ x, unsigned int k0, int kt,
                                          unsigned char* tile) {
@@ -355,23 +388,8 @@ __device__ __forceinline__ void stage_xq(const MatvecParams& p, const float* __r
         for (int j = 0; j < BATCH; ++j) {
             const int i = i0 + j * warps, t = i / nb, b = i - t * nb;
             if (i >= total) break;  // the same for every lane of the warp
-            const float amax = __uint_as_float(__reduce_max_sync(0xffffffffu, __float_as_uint(v[j]) & 0x7fffffffu));
-            const float u = __fdiv_rn(amax, 127.0f);
-            const bool negligible = amax < 0x1p-100f;
-            // 32512 / amax is exactly 256 (127 / amax): the scaling by 2^8 commutes with rounding.
-            const float ih = negligible ? 0.0f : __fdiv_rn(127.0f, amax);
-            const float il = __fmul_rn(ih, 256.0f);
-            const int h = __float2int_rn(fminf(fmaxf(__fmul_rn(v[j], ih), -127.0f), 127.0f));
-            const float r = __fmul_rn(__fsub_rn(v[j], __fmul_rn(u, (float)h)), il);
-            const int l = __float2int_rn(fminf(fmaxf(r, -127.0f), 127.0f));
-            const int at = t * Q::STRIDE + qpad(32 * b + lane);
-            hi[at] = (signed char)h;
-            lo[at] = (signed char)l;
-            const int sum = __reduce_add_sync(0xffffffffu, 256 * h + l);
-            if (lane == 0) {
-                dd[t * Q::BLOCKS + b] = negligible ? 0.0f : __fdiv_rn(u, 256.0f);
-                ss[t * Q::BLOCKS + b] = sum;
-            }
+            quantize_block(v[j], lane, hi, lo, t * Q::STRIDE + qpad(32 * b + lane), dd + t * Q::BLOCKS + b,
+                           ss + t * Q::BLOCKS + b);
         }
     }
     __syncthreads();
@@ -430,13 +448,12 @@ __device__ __forceinline__ void lds_words_a2(const unsigned char* p, unsigned in
 __host__ __device__ constexpr int chunk_buffer(int chunk_bytes) { return (chunk_bytes + 32 + 15) / 16 * 16; }
 
 // Each format: STAGES_DECODE, its pipeline depth for 1 and 2 tokens; CHUNK_ELEMS columns per
-// pipeline step, whose CHUNK_BYTES bytes (per row) land in a
-// BUF-byte buffer; SUBNORMAL when its T <= 2 kernels use the subnormal path (and need the scaled
-// activations and their sums); unit_elem / unit_byte: where lane `lane`'s block (or super-block)
-// starts in the chunk; dot<T, SUB>: adds the lane's share of the chunk for every row and token,
-// given each row's block in shared memory and the tile column e of that block. SUB is the
-// subnormal path, else the magic number with the scales folded in (or, for q8_0 with T <= 2,
-// applied per block).
+// pipeline step, whose CHUNK_BYTES bytes (per row) land in a BUF-byte buffer; SUBNORMAL when its
+// float path uses the subnormal path (and needs the scaled activations and their sums; else the
+// magic number, with the scale applied per block); unit_elem / unit_byte: where lane `lane`'s
+// block (or super-block) starts in the chunk; dot<T> (float path) and idot<T> (integer path):
+// add the lane's share of the chunk for every row and token, given each row's block in shared
+// memory and the tile column e of that block.
 
 // q4_0: one lane per block of 32, x = (q - 8) * d.
 struct Q4_0 {
@@ -448,7 +465,7 @@ struct Q4_0 {
     __device__ static int unit_elem(int lane) { return 32 * lane; }
     __device__ static int unit_byte(int lane) { return 18 * lane; }
 
-    template <int T, bool SUB>
+    template <int T>
     __device__ static void dot(const unsigned char* const (&blk)[MV_ROWS], const float* xs, const float* xsum, int e,
                                int, float (&acc)[MV_ROWS][T]) {
         using X = XTile<T>;
@@ -477,33 +494,22 @@ struct Q4_0 {
 #pragma unroll
             for (int r = 0; r < MV_ROWS; ++r) {
                 const unsigned int lo = qs[r][i] & 0x0F0F0F0Fu, hi = (qs[r][i] >> 4) & 0x0F0F0F0Fu;
-                if constexpr (SUB) {
-                    bytes_sub(lo, wl[r]), bytes_sub(hi, wh[r]);
-                } else {
-                    bytes_magic(lo, STRATA_MAGIC + 8.0f, wl[r]), bytes_magic(hi, STRATA_MAGIC + 8.0f, wh[r]);
-#pragma unroll
-                    for (int j = 0; j < 4; ++j) wl[r][j] *= d[r], wh[r][j] *= d[r];
-                }
+                bytes_sub(lo, wl[r]), bytes_sub(hi, wh[r]);
             }
 #pragma unroll
             for (int t = 0; t < T; ++t) {
                 const float4 a = lds4(xr[t] + 4 * i), b = lds4(xr[t] + 16 + 4 * i);
 #pragma unroll
-                for (int r = 0; r < MV_ROWS; ++r) {
-                    if constexpr (SUB) part[r][t] = dot4_sub(wh[r], b, dot4_sub(wl[r], a, part[r][t]));
-                    else acc[r][t] = dot4(wh[r], b, dot4(wl[r], a, acc[r][t]));
-                }
+                for (int r = 0; r < MV_ROWS; ++r) part[r][t] = dot4_sub(wh[r], b, dot4_sub(wl[r], a, part[r][t]));
             }
         }
-        if constexpr (SUB) {
-            // sum (q - 8) x = 2^59 part - 8 sum x.
+        // sum (q - 8) x = 2^59 part - 8 sum x.
 #pragma unroll
-            for (int t = 0; t < T; ++t) {
-                const float sx = xsum32(xsum + t * X::SUMS, e);
+        for (int t = 0; t < T; ++t) {
+            const float sx = xsum32(xsum + t * X::SUMS, e);
 #pragma unroll
-                for (int r = 0; r < MV_ROWS; ++r)
-                    acc[r][t] = fmaf(d[r] * MV_UNSCALE, part[r][t], fmaf(-8.0f * d[r], sx, acc[r][t]));
-            }
+            for (int r = 0; r < MV_ROWS; ++r)
+                acc[r][t] = fmaf(d[r] * MV_UNSCALE, part[r][t], fmaf(-8.0f * d[r], sx, acc[r][t]));
         }
     }
     // The integer path: sum (q - 8) a = 256 sum(q h) + sum(q l) - 8 S, S the block's sum of a.
@@ -552,7 +558,7 @@ struct Q4_1 {
     __device__ static int unit_elem(int lane) { return 32 * lane; }
     __device__ static int unit_byte(int lane) { return 20 * lane; }
 
-    template <int T, bool SUB>
+    template <int T>
     __device__ static void dot(const unsigned char* const (&blk)[MV_ROWS], const float* xs, const float* xsum, int e,
                                int, float (&acc)[MV_ROWS][T]) {
         using X = XTile<T>;
@@ -576,32 +582,21 @@ struct Q4_1 {
 #pragma unroll
             for (int r = 0; r < MV_ROWS; ++r) {
                 const unsigned int lo = qs[r][i] & 0x0F0F0F0Fu, hi = (qs[r][i] >> 4) & 0x0F0F0F0Fu;
-                if constexpr (SUB) {
-                    bytes_sub(lo, wl[r]), bytes_sub(hi, wh[r]);
-                } else {
-                    bytes_magic(lo, STRATA_MAGIC, wl[r]), bytes_magic(hi, STRATA_MAGIC, wh[r]);
-#pragma unroll
-                    for (int j = 0; j < 4; ++j) wl[r][j] = fmaf(wl[r][j], d[r], m[r]), wh[r][j] = fmaf(wh[r][j], d[r], m[r]);
-                }
+                bytes_sub(lo, wl[r]), bytes_sub(hi, wh[r]);
             }
 #pragma unroll
             for (int t = 0; t < T; ++t) {
                 const float4 a = lds4(xr[t] + 4 * i), b = lds4(xr[t] + 16 + 4 * i);
 #pragma unroll
-                for (int r = 0; r < MV_ROWS; ++r) {
-                    if constexpr (SUB) part[r][t] = dot4_sub(wh[r], b, dot4_sub(wl[r], a, part[r][t]));
-                    else acc[r][t] = dot4(wh[r], b, dot4(wl[r], a, acc[r][t]));
-                }
+                for (int r = 0; r < MV_ROWS; ++r) part[r][t] = dot4_sub(wh[r], b, dot4_sub(wl[r], a, part[r][t]));
             }
         }
-        if constexpr (SUB) {
-            // sum (q d + m) x = 2^59 d part + m sum x.
+        // sum (q d + m) x = 2^59 d part + m sum x.
 #pragma unroll
-            for (int t = 0; t < T; ++t) {
-                const float sx = xsum32(xsum + t * X::SUMS, e);
+        for (int t = 0; t < T; ++t) {
+            const float sx = xsum32(xsum + t * X::SUMS, e);
 #pragma unroll
-                for (int r = 0; r < MV_ROWS; ++r) acc[r][t] = fmaf(d[r] * MV_UNSCALE, part[r][t], fmaf(m[r], sx, acc[r][t]));
-            }
+            for (int r = 0; r < MV_ROWS; ++r) acc[r][t] = fmaf(d[r] * MV_UNSCALE, part[r][t], fmaf(m[r], sx, acc[r][t]));
         }
     }
     // The integer path: sum (q d + m) x = d dx (256 sum(q h) + sum(q l)) + m dx S.
@@ -653,11 +648,10 @@ struct Q8_0 {
     __device__ static int unit_elem(int lane) { return 32 * (lane >> 1) + 16 * (lane & 1); }
     __device__ static int unit_byte(int lane) { return 34 * (lane >> 1); }
 
-    template <int T, bool>
+    template <int T>
     __device__ static void dot(const unsigned char* const (&blk)[MV_ROWS], const float* xs, const float*, int e,
                                int lane, float (&acc)[MV_ROWS][T]) {
         using X = XTile<T>;
-        constexpr bool FOLD = T >= 4;
         const int half = lane & 1;
         unsigned int qs[MV_ROWS][4];
         float d[MV_ROWS];
@@ -677,27 +671,18 @@ struct Q8_0 {
             for (int r = 0; r < MV_ROWS; ++r) {
                 // Bias the signed bytes by 128 to make them unsigned for the magic number.
                 bytes_magic(qs[r][i] ^ 0x80808080u, STRATA_MAGIC + 128.0f, wv[r]);
-                if constexpr (FOLD) {
-#pragma unroll
-                    for (int j = 0; j < 4; ++j) wv[r][j] *= d[r];
-                }
             }
 #pragma unroll
             for (int t = 0; t < T; ++t) {
                 const float4 a = lds4(xr[t] + 4 * i);
 #pragma unroll
-                for (int r = 0; r < MV_ROWS; ++r) {
-                    if constexpr (FOLD) acc[r][t] = dot4(wv[r], a, acc[r][t]);
-                    else part[r][t] = dot4(wv[r], a, part[r][t]);
-                }
+                for (int r = 0; r < MV_ROWS; ++r) part[r][t] = dot4(wv[r], a, part[r][t]);
             }
         }
-        if constexpr (!FOLD) {
 #pragma unroll
-            for (int r = 0; r < MV_ROWS; ++r)
+        for (int r = 0; r < MV_ROWS; ++r)
 #pragma unroll
-                for (int t = 0; t < T; ++t) acc[r][t] = fmaf(d[r], part[r][t], acc[r][t]);
-        }
+            for (int t = 0; t < T; ++t) acc[r][t] = fmaf(d[r], part[r][t], acc[r][t]);
     }
     // The integer path: the lane's 16 signed bytes against both digits, times d dx.
     template <int T>
@@ -741,7 +726,7 @@ struct Q4_K {
     __device__ static int unit_elem(int lane) { return 256 * (lane >> 3); }
     __device__ static int unit_byte(int lane) { return 144 * (lane >> 3); }
 
-    template <int T, bool SUB>
+    template <int T>
     __device__ static void dot(const unsigned char* const (&blk)[MV_ROWS], const float* xs, const float* xsum, int e,
                                int lane, float (&acc)[MV_ROWS][T]) {
         using X = XTile<T>;
@@ -772,41 +757,28 @@ struct Q4_K {
 #pragma unroll
                 for (int r = 0; r < MV_ROWS; ++r) {
                     const unsigned int word = i == 0 ? qv[r].x : i == 1 ? qv[r].y : i == 2 ? qv[r].z : qv[r].w;
-                    const unsigned int q = (word >> (4 * run)) & 0x0F0F0F0Fu;
-                    if constexpr (SUB) {
-                        bytes_sub(q, wv[r]);
-                    } else {
-                        bytes_magic(q, STRATA_MAGIC, wv[r]);
-                        const float sc = run ? dh[r] : dl[r], mn = run ? mh[r] : ml[r];
-#pragma unroll
-                        for (int b = 0; b < 4; ++b) wv[r][b] = fmaf(wv[r][b], sc, -mn);
-                    }
+                    bytes_sub((word >> (4 * run)) & 0x0F0F0F0Fu, wv[r]);
                 }
 #pragma unroll
                 for (int t = 0; t < T; ++t) {
                     const float4 a = lds4(xr[t] + 4 * i);
 #pragma unroll
-                    for (int r = 0; r < MV_ROWS; ++r) {
-                        if constexpr (SUB) part[rho][r][t] = dot4_sub(wv[r], a, part[rho][r][t]);
-                        else acc[r][t] = dot4(wv[r], a, acc[r][t]);
-                    }
+                    for (int r = 0; r < MV_ROWS; ++r) part[rho][r][t] = dot4_sub(wv[r], a, part[rho][r][t]);
                 }
             }
         }
-        if constexpr (SUB) {
-            // The minimum terms of both sub-blocks, once: by the h = 0 lane of the pair.
+        // The minimum terms of both sub-blocks, once: by the h = 0 lane of the pair.
 #pragma unroll
-            for (int t = 0; t < T; ++t) {
-                const float s0 = h == 0 ? xsum32(xsum + t * X::SUMS, e + 64 * c) : 0.0f;
-                const float s1 = h == 0 ? xsum32(xsum + t * X::SUMS, e + 64 * c + 32) : 0.0f;
+        for (int t = 0; t < T; ++t) {
+            const float s0 = h == 0 ? xsum32(xsum + t * X::SUMS, e + 64 * c) : 0.0f;
+            const float s1 = h == 0 ? xsum32(xsum + t * X::SUMS, e + 64 * c + 32) : 0.0f;
 #pragma unroll
-                for (int r = 0; r < MV_ROWS; ++r) {
-                    const float pl = h ? part[1][r][t] : part[0][r][t];
-                    const float ph = h ? part[0][r][t] : part[1][r][t];
-                    float v = fmaf(dl[r] * MV_UNSCALE, pl, (dh[r] * MV_UNSCALE) * ph);
-                    v = fmaf(-ml[r], s0, fmaf(-mh[r], s1, v));
-                    acc[r][t] += v;
-                }
+            for (int r = 0; r < MV_ROWS; ++r) {
+                const float pl = h ? part[1][r][t] : part[0][r][t];
+                const float ph = h ? part[0][r][t] : part[1][r][t];
+                float v = fmaf(dl[r] * MV_UNSCALE, pl, (dh[r] * MV_UNSCALE) * ph);
+                v = fmaf(-ml[r], s0, fmaf(-mh[r], s1, v));
+                acc[r][t] += v;
             }
         }
     }
@@ -882,7 +854,7 @@ struct Q6_K {
     __device__ static int unit_elem(int lane) { return 256 * (lane >> 3); }
     __device__ static int unit_byte(int lane) { return 210 * (lane >> 3); }
 
-    template <int T, bool SUB>
+    template <int T>
     __device__ static void dot(const unsigned char* const (&blk)[MV_ROWS], const float* xs, const float* xsum, int e,
                                int lane, float (&acc)[MV_ROWS][T]) {
         using X = XTile<T>;
@@ -919,34 +891,22 @@ struct Q6_K {
 #pragma unroll
                 for (int r = 0; r < MV_ROWS; ++r) {
                     const unsigned int lo = ((i & 1) ? qb[r][wi] : qa[r][wi]) >> nsh;
-                    const unsigned int q = (lo & 0x0F0F0F0Fu) | (((qh[r][wi] >> hsh) & 0x03030303u) << 4);
-                    if constexpr (SUB) {
-                        bytes_sub(q, wv[r]);
-                    } else {
-                        bytes_magic(q, STRATA_MAGIC + 32.0f, wv[r]);
-#pragma unroll
-                        for (int b = 0; b < 4; ++b) wv[r][b] *= ds[r];
-                    }
+                    bytes_sub((lo & 0x0F0F0F0Fu) | (((qh[r][wi] >> hsh) & 0x03030303u) << 4), wv[r]);
                 }
 #pragma unroll
                 for (int t = 0; t < T; ++t) {
                     const float4 a = lds4(xr[t] + 4 * wi);
 #pragma unroll
-                    for (int r = 0; r < MV_ROWS; ++r) {
-                        if constexpr (SUB) part[r][t] = dot4_sub(wv[r], a, part[r][t]);
-                        else acc[r][t] = dot4(wv[r], a, acc[r][t]);
-                    }
+                    for (int r = 0; r < MV_ROWS; ++r) part[r][t] = dot4_sub(wv[r], a, part[r][t]);
                 }
             }
-            if constexpr (SUB) {
-                // sum (q - 32) x = 2^59 part - 32 sum x, times the sub-block's scale.
+            // sum (q - 32) x = 2^59 part - 32 sum x, times the sub-block's scale.
 #pragma unroll
-                for (int t = 0; t < T; ++t) {
-                    const float sx = xsum[t * X::SUMS + col / 8];
+            for (int t = 0; t < T; ++t) {
+                const float sx = xsum[t * X::SUMS + col / 8];
 #pragma unroll
-                    for (int r = 0; r < MV_ROWS; ++r)
-                        acc[r][t] = fmaf(ds[r] * MV_UNSCALE, part[r][t], fmaf(-32.0f * ds[r], sx, acc[r][t]));
-                }
+                for (int r = 0; r < MV_ROWS; ++r)
+                    acc[r][t] = fmaf(ds[r] * MV_UNSCALE, part[r][t], fmaf(-32.0f * ds[r], sx, acc[r][t]));
             }
         }
     }
@@ -1004,7 +964,8 @@ template <class F, int T, bool INT>
 __device__ __forceinline__ void mv_quant(const MatvecParams& p, const unsigned char* __restrict__ w,
                                          const float* __restrict__ x, float* __restrict__ y) {
     using X = XTile<T>;
-    constexpr bool SUB = !INT && F::SUBNORMAL && T <= 2;
+    static_assert(INT || T <= 2, "the float path of block-quantized weights has kernels for 1 and 2 tokens");
+    constexpr bool SUB = !INT && F::SUBNORMAL;
     constexpr int TILE = INT ? QTile<T>::BYTES : 4 * (T * X::STRIDE + T * X::SUMS);
     constexpr int WARPS = T <= 2 ? STRATA_MATVEC_WARPS_DECODE : STRATA_MATVEC_WARPS;
     constexpr int STAGES = T <= 2 ? F::STAGES_DECODE : STRATA_MATVEC_STAGES;
@@ -1065,7 +1026,8 @@ __device__ __forceinline__ void mv_quant(const MatvecParams& p, const unsigned c
                     cp_async16(d + L, src + L, 16 * lane + L < ((unsigned int)g & 15u) + F::CHUNK_BYTES);
                 }
             } else {
-#pragma unroll
+            // The rest (a row's last chunk, the last group, the end of the tensor), rarer: a loop.
+#pragma unroll 1
             for (int r = 0; r < MV_ROWS; ++r) {
                 const unsigned int row = row0 + r;
                 if (row >= p.rows) continue;
@@ -1098,7 +1060,8 @@ __device__ __forceinline__ void mv_quant(const MatvecParams& p, const unsigned c
         if (++s_chunk == chunks) s_chunk = 0, s_group += stride;
     };
 
-#pragma unroll
+    // A loop, not unrolled: one copy of the staging code rather than one per step.
+#pragma unroll 1
     for (int s = 0; s < STAGES - 1; ++s) stage();
     // Stages columns k0 .. k0 + kt of the activations.
     auto stage_acts = [&](unsigned int k0, int kt) {
@@ -1124,7 +1087,7 @@ __device__ __forceinline__ void mv_quant(const MatvecParams& p, const unsigned c
             for (int r = 0; r < MV_ROWS; ++r) blk[r] = buf + r * F::BUF + ((g_lo + r * row_lo) & 15u) + F::unit_byte(lane);
             const int e = (int)(e0 % X::KT) + ue;
             if constexpr (INT) F::template idot<T>(blk, qact<T>(tile), e, lane, acc);
-            else F::template dot<T, SUB>(blk, xs, xsum, e, lane, acc);
+            else F::template dot<T>(blk, xs, xsum, e, lane, acc);
         }
         __syncwarp();
         stage();
@@ -1149,11 +1112,11 @@ __device__ __forceinline__ void mv_quant(const MatvecParams& p, const unsigned c
         CALL;                                                                                                    \
     }
 
+// The integer kernels for 1, 2, 4 and 8 tokens, and the float ones for 1 and 2 (kept for
+// comparison; the launcher runs them in launches of up to 2 tokens).
 #define MV_QUANT(name, F)                                                                \
     MV_ENTRY(name, 1, (MV_THREADS_DECODE), (mv_quant<F, 1, false>(p, w, x, y)))            \
     MV_ENTRY(name, 2, (MV_THREADS_DECODE), (mv_quant<F, 2, false>(p, w, x, y)))            \
-    MV_ENTRY(name, 4, (MV_THREADS), (mv_quant<F, 4, false>(p, w, x, y)))                   \
-    MV_ENTRY(name, 8, (MV_THREADS), (mv_quant<F, 8, false>(p, w, x, y)))                   \
     MV_ENTRY(name##_i16, 1, (MV_THREADS_DECODE, 1), (mv_quant<F, 1, true>(p, w, x, y)))       \
     MV_ENTRY(name##_i16, 2, (MV_THREADS_DECODE, 1), (mv_quant<F, 2, true>(p, w, x, y)))       \
     MV_ENTRY(name##_i16, 4, (MV_THREADS), (mv_quant<F, 4, true>(p, w, x, y)))              \

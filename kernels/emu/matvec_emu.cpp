@@ -8,10 +8,8 @@
 // (y's values before the launch); OUT receives y after it. Little-endian, no padding. The grid is
 // BLOCKS blocks of THREADS threads with SMEM bytes of dynamic shared memory, filled with a 0xA5
 // pattern before each block so that a read of unwritten shared memory shows.
-#include "cuda_emu.h"
-
-#include "matvec.cu"
-
+// The standard headers first: cuda_emu.h defines CUDA's keywords as macros, which must not
+// reach them.
 #include <dlfcn.h>
 
 #include <cstdio>
@@ -19,6 +17,10 @@
 #include <memory>
 #include <thread>
 #include <vector>
+
+#include "cuda_emu.h"
+
+#include "matvec.cu"
 
 using Kernel = void (*)(MatvecParams, const unsigned char*, const float*, float*);
 

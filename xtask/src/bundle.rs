@@ -3,9 +3,9 @@
 //! 60 MB:
 //!
 //! - `bin/strata` (the CLI with `--features cuda`), `bin/kernel_bench`, `bin/xtask` (for
-//!   `synth-model`), release builds with debug info stripped;
+//!   `synth-model`), release builds stripped of debug info and symbols;
 //! - `tests/*`: the test binaries of strata-kernels and strata-tests' `cuda_models`, built with
-//!   `--features cuda --no-run`;
+//!   `--features cuda --no-run`, stripped of debug info (their symbols kept for backtraces);
 //! - `ptx/*.ptx`: the kernels as embedded in those binaries (for inspection with cuobjdump or
 //!   ptxas on that machine);
 //! - `fixtures/`: the committed test fixtures the tests read (`STRATA_FIXTURES_DIR`);
@@ -18,8 +18,9 @@ use anyhow::{Context, Result, bail, ensure};
 
 use crate::{cargo, kernels, workspace_root};
 
-/// The bundle must fit the GPU machine's transfer with room to spare.
-const MAX_BUNDLE_BYTES: u64 = 60 << 20;
+/// The bound, 60 MB: the bundle must fit the GPU machine's transfer (64 MiB) with room
+/// to spare.
+const MAX_BUNDLE_BYTES: u64 = 60_000_000;
 
 /// The GPU machine's run script, copied into the bundle.
 const RUN_SH: &str = include_str!("bundle_run.sh");
@@ -79,8 +80,11 @@ pub fn run(args: &[String]) -> Result<()> {
     for (sub, name, path) in &executables {
         let dst = out.join(sub).join(name);
         std::fs::copy(path, &dst).with_context(|| format!("copying {}", path.display()))?;
-        // Debug info is most of a release binary's size; the GPU machine needs none of it.
-        let status = Command::new("strip").arg("--strip-debug").arg(&dst).status().context("running strip")?;
+        // Debug info is most of a release binary's size; the GPU machine needs none of it. The
+        // test binaries keep their symbols, for readable backtraces of a failing test; the
+        // tools (bin/) lose them too.
+        let strip = if *sub == "tests" { "--strip-debug" } else { "--strip-all" };
+        let status = Command::new("strip").arg(strip).arg(&dst).status().context("running strip")?;
         ensure!(status.success(), "strip failed on {}", dst.display());
     }
     for ptx in newest_ptx(&root.join("target/release/build"))? {

@@ -198,6 +198,137 @@ pub fn run(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The pinned nvdisasm (PyPI) that `cargo xtask kernels --sass` installs into the nvcc venv.
+pub const NVDISASM_PACKAGE: &str = "nvidia-cuda-nvdisasm==13.5.37";
+
+/// nvdisasm next to nvcc, or installed into the cached venv.
+fn ensure_nvdisasm(nvcc: &Path) -> Result<PathBuf> {
+    let beside = nvcc.with_file_name("nvdisasm");
+    if beside.is_file() {
+        return Ok(beside);
+    }
+    let venv = cache_dir().join("nvcc-venv");
+    let find = || {
+        std::fs::read_dir(venv.join("lib"))
+            .ok()?
+            .flatten()
+            .map(|e| e.path().join("site-packages/nvidia/cu13/bin/nvdisasm"))
+            .find(|p| p.is_file())
+    };
+    if let Some(p) = find() {
+        return Ok(p);
+    }
+    ensure!(venv.join("bin/python").exists(), "no venv at {} to install nvdisasm into", venv.display());
+    eprintln!("xtask kernels: installing {NVDISASM_PACKAGE} from PyPI into {}", venv.display());
+    let status = Command::new(venv.join("bin/python"))
+        .args(["-m", "pip", "install", "--progress-bar", "on", NVDISASM_PACKAGE])
+        .status()
+        .context("running pip install for nvdisasm")?;
+    ensure!(status.success(), "pip install {NVDISASM_PACKAGE} failed ({status})");
+    find().with_context(|| format!("pip installed nvdisasm, but it is not under {}", venv.display()))
+}
+
+/// One SASS instruction line of nvdisasm's output: `/*0a30*/  @P0 OPCODE.MODS operands ;`.
+fn sass_instruction(line: &str) -> Option<&str> {
+    let rest = line.trim_start().strip_prefix("/*")?;
+    let (addr, text) = rest.split_once("*/")?;
+    if addr.is_empty() || !addr.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let text = text.trim();
+    (!text.is_empty()).then_some(text)
+}
+
+/// The instructions a warp issues per pipeline step in the common case of a block-quantized
+/// matvec kernel's main loop, read off its SASS as (dot product, staging): the path from the wait
+/// for the step's chunk (`DEPBAR.LE SB0, <stages - 2>`) to the commit of the next chunk's copies
+/// (`LDGDEPBAR`), taking every unconditional branch and no conditional one (the fast path: the
+/// compiler lays the rare cases out behind branches); the dot product is the part up to its
+/// `if`'s end (the first `BSYNC`). `None` when the code does not have that shape.
+pub fn main_loop_step(sass: &[&str], depbar: &str) -> Option<(usize, usize)> {
+    let wait = format!("DEPBAR.LE SB0, {depbar}");
+    let labels: std::collections::HashMap<&str, usize> = sass
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| l.trim().strip_suffix(':').filter(|n| n.starts_with(".L")).map(|n| (n, i)))
+        .collect();
+    let mut at = sass.iter().position(|l| l.contains(&wait))?;
+    let (mut count, mut dot) = (0, None);
+    for _ in 0..sass.len() {
+        let line = sass.get(at)?;
+        at += 1;
+        if dot.is_none() && line.contains("BSYNC") {
+            dot = Some(count);
+        }
+        let Some(text) = sass_instruction(line) else { continue };
+        count += 1;
+        if text.starts_with("LDGDEPBAR") {
+            let dot = dot?;
+            return Some((dot, count - dot));
+        }
+        if let Some(target) = text.strip_prefix("BRA `(").and_then(|t| t.split(')').next()) {
+            at = *labels.get(target)?;
+        }
+    }
+    None
+}
+
+/// `cargo xtask kernels --sass`: compiles kernels/matvec.cu to PTX as the build script does, then
+/// to sm_90 code as the driver would, disassembles it, and prints the instructions per weight of
+/// the one-token block-quantized kernels' main loop, for both activation paths: the issue rate
+/// these kernels need, a measure that needs no GPU.
+pub fn sass(root: &Path) -> Result<()> {
+    let nvcc = ensure_nvcc()?;
+    let ptxas = nvcc.with_file_name("ptxas");
+    let nvdisasm = ensure_nvdisasm(&nvcc)?;
+    let tmp = env::temp_dir().join(format!("strata-sass-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp)?;
+    let (ptx, cubin) = (tmp.join("matvec.ptx"), tmp.join("matvec.cubin"));
+    let run = |cmd: &mut Command, what: &str| -> Result<Vec<u8>> {
+        let out = cmd.output().with_context(|| format!("running {what}"))?;
+        ensure!(out.status.success(), "{what} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        Ok(out.stdout)
+    };
+    run(
+        Command::new(&nvcc)
+            .args(["--ptx", "-arch=compute_80", "-O3", "-std=c++17", "-I"])
+            .arg(root.join("kernels/include"))
+            .arg("-o")
+            .arg(&ptx)
+            .arg(root.join("kernels/matvec.cu")),
+        "nvcc",
+    )?;
+    run(Command::new(&ptxas).args(["-arch=sm_90", "-O3"]).arg(&ptx).arg("-o").arg(&cubin), "ptxas")?;
+    let sass = String::from_utf8(run(Command::new(&nvdisasm).arg("-c").arg(&cubin), "nvdisasm")?)?;
+    let _ = std::fs::remove_dir_all(&tmp);
+    let mut functions: std::collections::HashMap<&str, Vec<&str>> = Default::default();
+    let mut current = None;
+    for line in sass.lines() {
+        if let Some(name) = line.strip_prefix(".text.").and_then(|l| l.strip_suffix(':')) {
+            current = Some(name);
+        } else if let Some(name) = current {
+            functions.entry(name).or_default().push(line);
+        }
+    }
+    println!("one-token main loop of kernels/matvec.cu (sm_90): instructions per warp and step, per weight");
+    println!("{:<7} {:>5}  {:>22}  {:>22}", "dtype", "w/st", "f32 path: dot+stage", "integer path: dot+stage");
+    // Weights a lane covers per step (four rows): a block of 32 (q8_0: half a block), or an
+    // eighth of a super-block of 256.
+    for (dtype, per_step, depbar) in
+        [("q4_0", 128, "0x2"), ("q4_1", 128, "0x2"), ("q8_0", 64, "0x2"), ("q4_k", 128, "0x2"), ("q6_k", 128, "0x1")]
+    {
+        let mut cells = Vec::new();
+        for kernel in [format!("matvec_{dtype}_t1"), format!("matvec_{dtype}_i16_t1")] {
+            let code = functions.get(kernel.as_str()).with_context(|| format!("no kernel {kernel} in the SASS"))?;
+            let (dot, stage) = main_loop_step(code, depbar)
+                .with_context(|| format!("{kernel}: no main loop of the expected shape in the SASS"))?;
+            cells.push(format!("{dot}+{stage} = {:.2}/w", (dot + stage) as f64 / per_step as f64));
+        }
+        println!("{dtype:<7} {per_step:>5}  {:>22}  {:>22}", cells[0], cells[1]);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,5 +359,31 @@ ptxas info    : Used 10 registers, used 0 barriers, 380 bytes cmem[0]
     #[test]
     fn the_pins_are_one_cuda_release() {
         assert!(NVCC_PACKAGES.iter().all(|p| p.contains("==13.0.")), "{NVCC_PACKAGES:?}");
+    }
+
+    #[test]
+    fn finds_the_main_loop_step_in_sass() {
+        let sass = [
+            "        /*0100*/                   MOV R1, c[0x0][0x28] ;",
+            "        /*0110*/                   DEPBAR.LE SB0, 0x2 ;",
+            "        /*0120*/               @P0 BRA `(.L_x_2) ;",
+            "        /*0130*/                   IDP.4A.S8.S8 R2, R3, R4, RZ ;",
+            ".L_x_2:",
+            "        /*0140*/                   BSYNC B0 ;",
+            "        /*0150*/                   IADD3 R5, R5, 0x1, RZ ;",
+            "        /*0160*/                   LDGSTS.E.BYPASS.128 [R6+0x5000], desc[UR8][R8.64] ;",
+            "        /*0170*/              @!P1 BRA `(.L_x_3) ;",
+            "        /*0180*/                   BRA `(.L_x_4) ;",
+            ".L_x_3:",
+            "        /*0190*/                   NOP ;",
+            ".L_x_4:",
+            "        /*01a0*/                   LDGDEPBAR ;",
+        ];
+        // Dot: the wait, the branch, the IDP; staging: BSYNC, IADD3, LDGSTS, the two branches
+        // (the conditional one not taken), the commit; the NOP jumped over.
+        assert_eq!(main_loop_step(&sass, "0x2"), Some((3, 6)));
+        assert_eq!(main_loop_step(&sass, "0x1"), None);
+        assert_eq!(sass_instruction(sass[3]), Some("IDP.4A.S8.S8 R2, R3, R4, RZ ;"));
+        assert_eq!(sass_instruction(".L_x_2:"), None);
     }
 }

@@ -40,8 +40,10 @@ commands:
                               (shapes: tinyllama-1.1b, llama-3-8b, smollm2-135m; safetensors: f32, f16, bf16
                               into the directory PATH; gguf, or PATH ending in .gguf: also q8_0, q4_0, q4_1,
                               q4_k, q6_k)
-  kernels                     install the pinned nvcc (PyPI, cached venv) if none is found, compile every
-                              kernels/*.cu to PTX, and print each kernel's registers and shared memory (sm_90)
+  kernels [--sass]            install the pinned nvcc (PyPI, cached venv) if none is found, compile every
+                              kernels/*.cu to PTX, and print each kernel's registers and shared memory (sm_90);
+                              --sass: the instructions per weight of the one-token quantized matvec main loop
+                              (installs the pinned nvdisasm from PyPI)
   device-bundle [--out DIR]   build the GPU test binaries, the CLI, kernel_bench, PTX and run.sh into one
                               folder (default bundle/) to run on a GPU machine with no Rust
   corpus                      fetch a long public-domain text for perplexity (Pride and Prejudice, from the
@@ -94,10 +96,11 @@ fn run(args: &[String]) -> Result<()> {
             fuzz::run(target, seconds)
         }
         Some("synth-model") => synth_model(rest),
-        Some("kernels") => {
-            no_arguments("kernels", rest)?;
-            kernels::run(&workspace_root())
-        }
+        Some("kernels") => match rest {
+            [] => kernels::run(&workspace_root()),
+            [flag] if flag == "--sass" => kernels::sass(&workspace_root()),
+            _ => bail!("kernels takes no arguments but --sass, got {rest:?}"),
+        },
         Some("device-bundle") => bundle::run(rest),
         Some("corpus") => {
             no_arguments("corpus", rest)?;

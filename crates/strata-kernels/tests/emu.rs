@@ -110,7 +110,7 @@ fn run(kernel: &str, w: &Tensor, x: &[f32], tokens: usize, blocks: usize, thread
     y.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
 }
 
-/// Every block-quantized kernel, both activation paths, on shapes that end a pipeline chunk
+/// Every block-quantized kernel, both activation paths (the float one at 1 and 2 tokens), on shapes that end a pipeline chunk
 /// early, leave a partial group of rows, span several activation tiles, and need more than one
 /// pass of the persistent grid over the rows; activations with an outlier per block of 32. The
 /// integer kernels quantize x as the CPU's decode path does, so they match `reference::matvec`
@@ -149,6 +149,9 @@ fn emulated_quantized_matvec_kernels_match_the_cpu_references() {
                 // Two blocks at most: the warps' groups of rows then take several rounds.
                 let blocks = n.div_ceil(ROWS_PER_WARP).div_ceil(warps).min(2);
                 for (suffix, want, relative) in [("_i16", &two, 1e-6), ("", &float, 1e-4)] {
+                    if suffix.is_empty() && t > 2 {
+                        continue; // the float kernels take 1 or 2 tokens
+                    }
                     let kernel = format!("matvec_{}{suffix}_t{t}", dtype.name());
                     let got = run(&kernel, &w, &x, tokens, blocks, warps * 32);
                     assert!(got[tokens * n..].iter().all(|&v| v == -7.0), "{kernel}: wrote past token {tokens}");

@@ -28,7 +28,8 @@ pub const MATVEC_MAX_TOKENS: usize = STRATA_MATVEC_MAX_TOKENS as usize;
 
 const ROWS_PER_WARP: usize = STRATA_MATVEC_ROWS_PER_WARP as usize;
 
-/// The kernel names of one dtype for 1, 2, 4 and 8 tokens.
+/// The kernel names of one dtype for 1, 2, 4 and 8 tokens (with `decode`, for 1 and 2 only,
+/// repeated in the places of 4 and 8, which the launcher then never takes).
 macro_rules! kernels {
     ($name:literal) => {
         [
@@ -36,6 +37,14 @@ macro_rules! kernels {
             concat!("matvec_", $name, "_t2"),
             concat!("matvec_", $name, "_t4"),
             concat!("matvec_", $name, "_t8"),
+        ]
+    };
+    ($name:literal, decode) => {
+        [
+            concat!("matvec_", $name, "_t1"),
+            concat!("matvec_", $name, "_t2"),
+            concat!("matvec_", $name, "_t2"),
+            concat!("matvec_", $name, "_t2"),
         ]
     };
 }
@@ -51,7 +60,9 @@ pub enum MatvecActs {
     /// [`MatvecActs::F32`].
     #[default]
     TwoDigits,
-    /// Kept in f32: each weight decoded to a float and multiplied with an FMA.
+    /// Kept in f32: each weight decoded to a float and multiplied with an FMA. These kernels
+    /// exist for one and two tokens (more go in launches of two), with the deep pipelines that
+    /// need Hopper's 227 KiB of shared memory per block: for comparison with the integer path.
     F32,
 }
 
@@ -62,6 +73,11 @@ impl MatvecActs {
     /// Whether the kernels for `dtype` take the integer path.
     fn integer(self, dtype: DType) -> bool {
         self == MatvecActs::TwoDigits && dtype.is_quantized()
+    }
+
+    /// The most tokens one launch of the kernels for `dtype` takes.
+    fn max_tokens(self, dtype: DType) -> usize {
+        if dtype.is_quantized() && self == MatvecActs::F32 { 2 } else { MATVEC_MAX_TOKENS }
     }
 }
 
@@ -87,11 +103,11 @@ fn kernel_names(dtype: DType, k: usize, acts: MatvecActs) -> [&'static str; 4] {
         (DType::F16, false) => kernels!("f16_scalar"),
         (DType::BF16, true) => kernels!("bf16"),
         (DType::BF16, false) => kernels!("bf16_scalar"),
-        (DType::Q8_0, _) => kernels!("q8_0"),
-        (DType::Q4_0, _) => kernels!("q4_0"),
-        (DType::Q4_1, _) => kernels!("q4_1"),
-        (DType::Q4K, _) => kernels!("q4_k"),
-        (DType::Q6K, _) => kernels!("q6_k"),
+        (DType::Q8_0, _) => kernels!("q8_0", decode),
+        (DType::Q4_0, _) => kernels!("q4_0", decode),
+        (DType::Q4_1, _) => kernels!("q4_1", decode),
+        (DType::Q4K, _) => kernels!("q4_k", decode),
+        (DType::Q6K, _) => kernels!("q6_k", decode),
     }
 }
 
@@ -207,10 +223,22 @@ where
     let names = kernel_names(w.dtype(), k, acts);
     let (wp, xp, yp) = (ptr(cuda, bytes), ptr(cuda, x), ptr_mut(cuda, y));
     let limit = shared_limit(cuda)?;
-    for t0 in (0..tokens).step_by(MATVEC_MAX_TOKENS) {
-        let group = (tokens - t0).min(MATVEC_MAX_TOKENS);
+    let per_launch = acts.max_tokens(w.dtype());
+    for t0 in (0..tokens).step_by(per_launch) {
+        let group = (tokens - t0).min(per_launch);
         let mut t = group.next_power_of_two();
         if shared_bytes(w.dtype(), t, acts) > limit {
+            if per_launch < 4 {
+                let need = shared_bytes(w.dtype(), t, acts);
+                return Err(Error::invalid(
+                    op,
+                    format!(
+                        "the f32-activation kernels for {} need {need} bytes of shared memory per block; this device \
+                         allows {limit} (the default two-digit activations run here)",
+                        w.dtype()
+                    ),
+                ));
+            }
             // The decode kernels' deep pipelines need Hopper's shared memory; elsewhere the
             // 4-token kernel does (it takes any count of tokens up to 4).
             t = 4;
