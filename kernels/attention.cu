@@ -116,7 +116,7 @@ __device__ __forceinline__ void decode_stage(const AttnDecodeParams& p, const un
 
 extern "C" __global__ void __launch_bounds__(STRATA_ATTN_DECODE_THREADS)
     attention_decode_f32(AttnDecodeParams p, const float* q, const unsigned long long* table, float* part, float* out) {
-    extern __shared__ float4 decode_smem[];
+    STRATA_DYNAMIC_SMEM(float4, decode_smem);
     float* smem = reinterpret_cast<float*>(decode_smem);
     const unsigned int D = p.head_dim, D4 = D / 4, TK = p.key_tile, NH = p.heads_per_block;
     const unsigned int stride = D + 4;  // padded tile row: float4 reads of 8 rows hit 32 banks
@@ -242,8 +242,8 @@ extern "C" __global__ void __launch_bounds__(STRATA_ATTN_DECODE_THREADS)
 
 extern "C" __global__ void __launch_bounds__(STRATA_ATTN_COMBINE_THREADS)
     attention_decode_combine_f32(AttnDecodeParams p, const float* part, float* out) {
-    __shared__ float scratch[32];
-    extern __shared__ float4 combine_smem[];
+    STRATA_SHARED float scratch[32];
+    STRATA_DYNAMIC_SMEM(float4, combine_smem);
     const unsigned int h = blockIdx.x, D4 = p.head_dim / 4, C = p.n_chunks, H = p.n_heads, tid = threadIdx.x;
     const unsigned int groups = blockDim.x / D4;  // chunk groups summed in parallel
     float4* sums = combine_smem;                                    // [groups][D4]
@@ -290,7 +290,7 @@ template <int NC4, int BN>
 __device__ __forceinline__ void prefill(const AttnPrefillParams& p, const float* q, const unsigned long long* table,
                                         float* out) {
     constexpr unsigned int BM = PREFILL_BM, NJ = BN / 16, PS = BN + 16;  // PS: 2 rows per warp on 32 banks
-    extern __shared__ float4 prefill_smem[];
+    STRATA_DYNAMIC_SMEM(float4, prefill_smem);
     float* smem = reinterpret_cast<float*>(prefill_smem);
     const unsigned int D = p.head_dim, D4 = D / 4, stride = D + 4, stride4 = stride / 4;
     float* qs = smem;               // [BM][stride] queries

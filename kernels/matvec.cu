@@ -219,7 +219,7 @@ __device__ __forceinline__ void mv_float_vec(const MatvecParams& p, const unsign
     using X = XTile<T, STRATA_MATVEC_XTILE_FLOAT>;
     constexpr int ES = DT == STRATA_DTYPE_F32 ? 4 : 2;
     constexpr int E = 16 / ES;
-    extern __shared__ float4 smem[];
+    STRATA_DYNAMIC_SMEM(float4, smem);
     float* xs = reinterpret_cast<float*>(smem);
     check_smem(T * X::STRIDE * 4);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -255,7 +255,7 @@ template <int DT, int T>
 __device__ __forceinline__ void mv_float_scalar(const MatvecParams& p, const unsigned char* __restrict__ w,
                                                 const float* __restrict__ x, float* __restrict__ y) {
     using X = XTile<T, STRATA_MATVEC_XTILE_FLOAT>;
-    extern __shared__ float4 smem[];
+    STRATA_DYNAMIC_SMEM(float4, smem);
     float* xs = reinterpret_cast<float*>(smem);
     check_smem(T * X::STRIDE * 4);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -976,7 +976,7 @@ __device__ __forceinline__ void mv_quant(const MatvecParams& p, const unsigned c
     constexpr int COPIES = (PIECES + 31) / 32;
     static_assert(16 * PIECES <= F::BUF, "the buffer holds every piece");
     static_assert(512 * (COPIES - 1) <= F::CHUNK_BYTES, "a full chunk needs every copy but the last");
-    extern __shared__ float4 smem[];
+    STRATA_DYNAMIC_SMEM(float4, smem);
     unsigned char* tile = reinterpret_cast<unsigned char*>(smem);
     float* xs = reinterpret_cast<float*>(smem);
     float* xsum = xs + T * X::STRIDE;

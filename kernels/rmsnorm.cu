@@ -14,7 +14,7 @@
 #define RMSNORM_VECS 8
 
 extern "C" __global__ void rmsnorm_f32(RmsNormParams p, const float* x, const float* w, float* out) {
-    __shared__ float scratch[32];
+    STRATA_SHARED float scratch[32];
     const long long row = blockIdx.x;
     if (row >= p.rows) return;
     const float* xr = x + row * p.cols;

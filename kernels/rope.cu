@@ -23,7 +23,7 @@
 template <typename T>
 __device__ __forceinline__ void rope_qk(const RopeParams& p, T* q, T* k, const unsigned int* positions,
                                         const float* inv_freq) {
-    extern __shared__ float table[];  // cos[0..n_pairs), then sin[0..n_pairs)
+    STRATA_DYNAMIC_SMEM(float, table);  // cos[0..n_pairs), then sin[0..n_pairs)
     const unsigned int t = blockIdx.x;
     const unsigned int n = p.n_pairs;
     const float pos = __uint2float_rn(positions[t]);

@@ -72,7 +72,7 @@ __device__ __forceinline__ void online_warp(float& m, float& s) {
 
 template <bool PER_WARP>
 __device__ __forceinline__ void softmax_rows(const SoftmaxParams& p, float* x) {
-    __shared__ float scratch_m[STRATA_WARP], scratch_s[STRATA_WARP];
+    STRATA_SHARED float scratch_m[STRATA_WARP], scratch_s[STRATA_WARP];
     const RowSlot slot = row_slot<PER_WARP>();
     if (slot.row >= p.rows) return;  // whole warps only (PER_WARP), or never (a block per row)
     float* xr = x + slot.row * p.row_len;
@@ -151,8 +151,8 @@ __device__ __forceinline__ void argmax_warp(float& best, unsigned int& at) {
 
 template <bool PER_WARP>
 __device__ __forceinline__ void argmax_rows(const SoftmaxParams& p, const float* x, unsigned int* out) {
-    __shared__ float scratch_v[STRATA_WARP];
-    __shared__ unsigned int scratch_i[STRATA_WARP];
+    STRATA_SHARED float scratch_v[STRATA_WARP];
+    STRATA_SHARED unsigned int scratch_i[STRATA_WARP];
     const RowSlot slot = row_slot<PER_WARP>();
     if (slot.row >= p.rows) return;
     const float* xr = x + slot.row * p.row_len;

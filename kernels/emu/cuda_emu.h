@@ -44,8 +44,11 @@ inline dim3 gridDim, blockDim;
 #define threadIdx (emu.thread)
 #define blockIdx (emu.block)
 
-// The dynamic shared memory of the running block (blocks run one at a time).
-alignas(16) inline float4 smem[227 * 1024 / 16];
+// The dynamic shared memory of the running block (blocks run one at a time), and the kernels'
+// shared arrays: a static local is one copy for all the threads of the running block.
+alignas(16) inline float4 emu_smem[227 * 1024 / 16];
+#define STRATA_SHARED static
+#define STRATA_DYNAMIC_SMEM(T, name) T* const name = reinterpret_cast<T*>(emu_smem)
 
 inline void __syncthreads() { emu.block_bar->arrive_and_wait(); }
 inline void __syncwarp(unsigned int = 0xffffffffu) { emu.warp->bar.arrive_and_wait(); }
@@ -97,6 +100,9 @@ inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline int __float2int_rn(float v) { return (int)std::nearbyint(v); }
+inline float __uint2float_rn(unsigned int v) { return (float)v; }
+inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 
 // Integer intrinsics, as PTX defines them.
 inline unsigned int __byte_perm(unsigned int x, unsigned int y, unsigned int s) {
@@ -127,5 +133,21 @@ inline float __half2float(__half h) {
 }
 inline float2 __half22float2(__half2 h) { return float2{__half2float(h.x), __half2float(h.y)}; }
 inline float __bfloat162float(__nv_bfloat16 b) { return __uint_as_float((unsigned int)b.bits << 16); }
-__half __float2half_rn(float);                 // declared for strata_common.cuh; not emulated
-__nv_bfloat16 __float2bfloat16_rn(float);      // likewise
+// Round to nearest even, as the device converts.
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+    const unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return __nv_bfloat16{(unsigned short)((u >> 16) | 0x40)};  // quiet NaN
+    return __nv_bfloat16{(unsigned short)((u + 0x7fffu + ((u >> 16) & 1)) >> 16)};
+}
+inline __half __float2half_rn(float f) {
+    const unsigned int u = __float_as_uint(f), sign = (u >> 16) & 0x8000u;
+    const unsigned int a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return __half{(unsigned short)(sign | 0x7e00u)};
+    if (a >= 0x477ff000u) return __half{(unsigned short)(sign | 0x7c00u)};  // rounds to infinity
+    if (a < 0x38800000u) {  // below 2^-14: subnormal (or zero): round a * 2^24 to an integer
+        const float m = __uint_as_float(a) * 16777216.0f;
+        return __half{(unsigned short)(sign | (unsigned int)std::nearbyint(m))};
+    }
+    const unsigned int r = a + 0xfffu + ((a >> 13) & 1);  // round the 13 dropped bits to even
+    return __half{(unsigned short)(sign | ((r - 0x38000000u) >> 13))};
+}

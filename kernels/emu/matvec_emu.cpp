@@ -48,7 +48,7 @@ int main(int argc, char** argv) {
     }
     const unsigned int blocks = (unsigned int)std::atoi(argv[2]), threads = (unsigned int)std::atoi(argv[3]);
     const unsigned int smem_bytes = (unsigned int)std::atoi(argv[4]);
-    if (threads == 0 || threads % 32 || smem_bytes > sizeof(smem)) {
+    if (threads == 0 || threads % 32 || smem_bytes > sizeof(emu_smem)) {
         std::fprintf(stderr, "matvec_emu: bad launch (%u threads, %u bytes of shared memory)\n", threads, smem_bytes);
         return 2;
     }
@@ -87,7 +87,7 @@ int main(int argc, char** argv) {
     gridDim = dim3{blocks, 1, 1};
     blockDim = dim3{threads, 1, 1};
     for (unsigned int b = 0; b < blocks; ++b) {
-        std::memset(smem, 0xA5, smem_bytes);
+        std::memset(emu_smem, 0xA5, smem_bytes);
         std::barrier<> block_bar(threads);
         std::vector<EmuWarp> warps(threads / 32);
         std::vector<std::thread> pool;

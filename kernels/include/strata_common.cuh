@@ -6,6 +6,14 @@
 
 #define STRATA_WARP 32
 
+// Shared memory, named through macros so that the CPU emulation (kernels/emu/cuda_emu.h, which
+// defines them first) can give a block's threads one copy: STRATA_SHARED before a static
+// __shared__ array, STRATA_DYNAMIC_SMEM(T, name) for the launch's dynamic shared memory as T[].
+#ifndef STRATA_SHARED
+#define STRATA_SHARED __shared__
+#define STRATA_DYNAMIC_SMEM(T, name) extern __shared__ T name[]
+#endif
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = STRATA_WARP / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -1,19 +1,14 @@
-//! The block-quantized kernels of `kernels/matvec.cu` run on the CPU, unchanged, through the
-//! emulation in `kernels/emu/` (a host thread per CUDA thread, barriers for `__syncthreads` and
-//! the warp collectives), against the CPU references. This is what can be checked of those
-//! kernels on a machine without a GPU: their arithmetic, indexing and bounds, both the integer
-//! (`_i16`) and the float activation paths. Not their speed, nor the timing of their
-//! asynchronous copies, which the emulation performs at once (the GPU tests in `tests/gpu/` do
-//! that on a device).
-//!
-//! Needs a C++20 compiler (`CXX`, else `c++`); without one the test says so and passes.
+//! `kernels/matvec.cu`: every matvec kernel, both activation paths for block-quantized weights,
+//! against the CPU references (its driver, `kernels/emu/matvec_emu.cpp`, predates the generic
+//! one and takes the weight, x and y in one file).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::OnceLock;
 
 use strata_tensor::cpu::reference;
 use strata_tensor::{DType, Tensor};
+
+use crate::driver::{build, random};
 
 /// The kernels' launch shape (`kernels/include/matvec.h`): warps per block for 1 and 2 tokens,
 /// and for 4 and 8; weight rows per warp.
@@ -24,54 +19,9 @@ const ROWS_PER_WARP: usize = 4;
 /// Shared memory given to every emulated block: Hopper's opt-in limit, the most any kernel asks.
 const SMEM: usize = 227 * 1024;
 
-/// The emulator binary, built once per test run; `None` (with a message) without a compiler.
-fn emulator() -> Option<&'static Path> {
-    static BIN: OnceLock<Option<PathBuf>> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../kernels");
-        if !root.join("emu/matvec_emu.cpp").is_file() {
-            println!("skipped: no kernel sources at {} (a copy of this binary away from its checkout)", root.display());
-            return None;
-        }
-        // One binary per process: nextest runs each test in a process of its own, at once.
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("matvec_emu-{}", std::process::id()));
-        let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-        let status = Command::new(&cxx)
-            .args(["-std=c++20", "-O1", "-fno-strict-aliasing", "-pthread", "-rdynamic"])
-            .arg("-I")
-            .arg(root.join("emu"))
-            .arg("-I")
-            .arg(root.join("include"))
-            .arg("-I")
-            .arg(&root)
-            .arg(root.join("emu/matvec_emu.cpp"))
-            .arg("-o")
-            .arg(&out)
-            .arg("-ldl")
-            .status();
-        match status {
-            Ok(s) if s.success() => Some(out),
-            Ok(s) => panic!("{cxx} failed to build kernels/emu/matvec_emu.cpp ({s})"),
-            Err(e) => {
-                println!("skipped: no C++ compiler `{cxx}` to build the kernel emulator ({e})");
-                None
-            }
-        }
-    })
-    .as_deref()
-}
-
-/// Uniform values in `[-scale, scale)` from a xorshift stream.
-fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
+/// The matvec emulator.
+fn emulator() -> Option<std::path::PathBuf> {
+    build("matvec_emu.cpp")
 }
 
 /// Runs `kernel` on weight `w` and `tokens` rows of `x` (the kernel's token count at least
@@ -79,6 +29,7 @@ fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
 /// rows, the last of which the kernel must leave at its sentinel.
 fn run(kernel: &str, w: &Tensor, x: &[f32], tokens: usize, blocks: usize, threads: usize) -> Vec<f32> {
     let emu = emulator().expect("checked by the caller");
+    let emu = emu.as_path();
     let (n, k) = (w.shape().dims()[0], w.shape().dims()[1]);
     assert_eq!(x.len(), tokens * k);
     let bytes = w.cpu_bytes().unwrap();

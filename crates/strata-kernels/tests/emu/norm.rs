@@ -1,0 +1,46 @@
+//! `kernels/rmsnorm.cu`: the register path (rows of whole float4 up to 8192 floats, read once) and
+//! the striding path, out of place and in place, against `reference::rms_norm`.
+
+use strata_tensor::cpu::reference;
+
+use crate::driver::{Arg, assert_close, build, f32_bytes, f32s, launch, params32, random};
+
+/// Runs `rmsnorm_f32` as `ops::rms_norm` launches it: a 256-thread block per row. `offset`
+/// floats into the buffers (a view that is not 16-byte aligned when odd); in place when `inplace`.
+fn run(x: &[f32], w: &[f32], rows: usize, offset: usize, inplace: bool) -> Vec<f32> {
+    let emu = build("emu_rmsnorm.cpp").expect("checked by the caller");
+    let cols = w.len();
+    let p = params32(&[(rows as u32).to_le_bytes(), (cols as u32).to_le_bytes(), 1e-5f32.to_le_bytes()]);
+    let mut xb = f32_bytes(x);
+    let mut wb = f32_bytes(w);
+    let mut out = f32_bytes(&vec![f32::NAN; x.len()]);
+    if inplace {
+        let mut args = [Arg::Buf(&mut xb, 4 * offset), Arg::Buf(&mut wb, 0), Arg::Alias(0, 4 * offset)];
+        launch(&emu, "rmsnorm_f32", [rows as u32, 1, 1], 256, 0, &p, &mut args);
+        return f32s(&xb)[offset..].to_vec();
+    }
+    let mut args = [Arg::Buf(&mut xb, 4 * offset), Arg::Buf(&mut wb, 0), Arg::Buf(&mut out, 4 * offset)];
+    launch(&emu, "rmsnorm_f32", [rows as u32, 1, 1], 256, 0, &p, &mut args);
+    f32s(&out)[offset..].to_vec()
+}
+
+#[test]
+fn emulated_rms_norm_matches_the_reference_on_both_paths() {
+    if build("emu_rmsnorm.cpp").is_none() {
+        return;
+    }
+    // The register path at its limit (8192), past it (8200: striding), unaligned rows (offset 1),
+    // rows of a length not a multiple of 4, tiny rows.
+    for (rows, cols, offset) in
+        [(3usize, 8192usize, 0usize), (2, 8200, 0), (2, 1024, 1), (5, 4, 0), (3, 1030, 0), (4, 7, 0)]
+    {
+        let x = random(rows * cols + offset, cols as u64, 2.0);
+        let w = random(cols, 7, 1.5);
+        let mut want = vec![0f32; rows * cols];
+        reference::rms_norm(&x[offset..], &w, 1e-5, &mut want).unwrap();
+        for inplace in [false, true] {
+            let what = format!("rms_norm {rows} x {cols} at offset {offset}, in place: {inplace}");
+            assert_close(&what, &run(&x, &w, rows, offset, inplace), &want, 1e-5, 1e-5);
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! `kernels/rope.cu`: fused q/k RoPE in f32, f16 and bf16, both pairings, GQA head counts,
+//! partial rotary dimensions, blocks that split a token's heads, against `reference::rope`.
+
+use half::{bf16, f16};
+use strata_tensor::cpu::{RopeLayout, reference};
+
+use crate::driver::{Arg, assert_close, build, launch, params32, random};
+
+/// An element type: its kernel, its bytes, and the tolerance of a rotated element against the
+/// reference run on the rounded input and rounded again (an ulp of the type; for f32, a few).
+struct Elem {
+    kernel: &'static str,
+    size: usize,
+    rtol: f32,
+    round: fn(f32) -> Vec<u8>,
+    read: fn(&[u8]) -> f32,
+}
+
+const ELEMS: [Elem; 3] = [
+    Elem {
+        kernel: "rope_qk_f32",
+        size: 4,
+        rtol: 2e-6,
+        round: |v| v.to_le_bytes().to_vec(),
+        read: |b| f32::from_le_bytes(b.try_into().unwrap()),
+    },
+    Elem {
+        kernel: "rope_qk_f16",
+        size: 2,
+        rtol: 1.0 / 1024.0,
+        round: |v| f16::from_f32(v).to_le_bytes().to_vec(),
+        read: |b| f16::from_le_bytes(b.try_into().unwrap()).to_f32(),
+    },
+    Elem {
+        kernel: "rope_qk_bf16",
+        size: 2,
+        rtol: 1.0 / 128.0,
+        round: |v| bf16::from_f32(v).to_le_bytes().to_vec(),
+        read: |b| bf16::from_le_bytes(b.try_into().unwrap()).to_f32(),
+    },
+];
+
+/// Runs `case` in element type `e`, launched as `ops::rope_qk` launches it, and compares q and k
+/// with the reference.
+#[allow(clippy::too_many_arguments)]
+fn check(
+    e: &Elem,
+    tokens: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    n_pairs: usize,
+    layout: RopeLayout,
+    factor: f32,
+) {
+    let emu = build("emu_rope.cpp").expect("checked by the caller");
+    let what =
+        format!("{} {tokens} tokens, {n_heads}/{n_kv_heads} heads x {head_dim}, {n_pairs} pairs, {layout:?}", e.kernel);
+    let scale = 2.0;
+    let positions: Vec<u32> = (0..tokens as u32).map(|t| (39_000 + t * 7919) % 40_961).collect();
+    let freqs: Vec<f32> = (0..n_pairs).map(|i| 1.0 / 10000f32.powf((2 * i) as f32 / (2 * n_pairs) as f32)).collect();
+    let rounded = |v: Vec<f32>| -> Vec<u8> { v.into_iter().flat_map(e.round).collect() };
+    let values = |b: &[u8]| -> Vec<f32> { b.chunks_exact(e.size).map(e.read).collect() };
+    let mut q = rounded(random(tokens * n_heads * head_dim, tokens as u64, scale));
+    let mut k = rounded(random(tokens * n_kv_heads * head_dim, tokens as u64 ^ 7, scale));
+    let pos: Vec<usize> = positions.iter().map(|&p| p as usize).collect();
+    let want = |x: &[u8], heads: usize| -> Vec<f32> {
+        let mut v = values(x);
+        reference::rope(&mut v, &pos, heads, head_dim, &freqs, factor, layout).unwrap();
+        v.into_iter().map(|x| (e.read)(&(e.round)(x))).collect()
+    };
+    let (want_q, want_k) = (want(&q, n_heads), want(&k, n_kv_heads));
+
+    // The launcher's shape: a block row per token, its (head, pair) items in chunks.
+    let items = (n_heads + n_kv_heads) * n_pairs;
+    let per_block = if tokens >= 128 { 4096 } else { 1024 };
+    let blocks_y = items.div_ceil(per_block).min(65535);
+    let chunk = items.div_ceil(blocks_y);
+    let threads = chunk.next_multiple_of(32).min(256) as u32;
+    let layout_code: u32 = match layout {
+        RopeLayout::RotateHalf => 0,
+        RopeLayout::Interleaved => 1,
+    };
+    let p = params32(&[
+        (tokens as u32).to_le_bytes(),
+        (n_heads as u32).to_le_bytes(),
+        (n_kv_heads as u32).to_le_bytes(),
+        (head_dim as u32).to_le_bytes(),
+        (n_pairs as u32).to_le_bytes(),
+        layout_code.to_le_bytes(),
+        (chunk as u32).to_le_bytes(),
+        factor.to_le_bytes(),
+    ]);
+    let mut posb: Vec<u8> = positions.iter().flat_map(|p| p.to_le_bytes()).collect();
+    let mut freqb: Vec<u8> = freqs.iter().flat_map(|f| f.to_le_bytes()).collect();
+    let mut args = [Arg::Buf(&mut q, 0), Arg::Buf(&mut k, 0), Arg::Buf(&mut posb, 0), Arg::Buf(&mut freqb, 0)];
+    launch(&emu, e.kernel, [tokens as u32, blocks_y as u32, 1], threads, 2 * n_pairs * 4, &p, &mut args);
+    // The f32 results may differ by a few ulp of the products' size (scale x attention factor).
+    let atol = 4e-6 * scale * factor;
+    assert_close(&format!("q: {what}"), &values(&q), &want_q, atol, e.rtol);
+    assert_close(&format!("k: {what}"), &values(&k), &want_k, atol, e.rtol);
+}
+
+#[test]
+fn emulated_rope_matches_the_reference() {
+    if build("emu_rope.cpp").is_none() {
+        return;
+    }
+    // (tokens, n_heads, n_kv_heads, head_dim, rotary pairs): Llama, partial rotary, odd sizes, a
+    // token's heads over several blocks (72 heads x 64 pairs), 130 tokens (a block per token).
+    let shapes = [
+        (3, 32, 8, 128, 64),
+        (5, 9, 3, 64, 32),
+        (2, 64, 8, 128, 64),
+        (4, 5, 1, 81, 40),
+        (3, 2, 2, 6, 1),
+        (130, 4, 2, 16, 8),
+    ];
+    for (tokens, n_heads, n_kv_heads, head_dim, n_pairs) in shapes {
+        for layout in [RopeLayout::RotateHalf, RopeLayout::Interleaved] {
+            for e in &ELEMS {
+                check(e, tokens, n_heads, n_kv_heads, head_dim, n_pairs, layout, 1.0);
+            }
+        }
+    }
+    check(&ELEMS[0], 3, 4, 2, 64, 32, RopeLayout::RotateHalf, 1.23);
+}

@@ -1,0 +1,6 @@
+// kernels/rope.cu on the CPU emulation (driver.h).
+#include "driver.h"
+
+#include "rope.cu"
+
+EMU_KERNELS(EMU_KERNEL(rope_qk_f32), EMU_KERNEL(rope_qk_f16), EMU_KERNEL(rope_qk_bf16))
