@@ -85,6 +85,15 @@ inline float __uint_as_float(unsigned int u) {
     std::memcpy(&f, &u, 4);
     return f;
 }
+inline int __any_sync(unsigned int, int p) {
+    return (int)emu_warp_collective((unsigned int)(p != 0), [](const unsigned int* s) {
+        return (unsigned int)std::any_of(s, s + 32, [](unsigned int v) { return v != 0; });
+    });
+}
+inline unsigned int __shfl_xor_sync(unsigned int, unsigned int v, int o) {
+    const unsigned int lane = emu.thread.x % 32;
+    return emu_warp_collective(v, [&](const unsigned int* s) { return s[lane ^ o]; });
+}
 inline float __shfl_xor_sync(unsigned int, float v, int o) {
     const unsigned int lane = emu.thread.x % 32;
     return __uint_as_float(emu_warp_collective(__float_as_uint(v), [&](const unsigned int* s) { return s[lane ^ o]; }));
@@ -103,6 +112,7 @@ inline int __float2int_rn(float v) { return (int)std::nearbyint(v); }
 inline float __uint2float_rn(unsigned int v) { return (float)v; }
 inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
 inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+inline uint2 make_uint2(unsigned int x, unsigned int y) { return uint2{x, y}; }
 
 // Integer intrinsics, as PTX defines them.
 inline unsigned int __byte_perm(unsigned int x, unsigned int y, unsigned int s) {
@@ -151,3 +161,5 @@ inline __half __float2half_rn(float f) {
     const unsigned int r = a + 0xfffu + ((a >> 13) & 1);  // round the 13 dropped bits to even
     return __half{(unsigned short)(sign | ((r - 0x38000000u) >> 13))};
 }
+inline unsigned short __half_as_ushort(__half h) { return h.bits; }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.bits; }

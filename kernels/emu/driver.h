@@ -7,8 +7,9 @@
 // dynamic shared memory (filled with 0xA5 before each block). PARAMS is a file holding the
 // kernel's parameter struct as the C compiler lays it out; each BUF is a file holding one of its
 // pointer arguments, in order, loaded into its own allocation and written back after the launch;
-// `=I` instead of a file passes buffer I again (an in-place call), and a `:N` suffix on either
-// passes the pointer N bytes into the buffer (a view, unaligned if N is).
+// `=I` instead of a file passes buffer I again (an in-place call), `null` a null pointer, and a
+// `:N` suffix on a file or `=I` passes the pointer N bytes into the buffer (a view, unaligned if
+// N is). Buffer indices count files only.
 #pragma once
 
 // The standard headers first: cuda_emu.h defines CUDA's keywords as macros, which must not reach
@@ -97,6 +98,10 @@ int main(int argc, char** argv) {
     std::vector<std::string> files;
     for (int i = 10; i < argc; ++i) {
         std::string arg = argv[i];
+        if (arg == "null") {
+            bufs.push_back(nullptr);
+            continue;
+        }
         size_t offset = 0;
         if (const size_t colon = arg.rfind(':'); colon != std::string::npos) {
             offset = std::strtoul(arg.c_str() + colon + 1, nullptr, 10);

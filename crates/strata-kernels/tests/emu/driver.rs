@@ -61,6 +61,8 @@ pub enum Arg<'a> {
     Buf(&'a mut Vec<u8>, usize),
     /// Buffer `i` of this launch again, `offset` bytes in (an in-place call).
     Alias(usize, usize),
+    /// A null pointer.
+    Null,
 }
 
 /// Runs `kernel` of emulator `emu` (from [`build`]) on a `grid` of blocks of `threads` threads
@@ -90,6 +92,9 @@ pub fn launch(emu: &Path, kernel: &str, grid: [u32; 3], threads: u32, smem: usiz
             }
             Arg::Alias(i, offset) => {
                 cmd.arg(format!("={i}:{offset}"));
+            }
+            Arg::Null => {
+                cmd.arg("null");
             }
         }
     }

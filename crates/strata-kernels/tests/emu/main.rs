@@ -9,6 +9,9 @@
 //! Needs a C++20 compiler (`CXX`, else `c++`); without one the tests say so and pass.
 
 mod driver;
+mod elementwise;
+mod gating;
 mod matvec;
 mod norm;
 mod rope;
+mod softmax;

@@ -1,0 +1,91 @@
+//! `kernels/elementwise.cu`: SwiGLU, the residual add, the bias add and the f16/bf16 casts, on
+//! aligned and unaligned views, against `reference::swiglu`, `reference::add`, host arithmetic
+//! and the half crate's rounding.
+
+use half::{bf16, f16};
+use strata_tensor::cpu::reference;
+
+use crate::driver::{Arg, assert_close, build, f32_bytes, f32s, launch, random};
+
+/// Threads per block of the flat element-wise launches.
+const BLOCK: u32 = 256;
+
+/// `ops::swiglu` / `add` / `cast_f32_to`'s grid: about four elements per thread.
+fn flat_grid(n: usize) -> [u32; 3] {
+    [n.div_ceil(4).div_ceil(BLOCK as usize).clamp(1, 65535) as u32, 1, 1]
+}
+
+fn n_params(n: usize) -> Vec<u8> {
+    (n as u64).to_le_bytes().to_vec()
+}
+
+#[test]
+fn emulated_elementwise_kernels_match_the_reference() {
+    let Some(emu) = build("emu_elementwise.cpp") else { return };
+    for (n, offset) in [(1usize, 0usize), (3, 1), (5, 2), (4099, 0), (4099, 3), (300_001, 1)] {
+        let gate = random(n + offset, n as u64, 4.0);
+        let up = random(n + offset, n as u64 ^ 1, 4.0);
+        let mut want = vec![0f32; n];
+        reference::swiglu(&gate[offset..], &up[offset..], &mut want).unwrap();
+        let (mut g, mut u, mut o) = (f32_bytes(&gate), f32_bytes(&up), f32_bytes(&vec![f32::NAN; n + offset]));
+        let o4 = 4 * offset;
+        let mut args = [Arg::Buf(&mut g, o4), Arg::Buf(&mut u, o4), Arg::Buf(&mut o, o4)];
+        launch(&emu, "swiglu_f32", flat_grid(n), BLOCK, 0, &n_params(n), &mut args);
+        assert_close(&format!("swiglu {n} at {offset}"), &f32s(&o)[offset..], &want, 1e-30, 2e-6);
+
+        let mut want = gate[offset..].to_vec();
+        reference::add(&mut want, &up[offset..]).unwrap();
+        let (mut acc, mut x) = (f32_bytes(&gate), f32_bytes(&up));
+        launch(
+            &emu,
+            "add_f32",
+            flat_grid(n),
+            BLOCK,
+            0,
+            &n_params(n),
+            &mut [Arg::Buf(&mut acc, o4), Arg::Buf(&mut x, o4)],
+        );
+        assert_eq!(&f32s(&acc)[offset..], &want[..], "add {n} at {offset}");
+
+        // Casts: values across the f16 range and into its subnormals, and special ones.
+        let mut v: Vec<f32> = gate.iter().enumerate().map(|(i, x)| x * [1.0, 1e-6, 3e4, 1e-3][i % 4]).collect();
+        let special =
+            [0.0f32, -0.0, 1.0 + 2f32.powi(-11), 1.0 + 3.0 * 2f32.powi(-11), 1.0 + 2f32.powi(-8), 65519.0, 65520.0];
+        let special2 = [f32::INFINITY, f32::NAN, 1e-8, 3e-8, 6.0e-5, f32::MIN_POSITIVE, 1e-40, f32::MAX];
+        for (slot, s) in v.iter_mut().skip(offset).zip(special.iter().chain(&special2)) {
+            *slot = *s;
+        }
+        let mut xb = f32_bytes(&v);
+        for (kernel, bits) in [("cast_f32_f16", 0), ("cast_f32_bf16", 1)] {
+            let mut out = vec![0u8; 2 * (n + offset)];
+            let mut args = [Arg::Buf(&mut xb, o4), Arg::Buf(&mut out, 2 * offset)];
+            launch(&emu, kernel, flat_grid(n), BLOCK, 0, &n_params(n), &mut args);
+            for (i, &x) in v[offset..].iter().enumerate() {
+                let got = u16::from_le_bytes([out[2 * (offset + i)], out[2 * (offset + i) + 1]]);
+                let want = if bits == 0 { f16::from_f32(x).to_bits() } else { bf16::from_f32(x).to_bits() };
+                if x.is_nan() {
+                    let nan = if bits == 0 { f16::from_bits(got).is_nan() } else { bf16::from_bits(got).is_nan() };
+                    assert!(nan, "{kernel} element {i}: NaN became {got:#06x}");
+                } else {
+                    assert_eq!(got, want, "{kernel} element {i} = {x:e}");
+                }
+            }
+        }
+    }
+    // The bias add: columns across blocks, rows walked by each block row.
+    for (rows, cols) in [(1usize, 1usize), (7, 300), (39, 699), (3, 257)] {
+        let y = random(rows * cols + 5, rows as u64, 5.0);
+        let bias = random(cols, cols as u64, 5.0);
+        let mut want = y.clone();
+        for (i, v) in want[..rows * cols].iter_mut().enumerate() {
+            *v += bias[i % cols];
+        }
+        let blocks_x = cols.div_ceil(BLOCK as usize);
+        let blocks_y = rows.min((65536 / blocks_x).max(1)).min(65535);
+        let p: Vec<u8> = [(rows as u32).to_le_bytes(), (cols as u32).to_le_bytes()].concat();
+        let (mut yb, mut bb) = (f32_bytes(&y), f32_bytes(&bias));
+        let mut args = [Arg::Buf(&mut yb, 0), Arg::Buf(&mut bb, 0)];
+        launch(&emu, "add_bias_f32", [blocks_x as u32, blocks_y as u32, 1], BLOCK, 0, &p, &mut args);
+        assert_eq!(f32s(&yb), want, "add_bias {rows} x {cols}");
+    }
+}

@@ -1,0 +1,7 @@
+// kernels/elementwise.cu on the CPU emulation (driver.h).
+#include "driver.h"
+
+#include "elementwise.cu"
+
+EMU_KERNELS(EMU_KERNEL(swiglu_f32), EMU_KERNEL(add_f32), EMU_KERNEL(add_bias_f32), EMU_KERNEL(cast_f32_f16),
+            EMU_KERNEL(cast_f32_bf16))
