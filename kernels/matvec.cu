@@ -334,6 +334,32 @@ __device__ __forceinline__ uint2 ldq8(const signed char* digits, int e) {
 // The sum of the four signed byte products of a and b, added to c.
 __device__ __forceinline__ int dp4(unsigned int a, unsigned int b, int c) { return __dp4a((int)a, (int)b, c); }
 
+// Both digit arrays' words of token t for the block of 32 columns at tile column e.
+struct BlockDigits {
+    unsigned int h[8], l[8];
+};
+
+template <int T>
+__device__ __forceinline__ BlockDigits block_digits(const QAct& a, int t, int e) {
+    using Q = QTile<T>;
+    const uint4 h0 = ldq16(a.hi + t * Q::STRIDE, e), h1 = ldq16(a.hi + t * Q::STRIDE, e + 16);
+    const uint4 l0 = ldq16(a.lo + t * Q::STRIDE, e), l1 = ldq16(a.lo + t * Q::STRIDE, e + 16);
+    return BlockDigits{{h0.x, h0.y, h0.z, h0.w, h1.x, h1.y, h1.z, h1.w}, {l0.x, l0.y, l0.z, l0.w, l1.x, l1.y, l1.z, l1.w}};
+}
+
+// sum q a over a block of 32 nibbles q (q4_0 and q4_1's layout: word i holds elements 4i .. 4i + 3
+// in its low nibbles and 16 + 4i .. in its high ones) and the block's values a = 256 h + l.
+__device__ __forceinline__ int nibble_dot(const unsigned int (&qs)[4], const BlockDigits& x) {
+    int sh = 0, sl = 0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const unsigned int ql = qs[i] & 0x0F0F0F0Fu, qh = (qs[i] >> 4) & 0x0F0F0F0Fu;
+        sh = dp4(ql, x.h[i], dp4(qh, x.h[4 + i], sh));
+        sl = dp4(ql, x.l[i], dp4(qh, x.l[4 + i], sl));
+    }
+    return 256 * sh + sl;
+}
+
 // Quantizes one block of 32 activations, a value per lane of the warp (v), bit for bit as
 // strata_tensor's ActQ8::quantize with two digits: with amax = max|x| (the largest bit pattern of
 // |x|, so a NaN wins) and u = amax / 127, the high digit h = round(clamp(x * 127 / amax)), the
@@ -465,6 +491,18 @@ struct Q4_0 {
     __device__ static int unit_elem(int lane) { return 32 * lane; }
     __device__ static int unit_byte(int lane) { return 18 * lane; }
 
+    // A block's nibble words and d. The block is 2-byte aligned: both from 5 aligned words.
+    __device__ static void block(const unsigned char* b, unsigned int (&qs)[4], float& d) {
+        const unsigned int off = (unsigned int)reinterpret_cast<size_t>(b) & 3u;
+        const unsigned int* q = reinterpret_cast<const unsigned int*>(b - off);
+        unsigned int raw[5];
+#pragma unroll
+        for (int i = 0; i < 5; ++i) raw[i] = q[i];
+        d = f16_bits(raw[0] >> (8 * off));
+#pragma unroll
+        for (int i = 0; i < 4; ++i) qs[i] = __funnelshift_rc(raw[i], raw[i + 1], 16 + 8 * off);
+    }
+
     template <int T>
     __device__ static void dot(const unsigned char* const (&blk)[MV_ROWS], const float* xs, const float* xsum, int e,
                                int, float (&acc)[MV_ROWS][T]) {
@@ -472,17 +510,7 @@ struct Q4_0 {
         unsigned int qs[MV_ROWS][4];
         float d[MV_ROWS];
 #pragma unroll
-        for (int r = 0; r < MV_ROWS; ++r) {
-            // The block is 2-byte aligned: d and the 16 nibble bytes from 5 aligned words.
-            const unsigned int off = (unsigned int)reinterpret_cast<size_t>(blk[r]) & 3u;
-            const unsigned int* q = reinterpret_cast<const unsigned int*>(blk[r] - off);
-            unsigned int raw[5];
-#pragma unroll
-            for (int i = 0; i < 5; ++i) raw[i] = q[i];
-            d[r] = f16_bits(raw[0] >> (8 * off));
-#pragma unroll
-            for (int i = 0; i < 4; ++i) qs[r][i] = __funnelshift_rc(raw[i], raw[i + 1], 16 + 8 * off);
-        }
+        for (int r = 0; r < MV_ROWS; ++r) block(blk[r], qs[r], d[r]);
         const float* xr[T];
 #pragma unroll
         for (int t = 0; t < T; ++t) xr[t] = xs + t * X::STRIDE + xpad(e);
@@ -520,30 +548,14 @@ struct Q4_0 {
         unsigned int qs[MV_ROWS][4];
         float d[MV_ROWS];
 #pragma unroll
-        for (int r = 0; r < MV_ROWS; ++r) {
-            d[r] = f16_bits(load_u16(blk[r]));
-            lds_words_a2<4>(blk[r] + 2, qs[r]);
-        }
+        for (int r = 0; r < MV_ROWS; ++r) block(blk[r], qs[r], d[r]);
 #pragma unroll
         for (int t = 0; t < T; ++t) {
-            const uint4 h0 = ldq16(a.hi + t * Q::STRIDE, e), h1 = ldq16(a.hi + t * Q::STRIDE, e + 16);
-            const uint4 l0 = ldq16(a.lo + t * Q::STRIDE, e), l1 = ldq16(a.lo + t * Q::STRIDE, e + 16);
-            const unsigned int hw[8] = {h0.x, h0.y, h0.z, h0.w, h1.x, h1.y, h1.z, h1.w};
-            const unsigned int lw[8] = {l0.x, l0.y, l0.z, l0.w, l1.x, l1.y, l1.z, l1.w};
+            const BlockDigits x = block_digits<T>(a, t, e);
             const float dx = a.d[t * Q::BLOCKS + e / 32];
             const int sx = a.s[t * Q::BLOCKS + e / 32];
 #pragma unroll
-            for (int r = 0; r < MV_ROWS; ++r) {
-                int sh = 0, sl = 0;
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    // Word i: elements 4i .. 4i + 3 in the low nibbles, 16 + 4i .. in the high ones.
-                    const unsigned int ql = qs[r][i] & 0x0F0F0F0Fu, qh = (qs[r][i] >> 4) & 0x0F0F0F0Fu;
-                    sh = dp4(ql, hw[i], dp4(qh, hw[4 + i], sh));
-                    sl = dp4(ql, lw[i], dp4(qh, lw[4 + i], sl));
-                }
-                acc[r][t] = fmaf(d[r] * dx, (float)(256 * sh + sl - 8 * sx), acc[r][t]);
-            }
+            for (int r = 0; r < MV_ROWS; ++r) acc[r][t] = fmaf(d[r] * dx, (float)(nibble_dot(qs[r], x) - 8 * sx), acc[r][t]);
         }
     }
 };
@@ -558,6 +570,15 @@ struct Q4_1 {
     __device__ static int unit_elem(int lane) { return 32 * lane; }
     __device__ static int unit_byte(int lane) { return 20 * lane; }
 
+    // A block's nibble words, d and m (the block is 4-byte aligned).
+    __device__ static void block(const unsigned char* b, unsigned int (&qs)[4], float& d, float& m) {
+        const unsigned int* q = reinterpret_cast<const unsigned int*>(b);
+        const unsigned int dm = q[0];
+        d = f16_bits(dm), m = f16_bits(dm >> 16);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) qs[i] = q[1 + i];
+    }
+
     template <int T>
     __device__ static void dot(const unsigned char* const (&blk)[MV_ROWS], const float* xs, const float* xsum, int e,
                                int, float (&acc)[MV_ROWS][T]) {
@@ -565,13 +586,7 @@ struct Q4_1 {
         unsigned int qs[MV_ROWS][4];
         float d[MV_ROWS], m[MV_ROWS];
 #pragma unroll
-        for (int r = 0; r < MV_ROWS; ++r) {
-            const unsigned int* q = reinterpret_cast<const unsigned int*>(blk[r]);
-            const unsigned int dm = q[0];
-            d[r] = f16_bits(dm), m[r] = f16_bits(dm >> 16);
-#pragma unroll
-            for (int i = 0; i < 4; ++i) qs[r][i] = q[1 + i];
-        }
+        for (int r = 0; r < MV_ROWS; ++r) block(blk[r], qs[r], d[r], m[r]);
         const float* xr[T];
 #pragma unroll
         for (int t = 0; t < T; ++t) xr[t] = xs + t * X::STRIDE + xpad(e);
@@ -607,32 +622,15 @@ struct Q4_1 {
         unsigned int qs[MV_ROWS][4];
         float d[MV_ROWS], m[MV_ROWS];
 #pragma unroll
-        for (int r = 0; r < MV_ROWS; ++r) {
-            const unsigned int* q = reinterpret_cast<const unsigned int*>(blk[r]);
-            const unsigned int dm = q[0];
-            d[r] = f16_bits(dm), m[r] = f16_bits(dm >> 16);
-#pragma unroll
-            for (int i = 0; i < 4; ++i) qs[r][i] = q[1 + i];
-        }
+        for (int r = 0; r < MV_ROWS; ++r) block(blk[r], qs[r], d[r], m[r]);
 #pragma unroll
         for (int t = 0; t < T; ++t) {
-            const uint4 h0 = ldq16(a.hi + t * Q::STRIDE, e), h1 = ldq16(a.hi + t * Q::STRIDE, e + 16);
-            const uint4 l0 = ldq16(a.lo + t * Q::STRIDE, e), l1 = ldq16(a.lo + t * Q::STRIDE, e + 16);
-            const unsigned int hw[8] = {h0.x, h0.y, h0.z, h0.w, h1.x, h1.y, h1.z, h1.w};
-            const unsigned int lw[8] = {l0.x, l0.y, l0.z, l0.w, l1.x, l1.y, l1.z, l1.w};
+            const BlockDigits x = block_digits<T>(a, t, e);
             const float dx = a.d[t * Q::BLOCKS + e / 32];
             const float sx = (float)a.s[t * Q::BLOCKS + e / 32];
 #pragma unroll
-            for (int r = 0; r < MV_ROWS; ++r) {
-                int sh = 0, sl = 0;
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const unsigned int ql = qs[r][i] & 0x0F0F0F0Fu, qh = (qs[r][i] >> 4) & 0x0F0F0F0Fu;
-                    sh = dp4(ql, hw[i], dp4(qh, hw[4 + i], sh));
-                    sl = dp4(ql, lw[i], dp4(qh, lw[4 + i], sl));
-                }
-                acc[r][t] = fmaf(d[r] * dx, (float)(256 * sh + sl), fmaf(m[r] * dx, sx, acc[r][t]));
-            }
+            for (int r = 0; r < MV_ROWS; ++r)
+                acc[r][t] = fmaf(d[r] * dx, (float)nibble_dot(qs[r], x), fmaf(m[r] * dx, sx, acc[r][t]));
         }
     }
 };
@@ -656,10 +654,7 @@ struct Q8_0 {
         unsigned int qs[MV_ROWS][4];
         float d[MV_ROWS];
 #pragma unroll
-        for (int r = 0; r < MV_ROWS; ++r) {
-            d[r] = f16_bits(load_u16(blk[r]));
-            lds_words_a2<4>(blk[r] + 2 + 16 * half, qs[r]);
-        }
+        for (int r = 0; r < MV_ROWS; ++r) d[r] = f16_bits(load_u16(blk[r])), lds_words_a2<4>(blk[r] + 2 + 16 * half, qs[r]);
         const float* xr[T];
 #pragma unroll
         for (int t = 0; t < T; ++t) xr[t] = xs + t * X::STRIDE + xpad(e);
@@ -693,10 +688,7 @@ struct Q8_0 {
         unsigned int qs[MV_ROWS][4];
         float d[MV_ROWS];
 #pragma unroll
-        for (int r = 0; r < MV_ROWS; ++r) {
-            d[r] = f16_bits(load_u16(blk[r]));
-            lds_words_a2<4>(blk[r] + 2 + 16 * half, qs[r]);
-        }
+        for (int r = 0; r < MV_ROWS; ++r) d[r] = f16_bits(load_u16(blk[r])), lds_words_a2<4>(blk[r] + 2 + 16 * half, qs[r]);
 #pragma unroll
         for (int t = 0; t < T; ++t) {
             const uint4 h = ldq16(a.hi + t * Q::STRIDE, e), l = ldq16(a.lo + t * Q::STRIDE, e);
@@ -843,8 +835,9 @@ struct Q4_K {
 
 // q6_k: eight lanes per super-block of 256. Lane j takes half h = j / 4 and positions
 // l = 8m .. 8m + 7 (m = j % 4): elements 128h + 32i + l for i = 0..3, from 8 bytes each of
-// ql[64h + l], ql[64h + 32 + l] and qh[32h + l], with scales[8h + m / 2 + 2i]. Lanes with h = 1
-// take the i in the order 1, 0, 3, 2 (distinct activation banks). Super-blocks are 2-byte aligned.
+// ql[64h + l], ql[64h + 32 + l] and qh[32h + l], with scales[8h + m / 2 + 2i]. On the float path,
+// lanes with h = 1 take the i in the order 1, 0, 3, 2 (distinct activation banks). Super-blocks
+// are 2-byte aligned.
 struct Q6_K {
     static constexpr int STAGES_DECODE = STRATA_MATVEC_STAGES_DECODE_Q6_K;
     static constexpr int CHUNK_ELEMS = STRATA_MATVEC_CHUNK;
@@ -854,6 +847,17 @@ struct Q6_K {
     __device__ static int unit_elem(int lane) { return 256 * (lane >> 3); }
     __device__ static int unit_byte(int lane) { return 210 * (lane >> 3); }
 
+    // The lane's words of super-block b: 8 bytes each of ql[64h + 8m], ql[64h + 32 + 8m] and
+    // qh[32h + 8m], the 8 scales of half h, and d.
+    __device__ static void lane_words(const unsigned char* b, int h, int m, unsigned int (&qa)[2], unsigned int (&qb)[2],
+                                      unsigned int (&qh)[2], unsigned int (&sc)[2], float& d) {
+        lds_words_a2<2>(b + 64 * h + 8 * m, qa);
+        lds_words_a2<2>(b + 64 * h + 32 + 8 * m, qb);
+        lds_words_a2<2>(b + 128 + 32 * h + 8 * m, qh);
+        lds_words_a2<2>(b + 192 + 8 * h, sc);
+        d = f16_bits(load_u16(b + 208));
+    }
+
     template <int T>
     __device__ static void dot(const unsigned char* const (&blk)[MV_ROWS], const float* xs, const float* xsum, int e,
                                int lane, float (&acc)[MV_ROWS][T]) {
@@ -862,13 +866,7 @@ struct Q6_K {
         unsigned int qa[MV_ROWS][2], qb[MV_ROWS][2], qh[MV_ROWS][2], sc[MV_ROWS][2];
         float d[MV_ROWS];
 #pragma unroll
-        for (int r = 0; r < MV_ROWS; ++r) {
-            lds_words_a2<2>(blk[r] + 64 * h + 8 * m, qa[r]);
-            lds_words_a2<2>(blk[r] + 64 * h + 32 + 8 * m, qb[r]);
-            lds_words_a2<2>(blk[r] + 128 + 32 * h + 8 * m, qh[r]);
-            lds_words_a2<2>(blk[r] + 192 + 8 * h, sc[r]);
-            d[r] = f16_bits(load_u16(blk[r] + 208));
-        }
+        for (int r = 0; r < MV_ROWS; ++r) lane_words(blk[r], h, m, qa[r], qb[r], qh[r], sc[r], d[r]);
 #pragma unroll
         for (int iota = 0; iota < 4; ++iota) {
             const int i = iota ^ h;
@@ -920,13 +918,7 @@ struct Q6_K {
         unsigned int qa[MV_ROWS][2], qb[MV_ROWS][2], qh[MV_ROWS][2], sc[MV_ROWS][2];
         float d[MV_ROWS];
 #pragma unroll
-        for (int r = 0; r < MV_ROWS; ++r) {
-            lds_words_a2<2>(blk[r] + 64 * h + 8 * m, qa[r]);
-            lds_words_a2<2>(blk[r] + 64 * h + 32 + 8 * m, qb[r]);
-            lds_words_a2<2>(blk[r] + 128 + 32 * h + 8 * m, qh[r]);
-            lds_words_a2<2>(blk[r] + 192 + 8 * h, sc[r]);
-            d[r] = f16_bits(load_u16(blk[r] + 208));
-        }
+        for (int r = 0; r < MV_ROWS; ++r) lane_words(blk[r], h, m, qa[r], qb[r], qh[r], sc[r], d[r]);
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             unsigned int q[MV_ROWS][2];

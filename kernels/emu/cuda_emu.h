@@ -10,6 +10,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <thread>
+#include <vector>
 
 #define __device__
 #define __host__
@@ -163,3 +165,32 @@ inline __half __float2half_rn(float f) {
 }
 inline unsigned short __half_as_ushort(__half h) { return h.bits; }
 inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.bits; }
+
+// Runs `kernel` (a call of one kernel, made by every thread) on a grid of `grid` blocks of
+// `threads` threads (a multiple of 32) with `smem_bytes` of dynamic shared memory, the blocks one
+// after the other, each block's threads at once; shared memory is filled with 0xA5 before each
+// block, so that a read of what no thread wrote shows.
+template <class K>
+void emu_launch(dim3 grid, unsigned int threads, unsigned int smem_bytes, const K& kernel) {
+    gridDim = grid;
+    blockDim = dim3{threads, 1, 1};
+    for (unsigned int z = 0; z < grid.z; ++z)
+        for (unsigned int y = 0; y < grid.y; ++y)
+            for (unsigned int x = 0; x < grid.x; ++x) {
+                std::memset(emu_smem, 0xA5, smem_bytes);
+                std::barrier<> block_bar(threads);
+                std::vector<EmuWarp> warps(threads / 32);
+                std::vector<std::thread> pool;
+                pool.reserve(threads);
+                for (unsigned int t = 0; t < threads; ++t) {
+                    pool.emplace_back([&, t] {
+                        emu = EmuThread{dim3{t, 1, 1}, dim3{x, y, z}, &warps[t / 32], &block_bar, smem_bytes};
+                        kernel();
+                        // A thread that returns early leaves the barriers it would have met.
+                        emu.warp->bar.arrive_and_drop();
+                        block_bar.arrive_and_drop();
+                    });
+                }
+                for (auto& th : pool) th.join();
+            }
+}

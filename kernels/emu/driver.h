@@ -119,27 +119,7 @@ int main(int argc, char** argv) {
         std::memcpy(owned.back().get(), data.back().data(), data.back().size());
         bufs.push_back(owned.back().get() + offset);
     }
-    gridDim = dim3{dims[0], dims[1], dims[2]};
-    blockDim = dim3{threads, 1, 1};
-    for (unsigned int z = 0; z < dims[2]; ++z)
-        for (unsigned int y = 0; y < dims[1]; ++y)
-            for (unsigned int x = 0; x < dims[0]; ++x) {
-                std::memset(emu_smem, 0xA5, smem_bytes);
-                std::barrier<> block_bar(threads);
-                std::vector<EmuWarp> warps(threads / 32);
-                std::vector<std::thread> pool;
-                pool.reserve(threads);
-                for (unsigned int t = 0; t < threads; ++t) {
-                    pool.emplace_back([&, t] {
-                        emu = EmuThread{dim3{t, 1, 1}, dim3{x, y, z}, &warps[t / 32], &block_bar, smem_bytes};
-                        entry->call(params.data(), bufs.data());
-                        // A thread that returns early leaves the barriers it would have met.
-                        emu.warp->bar.arrive_and_drop();
-                        block_bar.arrive_and_drop();
-                    });
-                }
-                for (auto& th : pool) th.join();
-            }
+    emu_launch(dim3{dims[0], dims[1], dims[2]}, threads, smem_bytes, [&] { entry->call(params.data(), bufs.data()); });
     for (size_t i = 0; i < files.size(); ++i) {
         FILE* f = std::fopen(files[i].c_str(), "wb");
         if (!f) return std::perror(files[i].c_str()), 2;

@@ -84,22 +84,7 @@ int main(int argc, char** argv) {
     at += 4ull * x_len;
     std::memcpy(y.data(), in.data() + at, 4ull * y_len);
 
-    gridDim = dim3{blocks, 1, 1};
-    blockDim = dim3{threads, 1, 1};
-    for (unsigned int b = 0; b < blocks; ++b) {
-        std::memset(emu_smem, 0xA5, smem_bytes);
-        std::barrier<> block_bar(threads);
-        std::vector<EmuWarp> warps(threads / 32);
-        std::vector<std::thread> pool;
-        pool.reserve(threads);
-        for (unsigned int t = 0; t < threads; ++t) {
-            pool.emplace_back([&, t] {
-                emu = EmuThread{dim3{t, 1, 1}, dim3{b, 1, 1}, &warps[t / 32], &block_bar, smem_bytes};
-                kernel(p, w.get(), x.data(), y.data());
-            });
-        }
-        for (auto& th : pool) th.join();
-    }
+    emu_launch(dim3{blocks, 1, 1}, threads, smem_bytes, [&] { kernel(p, w.get(), x.data(), y.data()); });
     FILE* f = std::fopen(argv[6], "wb");
     if (!f) return std::perror(argv[6]), 2;
     std::fwrite(y.data(), 4, y.size(), f);

@@ -19,6 +19,7 @@
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod testing;
 
 /// Everything that can go wrong in the CUDA backend.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

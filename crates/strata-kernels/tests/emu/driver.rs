@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 
+pub use strata_kernels::testing::{assert_close, random_f32};
+
 /// The kernel sources.
 fn kernels_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../kernels")
@@ -111,19 +113,6 @@ pub fn launch(emu: &Path, kernel: &str, grid: [u32; 3], threads: u32, smem: usiz
     let _ = std::fs::remove_file(params_file);
 }
 
-/// Uniform values in `[-scale, scale)` from a xorshift stream.
-pub fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
-}
-
 /// Little-endian bytes of f32 values, and back.
 pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
@@ -135,13 +124,4 @@ pub fn f32s(b: &[u8]) -> Vec<f32> {
 /// The bytes of a parameter struct of 32-bit fields, in order.
 pub fn params32(fields: &[[u8; 4]]) -> Vec<u8> {
     fields.concat()
-}
-
-/// `|got - want| <= atol + rtol * |want|` for every element, naming the first that is not.
-pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let tol = atol + rtol * w.abs();
-        assert!((g - w).abs() <= tol || (g.is_nan() && w.is_nan()), "{what}: [{i}] = {g}, want {w} (tolerance {tol})");
-    }
 }

@@ -5,7 +5,7 @@
 use half::{bf16, f16};
 use strata_tensor::cpu::reference;
 
-use crate::driver::{Arg, assert_close, build, f32_bytes, f32s, launch, random};
+use crate::driver::{Arg, assert_close, build, f32_bytes, f32s, launch, random_f32};
 
 /// Threads per block of the flat element-wise launches.
 const BLOCK: u32 = 256;
@@ -23,8 +23,8 @@ fn n_params(n: usize) -> Vec<u8> {
 fn emulated_elementwise_kernels_match_the_reference() {
     let Some(emu) = build("emu_elementwise.cpp") else { return };
     for (n, offset) in [(1usize, 0usize), (3, 1), (5, 2), (4099, 0), (4099, 3), (300_001, 1)] {
-        let gate = random(n + offset, n as u64, 4.0);
-        let up = random(n + offset, n as u64 ^ 1, 4.0);
+        let gate = random_f32(n + offset, n as u64, 4.0);
+        let up = random_f32(n + offset, n as u64 ^ 1, 4.0);
         let mut want = vec![0f32; n];
         reference::swiglu(&gate[offset..], &up[offset..], &mut want).unwrap();
         let (mut g, mut u, mut o) = (f32_bytes(&gate), f32_bytes(&up), f32_bytes(&vec![f32::NAN; n + offset]));
@@ -74,8 +74,8 @@ fn emulated_elementwise_kernels_match_the_reference() {
     }
     // The bias add: columns across blocks, rows walked by each block row.
     for (rows, cols) in [(1usize, 1usize), (7, 300), (39, 699), (3, 257)] {
-        let y = random(rows * cols + 5, rows as u64, 5.0);
-        let bias = random(cols, cols as u64, 5.0);
+        let y = random_f32(rows * cols + 5, rows as u64, 5.0);
+        let bias = random_f32(cols, cols as u64, 5.0);
         let mut want = y.clone();
         for (i, v) in want[..rows * cols].iter_mut().enumerate() {
             *v += bias[i % cols];

@@ -7,7 +7,7 @@ mod common;
 
 use common::{Routing, Rule, compare, on_host};
 
-use crate::driver::{Arg, build, f32_bytes, launch, params32, random};
+use crate::driver::{Arg, build, f32_bytes, launch, params32, random_f32};
 
 /// Tokens per block of `ops::topk_gating` (a warp per token).
 const WARPS: usize = 4;
@@ -63,7 +63,7 @@ fn check(logits: &[f32], e: usize, rule: Rule, exact: bool) {
 
 /// Router logits; `quantized` rounds them to integers, so ties are common and exact.
 fn logits(tokens: usize, e: usize, seed: u64, quantized: bool) -> Vec<f32> {
-    let mut x = random(tokens * e, seed, 4.0);
+    let mut x = random_f32(tokens * e, seed, 4.0);
     if quantized {
         x.iter_mut().for_each(|v| *v = v.round());
     }

@@ -8,7 +8,7 @@ use std::process::Command;
 use strata_tensor::cpu::reference;
 use strata_tensor::{DType, Tensor};
 
-use crate::driver::{build, random};
+use crate::driver::{build, random_f32};
 
 /// The kernels' launch shape (`kernels/include/matvec.h`): warps per block for 1 and 2 tokens,
 /// and for 4 and 8; weight rows per warp.
@@ -81,11 +81,11 @@ fn emulated_quantized_matvec_kernels_match_the_cpu_references() {
         let shapes = [(5, bl), (70, bl * (2304 / bl) + bl), (9, 8448)];
         for (n, k) in shapes {
             let seed = (i * 7919 + n * 31 + k) as u64;
-            let w = Tensor::from_f32_as(&random(n * k, seed, 1.0), [n, k], dtype).unwrap();
+            let w = Tensor::from_f32_as(&random_f32(n * k, seed, 1.0), [n, k], dtype).unwrap();
             let wf = w.to_f32_vec().unwrap();
             for tokens in [1usize, 2, 3, 8] {
                 let t = tokens.next_power_of_two();
-                let mut x = random(tokens * k, seed ^ 0x5eed, 2.0);
+                let mut x = random_f32(tokens * k, seed ^ 0x5eed, 2.0);
                 for (b, xs) in x.chunks_mut(32).enumerate() {
                     xs[(b * 7) % 32] *= 30.0;
                 }
@@ -132,12 +132,12 @@ fn emulated_float_matvec_kernels_match_the_cpu_reference() {
     for (i, dtype) in [DType::F32, DType::F16, DType::BF16].into_iter().enumerate() {
         for (n, k) in [(7, 36), (21, 520), (3, 4100), (5, 9)] {
             let seed = (i * 104_729 + n * 31 + k) as u64;
-            let w = Tensor::from_f32_as(&random(n * k, seed, 1.0), [n, k], dtype).unwrap();
+            let w = Tensor::from_f32_as(&random_f32(n * k, seed, 1.0), [n, k], dtype).unwrap();
             let wf = w.to_f32_vec().unwrap();
             let vector = (k * dtype.block_bytes()).is_multiple_of(16);
             for tokens in [1usize, 2, 3, 8] {
                 let t = tokens.next_power_of_two();
-                let x = random(tokens * k, seed ^ 0x5eed, 2.0);
+                let x = random_f32(tokens * k, seed ^ 0x5eed, 2.0);
                 let mut want = vec![0f32; tokens * n];
                 reference::matmul(&x, &w, &mut want).unwrap();
                 let kernel = format!("matvec_{}{}_t{t}", dtype.name(), if vector { "" } else { "_scalar" });

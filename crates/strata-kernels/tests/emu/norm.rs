@@ -3,7 +3,7 @@
 
 use strata_tensor::cpu::reference;
 
-use crate::driver::{Arg, assert_close, build, f32_bytes, f32s, launch, params32, random};
+use crate::driver::{Arg, assert_close, build, f32_bytes, f32s, launch, params32, random_f32};
 
 /// Runs `rmsnorm_f32` as `ops::rms_norm` launches it: a 256-thread block per row. `offset`
 /// floats into the buffers (a view that is not 16-byte aligned when odd); in place when `inplace`.
@@ -34,8 +34,8 @@ fn emulated_rms_norm_matches_the_reference_on_both_paths() {
     for (rows, cols, offset) in
         [(3usize, 8192usize, 0usize), (2, 8200, 0), (2, 1024, 1), (5, 4, 0), (3, 1030, 0), (4, 7, 0)]
     {
-        let x = random(rows * cols + offset, cols as u64, 2.0);
-        let w = random(cols, 7, 1.5);
+        let x = random_f32(rows * cols + offset, cols as u64, 2.0);
+        let w = random_f32(cols, 7, 1.5);
         let mut want = vec![0f32; rows * cols];
         reference::rms_norm(&x[offset..], &w, 1e-5, &mut want).unwrap();
         for inplace in [false, true] {

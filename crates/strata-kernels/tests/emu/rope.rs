@@ -4,7 +4,7 @@
 use half::{bf16, f16};
 use strata_tensor::cpu::{RopeLayout, reference};
 
-use crate::driver::{Arg, assert_close, build, launch, params32, random};
+use crate::driver::{Arg, assert_close, build, launch, params32, random_f32};
 
 /// An element type: its kernel, its bytes, and the tolerance of a rotated element against the
 /// reference run on the rounded input and rounded again (an ulp of the type; for f32, a few).
@@ -61,8 +61,8 @@ fn check(
     let freqs: Vec<f32> = (0..n_pairs).map(|i| 1.0 / 10000f32.powf((2 * i) as f32 / (2 * n_pairs) as f32)).collect();
     let rounded = |v: Vec<f32>| -> Vec<u8> { v.into_iter().flat_map(e.round).collect() };
     let values = |b: &[u8]| -> Vec<f32> { b.chunks_exact(e.size).map(e.read).collect() };
-    let mut q = rounded(random(tokens * n_heads * head_dim, tokens as u64, scale));
-    let mut k = rounded(random(tokens * n_kv_heads * head_dim, tokens as u64 ^ 7, scale));
+    let mut q = rounded(random_f32(tokens * n_heads * head_dim, tokens as u64, scale));
+    let mut k = rounded(random_f32(tokens * n_kv_heads * head_dim, tokens as u64 ^ 7, scale));
     let pos: Vec<usize> = positions.iter().map(|&p| p as usize).collect();
     let want = |x: &[u8], heads: usize| -> Vec<f32> {
         let mut v = values(x);

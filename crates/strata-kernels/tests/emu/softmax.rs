@@ -4,7 +4,7 @@
 
 use strata_tensor::cpu::reference;
 
-use crate::driver::{Arg, build, f32_bytes, f32s, launch, params32, random};
+use crate::driver::{Arg, build, f32_bytes, f32s, launch, params32, random_f32};
 
 /// The longest row a warp takes (`ops::softmax`'s `WARP_ROW_MAX`).
 const WARP_ROW_MAX: usize = 1024;
@@ -90,7 +90,7 @@ fn emulated_softmax_and_argmax_match_the_reference() {
     // NaN in one.
     for (i, (rows, row_len)) in [(11usize, 7usize), (9, 1000), (3, 1025), (2, 3001), (2, 49152)].into_iter().enumerate()
     {
-        let mut x = random(rows * row_len, i as u64, 20.0);
+        let mut x = random_f32(rows * row_len, i as u64, 20.0);
         check_softmax(&x, row_len, 0);
         check_argmax(&x, row_len, 0);
         for r in 0..rows {
