@@ -294,13 +294,14 @@ __device__ __forceinline__ void mv_float_scalar(const MatvecParams& p, const uns
 // per block of 32 columns). Laid out as the high digits of every token (STRIDE bytes per token,
 // padded by 16 bytes after every 128 so that the lanes' 16-byte reads fall in distinct banks),
 // the low digits likewise, then per block of 32 columns and token the unit d (f32) and the sum of
-// the values 256 h + l (i32).
+// the values 256 h + l (i32), then per 8 columns and token the sum of their values (i32, for
+// q6_k's offset of 32 per group of 8).
 template <int T>
 struct QTile {
     static constexpr int KT = XTile<T>::KT;
     static constexpr int STRIDE = KT + KT / 8;
     static constexpr int BLOCKS = KT / 32;
-    static constexpr int BYTES = 2 * T * STRIDE + 8 * T * BLOCKS;
+    static constexpr int BYTES = 2 * T * STRIDE + 8 * T * BLOCKS + 4 * T * (KT / 8);
     static_assert(STRIDE % 16 == 0 && BYTES % 16 == 0, "the arrays and the buffers after them stay 16-byte aligned");
 };
 
@@ -313,6 +314,7 @@ struct QAct {
     const signed char* lo;
     const float* d;
     const int* s;
+    const int* s8;
 };
 
 template <int T>
@@ -320,7 +322,8 @@ __device__ __forceinline__ QAct qact(const unsigned char* tile) {
     using Q = QTile<T>;
     const signed char* hi = reinterpret_cast<const signed char*>(tile);
     const float* d = reinterpret_cast<const float*>(tile + 2 * T * Q::STRIDE);
-    return QAct{hi, hi + T * Q::STRIDE, d, reinterpret_cast<const int*>(d + T * Q::BLOCKS)};
+    const int* s = reinterpret_cast<const int*>(d + T * Q::BLOCKS);
+    return QAct{hi, hi + T * Q::STRIDE, d, s, s + T * Q::BLOCKS};
 }
 
 // 16 (or 8) digit bytes of a token's digit array from tile column e, a multiple of 16 (of 8).
@@ -366,10 +369,11 @@ __device__ __forceinline__ int nibble_dot(const unsigned int (&qs)[4], const Blo
 // low digit l = round(clamp((x - u h) * 32512 / amax)) (ties to even, clamps to -127..127), the
 // unit u / 256 and the sum of 256 h + l; a block with amax < 2^-100 is all zeros. The _rn
 // intrinsics keep nvcc from fusing a multiply and an add, so every rounding is the CPU's. Writes
-// the lane's digits at hi[at] and lo[at], and from lane 0 the unit and the sum. Not inlined: the
-// callers' loops would otherwise carry one copy of the divisions per block they unroll.
+// the lane's digits at hi[at] and lo[at], from lane 0 the unit and the sum, and the sums of each
+// 8 values to s8[0..4]. Not inlined: the callers' loops would otherwise carry one copy of the
+// divisions per block they unroll.
 __device__ __noinline__ void quantize_block(float v, int lane, signed char* hi, signed char* lo, int at, float* d,
-                                            int* s) {
+                                            int* s, int* s8) {
     const float amax = __uint_as_float(__reduce_max_sync(0xffffffffu, __float_as_uint(v) & 0x7fffffffu));
     const float u = __fdiv_rn(amax, 127.0f);
     const bool negligible = amax < 0x1p-100f;
@@ -381,6 +385,11 @@ __device__ __noinline__ void quantize_block(float v, int lane, signed char* hi, 
     const int l = __float2int_rn(fminf(fmaxf(r, -127.0f), 127.0f));
     hi[at] = (signed char)h;
     lo[at] = (signed char)l;
+    int v8 = 256 * h + l;
+    v8 += __shfl_xor_sync(0xffffffffu, v8, 1);
+    v8 += __shfl_xor_sync(0xffffffffu, v8, 2);
+    v8 += __shfl_xor_sync(0xffffffffu, v8, 4);
+    if ((lane & 7) == 0) s8[lane >> 3] = v8;
     const int sum = __reduce_add_sync(0xffffffffu, 256 * h + l);
     if (lane == 0) {
         *d = negligible ? 0.0f : __fdiv_rn(u, 256.0f);
@@ -400,6 +409,7 @@ __device__ __forceinline__ void stage_xq(const MatvecParams& p, const float* __r
     signed char* lo = hi + T * Q::STRIDE;
     float* dd = reinterpret_cast<float*>(lo + T * Q::STRIDE);
     int* ss = reinterpret_cast<int*>(dd + T * Q::BLOCKS);
+    int* s8 = ss + T * Q::BLOCKS;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
     const int nb = kt / 32, total = T * nb;
     constexpr int BATCH = 8;
@@ -415,7 +425,7 @@ __device__ __forceinline__ void stage_xq(const MatvecParams& p, const float* __r
             const int i = i0 + j * warps, t = i / nb, b = i - t * nb;
             if (i >= total) break;  // the same for every lane of the warp
             quantize_block(v[j], lane, hi, lo, t * Q::STRIDE + qpad(32 * b + lane), dd + t * Q::BLOCKS + b,
-                           ss + t * Q::BLOCKS + b);
+                           ss + t * Q::BLOCKS + b, s8 + t * (Q::KT / 8) + 4 * b);
         }
     }
     __syncthreads();
@@ -908,12 +918,15 @@ struct Q6_K {
             }
         }
     }
-    // The integer path: the 6-bit values less 32 as signed bytes ((q + 0x60) ^ 0x80 per byte:
-    // no carries, as q < 64), per group of 8: d sc dx (256 sum(q h) + sum(q l)).
+    // The integer path, per group of 8 under one scale: d sc dx (256 sum(q h) + sum(q l) - 32 S8),
+    // S8 the group's sum of the values 256 h + l, for one and two tokens; for more, where that
+    // costs an instruction per row and token, the 6-bit values less 32 as signed bytes ((q + 0x60)
+    // ^ 0x80 per byte: no carries, as q < 64), two instructions per word for all the tokens.
     template <int T>
     __device__ static void idot(const unsigned char* const (&blk)[MV_ROWS], const QAct& a, int e, int lane,
                                 float (&acc)[MV_ROWS][T]) {
         using Q = QTile<T>;
+        constexpr bool SUMS = T <= 2;
         const int j = lane & 7, h = j >> 2, m = j & 3;
         unsigned int qa[MV_ROWS][2], qb[MV_ROWS][2], qh[MV_ROWS][2], sc[MV_ROWS][2];
         float d[MV_ROWS];
@@ -929,7 +942,7 @@ struct Q6_K {
                 for (int wi = 0; wi < 2; ++wi) {
                     const unsigned int lo = ((i & 1) ? qb[r][wi] : qa[r][wi]) >> (4 * (i >> 1));
                     const unsigned int v = (lo & 0x0F0F0F0Fu) | (((qh[r][wi] >> (2 * i)) & 0x03030303u) << 4);
-                    q[r][wi] = (v + 0x60606060u) ^ 0x80808080u;
+                    q[r][wi] = SUMS ? v : (v + 0x60606060u) ^ 0x80808080u;
                 }
                 const int byte = (m >> 1) + 2 * (i & 1);  // scale (m / 2 + 2i) within word i / 2
                 ds[r] = d[r] * (float)(signed char)((sc[r][i >> 1] >> (8 * byte)) & 0xffu);
@@ -939,11 +952,12 @@ struct Q6_K {
             for (int t = 0; t < T; ++t) {
                 const uint2 hx = ldq8(a.hi + t * Q::STRIDE, col), lx = ldq8(a.lo + t * Q::STRIDE, col);
                 const float dx = a.d[t * Q::BLOCKS + col / 32];
+                const int offset = SUMS ? 32 * a.s8[t * (Q::KT / 8) + col / 8] : 0;
 #pragma unroll
                 for (int r = 0; r < MV_ROWS; ++r) {
                     const int sh = dp4(q[r][0], hx.x, dp4(q[r][1], hx.y, 0));
                     const int sl = dp4(q[r][0], lx.x, dp4(q[r][1], lx.y, 0));
-                    acc[r][t] = fmaf(ds[r] * dx, (float)(256 * sh + sl), acc[r][t]);
+                    acc[r][t] = fmaf(ds[r] * dx, (float)(256 * sh + sl - offset), acc[r][t]);
                 }
             }
         }

@@ -96,6 +96,9 @@ inline unsigned int __shfl_xor_sync(unsigned int, unsigned int v, int o) {
     const unsigned int lane = emu.thread.x % 32;
     return emu_warp_collective(v, [&](const unsigned int* s) { return s[lane ^ o]; });
 }
+inline int __shfl_xor_sync(unsigned int mask, int v, int o) {
+    return (int)__shfl_xor_sync(mask, (unsigned int)v, o);
+}
 inline float __shfl_xor_sync(unsigned int, float v, int o) {
     const unsigned int lane = emu.thread.x % 32;
     return __uint_as_float(emu_warp_collective(__float_as_uint(v), [&](const unsigned int* s) { return s[lane ^ o]; }));
