@@ -275,8 +275,8 @@ pub fn main_loop_step(sass: &[&str], depbar: &str) -> Option<(usize, usize)> {
 
 /// `cargo xtask kernels --sass`: compiles kernels/matvec.cu to PTX as the build script does, then
 /// to sm_90 code as the driver would, disassembles it, and prints the instructions per weight of
-/// the one-token block-quantized kernels' main loop, for both activation paths: the issue rate
-/// these kernels need, a measure that needs no GPU.
+/// the block-quantized kernels' main loop (one token, both activation paths; eight tokens, the
+/// integer path): the issue rate these kernels need, a measure that needs no GPU.
 pub fn sass(root: &Path) -> Result<()> {
     let nvcc = ensure_nvcc()?;
     let ptxas = nvcc.with_file_name("ptxas");
@@ -310,21 +310,29 @@ pub fn sass(root: &Path) -> Result<()> {
             functions.entry(name).or_default().push(line);
         }
     }
-    println!("one-token main loop of kernels/matvec.cu (sm_90): instructions per warp and step, per weight");
-    println!("{:<7} {:>5}  {:>22}  {:>22}", "dtype", "w/st", "f32 path: dot+stage", "integer path: dot+stage");
+    println!("main loop of kernels/matvec.cu (sm_90): instructions per warp and step, per weight");
+    println!(
+        "{:<7} {:>5}  {:>22}  {:>22}  {:>22}",
+        "dtype", "w/st", "1 token, f32 path", "1 token, integer path", "8 tokens, integer path"
+    );
     // Weights a lane covers per step (four rows): a block of 32 (q8_0: half a block), or an
-    // eighth of a super-block of 256.
+    // eighth of a super-block of 256. The pipeline waits for all but STAGES - 2 steps: 4 (q6_k:
+    // 3) stages for one token, 3 for eight.
     for (dtype, per_step, depbar) in
         [("q4_0", 128, "0x2"), ("q4_1", 128, "0x2"), ("q8_0", 64, "0x2"), ("q4_k", 128, "0x2"), ("q6_k", 128, "0x1")]
     {
         let mut cells = Vec::new();
-        for kernel in [format!("matvec_{dtype}_t1"), format!("matvec_{dtype}_i16_t1")] {
+        for (kernel, depbar) in [
+            (format!("matvec_{dtype}_t1"), depbar),
+            (format!("matvec_{dtype}_i16_t1"), depbar),
+            (format!("matvec_{dtype}_i16_t8"), "0x1"),
+        ] {
             let code = functions.get(kernel.as_str()).with_context(|| format!("no kernel {kernel} in the SASS"))?;
             let (dot, stage) = main_loop_step(code, depbar)
                 .with_context(|| format!("{kernel}: no main loop of the expected shape in the SASS"))?;
             cells.push(format!("{dot}+{stage} = {:.2}/w", (dot + stage) as f64 / per_step as f64));
         }
-        println!("{dtype:<7} {per_step:>5}  {:>22}  {:>22}", cells[0], cells[1]);
+        println!("{dtype:<7} {per_step:>5}  {:>22}  {:>22}  {:>22}", cells[0], cells[1], cells[2]);
     }
     Ok(())
 }
