@@ -1,6 +1,7 @@
 //! The checks shared by the GPU and the emulated tests of top-k gating (`tests/gpu/gating.rs`,
 //! `tests/emu/gating.rs`): a routing, its rule, the reference's routing and the comparison.
 
+use strata_kernels::testing::random_f32;
 use strata_tensor::cpu::reference;
 
 /// Ids, weights and counts of a routing, `max_k` slots per token.
@@ -86,5 +87,60 @@ pub fn compare(logits: &[f32], e: usize, rule: Rule, exact: bool, got: &Routing,
         distinct.sort_unstable();
         distinct.dedup();
         assert_eq!(distinct.len(), wc, "{ctx}: repeated expert");
+    }
+}
+
+/// Router logits; `quantized` rounds them to integers, so ties are common and exact.
+pub fn logits(tokens: usize, e: usize, seed: u64, quantized: bool) -> Vec<f32> {
+    let mut x = random_f32(tokens * e, seed, 4.0);
+    if quantized {
+        x.iter_mut().for_each(|v| *v = v.round());
+    }
+    x
+}
+
+/// Experts of [`tie_logits`].
+pub const TIE_EXPERTS: usize = 129;
+
+/// Three tokens of deliberate ties: all equal; three equal maxima at 4, 36 and 100 (straddling
+/// lanes 0 and 32 of a warp); two at 64 and 128.
+pub fn tie_logits() -> Vec<f32> {
+    let e = TIE_EXPERTS;
+    let mut x = vec![0.5f32; 3 * e];
+    (x[e + 100], x[e + 4], x[e + 36], x[2 * e + 128], x[2 * e + 64]) = (2.0, 2.0, 2.0, 1.0, 1.0);
+    x
+}
+
+/// Ties go to the lower index: checks the first `k` ids of each token of [`tie_logits`].
+pub fn check_ties(got: &Routing, k: usize) {
+    assert_eq!(&got.ids[..k], &(0..k as u32).collect::<Vec<_>>()[..]);
+    assert_eq!(&got.ids[k..][..k.min(3)], &[4, 36, 100][..k.min(3)]);
+    assert_eq!(&got.ids[2 * k..][..k.min(2)], &[64, 128][..k.min(2)]);
+}
+
+/// Five tokens of five experts: finite, one NaN, one +inf, all -inf, one finite among -inf.
+/// Token 0's probabilities are about [0.012, 0.032, 0.086, 0.234, 0.636]: two reach 0.7.
+#[rustfmt::skip]
+pub const NAN_ROUTERS: [f32; 25] = [
+    1.0, 2.0, 3.0, 4.0, 5.0,
+    1.0, f32::NAN, 3.0, 4.0, 5.0,
+    1.0, 2.0, f32::INFINITY, 4.0, 5.0,
+    f32::NEG_INFINITY, f32::NEG_INFINITY, f32::NEG_INFINITY, f32::NEG_INFINITY, f32::NEG_INFINITY,
+    f32::NEG_INFINITY, f32::NEG_INFINITY, 0.0, f32::NEG_INFINITY, f32::NEG_INFINITY,
+];
+
+/// The dynamic rule [`NAN_ROUTERS`] is routed under.
+pub const NAN_RULE: Rule = Rule { min_k: 1, max_k: 3, threshold: Some(0.7), renorm: true };
+
+/// The routing of [`NAN_ROUTERS`] under [`NAN_RULE`]: tokens 1 to 3 marked (no expert, NaN
+/// weights), token 4's one finite expert with weight 1.
+pub fn check_nan_routing(got: &Routing) {
+    assert_eq!(got.counts, [2, 0, 0, 0, 1]);
+    assert_eq!(&got.ids[..3], &[4, 3, u32::MAX]);
+    assert_eq!(&got.ids[12..], &[2, u32::MAX, u32::MAX]);
+    assert_eq!(&got.weights[12..], &[1.0, 0.0, 0.0]);
+    for t in 1..4 {
+        assert!(got.ids[t * 3..][..3].iter().all(|&i| i == u32::MAX), "token {t}: {got:?}");
+        assert!(got.weights[t * 3..][..3].iter().all(|w| w.is_nan()), "token {t}: {got:?}");
     }
 }

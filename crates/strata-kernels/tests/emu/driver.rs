@@ -32,7 +32,7 @@ pub fn build(source: &str) -> Option<PathBuf> {
         let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{stem}-{}", std::process::id()));
         let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
         let status = Command::new(&cxx)
-            .args(["-std=c++20", "-O1", "-fno-strict-aliasing", "-pthread", "-rdynamic"])
+            .args(["-std=c++20", "-O1", "-fno-strict-aliasing", "-pthread"])
             .arg("-I")
             .arg(root.join("emu"))
             .arg("-I")
@@ -42,7 +42,6 @@ pub fn build(source: &str) -> Option<PathBuf> {
             .arg(&src)
             .arg("-o")
             .arg(&out)
-            .arg("-ldl")
             .status();
         match status {
             Ok(s) if s.success() => Some(out),

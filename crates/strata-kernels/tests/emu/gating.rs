@@ -5,9 +5,9 @@
 #[path = "../common/gating.rs"]
 mod common;
 
-use common::{Routing, Rule, compare, on_host};
+use common::{Routing, Rule, compare, logits, on_host};
 
-use crate::driver::{Arg, build, f32_bytes, launch, params32, random_f32};
+use crate::driver::{Arg, build, f32_bytes, launch, params32};
 
 /// Tokens per block of `ops::topk_gating` (a warp per token).
 const WARPS: usize = 4;
@@ -61,15 +61,6 @@ fn check(logits: &[f32], e: usize, rule: Rule, exact: bool) {
     compare(logits, e, rule, exact, &on_emu(logits, e, rule), &on_host(logits, e, rule));
 }
 
-/// Router logits; `quantized` rounds them to integers, so ties are common and exact.
-fn logits(tokens: usize, e: usize, seed: u64, quantized: bool) -> Vec<f32> {
-    let mut x = random_f32(tokens * e, seed, 4.0);
-    if quantized {
-        x.iter_mut().for_each(|v| *v = v.round());
-    }
-    x
-}
-
 #[test]
 fn emulated_gating_matches_the_reference() {
     if build("emu_gating.cpp").is_none() {
@@ -88,34 +79,16 @@ fn emulated_gating_matches_the_reference() {
             check(&x, e, Rule { min_k, max_k, threshold: Some(threshold), renorm: true }, true);
         }
     }
-    // All equal: experts 0..k in order; equal pairs straddling lanes 0 and 32 of the warp.
-    let e = 129;
-    let mut x = vec![0.5f32; 3 * e];
-    (x[e + 100], x[e + 4], x[e + 36], x[2 * e + 128], x[2 * e + 64]) = (2.0, 2.0, 2.0, 1.0, 1.0);
+    // Ties go to the lower index; NaN and infinite routers are marked.
+    let x = common::tie_logits();
     for k in [1, 3, 8] {
-        let got = on_emu(&x, e, Rule { min_k: k, max_k: k, threshold: None, renorm: true });
-        assert_eq!(&got.ids[..k], &(0..k as u32).collect::<Vec<_>>()[..]);
-        assert_eq!(&got.ids[k..][..k.min(3)], &[4, 36, 100][..k.min(3)]);
-        assert_eq!(&got.ids[2 * k..][..k.min(2)], &[64, 128][..k.min(2)]);
+        common::check_ties(
+            &on_emu(&x, common::TIE_EXPERTS, Rule { min_k: k, max_k: k, threshold: None, renorm: true }),
+            k,
+        );
     }
-    // NaN and infinite routers: token 0's probabilities are about [0.012, 0.032, 0.086, 0.234,
-    // 0.636], two reach 0.7.
-    let (inf, nan) = (f32::INFINITY, f32::NAN);
-    #[rustfmt::skip]
-    let x = [
-        1.0, 2.0, 3.0, 4.0, 5.0,
-        1.0, nan, 3.0, 4.0, 5.0,
-        1.0, 2.0, inf, 4.0, 5.0,
-        -inf, -inf, -inf, -inf, -inf,
-        -inf, -inf, 0.0, -inf, -inf,
-    ];
-    let got = on_emu(&x, 5, Rule { min_k: 1, max_k: 3, threshold: Some(0.7), renorm: true });
-    assert_eq!(got.counts, [2, 0, 0, 0, 1]);
-    assert_eq!(&got.ids[..3], &[4, 3, u32::MAX]);
-    assert_eq!(&got.ids[12..], &[2, u32::MAX, u32::MAX]);
-    assert_eq!(&got.weights[12..], &[1.0, 0.0, 0.0]);
-    for t in 1..4 {
-        assert!(got.ids[t * 3..][..3].iter().all(|&i| i == u32::MAX), "token {t}: {got:?}");
-        assert!(got.weights[t * 3..][..3].iter().all(|w| w.is_nan()), "token {t}: {got:?}");
-    }
+    common::check_nan_routing(&on_emu(&common::NAN_ROUTERS, 5, common::NAN_RULE));
+    let fixed = on_emu(&common::NAN_ROUTERS, 5, Rule { min_k: 2, max_k: 2, threshold: None, renorm: false });
+    assert_eq!(&fixed.ids[..2], &[4, 3]);
+    assert!(fixed.ids[2..8].iter().all(|&i| i == u32::MAX) && fixed.weights[2..8].iter().all(|w| w.is_nan()));
 }

@@ -1,14 +1,10 @@
 //! `kernels/matvec.cu`: every matvec kernel, both activation paths for block-quantized weights,
-//! against the CPU references (its driver, `kernels/emu/matvec_emu.cpp`, predates the generic
-//! one and takes the weight, x and y in one file).
-
-use std::path::Path;
-use std::process::Command;
+//! against the CPU references.
 
 use strata_tensor::cpu::reference;
 use strata_tensor::{DType, Tensor};
 
-use crate::driver::{build, random_f32};
+use crate::driver::{Arg, build, f32_bytes, f32s, launch, random_f32};
 
 /// The kernels' launch shape (`kernels/include/matvec.h`): warps per block for 1 and 2 tokens,
 /// and for 4 and 8; weight rows per warp.
@@ -21,7 +17,7 @@ const SMEM: usize = 227 * 1024;
 
 /// The matvec emulator.
 fn emulator() -> Option<std::path::PathBuf> {
-    build("matvec_emu.cpp")
+    build("emu_matvec.cpp")
 }
 
 /// Runs `kernel` on weight `w` and `tokens` rows of `x` (the kernel's token count at least
@@ -29,36 +25,25 @@ fn emulator() -> Option<std::path::PathBuf> {
 /// rows, the last of which the kernel must leave at its sentinel.
 fn run(kernel: &str, w: &Tensor, x: &[f32], tokens: usize, blocks: usize, threads: usize) -> Vec<f32> {
     let emu = emulator().expect("checked by the caller");
-    let emu = emu.as_path();
     let (n, k) = (w.shape().dims()[0], w.shape().dims()[1]);
     assert_eq!(x.len(), tokens * k);
-    let bytes = w.cpu_bytes().unwrap();
-    let mut input = Vec::new();
-    input.extend((n as u32).to_le_bytes());
-    input.extend((k as u32).to_le_bytes());
-    input.extend((w.row_bytes() as u64).to_le_bytes());
-    input.extend((bytes.len() as u64).to_le_bytes());
-    input.extend((tokens as u32).to_le_bytes());
-    input.extend((x.len() as u32).to_le_bytes());
-    input.extend((((tokens + 1) * n) as u32).to_le_bytes());
-    input.extend_from_slice(bytes);
-    input.extend(x.iter().flat_map(|v| v.to_le_bytes()));
-    input.extend((0..tokens * n).flat_map(|_| f32::NAN.to_le_bytes()));
-    input.extend((0..n).flat_map(|_| (-7f32).to_le_bytes()));
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let tag = format!("{kernel}-{n}x{k}-{tokens}-{}", std::process::id());
-    let (inp, outp) = (dir.join(format!("{tag}.in")), dir.join(format!("{tag}.out")));
-    std::fs::write(&inp, &input).unwrap();
-    let out = Command::new(emu)
-        .args([kernel, &blocks.to_string(), &threads.to_string(), &SMEM.to_string()])
-        .arg(&inp)
-        .arg(&outp)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{kernel} {n}x{k} tokens={tokens}: {}", String::from_utf8_lossy(&out.stderr));
-    let y = std::fs::read(&outp).unwrap();
-    let _ = (std::fs::remove_file(&inp), std::fs::remove_file(&outp));
-    y.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+    let mut bytes = w.cpu_bytes().unwrap().to_vec();
+    // MatvecParams as C lays it out: u32 rows, u32 cols, u64 row_bytes, u64 total_bytes, u32
+    // tokens, 4 bytes of padding.
+    let p = [
+        &(n as u32).to_le_bytes()[..],
+        &(k as u32).to_le_bytes(),
+        &(w.row_bytes() as u64).to_le_bytes(),
+        &(bytes.len() as u64).to_le_bytes(),
+        &(tokens as u32).to_le_bytes(),
+        &[0; 4],
+    ]
+    .concat();
+    let mut xb = f32_bytes(x);
+    let mut y = f32_bytes(&[vec![f32::NAN; tokens * n], vec![-7f32; n]].concat());
+    let mut args = [Arg::Buf(&mut bytes, 0), Arg::Buf(&mut xb, 0), Arg::Buf(&mut y, 0)];
+    launch(&emu, kernel, [blocks as u32, 1, 1], threads as u32, SMEM, &p, &mut args);
+    f32s(&y)
 }
 
 /// Every block-quantized kernel, both activation paths (the float one at 1 and 2 tokens), on shapes that end a pipeline chunk

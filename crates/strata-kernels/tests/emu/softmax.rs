@@ -4,6 +4,9 @@
 
 use strata_tensor::cpu::reference;
 
+#[path = "../common/softmax.rs"]
+mod common;
+
 use crate::driver::{Arg, build, f32_bytes, f32s, launch, params32, random_f32};
 
 /// The longest row a warp takes (`ops::softmax`'s `WARP_ROW_MAX`).
@@ -67,18 +70,7 @@ fn emulated_softmax_and_argmax_match_the_reference() {
     if build("emu_softmax.cpp").is_none() {
         return;
     }
-    let (inf, nan) = (f32::INFINITY, f32::NAN);
-    // Rows of four: the reference decides every expectation (NaN rows, zeros for -inf, ...).
-    let special = [
-        1.0, 2.0, 3.0, -1.0, //
-        1000.0, 1000.0, 1000.0, -inf, //
-        -inf, -inf, -inf, -inf, //
-        1.0, nan, 2.0, nan, //
-        -inf, 5.0, inf, 2.0, //
-        -inf, 0.0, -inf, 0.0, //
-        -0.0, 0.0, -0.0, 0.0, //
-        inf, inf, -inf, 1.0, //
-    ];
+    let special = common::SPECIAL_ROWS;
     for offset in [0, 1, 3] {
         for row_len in [4, 8, 32] {
             check_softmax(&special, row_len, offset);

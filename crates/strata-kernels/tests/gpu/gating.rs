@@ -4,12 +4,12 @@
 
 use proptest::prelude::*;
 use strata_kernels::cuda::ops;
-use strata_kernels::cuda::testing::{device_or_skip, random_f32};
+use strata_kernels::cuda::testing::device_or_skip;
 use strata_kernels::{Cuda, Error};
 
 #[path = "../common/gating.rs"]
 mod common;
-use common::{Routing, Rule, compare, on_host};
+use common::{Routing, Rule, compare, logits, on_host};
 
 fn on_device(cuda: &Cuda, logits: &[f32], e: usize, rule: Rule) -> Routing {
     let tokens = logits.len() / e;
@@ -52,16 +52,6 @@ fn check(cuda: &Cuda, logits: &[f32], e: usize, rule: Rule, exact: bool) {
     compare(logits, e, rule, exact, &on_device(cuda, logits, e, rule), &on_host(logits, e, rule));
 }
 
-/// Router logits for `tokens` tokens; `quantized` rounds them to integers, so ties are common
-/// and exact.
-fn logits(tokens: usize, e: usize, seed: u64, quantized: bool) -> Vec<f32> {
-    let mut x = random_f32(tokens * e, seed, 4.0);
-    if quantized {
-        x.iter_mut().for_each(|v| *v = v.round());
-    }
-    x
-}
-
 const EXPERTS: [usize; 13] = [1, 2, 7, 8, 31, 32, 33, 60, 64, 128, 129, 255, 256];
 
 #[test]
@@ -82,21 +72,12 @@ fn fixed_k_over_expert_counts() {
 #[test]
 fn deliberate_ties_go_to_the_lower_index() {
     let Some(cuda) = device_or_skip("deliberate_ties_go_to_the_lower_index") else { return };
-    // All equal: experts 0..k in order. Equal pairs straddling lanes 0 and 32 of the warp.
-    let e = 129;
-    let mut x = vec![0.5f32; 3 * e];
-    x[e + 100] = 2.0;
-    x[e + 4] = 2.0;
-    x[e + 36] = 2.0;
-    x[2 * e + 128] = 1.0;
-    x[2 * e + 64] = 1.0;
+    let (e, x) = (common::TIE_EXPERTS, common::tie_logits());
     for k in [1, 2, 3, 8] {
         let rule = Rule { min_k: k, max_k: k, threshold: None, renorm: true };
         let got = on_device(&cuda, &x, e, rule);
         check(&cuda, &x, e, rule, true);
-        assert_eq!(&got.ids[..k], &(0..k as u32).collect::<Vec<_>>()[..]);
-        assert_eq!(&got.ids[k..][..k.min(3)], &[4, 36, 100][..k.min(3)]);
-        assert_eq!(&got.ids[2 * k..][..k.min(2)], &[64, 128][..k.min(2)]);
+        common::check_ties(&got, k);
     }
 }
 
@@ -119,46 +100,8 @@ fn dynamic_k_over_expert_counts() {
 #[test]
 fn nan_routers_are_marked() {
     let Some(cuda) = device_or_skip("nan_routers_are_marked") else { return };
-    let e = 5;
-    let inf = f32::INFINITY;
-    let x = [
-        1.0,
-        2.0,
-        3.0,
-        4.0,
-        5.0, //
-        1.0,
-        f32::NAN,
-        3.0,
-        4.0,
-        5.0, //
-        1.0,
-        2.0,
-        inf,
-        4.0,
-        5.0, //
-        -inf,
-        -inf,
-        -inf,
-        -inf,
-        -inf, //
-        -inf,
-        -inf,
-        0.0,
-        -inf,
-        -inf,
-    ];
-    // Token 0's probabilities are about [0.012, 0.032, 0.086, 0.234, 0.636]: two reach 0.7.
-    let rule = Rule { min_k: 1, max_k: 3, threshold: Some(0.7), renorm: true };
-    let got = on_device(&cuda, &x, e, rule);
-    assert_eq!(got.counts, [2, 0, 0, 0, 1]);
-    assert_eq!(&got.ids[..3], &[4, 3, u32::MAX]);
-    assert_eq!(&got.ids[12..], &[2, u32::MAX, u32::MAX]);
-    assert_eq!(&got.weights[12..], &[1.0, 0.0, 0.0]);
-    for t in 1..4 {
-        assert!(got.ids[t * 3..][..3].iter().all(|&i| i == u32::MAX), "token {t}: {got:?}");
-        assert!(got.weights[t * 3..][..3].iter().all(|w| w.is_nan()), "token {t}: {got:?}");
-    }
+    let (e, x) = (5, common::NAN_ROUTERS);
+    common::check_nan_routing(&on_device(&cuda, &x, e, common::NAN_RULE));
     let fixed = on_device(&cuda, &x, e, Rule { min_k: 2, max_k: 2, threshold: None, renorm: false });
     assert_eq!(&fixed.ids[..2], &[4, 3]);
     assert!(fixed.ids[2..8].iter().all(|&i| i == u32::MAX) && fixed.weights[2..8].iter().all(|w| w.is_nan()));

@@ -9,6 +9,9 @@ use strata_kernels::cuda::testing::{device_or_skip, random_f32};
 use strata_kernels::{Cuda, Error};
 use strata_tensor::cpu::reference;
 
+#[path = "../common/softmax.rs"]
+mod common;
+
 /// `|got - want| <= atol + rtol × |want|` element-wise, NaN matching NaN only.
 fn assert_close_nan(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
     assert_eq!(got.len(), want.len(), "{what}: length");
@@ -127,18 +130,7 @@ fn vocab_sized_rows() {
 #[test]
 fn special_rows() {
     let Some(cuda) = device_or_skip("special_rows") else { return };
-    let (inf, nan) = (f32::INFINITY, f32::NAN);
-    // Rows of four: the reference decides every expectation (NaN rows, zeros for -inf, ...).
-    let x = [
-        1.0, 2.0, 3.0, -1.0, //
-        1000.0, 1000.0, 1000.0, -inf, //
-        -inf, -inf, -inf, -inf, //
-        1.0, nan, 2.0, nan, //
-        -inf, 5.0, inf, 2.0, //
-        -inf, 0.0, -inf, 0.0, //
-        -0.0, 0.0, -0.0, 0.0, //
-        inf, inf, -inf, 1.0, //
-    ];
+    let x = common::SPECIAL_ROWS;
     for offset in 0..4 {
         check_softmax(&cuda, &x, 4, offset);
         check_argmax(&cuda, &x, 4, offset);
