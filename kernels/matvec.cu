@@ -370,7 +370,7 @@ __device__ __forceinline__ int nibble_dot(const unsigned int (&qs)[4], const Blo
 // unit u / 256 and the sum of 256 h + l; a block with amax < 2^-100 is all zeros. The _rn
 // intrinsics keep nvcc from fusing a multiply and an add, so every rounding is the CPU's. Writes
 // the lane's digits at hi[at] and lo[at], from lane 0 the unit and the sum, and the sums of each
-// 8 values to s8[0..4]. Not inlined: the callers' loops would otherwise carry one copy of the
+// 8 values to s8[0..4] unless s8 is null (only q6_k reads them). Not inlined: the callers' loops would otherwise carry one copy of the
 // divisions per block they unroll.
 __device__ __noinline__ void quantize_block(float v, int lane, signed char* hi, signed char* lo, int at, float* d,
                                             int* s, int* s8) {
@@ -385,11 +385,13 @@ __device__ __noinline__ void quantize_block(float v, int lane, signed char* hi, 
     const int l = __float2int_rn(fminf(fmaxf(r, -127.0f), 127.0f));
     hi[at] = (signed char)h;
     lo[at] = (signed char)l;
-    int v8 = 256 * h + l;
-    v8 += __shfl_xor_sync(0xffffffffu, v8, 1);
-    v8 += __shfl_xor_sync(0xffffffffu, v8, 2);
-    v8 += __shfl_xor_sync(0xffffffffu, v8, 4);
-    if ((lane & 7) == 0) s8[lane >> 3] = v8;
+    if (s8) {  // the same for every lane of the warp
+        int v8 = 256 * h + l;
+        v8 += __shfl_xor_sync(0xffffffffu, v8, 1);
+        v8 += __shfl_xor_sync(0xffffffffu, v8, 2);
+        v8 += __shfl_xor_sync(0xffffffffu, v8, 4);
+        if ((lane & 7) == 0) s8[lane >> 3] = v8;
+    }
     const int sum = __reduce_add_sync(0xffffffffu, 256 * h + l);
     if (lane == 0) {
         *d = negligible ? 0.0f : __fdiv_rn(u, 256.0f);
@@ -399,9 +401,9 @@ __device__ __noinline__ void quantize_block(float v, int lane, signed char* hi, 
 
 // Quantizes columns k0 .. k0 + kt (a multiple of 32) of the launch's x rows into the integer tile
 // (zeros for tokens at or past p.tokens), a block of 32 per warp at a time (quantize_block), with
-// eight blocks' loads in flight per warp. Called by the whole block after a barrier; ends with
-// one.
-template <int T>
+// eight blocks' loads in flight per warp; with SUMS8 the sums of each 8 values too. Called by the
+// whole block after a barrier; ends with one.
+template <int T, bool SUMS8>
 __device__ __forceinline__ void stage_xq(const MatvecParams& p, const float* __restrict__ x, unsigned int k0, int kt,
                                          unsigned char* tile) {
     using Q = QTile<T>;
@@ -409,7 +411,7 @@ __device__ __forceinline__ void stage_xq(const MatvecParams& p, const float* __r
     signed char* lo = hi + T * Q::STRIDE;
     float* dd = reinterpret_cast<float*>(lo + T * Q::STRIDE);
     int* ss = reinterpret_cast<int*>(dd + T * Q::BLOCKS);
-    int* s8 = ss + T * Q::BLOCKS;
+    int* s8 = SUMS8 ? ss + T * Q::BLOCKS : nullptr;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
     const int nb = kt / 32, total = T * nb;
     constexpr int BATCH = 8;
@@ -425,7 +427,7 @@ __device__ __forceinline__ void stage_xq(const MatvecParams& p, const float* __r
             const int i = i0 + j * warps, t = i / nb, b = i - t * nb;
             if (i >= total) break;  // the same for every lane of the warp
             quantize_block(v[j], lane, hi, lo, t * Q::STRIDE + qpad(32 * b + lane), dd + t * Q::BLOCKS + b,
-                           ss + t * Q::BLOCKS + b, s8 + t * (Q::KT / 8) + 4 * b);
+                           ss + t * Q::BLOCKS + b, SUMS8 ? s8 + t * (Q::KT / 8) + 4 * b : nullptr);
         }
     }
     __syncthreads();
@@ -487,7 +489,8 @@ __host__ __device__ constexpr int chunk_buffer(int chunk_bytes) { return (chunk_
 // pipeline step, whose CHUNK_BYTES bytes (per row) land in a BUF-byte buffer; SUBNORMAL when its
 // float path uses the subnormal path (and needs the scaled activations and their sums; else the
 // magic number, with the scale applied per block); unit_elem / unit_byte: where lane `lane`'s
-// block (or super-block) starts in the chunk; dot<T> (float path) and idot<T> (integer path):
+// block (or super-block) starts in the chunk; SUMS8<T>: whether its T-token integer path reads
+// the activation sums per 8 columns; dot<T> (float path) and idot<T> (integer path):
 // add the lane's share of the chunk for every row and token, given each row's block in shared
 // memory and the tile column e of that block.
 
@@ -500,6 +503,8 @@ struct Q4_0 {
     static constexpr bool SUBNORMAL = true;
     __device__ static int unit_elem(int lane) { return 32 * lane; }
     __device__ static int unit_byte(int lane) { return 18 * lane; }
+    template <int T>
+    static constexpr bool SUMS8 = false;
 
     // A block's nibble words and d. The block is 2-byte aligned: both from 5 aligned words.
     __device__ static void block(const unsigned char* b, unsigned int (&qs)[4], float& d) {
@@ -579,6 +584,8 @@ struct Q4_1 {
     static constexpr bool SUBNORMAL = true;
     __device__ static int unit_elem(int lane) { return 32 * lane; }
     __device__ static int unit_byte(int lane) { return 20 * lane; }
+    template <int T>
+    static constexpr bool SUMS8 = false;
 
     // A block's nibble words, d and m (the block is 4-byte aligned).
     __device__ static void block(const unsigned char* b, unsigned int (&qs)[4], float& d, float& m) {
@@ -655,6 +662,8 @@ struct Q8_0 {
     static constexpr bool SUBNORMAL = false;
     __device__ static int unit_elem(int lane) { return 32 * (lane >> 1) + 16 * (lane & 1); }
     __device__ static int unit_byte(int lane) { return 34 * (lane >> 1); }
+    template <int T>
+    static constexpr bool SUMS8 = false;
 
     template <int T>
     __device__ static void dot(const unsigned char* const (&blk)[MV_ROWS], const float* xs, const float*, int e,
@@ -727,6 +736,8 @@ struct Q4_K {
     static constexpr bool SUBNORMAL = true;
     __device__ static int unit_elem(int lane) { return 256 * (lane >> 3); }
     __device__ static int unit_byte(int lane) { return 144 * (lane >> 3); }
+    template <int T>
+    static constexpr bool SUMS8 = false;
 
     template <int T>
     __device__ static void dot(const unsigned char* const (&blk)[MV_ROWS], const float* xs, const float* xsum, int e,
@@ -854,6 +865,11 @@ struct Q6_K {
     static constexpr int CHUNK_BYTES = CHUNK_ELEMS / 256 * 210;
     static constexpr int BUF = chunk_buffer(CHUNK_BYTES);
     static constexpr bool SUBNORMAL = true;
+    // At one and two tokens the integer path takes the offset of 32 from the per-8 sums of the
+    // quantized activations; at more, where they cost an instruction per row and token, from
+    // signed bytes.
+    template <int T>
+    static constexpr bool SUMS8 = T <= 2;
     __device__ static int unit_elem(int lane) { return 256 * (lane >> 3); }
     __device__ static int unit_byte(int lane) { return 210 * (lane >> 3); }
 
@@ -926,7 +942,7 @@ struct Q6_K {
     __device__ static void idot(const unsigned char* const (&blk)[MV_ROWS], const QAct& a, int e, int lane,
                                 float (&acc)[MV_ROWS][T]) {
         using Q = QTile<T>;
-        constexpr bool SUMS = T <= 2;
+        constexpr bool SUMS = SUMS8<T>;
         const int j = lane & 7, h = j >> 2, m = j & 3;
         unsigned int qa[MV_ROWS][2], qb[MV_ROWS][2], qh[MV_ROWS][2], sc[MV_ROWS][2];
         float d[MV_ROWS];
@@ -1072,7 +1088,7 @@ __device__ __forceinline__ void mv_quant(const MatvecParams& p, const unsigned c
     // Stages columns k0 .. k0 + kt of the activations.
     auto stage_acts = [&](unsigned int k0, int kt) {
         __syncthreads();
-        if constexpr (INT) stage_xq<T>(p, x, k0, kt, tile);
+        if constexpr (INT) stage_xq<T, F::template SUMS8<T>>(p, x, k0, kt, tile);
         else stage_x<X, T, SUB, SUB>(p, x, k0, kt, xs, xsum);
     };
     if (one_tile && rounds > 0) stage_acts(0, (int)p.cols);
