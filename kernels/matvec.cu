@@ -15,7 +15,9 @@
 // taking the groups of STRATA_MATVEC_ROWS_PER_WARP rows g, g + all warps, .. from its place g in
 // the grid, its weight pipeline running on from one group into the next; the block's activations
 // are staged once when a row fits one tile (else tile by tile, all warps in step). For 1 and 2
-// tokens a block has STRATA_MATVEC_WARPS_DECODE warps (one block per SM) and deeper pipelines:
+// tokens a block has STRATA_MATVEC_WARPS_DECODE warps (STRATA_MATVEC_WARPS_DECODE_WIDE for the
+// integer kernels of q4_k and q6_k, whose chunks are twice as long; one block per SM) and deeper
+// pipelines:
 // what bounds these kernels is the weight bytes in flight per SM and the instructions per
 // weight. A kernel per dtype, path and token count T (1, 2, 4, 8; the float path of quantized
 // weights 1, 2): a launch computes up to T tokens (p.tokens; the launcher loops over groups and
@@ -32,11 +34,13 @@
 //   16-byte streaming loads, consecutive lanes on consecutive 16 bytes, two per row in flight;
 //   other rows element by element (the _scalar kernels).
 // - Block-quantized weights: each warp streams its rows in chunks of STRATA_MATVEC_CHUNK columns
-//   (512 for q8_0) through a STRATA_MATVEC_STAGES-deep cp.async pipeline in shared memory:
-//   16-byte copies from the chunk's 16-byte aligned start (zero-filled past the end of the
-//   tensor, never read past it), so global loads are fully coalesced whatever the block size and
+//   (512 for q8_0; STRATA_MATVEC_CHUNK_WIDE for the integer kernels of q4_k and q6_k up to 4
+//   tokens) through a STRATA_MATVEC_STAGES-deep cp.async pipeline in shared memory: 16-byte
+//   copies from the chunk's 16-byte aligned start (zero-filled past the end of the tensor, never
+//   read past it), so global loads are fully coalesced whatever the block size and
 //   alignment (18, 20, 34, 144, 210 bytes). Lanes then decode from shared memory: one lane per
-//   block for q4_0 and q4_1, two for q8_0, eight per super-block for q4_k and q6_k.
+//   block for q4_0 and q4_1, two for q8_0, eight per super-block for q4_k and q6_k (four on their
+//   integer path up to 4 tokens: each row's scales then serve twice the weights).
 // - Integer path: a lane's weights, as bytes (nibbles masked out of their words; q6_k's 6-bit
 //   values less 32 as signed bytes), go through dp4a with both digit words of x; per block (q4_k:
 //   sub-block, q6_k: group of 8 under one scale) 256 * (high sum) + (low sum) is the integer dot
@@ -485,18 +489,20 @@ __device__ __forceinline__ void lds_words_a2(const unsigned char* p, unsigned in
 // last block).
 __host__ __device__ constexpr int chunk_buffer(int chunk_bytes) { return (chunk_bytes + 32 + 15) / 16 * 16; }
 
-// Each format: STAGES_DECODE, its pipeline depth for 1 and 2 tokens; CHUNK_ELEMS columns per
-// pipeline step, whose CHUNK_BYTES bytes (per row) land in a BUF-byte buffer; SUBNORMAL when its
-// float path uses the subnormal path (and needs the scaled activations and their sums; else the
-// magic number, with the scale applied per block); unit_elem / unit_byte: where lane `lane`'s
-// block (or super-block) starts in the chunk; SUMS8<T>: whether its T-token integer path reads
-// the activation sums per 8 columns; dot<T> (float path) and idot<T> (integer path):
+// Each format: STAGES_DECODE and WARPS_DECODE, its pipeline depth and warps per block for 1 and 2
+// tokens; CHUNK_ELEMS columns per pipeline step, whose CHUNK_BYTES bytes (per row) land in a
+// BUF-byte buffer; SUBNORMAL when its float path uses the subnormal path (and needs the scaled
+// activations and their sums; else the magic number, with the scale applied per block);
+// unit_elem / unit_byte: where lane `lane`'s block (or super-block) starts in the chunk;
+// SUMS8<T>: whether its T-token integer path reads the activation sums per 8 columns; dot<T>
+// (float path) and idot<T> (integer path):
 // add the lane's share of the chunk for every row and token, given each row's block in shared
 // memory and the tile column e of that block.
 
 // q4_0: one lane per block of 32, x = (q - 8) * d.
 struct Q4_0 {
     static constexpr int STAGES_DECODE = STRATA_MATVEC_STAGES_DECODE;
+    static constexpr int WARPS_DECODE = STRATA_MATVEC_WARPS_DECODE;
     static constexpr int CHUNK_ELEMS = STRATA_MATVEC_CHUNK;
     static constexpr int CHUNK_BYTES = CHUNK_ELEMS / 32 * 18;
     static constexpr int BUF = chunk_buffer(CHUNK_BYTES);
@@ -578,6 +584,7 @@ struct Q4_0 {
 // q4_1: one lane per block of 32, x = q * d + m; blocks are 4-byte aligned.
 struct Q4_1 {
     static constexpr int STAGES_DECODE = STRATA_MATVEC_STAGES_DECODE;
+    static constexpr int WARPS_DECODE = STRATA_MATVEC_WARPS_DECODE;
     static constexpr int CHUNK_ELEMS = STRATA_MATVEC_CHUNK;
     static constexpr int CHUNK_BYTES = CHUNK_ELEMS / 32 * 20;
     static constexpr int BUF = chunk_buffer(CHUNK_BYTES);
@@ -656,6 +663,7 @@ struct Q4_1 {
 // bits a value the conversion is not the bottleneck.
 struct Q8_0 {
     static constexpr int STAGES_DECODE = STRATA_MATVEC_STAGES_DECODE;
+    static constexpr int WARPS_DECODE = STRATA_MATVEC_WARPS_DECODE;
     static constexpr int CHUNK_ELEMS = STRATA_MATVEC_CHUNK_Q8_0;
     static constexpr int CHUNK_BYTES = CHUNK_ELEMS / 32 * 34;
     static constexpr int BUF = chunk_buffer(CHUNK_BYTES);
@@ -730,6 +738,7 @@ struct Q8_0 {
 // eight lanes' activation reads in distinct banks. Super-blocks are 16-byte aligned.
 struct Q4_K {
     static constexpr int STAGES_DECODE = STRATA_MATVEC_STAGES_DECODE;
+    static constexpr int WARPS_DECODE = STRATA_MATVEC_WARPS_DECODE;
     static constexpr int CHUNK_ELEMS = STRATA_MATVEC_CHUNK;
     static constexpr int CHUNK_BYTES = CHUNK_ELEMS / 256 * 144;
     static constexpr int BUF = chunk_buffer(CHUNK_BYTES);
@@ -854,6 +863,84 @@ struct Q4_K {
     }
 };
 
+// q4_k's integer path at up to four tokens: four lanes per super-block of 256, lane c taking the
+// 32 nibble bytes 32c .. 32c + 32, sub-blocks 2c (low nibbles) and 2c + 1 (high nibbles) whole.
+// Against Q4_K's eight lanes, each row's scales and minimums are decoded once per 64 weights
+// rather than per 32, and a chunk of twice the columns halves the staging per weight.
+struct Q4_K_I16 {
+    static constexpr int STAGES_DECODE = STRATA_MATVEC_STAGES_DECODE;
+    static constexpr int WARPS_DECODE = STRATA_MATVEC_WARPS_DECODE_WIDE;
+    static constexpr int CHUNK_ELEMS = STRATA_MATVEC_CHUNK_WIDE;
+    static constexpr int CHUNK_BYTES = CHUNK_ELEMS / 256 * 144;
+    static constexpr int BUF = chunk_buffer(CHUNK_BYTES);
+    static constexpr bool SUBNORMAL = false;  // no float path
+    __device__ static int unit_elem(int lane) { return 256 * (lane >> 2); }
+    __device__ static int unit_byte(int lane) { return 144 * (lane >> 2); }
+    template <int T>
+    static constexpr bool SUMS8 = false;
+
+    // Per sub-block: d sc dx (256 sum(q h) + sum(q l)) - dmin m dx S, as Q4_K::idot.
+    template <int T>
+    __device__ static void idot(const unsigned char* const (&blk)[MV_ROWS], const QAct& a, int e, int lane,
+                                float (&acc)[MV_ROWS][T]) {
+        using Q = QTile<T>;
+        const int c = lane & 3;
+        // __byte_perm selectors of the scales of sub-blocks 2c and 2c + 1, as in Q4_K::idot.
+        const unsigned int sel_lo = 0x7440u | (2u * (c & 1)), sel_hi = sel_lo + 1;
+        unsigned int ql[MV_ROWS][8], qh[MV_ROWS][8];
+        float dl[MV_ROWS], dh[MV_ROWS], ml[MV_ROWS], mh[MV_ROWS];
+#pragma unroll
+        for (int r = 0; r < MV_ROWS; ++r) {
+            const uint4 hd = *reinterpret_cast<const uint4*>(blk[r]);
+            const uint4 q0 = *reinterpret_cast<const uint4*>(blk[r] + 16 + 32 * c);
+            const uint4 q1 = *reinterpret_cast<const uint4*>(blk[r] + 32 + 32 * c);
+            const unsigned int words[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
+#pragma unroll
+            for (int i = 0; i < 8; ++i) ql[r][i] = words[i] & 0x0F0F0F0Fu, qh[r][i] = (words[i] >> 4) & 0x0F0F0F0Fu;
+            const float d = f16_bits(hd.x), dmin = f16_bits(hd.x >> 16);
+            const unsigned int scw = c < 2 ? q4k_scales_lo(hd.y) : q4k_scales_hi(hd.y, hd.w);
+            const unsigned int mw = c < 2 ? q4k_mins_lo(hd.z) : q4k_mins_hi(hd.z, hd.w);
+            const float dm = -STRATA_MAGIC * d, mm = -STRATA_MAGIC * dmin;
+            dl[r] = fmaf(__uint_as_float(__byte_perm(scw, 0x4B000000u, sel_lo)), d, dm);
+            dh[r] = fmaf(__uint_as_float(__byte_perm(scw, 0x4B000000u, sel_hi)), d, dm);
+            ml[r] = fmaf(__uint_as_float(__byte_perm(mw, 0x4B000000u, sel_lo)), dmin, mm);
+            mh[r] = fmaf(__uint_as_float(__byte_perm(mw, 0x4B000000u, sel_hi)), dmin, mm);
+        }
+#pragma unroll
+        for (int t = 0; t < T; ++t) {
+            // The 32 columns of sub-block 2c and the 32 of 2c + 1, both digits.
+            const int col = e + 64 * c;
+            const signed char *hi = a.hi + t * Q::STRIDE, *lo = a.lo + t * Q::STRIDE;
+            unsigned int hw0[8], hw1[8], lw0[8], lw1[8];
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const uint4 h0 = ldq16(hi, col + 16 * half), h1 = ldq16(hi, col + 32 + 16 * half);
+                const uint4 l0 = ldq16(lo, col + 16 * half), l1 = ldq16(lo, col + 32 + 16 * half);
+                hw0[4 * half] = h0.x, hw0[4 * half + 1] = h0.y, hw0[4 * half + 2] = h0.z, hw0[4 * half + 3] = h0.w;
+                hw1[4 * half] = h1.x, hw1[4 * half + 1] = h1.y, hw1[4 * half + 2] = h1.z, hw1[4 * half + 3] = h1.w;
+                lw0[4 * half] = l0.x, lw0[4 * half + 1] = l0.y, lw0[4 * half + 2] = l0.z, lw0[4 * half + 3] = l0.w;
+                lw1[4 * half] = l1.x, lw1[4 * half + 1] = l1.y, lw1[4 * half + 2] = l1.z, lw1[4 * half + 3] = l1.w;
+            }
+            const int b = t * Q::BLOCKS + (e + 64 * c) / 32;
+            const float dx0 = a.d[b], dx1 = a.d[b + 1];
+            const float s0 = (float)a.s[b] * dx0, s1 = (float)a.s[b + 1] * dx1;
+#pragma unroll
+            for (int r = 0; r < MV_ROWS; ++r) {
+                // |256 sum(q h) + sum(q l)| <= 32 * 15 * 32512 < 2^24: exact as a float.
+                int h0s = 0, l0s = 0, h1s = 0, l1s = 0;
+#pragma unroll
+                for (int i = 0; i < 8; ++i) {
+                    h0s = dp4(ql[r][i], hw0[i], h0s), l0s = dp4(ql[r][i], lw0[i], l0s);
+                    h1s = dp4(qh[r][i], hw1[i], h1s), l1s = dp4(qh[r][i], lw1[i], l1s);
+                }
+                float v = fmaf(dl[r] * dx0, (float)(256 * h0s + l0s), (dh[r] * dx1) * (float)(256 * h1s + l1s));
+                v = fmaf(-ml[r], s0, fmaf(-mh[r], s1, v));
+                acc[r][t] += v;
+            }
+        }
+    }
+};
+
 // q6_k: eight lanes per super-block of 256. Lane j takes half h = j / 4 and positions
 // l = 8m .. 8m + 7 (m = j % 4): elements 128h + 32i + l for i = 0..3, from 8 bytes each of
 // ql[64h + l], ql[64h + 32 + l] and qh[32h + l], with scales[8h + m / 2 + 2i]. On the float path,
@@ -861,6 +948,7 @@ struct Q4_K {
 // are 2-byte aligned.
 struct Q6_K {
     static constexpr int STAGES_DECODE = STRATA_MATVEC_STAGES_DECODE_Q6_K;
+    static constexpr int WARPS_DECODE = STRATA_MATVEC_WARPS_DECODE;
     static constexpr int CHUNK_ELEMS = STRATA_MATVEC_CHUNK;
     static constexpr int CHUNK_BYTES = CHUNK_ELEMS / 256 * 210;
     static constexpr int BUF = chunk_buffer(CHUNK_BYTES);
@@ -980,6 +1068,79 @@ struct Q6_K {
     }
 };
 
+// q6_k's integer path at up to four tokens: four lanes per super-block of 256. Lane j takes half
+// h = j / 2 and positions l = 16m .. 16m + 15 (m = j % 2): elements 128h + 32i + l for i = 0..3,
+// each a whole group of 16 under one scale, from 16 bytes each of ql[64h + l], ql[64h + 32 + l]
+// and qh[32h + l], with scales[8h + m + 2i]. Against Q6_K's eight lanes, each row's scales are
+// applied once per 16 weights rather than per 8, and a chunk of twice the columns halves the
+// staging per weight. Its lanes' 16-byte activation reads meet in pairs on some banks (the
+// lanes with m = 1 and h = 0 against m = 0 and h = 1); ordering the groups per lane to avoid
+// that would cost more instructions than the second shared-memory wavefront.
+struct Q6_K_I16 {
+    static constexpr int STAGES_DECODE = STRATA_MATVEC_STAGES_DECODE_Q6_K;
+    static constexpr int WARPS_DECODE = STRATA_MATVEC_WARPS_DECODE_WIDE;
+    static constexpr int CHUNK_ELEMS = STRATA_MATVEC_CHUNK_WIDE;
+    static constexpr int CHUNK_BYTES = CHUNK_ELEMS / 256 * 210;
+    static constexpr int BUF = chunk_buffer(CHUNK_BYTES);
+    static constexpr bool SUBNORMAL = false;  // no float path
+    template <int T>
+    static constexpr bool SUMS8 = Q6_K::SUMS8<T>;
+    __device__ static int unit_elem(int lane) { return 256 * (lane >> 2); }
+    __device__ static int unit_byte(int lane) { return 210 * (lane >> 2); }
+
+    // As Q6_K::idot, a group of 16 at a time: with S16 the sum of the group's values 256 h + l
+    // (two per-8 sums), 256 sum(q h) + sum(q l) - 32 S16 is the integer dot product of q - 32;
+    // |that| <= 16 * 32 * 32512 < 2^24, exact as a float.
+    template <int T>
+    __device__ static void idot(const unsigned char* const (&blk)[MV_ROWS], const QAct& a, int e, int lane,
+                                float (&acc)[MV_ROWS][T]) {
+        using Q = QTile<T>;
+        constexpr bool SUMS = SUMS8<T>;
+        const int j = lane & 3, h = j >> 1, m = j & 1;
+        unsigned int qa[MV_ROWS][4], qb[MV_ROWS][4], qh[MV_ROWS][4], sc[MV_ROWS][2];
+        float d[MV_ROWS];
+#pragma unroll
+        for (int r = 0; r < MV_ROWS; ++r) {
+            const unsigned char* b = blk[r];
+            lds_words_a2<4>(b + 64 * h + 16 * m, qa[r]);
+            lds_words_a2<4>(b + 64 * h + 32 + 16 * m, qb[r]);
+            lds_words_a2<4>(b + 128 + 32 * h + 16 * m, qh[r]);
+            lds_words_a2<2>(b + 192 + 8 * h, sc[r]);
+            d[r] = f16_bits(load_u16(b + 208));
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            unsigned int q[MV_ROWS][4];
+            float ds[MV_ROWS];
+#pragma unroll
+            for (int r = 0; r < MV_ROWS; ++r) {
+#pragma unroll
+                for (int wi = 0; wi < 4; ++wi) {
+                    const unsigned int lo = ((i & 1) ? qb[r][wi] : qa[r][wi]) >> (4 * (i >> 1));
+                    const unsigned int v = (lo & 0x0F0F0F0Fu) | (((qh[r][wi] >> (2 * i)) & 0x03030303u) << 4);
+                    q[r][wi] = SUMS ? v : (v + 0x60606060u) ^ 0x80808080u;
+                }
+                const int byte = m + 2 * (i & 1);  // scale (m + 2i) within word i / 2
+                ds[r] = d[r] * (float)(signed char)((sc[r][i >> 1] >> (8 * byte)) & 0xffu);
+            }
+            const int col = e + 128 * h + 32 * i + 16 * m;  // tile column of the 16 elements
+#pragma unroll
+            for (int t = 0; t < T; ++t) {
+                const uint4 hx = ldq16(a.hi + t * Q::STRIDE, col), lx = ldq16(a.lo + t * Q::STRIDE, col);
+                const float dx = a.d[t * Q::BLOCKS + col / 32];
+                const int* s8 = a.s8 + t * (Q::KT / 8) + col / 8;
+                const int offset = SUMS ? 32 * (s8[0] + s8[1]) : 0;
+#pragma unroll
+                for (int r = 0; r < MV_ROWS; ++r) {
+                    const int sh = dp4(q[r][0], hx.x, dp4(q[r][1], hx.y, dp4(q[r][2], hx.z, dp4(q[r][3], hx.w, 0))));
+                    const int sl = dp4(q[r][0], lx.x, dp4(q[r][1], lx.y, dp4(q[r][2], lx.z, dp4(q[r][3], lx.w, 0))));
+                    acc[r][t] = fmaf(ds[r] * dx, (float)(256 * sh + sl - offset), acc[r][t]);
+                }
+            }
+        }
+    }
+};
+
 // INT: the integer path (_i16 kernels), with the activations quantized to two digits in QTile;
 // else the float path, with x in XTile.
 template <class F, int T, bool INT>
@@ -989,7 +1150,7 @@ __device__ __forceinline__ void mv_quant(const MatvecParams& p, const unsigned c
     static_assert(INT || T <= 2, "the float path of block-quantized weights has kernels for 1 and 2 tokens");
     constexpr bool SUB = !INT && F::SUBNORMAL;
     constexpr int TILE = INT ? QTile<T>::BYTES : 4 * (T * X::STRIDE + T * X::SUMS);
-    constexpr int WARPS = T <= 2 ? STRATA_MATVEC_WARPS_DECODE : STRATA_MATVEC_WARPS;
+    constexpr int WARPS = T <= 2 ? F::WARPS_DECODE : STRATA_MATVEC_WARPS;
     constexpr int STAGES = T <= 2 ? F::STAGES_DECODE : STRATA_MATVEC_STAGES;
     static_assert(X::KT % F::CHUNK_ELEMS == 0, "a chunk never straddles two activation tiles");
     // Pieces of 16 bytes a row's chunk can need (its start is rounded down to 16 bytes), and the
@@ -1134,14 +1295,15 @@ __device__ __forceinline__ void mv_quant(const MatvecParams& p, const unsigned c
         CALL;                                                                                                    \
     }
 
-// The integer kernels for 1, 2, 4 and 8 tokens, and the float ones for 1 and 2 (kept for
-// comparison; the launcher runs them in launches of up to 2 tokens).
-#define MV_QUANT(name, F)                                                                \
-    MV_ENTRY(name, 1, (MV_THREADS_DECODE), (mv_quant<F, 1, false>(p, w, x, y)))            \
-    MV_ENTRY(name, 2, (MV_THREADS_DECODE), (mv_quant<F, 2, false>(p, w, x, y)))            \
-    MV_ENTRY(name##_i16, 1, (MV_THREADS_DECODE, 1), (mv_quant<F, 1, true>(p, w, x, y)))       \
-    MV_ENTRY(name##_i16, 2, (MV_THREADS_DECODE, 1), (mv_quant<F, 2, true>(p, w, x, y)))       \
-    MV_ENTRY(name##_i16, 4, (MV_THREADS), (mv_quant<F, 4, true>(p, w, x, y)))              \
+// The integer kernels for 1, 2, 4 and 8 tokens (FI: the format struct of the integer kernels for up
+// to 4 tokens, F the others'), and the float ones for 1 and 2 (kept for comparison; the launcher
+// runs them in launches of up to 2 tokens).
+#define MV_QUANT(name, F, FI)                                                                  \
+    MV_ENTRY(name, 1, (MV_THREADS_DECODE), (mv_quant<F, 1, false>(p, w, x, y)))                  \
+    MV_ENTRY(name, 2, (MV_THREADS_DECODE), (mv_quant<F, 2, false>(p, w, x, y)))                  \
+    MV_ENTRY(name##_i16, 1, (FI::WARPS_DECODE * 32, 1), (mv_quant<FI, 1, true>(p, w, x, y)))      \
+    MV_ENTRY(name##_i16, 2, (FI::WARPS_DECODE * 32, 1), (mv_quant<FI, 2, true>(p, w, x, y)))      \
+    MV_ENTRY(name##_i16, 4, (MV_THREADS), (mv_quant<FI, 4, true>(p, w, x, y)))                   \
     MV_ENTRY(name##_i16, 8, (MV_THREADS), (mv_quant<F, 8, true>(p, w, x, y)))
 
 #define MV_FLOAT(name, DT)                                                        \
@@ -1157,8 +1319,8 @@ __device__ __forceinline__ void mv_quant(const MatvecParams& p, const unsigned c
 MV_FLOAT(f32, STRATA_DTYPE_F32)
 MV_FLOAT(f16, STRATA_DTYPE_F16)
 MV_FLOAT(bf16, STRATA_DTYPE_BF16)
-MV_QUANT(q8_0, Q8_0)
-MV_QUANT(q4_0, Q4_0)
-MV_QUANT(q4_1, Q4_1)
-MV_QUANT(q4_k, Q4_K)
-MV_QUANT(q6_k, Q6_K)
+MV_QUANT(q8_0, Q8_0, Q8_0)
+MV_QUANT(q4_0, Q4_0, Q4_0)
+MV_QUANT(q4_1, Q4_1, Q4_1)
+MV_QUANT(q4_k, Q4_K, Q4_K_I16)
+MV_QUANT(q6_k, Q6_K, Q6_K_I16)

@@ -11,14 +11,17 @@
 // Launch: grid (tokens, ceil(items / chunk)) with items = (n_heads + n_kv_heads) * n_pairs, any
 // block size that is a multiple of 32, dynamic shared memory 2 * n_pairs floats. Each block first
 // computes its token's cos/sin table into shared memory (one sincosf per pair, not per head),
-// then walks its chunk of (head, pair) items; consecutive threads take consecutive pairs of a
-// head, so loads and stores are coalesced. Elements are f32, f16 or bf16 (computed in f32,
-// stored rounded to nearest even).
+// then walks its chunk of (head, pair) items, ROPE_BATCH per thread loaded before any is stored;
+// consecutive threads take consecutive pairs of a head, so loads and stores are coalesced.
+// Elements are f32, f16 or bf16 (computed in f32, stored rounded to nearest even).
 //
 // CPU reference: strata_tensor::cpu::reference::rope (applied to q and to k). Launcher:
 // strata_kernels::cuda::ops::rope_qk.
 #include "strata_common.cuh"
 #include "rope.h"
+
+// Items a thread loads before it stores any (see rope_qk).
+#define ROPE_BATCH 4
 
 template <typename T>
 __device__ __forceinline__ void rope_qk(const RopeParams& p, T* q, T* k, const unsigned int* positions,
@@ -37,17 +40,37 @@ __device__ __forceinline__ void rope_qk(const RopeParams& p, T* q, T* k, const u
     const unsigned int items = (p.n_heads + p.n_kv_heads) * n;
     const unsigned int begin = blockIdx.y * p.chunk;
     const unsigned int end = min(items, begin + p.chunk);
-    for (unsigned int w = begin + threadIdx.x; w < end; w += blockDim.x) {
-        const unsigned int h = w / n;
-        const unsigned int i = w - h * n;
-        T* v = h < p.n_heads ? q + ((long long)t * p.n_heads + h) * p.head_dim
-                             : k + ((long long)t * p.n_kv_heads + (h - p.n_heads)) * p.head_dim;
-        const unsigned int a = p.layout == STRATA_ROPE_INTERLEAVED ? 2 * i : i;
-        const unsigned int b = p.layout == STRATA_ROPE_INTERLEAVED ? 2 * i + 1 : i + n;
-        const float x0 = load_f32(v, a), x1 = load_f32(v, b);
-        const float c = table[i], s = table[n + i];
-        store_f32(v, a, __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s)));
-        store_f32(v, b, __fadd_rn(__fmul_rn(x1, c), __fmul_rn(x0, s)));
+    const unsigned int stride = blockDim.x;
+    // ROPE_BATCH items per thread at a time, all loaded before any is stored: the items are
+    // distinct elements, so the loads need not wait for the stores, and a thread keeps
+    // 2 * ROPE_BATCH loads in flight rather than two.
+    for (unsigned int w0 = begin + threadIdx.x; w0 < end; w0 += ROPE_BATCH * stride) {
+        T* v[ROPE_BATCH];
+        unsigned int a[ROPE_BATCH], b[ROPE_BATCH], pair[ROPE_BATCH];
+        float x0[ROPE_BATCH], x1[ROPE_BATCH];
+#pragma unroll
+        for (int j = 0; j < ROPE_BATCH; ++j) {
+            const unsigned int w = w0 + j * stride;
+            if (w < end) {
+                const unsigned int h = w / n;
+                const unsigned int i = w - h * n;
+                v[j] = h < p.n_heads ? q + ((long long)t * p.n_heads + h) * p.head_dim
+                                     : k + ((long long)t * p.n_kv_heads + (h - p.n_heads)) * p.head_dim;
+                a[j] = p.layout == STRATA_ROPE_INTERLEAVED ? 2 * i : i;
+                b[j] = p.layout == STRATA_ROPE_INTERLEAVED ? 2 * i + 1 : i + n;
+                pair[j] = i;
+                x0[j] = load_f32(v[j], a[j]);
+                x1[j] = load_f32(v[j], b[j]);
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < ROPE_BATCH; ++j) {
+            if (w0 + j * stride < end) {
+                const float c = table[pair[j]], s = table[n + pair[j]];
+                store_f32(v[j], a[j], __fsub_rn(__fmul_rn(x0[j], c), __fmul_rn(x1[j], s)));
+                store_f32(v[j], b[j], __fadd_rn(__fmul_rn(x1[j], c), __fmul_rn(x0[j], s)));
+            }
+        }
     }
 }
 

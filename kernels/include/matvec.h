@@ -33,6 +33,12 @@
 #define STRATA_MATVEC_CHUNK 1024
 /// Columns per pipeline step for q8_0 (two lanes per block).
 #define STRATA_MATVEC_CHUNK_Q8_0 512
+/// Columns per pipeline step of the q4_k and q6_k integer kernels for up to 4 tokens (four lanes
+/// per super-block, each lane 64 of its weights per row), and the warps per block of their 1- and
+/// 2-token kernels: chunks twice as long take half the warps of the other decode kernels, the
+/// same bytes in flight per SM.
+#define STRATA_MATVEC_CHUNK_WIDE 2048
+#define STRATA_MATVEC_WARPS_DECODE_WIDE 8
 
 /// `y[t, r] = sum_c W[r, c] * x[t, c]` for `r < rows`, `t < tokens`.
 typedef struct {

@@ -310,29 +310,35 @@ pub fn sass(root: &Path) -> Result<()> {
             functions.entry(name).or_default().push(line);
         }
     }
-    println!("main loop of kernels/matvec.cu (sm_90): instructions per warp and step, per weight");
+    println!("main loop of kernels/matvec.cu (sm_90): instructions per warp and step, weights per lane and step,");
+    println!("instructions per weight");
     println!(
-        "{:<7} {:>5}  {:>22}  {:>22}  {:>22}",
-        "dtype", "w/st", "1 token, f32 path", "1 token, integer path", "8 tokens, integer path"
+        "{:<7} {:>26}  {:>26}  {:>26}",
+        "dtype", "1 token, f32 path", "1 token, integer path", "8 tokens, integer path"
     );
     // Weights a lane covers per step (four rows): a block of 32 (q8_0: half a block), or an
-    // eighth of a super-block of 256. The pipeline waits for all but STAGES - 2 steps: 4 (q6_k:
-    // 3) stages for one token, 3 for eight.
-    for (dtype, per_step, depbar) in
-        [("q4_0", 128, "0x2"), ("q4_1", 128, "0x2"), ("q8_0", 64, "0x2"), ("q4_k", 128, "0x2"), ("q6_k", 128, "0x1")]
-    {
+    // eighth of a super-block of 256 (the integer path of q4_k and q6_k at up to four tokens: a
+    // quarter). The pipeline waits for all but STAGES - 2 steps: 4 (q6_k: 3) stages for one
+    // token, 3 for eight.
+    for (dtype, per_step, per_step_i16, depbar) in [
+        ("q4_0", 128, 128, "0x2"),
+        ("q4_1", 128, 128, "0x2"),
+        ("q8_0", 64, 64, "0x2"),
+        ("q4_k", 128, 256, "0x2"),
+        ("q6_k", 128, 256, "0x1"),
+    ] {
         let mut cells = Vec::new();
-        for (kernel, depbar) in [
-            (format!("matvec_{dtype}_t1"), depbar),
-            (format!("matvec_{dtype}_i16_t1"), depbar),
-            (format!("matvec_{dtype}_i16_t8"), "0x1"),
+        for (kernel, depbar, per_step) in [
+            (format!("matvec_{dtype}_t1"), depbar, per_step),
+            (format!("matvec_{dtype}_i16_t1"), depbar, per_step_i16),
+            (format!("matvec_{dtype}_i16_t8"), "0x1", per_step),
         ] {
             let code = functions.get(kernel.as_str()).with_context(|| format!("no kernel {kernel} in the SASS"))?;
             let (dot, stage) = main_loop_step(code, depbar)
                 .with_context(|| format!("{kernel}: no main loop of the expected shape in the SASS"))?;
-            cells.push(format!("{dot}+{stage} = {:.2}/w", (dot + stage) as f64 / per_step as f64));
+            cells.push(format!("{dot}+{stage} / {per_step} = {:.2}/w", (dot + stage) as f64 / per_step as f64));
         }
-        println!("{dtype:<7} {per_step:>5}  {:>22}  {:>22}  {:>22}", cells[0], cells[1], cells[2]);
+        println!("{dtype:<7} {:>26}  {:>26}  {:>26}", cells[0], cells[1], cells[2]);
     }
     Ok(())
 }

@@ -6,9 +6,10 @@ use strata_tensor::{DType, Tensor};
 
 use crate::driver::{Arg, build, f32_bytes, f32s, launch, random_f32};
 
-/// The kernels' launch shape (`kernels/include/matvec.h`): warps per block for 1 and 2 tokens,
-/// and for 4 and 8; weight rows per warp.
+/// The kernels' launch shape (`kernels/include/matvec.h`): warps per block for 1 and 2 tokens
+/// (the integer kernels of q4_k and q6_k: fewer), and for 4 and 8; weight rows per warp.
 const WARPS_DECODE: usize = 16;
+const WARPS_DECODE_WIDE: usize = 8;
 const WARPS: usize = 4;
 const ROWS_PER_WARP: usize = 4;
 
@@ -81,13 +82,17 @@ fn emulated_quantized_matvec_kernels_match_the_cpu_references() {
                     reference::matvec(&w, xt, &mut two[tok * n..(tok + 1) * n]).unwrap();
                 }
                 reference::matmul(&x, &w, &mut float).unwrap();
-                let warps = if t <= 2 { WARPS_DECODE } else { WARPS };
-                // Two blocks at most: the warps' groups of rows then take several rounds.
-                let blocks = n.div_ceil(ROWS_PER_WARP).div_ceil(warps).min(2);
                 for (suffix, want, relative) in [("_i16", &two, 1e-6), ("", &float, 1e-4)] {
                     if suffix.is_empty() && t > 2 {
                         continue; // the float kernels take 1 or 2 tokens
                     }
+                    let warps = match (t <= 2, dtype, suffix) {
+                        (true, DType::Q4K | DType::Q6K, "_i16") => WARPS_DECODE_WIDE,
+                        (true, _, _) => WARPS_DECODE,
+                        (false, _, _) => WARPS,
+                    };
+                    // Two blocks at most: the warps' groups of rows then take several rounds.
+                    let blocks = n.div_ceil(ROWS_PER_WARP).div_ceil(warps).min(2);
                     let kernel = format!("matvec_{}{suffix}_t{t}", dtype.name());
                     let got = run(&kernel, &w, &x, tokens, blocks, warps * 32);
                     assert!(got[tokens * n..].iter().all(|&v| v == -7.0), "{kernel}: wrote past token {tokens}");

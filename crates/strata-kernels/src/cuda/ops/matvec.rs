@@ -14,9 +14,10 @@ use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
 use strata_tensor::{DType, Tensor};
 
 use crate::cuda::params::{
-    MatvecParams, STRATA_MATVEC_CHUNK, STRATA_MATVEC_CHUNK_Q8_0, STRATA_MATVEC_MAX_TOKENS, STRATA_MATVEC_ROWS_PER_WARP,
-    STRATA_MATVEC_STAGES, STRATA_MATVEC_STAGES_DECODE, STRATA_MATVEC_STAGES_DECODE_Q6_K, STRATA_MATVEC_WARPS,
-    STRATA_MATVEC_WARPS_DECODE, STRATA_MATVEC_XTILE, STRATA_MATVEC_XTILE_FLOAT, STRATA_MATVEC_XTILE_MIN,
+    MatvecParams, STRATA_MATVEC_CHUNK, STRATA_MATVEC_CHUNK_Q8_0, STRATA_MATVEC_CHUNK_WIDE, STRATA_MATVEC_MAX_TOKENS,
+    STRATA_MATVEC_ROWS_PER_WARP, STRATA_MATVEC_STAGES, STRATA_MATVEC_STAGES_DECODE, STRATA_MATVEC_STAGES_DECODE_Q6_K,
+    STRATA_MATVEC_WARPS, STRATA_MATVEC_WARPS_DECODE, STRATA_MATVEC_WARPS_DECODE_WIDE, STRATA_MATVEC_XTILE,
+    STRATA_MATVEC_XTILE_FLOAT, STRATA_MATVEC_XTILE_MIN,
 };
 use crate::cuda::{Cuda, check_len, driver, ptr, ptr_mut};
 use crate::{Error, Result};
@@ -112,38 +113,61 @@ fn kernel_names(dtype: DType, k: usize, acts: MatvecActs) -> [&'static str; 4] {
 }
 
 /// Warps per block of the `t`-token kernel for `dtype`: more for the block-quantized decode
-/// kernels (1 and 2 tokens), which share one activation tile among them.
-fn warps(dtype: DType, t: usize) -> usize {
-    if dtype.is_quantized() && t <= 2 { STRATA_MATVEC_WARPS_DECODE as usize } else { STRATA_MATVEC_WARPS as usize }
+/// kernels (1 and 2 tokens), which share one activation tile among them; half as many for the
+/// integer ones of q4_k and q6_k, whose chunks are twice as long.
+fn warps(dtype: DType, t: usize, acts: MatvecActs) -> usize {
+    match (dtype.is_quantized() && t <= 2, dtype) {
+        (true, DType::Q4K | DType::Q6K) if acts.integer(dtype) => STRATA_MATVEC_WARPS_DECODE_WIDE as usize,
+        (true, _) => STRATA_MATVEC_WARPS_DECODE as usize,
+        (false, _) => STRATA_MATVEC_WARPS as usize,
+    }
+}
+
+/// Columns per pipeline step of the `t`-token kernel for a block-quantized `dtype`
+/// (`kernels/matvec.cu`: each format's CHUNK_ELEMS).
+fn chunk(dtype: DType, t: usize, acts: MatvecActs) -> usize {
+    let columns = match dtype {
+        DType::Q8_0 => STRATA_MATVEC_CHUNK_Q8_0,
+        DType::Q4K | DType::Q6K if acts.integer(dtype) && t <= 4 => STRATA_MATVEC_CHUNK_WIDE,
+        _ => STRATA_MATVEC_CHUNK,
+    };
+    columns as usize
 }
 
 /// The dynamic shared memory of the `t`-token kernel for `dtype`, laid out as `mv_quant` and
-/// `mv_float_*` lay it out: the activation tile, and for block-quantized dtypes each warp's
-/// pipeline of chunk buffers. The float tile holds f32 values padded by 4 floats every 32 and
-/// every 256 columns (with, for block-quantized dtypes, the sums over each 8 columns); the integer
-/// tile (`QTile`) both digit arrays, padded by 16 bytes every 128 columns, a unit and a sum per
-/// block of 32 columns, and a sum per 8 columns.
+/// `mv_float_*` lay it out: the activation tile ([`tile_bytes`]), and for block-quantized dtypes
+/// each warp's pipeline of chunk buffers.
 fn shared_bytes(dtype: DType, t: usize, acts: MatvecActs) -> usize {
-    let total = if dtype.is_quantized() { STRATA_MATVEC_XTILE } else { STRATA_MATVEC_XTILE_FLOAT };
-    let kt = (total as usize / t).max(STRATA_MATVEC_XTILE_MIN as usize);
-    let tile = 4 * t * (kt + kt / 8 + kt / 64);
+    let tile = tile_bytes(dtype, t, acts);
     if !dtype.is_quantized() {
         return tile;
     }
-    let tile = if acts.integer(dtype) {
-        2 * t * (kt + kt / 8) + 8 * t * (kt / 32) + 4 * t * (kt / 8)
-    } else {
-        tile + 4 * t * (kt / 8)
-    };
-    let chunk = if dtype == DType::Q8_0 { STRATA_MATVEC_CHUNK_Q8_0 } else { STRATA_MATVEC_CHUNK } as usize;
-    let chunk_bytes = chunk / dtype.block_len() * dtype.block_bytes();
+    let chunk_bytes = chunk(dtype, t, acts) / dtype.block_len() * dtype.block_bytes();
     let buffer = (chunk_bytes + 32).div_ceil(16) * 16;
     let stages = match (t <= 2, dtype) {
         (true, DType::Q6K) => STRATA_MATVEC_STAGES_DECODE_Q6_K,
         (true, _) => STRATA_MATVEC_STAGES_DECODE,
         (false, _) => STRATA_MATVEC_STAGES,
     } as usize;
-    tile + warps(dtype, t) * stages * STRATA_MATVEC_ROWS_PER_WARP as usize * buffer
+    tile + warps(dtype, t, acts) * stages * STRATA_MATVEC_ROWS_PER_WARP as usize * buffer
+}
+
+/// The activation tile of the `t`-token kernel for `dtype`. The float tile holds f32 values
+/// padded by 4 floats every 32 and every 256 columns (with, for block-quantized dtypes, the sums
+/// over each 8 columns); the integer tile (`QTile`) both digit arrays, padded by 16 bytes every
+/// 128 columns, a unit and a sum per block of 32 columns, and a sum per 8 columns.
+fn tile_bytes(dtype: DType, t: usize, acts: MatvecActs) -> usize {
+    let total = if dtype.is_quantized() { STRATA_MATVEC_XTILE } else { STRATA_MATVEC_XTILE_FLOAT };
+    let kt = (total as usize / t).max(STRATA_MATVEC_XTILE_MIN as usize);
+    let tile = 4 * t * (kt + kt / 8 + kt / 64);
+    if !dtype.is_quantized() {
+        return tile;
+    }
+    if acts.integer(dtype) {
+        2 * t * (kt + kt / 8) + 8 * t * (kt / 32) + 4 * t * (kt / 8)
+    } else {
+        tile + 4 * t * (kt / 8)
+    }
 }
 
 /// A per-device (ordinal) cache of facts asked of the driver.
@@ -249,7 +273,7 @@ where
         }
         let kernel = names[t.trailing_zeros() as usize];
         let smem = shared_bytes(w.dtype(), t, acts);
-        let threads = (warps(w.dtype(), t) * 32) as u32;
+        let threads = (warps(w.dtype(), t, acts) * 32) as u32;
         if smem > 48 * 1024 {
             // Above 48 KiB a kernel must opt in to its dynamic shared memory.
             cuda.function("matvec", kernel)?
@@ -258,7 +282,7 @@ where
         }
         // Float kernels take one block per group of rows; block-quantized ones are persistent,
         // with a warp per group of rows at a time.
-        let per_block = warps(w.dtype(), t) * ROWS_PER_WARP;
+        let per_block = warps(w.dtype(), t, acts) * ROWS_PER_WARP;
         let mut blocks = n.div_ceil(per_block);
         if w.dtype().is_quantized() {
             blocks = blocks.min(resident_blocks(cuda, kernel, threads, smem)?);
@@ -317,12 +341,18 @@ mod tests {
 
     #[test]
     fn the_integer_tile_is_smaller_than_the_float_one() {
-        // Two bytes and three quarters per column against about five: never more shared memory.
+        // Two bytes and three quarters per column against about five. (The weight pipelines
+        // differ: the integer kernels of q4_k and q6_k take chunks twice as long, with half the
+        // warps at one and two tokens.)
         for dtype in DType::ALL.into_iter().filter(|d| d.is_quantized()) {
             for t in [1, 2, 4, 8] {
-                let (int, float) =
-                    (shared_bytes(dtype, t, MatvecActs::TwoDigits), shared_bytes(dtype, t, MatvecActs::F32));
+                let (int, float) = (tile_bytes(dtype, t, MatvecActs::TwoDigits), tile_bytes(dtype, t, MatvecActs::F32));
                 assert!(int < float, "{dtype} t{t}: {int} >= {float}");
+                if t <= 2 && !matches!(dtype, DType::Q4K | DType::Q6K) {
+                    let (int, float) =
+                        (shared_bytes(dtype, t, MatvecActs::TwoDigits), shared_bytes(dtype, t, MatvecActs::F32));
+                    assert!(int < float, "{dtype} t{t}: {int} >= {float}");
+                }
             }
         }
         assert_eq!(shared_bytes(DType::F16, 1, MatvecActs::TwoDigits), shared_bytes(DType::F16, 1, MatvecActs::F32));
