@@ -1,6 +1,7 @@
-// Dequantizing matrix-vector products: y[t, r] = sum_c W[r, c] * x[t, c] for a row-major weight
-// W [n, k] of any strata dtype (f32, f16, bf16, q8_0, q4_0, q4_1, q4_k, q6_k; ggml block layouts,
-// see quant.cuh), f32 activations x [tokens, k] and outputs y [tokens, n], f32 accumulation.
+// Dequantizing matrix-vector products: y[t, r] = sum_c W[r, c] * x[t, c] (or y[t, r] += .., a
+// residual connection fused) for a row-major weight W [n, k] of any strata dtype (f32, f16, bf16,
+// q8_0, q4_0, q4_1, q4_k, q6_k; ggml block layouts, see quant.cuh), f32 activations x [tokens, k]
+// and outputs y [tokens, n], f32 accumulation.
 // Float weights multiply x as it is. Block-quantized weights take one of two paths:
 // - integer (the _i16 kernels, the default): x quantized in the kernel to two 8-bit digits per
 //   value with a unit per block of 32, bit for bit as strata_tensor's ActQ8 (the CPU decode
@@ -145,7 +146,9 @@ __device__ __forceinline__ float xsum32(const float* xsum, int e) {
 }
 
 
-// Sums each lane's partial dot products over the warp and writes the live outputs.
+// Sums each lane's partial dot products over the warp and writes the live outputs (or adds them
+// to y's: the sum is rounded to f32 first, so y + W x is rounded as an add of the written
+// product would round it).
 template <int T>
 __device__ __forceinline__ void write_rows(const MatvecParams& p, float (&acc)[MV_ROWS][T], unsigned int row0,
                                            int lane, float* __restrict__ y) {
@@ -154,7 +157,10 @@ __device__ __forceinline__ void write_rows(const MatvecParams& p, float (&acc)[M
 #pragma unroll
         for (int t = 0; t < T; ++t) {
             const float v = warp_sum(acc[r][t]);
-            if (lane == 0 && row0 + r < p.rows && t < (int)p.tokens) y[(size_t)t * p.rows + row0 + r] = v;
+            if (lane == 0 && row0 + r < p.rows && t < (int)p.tokens) {
+                float* out = y + (size_t)t * p.rows + row0 + r;
+                *out = p.accumulate ? __fadd_rn(*out, v) : v;
+            }
         }
     }
 }

@@ -40,7 +40,8 @@
 #define STRATA_MATVEC_CHUNK_WIDE 2048
 #define STRATA_MATVEC_WARPS_DECODE_WIDE 8
 
-/// `y[t, r] = sum_c W[r, c] * x[t, c]` for `r < rows`, `t < tokens`.
+/// `y[t, r] = sum_c W[r, c] * x[t, c]` (or `y[t, r] += ..`, see `accumulate`) for `r < rows`,
+/// `t < tokens`.
 typedef struct {
     /// Weight rows n (outputs per token).
     unsigned int rows;
@@ -52,4 +53,7 @@ typedef struct {
     unsigned long long total_bytes;
     /// Tokens in this launch, at most the kernel's own count (rows of x beyond count as zeros).
     unsigned int tokens;
+    /// Nonzero: each output is added to the value y holds (y += W x, as a residual connection
+    /// adds a projection), rounded once; zero: written (y = W x).
+    unsigned int accumulate;
 } MatvecParams;

@@ -323,9 +323,7 @@ impl CudaDecoder {
             };
             let mut attn = s.attn.slice_mut(..t * qd);
             ops::attention(cuda, kv, li, &q, t, &params, &mut attn)?;
-            let mut proj = s.proj.slice_mut(..t * h);
-            linear(cuda, &layer.o, &attn, &mut proj, t, work)?;
-            ops::add(cuda, &mut s.x.slice_mut(..t * h), &proj)?;
+            residual(cuda, &layer.o, &attn, &mut s.x.slice_mut(..t * h), &mut s.proj.slice_mut(..t * h), t, work)?;
 
             ops::rms_norm(cuda, &s.x.slice(..t * h), &layer.ffn_norm, hp.rms_norm_eps, t, &mut normed)?;
             let mut gate = s.gate.slice_mut(..t * inter);
@@ -334,8 +332,7 @@ impl CudaDecoder {
             linear(cuda, &layer.gate, &normed, &mut gate, t, work)?;
             linear(cuda, &layer.up, &normed, &mut up, t, work)?;
             ops::swiglu(cuda, &gate, &up, &mut act)?;
-            linear(cuda, &layer.down, &act, &mut proj, t, work)?;
-            ops::add(cuda, &mut s.x.slice_mut(..t * h), &proj)?;
+            residual(cuda, &layer.down, &act, &mut s.x.slice_mut(..t * h), &mut s.proj.slice_mut(..t * h), t, work)?;
         }
 
         cache.ids.extend_from_slice(ids);
@@ -362,6 +359,25 @@ fn linear(
         ops::add_bias(cuda, y, b, tokens)?;
     }
     Ok(())
+}
+
+/// `x += a W^T + b`, the residual connection of a projection: fused into the projection's launch
+/// (the product rounded, then added, as the unfused ops round it) when it has no bias; else the
+/// projection into `proj`, its bias, then the add (the CPU's order of roundings).
+fn residual(
+    cuda: &Cuda,
+    l: &CudaLinear,
+    a: &impl DevicePtr<f32>,
+    x: &mut impl DevicePtrMut<f32>,
+    proj: &mut (impl DevicePtrMut<f32> + DevicePtr<f32>),
+    tokens: usize,
+    scratch: &mut LinearScratch,
+) -> Result<()> {
+    if l.bias.is_none() {
+        return Ok(ops::linear_add(cuda, &l.weight, a, x, tokens, scratch)?);
+    }
+    linear(cuda, l, a, proj, tokens, scratch)?;
+    Ok(ops::add(cuda, x, proj)?)
 }
 
 /// One request's state on the device: the key/value blocks of every layer

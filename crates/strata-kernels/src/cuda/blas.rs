@@ -85,17 +85,45 @@ impl Blas {
         let (wp, _b) = w.device_ptr(stream);
         let (yp, _c) = y.device_ptr_mut(stream);
         // SAFETY: the lengths were checked above against t, n and k.
-        unsafe { self.gemm(dtype, xp, wp, yp, (t, n, k)) }
+        unsafe { self.gemm(dtype, xp, wp, yp, (t, n, k), 0.0) }
     }
 
     /// [`Blas::matmul`] with f32 operands given as f32 buffers: `y[t, n] = x[t, k] · w[n, k]ᵀ`.
-    pub fn matmul_f32<X, W, Y>(
+    pub fn matmul_f32<X, W, Y>(&self, cuda: &Cuda, x: &X, w: &W, y: &mut Y, shape: (usize, usize, usize)) -> Result<()>
+    where
+        X: DevicePtr<f32>,
+        W: DevicePtr<f32>,
+        Y: DevicePtrMut<f32>,
+    {
+        self.f32_gemm(cuda, x, w, y, shape, 0.0)
+    }
+
+    /// `y[t, n] += x[t, k] · w[n, k]ᵀ` with f32 operands (cuBLAS's beta = 1).
+    pub fn matmul_f32_add<X, W, Y>(
+        &self,
+        cuda: &Cuda,
+        x: &X,
+        w: &W,
+        y: &mut Y,
+        shape: (usize, usize, usize),
+    ) -> Result<()>
+    where
+        X: DevicePtr<f32>,
+        W: DevicePtr<f32>,
+        Y: DevicePtrMut<f32>,
+    {
+        self.f32_gemm(cuda, x, w, y, shape, 1.0)
+    }
+
+    /// `y = x wᵀ + beta y` with f32 operands, the lengths checked.
+    fn f32_gemm<X, W, Y>(
         &self,
         cuda: &Cuda,
         x: &X,
         w: &W,
         y: &mut Y,
         (t, n, k): (usize, usize, usize),
+        beta: f32,
     ) -> Result<()>
     where
         X: DevicePtr<f32>,
@@ -111,21 +139,29 @@ impl Blas {
         let (wp, _b) = w.device_ptr(stream);
         let (yp, _c) = y.device_ptr_mut(stream);
         // SAFETY: the lengths were checked above against t, n and k.
-        unsafe { self.gemm(GemmDtype::F32, xp, wp, yp, (t, n, k)) }
+        unsafe { self.gemm(GemmDtype::F32, xp, wp, yp, (t, n, k), beta) }
     }
 
-    /// The GEMM on raw device addresses.
+    /// The GEMM on raw device addresses: `y = x wᵀ + beta y`.
     ///
     /// # Safety
     /// `x` must hold `t * k` and `w` `n * k` elements of `dtype`, `y` `t * n` floats.
-    unsafe fn gemm(&self, dtype: GemmDtype, xp: u64, wp: u64, yp: u64, (t, n, k): (usize, usize, usize)) -> Result<()> {
+    unsafe fn gemm(
+        &self,
+        dtype: GemmDtype,
+        xp: u64,
+        wp: u64,
+        yp: u64,
+        (t, n, k): (usize, usize, usize),
+        beta: f32,
+    ) -> Result<()> {
         let op = "gemm";
         if t == 0 || n == 0 || k == 0 {
             return Ok(());
         }
         let to_i32 = |v: usize| i32::try_from(v).map_err(|_| Error::invalid(op, format!("dimension {v} too large")));
         let (ti, ni, ki) = (to_i32(t)?, to_i32(n)?, to_i32(k)?);
-        let (alpha, beta) = (1f32, 0f32);
+        let alpha = 1f32;
         // Column-major view: yᵀ[n, t] = (w as [k, n])ᵀ · (x as [k, t]).
         // SAFETY: the caller guarantees the buffers hold the elements the leading dimensions and
         // m, n, k reach.

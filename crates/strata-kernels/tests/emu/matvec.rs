@@ -25,23 +25,39 @@ fn emulator() -> Option<std::path::PathBuf> {
 /// `tokens`) on `blocks` emulated blocks, as the launcher would; returns y for `tokens + 1`
 /// rows, the last of which the kernel must leave at its sentinel.
 fn run(kernel: &str, w: &Tensor, x: &[f32], tokens: usize, blocks: usize, threads: usize) -> Vec<f32> {
+    run_into(kernel, w, x, tokens, blocks, threads, None)
+}
+
+/// [`run`], with `add`: y starts as `add` and the kernel adds its products to it (the launch's
+/// `accumulate`).
+fn run_into(
+    kernel: &str,
+    w: &Tensor,
+    x: &[f32],
+    tokens: usize,
+    blocks: usize,
+    threads: usize,
+    add: Option<&[f32]>,
+) -> Vec<f32> {
     let emu = emulator().expect("checked by the caller");
     let (n, k) = (w.shape().dims()[0], w.shape().dims()[1]);
     assert_eq!(x.len(), tokens * k);
     let mut bytes = w.cpu_bytes().unwrap().to_vec();
     // MatvecParams as C lays it out: u32 rows, u32 cols, u64 row_bytes, u64 total_bytes, u32
-    // tokens, 4 bytes of padding.
+    // tokens, u32 accumulate.
     let p = [
         &(n as u32).to_le_bytes()[..],
         &(k as u32).to_le_bytes(),
         &(w.row_bytes() as u64).to_le_bytes(),
         &(bytes.len() as u64).to_le_bytes(),
         &(tokens as u32).to_le_bytes(),
-        &[0; 4],
+        &u32::from(add.is_some()).to_le_bytes(),
     ]
     .concat();
     let mut xb = f32_bytes(x);
-    let mut y = f32_bytes(&[vec![f32::NAN; tokens * n], vec![-7f32; n]].concat());
+    let start = add.map_or_else(|| vec![f32::NAN; tokens * n], <[f32]>::to_vec);
+    assert_eq!(start.len(), tokens * n);
+    let mut y = f32_bytes(&[start, vec![-7f32; n]].concat());
     let mut args = [Arg::Buf(&mut bytes, 0), Arg::Buf(&mut xb, 0), Arg::Buf(&mut y, 0)];
     launch(&emu, kernel, [blocks as u32, 1, 1], threads as u32, SMEM, &p, &mut args);
     f32s(&y)
@@ -139,6 +155,49 @@ fn emulated_float_matvec_kernels_match_the_cpu_reference() {
                     let tol = 1e-5 + 1e-4 * magnitude;
                     assert!((g - v).abs() <= tol, "{kernel} {n}x{k} tokens={tokens}: y[{tok}, {r}] = {g}, want {v}");
                 }
+            }
+        }
+    }
+}
+
+/// With `accumulate`, every kernel adds to y exactly what it would have written: y0 + (the
+/// written product), rounded once, bit for bit; nothing past the last token.
+#[test]
+fn emulated_matvec_kernels_add_their_products_to_y() {
+    if emulator().is_none() {
+        return;
+    }
+    let (n, k) = (21, 2304);
+    // (kernel prefix, dtype, warps per block at 1 and 2 tokens)
+    let cases = [
+        ("matvec_f32", DType::F32, WARPS),
+        ("matvec_f16_scalar", DType::F16, WARPS),
+        ("matvec_bf16", DType::BF16, WARPS),
+        ("matvec_q8_0_i16", DType::Q8_0, WARPS_DECODE),
+        ("matvec_q4_0", DType::Q4_0, WARPS_DECODE),
+        ("matvec_q4_1_i16", DType::Q4_1, WARPS_DECODE),
+        ("matvec_q4_k_i16", DType::Q4K, WARPS_DECODE_WIDE),
+        ("matvec_q6_k_i16", DType::Q6K, WARPS_DECODE_WIDE),
+    ];
+    for (i, (prefix, dtype, decode_warps)) in cases.into_iter().enumerate() {
+        // f16 rows of 2303 columns are not a multiple of 16 bytes: the _scalar kernel.
+        let k = if dtype == DType::F16 { k - 1 } else { k };
+        let w = Tensor::from_f32_as(&random_f32(n * k, 17 + i as u64, 1.0), [n, k], dtype).unwrap();
+        for tokens in [1usize, 3] {
+            let t = tokens.next_power_of_two();
+            if !prefix.ends_with("_i16") && dtype.is_quantized() && t > 2 {
+                continue;
+            }
+            let warps = if t <= 2 { decode_warps } else { WARPS };
+            let blocks = n.div_ceil(ROWS_PER_WARP).div_ceil(warps).min(2);
+            let kernel = format!("{prefix}_t{t}");
+            let x = random_f32(tokens * k, 99 + i as u64, 2.0);
+            let y0 = random_f32(tokens * n, 7 + i as u64, 50.0);
+            let plain = run(&kernel, &w, &x, tokens, blocks, warps * 32);
+            let got = run_into(&kernel, &w, &x, tokens, blocks, warps * 32, Some(&y0));
+            assert!(got[tokens * n..].iter().all(|&v| v == -7.0), "{kernel}: wrote past token {tokens}");
+            for (j, (&g, (&a, &p))) in got.iter().zip(y0.iter().zip(&plain)).enumerate() {
+                assert_eq!(g.to_bits(), (a + p).to_bits(), "{kernel} tokens={tokens}: y[{j}] = {g}, want {a} + {p}");
             }
         }
     }

@@ -45,6 +45,43 @@ fn linear_matches_matmul_on_both_paths_for_every_dtype() {
     assert_eq!(scratch.capacity(), 130 * 768);
 }
 
+/// `linear_add` adds to y what `linear` writes: bit for bit on the matvec path (the product is
+/// rounded, then added); on the GEMM path (cuBLAS's beta = 1, which may pick another algorithm)
+/// within `assert_matches`'s tolerance of the product plus an ulp of the sum.
+#[test]
+fn linear_add_adds_what_linear_writes_on_both_paths() {
+    let Some(cuda) = device_or_skip("linear_add_adds_what_linear_writes_on_both_paths") else { return };
+    let mut scratch = LinearScratch::new();
+    for dtype in DType::ALL {
+        let (n, k) = (70, 512);
+        let w = Tensor::from_f32_as(&random_f32(n * k, 5, 1.0), [n, k], dtype).unwrap();
+        let (dw, wf) = (upload_tensor(&cuda, &w).unwrap(), w.to_f32_vec().unwrap());
+        for tokens in [1, 3, LINEAR_MATVEC_TOKENS + 1, 40] {
+            let xh = random_f32(tokens * k, tokens as u64, 2.0);
+            let x = cuda.upload(&xh).unwrap();
+            let y0 = random_f32(tokens * n, 11, 50.0);
+            let mut plain = cuda.upload(&vec![f32::NAN; tokens * n]).unwrap();
+            ops::linear(&cuda, &dw, &x, &mut plain, tokens, &mut scratch).unwrap();
+            let plain = cuda.download(&plain).unwrap();
+            let mut dy = cuda.upload(&y0).unwrap();
+            ops::linear_add(&cuda, &dw, &x, &mut dy, tokens, &mut scratch).unwrap();
+            let got = cuda.download(&dy).unwrap();
+            for (i, (&g, (&a, &p))) in got.iter().zip(y0.iter().zip(&plain)).enumerate() {
+                let want = a + p;
+                let what = format!("linear_add {dtype} [{n}, {k}] tokens={tokens}: y[{i}] = {g}, want {a} + {p}");
+                if tokens <= LINEAR_MATVEC_TOKENS {
+                    assert_eq!(g.to_bits(), want.to_bits(), "{what}");
+                } else {
+                    let (t, r) = (i / n, i % n);
+                    let magnitude: f32 = (0..k).map(|c| (wf[r * k + c] * xh[t * k + c]).abs()).sum();
+                    let tol = 1e-5 + 1e-4 * magnitude + f32::EPSILON * want.abs();
+                    assert!((g - want).abs() <= tol, "{what} (tolerance {tol})");
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn linear_rejects_short_buffers_on_the_gemm_path() {
     let Some(cuda) = device_or_skip("linear_rejects_short_buffers_on_the_gemm_path") else { return };

@@ -8,7 +8,7 @@ use crate::cuda::{Cuda, check_len};
 use crate::{Error, Result};
 
 use super::convert::{dequantize, device_matrix};
-use super::matvec::{MATVEC_MAX_TOKENS, matvec};
+use super::matvec::{MATVEC_MAX_TOKENS, matvec, matvec_add};
 
 /// Up to this many tokens [`linear`] runs the matvec kernels, which read the weight once per
 /// [`MATVEC_MAX_TOKENS`] tokens; above it, the dequantized weight goes through a GEMM.
@@ -57,19 +57,62 @@ where
     if tokens <= LINEAR_MATVEC_TOKENS {
         return matvec(cuda, w, x, y, tokens);
     }
-    let op = "linear";
+    gemm(cuda, w, x, y, tokens, scratch, false)
+}
+
+/// `y += x Wᵀ`: [`linear`] with its outputs added to `y`'s values (a residual connection fused
+/// into its projection): [`matvec_add`] up to [`LINEAR_MATVEC_TOKENS`] tokens, the GEMM with
+/// cuBLAS's beta = 1 above.
+pub fn linear_add<X, Y>(
+    cuda: &Cuda,
+    w: &Tensor,
+    x: &X,
+    y: &mut Y,
+    tokens: usize,
+    scratch: &mut LinearScratch,
+) -> Result<()>
+where
+    X: DevicePtr<f32>,
+    Y: DevicePtrMut<f32>,
+{
+    if tokens <= LINEAR_MATVEC_TOKENS {
+        return matvec_add(cuda, w, x, y, tokens);
+    }
+    gemm(cuda, w, x, y, tokens, scratch, true)
+}
+
+/// The GEMM path of [`linear`] (`add`: of [`linear_add`]).
+fn gemm<X, Y>(
+    cuda: &Cuda,
+    w: &Tensor,
+    x: &X,
+    y: &mut Y,
+    tokens: usize,
+    scratch: &mut LinearScratch,
+    add: bool,
+) -> Result<()>
+where
+    X: DevicePtr<f32>,
+    Y: DevicePtrMut<f32>,
+{
+    let op = if add { "linear_add" } else { "linear" };
     let (n, k, bytes) = device_matrix(op, cuda, w)?;
     check_len(op, "x", x.len(), tokens * k)?;
     check_len(op, "y", y.len(), tokens * n)?;
     let blas = cuda.blas()?;
+    let shape = (tokens, n, k);
     if w.dtype() == DType::F32 {
         // SAFETY: the bytes of an f32 tensor are its n * k floats, and the buffer starts on a
         // 16-byte boundary (checked by device_matrix).
         let weights = unsafe { bytes.transmute::<f32>(n * k) }
             .ok_or_else(|| Error::invalid(op, "the weight's buffer is shorter than its shape"))?;
-        return blas.matmul_f32(cuda, x, &weights, y, (tokens, n, k));
+        return if add {
+            blas.matmul_f32_add(cuda, x, &weights, y, shape)
+        } else {
+            blas.matmul_f32(cuda, x, &weights, y, shape)
+        };
     }
     let weights = scratch.weights(cuda, n * k)?;
     dequantize(cuda, w, weights)?;
-    blas.matmul_f32(cuda, x, weights, y, (tokens, n, k))
+    if add { blas.matmul_f32_add(cuda, x, weights, y, shape) } else { blas.matmul_f32(cuda, x, weights, y, shape) }
 }

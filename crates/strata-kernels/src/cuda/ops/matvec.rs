@@ -173,20 +173,24 @@ fn tile_bytes(dtype: DType, t: usize, acts: MatvecActs) -> usize {
 /// A per-device (ordinal) cache of facts asked of the driver.
 type DeviceCache<K> = OnceLock<Mutex<HashMap<(usize, K), usize>>>;
 
-/// The blocks of `kernel` (`threads` threads, `smem` bytes of dynamic shared memory) the device
-/// holds at once, asked of the driver once per device and kernel: the grid of the persistent
-/// block-quantized kernels. The kernel's shared-memory limit must already allow `smem`.
-fn resident_blocks(cuda: &Cuda, kernel: &'static str, threads: u32, smem: usize) -> Result<usize> {
+/// Readies `kernel` (`threads` threads, `smem` bytes of dynamic shared memory) for launches and
+/// returns the blocks of it the device holds at once (the grid of the persistent block-quantized
+/// kernels), once per device and kernel: above 48 KiB a kernel must opt in to its dynamic shared
+/// memory, and the driver is asked for the occupancy after that. `smem` must be within the
+/// device's limit.
+fn prepare(cuda: &Cuda, kernel: &'static str, threads: u32, smem: usize) -> Result<usize> {
     static CACHE: DeviceCache<&'static str> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
     let key = (cuda.ordinal(), kernel);
     if let Some(&blocks) = cache.lock().unwrap().get(&key) {
         return Ok(blocks);
     }
-    let per_sm = cuda
-        .function("matvec", kernel)?
-        .occupancy_max_active_blocks_per_multiprocessor(threads, smem, None)
-        .map_err(driver(kernel))?;
+    let f = cuda.function("matvec", kernel)?;
+    if smem > 48 * 1024 {
+        f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+            .map_err(driver(kernel))?;
+    }
+    let per_sm = f.occupancy_max_active_blocks_per_multiprocessor(threads, smem, None).map_err(driver(kernel))?;
     let blocks = per_sm.max(1) as usize * cuda.multiprocessors()?;
     cache.lock().unwrap().insert(key, blocks);
     Ok(blocks)
@@ -234,7 +238,27 @@ where
     X: DevicePtr<f32>,
     Y: DevicePtrMut<f32>,
 {
-    let op = "matvec";
+    run(cuda, w, x, y, tokens, acts, false)
+}
+
+/// `y[t, :] += W x[t, :]` for `t < tokens`: [`matvec`] with its outputs added to `y`'s values
+/// (a residual connection fused into its projection). Each product is rounded to f32 before the
+/// add, so the result is bit for bit [`matvec`] into a buffer, then an add.
+pub fn matvec_add<X, Y>(cuda: &Cuda, w: &Tensor, x: &X, y: &mut Y, tokens: usize) -> Result<()>
+where
+    X: DevicePtr<f32>,
+    Y: DevicePtrMut<f32>,
+{
+    run(cuda, w, x, y, tokens, MatvecActs::default(), true)
+}
+
+/// The launches of [`matvec_as`] (`accumulate`: of [`matvec_add`]).
+fn run<X, Y>(cuda: &Cuda, w: &Tensor, x: &X, y: &mut Y, tokens: usize, acts: MatvecActs, accumulate: bool) -> Result<()>
+where
+    X: DevicePtr<f32>,
+    Y: DevicePtrMut<f32>,
+{
+    let op = if accumulate { "matvec_add" } else { "matvec" };
     let (n, k, bytes) = device_matrix(op, cuda, w)?;
     check_len(op, "x", x.len(), tokens * k)?;
     check_len(op, "y", y.len(), tokens * n)?;
@@ -274,18 +298,13 @@ where
         let kernel = names[t.trailing_zeros() as usize];
         let smem = shared_bytes(w.dtype(), t, acts);
         let threads = (warps(w.dtype(), t, acts) * 32) as u32;
-        if smem > 48 * 1024 {
-            // Above 48 KiB a kernel must opt in to its dynamic shared memory.
-            cuda.function("matvec", kernel)?
-                .set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-                .map_err(driver(kernel))?;
-        }
+        let resident = prepare(cuda, kernel, threads, smem)?;
         // Float kernels take one block per group of rows; block-quantized ones are persistent,
         // with a warp per group of rows at a time.
         let per_block = warps(w.dtype(), t, acts) * ROWS_PER_WARP;
         let mut blocks = n.div_ceil(per_block);
         if w.dtype().is_quantized() {
-            blocks = blocks.min(resident_blocks(cuda, kernel, threads, smem)?);
+            blocks = blocks.min(resident);
         }
         let blocks = to_u32(blocks, "the grid")?;
         let p = MatvecParams {
@@ -294,6 +313,7 @@ where
             row_bytes: w.row_bytes() as u64,
             total_bytes: w.byte_len() as u64,
             tokens: group as u32,
+            accumulate: accumulate.into(),
         };
         let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 };
         let ptrs = [wp, xp + (t0 * k * 4) as u64, yp + (t0 * n * 4) as u64];
