@@ -3,7 +3,9 @@
 //! Without the `cuda` feature it does nothing: CPU-only builds never need nvcc. With it, it
 //! compiles every `kernels/*.cu` to PTX for compute_80 (which the driver loads on sm_80 and
 //! sm_90), turns the launch-parameter structs of `kernels/include/*.h` into Rust with bindgen,
-//! and writes `$OUT_DIR/kernels.rs`: the PTX of each file, embedded as a string.
+//! and writes `$OUT_DIR/kernels.rs`: the PTX of each file, embedded deflate-compressed (PTX is
+//! text that compresses about fivefold, and every binary that links the crate carries all of it;
+//! `cuda::kernel_ptx` inflates a file's on first use).
 //!
 //! nvcc is found through `NVCC`, then `CUDA_HOME/bin/nvcc`, then `PATH`, then the venv that
 //! `cargo xtask kernels` installs into strata's cache (the pinned CUDA 13.0 nvcc from PyPI).
@@ -65,7 +67,8 @@ mod cuda {
             })
             .collect();
         let mut modules = String::from(
-            "/// The PTX of every kernel file, by file stem.\npub(crate) const MODULES: &[(&str, &str)] = &[\n",
+            "/// The PTX of every kernel file, by file stem: deflate-compressed, and its length.\n\
+             pub(crate) const MODULES: &[(&str, &[u8], usize)] = &[\n",
         );
         for (stem, src, child) in children {
             let output = child.wait_with_output().unwrap();
@@ -76,7 +79,12 @@ mod cuda {
                     String::from_utf8_lossy(&output.stderr)
                 );
             }
-            modules.push_str(&format!("    ({stem:?}, include_str!(concat!(env!(\"OUT_DIR\"), \"/{stem}.ptx\"))),\n"));
+            let ptx = fs::read(out.join(format!("{stem}.ptx"))).unwrap();
+            fs::write(out.join(format!("{stem}.ptx.z")), miniz_oxide::deflate::compress_to_vec(&ptx, 6)).unwrap();
+            modules.push_str(&format!(
+                "    ({stem:?}, include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{stem}.ptx.z\")), {}),\n",
+                ptx.len()
+            ));
         }
         modules.push_str("];\n");
         fs::write(out.join("kernels.rs"), modules).unwrap();

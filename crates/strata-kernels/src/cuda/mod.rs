@@ -40,12 +40,22 @@ mod ptx {
 
 /// The names of the kernel files compiled into this build (`kernels/<name>.cu`).
 pub fn kernel_files() -> impl Iterator<Item = &'static str> {
-    ptx::MODULES.iter().map(|(name, _)| *name)
+    ptx::MODULES.iter().map(|(name, ..)| *name)
 }
 
-/// The embedded PTX of `kernels/<file>.cu`.
+/// The embedded PTX of `kernels/<file>.cu`, inflated on first use (the build embeds it
+/// compressed) and kept for the life of the process.
 pub fn kernel_ptx(file: &str) -> Option<&'static str> {
-    ptx::MODULES.iter().find(|(name, _)| *name == file).map(|(_, src)| *src)
+    static INFLATED: OnceLock<Vec<OnceLock<String>>> = OnceLock::new();
+    let inflated = INFLATED.get_or_init(|| ptx::MODULES.iter().map(|_| OnceLock::new()).collect());
+    let i = ptx::MODULES.iter().position(|(name, ..)| *name == file)?;
+    let (_, deflated, len) = ptx::MODULES[i];
+    Some(inflated[i].get_or_init(|| {
+        // The build script compressed what nvcc wrote: anything else is a broken build.
+        let bytes = miniz_oxide::inflate::decompress_to_vec_with_limit(deflated, len)
+            .unwrap_or_else(|e| panic!("the embedded PTX of {file}.cu does not inflate: {e:?}"));
+        String::from_utf8(bytes).unwrap_or_else(|_| panic!("the embedded PTX of {file}.cu is not UTF-8"))
+    }))
 }
 
 /// An opened CUDA device with its compute and copy streams.
@@ -257,4 +267,23 @@ pub(crate) fn check_len(op: &str, what: &str, have: usize, need: usize) -> Resul
 /// A 1-D launch of `n` threads in blocks of `block`.
 pub fn grid_1d(n: usize, block: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: ((n as u32).div_ceil(block).max(1), 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_embedded_ptx_inflates_to_what_nvcc_wrote() {
+        let files: Vec<_> = kernel_files().collect();
+        assert!(files.contains(&"matvec") && files.contains(&"attention"), "{files:?}");
+        for (file, _, len) in ptx::MODULES {
+            let ptx = kernel_ptx(file).unwrap();
+            assert_eq!(ptx.len(), *len, "{file}");
+            assert!(ptx.contains(".version") && ptx.contains(".entry"), "{file}: not PTX");
+            // The second call returns the same inflated text.
+            assert!(std::ptr::eq(ptx, kernel_ptx(file).unwrap()), "{file}");
+        }
+        assert!(kernel_ptx("no_such_file").is_none());
+    }
 }
