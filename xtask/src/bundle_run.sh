@@ -56,6 +56,41 @@ if [ "${1:-}" != quick ]; then
       >"$OUT/bench-$n.json" 2>"$OUT/bench-$n.log"
     say "bench $n (cuda): exit $? $(cat "$OUT/bench-$n.json" 2>/dev/null | tr -d '\n' | head -c 900)"
   done
+  # Where a decode step's time goes: every kernel's own GPU time (Nsight Compute, one kernel at a
+  # time) over a short q4_0 run (two 8-token prefills and three decode steps, warm-up included),
+  # to set against the decode time per token measured above (the rest is launch overhead, gaps).
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n1)
+  if [ -n "$NCU" ]; then
+    timeout 150 "$NCU" --csv --metrics gpu__time_duration.sum --clock-control none --log-file "$OUT/ncu-decode.csv" \
+      "$B/bin/strata" bench --model "$M/tinyllama-q4_0.gguf" --device cuda --prompt-tokens 8 --gen-tokens 2 --runs 1 \
+      >"$OUT/ncu-decode.log" 2>&1
+    say "ncu decode profile: exit $?"
+    python3 - "$OUT/ncu-decode.csv" <<'PY' | tee -a "$SUMMARY"
+import csv, sys, collections
+scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}
+by = collections.defaultdict(lambda: [0, 0.0])
+try:
+    rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 5]
+except OSError as e:
+    sys.exit(f"no ncu report: {e}")
+head = rows[0] if rows else []
+if "Kernel Name" not in head:
+    sys.exit("ncu report without a header")
+k, u, v = head.index("Kernel Name"), head.index("Metric Unit"), head.index("Metric Value")
+for r in rows[1:]:
+    try:
+        us = float(r[v].replace(",", "")) * scale.get(r[u], float("nan"))
+    except ValueError:
+        continue
+    name = r[k].split("(")[0]
+    by[name][0] += 1
+    by[name][1] += us
+total = sum(t for _, t in by.values())
+print(f"kernels: {sum(c for c, _ in by.values())} launches, {total:.0f} us of GPU time (5 passes: 2 prefills of 8 tokens, 3 decode steps)")
+for name, (c, t) in sorted(by.items(), key=lambda kv: -kv[1][1])[:25]:
+    print(f"  {name:<40} {c:>5} x {t / c:8.2f} us = {t:9.1f} us")
+PY
+  fi
 fi
 say "== done: $fails failing test binaries"
 exit $fails
