@@ -1,6 +1,8 @@
 // Element-wise kernels: SwiGLU, residual add, bias add, and f32 -> f16/bf16 casts.
 //
 //   swiglu_f32:     out = gate / (1 + exp(-gate)) * up   (strata_tensor::cpu::reference::swiglu)
+//   swiglu_pairs_f32: the same, gate and up from one product of paired rows (see the kernel)
+//   copy_cols_f32:  dst[r, c] = src[r, col0 + c]
 //   add_f32:        acc += x                             (strata_tensor::cpu::reference::add)
 //   add_bias_f32:   y[r, c] += bias[c]
 //   cast_f32_f16, cast_f32_bf16: out = x rounded to nearest even (what half::f16::from_f32 and
@@ -13,8 +15,8 @@
 // its bias element once and walks the rows blockIdx.y, blockIdx.y + gridDim.y, ...
 //
 // SwiGLU uses the accurate expf and IEEE division; nothing is fused, so it differs from the
-// reference by expf's last-bit error only. Launchers: strata_kernels::cuda::ops::{swiglu, add,
-// add_bias, cast_f32_to}.
+// reference by expf's last-bit error only. Launchers: strata_kernels::cuda::ops::{swiglu,
+// swiglu_pairs, copy_cols, add, add_bias, cast_f32_to}.
 #include "strata_common.cuh"
 #include "elementwise.h"
 
@@ -28,10 +30,6 @@ __device__ __forceinline__ unsigned long long thread_count() {
 
 __device__ __forceinline__ bool aligned(const void* p, unsigned long long bytes) {
     return ((unsigned long long)p & (bytes - 1)) == 0;
-}
-
-__device__ __forceinline__ float silu_mul(float g, float u) {
-    return __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), u);
 }
 
 extern "C" __global__ void swiglu_f32(ElementwiseParams p, const float* gate, const float* up, float* out) {
@@ -48,6 +46,28 @@ extern "C" __global__ void swiglu_f32(ElementwiseParams p, const float* gate, co
         tail = n4 * 4;
     }
     for (unsigned long long i = tail + i0; i < p.n; i += stride) out[i] = silu_mul(gate[i], up[i]);
+}
+
+// SwiGLU over a product with paired rows (ops::pair_rows: gate rows 2j, 2j + 1, then up rows
+// 2j, 2j + 1, per group of four): y [tokens, 2 width] to out [tokens, width], width even, so
+// output i (token i / width, column c = i % width, c and i of the same parity) takes gate
+// y[2i - i % 2] and up two after it.
+extern "C" __global__ void swiglu_pairs_f32(ElementwiseParams p, const float* y, float* out) {
+    const unsigned long long i0 = thread_index(), stride = thread_count();
+    for (unsigned long long i = i0; i < p.n; i += stride) {
+        const unsigned long long g = 2 * i - (i & 1);
+        out[i] = silu_mul(y[g], y[g + 2]);
+    }
+}
+
+// Columns col0 .. col0 + cols of each row of src, packed into dst (a fused projection's output
+// taken apart: q, k and v from q|k|v rows). One thread per element of dst, grid-stride.
+extern "C" __global__ void copy_cols_f32(CopyColsParams p, const float* src, float* dst) {
+    const unsigned long long n = (unsigned long long)p.rows * p.cols;
+    for (unsigned long long i = thread_index(); i < n; i += thread_count()) {
+        const unsigned long long r = i / p.cols, c = i - r * p.cols;
+        dst[i] = src[r * p.src_cols + p.col0 + c];
+    }
 }
 
 extern "C" __global__ void add_f32(ElementwiseParams p, float* acc, const float* x) {

@@ -1,7 +1,8 @@
-// Dequantizing matrix-vector products: y[t, r] = sum_c W[r, c] * x[t, c] (or y[t, r] += .., a
-// residual connection fused) for a row-major weight W [n, k] of any strata dtype (f32, f16, bf16,
-// q8_0, q4_0, q4_1, q4_k, q6_k; ggml block layouts, see quant.cuh), f32 activations x [tokens, k]
-// and outputs y [tokens, n], f32 accumulation.
+// Dequantizing matrix-vector products: y[t, r] = sum_c W[r, c] * x[t, c] for a row-major weight
+// W [n, k] of any strata dtype (f32, f16, bf16, q8_0, q4_0, q4_1, q4_k, q6_k; ggml block layouts,
+// see quant.cuh), f32 activations x [tokens, k] and outputs y [tokens, n], f32 accumulation;
+// stored, added to y (a residual connection fused), or, for a weight of paired gate and up rows,
+// SwiGLU'd into y [tokens, n / 2] (matvec.h's STRATA_MATVEC_STORE_*).
 // Float weights multiply x as it is. Block-quantized weights take one of two paths:
 // - integer (the _i16 kernels, the default): x quantized in the kernel to two 8-bit digits per
 //   value with a unit per block of 32, bit for bit as strata_tensor's ActQ8 (the CPU decode
@@ -146,20 +147,33 @@ __device__ __forceinline__ float xsum32(const float* xsum, int e) {
 }
 
 
-// Sums each lane's partial dot products over the warp and writes the live outputs (or adds them
-// to y's: the sum is rounded to f32 first, so y + W x is rounded as an add of the written
-// product would round it).
+// Sums each lane's partial dot products over the warp and stores the live outputs as p.store says:
+// written, added to y's (the sum is rounded to f32 first, so y + W x is rounded as an add of the
+// written product would round it), or, rows in SwiGLU groups of four (gate 2j, 2j + 1, up 2j,
+// 2j + 1: row0 / 2 is the group's first output), silu(gate) * up into y's rows / 2 per token.
 template <int T>
 __device__ __forceinline__ void write_rows(const MatvecParams& p, float (&acc)[MV_ROWS][T], unsigned int row0,
                                            int lane, float* __restrict__ y) {
+    static_assert(MV_ROWS == 4, "a SwiGLU group of rows is one warp's");
+    float v[MV_ROWS][T];
 #pragma unroll
-    for (int r = 0; r < MV_ROWS; ++r) {
+    for (int r = 0; r < MV_ROWS; ++r)
 #pragma unroll
-        for (int t = 0; t < T; ++t) {
-            const float v = warp_sum(acc[r][t]);
-            if (lane == 0 && row0 + r < p.rows && t < (int)p.tokens) {
+        for (int t = 0; t < T; ++t) v[r][t] = warp_sum(acc[r][t]);
+    if (lane != 0) return;
+#pragma unroll
+    for (int t = 0; t < T; ++t) {
+        if (t >= (int)p.tokens) break;
+        if (p.store == STRATA_MATVEC_STORE_SWIGLU) {
+            float* out = y + (size_t)t * (p.rows / 2) + row0 / 2;
+            if (row0 + 3 < p.rows) out[0] = silu_mul(v[0][t], v[2][t]), out[1] = silu_mul(v[1][t], v[3][t]);
+            continue;
+        }
+#pragma unroll
+        for (int r = 0; r < MV_ROWS; ++r) {
+            if (row0 + r < p.rows) {
                 float* out = y + (size_t)t * p.rows + row0 + r;
-                *out = p.accumulate ? __fadd_rn(*out, v) : v;
+                *out = p.store == STRATA_MATVEC_STORE_ADD ? __fadd_rn(*out, v[r][t]) : v[r][t];
             }
         }
     }

@@ -3,5 +3,5 @@
 
 #include "elementwise.cu"
 
-EMU_KERNELS(EMU_KERNEL(swiglu_f32), EMU_KERNEL(add_f32), EMU_KERNEL(add_bias_f32), EMU_KERNEL(cast_f32_f16),
-            EMU_KERNEL(cast_f32_bf16))
+EMU_KERNELS(EMU_KERNEL(swiglu_f32), EMU_KERNEL(swiglu_pairs_f32), EMU_KERNEL(copy_cols_f32), EMU_KERNEL(add_f32),
+            EMU_KERNEL(add_bias_f32), EMU_KERNEL(cast_f32_f16), EMU_KERNEL(cast_f32_bf16))

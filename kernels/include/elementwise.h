@@ -14,3 +14,16 @@ typedef struct {
     /// Elements per row (the bias's length).
     unsigned int cols;
 } AddBiasParams;
+
+/// `dst[r, c] = src[r, col0 + c]` for `r < rows`, `c < cols`: columns col0 .. col0 + cols of a
+/// row-major `src` of `src_cols` columns, packed.
+typedef struct {
+    /// Rows of both.
+    unsigned int rows;
+    /// Columns of src.
+    unsigned int src_cols;
+    /// The first column taken.
+    unsigned int col0;
+    /// Columns taken (dst's).
+    unsigned int cols;
+} CopyColsParams;

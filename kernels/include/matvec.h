@@ -40,8 +40,15 @@
 #define STRATA_MATVEC_CHUNK_WIDE 2048
 #define STRATA_MATVEC_WARPS_DECODE_WIDE 8
 
-/// `y[t, r] = sum_c W[r, c] * x[t, c]` (or `y[t, r] += ..`, see `accumulate`) for `r < rows`,
-/// `t < tokens`.
+/// Stores of MatvecParams::store: y = W x; y += W x (each product rounded, then added: a
+/// residual connection fused into its projection); SwiGLU of a weight whose rows come in groups
+/// of four, gate rows 2j and 2j + 1 then up rows 2j and 2j + 1 (rows a multiple of 4): y has
+/// rows / 2 outputs per token, y[t, 2j + i] = silu(gate_{2j+i} x) * (up_{2j+i} x).
+#define STRATA_MATVEC_STORE_WRITE 0
+#define STRATA_MATVEC_STORE_ADD 1
+#define STRATA_MATVEC_STORE_SWIGLU 2
+
+/// `y[t, r] = sum_c W[r, c] * x[t, c]` for `r < rows`, `t < tokens`, stored as `store` says.
 typedef struct {
     /// Weight rows n (outputs per token).
     unsigned int rows;
@@ -53,7 +60,6 @@ typedef struct {
     unsigned long long total_bytes;
     /// Tokens in this launch, at most the kernel's own count (rows of x beyond count as zeros).
     unsigned int tokens;
-    /// Nonzero: each output is added to the value y holds (y += W x, as a residual connection
-    /// adds a projection), rounded once; zero: written (y = W x).
-    unsigned int accumulate;
+    /// What becomes of the products (STRATA_MATVEC_STORE_*).
+    unsigned int store;
 } MatvecParams;

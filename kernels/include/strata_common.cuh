@@ -50,6 +50,13 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     return warp_max(v);
 }
 
+// SwiGLU's product silu(g) * u = g / (1 + exp(-g)) * u, as strata_tensor::cpu::reference::swiglu
+// computes it: the accurate expf, IEEE division, nothing fused (the reference's last-bit expf
+// error apart, the same f32). The SwiGLU kernels and the matvec's fused SwiGLU share it.
+__device__ __forceinline__ float silu_mul(float g, float u) {
+    return __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), u);
+}
+
 __device__ __forceinline__ float load_f32(const float* p, long long i) { return p[i]; }
 __device__ __forceinline__ float load_f32(const __half* p, long long i) { return __half2float(p[i]); }
 __device__ __forceinline__ float load_f32(const __nv_bfloat16* p, long long i) { return __bfloat162float(p[i]); }

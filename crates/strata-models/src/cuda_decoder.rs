@@ -5,7 +5,12 @@
 //! token embedding, then per layer RMSNorm, the q/k/v projections (with Qwen2's biases), Qwen3's
 //! per-head q/k RMSNorm, fused RoPE of q and k, appending k and v to the device KV cache, causal
 //! attention over it (with the layer's sliding window), the output projection and residual add,
-//! RMSNorm, SwiGLU MLP and residual add; then the final RMSNorm and the output head. The kernels
+//! RMSNorm, SwiGLU MLP and residual add; then the final RMSNorm and the output head. Fusions save
+//! launches without changing a rounding: q, k and v's weights are uploaded stacked as one
+//! projection (at one token its outputs are q, k and v; at more, `copy_cols` takes them apart);
+//! the residual adds go into the output and down projections (`linear_add`); and the gate and up
+//! weights are uploaded with their rows paired, so that one matvec computes both and applies
+//! SwiGLU (`linear_swiglu`). The kernels
 //! are `strata_kernels::cuda::ops`; each mirrors the `strata_tensor::cpu` op the CPU decoder
 //! calls.
 //!
@@ -28,7 +33,7 @@ use strata_kernels::cuda::cudarc::driver::sys::CUevent_flags;
 use strata_kernels::cuda::cudarc::driver::{DevicePtr, DevicePtrMut, DriverError};
 use strata_kernels::cuda::kv::DeviceKvCache;
 use strata_kernels::cuda::ops::{self, LinearScratch, RopeArgs};
-use strata_kernels::cuda::tensor::upload_tensor;
+use strata_kernels::cuda::tensor::{upload_paired, upload_stacked, upload_tensor};
 use strata_kernels::{Cuda, Error as KernelError};
 use strata_tensor::Tensor;
 use strata_tensor::cpu::AttentionParams;
@@ -57,16 +62,61 @@ impl CudaLinear {
 /// One decoder layer's weights on the device.
 struct CudaLayer {
     attn_norm: CudaSlice<f32>,
-    q: CudaLinear,
-    k: CudaLinear,
-    v: CudaLinear,
+    qkv: Qkv,
     o: CudaLinear,
     /// Qwen3's per-head query and key norms.
     qk_norm: Option<(CudaSlice<f32>, CudaSlice<f32>)>,
     ffn_norm: CudaSlice<f32>,
-    gate: CudaLinear,
-    up: CudaLinear,
+    gate_up: GateUp,
     down: CudaLinear,
+}
+
+/// The query, key and value projections on the device.
+enum Qkv {
+    /// Their rows one after the other ([`upload_stacked`]), with their biases likewise: one
+    /// product per pass, whose outputs at one token are q, k and v one after the other.
+    Stacked(CudaLinear),
+    /// Apart (q, k, v), when their dtypes differ or only some have a bias.
+    Split(Box<[CudaLinear; 3]>),
+}
+
+impl Qkv {
+    fn upload(cuda: &Cuda, q: &Linear, k: &Linear, v: &Linear) -> Result<Qkv> {
+        let all = [q, k, v];
+        let same_dtype = all.iter().all(|l| l.weight.dtype() == q.weight.dtype());
+        let biases: Option<Vec<&[f32]>> = all.iter().map(|l| l.bias.as_deref()).collect();
+        let no_bias = all.iter().all(|l| l.bias.is_none());
+        if !same_dtype || (biases.is_none() && !no_bias) {
+            let up = |l: &Linear| CudaLinear::upload(cuda, l);
+            return Ok(Qkv::Split(Box::new([up(q)?, up(k)?, up(v)?])));
+        }
+        let weight = upload_stacked(cuda, &[&q.weight, &k.weight, &v.weight])?;
+        let bias = biases.map(|b| cuda.upload(&b.concat())).transpose()?;
+        Ok(Qkv::Stacked(CudaLinear { weight, bias }))
+    }
+}
+
+/// The MLP's gate and up projections on the device.
+enum GateUp {
+    /// Their rows paired ([`upload_paired`]): SwiGLU of one product, in one launch when decoding.
+    Paired(Tensor),
+    /// Apart, when either has a bias or their dtypes differ.
+    Split { gate: CudaLinear, up: CudaLinear },
+}
+
+impl GateUp {
+    fn upload(cuda: &Cuda, gate: &Linear, up: &Linear) -> Result<GateUp> {
+        let (g, u) = (&gate.weight, &up.weight);
+        let pairable = gate.bias.is_none()
+            && up.bias.is_none()
+            && g.dtype() == u.dtype()
+            && g.shape() == u.shape()
+            && g.shape().dims().first().is_some_and(|n| n % 2 == 0);
+        if pairable {
+            return Ok(GateUp::Paired(upload_paired(cuda, g, u)?));
+        }
+        Ok(GateUp::Split { gate: CudaLinear::upload(cuda, gate)?, up: CudaLinear::upload(cuda, up)? })
+    }
 }
 
 /// A decoder model whose weights live on a CUDA device and whose forward pass runs there.
@@ -125,14 +175,11 @@ impl CudaDecoder {
                 };
                 Ok(CudaLayer {
                     attn_norm: c.upload(&a.norm)?,
-                    q: CudaLinear::upload(c, &a.q)?,
-                    k: CudaLinear::upload(c, &a.k)?,
-                    v: CudaLinear::upload(c, &a.v)?,
+                    qkv: Qkv::upload(c, &a.q, &a.k, &a.v)?,
                     o: CudaLinear::upload(c, &a.o)?,
                     qk_norm,
                     ffn_norm: c.upload(&f.norm)?,
-                    gate: CudaLinear::upload(c, &mlp.gate)?,
-                    up: CudaLinear::upload(c, &mlp.up)?,
+                    gate_up: GateUp::upload(c, &mlp.gate, &mlp.up)?,
                     down: CudaLinear::upload(c, &mlp.down)?,
                 })
             })
@@ -289,13 +336,38 @@ impl CudaDecoder {
         ops::embedding(cuda, &self.embed, &ids_d, t, &mut s.x.slice_mut(..t * h))?;
         for (li, layer) in self.layers.iter().enumerate() {
             let mut normed = s.normed.slice_mut(..t * h);
-            let mut q = s.q.slice_mut(..t * qd);
-            let mut k = s.k.slice_mut(..t * kvd);
-            let mut v = s.v.slice_mut(..t * kvd);
             ops::rms_norm(cuda, &s.x.slice(..t * h), &layer.attn_norm, hp.rms_norm_eps, t, &mut normed)?;
-            linear(cuda, &layer.q, &normed, &mut q, t, work)?;
-            linear(cuda, &layer.k, &normed, &mut k, t, work)?;
-            linear(cuda, &layer.v, &normed, &mut v, t, work)?;
+            let width = qd + 2 * kvd;
+            let mut qkv = s.qkv.slice_mut(..t * width);
+            let (mut q, mut k, mut v) = (s.q.slice_mut(..t * qd), s.k.slice_mut(..t * kvd), s.v.slice_mut(..t * kvd));
+            let one_stacked = match &layer.qkv {
+                Qkv::Split(parts) => {
+                    let [lq, lk, lv] = &**parts;
+                    linear(cuda, lq, &normed, &mut q, t, work)?;
+                    linear(cuda, lk, &normed, &mut k, t, work)?;
+                    linear(cuda, lv, &normed, &mut v, t, work)?;
+                    false
+                }
+                Qkv::Stacked(l) => {
+                    linear(cuda, l, &normed, &mut qkv, t, work)?;
+                    if t > 1 {
+                        ops::copy_cols(cuda, &qkv, &mut q, t, width, 0, qd)?;
+                        ops::copy_cols(cuda, &qkv, &mut k, t, width, qd, kvd)?;
+                        ops::copy_cols(cuda, &qkv, &mut v, t, width, qd + kvd, kvd)?;
+                    }
+                    t == 1
+                }
+            };
+            // One token's stacked q, k and v lie one after the other: used where they are.
+            let mut kv_part;
+            let (mut q, mut k, v) = if one_stacked {
+                let q_part;
+                (q_part, kv_part) = qkv.split_at_mut(qd);
+                let (k_part, v_part) = kv_part.split_at_mut(kvd);
+                (q_part, k_part, v_part)
+            } else {
+                (q, k, v)
+            };
             if let Some((qn, kn)) = &layer.qk_norm {
                 // Per-head RMSNorm of q and k (Qwen3): one row per token and head.
                 ops::rms_norm_inplace(cuda, &mut q, qn, hp.rms_norm_eps, t * hp.n_heads)?;
@@ -326,12 +398,17 @@ impl CudaDecoder {
             residual(cuda, &layer.o, &attn, &mut s.x.slice_mut(..t * h), &mut s.proj.slice_mut(..t * h), t, work)?;
 
             ops::rms_norm(cuda, &s.x.slice(..t * h), &layer.ffn_norm, hp.rms_norm_eps, t, &mut normed)?;
-            let mut gate = s.gate.slice_mut(..t * inter);
-            let mut up = s.up.slice_mut(..t * inter);
             let mut act = s.act.slice_mut(..t * inter);
-            linear(cuda, &layer.gate, &normed, &mut gate, t, work)?;
-            linear(cuda, &layer.up, &normed, &mut up, t, work)?;
-            ops::swiglu(cuda, &gate, &up, &mut act)?;
+            let mut products = s.gate_up.slice_mut(..2 * t * inter);
+            match &layer.gate_up {
+                GateUp::Paired(w) => ops::linear_swiglu(cuda, w, &normed, &mut products, &mut act, t, work)?,
+                GateUp::Split { gate, up } => {
+                    let (mut g, mut u) = products.split_at_mut(t * inter);
+                    linear(cuda, gate, &normed, &mut g, t, work)?;
+                    linear(cuda, up, &normed, &mut u, t, work)?;
+                    ops::swiglu(cuda, &g, &u, &mut act)?;
+                }
+            }
             residual(cuda, &layer.down, &act, &mut s.x.slice_mut(..t * h), &mut s.proj.slice_mut(..t * h), t, work)?;
         }
 
@@ -485,8 +562,10 @@ struct Buffers {
     v: CudaSlice<f32>,
     attn: CudaSlice<f32>,
     proj: CudaSlice<f32>,
-    gate: CudaSlice<f32>,
-    up: CudaSlice<f32>,
+    /// The stacked q/k/v products ([`Qkv::Stacked`]).
+    qkv: CudaSlice<f32>,
+    /// The gate and up products, one after the other (or paired, [`GateUp::Paired`]).
+    gate_up: CudaSlice<f32>,
     act: CudaSlice<f32>,
 }
 
@@ -532,8 +611,8 @@ impl Scratch {
                 v: f(kvd)?,
                 attn: f(qd)?,
                 proj: f(h)?,
-                gate: f(inter)?,
-                up: f(inter)?,
+                qkv: f(qd + 2 * kvd)?,
+                gate_up: f(2 * inter)?,
                 act: f(inter)?,
             });
             self.tokens = t;

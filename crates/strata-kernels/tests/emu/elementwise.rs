@@ -19,6 +19,75 @@ fn n_params(n: usize) -> Vec<u8> {
     (n as u64).to_le_bytes().to_vec()
 }
 
+/// SwiGLU of `gate` and `up` by the emulated `swiglu_f32`, for kernels that must match it bit for
+/// bit.
+pub fn emulated_swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    let emu = build("emu_elementwise.cpp").expect("the caller checked that the emulation builds");
+    let n = gate.len();
+    let (mut g, mut u, mut o) = (f32_bytes(gate), f32_bytes(up), f32_bytes(&vec![f32::NAN; n]));
+    let mut args = [Arg::Buf(&mut g, 0), Arg::Buf(&mut u, 0), Arg::Buf(&mut o, 0)];
+    launch(&emu, "swiglu_f32", flat_grid(n), BLOCK, 0, &n_params(n), &mut args);
+    f32s(&o)
+}
+
+/// `swiglu_pairs_f32` (SwiGLU of a product of paired rows: per token, gate 2j, 2j + 1 then up
+/// 2j, 2j + 1) equals `swiglu_f32` on the gate and up values taken apart, bit for bit, and writes
+/// nothing past its outputs.
+#[test]
+fn emulated_swiglu_of_paired_rows_matches_swiglu() {
+    let Some(emu) = build("emu_elementwise.cpp") else { return };
+    for (tokens, width) in [(1usize, 2usize), (3, 10), (5, 5632 / 8)] {
+        let n = tokens * width;
+        let y = random_f32(2 * n, n as u64, 4.0);
+        let (mut gate, mut up) = (Vec::new(), Vec::new());
+        for row in y.chunks(2 * width) {
+            for quad in row.chunks(4) {
+                gate.extend_from_slice(&quad[..2]);
+                up.extend_from_slice(&quad[2..]);
+            }
+        }
+        let want = emulated_swiglu(&gate, &up);
+        let (mut yb, mut o) = (f32_bytes(&y), f32_bytes(&vec![-7f32; n + 1]));
+        let grid = [n.div_ceil(BLOCK as usize) as u32, 1, 1];
+        launch(
+            &emu,
+            "swiglu_pairs_f32",
+            grid,
+            BLOCK,
+            0,
+            &n_params(n),
+            &mut [Arg::Buf(&mut yb, 0), Arg::Buf(&mut o, 0)],
+        );
+        let got = f32s(&o);
+        assert_eq!(got[n], -7.0, "swiglu_pairs {tokens} x {width}: wrote past its outputs");
+        for (i, (g, w)) in got[..n].iter().zip(&want).enumerate() {
+            assert_eq!(g.to_bits(), w.to_bits(), "swiglu_pairs {tokens} x {width}: out[{i}] = {g}, want {w}");
+        }
+    }
+}
+
+/// `copy_cols_f32` packs the chosen columns of each row, and writes nothing else.
+#[test]
+fn emulated_copy_cols_takes_the_columns_apart() {
+    let Some(emu) = build("emu_elementwise.cpp") else { return };
+    for (rows, src_cols, col0, cols) in
+        [(1usize, 3usize, 0usize, 3usize), (5, 2560, 2048, 256), (7, 2560, 2304, 256), (3, 9, 4, 1)]
+    {
+        let src = random_f32(rows * src_cols, (rows * src_cols) as u64, 1.0);
+        let want: Vec<f32> = src.chunks(src_cols).flat_map(|r| r[col0..col0 + cols].to_vec()).collect();
+        let (mut sb, mut db) = (f32_bytes(&src), f32_bytes(&vec![-7f32; rows * cols + 1]));
+        let p = [rows as u32, src_cols as u32, col0 as u32, cols as u32]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect::<Vec<u8>>();
+        let grid = [(rows * cols).div_ceil(BLOCK as usize) as u32, 1, 1];
+        launch(&emu, "copy_cols_f32", grid, BLOCK, 0, &p, &mut [Arg::Buf(&mut sb, 0), Arg::Buf(&mut db, 0)]);
+        let got = f32s(&db);
+        assert_eq!(&got[..rows * cols], &want[..], "copy_cols {rows} x {src_cols} from {col0}, {cols}");
+        assert_eq!(got[rows * cols], -7.0, "copy_cols {rows} x {src_cols}: wrote past dst");
+    }
+}
+
 #[test]
 fn emulated_elementwise_kernels_match_the_reference() {
     let Some(emu) = build("emu_elementwise.cpp") else { return };

@@ -5,6 +5,7 @@ use strata_tensor::cpu::reference;
 use strata_tensor::{DType, Tensor};
 
 use crate::driver::{Arg, build, f32_bytes, f32s, launch, random_f32};
+use crate::elementwise::emulated_swiglu;
 
 /// The kernels' launch shape (`kernels/include/matvec.h`): warps per block for 1 and 2 tokens
 /// (the integer kernels of q4_k and q6_k: fewer), and for 4 and 8; weight rows per warp.
@@ -25,11 +26,20 @@ fn emulator() -> Option<std::path::PathBuf> {
 /// `tokens`) on `blocks` emulated blocks, as the launcher would; returns y for `tokens + 1`
 /// rows, the last of which the kernel must leave at its sentinel.
 fn run(kernel: &str, w: &Tensor, x: &[f32], tokens: usize, blocks: usize, threads: usize) -> Vec<f32> {
-    run_into(kernel, w, x, tokens, blocks, threads, None)
+    run_into(kernel, w, x, tokens, blocks, threads, Store::Write)
 }
 
-/// [`run`], with `add`: y starts as `add` and the kernel adds its products to it (the launch's
-/// `accumulate`).
+/// What the kernel does with its products (the launch's `store`).
+#[derive(Clone, Copy)]
+enum Store<'a> {
+    Write,
+    /// Adds them to y, which starts as these values.
+    Add(&'a [f32]),
+    /// SwiGLU of paired gate and up rows: y has half the rows' outputs per token.
+    Swiglu,
+}
+
+/// [`run`], the products stored as `store` says.
 fn run_into(
     kernel: &str,
     w: &Tensor,
@@ -37,27 +47,35 @@ fn run_into(
     tokens: usize,
     blocks: usize,
     threads: usize,
-    add: Option<&[f32]>,
+    store: Store,
 ) -> Vec<f32> {
     let emu = emulator().expect("checked by the caller");
     let (n, k) = (w.shape().dims()[0], w.shape().dims()[1]);
     assert_eq!(x.len(), tokens * k);
     let mut bytes = w.cpu_bytes().unwrap().to_vec();
+    let (code, outputs) = match store {
+        Store::Write => (0u32, n),
+        Store::Add(_) => (1, n),
+        Store::Swiglu => (2, n / 2),
+    };
     // MatvecParams as C lays it out: u32 rows, u32 cols, u64 row_bytes, u64 total_bytes, u32
-    // tokens, u32 accumulate.
+    // tokens, u32 store.
     let p = [
         &(n as u32).to_le_bytes()[..],
         &(k as u32).to_le_bytes(),
         &(w.row_bytes() as u64).to_le_bytes(),
         &(bytes.len() as u64).to_le_bytes(),
         &(tokens as u32).to_le_bytes(),
-        &u32::from(add.is_some()).to_le_bytes(),
+        &code.to_le_bytes(),
     ]
     .concat();
     let mut xb = f32_bytes(x);
-    let start = add.map_or_else(|| vec![f32::NAN; tokens * n], <[f32]>::to_vec);
-    assert_eq!(start.len(), tokens * n);
-    let mut y = f32_bytes(&[start, vec![-7f32; n]].concat());
+    let start = match store {
+        Store::Add(y0) => y0.to_vec(),
+        _ => vec![f32::NAN; tokens * outputs],
+    };
+    assert_eq!(start.len(), tokens * outputs);
+    let mut y = f32_bytes(&[start, vec![-7f32; outputs]].concat());
     let mut args = [Arg::Buf(&mut bytes, 0), Arg::Buf(&mut xb, 0), Arg::Buf(&mut y, 0)];
     launch(&emu, kernel, [blocks as u32, 1, 1], threads as u32, SMEM, &p, &mut args);
     f32s(&y)
@@ -160,14 +178,17 @@ fn emulated_float_matvec_kernels_match_the_cpu_reference() {
     }
 }
 
-/// With `accumulate`, every kernel adds to y exactly what it would have written: y0 + (the
-/// written product), rounded once, bit for bit; nothing past the last token.
+/// Every kernel's other stores: adding to y exactly what it would have written (y0 + the written
+/// product, rounded once, bit for bit), and SwiGLU of paired gate and up rows (what `swiglu_f32`
+/// makes of the written products, bit for bit); nothing past the last token.
 #[test]
-fn emulated_matvec_kernels_add_their_products_to_y() {
+fn emulated_matvec_kernels_add_to_y_and_swiglu() {
     if emulator().is_none() {
         return;
     }
-    let (n, k) = (21, 2304);
+    // Rows: a multiple of four (paired gate and up rows), a last group the persistent grid takes
+    // in a second round.
+    let (n, k) = (44, 2304);
     // (kernel prefix, dtype, warps per block at 1 and 2 tokens)
     let cases = [
         ("matvec_f32", DType::F32, WARPS),
@@ -189,15 +210,33 @@ fn emulated_matvec_kernels_add_their_products_to_y() {
                 continue;
             }
             let warps = if t <= 2 { decode_warps } else { WARPS };
-            let blocks = n.div_ceil(ROWS_PER_WARP).div_ceil(warps).min(2);
+            // Float kernels: a block per 16 rows; block-quantized ones persistent, two blocks.
+            let groups = n.div_ceil(ROWS_PER_WARP).div_ceil(warps);
+            let blocks = if dtype.is_quantized() { groups.min(2) } else { groups };
             let kernel = format!("{prefix}_t{t}");
             let x = random_f32(tokens * k, 99 + i as u64, 2.0);
             let y0 = random_f32(tokens * n, 7 + i as u64, 50.0);
             let plain = run(&kernel, &w, &x, tokens, blocks, warps * 32);
-            let got = run_into(&kernel, &w, &x, tokens, blocks, warps * 32, Some(&y0));
+            let got = run_into(&kernel, &w, &x, tokens, blocks, warps * 32, Store::Add(&y0));
             assert!(got[tokens * n..].iter().all(|&v| v == -7.0), "{kernel}: wrote past token {tokens}");
             for (j, (&g, (&a, &p))) in got.iter().zip(y0.iter().zip(&plain)).enumerate() {
                 assert_eq!(g.to_bits(), (a + p).to_bits(), "{kernel} tokens={tokens}: y[{j}] = {g}, want {a} + {p}");
+            }
+
+            // SwiGLU, the weight read as paired gate and up rows: what swiglu makes of the
+            // written products, bit for bit.
+            let (mut gate, mut up) = (Vec::new(), Vec::new());
+            for row in plain[..tokens * n].chunks(n) {
+                for quad in row.chunks(4) {
+                    gate.extend_from_slice(&quad[..2]);
+                    up.extend_from_slice(&quad[2..]);
+                }
+            }
+            let want = emulated_swiglu(&gate, &up);
+            let got = run_into(&kernel, &w, &x, tokens, blocks, warps * 32, Store::Swiglu);
+            assert!(got[tokens * n / 2..].iter().all(|&v| v == -7.0), "{kernel} swiglu: wrote past token {tokens}");
+            for (j, (&g, &v)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g.to_bits(), v.to_bits(), "{kernel} swiglu tokens={tokens}: out[{j}] = {g}, want {v}");
             }
         }
     }

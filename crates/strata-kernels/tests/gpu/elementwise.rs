@@ -172,8 +172,30 @@ fn mismatched_lengths_are_typed_errors() {
     assert_invalid(ops::add_bias(&cuda, &mut out, &cuda.zeros::<f32>(4).unwrap(), 3), "12 needed");
     let mut h = cuda.upload(&[f16::ZERO; 9]).unwrap();
     assert_invalid(ops::cast_f32_to(&cuda, &a, &mut h), "out holds 9");
+    assert_invalid(ops::swiglu_pairs(&cuda, &a, &mut out, 1, 3), "odd");
+    assert_invalid(ops::swiglu_pairs(&cuda, &b, &mut out, 1, 6), "12 needed");
+    assert_invalid(ops::copy_cols(&cuda, &a, &mut out, 2, 5, 3, 3), "columns 3 + 3 of rows of 5");
+    assert_invalid(ops::copy_cols(&cuda, &a, &mut out, 3, 5, 0, 2), "15 needed");
     // Empty operands are fine and touch nothing.
     ops::swiglu(&cuda, &a.slice(0..0), &b.slice(0..0), &mut out.slice_mut(0..0)).unwrap();
     ops::add_bias(&cuda, &mut out, &a.slice(0..0), 3).unwrap();
     ops::add_bias(&cuda, &mut out, &a, 0).unwrap();
+}
+
+/// `copy_cols` packs the chosen columns of each row (q, k and v out of a stacked projection),
+/// and writes nothing past them.
+#[test]
+fn copy_cols_takes_columns_apart() {
+    let Some(cuda) = device_or_skip("copy_cols_takes_columns_apart") else { return };
+    let (rows, src_cols) = (9, 2560);
+    let src = random_f32(rows * src_cols, 3, 1.0);
+    let dsrc = cuda.upload(&src).unwrap();
+    for (col0, cols) in [(0, 2048), (2048, 256), (2304, 256), (5, 1)] {
+        let mut dst = cuda.upload(&vec![-7f32; rows * cols + 1]).unwrap();
+        ops::copy_cols(&cuda, &dsrc, &mut dst, rows, src_cols, col0, cols).unwrap();
+        let got = cuda.download(&dst).unwrap();
+        let want: Vec<f32> = src.chunks(src_cols).flat_map(|r| r[col0..col0 + cols].to_vec()).collect();
+        assert_eq!(&got[..rows * cols], &want[..], "columns {col0} + {cols}");
+        assert_eq!(got[rows * cols], -7.0, "columns {col0} + {cols}: wrote past dst");
+    }
 }

@@ -4,7 +4,7 @@
 
 use strata_kernels::cuda::blas::GemmDtype;
 use strata_kernels::cuda::ops::{self, LINEAR_MATVEC_TOKENS, LinearScratch};
-use strata_kernels::cuda::tensor::upload_tensor;
+use strata_kernels::cuda::tensor::{upload_paired, upload_tensor};
 use strata_kernels::cuda::testing::{device_or_skip, random_f32};
 use strata_tensor::cpu::reference;
 use strata_tensor::{DType, Tensor};
@@ -76,6 +76,57 @@ fn linear_add_adds_what_linear_writes_on_both_paths() {
                     let magnitude: f32 = (0..k).map(|c| (wf[r * k + c] * xh[t * k + c]).abs()).sum();
                     let tol = 1e-5 + 1e-4 * magnitude + f32::EPSILON * want.abs();
                     assert!((g - want).abs() <= tol, "{what} (tolerance {tol})");
+                }
+            }
+        }
+    }
+}
+
+/// `linear_swiglu` on paired gate and up rows is `linear` of each, then `swiglu`: bit for bit on
+/// the matvec path (one launch), within `assert_matches`'s tolerance through SwiGLU on the GEMM
+/// path (cuBLAS may sum the paired weight in another order).
+#[test]
+fn linear_swiglu_of_paired_rows_is_two_linears_and_swiglu() {
+    let Some(cuda) = device_or_skip("linear_swiglu_of_paired_rows_is_two_linears_and_swiglu") else { return };
+    let mut scratch = LinearScratch::new();
+    for dtype in DType::ALL {
+        let (n, k) = (70, 512);
+        let gate = Tensor::from_f32_as(&random_f32(n * k, 21, 1.0), [n, k], dtype).unwrap();
+        let up = Tensor::from_f32_as(&random_f32(n * k, 22, 1.0), [n, k], dtype).unwrap();
+        let (dg, du) = (upload_tensor(&cuda, &gate).unwrap(), upload_tensor(&cuda, &up).unwrap());
+        let paired = upload_paired(&cuda, &gate, &up).unwrap();
+        assert_eq!(paired.shape().dims(), &[2 * n, k]);
+        let (gf, uf) = (gate.to_f32_vec().unwrap(), up.to_f32_vec().unwrap());
+        for tokens in [1, 2, LINEAR_MATVEC_TOKENS, LINEAR_MATVEC_TOKENS + 1, 33] {
+            let xh = random_f32(tokens * k, tokens as u64, 2.0);
+            let x = cuda.upload(&xh).unwrap();
+            let (mut g, mut u) = (cuda.zeros::<f32>(tokens * n).unwrap(), cuda.zeros::<f32>(tokens * n).unwrap());
+            ops::linear(&cuda, &dg, &x, &mut g, tokens, &mut scratch).unwrap();
+            ops::linear(&cuda, &du, &x, &mut u, tokens, &mut scratch).unwrap();
+            let mut want = cuda.zeros::<f32>(tokens * n).unwrap();
+            ops::swiglu(&cuda, &g, &u, &mut want).unwrap();
+            let (gh, uh, want) =
+                (cuda.download(&g).unwrap(), cuda.download(&u).unwrap(), cuda.download(&want).unwrap());
+            let mut products = cuda.zeros::<f32>(2 * tokens * n).unwrap();
+            let mut out = cuda.upload(&vec![f32::NAN; tokens * n + 1]).unwrap();
+            ops::linear_swiglu(&cuda, &paired, &x, &mut products, &mut out, tokens, &mut scratch).unwrap();
+            let got = cuda.download(&out).unwrap();
+            assert!(got[tokens * n].is_nan(), "{dtype} tokens={tokens}: wrote past the outputs");
+            for (i, (&o, &w)) in got.iter().zip(&want).enumerate() {
+                let what = format!("linear_swiglu {dtype} [{n}, {k}] tokens={tokens}: out[{i}] = {o}, want {w}");
+                if tokens <= LINEAR_MATVEC_TOKENS {
+                    assert_eq!(o.to_bits(), w.to_bits(), "{what}");
+                } else {
+                    // Each product within assert_matches's tolerance; silu's slope is at most
+                    // 1.1 and silu(g) at most |g|, so an error eg in g and eu in u move the
+                    // output by at most 1.1 |u| eg + |g| eu (and their product).
+                    let (t, r) = (i / n, i % n);
+                    let xt = &xh[t * k..(t + 1) * k];
+                    let magnitude =
+                        |w: &[f32]| -> f32 { w[r * k..(r + 1) * k].iter().zip(xt).map(|(a, b)| (a * b).abs()).sum() };
+                    let (eg, eu) = (1e-5 + 1e-4 * magnitude(&gf), 1e-5 + 1e-4 * magnitude(&uf));
+                    let tol = 1.1 * uh[i].abs() * eg + (gh[i].abs() + eg) * eu + 1e-6 * w.abs();
+                    assert!((o - w).abs() <= tol, "{what} (tolerance {tol})");
                 }
             }
         }

@@ -1,9 +1,10 @@
-//! Element-wise kernels: SwiGLU, residual add, bias add, and f32 → f16/bf16 casts
+//! Element-wise kernels: SwiGLU (of two products, or of one of paired rows), residual add, bias
+//! add, and f32 → f16/bf16 casts
 //! (`kernels/elementwise.cu`).
 
 use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig};
 
-use crate::cuda::params::{AddBiasParams, ElementwiseParams};
+use crate::cuda::params::{AddBiasParams, CopyColsParams, ElementwiseParams};
 use crate::cuda::{Cuda, check_len, ptr, ptr_mut};
 use crate::{Error, Result};
 
@@ -45,6 +46,77 @@ where
     // SAFETY: gate, up and out each hold n floats (checked above); the kernel touches indices
     // below n only.
     unsafe { cuda.launch("elementwise", "swiglu_f32", flat_launch(n), &p, &ptrs) }
+}
+
+/// SwiGLU of a product of paired rows ([`matvec_swiglu`](super::matvec_swiglu)'s weight layout:
+/// per group of four rows, gate rows 2j and 2j + 1, then up rows 2j and 2j + 1): `y` holds
+/// `tokens` rows of `2 width` products, `out` receives the same tokens' `width` outputs,
+/// `out[t, i] = silu(gate_i) * up_i` with [`swiglu`]'s arithmetic. `width` must be even (it is the
+/// intermediate size; the pairs never straddle two tokens). Longer buffers are fine.
+pub fn swiglu_pairs<Y, O>(cuda: &Cuda, y: &Y, out: &mut O, tokens: usize, width: usize) -> Result<()>
+where
+    Y: DevicePtr<f32>,
+    O: DevicePtrMut<f32>,
+{
+    const OP: &str = "swiglu_pairs";
+    if !width.is_multiple_of(2) {
+        return Err(Error::invalid(OP, format!("the width {width} is odd: its outputs do not come in pairs")));
+    }
+    let n = tokens
+        .checked_mul(width)
+        .filter(|n| n.checked_mul(2).is_some())
+        .ok_or_else(|| Error::invalid(OP, format!("{tokens} x {width} outputs overflow")))?;
+    check_len(OP, "y", y.len(), 2 * n)?;
+    check_len(OP, "out", out.len(), n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let p = ElementwiseParams { n: n as u64 };
+    let blocks = n.div_ceil(BLOCK as usize).clamp(1, 65535) as u32;
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    let ptrs = [ptr(cuda, y), ptr_mut(cuda, out)];
+    // SAFETY: out holds at least n floats and y 2n (checked above); output i < n reads y at
+    // 2i - i % 2 and two after it, at most 2n - 1.
+    unsafe { cuda.launch("elementwise", "swiglu_pairs_f32", cfg, &p, &ptrs) }
+}
+
+/// Columns `col0 .. col0 + cols` of the `rows` rows of `src` (row-major, `src_cols` columns),
+/// packed into `dst` (`rows` x `cols`): a fused projection's outputs taken apart. Longer buffers
+/// are fine.
+pub fn copy_cols<S, D>(
+    cuda: &Cuda,
+    src: &S,
+    dst: &mut D,
+    rows: usize,
+    src_cols: usize,
+    col0: usize,
+    cols: usize,
+) -> Result<()>
+where
+    S: DevicePtr<f32>,
+    D: DevicePtrMut<f32>,
+{
+    const OP: &str = "copy_cols";
+    if col0.checked_add(cols).is_none_or(|end| end > src_cols) {
+        return Err(Error::invalid(OP, format!("columns {col0} + {cols} of rows of {src_cols}")));
+    }
+    let big = |v: usize| v > u32::MAX as usize;
+    if big(rows) || big(src_cols) {
+        return Err(Error::invalid(OP, format!("{rows} rows of {src_cols}: at most 2^32 - 1 of each")));
+    }
+    check_len(OP, "src", src.len(), rows * src_cols)?;
+    check_len(OP, "dst", dst.len(), rows * cols)?;
+    let n = rows * cols;
+    if n == 0 {
+        return Ok(());
+    }
+    let p = CopyColsParams { rows: rows as u32, src_cols: src_cols as u32, col0: col0 as u32, cols: cols as u32 };
+    let blocks = n.div_ceil(BLOCK as usize).clamp(1, 65535) as u32;
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    let ptrs = [ptr(cuda, src), ptr_mut(cuda, dst)];
+    // SAFETY: src holds rows * src_cols floats and dst rows * cols (checked above); the kernel
+    // reads src[r * src_cols + col0 + c] with col0 + c < src_cols and writes dst below rows * cols.
+    unsafe { cuda.launch("elementwise", "copy_cols_f32", cfg, &p, &ptrs) }
 }
 
 /// Residual add in place: `acc += x`, both the same length. The CUDA twin of

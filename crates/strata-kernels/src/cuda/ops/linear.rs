@@ -8,7 +8,8 @@ use crate::cuda::{Cuda, check_len};
 use crate::{Error, Result};
 
 use super::convert::{dequantize, device_matrix};
-use super::matvec::{MATVEC_MAX_TOKENS, matvec, matvec_add};
+use super::elementwise::swiglu_pairs;
+use super::matvec::{MATVEC_MAX_TOKENS, matvec, matvec_add, matvec_swiglu};
 
 /// Up to this many tokens [`linear`] runs the matvec kernels, which read the weight once per
 /// [`MATVEC_MAX_TOKENS`] tokens; above it, the dequantized weight goes through a GEMM.
@@ -79,6 +80,39 @@ where
         return matvec_add(cuda, w, x, y, tokens);
     }
     gemm(cuda, w, x, y, tokens, scratch, true)
+}
+
+/// SwiGLU of a product, `out = silu(x Gᵀ) * (x Uᵀ)`, for `w` the gate and up weights' rows in
+/// groups of four ([`matvec_swiglu`]'s layout, from
+/// [`pair_rows`](crate::cuda::tensor::pair_rows)): [`matvec_swiglu`] up to
+/// [`LINEAR_MATVEC_TOKENS`] tokens (one launch), above the GEMM into `products` (`[tokens, n]`)
+/// then [`swiglu_pairs`] into `out` (`[tokens, n / 2]`).
+pub fn linear_swiglu<X, P, Y>(
+    cuda: &Cuda,
+    w: &Tensor,
+    x: &X,
+    products: &mut P,
+    out: &mut Y,
+    tokens: usize,
+    scratch: &mut LinearScratch,
+) -> Result<()>
+where
+    X: DevicePtr<f32>,
+    P: DevicePtrMut<f32> + DevicePtr<f32>,
+    Y: DevicePtrMut<f32>,
+{
+    if tokens <= LINEAR_MATVEC_TOKENS {
+        return matvec_swiglu(cuda, w, x, out, tokens);
+    }
+    let n = w.shape().dims().first().copied().unwrap_or(0);
+    if !n.is_multiple_of(4) {
+        return Err(Error::invalid(
+            "linear_swiglu",
+            format!("{n} rows are not groups of four paired gate and up rows"),
+        ));
+    }
+    gemm(cuda, w, x, products, tokens, scratch, false)?;
+    swiglu_pairs(cuda, products, out, tokens, n / 2)
 }
 
 /// The GEMM path of [`linear`] (`add`: of [`linear_add`]).

@@ -16,8 +16,9 @@ use strata_tensor::{DType, Tensor};
 use crate::cuda::params::{
     MatvecParams, STRATA_MATVEC_CHUNK, STRATA_MATVEC_CHUNK_Q8_0, STRATA_MATVEC_CHUNK_WIDE, STRATA_MATVEC_MAX_TOKENS,
     STRATA_MATVEC_ROWS_PER_WARP, STRATA_MATVEC_STAGES, STRATA_MATVEC_STAGES_DECODE, STRATA_MATVEC_STAGES_DECODE_Q6_K,
-    STRATA_MATVEC_WARPS, STRATA_MATVEC_WARPS_DECODE, STRATA_MATVEC_WARPS_DECODE_WIDE, STRATA_MATVEC_XTILE,
-    STRATA_MATVEC_XTILE_FLOAT, STRATA_MATVEC_XTILE_MIN,
+    STRATA_MATVEC_STORE_ADD, STRATA_MATVEC_STORE_SWIGLU, STRATA_MATVEC_STORE_WRITE, STRATA_MATVEC_WARPS,
+    STRATA_MATVEC_WARPS_DECODE, STRATA_MATVEC_WARPS_DECODE_WIDE, STRATA_MATVEC_XTILE, STRATA_MATVEC_XTILE_FLOAT,
+    STRATA_MATVEC_XTILE_MIN,
 };
 use crate::cuda::{Cuda, check_len, driver, ptr, ptr_mut};
 use crate::{Error, Result};
@@ -238,7 +239,7 @@ where
     X: DevicePtr<f32>,
     Y: DevicePtrMut<f32>,
 {
-    run(cuda, w, x, y, tokens, acts, false)
+    run(cuda, w, x, y, tokens, acts, Store::Write)
 }
 
 /// `y[t, :] += W x[t, :]` for `t < tokens`: [`matvec`] with its outputs added to `y`'s values
@@ -249,19 +250,53 @@ where
     X: DevicePtr<f32>,
     Y: DevicePtrMut<f32>,
 {
-    run(cuda, w, x, y, tokens, MatvecActs::default(), true)
+    run(cuda, w, x, y, tokens, MatvecActs::default(), Store::Add)
 }
 
-/// The launches of [`matvec_as`] (`accumulate`: of [`matvec_add`]).
-fn run<X, Y>(cuda: &Cuda, w: &Tensor, x: &X, y: &mut Y, tokens: usize, acts: MatvecActs, accumulate: bool) -> Result<()>
+/// SwiGLU of a product: `w` holds a gate and an up projection's rows in groups of four (gate rows
+/// 2j and 2j + 1, then up rows 2j and 2j + 1: [`pair_rows`](crate::cuda::tensor::pair_rows)), so
+/// `n` is a multiple of 4, and `out[t, i] = silu(gate_i x[t, :]) * (up_i x[t, :])` for `i < n /
+/// 2`: the gate and up matvecs and `swiglu` in one launch, bit for bit (each product is rounded
+/// to f32, then goes through `swiglu`'s arithmetic).
+pub fn matvec_swiglu<X, Y>(cuda: &Cuda, w: &Tensor, x: &X, out: &mut Y, tokens: usize) -> Result<()>
 where
     X: DevicePtr<f32>,
     Y: DevicePtrMut<f32>,
 {
-    let op = if accumulate { "matvec_add" } else { "matvec" };
+    run(cuda, w, x, out, tokens, MatvecActs::default(), Store::Swiglu)
+}
+
+/// What a matvec launch does with its products (the kernels' `STRATA_MATVEC_STORE_*`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Store {
+    Write,
+    Add,
+    Swiglu,
+}
+
+/// The launches of [`matvec_as`], [`matvec_add`] and [`matvec_swiglu`].
+fn run<X, Y>(cuda: &Cuda, w: &Tensor, x: &X, y: &mut Y, tokens: usize, acts: MatvecActs, store: Store) -> Result<()>
+where
+    X: DevicePtr<f32>,
+    Y: DevicePtrMut<f32>,
+{
+    let op = match store {
+        Store::Write => "matvec",
+        Store::Add => "matvec_add",
+        Store::Swiglu => "matvec_swiglu",
+    };
     let (n, k, bytes) = device_matrix(op, cuda, w)?;
+    // Outputs per token: n, or one per gate and up pair.
+    let outputs = if store == Store::Swiglu {
+        if !n.is_multiple_of(4) {
+            return Err(Error::invalid(op, format!("{n} rows are not groups of four paired gate and up rows")));
+        }
+        n / 2
+    } else {
+        n
+    };
     check_len(op, "x", x.len(), tokens * k)?;
-    check_len(op, "y", y.len(), tokens * n)?;
+    check_len(op, "y", y.len(), tokens * outputs)?;
     if tokens == 0 || n == 0 {
         return Ok(());
     }
@@ -313,14 +348,18 @@ where
             row_bytes: w.row_bytes() as u64,
             total_bytes: w.byte_len() as u64,
             tokens: group as u32,
-            accumulate: accumulate.into(),
+            store: match store {
+                Store::Write => STRATA_MATVEC_STORE_WRITE,
+                Store::Add => STRATA_MATVEC_STORE_ADD,
+                Store::Swiglu => STRATA_MATVEC_STORE_SWIGLU,
+            },
         };
         let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 };
-        let ptrs = [wp, xp + (t0 * k * 4) as u64, yp + (t0 * n * 4) as u64];
-        // SAFETY: x holds tokens * k floats and y tokens * n (checked above), so tokens t0 ..
-        // t0 + group of each are in bounds; the kernel reads the weight only below total_bytes
+        let ptrs = [wp, xp + (t0 * k * 4) as u64, yp + (t0 * outputs * 4) as u64];
+        // SAFETY: x holds tokens * k floats and y tokens * outputs (checked above), so tokens t0
+        // .. t0 + group of each are in bounds; the kernel reads the weight only below total_bytes
         // (device_matrix checked the buffer holds them), reads x rows only below p.tokens, and
-        // writes y rows only below p.tokens and columns below n.
+        // writes y rows only below p.tokens and columns below outputs (n, or n / 2 for SwiGLU).
         unsafe { cuda.launch("matvec", kernel, cfg, &p, &ptrs)? };
     }
     Ok(())
