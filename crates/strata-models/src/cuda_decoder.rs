@@ -10,9 +10,8 @@
 //! projection (at one token its outputs are q, k and v; at more, `copy_cols` takes them apart);
 //! the residual adds go into the output and down projections (`linear_add`); and the gate and up
 //! weights are uploaded with their rows paired, so that one matvec computes both and applies
-//! SwiGLU (`linear_swiglu`). The kernels
-//! are `strata_kernels::cuda::ops`; each mirrors the `strata_tensor::cpu` op the CPU decoder
-//! calls.
+//! SwiGLU (`linear_swiglu`). The kernels are `strata_kernels::cuda::ops`; each mirrors the
+//! `strata_tensor::cpu` op the CPU decoder calls.
 //!
 //! RoPE follows the CPU decoder's rules: the request's `RopeScheme` (carried by the cache, else
 //! the model's) gives the table for the sequence's length after the pass (or its planned
