@@ -315,7 +315,8 @@ impl CudaDecoder {
         let pos0 = cache.len();
         let end = u32::try_from(pos0 + t)
             .map_err(|_| Error::InvalidInput(format!("position {} does not fit in 32 bits", pos0 + t)))?;
-        let positions: Vec<u32> = (pos0 as u32..end).collect();
+        // The ids, then their positions: one upload.
+        let host: Vec<u32> = ids.iter().copied().chain(pos0 as u32..end).collect();
         cache.rotated_with = Some(rope.clone());
         let (h, qd, kvd, inter, vocab) = (hp.hidden_size, hp.q_dim(), hp.kv_dim(), hp.intermediate_size, hp.vocab_size);
 
@@ -326,10 +327,9 @@ impl CudaDecoder {
         let Scratch { buffers, logits, linear: work, inv_freq, .. } = &mut *guard;
         let s = buffers.as_mut().expect("reserved above");
         let logits = logits.as_mut().expect("reserved above");
-        cuda.upload_into(ids, &mut s.ids)?;
-        cuda.upload_into(&positions, &mut s.positions)?;
-        let ids_d = s.ids.slice(..t);
-        let positions_d = s.positions.slice(..t);
+        cuda.upload_into(&host, &mut s.ids_positions)?;
+        let ids_d = s.ids_positions.slice(..t);
+        let positions_d = s.ids_positions.slice(t..2 * t);
         let kv = &mut cache.kv;
 
         ops::embedding(cuda, &self.embed, &ids_d, t, &mut s.x.slice_mut(..t * h))?;
@@ -552,8 +552,8 @@ struct Scratch {
 
 /// The per-token device buffers; each holds `tokens` rows.
 struct Buffers {
-    ids: CudaSlice<u32>,
-    positions: CudaSlice<u32>,
+    /// The pass's token ids, then their positions.
+    ids_positions: CudaSlice<u32>,
     x: CudaSlice<f32>,
     normed: CudaSlice<f32>,
     q: CudaSlice<f32>,
@@ -601,8 +601,7 @@ impl Scratch {
             let (h, qd, kvd, inter) = (hp.hidden_size, hp.q_dim(), hp.kv_dim(), hp.intermediate_size);
             let f = |n: usize| cuda.zeros::<f32>(t * n);
             self.buffers = Some(Buffers {
-                ids: cuda.zeros::<u32>(t)?,
-                positions: cuda.zeros::<u32>(t)?,
+                ids_positions: cuda.zeros::<u32>(2 * t)?,
                 x: f(h)?,
                 normed: f(h)?,
                 q: f(qd)?,
