@@ -1,6 +1,7 @@
 //! Benchmarks of the weight-reading kernels: the dequantizing matvec of every dtype at 1 and 8
 //! tokens (block-quantized weights with both kinds of activations: the default integer path, and
-//! `f32-acts`), dequantization, and the linear layer's GEMM path at 128 tokens.
+//! `f32-acts`), dequantization, the linear layer's GEMM path at 128 tokens, and the products of a
+//! TinyLlama decode step and of an 8B model's FFN at one token.
 //!
 //! Weights are `[16384, 8192]` (128 MiB of q4_0 to 512 MiB of f32), four copies of each timed in
 //! turn so that no call finds its weight in the 50-60 MB L2. Their bytes are random, with every
@@ -59,8 +60,13 @@ fn random_weight(dtype: DType, n: usize, k: usize, seed: u64) -> R<Tensor> {
 
 /// `COPIES` device copies of a random `[n, k]` weight of `dtype`.
 fn device_weights(cuda: &Cuda, dtype: DType, n: usize, k: usize) -> R<Vec<Tensor>> {
+    device_copies(cuda, dtype, n, k, COPIES)
+}
+
+/// `copies` device copies of a random `[n, k]` weight of `dtype`.
+fn device_copies(cuda: &Cuda, dtype: DType, n: usize, k: usize, copies: usize) -> R<Vec<Tensor>> {
     let host = random_weight(dtype, n, k, dtype as u64 + 1)?;
-    (0..COPIES).map(|_| Ok(upload_tensor(cuda, &host)?)).collect()
+    (0..copies).map(|_| Ok(upload_tensor(cuda, &host)?)).collect()
 }
 
 /// The activation paths to time for `dtype`: both for block-quantized weights, one for floats.
@@ -121,6 +127,33 @@ pub fn run(b: &mut Bench) -> R<()> {
             let shape = format!("t{tokens} {N}x{K} {:.1} TFLOP/s", flops / (ms / 1e3) / 1e12);
             b.measure(&format!("linear {dtype} gemm"), &shape, wbytes + (tokens * (K + N) * 4) as f64, 5, || {
                 ops::linear(&cuda, pick(), &x, &mut y, tokens, &mut scratch)?;
+                Ok(())
+            })?;
+        }
+    }
+    // A TinyLlama-1.1B decode step's products, 1 token, as the CUDA decoder runs them: q/k/v
+    // stacked (2048 + 2 x 256 rows), the output and down projections added to the residual, gate
+    // and up paired with SwiGLU (2 x 5632 rows, 5632 outputs). Small products: their times say
+    // how close a layer comes to its bytes over the copy peak, launch latency included. Copies
+    // of at least 240 MB in all rotate, as the whole model streams through a real decode step.
+    let mut resid = cuda.zeros::<f32>(N)?;
+    for dtype in [DType::BF16, DType::Q4_0, DType::Q4K] {
+        for (what, n, k) in
+            [("qkv", 2560, 2048), ("o add", 2048, 2048), ("gate/up swiglu", 11264, 2048), ("down add", 2048, 5632)]
+        {
+            let copies = (240_000_000 / (n * k / dtype.block_len() * dtype.block_bytes())).max(COPIES);
+            let ws = device_copies(&cuda, dtype, n, k, copies)?;
+            let next = Cell::new(0usize);
+            let outputs = if what.ends_with("swiglu") { n / 2 } else { n };
+            let bytes = ws[0].byte_len() as f64 + ((k + outputs) * 4) as f64;
+            b.measure(&format!("tinyllama {what} {dtype} t1"), &format!("{n}x{k} x{copies}"), bytes, 30, || {
+                next.set(next.get() + 1);
+                let w = &ws[next.get() % copies];
+                match what {
+                    "qkv" => ops::matvec(&cuda, w, &x, &mut y, 1)?,
+                    "gate/up swiglu" => ops::matvec_swiglu(&cuda, w, &x, &mut y, 1)?,
+                    _ => ops::matvec_add(&cuda, w, &x, &mut resid, 1)?,
+                }
                 Ok(())
             })?;
         }
