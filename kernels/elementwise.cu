@@ -3,6 +3,7 @@
 //   swiglu_f32:     out = gate / (1 + exp(-gate)) * up   (strata_tensor::cpu::reference::swiglu)
 //   swiglu_pairs_f32: the same, gate and up from one product of paired rows (see the kernel)
 //   copy_cols_f32:  dst[r, c] = src[r, col0 + c]
+//   gather_rows_f32, scatter_add_rows_f32, add_sigmoid_scaled_f32: Mixture-of-Experts dispatch
 //   add_f32:        acc += x                             (strata_tensor::cpu::reference::add)
 //   add_bias_f32:   y[r, c] += bias[c]
 //   cast_f32_f16, cast_f32_bf16: out = x rounded to nearest even (what half::f16::from_f32 and
@@ -16,7 +17,8 @@
 //
 // SwiGLU uses the accurate expf and IEEE division; nothing is fused, so it differs from the
 // reference by expf's last-bit error only. Launchers: strata_kernels::cuda::ops::{swiglu,
-// swiglu_pairs, copy_cols, add, add_bias, cast_f32_to}.
+// swiglu_pairs, copy_cols, gather_rows, scatter_add_rows, add_sigmoid_scaled, add, add_bias,
+// cast_f32_to}.
 #include "strata_common.cuh"
 #include "elementwise.h"
 
@@ -67,6 +69,40 @@ extern "C" __global__ void copy_cols_f32(CopyColsParams p, const float* src, flo
     for (unsigned long long i = thread_index(); i < n; i += thread_count()) {
         const unsigned long long r = i / p.cols, c = i - r * p.cols;
         dst[i] = src[r * p.src_cols + p.col0 + c];
+    }
+}
+
+// Mixture-of-Experts dispatch, as strata_models::moe::MoeLayer::forward does it on the CPU:
+// gather_rows_f32 takes the rows of the tokens an expert serves, dst[i, c] = src[idx[i], c];
+// scatter_add_rows_f32 adds the expert's outputs back, out[idx[i], c] += y[i, c] * w[i] (the
+// product rounded, then the sum: the CPU's `o += y * w`; the idx of one launch are distinct, so
+// no two threads write one element); add_sigmoid_scaled_f32 adds a shared expert's output,
+// out[r, c] += s_r * y[r, c] with s_r = 1 / (1 + exp(-g[r])) (the accurate expf and IEEE
+// division, as the CPU's f32 arithmetic). One thread per element, grid-stride.
+extern "C" __global__ void gather_rows_f32(RowsParams p, const float* src, const unsigned int* idx, float* dst) {
+    const unsigned long long n = (unsigned long long)p.rows * p.cols;
+    for (unsigned long long i = thread_index(); i < n; i += thread_count()) {
+        const unsigned long long r = i / p.cols, c = i - r * p.cols;
+        dst[i] = src[(unsigned long long)idx[r] * p.cols + c];
+    }
+}
+
+extern "C" __global__ void scatter_add_rows_f32(RowsParams p, const float* y, const unsigned int* idx, const float* w,
+                                                float* out) {
+    const unsigned long long n = (unsigned long long)p.rows * p.cols;
+    for (unsigned long long i = thread_index(); i < n; i += thread_count()) {
+        const unsigned long long r = i / p.cols, c = i - r * p.cols;
+        float* o = out + (unsigned long long)idx[r] * p.cols + c;
+        *o = __fadd_rn(*o, __fmul_rn(y[i], w[r]));
+    }
+}
+
+extern "C" __global__ void add_sigmoid_scaled_f32(RowsParams p, const float* y, const float* g, float* out) {
+    const unsigned long long n = (unsigned long long)p.rows * p.cols;
+    for (unsigned long long i = thread_index(); i < n; i += thread_count()) {
+        const unsigned long long r = i / p.cols;
+        const float s = __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-g[r])));
+        out[i] = __fadd_rn(out[i], __fmul_rn(s, y[i]));
     }
 }
 

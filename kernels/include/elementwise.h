@@ -27,3 +27,12 @@ typedef struct {
     /// Columns taken (dst's).
     unsigned int cols;
 } CopyColsParams;
+
+/// A row-wise op over `rows` rows of `cols` floats (gather_rows_f32, scatter_add_rows_f32,
+/// add_sigmoid_scaled_f32).
+typedef struct {
+    /// Rows (of the gathered or scattered side).
+    unsigned int rows;
+    /// Floats per row.
+    unsigned int cols;
+} RowsParams;

@@ -179,6 +179,11 @@ impl Cuda {
         self.stream.memcpy_htod(host, dst).map_err(driver("upload_into"))
     }
 
+    /// Sets every element of `dst` to zero, in order on the compute stream.
+    pub fn memset_zero<T: DeviceRepr + ValidAsZeroBits, D: DevicePtrMut<T>>(&self, dst: &mut D) -> Result<()> {
+        self.stream.memset_zeros(dst).map_err(driver("memset_zero"))
+    }
+
     /// A host copy of `src`, after all queued work on the compute stream.
     pub fn download<T: DeviceRepr + Default + Clone, S: DevicePtr<T>>(&self, src: &S) -> Result<Vec<T>> {
         let mut host = vec![T::default(); src.len()];

@@ -88,6 +88,65 @@ fn emulated_copy_cols_takes_the_columns_apart() {
     }
 }
 
+/// The Mixture-of-Experts dispatch kernels against the CPU's arithmetic (`MoeLayer::forward`),
+/// bit for bit: gathering an expert's token rows, adding its weighted outputs back (`o += y *
+/// w`), and adding a shared expert's output scaled by `1 / (1 + exp(-g))`; nothing outside the
+/// rows named is touched.
+#[test]
+fn emulated_moe_dispatch_matches_the_cpu() {
+    let Some(emu) = build("emu_elementwise.cpp") else { return };
+    let u32_bytes = |v: &[u32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let rows_params =
+        |rows: usize, cols: usize| [rows as u32, cols as u32].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+    let grid = |n: usize| [n.div_ceil(BLOCK as usize).max(1) as u32, 1, 1];
+    for (tokens, cols, idx) in [(1usize, 64usize, vec![0u32]), (7, 100, vec![5, 0, 3]), (9, 2048, vec![8, 1, 2, 7, 4])]
+    {
+        let src = random_f32(tokens * cols, (tokens * cols) as u64, 2.0);
+        let n = idx.len();
+
+        let want: Vec<f32> = idx.iter().flat_map(|&r| src[r as usize * cols..][..cols].to_vec()).collect();
+        let (mut sb, mut ib, mut db) = (f32_bytes(&src), u32_bytes(&idx), f32_bytes(&vec![-7f32; n * cols + 1]));
+        let mut args = [Arg::Buf(&mut sb, 0), Arg::Buf(&mut ib, 0), Arg::Buf(&mut db, 0)];
+        launch(&emu, "gather_rows_f32", grid(n * cols), BLOCK, 0, &rows_params(n, cols), &mut args);
+        let got = f32s(&db);
+        assert_eq!(&got[..n * cols], &want[..], "gather {tokens} x {cols} rows {idx:?}");
+        assert_eq!(got[n * cols], -7.0, "gather: wrote past dst");
+
+        let y = random_f32(n * cols, 77, 3.0);
+        let w = random_f32(n, 78, 1.0);
+        let mut want = src.clone();
+        for (i, &r) in idx.iter().enumerate() {
+            for (o, y) in want[r as usize * cols..][..cols].iter_mut().zip(&y[i * cols..][..cols]) {
+                *o += y * w[i];
+            }
+        }
+        let (mut yb, mut ib, mut wb, mut ob) = (f32_bytes(&y), u32_bytes(&idx), f32_bytes(&w), f32_bytes(&src));
+        let mut args = [Arg::Buf(&mut yb, 0), Arg::Buf(&mut ib, 0), Arg::Buf(&mut wb, 0), Arg::Buf(&mut ob, 0)];
+        launch(&emu, "scatter_add_rows_f32", grid(n * cols), BLOCK, 0, &rows_params(n, cols), &mut args);
+        let got = f32s(&ob);
+        for (j, (g, v)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.to_bits(), v.to_bits(), "scatter {tokens} x {cols} rows {idx:?}: out[{j}] = {g}, want {v}");
+        }
+
+        let y = random_f32(tokens * cols, 79, 3.0);
+        let g = random_f32(tokens, 80, 6.0);
+        let mut want = src.clone();
+        for ((o, y), g) in want.chunks_exact_mut(cols).zip(y.chunks_exact(cols)).zip(&g) {
+            let s = 1.0 / (1.0 + (-g).exp());
+            for (o, y) in o.iter_mut().zip(y) {
+                *o += s * y;
+            }
+        }
+        let (mut yb, mut gb, mut ob) = (f32_bytes(&y), f32_bytes(&g), f32_bytes(&src));
+        let mut args = [Arg::Buf(&mut yb, 0), Arg::Buf(&mut gb, 0), Arg::Buf(&mut ob, 0)];
+        launch(&emu, "add_sigmoid_scaled_f32", grid(tokens * cols), BLOCK, 0, &rows_params(tokens, cols), &mut args);
+        let got = f32s(&ob);
+        for (j, (g, v)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.to_bits(), v.to_bits(), "sigmoid-scaled add {tokens} x {cols}: out[{j}] = {g}, want {v}");
+        }
+    }
+}
+
 #[test]
 fn emulated_elementwise_kernels_match_the_reference() {
     let Some(emu) = build("emu_elementwise.cpp") else { return };

@@ -176,6 +176,10 @@ fn mismatched_lengths_are_typed_errors() {
     assert_invalid(ops::swiglu_pairs(&cuda, &b, &mut out, 1, 6), "12 needed");
     assert_invalid(ops::copy_cols(&cuda, &a, &mut out, 2, 5, 3, 3), "columns 3 + 3 of rows of 5");
     assert_invalid(ops::copy_cols(&cuda, &a, &mut out, 3, 5, 0, 2), "15 needed");
+    let idx = cuda.upload(&[0u32, 1, 1]).unwrap();
+    assert_invalid(ops::gather_rows(&cuda, &a, 5, &idx, &[0, 1, 5], &mut out, 2), "row index 5 out of 5 rows");
+    assert_invalid(ops::scatter_add_rows(&cuda, &a, &idx, &[0, 1, 1], &a, &mut out, 5, 2), "row index 1 given twice");
+    assert_invalid(ops::add_sigmoid_scaled(&cuda, &a, &b.slice(0..1), &mut out, 2, 5), "g holds 1");
     // Empty operands are fine and touch nothing.
     ops::swiglu(&cuda, &a.slice(0..0), &b.slice(0..0), &mut out.slice_mut(0..0)).unwrap();
     ops::add_bias(&cuda, &mut out, &a.slice(0..0), 3).unwrap();
@@ -198,4 +202,45 @@ fn copy_cols_takes_columns_apart() {
         assert_eq!(&got[..rows * cols], &want[..], "columns {col0} + {cols}");
         assert_eq!(got[rows * cols], -7.0, "columns {col0} + {cols}: wrote past dst");
     }
+}
+
+/// The Mixture-of-Experts dispatch on the card: gathering rows, adding weighted rows back, and a
+/// sigmoid-scaled add, against the CPU's arithmetic (`expf` may differ in its last bit).
+#[test]
+fn moe_dispatch_matches_the_cpu() {
+    let Some(cuda) = device_or_skip("moe_dispatch_matches_the_cpu") else { return };
+    let (tokens, cols) = (9usize, 2048usize);
+    let idx: Vec<u32> = vec![8, 1, 2, 7, 4];
+    let n = idx.len();
+    let src = random_f32(tokens * cols, 1, 2.0);
+    let (dsrc, didx) = (cuda.upload(&src).unwrap(), cuda.upload(&idx).unwrap());
+    let mut rows = cuda.zeros::<f32>(n * cols).unwrap();
+    ops::gather_rows(&cuda, &dsrc, tokens, &didx, &idx, &mut rows, cols).unwrap();
+    let want: Vec<f32> = idx.iter().flat_map(|&r| src[r as usize * cols..][..cols].to_vec()).collect();
+    assert_eq!(cuda.download(&rows).unwrap(), want);
+
+    let (y, w) = (random_f32(n * cols, 2, 3.0), random_f32(n, 3, 1.0));
+    let mut want = src.clone();
+    for (i, &r) in idx.iter().enumerate() {
+        for (o, y) in want[r as usize * cols..][..cols].iter_mut().zip(&y[i * cols..][..cols]) {
+            *o += y * w[i];
+        }
+    }
+    let mut out = cuda.upload(&src).unwrap();
+    let (dy, dw) = (cuda.upload(&y).unwrap(), cuda.upload(&w).unwrap());
+    ops::scatter_add_rows(&cuda, &dy, &didx, &idx, &dw, &mut out, tokens, cols).unwrap();
+    assert_eq!(cuda.download(&out).unwrap(), want);
+
+    let (y, g) = (random_f32(tokens * cols, 4, 3.0), random_f32(tokens, 5, 6.0));
+    let mut want = src.clone();
+    for ((o, y), g) in want.chunks_exact_mut(cols).zip(y.chunks_exact(cols)).zip(&g) {
+        let s = 1.0 / (1.0 + (-g).exp());
+        for (o, y) in o.iter_mut().zip(y) {
+            *o += s * y;
+        }
+    }
+    let mut out = cuda.upload(&src).unwrap();
+    let (dy, dg) = (cuda.upload(&y).unwrap(), cuda.upload(&g).unwrap());
+    ops::add_sigmoid_scaled(&cuda, &dy, &dg, &mut out, tokens, cols).unwrap();
+    assert_close("add_sigmoid_scaled", &cuda.download(&out).unwrap(), &want, 1e-6, 1e-6);
 }

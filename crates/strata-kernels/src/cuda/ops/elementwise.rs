@@ -1,10 +1,10 @@
 //! Element-wise kernels: SwiGLU (of two products, or of one of paired rows), residual add, bias
-//! add, and f32 → f16/bf16 casts
+//! add, column and row copies (the Mixture-of-Experts dispatch), and f32 → f16/bf16 casts
 //! (`kernels/elementwise.cu`).
 
 use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig};
 
-use crate::cuda::params::{AddBiasParams, CopyColsParams, ElementwiseParams};
+use crate::cuda::params::{AddBiasParams, CopyColsParams, ElementwiseParams, RowsParams};
 use crate::cuda::{Cuda, check_len, ptr, ptr_mut};
 use crate::{Error, Result};
 
@@ -117,6 +117,126 @@ where
     // SAFETY: src holds rows * src_cols floats and dst rows * cols (checked above); the kernel
     // reads src[r * src_cols + col0 + c] with col0 + c < src_cols and writes dst below rows * cols.
     unsafe { cuda.launch("elementwise", "copy_cols_f32", cfg, &p, &ptrs) }
+}
+
+/// The launch of a row-wise kernel over `rows` x `cols` elements, checked to fit its 32-bit
+/// parameters.
+fn rows_launch(op: &str, rows: usize, cols: usize) -> Result<(RowsParams, LaunchConfig)> {
+    if rows > u32::MAX as usize || cols > u32::MAX as usize || rows.checked_mul(cols).is_none() {
+        return Err(Error::invalid(op, format!("{rows} rows of {cols}: at most 2^32 - 1 of each")));
+    }
+    let blocks = (rows * cols).div_ceil(BLOCK as usize).clamp(1, 65535) as u32;
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    Ok((RowsParams { rows: rows as u32, cols: cols as u32 }, cfg))
+}
+
+/// `dst[i, :] = src[idx[i], :]` for `i < idx.len()`: the rows of the tokens a Mixture-of-Experts
+/// expert serves, `src` holding `src_rows` rows of `cols`. Every index must be below `src_rows`:
+/// the host's `idx_host` (the indices `idx` holds on the device) is checked.
+pub fn gather_rows<S, I, D>(
+    cuda: &Cuda,
+    src: &S,
+    src_rows: usize,
+    idx: &I,
+    idx_host: &[u32],
+    dst: &mut D,
+    cols: usize,
+) -> Result<()>
+where
+    S: DevicePtr<f32>,
+    I: DevicePtr<u32>,
+    D: DevicePtrMut<f32>,
+{
+    const OP: &str = "gather_rows";
+    let rows = idx_host.len();
+    check_indices(OP, idx.len(), idx_host, src_rows, false)?;
+    check_len(OP, "src", src.len(), src_rows * cols)?;
+    check_len(OP, "dst", dst.len(), rows * cols)?;
+    if rows * cols == 0 {
+        return Ok(());
+    }
+    let (p, cfg) = rows_launch(OP, rows, cols)?;
+    let ptrs = [ptr(cuda, src), ptr(cuda, idx), ptr_mut(cuda, dst)];
+    // SAFETY: every index is below src_rows (checked on the host copy), src holds src_rows * cols
+    // floats and dst rows * cols; the kernel reads idx below rows.
+    unsafe { cuda.launch("elementwise", "gather_rows_f32", cfg, &p, &ptrs) }
+}
+
+/// `out[idx[i], :] += y[i, :] * w[i]` for `i < idx.len()` (the product rounded, then the sum, as
+/// the CPU's Mixture-of-Experts layer adds an expert's weighted outputs): `out` holds `out_rows`
+/// rows of `cols`. The indices (`idx_host`, what `idx` holds on the device) must be below
+/// `out_rows` and distinct: checked.
+#[allow(clippy::too_many_arguments)]
+pub fn scatter_add_rows<Y, I, W, O>(
+    cuda: &Cuda,
+    y: &Y,
+    idx: &I,
+    idx_host: &[u32],
+    w: &W,
+    out: &mut O,
+    out_rows: usize,
+    cols: usize,
+) -> Result<()>
+where
+    Y: DevicePtr<f32>,
+    I: DevicePtr<u32>,
+    W: DevicePtr<f32>,
+    O: DevicePtrMut<f32>,
+{
+    const OP: &str = "scatter_add_rows";
+    let rows = idx_host.len();
+    check_indices(OP, idx.len(), idx_host, out_rows, true)?;
+    check_len(OP, "y", y.len(), rows * cols)?;
+    check_len(OP, "w", w.len(), rows)?;
+    check_len(OP, "out", out.len(), out_rows * cols)?;
+    if rows * cols == 0 {
+        return Ok(());
+    }
+    let (p, cfg) = rows_launch(OP, rows, cols)?;
+    let ptrs = [ptr(cuda, y), ptr(cuda, idx), ptr(cuda, w), ptr_mut(cuda, out)];
+    // SAFETY: the indices are below out_rows and distinct (checked on the host copy), so every
+    // element written is in out and written by one thread; y holds rows * cols floats, w rows.
+    unsafe { cuda.launch("elementwise", "scatter_add_rows_f32", cfg, &p, &ptrs) }
+}
+
+/// `out[r, :] += y[r, :] / (1 + exp(-g[r]))` for `r < rows` (a shared expert's output, scaled by
+/// the sigmoid of its gate, as the CPU's Mixture-of-Experts layer adds it).
+pub fn add_sigmoid_scaled<Y, G, O>(cuda: &Cuda, y: &Y, g: &G, out: &mut O, rows: usize, cols: usize) -> Result<()>
+where
+    Y: DevicePtr<f32>,
+    G: DevicePtr<f32>,
+    O: DevicePtrMut<f32>,
+{
+    const OP: &str = "add_sigmoid_scaled";
+    let n = rows.checked_mul(cols).ok_or_else(|| Error::invalid(OP, "rows x cols overflows"))?;
+    check_len(OP, "y", y.len(), n)?;
+    check_len(OP, "g", g.len(), rows)?;
+    check_len(OP, "out", out.len(), n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let (p, cfg) = rows_launch(OP, rows, cols)?;
+    let ptrs = [ptr(cuda, y), ptr(cuda, g), ptr_mut(cuda, out)];
+    // SAFETY: y and out hold rows * cols floats and g rows (checked above).
+    unsafe { cuda.launch("elementwise", "add_sigmoid_scaled_f32", cfg, &p, &ptrs) }
+}
+
+/// Checks a row-index list: the device copy holds at least its `len` entries, each below `rows`,
+/// and with `distinct`, no index twice.
+fn check_indices(op: &str, device_len: usize, idx: &[u32], rows: usize, distinct: bool) -> Result<()> {
+    check_len(op, "idx", device_len, idx.len())?;
+    if let Some(bad) = idx.iter().find(|&&i| i as usize >= rows) {
+        return Err(Error::invalid(op, format!("row index {bad} out of {rows} rows")));
+    }
+    if distinct {
+        let mut seen = vec![false; rows];
+        for &i in idx {
+            if std::mem::replace(&mut seen[i as usize], true) {
+                return Err(Error::invalid(op, format!("row index {i} given twice")));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Residual add in place: `acc += x`, both the same length. The CUDA twin of
