@@ -1,4 +1,4 @@
-//! Dense models on CUDA against the same references as on the CPU: every committed fixture's
+//! Dense and Mixture-of-Experts models on CUDA against the same references as on the CPU: every committed fixture's
 //! logits (one pass, token by token through the device KV cache, and in uneven chunks) and
 //! greedy continuation, the RoPE scaling fixtures (including tables that change with the length,
 //! which the device cache handles by recomputing, as the CPU's does by default), the GGUF path
@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use strata::{Device, GenerateOptions, LoadOptions, LogitsMode, Model, SamplingParams};
 use strata_kernels::cuda::testing::device_or_skip;
 use strata_models::tensor::DType;
-use strata_models::{ContextScaling, CudaDecoder, Decoder, Logits, ScalingAlgorithm};
+use strata_models::{ContextScaling, CudaDecoder, Decoder, Logits, MoeOptions, RouterTrace, Routing, ScalingAlgorithm};
 use strata_tests::{Fixture, GgufDtypes, max_abs_diff, read_npy_f32, write_gguf};
 
 /// The tolerance on CUDA logits against the reference.
@@ -35,6 +35,9 @@ const TOL: f32 = 1e-3;
 const CPU_TOL: f32 = 1e-4;
 
 const DENSE: [&str; 6] = ["llama_tied", "llama_untied", "mistral_window", "qwen2_bias", "qwen3_qknorm", "llama_bf16"];
+
+/// The Mixture-of-Experts fixtures (tests/tests/moe_models.rs checks them on the CPU).
+const MOE: [&str; 5] = ["mixtral_moe", "mixtral_e6_k3", "qwen2_moe_norm", "qwen2_moe", "qwen3_moe"];
 
 /// The RoPE scaling fixtures (tests/tests/rope_scaling.rs checks them on the CPU).
 const ROPE_FIXTURES: [&str; 6] =
@@ -141,6 +144,78 @@ fn bad_input_is_refused_like_on_the_cpu() {
     assert!(err.to_string().contains("a KV cache on cpu cannot be used by a model on cuda:0"), "{err}");
     let err = on_cuda.logits(&[1, 256], LogitsMode::OnePass).unwrap_err();
     assert!(err.to_string().contains("token id 256"), "{err}");
+}
+
+/// Every Mixture-of-Experts fixture (Mixtral, a 6-expert top-3 Mixtral, Qwen2-MoE with and
+/// without renormalisation and its shared expert, Qwen3-MoE) on CUDA, both checkpoint layouts:
+/// logits in one pass, token by token and in uneven chunks against transformers', the greedy
+/// continuation, and the router trace against the CPU decoder's (the same experts for every
+/// token of every layer: the routing is the CPU's rule on the device's logits).
+#[test]
+fn moe_models_match_the_reference() {
+    let Some(cuda) = device_or_skip("moe_models_match_the_reference") else { return };
+    for name in MOE {
+        let f = Fixture::load(name);
+        for dir in [f.dir.clone(), f.dir.join("fused")] {
+            let what = format!("{name} ({})", dir.display());
+            let model = load(&dir, Device::Cuda(0));
+            for mode in [LogitsMode::OnePass, LogitsMode::Decode] {
+                let got = model.logits(&f.prompt_ids, mode).unwrap();
+                check(&format!("{what} cuda {mode:?}"), &got, &f.logits, f.vocab, TOL);
+            }
+            assert_eq!(greedy(&model, &f.prompt_ids, f.greedy_ids.len()), f.greedy_ids, "{what}");
+
+            let decoder = strata_models::load_dir(&dir).unwrap().decoder;
+            let device = CudaDecoder::new(&decoder, cuda.clone()).unwrap();
+            let mut cache = device.new_cache().unwrap();
+            let mut got = Vec::new();
+            let mut start = 0usize;
+            for len in [5, 1, 4, usize::MAX] {
+                let end = start.saturating_add(len).min(f.prompt_ids.len());
+                got.extend(device.forward(&f.prompt_ids[start..end], &mut cache, Logits::All).unwrap());
+                start = end;
+            }
+            check(&format!("{what} cuda chunks"), &got, &f.logits, f.vocab, TOL);
+
+            let (mut on_cpu, mut on_cuda) = (RouterTrace::new(), RouterTrace::new());
+            decoder.forward_with_router(&f.prompt_ids, &mut decoder.new_cache(), Logits::All, &mut on_cpu).unwrap();
+            let mut cache = device.new_cache().unwrap();
+            device.forward_traced(&f.prompt_ids, &mut cache, Logits::All, Some(&mut on_cuda)).unwrap();
+            assert_eq!(on_cuda.layers.len(), on_cpu.layers.len(), "{what}: traced layers");
+            for (g, c) in on_cuda.layers.iter().zip(&on_cpu.layers) {
+                assert_eq!((g.layer, &g.expert_counts, &g.active), (c.layer, &c.expert_counts, &c.active), "{what}");
+                let diff = max_abs_diff(&g.logits, &c.logits);
+                assert!(diff <= TOL, "{what} layer {}: router logits differ by {diff}", g.layer);
+            }
+        }
+    }
+}
+
+/// Capacity limits and dynamic top-k route on CUDA as on the CPU: the CPU's rule runs on the
+/// device's router logits, so the trace's counts match and the logits agree within [`TOL`].
+#[test]
+fn moe_routing_options_apply_on_cuda() {
+    let Some(cuda) = device_or_skip("moe_routing_options_apply_on_cuda") else { return };
+    let f = Fixture::load("mixtral_moe");
+    for options in [
+        MoeOptions { capacity_factor: Some(1.0), ..MoeOptions::default() },
+        MoeOptions { routing: Routing::DynamicTopK { p: 0.5, min_experts: 1 }, ..MoeOptions::default() },
+    ] {
+        let mut decoder = strata_models::load_dir(&f.dir).unwrap().decoder;
+        decoder.set_moe_options(options).unwrap();
+        let device = CudaDecoder::new(&decoder, cuda.clone()).unwrap();
+        let (mut on_cpu, mut on_cuda) = (RouterTrace::new(), RouterTrace::new());
+        let want =
+            decoder.forward_with_router(&f.prompt_ids, &mut decoder.new_cache(), Logits::All, &mut on_cpu).unwrap();
+        let got = device
+            .forward_traced(&f.prompt_ids, &mut device.new_cache().unwrap(), Logits::All, Some(&mut on_cuda))
+            .unwrap();
+        check(&format!("mixtral_moe {options:?}"), &got, &want, f.vocab, TOL);
+        for (g, c) in on_cuda.layers.iter().zip(&on_cpu.layers) {
+            assert_eq!(g.expert_counts, c.expert_counts, "{options:?} layer {}", g.layer);
+            assert_eq!((g.reassigned, g.dropped), (c.reassigned, c.dropped), "{options:?} layer {}", g.layer);
+        }
+    }
 }
 
 /// The weight sizes agree with the CPU decoder's, and the device reports memory and bandwidth.

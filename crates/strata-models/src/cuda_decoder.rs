@@ -27,35 +27,136 @@
 
 use std::sync::{Arc, Mutex};
 
-use strata_kernels::cuda::CudaSlice;
 use strata_kernels::cuda::cudarc::driver::sys::CUevent_flags;
 use strata_kernels::cuda::cudarc::driver::{DevicePtr, DevicePtrMut, DriverError};
 use strata_kernels::cuda::kv::DeviceKvCache;
 use strata_kernels::cuda::ops::{self, LinearScratch, RopeArgs};
 use strata_kernels::cuda::tensor::{upload_paired, upload_stacked, upload_tensor};
+use strata_kernels::cuda::{CudaSlice, CudaViewMut};
 use strata_kernels::{Cuda, Error as KernelError};
 use strata_tensor::Tensor;
 use strata_tensor::cpu::AttentionParams;
 
 use crate::context::ContextScaling;
+use crate::cuda_moe::{CudaMoe, MoeScratch};
 use crate::decoder::{Decoder, Ffn, Linear, shares_bytes};
 use crate::hparams::Hparams;
 use crate::kv_cache::DEFAULT_BLOCK_LEN;
+use crate::moe::{Mlp, MoeOptions, RouterTrace};
 use crate::rope::{RopeScheme, RopeTable};
 use crate::{Error, Logits, Result};
 
 /// A linear layer on the device: the weight in its stored dtype, the bias in f32.
-struct CudaLinear {
+pub(crate) struct CudaLinear {
     weight: Tensor,
     bias: Option<CudaSlice<f32>>,
 }
 
 impl CudaLinear {
-    fn upload(cuda: &Cuda, l: &Linear) -> Result<CudaLinear> {
+    pub(crate) fn upload(cuda: &Cuda, l: &Linear) -> Result<CudaLinear> {
         let weight = upload_tensor(cuda, &l.weight)?;
         let bias = l.bias.as_deref().map(|b| cuda.upload(b)).transpose()?;
         Ok(CudaLinear { weight, bias })
     }
+
+    /// `y = x W^T + b` for `tokens` rows.
+    pub(crate) fn forward(
+        &self,
+        cuda: &Cuda,
+        x: &impl DevicePtr<f32>,
+        y: &mut impl DevicePtrMut<f32>,
+        tokens: usize,
+        scratch: &mut LinearScratch,
+    ) -> Result<()> {
+        linear(cuda, self, x, y, tokens, scratch)
+    }
+}
+
+/// A SwiGLU MLP on the device (the dense feed-forward block, a Mixture-of-Experts expert or
+/// shared expert): gate and up ([`GateUp`]), then down.
+pub(crate) struct CudaMlp {
+    gate_up: GateUp,
+    down: CudaLinear,
+    /// The intermediate width (rows of gate).
+    pub(crate) inter: usize,
+}
+
+impl CudaMlp {
+    pub(crate) fn upload(cuda: &Cuda, mlp: &Mlp) -> Result<CudaMlp> {
+        Ok(CudaMlp {
+            gate_up: GateUp::upload(cuda, &mlp.gate, &mlp.up)?,
+            down: CudaLinear::upload(cuda, &mlp.down)?,
+            inter: mlp.intermediate_size(),
+        })
+    }
+
+    /// `silu(x G^T) * (x U^T)` into `act` (`tokens` rows of `inter`), the products in
+    /// `products` (`2 tokens inter` floats at least).
+    fn activate(
+        &self,
+        cuda: &Cuda,
+        x: &impl DevicePtr<f32>,
+        tokens: usize,
+        products: &mut CudaSlice<f32>,
+        act: &mut CudaViewMut<'_, f32>,
+        work: &mut LinearScratch,
+    ) -> Result<()> {
+        let n = tokens * self.inter;
+        let mut products = products.slice_mut(..2 * n);
+        match &self.gate_up {
+            GateUp::Paired(w) => ops::linear_swiglu(cuda, w, x, &mut products, act, tokens, work)?,
+            GateUp::Split { gate, up } => {
+                let (mut g, mut u) = products.split_at_mut(n);
+                linear(cuda, gate, x, &mut g, tokens, work)?;
+                linear(cuda, up, x, &mut u, tokens, work)?;
+                ops::swiglu(cuda, &g, &u, act)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `y = down(silu(gate(x)) * up(x))` for `tokens` rows; `products` and `act` are scratch of at
+    /// least `2 tokens inter` and `tokens inter` floats.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn forward(
+        &self,
+        cuda: &Cuda,
+        x: &impl DevicePtr<f32>,
+        y: &mut impl DevicePtrMut<f32>,
+        tokens: usize,
+        products: &mut CudaSlice<f32>,
+        act: &mut CudaSlice<f32>,
+        work: &mut LinearScratch,
+    ) -> Result<()> {
+        let mut act = act.slice_mut(..tokens * self.inter);
+        self.activate(cuda, x, tokens, products, &mut act, work)?;
+        linear(cuda, &self.down, &act, y, tokens, work)
+    }
+
+    /// `resid += down(silu(gate(x)) * up(x))`, the down projection fused with the residual add
+    /// ([`residual`]; `proj` is its scratch when down has a bias).
+    #[allow(clippy::too_many_arguments)]
+    fn forward_residual(
+        &self,
+        cuda: &Cuda,
+        x: &impl DevicePtr<f32>,
+        resid: &mut impl DevicePtrMut<f32>,
+        proj: &mut (impl DevicePtrMut<f32> + DevicePtr<f32>),
+        tokens: usize,
+        products: &mut CudaSlice<f32>,
+        act: &mut CudaSlice<f32>,
+        work: &mut LinearScratch,
+    ) -> Result<()> {
+        let mut act = act.slice_mut(..tokens * self.inter);
+        self.activate(cuda, x, tokens, products, &mut act, work)?;
+        residual(cuda, &self.down, &act, resid, proj, tokens, work)
+    }
+}
+
+/// A decoder layer's feed-forward block on the device.
+enum CudaFfn {
+    Dense(Box<CudaMlp>),
+    Moe(Box<CudaMoe>),
 }
 
 /// One decoder layer's weights on the device.
@@ -66,8 +167,7 @@ struct CudaLayer {
     /// Qwen3's per-head query and key norms.
     qk_norm: Option<(CudaSlice<f32>, CudaSlice<f32>)>,
     ffn_norm: CudaSlice<f32>,
-    gate_up: GateUp,
-    down: CudaLinear,
+    ffn: CudaFfn,
 }
 
 /// The query, key and value projections on the device.
@@ -129,6 +229,8 @@ pub struct CudaDecoder {
     lm_head: Tensor,
     /// The RoPE scheme of caches from [`CudaDecoder::new_cache`].
     rope: RopeScheme,
+    /// The Mixture-of-Experts routing options (the CPU decoder's when this one was built).
+    moe: MoeOptions,
     weight_bytes: usize,
     weight_bytes_per_token: usize,
     scratch: Mutex<Scratch>,
@@ -163,10 +265,9 @@ impl CudaDecoder {
             .iter()
             .map(|l| {
                 let (a, f) = (l.attn.resident().ok_or_else(streamed)?, l.ffn.resident().ok_or_else(streamed)?);
-                let Ffn::Dense(mlp) = &f.ffn else {
-                    return Err(Error::Unsupported(
-                        "Mixture-of-Experts models do not run on CUDA yet (use the CPU decoder)".into(),
-                    ));
+                let ffn = match &f.ffn {
+                    Ffn::Dense(mlp) => CudaFfn::Dense(Box::new(CudaMlp::upload(c, mlp)?)),
+                    Ffn::Moe(moe) => CudaFfn::Moe(Box::new(CudaMoe::upload(c, moe)?)),
                 };
                 let qk_norm = match (&a.q_norm, &a.k_norm) {
                     (Some(qn), Some(kn)) => Some((c.upload(qn)?, c.upload(kn)?)),
@@ -178,8 +279,7 @@ impl CudaDecoder {
                     o: CudaLinear::upload(c, &a.o)?,
                     qk_norm,
                     ffn_norm: c.upload(&f.norm)?,
-                    gate_up: GateUp::upload(c, &mlp.gate, &mlp.up)?,
-                    down: CudaLinear::upload(c, &mlp.down)?,
+                    ffn,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -194,6 +294,7 @@ impl CudaDecoder {
             rope: decoder.rope_scheme().clone(),
             weight_bytes: decoder.weight_bytes(),
             weight_bytes_per_token: decoder.weight_bytes_per_token(),
+            moe: *decoder.moe_options(),
             scratch: Mutex::new(Scratch::new()),
             cuda,
         })
@@ -290,6 +391,18 @@ impl CudaDecoder {
     /// device twin of [`Decoder::forward`], with the same checks, errors and RoPE rules (a table
     /// change recomputes the held tokens).
     pub fn forward(&self, ids: &[u32], cache: &mut CudaKvCache, which: Logits) -> Result<Vec<f32>> {
+        self.forward_traced(ids, cache, which, None)
+    }
+
+    /// [`CudaDecoder::forward`], recording every Mixture-of-Experts layer's router logits and
+    /// routing in `trace` when given, as [`Decoder::forward_with_router`] does on the CPU.
+    pub fn forward_traced(
+        &self,
+        ids: &[u32],
+        cache: &mut CudaKvCache,
+        which: Logits,
+        trace: Option<&mut RouterTrace>,
+    ) -> Result<Vec<f32>> {
         let t = ids.len();
         crate::decoder::check_ids(&self.hp, ids)?;
         self.check_capacity(cache, t)?;
@@ -302,14 +415,21 @@ impl CudaDecoder {
         if held > 0 && cache.rope_table().is_some_and(|old| *old != rope) {
             let all = crate::decoder::recompute_ids(cache.token_ids(), held, ids)?;
             cache.clear();
-            return self.run(&all, cache, &rope, rows);
+            return self.run(&all, cache, &rope, rows, trace);
         }
-        self.run(ids, cache, &rope, rows)
+        self.run(ids, cache, &rope, rows, trace)
     }
 
     /// The forward pass proper: `ids` at the positions after the cache's tokens, RoPE with
     /// `rope`, logits for the last `out_rows` positions. Mirrors `Decoder::run` op for op.
-    fn run(&self, ids: &[u32], cache: &mut CudaKvCache, rope: &RopeTable, out_rows: usize) -> Result<Vec<f32>> {
+    fn run(
+        &self,
+        ids: &[u32],
+        cache: &mut CudaKvCache,
+        rope: &RopeTable,
+        out_rows: usize,
+        mut trace: Option<&mut RouterTrace>,
+    ) -> Result<Vec<f32>> {
         let hp = &self.hp;
         let t = ids.len();
         let pos0 = cache.len();
@@ -318,13 +438,13 @@ impl CudaDecoder {
         // The ids, then their positions: one upload.
         let host: Vec<u32> = ids.iter().copied().chain(pos0 as u32..end).collect();
         cache.rotated_with = Some(rope.clone());
-        let (h, qd, kvd, inter, vocab) = (hp.hidden_size, hp.q_dim(), hp.kv_dim(), hp.intermediate_size, hp.vocab_size);
+        let (h, qd, kvd, vocab) = (hp.hidden_size, hp.q_dim(), hp.kv_dim(), hp.vocab_size);
 
         let cuda = &*self.cuda;
         let mut guard = self.scratch.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         guard.reserve(cuda, hp, t, out_rows)?;
         guard.set_rope(cuda, rope)?;
-        let Scratch { buffers, logits, linear: work, inv_freq, .. } = &mut *guard;
+        let Scratch { buffers, logits, linear: work, inv_freq, moe: moe_scratch, .. } = &mut *guard;
         let s = buffers.as_mut().expect("reserved above");
         let logits = logits.as_mut().expect("reserved above");
         cuda.upload_into(&host, &mut s.ids_positions)?;
@@ -397,18 +517,17 @@ impl CudaDecoder {
             residual(cuda, &layer.o, &attn, &mut s.x.slice_mut(..t * h), &mut s.proj.slice_mut(..t * h), t, work)?;
 
             ops::rms_norm(cuda, &s.x.slice(..t * h), &layer.ffn_norm, hp.rms_norm_eps, t, &mut normed)?;
-            let mut act = s.act.slice_mut(..t * inter);
-            let mut products = s.gate_up.slice_mut(..2 * t * inter);
-            match &layer.gate_up {
-                GateUp::Paired(w) => ops::linear_swiglu(cuda, w, &normed, &mut products, &mut act, t, work)?,
-                GateUp::Split { gate, up } => {
-                    let (mut g, mut u) = products.split_at_mut(t * inter);
-                    linear(cuda, gate, &normed, &mut g, t, work)?;
-                    linear(cuda, up, &normed, &mut u, t, work)?;
-                    ops::swiglu(cuda, &g, &u, &mut act)?;
+            let mut x = s.x.slice_mut(..t * h);
+            match &layer.ffn {
+                CudaFfn::Dense(mlp) => {
+                    let mut proj = s.proj.slice_mut(..t * h);
+                    mlp.forward_residual(cuda, &normed, &mut x, &mut proj, t, &mut s.gate_up, &mut s.act, work)?;
+                }
+                CudaFfn::Moe(moe) => {
+                    let record = trace.as_deref_mut().map(|tr| tr.layer_mut(li));
+                    moe.forward_residual(cuda, &normed, &mut x, t, h, &self.moe, moe_scratch, work, record)?;
                 }
             }
-            residual(cuda, &layer.down, &act, &mut s.x.slice_mut(..t * h), &mut s.proj.slice_mut(..t * h), t, work)?;
         }
 
         cache.ids.extend_from_slice(ids);
@@ -548,6 +667,8 @@ struct Scratch {
     /// host values they hold.
     inv_freq: Option<CudaSlice<f32>>,
     inv_freq_host: Vec<f32>,
+    /// The Mixture-of-Experts blocks' buffers.
+    moe: MoeScratch,
 }
 
 /// The per-token device buffers; each holds `tokens` rows.
@@ -578,6 +699,7 @@ impl Scratch {
             linear: LinearScratch::new(),
             inv_freq: None,
             inv_freq_host: Vec::new(),
+            moe: MoeScratch::default(),
         }
     }
 

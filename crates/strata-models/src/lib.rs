@@ -15,6 +15,8 @@ pub mod config;
 pub mod context;
 #[cfg(feature = "cuda")]
 pub mod cuda_decoder;
+#[cfg(feature = "cuda")]
+mod cuda_moe;
 mod decoder;
 mod error;
 pub mod gguf;

@@ -528,7 +528,7 @@ pub struct LayerRecord {
 }
 
 impl LayerRecord {
-    fn append(&mut self, logits: &[f32], routes: &Routes, n_experts: usize) {
+    pub(crate) fn append(&mut self, logits: &[f32], routes: &Routes, n_experts: usize) {
         self.n_experts = n_experts;
         self.logits.extend_from_slice(logits);
         self.expert_counts.resize(n_experts, 0);

@@ -509,10 +509,8 @@ impl Model {
                 }),
                 _ => self.install(|| Ok(cpu_forward(ids, c, trace)?)),
             },
-            // The CUDA decoder refuses MoE models at load, so a trace stays empty there, as it
-            // does for a dense model on the CPU.
             #[cfg(feature = "cuda")]
-            (Backend::Cuda(d), CacheInner::Cuda(c)) => Ok(d.forward(ids, c, which)?),
+            (Backend::Cuda(d), CacheInner::Cuda(c)) => Ok(d.forward_traced(ids, c, which, trace)?),
             #[cfg(feature = "cuda")]
             (_, _) => Err(mismatch(cache.device)),
         }
