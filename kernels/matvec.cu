@@ -752,6 +752,28 @@ struct Q8_0 {
     }
 };
 
+// q4_k's integer path: the __byte_perm selector of byte 2 (c & 1) (the scale of sub-block 2c in
+// its word; the next selector is sub-block 2c + 1's) under 0x4B, 0, 0 (magic_byte's layout), made
+// once per lane.
+__device__ __forceinline__ unsigned int q4k_selector(int c) { return 0x7440u | (2u * (c & 1)); }
+
+// The scales d * sc and minimums dmin * m of sub-blocks 2c and 2c + 1 of a q4_k super-block whose
+// header is hd: each 6-bit byte as the float 2^23 + byte (one byte permute), times d less 2^23 d
+// in one FMA, so d * byte is rounded once, as the product d * (float)byte would be, without a
+// conversion instruction.
+__device__ __forceinline__ void q4k_scales(uint4 hd, int c, unsigned int sel_lo, float& dl, float& dh, float& ml,
+                                           float& mh) {
+    const float d = f16_bits(hd.x), dmin = f16_bits(hd.x >> 16);
+    const unsigned int scw = c < 2 ? q4k_scales_lo(hd.y) : q4k_scales_hi(hd.y, hd.w);
+    const unsigned int mw = c < 2 ? q4k_mins_lo(hd.z) : q4k_mins_hi(hd.z, hd.w);
+    const float dm = -STRATA_MAGIC * d, mm = -STRATA_MAGIC * dmin;
+    const unsigned int sel_hi = sel_lo + 1;
+    dl = fmaf(__uint_as_float(__byte_perm(scw, 0x4B000000u, sel_lo)), d, dm);
+    dh = fmaf(__uint_as_float(__byte_perm(scw, 0x4B000000u, sel_hi)), d, dm);
+    ml = fmaf(__uint_as_float(__byte_perm(mw, 0x4B000000u, sel_lo)), dmin, mm);
+    mh = fmaf(__uint_as_float(__byte_perm(mw, 0x4B000000u, sel_hi)), dmin, mm);
+}
+
 // q4_k: eight lanes per super-block of 256. Lane j takes nibble bytes 32c + 16h .. + 16 (c = j / 2,
 // h = j % 2): elements 64c + 16h + i in the low nibbles (sub-block 2c) and 64c + 32 + 16h + i in
 // the high ones (sub-block 2c + 1). Lanes with h = 1 do their high run first, which keeps the
@@ -830,9 +852,7 @@ struct Q4_K {
                                 float (&acc)[MV_ROWS][T]) {
         using Q = QTile<T>;
         const int j = lane & 7, c = j >> 1, h = j & 1;
-        // __byte_perm selectors of bytes 2 (c & 1) and 2 (c & 1) + 1 (the scales of sub-blocks 2c
-        // and 2c + 1 in their word) under 0x4B, 0, 0 (magic_byte's layout).
-        const unsigned int sel_lo = 0x7440u | (2u * (c & 1)), sel_hi = sel_lo + 1;
+        const unsigned int sel_lo = q4k_selector(c);
         unsigned int ql[MV_ROWS][4], qh[MV_ROWS][4];
         float dl[MV_ROWS], dh[MV_ROWS], ml[MV_ROWS], mh[MV_ROWS];
 #pragma unroll
@@ -842,17 +862,7 @@ struct Q4_K {
             const unsigned int words[4] = {qv.x, qv.y, qv.z, qv.w};
 #pragma unroll
             for (int i = 0; i < 4; ++i) ql[r][i] = words[i] & 0x0F0F0F0Fu, qh[r][i] = (words[i] >> 4) & 0x0F0F0F0Fu;
-            const float d = f16_bits(hd.x), dmin = f16_bits(hd.x >> 16);
-            const unsigned int scw = c < 2 ? q4k_scales_lo(hd.y) : q4k_scales_hi(hd.y, hd.w);
-            const unsigned int mw = c < 2 ? q4k_mins_lo(hd.z) : q4k_mins_hi(hd.z, hd.w);
-            // The scale bytes as floats 2^23 + byte (one byte permute each, the selectors made
-            // once per lane), times d less 2^23 d in one FMA: d * byte rounded once, as the
-            // product d * (float)byte would be, without a conversion instruction.
-            const float dm = -STRATA_MAGIC * d, mm = -STRATA_MAGIC * dmin;
-            dl[r] = fmaf(__uint_as_float(__byte_perm(scw, 0x4B000000u, sel_lo)), d, dm);
-            dh[r] = fmaf(__uint_as_float(__byte_perm(scw, 0x4B000000u, sel_hi)), d, dm);
-            ml[r] = fmaf(__uint_as_float(__byte_perm(mw, 0x4B000000u, sel_lo)), dmin, mm);
-            mh[r] = fmaf(__uint_as_float(__byte_perm(mw, 0x4B000000u, sel_hi)), dmin, mm);
+            q4k_scales(hd, c, sel_lo, dl[r], dh[r], ml[r], mh[r]);
         }
 #pragma unroll
         for (int t = 0; t < T; ++t) {
@@ -905,8 +915,7 @@ struct Q4_K_I16 {
                                 float (&acc)[MV_ROWS][T]) {
         using Q = QTile<T>;
         const int c = lane & 3;
-        // __byte_perm selectors of the scales of sub-blocks 2c and 2c + 1, as in Q4_K::idot.
-        const unsigned int sel_lo = 0x7440u | (2u * (c & 1)), sel_hi = sel_lo + 1;
+        const unsigned int sel_lo = q4k_selector(c);
         unsigned int ql[MV_ROWS][8], qh[MV_ROWS][8];
         float dl[MV_ROWS], dh[MV_ROWS], ml[MV_ROWS], mh[MV_ROWS];
 #pragma unroll
@@ -917,14 +926,7 @@ struct Q4_K_I16 {
             const unsigned int words[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
 #pragma unroll
             for (int i = 0; i < 8; ++i) ql[r][i] = words[i] & 0x0F0F0F0Fu, qh[r][i] = (words[i] >> 4) & 0x0F0F0F0Fu;
-            const float d = f16_bits(hd.x), dmin = f16_bits(hd.x >> 16);
-            const unsigned int scw = c < 2 ? q4k_scales_lo(hd.y) : q4k_scales_hi(hd.y, hd.w);
-            const unsigned int mw = c < 2 ? q4k_mins_lo(hd.z) : q4k_mins_hi(hd.z, hd.w);
-            const float dm = -STRATA_MAGIC * d, mm = -STRATA_MAGIC * dmin;
-            dl[r] = fmaf(__uint_as_float(__byte_perm(scw, 0x4B000000u, sel_lo)), d, dm);
-            dh[r] = fmaf(__uint_as_float(__byte_perm(scw, 0x4B000000u, sel_hi)), d, dm);
-            ml[r] = fmaf(__uint_as_float(__byte_perm(mw, 0x4B000000u, sel_lo)), dmin, mm);
-            mh[r] = fmaf(__uint_as_float(__byte_perm(mw, 0x4B000000u, sel_hi)), dmin, mm);
+            q4k_scales(hd, c, sel_lo, dl[r], dh[r], ml[r], mh[r]);
         }
 #pragma unroll
         for (int t = 0; t < T; ++t) {
