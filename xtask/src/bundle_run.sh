@@ -36,6 +36,15 @@ for t in "$B"/tests/*; do
   skipped=$(grep -ci 'skipping\|skipped' "$OUT/test-$name.log")
   say "test $name: $status ($counts) [${secs}s, skip messages: $skipped]"
   if [ $status = FAIL ]; then grep -E 'panicked|FAILED|failed|error' "$OUT/test-$name.log" | head -n 20 | tee -a "$SUMMARY"; fi
+  # A failing model test runs again with the decoder's launch fusions off (same results by
+  # design): whether a fused path or a kernel is at fault, without a rebuild.
+  if [ $status = FAIL ] && [ "$name" = cuda_models ]; then
+    if STRATA_CUDA_UNFUSED=1 timeout 240 "$t" --test-threads=1 --nocapture >"$OUT/test-$name-unfused.log" 2>&1; then
+      say "test $name with STRATA_CUDA_UNFUSED=1: ok (a fused path is at fault)"
+    else
+      say "test $name with STRATA_CUDA_UNFUSED=1: FAIL too ($(grep -E '^test result:' "$OUT/test-$name-unfused.log" | tail -n1))"
+    fi
+  fi
 done
 
 say "== kernel benchmarks"

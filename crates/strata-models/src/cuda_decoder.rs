@@ -46,6 +46,15 @@ use crate::moe::{Mlp, MoeOptions, RouterTrace};
 use crate::rope::{RopeScheme, RopeTable};
 use crate::{Error, Logits, Result};
 
+/// Whether the decoder fuses launches (q/k/v stacked, gate/up paired with SwiGLU, the residual
+/// adds in their projections): yes, unless the environment sets `STRATA_CUDA_UNFUSED` (to
+/// anything but `0`), read once per process. The results are the same either way; the switch
+/// tells a fused path's fault from a kernel's on a machine that cannot rebuild.
+fn fused() -> bool {
+    static FUSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FUSED.get_or_init(|| std::env::var_os("STRATA_CUDA_UNFUSED").is_none_or(|v| v == "0"))
+}
+
 /// A linear layer on the device: the weight in its stored dtype, the bias in f32.
 pub(crate) struct CudaLinear {
     weight: Tensor,
@@ -175,7 +184,8 @@ enum Qkv {
     /// Their rows one after the other ([`upload_stacked`]), with their biases likewise: one
     /// product per pass, whose outputs at one token are q, k and v one after the other.
     Stacked(CudaLinear),
-    /// Apart (q, k, v), when their dtypes differ or only some have a bias.
+    /// Apart (q, k, v), when their dtypes differ or only some have a bias (or fusions are off:
+    /// [`fused`]).
     Split(Box<[CudaLinear; 3]>),
 }
 
@@ -185,7 +195,7 @@ impl Qkv {
         let same_dtype = all.iter().all(|l| l.weight.dtype() == q.weight.dtype());
         let biases: Option<Vec<&[f32]>> = all.iter().map(|l| l.bias.as_deref()).collect();
         let no_bias = all.iter().all(|l| l.bias.is_none());
-        if !same_dtype || (biases.is_none() && !no_bias) {
+        if !fused() || !same_dtype || (biases.is_none() && !no_bias) {
             let up = |l: &Linear| CudaLinear::upload(cuda, l);
             return Ok(Qkv::Split(Box::new([up(q)?, up(k)?, up(v)?])));
         }
@@ -199,14 +209,15 @@ impl Qkv {
 enum GateUp {
     /// Their rows paired ([`upload_paired`]): SwiGLU of one product, in one launch when decoding.
     Paired(Tensor),
-    /// Apart, when either has a bias or their dtypes differ.
+    /// Apart, when either has a bias or their dtypes differ (or fusions are off: [`fused`]).
     Split { gate: CudaLinear, up: CudaLinear },
 }
 
 impl GateUp {
     fn upload(cuda: &Cuda, gate: &Linear, up: &Linear) -> Result<GateUp> {
         let (g, u) = (&gate.weight, &up.weight);
-        let pairable = gate.bias.is_none()
+        let pairable = fused()
+            && gate.bias.is_none()
             && up.bias.is_none()
             && g.dtype() == u.dtype()
             && g.shape() == u.shape()
@@ -568,7 +579,7 @@ fn residual(
     tokens: usize,
     scratch: &mut LinearScratch,
 ) -> Result<()> {
-    if l.bias.is_none() {
+    if fused() && l.bias.is_none() {
         return Ok(ops::linear_add(cuda, &l.weight, a, x, tokens, scratch)?);
     }
     linear(cuda, l, a, proj, tokens, scratch)?;
