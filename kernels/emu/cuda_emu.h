@@ -87,6 +87,8 @@ inline float __uint_as_float(unsigned int u) {
     std::memcpy(&f, &u, 4);
     return f;
 }
+inline float __int_as_float(int i) { return __uint_as_float((unsigned int)i); }
+inline int __float_as_int(float f) { return (int)__float_as_uint(f); }
 inline int __any_sync(unsigned int, int p) {
     return (int)emu_warp_collective((unsigned int)(p != 0), [](const unsigned int* s) {
         return (unsigned int)std::any_of(s, s + 32, [](unsigned int v) { return v != 0; });
