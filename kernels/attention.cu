@@ -38,6 +38,7 @@
 // strata_kernels::cuda::kv::DeviceKvCache::append and strata_kernels::cuda::ops::attention.
 #include "strata_common.cuh"
 #include "attention.h"
+#include "ptx.cuh"
 
 // The first key position visible from query position i with sliding window w (0: none).
 __device__ __forceinline__ unsigned int first_visible(unsigned int i, unsigned int w) {
@@ -81,15 +82,10 @@ extern "C" __global__ void kv_append_f32(KvAppendParams p, const float* k, const
 }
 
 // Asynchronous 16-byte copy from global to shared memory (sm_80+); with valid false it
-// writes zeros and reads nothing.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-    const unsigned int s = static_cast<unsigned int>(__cvta_generic_to_shared(dst));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(valid ? 16 : 0)
-                 : "memory");
+// writes zeros and reads nothing (ptx.cuh's zero-filling copy, which the emulation replaces).
+__device__ __forceinline__ void cp_async16_or_zero(void* dst, const void* src, bool valid) {
+    cp_async16_zfill(dst, src, valid ? 16 : 0);
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-// Waits until at most one committed group of this thread's copies is still in flight.
-__device__ __forceinline__ void cp_async_wait_all_but_one() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
 
 // Accumulator float4s per thread of the decode kernel: (head, float4 of head_dim) pairs of a
 // block, spread over its threads.
@@ -109,8 +105,8 @@ __device__ __forceinline__ void decode_stage(const AttnDecodeParams& p, const un
         const bool valid = j < n;
         const unsigned int pos = t0 + (valid ? j : 0);  // a readable row even when nothing is read
         float* dst = kt + j * stride + 4 * d4;
-        cp_async16(dst, cache_row(table, 0, pos, p.block_len, row, head_off) + 4 * d4, valid);
-        cp_async16(dst + tile_floats, cache_row(table, 1, pos, p.block_len, row, head_off) + 4 * d4, valid);
+        cp_async16_or_zero(dst, cache_row(table, 0, pos, p.block_len, row, head_off) + 4 * d4, valid);
+        cp_async16_or_zero(dst + tile_floats, cache_row(table, 1, pos, p.block_len, row, head_off) + 4 * d4, valid);
     }
 }
 
@@ -163,7 +159,7 @@ extern "C" __global__ void __launch_bounds__(STRATA_ATTN_DECODE_THREADS)
                          tiles + ((it + 1) & 1) * 2 * tile_floats, tile_floats);
         }
         cp_async_commit();
-        cp_async_wait_all_but_one();
+        cp_async_wait<1>();
         __syncthreads();  // this tile, the queries and the stats are visible to every thread
         const float* ks = tiles + (it & 1) * 2 * tile_floats;
         const float* vs = ks + tile_floats;

@@ -9,7 +9,9 @@
 // pointer arguments, in order, loaded into its own allocation and written back after the launch;
 // `=I` instead of a file passes buffer I again (an in-place call), `null` a null pointer, and a
 // `:N` suffix on a file or `=I` passes the pointer N bytes into the buffer (a view, unaligned if
-// N is). Buffer indices count files only.
+// N is). `+FILE` loads (and writes back) a buffer the kernel reaches only through a table, not as
+// an argument; `*I,J,..` passes a table of 64-bit addresses of buffers I, J, .. (a device table
+// of block pointers, as the KV cache keeps). Buffer indices count files only, `+` ones included.
 #pragma once
 
 // The standard headers first: cuda_emu.h defines CUDA's keywords as macros, which must not reach
@@ -86,9 +88,11 @@ int main(int argc, char** argv) {
         return 2;
     }
     const std::vector<unsigned char> params = emu_read(argv[9]);
-    if (params.size() != entry->params || (size_t)(argc - 10) != entry->buffers) {
+    int passed = 0;
+    for (int i = 10; i < argc; ++i) passed += argv[i][0] != '+';
+    if (params.size() != entry->params || (size_t)passed != entry->buffers) {
         std::fprintf(stderr, "%s: %s takes %zu parameter bytes and %zu buffers, got %zu and %d\n", argv[0], argv[1],
-                     entry->params, entry->buffers, params.size(), argc - 10);
+                     entry->params, entry->buffers, params.size(), passed);
         return 2;
     }
     // Each buffer in an allocation of its own, exactly sized (a sanitizer can see overruns).
@@ -96,10 +100,33 @@ int main(int argc, char** argv) {
     std::vector<std::unique_ptr<unsigned char[]>> owned;
     std::vector<void*> bufs;
     std::vector<std::string> files;
+    // Tables of buffer addresses: the argument they fill, and the buffers they list.
+    std::vector<std::pair<size_t, std::vector<size_t>>> tables;
+    std::vector<std::unique_ptr<unsigned long long[]>> table_mem;
     for (int i = 10; i < argc; ++i) {
         std::string arg = argv[i];
         if (arg == "null") {
             bufs.push_back(nullptr);
+            continue;
+        }
+        if (arg[0] == '*') {
+            std::vector<size_t> list;
+            for (const char* c = arg.c_str() + 1; *c;) {
+                char* end;
+                list.push_back(std::strtoul(c, &end, 10));
+                c = *end == ',' ? end + 1 : end;
+            }
+            tables.emplace_back(bufs.size(), std::move(list));
+            bufs.push_back(nullptr);
+            continue;
+        }
+        const bool extra = arg[0] == '+';
+        if (extra) {
+            arg.erase(0, 1);
+            files.push_back(arg);
+            data.push_back(emu_read(arg.c_str()));
+            owned.emplace_back(new unsigned char[std::max<size_t>(data.back().size(), 1)]);
+            std::memcpy(owned.back().get(), data.back().data(), data.back().size());
             continue;
         }
         size_t offset = 0;
@@ -118,6 +145,14 @@ int main(int argc, char** argv) {
         owned.emplace_back(new unsigned char[std::max<size_t>(data.back().size(), 1)]);
         std::memcpy(owned.back().get(), data.back().data(), data.back().size());
         bufs.push_back(owned.back().get() + offset);
+    }
+    for (auto& [at, list] : tables) {
+        table_mem.emplace_back(new unsigned long long[std::max<size_t>(list.size(), 1)]);
+        for (size_t j = 0; j < list.size(); ++j) {
+            if (list[j] >= owned.size()) return std::fprintf(stderr, "%s: no buffer %zu for a table\n", argv[0], list[j]), 2;
+            table_mem.back()[j] = (unsigned long long)(size_t)owned[list[j]].get();
+        }
+        bufs[at] = table_mem.back().get();
     }
     emu_launch(dim3{dims[0], dims[1], dims[2]}, threads, smem_bytes, [&] { entry->call(params.data(), bufs.data()); });
     for (size_t i = 0; i < files.size(); ++i) {

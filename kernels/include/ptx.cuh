@@ -1,6 +1,7 @@
-// The inline-PTX helpers of kernels/matvec.cu: cp.async copies from global to shared memory, the
-// launch's dynamic shared memory size, and an FMA that keeps subnormals. Kept apart so that the
-// CPU emulation of the kernels (kernels/emu/) can put plain C++ versions in their place.
+// The inline-PTX helpers of kernels/matvec.cu and kernels/attention.cu: cp.async copies from
+// global to shared memory, the launch's dynamic shared memory size, and an FMA that keeps
+// subnormals. Kept apart so that the CPU emulation of the kernels (kernels/emu/) can put plain C++
+// versions in their place.
 #pragma once
 
 // A 4-byte copy from global to shared memory, cached in L1 (every block of the SM reads x).

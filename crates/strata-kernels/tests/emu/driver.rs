@@ -64,6 +64,11 @@ pub enum Arg<'a> {
     Alias(usize, usize),
     /// A null pointer.
     Null,
+    /// A buffer the kernel reaches only through a [`Arg::Table`], not as an argument: loaded and
+    /// written back, counted among the buffers.
+    Extra(&'a mut Vec<u8>),
+    /// A table of the device addresses of these buffers (by index among `Buf` and `Extra`).
+    Table(Vec<usize>),
 }
 
 /// Runs `kernel` of emulator `emu` (from [`build`]) on a `grid` of blocks of `threads` threads
@@ -97,13 +102,23 @@ pub fn launch(emu: &Path, kernel: &str, grid: [u32; 3], threads: u32, smem: usiz
             Arg::Null => {
                 cmd.arg("null");
             }
+            Arg::Extra(data) => {
+                let f = dir.join(format!("{tag}.{buffers}"));
+                std::fs::write(&f, &data[..]).unwrap();
+                cmd.arg(format!("+{}", f.display()));
+                files.push(f);
+                buffers += 1;
+            }
+            Arg::Table(list) => {
+                cmd.arg(format!("*{}", list.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")));
+            }
         }
     }
     let out = cmd.output().unwrap();
     assert!(out.status.success(), "{kernel}: {}", String::from_utf8_lossy(&out.stderr));
     let mut files = files.into_iter();
     for arg in args.iter_mut() {
-        if let Arg::Buf(data, _) = arg {
+        if let Arg::Buf(data, _) | Arg::Extra(data) = arg {
             let f = files.next().unwrap();
             **data = std::fs::read(&f).unwrap();
             let _ = std::fs::remove_file(f);

@@ -8,6 +8,7 @@
 //! Each launch mirrors its launcher in `cuda::ops` (grid, block, shared memory, parameters).
 //! Needs a C++20 compiler (`CXX`, else `c++`); without one the tests say so and pass.
 
+mod attention;
 mod convert;
 mod driver;
 mod elementwise;
