@@ -98,6 +98,20 @@ fn greedy_continuations_match_the_reference() {
     }
 }
 
+/// `ids` fed in chunks of 5, 1, 4 tokens, then the rest, through one device cache, every
+/// position's logits asked for: the logits, and the tokens the cache then holds.
+fn chunked(model: &CudaDecoder, ids: &[u32]) -> (Vec<f32>, usize) {
+    let mut cache = model.new_cache().unwrap();
+    let mut got = Vec::new();
+    let mut start = 0usize;
+    for len in [5, 1, 4, usize::MAX] {
+        let end = start.saturating_add(len).min(ids.len());
+        got.extend(model.forward(&ids[start..end], &mut cache, Logits::All).unwrap());
+        start = end;
+    }
+    (got, cache.len())
+}
+
 /// The prompt fed in uneven chunks (5, 1, 4 tokens, then the rest) through one device cache,
 /// every position's logits asked for: prefill over a cache that already holds tokens, and
 /// mistral_window's window (6) straddling chunk boundaries.
@@ -108,15 +122,8 @@ fn chunked_prefill_matches_the_reference() {
         let f = Fixture::load(name);
         let decoder = strata_models::load_dir(&f.dir).unwrap().decoder;
         let model = CudaDecoder::new(&decoder, cuda.clone()).unwrap();
-        let mut cache = model.new_cache().unwrap();
-        let mut got = Vec::new();
-        let mut start = 0usize;
-        for len in [5, 1, 4, usize::MAX] {
-            let end = start.saturating_add(len).min(f.prompt_ids.len());
-            got.extend(model.forward(&f.prompt_ids[start..end], &mut cache, Logits::All).unwrap());
-            start = end;
-        }
-        assert_eq!(cache.len(), f.prompt_ids.len(), "{name}: tokens in the cache");
+        let (got, held) = chunked(&model, &f.prompt_ids);
+        assert_eq!(held, f.prompt_ids.len(), "{name}: tokens in the cache");
         check(&format!("{name} cuda chunks 5,1,4,rest"), &got, &f.logits, f.vocab, TOL);
     }
 }
@@ -167,14 +174,7 @@ fn moe_models_match_the_reference() {
 
             let decoder = strata_models::load_dir(&dir).unwrap().decoder;
             let device = CudaDecoder::new(&decoder, cuda.clone()).unwrap();
-            let mut cache = device.new_cache().unwrap();
-            let mut got = Vec::new();
-            let mut start = 0usize;
-            for len in [5, 1, 4, usize::MAX] {
-                let end = start.saturating_add(len).min(f.prompt_ids.len());
-                got.extend(device.forward(&f.prompt_ids[start..end], &mut cache, Logits::All).unwrap());
-                start = end;
-            }
+            let (got, _) = chunked(&device, &f.prompt_ids);
             check(&format!("{what} cuda chunks"), &got, &f.logits, f.vocab, TOL);
 
             let (mut on_cpu, mut on_cuda) = (RouterTrace::new(), RouterTrace::new());

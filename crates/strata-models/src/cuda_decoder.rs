@@ -77,7 +77,11 @@ impl CudaLinear {
         tokens: usize,
         scratch: &mut LinearScratch,
     ) -> Result<()> {
-        linear(cuda, self, x, y, tokens, scratch)
+        ops::linear(cuda, &self.weight, x, y, tokens, scratch)?;
+        if let Some(b) = &self.bias {
+            ops::add_bias(cuda, y, b, tokens)?;
+        }
+        Ok(())
     }
 }
 
@@ -116,8 +120,8 @@ impl CudaMlp {
             GateUp::Paired(w) => ops::linear_swiglu(cuda, w, x, &mut products, act, tokens, work)?,
             GateUp::Split { gate, up } => {
                 let (mut g, mut u) = products.split_at_mut(n);
-                linear(cuda, gate, x, &mut g, tokens, work)?;
-                linear(cuda, up, x, &mut u, tokens, work)?;
+                gate.forward(cuda, x, &mut g, tokens, work)?;
+                up.forward(cuda, x, &mut u, tokens, work)?;
                 ops::swiglu(cuda, &g, &u, act)?;
             }
         }
@@ -139,7 +143,7 @@ impl CudaMlp {
     ) -> Result<()> {
         let mut act = act.slice_mut(..tokens * self.inter);
         self.activate(cuda, x, tokens, products, &mut act, work)?;
-        linear(cuda, &self.down, &act, y, tokens, work)
+        self.down.forward(cuda, &act, y, tokens, work)
     }
 
     /// `resid += down(silu(gate(x)) * up(x))`, the down projection fused with the residual add
@@ -473,13 +477,13 @@ impl CudaDecoder {
             let one_stacked = match &layer.qkv {
                 Qkv::Split(parts) => {
                     let [lq, lk, lv] = &**parts;
-                    linear(cuda, lq, &normed, &mut q, t, work)?;
-                    linear(cuda, lk, &normed, &mut k, t, work)?;
-                    linear(cuda, lv, &normed, &mut v, t, work)?;
+                    lq.forward(cuda, &normed, &mut q, t, work)?;
+                    lk.forward(cuda, &normed, &mut k, t, work)?;
+                    lv.forward(cuda, &normed, &mut v, t, work)?;
                     false
                 }
                 Qkv::Stacked(l) => {
-                    linear(cuda, l, &normed, &mut qkv, t, work)?;
+                    l.forward(cuda, &normed, &mut qkv, t, work)?;
                     if t > 1 {
                         ops::copy_cols(cuda, &qkv, &mut q, t, width, 0, qd)?;
                         ops::copy_cols(cuda, &qkv, &mut k, t, width, qd, kvd)?;
@@ -551,22 +555,6 @@ impl CudaDecoder {
     }
 }
 
-/// `y = x W^T + b` for `tokens` rows on the device.
-fn linear(
-    cuda: &Cuda,
-    l: &CudaLinear,
-    x: &impl DevicePtr<f32>,
-    y: &mut impl DevicePtrMut<f32>,
-    tokens: usize,
-    scratch: &mut LinearScratch,
-) -> Result<()> {
-    ops::linear(cuda, &l.weight, x, y, tokens, scratch)?;
-    if let Some(b) = &l.bias {
-        ops::add_bias(cuda, y, b, tokens)?;
-    }
-    Ok(())
-}
-
 /// `x += a W^T + b`, the residual connection of a projection: fused into the projection's launch
 /// (the product rounded, then added, as the unfused ops round it) when it has no bias; else the
 /// projection into `proj`, its bias, then the add (the CPU's order of roundings).
@@ -582,7 +570,7 @@ fn residual(
     if fused() && l.bias.is_none() {
         return Ok(ops::linear_add(cuda, &l.weight, a, x, tokens, scratch)?);
     }
-    linear(cuda, l, a, proj, tokens, scratch)?;
+    l.forward(cuda, a, proj, tokens, scratch)?;
     Ok(ops::add(cuda, x, proj)?)
 }
 
