@@ -30,8 +30,13 @@
 //   the float kernels; at least STRATA_MATVEC_XTILE_MIN), padded by 4 floats every 32 and every
 //   256 columns so that the lanes' 16-byte reads fall in distinct banks; with the sums of x over
 //   each 8 columns for the 4- and 6-bit dtypes.
-// - Activations, integer path: the same tiles, quantized by the block as it stages them (QTile,
-//   stage_xq: a warp per block of 32 columns) into two digit arrays, a unit and a sum per block.
+// - Activations, integer path: the same tiles, in two digit arrays with a unit and a sum per block
+//   (QTile), either quantized by the block as it stages them (stage_xq: a warp per block of 32
+//   columns; p.acts == STRATA_MATVEC_ACTS_F32) or copied from x quantized once before the launch
+//   (load_xq; STRATA_MATVEC_ACTS_Q16: actq.cuh's records, written by matvec_quantize_x below or by
+//   a producer such as RMSNorm). The launcher quantizes first above two tokens, or when a row is
+//   longer than the tile: the blocks would otherwise quantize every tile again for every round
+//   of rows.
 // - Float weights (f32, f16, bf16): rows whose byte length is a multiple of 16 are read with
 //   16-byte streaming loads, consecutive lanes on consecutive 16 bytes, two per row in flight;
 //   other rows element by element (the _scalar kernels).
@@ -61,9 +66,10 @@
 // and differs from it by f32 rounding only: the order of the additions. The float path differs
 // from strata_tensor::cpu::reference::matmul (x as [tokens, k]) likewise. The CPU emulation in
 // kernels/emu runs these kernels unchanged against both (strata-kernels' tests/emu.rs).
-// Launchers: strata_kernels::cuda::ops::{matvec, matvec_as, linear}.
+// Launchers: strata_kernels::cuda::ops::{matvec, matvec_as, linear, quantize_acts}.
 #include "strata_common.cuh"
 #include "quant.cuh"
+#include "actq.cuh"
 #include "matvec.h"
 #include "ptx.cuh"
 
@@ -387,42 +393,6 @@ __device__ __forceinline__ int nibble_dot(const unsigned int (&qs)[4], const Blo
     return 256 * sh + sl;
 }
 
-// Quantizes one block of 32 activations, a value per lane of the warp (v), bit for bit as
-// strata_tensor's ActQ8::quantize with two digits: with amax = max|x| (the largest bit pattern of
-// |x|, so a NaN wins) and u = amax / 127, the high digit h = round(clamp(x * 127 / amax)), the
-// low digit l = round(clamp((x - u h) * 32512 / amax)) (ties to even, clamps to -127..127), the
-// unit u / 256 and the sum of 256 h + l; a block with amax < 2^-100 is all zeros. The _rn
-// intrinsics keep nvcc from fusing a multiply and an add, so every rounding is the CPU's. Writes
-// the lane's digits at hi[at] and lo[at], from lane 0 the unit and the sum, and the sums of each
-// 8 values to s8[0..4] unless s8 is null (only q6_k reads them). Not inlined: the callers' loops would otherwise carry one copy of the
-// divisions per block they unroll.
-__device__ __noinline__ void quantize_block(float v, int lane, signed char* hi, signed char* lo, int at, float* d,
-                                            int* s, int* s8) {
-    const float amax = __uint_as_float(__reduce_max_sync(0xffffffffu, __float_as_uint(v) & 0x7fffffffu));
-    const float u = __fdiv_rn(amax, 127.0f);
-    const bool negligible = amax < 0x1p-100f;
-    // 32512 / amax is exactly 256 (127 / amax): the scaling by 2^8 commutes with rounding.
-    const float ih = negligible ? 0.0f : __fdiv_rn(127.0f, amax);
-    const float il = __fmul_rn(ih, 256.0f);
-    const int h = __float2int_rn(fminf(fmaxf(__fmul_rn(v, ih), -127.0f), 127.0f));
-    const float r = __fmul_rn(__fsub_rn(v, __fmul_rn(u, (float)h)), il);
-    const int l = __float2int_rn(fminf(fmaxf(r, -127.0f), 127.0f));
-    hi[at] = (signed char)h;
-    lo[at] = (signed char)l;
-    if (s8) {  // the same for every lane of the warp
-        int v8 = 256 * h + l;
-        v8 += __shfl_xor_sync(0xffffffffu, v8, 1);
-        v8 += __shfl_xor_sync(0xffffffffu, v8, 2);
-        v8 += __shfl_xor_sync(0xffffffffu, v8, 4);
-        if ((lane & 7) == 0) s8[lane >> 3] = v8;
-    }
-    const int sum = __reduce_add_sync(0xffffffffu, 256 * h + l);
-    if (lane == 0) {
-        *d = negligible ? 0.0f : __fdiv_rn(u, 256.0f);
-        *s = sum;
-    }
-}
-
 // Quantizes columns k0 .. k0 + kt (a multiple of 32) of the launch's x rows into the integer tile
 // (zeros for tokens at or past p.tokens), a block of 32 per warp at a time (quantize_block), with
 // eight blocks' loads in flight per warp; with SUMS8 the sums of each 8 values too. Called by the
@@ -454,6 +424,48 @@ __device__ __forceinline__ void stage_xq(const MatvecParams& p, const float* __r
                            ss + t * Q::BLOCKS + b, SUMS8 ? s8 + t * (Q::KT / 8) + 4 * b : nullptr);
         }
     }
+    __syncthreads();
+}
+
+// Copies columns k0 .. k0 + kt (a multiple of 32) of the launch's quantized activations (xq:
+// actq.cuh's records, one per token) into the integer tile, zeros for tokens at or past
+// p.tokens; with SUMS8 the sums of each 8 values too. The digits go in 16-byte copies, the units
+// and sums in 4-byte ones. Called by the whole block after a barrier; ends with one. Waits for
+// every cp.async group of the thread, so the weight chunks in flight land too.
+template <int T, bool SUMS8>
+__device__ __forceinline__ void load_xq(const MatvecParams& p, const unsigned char* __restrict__ xq, unsigned int k0,
+                                        int kt, unsigned char* tile) {
+    using Q = QTile<T>;
+    signed char* hi = reinterpret_cast<signed char*>(tile);
+    float* dd = reinterpret_cast<float*>(hi + 2 * T * Q::STRIDE);
+    int* ss = reinterpret_cast<int*>(dd + T * Q::BLOCKS);
+    int* s8 = ss + T * Q::BLOCKS;
+    const int pieces = kt / 16, nb = kt / 32;
+#pragma unroll
+    for (int t = 0; t < T; ++t) {
+        if (t < (int)p.tokens) {
+            const ActqRecord r = actq_record(const_cast<unsigned char*>(xq), p.cols, t);
+            // Both digit arrays: pieces i < `pieces` of the high digits, then as many of the low.
+            for (int i = threadIdx.x; i < 2 * pieces; i += blockDim.x) {
+                const int low = i >= pieces, c = 16 * (i - low * pieces);
+                cp_async16(hi + (low * T + t) * Q::STRIDE + qpad(c), (low ? r.lo : r.hi) + k0 + c, true);
+            }
+            for (int b = threadIdx.x; b < nb; b += blockDim.x) {
+                cp_async4(dd + t * Q::BLOCKS + b, r.d + k0 / 32 + b);
+                cp_async4(ss + t * Q::BLOCKS + b, r.s + k0 / 32 + b);
+            }
+            if constexpr (SUMS8)
+                for (int g = threadIdx.x; g < kt / 8; g += blockDim.x) cp_async4(s8 + t * (Q::KT / 8) + g, r.s8 + k0 / 8 + g);
+        } else {
+            for (int c = threadIdx.x; c < kt; c += blockDim.x)
+                hi[t * Q::STRIDE + qpad(c)] = 0, hi[(T + t) * Q::STRIDE + qpad(c)] = 0;
+            for (int b = threadIdx.x; b < nb; b += blockDim.x) dd[t * Q::BLOCKS + b] = 0.0f, ss[t * Q::BLOCKS + b] = 0;
+            if constexpr (SUMS8)
+                for (int g = threadIdx.x; g < kt / 8; g += blockDim.x) s8[t * (Q::KT / 8) + g] = 0;
+        }
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
     __syncthreads();
 }
 
@@ -1271,7 +1283,11 @@ __device__ __forceinline__ void mv_quant(const MatvecParams& p, const unsigned c
     // Stages columns k0 .. k0 + kt of the activations.
     auto stage_acts = [&](unsigned int k0, int kt) {
         __syncthreads();
-        if constexpr (INT) stage_xq<T, F::template SUMS8<T>>(p, x, k0, kt, tile);
+        if constexpr (INT) {
+            if (p.acts == STRATA_MATVEC_ACTS_Q16)
+                load_xq<T, F::template SUMS8<T>>(p, reinterpret_cast<const unsigned char*>(x), k0, kt, tile);
+            else stage_xq<T, F::template SUMS8<T>>(p, x, k0, kt, tile);
+        }
         else stage_x<X, T, SUB, SUB>(p, x, k0, kt, xs, xsum);
     };
     if (one_tile && rounds > 0) stage_acts(0, (int)p.cols);
@@ -1346,3 +1362,20 @@ MV_QUANT(q4_0, Q4_0, Q4_0)
 MV_QUANT(q4_1, Q4_1, Q4_1)
 MV_QUANT(q4_k, Q4_K, Q4_K_I16)
 MV_QUANT(q6_k, Q6_K, Q6_K_I16)
+
+// x [tokens, cols] (cols a multiple of 32) quantized to two digits into xq, actq.cuh's record per
+// token, bit for bit as the integer kernels quantize it in the block: the matvec's activations
+// quantized once for all of its blocks (p.rows, p.row_bytes, p.total_bytes and p.store are not
+// read). Launch: blocks of any multiple of 32 threads, a warp per block of 32 columns at a time
+// (grid-stride).
+extern "C" __global__ void matvec_quantize_x(MatvecParams p, const float* __restrict__ x, unsigned char* xq) {
+    const unsigned int lane = threadIdx.x % 32, nb = p.cols / 32;
+    const unsigned long long total = (unsigned long long)p.tokens * nb;
+    const unsigned long long warps = (unsigned long long)gridDim.x * (blockDim.x / 32);
+    for (unsigned long long i = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; i < total; i += warps) {
+        const unsigned int t = (unsigned int)(i / nb), b = (unsigned int)(i % nb);
+        const ActqRecord r = actq_record(xq, p.cols, t);
+        quantize_block(__ldg(x + (size_t)t * p.cols + 32 * b + lane), (int)lane, r.hi, r.lo, (int)(32 * b + lane),
+                       r.d + b, r.s + b, r.s8 + 4 * b);
+    }
+}

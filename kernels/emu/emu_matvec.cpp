@@ -15,4 +15,4 @@
         EMU_KERNEL(matvec_##n##_scalar_t4), EMU_KERNEL(matvec_##n##_scalar_t8)
 
 EMU_KERNELS(EMU_MV_QUANT(q8_0), EMU_MV_QUANT(q4_0), EMU_MV_QUANT(q4_1), EMU_MV_QUANT(q4_k), EMU_MV_QUANT(q6_k),
-            EMU_MV_FLOAT(f32), EMU_MV_FLOAT(f16), EMU_MV_FLOAT(bf16))
+            EMU_MV_FLOAT(f32), EMU_MV_FLOAT(f16), EMU_MV_FLOAT(bf16), EMU_KERNEL(matvec_quantize_x))

@@ -48,6 +48,13 @@
 #define STRATA_MATVEC_STORE_ADD 1
 #define STRATA_MATVEC_STORE_SWIGLU 2
 
+/// Activations of MatvecParams::acts: f32 x (quantized in the block by the integer kernels), or,
+/// for the integer kernels only, x already quantized to two digits in global memory (actq.cuh's
+/// records, one per token: matvec_quantize_x or a fused producer wrote them), which the blocks
+/// copy rather than quantize.
+#define STRATA_MATVEC_ACTS_F32 0
+#define STRATA_MATVEC_ACTS_Q16 1
+
 /// `y[t, r] = sum_c W[r, c] * x[t, c]` for `r < rows`, `t < tokens`, stored as `store` says.
 typedef struct {
     /// Weight rows n (outputs per token).
@@ -62,4 +69,6 @@ typedef struct {
     unsigned int tokens;
     /// What becomes of the products (STRATA_MATVEC_STORE_*).
     unsigned int store;
+    /// What x points to (STRATA_MATVEC_ACTS_*).
+    unsigned int acts;
 } MatvecParams;

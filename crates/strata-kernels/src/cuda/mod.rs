@@ -67,6 +67,9 @@ pub struct Cuda {
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
     blas: OnceLock<std::result::Result<blas::Blas, Error>>,
+    /// The matvec's quantized activations (`ops::matvec`), kept between calls and grown on
+    /// demand; locked from the quantization through the launches that read it.
+    actq: Mutex<Option<CudaSlice<u8>>>,
 }
 
 impl std::fmt::Debug for Cuda {
@@ -109,6 +112,7 @@ impl Cuda {
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             blas: OnceLock::new(),
+            actq: Mutex::new(None),
         }))
     }
 

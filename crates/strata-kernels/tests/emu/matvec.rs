@@ -26,7 +26,27 @@ fn emulator() -> Option<std::path::PathBuf> {
 /// `tokens`) on `blocks` emulated blocks, as the launcher would; returns y for `tokens + 1`
 /// rows, the last of which the kernel must leave at its sentinel.
 fn run(kernel: &str, w: &Tensor, x: &[f32], tokens: usize, blocks: usize, threads: usize) -> Vec<f32> {
-    run_into(kernel, w, x, tokens, blocks, threads, Store::Write)
+    run_into(kernel, w, &f32_bytes(x), tokens, blocks, threads, Store::Write, ACTS_F32)
+}
+
+/// MatvecParams::acts: x as f32 values, or as two-digit records (`kernels/include/actq.cuh`).
+const ACTS_F32: u32 = 0;
+const ACTS_Q16: u32 = 1;
+
+/// MatvecParams as C lays it out: u32 rows, u32 cols, u64 row_bytes, u64 total_bytes, u32 tokens,
+/// u32 store, u32 acts, 4 bytes of padding.
+fn params(n: usize, k: usize, row_bytes: usize, total: usize, tokens: usize, store: u32, acts: u32) -> Vec<u8> {
+    [
+        &(n as u32).to_le_bytes()[..],
+        &(k as u32).to_le_bytes(),
+        &(row_bytes as u64).to_le_bytes(),
+        &(total as u64).to_le_bytes(),
+        &(tokens as u32).to_le_bytes(),
+        &store.to_le_bytes(),
+        &acts.to_le_bytes(),
+        &[0; 4],
+    ]
+    .concat()
 }
 
 /// What the kernel does with its products (the launch's `store`).
@@ -39,37 +59,31 @@ enum Store<'a> {
     Swiglu,
 }
 
-/// [`run`], the products stored as `store` says.
+/// [`run`] on activations `xb` (f32 values, or two-digit records with [`ACTS_Q16`]), the products
+/// stored as `store` says.
+#[allow(clippy::too_many_arguments)]
 fn run_into(
     kernel: &str,
     w: &Tensor,
-    x: &[f32],
+    xb: &[u8],
     tokens: usize,
     blocks: usize,
     threads: usize,
     store: Store,
+    acts: u32,
 ) -> Vec<f32> {
     let emu = emulator().expect("checked by the caller");
     let (n, k) = (w.shape().dims()[0], w.shape().dims()[1]);
-    assert_eq!(x.len(), tokens * k);
+    let want_x = if acts == ACTS_F32 { 4 * tokens * k } else { tokens * record_bytes(k) };
+    assert_eq!(xb.len(), want_x);
     let mut bytes = w.cpu_bytes().unwrap().to_vec();
     let (code, outputs) = match store {
         Store::Write => (0u32, n),
         Store::Add(_) => (1, n),
         Store::Swiglu => (2, n / 2),
     };
-    // MatvecParams as C lays it out: u32 rows, u32 cols, u64 row_bytes, u64 total_bytes, u32
-    // tokens, u32 store.
-    let p = [
-        &(n as u32).to_le_bytes()[..],
-        &(k as u32).to_le_bytes(),
-        &(w.row_bytes() as u64).to_le_bytes(),
-        &(bytes.len() as u64).to_le_bytes(),
-        &(tokens as u32).to_le_bytes(),
-        &code.to_le_bytes(),
-    ]
-    .concat();
-    let mut xb = f32_bytes(x);
+    let p = params(n, k, w.row_bytes(), bytes.len(), tokens, code, acts);
+    let mut xb = xb.to_vec();
     let start = match store {
         Store::Add(y0) => y0.to_vec(),
         _ => vec![f32::NAN; tokens * outputs],
@@ -79,6 +93,90 @@ fn run_into(
     let mut args = [Arg::Buf(&mut bytes, 0), Arg::Buf(&mut xb, 0), Arg::Buf(&mut y, 0)];
     launch(&emu, kernel, [blocks as u32, 1, 1], threads as u32, SMEM, &p, &mut args);
     f32s(&y)
+}
+
+/// Bytes of one token's two-digit record of `k` activations (`STRATA_ACTQ_RECORD`): both digit
+/// arrays, a unit and a sum per 32 columns, a sum per 8, padded to 16 bytes.
+fn record_bytes(k: usize) -> usize {
+    (k * 11 / 4).div_ceil(16) * 16
+}
+
+/// `matvec_quantize_x` on `tokens` rows of `x` (`blocks` blocks of 256 threads): the records.
+fn quantize_x(x: &[f32], tokens: usize, k: usize, blocks: u32) -> Vec<u8> {
+    let emu = emulator().expect("checked by the caller");
+    let p = params(0, k, 0, 0, tokens, 0, ACTS_F32);
+    let mut xb = f32_bytes(x);
+    let mut xq = vec![0xA5u8; tokens * record_bytes(k)];
+    let mut args = [Arg::Buf(&mut xb, 0), Arg::Buf(&mut xq, 0)];
+    launch(&emu, "matvec_quantize_x", [blocks, 1, 1], 256, 0, &p, &mut args);
+    xq
+}
+
+/// `matvec_quantize_x` writes each token's record as `actq.cuh` lays it out: digits within
+/// -127..127 whose values 256 h + l times the block's unit are x to within a unit, the block sums
+/// and the sums per 8 of those values; and every integer kernel reading the records
+/// (`acts` = Q16: the blocks copy them) computes bit for bit what it computes quantizing x in
+/// its blocks, at every token count, over one and several activation tiles and rounds of rows.
+#[test]
+fn emulated_integer_matvec_kernels_take_activations_quantized_once() {
+    if emulator().is_none() {
+        return;
+    }
+    let dtypes = [DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q4K, DType::Q6K];
+    for (i, dtype) in dtypes.into_iter().enumerate() {
+        let bl = dtype.block_len();
+        for (n, k) in [(70, bl * (2304 / bl) + bl), (9, 8448)] {
+            let seed = (i * 7919 + n * 31 + k) as u64 ^ 0xacc;
+            let w = Tensor::from_f32_as(&random_f32(n * k, seed, 1.0), [n, k], dtype).unwrap();
+            for tokens in [1usize, 2, 3, 8] {
+                let mut x = random_f32(tokens * k, seed ^ 0x5eed, 2.0);
+                for (b, xs) in x.chunks_mut(32).enumerate() {
+                    xs[(b * 7) % 32] *= 30.0;
+                }
+                // Two blocks: each warp quantizes several blocks of 32.
+                let xq = quantize_x(&x, tokens, k, 2);
+                for t in 0..tokens {
+                    let r = &xq[t * record_bytes(k)..(t + 1) * record_bytes(k)];
+                    let word = |at: usize| <[u8; 4]>::try_from(&r[at..at + 4]).unwrap();
+                    let value = |c: usize| 256 * i32::from(r[c] as i8) + i32::from(r[k + c] as i8);
+                    for b in 0..k / 32 {
+                        let d = f32::from_le_bytes(word(2 * k + 4 * b));
+                        let s = i32::from_le_bytes(word(2 * k + k / 8 + 4 * b));
+                        assert_eq!(
+                            s,
+                            (32 * b..32 * b + 32).map(value).sum::<i32>(),
+                            "{dtype} k={k} token {t} block {b}"
+                        );
+                        for g in 0..4 {
+                            let s8 = i32::from_le_bytes(word(2 * k + k / 4 + 4 * (4 * b + g)));
+                            let c0 = 32 * b + 8 * g;
+                            assert_eq!(s8, (c0..c0 + 8).map(value).sum::<i32>(), "{dtype} k={k} token {t} group {g}");
+                        }
+                        for c in 32 * b..32 * b + 32 {
+                            assert!((r[c] as i8) > -128 && (r[k + c] as i8) > -128, "{dtype}: digit -128 at {c}");
+                            let (v, want) = (d * value(c) as f32, x[t * k + c]);
+                            assert!((v - want).abs() <= d, "{dtype} k={k} token {t}: x[{c}] = {want} came back {v}");
+                        }
+                    }
+                }
+                let t = tokens.next_power_of_two();
+                let warps = match (t <= 2, dtype) {
+                    (true, DType::Q4K | DType::Q6K) => WARPS_DECODE_WIDE,
+                    (true, _) => WARPS_DECODE,
+                    (false, _) => WARPS,
+                };
+                let blocks = n.div_ceil(ROWS_PER_WARP).div_ceil(warps).min(2);
+                let kernel = format!("matvec_{}_i16_t{t}", dtype.name());
+                let threads = warps * 32;
+                let inblock = run(&kernel, &w, &x, tokens, blocks, threads);
+                let copied = run_into(&kernel, &w, &xq, tokens, blocks, threads, Store::Write, ACTS_Q16);
+                assert!(copied[tokens * n..].iter().all(|&v| v == -7.0), "{kernel}: wrote past token {tokens}");
+                for (j, (&g, &v)) in copied.iter().zip(&inblock).enumerate() {
+                    assert_eq!(g.to_bits(), v.to_bits(), "{kernel} {n}x{k} tokens={tokens}: y[{j}] = {g}, want {v}");
+                }
+            }
+        }
+    }
 }
 
 /// Every block-quantized kernel, both activation paths (the float one at 1 and 2 tokens), on shapes that end a pipeline chunk
@@ -217,7 +315,8 @@ fn emulated_matvec_kernels_add_to_y_and_swiglu() {
             let x = random_f32(tokens * k, 99 + i as u64, 2.0);
             let y0 = random_f32(tokens * n, 7 + i as u64, 50.0);
             let plain = run(&kernel, &w, &x, tokens, blocks, warps * 32);
-            let got = run_into(&kernel, &w, &x, tokens, blocks, warps * 32, Store::Add(&y0));
+            let xb = f32_bytes(&x);
+            let got = run_into(&kernel, &w, &xb, tokens, blocks, warps * 32, Store::Add(&y0), ACTS_F32);
             assert!(got[tokens * n..].iter().all(|&v| v == -7.0), "{kernel}: wrote past token {tokens}");
             for (j, (&g, (&a, &p))) in got.iter().zip(y0.iter().zip(&plain)).enumerate() {
                 assert_eq!(g.to_bits(), (a + p).to_bits(), "{kernel} tokens={tokens}: y[{j}] = {g}, want {a} + {p}");
@@ -233,7 +332,7 @@ fn emulated_matvec_kernels_add_to_y_and_swiglu() {
                 }
             }
             let want = emulated_swiglu(&gate, &up);
-            let got = run_into(&kernel, &w, &x, tokens, blocks, warps * 32, Store::Swiglu);
+            let got = run_into(&kernel, &w, &xb, tokens, blocks, warps * 32, Store::Swiglu, ACTS_F32);
             assert!(got[tokens * n / 2..].iter().all(|&v| v == -7.0), "{kernel} swiglu: wrote past token {tokens}");
             for (j, (&g, &v)) in got.iter().zip(&want).enumerate() {
                 assert_eq!(g.to_bits(), v.to_bits(), "{kernel} swiglu tokens={tokens}: out[{j}] = {g}, want {v}");

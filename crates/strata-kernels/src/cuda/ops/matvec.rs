@@ -4,7 +4,10 @@
 //!
 //! Block-quantized weights multiply, by default, activations quantized in the kernel to two 8-bit
 //! digits per value, exactly as the CPU's decode path quantizes them
-//! (`strata_tensor::cpu::reference::matvec`), with integer dot products ([`MatvecActs`]).
+//! (`strata_tensor::cpu::reference::matvec`), with integer dot products ([`MatvecActs`]). Above
+//! two tokens, or on rows longer than a block's activation tile, one launch quantizes them before
+//! the product ([`quantize_acts`]) and the blocks copy them; at one or two tokens on shorter rows
+//! each block quantizes them itself, which costs less than a launch.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
@@ -14,13 +17,13 @@ use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
 use strata_tensor::{DType, Tensor};
 
 use crate::cuda::params::{
-    MatvecParams, STRATA_MATVEC_CHUNK, STRATA_MATVEC_CHUNK_Q8_0, STRATA_MATVEC_CHUNK_WIDE, STRATA_MATVEC_MAX_TOKENS,
-    STRATA_MATVEC_ROWS_PER_WARP, STRATA_MATVEC_STAGES, STRATA_MATVEC_STAGES_DECODE, STRATA_MATVEC_STAGES_DECODE_Q6_K,
-    STRATA_MATVEC_STORE_ADD, STRATA_MATVEC_STORE_SWIGLU, STRATA_MATVEC_STORE_WRITE, STRATA_MATVEC_WARPS,
-    STRATA_MATVEC_WARPS_DECODE, STRATA_MATVEC_WARPS_DECODE_WIDE, STRATA_MATVEC_XTILE, STRATA_MATVEC_XTILE_FLOAT,
-    STRATA_MATVEC_XTILE_MIN,
+    MatvecParams, STRATA_MATVEC_ACTS_F32, STRATA_MATVEC_ACTS_Q16, STRATA_MATVEC_CHUNK, STRATA_MATVEC_CHUNK_Q8_0,
+    STRATA_MATVEC_CHUNK_WIDE, STRATA_MATVEC_MAX_TOKENS, STRATA_MATVEC_ROWS_PER_WARP, STRATA_MATVEC_STAGES,
+    STRATA_MATVEC_STAGES_DECODE, STRATA_MATVEC_STAGES_DECODE_Q6_K, STRATA_MATVEC_STORE_ADD, STRATA_MATVEC_STORE_SWIGLU,
+    STRATA_MATVEC_STORE_WRITE, STRATA_MATVEC_WARPS, STRATA_MATVEC_WARPS_DECODE, STRATA_MATVEC_WARPS_DECODE_WIDE,
+    STRATA_MATVEC_XTILE, STRATA_MATVEC_XTILE_FLOAT, STRATA_MATVEC_XTILE_MIN,
 };
-use crate::cuda::{Cuda, check_len, driver, ptr, ptr_mut};
+use crate::cuda::{Cuda, check_len, driver, grid_1d, ptr, ptr_mut};
 use crate::{Error, Result};
 
 use super::convert::device_matrix;
@@ -158,8 +161,11 @@ fn shared_bytes(dtype: DType, t: usize, acts: MatvecActs) -> usize {
 /// over each 8 columns); the integer tile (`QTile`) both digit arrays, padded by 16 bytes every
 /// 128 columns, a unit and a sum per block of 32 columns, and a sum per 8 columns.
 fn tile_bytes(dtype: DType, t: usize, acts: MatvecActs) -> usize {
-    let total = if dtype.is_quantized() { STRATA_MATVEC_XTILE } else { STRATA_MATVEC_XTILE_FLOAT };
-    let kt = (total as usize / t).max(STRATA_MATVEC_XTILE_MIN as usize);
+    let kt = if dtype.is_quantized() {
+        tile_columns(t)
+    } else {
+        (STRATA_MATVEC_XTILE_FLOAT as usize / t).max(STRATA_MATVEC_XTILE_MIN as usize)
+    };
     let tile = 4 * t * (kt + kt / 8 + kt / 64);
     if !dtype.is_quantized() {
         return tile;
@@ -169,6 +175,71 @@ fn tile_bytes(dtype: DType, t: usize, acts: MatvecActs) -> usize {
     } else {
         tile + 4 * t * (kt / 8)
     }
+}
+
+/// Columns per token of the activation tile of the `t`-token kernels for block-quantized weights
+/// (`XTile::KT`, `QTile::KT`): a row up to this long is staged once per block.
+fn tile_columns(t: usize) -> usize {
+    (STRATA_MATVEC_XTILE as usize / t).max(STRATA_MATVEC_XTILE_MIN as usize)
+}
+
+/// Bytes of `tokens` tokens of `k` activations quantized to two digits on the device
+/// (`kernels/include/actq.cuh`: a record per token of both digit arrays, a unit and a sum per
+/// block of 32 and a sum per 8 columns, padded to 16 bytes), as [`quantize_acts`] writes them.
+pub fn actq_bytes(tokens: usize, k: usize) -> usize {
+    tokens * (k * 11 / 4).div_ceil(16) * 16
+}
+
+/// Quantizes `x` (`[tokens, k]` f32, `k` a multiple of 32) to two digits per value into `xq`
+/// ([`actq_bytes`] long), bit for bit as the integer matvec kernels quantize it in their blocks:
+/// what the matvec launcher does before a product of more than two tokens.
+pub fn quantize_acts<X, Q>(cuda: &Cuda, x: &X, xq: &mut Q, tokens: usize, k: usize) -> Result<()>
+where
+    X: DevicePtr<f32>,
+    Q: DevicePtrMut<u8>,
+{
+    check_len("quantize_acts", "x", x.len(), tokens * k)?;
+    check_len("quantize_acts", "xq", xq.len(), actq_bytes(tokens, k))?;
+    let (xp, qp) = (ptr(cuda, x), ptr_mut(cuda, xq));
+    launch_quantize(cuda, xp, qp, tokens, k)
+}
+
+/// The launch of `matvec_quantize_x`: `tokens` rows of `k` floats at `x` into the records at `xq`
+/// (both checked by the caller).
+fn launch_quantize(cuda: &Cuda, x: u64, xq: u64, tokens: usize, k: usize) -> Result<()> {
+    const OP: &str = "quantize_acts";
+    if !k.is_multiple_of(32) {
+        return Err(Error::invalid(OP, format!("{k} columns are not whole blocks of 32")));
+    }
+    if tokens == 0 || k == 0 {
+        return Ok(());
+    }
+    let (Ok(tokens32), Ok(cols)) = (u32::try_from(tokens), u32::try_from(k)) else {
+        return Err(Error::invalid(OP, format!("{tokens} x {k} activations do not fit the kernel's 32-bit counts")));
+    };
+    let p = MatvecParams {
+        rows: 0,
+        cols,
+        row_bytes: 0,
+        total_bytes: 0,
+        tokens: tokens32,
+        store: STRATA_MATVEC_STORE_WRITE,
+        acts: STRATA_MATVEC_ACTS_F32,
+    };
+    // A warp per block of 32 values, 8 warps per block, grid-stride past 65536 blocks.
+    let cfg = grid_1d((tokens * k / 32).div_ceil(8).min(65_536) * 256, 256);
+    // SAFETY: the kernel reads tokens * k floats from x and writes actq_bytes(tokens, k) bytes
+    // to xq; the caller checked both buffers hold them.
+    unsafe { cuda.launch("matvec", "matvec_quantize_x", cfg, &p, &[x, xq]) }
+}
+
+/// Whether the launcher quantizes the activations of an integer-path product of `tokens` tokens
+/// and `k` columns once, before it, rather than in each block: above two tokens, or when a row is
+/// longer than the tile of `t`-token kernels (whose blocks would then quantize each tile again
+/// for every round of rows). At one or two tokens on shorter rows each block quantizes them once,
+/// which is cheaper than a launch.
+fn quantize_first(tokens: usize, k: usize, t: usize) -> bool {
+    tokens > 2 || k > tile_columns(t)
 }
 
 /// A per-device (ordinal) cache of facts asked of the driver.
@@ -307,38 +378,61 @@ where
         u32::try_from(v).map_err(|_| Error::invalid(op, format!("{what} = {v} does not fit the kernel's 32-bit index")))
     };
     let (rows, cols) = (to_u32(n, "n")?, to_u32(k, "k")?);
-    let names = kernel_names(w.dtype(), k, acts);
-    let (wp, xp, yp) = (ptr(cuda, bytes), ptr(cuda, x), ptr_mut(cuda, y));
+    let dtype = w.dtype();
+    let names = kernel_names(dtype, k, acts);
+    let (wp, yp) = (ptr(cuda, bytes), ptr_mut(cuda, y));
     let limit = shared_limit(cuda)?;
-    let per_launch = acts.max_tokens(w.dtype());
+    let per_launch = acts.max_tokens(dtype);
+    // The kernel for a group of `group` tokens: the next power of two, or 4 where the decode
+    // kernels' deep pipelines need more shared memory than the device has (Hopper's; the 4-token
+    // kernel takes any count up to 4).
+    let kernel_tokens = |group: usize| -> Result<usize> {
+        let t = group.next_power_of_two();
+        if shared_bytes(dtype, t, acts) <= limit {
+            return Ok(t);
+        }
+        if per_launch < 4 {
+            let need = shared_bytes(dtype, t, acts);
+            return Err(Error::invalid(
+                op,
+                format!(
+                    "the f32-activation kernels for {dtype} need {need} bytes of shared memory per block; this device \
+                     allows {limit} (the default two-digit activations run here)"
+                ),
+            ));
+        }
+        Ok(4)
+    };
+    // The integer path's activations, quantized once here when that saves the blocks more than
+    // the launch costs; the scratch stays locked until the products that read it are queued.
+    let mut scratch = None;
+    let (xp, record, acts_code) =
+        if acts.integer(dtype) && quantize_first(tokens, k, kernel_tokens(tokens.min(per_launch))?) {
+            let mut guard = cuda.actq.lock().unwrap();
+            let need = actq_bytes(tokens, k);
+            if guard.as_ref().is_none_or(|b| b.len() < need) {
+                *guard = None;
+                *guard = Some(cuda.zeros::<u8>(need)?);
+            }
+            let xq = ptr_mut(cuda, guard.as_mut().expect("allocated above"));
+            launch_quantize(cuda, ptr(cuda, x), xq, tokens, k)?;
+            scratch = Some(guard);
+            (xq, actq_bytes(1, k), STRATA_MATVEC_ACTS_Q16)
+        } else {
+            (ptr(cuda, x), 4 * k, STRATA_MATVEC_ACTS_F32)
+        };
     for t0 in (0..tokens).step_by(per_launch) {
         let group = (tokens - t0).min(per_launch);
-        let mut t = group.next_power_of_two();
-        if shared_bytes(w.dtype(), t, acts) > limit {
-            if per_launch < 4 {
-                let need = shared_bytes(w.dtype(), t, acts);
-                return Err(Error::invalid(
-                    op,
-                    format!(
-                        "the f32-activation kernels for {} need {need} bytes of shared memory per block; this device \
-                         allows {limit} (the default two-digit activations run here)",
-                        w.dtype()
-                    ),
-                ));
-            }
-            // The decode kernels' deep pipelines need Hopper's shared memory; elsewhere the
-            // 4-token kernel does (it takes any count of tokens up to 4).
-            t = 4;
-        }
+        let t = kernel_tokens(group)?;
         let kernel = names[t.trailing_zeros() as usize];
-        let smem = shared_bytes(w.dtype(), t, acts);
-        let threads = (warps(w.dtype(), t, acts) * 32) as u32;
+        let smem = shared_bytes(dtype, t, acts);
+        let threads = (warps(dtype, t, acts) * 32) as u32;
         let resident = prepare(cuda, kernel, threads, smem)?;
         // Float kernels take one block per group of rows; block-quantized ones are persistent,
         // with a warp per group of rows at a time.
-        let per_block = warps(w.dtype(), t, acts) * ROWS_PER_WARP;
+        let per_block = warps(dtype, t, acts) * ROWS_PER_WARP;
         let mut blocks = n.div_ceil(per_block);
-        if w.dtype().is_quantized() {
+        if dtype.is_quantized() {
             blocks = blocks.min(resident);
         }
         let blocks = to_u32(blocks, "the grid")?;
@@ -353,15 +447,18 @@ where
                 Store::Add => STRATA_MATVEC_STORE_ADD,
                 Store::Swiglu => STRATA_MATVEC_STORE_SWIGLU,
             },
+            acts: acts_code,
         };
         let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 };
-        let ptrs = [wp, xp + (t0 * k * 4) as u64, yp + (t0 * outputs * 4) as u64];
-        // SAFETY: x holds tokens * k floats and y tokens * outputs (checked above), so tokens t0
-        // .. t0 + group of each are in bounds; the kernel reads the weight only below total_bytes
+        let ptrs = [wp, xp + (t0 * record) as u64, yp + (t0 * outputs * 4) as u64];
+        // SAFETY: x holds tokens * k floats (or the scratch tokens records of k quantized
+        // activations) and y tokens * outputs floats (checked above), so tokens t0 .. t0 + group
+        // of each are in bounds; the kernel reads the weight only below total_bytes
         // (device_matrix checked the buffer holds them), reads x rows only below p.tokens, and
         // writes y rows only below p.tokens and columns below outputs (n, or n / 2 for SwiGLU).
         unsafe { cuda.launch("matvec", kernel, cfg, &p, &ptrs)? };
     }
+    drop(scratch);
     Ok(())
 }
 
