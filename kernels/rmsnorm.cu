@@ -7,16 +7,23 @@
 // the row one float at a time and reads it twice. The sum of squares is a block reduction either
 // way. x and out may alias (in-place): every element is read and written by the same thread. CPU
 // reference: strata_tensor::cpu::reference::rms_norm. Launcher: strata_kernels::cuda::ops::rms_norm.
+//
+// rmsnorm_f32_actq also quantizes each output row to two digits for the integer matvec kernels
+// (actq.cuh's record per row; cols a multiple of 32): after a barrier, each warp re-reads blocks
+// of 32 outputs the block wrote and quantizes them with the matvec's own quantize_block, so the
+// records are bit for bit what matvec_quantize_x makes of the outputs. Launcher:
+// strata_kernels::cuda::ops::rms_norm_actq.
 #include "strata_common.cuh"
+#include "actq.cuh"
 #include "rmsnorm.h"
 
 // float4 per thread the register path holds: 8 x 4 x 256 threads covers rows of 8192 floats.
 #define RMSNORM_VECS 8
 
-extern "C" __global__ void rmsnorm_f32(RmsNormParams p, const float* x, const float* w, float* out) {
+// Row blockIdx.x (< p.rows) of out.
+__device__ __forceinline__ void rmsnorm_row(const RmsNormParams& p, const float* x, const float* w, float* out) {
     STRATA_SHARED float scratch[32];
     const long long row = blockIdx.x;
-    if (row >= p.rows) return;
     const float* xr = x + row * p.cols;
     float* orow = out + row * p.cols;
     const unsigned long long addresses =
@@ -54,4 +61,21 @@ extern "C" __global__ void rmsnorm_f32(RmsNormParams p, const float* x, const fl
     ss = block_sum(ss, scratch);
     const float inv = rsqrtf(ss / (float)p.cols + p.eps);
     for (unsigned int c = threadIdx.x; c < p.cols; c += blockDim.x) orow[c] = xr[c] * inv * w[c];
+}
+
+extern "C" __global__ void rmsnorm_f32(RmsNormParams p, const float* x, const float* w, float* out) {
+    if (blockIdx.x >= p.rows) return;
+    rmsnorm_row(p, x, w, out);
+}
+
+extern "C" __global__ void rmsnorm_f32_actq(RmsNormParams p, const float* x, const float* w, float* out,
+                                            unsigned char* xq) {
+    if (blockIdx.x >= p.rows) return;
+    rmsnorm_row(p, x, w, out);
+    __syncthreads();  // every thread's outputs of the row, visible to the whole block
+    const float* orow = out + (size_t)blockIdx.x * p.cols;
+    const ActqRecord r = actq_record(xq, p.cols, blockIdx.x);
+    const int lane = threadIdx.x % 32;
+    for (unsigned int b = threadIdx.x / 32; b < p.cols / 32; b += blockDim.x / 32)
+        quantize_block(orow[32 * b + lane], lane, r.hi, r.lo, (int)(32 * b + lane), r.d + b, r.s + b, r.s8 + 4 * b);
 }

@@ -3,4 +3,4 @@
 
 #include "rmsnorm.cu"
 
-EMU_KERNELS(EMU_KERNEL(rmsnorm_f32))
+EMU_KERNELS(EMU_KERNEL(rmsnorm_f32), EMU_KERNEL(rmsnorm_f32_actq))

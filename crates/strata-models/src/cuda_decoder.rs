@@ -30,9 +30,9 @@ use std::sync::{Arc, Mutex};
 use strata_kernels::cuda::cudarc::driver::sys::CUevent_flags;
 use strata_kernels::cuda::cudarc::driver::{DevicePtr, DevicePtrMut, DriverError};
 use strata_kernels::cuda::kv::DeviceKvCache;
-use strata_kernels::cuda::ops::{self, LinearScratch, RopeArgs};
+use strata_kernels::cuda::ops::{self, LINEAR_MATVEC_TOKENS, LinearScratch, MatvecStore, RopeArgs};
 use strata_kernels::cuda::tensor::{upload_paired, upload_stacked, upload_tensor};
-use strata_kernels::cuda::{CudaSlice, CudaViewMut};
+use strata_kernels::cuda::{CudaSlice, CudaView, CudaViewMut};
 use strata_kernels::{Cuda, Error as KernelError};
 use strata_tensor::Tensor;
 use strata_tensor::cpu::AttentionParams;
@@ -83,6 +83,43 @@ impl CudaLinear {
         }
         Ok(())
     }
+
+    /// Whether a product of `tokens` rows takes activations quantized by the norm before it
+    /// ([`CudaLinear::forward_q`]).
+    fn takes_actq(&self, tokens: usize) -> bool {
+        takes_actq(&self.weight, tokens)
+    }
+
+    /// [`CudaLinear::forward`], given `x` also quantized to two digits (`xq`, from
+    /// `ops::rms_norm_actq`), which the matvec of a block-quantized weight takes rather than
+    /// quantizing `x` in each of its blocks: the same result, bit for bit.
+    fn forward_q(
+        &self,
+        cuda: &Cuda,
+        x: &impl DevicePtr<f32>,
+        xq: Option<&CudaView<'_, u8>>,
+        y: &mut impl DevicePtrMut<f32>,
+        tokens: usize,
+        scratch: &mut LinearScratch,
+    ) -> Result<()> {
+        match xq {
+            Some(xq) if self.takes_actq(tokens) => {
+                ops::matvec_actq(cuda, &self.weight, xq, y, tokens, MatvecStore::Write)?;
+                if let Some(b) = &self.bias {
+                    ops::add_bias(cuda, y, b, tokens)?;
+                }
+                Ok(())
+            }
+            _ => self.forward(cuda, x, y, tokens, scratch),
+        }
+    }
+}
+
+/// Whether a product of `tokens` rows by `w` runs the integer matvec, which can take activations
+/// the norm before it quantized (`ops::rms_norm_actq`, then `ops::matvec_actq`): a block-quantized
+/// weight, at most [`LINEAR_MATVEC_TOKENS`] tokens, fusions on ([`fused`]).
+fn takes_actq(w: &Tensor, tokens: usize) -> bool {
+    fused() && tokens <= LINEAR_MATVEC_TOKENS && w.dtype().is_quantized()
 }
 
 /// A SwiGLU MLP on the device (the dense feed-forward block, a Mixture-of-Experts expert or
@@ -105,10 +142,12 @@ impl CudaMlp {
 
     /// `silu(x G^T) * (x U^T)` into `act` (`tokens` rows of `inter`), the products in
     /// `products` (`2 tokens inter` floats at least).
+    #[allow(clippy::too_many_arguments)]
     fn activate(
         &self,
         cuda: &Cuda,
         x: &impl DevicePtr<f32>,
+        xq: Option<&CudaView<'_, u8>>,
         tokens: usize,
         products: &mut CudaSlice<f32>,
         act: &mut CudaViewMut<'_, f32>,
@@ -117,11 +156,14 @@ impl CudaMlp {
         let n = tokens * self.inter;
         let mut products = products.slice_mut(..2 * n);
         match &self.gate_up {
-            GateUp::Paired(w) => ops::linear_swiglu(cuda, w, x, &mut products, act, tokens, work)?,
+            GateUp::Paired(w) => match xq {
+                Some(xq) if takes_actq(w, tokens) => ops::matvec_actq(cuda, w, xq, act, tokens, MatvecStore::Swiglu)?,
+                _ => ops::linear_swiglu(cuda, w, x, &mut products, act, tokens, work)?,
+            },
             GateUp::Split { gate, up } => {
                 let (mut g, mut u) = products.split_at_mut(n);
-                gate.forward(cuda, x, &mut g, tokens, work)?;
-                up.forward(cuda, x, &mut u, tokens, work)?;
+                gate.forward_q(cuda, x, xq, &mut g, tokens, work)?;
+                up.forward_q(cuda, x, xq, &mut u, tokens, work)?;
                 ops::swiglu(cuda, &g, &u, act)?;
             }
         }
@@ -142,17 +184,19 @@ impl CudaMlp {
         work: &mut LinearScratch,
     ) -> Result<()> {
         let mut act = act.slice_mut(..tokens * self.inter);
-        self.activate(cuda, x, tokens, products, &mut act, work)?;
+        self.activate(cuda, x, None, tokens, products, &mut act, work)?;
         self.down.forward(cuda, &act, y, tokens, work)
     }
 
     /// `resid += down(silu(gate(x)) * up(x))`, the down projection fused with the residual add
-    /// ([`residual`]; `proj` is its scratch when down has a bias).
+    /// ([`residual`]; `proj` is its scratch when down has a bias); gate and up take `x` as the
+    /// two-digit records `xq` where they can ([`CudaLinear::forward_q`]).
     #[allow(clippy::too_many_arguments)]
     fn forward_residual(
         &self,
         cuda: &Cuda,
         x: &impl DevicePtr<f32>,
+        xq: Option<&CudaView<'_, u8>>,
         resid: &mut impl DevicePtrMut<f32>,
         proj: &mut (impl DevicePtrMut<f32> + DevicePtr<f32>),
         tokens: usize,
@@ -161,7 +205,7 @@ impl CudaMlp {
         work: &mut LinearScratch,
     ) -> Result<()> {
         let mut act = act.slice_mut(..tokens * self.inter);
-        self.activate(cuda, x, tokens, products, &mut act, work)?;
+        self.activate(cuda, x, xq, tokens, products, &mut act, work)?;
         residual(cuda, &self.down, &act, resid, proj, tokens, work)
     }
 }
@@ -207,6 +251,14 @@ impl Qkv {
         let bias = biases.map(|b| cuda.upload(&b.concat())).transpose()?;
         Ok(Qkv::Stacked(CudaLinear { weight, bias }))
     }
+
+    /// Whether any of the products takes quantized activations ([`CudaLinear::forward_q`]).
+    fn takes_actq(&self, tokens: usize) -> bool {
+        match self {
+            Qkv::Stacked(l) => l.takes_actq(tokens),
+            Qkv::Split(parts) => parts.iter().any(|l| l.takes_actq(tokens)),
+        }
+    }
 }
 
 /// The MLP's gate and up projections on the device.
@@ -230,6 +282,14 @@ impl GateUp {
             return Ok(GateUp::Paired(upload_paired(cuda, g, u)?));
         }
         Ok(GateUp::Split { gate: CudaLinear::upload(cuda, gate)?, up: CudaLinear::upload(cuda, up)? })
+    }
+
+    /// Whether either product takes quantized activations ([`CudaLinear::forward_q`]).
+    fn takes_actq(&self, tokens: usize) -> bool {
+        match self {
+            GateUp::Paired(w) => takes_actq(w, tokens),
+            GateUp::Split { gate, up } => gate.takes_actq(tokens) || up.takes_actq(tokens),
+        }
     }
 }
 
@@ -468,22 +528,35 @@ impl CudaDecoder {
         let kv = &mut cache.kv;
 
         ops::embedding(cuda, &self.embed, &ids_d, t, &mut s.x.slice_mut(..t * h))?;
+        // Where the products after a norm take two-digit activations, the norm writes them too
+        // (`rms_norm_actq`), once for all the products and their blocks.
+        let actq_ok = h.is_multiple_of(32) && t <= LINEAR_MATVEC_TOKENS;
+        let actq_len = if actq_ok { ops::actq_bytes(t, h) } else { 0 };
         for (li, layer) in self.layers.iter().enumerate() {
             let mut normed = s.normed.slice_mut(..t * h);
-            ops::rms_norm(cuda, &s.x.slice(..t * h), &layer.attn_norm, hp.rms_norm_eps, t, &mut normed)?;
+            let x = s.x.slice(..t * h);
+            let qkv_q = actq_ok && layer.qkv.takes_actq(t);
+            if qkv_q {
+                let mut xq = s.xq.slice_mut(..actq_len);
+                ops::rms_norm_actq(cuda, &x, &layer.attn_norm, hp.rms_norm_eps, t, &mut normed, &mut xq)?;
+            } else {
+                ops::rms_norm(cuda, &x, &layer.attn_norm, hp.rms_norm_eps, t, &mut normed)?;
+            }
+            let xq = s.xq.slice(..actq_len);
+            let xq = qkv_q.then_some(&xq);
             let width = qd + 2 * kvd;
             let mut qkv = s.qkv.slice_mut(..t * width);
             let (mut q, mut k, mut v) = (s.q.slice_mut(..t * qd), s.k.slice_mut(..t * kvd), s.v.slice_mut(..t * kvd));
             let one_stacked = match &layer.qkv {
                 Qkv::Split(parts) => {
                     let [lq, lk, lv] = &**parts;
-                    lq.forward(cuda, &normed, &mut q, t, work)?;
-                    lk.forward(cuda, &normed, &mut k, t, work)?;
-                    lv.forward(cuda, &normed, &mut v, t, work)?;
+                    lq.forward_q(cuda, &normed, xq, &mut q, t, work)?;
+                    lk.forward_q(cuda, &normed, xq, &mut k, t, work)?;
+                    lv.forward_q(cuda, &normed, xq, &mut v, t, work)?;
                     false
                 }
                 Qkv::Stacked(l) => {
-                    l.forward(cuda, &normed, &mut qkv, t, work)?;
+                    l.forward_q(cuda, &normed, xq, &mut qkv, t, work)?;
                     if t > 1 {
                         ops::copy_cols(cuda, &qkv, &mut q, t, width, 0, qd)?;
                         ops::copy_cols(cuda, &qkv, &mut k, t, width, qd, kvd)?;
@@ -531,12 +604,29 @@ impl CudaDecoder {
             ops::attention(cuda, kv, li, &q, t, &params, &mut attn)?;
             residual(cuda, &layer.o, &attn, &mut s.x.slice_mut(..t * h), &mut s.proj.slice_mut(..t * h), t, work)?;
 
-            ops::rms_norm(cuda, &s.x.slice(..t * h), &layer.ffn_norm, hp.rms_norm_eps, t, &mut normed)?;
+            let ffn_q = actq_ok && matches!(&layer.ffn, CudaFfn::Dense(mlp) if mlp.gate_up.takes_actq(t));
+            if ffn_q {
+                let mut xq = s.xq.slice_mut(..actq_len);
+                ops::rms_norm_actq(
+                    cuda,
+                    &s.x.slice(..t * h),
+                    &layer.ffn_norm,
+                    hp.rms_norm_eps,
+                    t,
+                    &mut normed,
+                    &mut xq,
+                )?;
+            } else {
+                ops::rms_norm(cuda, &s.x.slice(..t * h), &layer.ffn_norm, hp.rms_norm_eps, t, &mut normed)?;
+            }
+            let xq = s.xq.slice(..actq_len);
+            let xq = ffn_q.then_some(&xq);
             let mut x = s.x.slice_mut(..t * h);
             match &layer.ffn {
                 CudaFfn::Dense(mlp) => {
                     let mut proj = s.proj.slice_mut(..t * h);
-                    mlp.forward_residual(cuda, &normed, &mut x, &mut proj, t, &mut s.gate_up, &mut s.act, work)?;
+                    let (products, act) = (&mut s.gate_up, &mut s.act);
+                    mlp.forward_residual(cuda, &normed, xq, &mut x, &mut proj, t, products, act, work)?;
                 }
                 CudaFfn::Moe(moe) => {
                     let record = trace.as_deref_mut().map(|tr| tr.layer_mut(li));
@@ -548,9 +638,15 @@ impl CudaDecoder {
         cache.ids.extend_from_slice(ids);
         let rows = s.x.slice((t - out_rows) * h..t * h);
         let mut final_normed = s.normed.slice_mut(..out_rows * h);
-        ops::rms_norm(cuda, &rows, &self.norm, hp.rms_norm_eps, out_rows, &mut final_normed)?;
         let mut logits = logits.slice_mut(..out_rows * vocab);
-        ops::linear(cuda, &self.lm_head, &final_normed, &mut logits, out_rows, work)?;
+        if h.is_multiple_of(32) && takes_actq(&self.lm_head, out_rows) {
+            let mut xq = s.xq.slice_mut(..ops::actq_bytes(out_rows, h));
+            ops::rms_norm_actq(cuda, &rows, &self.norm, hp.rms_norm_eps, out_rows, &mut final_normed, &mut xq)?;
+            ops::matvec_actq(cuda, &self.lm_head, &xq, &mut logits, out_rows, MatvecStore::Write)?;
+        } else {
+            ops::rms_norm(cuda, &rows, &self.norm, hp.rms_norm_eps, out_rows, &mut final_normed)?;
+            ops::linear(cuda, &self.lm_head, &final_normed, &mut logits, out_rows, work)?;
+        }
         Ok(cuda.download(&logits)?)
     }
 }
@@ -686,6 +782,9 @@ struct Buffers {
     /// The gate and up products, one after the other (or paired, [`GateUp::Paired`]).
     gate_up: CudaSlice<f32>,
     act: CudaSlice<f32>,
+    /// The normed activations quantized to two digits for the products after a norm, up to
+    /// [`LINEAR_MATVEC_TOKENS`] rows (`ops::rms_norm_actq`).
+    xq: CudaSlice<u8>,
 }
 
 impl Scratch {
@@ -733,6 +832,7 @@ impl Scratch {
                 qkv: f(qd + 2 * kvd)?,
                 gate_up: f(2 * inter)?,
                 act: f(inter)?,
+                xq: cuda.zeros::<u8>(ops::actq_bytes(t.min(LINEAR_MATVEC_TOKENS), h).max(16))?,
             });
             self.tokens = t;
         }

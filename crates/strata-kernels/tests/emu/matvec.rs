@@ -97,12 +97,12 @@ fn run_into(
 
 /// Bytes of one token's two-digit record of `k` activations (`STRATA_ACTQ_RECORD`): both digit
 /// arrays, a unit and a sum per 32 columns, a sum per 8, padded to 16 bytes.
-fn record_bytes(k: usize) -> usize {
+pub fn record_bytes(k: usize) -> usize {
     (k * 11 / 4).div_ceil(16) * 16
 }
 
 /// `matvec_quantize_x` on `tokens` rows of `x` (`blocks` blocks of 256 threads): the records.
-fn quantize_x(x: &[f32], tokens: usize, k: usize, blocks: u32) -> Vec<u8> {
+pub fn quantize_x(x: &[f32], tokens: usize, k: usize, blocks: u32) -> Vec<u8> {
     let emu = emulator().expect("checked by the caller");
     let p = params(0, k, 0, 0, tokens, 0, ACTS_F32);
     let mut xb = f32_bytes(x);

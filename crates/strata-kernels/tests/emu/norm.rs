@@ -4,6 +4,7 @@
 use strata_tensor::cpu::reference;
 
 use crate::driver::{Arg, assert_close, build, f32_bytes, f32s, launch, params32, random_f32};
+use crate::matvec::{quantize_x, record_bytes};
 
 /// Runs `rmsnorm_f32` as `ops::rms_norm` launches it: a 256-thread block per row. `offset`
 /// floats into the buffers (a view that is not 16-byte aligned when odd); in place when `inplace`.
@@ -42,5 +43,36 @@ fn emulated_rms_norm_matches_the_reference_on_both_paths() {
             let what = format!("rms_norm {rows} x {cols} at offset {offset}, in place: {inplace}");
             assert_close(&what, &run(&x, &w, rows, offset, inplace), &want, 1e-5, 1e-5);
         }
+    }
+}
+
+/// `rmsnorm_f32_actq`: the same outputs as `rmsnorm_f32`, bit for bit, and each row quantized to
+/// two digits exactly as `matvec_quantize_x` quantizes those outputs (the record the integer
+/// matvec kernels copy), on the register path, the striding path and a row of one block.
+#[test]
+fn emulated_rms_norm_quantizes_its_rows_as_the_matvec_does() {
+    if build("emu_rmsnorm.cpp").is_none() || build("emu_matvec.cpp").is_none() {
+        return;
+    }
+    let emu = build("emu_rmsnorm.cpp").unwrap();
+    for (rows, cols) in [(3usize, 2048usize), (2, 8224), (1, 32)] {
+        let mut x = random_f32(rows * cols, cols as u64 ^ 0xac, 2.0);
+        for (b, xs) in x.chunks_mut(32).enumerate() {
+            xs[(b * 5) % 32] *= 40.0;
+        }
+        let w = random_f32(cols, 11, 1.5);
+        let plain = run(&x, &w, rows, 0, false);
+        let p = params32(&[(rows as u32).to_le_bytes(), (cols as u32).to_le_bytes(), 1e-5f32.to_le_bytes()]);
+        let (mut xb, mut wb) = (f32_bytes(&x), f32_bytes(&w));
+        let mut out = f32_bytes(&vec![f32::NAN; x.len()]);
+        let mut xq = vec![0xA5u8; rows * record_bytes(cols)];
+        let mut args = [Arg::Buf(&mut xb, 0), Arg::Buf(&mut wb, 0), Arg::Buf(&mut out, 0), Arg::Buf(&mut xq, 0)];
+        launch(&emu, "rmsnorm_f32_actq", [rows as u32, 1, 1], 256, 0, &p, &mut args);
+        let out = f32s(&out);
+        for (i, (&g, &v)) in out.iter().zip(&plain).enumerate() {
+            assert_eq!(g.to_bits(), v.to_bits(), "{rows} x {cols}: out[{i}] = {g}, want {v}");
+        }
+        let want = quantize_x(&out, rows, cols, 3);
+        assert!(xq == want, "{rows} x {cols}: the records differ from matvec_quantize_x's");
     }
 }

@@ -243,3 +243,57 @@ fn matvec_rejects_bad_arguments() {
     // No tokens: nothing to do, not an error.
     ops::matvec(&cuda, &dw, &x, &mut y, 0).unwrap();
 }
+
+/// Activations quantized once (`quantize_acts`, or the launcher before a product of more than two
+/// tokens) give every store of every block-quantized dtype bit for bit what the blocks'
+/// own quantization gives: `matvec_actq` against `matvec`, `matvec_add` and `matvec_swiglu`, one
+/// and several activation tiles.
+#[test]
+fn matvec_on_quantized_activations_is_bit_for_bit_the_same() {
+    let Some(cuda) = device_or_skip("matvec_on_quantized_activations_is_bit_for_bit_the_same") else { return };
+    let n = 44;
+    for dtype in [DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q4K, DType::Q6K] {
+        for k in [dtype.block_len() * 9, 8448] {
+            let dw = upload_tensor(&cuda, &weight(dtype, n, k, 31)).unwrap();
+            for tokens in [1, 2, 3, 8] {
+                let dx = cuda.upload(&random_f32(tokens * k, 32 + tokens as u64, 3.0)).unwrap();
+                let mut xq = cuda.zeros::<u8>(ops::actq_bytes(tokens, k)).unwrap();
+                ops::quantize_acts(&cuda, &dx, &mut xq, tokens, k).unwrap();
+                let y0 = random_f32(tokens * n, 33, 10.0);
+                for store in [ops::MatvecStore::Write, ops::MatvecStore::Add, ops::MatvecStore::Swiglu] {
+                    let outputs = if store == ops::MatvecStore::Swiglu { n / 2 } else { n };
+                    let start = if store == ops::MatvecStore::Add { y0.clone() } else { vec![f32::NAN; tokens * n] };
+                    let (mut want, mut got) = (
+                        cuda.upload(&start[..tokens * outputs]).unwrap(),
+                        cuda.upload(&start[..tokens * outputs]).unwrap(),
+                    );
+                    match store {
+                        ops::MatvecStore::Write => ops::matvec(&cuda, &dw, &dx, &mut want, tokens),
+                        ops::MatvecStore::Add => ops::matvec_add(&cuda, &dw, &dx, &mut want, tokens),
+                        ops::MatvecStore::Swiglu => ops::matvec_swiglu(&cuda, &dw, &dx, &mut want, tokens),
+                    }
+                    .unwrap();
+                    ops::matvec_actq(&cuda, &dw, &xq, &mut got, tokens, store).unwrap();
+                    let (want, got) = (cuda.download(&want).unwrap(), cuda.download(&got).unwrap());
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert_eq!(
+                            g.to_bits(),
+                            w.to_bits(),
+                            "{dtype} k={k} tokens={tokens} {store:?}: y[{i}] = {g}, want {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    // Float weights take no quantized activations; short records are refused.
+    let xq = cuda.zeros::<u8>(ops::actq_bytes(1, 64)).unwrap();
+    let mut y = cuda.zeros::<f32>(4).unwrap();
+    let f16 = upload_tensor(&cuda, &weight(DType::F16, 4, 64, 1)).unwrap();
+    let err = ops::matvec_actq(&cuda, &f16, &xq, &mut y, 1, ops::MatvecStore::Write).unwrap_err();
+    assert!(err.to_string().contains("block-quantized"), "{err}");
+    let q8 = upload_tensor(&cuda, &weight(DType::Q8_0, 4, 64, 1)).unwrap();
+    let err =
+        ops::matvec_actq(&cuda, &q8, &xq, &mut cuda.zeros::<f32>(8).unwrap(), 2, ops::MatvecStore::Write).unwrap_err();
+    assert!(err.to_string().contains("xq"), "{err}");
+}

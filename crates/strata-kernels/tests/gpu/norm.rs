@@ -55,3 +55,29 @@ fn rms_norm_register_and_striding_paths() {
         assert_close(&format!("{what}, in place"), &cuda.download(&dinplace).unwrap()[offset..], &want, 1e-5, 1e-5);
     }
 }
+
+/// `rms_norm_actq` writes what `rms_norm` writes, bit for bit, and records that are bit for bit
+/// `quantize_acts` of those outputs; rows that are not whole blocks of 32 are refused.
+#[test]
+fn rms_norm_actq_quantizes_its_outputs_as_the_matvec_does() {
+    let Some(cuda) = device_or_skip("rms_norm_actq_quantizes_its_outputs_as_the_matvec_does") else { return };
+    for (rows, cols) in [(1usize, 2048usize), (5, 8224), (8, 64)] {
+        let dx = cuda.upload(&random_f32(rows * cols, cols as u64, 4.0)).unwrap();
+        let dw = cuda.upload(&random_f32(cols, 3, 1.5)).unwrap();
+        let mut want = cuda.zeros::<f32>(rows * cols).unwrap();
+        ops::rms_norm(&cuda, &dx, &dw, 1e-5, rows, &mut want).unwrap();
+        let mut got = cuda.zeros::<f32>(rows * cols).unwrap();
+        let mut xq = cuda.zeros::<u8>(ops::actq_bytes(rows, cols)).unwrap();
+        ops::rms_norm_actq(&cuda, &dx, &dw, 1e-5, rows, &mut got, &mut xq).unwrap();
+        let mut want_q = cuda.zeros::<u8>(ops::actq_bytes(rows, cols)).unwrap();
+        ops::quantize_acts(&cuda, &want, &mut want_q, rows, cols).unwrap();
+        let (want, got) = (cuda.download(&want).unwrap(), cuda.download(&got).unwrap());
+        assert!(want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()), "{rows} x {cols}: outputs differ");
+        assert!(cuda.download(&xq).unwrap() == cuda.download(&want_q).unwrap(), "{rows} x {cols}: records differ");
+    }
+    let x = cuda.zeros::<f32>(48).unwrap();
+    let w = cuda.zeros::<f32>(48).unwrap();
+    let (mut out, mut xq) = (cuda.zeros::<f32>(48).unwrap(), cuda.zeros::<u8>(256).unwrap());
+    let err = ops::rms_norm_actq(&cuda, &x, &w, 1e-5, 1, &mut out, &mut xq).unwrap_err();
+    assert!(err.to_string().contains("blocks of 32"), "{err}");
+}

@@ -310,7 +310,7 @@ where
     X: DevicePtr<f32>,
     Y: DevicePtrMut<f32>,
 {
-    run(cuda, w, x, y, tokens, acts, Store::Write)
+    run(cuda, w, Input::f32(cuda, x), y, tokens, acts, MatvecStore::Write)
 }
 
 /// `y[t, :] += W x[t, :]` for `t < tokens`: [`matvec`] with its outputs added to `y`'s values
@@ -321,7 +321,7 @@ where
     X: DevicePtr<f32>,
     Y: DevicePtrMut<f32>,
 {
-    run(cuda, w, x, y, tokens, MatvecActs::default(), Store::Add)
+    run(cuda, w, Input::f32(cuda, x), y, tokens, MatvecActs::default(), MatvecStore::Add)
 }
 
 /// SwiGLU of a product: `w` holds a gate and an up projection's rows in groups of four (gate rows
@@ -334,31 +334,76 @@ where
     X: DevicePtr<f32>,
     Y: DevicePtrMut<f32>,
 {
-    run(cuda, w, x, out, tokens, MatvecActs::default(), Store::Swiglu)
+    run(cuda, w, Input::f32(cuda, x), out, tokens, MatvecActs::default(), MatvecStore::Swiglu)
 }
 
-/// What a matvec launch does with its products (the kernels' `STRATA_MATVEC_STORE_*`).
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Store {
+/// What a matvec does with its products (the kernels' `STRATA_MATVEC_STORE_*`): [`matvec`]'s,
+/// [`matvec_add`]'s or [`matvec_swiglu`]'s store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MatvecStore {
+    /// `y = W x`.
     Write,
+    /// `y += W x`.
     Add,
+    /// `out = silu(gate x) * (up x)` of paired gate and up rows.
     Swiglu,
 }
 
-/// The launches of [`matvec_as`], [`matvec_add`] and [`matvec_swiglu`].
-fn run<X, Y>(cuda: &Cuda, w: &Tensor, x: &X, y: &mut Y, tokens: usize, acts: MatvecActs, store: Store) -> Result<()>
+/// The product of a block-quantized weight `w` with activations already quantized to two digits:
+/// `xq` holds `tokens` records of `k` activations ([`actq_bytes`]), from [`quantize_acts`] or
+/// [`rms_norm_actq`](super::rms_norm_actq), and `y` is stored as `store` says. Bit for bit
+/// [`matvec`], [`matvec_add`] or [`matvec_swiglu`] of the f32 activations they were quantized
+/// from; the blocks copy the records rather than quantize.
+pub fn matvec_actq<Q, Y>(cuda: &Cuda, w: &Tensor, xq: &Q, y: &mut Y, tokens: usize, store: MatvecStore) -> Result<()>
 where
-    X: DevicePtr<f32>,
+    Q: DevicePtr<u8>,
     Y: DevicePtrMut<f32>,
 {
-    let op = match store {
-        Store::Write => "matvec",
-        Store::Add => "matvec_add",
-        Store::Swiglu => "matvec_swiglu",
+    if !w.dtype().is_quantized() {
+        return Err(Error::invalid(
+            "matvec_actq",
+            format!("quantized activations multiply block-quantized weights, not {}", w.dtype()),
+        ));
+    }
+    let input = Input::Actq { ptr: ptr(cuda, xq), len: xq.len() };
+    run(cuda, w, input, y, tokens, MatvecActs::TwoDigits, store)
+}
+
+/// The activations a launch reads: f32 values, or two-digit records.
+#[derive(Clone, Copy)]
+enum Input {
+    F32 { ptr: u64, len: usize },
+    Actq { ptr: u64, len: usize },
+}
+
+impl Input {
+    fn f32<X: DevicePtr<f32>>(cuda: &Cuda, x: &X) -> Input {
+        Input::F32 { ptr: ptr(cuda, x), len: x.len() }
+    }
+}
+
+/// The launches of [`matvec_as`], [`matvec_add`], [`matvec_swiglu`] and [`matvec_actq`].
+fn run<Y>(
+    cuda: &Cuda,
+    w: &Tensor,
+    x: Input,
+    y: &mut Y,
+    tokens: usize,
+    acts: MatvecActs,
+    store: MatvecStore,
+) -> Result<()>
+where
+    Y: DevicePtrMut<f32>,
+{
+    let op = match (store, x) {
+        (_, Input::Actq { .. }) => "matvec_actq",
+        (MatvecStore::Write, _) => "matvec",
+        (MatvecStore::Add, _) => "matvec_add",
+        (MatvecStore::Swiglu, _) => "matvec_swiglu",
     };
     let (n, k, bytes) = device_matrix(op, cuda, w)?;
     // Outputs per token: n, or one per gate and up pair.
-    let outputs = if store == Store::Swiglu {
+    let outputs = if store == MatvecStore::Swiglu {
         if !n.is_multiple_of(4) {
             return Err(Error::invalid(op, format!("{n} rows are not groups of four paired gate and up rows")));
         }
@@ -366,7 +411,10 @@ where
     } else {
         n
     };
-    check_len(op, "x", x.len(), tokens * k)?;
+    match x {
+        Input::F32 { len, .. } => check_len(op, "x", len, tokens * k)?,
+        Input::Actq { len, .. } => check_len(op, "xq", len, actq_bytes(tokens, k))?,
+    }
     check_len(op, "y", y.len(), tokens * outputs)?;
     if tokens == 0 || n == 0 {
         return Ok(());
@@ -406,8 +454,11 @@ where
     // The integer path's activations, quantized once here when that saves the blocks more than
     // the launch costs; the scratch stays locked until the products that read it are queued.
     let mut scratch = None;
-    let (xp, record, acts_code) =
-        if acts.integer(dtype) && quantize_first(tokens, k, kernel_tokens(tokens.min(per_launch))?) {
+    let (xp, record, acts_code) = match x {
+        Input::Actq { ptr, .. } => (ptr, actq_bytes(1, k), STRATA_MATVEC_ACTS_Q16),
+        Input::F32 { ptr: xp, .. }
+            if acts.integer(dtype) && quantize_first(tokens, k, kernel_tokens(tokens.min(per_launch))?) =>
+        {
             let mut guard = cuda.actq.lock().unwrap();
             let need = actq_bytes(tokens, k);
             if guard.as_ref().is_none_or(|b| b.len() < need) {
@@ -415,12 +466,12 @@ where
                 *guard = Some(cuda.zeros::<u8>(need)?);
             }
             let xq = ptr_mut(cuda, guard.as_mut().expect("allocated above"));
-            launch_quantize(cuda, ptr(cuda, x), xq, tokens, k)?;
+            launch_quantize(cuda, xp, xq, tokens, k)?;
             scratch = Some(guard);
             (xq, actq_bytes(1, k), STRATA_MATVEC_ACTS_Q16)
-        } else {
-            (ptr(cuda, x), 4 * k, STRATA_MATVEC_ACTS_F32)
-        };
+        }
+        Input::F32 { ptr, .. } => (ptr, 4 * k, STRATA_MATVEC_ACTS_F32),
+    };
     for t0 in (0..tokens).step_by(per_launch) {
         let group = (tokens - t0).min(per_launch);
         let t = kernel_tokens(group)?;
@@ -443,9 +494,9 @@ where
             total_bytes: w.byte_len() as u64,
             tokens: group as u32,
             store: match store {
-                Store::Write => STRATA_MATVEC_STORE_WRITE,
-                Store::Add => STRATA_MATVEC_STORE_ADD,
-                Store::Swiglu => STRATA_MATVEC_STORE_SWIGLU,
+                MatvecStore::Write => STRATA_MATVEC_STORE_WRITE,
+                MatvecStore::Add => STRATA_MATVEC_STORE_ADD,
+                MatvecStore::Swiglu => STRATA_MATVEC_STORE_SWIGLU,
             },
             acts: acts_code,
         };
