@@ -102,6 +102,7 @@ mod cuda {
             .derive_default(true)
             .derive_debug(true)
             .derive_copy(true)
+            .derive_partialeq(true)
             .layout_tests(false)
             .use_core()
             .generate_comments(true);

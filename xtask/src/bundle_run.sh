@@ -65,6 +65,14 @@ if [ "${1:-}" != quick ]; then
       >"$OUT/bench-$n.json" 2>"$OUT/bench-$n.log"
     say "bench $n (cuda): exit $? $(cat "$OUT/bench-$n.json" 2>/dev/null | tr -d '\n' | head -c 900)"
   done
+  # The same decode with each step one CUDA graph launch (off by default until measured here).
+  for m in "$M/tinyllama-q4_0.gguf" "$M/tinyllama-bf16"; do
+    n=$(basename "$m")
+    STRATA_CUDA_GRAPHS=1 timeout 120 "$B/bin/strata" bench --model "$m" --device cuda --prompt-tokens 128 \
+      --gen-tokens 64 --json >"$OUT/bench-$n-graphs.json" 2>"$OUT/bench-$n-graphs.log"
+    say "bench $n (cuda, STRATA_CUDA_GRAPHS=1): exit $? $(cat "$OUT/bench-$n-graphs.json" 2>/dev/null | tr -d '\n' | head -c 900)"
+    grep -i "graph" "$OUT/bench-$n-graphs.log" | head -n 3 | tee -a "$SUMMARY"
+  done
   # Where a decode step's time goes: every kernel's own GPU time (Nsight Compute, one kernel at a
   # time) over a short q4_0 run (two 8-token prefills and three decode steps, warm-up included),
   # to set against the decode time per token measured above (the rest is launch overhead, gaps).

@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex};
 
 use strata_kernels::cuda::cudarc::driver::sys::CUevent_flags;
 use strata_kernels::cuda::cudarc::driver::{DevicePtr, DevicePtrMut, DriverError};
+use strata_kernels::cuda::graph::{GraphRun, GraphStats, LaunchGraph, Recorder};
 use strata_kernels::cuda::kv::DeviceKvCache;
 use strata_kernels::cuda::ops::{self, LINEAR_MATVEC_TOKENS, LinearScratch, MatvecStore, RopeArgs};
 use strata_kernels::cuda::tensor::{upload_paired, upload_stacked, upload_tensor};
@@ -53,6 +54,14 @@ use crate::{Error, Logits, Result};
 fn fused() -> bool {
     static FUSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *FUSED.get_or_init(|| std::env::var_os("STRATA_CUDA_UNFUSED").is_none_or(|v| v == "0"))
+}
+
+/// Whether a new decoder runs its one-token passes as CUDA graphs ([`CudaDecoder::set_graphs`]):
+/// when the environment sets `STRATA_CUDA_GRAPHS=1`, read once per process. Off by default until
+/// measured on a card.
+fn graphs_default() -> bool {
+    static GRAPHS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *GRAPHS.get_or_init(|| std::env::var_os("STRATA_CUDA_GRAPHS").is_some_and(|v| v == "1"))
 }
 
 /// A linear layer on the device: the weight in its stored dtype, the bias in f32.
@@ -309,6 +318,9 @@ pub struct CudaDecoder {
     weight_bytes: usize,
     weight_bytes_per_token: usize,
     scratch: Mutex<Scratch>,
+    /// Whether one-token passes of a model without Mixture-of-Experts layers run as one graph
+    /// launch ([`CudaDecoder::set_graphs`]).
+    graphs: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for CudaDecoder {
@@ -371,8 +383,25 @@ impl CudaDecoder {
             weight_bytes_per_token: decoder.weight_bytes_per_token(),
             moe: *decoder.moe_options(),
             scratch: Mutex::new(Scratch::new()),
+            graphs: graphs_default().into(),
             cuda,
         })
+    }
+
+    /// Runs each one-token pass (a decode step) of a model without Mixture-of-Experts layers as
+    /// one CUDA graph launch rather than ~10 kernel launches per layer, or not: the same kernels
+    /// with the same arguments, so the same logits bit for bit, with less launch overhead. The
+    /// graph is kept and updated from step to step (`strata_kernels::cuda::graph`). Off by
+    /// default unless `STRATA_CUDA_GRAPHS=1`. Should a graph fail to build or launch, the pass's
+    /// kernels are launched one by one instead, and graphs stay off for this decoder.
+    pub fn set_graphs(&self, on: bool) {
+        self.graphs.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// What the decode graph has done so far (`None` before the first graphed pass).
+    pub fn graph_stats(&self) -> Option<GraphStats> {
+        let guard = self.scratch.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        guard.graph.as_ref().map(LaunchGraph::stats)
     }
 
     /// The hyperparameters.
@@ -519,10 +548,16 @@ impl CudaDecoder {
         let mut guard = self.scratch.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         guard.reserve(cuda, hp, t, out_rows)?;
         guard.set_rope(cuda, rope)?;
-        let Scratch { buffers, logits, linear: work, inv_freq, moe: moe_scratch, .. } = &mut *guard;
+        let Scratch { buffers, logits, linear: work, inv_freq, moe: moe_scratch, graph, .. } = &mut *guard;
         let s = buffers.as_mut().expect("reserved above");
         let logits = logits.as_mut().expect("reserved above");
         cuda.upload_into(&host, &mut s.ids_positions)?;
+        // A decode step of a dense model: its launches recorded, then queued as one graph.
+        let graphed = t == 1
+            && trace.is_none()
+            && self.graphs.load(std::sync::atomic::Ordering::Relaxed)
+            && self.layers.iter().all(|l| matches!(l.ffn, CudaFfn::Dense(_)));
+        let recorder = if graphed { Some(Recorder::start(cuda)?) } else { None };
         let ids_d = s.ids_positions.slice(..t);
         let positions_d = s.ids_positions.slice(t..2 * t);
         let kv = &mut cache.kv;
@@ -647,6 +682,15 @@ impl CudaDecoder {
             ops::rms_norm(cuda, &rows, &self.norm, hp.rms_norm_eps, out_rows, &mut final_normed)?;
             ops::linear(cuda, &self.lm_head, &final_normed, &mut logits, out_rows, work)?;
         }
+        if let Some(recorder) = recorder {
+            let (launches, retired) = recorder.finish();
+            if let GraphRun::Replayed(e) = LaunchGraph::run(graph, cuda, launches)? {
+                // The kernels were queued one by one; stay off graphs from now on.
+                self.graphs.store(false, std::sync::atomic::Ordering::Relaxed);
+                eprintln!("strata: CUDA graphs turned off for this model: the decode step's graph failed ({e})");
+            }
+            drop(retired);
+        }
         Ok(cuda.download(&logits)?)
     }
 }
@@ -764,6 +808,8 @@ struct Scratch {
     inv_freq_host: Vec<f32>,
     /// The Mixture-of-Experts blocks' buffers.
     moe: MoeScratch,
+    /// The graph of the last one-token pass ([`CudaDecoder::set_graphs`]).
+    graph: Option<LaunchGraph>,
 }
 
 /// The per-token device buffers; each holds `tokens` rows.
@@ -798,6 +844,7 @@ impl Scratch {
             inv_freq: None,
             inv_freq_host: Vec::new(),
             moe: MoeScratch::default(),
+            graph: None,
         }
     }
 

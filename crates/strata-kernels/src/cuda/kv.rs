@@ -16,6 +16,7 @@ use std::sync::Mutex;
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig};
 use strata_tensor::paged::PagedKv;
 
+use crate::cuda::graph::Recorder;
 use crate::cuda::params::KvAppendParams;
 use crate::cuda::{Cuda, check_len, ptr, ptr_mut};
 use crate::{Error, Result};
@@ -181,6 +182,10 @@ impl DeviceKvCache {
             t.host.extend(blocks[t.host.len() / 2..].iter().flat_map(|b| [ptr(cuda, &b.k), ptr(cuda, &b.v)]));
             let capacity = t.device.as_ref().map_or(0, |d| d.len());
             if capacity < t.host.len() {
+                // A recorded launch may still use the old table (graph::Recorder).
+                if let Some(old) = t.device.take() {
+                    Recorder::retire(old);
+                }
                 t.device = Some(cuda.zeros::<u64>(t.host.len().next_power_of_two().max(8))?);
             }
             let table = t.device.as_mut().expect("allocated above");
@@ -238,6 +243,9 @@ impl DeviceKvCache {
     ) -> Result<T> {
         let mut guard = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
         if guard.as_ref().is_none_or(|s| s.len() < len) {
+            if let Some(old) = guard.take() {
+                Recorder::retire(old);
+            }
             *guard = Some(cuda.zeros::<f32>(len.next_power_of_two())?);
         }
         f(guard.as_mut().expect("allocated above"))

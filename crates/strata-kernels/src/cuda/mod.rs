@@ -19,6 +19,7 @@ use cudarc::driver::{
 use crate::{Error, Result};
 
 pub mod blas;
+pub mod graph;
 pub mod kv;
 pub mod ops;
 pub mod pinned;
@@ -183,8 +184,15 @@ impl Cuda {
         self.stream.memcpy_htod(host, dst).map_err(driver("upload_into"))
     }
 
-    /// Sets every element of `dst` to zero, in order on the compute stream.
+    /// Sets every element of `dst` to zero, in order on the compute stream (refused while this
+    /// thread records launches: it would run before them, [`graph`]).
     pub fn memset_zero<T: DeviceRepr + ValidAsZeroBits, D: DevicePtrMut<T>>(&self, dst: &mut D) -> Result<()> {
+        if graph::recording(self.ordinal) {
+            return Err(Error::invalid(
+                "memset_zero",
+                "a recorded pass cannot zero a buffer in order (graph::Recorder)",
+            ));
+        }
         self.stream.memset_zeros(dst).map_err(driver("memset_zero"))
     }
 
@@ -223,12 +231,14 @@ impl Cuda {
     }
 
     /// Launches `kernel` of `kernels/<file>.cu` on the compute stream with the strata calling
-    /// convention: the parameter struct by value, then the device pointers in order.
+    /// convention: the parameter struct by value, then the device pointers in order. While this
+    /// thread records launches on this device ([`graph::Recorder`]), keeps it instead.
     ///
     /// # Safety
-    /// The pointers must be valid for every access the kernel makes with these parameters: the
-    /// launchers in [`ops`] check the lengths before calling this.
-    pub unsafe fn launch<P: DeviceRepr>(
+    /// The pointers must be valid for every access the kernel makes with these parameters (and,
+    /// recorded, until the recording is queued): the launchers in [`ops`] check the lengths
+    /// before calling this.
+    pub unsafe fn launch<P: DeviceRepr + Clone + PartialEq + Send + 'static>(
         &self,
         file: &'static str,
         kernel: &'static str,
@@ -237,6 +247,9 @@ impl Cuda {
         ptrs: &[u64],
     ) -> Result<()> {
         let f = self.function(file, kernel)?;
+        if graph::record(self.ordinal, kernel, &f, cfg, params, ptrs) {
+            return Ok(());
+        }
         let mut args = self.stream.launch_builder(&f);
         args.arg(params);
         for p in ptrs {
@@ -247,8 +260,12 @@ impl Cuda {
         Ok(())
     }
 
-    /// The cuBLAS handle on the compute stream, created on first use.
+    /// The cuBLAS handle on the compute stream, created on first use (refused while this thread
+    /// records launches: cuBLAS's would not be recorded, [`graph`]).
     pub fn blas(&self) -> Result<&blas::Blas> {
+        if graph::recording(self.ordinal) {
+            return Err(Error::invalid("blas", "a recorded pass cannot run cuBLAS (graph::Recorder)"));
+        }
         self.blas.get_or_init(|| blas::Blas::new(&self.stream)).as_ref().map_err(Clone::clone)
     }
 }

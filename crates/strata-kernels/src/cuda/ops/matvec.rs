@@ -16,6 +16,7 @@ use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
 use strata_tensor::{DType, Tensor};
 
+use crate::cuda::graph::Recorder;
 use crate::cuda::params::{
     MatvecParams, STRATA_MATVEC_ACTS_F32, STRATA_MATVEC_ACTS_Q16, STRATA_MATVEC_CHUNK, STRATA_MATVEC_CHUNK_Q8_0,
     STRATA_MATVEC_CHUNK_WIDE, STRATA_MATVEC_MAX_TOKENS, STRATA_MATVEC_ROWS_PER_WARP, STRATA_MATVEC_STAGES,
@@ -462,7 +463,10 @@ where
             let mut guard = cuda.actq.lock().unwrap();
             let need = actq_bytes(tokens, k);
             if guard.as_ref().is_none_or(|b| b.len() < need) {
-                *guard = None;
+                // A recorded launch may still use the old buffer (graph::Recorder).
+                if let Some(old) = guard.take() {
+                    Recorder::retire(old);
+                }
                 *guard = Some(cuda.zeros::<u8>(need)?);
             }
             let xq = ptr_mut(cuda, guard.as_mut().expect("allocated above"));
