@@ -136,7 +136,11 @@ pub fn run(b: &mut Bench) -> R<()> {
     // and up paired with SwiGLU (2 x 5632 rows, 5632 outputs). Small products: their times say
     // how close a layer comes to its bytes over the copy peak, launch latency included. Copies
     // of at least 240 MB in all rotate, as the whole model streams through a real decode step.
+    // The qkv and gate/up products of block-quantized weights take the activations the RMSNorm
+    // before them quantized (`rms_norm_actq`, made once here), as in the decoder.
     let mut resid = cuda.zeros::<f32>(N)?;
+    let mut xq = cuda.zeros::<u8>(ops::actq_bytes(1, 2048))?;
+    ops::quantize_acts(&cuda, &x.slice(..2048), &mut xq, 1, 2048)?;
     for dtype in [DType::BF16, DType::Q4_0, DType::Q4K] {
         for (what, n, k) in
             [("qkv", 2560, 2048), ("o add", 2048, 2048), ("gate/up swiglu", 11264, 2048), ("down add", 2048, 5632)]
@@ -149,8 +153,13 @@ pub fn run(b: &mut Bench) -> R<()> {
             b.measure(&format!("tinyllama {what} {dtype} t1"), &format!("{n}x{k} x{copies}"), bytes, 30, || {
                 next.set(next.get() + 1);
                 let w = &ws[next.get() % copies];
+                let quantized = dtype.is_quantized();
                 match what {
+                    "qkv" if quantized => ops::matvec_actq(&cuda, w, &xq, &mut y, 1, ops::MatvecStore::Write)?,
                     "qkv" => ops::matvec(&cuda, w, &x, &mut y, 1)?,
+                    "gate/up swiglu" if quantized => {
+                        ops::matvec_actq(&cuda, w, &xq, &mut y, 1, ops::MatvecStore::Swiglu)?
+                    }
                     "gate/up swiglu" => ops::matvec_swiglu(&cuda, w, &x, &mut y, 1)?,
                     _ => ops::matvec_add(&cuda, w, &x, &mut resid, 1)?,
                 }
