@@ -15,7 +15,8 @@
 // per group of warps * rows rows (grid = ceil(n / (warps * rows))). Block-quantized kernels:
 // persistent, as many blocks as are resident at once (the launcher asks the driver), each warp
 // taking the groups of STRATA_MATVEC_ROWS_PER_WARP rows g, g + all warps, .. from its place g in
-// the grid, its weight pipeline running on from one group into the next; the block's activations
+// the grid (warp-major, so that few groups still spread over every SM), its weight pipeline
+// running on from one group into the next; the block's activations
 // are staged once when a row fits one tile (else tile by tile, all warps in step). For 1 and 2
 // tokens a block has STRATA_MATVEC_WARPS_DECODE warps (STRATA_MATVEC_WARPS_DECODE_WIDE for the
 // integer kernels of q4_k and q6_k, whose chunks are twice as long; one block per SM) and deeper
@@ -1203,11 +1204,14 @@ __device__ __forceinline__ void mv_quant(const MatvecParams& p, const unsigned c
     wbuf += warp * (STAGES * MV_ROWS * F::BUF);
 
     // This warp's work: groups of MV_ROWS rows g0, g0 + stride, .. where g0 is its place in the
-    // grid; each group in `chunks` steps. Every warp of the block takes the same number of steps
-    // (those past the last group do nothing), so that all meet at the barriers of the
-    // activation tiles.
+    // grid, warp-major (warp w of block b starts at w * blocks + b): a product with fewer groups
+    // than the grid has warps (a decode step's o and down products of 512 groups against 132 x
+    // 16 warps) spreads them over every SM, a few warps each, rather than filling the first
+    // blocks and leaving the other SMs idle. Each group takes `chunks` steps. Every warp of the
+    // block takes the same number of steps (those past the last group do nothing), so that all
+    // meet at the barriers of the activation tiles.
     const unsigned int groups = (p.rows + MV_ROWS - 1) / MV_ROWS;
-    const unsigned int g0 = blockIdx.x * WARPS + warp, stride = gridDim.x * WARPS;
+    const unsigned int g0 = warp * gridDim.x + blockIdx.x, stride = gridDim.x * WARPS;
     const unsigned int rounds = (groups + stride - 1) / stride;
     const unsigned int chunks = (p.cols + F::CHUNK_ELEMS - 1) / F::CHUNK_ELEMS;
     const unsigned long long steps = (unsigned long long)rounds * chunks;
