@@ -8,11 +8,11 @@
 // way. x and out may alias (in-place): every element is read and written by the same thread. CPU
 // reference: strata_tensor::cpu::reference::rms_norm. Launcher: strata_kernels::cuda::ops::rms_norm.
 //
-// rmsnorm_f32_actq also quantizes each output row to two digits for the integer matvec kernels
-// (actq.cuh's record per row; cols a multiple of 32): after a barrier, each warp re-reads blocks
-// of 32 outputs the block wrote and quantizes them with the matvec's own quantize_block, so the
-// records are bit for bit what matvec_quantize_x makes of the outputs. Launcher:
-// strata_kernels::cuda::ops::rms_norm_actq.
+// rmsnorm_f32_actq (blocks of up to 1024 threads; the launcher gives it 1024) also quantizes
+// each output row to two digits for the integer matvec kernels (actq.cuh's record per row; cols
+// a multiple of 32): after a barrier, each warp re-reads blocks of 32 outputs the block wrote and
+// quantizes them with the matvec's own quantize_block, so the records are bit for bit what
+// matvec_quantize_x makes of the outputs. Launcher: strata_kernels::cuda::ops::rms_norm_actq.
 #include "strata_common.cuh"
 #include "actq.cuh"
 #include "rmsnorm.h"
@@ -68,8 +68,8 @@ extern "C" __global__ void rmsnorm_f32(RmsNormParams p, const float* x, const fl
     rmsnorm_row(p, x, w, out);
 }
 
-extern "C" __global__ void rmsnorm_f32_actq(RmsNormParams p, const float* x, const float* w, float* out,
-                                            unsigned char* xq) {
+extern "C" __global__ void __launch_bounds__(1024)
+    rmsnorm_f32_actq(RmsNormParams p, const float* x, const float* w, float* out, unsigned char* xq) {
     if (blockIdx.x >= p.rows) return;
     rmsnorm_row(p, x, w, out);
     __syncthreads();  // every thread's outputs of the row, visible to the whole block

@@ -48,7 +48,8 @@ fn emulated_rms_norm_matches_the_reference_on_both_paths() {
 
 /// `rmsnorm_f32_actq`: the same outputs as `rmsnorm_f32`, bit for bit, and each row quantized to
 /// two digits exactly as `matvec_quantize_x` quantizes those outputs (the record the integer
-/// matvec kernels copy), on the register path, the striding path and a row of one block.
+/// matvec kernels copy), on the register path, the striding path and a row of one block, with the
+/// launcher's 1024 threads per row.
 #[test]
 fn emulated_rms_norm_quantizes_its_rows_as_the_matvec_does() {
     if build("emu_rmsnorm.cpp").is_none() || build("emu_matvec.cpp").is_none() {
@@ -67,7 +68,8 @@ fn emulated_rms_norm_quantizes_its_rows_as_the_matvec_does() {
         let mut out = f32_bytes(&vec![f32::NAN; x.len()]);
         let mut xq = vec![0xA5u8; rows * record_bytes(cols)];
         let mut args = [Arg::Buf(&mut xb, 0), Arg::Buf(&mut wb, 0), Arg::Buf(&mut out, 0), Arg::Buf(&mut xq, 0)];
-        launch(&emu, "rmsnorm_f32_actq", [rows as u32, 1, 1], 256, 0, &p, &mut args);
+        // As ops::rms_norm_actq launches it: 1024 threads per row.
+        launch(&emu, "rmsnorm_f32_actq", [rows as u32, 1, 1], 1024, 0, &p, &mut args);
         let out = f32s(&out);
         for (i, (&g, &v)) in out.iter().zip(&plain).enumerate() {
             assert_eq!(g.to_bits(), v.to_bits(), "{rows} x {cols}: out[{i}] = {g}, want {v}");

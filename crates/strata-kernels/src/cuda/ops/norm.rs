@@ -68,7 +68,9 @@ where
         return Ok(());
     }
     let p = RmsNormParams { rows: rows as u32, cols: cols as u32, eps };
-    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // 32 warps: a decode step's one row is one block, whose warps then quantize its blocks of 32
+    // (a 2048-wide row: two each, one after the other).
+    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
     let ptrs = [ptr(cuda, x), ptr(cuda, w), ptr_mut(cuda, out), ptr_mut(cuda, xq)];
     // SAFETY: x and out hold rows * cols floats, w cols and xq rows records, checked above.
     unsafe { cuda.launch("rmsnorm", "rmsnorm_f32_actq", cfg, &p, &ptrs) }
