@@ -35,6 +35,22 @@ fn rms_norm(b: &mut Bench) -> R<()> {
     b.measure("rms_norm f32", &format!("{rows}x{cols}"), bytes, 20, || {
         ops::rms_norm(&cuda, &x, &w, 1e-5, rows, &mut out)?;
         Ok(())
+    })?;
+    // A decode step's norms, one row of TinyLlama's 2048: plain, and quantizing its row for the
+    // products after it (`rms_norm_actq`, as the decoder runs it before q/k/v and gate/up). Their
+    // time is latency, not bandwidth: the row is 8 KiB.
+    let h = 2048usize;
+    let mut xq = cuda.zeros::<u8>(ops::actq_bytes(1, h))?;
+    let (x1, w1) = (x.slice(..h), w.slice(..h));
+    let mut o1 = out.slice_mut(..h);
+    b.measure("rms_norm f32 decode row", &format!("1x{h}"), (2 * h * 4) as f64, 50, || {
+        ops::rms_norm(&cuda, &x1, &w1, 1e-5, 1, &mut o1)?;
+        Ok(())
+    })?;
+    let qbytes = (2 * h * 4 + ops::actq_bytes(1, h)) as f64;
+    b.measure("rms_norm_actq f32 decode row", &format!("1x{h}"), qbytes, 50, || {
+        ops::rms_norm_actq(&cuda, &x1, &w1, 1e-5, 1, &mut o1, &mut xq)?;
+        Ok(())
     })
 }
 
