@@ -286,7 +286,7 @@ fn matvec_on_quantized_activations_is_bit_for_bit_the_same() {
             }
         }
     }
-    // Float weights take no quantized activations; short records are refused.
+    // Float weights take no quantized activations; short or misaligned records are refused.
     let xq = cuda.zeros::<u8>(ops::actq_bytes(1, 64)).unwrap();
     let mut y = cuda.zeros::<f32>(4).unwrap();
     let f16 = upload_tensor(&cuda, &weight(DType::F16, 4, 64, 1)).unwrap();
@@ -296,4 +296,8 @@ fn matvec_on_quantized_activations_is_bit_for_bit_the_same() {
     let err =
         ops::matvec_actq(&cuda, &q8, &xq, &mut cuda.zeros::<f32>(8).unwrap(), 2, ops::MatvecStore::Write).unwrap_err();
     assert!(err.to_string().contains("xq"), "{err}");
+    // Records at an offset that is not a multiple of 16 bytes (the blocks copy 16-byte pieces).
+    let wide = cuda.zeros::<u8>(ops::actq_bytes(1, 64) + 4).unwrap();
+    let err = ops::matvec_actq(&cuda, &q8, &wide.slice(4..), &mut y, 1, ops::MatvecStore::Write).unwrap_err();
+    assert!(err.to_string().contains("16-byte aligned"), "{err}");
 }

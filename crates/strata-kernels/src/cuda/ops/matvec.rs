@@ -202,6 +202,12 @@ where
     check_len("quantize_acts", "x", x.len(), tokens * k)?;
     check_len("quantize_acts", "xq", xq.len(), actq_bytes(tokens, k))?;
     let (xp, qp) = (ptr(cuda, x), ptr_mut(cuda, xq));
+    if qp % 16 != 0 {
+        return Err(Error::invalid(
+            "quantize_acts",
+            "xq is not 16-byte aligned (the matvec copies it in 16-byte pieces)",
+        ));
+    }
     launch_quantize(cuda, xp, qp, tokens, k)
 }
 
@@ -414,7 +420,15 @@ where
     };
     match x {
         Input::F32 { len, .. } => check_len(op, "x", len, tokens * k)?,
-        Input::Actq { len, .. } => check_len(op, "xq", len, actq_bytes(tokens, k))?,
+        Input::Actq { len, ptr } => {
+            check_len(op, "xq", len, actq_bytes(tokens, k))?;
+            if ptr % 16 != 0 {
+                return Err(Error::invalid(
+                    op,
+                    "the quantized activations are not 16-byte aligned (the blocks copy them in 16-byte pieces)",
+                ));
+            }
+        }
     }
     check_len(op, "y", y.len(), tokens * outputs)?;
     if tokens == 0 || n == 0 {

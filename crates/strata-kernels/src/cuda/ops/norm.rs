@@ -72,6 +72,9 @@ where
     // (a 2048-wide row: two each, one after the other).
     let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
     let ptrs = [ptr(cuda, x), ptr(cuda, w), ptr_mut(cuda, out), ptr_mut(cuda, xq)];
+    if ptrs[3] % 16 != 0 {
+        return Err(Error::invalid(OP, "xq is not 16-byte aligned (the matvec copies it in 16-byte pieces)"));
+    }
     // SAFETY: x and out hold rows * cols floats, w cols and xq rows records, checked above.
     unsafe { cuda.launch("rmsnorm", "rmsnorm_f32_actq", cfg, &p, &ptrs) }
 }
