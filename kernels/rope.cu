@@ -17,6 +17,13 @@
 //
 // CPU reference: strata_tensor::cpu::reference::rope (applied to q and to k). Launcher:
 // strata_kernels::cuda::ops::rope_qk.
+//
+// rope_qk_append_f32 is rope_qk_f32 followed by attention.cu's kv_append_f32 in one launch (a
+// decode step's layer one launch shorter): q rotated in place, k rotated into its KV cache
+// blocks (through the block table, as kv_append_f32 addresses them) with any unrotated
+// dimensions copied, v copied; the k buffer itself is left as it was. The same grid and table
+// of cos/sin; each thread takes one item at a time (rope.h's RopeAppendParams). Bit for bit the
+// two launches. Launcher: strata_kernels::cuda::kv::DeviceKvCache::append_rotated.
 #include "strata_common.cuh"
 #include "rope.h"
 
@@ -87,4 +94,54 @@ extern "C" __global__ void rope_qk_f16(RopeParams p, __half* q, __half* k, const
 extern "C" __global__ void rope_qk_bf16(RopeParams p, __nv_bfloat16* q, __nv_bfloat16* k,
                                         const unsigned int* positions, const float* inv_freq) {
     rope_qk(p, q, k, positions, inv_freq);
+}
+
+extern "C" __global__ void rope_qk_append_f32(RopeAppendParams pa, float* q, const float* k, const float* v,
+                                              const unsigned int* positions, const float* inv_freq,
+                                              const unsigned long long* table) {
+    STRATA_DYNAMIC_SMEM(float, cs);  // cos[0..n_pairs), then sin[0..n_pairs)
+    const RopeParams& p = pa.rope;
+    const unsigned int t = blockIdx.x;
+    const unsigned int n = p.n_pairs, hd = p.head_dim, half = p.head_dim / 2;
+    const float pos = __uint2float_rn(positions[t]);
+    for (unsigned int i = threadIdx.x; i < n; i += blockDim.x) {
+        float s, c;
+        sincosf(__fmul_rn(pos, inv_freq[i]), &s, &c);
+        cs[i] = __fmul_rn(c, p.attention_factor);
+        cs[n + i] = __fmul_rn(s, p.attention_factor);
+    }
+    __syncthreads();
+    const unsigned int nq = p.n_heads * n, nkv = p.n_kv_heads * half;
+    const unsigned int items = nq + 2 * nkv;
+    const unsigned int begin = blockIdx.y * p.chunk, end = min(items, begin + p.chunk);
+    // This token's row in the cache.
+    const unsigned int cpos = pa.start + t;
+    const size_t row = (size_t)p.n_kv_heads * hd;
+    const size_t at = (size_t)(cpos % pa.block_len) * row;
+    float* kc = reinterpret_cast<float*>(table[2 * (size_t)(cpos / pa.block_len)]) + at;
+    float* vc = reinterpret_cast<float*>(table[2 * (size_t)(cpos / pa.block_len) + 1]) + at;
+    for (unsigned int w = begin + threadIdx.x; w < end; w += blockDim.x) {
+        if (w < nq + nkv) {
+            // A pair of q (in place) or of k (into the cache), or two unrotated dimensions of k.
+            const bool is_q = w < nq;
+            const unsigned int u = is_q ? w : w - nq;
+            const unsigned int h = is_q ? u / n : u / half, i = is_q ? u - h * n : u - h * half;
+            const float* src = is_q ? q + ((size_t)t * p.n_heads + h) * hd : k + ((size_t)t * p.n_kv_heads + h) * hd;
+            float* dst = is_q ? q + ((size_t)t * p.n_heads + h) * hd : kc + (size_t)h * hd;
+            if (i < n) {
+                const unsigned int a = p.layout == STRATA_ROPE_INTERLEAVED ? 2 * i : i;
+                const unsigned int b = p.layout == STRATA_ROPE_INTERLEAVED ? 2 * i + 1 : i + n;
+                const float x0 = src[a], x1 = src[b], c = cs[i], s = cs[n + i];
+                dst[a] = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s));
+                dst[b] = __fadd_rn(__fmul_rn(x1, c), __fmul_rn(x0, s));
+            } else {
+                // Dimensions 2i and 2i + 1 >= 2 n_pairs: past the rotated ones in either layout.
+                dst[2 * i] = src[2 * i], dst[2 * i + 1] = src[2 * i + 1];
+            }
+        } else {
+            const unsigned int u = w - nq - nkv, h = u / half, d = 2 * (u - h * half);
+            const float* src = v + ((size_t)t * p.n_kv_heads + h) * hd;
+            vc[(size_t)h * hd + d] = src[d], vc[(size_t)h * hd + d + 1] = src[d + 1];
+        }
+    }
 }

@@ -27,3 +27,19 @@ typedef struct {
     /// Multiplies the cosines and sines (1 unless the RoPE scaling says otherwise, e.g. YaRN).
     float attention_factor;
 } RopeParams;
+
+/// RoPE of q in place and of k into a paged KV cache, v copied beside it (kernels/rope.cu's
+/// rope_qk_append_f32): rope_qk_f32 then attention.cu's kv_append_f32 in one launch. Token t
+/// goes to cache position start + t: block (start + t) / block_len of the table (key block at
+/// 2b, value block at 2b + 1), row (start + t) % block_len of n_kv_heads * head_dim floats.
+typedef struct {
+    /// As for rope_qk, except `chunk`, which counts this kernel's items: per token
+    /// n_heads * n_pairs rotations of q, then n_kv_heads * head_dim / 2 of k (a rotation for
+    /// pairs below n_pairs, else a copy of two unrotated dimensions), then as many copies of two
+    /// dimensions of v.
+    RopeParams rope;
+    /// The cache position of the first token (the layer's length before the append).
+    unsigned int start;
+    /// Tokens per cache block.
+    unsigned int block_len;
+} RopeAppendParams;

@@ -389,7 +389,7 @@ impl CudaDecoder {
     }
 
     /// Runs each one-token pass (a decode step) of a model without Mixture-of-Experts layers as
-    /// one CUDA graph launch rather than ~10 kernel launches per layer, or not: the same kernels
+    /// one CUDA graph launch rather than 8-9 kernel launches per layer, or not: the same kernels
     /// with the same arguments, so the same logits bit for bit, with less launch overhead. The
     /// graph is kept and updated from step to step (`strata_kernels::cuda::graph`). Off by
     /// default unless `STRATA_CUDA_GRAPHS=1`. Should a graph fail to build or launch, the pass's
@@ -615,18 +615,25 @@ impl CudaDecoder {
                 ops::rms_norm_inplace(cuda, &mut q, qn, hp.rms_norm_eps, t * hp.n_heads)?;
                 ops::rms_norm_inplace(cuda, &mut k, kn, hp.rms_norm_eps, t * hp.n_kv_heads)?;
             }
-            if let Some(inv_freq) = inv_freq.as_ref() {
-                let args = RopeArgs {
-                    tokens: t,
-                    n_heads: hp.n_heads,
-                    n_kv_heads: hp.n_kv_heads,
-                    head_dim: hp.head_dim,
-                    attention_factor: rope.attention_factor,
-                    layout: hp.rope_layout,
-                };
-                ops::rope_qk::<f32, _, _, _, _>(cuda, &mut q, &mut k, &positions_d, inv_freq, &args)?;
+            let args = RopeArgs {
+                tokens: t,
+                n_heads: hp.n_heads,
+                n_kv_heads: hp.n_kv_heads,
+                head_dim: hp.head_dim,
+                attention_factor: rope.attention_factor,
+                layout: hp.rope_layout,
+            };
+            match inv_freq.as_ref() {
+                // RoPE and the KV append in one launch (k rotated on its way into the cache).
+                Some(inv_freq) if fused() => {
+                    kv.append_rotated(cuda, li, &mut q, &k, &v, &positions_d, inv_freq, &args)?
+                }
+                Some(inv_freq) => {
+                    ops::rope_qk::<f32, _, _, _, _>(cuda, &mut q, &mut k, &positions_d, inv_freq, &args)?;
+                    kv.append(cuda, li, &k, &v, t)?;
+                }
+                None => kv.append(cuda, li, &k, &v, t)?,
             }
-            kv.append(cuda, li, &k, &v, t)?;
 
             let params = AttentionParams {
                 n_heads: hp.n_heads,

@@ -13,11 +13,12 @@
 
 use std::sync::Mutex;
 
-use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 use strata_tensor::paged::PagedKv;
 
 use crate::cuda::graph::Recorder;
-use crate::cuda::params::KvAppendParams;
+use crate::cuda::ops::{RopeArgs, check_pairs, launch_shape};
+use crate::cuda::params::{KvAppendParams, RopeAppendParams};
 use crate::cuda::{Cuda, check_len, ptr, ptr_mut};
 use crate::{Error, Result};
 
@@ -157,21 +158,105 @@ impl DeviceKvCache {
         V: DevicePtr<f32>,
     {
         const OP: &str = "DeviceKvCache::append";
+        let Some((start, table)) = self.reserve(OP, cuda, layer, k.len(), v.len(), tokens)? else { return Ok(()) };
+        let (block_len, row) = (self.blocks.block_len(), self.blocks.row());
+        let need = tokens * row;
+        let p =
+            KvAppendParams { tokens: tokens as u32, start: start as u32, block_len: block_len as u32, row: row as u32 };
+        let threads = 256u32;
+        let grid = (need.div_ceil(threads as usize)).clamp(1, 8192) as u32;
+        let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        let ptrs = [ptr(cuda, k), ptr(cuda, v), table];
+        // SAFETY: k and v hold tokens * row floats (checked by reserve); the table lists
+        // ceil((start + tokens) / block_len) key and value blocks of block_len * row floats each,
+        // so every destination row start + t lies inside a block the table names.
+        unsafe { cuda.launch("attention", "kv_append_f32", cfg, &p, &ptrs) }?;
+        self.blocks.commit(layer, tokens);
+        Ok(())
+    }
+
+    /// RoPE and the append in one launch: rotates `q` in place as `ops::rope_qk` does, and
+    /// appends `k` rotated the same way (its buffer left as it is) and `v` to `layer`, as
+    /// [`DeviceKvCache::append`] does; bit for bit `rope_qk` then `append`, one launch shorter.
+    /// `args.n_kv_heads * args.head_dim` must be this cache's row and `head_dim` even.
+    #[allow(clippy::too_many_arguments)]
+    pub fn append_rotated<Q, K, V, P, F>(
+        &mut self,
+        cuda: &Cuda,
+        layer: usize,
+        q: &mut Q,
+        k: &K,
+        v: &V,
+        positions: &P,
+        inv_freq: &F,
+        args: &RopeArgs,
+    ) -> Result<()>
+    where
+        Q: DevicePtrMut<f32>,
+        K: DevicePtr<f32>,
+        V: DevicePtr<f32>,
+        P: DevicePtr<u32>,
+        F: DevicePtr<f32>,
+    {
+        const OP: &str = "DeviceKvCache::append_rotated";
+        let &RopeArgs { tokens, n_heads, n_kv_heads, head_dim, .. } = args;
+        let n_pairs = inv_freq.len();
+        check_pairs(OP, args, n_pairs)?;
+        let row = self.blocks.row();
+        if n_kv_heads.checked_mul(head_dim) != Some(row) || !head_dim.is_multiple_of(2) {
+            return Err(Error::invalid(
+                OP,
+                format!("{n_kv_heads} KV heads x {head_dim} (even) must make the cache's row of {row}"),
+            ));
+        }
+        let q_len = tokens.checked_mul(n_heads).and_then(|v| v.checked_mul(head_dim));
+        let q_len = q_len.ok_or_else(|| Error::invalid(OP, format!("{tokens} tokens x {n_heads} heads overflow")))?;
+        check_len(OP, "q", q.len(), q_len)?;
+        check_len(OP, "positions", positions.len(), tokens)?;
+        let items = n_heads * n_pairs + n_kv_heads * head_dim;
+        if items > u32::MAX as usize || tokens > i32::MAX as usize {
+            return Err(Error::invalid(OP, format!("{tokens} tokens of {items} items overflow")));
+        }
+        let Some((start, table)) = self.reserve(OP, cuda, layer, k.len(), v.len(), tokens)? else { return Ok(()) };
+        let (rope, cfg) = launch_shape(args, n_pairs, items);
+        let p = RopeAppendParams { rope, start: start as u32, block_len: self.blocks.block_len() as u32 };
+        let ptrs = [ptr_mut(cuda, q), ptr(cuda, k), ptr(cuda, v), ptr(cuda, positions), ptr(cuda, inv_freq), table];
+        // SAFETY: q holds tokens * n_heads * head_dim floats, k and v tokens rows of the cache's
+        // row (checked above and by reserve), positions tokens and inv_freq n_pairs; the table
+        // names every block positions start .. start + tokens fall in; the shared cos/sin table
+        // is sized by launch_shape.
+        unsafe { cuda.launch("rope", "rope_qk_append_f32", cfg, &p, &ptrs) }?;
+        self.blocks.commit(layer, tokens);
+        Ok(())
+    }
+
+    /// Checks an append of `tokens` rows to `layer` (`k_len` and `v_len` the floats of k and v),
+    /// allocates the blocks it needs and uploads the grown block table: the layer's length before
+    /// the append and the table's device address, or `None` for no tokens.
+    fn reserve(
+        &mut self,
+        op: &str,
+        cuda: &Cuda,
+        layer: usize,
+        k_len: usize,
+        v_len: usize,
+        tokens: usize,
+    ) -> Result<Option<(usize, u64)>> {
         let n_layers = self.n_layers();
         if layer >= n_layers {
-            return Err(Error::invalid(OP, format!("layer {layer} is out of range: the cache has {n_layers} layers")));
+            return Err(Error::invalid(op, format!("layer {layer} is out of range: the cache has {n_layers} layers")));
         }
-        let (block_len, row) = (self.blocks.block_len(), self.blocks.row());
-        let need = tokens.checked_mul(row).ok_or_else(|| Error::invalid(OP, format!("{tokens} tokens overflow")))?;
-        check_len(OP, "k", k.len(), need)?;
-        check_len(OP, "v", v.len(), need)?;
+        let row = self.blocks.row();
+        let need = tokens.checked_mul(row).ok_or_else(|| Error::invalid(op, format!("{tokens} tokens overflow")))?;
+        check_len(op, "k", k_len, need)?;
+        check_len(op, "v", v_len, need)?;
         if tokens == 0 {
-            return Ok(());
+            return Ok(None);
         }
         let start = self.blocks.layer_len(layer);
         let new_len = start + tokens;
         if new_len > MAX_TOKENS {
-            return Err(Error::invalid(OP, format!("{new_len} tokens exceed the cache's limit of {MAX_TOKENS}")));
+            return Err(Error::invalid(op, format!("{new_len} tokens exceed the cache's limit of {MAX_TOKENS}")));
         }
 
         let floats = self.blocks.block_floats();
@@ -191,20 +276,8 @@ impl DeviceKvCache {
             let table = t.device.as_mut().expect("allocated above");
             cuda.upload_into(&t.host, table)?;
         }
-
         let table = t.device.as_mut().expect("a layer holding tokens has a table");
-        let p =
-            KvAppendParams { tokens: tokens as u32, start: start as u32, block_len: block_len as u32, row: row as u32 };
-        let threads = 256u32;
-        let grid = (need.div_ceil(threads as usize)).clamp(1, 8192) as u32;
-        let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
-        let ptrs = [ptr(cuda, k), ptr(cuda, v), ptr_mut(cuda, table)];
-        // SAFETY: k and v hold tokens * row floats (checked above); the table lists
-        // ceil((start + tokens) / block_len) key and value blocks of block_len * row floats each,
-        // so every destination row start + t lies inside a block the table names.
-        unsafe { cuda.launch("attention", "kv_append_f32", cfg, &p, &ptrs) }?;
-        self.blocks.commit(layer, tokens);
-        Ok(())
+        Ok(Some((start, ptr_mut(cuda, table))))
     }
 
     /// The keys and values of `layer` copied to the host as contiguous

@@ -4,7 +4,7 @@
 use half::{bf16, f16};
 use strata_tensor::cpu::{RopeLayout, reference};
 
-use crate::driver::{Arg, assert_close, build, launch, params32, random_f32};
+use crate::driver::{Arg, assert_close, build, f32_bytes, f32s, launch, params32, random_f32};
 
 /// An element type: its kernel, its bytes, and the tolerance of a rotated element against the
 /// reference run on the rounded input and rounded again (an ulp of the type; for f32, a few).
@@ -124,4 +124,95 @@ fn emulated_rope_matches_the_reference() {
         }
     }
     check(&ELEMS[0], 3, 4, 2, 64, 32, RopeLayout::RotateHalf, 1.23);
+}
+
+/// `rope_qk_append_f32`, launched as `DeviceKvCache::append_rotated` launches it, is bit for bit
+/// `rope_qk_f32` then `kv_append_f32`: q rotated in place, each token's rotated key row (its
+/// unrotated dimensions copied) and value row in the block and row its cache position names,
+/// starting inside a block and crossing blocks; the k buffer and the rest of the blocks
+/// untouched. Decode (one token) and prefill shapes, partial rotary, both pairings, GQA.
+#[test]
+fn emulated_rope_append_is_rope_then_append_bit_for_bit() {
+    let Some(emu) = build("emu_rope.cpp") else { return };
+    // (tokens, n_heads, n_kv_heads, head_dim, rotary pairs, block_len, start)
+    let cases =
+        [(1, 32, 4, 64, 32, 8, 13), (5, 9, 3, 64, 24, 4, 3), (3, 4, 2, 128, 64, 2, 0), (130, 4, 2, 16, 8, 32, 5)];
+    for (tokens, n_heads, n_kv_heads, head_dim, n_pairs, block_len, start) in cases {
+        for layout in [RopeLayout::RotateHalf, RopeLayout::Interleaved] {
+            let what = format!("{tokens} tokens, {n_heads}/{n_kv_heads} x {head_dim}, {n_pairs} pairs, {layout:?}");
+            let row = n_kv_heads * head_dim;
+            let positions: Vec<u32> = (0..tokens as u32).map(|t| 1000 + start as u32 + t * 3).collect();
+            let freqs: Vec<f32> = (0..n_pairs).map(|i| 1.0 / 10000f32.powf(i as f32 / n_pairs as f32)).collect();
+            let q = random_f32(tokens * n_heads * head_dim, tokens as u64, 2.0);
+            let k = random_f32(tokens * row, tokens as u64 ^ 7, 2.0);
+            let v = random_f32(tokens * row, tokens as u64 ^ 9, 2.0);
+            let code = |v: usize| (v as u32).to_le_bytes();
+            let layout_code = code(usize::from(layout == RopeLayout::Interleaved));
+            let (mut posb, mut freqb) = (bytes_u32(&positions), f32_bytes(&freqs));
+
+            // The two launches: rope_qk_f32 on copies of q and k.
+            let items = (n_heads + n_kv_heads) * n_pairs;
+            let (blocks_y, chunk, threads) = shape(tokens, items);
+            let head = [code(tokens), code(n_heads), code(n_kv_heads), code(head_dim), code(n_pairs), layout_code];
+            let p = params32(&[&head[..], &[code(chunk), 1.1f32.to_le_bytes()]].concat());
+            let (mut rq, mut rk) = (f32_bytes(&q), f32_bytes(&k));
+            let mut args =
+                [Arg::Buf(&mut rq, 0), Arg::Buf(&mut rk, 0), Arg::Buf(&mut posb, 0), Arg::Buf(&mut freqb, 0)];
+            launch(&emu, "rope_qk_f32", [tokens as u32, blocks_y, 1], threads, 2 * n_pairs * 4, &p, &mut args);
+            let (want_q, want_k) = (f32s(&rq), f32s(&rk));
+
+            // The fused launch, into blocks holding a sentinel.
+            let items = n_heads * n_pairs + n_kv_heads * head_dim;
+            let (blocks_y, chunk, threads) = shape(tokens, items);
+            let p = params32(&[&head[..], &[code(chunk), 1.1f32.to_le_bytes(), code(start), code(block_len)]].concat());
+            let n_blocks = (start + tokens).div_ceil(block_len);
+            let mut blocks: Vec<Vec<u8>> =
+                (0..2 * n_blocks).map(|_| f32_bytes(&vec![-7f32; block_len * row])).collect();
+            let (mut fq, mut fk, mut fv) = (f32_bytes(&q), f32_bytes(&k), f32_bytes(&v));
+            let mut args = vec![
+                Arg::Buf(&mut fq, 0),
+                Arg::Buf(&mut fk, 0),
+                Arg::Buf(&mut fv, 0),
+                Arg::Buf(&mut posb, 0),
+                Arg::Buf(&mut freqb, 0),
+                Arg::Table((5..5 + 2 * n_blocks).collect()),
+            ];
+            args.extend(blocks.iter_mut().map(Arg::Extra));
+            launch(&emu, "rope_qk_append_f32", [tokens as u32, blocks_y, 1], threads, 2 * n_pairs * 4, &p, &mut args);
+
+            let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same(&f32s(&fq), &want_q), "{what}: q differs from rope_qk_f32's");
+            assert!(same(&f32s(&fk), &k), "{what}: the k buffer changed");
+            for (b, bytes) in blocks.iter().enumerate() {
+                let (block, which) = (b / 2, if b % 2 == 0 { &want_k } else { &v });
+                for (i, got) in f32s(bytes).into_iter().enumerate() {
+                    let pos = block * block_len + i / row;
+                    let want = if (start..start + tokens).contains(&pos) {
+                        which[(pos - start) * row + i % row]
+                    } else {
+                        -7.0
+                    };
+                    let part = if b % 2 == 0 { "k" } else { "v" };
+                    assert_eq!(
+                        got.to_bits(),
+                        want.to_bits(),
+                        "{what}: block {block} ({part}) element {i}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The launcher's shape for `items` items per token (`ops::rope::launch_shape`): blocks per
+/// token, items per block, threads.
+fn shape(tokens: usize, items: usize) -> (u32, usize, u32) {
+    let per_block = if tokens >= 128 { 4096 } else { 1024 };
+    let blocks_y = items.div_ceil(per_block).min(65535);
+    let chunk = items.div_ceil(blocks_y);
+    (blocks_y as u32, chunk, chunk.next_multiple_of(32).min(256) as u32)
+}
+
+fn bytes_u32(v: &[u32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }

@@ -224,3 +224,39 @@ proptest! {
         check_all(&cuda, &Case { args, n_pairs, positions: positions(tokens, first), seed });
     }
 }
+
+/// `DeviceKvCache::append_rotated` is `rope_qk` then `append`, bit for bit: the same q, the same
+/// cache contents, over two appends (a prefill, then a decode step that starts inside a block),
+/// with partial rotary dimensions and both pairings; the k buffer is left as it was.
+#[test]
+fn append_rotated_is_rope_then_append() {
+    use strata_kernels::cuda::kv::DeviceKvCache;
+    let Some(cuda) = device_or_skip("append_rotated_is_rope_then_append") else { return };
+    let (n_heads, n_kv, hd, n_pairs, block_len) = (6, 2, 64, 24, 4);
+    for layout in [RopeLayout::RotateHalf, RopeLayout::Interleaved] {
+        let (mut fused, mut split) = (
+            DeviceKvCache::new(&cuda, 1, n_kv, hd, block_len).unwrap(),
+            DeviceKvCache::new(&cuda, 1, n_kv, hd, block_len).unwrap(),
+        );
+        let freqs = cuda.upload(&inv_freq(n_pairs, 10000.0)).unwrap();
+        let mut pos0 = 0u32;
+        for tokens in [7usize, 1] {
+            let args = RopeArgs { tokens, n_heads, n_kv_heads: n_kv, head_dim: hd, attention_factor: 1.1, layout };
+            let pos = cuda.upload(&positions(tokens, pos0)).unwrap();
+            let q = random_f32(tokens * n_heads * hd, tokens as u64, 2.0);
+            let k = random_f32(tokens * n_kv * hd, tokens as u64 ^ 5, 2.0);
+            let v = random_f32(tokens * n_kv * hd, tokens as u64 ^ 6, 2.0);
+            let (mut fq, fk, dv) = (cuda.upload(&q).unwrap(), cuda.upload(&k).unwrap(), cuda.upload(&v).unwrap());
+            fused.append_rotated(&cuda, 0, &mut fq, &fk, &dv, &pos, &freqs, &args).unwrap();
+            let (mut sq, mut sk) = (cuda.upload(&q).unwrap(), cuda.upload(&k).unwrap());
+            ops::rope_qk::<f32, _, _, _, _>(&cuda, &mut sq, &mut sk, &pos, &freqs, &args).unwrap();
+            split.append(&cuda, 0, &sk, &dv, tokens).unwrap();
+            let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+            assert_eq!(bits(cuda.download(&fq).unwrap()), bits(cuda.download(&sq).unwrap()), "{layout:?}: q");
+            assert_eq!(bits(cuda.download(&fk).unwrap()), bits(k.clone()), "{layout:?}: the k buffer changed");
+            let ((fk, fv), (sk, sv)) = (fused.download(&cuda, 0).unwrap(), split.download(&cuda, 0).unwrap());
+            assert_eq!((bits(fk), bits(fv)), (bits(sk), bits(sv)), "{layout:?}: the cache after {tokens} tokens");
+            pos0 += tokens as u32;
+        }
+    }
+}

@@ -54,6 +54,52 @@ impl RopeElem for half::bf16 {
 /// Rotary pairs whose cos/sin table fits the 48 KiB of shared memory a block gets by default.
 const MAX_PAIRS: usize = 48 * 1024 / 8;
 
+/// The parameters and launch shape of a RoPE kernel over `items` items per token (`rope_qk`:
+/// (head, pair) items; `rope_qk_append_f32`: its own, rope.h's RopeAppendParams). Many tokens:
+/// a block per token, each thread taking several items. Few (decode): each token's items split
+/// over more blocks so that more SMs take part.
+pub(crate) fn launch_shape(args: &RopeArgs, n_pairs: usize, items: usize) -> (RopeParams, LaunchConfig) {
+    let &RopeArgs { tokens, n_heads, n_kv_heads, head_dim, attention_factor, layout } = args;
+    let per_block = if tokens >= 128 { 4096 } else { 1024 };
+    let blocks_y = items.div_ceil(per_block).min(65535);
+    let chunk = items.div_ceil(blocks_y);
+    let threads = chunk.next_multiple_of(32).min(256) as u32;
+    let p = RopeParams {
+        tokens: tokens as u32,
+        n_heads: n_heads as u32,
+        n_kv_heads: n_kv_heads as u32,
+        head_dim: head_dim as u32,
+        n_pairs: n_pairs as u32,
+        layout: match layout {
+            RopeLayout::RotateHalf => STRATA_ROPE_ROTATE_HALF,
+            RopeLayout::Interleaved => STRATA_ROPE_INTERLEAVED,
+        },
+        chunk: chunk as u32,
+        attention_factor,
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (tokens as u32, blocks_y as u32, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: (2 * n_pairs * size_of::<f32>()) as u32,
+    };
+    (p, cfg)
+}
+
+/// Checks `args` against `n_pairs` frequencies for a RoPE launch named `op`: the rotated
+/// dimensions fit a head, the cos/sin table fits shared memory.
+pub(crate) fn check_pairs(op: &str, args: &RopeArgs, n_pairs: usize) -> Result<()> {
+    if 2 * n_pairs > args.head_dim {
+        return Err(Error::invalid(
+            op,
+            format!("{n_pairs} frequencies rotate {} dimensions, more than head_dim {}", 2 * n_pairs, args.head_dim),
+        ));
+    }
+    if n_pairs > MAX_PAIRS {
+        return Err(Error::invalid(op, format!("{n_pairs} rotary pairs, at most {MAX_PAIRS} supported")));
+    }
+    Ok(())
+}
+
 /// Rotates the queries `q` (`[tokens, n_heads, head_dim]`) and keys `k` (`[tokens, n_kv_heads,
 /// head_dim]`) in place, in one launch: pair `i` of every head of token `t` turns by the angle
 /// `positions[t] as f32 * inv_freq[i]`, with the pairing of `args.layout`; the first
@@ -79,17 +125,9 @@ where
     F: DevicePtr<f32>,
 {
     const OP: &str = "rope_qk";
-    let &RopeArgs { tokens, n_heads, n_kv_heads, head_dim, attention_factor, layout } = args;
+    let &RopeArgs { tokens, n_heads, n_kv_heads, head_dim, .. } = args;
     let n_pairs = inv_freq.len();
-    if 2 * n_pairs > head_dim {
-        return Err(Error::invalid(
-            OP,
-            format!("{n_pairs} frequencies rotate {} dimensions, more than head_dim {head_dim}", 2 * n_pairs),
-        ));
-    }
-    if n_pairs > MAX_PAIRS {
-        return Err(Error::invalid(OP, format!("{n_pairs} rotary pairs, at most {MAX_PAIRS} supported")));
-    }
+    check_pairs(OP, args, n_pairs)?;
     let overflow =
         || Error::invalid(OP, format!("{tokens} tokens x {n_heads} + {n_kv_heads} heads x {head_dim} overflows"));
     let q_len = tokens.checked_mul(n_heads).and_then(|v| v.checked_mul(head_dim)).ok_or_else(overflow)?;
@@ -104,30 +142,7 @@ where
     if tokens > i32::MAX as usize || head_dim > u32::MAX as usize || items > u32::MAX as usize {
         return Err(overflow());
     }
-    // Many tokens: a block per token, each thread taking several pairs. Few (decode): split each
-    // token's heads over more blocks so that more SMs take part.
-    let per_block = if tokens >= 128 { 4096 } else { 1024 };
-    let blocks_y = items.div_ceil(per_block).min(65535);
-    let chunk = items.div_ceil(blocks_y);
-    let threads = chunk.next_multiple_of(32).min(256) as u32;
-    let p = RopeParams {
-        tokens: tokens as u32,
-        n_heads: n_heads as u32,
-        n_kv_heads: n_kv_heads as u32,
-        head_dim: head_dim as u32,
-        n_pairs: n_pairs as u32,
-        layout: match layout {
-            RopeLayout::RotateHalf => STRATA_ROPE_ROTATE_HALF,
-            RopeLayout::Interleaved => STRATA_ROPE_INTERLEAVED,
-        },
-        chunk: chunk as u32,
-        attention_factor,
-    };
-    let cfg = LaunchConfig {
-        grid_dim: (tokens as u32, blocks_y as u32, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: (2 * n_pairs * size_of::<f32>()) as u32,
-    };
+    let (p, cfg) = launch_shape(args, n_pairs, items);
     let ptrs = [ptr_mut(cuda, q), ptr_mut(cuda, k), ptr(cuda, positions), ptr(cuda, inv_freq)];
     // SAFETY: q holds tokens * n_heads * head_dim elements of T, k tokens * n_kv_heads * head_dim,
     // positions tokens and inv_freq n_pairs (checked above); the kernel touches dimensions
