@@ -39,7 +39,8 @@
 //   longer than the tile: the blocks would otherwise quantize every tile again for every round
 //   of rows.
 // - Float weights (f32, f16, bf16): rows whose byte length is a multiple of 16 are read with
-//   16-byte streaming loads, consecutive lanes on consecutive 16 bytes, two per row in flight;
+//   16-byte streaming loads, consecutive lanes on consecutive 16 bytes, four per row in flight
+//   (two above two tokens);
 //   other rows element by element (the _scalar kernels).
 // - Block-quantized weights: each warp streams its rows in chunks of STRATA_MATVEC_CHUNK columns
 //   (512 for q8_0; STRATA_MATVEC_CHUNK_WIDE for the integer kernels of q4_k and q6_k up to 4
@@ -243,7 +244,8 @@ __device__ __forceinline__ void float_unit(const uint4 (&v)[MV_ROWS], const floa
     }
 }
 
-// Float rows of a multiple of 16 bytes: lanes on consecutive 16-byte units, two per row in flight.
+// Float rows of a multiple of 16 bytes: lanes on consecutive 16-byte units, several per row in
+// flight.
 template <int DT, int T>
 __device__ __forceinline__ void mv_float_vec(const MatvecParams& p, const unsigned char* __restrict__ w,
                                              const float* __restrict__ x, float* __restrict__ y) {
@@ -264,18 +266,24 @@ __device__ __forceinline__ void mv_float_vec(const MatvecParams& p, const unsign
         __syncthreads();
         stage_x<X, T, false, false>(p, x, k0, kt, xs, nullptr);
         const int units = kt / E;
-        for (int u = lane; u < units; u += 64) {
-            const bool two = u + 32 < units;
-            uint4 a[MV_ROWS], b[MV_ROWS];
+        // U units per row in flight per lane: 4 at one and two tokens, where a decode step's
+        // small products (2048 rows: 512 warps) need each warp's loads to cover the latency; 2
+        // above, where the accumulators take the registers. The units go through float_unit in
+        // column order either way.
+        constexpr int U = T <= 2 ? 4 : 2;
+        for (int u = lane; u < units; u += 32 * U) {
+            uint4 a[U][MV_ROWS];
 #pragma unroll
-            for (int r = 0; r < MV_ROWS; ++r) a[r] = __ldcs(reinterpret_cast<const uint4*>(wr[r] + (size_t)(k0 + u * E) * ES));
-            if (two) {
+            for (int j = 0; j < U; ++j) {
+                if (u + 32 * j < units) {
 #pragma unroll
-                for (int r = 0; r < MV_ROWS; ++r)
-                    b[r] = __ldcs(reinterpret_cast<const uint4*>(wr[r] + (size_t)(k0 + (u + 32) * E) * ES));
+                    for (int r = 0; r < MV_ROWS; ++r)
+                        a[j][r] = __ldcs(reinterpret_cast<const uint4*>(wr[r] + (size_t)(k0 + (u + 32 * j) * E) * ES));
+                }
             }
-            float_unit<DT, T>(a, xs, u * E, acc);
-            if (two) float_unit<DT, T>(b, xs, (u + 32) * E, acc);
+#pragma unroll
+            for (int j = 0; j < U; ++j)
+                if (u + 32 * j < units) float_unit<DT, T>(a[j], xs, (u + 32 * j) * E, acc);
         }
     }
     write_rows<T>(p, acc, row0, lane, y);
