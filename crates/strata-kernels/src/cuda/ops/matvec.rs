@@ -584,6 +584,19 @@ mod tests {
     }
 
     #[test]
+    fn activations_are_quantized_first_above_two_tokens_or_past_a_tile() {
+        // A decode step's products on rows within a tile: each block quantizes, no extra launch.
+        assert!(!quantize_first(1, 2048, 1) && !quantize_first(1, 8192, 1) && !quantize_first(2, 4096, 2));
+        // Longer rows (an 8B model's down product at one token), or more tokens.
+        assert!(quantize_first(1, 14336, 1) && quantize_first(2, 4352, 2));
+        assert!(quantize_first(3, 64, 4) && quantize_first(8, 2048, 8) && quantize_first(20, 2048, 8));
+        // A record: both digit arrays, a unit and a sum per 32 columns, a sum per 8, to 16 bytes.
+        assert_eq!(actq_bytes(1, 32), 96);
+        assert_eq!(actq_bytes(1, 2048), 2048 * 2 + 64 * 8 + 256 * 4);
+        assert_eq!(actq_bytes(3, 64), 3 * 176);
+    }
+
+    #[test]
     fn every_dtype_has_kernels_for_both_row_shapes() {
         for dtype in DType::ALL {
             let k = dtype.block_len() * 8;
