@@ -30,13 +30,12 @@
 // Items a thread loads before it stores any (see rope_qk).
 #define ROPE_BATCH 4
 
-template <typename T>
-__device__ __forceinline__ void rope_qk(const RopeParams& p, T* q, T* k, const unsigned int* positions,
-                                        const float* inv_freq) {
-    STRATA_DYNAMIC_SMEM(float, table);  // cos[0..n_pairs), then sin[0..n_pairs)
-    const unsigned int t = blockIdx.x;
+// The cos/sin table of the block's token (blockIdx.x) in shared memory: cos[0..n_pairs), then
+// sin[0..n_pairs), each times the attention factor. Ends with a barrier.
+__device__ __forceinline__ float* rope_table(const RopeParams& p, const unsigned int* positions, const float* inv_freq) {
+    STRATA_DYNAMIC_SMEM(float, table);
     const unsigned int n = p.n_pairs;
-    const float pos = __uint2float_rn(positions[t]);
+    const float pos = __uint2float_rn(positions[blockIdx.x]);
     for (unsigned int i = threadIdx.x; i < n; i += blockDim.x) {
         float s, c;
         sincosf(__fmul_rn(pos, inv_freq[i]), &s, &c);
@@ -44,6 +43,15 @@ __device__ __forceinline__ void rope_qk(const RopeParams& p, T* q, T* k, const u
         table[n + i] = __fmul_rn(s, p.attention_factor);
     }
     __syncthreads();
+    return table;
+}
+
+template <typename T>
+__device__ __forceinline__ void rope_qk(const RopeParams& p, T* q, T* k, const unsigned int* positions,
+                                        const float* inv_freq) {
+    const float* table = rope_table(p, positions, inv_freq);
+    const unsigned int t = blockIdx.x;
+    const unsigned int n = p.n_pairs;
     const unsigned int items = (p.n_heads + p.n_kv_heads) * n;
     const unsigned int begin = blockIdx.y * p.chunk;
     const unsigned int end = min(items, begin + p.chunk);
@@ -99,18 +107,10 @@ extern "C" __global__ void rope_qk_bf16(RopeParams p, __nv_bfloat16* q, __nv_bfl
 extern "C" __global__ void rope_qk_append_f32(RopeAppendParams pa, float* q, const float* k, const float* v,
                                               const unsigned int* positions, const float* inv_freq,
                                               const unsigned long long* table) {
-    STRATA_DYNAMIC_SMEM(float, cs);  // cos[0..n_pairs), then sin[0..n_pairs)
     const RopeParams& p = pa.rope;
+    const float* cs = rope_table(p, positions, inv_freq);  // cos[0..n_pairs), then sin[0..n_pairs)
     const unsigned int t = blockIdx.x;
     const unsigned int n = p.n_pairs, hd = p.head_dim, half = p.head_dim / 2;
-    const float pos = __uint2float_rn(positions[t]);
-    for (unsigned int i = threadIdx.x; i < n; i += blockDim.x) {
-        float s, c;
-        sincosf(__fmul_rn(pos, inv_freq[i]), &s, &c);
-        cs[i] = __fmul_rn(c, p.attention_factor);
-        cs[n + i] = __fmul_rn(s, p.attention_factor);
-    }
-    __syncthreads();
     const unsigned int nq = p.n_heads * n, nkv = p.n_kv_heads * half;
     const unsigned int items = nq + 2 * nkv;
     const unsigned int begin = blockIdx.y * p.chunk, end = min(items, begin + p.chunk);
