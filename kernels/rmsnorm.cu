@@ -1,6 +1,8 @@
 // RMSNorm: out[r, c] = x[r, c] * rsqrt(mean_c(x[r, :]^2) + eps) * w[c], f32.
 //
-// Launch: one block per row (grid = rows), 256 threads (any multiple of 32 up to 1024). When the
+// Launch: one block per row (grid = rows), any multiple of 32 threads up to 1024 (the launcher: a
+// float4 per thread, at most 1024; the sum of squares is reduced in an order that depends on the
+// count, so both kernels get the same one and normalise a row to the same bits). When the
 // row is a whole number of 16-byte float4 (cols % 4 == 0, x, w and out 16-byte aligned) and fits
 // in RMSNORM_VECS float4 per thread, each thread loads its float4 once, keeps them in registers
 // for the scaling pass, and the row is read from memory once; otherwise each thread strides over
@@ -8,11 +10,11 @@
 // way. x and out may alias (in-place): every element is read and written by the same thread. CPU
 // reference: strata_tensor::cpu::reference::rms_norm. Launcher: strata_kernels::cuda::ops::rms_norm.
 //
-// rmsnorm_f32_actq (blocks of up to 1024 threads; the launcher gives it 1024) also quantizes
-// each output row to two digits for the integer matvec kernels (actq.cuh's record per row; cols
-// a multiple of 32): after a barrier, each warp re-reads blocks of 32 outputs the block wrote and
-// quantizes them with the matvec's own quantize_block, so the records are bit for bit what
-// matvec_quantize_x makes of the outputs. Launcher: strata_kernels::cuda::ops::rms_norm_actq.
+// rmsnorm_f32_actq also quantizes each output row to two digits for the integer matvec kernels
+// (actq.cuh's record per row; cols a multiple of 32): after a barrier, each warp re-reads blocks
+// of 32 outputs the block wrote and quantizes them with the matvec's own quantize_block, so the
+// records are bit for bit what matvec_quantize_x makes of the outputs. Launcher:
+// strata_kernels::cuda::ops::rms_norm_actq.
 #include "strata_common.cuh"
 #include "actq.cuh"
 #include "rmsnorm.h"
@@ -63,7 +65,8 @@ __device__ __forceinline__ void rmsnorm_row(const RmsNormParams& p, const float*
     for (unsigned int c = threadIdx.x; c < p.cols; c += blockDim.x) orow[c] = xr[c] * inv * w[c];
 }
 
-extern "C" __global__ void rmsnorm_f32(RmsNormParams p, const float* x, const float* w, float* out) {
+extern "C" __global__ void __launch_bounds__(1024) rmsnorm_f32(RmsNormParams p, const float* x, const float* w,
+                                                                float* out) {
     if (blockIdx.x >= p.rows) return;
     rmsnorm_row(p, x, w, out);
 }

@@ -6,9 +6,15 @@ use strata_tensor::cpu::reference;
 use crate::driver::{Arg, assert_close, build, f32_bytes, f32s, launch, params32, random_f32};
 use crate::matvec::{quantize_x, record_bytes};
 
-/// Runs `rmsnorm_f32` as `ops::rms_norm` launches it: a 256-thread block per row. `offset`
-/// floats into the buffers (a view that is not 16-byte aligned when odd); in place when `inplace`.
-fn run(x: &[f32], w: &[f32], rows: usize, offset: usize, inplace: bool) -> Vec<f32> {
+/// Threads per row as `ops::rms_norm` and `ops::rms_norm_actq` launch both kernels: a float4 per
+/// thread, 32 to 1024.
+fn launcher_threads(cols: usize) -> u32 {
+    cols.div_ceil(4).next_multiple_of(32).clamp(32, 1024) as u32
+}
+
+/// Runs `rmsnorm_f32` on a block of `threads` per row. `offset` floats into the buffers (a view
+/// that is not 16-byte aligned when odd); in place when `inplace`.
+fn run(x: &[f32], w: &[f32], rows: usize, offset: usize, inplace: bool, threads: u32) -> Vec<f32> {
     let emu = build("emu_rmsnorm.cpp").expect("checked by the caller");
     let cols = w.len();
     let p = params32(&[(rows as u32).to_le_bytes(), (cols as u32).to_le_bytes(), 1e-5f32.to_le_bytes()]);
@@ -17,11 +23,11 @@ fn run(x: &[f32], w: &[f32], rows: usize, offset: usize, inplace: bool) -> Vec<f
     let mut out = f32_bytes(&vec![f32::NAN; x.len()]);
     if inplace {
         let mut args = [Arg::Buf(&mut xb, 4 * offset), Arg::Buf(&mut wb, 0), Arg::Alias(0, 4 * offset)];
-        launch(&emu, "rmsnorm_f32", [rows as u32, 1, 1], 256, 0, &p, &mut args);
+        launch(&emu, "rmsnorm_f32", [rows as u32, 1, 1], threads, 0, &p, &mut args);
         return f32s(&xb)[offset..].to_vec();
     }
     let mut args = [Arg::Buf(&mut xb, 4 * offset), Arg::Buf(&mut wb, 0), Arg::Buf(&mut out, 4 * offset)];
-    launch(&emu, "rmsnorm_f32", [rows as u32, 1, 1], 256, 0, &p, &mut args);
+    launch(&emu, "rmsnorm_f32", [rows as u32, 1, 1], threads, 0, &p, &mut args);
     f32s(&out)[offset..].to_vec()
 }
 
@@ -39,9 +45,13 @@ fn emulated_rms_norm_matches_the_reference_on_both_paths() {
         let w = random_f32(cols, 7, 1.5);
         let mut want = vec![0f32; rows * cols];
         reference::rms_norm(&x[offset..], &w, 1e-5, &mut want).unwrap();
-        for inplace in [false, true] {
-            let what = format!("rms_norm {rows} x {cols} at offset {offset}, in place: {inplace}");
-            assert_close(&what, &run(&x, &w, rows, offset, inplace), &want, 1e-5, 1e-5);
+        // The launcher's threads, and 256 (two or more float4 per thread on the register path).
+        for threads in [launcher_threads(cols), 256] {
+            for inplace in [false, true] {
+                let what =
+                    format!("rms_norm {rows} x {cols} at offset {offset}, {threads} threads, in place: {inplace}");
+                assert_close(&what, &run(&x, &w, rows, offset, inplace, threads), &want, 1e-5, 1e-5);
+            }
         }
     }
 }
@@ -49,7 +59,7 @@ fn emulated_rms_norm_matches_the_reference_on_both_paths() {
 /// `rmsnorm_f32_actq`: the same outputs as `rmsnorm_f32`, bit for bit, and each row quantized to
 /// two digits exactly as `matvec_quantize_x` quantizes those outputs (the record the integer
 /// matvec kernels copy), on the register path, the striding path and a row of one block, with the
-/// launcher's 1024 threads per row.
+/// launchers' threads per row (the same for both kernels, so the same sum of squares).
 #[test]
 fn emulated_rms_norm_quantizes_its_rows_as_the_matvec_does() {
     if build("emu_rmsnorm.cpp").is_none() || build("emu_matvec.cpp").is_none() {
@@ -62,14 +72,15 @@ fn emulated_rms_norm_quantizes_its_rows_as_the_matvec_does() {
             xs[(b * 5) % 32] *= 40.0;
         }
         let w = random_f32(cols, 11, 1.5);
-        let plain = run(&x, &w, rows, 0, false);
+        let threads = launcher_threads(cols);
+        let plain = run(&x, &w, rows, 0, false, threads);
         let p = params32(&[(rows as u32).to_le_bytes(), (cols as u32).to_le_bytes(), 1e-5f32.to_le_bytes()]);
         let (mut xb, mut wb) = (f32_bytes(&x), f32_bytes(&w));
         let mut out = f32_bytes(&vec![f32::NAN; x.len()]);
         let mut xq = vec![0xA5u8; rows * record_bytes(cols)];
         let mut args = [Arg::Buf(&mut xb, 0), Arg::Buf(&mut wb, 0), Arg::Buf(&mut out, 0), Arg::Buf(&mut xq, 0)];
-        // As ops::rms_norm_actq launches it: 1024 threads per row.
-        launch(&emu, "rmsnorm_f32_actq", [rows as u32, 1, 1], 1024, 0, &p, &mut args);
+        // Both as the launchers launch them: the same threads per row.
+        launch(&emu, "rmsnorm_f32_actq", [rows as u32, 1, 1], threads, 0, &p, &mut args);
         let out = f32s(&out);
         for (i, (&g, &v)) in out.iter().zip(&plain).enumerate() {
             assert_eq!(g.to_bits(), v.to_bits(), "{rows} x {cols}: out[{i}] = {g}, want {v}");

@@ -68,9 +68,7 @@ where
         return Ok(());
     }
     let p = RmsNormParams { rows: rows as u32, cols: cols as u32, eps };
-    // 32 warps: a decode step's one row is one block, whose warps then quantize its blocks of 32
-    // (a 2048-wide row: two each, one after the other).
-    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads(cols), 1, 1), shared_mem_bytes: 0 };
     let ptrs = [ptr(cuda, x), ptr(cuda, w), ptr_mut(cuda, out), ptr_mut(cuda, xq)];
     if ptrs[3] % 16 != 0 {
         return Err(Error::invalid(OP, "xq is not 16-byte aligned (the matvec copies it in 16-byte pieces)"));
@@ -79,7 +77,16 @@ where
     unsafe { cuda.launch("rmsnorm", "rmsnorm_f32_actq", cfg, &p, &ptrs) }
 }
 
-/// Launches `rmsnorm_f32` over `[x, w, out]`: one 256-thread block per row.
+/// Threads per block (per row) of both RMSNorm kernels for rows of `cols`: a float4 per thread
+/// up to 4096 columns (a 2048-wide row: 512 threads, whose 16 warps then quantize its 64 blocks
+/// of 32 four each in `rms_norm_actq`), 1024 above. The block's sum of squares is reduced in an
+/// order that follows from this, so both kernels take the same count and normalise a row to the
+/// same bits.
+fn threads(cols: usize) -> u32 {
+    cols.div_ceil(4).next_multiple_of(32).clamp(32, 1024) as u32
+}
+
+/// Launches `rmsnorm_f32` over `[x, w, out]`: one block of [`threads`] per row.
 ///
 /// # Safety
 /// `x` and `out` must hold `rows * cols` floats and `w` `cols`.
@@ -88,7 +95,22 @@ unsafe fn launch(cuda: &Cuda, ptrs: [u64; 3], rows: usize, cols: usize, eps: f32
         return Ok(());
     }
     let p = RmsNormParams { rows: rows as u32, cols: cols as u32, eps };
-    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads(cols), 1, 1), shared_mem_bytes: 0 };
     // SAFETY: the caller guarantees the buffers' lengths.
     unsafe { cuda.launch("rmsnorm", "rmsnorm_f32", cfg, &p, &ptrs) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::threads;
+
+    #[test]
+    fn a_row_gets_a_float4_per_thread_up_to_1024_threads() {
+        assert_eq!(threads(1), 32);
+        assert_eq!(threads(128), 32);
+        assert_eq!(threads(2048), 512);
+        assert_eq!(threads(4100), 1024);
+        assert_eq!(threads(8192), 1024);
+        assert_eq!(threads(100_000), 1024);
+    }
 }
