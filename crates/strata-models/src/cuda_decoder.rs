@@ -86,11 +86,7 @@ impl CudaLinear {
         tokens: usize,
         scratch: &mut LinearScratch,
     ) -> Result<()> {
-        ops::linear(cuda, &self.weight, x, y, tokens, scratch)?;
-        if let Some(b) = &self.bias {
-            ops::add_bias(cuda, y, b, tokens)?;
-        }
-        Ok(())
+        self.forward_q(cuda, x, None, y, tokens, scratch)
     }
 
     /// Whether a product of `tokens` rows takes activations quantized by the norm before it
@@ -113,15 +109,33 @@ impl CudaLinear {
     ) -> Result<()> {
         match xq {
             Some(xq) if self.takes_actq(tokens) => {
-                ops::matvec_actq(cuda, &self.weight, xq, y, tokens, MatvecStore::Write)?;
-                if let Some(b) = &self.bias {
-                    ops::add_bias(cuda, y, b, tokens)?;
-                }
-                Ok(())
+                ops::matvec_actq(cuda, &self.weight, xq, y, tokens, MatvecStore::Write)?
             }
-            _ => self.forward(cuda, x, y, tokens, scratch),
+            _ => ops::linear(cuda, &self.weight, x, y, tokens, scratch)?,
         }
+        if let Some(b) = &self.bias {
+            ops::add_bias(cuda, y, b, tokens)?;
+        }
+        Ok(())
     }
+}
+
+/// RMSNorm of `rows` rows of `x` into `out`; given `xq`, the rows also quantized there to two
+/// digits for the products after the norm (`ops::rms_norm_actq`: the same `out`, bit for bit).
+fn rms_norm(
+    cuda: &Cuda,
+    x: &CudaView<'_, f32>,
+    w: &CudaSlice<f32>,
+    eps: f32,
+    rows: usize,
+    out: &mut CudaViewMut<'_, f32>,
+    xq: Option<&mut CudaViewMut<'_, u8>>,
+) -> Result<()> {
+    match xq {
+        Some(xq) => ops::rms_norm_actq(cuda, x, w, eps, rows, out, xq)?,
+        None => ops::rms_norm(cuda, x, w, eps, rows, out)?,
+    }
+    Ok(())
 }
 
 /// Whether a product of `tokens` rows by `w` runs the integer matvec, which can take activations
@@ -569,14 +583,10 @@ impl CudaDecoder {
         let actq_len = if actq_ok { ops::actq_bytes(t, h) } else { 0 };
         for (li, layer) in self.layers.iter().enumerate() {
             let mut normed = s.normed.slice_mut(..t * h);
-            let x = s.x.slice(..t * h);
             let qkv_q = actq_ok && layer.qkv.takes_actq(t);
-            if qkv_q {
-                let mut xq = s.xq.slice_mut(..actq_len);
-                ops::rms_norm_actq(cuda, &x, &layer.attn_norm, hp.rms_norm_eps, t, &mut normed, &mut xq)?;
-            } else {
-                ops::rms_norm(cuda, &x, &layer.attn_norm, hp.rms_norm_eps, t, &mut normed)?;
-            }
+            let mut xq = qkv_q.then(|| s.xq.slice_mut(..actq_len));
+            let x = s.x.slice(..t * h);
+            rms_norm(cuda, &x, &layer.attn_norm, hp.rms_norm_eps, t, &mut normed, xq.as_mut())?;
             let xq = s.xq.slice(..actq_len);
             let xq = qkv_q.then_some(&xq);
             let width = qd + 2 * kvd;
@@ -647,20 +657,8 @@ impl CudaDecoder {
             residual(cuda, &layer.o, &attn, &mut s.x.slice_mut(..t * h), &mut s.proj.slice_mut(..t * h), t, work)?;
 
             let ffn_q = actq_ok && matches!(&layer.ffn, CudaFfn::Dense(mlp) if mlp.gate_up.takes_actq(t));
-            if ffn_q {
-                let mut xq = s.xq.slice_mut(..actq_len);
-                ops::rms_norm_actq(
-                    cuda,
-                    &s.x.slice(..t * h),
-                    &layer.ffn_norm,
-                    hp.rms_norm_eps,
-                    t,
-                    &mut normed,
-                    &mut xq,
-                )?;
-            } else {
-                ops::rms_norm(cuda, &s.x.slice(..t * h), &layer.ffn_norm, hp.rms_norm_eps, t, &mut normed)?;
-            }
+            let mut xq = ffn_q.then(|| s.xq.slice_mut(..actq_len));
+            rms_norm(cuda, &s.x.slice(..t * h), &layer.ffn_norm, hp.rms_norm_eps, t, &mut normed, xq.as_mut())?;
             let xq = s.xq.slice(..actq_len);
             let xq = ffn_q.then_some(&xq);
             let mut x = s.x.slice_mut(..t * h);
@@ -681,13 +679,12 @@ impl CudaDecoder {
         let rows = s.x.slice((t - out_rows) * h..t * h);
         let mut final_normed = s.normed.slice_mut(..out_rows * h);
         let mut logits = logits.slice_mut(..out_rows * vocab);
-        if h.is_multiple_of(32) && takes_actq(&self.lm_head, out_rows) {
-            let mut xq = s.xq.slice_mut(..ops::actq_bytes(out_rows, h));
-            ops::rms_norm_actq(cuda, &rows, &self.norm, hp.rms_norm_eps, out_rows, &mut final_normed, &mut xq)?;
-            ops::matvec_actq(cuda, &self.lm_head, &xq, &mut logits, out_rows, MatvecStore::Write)?;
-        } else {
-            ops::rms_norm(cuda, &rows, &self.norm, hp.rms_norm_eps, out_rows, &mut final_normed)?;
-            ops::linear(cuda, &self.lm_head, &final_normed, &mut logits, out_rows, work)?;
+        let head_q = h.is_multiple_of(32) && takes_actq(&self.lm_head, out_rows);
+        let mut xq = head_q.then(|| s.xq.slice_mut(..ops::actq_bytes(out_rows, h)));
+        rms_norm(cuda, &rows, &self.norm, hp.rms_norm_eps, out_rows, &mut final_normed, xq.as_mut())?;
+        match xq {
+            Some(xq) => ops::matvec_actq(cuda, &self.lm_head, &xq, &mut logits, out_rows, MatvecStore::Write)?,
+            None => ops::linear(cuda, &self.lm_head, &final_normed, &mut logits, out_rows, work)?,
         }
         if let Some(recorder) = recorder {
             let (launches, retired) = recorder.finish();

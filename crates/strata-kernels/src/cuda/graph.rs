@@ -79,13 +79,6 @@ impl Step for Launch {
     }
 }
 
-impl Launch {
-    /// The kernel's name, for errors.
-    pub fn kernel(&self) -> &'static str {
-        self.kernel
-    }
-}
-
 /// What a thread is recording.
 struct Recording {
     ordinal: usize,

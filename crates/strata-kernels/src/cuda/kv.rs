@@ -16,10 +16,9 @@ use std::sync::Mutex;
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 use strata_tensor::paged::PagedKv;
 
-use crate::cuda::graph::Recorder;
 use crate::cuda::ops::{RopeArgs, check_pairs, launch_shape};
 use crate::cuda::params::{KvAppendParams, RopeAppendParams};
-use crate::cuda::{Cuda, check_len, ptr, ptr_mut};
+use crate::cuda::{Cuda, check_len, grown, ptr, ptr_mut};
 use crate::{Error, Result};
 
 /// Keys and values of every layer for one sequence, on the device.
@@ -265,15 +264,8 @@ impl DeviceKvCache {
         // The table lists every block, including any a failed reservation left behind.
         if t.host.len() < 2 * blocks.len() {
             t.host.extend(blocks[t.host.len() / 2..].iter().flat_map(|b| [ptr(cuda, &b.k), ptr(cuda, &b.v)]));
-            let capacity = t.device.as_ref().map_or(0, |d| d.len());
-            if capacity < t.host.len() {
-                // A recorded launch may still use the old table (graph::Recorder).
-                if let Some(old) = t.device.take() {
-                    Recorder::retire(old);
-                }
-                t.device = Some(cuda.zeros::<u64>(t.host.len().next_power_of_two().max(8))?);
-            }
-            let table = t.device.as_mut().expect("allocated above");
+            let n = t.host.len();
+            let table = grown(cuda, &mut t.device, n, n.next_power_of_two().max(8))?;
             cuda.upload_into(&t.host, table)?;
         }
         let table = t.device.as_mut().expect("a layer holding tokens has a table");
@@ -315,12 +307,6 @@ impl DeviceKvCache {
         f: impl FnOnce(&mut CudaSlice<f32>) -> Result<T>,
     ) -> Result<T> {
         let mut guard = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
-        if guard.as_ref().is_none_or(|s| s.len() < len) {
-            if let Some(old) = guard.take() {
-                Recorder::retire(old);
-            }
-            *guard = Some(cuda.zeros::<f32>(len.next_power_of_two())?);
-        }
-        f(guard.as_mut().expect("allocated above"))
+        f(grown(cuda, &mut guard, len, len.next_power_of_two())?)
     }
 }

@@ -270,6 +270,25 @@ impl Cuda {
     }
 }
 
+/// The buffer in `slot`, first replaced by a zeroed one of `alloc` elements (at least `need`)
+/// when it holds fewer than `need`: the scratch buffers that grow on demand. The old buffer is
+/// retired ([`graph::Recorder::retire`]): dropped before the new one is allocated, or, while this
+/// thread records launches that may still use it, kept until they are queued.
+pub(crate) fn grown<'a, T: DeviceRepr + ValidAsZeroBits + 'static>(
+    cuda: &Cuda,
+    slot: &'a mut Option<CudaSlice<T>>,
+    need: usize,
+    alloc: usize,
+) -> Result<&'a mut CudaSlice<T>> {
+    if slot.as_ref().is_none_or(|b| b.len() < need) {
+        if let Some(old) = slot.take() {
+            graph::Recorder::retire(old);
+        }
+        *slot = Some(cuda.zeros::<T>(alloc.max(need))?);
+    }
+    Ok(slot.as_mut().expect("allocated above"))
+}
+
 /// The device address of a buffer to read, for [`Cuda::launch`].
 pub fn ptr<T, S: DevicePtr<T>>(cuda: &Cuda, s: &S) -> u64 {
     let (p, _sync) = s.device_ptr(&cuda.stream);

@@ -4,7 +4,7 @@
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use strata_tensor::{DType, Tensor};
 
-use crate::cuda::{Cuda, check_len};
+use crate::cuda::{Cuda, check_len, grown};
 use crate::{Error, Result};
 
 use super::convert::{dequantize, device_matrix};
@@ -36,11 +36,7 @@ impl LinearScratch {
 
     /// A buffer of at least `len` floats.
     fn weights(&mut self, cuda: &Cuda, len: usize) -> Result<&mut CudaSlice<f32>> {
-        if self.capacity() < len {
-            self.weights = None;
-            self.weights = Some(cuda.zeros::<f32>(len)?);
-        }
-        Ok(self.weights.as_mut().expect("allocated above"))
+        grown(cuda, &mut self.weights, len, len)
     }
 }
 

@@ -16,7 +16,6 @@ use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
 use strata_tensor::{DType, Tensor};
 
-use crate::cuda::graph::Recorder;
 use crate::cuda::params::{
     MatvecParams, STRATA_MATVEC_ACTS_F32, STRATA_MATVEC_ACTS_Q16, STRATA_MATVEC_CHUNK, STRATA_MATVEC_CHUNK_Q8_0,
     STRATA_MATVEC_CHUNK_WIDE, STRATA_MATVEC_MAX_TOKENS, STRATA_MATVEC_ROWS_PER_WARP, STRATA_MATVEC_STAGES,
@@ -24,7 +23,7 @@ use crate::cuda::params::{
     STRATA_MATVEC_STORE_WRITE, STRATA_MATVEC_WARPS, STRATA_MATVEC_WARPS_DECODE, STRATA_MATVEC_WARPS_DECODE_WIDE,
     STRATA_MATVEC_XTILE, STRATA_MATVEC_XTILE_FLOAT, STRATA_MATVEC_XTILE_MIN,
 };
-use crate::cuda::{Cuda, check_len, driver, grid_1d, ptr, ptr_mut};
+use crate::cuda::{Cuda, check_len, driver, grid_1d, grown, ptr, ptr_mut};
 use crate::{Error, Result};
 
 use super::convert::device_matrix;
@@ -162,11 +161,7 @@ fn shared_bytes(dtype: DType, t: usize, acts: MatvecActs) -> usize {
 /// over each 8 columns); the integer tile (`QTile`) both digit arrays, padded by 16 bytes every
 /// 128 columns, a unit and a sum per block of 32 columns, and a sum per 8 columns.
 fn tile_bytes(dtype: DType, t: usize, acts: MatvecActs) -> usize {
-    let kt = if dtype.is_quantized() {
-        tile_columns(t)
-    } else {
-        (STRATA_MATVEC_XTILE_FLOAT as usize / t).max(STRATA_MATVEC_XTILE_MIN as usize)
-    };
+    let kt = tile_columns(dtype, t);
     let tile = 4 * t * (kt + kt / 8 + kt / 64);
     if !dtype.is_quantized() {
         return tile;
@@ -178,10 +173,11 @@ fn tile_bytes(dtype: DType, t: usize, acts: MatvecActs) -> usize {
     }
 }
 
-/// Columns per token of the activation tile of the `t`-token kernels for block-quantized weights
-/// (`XTile::KT`, `QTile::KT`): a row up to this long is staged once per block.
-fn tile_columns(t: usize) -> usize {
-    (STRATA_MATVEC_XTILE as usize / t).max(STRATA_MATVEC_XTILE_MIN as usize)
+/// Columns per token of the activation tile of the `t`-token kernels for `dtype` (`XTile::KT`,
+/// `QTile::KT`): a row up to this long is staged once per block.
+fn tile_columns(dtype: DType, t: usize) -> usize {
+    let total = if dtype.is_quantized() { STRATA_MATVEC_XTILE } else { STRATA_MATVEC_XTILE_FLOAT };
+    (total as usize / t).max(STRATA_MATVEC_XTILE_MIN as usize)
 }
 
 /// Bytes of `tokens` tokens of `k` activations quantized to two digits on the device
@@ -202,13 +198,17 @@ where
     check_len("quantize_acts", "x", x.len(), tokens * k)?;
     check_len("quantize_acts", "xq", xq.len(), actq_bytes(tokens, k))?;
     let (xp, qp) = (ptr(cuda, x), ptr_mut(cuda, xq));
-    if qp % 16 != 0 {
-        return Err(Error::invalid(
-            "quantize_acts",
-            "xq is not 16-byte aligned (the matvec copies it in 16-byte pieces)",
-        ));
-    }
+    check_actq_aligned("quantize_acts", qp)?;
     launch_quantize(cuda, xp, qp, tokens, k)
+}
+
+/// Refuses two-digit records at `xq` that are not 16-byte aligned: the matvec blocks copy them in
+/// 16-byte pieces.
+pub(crate) fn check_actq_aligned(op: &str, xq: u64) -> Result<()> {
+    if !xq.is_multiple_of(16) {
+        return Err(Error::invalid(op, "xq is not 16-byte aligned (the matvec copies it in 16-byte pieces)"));
+    }
+    Ok(())
 }
 
 /// The launch of `matvec_quantize_x`: `tokens` rows of `k` floats at `x` into the records at `xq`
@@ -245,8 +245,8 @@ fn launch_quantize(cuda: &Cuda, x: u64, xq: u64, tokens: usize, k: usize) -> Res
 /// longer than the tile of `t`-token kernels (whose blocks would then quantize each tile again
 /// for every round of rows). At one or two tokens on shorter rows each block quantizes them once,
 /// which is cheaper than a launch.
-fn quantize_first(tokens: usize, k: usize, t: usize) -> bool {
-    tokens > 2 || k > tile_columns(t)
+fn quantize_first(dtype: DType, tokens: usize, k: usize, t: usize) -> bool {
+    tokens > 2 || k > tile_columns(dtype, t)
 }
 
 /// A per-device (ordinal) cache of facts asked of the driver.
@@ -422,12 +422,7 @@ where
         Input::F32 { len, .. } => check_len(op, "x", len, tokens * k)?,
         Input::Actq { len, ptr } => {
             check_len(op, "xq", len, actq_bytes(tokens, k))?;
-            if ptr % 16 != 0 {
-                return Err(Error::invalid(
-                    op,
-                    "the quantized activations are not 16-byte aligned (the blocks copy them in 16-byte pieces)",
-                ));
-            }
+            check_actq_aligned(op, ptr)?;
         }
     }
     check_len(op, "y", y.len(), tokens * outputs)?;
@@ -472,18 +467,11 @@ where
     let (xp, record, acts_code) = match x {
         Input::Actq { ptr, .. } => (ptr, actq_bytes(1, k), STRATA_MATVEC_ACTS_Q16),
         Input::F32 { ptr: xp, .. }
-            if acts.integer(dtype) && quantize_first(tokens, k, kernel_tokens(tokens.min(per_launch))?) =>
+            if acts.integer(dtype) && quantize_first(dtype, tokens, k, kernel_tokens(tokens.min(per_launch))?) =>
         {
             let mut guard = cuda.actq.lock().unwrap();
             let need = actq_bytes(tokens, k);
-            if guard.as_ref().is_none_or(|b| b.len() < need) {
-                // A recorded launch may still use the old buffer (graph::Recorder).
-                if let Some(old) = guard.take() {
-                    Recorder::retire(old);
-                }
-                *guard = Some(cuda.zeros::<u8>(need)?);
-            }
-            let xq = ptr_mut(cuda, guard.as_mut().expect("allocated above"));
+            let xq = ptr_mut(cuda, grown(cuda, &mut guard, need, need)?);
             launch_quantize(cuda, xp, xq, tokens, k)?;
             scratch = Some(guard);
             (xq, actq_bytes(1, k), STRATA_MATVEC_ACTS_Q16)
@@ -586,10 +574,11 @@ mod tests {
     #[test]
     fn activations_are_quantized_first_above_two_tokens_or_past_a_tile() {
         // A decode step's products on rows within a tile: each block quantizes, no extra launch.
-        assert!(!quantize_first(1, 2048, 1) && !quantize_first(1, 8192, 1) && !quantize_first(2, 4096, 2));
+        let q = |tokens, k, t| quantize_first(DType::Q4_0, tokens, k, t);
+        assert!(!q(1, 2048, 1) && !q(1, 8192, 1) && !q(2, 4096, 2));
         // Longer rows (an 8B model's down product at one token), or more tokens.
-        assert!(quantize_first(1, 14336, 1) && quantize_first(2, 4352, 2));
-        assert!(quantize_first(3, 64, 4) && quantize_first(8, 2048, 8) && quantize_first(20, 2048, 8));
+        assert!(q(1, 14336, 1) && q(2, 4352, 2));
+        assert!(q(3, 64, 4) && q(8, 2048, 8) && q(20, 2048, 8));
         // A record: both digit arrays, a unit and a sum per 32 columns, a sum per 8, to 16 bytes.
         assert_eq!(actq_bytes(1, 32), 96);
         assert_eq!(actq_bytes(1, 2048), 2048 * 2 + 64 * 8 + 256 * 4);

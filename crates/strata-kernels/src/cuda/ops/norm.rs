@@ -18,7 +18,7 @@ where
     check_len("rms_norm", "x", x.len(), rows * cols)?;
     check_len("rms_norm", "out", out.len(), rows * cols)?;
     // SAFETY: x and out hold rows * cols floats and w holds cols, checked above.
-    unsafe { launch(cuda, [ptr(cuda, x), ptr(cuda, w), ptr_mut(cuda, out)], rows, cols, eps) }
+    unsafe { launch(cuda, "rmsnorm_f32", &[ptr(cuda, x), ptr(cuda, w), ptr_mut(cuda, out)], rows, cols, eps) }
 }
 
 /// [`rms_norm`] in place: `x[r, :] = x[r, :] * rsqrt(mean(x[r, :]²) + eps) * w` (each element is
@@ -33,7 +33,7 @@ where
     let xp = ptr_mut(cuda, x);
     // SAFETY: x holds rows * cols floats and w holds cols, checked above; the kernel reads and
     // writes each element from the same thread.
-    unsafe { launch(cuda, [xp, ptr(cuda, w), xp], rows, cols, eps) }
+    unsafe { launch(cuda, "rmsnorm_f32", &[xp, ptr(cuda, w), xp], rows, cols, eps) }
 }
 
 /// [`rms_norm`] that also quantizes each output row to two digits into `xq` (`rows` records of
@@ -64,17 +64,10 @@ where
     if !cols.is_multiple_of(32) {
         return Err(Error::invalid(OP, format!("rows of {cols} are not whole blocks of 32 to quantize")));
     }
-    if rows == 0 {
-        return Ok(());
-    }
-    let p = RmsNormParams { rows: rows as u32, cols: cols as u32, eps };
-    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads(cols), 1, 1), shared_mem_bytes: 0 };
     let ptrs = [ptr(cuda, x), ptr(cuda, w), ptr_mut(cuda, out), ptr_mut(cuda, xq)];
-    if ptrs[3] % 16 != 0 {
-        return Err(Error::invalid(OP, "xq is not 16-byte aligned (the matvec copies it in 16-byte pieces)"));
-    }
+    super::matvec::check_actq_aligned(OP, ptrs[3])?;
     // SAFETY: x and out hold rows * cols floats, w cols and xq rows records, checked above.
-    unsafe { cuda.launch("rmsnorm", "rmsnorm_f32_actq", cfg, &p, &ptrs) }
+    unsafe { launch(cuda, "rmsnorm_f32_actq", &ptrs, rows, cols, eps) }
 }
 
 /// Threads per block (per row) of both RMSNorm kernels for rows of `cols`: a float4 per thread
@@ -86,18 +79,19 @@ fn threads(cols: usize) -> u32 {
     cols.div_ceil(4).next_multiple_of(32).clamp(32, 1024) as u32
 }
 
-/// Launches `rmsnorm_f32` over `[x, w, out]`: one block of [`threads`] per row.
+/// Launches `kernel` (`rmsnorm_f32` over `[x, w, out]`, `rmsnorm_f32_actq` over `[x, w, out,
+/// xq]`): one block of [`threads`] per row.
 ///
 /// # Safety
-/// `x` and `out` must hold `rows * cols` floats and `w` `cols`.
-unsafe fn launch(cuda: &Cuda, ptrs: [u64; 3], rows: usize, cols: usize, eps: f32) -> Result<()> {
+/// `x` and `out` must hold `rows * cols` floats, `w` `cols`, and `xq` `rows` records.
+unsafe fn launch(cuda: &Cuda, kernel: &'static str, ptrs: &[u64], rows: usize, cols: usize, eps: f32) -> Result<()> {
     if rows == 0 {
         return Ok(());
     }
     let p = RmsNormParams { rows: rows as u32, cols: cols as u32, eps };
     let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads(cols), 1, 1), shared_mem_bytes: 0 };
     // SAFETY: the caller guarantees the buffers' lengths.
-    unsafe { cuda.launch("rmsnorm", "rmsnorm_f32", cfg, &p, &ptrs) }
+    unsafe { cuda.launch("rmsnorm", kernel, cfg, &p, ptrs) }
 }
 
 #[cfg(test)]
