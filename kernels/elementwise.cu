@@ -4,6 +4,7 @@
 //   swiglu_pairs_f32: the same, gate and up from one product of paired rows (see the kernel)
 //   copy_cols_f32:  dst[r, c] = src[r, col0 + c]
 //   gather_rows_f32, scatter_add_rows_f32, add_sigmoid_scaled_f32: Mixture-of-Experts dispatch
+//   moe_combine_f32: a Mixture-of-Experts block's output from its experts' on the device (below)
 //   add_f32:        acc += x                             (strata_tensor::cpu::reference::add)
 //   add_bias_f32:   y[r, c] += bias[c]
 //   cast_f32_f16, cast_f32_bf16: out = x rounded to nearest even (what half::f16::from_f32 and
@@ -17,8 +18,10 @@
 //
 // SwiGLU uses the accurate expf and IEEE division; nothing is fused, so it differs from the
 // reference by expf's last-bit error only. Launchers: strata_kernels::cuda::ops::{swiglu,
-// swiglu_pairs, copy_cols, gather_rows, scatter_add_rows, add_sigmoid_scaled, add, add_bias,
-// cast_f32_to}.
+// swiglu_pairs, copy_cols, gather_rows, scatter_add_rows, add_sigmoid_scaled, moe_combine, add,
+// add_bias, cast_f32_to}.
+#include <math_constants.h>
+
 #include "strata_common.cuh"
 #include "elementwise.h"
 
@@ -104,6 +107,45 @@ extern "C" __global__ void add_sigmoid_scaled_f32(RowsParams p, const float* y, 
         const float s = __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-g[r])));
         out[i] = __fadd_rn(out[i], __fmul_rn(s, y[i]));
     }
+}
+
+// moe_combine_f32: token t's slots s hold expert ids[t, s] (top-k gating's output) and its
+// outputs ys[t, s, :] (the experts' products of one launch, matvec_experts); the token's block
+// output is o = 0, then o += ys[t, s, c] * w[t, s] (the product rounded, then the sum) over its
+// used slots in ascending order of expert index: what zeroing out and scatter_add_rows_f32 expert
+// by expert compute, bit for bit. out[t, c] is o, or with p.residual out[t, c] + o (add_f32's
+// rounding). A token with no used slot, which gating gives a token whose router probabilities are
+// NaN, gets NaN outputs: the device cannot raise the host path's error, and NaN logits show it.
+// Launch: grid (ceil(cols / block), tokens), any block; thread 0 orders the token's slots in
+// shared memory, then one thread per column.
+extern "C" __global__ void moe_combine_f32(MoeCombineParams p, const float* ys, const unsigned int* ids,
+                                           const float* w, float* out) {
+    STRATA_SHARED unsigned int order[STRATA_MOE_COMBINE_MAX_SLOTS];
+    STRATA_SHARED unsigned int used;
+    const unsigned long long t = blockIdx.y;
+    const unsigned int* tid = ids + t * p.slots;
+    if (threadIdx.x == 0) {
+        // Insertion sort of the used slots by expert index (at most 32).
+        unsigned int n = 0;
+        for (unsigned int s = 0; s < p.slots; ++s) {
+            const unsigned int id = tid[s];
+            if (id >= p.experts) continue;
+            unsigned int j = n++;
+            for (; j > 0 && tid[order[j - 1]] > id; --j) order[j] = order[j - 1];
+            order[j] = s;
+        }
+        used = n;
+    }
+    __syncthreads();
+    const unsigned int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= p.cols) return;
+    float o = used == 0 ? CUDART_NAN_F : 0.0f;
+    for (unsigned int j = 0; j < used; ++j) {
+        const unsigned long long s = t * p.slots + order[j];
+        o = __fadd_rn(o, __fmul_rn(ys[s * p.cols + c], w[s]));
+    }
+    float* dst = out + t * p.cols + c;
+    *dst = p.residual ? __fadd_rn(*dst, o) : o;
 }
 
 extern "C" __global__ void add_f32(ElementwiseParams p, float* acc, const float* x) {

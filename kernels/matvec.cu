@@ -68,7 +68,12 @@
 // and differs from it by f32 rounding only: the order of the additions. The float path differs
 // from strata_tensor::cpu::reference::matmul (x as [tokens, k]) likewise. The CPU emulation in
 // kernels/emu runs these kernels unchanged against both (strata-kernels' tests/emu.rs).
-// Launchers: strata_kernels::cuda::ops::{matvec, matvec_as, linear, quantize_acts}.
+// Mixture-of-Experts decode: one launch computes the product of each of a token's chosen experts
+// (grid.y = the slots of ids, top-k gating's output on the device), each slot's weight looked up
+// in a device table of the experts' weight addresses (mv_slot); the slots share x or read their
+// own, and write their own outputs. Each slot computes exactly what a launch on its expert alone
+// computes.
+// Launchers: strata_kernels::cuda::ops::{matvec, matvec_as, matvec_experts, linear, quantize_acts}.
 #include "strata_common.cuh"
 #include "quant.cuh"
 #include "actq.cuh"
@@ -1338,10 +1343,27 @@ __device__ __forceinline__ void mv_quant(const MatvecParams& p, const unsigned c
 
 // ---- Entry points: matvec_<dtype>[_scalar]_t<T> ------------------------------------------------
 
-// BOUNDS: the launch bounds, (threads) or (threads, min blocks per SM).
+// A Mixture-of-Experts launch (experts not null): the weight, activations and outputs of this
+// block's slot, blockIdx.y. The weight is the one table entry ids[slot] names (each expert in an
+// allocation of its own, so 16-byte aligned as every kernel assumes); false when the slot is
+// unused (its id not below p.experts), and the whole block returns.
+__device__ __forceinline__ bool mv_slot(const MatvecParams& p, const unsigned long long* experts,
+                                        const unsigned int* ids, const unsigned char*& w, const float*& x, float*& y) {
+    const unsigned int id = ids[blockIdx.y];
+    if (id >= p.experts) return false;
+    w = reinterpret_cast<const unsigned char*>(experts[id]);
+    x = reinterpret_cast<const float*>(reinterpret_cast<const unsigned char*>(x) + blockIdx.y * p.x_slot);
+    y += blockIdx.y * p.y_slot;
+    return true;
+}
+
+// BOUNDS: the launch bounds, (threads) or (threads, min blocks per SM). experts and ids: null, or
+// a Mixture-of-Experts launch (mv_slot).
 #define MV_ENTRY(name, T, BOUNDS, CALL)                                                                           \
     extern "C" __global__ void __launch_bounds__ BOUNDS                                                          \
-        matvec_##name##_t##T(MatvecParams p, const unsigned char* w, const float* x, float* y) {                 \
+        matvec_##name##_t##T(MatvecParams p, const unsigned char* w, const float* x, float* y,                  \
+                             const unsigned long long* experts, const unsigned int* ids) {                       \
+        if (experts != nullptr && !mv_slot(p, experts, ids, w, x, y)) return;                                    \
         CALL;                                                                                                    \
     }
 

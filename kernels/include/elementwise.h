@@ -36,3 +36,22 @@ typedef struct {
     /// Floats per row.
     unsigned int cols;
 } RowsParams;
+
+/// The most slots (experts per token) moe_combine_f32 takes: top-k gating's STRATA_GATING_MAX_K.
+#define STRATA_MOE_COMBINE_MAX_SLOTS 32
+
+/// A Mixture-of-Experts block's output from its experts' (moe_combine_f32): per token, the
+/// outputs of `slots` slots, each of the expert `ids` names, weighted and added in the order of
+/// the experts' indices.
+typedef struct {
+    /// Tokens (rows of out).
+    unsigned int tokens;
+    /// Floats per row.
+    unsigned int cols;
+    /// Slots per token, 1 to STRATA_MOE_COMBINE_MAX_SLOTS.
+    unsigned int slots;
+    /// The experts: a slot whose id is this or more is unused.
+    unsigned int experts;
+    /// Nonzero: the sum is added to out (the residual stream); zero: out is the sum.
+    unsigned int residual;
+} MoeCombineParams;

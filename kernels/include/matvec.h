@@ -55,7 +55,9 @@
 #define STRATA_MATVEC_ACTS_F32 0
 #define STRATA_MATVEC_ACTS_Q16 1
 
-/// `y[t, r] = sum_c W[r, c] * x[t, c]` for `r < rows`, `t < tokens`, stored as `store` says.
+/// `y[t, r] = sum_c W[r, c] * x[t, c]` for `r < rows`, `t < tokens`, stored as `store` says; in a
+/// Mixture-of-Experts launch, for every slot, with its expert's W (every expert of one shape and
+/// dtype: rows, cols, row_bytes and total_bytes hold for each).
 typedef struct {
     /// Weight rows n (outputs per token).
     unsigned int rows;
@@ -71,4 +73,12 @@ typedef struct {
     unsigned int store;
     /// What x points to (STRATA_MATVEC_ACTS_*).
     unsigned int acts;
+    /// Mixture-of-Experts launches (the kernel's `experts` table not null): the experts the table
+    /// lists. Block row blockIdx.y computes slot blockIdx.y, with the weight of expert
+    /// ids[blockIdx.y]; a slot whose id is `experts` or more (0xffffffff: unused) is skipped.
+    unsigned int experts;
+    /// Bytes from one slot's activations to the next's (0: every slot reads the same x).
+    unsigned long long x_slot;
+    /// Floats from one slot's outputs to the next's.
+    unsigned long long y_slot;
 } MatvecParams;

@@ -218,6 +218,56 @@ fn moe_routing_options_apply_on_cuda() {
     }
 }
 
+/// Decode steps of every Mixture-of-Experts fixture routed on the device (gating, the chosen
+/// experts' products in one launch each, their weighted sum; `CudaDecoder::set_device_routing`)
+/// agree with the same steps routed on the host: the same greedy tokens, logits within 1e-4 (the
+/// device's softmax moves the routing weights by a few ulp), for plain top-k, dynamic top-k and a
+/// capacity limit (which cannot bind one token).
+#[test]
+fn moe_decode_routes_on_the_device_as_on_the_host() {
+    let Some(cuda) = device_or_skip("moe_decode_routes_on_the_device_as_on_the_host") else { return };
+    let dynamic = MoeOptions { routing: Routing::DynamicTopK { p: 0.5, min_experts: 1 }, ..MoeOptions::default() };
+    let capacity = MoeOptions { capacity_factor: Some(1.0), ..MoeOptions::default() };
+    for name in MOE {
+        let f = Fixture::load(name);
+        let optionss: &[MoeOptions] =
+            if name == "mixtral_moe" { &[MoeOptions::default(), dynamic, capacity] } else { &[MoeOptions::default()] };
+        for &options in optionss {
+            let what = format!("{name} {options:?}");
+            let mut decoder = strata_models::load_dir(&f.dir).unwrap().decoder;
+            decoder.set_moe_options(options).unwrap();
+            let (device, host) =
+                (CudaDecoder::new(&decoder, cuda.clone()).unwrap(), CudaDecoder::new(&decoder, cuda.clone()).unwrap());
+            device.set_device_routing(true);
+            host.set_device_routing(false);
+            let (mut dc, mut hc) = (device.new_cache().unwrap(), host.new_cache().unwrap());
+            let a = device.forward(&f.prompt_ids, &mut dc, Logits::Last).unwrap();
+            let b = host.forward(&f.prompt_ids, &mut hc, Logits::Last).unwrap();
+            assert_eq!(a, b, "{what}: a prompt of several tokens routes on the host either way");
+            let mut next = argmax(&a);
+            for step in 0..24 {
+                let a = device.forward(&[next], &mut dc, Logits::Last).unwrap();
+                let b = host.forward(&[next], &mut hc, Logits::Last).unwrap();
+                let diff = max_abs_diff(&a, &b);
+                assert!(diff <= 1e-4, "{what} step {step}: device-routed logits differ by {diff}");
+                assert_eq!(argmax(&a), argmax(&b), "{what} step {step}: greedy tokens differ");
+                next = argmax(&a);
+            }
+        }
+    }
+}
+
+/// The index of the largest of `v` (the first of equals).
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
 /// The weight sizes agree with the CPU decoder's, and the device reports memory and bandwidth.
 #[test]
 fn sizes_memory_and_bandwidth_are_reported() {
@@ -429,24 +479,30 @@ fn a_long_greedy_run_agrees_with_the_cpu() {
 
 /// Decode steps run as CUDA graphs (`CudaDecoder::set_graphs`) give the logits of the same steps
 /// launched kernel by kernel, bit for bit: an f32 fixture and its mixed block-dtype GGUF (the
-/// integer matvec, the norm's quantized activations), 90 steps each, past two KV blocks (new
-/// block tables) and with the attention's key splits changing. The kept graph is updated from
-/// step to step rather than rebuilt.
+/// integer matvec, the norm's quantized activations), and two Mixture-of-Experts fixtures routed
+/// on the device (Mixtral; Qwen2-MoE with its shared expert), 90 steps each, past two KV blocks
+/// (new block tables) and with the attention's key splits changing. The kept graph is updated
+/// from step to step rather than rebuilt.
 #[test]
 fn decode_graphs_give_the_launches_logits_bit_for_bit() {
     let Some(cuda) = device_or_skip("decode_graphs_give_the_launches_logits_bit_for_bit") else { return };
     let dir = tempfile::tempdir().unwrap();
-    let f = Fixture::load("llama_untied");
-    let mixed = gguf_of(&f, GgufDtypes::Mixed, dir.path());
+    let llama = Fixture::load("llama_untied");
+    let mixed = gguf_of(&llama, GgufDtypes::Mixed, dir.path());
+    let (mixtral, qwen2) = (Fixture::load("mixtral_moe"), Fixture::load("qwen2_moe"));
     let decoders = [
-        ("llama_untied", strata_models::load_dir(&f.dir).unwrap().decoder),
-        ("llama_untied gguf mixed", strata_models::load_gguf(&mixed).unwrap().decoder),
+        ("llama_untied", &llama, strata_models::load_dir(&llama.dir).unwrap().decoder),
+        ("llama_untied gguf mixed", &llama, strata_models::load_gguf(&mixed).unwrap().decoder),
+        ("mixtral_moe", &mixtral, strata_models::load_dir(&mixtral.dir).unwrap().decoder),
+        ("qwen2_moe", &qwen2, strata_models::load_dir(&qwen2.dir).unwrap().decoder),
     ];
-    for (name, decoder) in decoders {
+    for (name, f, decoder) in decoders {
         let (graphed, launched) =
             (CudaDecoder::new(&decoder, cuda.clone()).unwrap(), CudaDecoder::new(&decoder, cuda.clone()).unwrap());
         graphed.set_graphs(true);
         launched.set_graphs(false);
+        graphed.set_device_routing(true);
+        launched.set_device_routing(true);
         let (mut gc, mut lc) = (graphed.new_cache().unwrap(), launched.new_cache().unwrap());
         let a = graphed.forward(&f.prompt_ids, &mut gc, Logits::Last).unwrap();
         let b = launched.forward(&f.prompt_ids, &mut lc, Logits::Last).unwrap();

@@ -64,6 +64,14 @@ fn graphs_default() -> bool {
     *GRAPHS.get_or_init(|| std::env::var_os("STRATA_CUDA_GRAPHS").is_some_and(|v| v == "1"))
 }
 
+/// Whether a new decoder routes the one-token passes of its Mixture-of-Experts layers on the
+/// device ([`CudaDecoder::set_device_routing`]): yes, unless the environment sets
+/// `STRATA_CUDA_HOST_ROUTING=1`, read once per process.
+fn device_routing_default() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("STRATA_CUDA_HOST_ROUTING").is_none_or(|v| v != "1"))
+}
+
 /// A linear layer on the device: the weight in its stored dtype, the bias in f32.
 pub(crate) struct CudaLinear {
     weight: Tensor,
@@ -191,6 +199,16 @@ impl CudaMlp {
             }
         }
         Ok(())
+    }
+
+    /// The paired gate/up weight and the down weight, when the MLP has its weights so (gate and up
+    /// paired, no biases): what a Mixture-of-Experts launch over many experts takes
+    /// (`ops::ExpertWeights`).
+    pub(crate) fn paired(&self) -> Option<(&Tensor, &Tensor)> {
+        match (&self.gate_up, &self.down.bias) {
+            (GateUp::Paired(w), None) => Some((w, &self.down.weight)),
+            _ => None,
+        }
     }
 
     /// `y = down(silu(gate(x)) * up(x))` for `tokens` rows; `products` and `act` are scratch of at
@@ -332,9 +350,11 @@ pub struct CudaDecoder {
     weight_bytes: usize,
     weight_bytes_per_token: usize,
     scratch: Mutex<Scratch>,
-    /// Whether one-token passes of a model without Mixture-of-Experts layers run as one graph
-    /// launch ([`CudaDecoder::set_graphs`]).
+    /// Whether one-token passes run as one graph launch ([`CudaDecoder::set_graphs`]).
     graphs: std::sync::atomic::AtomicBool,
+    /// Whether Mixture-of-Experts layers route one-token passes on the device
+    /// ([`CudaDecoder::set_device_routing`]).
+    device_routing: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for CudaDecoder {
@@ -398,18 +418,31 @@ impl CudaDecoder {
             moe: *decoder.moe_options(),
             scratch: Mutex::new(Scratch::new()),
             graphs: graphs_default().into(),
+            device_routing: device_routing_default().into(),
             cuda,
         })
     }
 
-    /// Runs each one-token pass (a decode step) of a model without Mixture-of-Experts layers as
-    /// one CUDA graph launch rather than 8-9 kernel launches per layer, or not: the same kernels
-    /// with the same arguments, so the same logits bit for bit, with less launch overhead. The
-    /// graph is kept and updated from step to step (`strata_kernels::cuda::graph`). Off by
-    /// default unless `STRATA_CUDA_GRAPHS=1`. Should a graph fail to build or launch, the pass's
-    /// kernels are launched one by one instead, and graphs stay off for this decoder.
+    /// Runs each one-token pass (a decode step) as one CUDA graph launch rather than 8-9 kernel
+    /// launches per layer, or not: the same kernels with the same arguments, so the same logits
+    /// bit for bit, with less launch overhead. A model with Mixture-of-Experts layers takes graphs
+    /// when they route on the device ([`CudaDecoder::set_device_routing`]); a pass that records a
+    /// router trace is never a graph. The graph is kept and updated from step to step
+    /// (`strata_kernels::cuda::graph`). Off by default unless `STRATA_CUDA_GRAPHS=1`. Should a
+    /// graph fail to build or launch, the pass's kernels are launched one by one instead, and
+    /// graphs stay off for this decoder.
     pub fn set_graphs(&self, on: bool) {
         self.graphs.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Routes the one-token passes of Mixture-of-Experts layers on the device (the default), or on
+    /// the host (`cuda_moe`'s documentation): on the device no pass waits for the router, and the
+    /// chosen experts' products take one launch each; the weights come from the device's softmax,
+    /// within a few ulp of the CPU's. `STRATA_CUDA_HOST_ROUTING=1` makes the host the default. A
+    /// pass of several tokens, or one that records a router trace, routes on the host either way,
+    /// as do models whose experts the device way does not take.
+    pub fn set_device_routing(&self, on: bool) {
+        self.device_routing.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// What the decode graph has done so far (`None` before the first graphed pass).
@@ -566,11 +599,16 @@ impl CudaDecoder {
         let s = buffers.as_mut().expect("reserved above");
         let logits = logits.as_mut().expect("reserved above");
         cuda.upload_into(&host, &mut s.ids_positions)?;
-        // A decode step of a dense model: its launches recorded, then queued as one graph.
+        // A decode step whose launches need no host round trip (dense layers, and MoE layers
+        // routed on the device): its launches recorded, then queued as one graph.
+        let on_device = self.device_routing.load(std::sync::atomic::Ordering::Relaxed);
         let graphed = t == 1
             && trace.is_none()
             && self.graphs.load(std::sync::atomic::Ordering::Relaxed)
-            && self.layers.iter().all(|l| matches!(l.ffn, CudaFfn::Dense(_)));
+            && self.layers.iter().all(|l| match &l.ffn {
+                CudaFfn::Dense(_) => true,
+                CudaFfn::Moe(moe) => on_device && moe.routes_on_device(1, &self.moe),
+            });
         let recorder = if graphed { Some(Recorder::start(cuda)?) } else { None };
         let ids_d = s.ids_positions.slice(..t);
         let positions_d = s.ids_positions.slice(t..2 * t);
@@ -670,7 +708,8 @@ impl CudaDecoder {
                 }
                 CudaFfn::Moe(moe) => {
                     let record = trace.as_deref_mut().map(|tr| tr.layer_mut(li));
-                    moe.forward_residual(cuda, &normed, &mut x, t, h, &self.moe, moe_scratch, work, record)?;
+                    let on_device = self.device_routing.load(std::sync::atomic::Ordering::Relaxed);
+                    moe.forward_residual(cuda, &normed, &mut x, t, h, &self.moe, on_device, moe_scratch, work, record)?;
                 }
             }
         }

@@ -1,24 +1,42 @@
 //! Mixture-of-Experts blocks on a CUDA device: [`CudaMoe`], the device twin of
 //! [`MoeLayer::forward`].
 //!
-//! Routing runs on the host with the CPU's own rule ([`moe::route`]), so capacity limits, dynamic
-//! top-k and the router trace behave exactly as on the CPU: the router logits come down (tokens x
-//! experts floats, one copy per MoE layer and pass, which waits for the device), and the routes go
-//! up as one list of token indices and one of weights. Then, as `MoeLayer::forward` does, each
-//! expert with tokens runs once over all of them (their rows gathered when the pass has more than
-//! one token), its outputs are added to the block's output weighted, expert by expert in index
-//! order (`o += y * w`), a shared expert's output is added scaled by the sigmoid of its gate, and
-//! the block's output is added to the residual stream. Every weight stays in device memory: experts
-//! streamed from an offload pack are refused when the decoder is built.
+//! Two ways, the same experts and the same arithmetic:
+//!
+//! - **On the device** (a decode step: one token, no router trace asked for). The router's logits
+//!   go through top-k gating on the device (`ops::topk_gating`, or its dynamic-k twin), whose
+//!   expert ids and weights stay there; one launch computes every chosen expert's gate/up product
+//!   with SwiGLU and one its down product, each slot's weights looked up by its id in a device
+//!   table (`ops::matvec_experts`); one launch adds the slots' outputs weighted, in the order of
+//!   the experts' indices, to the residual stream (`ops::moe_combine`). Nothing waits for the
+//!   device, so a decode step of a MoE model can be one CUDA graph too. Capacity limits cannot
+//!   bind a single token (every expert takes at least one token), so they need nothing here. The
+//!   device's softmax differs from the CPU's by a few ulp in the weights. A token whose router
+//!   gives NaN probabilities gets NaN outputs (the host path's error needs a synchronisation).
+//!   It takes experts whose gate and up weights are paired and of one dtype and shape, with
+//!   no biases ([`CudaMoe::upload`] builds the tables then), at most 256 experts and 32 per token.
+//! - **On the host** (prefill, router traces, and models the device way does not take). Routing
+//!   runs with the CPU's own rule ([`moe::route`]), so capacity limits, dynamic top-k and the
+//!   router trace behave exactly as on the CPU: the router logits come down (tokens x experts
+//!   floats, one copy per MoE layer and pass, which waits for the device), and the routes go up as
+//!   one list of token indices and one of weights. Then, as `MoeLayer::forward` does, each expert
+//!   with tokens runs once over all of them (their rows gathered when the pass has more than one
+//!   token), and its outputs are added to the block's output weighted, expert by expert in index
+//!   order (`o += y * w`).
+//!
+//! Either way a shared expert's output is added scaled by the sigmoid of its gate, and the block's
+//! output is added to the residual stream. Every weight stays in device memory: experts streamed
+//! from an offload pack are refused when the decoder is built.
 
 use strata_kernels::Cuda;
 use strata_kernels::cuda::CudaSlice;
 use strata_kernels::cuda::cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZeroBits};
-use strata_kernels::cuda::ops::{self, LinearScratch};
+use strata_kernels::cuda::ops::{self, ExpertWeights, LinearScratch, MatvecStore};
+use strata_kernels::cuda::params::{STRATA_GATING_MAX_EXPERTS, STRATA_GATING_MAX_K};
 
 use crate::Result;
 use crate::cuda_decoder::{CudaLinear, CudaMlp};
-use crate::moe::{self, LayerRecord, MoeLayer, MoeOptions};
+use crate::moe::{self, LayerRecord, MoeLayer, MoeOptions, Routing};
 
 /// One MoE block on the device: the router, every expert, and the shared expert with its gate.
 pub(crate) struct CudaMoe {
@@ -28,6 +46,43 @@ pub(crate) struct CudaMoe {
     renormalize: bool,
     experts: Vec<CudaMlp>,
     shared: Option<(CudaMlp, CudaLinear)>,
+    /// The experts' weights as device tables, for routing on the device; `None` when the experts
+    /// do not allow it (see the module's documentation).
+    tables: Option<ExpertTables>,
+}
+
+/// Every expert's paired gate/up weight and its down weight, as tables of device addresses.
+struct ExpertTables {
+    gate_up: ExpertWeights,
+    down: ExpertWeights,
+    /// The intermediate width (rows of one expert's gate).
+    inter: usize,
+}
+
+impl ExpertTables {
+    /// The tables of `experts`, or `None` when one of them is not paired, has a bias, or differs
+    /// from the others in dtype or shape, or the router is wider than top-k gating takes.
+    fn new(cuda: &Cuda, experts: &[CudaMlp]) -> Result<Option<ExpertTables>> {
+        if experts.is_empty() || experts.len() > STRATA_GATING_MAX_EXPERTS as usize {
+            return Ok(None);
+        }
+        let Some(pairs) = experts.iter().map(CudaMlp::paired).collect::<Option<Vec<_>>>() else {
+            return Ok(None);
+        };
+        let (first_gu, first_down) = pairs[0];
+        let alike =
+            |a: &strata_tensor::Tensor, b: &strata_tensor::Tensor| a.dtype() == b.dtype() && a.shape() == b.shape();
+        if !pairs.iter().all(|(gu, d)| alike(gu, first_gu) && alike(d, first_down)) {
+            return Ok(None);
+        }
+        let gate_up: Vec<_> = pairs.iter().map(|(gu, _)| (*gu).clone()).collect();
+        let down: Vec<_> = pairs.iter().map(|(_, d)| (*d).clone()).collect();
+        Ok(Some(ExpertTables {
+            gate_up: ExpertWeights::new(cuda, &gate_up)?,
+            down: ExpertWeights::new(cuda, &down)?,
+            inter: experts[0].inter,
+        }))
+    }
 }
 
 /// The device buffers of the MoE blocks, grown on demand and reused from pass to pass.
@@ -42,19 +97,17 @@ pub(crate) struct MoeScratch {
     gate: Option<CudaSlice<f32>>,
     idx: Option<CudaSlice<u32>>,
     weights: Option<CudaSlice<f32>>,
+    counts: Option<CudaSlice<u32>>,
 }
 
-/// `buf`, reallocated (zeroed) when it holds fewer than `len` elements.
-fn grown<'a, T: DeviceRepr + ValidAsZeroBits>(
+/// `buf`, replaced (zeroed) when it holds fewer than `len` elements; the old one is kept while a
+/// decode graph being recorded may still use it (`strata_kernels::cuda::grown`).
+fn grown<'a, T: DeviceRepr + ValidAsZeroBits + 'static>(
     cuda: &Cuda,
     buf: &'a mut Option<CudaSlice<T>>,
     len: usize,
 ) -> Result<&'a mut CudaSlice<T>> {
-    if buf.as_ref().is_none_or(|b| b.len() < len) {
-        *buf = None;
-        *buf = Some(cuda.zeros::<T>(len.max(1))?);
-    }
-    Ok(buf.as_mut().expect("allocated above"))
+    Ok(strata_kernels::cuda::grown(cuda, buf, len.max(1), len.max(1))?)
 }
 
 impl CudaMoe {
@@ -65,19 +118,30 @@ impl CudaMoe {
             Some(s) => Some((CudaMlp::upload(cuda, &s.mlp)?, CudaLinear::upload(cuda, &s.gate)?)),
             None => None,
         };
+        let experts: Vec<CudaMlp> = moe.experts().iter().map(|e| CudaMlp::upload(cuda, e)).collect::<Result<_>>()?;
         Ok(CudaMoe {
             router: CudaLinear::upload(cuda, &router.weight)?,
             n_experts: router.num_experts(),
             top_k: router.top_k(),
             renormalize: router.renormalize(),
-            experts: moe.experts().iter().map(|e| CudaMlp::upload(cuda, e)).collect::<Result<_>>()?,
+            tables: ExpertTables::new(cuda, &experts)?,
+            experts,
             shared,
         })
     }
 
+    /// Whether a pass of `tokens` tokens routed with `options`, with no router trace, routes on
+    /// the device (when the decoder lets it).
+    pub(crate) fn routes_on_device(&self, tokens: usize, options: &MoeOptions) -> bool {
+        tokens == 1
+            && self.tables.is_some()
+            && options.check(self.n_experts, self.top_k).is_ok_and(|k| k <= STRATA_GATING_MAX_K as usize)
+    }
+
     /// Runs the block over `normed` (`tokens` rows of `hidden`) and adds its output to `x` (the
-    /// residual stream, the same rows), routing with `options`; appends the router logits and the
-    /// routing to `record` when given.
+    /// residual stream, the same rows), routing with `options`: on the device when `on_device`
+    /// and [`CudaMoe::routes_on_device`] allow it (never with a `record`), else on the host;
+    /// appends the router logits and the routing to `record` when given.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn forward_residual(
         &self,
@@ -87,10 +151,14 @@ impl CudaMoe {
         tokens: usize,
         hidden: usize,
         options: &MoeOptions,
+        on_device: bool,
         scratch: &mut MoeScratch,
         work: &mut LinearScratch,
         record: Option<&mut LayerRecord>,
     ) -> Result<()> {
+        if on_device && record.is_none() && self.routes_on_device(tokens, options) {
+            return self.forward_on_device(cuda, normed, x, hidden, options, scratch, work);
+        }
         let (t, h, e) = (tokens, hidden, self.n_experts);
         let logits_d = grown(cuda, &mut scratch.logits, t * e)?;
         let mut logits_view = logits_d.slice_mut(..t * e);
@@ -153,6 +221,67 @@ impl CudaMoe {
         if let Some(record) = record {
             record.append(&logits, &routes, e);
         }
+        Ok(ops::add(cuda, x, &out)?)
+    }
+
+    /// [`CudaMoe::forward_residual`] of one token, routed on the device (the module's
+    /// documentation): router, gating, the chosen experts' gate/up and down products in one
+    /// launch each, and their weighted sum added to `x`; a shared expert as on the host path.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_on_device(
+        &self,
+        cuda: &Cuda,
+        normed: &impl DevicePtr<f32>,
+        x: &mut impl DevicePtrMut<f32>,
+        h: usize,
+        options: &MoeOptions,
+        scratch: &mut MoeScratch,
+        work: &mut LinearScratch,
+    ) -> Result<()> {
+        let tables = self.tables.as_ref().expect("routes_on_device checked");
+        let (e, inter) = (self.n_experts, tables.inter);
+        let k = options.check(e, self.top_k)?;
+        let logits = grown(cuda, &mut scratch.logits, e)?;
+        let mut logits = logits.slice_mut(..e);
+        self.router.forward(cuda, normed, &mut logits, 1, work)?;
+        let mut ids = grown(cuda, &mut scratch.idx, k)?.slice_mut(..k);
+        let mut weights = grown(cuda, &mut scratch.weights, k)?.slice_mut(..k);
+        match options.routing {
+            Routing::DynamicTopK { p, min_experts } if p < 1.0 => {
+                let mut counts = grown(cuda, &mut scratch.counts, 1)?.slice_mut(..1);
+                let renorm = self.renormalize;
+                ops::topk_gating_dynamic(
+                    cuda,
+                    &logits,
+                    e,
+                    min_experts,
+                    k,
+                    p,
+                    renorm,
+                    &mut ids,
+                    &mut weights,
+                    &mut counts,
+                )?
+            }
+            _ => ops::topk_gating(cuda, &logits, e, k, self.renormalize, &mut ids, &mut weights)?,
+        }
+        let mut act = grown(cuda, &mut scratch.act, k * inter)?.slice_mut(..k * inter);
+        ops::matvec_experts(cuda, &tables.gate_up, &ids, normed, true, &mut act, MatvecStore::Swiglu)?;
+        let mut ys = grown(cuda, &mut scratch.y, k * h)?.slice_mut(..k * h);
+        ops::matvec_experts(cuda, &tables.down, &ids, &act, false, &mut ys, MatvecStore::Write)?;
+        let Some((mlp, gate)) = &self.shared else {
+            return Ok(ops::moe_combine(cuda, &ys, &ids, &weights, x, 1, k, e, h, true)?);
+        };
+        let mut out = grown(cuda, &mut scratch.out, h)?.slice_mut(..h);
+        ops::moe_combine(cuda, &ys, &ids, &weights, &mut out, 1, k, e, h, false)?;
+        let shared_inter = mlp.inter;
+        let products = grown(cuda, &mut scratch.products, 2 * shared_inter)?;
+        let act = grown(cuda, &mut scratch.act, shared_inter)?;
+        let mut y = grown(cuda, &mut scratch.rows, h)?.slice_mut(..h);
+        mlp.forward(cuda, normed, &mut y, 1, products, act, work)?;
+        let mut g = grown(cuda, &mut scratch.gate, 1)?.slice_mut(..1);
+        gate.forward(cuda, normed, &mut g, 1, work)?;
+        ops::add_sigmoid_scaled(cuda, &y, &g, &mut out, 1, h)?;
         Ok(ops::add(cuda, x, &out)?)
     }
 }

@@ -1,7 +1,8 @@
 //! Benchmarks of the weight-reading kernels: the dequantizing matvec of every dtype at 1 and 8
 //! tokens (block-quantized weights with both kinds of activations: the default integer path, and
 //! `f32-acts`), dequantization, the linear layer's GEMM path at 128 tokens, and the products of a
-//! TinyLlama decode step and of an 8B model's FFN at one token.
+//! TinyLlama decode step, of a Mixtral MoE block's chosen experts and of an 8B model's FFN at one
+//! token.
 //!
 //! Weights are `[16384, 8192]` (128 MiB of q4_0 to 512 MiB of f32), four copies of each timed in
 //! turn so that no call finds its weight in the 50-60 MB L2. Their bytes are random, with every
@@ -166,6 +167,63 @@ pub fn run(b: &mut Bench) -> R<()> {
                 Ok(())
             })?;
         }
+    }
+    // A Mixtral-8x7B MoE block's experts at one token, routed on the device: 8 experts of paired
+    // gate/up [2 x 14336, 4096] and down [4096, 14336], 2 chosen per token (a different pair each
+    // call), each product of the two chosen experts one launch (`matvec_experts`), against the
+    // same products as one launch per expert (the host path's dispatch). Bytes: the two chosen
+    // experts' weights.
+    for dtype in [DType::Q4_0, DType::Q4K] {
+        let (inter, hidden, experts) = (14336, 4096, 8);
+        let gate_up = device_copies(&cuda, dtype, 2 * inter, hidden, experts)?;
+        let down = device_copies(&cuda, dtype, hidden, inter, experts)?;
+        let (gu_table, down_table) =
+            (ops::ExpertWeights::new(&cuda, &gate_up)?, ops::ExpertWeights::new(&cuda, &down)?);
+        let pairs: Vec<[u32; 2]> = (0..experts as u32).map(|e| [e, (e + 3) % experts as u32]).collect();
+        let ids = pairs.iter().map(|p| Ok(cuda.upload(p)?)).collect::<R<Vec<_>>>()?;
+        let mut act = cuda.zeros::<f32>(2 * inter)?;
+        let mut ys = cuda.zeros::<f32>(2 * hidden)?;
+        let next = Cell::new(0usize);
+        let turn = || {
+            next.set(next.get() + 1);
+            next.get() % experts
+        };
+        let gu_bytes = 2.0 * gate_up[0].byte_len() as f64;
+        let down_bytes = 2.0 * down[0].byte_len() as f64;
+        let shape = format!("2 of {experts} x {}x{hidden}", 2 * inter);
+        b.measure(&format!("moe gate/up experts {dtype} k2"), &shape, gu_bytes, 30, || {
+            ops::matvec_experts(
+                &cuda,
+                &gu_table,
+                &ids[turn()],
+                &x.slice(..hidden),
+                true,
+                &mut act,
+                ops::MatvecStore::Swiglu,
+            )?;
+            Ok(())
+        })?;
+        b.measure(&format!("moe gate/up per expert {dtype} k2"), &shape, gu_bytes, 30, || {
+            let i = turn();
+            for (slot, &e) in pairs[i].iter().enumerate() {
+                let mut a = act.slice_mut(slot * inter..(slot + 1) * inter);
+                ops::matvec_swiglu(&cuda, &gate_up[e as usize], &x.slice(..hidden), &mut a, 1)?;
+            }
+            Ok(())
+        })?;
+        let shape = format!("2 of {experts} x {hidden}x{inter}");
+        b.measure(&format!("moe down experts {dtype} k2"), &shape, down_bytes, 30, || {
+            ops::matvec_experts(
+                &cuda,
+                &down_table,
+                &ids[turn()],
+                &x.slice(..2 * inter),
+                false,
+                &mut ys,
+                ops::MatvecStore::Write,
+            )?;
+            Ok(())
+        })?;
     }
     // Decode shapes of an 8B model (FFN down and up), 1 token.
     for (n, k) in [(4096, 14336), (14336, 4096)] {

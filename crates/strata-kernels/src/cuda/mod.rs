@@ -274,7 +274,7 @@ impl Cuda {
 /// when it holds fewer than `need`: the scratch buffers that grow on demand. The old buffer is
 /// retired ([`graph::Recorder::retire`]): dropped before the new one is allocated, or, while this
 /// thread records launches that may still use it, kept until they are queued.
-pub(crate) fn grown<'a, T: DeviceRepr + ValidAsZeroBits + 'static>(
+pub fn grown<'a, T: DeviceRepr + ValidAsZeroBits + 'static>(
     cuda: &Cuda,
     slot: &'a mut Option<CudaSlice<T>>,
     need: usize,

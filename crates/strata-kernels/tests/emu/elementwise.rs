@@ -147,6 +147,63 @@ fn emulated_moe_dispatch_matches_the_cpu() {
     }
 }
 
+/// `moe_combine_f32`: each token's used slots weighted and added in ascending order of expert
+/// index from zero (what zeroing the output and adding expert by expert with `o += y * w` give on
+/// the CPU), written or added to the residual stream, bit for bit; unused slots (ids at or past
+/// the experts) skipped, a token without any gets NaN, nothing past the rows written.
+#[test]
+fn emulated_moe_combine_adds_the_experts_in_index_order() {
+    let Some(emu) = build("emu_elementwise.cpp") else { return };
+    let u32_bytes = |v: &[u32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    const UNUSED: u32 = u32::MAX;
+    let experts = 6u32;
+    // (slots per token, cols, each token's ids): descending and unordered ids, an unused slot, an
+    // id at the expert count (unused), a token with no used slot, more columns than a block.
+    let cases = [
+        (2usize, 37usize, vec![vec![4u32, 1]]),
+        (4, 300, vec![vec![5, 0, UNUSED, 3], vec![2, 6, 1, 4], vec![UNUSED; 4]]),
+        (1, 8, vec![vec![0], vec![5]]),
+    ];
+    for (i, (slots, cols, ids)) in cases.into_iter().enumerate() {
+        let tokens = ids.len();
+        let flat: Vec<u32> = ids.concat();
+        let ys = random_f32(tokens * slots * cols, 31 + i as u64, 3.0);
+        let w = random_f32(tokens * slots, 37 + i as u64, 1.0);
+        let x0 = random_f32(tokens * cols, 41 + i as u64, 5.0);
+        for residual in [false, true] {
+            let mut want = Vec::with_capacity(tokens * cols);
+            for t in 0..tokens {
+                let mut used: Vec<usize> = (0..slots).filter(|&s| flat[t * slots + s] < experts).collect();
+                used.sort_by_key(|&s| flat[t * slots + s]);
+                for c in 0..cols {
+                    let mut o = if used.is_empty() { f32::NAN } else { 0.0f32 };
+                    for &s in &used {
+                        o += ys[(t * slots + s) * cols + c] * w[t * slots + s];
+                    }
+                    want.push(if residual { x0[t * cols + c] + o } else { o });
+                }
+            }
+            let params = [tokens as u32, cols as u32, slots as u32, experts, u32::from(residual)]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>();
+            let start = if residual { x0.clone() } else { vec![-7f32; tokens * cols] };
+            let (mut yb, mut ib, mut wb) = (f32_bytes(&ys), u32_bytes(&flat), f32_bytes(&w));
+            let mut ob = f32_bytes(&[start, vec![-7f32]].concat());
+            let mut args = [Arg::Buf(&mut yb, 0), Arg::Buf(&mut ib, 0), Arg::Buf(&mut wb, 0), Arg::Buf(&mut ob, 0)];
+            let grid = [cols.div_ceil(BLOCK as usize) as u32, tokens as u32, 1];
+            launch(&emu, "moe_combine_f32", grid, BLOCK, 0, &params, &mut args);
+            let got = f32s(&ob);
+            assert_eq!(got[tokens * cols], -7.0, "moe_combine: wrote past out");
+            for (j, (g, v)) in got.iter().zip(&want).enumerate() {
+                // NaN's payload is the device's own (0x7fffffff).
+                let same = if v.is_nan() { g.is_nan() } else { g.to_bits() == v.to_bits() };
+                assert!(same, "moe_combine case {i} residual={residual}: out[{j}] = {g}, want {v}");
+            }
+        }
+    }
+}
+
 #[test]
 fn emulated_elementwise_kernels_match_the_reference() {
     let Some(emu) = build("emu_elementwise.cpp") else { return };

@@ -34,8 +34,24 @@ const ACTS_F32: u32 = 0;
 const ACTS_Q16: u32 = 1;
 
 /// MatvecParams as C lays it out: u32 rows, u32 cols, u64 row_bytes, u64 total_bytes, u32 tokens,
-/// u32 store, u32 acts, 4 bytes of padding.
+/// u32 store, u32 acts, u32 experts, u64 x_slot, u64 y_slot; experts, x_slot and y_slot 0 (no
+/// Mixture-of-Experts slots).
 fn params(n: usize, k: usize, row_bytes: usize, total: usize, tokens: usize, store: u32, acts: u32) -> Vec<u8> {
+    slot_params(n, k, row_bytes, total, tokens, store, acts, [0, 0, 0])
+}
+
+/// [`params`] of a Mixture-of-Experts launch: `[experts, x_slot, y_slot]`.
+#[allow(clippy::too_many_arguments)]
+fn slot_params(
+    n: usize,
+    k: usize,
+    row_bytes: usize,
+    total: usize,
+    tokens: usize,
+    store: u32,
+    acts: u32,
+    [experts, x_slot, y_slot]: [usize; 3],
+) -> Vec<u8> {
     [
         &(n as u32).to_le_bytes()[..],
         &(k as u32).to_le_bytes(),
@@ -44,7 +60,9 @@ fn params(n: usize, k: usize, row_bytes: usize, total: usize, tokens: usize, sto
         &(tokens as u32).to_le_bytes(),
         &store.to_le_bytes(),
         &acts.to_le_bytes(),
-        &[0; 4],
+        &(experts as u32).to_le_bytes(),
+        &(x_slot as u64).to_le_bytes(),
+        &(y_slot as u64).to_le_bytes(),
     ]
     .concat()
 }
@@ -90,8 +108,56 @@ fn run_into(
     };
     assert_eq!(start.len(), tokens * outputs);
     let mut y = f32_bytes(&[start, vec![-7f32; outputs]].concat());
-    let mut args = [Arg::Buf(&mut bytes, 0), Arg::Buf(&mut xb, 0), Arg::Buf(&mut y, 0)];
+    let mut args = [Arg::Buf(&mut bytes, 0), Arg::Buf(&mut xb, 0), Arg::Buf(&mut y, 0), Arg::Null, Arg::Null];
     launch(&emu, kernel, [blocks as u32, 1, 1], threads as u32, SMEM, &p, &mut args);
+    f32s(&y)
+}
+
+/// One Mixture-of-Experts launch of `kernel` (one token per slot): slot `s` multiplies expert
+/// `ids[s]` of `experts` (one shape and dtype) with `xb`'s row `s` (`x_slot` bytes apart; 0: all
+/// slots read the one row), into y's row `s`; `blocks` blocks per slot. Returns y, a row per
+/// slot (NaN where no slot wrote) and a sentinel row.
+#[allow(clippy::too_many_arguments)]
+fn run_experts(
+    kernel: &str,
+    experts: &[Tensor],
+    ids: &[u32],
+    xb: &[u8],
+    x_slot: usize,
+    blocks: usize,
+    threads: usize,
+    store: Store,
+    acts: u32,
+) -> Vec<f32> {
+    let emu = emulator().expect("checked by the caller");
+    let w = &experts[0];
+    let (n, k) = (w.shape().dims()[0], w.shape().dims()[1]);
+    let (code, outputs) = match store {
+        Store::Write => (0u32, n),
+        Store::Add(_) => (1, n),
+        Store::Swiglu => (2, n / 2),
+    };
+    let slots = ids.len();
+    let total = w.byte_len();
+    let p = slot_params(n, k, w.row_bytes(), total, 1, code, acts, [experts.len(), x_slot, outputs]);
+    let mut xb = xb.to_vec();
+    let start = match store {
+        Store::Add(y0) => y0.to_vec(),
+        _ => vec![f32::NAN; slots * outputs],
+    };
+    let mut y = f32_bytes(&[start, vec![-7f32; outputs]].concat());
+    let mut idb: Vec<u8> = ids.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let mut weights: Vec<Vec<u8>> = experts.iter().map(|e| e.cpu_bytes().unwrap().to_vec()).collect();
+    // Buffers: x 0, y 1, ids 2, then the experts' weights 3.. (reached through the table only).
+    let mut args = vec![
+        Arg::Null,
+        Arg::Buf(&mut xb, 0),
+        Arg::Buf(&mut y, 0),
+        Arg::Table((3..3 + experts.len()).collect()),
+        Arg::Buf(&mut idb, 0),
+    ];
+    args.extend(weights.iter_mut().map(Arg::Extra));
+    launch(&emu, kernel, [blocks as u32, slots as u32, 1], threads as u32, SMEM, &p, &mut args);
     f32s(&y)
 }
 
@@ -336,6 +402,77 @@ fn emulated_matvec_kernels_add_to_y_and_swiglu() {
             assert!(got[tokens * n / 2..].iter().all(|&v| v == -7.0), "{kernel} swiglu: wrote past token {tokens}");
             for (j, (&g, &v)) in got.iter().zip(&want).enumerate() {
                 assert_eq!(g.to_bits(), v.to_bits(), "{kernel} swiglu tokens={tokens}: out[{j}] = {g}, want {v}");
+            }
+        }
+    }
+}
+
+/// A Mixture-of-Experts launch (a block row per slot, each slot's weight looked up by its expert
+/// id in a table of addresses) computes for every slot bit for bit what a launch on its expert
+/// alone computes, with the slots sharing one row of x or each reading its own (f32 values or
+/// two-digit records), written or SwiGLU'd; a slot whose id is unused (`u32::MAX`) or at the
+/// expert count leaves its row of y alone, and nothing is written past the slots.
+#[test]
+fn emulated_matvec_kernels_compute_each_experts_product_in_one_launch() {
+    if emulator().is_none() {
+        return;
+    }
+    // (kernel, dtype, warps per block at one token, rows, columns)
+    let cases = [
+        ("matvec_q4_0_i16_t1", DType::Q4_0, WARPS_DECODE, 44, 2304),
+        ("matvec_q4_k_i16_t1", DType::Q4K, WARPS_DECODE_WIDE, 12, 8448),
+        ("matvec_q8_0_t1", DType::Q8_0, WARPS_DECODE, 20, 512),
+        ("matvec_bf16_t1", DType::BF16, WARPS, 36, 520),
+        ("matvec_f32_scalar_t1", DType::F32, WARPS, 8, 37),
+    ];
+    let ids = [3u32, u32::MAX, 0, 5];
+    for (i, (kernel, dtype, warps, n, k)) in cases.into_iter().enumerate() {
+        let experts: Vec<Tensor> = (0..5)
+            .map(|e| Tensor::from_f32_as(&random_f32(n * k, (i * 10 + e) as u64, 1.0), [n, k], dtype).unwrap())
+            .collect();
+        let groups = n.div_ceil(ROWS_PER_WARP).div_ceil(warps);
+        // Block-quantized kernels: persistent, one block per slot (the rows take several
+        // rounds); float ones a block per group of rows.
+        let blocks = if dtype.is_quantized() { 1 } else { groups };
+        let threads = warps * 32;
+        let integer = kernel.contains("_i16");
+        // Each slot's own row of x, or one row for all.
+        let x = random_f32(ids.len() * k, 500 + i as u64, 2.0);
+        for shared in [false, true] {
+            for store in [Store::Write, Store::Swiglu] {
+                let code = if matches!(store, Store::Swiglu) { "swiglu" } else { "write" };
+                let outputs = if matches!(store, Store::Swiglu) { n / 2 } else { n };
+                let row = |s: usize| if shared { &x[..k] } else { &x[s * k..(s + 1) * k] };
+                let mut inputs = vec![(f32_bytes(if shared { &x[..k] } else { &x }), 4 * k, ACTS_F32)];
+                if integer {
+                    let rows = if shared { 1 } else { ids.len() };
+                    inputs.push((quantize_x(&x[..rows * k], rows, k, 2), record_bytes(k), ACTS_Q16));
+                }
+                for (xb, stride, acts) in inputs {
+                    let x_slot = if shared { 0 } else { stride };
+                    let got = run_experts(kernel, &experts, &ids, &xb, x_slot, blocks, threads, store, acts);
+                    assert!(got[ids.len() * outputs..].iter().all(|&v| v == -7.0), "{kernel}: wrote past the slots");
+                    for (s, &id) in ids.iter().enumerate() {
+                        let got = &got[s * outputs..(s + 1) * outputs];
+                        if id as usize >= experts.len() {
+                            assert!(got.iter().all(|v| v.is_nan()), "{kernel} {code}: unused slot {s} was written");
+                            continue;
+                        }
+                        let (one_x, one_acts) = if acts == ACTS_F32 {
+                            (f32_bytes(row(s)), ACTS_F32)
+                        } else {
+                            (quantize_x(row(s), 1, k, 2), ACTS_Q16)
+                        };
+                        let want = run_into(kernel, &experts[id as usize], &one_x, 1, blocks, threads, store, one_acts);
+                        for (j, (g, v)) in got.iter().zip(&want).enumerate() {
+                            assert_eq!(
+                                g.to_bits(),
+                                v.to_bits(),
+                                "{kernel} {code} shared={shared} acts={acts}: slot {s} (expert {id}) y[{j}] = {g}, want {v}"
+                            );
+                        }
+                    }
+                }
             }
         }
     }

@@ -244,3 +244,44 @@ fn moe_dispatch_matches_the_cpu() {
     ops::add_sigmoid_scaled(&cuda, &dy, &dg, &mut out, tokens, cols).unwrap();
     assert_close("add_sigmoid_scaled", &cuda.download(&out).unwrap(), &want, 1e-6, 1e-6);
 }
+
+/// `moe_combine` on the card: each token's used slots weighted and added in ascending order of
+/// expert index from zero, written or added to the residual stream, bit for bit the CPU's
+/// arithmetic (what zeroing the output and `scatter_add_rows` expert by expert give); a token
+/// without a used slot gets NaN; bad shapes are typed errors.
+#[test]
+fn moe_combine_adds_the_experts_in_index_order() {
+    let Some(cuda) = device_or_skip("moe_combine_adds_the_experts_in_index_order") else { return };
+    let (slots, cols, experts) = (4usize, 2050usize, 8u32);
+    let ids: Vec<u32> = vec![7, 2, 5, 0, 3, u32::MAX, 1, 8, u32::MAX, u32::MAX, u32::MAX, u32::MAX];
+    let tokens = ids.len() / slots;
+    let (ys, w, x0) = (
+        random_f32(tokens * slots * cols, 11, 3.0),
+        random_f32(tokens * slots, 12, 1.0),
+        random_f32(tokens * cols, 13, 5.0),
+    );
+    let (dys, dids, dw) = (cuda.upload(&ys).unwrap(), cuda.upload(&ids).unwrap(), cuda.upload(&w).unwrap());
+    for residual in [false, true] {
+        let mut want = Vec::new();
+        for t in 0..tokens {
+            let mut used: Vec<usize> = (0..slots).filter(|&s| ids[t * slots + s] < experts).collect();
+            used.sort_by_key(|&s| ids[t * slots + s]);
+            for c in 0..cols {
+                let mut o = if used.is_empty() { f32::NAN } else { 0.0f32 };
+                for &s in &used {
+                    o += ys[(t * slots + s) * cols + c] * w[t * slots + s];
+                }
+                want.push(if residual { x0[t * cols + c] + o } else { o });
+            }
+        }
+        let mut out = cuda.upload(&x0).unwrap();
+        ops::moe_combine(&cuda, &dys, &dids, &dw, &mut out, tokens, slots, experts as usize, cols, residual).unwrap();
+        for (j, (g, v)) in cuda.download(&out).unwrap().iter().zip(&want).enumerate() {
+            let same = if v.is_nan() { g.is_nan() } else { g.to_bits() == v.to_bits() };
+            assert!(same, "residual={residual}: out[{j}] = {g}, want {v}");
+        }
+    }
+    let mut out = cuda.zeros::<f32>(tokens * cols).unwrap();
+    assert_invalid(ops::moe_combine(&cuda, &dys, &dids, &dw, &mut out, tokens, 33, 8, cols, false), "slots");
+    assert_invalid(ops::moe_combine(&cuda, &dys, &dids, &dw, &mut out, tokens + 1, slots, 8, cols, false), "ids");
+}

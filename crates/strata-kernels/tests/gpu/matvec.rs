@@ -301,3 +301,63 @@ fn matvec_on_quantized_activations_is_bit_for_bit_the_same() {
     let err = ops::matvec_actq(&cuda, &q8, &wide.slice(4..), &mut y, 1, ops::MatvecStore::Write).unwrap_err();
     assert!(err.to_string().contains("16-byte aligned"), "{err}");
 }
+
+/// One Mixture-of-Experts launch computes for every slot bit for bit what a launch on its expert
+/// alone computes, for every dtype, with a row of x per slot or one shared row, rows within a tile
+/// and longer (activations quantized once per row), written or SwiGLU'd; unused slots (`u32::MAX`,
+/// or an id at the expert count) leave their rows alone. Experts of different shapes or dtypes are
+/// refused.
+#[test]
+fn matvec_experts_is_each_experts_matvec() {
+    let Some(cuda) = device_or_skip("matvec_experts_is_each_experts_matvec") else { return };
+    let n = 44;
+    let ids = [5u32, u32::MAX, 0, 3, 6];
+    let dids = cuda.upload(&ids).unwrap();
+    for dtype in DType::ALL {
+        let bl = dtype.block_len();
+        for k in [bl * 9, bl * (8448 / bl) + bl] {
+            let experts: Vec<Tensor> =
+                (0..6).map(|e| upload_tensor(&cuda, &weight(dtype, n, k, 70 + e)).unwrap()).collect();
+            let table = ops::ExpertWeights::new(&cuda, &experts).unwrap();
+            assert_eq!(table.len(), 6);
+            let x = random_f32(ids.len() * k, 80, 3.0);
+            for shared in [false, true] {
+                let dx = cuda.upload(if shared { &x[..k] } else { &x[..] }).unwrap();
+                for store in [ops::MatvecStore::Write, ops::MatvecStore::Swiglu] {
+                    let outputs = if store == ops::MatvecStore::Swiglu { n / 2 } else { n };
+                    let mut dy = cuda.upload(&vec![f32::NAN; ids.len() * outputs]).unwrap();
+                    ops::matvec_experts(&cuda, &table, &dids, &dx, shared, &mut dy, store).unwrap();
+                    let got = cuda.download(&dy).unwrap();
+                    for (s, &id) in ids.iter().enumerate() {
+                        let got = &got[s * outputs..(s + 1) * outputs];
+                        let what = format!("{dtype} k={k} shared={shared} {store:?} slot {s} (expert {id})");
+                        if id as usize >= experts.len() {
+                            assert!(got.iter().all(|v| v.is_nan()), "{what}: an unused slot was written");
+                            continue;
+                        }
+                        let row = if shared { &x[..k] } else { &x[s * k..(s + 1) * k] };
+                        let dxs = cuda.upload(row).unwrap();
+                        let mut want = cuda.zeros::<f32>(outputs).unwrap();
+                        let w = &experts[id as usize];
+                        match store {
+                            ops::MatvecStore::Swiglu => ops::matvec_swiglu(&cuda, w, &dxs, &mut want, 1),
+                            _ => ops::matvec(&cuda, w, &dxs, &mut want, 1),
+                        }
+                        .unwrap();
+                        for (j, (g, v)) in got.iter().zip(&cuda.download(&want).unwrap()).enumerate() {
+                            assert_eq!(g.to_bits(), v.to_bits(), "{what}: y[{j}] = {g}, want {v}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let a = upload_tensor(&cuda, &weight(DType::Q4_0, 8, 64, 1)).unwrap();
+    let b = upload_tensor(&cuda, &weight(DType::Q8_0, 8, 64, 1)).unwrap();
+    let c = upload_tensor(&cuda, &weight(DType::Q4_0, 8, 96, 1)).unwrap();
+    for other in [b, c] {
+        let err = ops::ExpertWeights::new(&cuda, &[a.clone(), other]).err().expect("refused");
+        assert!(err.to_string().contains("expert 1"), "{err}");
+    }
+    assert!(ops::ExpertWeights::new(&cuda, &[]).is_err());
+}

@@ -1,10 +1,12 @@
 //! Element-wise kernels: SwiGLU (of two products, or of one of paired rows), residual add, bias
-//! add, column and row copies (the Mixture-of-Experts dispatch), and f32 → f16/bf16 casts
-//! (`kernels/elementwise.cu`).
+//! add, column and row copies (the Mixture-of-Experts dispatch) and the weighted sum of a token's
+//! experts' outputs, and f32 → f16/bf16 casts (`kernels/elementwise.cu`).
 
 use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig};
 
-use crate::cuda::params::{AddBiasParams, CopyColsParams, ElementwiseParams, RowsParams};
+use crate::cuda::params::{
+    AddBiasParams, CopyColsParams, ElementwiseParams, MoeCombineParams, RowsParams, STRATA_MOE_COMBINE_MAX_SLOTS,
+};
 use crate::cuda::{Cuda, check_len, ptr, ptr_mut};
 use crate::{Error, Result};
 
@@ -219,6 +221,78 @@ where
     let ptrs = [ptr(cuda, y), ptr(cuda, g), ptr_mut(cuda, out)];
     // SAFETY: y and out hold rows * cols floats and g rows (checked above).
     unsafe { cuda.launch("elementwise", "add_sigmoid_scaled_f32", cfg, &p, &ptrs) }
+}
+
+/// The output of a Mixture-of-Experts block from its experts' on the device: for each of `tokens`
+/// tokens, `slots` slots, slot `s` of token `t` holding expert `ids[t, s]`, its routing weight
+/// `w[t, s]` and its outputs `ys[t, s, :]` (`cols` floats; [`matvec_experts`](super::matvec_experts)
+/// writes them). The token's output is the sum of `ys[t, s, :] * w[t, s]` over its slots whose id
+/// is below `experts`, added in ascending order of expert index from zero (each product rounded,
+/// then the sum): bit for bit what zeroing `out` and [`scatter_add_rows`] expert by expert give.
+/// With `residual` it is added to `out` (as [`add`] adds), else written to it.
+///
+/// `ids` and `w` are top-k gating's outputs, read on the device. A token with no used slot (what
+/// gating gives a token whose router probabilities are NaN, an error on the host path) gets NaN
+/// outputs: the device cannot raise the error without a synchronisation, and the NaN reaches the
+/// logits.
+#[allow(clippy::too_many_arguments)]
+pub fn moe_combine<Y, I, W, O>(
+    cuda: &Cuda,
+    ys: &Y,
+    ids: &I,
+    w: &W,
+    out: &mut O,
+    tokens: usize,
+    slots: usize,
+    experts: usize,
+    cols: usize,
+    residual: bool,
+) -> Result<()>
+where
+    Y: DevicePtr<f32>,
+    I: DevicePtr<u32>,
+    W: DevicePtr<f32>,
+    O: DevicePtrMut<f32>,
+{
+    const OP: &str = "moe_combine";
+    if slots == 0 || slots > STRATA_MOE_COMBINE_MAX_SLOTS as usize {
+        return Err(Error::invalid(
+            OP,
+            format!("{slots} slots per token; 1 to {STRATA_MOE_COMBINE_MAX_SLOTS} supported"),
+        ));
+    }
+    let n = tokens.checked_mul(cols).ok_or_else(|| Error::invalid(OP, "tokens x cols overflows"))?;
+    check_len(OP, "ids", ids.len(), tokens * slots)?;
+    check_len(OP, "w", w.len(), tokens * slots)?;
+    check_len(OP, "ys", ys.len(), n * slots)?;
+    check_len(OP, "out", out.len(), n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    if tokens > 65535 || u32::try_from(cols).is_err() {
+        return Err(Error::invalid(
+            OP,
+            format!("{tokens} tokens of {cols}: at most 65535 tokens (the grid's y) of 2^32 - 1"),
+        ));
+    }
+    let (tokens32, cols32) = (tokens as u32, cols as u32);
+    let p = MoeCombineParams {
+        tokens: tokens32,
+        cols: cols32,
+        slots: slots as u32,
+        experts: experts.min(u32::MAX as usize) as u32,
+        residual: u32::from(residual),
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (cols.div_ceil(BLOCK as usize) as u32, tokens32, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let ptrs = [ptr(cuda, ys), ptr(cuda, ids), ptr(cuda, w), ptr_mut(cuda, out)];
+    // SAFETY: ids and w hold tokens * slots elements, ys tokens * slots * cols floats and out
+    // tokens * cols (checked above); the kernel reads ys only at used slots' rows and writes each
+    // element of out from one thread.
+    unsafe { cuda.launch("elementwise", "moe_combine_f32", cfg, &p, &ptrs) }
 }
 
 /// Checks a row-index list: the device copy holds at least its `len` entries, each below `rows`,

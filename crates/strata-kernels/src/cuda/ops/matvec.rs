@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
-use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 use strata_tensor::{DType, Tensor};
 
 use crate::cuda::params::{
@@ -232,6 +232,9 @@ fn launch_quantize(cuda: &Cuda, x: u64, xq: u64, tokens: usize, k: usize) -> Res
         tokens: tokens32,
         store: STRATA_MATVEC_STORE_WRITE,
         acts: STRATA_MATVEC_ACTS_F32,
+        experts: 0,
+        x_slot: 0,
+        y_slot: 0,
     };
     // A warp per block of 32 values, 8 warps per block, grid-stride past 65536 blocks.
     let cfg = grid_1d((tokens * k / 32).div_ceil(8).min(65_536) * 256, 256);
@@ -376,6 +379,102 @@ where
     run(cuda, w, input, y, tokens, MatvecActs::TwoDigits, store)
 }
 
+/// One projection of every expert of a Mixture-of-Experts layer, for [`matvec_experts`]: device
+/// tensors of one dtype and shape (the gate and up weights paired as [`matvec_swiglu`] takes
+/// them, or the down weights), and a device table of their addresses, which the kernels index by
+/// the expert ids that top-k gating wrote on the device. The tensors are kept (cheap clones) so
+/// that the addresses stay valid.
+pub struct ExpertWeights {
+    weights: Vec<Tensor>,
+    table: CudaSlice<u64>,
+}
+
+impl ExpertWeights {
+    /// The table of `weights` (expert `e` is `weights[e]`): each a 2-D device tensor on `cuda`'s
+    /// device, all of one dtype and shape; refused otherwise, naming the expert that differs.
+    pub fn new(cuda: &Cuda, weights: &[Tensor]) -> Result<ExpertWeights> {
+        const OP: &str = "ExpertWeights::new";
+        let Some(first) = weights.first() else {
+            return Err(Error::invalid(OP, "no experts"));
+        };
+        if weights.len() > u32::MAX as usize {
+            return Err(Error::invalid(OP, format!("{} experts do not fit 32-bit ids", weights.len())));
+        }
+        let mut table = Vec::with_capacity(weights.len());
+        for (e, w) in weights.iter().enumerate() {
+            if w.dtype() != first.dtype() || w.shape() != first.shape() {
+                return Err(Error::invalid(
+                    OP,
+                    format!(
+                        "expert {e}'s weight is {} {}, expert 0's {} {}: one launch takes experts of one dtype and shape",
+                        w.dtype(),
+                        w.shape(),
+                        first.dtype(),
+                        first.shape()
+                    ),
+                ));
+            }
+            let (_, _, bytes) = device_matrix(OP, cuda, w)?;
+            table.push(ptr(cuda, bytes));
+        }
+        Ok(ExpertWeights { weights: weights.to_vec(), table: cuda.upload(&table)? })
+    }
+
+    /// Experts in the table.
+    pub fn len(&self) -> usize {
+        self.weights.len()
+    }
+
+    /// Whether the table is empty (never: [`ExpertWeights::new`] refuses no experts).
+    pub fn is_empty(&self) -> bool {
+        self.weights.is_empty()
+    }
+
+    /// Expert 0's weight, whose dtype and shape every expert shares.
+    pub fn first(&self) -> &Tensor {
+        &self.weights[0]
+    }
+}
+
+/// The products of a token's chosen experts in one launch: for each slot `s < ids.len()`, the
+/// product of expert `ids[s]`'s weight with `x`'s row `s` (or, with `shared_x`, its one row) into
+/// `y`'s row `s`, stored as `store` says (`y` has `n` floats per slot, or `n / 2` for
+/// [`MatvecStore::Swiglu`]). A slot whose id is not below `experts.len()` (top-k gating's
+/// `u32::MAX` for an unused slot) is skipped: its row of `y` is left as it is.
+///
+/// `ids` stays on the device (top-k gating's output): no host round trip picks the experts. Each
+/// slot computes bit for bit what [`matvec`], [`matvec_add`] or [`matvec_swiglu`] of its expert
+/// alone computes on its row; a block-quantized weight's activations are quantized in the blocks
+/// or, for rows longer than a tile, once per row before the product, as those do.
+pub fn matvec_experts<I, X, Y>(
+    cuda: &Cuda,
+    experts: &ExpertWeights,
+    ids: &I,
+    x: &X,
+    shared_x: bool,
+    y: &mut Y,
+    store: MatvecStore,
+) -> Result<()>
+where
+    I: DevicePtr<u32>,
+    X: DevicePtr<f32>,
+    Y: DevicePtrMut<f32>,
+{
+    const OP: &str = "matvec_experts";
+    let w = experts.first();
+    let slots = Slots {
+        table: ptr(cuda, &experts.table),
+        ids: ptr(cuda, ids),
+        slots: ids.len(),
+        experts: experts.len(),
+        shared_x,
+    };
+    // The kernel's own weight argument is not read in these launches; expert 0's is passed.
+    let (_, _, bytes) = device_matrix(OP, cuda, w)?;
+    let wp = ptr(cuda, bytes);
+    launch_all(cuda, OP, w, wp, Some(slots), Input::f32(cuda, x), y, 1, MatvecActs::default(), store)
+}
+
 /// The activations a launch reads: f32 values, or two-digit records.
 #[derive(Clone, Copy)]
 enum Input {
@@ -408,7 +507,47 @@ where
         (MatvecStore::Add, _) => "matvec_add",
         (MatvecStore::Swiglu, _) => "matvec_swiglu",
     };
-    let (n, k, bytes) = device_matrix(op, cuda, w)?;
+    let (_, _, bytes) = device_matrix(op, cuda, w)?;
+    launch_all(cuda, op, w, ptr(cuda, bytes), None, x, y, tokens, acts, store)
+}
+
+/// The experts of a Mixture-of-Experts launch ([`matvec_experts`]): the device addresses of the
+/// table of weight addresses and of the slots' expert ids, how many slots and experts, and
+/// whether the slots share one row of activations.
+#[derive(Clone, Copy)]
+struct Slots {
+    table: u64,
+    ids: u64,
+    slots: usize,
+    experts: usize,
+    shared_x: bool,
+}
+
+/// The launches of [`run`] for weight `w` (its bytes at `wp`, checked by the caller), or, with
+/// `slots`, of [`matvec_experts`] (`w` one of the experts, for the shape and dtype they share, and
+/// `tokens` 1: a token per slot).
+#[allow(clippy::too_many_arguments)]
+fn launch_all<Y>(
+    cuda: &Cuda,
+    op: &'static str,
+    w: &Tensor,
+    wp: u64,
+    slots: Option<Slots>,
+    x: Input,
+    y: &mut Y,
+    tokens: usize,
+    acts: MatvecActs,
+    store: MatvecStore,
+) -> Result<()>
+where
+    Y: DevicePtrMut<f32>,
+{
+    let (n, k) = (w.shape().dims()[0], w.shape().dims()[1]);
+    // Rows of x and y: a token's, or one per slot (x one for all slots when they share it).
+    let (x_rows, y_rows) = match slots {
+        None => (tokens, tokens),
+        Some(s) => (if s.shared_x { 1 } else { s.slots }, s.slots),
+    };
     // Outputs per token: n, or one per gate and up pair.
     let outputs = if store == MatvecStore::Swiglu {
         if !n.is_multiple_of(4) {
@@ -419,14 +558,14 @@ where
         n
     };
     match x {
-        Input::F32 { len, .. } => check_len(op, "x", len, tokens * k)?,
+        Input::F32 { len, .. } => check_len(op, "x", len, x_rows * k)?,
         Input::Actq { len, ptr } => {
-            check_len(op, "xq", len, actq_bytes(tokens, k))?;
+            check_len(op, "xq", len, actq_bytes(x_rows, k))?;
             check_actq_aligned(op, ptr)?;
         }
     }
-    check_len(op, "y", y.len(), tokens * outputs)?;
-    if tokens == 0 || n == 0 {
+    check_len(op, "y", y.len(), y_rows * outputs)?;
+    if tokens == 0 || y_rows == 0 || n == 0 {
         return Ok(());
     }
     if k == 0 {
@@ -438,7 +577,7 @@ where
     let (rows, cols) = (to_u32(n, "n")?, to_u32(k, "k")?);
     let dtype = w.dtype();
     let names = kernel_names(dtype, k, acts);
-    let (wp, yp) = (ptr(cuda, bytes), ptr_mut(cuda, y));
+    let yp = ptr_mut(cuda, y);
     let limit = shared_limit(cuda)?;
     let per_launch = acts.max_tokens(dtype);
     // The kernel for a group of `group` tokens: the next power of two, or 4 where the decode
@@ -470,13 +609,22 @@ where
             if acts.integer(dtype) && quantize_first(dtype, tokens, k, kernel_tokens(tokens.min(per_launch))?) =>
         {
             let mut guard = cuda.actq.lock().unwrap();
-            let need = actq_bytes(tokens, k);
+            let need = actq_bytes(x_rows, k);
             let xq = ptr_mut(cuda, grown(cuda, &mut guard, need, need)?);
-            launch_quantize(cuda, xp, xq, tokens, k)?;
+            launch_quantize(cuda, xp, xq, x_rows, k)?;
             scratch = Some(guard);
             (xq, actq_bytes(1, k), STRATA_MATVEC_ACTS_Q16)
         }
         Input::F32 { ptr, .. } => (ptr, 4 * k, STRATA_MATVEC_ACTS_F32),
+    };
+    // A Mixture-of-Experts launch: a block row per slot, each with its slot's activations (or
+    // all the same row) and outputs.
+    let (grid_y, experts, x_slot, y_slot, table, ids) = match slots {
+        None => (1, 0, 0, 0, 0, 0),
+        Some(s) => {
+            let x_slot = if s.shared_x { 0 } else { record as u64 };
+            (to_u32(s.slots, "the slots")?, s.experts as u32, x_slot, outputs as u64, s.table, s.ids)
+        }
     };
     for t0 in (0..tokens).step_by(per_launch) {
         let group = (tokens - t0).min(per_launch);
@@ -490,7 +638,8 @@ where
         let per_block = warps(dtype, t, acts) * ROWS_PER_WARP;
         let mut blocks = n.div_ceil(per_block);
         if dtype.is_quantized() {
-            blocks = blocks.min(resident);
+            // The resident blocks shared among the slots' rows of blocks.
+            blocks = blocks.min((resident / grid_y as usize).max(1));
         }
         let blocks = to_u32(blocks, "the grid")?;
         let p = MatvecParams {
@@ -505,14 +654,22 @@ where
                 MatvecStore::Swiglu => STRATA_MATVEC_STORE_SWIGLU,
             },
             acts: acts_code,
+            experts,
+            x_slot,
+            y_slot,
         };
-        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 };
-        let ptrs = [wp, xp + (t0 * record) as u64, yp + (t0 * outputs * 4) as u64];
+        let cfg =
+            LaunchConfig { grid_dim: (blocks, grid_y, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 };
+        let ptrs = [wp, xp + (t0 * record) as u64, yp + (t0 * outputs * 4) as u64, table, ids];
         // SAFETY: x holds tokens * k floats (or the scratch tokens records of k quantized
         // activations) and y tokens * outputs floats (checked above), so tokens t0 .. t0 + group
         // of each are in bounds; the kernel reads the weight only below total_bytes
         // (device_matrix checked the buffer holds them), reads x rows only below p.tokens, and
         // writes y rows only below p.tokens and columns below outputs (n, or n / 2 for SwiGLU).
+        // A Mixture-of-Experts launch (one token) reads slot s's x at s * x_slot bytes (x holds
+        // x_rows rows: one, or a record or row per slot) and writes its y at s * outputs floats (y
+        // holds a row per slot); its weight is a table entry, every expert checked as w is
+        // ([`ExpertWeights::new`]), and ids holds a u32 per slot ([`matvec_experts`] checked).
         unsafe { cuda.launch("matvec", kernel, cfg, &p, &ptrs)? };
     }
     drop(scratch);
