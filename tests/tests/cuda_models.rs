@@ -259,13 +259,7 @@ fn moe_decode_routes_on_the_device_as_on_the_host() {
 
 /// The index of the largest of `v` (the first of equals).
 fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
+    strata_models::tensor::cpu::argmax(v).expect("logits") as u32
 }
 
 /// The weight sizes agree with the CPU decoder's, and the device reports memory and bandwidth.

@@ -77,6 +77,25 @@ enum Store<'a> {
     Swiglu,
 }
 
+impl Store<'_> {
+    /// MatvecParams::store, and the outputs per token of a weight of `n` rows.
+    fn code_and_outputs(self, n: usize) -> (u32, usize) {
+        match self {
+            Store::Write => (0, n),
+            Store::Add(_) => (1, n),
+            Store::Swiglu => (2, n / 2),
+        }
+    }
+
+    /// y's values before the launch for `rows` rows of `outputs`: the values added to, or NaN.
+    fn start(self, rows: usize, outputs: usize) -> Vec<f32> {
+        match self {
+            Store::Add(y0) => y0.to_vec(),
+            _ => vec![f32::NAN; rows * outputs],
+        }
+    }
+}
+
 /// [`run`] on activations `xb` (f32 values, or two-digit records with [`ACTS_Q16`]), the products
 /// stored as `store` says.
 #[allow(clippy::too_many_arguments)]
@@ -95,17 +114,10 @@ fn run_into(
     let want_x = if acts == ACTS_F32 { 4 * tokens * k } else { tokens * record_bytes(k) };
     assert_eq!(xb.len(), want_x);
     let mut bytes = w.cpu_bytes().unwrap().to_vec();
-    let (code, outputs) = match store {
-        Store::Write => (0u32, n),
-        Store::Add(_) => (1, n),
-        Store::Swiglu => (2, n / 2),
-    };
+    let (code, outputs) = store.code_and_outputs(n);
     let p = params(n, k, w.row_bytes(), bytes.len(), tokens, code, acts);
     let mut xb = xb.to_vec();
-    let start = match store {
-        Store::Add(y0) => y0.to_vec(),
-        _ => vec![f32::NAN; tokens * outputs],
-    };
+    let start = store.start(tokens, outputs);
     assert_eq!(start.len(), tokens * outputs);
     let mut y = f32_bytes(&[start, vec![-7f32; outputs]].concat());
     let mut args = [Arg::Buf(&mut bytes, 0), Arg::Buf(&mut xb, 0), Arg::Buf(&mut y, 0), Arg::Null, Arg::Null];
@@ -132,19 +144,12 @@ fn run_experts(
     let emu = emulator().expect("checked by the caller");
     let w = &experts[0];
     let (n, k) = (w.shape().dims()[0], w.shape().dims()[1]);
-    let (code, outputs) = match store {
-        Store::Write => (0u32, n),
-        Store::Add(_) => (1, n),
-        Store::Swiglu => (2, n / 2),
-    };
+    let (code, outputs) = store.code_and_outputs(n);
     let slots = ids.len();
     let total = w.byte_len();
     let p = slot_params(n, k, w.row_bytes(), total, 1, code, acts, [experts.len(), x_slot, outputs]);
     let mut xb = xb.to_vec();
-    let start = match store {
-        Store::Add(y0) => y0.to_vec(),
-        _ => vec![f32::NAN; slots * outputs],
-    };
+    let start = store.start(slots, outputs);
     let mut y = f32_bytes(&[start, vec![-7f32; outputs]].concat());
     let mut idb: Vec<u8> = ids.iter().flat_map(|v| v.to_le_bytes()).collect();
     let mut weights: Vec<Vec<u8>> = experts.iter().map(|e| e.cpu_bytes().unwrap().to_vec()).collect();
