@@ -73,6 +73,22 @@ if [ "${1:-}" != quick ]; then
     say "bench $n (cuda, STRATA_CUDA_GRAPHS=1): exit $? $(cat "$OUT/bench-$n-graphs.json" 2>/dev/null | tr -d '\n' | head -c 900)"
     grep -i "graph" "$OUT/bench-$n-graphs.log" | head -n 3 | tee -a "$SUMMARY"
   done
+  # A Mixtral-8x7B-shaped MoE model cut to 4 layers (q4_0, about 3.4 GB): decode routed on the
+  # device (the default), on the host (the router logits copied down per layer), and on the
+  # device with each step one CUDA graph.
+  "$B/bin/xtask" synth-model --shape mixtral-8x7b --dtype q4_0 --layers 4 --format gguf \
+    --out "$M/mixtral-4l-q4_0.gguf" >>"$OUT/synth.log" 2>&1
+  for mode in device host graphs; do
+    case $mode in
+      device) env=() ;;
+      host) env=(STRATA_CUDA_HOST_ROUTING=1) ;;
+      graphs) env=(STRATA_CUDA_GRAPHS=1) ;;
+    esac
+    env "${env[@]}" timeout 120 "$B/bin/strata" bench --model "$M/mixtral-4l-q4_0.gguf" --device cuda \
+      --prompt-tokens 128 --gen-tokens 64 --json >"$OUT/bench-mixtral-$mode.json" 2>"$OUT/bench-mixtral-$mode.log"
+    say "bench mixtral-4l-q4_0 (cuda, routing: $mode): exit $? $(tr -d '\n' <"$OUT/bench-mixtral-$mode.json" 2>/dev/null | head -c 900)"
+  done
+  rm -f "$M/mixtral-4l-q4_0.gguf"
   # Where a decode step's time goes: every kernel's own GPU time (Nsight Compute, one kernel at a
   # time) over a short q4_0 run (two 8-token prefills and three decode steps, warm-up included),
   # to set against the decode time per token measured above (the rest is launch overhead, gaps).
