@@ -1,5 +1,6 @@
-//! `kernels/rmsnorm.cu`: the register path (rows of whole float4 up to 8192 floats, read once) and
-//! the striding path, out of place and in place, against `reference::rms_norm`.
+//! `kernels/rmsnorm.cu`: rows of aligned whole float4s and others, out of place and in place,
+//! against `reference::rms_norm`; the same bits at every block size (`kernels/include/norm.cuh`'s
+//! order of the sum of squares); the quantizing kernel's records.
 
 use strata_tensor::cpu::reference;
 
@@ -36,8 +37,8 @@ fn emulated_rms_norm_matches_the_reference_on_both_paths() {
     if build("emu_rmsnorm.cpp").is_none() {
         return;
     }
-    // The register path at its limit (8192), past it (8200: striding), unaligned rows (offset 1),
-    // rows of a length not a multiple of 4, tiny rows.
+    // Long rows (8192, 8200), unaligned rows (offset 1), rows of a length not a multiple of 4,
+    // tiny rows.
     for (rows, cols, offset) in
         [(3usize, 8192usize, 0usize), (2, 8200, 0), (2, 1024, 1), (5, 4, 0), (3, 1030, 0), (4, 7, 0)]
     {
@@ -45,12 +46,45 @@ fn emulated_rms_norm_matches_the_reference_on_both_paths() {
         let w = random_f32(cols, 7, 1.5);
         let mut want = vec![0f32; rows * cols];
         reference::rms_norm(&x[offset..], &w, 1e-5, &mut want).unwrap();
-        // The launcher's threads, and 256 (two or more float4 per thread on the register path).
+        // The launcher's threads, and 256 (two or more float4 per thread).
         for threads in [launcher_threads(cols), 256] {
             for inplace in [false, true] {
                 let what =
                     format!("rms_norm {rows} x {cols} at offset {offset}, {threads} threads, in place: {inplace}");
                 assert_close(&what, &run(&x, &w, rows, offset, inplace, threads), &want, 1e-5, 1e-5);
+            }
+        }
+    }
+}
+
+/// A row normalises to the same bits whatever the block's size (32 to 1024 threads): the sum of
+/// squares goes in one order (`norm.cuh`), which the products that normalise their own
+/// activations share. Aligned and unaligned rows, lengths not a multiple of 4 or of 128, more
+/// runs of 128 columns than a warp has lanes, in place and not.
+#[test]
+fn emulated_rms_norm_gives_the_same_bits_at_every_block_size() {
+    if build("emu_rmsnorm.cpp").is_none() {
+        return;
+    }
+    for (rows, cols, offset) in [(2usize, 2048usize, 0usize), (1, 5000, 0), (2, 4100, 1), (3, 130, 0), (2, 7, 0)] {
+        let mut x = random_f32(rows * cols + offset, cols as u64 ^ 0x51, 3.0);
+        for (i, v) in x.iter_mut().enumerate() {
+            // Magnitudes over many octaves, so that the order of the additions shows.
+            *v *= [1.0, 1e3, 1e-3, 17.0][i % 4];
+        }
+        let w = random_f32(cols, 5, 1.5);
+        for inplace in [false, true] {
+            let want = run(&x, &w, rows, offset, inplace, 1024);
+            for threads in [32, 64, 96, 256, 512] {
+                let got = run(&x, &w, rows, offset, inplace, threads);
+                for (i, (g, v)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(
+                        g.to_bits(),
+                        v.to_bits(),
+                        "{rows} x {cols} offset {offset} in place {inplace}: {threads} threads give out[{i}] = {g}, 1024 \
+                         give {v}"
+                    );
+                }
             }
         }
     }

@@ -2,7 +2,7 @@
 
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
 
-use crate::cuda::params::RmsNormParams;
+use crate::cuda::params::{RmsNormParams, STRATA_NORM_MAX_COLS};
 use crate::cuda::{Cuda, check_len, ptr, ptr_mut};
 use crate::{Error, Result};
 
@@ -15,6 +15,7 @@ where
     O: DevicePtrMut<f32>,
 {
     let cols = w.len();
+    check_cols("rms_norm", cols)?;
     check_len("rms_norm", "x", x.len(), rows * cols)?;
     check_len("rms_norm", "out", out.len(), rows * cols)?;
     // SAFETY: x and out hold rows * cols floats and w holds cols, checked above.
@@ -29,6 +30,7 @@ where
     W: DevicePtr<f32>,
 {
     let cols = w.len();
+    check_cols("rms_norm_inplace", cols)?;
     check_len("rms_norm_inplace", "x", x.len(), rows * cols)?;
     let xp = ptr_mut(cuda, x);
     // SAFETY: x holds rows * cols floats and w holds cols, checked above; the kernel reads and
@@ -58,6 +60,7 @@ where
 {
     const OP: &str = "rms_norm_actq";
     let cols = w.len();
+    check_cols(OP, cols)?;
     check_len(OP, "x", x.len(), rows * cols)?;
     check_len(OP, "out", out.len(), rows * cols)?;
     check_len(OP, "xq", xq.len(), super::actq_bytes(rows, cols))?;
@@ -72,11 +75,19 @@ where
 
 /// Threads per block (per row) of both RMSNorm kernels for rows of `cols`: a float4 per thread
 /// up to 4096 columns (a 2048-wide row: 512 threads, whose 16 warps then quantize its 64 blocks
-/// of 32 four each in `rms_norm_actq`), 1024 above. The block's sum of squares is reduced in an
-/// order that follows from this, so both kernels take the same count and normalise a row to the
-/// same bits.
+/// of 32 four each in `rms_norm_actq`), 1024 above. The sum of squares goes in an order that does
+/// not depend on the count (`kernels/include/norm.cuh`), so any count gives the same bits.
 fn threads(cols: usize) -> u32 {
     cols.div_ceil(4).next_multiple_of(32).clamp(32, 1024) as u32
+}
+
+/// Refuses rows longer than the kernels' sum of squares takes (`STRATA_NORM_MAX_COLS`: one float of
+/// shared memory per 128 columns).
+fn check_cols(op: &str, cols: usize) -> Result<()> {
+    if cols > STRATA_NORM_MAX_COLS as usize {
+        return Err(Error::invalid(op, format!("rows of {cols} floats; at most {STRATA_NORM_MAX_COLS}")));
+    }
+    Ok(())
 }
 
 /// Launches `kernel` (`rmsnorm_f32` over `[x, w, out]`, `rmsnorm_f32_actq` over `[x, w, out,
