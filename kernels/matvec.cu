@@ -78,6 +78,7 @@
 #include "quant.cuh"
 #include "actq.cuh"
 #include "matvec.h"
+#include "norm.cuh"
 #include "ptx.cuh"
 
 #define MV_WARPS STRATA_MATVEC_WARPS
@@ -108,21 +109,53 @@ __device__ __forceinline__ int xpad(int e) { return e + ((e >> 5) << 2) + ((e >>
 
 __device__ __forceinline__ float4 lds4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 
+// The RMSNorm a product applies to its activations as it stages them (the kernel's `norm` weight
+// not null): token t's value at column c becomes (x * scale[t]) * w[c], with scale[t] from
+// norm.cuh's sum of squares of the token's whole row, bit for bit what rmsnorm_f32 writes. With
+// w null the values are taken as they are.
+template <int T>
+struct MvNorm {
+    const float* w;
+    float scale[T];
+
+    __device__ __forceinline__ float operator()(float v, int t, unsigned int c) const {
+        return w == nullptr ? v : __fmul_rn(__fmul_rn(v, scale[t]), w[c]);
+    }
+};
+
+// The norm of a launch (`w` its weight, or null), each live token's scale computed over the
+// row; called by the whole block (the same w and p.tokens for all), before the activation tile
+// is staged: `scratch` (NORM_RUNS + 1 floats, the tile's memory) is free again on return.
+template <int T>
+__device__ __forceinline__ MvNorm<T> mv_norm(const MatvecParams& p, const float* __restrict__ x, const float* w,
+                                             float* scratch) {
+    MvNorm<T> n{w, {}};
+    if (w != nullptr) {
+#pragma unroll
+        for (int t = 0; t < T; ++t) {
+            if (t >= (int)p.tokens) break;
+            n.scale[t] = norm_scale(norm_sumsq(x + (size_t)t * p.cols, p.cols, scratch), p.cols, p.norm_eps);
+        }
+    }
+    return n;
+}
+
 // Copies columns k0 .. k0 + kt of the launch's x rows into tile X (zeros for tokens at or past
-// p.tokens), times 2^90 with SCALED, and with SUMS the sum of x (unscaled) over each 8 columns.
-// Called by the whole block after a barrier; ends with one. Waits for every cp.async group of the
-// thread, so the weight chunks in flight land too.
+// p.tokens; normalised as `norm` says), times 2^90 with SCALED, and with SUMS the sum of x
+// (unscaled) over each 8 columns. Called by the whole block after a barrier; ends with one. Waits
+// for every cp.async group of the thread, so the weight chunks in flight land too.
 template <class X, int T, bool SCALED, bool SUMS>
 __device__ __forceinline__ void stage_x(const MatvecParams& p, const float* __restrict__ x, unsigned int k0, int kt,
-                                        float* xs, float* xsum) {
+                                        float* xs, float* xsum, const MvNorm<T>& norm) {
 #pragma unroll
     for (int t = 0; t < T; ++t) {
         const bool live = t < (int)p.tokens;
         const float* xr = x + (size_t)t * p.cols + k0;
         for (int e = threadIdx.x; e < kt; e += blockDim.x) {
             float* d = xs + t * X::STRIDE + xpad(e);
-            if (live) cp_async4(d, xr + e);
-            else *d = 0.0f;
+            if (!live) *d = 0.0f;
+            else if (norm.w != nullptr) *d = norm(xr[e], t, k0 + e);
+            else cp_async4(d, xr + e);
         }
     }
     cp_async_commit();
@@ -253,7 +286,8 @@ __device__ __forceinline__ void float_unit(const uint4 (&v)[MV_ROWS], const floa
 // flight.
 template <int DT, int T>
 __device__ __forceinline__ void mv_float_vec(const MatvecParams& p, const unsigned char* __restrict__ w,
-                                             const float* __restrict__ x, float* __restrict__ y) {
+                                             const float* __restrict__ x, float* __restrict__ y,
+                                             const float* norm_w) {
     using X = XTile<T, STRATA_MATVEC_XTILE_FLOAT>;
     constexpr int ES = DT == STRATA_DTYPE_F32 ? 4 : 2;
     constexpr int E = 16 / ES;
@@ -265,11 +299,12 @@ __device__ __forceinline__ void mv_float_vec(const MatvecParams& p, const unsign
     const unsigned char* wr[MV_ROWS];
 #pragma unroll
     for (int r = 0; r < MV_ROWS; ++r) wr[r] = w + (unsigned long long)min(row0 + r, p.rows - 1) * p.row_bytes;
+    const MvNorm<T> norm = mv_norm<T>(p, x, norm_w, xs);
     float acc[MV_ROWS][T] = {};
     for (unsigned int k0 = 0; k0 < p.cols; k0 += X::KT) {
         const int kt = min((unsigned int)X::KT, p.cols - k0);
         __syncthreads();
-        stage_x<X, T, false, false>(p, x, k0, kt, xs, nullptr);
+        stage_x<X, T, false, false>(p, x, k0, kt, xs, nullptr, norm);
         const int units = kt / E;
         // U units per row in flight per lane: 4 at one and two tokens, where a decode step's
         // small products (2048 rows: 512 warps) need each warp's loads to cover the latency; 2
@@ -297,7 +332,8 @@ __device__ __forceinline__ void mv_float_vec(const MatvecParams& p, const unsign
 // Float rows of any length: one element per lane and row at a time.
 template <int DT, int T>
 __device__ __forceinline__ void mv_float_scalar(const MatvecParams& p, const unsigned char* __restrict__ w,
-                                                const float* __restrict__ x, float* __restrict__ y) {
+                                                const float* __restrict__ x, float* __restrict__ y,
+                                                const float* norm_w) {
     using X = XTile<T, STRATA_MATVEC_XTILE_FLOAT>;
     STRATA_DYNAMIC_SMEM(float4, smem);
     float* xs = reinterpret_cast<float*>(smem);
@@ -307,11 +343,12 @@ __device__ __forceinline__ void mv_float_scalar(const MatvecParams& p, const uns
     const unsigned char* wr[MV_ROWS];
 #pragma unroll
     for (int r = 0; r < MV_ROWS; ++r) wr[r] = w + (unsigned long long)min(row0 + r, p.rows - 1) * p.row_bytes;
+    const MvNorm<T> norm = mv_norm<T>(p, x, norm_w, xs);
     float acc[MV_ROWS][T] = {};
     for (unsigned int k0 = 0; k0 < p.cols; k0 += X::KT) {
         const int kt = min((unsigned int)X::KT, p.cols - k0);
         __syncthreads();
-        stage_x<X, T, false, false>(p, x, k0, kt, xs, nullptr);
+        stage_x<X, T, false, false>(p, x, k0, kt, xs, nullptr, norm);
         for (int e = lane; e < kt; e += 32) {
             float wv[MV_ROWS];
 #pragma unroll
@@ -407,13 +444,13 @@ __device__ __forceinline__ int nibble_dot(const unsigned int (&qs)[4], const Blo
     return 256 * sh + sl;
 }
 
-// Quantizes columns k0 .. k0 + kt (a multiple of 32) of the launch's x rows into the integer tile
-// (zeros for tokens at or past p.tokens), a block of 32 per warp at a time (quantize_block), with
+// Quantizes columns k0 .. k0 + kt (a multiple of 32) of the launch's x rows, normalised as `norm`
+// says, into the integer tile (zeros for tokens at or past p.tokens), a block of 32 per warp at a time (quantize_block), with
 // eight blocks' loads in flight per warp; with SUMS8 the sums of each 8 values too. Called by the
 // whole block after a barrier; ends with one.
 template <int T, bool SUMS8>
 __device__ __forceinline__ void stage_xq(const MatvecParams& p, const float* __restrict__ x, unsigned int k0, int kt,
-                                         unsigned char* tile) {
+                                         unsigned char* tile, const MvNorm<T>& norm) {
     using Q = QTile<T>;
     signed char* hi = reinterpret_cast<signed char*>(tile);
     signed char* lo = hi + T * Q::STRIDE;
@@ -428,7 +465,8 @@ __device__ __forceinline__ void stage_xq(const MatvecParams& p, const float* __r
 #pragma unroll
         for (int j = 0; j < BATCH; ++j) {
             const int i = i0 + j * warps, t = i / nb, b = i - t * nb;
-            v[j] = i < total && t < (int)p.tokens ? __ldg(x + (size_t)t * p.cols + k0 + 32 * b + lane) : 0.0f;
+            const unsigned int c = k0 + 32 * b + lane;
+            v[j] = i < total && t < (int)p.tokens ? norm(__ldg(x + (size_t)t * p.cols + c), t, c) : 0.0f;
         }
 #pragma unroll
         for (int j = 0; j < BATCH; ++j) {
@@ -1193,7 +1231,7 @@ struct Q6_K_I16 {
 // else the float path, with x in XTile.
 template <class F, int T, bool INT>
 __device__ __forceinline__ void mv_quant(const MatvecParams& p, const unsigned char* __restrict__ w,
-                                         const float* __restrict__ x, float* __restrict__ y) {
+                                         const float* __restrict__ x, float* __restrict__ y, const float* norm_w) {
     using X = XTile<T>;
     static_assert(INT || T <= 2, "the float path of block-quantized weights has kernels for 1 and 2 tokens");
     constexpr bool SUB = !INT && F::SUBNORMAL;
@@ -1297,15 +1335,19 @@ __device__ __forceinline__ void mv_quant(const MatvecParams& p, const unsigned c
     // A loop, not unrolled: one copy of the staging code rather than one per step.
 #pragma unroll 1
     for (int s = 0; s < STAGES - 1; ++s) stage();
+    // The norm's scales, with the first weight chunks already in flight (the tile's memory as
+    // scratch). The integer path only: the float path, kept for comparison, takes x as it is.
+    MvNorm<T> norm{nullptr, {}};
+    if constexpr (INT) norm = mv_norm<T>(p, x, norm_w, xs);
     // Stages columns k0 .. k0 + kt of the activations.
     auto stage_acts = [&](unsigned int k0, int kt) {
         __syncthreads();
         if constexpr (INT) {
             if (p.acts == STRATA_MATVEC_ACTS_Q16)
                 load_xq<T, F::template SUMS8<T>>(p, reinterpret_cast<const unsigned char*>(x), k0, kt, tile);
-            else stage_xq<T, F::template SUMS8<T>>(p, x, k0, kt, tile);
+            else stage_xq<T, F::template SUMS8<T>>(p, x, k0, kt, tile, norm);
         }
-        else stage_x<X, T, SUB, SUB>(p, x, k0, kt, xs, xsum);
+        else stage_x<X, T, SUB, SUB>(p, x, k0, kt, xs, xsum, norm);
     };
     if (one_tile && rounds > 0) stage_acts(0, (int)p.cols);
     float acc[MV_ROWS][T] = {};
@@ -1358,11 +1400,13 @@ __device__ __forceinline__ bool mv_slot(const MatvecParams& p, const unsigned lo
 }
 
 // BOUNDS: the launch bounds, (threads) or (threads, min blocks per SM). experts and ids: null, or
-// a Mixture-of-Experts launch (mv_slot).
+// a Mixture-of-Experts launch (mv_slot). norm: null, or the weight of the RMSNorm the kernel
+// applies to x's rows as it stages them (MvNorm; f32 activations, p.acts F32; float weights and
+// the integer path of block-quantized ones).
 #define MV_ENTRY(name, T, BOUNDS, CALL)                                                                           \
     extern "C" __global__ void __launch_bounds__ BOUNDS                                                          \
         matvec_##name##_t##T(MatvecParams p, const unsigned char* w, const float* x, float* y,                  \
-                             const unsigned long long* experts, const unsigned int* ids) {                       \
+                             const unsigned long long* experts, const unsigned int* ids, const float* norm) {    \
         if (experts != nullptr && !mv_slot(p, experts, ids, w, x, y)) return;                                    \
         CALL;                                                                                                    \
     }
@@ -1371,22 +1415,22 @@ __device__ __forceinline__ bool mv_slot(const MatvecParams& p, const unsigned lo
 // to 4 tokens, F the others'), and the float ones for 1 and 2 (kept for comparison; the launcher
 // runs them in launches of up to 2 tokens).
 #define MV_QUANT(name, F, FI)                                                                  \
-    MV_ENTRY(name, 1, (MV_THREADS_DECODE), (mv_quant<F, 1, false>(p, w, x, y)))                  \
-    MV_ENTRY(name, 2, (MV_THREADS_DECODE), (mv_quant<F, 2, false>(p, w, x, y)))                  \
-    MV_ENTRY(name##_i16, 1, (FI::WARPS_DECODE * 32, 1), (mv_quant<FI, 1, true>(p, w, x, y)))      \
-    MV_ENTRY(name##_i16, 2, (FI::WARPS_DECODE * 32, 1), (mv_quant<FI, 2, true>(p, w, x, y)))      \
-    MV_ENTRY(name##_i16, 4, (MV_THREADS), (mv_quant<FI, 4, true>(p, w, x, y)))                   \
-    MV_ENTRY(name##_i16, 8, (MV_THREADS), (mv_quant<F, 8, true>(p, w, x, y)))
+    MV_ENTRY(name, 1, (MV_THREADS_DECODE), (mv_quant<F, 1, false>(p, w, x, y, norm)))                  \
+    MV_ENTRY(name, 2, (MV_THREADS_DECODE), (mv_quant<F, 2, false>(p, w, x, y, norm)))                  \
+    MV_ENTRY(name##_i16, 1, (FI::WARPS_DECODE * 32, 1), (mv_quant<FI, 1, true>(p, w, x, y, norm)))      \
+    MV_ENTRY(name##_i16, 2, (FI::WARPS_DECODE * 32, 1), (mv_quant<FI, 2, true>(p, w, x, y, norm)))      \
+    MV_ENTRY(name##_i16, 4, (MV_THREADS), (mv_quant<FI, 4, true>(p, w, x, y, norm)))                   \
+    MV_ENTRY(name##_i16, 8, (MV_THREADS), (mv_quant<F, 8, true>(p, w, x, y, norm)))
 
 #define MV_FLOAT(name, DT)                                                        \
-    MV_ENTRY(name, 1, (MV_THREADS), (mv_float_vec<DT, 1>(p, w, x, y)))              \
-    MV_ENTRY(name, 2, (MV_THREADS), (mv_float_vec<DT, 2>(p, w, x, y)))              \
-    MV_ENTRY(name, 4, (MV_THREADS), (mv_float_vec<DT, 4>(p, w, x, y)))              \
-    MV_ENTRY(name, 8, (MV_THREADS), (mv_float_vec<DT, 8>(p, w, x, y)))              \
-    MV_ENTRY(name##_scalar, 1, (MV_THREADS), (mv_float_scalar<DT, 1>(p, w, x, y)))  \
-    MV_ENTRY(name##_scalar, 2, (MV_THREADS), (mv_float_scalar<DT, 2>(p, w, x, y)))  \
-    MV_ENTRY(name##_scalar, 4, (MV_THREADS), (mv_float_scalar<DT, 4>(p, w, x, y)))  \
-    MV_ENTRY(name##_scalar, 8, (MV_THREADS), (mv_float_scalar<DT, 8>(p, w, x, y)))
+    MV_ENTRY(name, 1, (MV_THREADS), (mv_float_vec<DT, 1>(p, w, x, y, norm)))              \
+    MV_ENTRY(name, 2, (MV_THREADS), (mv_float_vec<DT, 2>(p, w, x, y, norm)))              \
+    MV_ENTRY(name, 4, (MV_THREADS), (mv_float_vec<DT, 4>(p, w, x, y, norm)))              \
+    MV_ENTRY(name, 8, (MV_THREADS), (mv_float_vec<DT, 8>(p, w, x, y, norm)))              \
+    MV_ENTRY(name##_scalar, 1, (MV_THREADS), (mv_float_scalar<DT, 1>(p, w, x, y, norm)))  \
+    MV_ENTRY(name##_scalar, 2, (MV_THREADS), (mv_float_scalar<DT, 2>(p, w, x, y, norm)))  \
+    MV_ENTRY(name##_scalar, 4, (MV_THREADS), (mv_float_scalar<DT, 4>(p, w, x, y, norm)))  \
+    MV_ENTRY(name##_scalar, 8, (MV_THREADS), (mv_float_scalar<DT, 8>(p, w, x, y, norm)))
 
 MV_FLOAT(f32, STRATA_DTYPE_F32)
 MV_FLOAT(f16, STRATA_DTYPE_F16)

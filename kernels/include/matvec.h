@@ -81,4 +81,6 @@ typedef struct {
     unsigned long long x_slot;
     /// Floats from one slot's outputs to the next's.
     unsigned long long y_slot;
+    /// The epsilon of the RMSNorm the kernel applies to x (its `norm` weight not null).
+    float norm_eps;
 } MatvecParams;

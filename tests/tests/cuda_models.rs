@@ -471,6 +471,48 @@ fn a_long_greedy_run_agrees_with_the_cpu() {
     assert_eq!(cuda_cache.allocated_bytes(), cpu_cache.allocated_bytes(), "same blocks of the same size");
 }
 
+/// Products that normalise their activations themselves (`CudaDecoder::set_fused_norms`: q/k/v,
+/// a dense block's gate/up, the output head) give the logits of separate RMSNorm launches, bit for
+/// bit: f32 and bf16 fixtures, Qwen2's q/k/v biases, its GGUF in q8_0 (the integer matvec
+/// quantizing the normalised row in its blocks) and the mixed block-dtype GGUF (split q/k/v
+/// dtypes: the norm launched for them, fused for gate/up and the head); a prompt of 2 tokens (the
+/// quantized products' most) and of 5, then 12 decode steps.
+#[test]
+fn fused_norms_give_the_separate_norms_logits_bit_for_bit() {
+    let Some(cuda) = device_or_skip("fused_norms_give_the_separate_norms_logits_bit_for_bit") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (llama, qwen2, bf16) =
+        (Fixture::load("llama_untied"), Fixture::load("qwen2_bias"), Fixture::load("llama_bf16"));
+    let q8 = gguf_of(&qwen2, GgufDtypes::Uniform(DType::Q8_0), dir.path());
+    let mixed = gguf_of(&llama, GgufDtypes::Mixed, dir.path());
+    let decoders = [
+        ("llama_untied", &llama, strata_models::load_dir(&llama.dir).unwrap().decoder),
+        ("qwen2_bias", &qwen2, strata_models::load_dir(&qwen2.dir).unwrap().decoder),
+        ("llama_bf16", &bf16, strata_models::load_dir(&bf16.dir).unwrap().decoder),
+        ("qwen2_bias gguf q8_0", &qwen2, strata_models::load_gguf(&q8).unwrap().decoder),
+        ("llama_untied gguf mixed", &llama, strata_models::load_gguf(&mixed).unwrap().decoder),
+    ];
+    for (name, f, decoder) in decoders {
+        let (fused, separate) =
+            (CudaDecoder::new(&decoder, cuda.clone()).unwrap(), CudaDecoder::new(&decoder, cuda.clone()).unwrap());
+        fused.set_fused_norms(true);
+        separate.set_fused_norms(false);
+        for prompt in [&f.prompt_ids[..2], &f.prompt_ids[..5]] {
+            let (mut fc, mut sc) = (fused.new_cache().unwrap(), separate.new_cache().unwrap());
+            let a = fused.forward(prompt, &mut fc, Logits::All).unwrap();
+            let b = separate.forward(prompt, &mut sc, Logits::All).unwrap();
+            let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same(&a, &b), "{name}: a prompt of {}: logits differ by {}", prompt.len(), max_abs_diff(&a, &b));
+            for step in 0..12u32 {
+                let id = (step * 11 + 5) % f.vocab as u32;
+                let a = fused.forward(&[id], &mut fc, Logits::Last).unwrap();
+                let b = separate.forward(&[id], &mut sc, Logits::Last).unwrap();
+                assert!(same(&a, &b), "{name} step {step}: logits differ by {}", max_abs_diff(&a, &b));
+            }
+        }
+    }
+}
+
 /// Decode steps run as CUDA graphs (`CudaDecoder::set_graphs`) give the logits of the same steps
 /// launched kernel by kernel, bit for bit: an f32 fixture and its mixed block-dtype GGUF (the
 /// integer matvec, the norm's quantized activations), and two Mixture-of-Experts fixtures routed

@@ -73,6 +73,14 @@ if [ "${1:-}" != quick ]; then
     say "bench $n (cuda, STRATA_CUDA_GRAPHS=1): exit $? $(cat "$OUT/bench-$n-graphs.json" 2>/dev/null | tr -d '\n' | head -c 900)"
     grep -i "graph" "$OUT/bench-$n-graphs.log" | head -n 3 | tee -a "$SUMMARY"
   done
+  # The same decode with RMSNorm launched apart rather than inside the products after it (the
+  # default): what the fused norms save.
+  for m in "$M/tinyllama-q4_0.gguf" "$M/tinyllama-bf16"; do
+    n=$(basename "$m")
+    STRATA_CUDA_SEPARATE_NORMS=1 timeout 120 "$B/bin/strata" bench --model "$m" --device cuda --prompt-tokens 128 \
+      --gen-tokens 64 --json >"$OUT/bench-$n-separate-norms.json" 2>"$OUT/bench-$n-separate-norms.log"
+    say "bench $n (cuda, STRATA_CUDA_SEPARATE_NORMS=1): exit $? $(tr -d '\n' <"$OUT/bench-$n-separate-norms.json" 2>/dev/null | head -c 900)"
+  done
   # A Mixtral-8x7B-shaped MoE model cut to 4 layers (q4_0, about 3.4 GB): decode routed on the
   # device (the default), on the host (the router logits copied down per layer), and on the
   # device with each step one CUDA graph.

@@ -10,8 +10,10 @@
 //! projection (at one token its outputs are q, k and v; at more, `copy_cols` takes them apart);
 //! the residual adds go into the output and down projections (`linear_add`); and the gate and up
 //! weights are uploaded with their rows paired, so that one matvec computes both and applies
-//! SwiGLU (`linear_swiglu`). The kernels are `strata_kernels::cuda::ops`; each mirrors the
-//! `strata_tensor::cpu` op the CPU decoder calls.
+//! SwiGLU (`linear_swiglu`); at a few tokens the products after an RMSNorm (q/k/v, gate/up, the
+//! head) normalise their activations themselves (`matvec_normed`, in the norm kernel's own order
+//! of the sum of squares), so a dense decode layer is 6 launches. The kernels are
+//! `strata_kernels::cuda::ops`; each mirrors the `strata_tensor::cpu` op the CPU decoder calls.
 //!
 //! RoPE follows the CPU decoder's rules: the request's `RopeScheme` (carried by the cache, else
 //! the model's) gives the table for the sequence's length after the pass (or its planned
@@ -54,6 +56,22 @@ use crate::{Error, Logits, Result};
 fn fused() -> bool {
     static FUSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *FUSED.get_or_init(|| std::env::var_os("STRATA_CUDA_UNFUSED").is_none_or(|v| v == "0"))
+}
+
+/// Whether a new decoder's products after an RMSNorm normalise their activations themselves
+/// ([`CudaDecoder::set_fused_norms`]): with the other fusions ([`fused`]), unless the environment
+/// sets `STRATA_CUDA_SEPARATE_NORMS=1`, read once per process.
+fn norms_fused_default() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| fused() && std::env::var_os("STRATA_CUDA_SEPARATE_NORMS").is_none_or(|v| v != "1"))
+}
+
+/// Whether a product of `tokens` rows by `w` normalises its activations itself rather than take
+/// the rows an RMSNorm launch wrote: when `on` ([`CudaDecoder::set_fused_norms`]), at most
+/// [`LINEAR_MATVEC_TOKENS`] tokens, where `ops::fuses_norm` allows it. Bit for bit the same
+/// products.
+fn fuses_norm(on: bool, w: &Tensor, tokens: usize) -> bool {
+    on && tokens <= LINEAR_MATVEC_TOKENS && ops::fuses_norm(w, tokens)
 }
 
 /// Whether a new decoder runs its one-token passes as CUDA graphs ([`CudaDecoder::set_graphs`]):
@@ -121,6 +139,27 @@ impl CudaLinear {
             }
             _ => ops::linear(cuda, &self.weight, x, y, tokens, scratch)?,
         }
+        if let Some(b) = &self.bias {
+            ops::add_bias(cuda, y, b, tokens)?;
+        }
+        Ok(())
+    }
+}
+
+impl CudaLinear {
+    /// `y = rms_norm(x) W^T + b` for `tokens` rows, the product normalising its activations
+    /// itself (`ops::matvec_normed`; only where [`fuses_norm`] allows it): bit for bit
+    /// [`rms_norm`] then [`CudaLinear::forward`].
+    fn forward_normed(
+        &self,
+        cuda: &Cuda,
+        x: &impl DevicePtr<f32>,
+        norm: &CudaSlice<f32>,
+        eps: f32,
+        y: &mut impl DevicePtrMut<f32>,
+        tokens: usize,
+    ) -> Result<()> {
+        ops::matvec_normed(cuda, &self.weight, x, norm, eps, y, tokens, MatvecStore::Write)?;
         if let Some(b) = &self.bias {
             ops::add_bias(cuda, y, b, tokens)?;
         }
@@ -227,6 +266,29 @@ impl CudaMlp {
         let mut act = act.slice_mut(..tokens * self.inter);
         self.activate(cuda, x, None, tokens, products, &mut act, work)?;
         self.down.forward(cuda, &act, y, tokens, work)
+    }
+
+    /// The paired gate/up weight when a product of `tokens` rows by it normalises its
+    /// activations itself ([`fuses_norm`] with `on`).
+    fn normed_gate_up(&self, on: bool, tokens: usize) -> Option<&Tensor> {
+        match &self.gate_up {
+            GateUp::Paired(w) if fuses_norm(on, w, tokens) => Some(w),
+            _ => None,
+        }
+    }
+
+    /// `resid += down(act)`: the down projection of activations already in `act` (`tokens` rows of
+    /// `inter`), fused with the residual add as [`CudaMlp::forward_residual`] does.
+    fn down_residual(
+        &self,
+        cuda: &Cuda,
+        act: &CudaSlice<f32>,
+        resid: &mut impl DevicePtrMut<f32>,
+        proj: &mut (impl DevicePtrMut<f32> + DevicePtr<f32>),
+        tokens: usize,
+        work: &mut LinearScratch,
+    ) -> Result<()> {
+        residual(cuda, &self.down, &act.slice(..tokens * self.inter), resid, proj, tokens, work)
     }
 
     /// `resid += down(silu(gate(x)) * up(x))`, the down projection fused with the residual add
@@ -355,6 +417,9 @@ pub struct CudaDecoder {
     /// Whether Mixture-of-Experts layers route one-token passes on the device
     /// ([`CudaDecoder::set_device_routing`]).
     device_routing: std::sync::atomic::AtomicBool,
+    /// Whether products after an RMSNorm normalise their activations themselves
+    /// ([`CudaDecoder::set_fused_norms`]).
+    fused_norms: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for CudaDecoder {
@@ -419,11 +484,12 @@ impl CudaDecoder {
             scratch: Mutex::new(Scratch::new()),
             graphs: graphs_default().into(),
             device_routing: device_routing_default().into(),
+            fused_norms: norms_fused_default().into(),
             cuda,
         })
     }
 
-    /// Runs each one-token pass (a decode step) as one CUDA graph launch rather than 8-9 kernel
+    /// Runs each one-token pass (a decode step) as one CUDA graph launch rather than 6-7 kernel
     /// launches per layer, or not: the same kernels with the same arguments, so the same logits
     /// bit for bit, with less launch overhead. A model with Mixture-of-Experts layers takes graphs
     /// when they route on the device ([`CudaDecoder::set_device_routing`]); a pass that records a
@@ -443,6 +509,17 @@ impl CudaDecoder {
     /// as do models whose experts the device way does not take.
     pub fn set_device_routing(&self, on: bool) {
         self.device_routing.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Lets the products after an RMSNorm normalise their activations themselves (the default,
+    /// with the other fusions), or not: the q/k/v product, a dense block's paired gate/up product
+    /// and the output head, at up to 8 tokens where `ops::fuses_norm` allows (float weights;
+    /// block-quantized ones at one or two tokens on rows within a tile), each block computing the
+    /// row's scale in the norm kernel's own order, so the logits are the same bit for bit and a
+    /// decode layer takes two launches fewer. `STRATA_CUDA_SEPARATE_NORMS=1` makes separate norm
+    /// launches the default.
+    pub fn set_fused_norms(&self, on: bool) {
+        self.fused_norms.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// What the decode graph has done so far (`None` before the first graphed pass).
@@ -615,20 +692,34 @@ impl CudaDecoder {
         let kv = &mut cache.kv;
 
         ops::embedding(cuda, &self.embed, &ids_d, t, &mut s.x.slice_mut(..t * h))?;
-        // Where the products after a norm take two-digit activations, the norm writes them too
-        // (`rms_norm_actq`), once for all the products and their blocks.
+        // Where the products after a norm take two-digit activations and do not normalise their
+        // own, the norm writes them too (`rms_norm_actq`), once for all the products and their
+        // blocks.
         let actq_ok = h.is_multiple_of(32) && t <= LINEAR_MATVEC_TOKENS;
+        let norms = self.fused_norms.load(std::sync::atomic::Ordering::Relaxed);
         let actq_len = if actq_ok { ops::actq_bytes(t, h) } else { 0 };
         for (li, layer) in self.layers.iter().enumerate() {
             let mut normed = s.normed.slice_mut(..t * h);
-            let qkv_q = actq_ok && layer.qkv.takes_actq(t);
-            let mut xq = qkv_q.then(|| s.xq.slice_mut(..actq_len));
             let x = s.x.slice(..t * h);
-            rms_norm(cuda, &x, &layer.attn_norm, hp.rms_norm_eps, t, &mut normed, xq.as_mut())?;
-            let xq = s.xq.slice(..actq_len);
-            let xq = qkv_q.then_some(&xq);
             let width = qd + 2 * kvd;
             let mut qkv = s.qkv.slice_mut(..t * width);
+            // The stacked q/k/v product normalises its activations itself where it can; else the
+            // norm's launch writes them (and their two-digit records where the products take
+            // them).
+            let normed_qkv = match &layer.qkv {
+                Qkv::Stacked(l) if fuses_norm(norms, &l.weight, t) => Some(l),
+                _ => None,
+            };
+            let qkv_q = actq_ok && normed_qkv.is_none() && layer.qkv.takes_actq(t);
+            match normed_qkv {
+                Some(l) => l.forward_normed(cuda, &x, &layer.attn_norm, hp.rms_norm_eps, &mut qkv, t)?,
+                None => {
+                    let mut xq = qkv_q.then(|| s.xq.slice_mut(..actq_len));
+                    rms_norm(cuda, &x, &layer.attn_norm, hp.rms_norm_eps, t, &mut normed, xq.as_mut())?;
+                }
+            }
+            let xq = s.xq.slice(..actq_len);
+            let xq = qkv_q.then_some(&xq);
             let (mut q, mut k, mut v) = (s.q.slice_mut(..t * qd), s.k.slice_mut(..t * kvd), s.v.slice_mut(..t * kvd));
             let one_stacked = match &layer.qkv {
                 Qkv::Split(parts) => {
@@ -639,7 +730,9 @@ impl CudaDecoder {
                     false
                 }
                 Qkv::Stacked(l) => {
-                    l.forward_q(cuda, &normed, xq, &mut qkv, t, work)?;
+                    if normed_qkv.is_none() {
+                        l.forward_q(cuda, &normed, xq, &mut qkv, t, work)?;
+                    }
                     if t > 1 {
                         ops::copy_cols(cuda, &qkv, &mut q, t, width, 0, qd)?;
                         ops::copy_cols(cuda, &qkv, &mut k, t, width, qd, kvd)?;
@@ -694,6 +787,18 @@ impl CudaDecoder {
             ops::attention(cuda, kv, li, &q, t, &params, &mut attn)?;
             residual(cuda, &layer.o, &attn, &mut s.x.slice_mut(..t * h), &mut s.proj.slice_mut(..t * h), t, work)?;
 
+            // A dense block whose paired gate/up product normalises its activations itself:
+            // that product, then down with the residual add.
+            if let CudaFfn::Dense(mlp) = &layer.ffn
+                && let Some(w) = mlp.normed_gate_up(norms, t)
+            {
+                let mut act = s.act.slice_mut(..t * mlp.inter);
+                let x = s.x.slice(..t * h);
+                ops::matvec_normed(cuda, w, &x, &layer.ffn_norm, hp.rms_norm_eps, &mut act, t, MatvecStore::Swiglu)?;
+                let (mut x, mut proj) = (s.x.slice_mut(..t * h), s.proj.slice_mut(..t * h));
+                mlp.down_residual(cuda, &s.act, &mut x, &mut proj, t, work)?;
+                continue;
+            }
             let ffn_q = actq_ok && matches!(&layer.ffn, CudaFfn::Dense(mlp) if mlp.gate_up.takes_actq(t));
             let mut xq = ffn_q.then(|| s.xq.slice_mut(..actq_len));
             rms_norm(cuda, &s.x.slice(..t * h), &layer.ffn_norm, hp.rms_norm_eps, t, &mut normed, xq.as_mut())?;
@@ -718,12 +823,17 @@ impl CudaDecoder {
         let rows = s.x.slice((t - out_rows) * h..t * h);
         let mut final_normed = s.normed.slice_mut(..out_rows * h);
         let mut logits = logits.slice_mut(..out_rows * vocab);
-        let head_q = h.is_multiple_of(32) && takes_actq(&self.lm_head, out_rows);
-        let mut xq = head_q.then(|| s.xq.slice_mut(..ops::actq_bytes(out_rows, h)));
-        rms_norm(cuda, &rows, &self.norm, hp.rms_norm_eps, out_rows, &mut final_normed, xq.as_mut())?;
-        match xq {
-            Some(xq) => ops::matvec_actq(cuda, &self.lm_head, &xq, &mut logits, out_rows, MatvecStore::Write)?,
-            None => ops::linear(cuda, &self.lm_head, &final_normed, &mut logits, out_rows, work)?,
+        if fuses_norm(norms, &self.lm_head, out_rows) {
+            let (w, norm, eps) = (&self.lm_head, &self.norm, hp.rms_norm_eps);
+            ops::matvec_normed(cuda, w, &rows, norm, eps, &mut logits, out_rows, MatvecStore::Write)?;
+        } else {
+            let head_q = h.is_multiple_of(32) && takes_actq(&self.lm_head, out_rows);
+            let mut xq = head_q.then(|| s.xq.slice_mut(..ops::actq_bytes(out_rows, h)));
+            rms_norm(cuda, &rows, &self.norm, hp.rms_norm_eps, out_rows, &mut final_normed, xq.as_mut())?;
+            match xq {
+                Some(xq) => ops::matvec_actq(cuda, &self.lm_head, &xq, &mut logits, out_rows, MatvecStore::Write)?,
+                None => ops::linear(cuda, &self.lm_head, &final_normed, &mut logits, out_rows, work)?,
+            }
         }
         if let Some(recorder) = recorder {
             let (launches, retired) = recorder.finish();

@@ -138,8 +138,10 @@ pub fn run(b: &mut Bench) -> R<()> {
     // how close a layer comes to its bytes over the copy peak, launch latency included. Copies
     // of at least 240 MB in all rotate, as the whole model streams through a real decode step.
     // The qkv and gate/up products of block-quantized weights take the activations the RMSNorm
-    // before them quantized (`rms_norm_actq`, made once here), as in the decoder.
+    // before them quantized (`rms_norm_actq`, made once here), as the decoder does with separate
+    // norms; their `normed` rows normalise the activations in the product, as it does by default.
     let mut resid = cuda.zeros::<f32>(N)?;
+    let norm = cuda.upload(&random_f32(2048, 8, 1.0))?;
     let mut xq = cuda.zeros::<u8>(ops::actq_bytes(1, 2048))?;
     ops::quantize_acts(&cuda, &x.slice(..2048), &mut xq, 1, 2048)?;
     for dtype in [DType::BF16, DType::Q4_0, DType::Q4K] {
@@ -166,6 +168,19 @@ pub fn run(b: &mut Bench) -> R<()> {
                 }
                 Ok(())
             })?;
+            // The products after an RMSNorm, normalising their activations themselves (the
+            // decoder's default): against the row above plus the `rms_norm_actq` decode row, what
+            // the fusion saves.
+            if what == "qkv" || what == "gate/up swiglu" {
+                let store = if what == "qkv" { ops::MatvecStore::Write } else { ops::MatvecStore::Swiglu };
+                let name = format!("tinyllama {what} normed {dtype} t1");
+                b.measure(&name, &format!("{n}x{k} x{copies}"), bytes, 30, || {
+                    next.set(next.get() + 1);
+                    let w = &ws[next.get() % copies];
+                    ops::matvec_normed(&cuda, w, &x.slice(..k), &norm, 1e-5, &mut y, 1, store)?;
+                    Ok(())
+                })?;
+            }
         }
     }
     // A Mixtral-8x7B MoE block's experts at one token, routed on the device: 8 experts of paired

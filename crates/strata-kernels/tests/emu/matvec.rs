@@ -34,8 +34,8 @@ const ACTS_F32: u32 = 0;
 const ACTS_Q16: u32 = 1;
 
 /// MatvecParams as C lays it out: u32 rows, u32 cols, u64 row_bytes, u64 total_bytes, u32 tokens,
-/// u32 store, u32 acts, u32 experts, u64 x_slot, u64 y_slot; experts, x_slot and y_slot 0 (no
-/// Mixture-of-Experts slots).
+/// u32 store, u32 acts, u32 experts, u64 x_slot, u64 y_slot, f32 norm_eps, 4 bytes of padding;
+/// experts, x_slot and y_slot 0 (no Mixture-of-Experts slots), norm_eps 1e-5.
 fn params(n: usize, k: usize, row_bytes: usize, total: usize, tokens: usize, store: u32, acts: u32) -> Vec<u8> {
     slot_params(n, k, row_bytes, total, tokens, store, acts, [0, 0, 0])
 }
@@ -63,9 +63,14 @@ fn slot_params(
         &(experts as u32).to_le_bytes(),
         &(x_slot as u64).to_le_bytes(),
         &(y_slot as u64).to_le_bytes(),
+        &NORM_EPS.to_le_bytes(),
+        &[0; 4],
     ]
     .concat()
 }
+
+/// The epsilon of the launches' RMSNorm (used when a norm weight is passed).
+const NORM_EPS: f32 = 1e-5;
 
 /// What the kernel does with its products (the launch's `store`).
 #[derive(Clone, Copy)]
@@ -120,7 +125,41 @@ fn run_into(
     let start = store.start(tokens, outputs);
     assert_eq!(start.len(), tokens * outputs);
     let mut y = f32_bytes(&[start, vec![-7f32; outputs]].concat());
-    let mut args = [Arg::Buf(&mut bytes, 0), Arg::Buf(&mut xb, 0), Arg::Buf(&mut y, 0), Arg::Null, Arg::Null];
+    let mut args =
+        [Arg::Buf(&mut bytes, 0), Arg::Buf(&mut xb, 0), Arg::Buf(&mut y, 0), Arg::Null, Arg::Null, Arg::Null];
+    launch(&emu, kernel, [blocks as u32, 1, 1], threads as u32, SMEM, &p, &mut args);
+    f32s(&y)
+}
+
+/// [`run_into`] on f32 activations `x` that the kernel normalises with RMSNorm weight `norm` as
+/// it stages them.
+#[allow(clippy::too_many_arguments)]
+fn run_normed(
+    kernel: &str,
+    w: &Tensor,
+    x: &[f32],
+    norm: &[f32],
+    tokens: usize,
+    blocks: usize,
+    threads: usize,
+    store: Store,
+) -> Vec<f32> {
+    let emu = emulator().expect("checked by the caller");
+    let (n, k) = (w.shape().dims()[0], w.shape().dims()[1]);
+    let mut bytes = w.cpu_bytes().unwrap().to_vec();
+    let (code, outputs) = store.code_and_outputs(n);
+    let p = params(n, k, w.row_bytes(), bytes.len(), tokens, code, ACTS_F32);
+    let mut xb = f32_bytes(x);
+    let mut nb = f32_bytes(norm);
+    let mut y = f32_bytes(&[store.start(tokens, outputs), vec![-7f32; outputs]].concat());
+    let mut args = [
+        Arg::Buf(&mut bytes, 0),
+        Arg::Buf(&mut xb, 0),
+        Arg::Buf(&mut y, 0),
+        Arg::Null,
+        Arg::Null,
+        Arg::Buf(&mut nb, 0),
+    ];
     launch(&emu, kernel, [blocks as u32, 1, 1], threads as u32, SMEM, &p, &mut args);
     f32s(&y)
 }
@@ -160,6 +199,7 @@ fn run_experts(
         Arg::Buf(&mut y, 0),
         Arg::Table((3..3 + experts.len()).collect()),
         Arg::Buf(&mut idb, 0),
+        Arg::Null,
     ];
     args.extend(weights.iter_mut().map(Arg::Extra));
     launch(&emu, kernel, [blocks as u32, slots as u32, 1], threads as u32, SMEM, &p, &mut args);
@@ -477,6 +517,53 @@ fn emulated_matvec_kernels_compute_each_experts_product_in_one_launch() {
                             );
                         }
                     }
+                }
+            }
+        }
+    }
+}
+
+/// A product that normalises its activations itself (the kernel's `norm` weight) gives bit for
+/// bit what `rmsnorm_f32` then the product give: the integer kernels quantizing in their blocks
+/// (1 and 2 tokens) and the float kernels at any token count, rows within a tile and longer (the float kernels' tiles), written, added and
+/// SwiGLU'd; nothing past the last token.
+#[test]
+fn emulated_matvec_kernels_normalise_their_activations_as_rms_norm_does() {
+    if emulator().is_none() || crate::driver::build("emu_rmsnorm.cpp").is_none() {
+        return;
+    }
+    // (kernel prefix, dtype, warps per block at one and two tokens, token counts, rows, columns)
+    let cases = [
+        ("matvec_q4_0_i16", DType::Q4_0, WARPS_DECODE, &[1usize, 2][..], 44, 2304),
+        ("matvec_q4_k_i16", DType::Q4K, WARPS_DECODE_WIDE, &[1][..], 12, 4096),
+        ("matvec_q6_k_i16", DType::Q6K, WARPS_DECODE_WIDE, &[2][..], 8, 2048),
+        ("matvec_bf16", DType::BF16, WARPS, &[1, 3][..], 20, 4104),
+        ("matvec_f32_scalar", DType::F32, WARPS, &[2, 8][..], 8, 37),
+    ];
+    for (i, (prefix, dtype, decode_warps, token_counts, n, k)) in cases.into_iter().enumerate() {
+        let w = Tensor::from_f32_as(&random_f32(n * k, 300 + i as u64, 1.0), [n, k], dtype).unwrap();
+        let norm = random_f32(k, 310 + i as u64, 1.5);
+        for &tokens in token_counts {
+            let t = tokens.next_power_of_two();
+            let warps = if t <= 2 { decode_warps } else { WARPS };
+            let groups = n.div_ceil(ROWS_PER_WARP).div_ceil(warps);
+            let blocks = if dtype.is_quantized() { groups.min(2) } else { groups };
+            let kernel = format!("{prefix}_t{t}");
+            let mut x = random_f32(tokens * k, 320 + i as u64, 4.0);
+            for (j, v) in x.iter_mut().enumerate() {
+                *v *= [1.0, 30.0, 0.01][j % 3];
+            }
+            let normed = crate::norm::emulated_rms_norm(&x, &norm, tokens, NORM_EPS);
+            let y0 = random_f32(tokens * n, 330 + i as u64, 20.0);
+            for store in [Store::Write, Store::Add(&y0), Store::Swiglu] {
+                let (_, outputs) = store.code_and_outputs(n);
+                let start = store.start(tokens, outputs);
+                let want = run_into(&kernel, &w, &f32_bytes(&normed), tokens, blocks, warps * 32, store, ACTS_F32);
+                let got = run_normed(&kernel, &w, &x, &norm, tokens, blocks, warps * 32, store);
+                assert_eq!(start.len(), tokens * outputs);
+                assert!(got[tokens * outputs..].iter().all(|&v| v == -7.0), "{kernel}: wrote past token {tokens}");
+                for (j, (g, v)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(g.to_bits(), v.to_bits(), "{kernel} {n}x{k} tokens={tokens}: y[{j}] = {g}, want {v}");
                 }
             }
         }

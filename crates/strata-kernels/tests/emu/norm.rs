@@ -13,6 +13,18 @@ fn launcher_threads(cols: usize) -> u32 {
     cols.div_ceil(4).next_multiple_of(32).clamp(32, 1024) as u32
 }
 
+/// `rmsnorm_f32` of `rows` rows of `x` with weight `w` and `eps`, as `ops::rms_norm` launches it.
+pub fn emulated_rms_norm(x: &[f32], w: &[f32], rows: usize, eps: f32) -> Vec<f32> {
+    let emu = build("emu_rmsnorm.cpp").expect("checked by the caller");
+    let cols = w.len();
+    let p = params32(&[(rows as u32).to_le_bytes(), (cols as u32).to_le_bytes(), eps.to_le_bytes()]);
+    let (mut xb, mut wb) = (f32_bytes(x), f32_bytes(w));
+    let mut out = f32_bytes(&vec![f32::NAN; x.len()]);
+    let mut args = [Arg::Buf(&mut xb, 0), Arg::Buf(&mut wb, 0), Arg::Buf(&mut out, 0)];
+    launch(&emu, "rmsnorm_f32", [rows as u32, 1, 1], launcher_threads(cols), 0, &p, &mut args);
+    f32s(&out)
+}
+
 /// Runs `rmsnorm_f32` on a block of `threads` per row. `offset` floats into the buffers (a view
 /// that is not 16-byte aligned when odd); in place when `inplace`.
 fn run(x: &[f32], w: &[f32], rows: usize, offset: usize, inplace: bool, threads: u32) -> Vec<f32> {

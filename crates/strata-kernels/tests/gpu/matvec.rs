@@ -361,3 +361,55 @@ fn matvec_experts_is_each_experts_matvec() {
     }
     assert!(ops::ExpertWeights::new(&cuda, &[]).is_err());
 }
+
+/// A product that normalises its activations itself (`matvec_normed`) gives bit for bit what
+/// `rms_norm` into a buffer then the product give, for every dtype and store wherever
+/// `fuses_norm` allows it (block-quantized weights at one and two tokens on rows within a tile,
+/// float weights at any count), and refuses the others.
+#[test]
+fn matvec_normed_is_rms_norm_then_matvec() {
+    let Some(cuda) = device_or_skip("matvec_normed_is_rms_norm_then_matvec") else { return };
+    let n = 44;
+    for dtype in DType::ALL {
+        let bl = dtype.block_len();
+        for k in [bl * 9, bl * (2048 / bl), bl * (8448 / bl) + bl] {
+            let dw = upload_tensor(&cuda, &weight(dtype, n, k, 41)).unwrap();
+            let norm = cuda.upload(&random_f32(k, 42, 1.5)).unwrap();
+            for tokens in [1, 2, 3, 8] {
+                let what = format!("{dtype} k={k} tokens={tokens}");
+                let dx = cuda.upload(&random_f32(tokens * k, 43 + tokens as u64, 3.0)).unwrap();
+                let mut y = cuda.zeros::<f32>(tokens * n).unwrap();
+                let fuses = ops::fuses_norm(&dw, tokens);
+                let tile = if dtype.is_quantized() { 8192 / tokens.next_power_of_two() } else { usize::MAX };
+                assert_eq!(fuses, !dtype.is_quantized() || (tokens <= 2 && k <= tile), "{what}");
+                if !fuses {
+                    let r = ops::matvec_normed(&cuda, &dw, &dx, &norm, 1e-5, &mut y, tokens, ops::MatvecStore::Write);
+                    assert!(r.is_err(), "{what}: a product that cannot normalise was launched");
+                    continue;
+                }
+                let mut normed = cuda.zeros::<f32>(tokens * k).unwrap();
+                ops::rms_norm(&cuda, &dx, &norm, 1e-5, tokens, &mut normed).unwrap();
+                let y0 = random_f32(tokens * n, 44, 10.0);
+                for store in [ops::MatvecStore::Write, ops::MatvecStore::Add, ops::MatvecStore::Swiglu] {
+                    let outputs = if store == ops::MatvecStore::Swiglu { n / 2 } else { n };
+                    let start = if store == ops::MatvecStore::Add { y0.clone() } else { vec![f32::NAN; tokens * n] };
+                    let (mut want, mut got) = (
+                        cuda.upload(&start[..tokens * outputs]).unwrap(),
+                        cuda.upload(&start[..tokens * outputs]).unwrap(),
+                    );
+                    match store {
+                        ops::MatvecStore::Write => ops::matvec(&cuda, &dw, &normed, &mut want, tokens),
+                        ops::MatvecStore::Add => ops::matvec_add(&cuda, &dw, &normed, &mut want, tokens),
+                        ops::MatvecStore::Swiglu => ops::matvec_swiglu(&cuda, &dw, &normed, &mut want, tokens),
+                    }
+                    .unwrap();
+                    ops::matvec_normed(&cuda, &dw, &dx, &norm, 1e-5, &mut got, tokens, store).unwrap();
+                    let (want, got) = (cuda.download(&want).unwrap(), cuda.download(&got).unwrap());
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert_eq!(g.to_bits(), w.to_bits(), "{what} {store:?}: y[{i}] = {g}, want {w}");
+                    }
+                }
+            }
+        }
+    }
+}

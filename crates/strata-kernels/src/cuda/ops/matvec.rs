@@ -21,7 +21,7 @@ use crate::cuda::params::{
     STRATA_MATVEC_CHUNK_WIDE, STRATA_MATVEC_MAX_TOKENS, STRATA_MATVEC_ROWS_PER_WARP, STRATA_MATVEC_STAGES,
     STRATA_MATVEC_STAGES_DECODE, STRATA_MATVEC_STAGES_DECODE_Q6_K, STRATA_MATVEC_STORE_ADD, STRATA_MATVEC_STORE_SWIGLU,
     STRATA_MATVEC_STORE_WRITE, STRATA_MATVEC_WARPS, STRATA_MATVEC_WARPS_DECODE, STRATA_MATVEC_WARPS_DECODE_WIDE,
-    STRATA_MATVEC_XTILE, STRATA_MATVEC_XTILE_FLOAT, STRATA_MATVEC_XTILE_MIN,
+    STRATA_MATVEC_XTILE, STRATA_MATVEC_XTILE_FLOAT, STRATA_MATVEC_XTILE_MIN, STRATA_NORM_MAX_COLS,
 };
 use crate::cuda::{Cuda, check_len, driver, grid_1d, grown, ptr, ptr_mut};
 use crate::{Error, Result};
@@ -235,6 +235,7 @@ fn launch_quantize(cuda: &Cuda, x: u64, xq: u64, tokens: usize, k: usize) -> Res
         experts: 0,
         x_slot: 0,
         y_slot: 0,
+        norm_eps: 0.0,
     };
     // A warp per block of 32 values, 8 warps per block, grid-stride past 65536 blocks.
     let cfg = grid_1d((tokens * k / 32).div_ceil(8).min(65_536) * 256, 256);
@@ -472,7 +473,61 @@ where
     // The kernel's own weight argument is not read in these launches; expert 0's is passed.
     let (_, _, bytes) = device_matrix(OP, cuda, w)?;
     let wp = ptr(cuda, bytes);
-    launch_all(cuda, OP, w, wp, Some(slots), Input::f32(cuda, x), y, 1, MatvecActs::default(), store)
+    launch_all(cuda, OP, w, wp, Some(slots), None, Input::f32(cuda, x), y, 1, MatvecActs::default(), store)
+}
+
+/// Whether a product of `tokens` tokens with weight `w` can normalise its activations itself
+/// ([`matvec_normed`]): float weights always; block-quantized ones when their blocks quantize the
+/// activations as they stage them (at most two tokens, rows within a block's activation tile),
+/// not when the launcher quantizes them first; rows of at most 65536 columns.
+pub fn fuses_norm(w: &Tensor, tokens: usize) -> bool {
+    let k = w.shape().dims().last().copied().unwrap_or(0);
+    let x = Input::F32 { ptr: 0, len: 0 };
+    takes_norm_on(w.dtype(), k, tokens, MatvecActs::default(), x)
+}
+
+/// [`fuses_norm`] for a launch of `dtype` with `k` columns, `tokens` tokens, activations `acts`
+/// given as `x`.
+fn takes_norm_on(dtype: DType, k: usize, tokens: usize, acts: MatvecActs, x: Input) -> bool {
+    let within = k <= STRATA_NORM_MAX_COLS as usize && matches!(x, Input::F32 { .. });
+    if !dtype.is_quantized() {
+        return within;
+    }
+    if !acts.integer(dtype) {
+        return false; // the f32-activation kernels, kept for comparison, take x as it is
+    }
+    let t = tokens.min(acts.max_tokens(dtype)).next_power_of_two();
+    within && !quantize_first(dtype, tokens, k, t)
+}
+
+/// `y[t, :] = W rms_norm(x[t, :])`, stored as `store` says, for `t < tokens`: the product
+/// normalises its activations itself, each block computing each token's scale over its whole row
+/// (`kernels/include/norm.cuh`'s order) and applying it and `norm` (`k` floats) as it stages
+/// them, bit for bit [`rms_norm`](super::rms_norm) with `eps` into a buffer and then [`matvec`],
+/// [`matvec_add`] or [`matvec_swiglu`]: one launch rather than two, and no normalised row
+/// written. Only where [`fuses_norm`] says so.
+#[allow(clippy::too_many_arguments)]
+pub fn matvec_normed<X, N, Y>(
+    cuda: &Cuda,
+    w: &Tensor,
+    x: &X,
+    norm: &N,
+    eps: f32,
+    y: &mut Y,
+    tokens: usize,
+    store: MatvecStore,
+) -> Result<()>
+where
+    X: DevicePtr<f32>,
+    N: DevicePtr<f32>,
+    Y: DevicePtrMut<f32>,
+{
+    const OP: &str = "matvec_normed";
+    let (_, k, bytes) = device_matrix(OP, cuda, w)?;
+    check_len(OP, "norm", norm.len(), k)?;
+    let norm = Norm { w: ptr(cuda, norm), eps };
+    let wp = ptr(cuda, bytes);
+    launch_all(cuda, OP, w, wp, None, Some(norm), Input::f32(cuda, x), y, tokens, MatvecActs::default(), store)
 }
 
 /// The activations a launch reads: f32 values, or two-digit records.
@@ -508,7 +563,7 @@ where
         (MatvecStore::Swiglu, _) => "matvec_swiglu",
     };
     let (_, _, bytes) = device_matrix(op, cuda, w)?;
-    launch_all(cuda, op, w, ptr(cuda, bytes), None, x, y, tokens, acts, store)
+    launch_all(cuda, op, w, ptr(cuda, bytes), None, None, x, y, tokens, acts, store)
 }
 
 /// The experts of a Mixture-of-Experts launch ([`matvec_experts`]): the device addresses of the
@@ -523,9 +578,17 @@ struct Slots {
     shared_x: bool,
 }
 
+/// The RMSNorm a launch applies to its activations ([`matvec_normed`]): the device address of
+/// its weight (a float per column, checked by the caller) and its epsilon.
+#[derive(Clone, Copy)]
+struct Norm {
+    w: u64,
+    eps: f32,
+}
+
 /// The launches of [`run`] for weight `w` (its bytes at `wp`, checked by the caller), or, with
 /// `slots`, of [`matvec_experts`] (`w` one of the experts, for the shape and dtype they share, and
-/// `tokens` 1: a token per slot).
+/// `tokens` 1: a token per slot); with `norm`, of [`matvec_normed`].
 #[allow(clippy::too_many_arguments)]
 fn launch_all<Y>(
     cuda: &Cuda,
@@ -533,6 +596,7 @@ fn launch_all<Y>(
     w: &Tensor,
     wp: u64,
     slots: Option<Slots>,
+    norm: Option<Norm>,
     x: Input,
     y: &mut Y,
     tokens: usize,
@@ -603,6 +667,15 @@ where
     // The integer path's activations, quantized once here when that saves the blocks more than
     // the launch costs; the scratch stays locked until the products that read it are queued.
     let mut scratch = None;
+    if norm.is_some() && !takes_norm_on(dtype, k, tokens, acts, x) {
+        return Err(Error::invalid(
+            op,
+            format!(
+                "a product of {tokens} tokens of {k} columns ({dtype}) cannot normalise its activations in its blocks \
+                 (check fuses_norm first)"
+            ),
+        ));
+    }
     let (xp, record, acts_code) = match x {
         Input::Actq { ptr, .. } => (ptr, actq_bytes(1, k), STRATA_MATVEC_ACTS_Q16),
         Input::F32 { ptr: xp, .. }
@@ -657,10 +730,12 @@ where
             experts,
             x_slot,
             y_slot,
+            norm_eps: norm.map_or(0.0, |n| n.eps),
         };
         let cfg =
             LaunchConfig { grid_dim: (blocks, grid_y, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 };
-        let ptrs = [wp, xp + (t0 * record) as u64, yp + (t0 * outputs * 4) as u64, table, ids];
+        let norm_w = norm.map_or(0, |n| n.w);
+        let ptrs = [wp, xp + (t0 * record) as u64, yp + (t0 * outputs * 4) as u64, table, ids, norm_w];
         // SAFETY: x holds tokens * k floats (or the scratch tokens records of k quantized
         // activations) and y tokens * outputs floats (checked above), so tokens t0 .. t0 + group
         // of each are in bounds; the kernel reads the weight only below total_bytes
@@ -670,6 +745,7 @@ where
         // x_rows rows: one, or a record or row per slot) and writes its y at s * outputs floats (y
         // holds a row per slot); its weight is a table entry, every expert checked as w is
         // ([`ExpertWeights::new`]), and ids holds a u32 per slot ([`matvec_experts`] checked).
+        // A norm's weight holds k floats ([`matvec_normed`] checked).
         unsafe { cuda.launch("matvec", kernel, cfg, &p, &ptrs)? };
     }
     drop(scratch);
@@ -740,6 +816,21 @@ mod tests {
         assert_eq!(actq_bytes(1, 32), 96);
         assert_eq!(actq_bytes(1, 2048), 2048 * 2 + 64 * 8 + 256 * 4);
         assert_eq!(actq_bytes(3, 64), 3 * 176);
+    }
+
+    #[test]
+    fn products_normalise_their_activations_where_their_blocks_stage_them() {
+        let norm = |dtype, tokens, k, acts| takes_norm_on(dtype, k, tokens, acts, Input::F32 { ptr: 0, len: 0 });
+        let two = MatvecActs::TwoDigits;
+        // Decode products on rows within a tile: the blocks quantize, so they can normalise.
+        assert!(norm(DType::Q4_0, 1, 2048, two) && norm(DType::Q4K, 2, 4096, two));
+        // Quantized first (more tokens, longer rows): no.
+        assert!(!norm(DType::Q4_0, 3, 2048, two) && !norm(DType::Q8_0, 1, 14336, two));
+        // Float weights at any count and length up to the norm's limit; not the f32-activation
+        // kernels of block-quantized weights, nor records.
+        assert!(norm(DType::BF16, 8, 14336, two) && !norm(DType::F16, 1, 70_000, two));
+        assert!(!norm(DType::Q4_0, 1, 2048, MatvecActs::F32));
+        assert!(!takes_norm_on(DType::F32, 64, 1, two, Input::Actq { ptr: 0, len: 0 }));
     }
 
     #[test]
