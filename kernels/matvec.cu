@@ -299,6 +299,7 @@ __device__ __forceinline__ void mv_float_vec(const MatvecParams& p, const unsign
     const unsigned char* wr[MV_ROWS];
 #pragma unroll
     for (int r = 0; r < MV_ROWS; ++r) wr[r] = w + (unsigned long long)min(row0 + r, p.rows - 1) * p.row_bytes;
+    static_assert(T * X::STRIDE >= NORM_RUNS + 1, "the tile holds the norm's scratch");
     const MvNorm<T> norm = mv_norm<T>(p, x, norm_w, xs);
     float acc[MV_ROWS][T] = {};
     for (unsigned int k0 = 0; k0 < p.cols; k0 += X::KT) {
@@ -343,6 +344,7 @@ __device__ __forceinline__ void mv_float_scalar(const MatvecParams& p, const uns
     const unsigned char* wr[MV_ROWS];
 #pragma unroll
     for (int r = 0; r < MV_ROWS; ++r) wr[r] = w + (unsigned long long)min(row0 + r, p.rows - 1) * p.row_bytes;
+    static_assert(T * X::STRIDE >= NORM_RUNS + 1, "the tile holds the norm's scratch");
     const MvNorm<T> norm = mv_norm<T>(p, x, norm_w, xs);
     float acc[MV_ROWS][T] = {};
     for (unsigned int k0 = 0; k0 < p.cols; k0 += X::KT) {
@@ -1337,6 +1339,7 @@ __device__ __forceinline__ void mv_quant(const MatvecParams& p, const unsigned c
     for (int s = 0; s < STAGES - 1; ++s) stage();
     // The norm's scales, with the first weight chunks already in flight (the tile's memory as
     // scratch). The integer path only: the float path, kept for comparison, takes x as it is.
+    static_assert(TILE >= 4 * (NORM_RUNS + 1), "the tile holds the norm's scratch");
     MvNorm<T> norm{nullptr, {}};
     if constexpr (INT) norm = mv_norm<T>(p, x, norm_w, xs);
     // Stages columns k0 .. k0 + kt of the activations.

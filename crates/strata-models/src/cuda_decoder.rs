@@ -144,9 +144,7 @@ impl CudaLinear {
         }
         Ok(())
     }
-}
 
-impl CudaLinear {
     /// `y = rms_norm(x) W^T + b` for `tokens` rows, the product normalising its activations
     /// itself (`ops::matvec_normed`; only where [`fuses_norm`] allows it): bit for bit
     /// [`rms_norm`] then [`CudaLinear::forward`].
