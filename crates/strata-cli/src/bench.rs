@@ -6,9 +6,11 @@
 //! fraction. Prefill is reported as tokens per second of one forward pass over the prompt.
 //!
 //! On a Mixture-of-Experts model a token reads only the experts its router picks: the bench
-//! records the routing of the timed decode steps, reports `mean_experts_per_token`, and counts
-//! that many experts per layer in the bytes per token (the model's `k` for plain top-k; fewer
-//! with dynamic top-k; `--active-experts` changes `k`).
+//! reports `mean_experts_per_token` and counts that many experts per layer in the bytes per token:
+//! the model's `k` for plain top-k (`--active-experts` changes it; one token always gets its `k`
+//! experts), and with dynamic top-k the mean over one more decode of the same length, untimed,
+//! whose routing is recorded. The timed steps record nothing: a recorded step routes on the host
+//! on CUDA, where decode steps otherwise route on the device.
 //!
 //! The bandwidth is the model's device's: on the CPU, reading a large buffer with every thread
 //! of the model's pool; on CUDA, device-to-device copies, counting bytes read plus bytes
@@ -88,8 +90,6 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut kv_bytes = 0;
     let mut peak_vram: Option<usize> = None;
     let mut streamed_per_token = Vec::new();
-    let moe = hp.moe.is_some();
-    let mut decode_trace = strata::RouterTrace::new();
     for run in 0..runs {
         say(&format!("run {}/{runs}: prefill {} tokens, decode {}", run + 1, a.prompt_tokens, a.gen_tokens));
         let mut cache = model.new_cache()?;
@@ -103,11 +103,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let t = Instant::now();
         for _ in 0..a.gen_tokens {
             let next = strata::sampling::argmax(&logits) as u32;
-            logits = if moe {
-                model.step_with_router(&[next], &mut cache, &mut decode_trace)?
-            } else {
-                model.step(&[next], &mut cache)?
-            };
+            logits = model.step(&[next], &mut cache)?;
         }
         decode.push(t.elapsed().as_secs_f64());
         if let Some(store) = model.store() {
@@ -138,9 +134,26 @@ pub fn run(a: BenchArgs) -> Result<()> {
 
     let prefill_tok_s = a.prompt_tokens as f64 / median(&mut prefill);
     let decode_tok_s = a.gen_tokens as f64 / median(&mut decode);
-    // A MoE token reads the experts it was routed to: the mean of the timed decode steps
-    // instead of the `k` (the most) the model's weight count assumes.
-    let mean_experts = moe.then(|| decode_trace.mean_experts_per_token());
+    // A MoE token reads the experts it was routed to: `k`, or with dynamic top-k the mean over a
+    // recorded decode like the timed ones (the model's weight count assumes `k`, the most).
+    let options = model.decoder().moe_options();
+    let dynamic_routing = matches!(options.routing, strata::Routing::DynamicTopK { p, .. } if p < 1.0);
+    let mean_experts = match &hp.moe {
+        None => None,
+        Some(_) if dynamic_routing => {
+            say("recording the routing of one more decode");
+            let mut trace = strata::RouterTrace::new();
+            let mut cache = model.new_cache()?;
+            model.plan(&mut cache, total)?;
+            let mut logits = model.step(&prompt, &mut cache)?;
+            for _ in 0..a.gen_tokens {
+                let next = strata::sampling::argmax(&logits) as u32;
+                logits = model.step_with_router(&[next], &mut cache, &mut trace)?;
+            }
+            Some(trace.mean_experts_per_token())
+        }
+        Some(shape) => Some(options.active_experts.unwrap_or(shape.top_k) as f64),
+    };
     let mut bytes_per_token = model.decoder().weight_bytes_per_token();
     if let (Some(mean), Some(shape)) = (mean_experts, &hp.moe) {
         let k = model.decoder().moe_options().active_experts.unwrap_or(shape.top_k);
@@ -212,7 +225,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         );
         println!("weights/token {:>9.1} MB", bytes_per_token as f64 / 1e6);
         if let Some(mean) = mean_experts {
-            println!("experts/token {mean:>9.2} (mean over the MoE layers of the timed decode steps)");
+            let how = if dynamic_routing { "mean over the MoE layers of a recorded decode" } else { "the model's k" };
+            println!("experts/token {mean:>9.2} ({how})");
         }
         if device_name.is_none() {
             println!("memory read  {:>10.1} GB/s (measured in this run)", bandwidth / 1e9);
