@@ -113,13 +113,15 @@ extern "C" __global__ void add_sigmoid_scaled_f32(RowsParams p, const float* y, 
 // outputs ys[t, s, :] (the experts' products of one launch, matvec_experts); the token's block
 // output is o = 0, then o += ys[t, s, c] * w[t, s] (the product rounded, then the sum) over its
 // used slots in ascending order of expert index: what zeroing out and scatter_add_rows_f32 expert
-// by expert compute, bit for bit. out[t, c] is o, or with p.residual out[t, c] + o (add_f32's
-// rounding). A token with no used slot, which gating gives a token whose router probabilities are
+// by expert compute, bit for bit. With a shared expert (shared_y not null: its outputs [t, :],
+// its gate's logit shared_gate[t]), o += sigmoid(gate) * shared_y[t, c] as add_sigmoid_scaled_f32
+// adds it. out[t, c] is o, or with p.residual out[t, c] + o (add_f32's rounding). A token with no used slot, which gating gives a token whose router probabilities are
 // NaN, gets NaN outputs: the device cannot raise the host path's error, and NaN logits show it.
 // Launch: grid (ceil(cols / block), tokens), any block; thread 0 orders the token's slots in
 // shared memory, then one thread per column.
 extern "C" __global__ void moe_combine_f32(MoeCombineParams p, const float* ys, const unsigned int* ids,
-                                           const float* w, float* out) {
+                                           const float* w, const float* shared_y, const float* shared_gate,
+                                           float* out) {
     STRATA_SHARED unsigned int order[STRATA_MOE_COMBINE_MAX_SLOTS];
     STRATA_SHARED unsigned int used;
     const unsigned long long t = blockIdx.y;
@@ -143,6 +145,10 @@ extern "C" __global__ void moe_combine_f32(MoeCombineParams p, const float* ys, 
     for (unsigned int j = 0; j < used; ++j) {
         const unsigned long long s = t * p.slots + order[j];
         o = __fadd_rn(o, __fmul_rn(ys[s * p.cols + c], w[s]));
+    }
+    if (shared_y != nullptr) {
+        const float g = __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-shared_gate[t])));
+        o = __fadd_rn(o, __fmul_rn(g, shared_y[t * p.cols + c]));
     }
     float* dst = out + t * p.cols + c;
     *dst = p.residual ? __fadd_rn(*dst, o) : o;

@@ -8,7 +8,8 @@
 //!   expert ids and weights stay there; one launch computes every chosen expert's gate/up product
 //!   with SwiGLU and one its down product, each slot's weights looked up by its id in a device
 //!   table (`ops::matvec_experts`); one launch adds the slots' outputs weighted, in the order of
-//!   the experts' indices, to the residual stream (`ops::moe_combine`). Nothing waits for the
+//!   the experts' indices, and a shared expert's gated output, to the residual stream
+//!   (`ops::moe_combine`). Nothing waits for the
 //!   device, so a decode step of a MoE model can be one CUDA graph too. Capacity limits cannot
 //!   bind a single token (every expert takes at least one token), so they need nothing here. The
 //!   device's softmax differs from the CPU's by a few ulp in the weights. A token whose router
@@ -269,19 +270,20 @@ impl CudaMoe {
         ops::matvec_experts(cuda, &tables.gate_up, &ids, normed, true, &mut act, MatvecStore::Swiglu)?;
         let mut ys = grown(cuda, &mut scratch.y, k * h)?.slice_mut(..k * h);
         ops::matvec_experts(cuda, &tables.down, &ids, &act, false, &mut ys, MatvecStore::Write)?;
-        let Some((mlp, gate)) = &self.shared else {
-            return Ok(ops::moe_combine(cuda, &ys, &ids, &weights, x, 1, k, e, h, true)?);
+        // A shared expert's output and gate, which the combine adds after the routed experts'.
+        if let Some((mlp, gate)) = &self.shared {
+            let products = grown(cuda, &mut scratch.products, 2 * mlp.inter)?;
+            let act = grown(cuda, &mut scratch.act, mlp.inter)?;
+            let mut y = grown(cuda, &mut scratch.rows, h)?.slice_mut(..h);
+            mlp.forward(cuda, normed, &mut y, 1, products, act, work)?;
+            let mut g = grown(cuda, &mut scratch.gate, 1)?.slice_mut(..1);
+            gate.forward(cuda, normed, &mut g, 1, work)?;
+        }
+        let shared_out = match (&self.shared, &scratch.rows, &scratch.gate) {
+            (Some(_), Some(y), Some(g)) => Some((y.slice(..h), g.slice(..1))),
+            _ => None,
         };
-        let mut out = grown(cuda, &mut scratch.out, h)?.slice_mut(..h);
-        ops::moe_combine(cuda, &ys, &ids, &weights, &mut out, 1, k, e, h, false)?;
-        let shared_inter = mlp.inter;
-        let products = grown(cuda, &mut scratch.products, 2 * shared_inter)?;
-        let act = grown(cuda, &mut scratch.act, shared_inter)?;
-        let mut y = grown(cuda, &mut scratch.rows, h)?.slice_mut(..h);
-        mlp.forward(cuda, normed, &mut y, 1, products, act, work)?;
-        let mut g = grown(cuda, &mut scratch.gate, 1)?.slice_mut(..1);
-        gate.forward(cuda, normed, &mut g, 1, work)?;
-        ops::add_sigmoid_scaled(cuda, &y, &g, &mut out, 1, h)?;
-        Ok(ops::add(cuda, x, &out)?)
+        let shared = shared_out.as_ref().map(|(y, g)| (y, g));
+        Ok(ops::moe_combine(cuda, &ys, &ids, &weights, shared, x, 1, k, e, h, true)?)
     }
 }

@@ -149,8 +149,9 @@ fn emulated_moe_dispatch_matches_the_cpu() {
 
 /// `moe_combine_f32`: each token's used slots weighted and added in ascending order of expert
 /// index from zero (what zeroing the output and adding expert by expert with `o += y * w` give on
-/// the CPU), written or added to the residual stream, bit for bit; unused slots (ids at or past
-/// the experts) skipped, a token without any gets NaN, nothing past the rows written.
+/// the CPU), then a shared expert's output scaled by the sigmoid of its gate (`o += s * y`), written
+/// or added to the residual stream, bit for bit; unused slots (ids at or past the experts)
+/// skipped, a token without any gets NaN, nothing past the rows written.
 #[test]
 fn emulated_moe_combine_adds_the_experts_in_index_order() {
     let Some(emu) = build("emu_elementwise.cpp") else { return };
@@ -170,15 +171,20 @@ fn emulated_moe_combine_adds_the_experts_in_index_order() {
         let ys = random_f32(tokens * slots * cols, 31 + i as u64, 3.0);
         let w = random_f32(tokens * slots, 37 + i as u64, 1.0);
         let x0 = random_f32(tokens * cols, 41 + i as u64, 5.0);
-        for residual in [false, true] {
+        let (shared_y, shared_g) = (random_f32(tokens * cols, 43 + i as u64, 2.0), random_f32(tokens, 47, 4.0));
+        for (residual, shared) in [(false, false), (true, false), (true, true)] {
             let mut want = Vec::with_capacity(tokens * cols);
             for t in 0..tokens {
                 let mut used: Vec<usize> = (0..slots).filter(|&s| flat[t * slots + s] < experts).collect();
                 used.sort_by_key(|&s| flat[t * slots + s]);
+                let gate = 1.0 / (1.0 + (-shared_g[t]).exp());
                 for c in 0..cols {
                     let mut o = if used.is_empty() { f32::NAN } else { 0.0f32 };
                     for &s in &used {
                         o += ys[(t * slots + s) * cols + c] * w[t * slots + s];
+                    }
+                    if shared {
+                        o += gate * shared_y[t * cols + c];
                     }
                     want.push(if residual { x0[t * cols + c] + o } else { o });
                 }
@@ -190,7 +196,10 @@ fn emulated_moe_combine_adds_the_experts_in_index_order() {
             let start = if residual { x0.clone() } else { vec![-7f32; tokens * cols] };
             let (mut yb, mut ib, mut wb) = (f32_bytes(&ys), u32_bytes(&flat), f32_bytes(&w));
             let mut ob = f32_bytes(&[start, vec![-7f32]].concat());
-            let mut args = [Arg::Buf(&mut yb, 0), Arg::Buf(&mut ib, 0), Arg::Buf(&mut wb, 0), Arg::Buf(&mut ob, 0)];
+            let (mut syb, mut sgb) = (f32_bytes(&shared_y), f32_bytes(&shared_g));
+            let (sy, sg) = if shared { (Arg::Buf(&mut syb, 0), Arg::Buf(&mut sgb, 0)) } else { (Arg::Null, Arg::Null) };
+            let mut args =
+                [Arg::Buf(&mut yb, 0), Arg::Buf(&mut ib, 0), Arg::Buf(&mut wb, 0), sy, sg, Arg::Buf(&mut ob, 0)];
             let grid = [cols.div_ceil(BLOCK as usize) as u32, tokens as u32, 1];
             launch(&emu, "moe_combine_f32", grid, BLOCK, 0, &params, &mut args);
             let got = f32s(&ob);
@@ -198,7 +207,7 @@ fn emulated_moe_combine_adds_the_experts_in_index_order() {
             for (j, (g, v)) in got.iter().zip(&want).enumerate() {
                 // NaN's payload is the device's own (0x7fffffff).
                 let same = if v.is_nan() { g.is_nan() } else { g.to_bits() == v.to_bits() };
-                assert!(same, "moe_combine case {i} residual={residual}: out[{j}] = {g}, want {v}");
+                assert!(same, "moe_combine case {i} residual={residual} shared={shared}: out[{j}] = {g}, want {v}");
             }
         }
     }

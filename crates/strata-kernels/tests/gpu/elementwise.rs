@@ -246,9 +246,10 @@ fn moe_dispatch_matches_the_cpu() {
 }
 
 /// `moe_combine` on the card: each token's used slots weighted and added in ascending order of
-/// expert index from zero, written or added to the residual stream, bit for bit the CPU's
-/// arithmetic (what zeroing the output and `scatter_add_rows` expert by expert give); a token
-/// without a used slot gets NaN; bad shapes are typed errors.
+/// expert index from zero, then a shared expert's gated output, written or added to the residual
+/// stream, bit for bit the CPU's arithmetic (what zeroing the output, `scatter_add_rows` expert by
+/// expert and `add_sigmoid_scaled` give; `expf` may differ in its last bit, so the shared case is
+/// checked within 1e-6); a token without a used slot gets NaN; bad shapes are typed errors.
 #[test]
 fn moe_combine_adds_the_experts_in_index_order() {
     let Some(cuda) = device_or_skip("moe_combine_adds_the_experts_in_index_order") else { return };
@@ -261,27 +262,46 @@ fn moe_combine_adds_the_experts_in_index_order() {
         random_f32(tokens * cols, 13, 5.0),
     );
     let (dys, dids, dw) = (cuda.upload(&ys).unwrap(), cuda.upload(&ids).unwrap(), cuda.upload(&w).unwrap());
-    for residual in [false, true] {
+    let (shared_y, shared_g) = (random_f32(tokens * cols, 14, 2.0), random_f32(tokens, 15, 4.0));
+    let (dsy, dsg) = (cuda.upload(&shared_y).unwrap(), cuda.upload(&shared_g).unwrap());
+    let (sy, sg) = (dsy.slice(..), dsg.slice(..));
+    for (residual, shared) in [(false, false), (true, false), (true, true)] {
         let mut want = Vec::new();
         for t in 0..tokens {
             let mut used: Vec<usize> = (0..slots).filter(|&s| ids[t * slots + s] < experts).collect();
             used.sort_by_key(|&s| ids[t * slots + s]);
+            let gate = 1.0 / (1.0 + (-shared_g[t]).exp());
             for c in 0..cols {
                 let mut o = if used.is_empty() { f32::NAN } else { 0.0f32 };
                 for &s in &used {
                     o += ys[(t * slots + s) * cols + c] * w[t * slots + s];
                 }
+                if shared {
+                    o += gate * shared_y[t * cols + c];
+                }
                 want.push(if residual { x0[t * cols + c] + o } else { o });
             }
         }
         let mut out = cuda.upload(&x0).unwrap();
-        ops::moe_combine(&cuda, &dys, &dids, &dw, &mut out, tokens, slots, experts as usize, cols, residual).unwrap();
+        let with = shared.then_some((&sy, &sg));
+        ops::moe_combine(&cuda, &dys, &dids, &dw, with, &mut out, tokens, slots, experts as usize, cols, residual)
+            .unwrap();
         for (j, (g, v)) in cuda.download(&out).unwrap().iter().zip(&want).enumerate() {
-            let same = if v.is_nan() { g.is_nan() } else { g.to_bits() == v.to_bits() };
-            assert!(same, "residual={residual}: out[{j}] = {g}, want {v}");
+            let same = match (v.is_nan(), shared) {
+                (true, _) => g.is_nan(),
+                (false, false) => g.to_bits() == v.to_bits(),
+                (false, true) => (g - v).abs() <= 1e-6 * (1.0 + v.abs()),
+            };
+            assert!(same, "residual={residual} shared={shared}: out[{j}] = {g}, want {v}");
         }
     }
     let mut out = cuda.zeros::<f32>(tokens * cols).unwrap();
-    assert_invalid(ops::moe_combine(&cuda, &dys, &dids, &dw, &mut out, tokens, 33, 8, cols, false), "slots");
-    assert_invalid(ops::moe_combine(&cuda, &dys, &dids, &dw, &mut out, tokens + 1, slots, 8, cols, false), "ids");
+    let combine = |out: &mut _, tokens, slots| {
+        ops::moe_combine(&cuda, &dys, &dids, &dw, None, out, tokens, slots, 8, cols, false)
+    };
+    assert_invalid(combine(&mut out, tokens, 33), "slots");
+    assert_invalid(combine(&mut out, tokens + 1, slots), "ids");
+    let short = dsg.slice(..tokens - 1);
+    let r = ops::moe_combine(&cuda, &dys, &dids, &dw, Some((&sy, &short)), &mut out, tokens, slots, 8, cols, false);
+    assert_invalid(r, "gate");
 }

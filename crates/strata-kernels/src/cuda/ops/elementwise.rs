@@ -2,7 +2,7 @@
 //! add, column and row copies (the Mixture-of-Experts dispatch) and the weighted sum of a token's
 //! experts' outputs, and f32 → f16/bf16 casts (`kernels/elementwise.cu`).
 
-use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig};
+use cudarc::driver::{CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig};
 
 use crate::cuda::params::{
     AddBiasParams, CopyColsParams, ElementwiseParams, MoeCombineParams, RowsParams, STRATA_MOE_COMBINE_MAX_SLOTS,
@@ -229,7 +229,9 @@ where
 /// writes them). The token's output is the sum of `ys[t, s, :] * w[t, s]` over its slots whose id
 /// is below `experts`, added in ascending order of expert index from zero (each product rounded,
 /// then the sum): bit for bit what zeroing `out` and [`scatter_add_rows`] expert by expert give.
-/// With `residual` it is added to `out` (as [`add`] adds), else written to it.
+/// With a shared expert (`shared`: its outputs `[tokens, cols]` and its gate's logit per token),
+/// `y * sigmoid(gate)` is added next, as [`add_sigmoid_scaled`] adds it. With `residual` the
+/// sum is added to `out` (as [`add`] adds), else written to it.
 ///
 /// `ids` and `w` are top-k gating's outputs, read on the device. A token with no used slot (what
 /// gating gives a token whose router probabilities are NaN, an error on the host path) gets NaN
@@ -241,6 +243,7 @@ pub fn moe_combine<Y, I, W, O>(
     ys: &Y,
     ids: &I,
     w: &W,
+    shared: Option<(&CudaView<'_, f32>, &CudaView<'_, f32>)>,
     out: &mut O,
     tokens: usize,
     slots: usize,
@@ -255,6 +258,10 @@ where
     O: DevicePtrMut<f32>,
 {
     const OP: &str = "moe_combine";
+    if let Some((y, gate)) = shared {
+        check_len(OP, "the shared expert's outputs", y.len(), tokens * cols)?;
+        check_len(OP, "the shared expert's gate", gate.len(), tokens)?;
+    }
     if slots == 0 || slots > STRATA_MOE_COMBINE_MAX_SLOTS as usize {
         return Err(Error::invalid(
             OP,
@@ -288,10 +295,11 @@ where
         block_dim: (BLOCK, 1, 1),
         shared_mem_bytes: 0,
     };
-    let ptrs = [ptr(cuda, ys), ptr(cuda, ids), ptr(cuda, w), ptr_mut(cuda, out)];
-    // SAFETY: ids and w hold tokens * slots elements, ys tokens * slots * cols floats and out
-    // tokens * cols (checked above); the kernel reads ys only at used slots' rows and writes each
-    // element of out from one thread.
+    let (shared_y, shared_gate) = shared.map_or((0, 0), |(y, g)| (ptr(cuda, y), ptr(cuda, g)));
+    let ptrs = [ptr(cuda, ys), ptr(cuda, ids), ptr(cuda, w), shared_y, shared_gate, ptr_mut(cuda, out)];
+    // SAFETY: ids and w hold tokens * slots elements, ys tokens * slots * cols floats, out (and
+    // a shared expert's outputs) tokens * cols, its gate tokens (checked above); the kernel reads
+    // ys only at used slots' rows and writes each element of out from one thread.
     unsafe { cuda.launch("elementwise", "moe_combine_f32", cfg, &p, &ptrs) }
 }
 
