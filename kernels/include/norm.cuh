@@ -39,21 +39,36 @@ __device__ __forceinline__ float4 norm_load4(const float* __restrict__ x, unsign
 
 // The sum of squares of row x (cols <= STRATA_NORM_MAX_COLS floats) in the order above, to every
 // thread of the block; called by all of them (any multiple of 32 threads), with `runs`
-// NORM_RUNS + 1 floats of shared memory. Ends with a barrier, after which `runs` may be reused.
-__device__ __forceinline__ float norm_sumsq(const float* __restrict__ x, unsigned int cols, float* runs) {
+// NORM_RUNS + 1 floats of shared memory. Warp w takes runs w, w + warps, ..; the first VECS of
+// its runs' float4s stay in `kept` (kept[i]: float4 32 (w + i warps) + lane, when below the
+// row's), so a caller can scale them without reading the row again. Ends with a barrier, after
+// which `runs` may be reused.
+template <int VECS>
+__device__ __forceinline__ float norm_sumsq_kept(const float* __restrict__ x, unsigned int cols, float* runs,
+                                                 float4* kept) {
     const unsigned int lane = threadIdx.x % STRATA_WARP, warp = threadIdx.x / STRATA_WARP;
     const unsigned int warps = blockDim.x / STRATA_WARP;
     const unsigned int n4 = (cols + 3) / 4, nruns = (n4 + 31) / 32;
     const bool vector = cols % 4 == 0 && reinterpret_cast<unsigned long long>(x) % 16 == 0;
-    for (unsigned int r = warp; r < nruns; r += warps) {
+    // Run r's sum, to lane 0's slot; the float4 read, to `q`.
+    auto run = [&](unsigned int r, float4& q) {
         const unsigned int j = 32 * r + lane;
         float s = 0.0f;
         if (j < n4) {
-            const float4 v = norm_load4(x, cols, j, vector);
-            s = norm_sq4(v.x, v.y, v.z, v.w);
+            q = norm_load4(x, cols, j, vector);
+            s = norm_sq4(q.x, q.y, q.z, q.w);
         }
         s = norm_butterfly(s);
         if (lane == 0) runs[r] = s;
+    };
+#pragma unroll
+    for (int i = 0; i < VECS; ++i) {
+        const unsigned int r = warp + i * warps;
+        if (r < nruns) run(r, kept[i]);
+    }
+    for (unsigned int r = warp + VECS * warps; r < nruns; r += warps) {
+        float4 q;
+        run(r, q);
     }
     __syncthreads();
     if (warp == 0) {
@@ -68,6 +83,11 @@ __device__ __forceinline__ float norm_sumsq(const float* __restrict__ x, unsigne
     const float total = runs[NORM_RUNS];
     __syncthreads();
     return total;
+}
+
+// norm_sumsq_kept keeping nothing.
+__device__ __forceinline__ float norm_sumsq(const float* __restrict__ x, unsigned int cols, float* runs) {
+    return norm_sumsq_kept<0>(x, cols, runs, nullptr);
 }
 
 // The scale of a row whose sum of squares is `sumsq`: rsqrt(mean square + eps), as RMSNorm
