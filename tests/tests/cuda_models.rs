@@ -475,8 +475,10 @@ fn a_long_greedy_run_agrees_with_the_cpu() {
 /// a dense block's gate/up, the output head) give the logits of separate RMSNorm launches, bit for
 /// bit: f32 and bf16 fixtures, Qwen2's q/k/v biases, its GGUF in q8_0 (the integer matvec
 /// quantizing the normalised row in its blocks) and the mixed block-dtype GGUF (split q/k/v
-/// dtypes: the norm launched for them, fused for gate/up and the head); a prompt of 2 tokens (the
-/// quantized products' most) and of 5, then 12 decode steps.
+/// dtypes: the norm launched for them, fused for gate/up and the head), and Mixture-of-Experts
+/// blocks routed on the device (Mixtral; Qwen2-MoE with its shared expert: router, experts and
+/// shared expert all normalising); a prompt of 2 tokens (the quantized products' most) and of 5,
+/// then 12 decode steps.
 #[test]
 fn fused_norms_give_the_separate_norms_logits_bit_for_bit() {
     let Some(cuda) = device_or_skip("fused_norms_give_the_separate_norms_logits_bit_for_bit") else { return };
@@ -485,7 +487,10 @@ fn fused_norms_give_the_separate_norms_logits_bit_for_bit() {
         (Fixture::load("llama_untied"), Fixture::load("qwen2_bias"), Fixture::load("llama_bf16"));
     let q8 = gguf_of(&qwen2, GgufDtypes::Uniform(DType::Q8_0), dir.path());
     let mixed = gguf_of(&llama, GgufDtypes::Mixed, dir.path());
+    let (mixtral, qwen2_moe) = (Fixture::load("mixtral_moe"), Fixture::load("qwen2_moe"));
     let decoders = [
+        ("mixtral_moe", &mixtral, strata_models::load_dir(&mixtral.dir).unwrap().decoder),
+        ("qwen2_moe", &qwen2_moe, strata_models::load_dir(&qwen2_moe.dir).unwrap().decoder),
         ("llama_untied", &llama, strata_models::load_dir(&llama.dir).unwrap().decoder),
         ("qwen2_bias", &qwen2, strata_models::load_dir(&qwen2.dir).unwrap().decoder),
         ("llama_bf16", &bf16, strata_models::load_dir(&bf16.dir).unwrap().decoder),

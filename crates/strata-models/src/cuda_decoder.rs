@@ -41,7 +41,7 @@ use strata_tensor::Tensor;
 use strata_tensor::cpu::AttentionParams;
 
 use crate::context::ContextScaling;
-use crate::cuda_moe::{CudaMoe, MoeScratch};
+use crate::cuda_moe::{CudaMoe, MoeInput, MoeScratch};
 use crate::decoder::{Decoder, Ffn, Linear, shares_bytes};
 use crate::hparams::Hparams;
 use crate::kv_cache::DEFAULT_BLOCK_LEN;
@@ -70,7 +70,7 @@ fn norms_fused_default() -> bool {
 /// the rows an RMSNorm launch wrote: when `on` ([`CudaDecoder::set_fused_norms`]), at most
 /// [`LINEAR_MATVEC_TOKENS`] tokens, where `ops::fuses_norm` allows it. Bit for bit the same
 /// products.
-fn fuses_norm(on: bool, w: &Tensor, tokens: usize) -> bool {
+pub(crate) fn fuses_norm(on: bool, w: &Tensor, tokens: usize) -> bool {
     on && tokens <= LINEAR_MATVEC_TOKENS && ops::fuses_norm(w, tokens)
 }
 
@@ -145,10 +145,15 @@ impl CudaLinear {
         Ok(())
     }
 
+    /// Whether a product of `tokens` rows normalises its activations itself ([`fuses_norm`]).
+    pub(crate) fn fuses_norm(&self, on: bool, tokens: usize) -> bool {
+        fuses_norm(on, &self.weight, tokens)
+    }
+
     /// `y = rms_norm(x) W^T + b` for `tokens` rows, the product normalising its activations
     /// itself (`ops::matvec_normed`; only where [`fuses_norm`] allows it): bit for bit
     /// [`rms_norm`] then [`CudaLinear::forward`].
-    fn forward_normed(
+    pub(crate) fn forward_normed(
         &self,
         cuda: &Cuda,
         x: &impl DevicePtr<f32>,
@@ -268,11 +273,35 @@ impl CudaMlp {
 
     /// The paired gate/up weight when a product of `tokens` rows by it normalises its
     /// activations itself ([`fuses_norm`] with `on`).
-    fn normed_gate_up(&self, on: bool, tokens: usize) -> Option<&Tensor> {
+    pub(crate) fn normed_gate_up(&self, on: bool, tokens: usize) -> Option<&Tensor> {
         match &self.gate_up {
             GateUp::Paired(w) if fuses_norm(on, w, tokens) => Some(w),
             _ => None,
         }
+    }
+
+    /// `y = down(silu(gate(rms_norm(x))) * up(rms_norm(x)))` for `tokens` rows, the paired gate/up
+    /// product normalising its activations itself (only where [`CudaMlp::normed_gate_up`] says
+    /// so): bit for bit the norm's launch then [`CudaMlp::forward`]. `act` is scratch of at least
+    /// `tokens inter` floats.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn forward_normed(
+        &self,
+        cuda: &Cuda,
+        x: &impl DevicePtr<f32>,
+        norm: &CudaSlice<f32>,
+        eps: f32,
+        y: &mut impl DevicePtrMut<f32>,
+        tokens: usize,
+        act: &mut CudaSlice<f32>,
+        work: &mut LinearScratch,
+    ) -> Result<()> {
+        let w = self.normed_gate_up(true, tokens).ok_or_else(|| {
+            Error::Unsupported("this MLP's gate and up products cannot normalise their activations".into())
+        })?;
+        let mut a = act.slice_mut(..tokens * self.inter);
+        ops::matvec_normed(cuda, w, x, norm, eps, &mut a, tokens, MatvecStore::Swiglu)?;
+        self.down.forward(cuda, &a, y, tokens, work)
     }
 
     /// `resid += down(act)`: the down projection of activations already in `act` (`tokens` rows of
@@ -797,6 +826,20 @@ impl CudaDecoder {
                 mlp.down_residual(cuda, &s.act, &mut x, &mut proj, t, work)?;
                 continue;
             }
+            // A MoE block routed on the device whose products all normalise their activations:
+            // the residual stream itself goes in.
+            if let CudaFfn::Moe(moe) = &layer.ffn
+                && trace.is_none()
+                && on_device
+                && moe.routes_on_device(t, &self.moe)
+                && moe.fuses_norm(norms)
+            {
+                let input: MoeInput<'_, CudaView<'_, f32>> =
+                    MoeInput::Raw { norm: &layer.ffn_norm, eps: hp.rms_norm_eps };
+                let mut x = s.x.slice_mut(..t * h);
+                moe.forward_on_device(cuda, input, &mut x, h, &self.moe, moe_scratch, work)?;
+                continue;
+            }
             let ffn_q = actq_ok && matches!(&layer.ffn, CudaFfn::Dense(mlp) if mlp.gate_up.takes_actq(t));
             let mut xq = ffn_q.then(|| s.xq.slice_mut(..actq_len));
             rms_norm(cuda, &s.x.slice(..t * h), &layer.ffn_norm, hp.rms_norm_eps, t, &mut normed, xq.as_mut())?;
@@ -811,7 +854,6 @@ impl CudaDecoder {
                 }
                 CudaFfn::Moe(moe) => {
                     let record = trace.as_deref_mut().map(|tr| tr.layer_mut(li));
-                    let on_device = self.device_routing.load(std::sync::atomic::Ordering::Relaxed);
                     moe.forward_residual(cuda, &normed, &mut x, t, h, &self.moe, on_device, moe_scratch, work, record)?;
                 }
             }

@@ -16,6 +16,9 @@
 //!   gives NaN probabilities gets NaN outputs (the host path's error needs a synchronisation).
 //!   It takes experts whose gate and up weights are paired and of one dtype and shape, with
 //!   no biases ([`CudaMoe::upload`] builds the tables then), at most 256 experts and 32 per token.
+//!   With the decoder's fused norms the block takes the residual stream itself
+//!   ([`MoeInput::Raw`]): the router, the experts' gate/up and a shared expert's products each
+//!   normalise it as they stage it, so the norm before the block is not launched.
 //! - **On the host** (prefill, router traces, and models the device way does not take). Routing
 //!   runs with the CPU's own rule ([`moe::route`]), so capacity limits, dynamic top-k and the
 //!   router trace behave exactly as on the CPU: the router logits come down (tokens x experts
@@ -38,6 +41,22 @@ use strata_kernels::cuda::params::{STRATA_GATING_MAX_EXPERTS, STRATA_GATING_MAX_
 use crate::Result;
 use crate::cuda_decoder::{CudaLinear, CudaMlp};
 use crate::moe::{self, LayerRecord, MoeLayer, MoeOptions, Routing};
+
+/// The activations of a MoE block routed on the device: the rows the RMSNorm before it wrote, or
+/// the residual stream itself, which every product of the block normalises with the norm's
+/// weight and epsilon as it stages it (`ops::matvec_normed`: bit for bit the same products).
+pub(crate) enum MoeInput<'a, N> {
+    Normed(&'a N),
+    Raw { norm: &'a CudaSlice<f32>, eps: f32 },
+}
+
+impl<N> Clone for MoeInput<'_, N> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<N> Copy for MoeInput<'_, N> {}
 
 /// One MoE block on the device: the router, every expert, and the shared expert with its gate.
 pub(crate) struct CudaMoe {
@@ -131,6 +150,18 @@ impl CudaMoe {
         })
     }
 
+    /// Whether a pass routed on the device can take the residual stream itself, every product
+    /// of the block normalising its activations ([`MoeInput::Raw`], when `on`: the decoder's
+    /// fused norms): the router, the experts' gate/up and a shared expert's gate/up and gate.
+    pub(crate) fn fuses_norm(&self, on: bool) -> bool {
+        let Some(tables) = &self.tables else { return false };
+        let shared = match &self.shared {
+            Some((mlp, gate)) => mlp.normed_gate_up(on, 1).is_some() && gate.fuses_norm(on, 1),
+            None => true,
+        };
+        on && self.router.fuses_norm(on, 1) && ops::fuses_norm(tables.gate_up.first(), 1) && shared
+    }
+
     /// Whether a pass of `tokens` tokens routed with `options`, with no router trace, routes on
     /// the device (when the decoder lets it).
     pub(crate) fn routes_on_device(&self, tokens: usize, options: &MoeOptions) -> bool {
@@ -148,7 +179,7 @@ impl CudaMoe {
         &self,
         cuda: &Cuda,
         normed: &impl DevicePtr<f32>,
-        x: &mut impl DevicePtrMut<f32>,
+        x: &mut (impl DevicePtrMut<f32> + DevicePtr<f32>),
         tokens: usize,
         hidden: usize,
         options: &MoeOptions,
@@ -158,7 +189,7 @@ impl CudaMoe {
         record: Option<&mut LayerRecord>,
     ) -> Result<()> {
         if on_device && record.is_none() && self.routes_on_device(tokens, options) {
-            return self.forward_on_device(cuda, normed, x, hidden, options, scratch, work);
+            return self.forward_on_device(cuda, MoeInput::Normed(normed), x, hidden, options, scratch, work);
         }
         let (t, h, e) = (tokens, hidden, self.n_experts);
         let logits_d = grown(cuda, &mut scratch.logits, t * e)?;
@@ -229,22 +260,29 @@ impl CudaMoe {
     /// documentation): router, gating, the chosen experts' gate/up and down products in one
     /// launch each, and their weighted sum added to `x`; a shared expert as on the host path.
     #[allow(clippy::too_many_arguments)]
-    fn forward_on_device(
+    pub(crate) fn forward_on_device<N, X>(
         &self,
         cuda: &Cuda,
-        normed: &impl DevicePtr<f32>,
-        x: &mut impl DevicePtrMut<f32>,
+        input: MoeInput<'_, N>,
+        x: &mut X,
         h: usize,
         options: &MoeOptions,
         scratch: &mut MoeScratch,
         work: &mut LinearScratch,
-    ) -> Result<()> {
+    ) -> Result<()>
+    where
+        N: DevicePtr<f32>,
+        X: DevicePtrMut<f32> + DevicePtr<f32>,
+    {
         let tables = self.tables.as_ref().expect("routes_on_device checked");
         let (e, inter) = (self.n_experts, tables.inter);
         let k = options.check(e, self.top_k)?;
         let logits = grown(cuda, &mut scratch.logits, e)?;
         let mut logits = logits.slice_mut(..e);
-        self.router.forward(cuda, normed, &mut logits, 1, work)?;
+        match input {
+            MoeInput::Normed(n) => self.router.forward(cuda, n, &mut logits, 1, work)?,
+            MoeInput::Raw { norm, eps } => self.router.forward_normed(cuda, &*x, norm, eps, &mut logits, 1)?,
+        }
         let mut ids = grown(cuda, &mut scratch.idx, k)?.slice_mut(..k);
         let mut weights = grown(cuda, &mut scratch.weights, k)?.slice_mut(..k);
         match options.routing {
@@ -267,7 +305,13 @@ impl CudaMoe {
             _ => ops::topk_gating(cuda, &logits, e, k, self.renormalize, &mut ids, &mut weights)?,
         }
         let mut act = grown(cuda, &mut scratch.act, k * inter)?.slice_mut(..k * inter);
-        ops::matvec_experts(cuda, &tables.gate_up, &ids, normed, true, &mut act, MatvecStore::Swiglu)?;
+        let swiglu = MatvecStore::Swiglu;
+        match input {
+            MoeInput::Normed(n) => ops::matvec_experts(cuda, &tables.gate_up, &ids, n, true, &mut act, swiglu)?,
+            MoeInput::Raw { norm, eps } => {
+                ops::matvec_experts_normed(cuda, &tables.gate_up, &ids, &*x, norm, eps, &mut act, swiglu)?
+            }
+        }
         let mut ys = grown(cuda, &mut scratch.y, k * h)?.slice_mut(..k * h);
         ops::matvec_experts(cuda, &tables.down, &ids, &act, false, &mut ys, MatvecStore::Write)?;
         // A shared expert's output and gate, which the combine adds after the routed experts'.
@@ -275,9 +319,17 @@ impl CudaMoe {
             let products = grown(cuda, &mut scratch.products, 2 * mlp.inter)?;
             let act = grown(cuda, &mut scratch.act, mlp.inter)?;
             let mut y = grown(cuda, &mut scratch.rows, h)?.slice_mut(..h);
-            mlp.forward(cuda, normed, &mut y, 1, products, act, work)?;
             let mut g = grown(cuda, &mut scratch.gate, 1)?.slice_mut(..1);
-            gate.forward(cuda, normed, &mut g, 1, work)?;
+            match input {
+                MoeInput::Normed(n) => {
+                    mlp.forward(cuda, n, &mut y, 1, products, act, work)?;
+                    gate.forward(cuda, n, &mut g, 1, work)?;
+                }
+                MoeInput::Raw { norm, eps } => {
+                    mlp.forward_normed(cuda, &*x, norm, eps, &mut y, 1, act, work)?;
+                    gate.forward_normed(cuda, &*x, norm, eps, &mut g, 1)?;
+                }
+            }
         }
         let shared_out = match (&self.shared, &scratch.rows, &scratch.gate) {
             (Some(_), Some(y), Some(g)) => Some((y.slice(..h), g.slice(..1))),

@@ -179,6 +179,7 @@ fn run_experts(
     threads: usize,
     store: Store,
     acts: u32,
+    norm: Option<&[f32]>,
 ) -> Vec<f32> {
     let emu = emulator().expect("checked by the caller");
     let w = &experts[0];
@@ -192,14 +193,17 @@ fn run_experts(
     let mut y = f32_bytes(&[start, vec![-7f32; outputs]].concat());
     let mut idb: Vec<u8> = ids.iter().flat_map(|v| v.to_le_bytes()).collect();
     let mut weights: Vec<Vec<u8>> = experts.iter().map(|e| e.cpu_bytes().unwrap().to_vec()).collect();
-    // Buffers: x 0, y 1, ids 2, then the experts' weights 3.. (reached through the table only).
+    let mut nb = norm.map(f32_bytes).unwrap_or_default();
+    // Buffers: x 0, y 1, ids 2, the norm's weight 3 if any, then the experts' weights (reached
+    // through the table only).
+    let first = if norm.is_some() { 4 } else { 3 };
     let mut args = vec![
         Arg::Null,
         Arg::Buf(&mut xb, 0),
         Arg::Buf(&mut y, 0),
-        Arg::Table((3..3 + experts.len()).collect()),
+        Arg::Table((first..first + experts.len()).collect()),
         Arg::Buf(&mut idb, 0),
-        Arg::Null,
+        if norm.is_some() { Arg::Buf(&mut nb, 0) } else { Arg::Null },
     ];
     args.extend(weights.iter_mut().map(Arg::Extra));
     launch(&emu, kernel, [blocks as u32, slots as u32, 1], threads as u32, SMEM, &p, &mut args);
@@ -495,7 +499,7 @@ fn emulated_matvec_kernels_compute_each_experts_product_in_one_launch() {
                 }
                 for (xb, stride, acts) in inputs {
                     let x_slot = if shared { 0 } else { stride };
-                    let got = run_experts(kernel, &experts, &ids, &xb, x_slot, blocks, threads, store, acts);
+                    let got = run_experts(kernel, &experts, &ids, &xb, x_slot, blocks, threads, store, acts, None);
                     assert!(got[ids.len() * outputs..].iter().all(|&v| v == -7.0), "{kernel}: wrote past the slots");
                     for (s, &id) in ids.iter().enumerate() {
                         let got = &got[s * outputs..(s + 1) * outputs];
@@ -564,6 +568,64 @@ fn emulated_matvec_kernels_normalise_their_activations_as_rms_norm_does() {
                 assert!(got[tokens * outputs..].iter().all(|&v| v == -7.0), "{kernel}: wrote past token {tokens}");
                 for (j, (g, v)) in got.iter().zip(&want).enumerate() {
                     assert_eq!(g.to_bits(), v.to_bits(), "{kernel} {n}x{k} tokens={tokens}: y[{j}] = {g}, want {v}");
+                }
+            }
+        }
+    }
+}
+
+/// A Mixture-of-Experts launch whose slots share one row of x and normalise it themselves gives
+/// each slot bit for bit what `rmsnorm_f32` then its expert's own launch give; unused slots stay
+/// unwritten.
+#[test]
+fn emulated_expert_products_normalise_their_shared_row() {
+    if emulator().is_none() || crate::driver::build("emu_rmsnorm.cpp").is_none() {
+        return;
+    }
+    let cases =
+        [("matvec_q4_0_i16_t1", DType::Q4_0, WARPS_DECODE, 44, 2304), ("matvec_bf16_t1", DType::BF16, WARPS, 20, 520)];
+    let ids = [2u32, u32::MAX, 0];
+    for (i, (kernel, dtype, warps, n, k)) in cases.into_iter().enumerate() {
+        let experts: Vec<Tensor> = (0..3)
+            .map(|e| Tensor::from_f32_as(&random_f32(n * k, (i * 10 + e) as u64 ^ 0x77, 1.0), [n, k], dtype).unwrap())
+            .collect();
+        let x = random_f32(k, 700 + i as u64, 6.0);
+        let norm = random_f32(k, 710 + i as u64, 1.5);
+        let normed = crate::norm::emulated_rms_norm(&x, &norm, 1, NORM_EPS);
+        let groups = n.div_ceil(ROWS_PER_WARP).div_ceil(warps);
+        let blocks = if dtype.is_quantized() { 1 } else { groups };
+        for store in [Store::Write, Store::Swiglu] {
+            let (_, outputs) = store.code_and_outputs(n);
+            let got = run_experts(
+                kernel,
+                &experts,
+                &ids,
+                &f32_bytes(&x),
+                0,
+                blocks,
+                warps * 32,
+                store,
+                ACTS_F32,
+                Some(&norm),
+            );
+            for (s, &id) in ids.iter().enumerate() {
+                let got = &got[s * outputs..(s + 1) * outputs];
+                if id == u32::MAX {
+                    assert!(got.iter().all(|v| v.is_nan()), "{kernel}: unused slot {s} was written");
+                    continue;
+                }
+                let want = run_into(
+                    kernel,
+                    &experts[id as usize],
+                    &f32_bytes(&normed),
+                    1,
+                    blocks,
+                    warps * 32,
+                    store,
+                    ACTS_F32,
+                );
+                for (j, (g, v)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(g.to_bits(), v.to_bits(), "{kernel} slot {s} (expert {id}): y[{j}] = {g}, want {v}");
                 }
             }
         }

@@ -413,3 +413,36 @@ fn matvec_normed_is_rms_norm_then_matvec() {
         }
     }
 }
+
+/// Expert products that normalise their shared row themselves (`matvec_experts_normed`) give bit
+/// for bit `rms_norm` then `matvec_experts`, for every dtype whose one-token product can
+/// normalise; unused slots stay unwritten.
+#[test]
+fn matvec_experts_normed_is_rms_norm_then_matvec_experts() {
+    let Some(cuda) = device_or_skip("matvec_experts_normed_is_rms_norm_then_matvec_experts") else { return };
+    let n = 44;
+    let dids = cuda.upload(&[2u32, u32::MAX, 0]).unwrap();
+    for dtype in DType::ALL {
+        let k = dtype.block_len() * (2048 / dtype.block_len());
+        let experts: Vec<Tensor> =
+            (0..3).map(|e| upload_tensor(&cuda, &weight(dtype, n, k, 90 + e)).unwrap()).collect();
+        assert!(ops::fuses_norm(&experts[0], 1), "{dtype}");
+        let table = ops::ExpertWeights::new(&cuda, &experts).unwrap();
+        let dx = cuda.upload(&random_f32(k, 93, 3.0)).unwrap();
+        let norm = cuda.upload(&random_f32(k, 94, 1.5)).unwrap();
+        let mut normed = cuda.zeros::<f32>(k).unwrap();
+        ops::rms_norm(&cuda, &dx, &norm, 1e-5, 1, &mut normed).unwrap();
+        for store in [ops::MatvecStore::Write, ops::MatvecStore::Swiglu] {
+            let outputs = if store == ops::MatvecStore::Swiglu { n / 2 } else { n };
+            let mut want = cuda.upload(&vec![f32::NAN; 3 * outputs]).unwrap();
+            let mut got = cuda.upload(&vec![f32::NAN; 3 * outputs]).unwrap();
+            ops::matvec_experts(&cuda, &table, &dids, &normed, true, &mut want, store).unwrap();
+            ops::matvec_experts_normed(&cuda, &table, &dids, &dx, &norm, 1e-5, &mut got, store).unwrap();
+            let (want, got) = (cuda.download(&want).unwrap(), cuda.download(&got).unwrap());
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                let same = if w.is_nan() { g.is_nan() } else { g.to_bits() == w.to_bits() };
+                assert!(same, "{dtype} {store:?}: y[{i}] = {g}, want {w}");
+            }
+        }
+    }
+}

@@ -476,6 +476,43 @@ where
     launch_all(cuda, OP, w, wp, Some(slots), None, Input::f32(cuda, x), y, 1, MatvecActs::default(), store)
 }
 
+/// [`matvec_experts`] with the slots' one row of activations `x` normalised by the products
+/// themselves, as [`matvec_normed`] does (`norm`: `k` floats, `eps`): bit for bit
+/// [`rms_norm`](super::rms_norm) then [`matvec_experts`] with a shared row. Only where
+/// [`fuses_norm`] allows it for one token.
+#[allow(clippy::too_many_arguments)]
+pub fn matvec_experts_normed<I, X, N, Y>(
+    cuda: &Cuda,
+    experts: &ExpertWeights,
+    ids: &I,
+    x: &X,
+    norm: &N,
+    eps: f32,
+    y: &mut Y,
+    store: MatvecStore,
+) -> Result<()>
+where
+    I: DevicePtr<u32>,
+    X: DevicePtr<f32>,
+    N: DevicePtr<f32>,
+    Y: DevicePtrMut<f32>,
+{
+    const OP: &str = "matvec_experts_normed";
+    let w = experts.first();
+    let (_, k, bytes) = device_matrix(OP, cuda, w)?;
+    check_len(OP, "norm", norm.len(), k)?;
+    let slots = Slots {
+        table: ptr(cuda, &experts.table),
+        ids: ptr(cuda, ids),
+        slots: ids.len(),
+        experts: experts.len(),
+        shared_x: true,
+    };
+    let norm = Norm { w: ptr(cuda, norm), eps };
+    let (wp, x) = (ptr(cuda, bytes), Input::f32(cuda, x));
+    launch_all(cuda, OP, w, wp, Some(slots), Some(norm), x, y, 1, MatvecActs::default(), store)
+}
+
 /// Whether a product of `tokens` tokens with weight `w` can normalise its activations itself
 /// ([`matvec_normed`]): float weights always; block-quantized ones when their blocks quantize the
 /// activations as they stage them (at most two tokens, rows within a block's activation tile),
