@@ -435,6 +435,11 @@ impl ExpertWeights {
     pub fn first(&self) -> &Tensor {
         &self.weights[0]
     }
+
+    /// The slots of a launch over these experts: one per id of `ids`.
+    fn slots<I: DevicePtr<u32>>(&self, cuda: &Cuda, ids: &I, shared_x: bool) -> Slots {
+        Slots { table: ptr(cuda, &self.table), ids: ptr(cuda, ids), slots: ids.len(), experts: self.len(), shared_x }
+    }
 }
 
 /// The products of a token's chosen experts in one launch: for each slot `s < ids.len()`, the
@@ -463,13 +468,7 @@ where
 {
     const OP: &str = "matvec_experts";
     let w = experts.first();
-    let slots = Slots {
-        table: ptr(cuda, &experts.table),
-        ids: ptr(cuda, ids),
-        slots: ids.len(),
-        experts: experts.len(),
-        shared_x,
-    };
+    let slots = experts.slots(cuda, ids, shared_x);
     // The kernel's own weight argument is not read in these launches; expert 0's is passed.
     let (_, _, bytes) = device_matrix(OP, cuda, w)?;
     let wp = ptr(cuda, bytes);
@@ -501,13 +500,7 @@ where
     let w = experts.first();
     let (_, k, bytes) = device_matrix(OP, cuda, w)?;
     check_len(OP, "norm", norm.len(), k)?;
-    let slots = Slots {
-        table: ptr(cuda, &experts.table),
-        ids: ptr(cuda, ids),
-        slots: ids.len(),
-        experts: experts.len(),
-        shared_x: true,
-    };
+    let slots = experts.slots(cuda, ids, true);
     let norm = Norm { w: ptr(cuda, norm), eps };
     let (wp, x) = (ptr(cuda, bytes), Input::f32(cuda, x));
     launch_all(cuda, OP, w, wp, Some(slots), Some(norm), x, y, 1, MatvecActs::default(), store)
