@@ -115,15 +115,17 @@ extern "C" __global__ void add_sigmoid_scaled_f32(RowsParams p, const float* y, 
 // used slots in ascending order of expert index: what zeroing out and scatter_add_rows_f32 expert
 // by expert compute, bit for bit. With a shared expert (shared_y not null: its outputs [t, :],
 // its gate's logit shared_gate[t]), o += sigmoid(gate) * shared_y[t, c] as add_sigmoid_scaled_f32
-// adds it. out[t, c] is o, or with p.residual out[t, c] + o (add_f32's rounding). A token with no used slot, which gating gives a token whose router probabilities are
-// NaN, gets NaN outputs: the device cannot raise the host path's error, and NaN logits show it.
-// Launch: grid (ceil(cols / block), tokens), any block; thread 0 orders the token's slots in
-// shared memory, then one thread per column.
+// adds it. out[t, c] is o, or with p.residual out[t, c] + o (add_f32's rounding). A token with no
+// used slot, which gating gives a token whose router probabilities are NaN, gets NaN outputs: the
+// device cannot raise the host path's error, and NaN logits show it.
+// Launch: grid (ceil(cols / block), tokens), any block; thread 0 orders the token's slots and
+// computes the shared expert's sigmoid in shared memory, then one thread per column.
 extern "C" __global__ void moe_combine_f32(MoeCombineParams p, const float* ys, const unsigned int* ids,
                                            const float* w, const float* shared_y, const float* shared_gate,
                                            float* out) {
     STRATA_SHARED unsigned int order[STRATA_MOE_COMBINE_MAX_SLOTS];
     STRATA_SHARED unsigned int used;
+    STRATA_SHARED float gate;
     const unsigned long long t = blockIdx.y;
     const unsigned int* tid = ids + t * p.slots;
     if (threadIdx.x == 0) {
@@ -137,6 +139,7 @@ extern "C" __global__ void moe_combine_f32(MoeCombineParams p, const float* ys, 
             order[j] = s;
         }
         used = n;
+        if (shared_y != nullptr) gate = __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-shared_gate[t])));
     }
     __syncthreads();
     const unsigned int c = blockIdx.x * blockDim.x + threadIdx.x;
@@ -146,10 +149,7 @@ extern "C" __global__ void moe_combine_f32(MoeCombineParams p, const float* ys, 
         const unsigned long long s = t * p.slots + order[j];
         o = __fadd_rn(o, __fmul_rn(ys[s * p.cols + c], w[s]));
     }
-    if (shared_y != nullptr) {
-        const float g = __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-shared_gate[t])));
-        o = __fadd_rn(o, __fmul_rn(g, shared_y[t * p.cols + c]));
-    }
+    if (shared_y != nullptr) o = __fadd_rn(o, __fmul_rn(gate, shared_y[t * p.cols + c]));
     float* dst = out + t * p.cols + c;
     *dst = p.residual ? __fadd_rn(*dst, o) : o;
 }

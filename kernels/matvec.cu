@@ -38,6 +38,10 @@
 //   a producer such as RMSNorm). The launcher quantizes first above two tokens, or when a row is
 //   longer than the tile: the blocks would otherwise quantize every tile again for every round
 //   of rows.
+// - RMSNorm in the product (the kernel's `norm` weight not null; float weights, and the integer
+//   path when its blocks quantize): each block computes each token's scale over the whole row in
+//   norm.cuh's order, then stages (x * scale) * w in place of x (MvNorm): bit for bit
+//   rmsnorm_f32's outputs, so the product is that of the separate norm.
 // - Float weights (f32, f16, bf16): rows whose byte length is a multiple of 16 are read with
 //   16-byte streaming loads, consecutive lanes on consecutive 16 bytes, four per row in flight
 //   (two above two tokens);
@@ -73,7 +77,8 @@
 // in a device table of the experts' weight addresses (mv_slot); the slots share x or read their
 // own, and write their own outputs. Each slot computes exactly what a launch on its expert alone
 // computes.
-// Launchers: strata_kernels::cuda::ops::{matvec, matvec_as, matvec_experts, linear, quantize_acts}.
+// Launchers: strata_kernels::cuda::ops::{matvec, matvec_as, matvec_normed, matvec_experts,
+// matvec_experts_normed, linear, quantize_acts}.
 #include "strata_common.cuh"
 #include "quant.cuh"
 #include "actq.cuh"
@@ -447,9 +452,9 @@ __device__ __forceinline__ int nibble_dot(const unsigned int (&qs)[4], const Blo
 }
 
 // Quantizes columns k0 .. k0 + kt (a multiple of 32) of the launch's x rows, normalised as `norm`
-// says, into the integer tile (zeros for tokens at or past p.tokens), a block of 32 per warp at a time (quantize_block), with
-// eight blocks' loads in flight per warp; with SUMS8 the sums of each 8 values too. Called by the
-// whole block after a barrier; ends with one.
+// says, into the integer tile (zeros for tokens at or past p.tokens), a block of 32 per warp at a
+// time (quantize_block), with eight blocks' loads in flight per warp; with SUMS8 the sums of each
+// 8 values too. Called by the whole block after a barrier; ends with one.
 template <int T, bool SUMS8>
 __device__ __forceinline__ void stage_xq(const MatvecParams& p, const float* __restrict__ x, unsigned int k0, int kt,
                                          unsigned char* tile, const MvNorm<T>& norm) {

@@ -288,19 +288,8 @@ impl CudaMoe {
         match options.routing {
             Routing::DynamicTopK { p, min_experts } if p < 1.0 => {
                 let mut counts = grown(cuda, &mut scratch.counts, 1)?.slice_mut(..1);
-                let renorm = self.renormalize;
-                ops::topk_gating_dynamic(
-                    cuda,
-                    &logits,
-                    e,
-                    min_experts,
-                    k,
-                    p,
-                    renorm,
-                    &mut ids,
-                    &mut weights,
-                    &mut counts,
-                )?
+                let (ids, weights, renorm) = (&mut ids, &mut weights, self.renormalize);
+                ops::topk_gating_dynamic(cuda, &logits, e, min_experts, k, p, renorm, ids, weights, &mut counts)?
             }
             _ => ops::topk_gating(cuda, &logits, e, k, self.renormalize, &mut ids, &mut weights)?,
         }
@@ -316,12 +305,12 @@ impl CudaMoe {
         ops::matvec_experts(cuda, &tables.down, &ids, &act, false, &mut ys, MatvecStore::Write)?;
         // A shared expert's output and gate, which the combine adds after the routed experts'.
         if let Some((mlp, gate)) = &self.shared {
-            let products = grown(cuda, &mut scratch.products, 2 * mlp.inter)?;
-            let act = grown(cuda, &mut scratch.act, mlp.inter)?;
             let mut y = grown(cuda, &mut scratch.rows, h)?.slice_mut(..h);
             let mut g = grown(cuda, &mut scratch.gate, 1)?.slice_mut(..1);
+            let act = grown(cuda, &mut scratch.act, mlp.inter)?;
             match input {
                 MoeInput::Normed(n) => {
+                    let products = grown(cuda, &mut scratch.products, 2 * mlp.inter)?;
                     mlp.forward(cuda, n, &mut y, 1, products, act, work)?;
                     gate.forward(cuda, n, &mut g, 1, work)?;
                 }
@@ -331,11 +320,9 @@ impl CudaMoe {
                 }
             }
         }
-        let shared_out = match (&self.shared, &scratch.rows, &scratch.gate) {
-            (Some(_), Some(y), Some(g)) => Some((y.slice(..h), g.slice(..1))),
-            _ => None,
-        };
-        let shared = shared_out.as_ref().map(|(y, g)| (y, g));
+        let shared = self.shared.as_ref().and(scratch.rows.as_ref().zip(scratch.gate.as_ref()));
+        let shared = shared.map(|(y, g)| (y.slice(..h), g.slice(..1)));
+        let shared = shared.as_ref().map(|(y, g)| (y, g));
         Ok(ops::moe_combine(cuda, &ys, &ids, &weights, shared, x, 1, k, e, h, true)?)
     }
 }

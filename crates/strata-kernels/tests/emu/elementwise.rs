@@ -7,6 +7,10 @@ use strata_tensor::cpu::reference;
 
 use crate::driver::{Arg, assert_close, build, f32_bytes, f32s, launch, random_f32};
 
+#[path = "../common/moe.rs"]
+mod moe;
+use moe::Combine;
+
 /// Threads per block of the flat element-wise launches.
 const BLOCK: u32 = 256;
 
@@ -173,22 +177,16 @@ fn emulated_moe_combine_adds_the_experts_in_index_order() {
         let x0 = random_f32(tokens * cols, 41 + i as u64, 5.0);
         let (shared_y, shared_g) = (random_f32(tokens * cols, 43 + i as u64, 2.0), random_f32(tokens, 47, 4.0));
         for (residual, shared) in [(false, false), (true, false), (true, true)] {
-            let mut want = Vec::with_capacity(tokens * cols);
-            for t in 0..tokens {
-                let mut used: Vec<usize> = (0..slots).filter(|&s| flat[t * slots + s] < experts).collect();
-                used.sort_by_key(|&s| flat[t * slots + s]);
-                let gate = 1.0 / (1.0 + (-shared_g[t]).exp());
-                for c in 0..cols {
-                    let mut o = if used.is_empty() { f32::NAN } else { 0.0f32 };
-                    for &s in &used {
-                        o += ys[(t * slots + s) * cols + c] * w[t * slots + s];
-                    }
-                    if shared {
-                        o += gate * shared_y[t * cols + c];
-                    }
-                    want.push(if residual { x0[t * cols + c] + o } else { o });
-                }
-            }
+            let combine = Combine {
+                ids: &flat,
+                w: &w,
+                ys: &ys,
+                slots,
+                experts,
+                cols,
+                shared: shared.then_some((&shared_y[..], &shared_g[..])),
+            };
+            let want = combine.reference(&x0, residual);
             let params = [tokens as u32, cols as u32, slots as u32, experts, u32::from(residual)]
                 .iter()
                 .flat_map(|v| v.to_le_bytes())

@@ -10,6 +10,10 @@ use strata_kernels::cuda::testing::{assert_close, device_or_skip, random_f32};
 use strata_kernels::{Error, Result};
 use strata_tensor::cpu::reference;
 
+#[path = "../common/moe.rs"]
+mod moe;
+use moe::Combine;
+
 /// Asserts an [`Error::InvalidArgument`] whose message contains `needle`.
 fn assert_invalid(r: Result<()>, needle: &str) {
     match r {
@@ -266,22 +270,16 @@ fn moe_combine_adds_the_experts_in_index_order() {
     let (dsy, dsg) = (cuda.upload(&shared_y).unwrap(), cuda.upload(&shared_g).unwrap());
     let (sy, sg) = (dsy.slice(..), dsg.slice(..));
     for (residual, shared) in [(false, false), (true, false), (true, true)] {
-        let mut want = Vec::new();
-        for t in 0..tokens {
-            let mut used: Vec<usize> = (0..slots).filter(|&s| ids[t * slots + s] < experts).collect();
-            used.sort_by_key(|&s| ids[t * slots + s]);
-            let gate = 1.0 / (1.0 + (-shared_g[t]).exp());
-            for c in 0..cols {
-                let mut o = if used.is_empty() { f32::NAN } else { 0.0f32 };
-                for &s in &used {
-                    o += ys[(t * slots + s) * cols + c] * w[t * slots + s];
-                }
-                if shared {
-                    o += gate * shared_y[t * cols + c];
-                }
-                want.push(if residual { x0[t * cols + c] + o } else { o });
-            }
-        }
+        let combine = Combine {
+            ids: &ids,
+            w: &w,
+            ys: &ys,
+            slots,
+            experts,
+            cols,
+            shared: shared.then_some((&shared_y[..], &shared_g[..])),
+        };
+        let want = combine.reference(&x0, residual);
         let mut out = cuda.upload(&x0).unwrap();
         let with = shared.then_some((&sy, &sg));
         ops::moe_combine(&cuda, &dys, &dids, &dw, with, &mut out, tokens, slots, experts as usize, cols, residual)

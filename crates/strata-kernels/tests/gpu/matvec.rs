@@ -3,6 +3,7 @@
 #![cfg(feature = "cuda")]
 
 use proptest::prelude::*;
+use strata_kernels::cuda::CudaSlice;
 use strata_kernels::cuda::ops::{self, MatvecActs};
 use strata_kernels::cuda::tensor::upload_tensor;
 use strata_kernels::cuda::testing::{device_or_skip, random_f32};
@@ -244,6 +245,38 @@ fn matvec_rejects_bad_arguments() {
     ops::matvec(&cuda, &dw, &x, &mut y, 0).unwrap();
 }
 
+/// Each store of the plain products of `dw` with f32 `x` (`matvec`, `matvec_add`, `matvec_swiglu`,
+/// `tokens` rows of `n` outputs, into buffers that start as NaN or, for the add, as random values)
+/// against what `other` stores into a buffer that starts the same: bit for bit.
+fn assert_stores_match(
+    cuda: &Cuda,
+    dw: &Tensor,
+    x: &CudaSlice<f32>,
+    tokens: usize,
+    n: usize,
+    what: &str,
+    other: impl Fn(ops::MatvecStore, &mut CudaSlice<f32>) -> Result<(), Error>,
+) {
+    let y0 = random_f32(tokens * n, 33, 10.0);
+    for store in [ops::MatvecStore::Write, ops::MatvecStore::Add, ops::MatvecStore::Swiglu] {
+        let outputs = if store == ops::MatvecStore::Swiglu { n / 2 } else { n };
+        let start = if store == ops::MatvecStore::Add { y0.clone() } else { vec![f32::NAN; tokens * n] };
+        let (mut want, mut got) =
+            (cuda.upload(&start[..tokens * outputs]).unwrap(), cuda.upload(&start[..tokens * outputs]).unwrap());
+        match store {
+            ops::MatvecStore::Write => ops::matvec(cuda, dw, x, &mut want, tokens),
+            ops::MatvecStore::Add => ops::matvec_add(cuda, dw, x, &mut want, tokens),
+            ops::MatvecStore::Swiglu => ops::matvec_swiglu(cuda, dw, x, &mut want, tokens),
+        }
+        .unwrap();
+        other(store, &mut got).unwrap();
+        let (want, got) = (cuda.download(&want).unwrap(), cuda.download(&got).unwrap());
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.to_bits(), w.to_bits(), "{what} {store:?}: y[{i}] = {g}, want {w}");
+        }
+    }
+}
+
 /// Activations quantized once (`quantize_acts`, or the launcher before a product of more than two
 /// tokens) give every store of every block-quantized dtype bit for bit what the blocks'
 /// own quantization gives: `matvec_actq` against `matvec`, `matvec_add` and `matvec_swiglu`, one
@@ -259,30 +292,10 @@ fn matvec_on_quantized_activations_is_bit_for_bit_the_same() {
                 let dx = cuda.upload(&random_f32(tokens * k, 32 + tokens as u64, 3.0)).unwrap();
                 let mut xq = cuda.zeros::<u8>(ops::actq_bytes(tokens, k)).unwrap();
                 ops::quantize_acts(&cuda, &dx, &mut xq, tokens, k).unwrap();
-                let y0 = random_f32(tokens * n, 33, 10.0);
-                for store in [ops::MatvecStore::Write, ops::MatvecStore::Add, ops::MatvecStore::Swiglu] {
-                    let outputs = if store == ops::MatvecStore::Swiglu { n / 2 } else { n };
-                    let start = if store == ops::MatvecStore::Add { y0.clone() } else { vec![f32::NAN; tokens * n] };
-                    let (mut want, mut got) = (
-                        cuda.upload(&start[..tokens * outputs]).unwrap(),
-                        cuda.upload(&start[..tokens * outputs]).unwrap(),
-                    );
-                    match store {
-                        ops::MatvecStore::Write => ops::matvec(&cuda, &dw, &dx, &mut want, tokens),
-                        ops::MatvecStore::Add => ops::matvec_add(&cuda, &dw, &dx, &mut want, tokens),
-                        ops::MatvecStore::Swiglu => ops::matvec_swiglu(&cuda, &dw, &dx, &mut want, tokens),
-                    }
-                    .unwrap();
-                    ops::matvec_actq(&cuda, &dw, &xq, &mut got, tokens, store).unwrap();
-                    let (want, got) = (cuda.download(&want).unwrap(), cuda.download(&got).unwrap());
-                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                        assert_eq!(
-                            g.to_bits(),
-                            w.to_bits(),
-                            "{dtype} k={k} tokens={tokens} {store:?}: y[{i}] = {g}, want {w}"
-                        );
-                    }
-                }
+                let what = format!("{dtype} k={k} tokens={tokens}");
+                assert_stores_match(&cuda, &dw, &dx, tokens, n, &what, |store, y| {
+                    ops::matvec_actq(&cuda, &dw, &xq, y, tokens, store)
+                });
             }
         }
     }
@@ -389,26 +402,9 @@ fn matvec_normed_is_rms_norm_then_matvec() {
                 }
                 let mut normed = cuda.zeros::<f32>(tokens * k).unwrap();
                 ops::rms_norm(&cuda, &dx, &norm, 1e-5, tokens, &mut normed).unwrap();
-                let y0 = random_f32(tokens * n, 44, 10.0);
-                for store in [ops::MatvecStore::Write, ops::MatvecStore::Add, ops::MatvecStore::Swiglu] {
-                    let outputs = if store == ops::MatvecStore::Swiglu { n / 2 } else { n };
-                    let start = if store == ops::MatvecStore::Add { y0.clone() } else { vec![f32::NAN; tokens * n] };
-                    let (mut want, mut got) = (
-                        cuda.upload(&start[..tokens * outputs]).unwrap(),
-                        cuda.upload(&start[..tokens * outputs]).unwrap(),
-                    );
-                    match store {
-                        ops::MatvecStore::Write => ops::matvec(&cuda, &dw, &normed, &mut want, tokens),
-                        ops::MatvecStore::Add => ops::matvec_add(&cuda, &dw, &normed, &mut want, tokens),
-                        ops::MatvecStore::Swiglu => ops::matvec_swiglu(&cuda, &dw, &normed, &mut want, tokens),
-                    }
-                    .unwrap();
-                    ops::matvec_normed(&cuda, &dw, &dx, &norm, 1e-5, &mut got, tokens, store).unwrap();
-                    let (want, got) = (cuda.download(&want).unwrap(), cuda.download(&got).unwrap());
-                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                        assert_eq!(g.to_bits(), w.to_bits(), "{what} {store:?}: y[{i}] = {g}, want {w}");
-                    }
-                }
+                assert_stores_match(&cuda, &dw, &normed, tokens, n, &what, |store, y| {
+                    ops::matvec_normed(&cuda, &dw, &dx, &norm, 1e-5, y, tokens, store)
+                });
             }
         }
     }

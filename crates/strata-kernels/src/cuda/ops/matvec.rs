@@ -466,13 +466,8 @@ where
     X: DevicePtr<f32>,
     Y: DevicePtrMut<f32>,
 {
-    const OP: &str = "matvec_experts";
-    let w = experts.first();
-    let slots = experts.slots(cuda, ids, shared_x);
-    // The kernel's own weight argument is not read in these launches; expert 0's is passed.
-    let (_, _, bytes) = device_matrix(OP, cuda, w)?;
-    let wp = ptr(cuda, bytes);
-    launch_all(cuda, OP, w, wp, Some(slots), None, Input::f32(cuda, x), y, 1, MatvecActs::default(), store)
+    let (slots, x) = (experts.slots(cuda, ids, shared_x), Input::f32(cuda, x));
+    launch_all(cuda, "matvec_experts", experts.first(), Some(slots), None, x, y, 1, MatvecActs::default(), store)
 }
 
 /// [`matvec_experts`] with the slots' one row of activations `x` normalised by the products
@@ -496,14 +491,9 @@ where
     N: DevicePtr<f32>,
     Y: DevicePtrMut<f32>,
 {
-    const OP: &str = "matvec_experts_normed";
+    let (slots, norm, x) = (experts.slots(cuda, ids, true), Norm::of(cuda, norm, eps), Input::f32(cuda, x));
     let w = experts.first();
-    let (_, k, bytes) = device_matrix(OP, cuda, w)?;
-    check_len(OP, "norm", norm.len(), k)?;
-    let slots = experts.slots(cuda, ids, true);
-    let norm = Norm { w: ptr(cuda, norm), eps };
-    let (wp, x) = (ptr(cuda, bytes), Input::f32(cuda, x));
-    launch_all(cuda, OP, w, wp, Some(slots), Some(norm), x, y, 1, MatvecActs::default(), store)
+    launch_all(cuda, "matvec_experts_normed", w, Some(slots), Some(norm), x, y, 1, MatvecActs::default(), store)
 }
 
 /// Whether a product of `tokens` tokens with weight `w` can normalise its activations itself
@@ -512,14 +502,13 @@ where
 /// not when the launcher quantizes them first; rows of at most 65536 columns.
 pub fn fuses_norm(w: &Tensor, tokens: usize) -> bool {
     let k = w.shape().dims().last().copied().unwrap_or(0);
-    let x = Input::F32 { ptr: 0, len: 0 };
-    takes_norm_on(w.dtype(), k, tokens, MatvecActs::default(), x)
+    takes_norm_on(w.dtype(), k, tokens, MatvecActs::default())
 }
 
-/// [`fuses_norm`] for a launch of `dtype` with `k` columns, `tokens` tokens, activations `acts`
-/// given as `x`.
-fn takes_norm_on(dtype: DType, k: usize, tokens: usize, acts: MatvecActs, x: Input) -> bool {
-    let within = k <= STRATA_NORM_MAX_COLS as usize && matches!(x, Input::F32 { .. });
+/// [`fuses_norm`] for a launch of `dtype` with `k` columns of f32 activations, `tokens` tokens,
+/// `acts` the path of a block-quantized weight.
+fn takes_norm_on(dtype: DType, k: usize, tokens: usize, acts: MatvecActs) -> bool {
+    let within = k <= STRATA_NORM_MAX_COLS as usize;
     if !dtype.is_quantized() {
         return within;
     }
@@ -552,12 +541,8 @@ where
     N: DevicePtr<f32>,
     Y: DevicePtrMut<f32>,
 {
-    const OP: &str = "matvec_normed";
-    let (_, k, bytes) = device_matrix(OP, cuda, w)?;
-    check_len(OP, "norm", norm.len(), k)?;
-    let norm = Norm { w: ptr(cuda, norm), eps };
-    let wp = ptr(cuda, bytes);
-    launch_all(cuda, OP, w, wp, None, Some(norm), Input::f32(cuda, x), y, tokens, MatvecActs::default(), store)
+    let (norm, x) = (Norm::of(cuda, norm, eps), Input::f32(cuda, x));
+    launch_all(cuda, "matvec_normed", w, None, Some(norm), x, y, tokens, MatvecActs::default(), store)
 }
 
 /// The activations a launch reads: f32 values, or two-digit records.
@@ -592,8 +577,7 @@ where
         (MatvecStore::Add, _) => "matvec_add",
         (MatvecStore::Swiglu, _) => "matvec_swiglu",
     };
-    let (_, _, bytes) = device_matrix(op, cuda, w)?;
-    launch_all(cuda, op, w, ptr(cuda, bytes), None, None, x, y, tokens, acts, store)
+    launch_all(cuda, op, w, None, None, x, y, tokens, acts, store)
 }
 
 /// The experts of a Mixture-of-Experts launch ([`matvec_experts`]): the device addresses of the
@@ -608,23 +592,29 @@ struct Slots {
     shared_x: bool,
 }
 
-/// The RMSNorm a launch applies to its activations ([`matvec_normed`]): the device address of
-/// its weight (a float per column, checked by the caller) and its epsilon.
+/// The RMSNorm a launch applies to its activations ([`matvec_normed`]): the device address and
+/// length of its weight (a float per column, checked by the launch) and its epsilon.
 #[derive(Clone, Copy)]
 struct Norm {
     w: u64,
+    len: usize,
     eps: f32,
 }
 
-/// The launches of [`run`] for weight `w` (its bytes at `wp`, checked by the caller), or, with
-/// `slots`, of [`matvec_experts`] (`w` one of the experts, for the shape and dtype they share, and
-/// `tokens` 1: a token per slot); with `norm`, of [`matvec_normed`].
+impl Norm {
+    fn of<N: DevicePtr<f32>>(cuda: &Cuda, w: &N, eps: f32) -> Norm {
+        Norm { w: ptr(cuda, w), len: w.len(), eps }
+    }
+}
+
+/// The launches of [`run`] for weight `w`, or, with `slots`, of [`matvec_experts`] (`w` expert
+/// 0, whose shape and dtype they share, its address passed as the kernel's unread weight
+/// argument; `tokens` 1: a token per slot); with `norm`, of [`matvec_normed`].
 #[allow(clippy::too_many_arguments)]
 fn launch_all<Y>(
     cuda: &Cuda,
     op: &'static str,
     w: &Tensor,
-    wp: u64,
     slots: Option<Slots>,
     norm: Option<Norm>,
     x: Input,
@@ -636,7 +626,8 @@ fn launch_all<Y>(
 where
     Y: DevicePtrMut<f32>,
 {
-    let (n, k) = (w.shape().dims()[0], w.shape().dims()[1]);
+    let (n, k, bytes) = device_matrix(op, cuda, w)?;
+    let wp = ptr(cuda, bytes);
     // Rows of x and y: a token's, or one per slot (x one for all slots when they share it).
     let (x_rows, y_rows) = match slots {
         None => (tokens, tokens),
@@ -694,18 +685,21 @@ where
         }
         Ok(4)
     };
+    if let Some(norm) = norm {
+        check_len(op, "norm", norm.len, k)?;
+        if !matches!(x, Input::F32 { .. }) || !takes_norm_on(dtype, k, tokens, acts) {
+            return Err(Error::invalid(
+                op,
+                format!(
+                    "a product of {tokens} tokens of {k} columns ({dtype}) cannot normalise its activations in its \
+                     blocks (check fuses_norm first)"
+                ),
+            ));
+        }
+    }
     // The integer path's activations, quantized once here when that saves the blocks more than
     // the launch costs; the scratch stays locked until the products that read it are queued.
     let mut scratch = None;
-    if norm.is_some() && !takes_norm_on(dtype, k, tokens, acts, x) {
-        return Err(Error::invalid(
-            op,
-            format!(
-                "a product of {tokens} tokens of {k} columns ({dtype}) cannot normalise its activations in its blocks \
-                 (check fuses_norm first)"
-            ),
-        ));
-    }
     let (xp, record, acts_code) = match x {
         Input::Actq { ptr, .. } => (ptr, actq_bytes(1, k), STRATA_MATVEC_ACTS_Q16),
         Input::F32 { ptr: xp, .. }
@@ -850,17 +844,16 @@ mod tests {
 
     #[test]
     fn products_normalise_their_activations_where_their_blocks_stage_them() {
-        let norm = |dtype, tokens, k, acts| takes_norm_on(dtype, k, tokens, acts, Input::F32 { ptr: 0, len: 0 });
+        let norm = |dtype, tokens, k, acts| takes_norm_on(dtype, k, tokens, acts);
         let two = MatvecActs::TwoDigits;
         // Decode products on rows within a tile: the blocks quantize, so they can normalise.
         assert!(norm(DType::Q4_0, 1, 2048, two) && norm(DType::Q4K, 2, 4096, two));
         // Quantized first (more tokens, longer rows): no.
         assert!(!norm(DType::Q4_0, 3, 2048, two) && !norm(DType::Q8_0, 1, 14336, two));
         // Float weights at any count and length up to the norm's limit; not the f32-activation
-        // kernels of block-quantized weights, nor records.
+        // kernels of block-quantized weights.
         assert!(norm(DType::BF16, 8, 14336, two) && !norm(DType::F16, 1, 70_000, two));
         assert!(!norm(DType::Q4_0, 1, 2048, MatvecActs::F32));
-        assert!(!takes_norm_on(DType::F32, 64, 1, two, Input::Actq { ptr: 0, len: 0 }));
     }
 
     #[test]
