@@ -19,11 +19,16 @@
 // cp.async, the next tile in flight while this one is used), the scores go through
 // an online softmax (running max and sum per head), and the values are accumulated in
 // registers. With one chunk it writes the normalised output; otherwise it leaves the
-// unnormalised accumulators and (max, sum) per head in `part`, and
-// attention_decode_combine_f32 (one block of STRATA_ATTN_COMBINE_THREADS per query head,
-// dynamic shared memory for the chunk weights and per-group sums) merges the chunks with the
-// log-sum-exp rule out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c, groups of threads
-// summing interleaved chunks.
+// unnormalised accumulators and (max, sum) per head in `part`, and the chunks are merged with
+// the log-sum-exp rule out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c in one of two ways:
+// - folded (`counters` not null, at most STRATA_ATTN_FOLD_MAX_CHUNKS chunks): each block, its
+//   partials written and fenced, takes a ticket from its group's counter (one per blockIdx.y,
+//   blockIdx.z; zero before the launch); the block that takes the last merges the group's
+//   chunks in chunk order and sets the counter back to zero. No second launch;
+// - attention_decode_combine_f32 (`counters` null; one block of STRATA_ATTN_COMBINE_THREADS
+//   per query head, dynamic shared memory for the chunk weights and per-group sums), groups of
+//   threads summing interleaved chunks: for long sequences, whose many chunks one block per
+//   group would merge too slowly.
 //
 // attention_prefill_f32_d{64,128,256}: `tokens` queries at positions q_pos0.. (the last
 // positions of the cache). Grid (ceil(tokens / 64), n_heads), STRATA_ATTN_PREFILL_THREADS
@@ -110,8 +115,44 @@ __device__ __forceinline__ void decode_stage(const AttnDecodeParams& p, const un
     }
 }
 
-extern "C" __global__ void __launch_bounds__(STRATA_ATTN_DECODE_THREADS)
-    attention_decode_f32(AttnDecodeParams p, const float* q, const unsigned long long* table, float* part, float* out) {
+// The folded combine (see the header): the last block of a (KV group, head block) merges the
+// n_chunks <= 32 partials of its nh heads h0.. into out. A warp per head weighs the chunks (a
+// lane per chunk: w_c = e^(m_c - M), den = sum_c w_c l_c), then each thread sums the weighted
+// accumulators of (head, float4) pairs over the chunks in order. The partials were written by
+// other blocks of this launch, so they are read through L2 (__ldcg), never the L1 or the
+// read-only cache. `wsm` holds 32 floats per head, `den` one.
+__device__ __forceinline__ void decode_combine_folded(const AttnDecodeParams& p, const float* part, float* out,
+                                                      unsigned int h0, unsigned int nh, float* wsm, float* den) {
+    const unsigned int C = p.n_chunks, H = p.n_heads, D4 = p.head_dim / 4;
+    const unsigned int warp = threadIdx.x / STRATA_WARP, lane = threadIdx.x % STRATA_WARP;
+    const unsigned int n_warps = blockDim.x / STRATA_WARP;
+    const float* stats = part + (size_t)C * H * p.head_dim;
+    for (unsigned int hh = warp; hh < nh; hh += n_warps) {
+        float2 st = make_float2(-INFINITY, 0.0f);
+        if (lane < C) st = __ldcg(reinterpret_cast<const float2*>(stats + ((size_t)lane * H + h0 + hh) * 2));
+        const float m = warp_max(st.x);  // every chunk holds a visible key: finite
+        const float w = lane < C ? expf(st.x - m) : 0.0f;
+        const float d = warp_sum(w * st.y);
+        wsm[hh * STRATA_WARP + lane] = w;
+        if (lane == 0) den[hh] = d;
+    }
+    __syncthreads();
+    const float4* acc = reinterpret_cast<const float4*>(part);
+    const size_t chunk_stride = (size_t)H * D4;
+    for (unsigned int pair = threadIdx.x; pair < nh * D4; pair += blockDim.x) {
+        const unsigned int hh = pair / D4, d4 = pair % D4;
+        const float4* a = acc + (size_t)(h0 + hh) * D4 + d4;
+        const float* w = wsm + hh * STRATA_WARP;
+        float4 num = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll 8
+        for (unsigned int c = 0; c < C; ++c) num = axpy4(w[c], __ldcg(a + c * chunk_stride), num);
+        reinterpret_cast<float4*>(out)[(size_t)(h0 + hh) * D4 + d4] = scale4(num, 1.0f / den[hh]);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(STRATA_ATTN_DECODE_THREADS, STRATA_ATTN_DECODE_MIN_BLOCKS)
+    attention_decode_f32(AttnDecodeParams p, const float* q, const unsigned long long* table, float* part, float* out,
+                         unsigned int* counters) {
     STRATA_DYNAMIC_SMEM(float4, decode_smem);
     float* smem = reinterpret_cast<float*>(decode_smem);
     const unsigned int D = p.head_dim, D4 = D / 4, TK = p.key_tile, NH = p.heads_per_block;
@@ -234,6 +275,21 @@ extern "C" __global__ void __launch_bounds__(STRATA_ATTN_DECODE_THREADS)
         stats[0] = m_run[tid];
         stats[1] = l_run[tid];
     }
+    if (counters == nullptr) return;  // attention_decode_combine_f32 merges the chunks
+
+    // Folded combine: the block that finishes last among its group's chunks merges them. Each
+    // thread's partials are made visible device-wide before the block takes its ticket, and the
+    // last block fences again before it reads the others' (the threadfence-reduction pattern).
+    STRATA_SHARED unsigned int ticket;
+    __threadfence();
+    __syncthreads();
+    unsigned int* counter = counters + (size_t)blockIdx.z * gridDim.y + blockIdx.y;
+    if (tid == 0) ticket = atomicAdd(counter, 1u);
+    __syncthreads();
+    if (ticket != p.n_chunks - 1) return;
+    __threadfence();
+    decode_combine_folded(p, part, out, h0, nh, tiles, alpha);
+    if (tid == 0) *counter = 0;  // ready for the next launch
 }
 
 extern "C" __global__ void __launch_bounds__(STRATA_ATTN_COMBINE_THREADS)

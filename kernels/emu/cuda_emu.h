@@ -111,6 +111,13 @@ template <class T>
 inline T __ldg(const T* p) { return *p; }
 template <class T>
 inline T __ldcs(const T* p) { return *p; }
+template <class T>
+inline T __ldcg(const T* p) { return *p; }
+
+// Atomics and fences: the host's, sequentially consistent (blocks run one after the other, so a
+// kernel's last-block-merges pattern sees every earlier block's writes).
+inline unsigned int atomicAdd(unsigned int* p, unsigned int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
@@ -119,6 +126,7 @@ inline int __float2int_rn(float v) { return (int)std::nearbyint(v); }
 inline float __uint2float_rn(unsigned int v) { return (float)v; }
 inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
 inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
 inline uint2 make_uint2(unsigned int x, unsigned int y) { return uint2{x, y}; }
 
 // Integer intrinsics, as PTX defines them.

@@ -6,10 +6,17 @@
 #define STRATA_ATTN_MAX_HEAD_DIM 256
 /// Threads per block of the decode kernel.
 #define STRATA_ATTN_DECODE_THREADS 128
+/// Decode blocks the compiler keeps resident per SM (__launch_bounds__'s minimum: at most 85
+/// registers a thread). Left to itself it aimed at 64 and spilled; the launcher aims at 4 blocks
+/// per SM and shared memory allows 5-6 at head_dim 128.
+#define STRATA_ATTN_DECODE_MIN_BLOCKS 6
 /// The most query heads one decode block serves (a larger group is split over blocks).
 #define STRATA_ATTN_DECODE_MAX_HEADS 8
 /// Threads per block of the decode combine kernel (at least 4 x head_dim / 4).
 #define STRATA_ATTN_COMBINE_THREADS 256
+/// The most chunks the decode kernel merges itself (the last block of each group, a lane per
+/// chunk); above it attention_decode_combine_f32 merges them.
+#define STRATA_ATTN_FOLD_MAX_CHUNKS 32
 /// Threads per block of the prefill kernels.
 #define STRATA_ATTN_PREFILL_THREADS 256
 /// Query tokens per block of the prefill kernels.
@@ -44,7 +51,8 @@ typedef struct {
     unsigned int seq_len;
     /// Keys per chunk (a multiple of key_tile).
     unsigned int chunk_len;
-    /// Chunks (blockIdx.x); 1 means the decode kernel writes the output itself.
+    /// Chunks (blockIdx.x); 1 means the decode kernel writes the output itself, and so does its
+    /// last block per group when it is given counters (at most STRATA_ATTN_FOLD_MAX_CHUNKS).
     unsigned int n_chunks;
     /// Query heads per block: min(group, STRATA_ATTN_DECODE_MAX_HEADS).
     unsigned int heads_per_block;

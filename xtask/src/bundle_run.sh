@@ -81,6 +81,12 @@ if [ "${1:-}" != quick ]; then
       --gen-tokens 64 --json >"$OUT/bench-$n-separate-norms.json" 2>"$OUT/bench-$n-separate-norms.log"
     say "bench $n (cuda, STRATA_CUDA_SEPARATE_NORMS=1): exit $? $(tr -d '\n' <"$OUT/bench-$n-separate-norms.json" 2>/dev/null | head -c 900)"
   done
+  # The same q4_0 decode with attention's key chunks merged by a launch of their own rather than
+  # inside the decode launch (the default): what the folded merge saves.
+  n=tinyllama-q4_0.gguf
+  STRATA_CUDA_SEPARATE_COMBINE=1 timeout 120 "$B/bin/strata" bench --model "$M/$n" --device cuda --prompt-tokens 128 \
+    --gen-tokens 64 --json >"$OUT/bench-$n-separate-combine.json" 2>"$OUT/bench-$n-separate-combine.log"
+  say "bench $n (cuda, STRATA_CUDA_SEPARATE_COMBINE=1): exit $? $(tr -d '\n' <"$OUT/bench-$n-separate-combine.json" 2>/dev/null | head -c 900)"
   # A Mixtral-8x7B-shaped MoE model cut to 4 layers (q4_0, about 3.4 GB): decode routed on the
   # device (the default), on the host (the router logits copied down per layer), and on the
   # device with each step one CUDA graph.

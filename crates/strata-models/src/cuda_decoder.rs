@@ -66,6 +66,14 @@ fn norms_fused_default() -> bool {
     *ON.get_or_init(|| fused() && std::env::var_os("STRATA_CUDA_SEPARATE_NORMS").is_none_or(|v| v != "1"))
 }
 
+/// Whether a new cache's one-token attention merges its key chunks inside the decode launch when
+/// they are few (`DeviceKvCache::set_folded_combine`): with the other fusions ([`fused`]), unless
+/// the environment sets `STRATA_CUDA_SEPARATE_COMBINE=1`, read once per process.
+fn folded_combine_default() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| fused() && std::env::var_os("STRATA_CUDA_SEPARATE_COMBINE").is_none_or(|v| v != "1"))
+}
+
 /// Whether a product of `tokens` rows by `w` normalises its activations itself rather than take
 /// the rows an RMSNorm launch wrote: when `on` ([`CudaDecoder::set_fused_norms`]), at most
 /// [`LINEAR_MATVEC_TOKENS`] tokens, where `ops::fuses_norm` allows it. Bit for bit the same
@@ -586,6 +594,7 @@ impl CudaDecoder {
     fn cache_with(&self, scheme: RopeScheme) -> Result<CudaKvCache> {
         let hp = &self.hp;
         let kv = DeviceKvCache::new(&self.cuda, hp.n_layers, hp.n_kv_heads, hp.head_dim, DEFAULT_BLOCK_LEN)?;
+        kv.set_folded_combine(folded_combine_default());
         Ok(CudaKvCache { kv, rope_scheme: Some(scheme), planned_length: 0, rotated_with: None, ids: Vec::new() })
     }
 

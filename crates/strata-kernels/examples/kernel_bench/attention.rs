@@ -1,5 +1,6 @@
-//! Benchmarks of the attention kernels: split-K decode over a long f32 context (bytes: the
-//! keys and values read, by a run of calls queued back to back), and tiled prefill (bytes: keys, values, queries and outputs; the
+//! Benchmarks of the attention kernels: split-K decode over a long f32 context and over a short
+//! one, its chunks merged both ways (bytes: the keys and values read, by a run of calls queued
+//! back to back), and tiled prefill (bytes: keys, values, queries and outputs; the
 //! shape also gives the achieved GFLOP/s of the causal products).
 
 use strata_kernels::Cuda;
@@ -44,6 +45,26 @@ pub fn run(b: &mut Bench) -> R<()> {
         let bytes = (DECODE_CALLS * 2 * tokens * n_kv * hd * 4) as f64;
         let shape = format!("{n_heads}q/{n_kv}kv x {hd}, {tokens} tok, x{DECODE_CALLS}");
         b.measure("attention decode f32", &shape, bytes, 20, || {
+            for _ in 0..DECODE_CALLS {
+                ops::attention(&cuda, &cache, 0, &q, 1, &p, &mut out)?;
+            }
+            Ok(())
+        })?;
+    }
+
+    // Decode over a short context, TinyLlama's heads (32 q / 4 kv x 64) at 384 tokens: 24 key
+    // chunks on a card of 132 SMs, merged by the decode launch's last blocks (the default) or by
+    // a combine launch after it. Launch-bound: what the folded merge saves per layer.
+    let (n_heads, n_kv, hd, tokens) = (32usize, 4usize, 64usize, 384usize);
+    let cache = filled_cache(&cuda, n_kv, hd, tokens)?;
+    let p = params(n_heads, n_kv, hd);
+    let q = cuda.upload(&random_f32(n_heads * hd, 3, 1.0))?;
+    let mut out = cuda.zeros::<f32>(n_heads * hd)?;
+    let bytes = (DECODE_CALLS * 2 * tokens * n_kv * hd * 4) as f64;
+    for (fold, name) in [(true, "attention decode folded"), (false, "attention decode + combine")] {
+        cache.set_folded_combine(fold);
+        let shape = format!("{n_heads}q/{n_kv}kv x {hd}, {tokens} tok, x{DECODE_CALLS}");
+        b.measure(name, &shape, bytes, 20, || {
             for _ in 0..DECODE_CALLS {
                 ops::attention(&cuda, &cache, 0, &q, 1, &p, &mut out)?;
             }

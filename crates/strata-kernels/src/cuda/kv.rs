@@ -12,6 +12,7 @@
 //! freed in stream order, after the kernels queued before it.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 use strata_tensor::paged::PagedKv;
@@ -31,9 +32,20 @@ pub struct DeviceKvCache {
     multiprocessors: usize,
     /// The block table of every layer.
     tables: Vec<BlockTable>,
-    /// Scratch of the split-K decode (partial accumulators and statistics), grown on demand
-    /// and reused by every layer: the launches that use it are ordered on the compute stream.
-    scratch: Mutex<Option<CudaSlice<f32>>>,
+    /// Scratch of the split-K decode, grown on demand and reused by every layer: the launches
+    /// that use it are ordered on the compute stream.
+    scratch: Mutex<DecodeScratch>,
+    /// Whether decode merges its key chunks inside its own launch when they are few
+    /// ([`DeviceKvCache::set_folded_combine`]).
+    folded_combine: AtomicBool,
+}
+
+/// The split-K decode's scratch: partial accumulators and statistics, and the folded combine's
+/// counters (zero between launches: the kernel sets each back once its group is merged).
+#[derive(Default)]
+struct DecodeScratch {
+    part: Option<CudaSlice<f32>>,
+    counters: Option<CudaSlice<u32>>,
 }
 
 /// One layer's table of its blocks' device addresses.
@@ -93,7 +105,8 @@ impl DeviceKvCache {
             blocks: PagedKv::new(n_layers, row, block_len),
             multiprocessors: cuda.multiprocessors()?.max(1),
             tables: (0..n_layers).map(|_| BlockTable::default()).collect(),
-            scratch: Mutex::new(None),
+            scratch: Mutex::new(DecodeScratch::default()),
+            folded_combine: AtomicBool::new(true),
         })
     }
 
@@ -299,14 +312,31 @@ impl DeviceKvCache {
         self.multiprocessors
     }
 
-    /// Runs `f` with a scratch buffer of at least `len` floats, reallocating it when too small.
+    /// Runs `f` with the decode scratch: a buffer of at least `len` floats and one of at least
+    /// `counters` zeros, each reallocated (zeroed) when too small.
     pub(crate) fn with_scratch<T>(
         &self,
         cuda: &Cuda,
         len: usize,
-        f: impl FnOnce(&mut CudaSlice<f32>) -> Result<T>,
+        counters: usize,
+        f: impl FnOnce(&mut CudaSlice<f32>, &mut CudaSlice<u32>) -> Result<T>,
     ) -> Result<T> {
         let mut guard = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
-        f(grown(cuda, &mut guard, len, len.next_power_of_two())?)
+        let DecodeScratch { part, counters: c } = &mut *guard;
+        let part = grown(cuda, part, len, len.next_power_of_two())?;
+        let c = grown(cuda, c, counters.max(1), counters.max(1).next_power_of_two())?;
+        f(part, c)
+    }
+
+    /// Whether one-token attention merges up to 32 key chunks in the decode launch itself (the
+    /// last block of each KV group merges them; one launch), rather than in a combine launch
+    /// after it. On by default; the results differ in the order of the merge's sums only.
+    pub fn set_folded_combine(&self, on: bool) {
+        self.folded_combine.store(on, Ordering::Relaxed);
+    }
+
+    /// See [`DeviceKvCache::set_folded_combine`].
+    pub(crate) fn folded_combine(&self) -> bool {
+        self.folded_combine.load(Ordering::Relaxed)
     }
 }

@@ -18,6 +18,7 @@ const COMBINE_THREADS: usize = 256;
 const PREFILL_THREADS: u32 = 256;
 const PREFILL_QUERIES: usize = 64;
 const DECODE_BLOCKS_PER_SM: usize = 4;
+const FOLD_MAX_CHUNKS: usize = 32;
 
 /// Little-endian bytes of u32 fields, then an f32.
 fn params(fields: &[u32], scale: f32) -> Vec<u8> {
@@ -36,6 +37,7 @@ fn blocks(x: &[f32], row: usize, block_len: usize) -> Vec<Vec<f32>> {
         .collect()
 }
 
+#[derive(Clone, Copy)]
 struct Case {
     n_kv: usize,
     group: usize,
@@ -46,6 +48,9 @@ struct Case {
     window: Option<usize>,
     /// The multiprocessors the decode split assumes (more: more chunks).
     sms: usize,
+    /// Decode: the last block of each group merges the chunks (counters), rather than the
+    /// combine kernel.
+    fold: bool,
 }
 
 /// Runs one case's attention (decode when `tokens` is 1, else prefill of the last `tokens`
@@ -62,8 +67,8 @@ fn check(c: &Case) {
     let scale = 1.0 / (hd as f32).sqrt();
     let p = AttentionParams { n_heads, n_kv_heads: n_kv, head_dim: hd, scale, sliding_window: c.window };
     let what = format!(
-        "{n_heads}/{n_kv} heads x {hd}, block {}, {} keys, {} queries, window {:?}",
-        c.block_len, c.seq, c.tokens, c.window
+        "{n_heads}/{n_kv} heads x {hd}, block {}, {} keys, {} queries, window {:?}, fold {}",
+        c.block_len, c.seq, c.tokens, c.window, c.fold
     );
 
     let (kb, vb) = (blocks(&k, row, c.block_len), blocks(&v, row, c.block_len));
@@ -103,12 +108,27 @@ fn check(c: &Case) {
         let pb = params(&fields.map(|f| f as u32), scale);
         let grid = [n_chunks as u32, n_kv as u32, sub_blocks as u32];
         if n_chunks == 1 {
-            let mut args = vec![Arg::Buf(&mut qb, 0), table(2), Arg::Null, Arg::Buf(&mut out, 0)];
+            let mut args = vec![Arg::Buf(&mut qb, 0), table(2), Arg::Null, Arg::Buf(&mut out, 0), Arg::Null];
             args.extend(block_bytes.iter_mut().map(Arg::Extra));
             launch(&emu, "attention_decode_f32", grid, DECODE_THREADS, smem, &pb, &mut args);
+        } else if c.fold {
+            assert!(n_chunks <= FOLD_MAX_CHUNKS, "{what}: {n_chunks} chunks are too many to fold");
+            let mut part = f32_bytes(&vec![f32::NAN; n_chunks * n_heads * (hd + 2)]);
+            let mut counters = vec![0u8; 4 * n_kv * sub_blocks];
+            let mut args = vec![
+                Arg::Buf(&mut qb, 0),
+                table(4),
+                Arg::Buf(&mut part, 0),
+                Arg::Buf(&mut out, 0),
+                Arg::Buf(&mut counters, 0),
+            ];
+            args.extend(block_bytes.iter_mut().map(Arg::Extra));
+            launch(&emu, "attention_decode_f32", grid, DECODE_THREADS, smem, &pb, &mut args);
+            assert!(counters.iter().all(|&b| b == 0), "{what}: the counters are not back at zero: {counters:?}");
         } else {
             let mut part = f32_bytes(&vec![f32::NAN; n_chunks * n_heads * (hd + 2)]);
-            let mut args = vec![Arg::Buf(&mut qb, 0), table(3), Arg::Buf(&mut part, 0), Arg::Buf(&mut out, 0)];
+            let mut args =
+                vec![Arg::Buf(&mut qb, 0), table(3), Arg::Buf(&mut part, 0), Arg::Buf(&mut out, 0), Arg::Null];
             args.extend(block_bytes.iter_mut().map(Arg::Extra));
             launch(&emu, "attention_decode_f32", grid, DECODE_THREADS, smem, &pb, &mut args);
             let combine_smem = COMBINE_THREADS / (hd / 4) * hd * 4 + n_chunks * 4;
@@ -156,16 +176,24 @@ fn emulated_attention_matches_the_reference() {
         tokens,
         window,
         sms,
+        fold: false,
     };
-    for c in [
-        // Decode: one chunk; split into chunks and combined (GQA 4, MHA, head_dim 80 and 256, a
-        // group wider than a block's heads); a sliding window.
+    let decode = [
+        // One chunk; split into chunks (GQA 4, MHA, head_dim 80 and 256, a group wider than a
+        // block's heads); a sliding window; 32 chunks, the most the fold takes.
         case(2, 4, 64, 16, 13, 1, None, 1),
         case(2, 4, 64, 16, 200, 1, None, 2),
         case(3, 1, 80, 8, 97, 1, None, 3),
         case(1, 10, 128, 16, 150, 1, None, 2),
         case(2, 2, 256, 16, 70, 1, None, 2),
         case(2, 4, 64, 16, 200, 1, Some(37), 2),
+        case(1, 1, 64, 16, 512, 1, None, 16),
+    ];
+    // Decode both ways: merged by the combine kernel, and by the last block of each group.
+    for c in decode.iter().flat_map(|c| [Case { fold: false, ..*c }, Case { fold: true, ..*c }]) {
+        check(&c);
+    }
+    for c in [
         // Prefill: from an empty cache, a chunk after cached tokens, head_dim 80 and 256, a window.
         case(2, 2, 64, 16, 70, 70, None, 1),
         case(2, 2, 80, 8, 90, 21, None, 1),

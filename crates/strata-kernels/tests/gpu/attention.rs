@@ -53,8 +53,14 @@ fn to_blocks(x: &[f32], row: usize, block_len: usize) -> Vec<Vec<f32>> {
 
 /// Fills layer 1 of a two-layer cache with `prior + tokens` tokens (layer 0 holds other data,
 /// so a kernel reading the wrong table shows), runs the kernel on the last `tokens`, and
-/// compares with the reference.
+/// compares with the reference. Decode runs three times (layer 1, layer 0, layer 1 again: the
+/// folded combine's counters must be back at zero after each launch) with the key chunks merged
+/// in the decode launch when `fold` and they are few, else by the combine launch.
 fn check(cuda: &Cuda, c: Case, seed: u64) {
+    check_with(cuda, c, seed, true);
+}
+
+fn check_with(cuda: &Cuda, c: Case, seed: u64, fold: bool) {
     let p = c.params();
     let (row, q_row) = (c.n_kv * c.head_dim, p.n_heads * c.head_dim);
     let seq = c.prior + c.tokens;
@@ -63,6 +69,7 @@ fn check(cuda: &Cuda, c: Case, seed: u64) {
     let q = random_f32(c.tokens * q_row, seed ^ 2, 2.0);
 
     let mut cache = DeviceKvCache::new(cuda, 2, c.n_kv, c.head_dim, c.block_len).unwrap();
+    cache.set_folded_combine(fold);
     let other = cuda.upload(&random_f32(seq * row, seed ^ 3, 5.0)).unwrap();
     cache.append(cuda, 0, &other, &other, seq).unwrap();
     // The prior tokens arrive in two appends, so some appends start inside a block.
@@ -86,7 +93,15 @@ fn check(cuda: &Cuda, c: Case, seed: u64) {
     let dq = cuda.upload(&q).unwrap();
     let mut dout = cuda.upload(&vec![f32::NAN; q.len()]).unwrap();
     ops::attention(cuda, &cache, 1, &dq, c.tokens, &p, &mut dout).unwrap();
-    assert_close(&format!("{c:?}"), &cuda.download(&dout).unwrap(), &want, ATOL, RTOL);
+    let got = cuda.download(&dout).unwrap();
+    assert_close(&format!("{c:?}, fold {fold}"), &got, &want, ATOL, RTOL);
+    if c.tokens == 1 {
+        ops::attention(cuda, &cache, 0, &dq, 1, &p, &mut dout).unwrap();
+        ops::attention(cuda, &cache, 1, &dq, 1, &p, &mut dout).unwrap();
+        let again = cuda.download(&dout).unwrap();
+        let same = got.iter().zip(&again).all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "{c:?}, fold {fold}: a second decode of the same layer differs");
+    }
 }
 
 fn case(n_kv: usize, group: usize, head_dim: usize, block_len: usize, prior: usize, tokens: usize) -> Case {
@@ -120,9 +135,14 @@ fn decode_matches_the_reference() {
         case(3, 3, 4, 16, 39, 1),
         // A long sequence with one KV head: many chunks to merge.
         case(1, 4, 128, 32, 16383, 1),
+        // TinyLlama's heads at 512 and 513 keys: on a card of 32 or more SMs, 32 chunks (the
+        // most the decode launch merges itself) and 33 (the combine launch's).
+        case(4, 8, 64, 16, 511, 1),
+        case(4, 8, 64, 16, 512, 1),
     ];
     for (i, c) in cases.into_iter().enumerate() {
-        check(&cuda, c, 100 + i as u64);
+        check_with(&cuda, c, 100 + i as u64, true);
+        check_with(&cuda, c, 100 + i as u64, false);
     }
 }
 

@@ -8,7 +8,8 @@ use strata_tensor::cpu::AttentionParams;
 use crate::cuda::kv::DeviceKvCache;
 use crate::cuda::params::{
     AttnDecodeParams, AttnPrefillParams, STRATA_ATTN_COMBINE_THREADS, STRATA_ATTN_DECODE_MAX_HEADS,
-    STRATA_ATTN_DECODE_THREADS, STRATA_ATTN_MAX_HEAD_DIM, STRATA_ATTN_PREFILL_QUERIES, STRATA_ATTN_PREFILL_THREADS,
+    STRATA_ATTN_DECODE_THREADS, STRATA_ATTN_FOLD_MAX_CHUNKS, STRATA_ATTN_MAX_HEAD_DIM, STRATA_ATTN_PREFILL_QUERIES,
+    STRATA_ATTN_PREFILL_THREADS,
 };
 use crate::cuda::{Cuda, check_len, driver, ptr, ptr_mut};
 use crate::{Error, Result};
@@ -25,7 +26,9 @@ const DECODE_BLOCKS_PER_SM: usize = 4;
 ///
 /// `q` and `out` are `[tokens, n_heads * head_dim]` (longer buffers are fine). The keys and
 /// values of the queries' own tokens must already be appended. `tokens == 1` runs the split-K
-/// decode kernel, more tokens the tiled prefill kernel. `head_dim` must be a multiple of 4 of at
+/// decode kernel (its key chunks merged inside the same launch when they are at most
+/// `STRATA_ATTN_FOLD_MAX_CHUNKS` and the cache's folded combine is on, else by a combine
+/// launch), more tokens the tiled prefill kernel. `head_dim` must be a multiple of 4 of at
 /// most 256; `p.n_kv_heads` and `p.head_dim` must match the cache.
 pub fn attention(
     cuda: &Cuda,
@@ -161,18 +164,28 @@ fn decode(
     };
     let (qp, op) = (ptr(cuda, q), ptr_mut(cuda, out));
     if n_chunks == 1 {
-        let ptrs = [qp, table, 0, op];
+        let ptrs = [qp, table, 0, op, 0];
         // SAFETY: q and out hold n_heads * head_dim floats (checked by the caller); the table
         // lists the blocks of seq_len tokens and the kernel reads only positions below seq_len;
-        // with one chunk the kernel writes out directly and never touches the partials pointer.
+        // with one chunk the kernel writes out directly and never touches the partials or the
+        // counters.
         return unsafe { cuda.launch("attention", "attention_decode_f32", cfg, &params, &ptrs) };
     }
     let part_len = n_chunks * n_heads * (hd + 2);
-    cache.with_scratch(cuda, part_len, |part| {
+    let groups = n_kv * sub_blocks;
+    let fold = cache.folded_combine() && n_chunks <= STRATA_ATTN_FOLD_MAX_CHUNKS as usize;
+    cache.with_scratch(cuda, part_len, groups, |part, counters| {
         let pp = ptr_mut(cuda, part);
-        let ptrs = [qp, table, pp, op];
-        // SAFETY: as above, and the partials buffer holds n_chunks * n_heads * (head_dim + 2)
-        // floats: the accumulators and the (max, sum) pairs of every chunk and head.
+        if fold {
+            let ptrs = [qp, table, pp, op, ptr_mut(cuda, counters)];
+            // SAFETY: as above; the partials buffer holds n_chunks * n_heads * (head_dim + 2)
+            // floats (the accumulators and (max, sum) pairs of every chunk and head), and the
+            // counters one u32 per (KV head, head block), zero: zeroed when allocated, and each
+            // launch's last block of a group sets its counter back to zero.
+            return unsafe { cuda.launch("attention", "attention_decode_f32", cfg, &params, &ptrs) };
+        }
+        let ptrs = [qp, table, pp, op, 0];
+        // SAFETY: as above; without counters the kernel only writes the partials.
         unsafe { cuda.launch("attention", "attention_decode_f32", cfg, &params, &ptrs) }?;
         // Dynamic shared memory: per chunk group a float4 per 4 elements of a head, then a weight
         // per chunk (at most DECODE_BLOCKS_PER_SM x multiprocessors chunks: a few KiB).
