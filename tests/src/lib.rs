@@ -207,6 +207,19 @@ impl GgufDtypes {
 /// Panics on a fixture the `llama` GGUF architecture cannot express (a sliding window or q/k
 /// norm).
 pub fn write_gguf(f: &Fixture, dtypes: GgufDtypes, edit: impl FnOnce(&mut GgufWriter), path: &Path) {
+    write_gguf_layers(f, dtypes, edit, None, path)
+}
+
+/// [`write_gguf`] with `layers` decoder layers (`None`: the fixture's), layer `i` a copy of the
+/// fixture's layer `i % n`: a deeper model of the same shapes, for tests that need more layers
+/// than the fixtures have (its logits are its own, not transformers').
+pub fn write_gguf_layers(
+    f: &Fixture,
+    dtypes: GgufDtypes,
+    edit: impl FnOnce(&mut GgufWriter),
+    layers: Option<usize>,
+    path: &Path,
+) {
     let name = &f.name;
     let cfg = ModelConfig::from_dir(&f.dir).unwrap_or_else(|e| panic!("{name}: {e}"));
     assert!(cfg.sliding_windows.iter().all(Option::is_none) && !cfg.qk_norm, "{name} cannot be a llama GGUF");
@@ -217,7 +230,9 @@ pub fn write_gguf(f: &Fixture, dtypes: GgufDtypes, edit: impl FnOnce(&mut GgufWr
     w.set_metadata("llama.vocab_size", u32_of(cfg.vocab_size));
     w.set_metadata("llama.context_length", u32_of(cfg.max_position_embeddings));
     w.set_metadata("llama.embedding_length", u32_of(cfg.hidden_size));
-    w.set_metadata("llama.block_count", u32_of(cfg.num_hidden_layers));
+    let n = cfg.num_hidden_layers;
+    let layers = layers.unwrap_or(n);
+    w.set_metadata("llama.block_count", u32_of(layers));
     w.set_metadata("llama.feed_forward_length", u32_of(cfg.intermediate_size));
     w.set_metadata("llama.attention.head_count", u32_of(cfg.num_attention_heads));
     w.set_metadata("llama.attention.head_count_kv", u32_of(cfg.num_key_value_heads));
@@ -232,15 +247,25 @@ pub fn write_gguf(f: &Fixture, dtypes: GgufDtypes, edit: impl FnOnce(&mut GgufWr
     let mut names: Vec<String> = ckpt.tensor_names().map(str::to_string).collect();
     names.sort();
     for hf in names {
-        let gguf = gguf_tensor_name(&hf).unwrap_or_else(|| panic!("{name}: no GGUF name for {hf}"));
         let t = ckpt.tensor(&hf).unwrap();
         let dims = t.shape().dims().to_vec();
         let mut data = t.to_f32_vec().unwrap();
         if hf.contains("self_attn.q_proj") || hf.contains("self_attn.k_proj") {
             data = permute_rows_for_interleaved_rope(&data, hd, dims.get(1).copied().unwrap_or(1));
         }
-        let dtype = dtypes.of(&gguf, &dims, t.dtype());
-        w.add_tensor(gguf, &Tensor::from_f32_as(&data, dims, dtype).unwrap()).unwrap();
+        // A layer's tensor goes to every layer that copies it.
+        let copies: Vec<String> = match hf.strip_prefix("model.layers.").and_then(|r| r.split_once('.')) {
+            Some((i, rest)) => {
+                let i: usize = i.parse().unwrap_or_else(|e| panic!("{name}: {hf}: {e}"));
+                (i..layers).step_by(n).map(|j| format!("model.layers.{j}.{rest}")).collect()
+            }
+            None => vec![hf.clone()],
+        };
+        for hf in copies {
+            let gguf = gguf_tensor_name(&hf).unwrap_or_else(|| panic!("{name}: no GGUF name for {hf}"));
+            let dtype = dtypes.of(&gguf, &dims, t.dtype());
+            w.add_tensor(gguf, &Tensor::from_f32_as(&data, dims.clone(), dtype).unwrap()).unwrap();
+        }
     }
     w.write_file(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
 }

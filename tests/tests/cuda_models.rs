@@ -564,3 +564,111 @@ fn decode_graphs_give_the_launches_logits_bit_for_bit() {
         assert!(launched.graph_stats().is_none(), "{name}: graphs off makes none");
     }
 }
+
+/// A model of `layers` copies of a fixture's layers as a GGUF file of `dtypes`, loaded.
+fn deep_decoder(f: &Fixture, dtypes: GgufDtypes, layers: usize, dir: &Path) -> (PathBuf, Decoder) {
+    let path = dir.join(format!("{}_{layers}_{dtypes:?}.gguf", f.name).replace([' ', '(', ')'], "_"));
+    strata_tests::write_gguf_layers(f, dtypes, |_| {}, Some(layers), &path);
+    let decoder = strata_models::load_gguf(&path).unwrap().decoder;
+    (path, decoder)
+}
+
+/// Layers whose weights stay in page-locked host memory and stream into two device buffers pass
+/// by pass (`CudaDecoder::new_streaming`, what `--max-vram` does under a tight ceiling) give the
+/// resident model's logits bit for bit: the same kernels read the same bytes, from the buffer the
+/// layer was copied into. Six copies of a fixture's layers in f32 and in the mixed block dtypes,
+/// the last 4 streamed (two layers per buffer) and all 6 (three per buffer); Mixtral's two layers
+/// (each buffer one layer, its experts' device tables pointing into it), routed on the device.
+/// Prompts of 2 and 5 tokens, then 24 decode steps, graphs asked for (streaming runs without).
+#[test]
+fn streamed_layers_give_the_resident_logits_bit_for_bit() {
+    let Some(cuda) = device_or_skip("streamed_layers_give_the_resident_logits_bit_for_bit") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (llama, mixtral) = (Fixture::load("llama_untied"), Fixture::load("mixtral_moe"));
+    let (_, f32_6) = deep_decoder(&llama, GgufDtypes::Uniform(DType::F32), 6, dir.path());
+    let (_, mixed_6) = deep_decoder(&llama, GgufDtypes::Mixed, 6, dir.path());
+    let moe = strata_models::load_dir(&mixtral.dir).unwrap().decoder;
+    let last4 = [false, false, true, true, true, true];
+    let cases: [(&str, &Fixture, &Decoder, &[bool]); 5] = [
+        ("f32 x6, last 4 streamed", &llama, &f32_6, &last4),
+        ("f32 x6, all streamed", &llama, &f32_6, &[true; 6]),
+        ("mixed x6, last 4 streamed", &llama, &mixed_6, &last4),
+        ("mixed x6, all streamed", &llama, &mixed_6, &[true; 6]),
+        ("mixtral_moe, both streamed", &mixtral, &moe, &[true, true]),
+    ];
+    for (name, f, decoder, streamed) in cases {
+        let resident = CudaDecoder::new(decoder, cuda.clone()).unwrap();
+        let streaming = CudaDecoder::new_streaming(decoder, cuda.clone(), streamed).unwrap();
+        let k = streamed.iter().filter(|&&s| s).count();
+        assert_eq!(streaming.streamed_layers(), k, "{name}");
+        assert!(streaming.streamed_bytes_per_pass() > 0, "{name}");
+        assert_eq!(resident.streamed_layers(), 0, "{name}");
+        streaming.set_graphs(true);
+        resident.set_graphs(false);
+        let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        for prompt in [&f.prompt_ids[..2], &f.prompt_ids[..5]] {
+            let (mut rc, mut sc) = (resident.new_cache().unwrap(), streaming.new_cache().unwrap());
+            let a = resident.forward(prompt, &mut rc, Logits::All).unwrap();
+            let b = streaming.forward(prompt, &mut sc, Logits::All).unwrap();
+            assert!(same(&a, &b), "{name}: a prompt of {}: logits differ by {}", prompt.len(), max_abs_diff(&a, &b));
+            for step in 0..24u32 {
+                let id = (step * 13 + 1) % f.vocab as u32;
+                let a = resident.forward(&[id], &mut rc, Logits::Last).unwrap();
+                let b = streaming.forward(&[id], &mut sc, Logits::Last).unwrap();
+                assert!(same(&a, &b), "{name} step {step}: logits differ by {}", max_abs_diff(&a, &b));
+            }
+        }
+        assert!(streaming.graph_stats().is_none(), "{name}: a streaming model runs without graphs");
+    }
+    // Counts the stream cannot take.
+    let err = CudaDecoder::new_streaming(&f32_6, cuda.clone(), &[false, false, false, true, true, true]).unwrap_err();
+    assert!(err.to_string().contains("multiple of 2"), "{err}");
+}
+
+/// `--max-vram` through the facade: a ceiling one byte under what the model needs resident
+/// streams its last 4 layers (`strata_models::plan_vram`'s choice) with the unbounded model's
+/// logits, bit for bit, one pass and token by token; a ceiling below any plan is an error that
+/// names it.
+#[test]
+fn a_gpu_ceiling_streams_the_last_layers_with_the_same_logits() {
+    let Some(_) = device_or_skip("a_gpu_ceiling_streams_the_last_layers_with_the_same_logits") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let llama = Fixture::load("llama_untied");
+    let (path, decoder) = deep_decoder(&llama, GgufDtypes::Uniform(DType::Q8_0), 8, dir.path());
+    let context = 256;
+    let budget = |max_bytes| strata_models::VramBudget {
+        max_bytes,
+        context_tokens: context,
+        pass_tokens: strata::VRAM_PASS_TOKENS,
+    };
+    let resident = |b| matches!(strata_models::plan_vram(&decoder, &budget(b)), Ok(p) if p.iter().all(|&s| !s));
+    let (mut lo, mut hi) = (0u64, 1u64 << 40);
+    while lo + 1 < hi {
+        let mid = lo + (hi - lo) / 2;
+        if resident(mid) { hi = mid } else { lo = mid }
+    }
+    let with_ceiling = |max_vram| LoadOptions {
+        max_context: Some(context),
+        offload: strata::OffloadConfig { max_vram: Some(max_vram), ..Default::default() },
+        ..options(Device::Cuda(0))
+    };
+    let unbounded = load(&path, Device::Cuda(0));
+    assert_eq!(unbounded.gpu_streamed(), None);
+    let bounded = Model::from_pretrained(&path, with_ceiling(hi - 1)).unwrap();
+    let (layers, bytes) = bounded.gpu_streamed().expect("one byte short of resident: layers stream");
+    assert_eq!(layers, 4);
+    assert!(bytes > 0);
+    let prompt = &llama.prompt_ids;
+    for mode in [LogitsMode::OnePass, LogitsMode::Decode] {
+        let (a, b) = (unbounded.logits(prompt, mode).unwrap(), bounded.logits(prompt, mode).unwrap());
+        assert!(
+            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{mode:?}: differ by {}",
+            max_abs_diff(&a, &b)
+        );
+    }
+    assert!(bounded.upload_bandwidth().unwrap().unwrap() > 1e8, "host-to-device copies run");
+    let Err(err) = Model::from_pretrained(&path, with_ceiling(1 << 20)) else { panic!("1 MiB holds no plan") };
+    let err = err.to_string();
+    assert!(err.contains("--max-vram"), "{err}");
+}

@@ -34,7 +34,8 @@ use strata_kernels::cuda::cudarc::driver::{DevicePtr, DevicePtrMut, DriverError}
 use strata_kernels::cuda::graph::{GraphRun, GraphStats, LaunchGraph, Recorder};
 use strata_kernels::cuda::kv::DeviceKvCache;
 use strata_kernels::cuda::ops::{self, LINEAR_MATVEC_TOKENS, LinearScratch, MatvecStore, RopeArgs};
-use strata_kernels::cuda::tensor::{upload_paired, upload_stacked, upload_tensor};
+use strata_kernels::cuda::pinned::Pinned;
+use strata_kernels::cuda::tensor::{pair_rows, stack_rows, upload_tensor};
 use strata_kernels::cuda::{CudaSlice, CudaView, CudaViewMut};
 use strata_kernels::{Cuda, Error as KernelError};
 use strata_tensor::Tensor;
@@ -42,11 +43,13 @@ use strata_tensor::cpu::AttentionParams;
 
 use crate::context::ContextScaling;
 use crate::cuda_moe::{CudaMoe, MoeInput, MoeScratch};
+use crate::cuda_stream::{Placer, WeightStream};
 use crate::decoder::{Decoder, Ffn, Linear, shares_bytes};
 use crate::hparams::Hparams;
 use crate::kv_cache::DEFAULT_BLOCK_LEN;
 use crate::moe::{Mlp, MoeOptions, RouterTrace};
 use crate::rope::{RopeScheme, RopeTable};
+use crate::vram::VramBudget;
 use crate::{Error, Logits, Result};
 
 /// Whether the decoder fuses launches (q/k/v stacked, gate/up paired with SwiGLU, the residual
@@ -105,8 +108,8 @@ pub(crate) struct CudaLinear {
 }
 
 impl CudaLinear {
-    pub(crate) fn upload(cuda: &Cuda, l: &Linear) -> Result<CudaLinear> {
-        let weight = upload_tensor(cuda, &l.weight)?;
+    pub(crate) fn upload(cuda: &Cuda, l: &Linear, place: &mut Placer<'_>) -> Result<CudaLinear> {
+        let weight = place.tensor(cuda, &l.weight)?;
         let bias = l.bias.as_deref().map(|b| cuda.upload(b)).transpose()?;
         Ok(CudaLinear { weight, bias })
     }
@@ -213,10 +216,10 @@ pub(crate) struct CudaMlp {
 }
 
 impl CudaMlp {
-    pub(crate) fn upload(cuda: &Cuda, mlp: &Mlp) -> Result<CudaMlp> {
+    pub(crate) fn upload(cuda: &Cuda, mlp: &Mlp, place: &mut Placer<'_>) -> Result<CudaMlp> {
         Ok(CudaMlp {
-            gate_up: GateUp::upload(cuda, &mlp.gate, &mlp.up)?,
-            down: CudaLinear::upload(cuda, &mlp.down)?,
+            gate_up: GateUp::upload(cuda, &mlp.gate, &mlp.up, place)?,
+            down: CudaLinear::upload(cuda, &mlp.down, place)?,
             inter: mlp.intermediate_size(),
         })
     }
@@ -367,7 +370,7 @@ struct CudaLayer {
 
 /// The query, key and value projections on the device.
 enum Qkv {
-    /// Their rows one after the other ([`upload_stacked`]), with their biases likewise: one
+    /// Their rows one after the other ([`stack_rows`]), with their biases likewise: one
     /// product per pass, whose outputs at one token are q, k and v one after the other.
     Stacked(CudaLinear),
     /// Apart (q, k, v), when their dtypes differ or only some have a bias (or fusions are off:
@@ -376,16 +379,17 @@ enum Qkv {
 }
 
 impl Qkv {
-    fn upload(cuda: &Cuda, q: &Linear, k: &Linear, v: &Linear) -> Result<Qkv> {
+    fn upload(cuda: &Cuda, q: &Linear, k: &Linear, v: &Linear, place: &mut Placer<'_>) -> Result<Qkv> {
         let all = [q, k, v];
         let same_dtype = all.iter().all(|l| l.weight.dtype() == q.weight.dtype());
         let biases: Option<Vec<&[f32]>> = all.iter().map(|l| l.bias.as_deref()).collect();
         let no_bias = all.iter().all(|l| l.bias.is_none());
         if !fused() || !same_dtype || (biases.is_none() && !no_bias) {
-            let up = |l: &Linear| CudaLinear::upload(cuda, l);
+            let mut up = |l: &Linear| CudaLinear::upload(cuda, l, place);
             return Ok(Qkv::Split(Box::new([up(q)?, up(k)?, up(v)?])));
         }
-        let weight = upload_stacked(cuda, &[&q.weight, &k.weight, &v.weight])?;
+        let (bytes, dtype, dims) = stack_rows(&[&q.weight, &k.weight, &v.weight])?;
+        let weight = place.put(cuda, &bytes, dtype, &dims)?;
         let bias = biases.map(|b| cuda.upload(&b.concat())).transpose()?;
         Ok(Qkv::Stacked(CudaLinear { weight, bias }))
     }
@@ -401,14 +405,14 @@ impl Qkv {
 
 /// The MLP's gate and up projections on the device.
 enum GateUp {
-    /// Their rows paired ([`upload_paired`]): SwiGLU of one product, in one launch when decoding.
+    /// Their rows paired ([`pair_rows`]): SwiGLU of one product, in one launch when decoding.
     Paired(Tensor),
     /// Apart, when either has a bias or their dtypes differ (or fusions are off: [`fused`]).
     Split { gate: CudaLinear, up: CudaLinear },
 }
 
 impl GateUp {
-    fn upload(cuda: &Cuda, gate: &Linear, up: &Linear) -> Result<GateUp> {
+    fn upload(cuda: &Cuda, gate: &Linear, up: &Linear, place: &mut Placer<'_>) -> Result<GateUp> {
         let (g, u) = (&gate.weight, &up.weight);
         let pairable = fused()
             && gate.bias.is_none()
@@ -417,9 +421,11 @@ impl GateUp {
             && g.shape() == u.shape()
             && g.shape().dims().first().is_some_and(|n| n % 2 == 0);
         if pairable {
-            return Ok(GateUp::Paired(upload_paired(cuda, g, u)?));
+            let dims = [2 * g.shape().dims()[0], g.shape().dims()[1]];
+            return Ok(GateUp::Paired(place.put(cuda, &pair_rows(g, u)?, g.dtype(), &dims)?));
         }
-        Ok(GateUp::Split { gate: CudaLinear::upload(cuda, gate)?, up: CudaLinear::upload(cuda, up)? })
+        let gate = CudaLinear::upload(cuda, gate, place)?;
+        Ok(GateUp::Split { gate, up: CudaLinear::upload(cuda, up, place)? })
     }
 
     /// Whether either product takes quantized activations ([`CudaLinear::forward_q`]).
@@ -455,6 +461,20 @@ pub struct CudaDecoder {
     /// Whether products after an RMSNorm normalise their activations themselves
     /// ([`CudaDecoder::set_fused_norms`]).
     fused_norms: std::sync::atomic::AtomicBool,
+    /// The layers streamed from host memory, if any ([`CudaDecoder::new_within`]).
+    stream: Option<WeightStream>,
+    /// The ceiling the weights were placed under.
+    budget: Option<VramBudget>,
+}
+
+impl Drop for CudaDecoder {
+    fn drop(&mut self) {
+        // Uploads into the streamed layers' buffers may still run on the copy stream: they must
+        // finish before the buffers and their host copies go.
+        if self.stream.is_some() {
+            let _ = self.cuda.copy_stream().synchronize();
+        }
+    }
 }
 
 impl std::fmt::Debug for CudaDecoder {
@@ -469,42 +489,116 @@ impl CudaDecoder {
         CudaDecoder::new(decoder, Cuda::new(ordinal)?)
     }
 
+    /// Opens CUDA device `ordinal` and places `decoder`'s weights under `budget`
+    /// ([`CudaDecoder::new_within`]).
+    pub fn open_within(decoder: &Decoder, ordinal: usize, budget: Option<VramBudget>) -> Result<CudaDecoder> {
+        CudaDecoder::new_within(decoder, Cuda::new(ordinal)?, budget)
+    }
+
     /// Uploads every weight of `decoder` to `cuda`, once, and takes its RoPE scheme (with the
     /// context scaling it was given, if any). The CPU decoder is left as it was.
     pub fn new(decoder: &Decoder, cuda: Arc<Cuda>) -> Result<CudaDecoder> {
+        CudaDecoder::build(decoder, cuda, &vec![false; decoder.layers.len()])
+    }
+
+    /// [`CudaDecoder::new`] under a ceiling on the GPU memory it takes (`None`: none): when the
+    /// weights, the KV cache of `budget.context_tokens` tokens and the scratch of a pass of
+    /// `budget.pass_tokens` tokens do not fit in `budget.max_bytes`, the last layers' weights
+    /// stay in page-locked host memory and stream into two device buffers pass by pass
+    /// (`cuda_stream`), as few layers as make it fit (an even number, at least 4). An error
+    /// says what would fit when even that does not. The ceiling covers what strata allocates,
+    /// not the driver's own context.
+    pub fn new_within(decoder: &Decoder, cuda: Arc<Cuda>, budget: Option<VramBudget>) -> Result<CudaDecoder> {
+        let streamed = match budget {
+            None => vec![false; decoder.layers.len()],
+            Some(b) => crate::vram::plan_vram(decoder, &b)?,
+        };
+        let mut d = CudaDecoder::build(decoder, cuda, &streamed)?;
+        d.budget = budget;
+        Ok(d)
+    }
+
+    /// [`CudaDecoder::new`] with the layers `streamed` marks kept in page-locked host memory and
+    /// streamed into the device pass by pass, whatever the memory: what
+    /// [`CudaDecoder::new_within`] does under a tight ceiling, chosen directly (tests, benches).
+    /// The marked count must be a positive multiple of 2.
+    pub fn new_streaming(decoder: &Decoder, cuda: Arc<Cuda>, streamed: &[bool]) -> Result<CudaDecoder> {
+        let k = streamed.iter().filter(|&&s| s).count();
+        if streamed.len() != decoder.layers.len() || k == 0 || !k.is_multiple_of(crate::vram::SLOTS) {
+            return Err(Error::InvalidInput(format!(
+                "stream a positive multiple of {} of the model's {} layers (asked: {k} of {})",
+                crate::vram::SLOTS,
+                decoder.layers.len(),
+                streamed.len()
+            )));
+        }
+        CudaDecoder::build(decoder, cuda, streamed)
+    }
+
+    fn build(decoder: &Decoder, cuda: Arc<Cuda>, streamed: &[bool]) -> Result<CudaDecoder> {
         let c = &*cuda;
-        let streamed = || {
+        let from_pack = || {
             Error::Unsupported(
                 "this model has weights streamed from the offload pack, which runs on the CPU only for now".into(),
             )
         };
         let embed = upload_tensor(c, &decoder.embed)?;
-        let head = decoder.lm_head.resident().ok_or_else(streamed)?;
+        let head = decoder.lm_head.resident().ok_or_else(from_pack)?;
         let lm_head = if shares_bytes(&decoder.embed, head) { embed.clone() } else { upload_tensor(c, head)? };
-        let layers = decoder
+        // The streamed layers' device buffers: sized for the largest of them.
+        let bounds: Vec<usize> = decoder
             .layers
             .iter()
-            .map(|l| {
-                let (a, f) = (l.attn.resident().ok_or_else(streamed)?, l.ffn.resident().ok_or_else(streamed)?);
-                let ffn = match &f.ffn {
-                    Ffn::Dense(mlp) => CudaFfn::Dense(Box::new(CudaMlp::upload(c, mlp)?)),
-                    Ffn::Moe(moe) => CudaFfn::Moe(Box::new(CudaMoe::upload(c, moe)?)),
-                };
-                let qk_norm = match (&a.q_norm, &a.k_norm) {
-                    (Some(qn), Some(kn)) => Some((c.upload(qn)?, c.upload(kn)?)),
-                    _ => None,
-                };
-                Ok(CudaLayer {
-                    attn_norm: c.upload(&a.norm)?,
-                    qkv: Qkv::upload(c, &a.q, &a.k, &a.v)?,
-                    o: CudaLinear::upload(c, &a.o)?,
-                    qk_norm,
-                    ffn_norm: c.upload(&f.norm)?,
-                    ffn,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+            .map(|l| Ok(crate::vram::layer_matrices(l).ok_or_else(from_pack)?.streamed))
+            .collect::<Result<_>>()?;
+        let slot_bytes = bounds.iter().zip(streamed).filter(|(_, s)| **s).map(|(b, _)| *b).max();
+        let slots = match slot_bytes {
+            Some(bytes) => WeightStream::slots(c, bytes)?,
+            None => Vec::new(),
+        };
+        let mut hosts: Vec<Option<(Pinned, usize)>> = Vec::with_capacity(decoder.layers.len());
+        let mut layers = Vec::with_capacity(decoder.layers.len());
+        for (li, l) in decoder.layers.iter().enumerate() {
+            let (a, f) = (l.attn.resident().ok_or_else(from_pack)?, l.ffn.resident().ok_or_else(from_pack)?);
+            let mut host = if streamed[li] { Some(WeightStream::host_buffer(c, bounds[li])?) } else { None };
+            let pos = hosts.iter().filter(|h| h.is_some()).count();
+            let mut place = match host.as_mut() {
+                Some(host) => {
+                    Placer::Staged { host: host.as_mut_slice()?, slot: &slots[WeightStream::slot_of(pos)], used: 0 }
+                }
+                None => Placer::Resident,
+            };
+            let ffn = match &f.ffn {
+                Ffn::Dense(mlp) => CudaFfn::Dense(Box::new(CudaMlp::upload(c, mlp, &mut place)?)),
+                Ffn::Moe(moe) => CudaFfn::Moe(Box::new(CudaMoe::upload(c, moe, &mut place)?)),
+            };
+            let qk_norm = match (&a.q_norm, &a.k_norm) {
+                (Some(qn), Some(kn)) => Some((c.upload(qn)?, c.upload(kn)?)),
+                _ => None,
+            };
+            let layer = CudaLayer {
+                attn_norm: c.upload(&a.norm)?,
+                qkv: Qkv::upload(c, &a.q, &a.k, &a.v, &mut place)?,
+                o: CudaLinear::upload(c, &a.o, &mut place)?,
+                qk_norm,
+                ffn_norm: c.upload(&f.norm)?,
+                ffn,
+            };
+            let used = match place {
+                Placer::Staged { used, .. } => used,
+                Placer::Resident => 0,
+            };
+            hosts.push(host.map(|h| (h, used)));
+            layers.push(layer);
+        }
         let norm = c.upload(&decoder.norm)?;
+        let stream = if slots.is_empty() {
+            None
+        } else {
+            let stream = WeightStream::new(hosts, slots);
+            stream.prime(c)?;
+            Some(stream)
+        };
         c.synchronize()?;
         Ok(CudaDecoder {
             hp: decoder.hp.clone(),
@@ -520,8 +614,26 @@ impl CudaDecoder {
             graphs: graphs_default().into(),
             device_routing: device_routing_default().into(),
             fused_norms: norms_fused_default().into(),
+            stream,
+            budget: None,
             cuda,
         })
+    }
+
+    /// Layers whose weights stream from host memory pass by pass ([`CudaDecoder::new_within`]).
+    pub fn streamed_layers(&self) -> usize {
+        self.stream.as_ref().map_or(0, WeightStream::streamed_layers)
+    }
+
+    /// Bytes copied from host memory to the device per forward pass (the streamed layers'
+    /// weights; 0 when every weight is resident).
+    pub fn streamed_bytes_per_pass(&self) -> usize {
+        self.stream.as_ref().map_or(0, WeightStream::bytes_per_pass)
+    }
+
+    /// The ceiling the decoder was placed under ([`CudaDecoder::new_within`]).
+    pub fn vram_budget(&self) -> Option<VramBudget> {
+        self.budget
     }
 
     /// Runs each one-token pass (a decode step) as one CUDA graph launch rather than 6-7 kernel
@@ -622,6 +734,15 @@ impl CudaDecoder {
     /// [`Decoder::plan`].
     pub fn plan(&self, cache: &mut CudaKvCache, total_len: usize) -> Result<()> {
         cache.rope_scheme().unwrap_or(&self.rope).check_fits(total_len)?;
+        if let Some(b) = self.budget
+            && total_len > b.context_tokens
+        {
+            return Err(Error::InvalidInput(format!(
+                "a request of {total_len} tokens: --max-vram placed the weights for a KV cache of {} tokens \
+                 (raise --max-context, within the ceiling)",
+                b.context_tokens
+            )));
+        }
         cache.planned_length = total_len;
         Ok(())
     }
@@ -717,6 +838,7 @@ impl CudaDecoder {
         let on_device = self.device_routing.load(std::sync::atomic::Ordering::Relaxed);
         let graphed = t == 1
             && trace.is_none()
+            && self.stream.is_none()
             && self.graphs.load(std::sync::atomic::Ordering::Relaxed)
             && self.layers.iter().all(|l| match &l.ffn {
                 CudaFfn::Dense(_) => true,
@@ -735,6 +857,14 @@ impl CudaDecoder {
         let norms = self.fused_norms.load(std::sync::atomic::Ordering::Relaxed);
         let actq_len = if actq_ok { ops::actq_bytes(t, h) } else { 0 };
         for (li, layer) in self.layers.iter().enumerate() {
+            // A streamed layer's weights: the next upload into the slot the layer before used
+            // (its kernels are queued), then the wait for this layer's own.
+            if let Some(stream) = &self.stream {
+                if li > 0 {
+                    stream.after(cuda, li - 1)?;
+                }
+                stream.before(cuda, li)?;
+            }
             let mut normed = s.normed.slice_mut(..t * h);
             let x = s.x.slice(..t * h);
             let width = qd + 2 * kvd;
@@ -868,6 +998,9 @@ impl CudaDecoder {
             }
         }
 
+        if let Some(stream) = &self.stream {
+            stream.after(cuda, self.layers.len() - 1)?;
+        }
         cache.ids.extend_from_slice(ids);
         let rows = s.x.slice((t - out_rows) * h..t * h);
         let mut final_normed = s.normed.slice_mut(..out_rows * h);
@@ -1092,6 +1225,33 @@ impl Scratch {
         }
         Ok(())
     }
+}
+
+// The pass size above which prefill decodes weights to f32 for cuBLAS, as `vram` counts it.
+const _: () = assert!(LINEAR_MATVEC_TOKENS == crate::vram::LINEAR_MATVEC_TOKENS);
+
+/// The host-to-device copy rate from page-locked memory, in bytes per second: `bytes` copied
+/// from a pinned buffer to a device buffer on the copy stream, `reps` times after one warm-up
+/// copy, timed on the host around each copy and its completion, the median taken. What the
+/// streamed layers of a model placed under `--max-vram` come through (PCIe or NVLink-C2C).
+pub fn upload_bandwidth(cuda: &Cuda, bytes: usize, reps: usize) -> Result<f64> {
+    let n = bytes.max(1);
+    let src = Pinned::new(cuda, n)?;
+    let dst = cuda.zeros::<u8>(n)?;
+    let copy = || -> Result<f64> {
+        let start = std::time::Instant::now();
+        let upload = cuda.upload_async_shared(&src, n, &dst)?;
+        cuda.copy_stream().synchronize().map_err(|e| KernelError::Driver {
+            op: "upload_bandwidth: synchronize".into(),
+            message: format!("{e:?}"),
+        })?;
+        drop(upload);
+        Ok(start.elapsed().as_secs_f64())
+    };
+    copy()?;
+    let mut secs = (0..reps.max(1)).map(|_| copy()).collect::<Result<Vec<f64>>>()?;
+    secs.sort_by(f64::total_cmp);
+    Ok(n as f64 / secs[secs.len() / 2].max(1e-9))
 }
 
 /// Bytes of each buffer of the bandwidth measurement (two are allocated).

@@ -40,6 +40,7 @@ use strata_kernels::cuda::params::{STRATA_GATING_MAX_EXPERTS, STRATA_GATING_MAX_
 
 use crate::Result;
 use crate::cuda_decoder::{CudaLinear, CudaMlp};
+use crate::cuda_stream::Placer;
 use crate::moe::{self, LayerRecord, MoeLayer, MoeOptions, Routing};
 
 /// The activations of a MoE block routed on the device: the rows the RMSNorm before it wrote, or
@@ -132,15 +133,16 @@ fn grown<'a, T: DeviceRepr + ValidAsZeroBits + 'static>(
 
 impl CudaMoe {
     /// Uploads `moe`'s router, experts and shared expert.
-    pub(crate) fn upload(cuda: &Cuda, moe: &MoeLayer) -> Result<CudaMoe> {
+    pub(crate) fn upload(cuda: &Cuda, moe: &MoeLayer, place: &mut Placer<'_>) -> Result<CudaMoe> {
         let router = moe.router();
         let shared = match moe.shared_expert() {
-            Some(s) => Some((CudaMlp::upload(cuda, &s.mlp)?, CudaLinear::upload(cuda, &s.gate)?)),
+            Some(s) => Some((CudaMlp::upload(cuda, &s.mlp, place)?, CudaLinear::upload(cuda, &s.gate, place)?)),
             None => None,
         };
-        let experts: Vec<CudaMlp> = moe.experts().iter().map(|e| CudaMlp::upload(cuda, e)).collect::<Result<_>>()?;
+        let experts: Vec<CudaMlp> =
+            moe.experts().iter().map(|e| CudaMlp::upload(cuda, e, place)).collect::<Result<_>>()?;
         Ok(CudaMoe {
-            router: CudaLinear::upload(cuda, &router.weight)?,
+            router: CudaLinear::upload(cuda, &router.weight, place)?,
             n_experts: router.num_experts(),
             top_k: router.top_k(),
             renormalize: router.renormalize(),

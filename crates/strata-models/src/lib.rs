@@ -17,6 +17,8 @@ pub mod context;
 pub mod cuda_decoder;
 #[cfg(feature = "cuda")]
 mod cuda_moe;
+#[cfg(feature = "cuda")]
+mod cuda_stream;
 mod decoder;
 mod error;
 pub mod gguf;
@@ -31,6 +33,7 @@ pub mod output;
 pub mod resolve;
 pub mod rope;
 pub mod safetensors;
+mod vram;
 
 pub use config::ModelConfig;
 pub use context::{ContextScaling, ScalingAlgorithm};
@@ -54,3 +57,4 @@ pub use strata_kernels::cuda::kv::DeviceKvCache;
 pub use strata_store as store;
 /// The tensor core, re-exported for the facade.
 pub use strata_tensor as tensor;
+pub use vram::{VramBudget, plan_vram};

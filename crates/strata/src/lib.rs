@@ -26,7 +26,9 @@ mod tokenizer;
 pub use chat::{ChatMessage, ChatTemplate};
 pub use default_model::{DEFAULT_MODEL_FILE, DEFAULT_MODEL_PACKAGE, cache_dir, default_model};
 pub use error::{Error, Result};
-pub use model::{Cache, GenerateOptions, Generation, LoadOptions, LogitsMode, Model, StopReason, check_device};
+pub use model::{
+    Cache, GenerateOptions, Generation, LoadOptions, LogitsMode, Model, StopReason, VRAM_PASS_TOKENS, check_device,
+};
 pub use moe::{LayerStats, MoeConfig, RouterStats};
 pub use offload::{
     DEFAULT_PREFILL_CHUNK, OffloadConfig, PackReport, PlacementReport, cached_hardware_profile, hardware_profile,

@@ -19,6 +19,19 @@ use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::{TextStream, Tokenizer};
 use crate::{Error, Result};
 
+/// The KV cache length a `--max-vram` placement plans for when no `max_context` is given (at
+/// most the model's trained context).
+#[cfg(feature = "cuda")]
+const VRAM_CONTEXT: usize = 4096;
+
+/// Tokens per forward pass under `--max-vram`: prompts run in chunks of it, so the pass's
+/// scratch is bounded (`strata_models::VramBudget::pass_tokens`).
+pub const VRAM_PASS_TOKENS: usize = 512;
+
+/// Bytes of each copy of [`Model::upload_bandwidth`].
+#[cfg(feature = "cuda")]
+const UPLOAD_PROBE_BYTES: usize = 256 << 20;
+
 /// How to load a model.
 #[derive(Clone, Debug, Default)]
 pub struct LoadOptions {
@@ -216,7 +229,16 @@ impl Model {
         if options.max_context == Some(0) {
             return Err(Error::InvalidInput("max_context must be at least 1 token".into()));
         }
-        let (loaded, plan) = if options.offload.is_active() {
+        // A GPU ceiling alone is the CUDA decoder's to place under (layers streamed from host
+        // memory); the CPU's placement flags plan the CPU's tiers.
+        let vram_only =
+            options.offload == crate::OffloadConfig { max_vram: options.offload.max_vram, ..Default::default() };
+        if options.offload.max_vram.is_some() && options.device == Device::Cpu {
+            return Err(Error::InvalidInput(
+                "--max-vram is a ceiling on GPU memory: it needs --device cuda (--max-ram bounds host memory)".into(),
+            ));
+        }
+        let (loaded, plan) = if options.offload.is_active() && !vram_only {
             if options.device != Device::Cpu {
                 return Err(Error::Unsupported(format!(
                     "placement flags with {}: tiered weights run on the CPU for now",
@@ -248,7 +270,8 @@ impl Model {
             (opened.load()?, None)
         };
         // Forward passes of a planned model stay within the activations the plan counted.
-        let chunk = plan.as_ref().map(|&(_, context)| crate::offload::batch_tokens(context));
+        #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
+        let mut chunk = plan.as_ref().map(|&(_, context)| crate::offload::batch_tokens(context));
         let plan = plan.map(|(plan, _)| plan);
         let tokenizer = match loaded.tokenizer {
             Some(TokenizerSource::Json(p)) => Some(Tokenizer::from_file(&p)?),
@@ -271,7 +294,17 @@ impl Model {
         let backend = match options.device {
             Device::Cpu => Backend::Cpu,
             #[cfg(feature = "cuda")]
-            Device::Cuda(ordinal) => Backend::Cuda(Box::new(strata_models::CudaDecoder::open(&decoder, ordinal)?)),
+            Device::Cuda(ordinal) => {
+                let budget = options.offload.max_vram.map(|max_bytes| {
+                    let trained = decoder.rope_scheme().trained_context();
+                    let context_tokens = decoder.max_context().unwrap_or(VRAM_CONTEXT.min(trained));
+                    strata_models::VramBudget { max_bytes, context_tokens, pass_tokens: VRAM_PASS_TOKENS }
+                });
+                if let Some(b) = &budget {
+                    chunk = Some(b.pass_tokens);
+                }
+                Backend::Cuda(Box::new(strata_models::CudaDecoder::open_within(&decoder, ordinal, budget)?))
+            }
             #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => return Err(Error::CudaNotCompiled { device: options.device }),
         };
@@ -448,6 +481,29 @@ impl Model {
         }
     }
 
+    /// On CUDA under `--max-vram`: the layers whose weights stream from host memory pass by pass,
+    /// and the bytes they copy per pass. `None` when none stream (and on the CPU).
+    pub fn gpu_streamed(&self) -> Option<(usize, usize)> {
+        match &self.backend {
+            Backend::Cpu => None,
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(d) => (d.streamed_layers() > 0).then(|| (d.streamed_layers(), d.streamed_bytes_per_pass())),
+        }
+    }
+
+    /// The host-to-device copy rate from page-locked memory in bytes per second, measured now
+    /// (256 MiB copies, the median of 5): what layers streamed into GPU memory are bounded by.
+    /// `None` on the CPU.
+    pub fn upload_bandwidth(&self) -> Result<Option<f64>> {
+        match &self.backend {
+            Backend::Cpu => Ok(None),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(d) => {
+                Ok(Some(strata_models::cuda_decoder::upload_bandwidth(d.cuda(), UPLOAD_PROBE_BYTES, 5)?))
+            }
+        }
+    }
+
     /// The memory bandwidth a decode on this model's device is bounded by, in bytes per second,
     /// measured now. CPU: reading a large buffer with every thread of the model's pool
     /// ([`crate::memory_read_bandwidth`]). CUDA: device-to-device copies, counting bytes read
@@ -510,7 +566,21 @@ impl Model {
                 _ => self.install(|| Ok(cpu_forward(ids, c, trace)?)),
             },
             #[cfg(feature = "cuda")]
-            (Backend::Cuda(d), CacheInner::Cuda(c)) => Ok(d.forward_traced(ids, c, which, trace)?),
+            (Backend::Cuda(d), CacheInner::Cuda(c)) => match self.chunk {
+                // Under a GPU ceiling: chunk by chunk, within the scratch it placed for.
+                Some(chunk) if ids.len() > chunk => {
+                    let mut out = Vec::new();
+                    let pieces = ids.len().div_ceil(chunk);
+                    for (i, piece) in ids.chunks(chunk).enumerate() {
+                        let logits = d.forward_traced(piece, c, which, trace.as_deref_mut())?;
+                        if which == Logits::All || i + 1 == pieces {
+                            out.extend(logits);
+                        }
+                    }
+                    Ok(out)
+                }
+                _ => Ok(d.forward_traced(ids, c, which, trace)?),
+            },
             #[cfg(feature = "cuda")]
             (_, _) => Err(mismatch(cache.device)),
         }

@@ -35,7 +35,9 @@ pub struct OffloadConfig {
     /// A planner strategy: `all-resident`, `stream-all`, `pin-attention` or `cost-model` (the
     /// default).
     pub strategy: Option<String>,
-    /// GPU memory ceiling in bytes (GPU placement is not planned yet: refused when set).
+    /// GPU memory ceiling in bytes, with `--device cuda` alone: the CUDA decoder keeps weights,
+    /// KV cache and scratch under it, streaming its last layers from host memory when the
+    /// weights do not fit (`strata_models::CudaDecoder::new_within`). Refused on the CPU.
     pub max_vram: Option<u64>,
     /// Host memory ceiling in bytes: weights, KV cache, activations and staging buffers stay
     /// under it, or loading fails saying what would fit.
@@ -73,7 +75,8 @@ impl OffloadConfig {
     pub fn plan(&self, manifest: &WeightManifest, hardware: &HardwareProfile, context_tokens: usize) -> Result<Plan> {
         if self.max_vram.is_some() {
             return Err(Error::InvalidInput(
-                "--max-vram: placing weights in GPU memory under a ceiling is not supported yet (CPU plans only)"
+                "--max-vram: plans here place the CPU's tiers (RAM and disk); under a GPU ceiling, `--device cuda \
+                 --max-vram SIZE` places the weights when it loads the model"
                     .into(),
             ));
         }

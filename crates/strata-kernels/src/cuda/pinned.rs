@@ -8,7 +8,7 @@
 //! A pinned buffer stays owned by its in-flight copy: [`Pinned::as_mut_slice`] waits for the last
 //! copy out of it to finish before handing the bytes back to the host.
 
-use cudarc::driver::{CudaEvent, CudaSlice, PinnedHostSlice};
+use cudarc::driver::{CudaEvent, CudaSlice, DevicePtr, PinnedHostSlice};
 
 use crate::{Error, Result};
 
@@ -78,6 +78,38 @@ impl Cuda {
         self.copy_stream().memcpy_htod(&host_bytes[..len], &mut view).map_err(driver("upload_async"))?;
         drop(_record);
         let done = self.copy_stream().record_event(None).map_err(driver("upload_async"))?;
+        Ok(Upload { done })
+    }
+
+    /// [`Cuda::upload_async`] into a buffer that device tensors share ([`region_tensor`]: a
+    /// streamed layer's weights): the copy starts after the work already queued on the compute
+    /// stream, and whatever reads the new bytes must wait for the returned upload
+    /// ([`Cuda::wait_upload`]). The caller keeps `dst` alive until the copy completes (a copy
+    /// stream synchronisation before it is freed).
+    ///
+    /// [`region_tensor`]: crate::cuda::tensor::region_tensor
+    pub fn upload_async_shared(&self, src: &Pinned, len: usize, dst: &CudaSlice<u8>) -> Result<Upload> {
+        if len > src.len() || len > dst.len() {
+            return Err(Error::invalid(
+                "upload_async_shared",
+                format!("{len} bytes from a {}-byte buffer into {} bytes", src.len(), dst.len()),
+            ));
+        }
+        let op = driver("upload_async_shared");
+        let compute_done = self.stream().record_event(None).map_err(driver("upload_async_shared"))?;
+        self.copy_stream().wait(&compute_done).map_err(op)?;
+        let (dst_ptr, _sync) = dst.device_ptr(self.copy_stream());
+        let host = &src.slice;
+        // SAFETY: as in upload_async, `host` is page-locked and outlives its copy (its event,
+        // recorded when `_record` drops, is waited on before it is freed or written); `dst`
+        // holds `len` bytes, the compute stream's readers of its old bytes finish first (the
+        // wait above), and its readers of the new ones wait for the returned event.
+        unsafe {
+            let (host_bytes, _record) = cudarc::driver::HostSlice::stream_synced_slice(host, self.copy_stream());
+            cudarc::driver::result::memcpy_htod_async(dst_ptr, &host_bytes[..len], self.copy_stream().cu_stream())
+                .map_err(driver("upload_async_shared"))?;
+        }
+        let done = self.copy_stream().record_event(None).map_err(driver("upload_async_shared"))?;
         Ok(Upload { done })
     }
 

@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::CudaSlice;
-use strata_tensor::{CudaStorage, Storage, Tensor};
+use cudarc::driver::{CudaSlice, CudaView};
+use strata_tensor::{CudaStorage, DType, Shape, Storage, Tensor};
 
 use crate::{Error, Result};
 
@@ -18,6 +18,14 @@ pub fn upload_tensor(cuda: &Cuda, t: &Tensor) -> Result<Tensor> {
     let storage = CudaStorage { ordinal: cuda.ordinal(), buffer: Arc::new(buffer), len: bytes.len() };
     Tensor::from_cuda_storage(storage, t.dtype(), t.shape().clone())
         .map_err(|e| Error::invalid("upload_tensor", e.to_string()))
+}
+
+/// A device tensor of `dtype` and shape `dims` holding `bytes` (its whole storage, blocks as they
+/// are), in a buffer of its own.
+pub fn upload_bytes(cuda: &Cuda, bytes: &[u8], dtype: DType, dims: &[usize]) -> Result<Tensor> {
+    let buffer = cuda.upload(bytes)?;
+    let storage = CudaStorage { ordinal: cuda.ordinal(), buffer: Arc::new(buffer), len: bytes.len() };
+    Tensor::from_cuda_storage(storage, dtype, dims.to_vec()).map_err(|e| Error::invalid("upload_bytes", e.to_string()))
 }
 
 /// The rows of host tensors `gate` and `up` (one dtype, one shape `[n, k]`, `n` even) in groups of
@@ -63,7 +71,16 @@ pub fn upload_paired(cuda: &Cuda, gate: &Tensor, up: &Tensor) -> Result<Tensor> 
 /// column count; q, k and v's weights as one `[n_q + n_k + n_v, k]` projection), rows copied as
 /// they are.
 pub fn upload_stacked(cuda: &Cuda, parts: &[&Tensor]) -> Result<Tensor> {
-    const OP: &str = "upload_stacked";
+    let (bytes, dtype, dims) = stack_rows(parts)?;
+    let buffer = cuda.upload(&bytes)?;
+    let storage = CudaStorage { ordinal: cuda.ordinal(), buffer: Arc::new(buffer), len: bytes.len() };
+    Tensor::from_cuda_storage(storage, dtype, dims).map_err(|e| Error::invalid("upload_stacked", e.to_string()))
+}
+
+/// The bytes of host tensors `parts`' rows one after the other (one dtype and one column count),
+/// with the dtype and the `[rows, k]` shape of the stacked weight [`upload_stacked`] uploads.
+pub fn stack_rows(parts: &[&Tensor]) -> Result<(Vec<u8>, DType, [usize; 2])> {
+    const OP: &str = "stack_rows";
     let first = parts.first().ok_or_else(|| Error::invalid(OP, "no tensors to stack"))?;
     let cols = |t: &Tensor| match t.shape().dims() {
         &[_, k] => Some(k),
@@ -81,20 +98,60 @@ pub fn upload_stacked(cuda: &Cuda, parts: &[&Tensor]) -> Result<Tensor> {
         bytes.extend_from_slice(t.cpu_bytes().map_err(|e| Error::invalid(OP, e.to_string()))?);
         rows += t.shape().dims()[0];
     }
-    let buffer = cuda.upload(&bytes)?;
-    let storage = CudaStorage { ordinal: cuda.ordinal(), buffer: Arc::new(buffer), len: bytes.len() };
     let k = cols(first).expect("checked above");
-    Tensor::from_cuda_storage(storage, first.dtype(), [rows, k]).map_err(|e| Error::invalid(OP, e.to_string()))
+    Ok((bytes, first.dtype(), [rows, k]))
 }
 
-/// The device bytes of a CUDA tensor.
-pub fn device_bytes(t: &Tensor) -> Result<&CudaSlice<u8>> {
+/// A tensor's bytes at an offset inside a larger device buffer that others share (a streamed
+/// layer's weights in the buffer it is uploaded into before each pass): what
+/// [`region_tensor`] puts in a tensor's storage.
+struct DeviceRegion {
+    buffer: Arc<CudaSlice<u8>>,
+    offset: usize,
+}
+
+/// A device tensor of `dtype` and shape `dims` whose bytes are `buffer`'s from `offset` on (a
+/// multiple of 16): it allocates and copies nothing, and reads whatever the buffer holds when a
+/// kernel runs. The buffer must hold the tensor's bytes.
+pub fn region_tensor(
+    cuda: &Cuda,
+    buffer: &Arc<CudaSlice<u8>>,
+    offset: usize,
+    dtype: DType,
+    dims: &[usize],
+) -> Result<Tensor> {
+    const OP: &str = "region_tensor";
+    let shape = Shape::new(dims.to_vec());
+    let len = dtype
+        .bytes_for(shape.last_dim())
+        .and_then(|row| row.checked_mul(shape.rows()))
+        .ok_or_else(|| Error::invalid(OP, format!("{dtype} {shape} has no whole byte length")))?;
+    if !offset.is_multiple_of(16) || offset.checked_add(len).is_none_or(|end| end > buffer.len()) {
+        return Err(Error::invalid(
+            OP,
+            format!("{len} bytes at offset {offset} of a {}-byte buffer (offsets are multiples of 16)", buffer.len()),
+        ));
+    }
+    let region = DeviceRegion { buffer: Arc::clone(buffer), offset };
+    let storage = CudaStorage { ordinal: cuda.ordinal(), buffer: Arc::new(region), len };
+    Tensor::from_cuda_storage(storage, dtype, shape).map_err(|e| Error::invalid(OP, e.to_string()))
+}
+
+/// The device bytes of a CUDA tensor: its own buffer, or its region of a shared one
+/// ([`region_tensor`]).
+pub fn device_bytes(t: &Tensor) -> Result<CudaView<'_, u8>> {
+    const OP: &str = "device_bytes";
     match t.storage() {
-        Storage::Cuda(c) => c
-            .buffer
-            .downcast_ref::<CudaSlice<u8>>()
-            .ok_or_else(|| Error::invalid("device_bytes", "CUDA storage not allocated by strata-kernels")),
-        Storage::Cpu(_) => Err(Error::invalid("device_bytes", "the tensor is in host memory")),
+        Storage::Cuda(c) => {
+            if let Some(buffer) = c.buffer.downcast_ref::<CudaSlice<u8>>() {
+                return Ok(buffer.slice(..c.len.min(buffer.len())));
+            }
+            match c.buffer.downcast_ref::<DeviceRegion>() {
+                Some(r) => Ok(r.buffer.slice(r.offset..r.offset + c.len)),
+                None => Err(Error::invalid(OP, "CUDA storage not allocated by strata-kernels")),
+            }
+        }
+        Storage::Cpu(_) => Err(Error::invalid(OP, "the tensor is in host memory")),
     }
 }
 

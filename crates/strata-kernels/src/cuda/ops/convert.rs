@@ -1,7 +1,7 @@
 //! Dequantization and embedding gather (`kernels/convert.cu`): rows of a device weight tensor of
 //! any dtype decoded to f32, bit-identical to the CPU's `Tensor::to_f32_vec`.
 
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
+use cudarc::driver::{CudaView, DevicePtr, DevicePtrMut, LaunchConfig};
 use strata_tensor::{DType, Storage, Tensor};
 
 use crate::cuda::params::ConvertParams;
@@ -12,7 +12,7 @@ use crate::{Error, Result};
 /// A device weight tensor seen as `[n, k]`: its shape and its bytes, after checking that it is
 /// 2-D, lives on `cuda`'s device, and starts on a 16-byte boundary (the kernels' wide loads rely
 /// on it; `upload_tensor` allocations always do).
-pub(crate) fn device_matrix<'a>(op: &str, cuda: &Cuda, w: &'a Tensor) -> Result<(usize, usize, &'a CudaSlice<u8>)> {
+pub(crate) fn device_matrix<'a>(op: &str, cuda: &Cuda, w: &'a Tensor) -> Result<(usize, usize, CudaView<'a, u8>)> {
     let dims = w.shape().dims();
     if dims.len() != 2 {
         return Err(Error::invalid(op, format!("the weight must be 2-D [n, k], got shape {}", w.shape())));
@@ -31,7 +31,7 @@ pub(crate) fn device_matrix<'a>(op: &str, cuda: &Cuda, w: &'a Tensor) -> Result<
     }
     let bytes = device_bytes(w)?;
     check_len(op, "the weight's device buffer", bytes.len(), w.byte_len())?;
-    if ptr(cuda, bytes) % 16 != 0 {
+    if ptr(cuda, &bytes) % 16 != 0 {
         return Err(Error::invalid(op, "the weight's device buffer is not 16-byte aligned"));
     }
     Ok((dims[0], dims[1], bytes))
@@ -59,7 +59,14 @@ fn convert_kernel(dtype: DType, k: usize) -> (&'static str, usize) {
 
 /// Launches the decoding of `rows` output rows of `table` (`[vocab, k]`), row `i` from row
 /// `ids[i]` when `ids` is given, else from row `i`.
-fn convert(cuda: &Cuda, table: &Tensor, bytes: &CudaSlice<u8>, ids: Option<u64>, rows: usize, out: u64) -> Result<()> {
+fn convert(
+    cuda: &Cuda,
+    table: &Tensor,
+    bytes: &CudaView<'_, u8>,
+    ids: Option<u64>,
+    rows: usize,
+    out: u64,
+) -> Result<()> {
     let (vocab, k) = (table.shape().dims()[0], table.shape().dims()[1]);
     if rows == 0 || k == 0 {
         return Ok(());
@@ -93,7 +100,7 @@ where
     let (n, k, bytes) = device_matrix(op, cuda, w)?;
     check_len(op, "out", out.len(), n * k)?;
     let out = ptr_mut(cuda, out);
-    convert(cuda, w, bytes, None, n, out)
+    convert(cuda, w, &bytes, None, n, out)
 }
 
 /// `out[i, :] = table[ids[i], :]` as f32 for `i < n_ids`: the embedding lookup of
@@ -113,5 +120,5 @@ where
     check_len(op, "out", out.len(), n_ids * dim)?;
     let ids = ptr(cuda, ids);
     let out = ptr_mut(cuda, out);
-    convert(cuda, table, bytes, Some(ids), n_ids, out)
+    convert(cuda, table, &bytes, Some(ids), n_ids, out)
 }

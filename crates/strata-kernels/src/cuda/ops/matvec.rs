@@ -416,7 +416,7 @@ impl ExpertWeights {
                 ));
             }
             let (_, _, bytes) = device_matrix(OP, cuda, w)?;
-            table.push(ptr(cuda, bytes));
+            table.push(ptr(cuda, &bytes));
         }
         Ok(ExpertWeights { weights: weights.to_vec(), table: cuda.upload(&table)? })
     }
@@ -627,7 +627,7 @@ where
     Y: DevicePtrMut<f32>,
 {
     let (n, k, bytes) = device_matrix(op, cuda, w)?;
-    let wp = ptr(cuda, bytes);
+    let wp = ptr(cuda, &bytes);
     // Rows of x and y: a token's, or one per slot (x one for all slots when they share it).
     let (x_rows, y_rows) = match slots {
         None => (tokens, tokens),

@@ -1,0 +1,220 @@
+//! Which layers of a model stream into GPU memory under a `--max-vram` ceiling: the pure part of
+//! `cuda_stream`, so that it is tested in builds without CUDA too.
+
+use strata_tensor::Tensor;
+
+use crate::decoder::{Decoder, Ffn, Layer};
+use crate::kv_cache::DEFAULT_BLOCK_LEN;
+use crate::moe::Mlp;
+use crate::{Error, Result};
+
+/// Slots: device buffers the streamed layers take in turn.
+/// Byte boundary of each matrix within a streamed layer's buffers.
+pub(crate) const ALIGN: usize = 256;
+
+/// Tokens up to which a CUDA pass multiplies weights in place (`ops::LINEAR_MATVEC_TOKENS`);
+/// above, prefill decodes each block-quantized weight to f32 for cuBLAS.
+pub(crate) const LINEAR_MATVEC_TOKENS: usize = 8;
+
+/// A ceiling on the GPU memory a `CudaDecoder` takes (`CudaDecoder::new_within`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VramBudget {
+    /// Bytes: weights, KV cache and scratch together.
+    pub max_bytes: u64,
+    /// Tokens of the longest request the KV cache is planned for (a longer one is refused).
+    pub context_tokens: usize,
+    /// Tokens of the largest forward pass (prompts run in chunks of at most this many).
+    pub pass_tokens: usize,
+}
+
+/// A layer's matrices (the weights that stream; norms and biases stay resident): their bytes,
+/// and the bytes they take laid out for streaming (each at an `ALIGN` boundary). `None` for a
+/// layer streamed from the offload pack.
+pub(crate) struct LayerMatrices {
+    pub(crate) resident: usize,
+    pub(crate) streamed: usize,
+}
+
+pub(crate) fn layer_matrices(l: &Layer) -> Option<LayerMatrices> {
+    let (a, f) = (l.attn.resident()?, l.ffn.resident()?);
+    fn mlp<'a>(m: &'a Mlp, ws: &mut Vec<&'a Tensor>) {
+        ws.extend([&m.gate.weight, &m.up.weight, &m.down.weight]);
+    }
+    let mut ws: Vec<&Tensor> = vec![&a.q.weight, &a.k.weight, &a.v.weight, &a.o.weight];
+    match &f.ffn {
+        Ffn::Dense(m) => mlp(m, &mut ws),
+        Ffn::Moe(moe) => {
+            ws.push(&moe.router().weight.weight);
+            for e in moe.experts() {
+                mlp(e, &mut ws);
+            }
+            if let Some(s) = moe.shared_expert() {
+                mlp(&s.mlp, &mut ws);
+                ws.push(&s.gate.weight);
+            }
+        }
+    }
+    let resident: usize = ws.iter().map(|w| w.byte_len()).sum();
+    Some(LayerMatrices { resident, streamed: resident + ALIGN * ws.len() })
+}
+
+/// What a model needs on the device under `budget`: the bytes that stay whatever streams
+/// (embeddings, head, norms and biases, the KV cache, the scratch of a pass), and per layer the
+/// bytes of its matrices resident and laid out for streaming.
+pub(crate) fn vram_needs(decoder: &Decoder, budget: &VramBudget) -> Result<(u64, Vec<u64>, Vec<u64>)> {
+    let hp = &decoder.hp;
+    let mats: Vec<LayerMatrices> = decoder
+        .layers
+        .iter()
+        .map(|l| {
+            layer_matrices(l).ok_or_else(|| {
+                Error::Unsupported("--max-vram with weights streamed from the offload pack (CPU only for now)".into())
+            })
+        })
+        .collect::<Result<_>>()?;
+    let matrices: usize = mats.iter().map(|m| m.resident).sum();
+    let weights = decoder.weight_bytes().saturating_sub(matrices);
+    let (t, ctx) = (budget.pass_tokens.max(1), budget.context_tokens.max(1));
+    let kv = hp.n_layers * 2 * ctx.next_multiple_of(DEFAULT_BLOCK_LEN) * hp.kv_dim() * 4;
+    let (h, qd, kvd, inter) = (hp.hidden_size, hp.q_dim(), hp.kv_dim(), hp.intermediate_size);
+    let activations = 4 * t * (4 * h + 3 * qd + 4 * kvd + 3 * inter) + 4 * t * hp.vocab_size;
+    // A pass of more than LINEAR_MATVEC_TOKENS tokens decodes each block-quantized weight to f32
+    // for cuBLAS: room for the largest (the output head included).
+    let dequant = if t > LINEAR_MATVEC_TOKENS {
+        let head = decoder.lm_head.resident().map_or(0, |w| w.shape().dims().iter().product::<usize>() * 4);
+        let layer_max = decoder
+            .layers
+            .iter()
+            .filter_map(|l| l.ffn.resident())
+            .map(|f| match &f.ffn {
+                Ffn::Dense(m) => 2 * m.intermediate_size() * h * 4,
+                Ffn::Moe(moe) => moe.experts().first().map_or(0, |e| 2 * e.intermediate_size() * h * 4),
+            })
+            .max()
+            .unwrap_or(0);
+        head.max(layer_max)
+    } else {
+        0
+    };
+    // The Mixture-of-Experts scratch, tables and the decoder's small buffers.
+    let slack = 32 << 20;
+    let fixed = (weights + kv + activations + dequant + slack) as u64;
+    let resident = mats.iter().map(|m| m.resident as u64).collect();
+    let streamed = mats.iter().map(|m| m.streamed as u64).collect();
+    Ok((fixed, resident, streamed))
+}
+
+/// Which of `decoder`'s layers stream into GPU memory under `budget` (per layer; none when
+/// everything fits): `plan_layers` over the model's sizes, as `CudaDecoder::new_within`
+/// places it. An error says what would fit when nothing does.
+pub fn plan_vram(decoder: &Decoder, budget: &VramBudget) -> Result<Vec<bool>> {
+    let (fixed, resident, streamed) = vram_needs(decoder, budget)?;
+    plan_layers(fixed, &resident, &streamed, budget.max_bytes)
+}
+
+pub(crate) const SLOTS: usize = 2;
+
+/// Which layers stream, given the bytes that stay on the device whatever happens (`fixed`), each
+/// layer's weight bytes if resident (`resident`) and the buffer a streamed layer needs
+/// (`streamed`, at least its resident bytes), under `budget` bytes: `None` for none; else the
+/// last `k` layers, `k` the smallest even count from 4 up for which `fixed`, the resident layers
+/// and [`SLOTS`] buffers of the largest streamed layer fit. An error says what the least
+/// streaming plan needs when none fits.
+pub(crate) fn plan_layers(fixed: u64, resident: &[u64], streamed: &[u64], budget: u64) -> Result<Vec<bool>> {
+    let n = resident.len();
+    debug_assert_eq!(streamed.len(), n);
+    if fixed + resident.iter().sum::<u64>() <= budget {
+        return Ok(vec![false; n]);
+    }
+    let need = |k: usize| {
+        let kept: u64 = resident[..n - k].iter().sum();
+        let slot = streamed[n - k..].iter().copied().max().unwrap_or(0);
+        fixed + kept + SLOTS as u64 * slot
+    };
+    let mut least: Option<(usize, u64)> = None;
+    for k in (2 * SLOTS..=n).step_by(SLOTS) {
+        let bytes = need(k);
+        if bytes <= budget {
+            return Ok((0..n).map(|i| i >= n - k).collect());
+        }
+        if least.is_none_or(|(_, b)| bytes < b) {
+            least = Some((k, bytes));
+        }
+    }
+    let all: u64 = fixed + resident.iter().sum::<u64>();
+    Err(Error::InvalidInput(match least {
+        Some((k, bytes)) => format!(
+            "--max-vram {}: the model needs {} on the GPU with every layer resident, and at least {} streaming \
+             {k} of its {n} layers from host memory ({} that stays on the device: embeddings, head, norms, the KV \
+             cache and scratch; plus {SLOTS} layer buffers)",
+            size(budget),
+            size(all),
+            size(bytes),
+            size(fixed),
+        ),
+        None => format!(
+            "--max-vram {}: the model needs {} on the GPU, and its {n} layers are too few to stream (streaming \
+             takes at least {})",
+            size(budget),
+            size(all),
+            2 * SLOTS,
+        ),
+    }))
+}
+
+/// `bytes` as a person reads it: "1.50 GiB", "12.3 MiB".
+fn size(bytes: u64) -> String {
+    const GIB: f64 = (1u64 << 30) as f64;
+    const MIB: f64 = (1u64 << 20) as f64;
+    let b = bytes as f64;
+    if b >= GIB { format!("{:.2} GiB", b / GIB) } else { format!("{:.1} MiB", b / MIB) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nothing_streams_when_everything_fits() {
+        assert_eq!(plan_layers(100, &[10; 8], &[11; 8], 180).unwrap(), vec![false; 8]);
+    }
+
+    #[test]
+    fn the_last_layers_stream_in_even_counts_of_at_least_four() {
+        // 8 layers of 10: 180 all resident. Streaming k costs 100 + 10 (8 - k) + 2 x 11.
+        let plan = |budget| plan_layers(100, &[10; 8], &[11; 8], budget);
+        // 179 < 180: streaming 4 needs 162.
+        assert_eq!(plan(179).unwrap(), [false, false, false, false, true, true, true, true]);
+        assert_eq!(plan(162).unwrap(), [false, false, false, false, true, true, true, true]);
+        // 161: 6 layers (142).
+        assert_eq!(plan(161).unwrap(), [false, false, true, true, true, true, true, true]);
+        // 122: all 8.
+        assert_eq!(plan(122).unwrap(), vec![true; 8]);
+        // 121: not even all 8 fit; the error names the least plan.
+        let err = plan(121).unwrap_err().to_string();
+        assert!(err.contains("streaming 8 of its 8 layers"), "{err}");
+    }
+
+    #[test]
+    fn an_odd_layer_count_keeps_one_layer_resident_at_least() {
+        let plan = plan_layers(0, &[10; 7], &[10; 7], 30).unwrap();
+        assert_eq!(plan, [false, true, true, true, true, true, true]);
+        assert!(plan_layers(0, &[10; 7], &[10; 7], 29).is_err());
+    }
+
+    #[test]
+    fn the_largest_streamed_layer_sizes_the_slots() {
+        // The last layer is the largest: the slots take its size whatever k is. Streaming 4
+        // needs 20 kept + 2 x 40 = 100 (not 20 + 2 x 10); streaming all 6, 80.
+        let resident = [10, 10, 10, 10, 10, 40];
+        assert_eq!(plan_layers(0, &resident, &resident, 85).unwrap(), vec![true; 6]);
+        assert_eq!(plan_layers(0, &resident, &resident, 89).unwrap(), vec![true; 6]);
+        assert_eq!(plan_layers(0, &resident, &resident, 90).unwrap(), vec![false; 6]);
+    }
+
+    #[test]
+    fn too_few_layers_to_stream_is_an_error() {
+        let err = plan_layers(0, &[10; 3], &[10; 3], 20).unwrap_err().to_string();
+        assert!(err.contains("too few to stream"), "{err}");
+    }
+}
