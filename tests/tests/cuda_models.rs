@@ -601,7 +601,8 @@ fn streamed_layers_give_the_resident_logits_bit_for_bit() {
         let streaming = CudaDecoder::new_streaming(decoder, cuda.clone(), streamed).unwrap();
         let k = streamed.iter().filter(|&&s| s).count();
         assert_eq!(streaming.streamed_layers(), k, "{name}");
-        assert!(streaming.streamed_bytes_per_pass() > 0, "{name}");
+        // Two streamed layers keep a buffer each: nothing is copied after the first pass.
+        assert_eq!(streaming.streamed_bytes_per_pass() > 0, k > 2, "{name}");
         assert_eq!(resident.streamed_layers(), 0, "{name}");
         streaming.set_graphs(true);
         resident.set_graphs(false);

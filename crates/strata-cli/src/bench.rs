@@ -134,11 +134,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
 
     // Layers streamed into GPU memory (--max-vram): the host-to-device copy rate is their bound.
     let gpu_streamed = match model.gpu_streamed() {
-        Some((layers, bytes)) => {
+        Some((layers, bytes)) if bytes > 0 => {
             say("measuring host-to-device copy bandwidth");
             model.upload_bandwidth()?.map(|bw| (layers, bytes, bw))
         }
-        None => None,
+        _ => None,
     };
 
     let prefill_tok_s = a.prompt_tokens as f64 / median(&mut prefill);

@@ -739,7 +739,7 @@ impl CudaDecoder {
         {
             return Err(Error::InvalidInput(format!(
                 "a request of {total_len} tokens: --max-vram placed the weights for a KV cache of {} tokens \
-                 (raise --max-context, within the ceiling)",
+                 (--max-capacity N plans for longer requests, LoadOptions::max_context from Rust)",
                 b.context_tokens
             )));
         }

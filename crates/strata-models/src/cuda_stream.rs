@@ -142,9 +142,10 @@ impl WeightStream {
         self.order.len()
     }
 
-    /// Bytes copied to the device per forward pass.
+    /// Bytes copied to the device per forward pass (none after the first with as many slots as
+    /// streamed layers: each stays in its own).
     pub(crate) fn bytes_per_pass(&self) -> usize {
-        self.bytes_per_pass
+        if self.order.len() <= self.slots.len() { 0 } else { self.bytes_per_pass }
     }
 
     /// Queues the upload of streamed layer `pos` into its slot, after the compute queued so far.
