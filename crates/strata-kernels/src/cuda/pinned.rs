@@ -59,26 +59,9 @@ impl Upload {
 impl Cuda {
     /// Copies the first `len` bytes of `src` into `dst` on the copy stream, after the work
     /// already queued on the compute stream (which may still be reading `dst`'s old contents).
+    /// `dst` must outlive the copy ([`Cuda::wait_upload`] or a copy stream synchronisation).
     pub fn upload_async(&self, src: &Pinned, len: usize, dst: &mut CudaSlice<u8>) -> Result<Upload> {
-        if len > src.len() || len > dst.len() {
-            return Err(Error::invalid(
-                "upload_async",
-                format!("{len} bytes from a {}-byte buffer into {} bytes", src.len(), dst.len()),
-            ));
-        }
-        let op = driver("upload_async");
-        let compute_done = self.stream().record_event(None).map_err(driver("upload_async"))?;
-        self.copy_stream().wait(&compute_done).map_err(op)?;
-        let mut view = dst.slice_mut(..len);
-        // The pinned slice records its own event on the copy stream, which as_mut_slice waits on.
-        let host = &src.slice;
-        // SAFETY: `host` is page-locked and lives until its event (recorded by this copy)
-        // completes: PinnedHostSlice's drop and as_mut_slice both wait for it.
-        let (host_bytes, _record) = unsafe { cudarc::driver::HostSlice::stream_synced_slice(host, self.copy_stream()) };
-        self.copy_stream().memcpy_htod(&host_bytes[..len], &mut view).map_err(driver("upload_async"))?;
-        drop(_record);
-        let done = self.copy_stream().record_event(None).map_err(driver("upload_async"))?;
-        Ok(Upload { done })
+        self.upload_async_shared(src, len, dst)
     }
 
     /// [`Cuda::upload_async`] into a buffer that device tensors share ([`region_tensor`]: a
@@ -100,8 +83,9 @@ impl Cuda {
         self.copy_stream().wait(&compute_done).map_err(op)?;
         let (dst_ptr, _sync) = dst.device_ptr(self.copy_stream());
         let host = &src.slice;
-        // SAFETY: as in upload_async, `host` is page-locked and outlives its copy (its event,
-        // recorded when `_record` drops, is waited on before it is freed or written); `dst`
+        // SAFETY: `host` is page-locked and outlives its copy: the pinned slice's event, recorded
+        // on the copy stream when `_record` drops, is waited on before it is freed or handed back
+        // to the host (PinnedHostSlice's drop and as_mut_slice); `dst`
         // holds `len` bytes, the compute stream's readers of its old bytes finish first (the
         // wait above), and its readers of the new ones wait for the returned event.
         unsafe {
