@@ -31,7 +31,7 @@ use strata_tensor::{DType, Tensor};
 
 use crate::{Error, Result};
 
-pub(crate) use crate::vram::{ALIGN, SLOTS};
+pub(crate) use crate::vram::{ALIGN, SLOTS, SlotSchedule};
 
 /// Where [`Placer::put`] puts a weight.
 pub(crate) enum Placer<'a> {
@@ -94,9 +94,8 @@ pub(crate) struct WeightStream {
     /// The streamed layers' indices in pass order.
     order: Vec<usize>,
     slots: Vec<Arc<CudaSlice<u8>>>,
-    /// Per slot: the streamed layer (its place in `order`) it holds or will hold once the
-    /// upload completes.
-    holds: Mutex<Vec<Option<(usize, Upload)>>>,
+    /// Which layer each slot holds ([`SlotSchedule`]), and each slot's last upload.
+    state: Mutex<(SlotSchedule, Vec<Option<Upload>>)>,
     /// Bytes copied per pass.
     bytes_per_pass: usize,
 }
@@ -128,13 +127,13 @@ impl WeightStream {
                 })
             })
             .collect();
-        let holds = Mutex::new((0..slots.len()).map(|_| None).collect());
-        WeightStream { layers, order, slots, holds, bytes_per_pass }
+        let state = Mutex::new((SlotSchedule::new(order.len()), (0..slots.len()).map(|_| None).collect()));
+        WeightStream { layers, order, slots, state, bytes_per_pass }
     }
 
     /// The slot streamed layer `pos` runs from.
     pub(crate) fn slot_of(pos: usize) -> usize {
-        pos % SLOTS
+        SlotSchedule::slot_of(pos)
     }
 
     /// Layers that stream.
@@ -149,11 +148,10 @@ impl WeightStream {
     }
 
     /// Queues the upload of streamed layer `pos` into its slot, after the compute queued so far.
-    fn upload(&self, cuda: &Cuda, holds: &mut [Option<(usize, Upload)>], pos: usize) -> Result<()> {
+    fn upload(&self, cuda: &Cuda, uploads: &mut [Option<Upload>], pos: usize) -> Result<()> {
         let layer = self.layers[self.order[pos]].as_ref().expect("order lists streamed layers");
-        let slot = Self::slot_of(pos);
-        let upload = cuda.upload_async_shared(&layer.host, layer.len, &self.slots[slot])?;
-        holds[slot] = Some((pos, upload));
+        let slot = SlotSchedule::slot_of(pos);
+        uploads[slot] = Some(cuda.upload_async_shared(&layer.host, layer.len, &self.slots[slot])?);
         Ok(())
     }
 
@@ -161,12 +159,12 @@ impl WeightStream {
     /// (queuing their upload first if its slot holds another layer).
     pub(crate) fn before(&self, cuda: &Cuda, li: usize) -> Result<()> {
         let Some(layer) = &self.layers[li] else { return Ok(()) };
-        let mut holds = self.holds.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = Self::slot_of(layer.pos);
-        if !matches!(&holds[slot], Some((p, _)) if *p == layer.pos) {
-            self.upload(cuda, &mut holds, layer.pos)?;
+        let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (schedule, uploads) = &mut *guard;
+        if let Some(pos) = schedule.before(layer.pos) {
+            self.upload(cuda, uploads, pos)?;
         }
-        let (_, upload) = holds[slot].as_ref().expect("set above");
+        let upload = uploads[SlotSchedule::slot_of(layer.pos)].as_ref().expect("every slot's layer was uploaded");
         Ok(cuda.wait_upload(upload)?)
     }
 
@@ -174,20 +172,20 @@ impl WeightStream {
     /// layer [`SLOTS`] places later (cyclically) into the same slot, to run after them.
     pub(crate) fn after(&self, cuda: &Cuda, li: usize) -> Result<()> {
         let Some(layer) = &self.layers[li] else { return Ok(()) };
-        let next = (layer.pos + SLOTS) % self.order.len();
-        debug_assert_eq!(Self::slot_of(next), Self::slot_of(layer.pos), "the streamed count is a multiple of SLOTS");
-        if next == layer.pos {
-            return Ok(()); // as many slots as streamed layers: each keeps its own
+        let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (schedule, uploads) = &mut *guard;
+        match schedule.after(layer.pos) {
+            Some(next) => self.upload(cuda, uploads, next),
+            None => Ok(()),
         }
-        let mut holds = self.holds.lock().unwrap_or_else(|e| e.into_inner());
-        self.upload(cuda, &mut holds, next)
     }
 
     /// Queues the first pass's uploads (one per slot).
     pub(crate) fn prime(&self, cuda: &Cuda) -> Result<()> {
-        let mut holds = self.holds.lock().unwrap_or_else(|e| e.into_inner());
-        for pos in 0..self.order.len().min(self.slots.len()) {
-            self.upload(cuda, &mut holds, pos)?;
+        let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (schedule, uploads) = &mut *guard;
+        for pos in schedule.prime() {
+            self.upload(cuda, uploads, pos)?;
         }
         Ok(())
     }

@@ -162,6 +162,60 @@ pub(crate) fn plan_layers(fixed: u64, resident: &[u64], streamed: &[u64], budget
     }))
 }
 
+/// Which streamed layer each of the [`SLOTS`] device buffers holds, and so which uploads a pass
+/// queues: the order of `cuda_stream::WeightStream`, apart from the copies themselves. Streamed
+/// layers are numbered by their place in a pass (`pos`); layer `pos` always runs from slot
+/// `pos % SLOTS`.
+#[derive(Debug)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) struct SlotSchedule {
+    streamed: usize,
+    /// Per slot: the streamed layer it holds, or will once its last upload completes.
+    holds: Vec<Option<usize>>,
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+impl SlotSchedule {
+    /// The schedule of `streamed` layers (a multiple of [`SLOTS`]), nothing uploaded yet.
+    pub(crate) fn new(streamed: usize) -> SlotSchedule {
+        debug_assert!(streamed.is_multiple_of(SLOTS), "{streamed} streamed layers");
+        SlotSchedule { streamed, holds: vec![None; SLOTS.min(streamed)] }
+    }
+
+    /// The slot streamed layer `pos` runs from.
+    pub(crate) fn slot_of(pos: usize) -> usize {
+        pos % SLOTS
+    }
+
+    /// The uploads that make the first pass's first layers ready: one per slot.
+    pub(crate) fn prime(&mut self) -> Vec<usize> {
+        (0..self.holds.len()).inspect(|&pos| self.holds[Self::slot_of(pos)] = Some(pos)).collect()
+    }
+
+    /// Before streamed layer `pos` runs: `Some(pos)` when it must be uploaded first, its slot
+    /// holding another layer (the first pass unprimed, a pass that stopped on an error).
+    pub(crate) fn before(&mut self, pos: usize) -> Option<usize> {
+        let slot = Self::slot_of(pos);
+        if self.holds[slot] == Some(pos) {
+            return None;
+        }
+        self.holds[slot] = Some(pos);
+        Some(pos)
+    }
+
+    /// Once streamed layer `pos`'s kernels are queued: the layer to upload into its slot behind
+    /// them, [`SLOTS`] places later in the pass (cyclically: the next pass's first ones); `None`
+    /// when that is `pos` itself (as many slots as streamed layers: each keeps its own).
+    pub(crate) fn after(&mut self, pos: usize) -> Option<usize> {
+        let next = (pos + SLOTS) % self.streamed;
+        if next == pos {
+            return None;
+        }
+        self.holds[Self::slot_of(pos)] = Some(next);
+        Some(next)
+    }
+}
+
 /// `bytes` as a person reads it: "1.50 GiB", "12.3 MiB".
 fn size(bytes: u64) -> String {
     const GIB: f64 = (1u64 << 30) as f64;
@@ -210,6 +264,53 @@ mod tests {
         assert_eq!(plan_layers(0, &resident, &resident, 85).unwrap(), vec![true; 6]);
         assert_eq!(plan_layers(0, &resident, &resident, 89).unwrap(), vec![true; 6]);
         assert_eq!(plan_layers(0, &resident, &resident, 90).unwrap(), vec![false; 6]);
+    }
+
+    /// Runs passes over `k` streamed layers through the schedule, with a model of the slots'
+    /// contents (an upload lands at once): every layer finds its own weights in its slot. A
+    /// pass may stop after `stop` layers (an error) before its layer runs. Returns the uploads
+    /// per pass.
+    fn run_passes(k: usize, passes: &[Option<usize>]) -> Vec<usize> {
+        let mut s = SlotSchedule::new(k);
+        let mut slots = vec![usize::MAX; SLOTS.min(k)];
+        for pos in s.prime() {
+            slots[SlotSchedule::slot_of(pos)] = pos;
+        }
+        let mut counts = Vec::new();
+        for stop in passes {
+            let mut uploads = 0;
+            for pos in 0..k {
+                if let Some(p) = s.before(pos) {
+                    slots[SlotSchedule::slot_of(p)] = p;
+                    uploads += 1;
+                }
+                if *stop == Some(pos) {
+                    break;
+                }
+                assert_eq!(slots[SlotSchedule::slot_of(pos)], pos, "layer {pos} of {k} reads another's weights");
+                if let Some(p) = s.after(pos) {
+                    slots[SlotSchedule::slot_of(p)] = p;
+                    uploads += 1;
+                }
+            }
+            counts.push(uploads);
+        }
+        counts
+    }
+
+    #[test]
+    fn every_streamed_layer_runs_on_its_own_weights() {
+        // Each pass copies every streamed layer once, the first pass's first two primed.
+        assert_eq!(run_passes(4, &[None, None, None]), [4, 4, 4]);
+        assert_eq!(run_passes(8, &[None, None]), [8, 8]);
+        // Two layers, two slots: primed once, never copied again.
+        assert_eq!(run_passes(2, &[None, None]), [0, 0]);
+        // Passes that stop on an error (after a layer's wait, before its kernels) leave the next
+        // ones correct: the layers that find another's weights in their slot copy their own.
+        for stop in 0..6 {
+            let counts = run_passes(6, &[None, Some(stop), None, None]);
+            assert_eq!(counts[3], 6, "stop at {stop}: back to one copy per layer: {counts:?}");
+        }
     }
 
     #[test]
