@@ -513,6 +513,18 @@ impl CudaDecoder {
             None => vec![false; decoder.layers.len()],
             Some(b) => crate::vram::plan_vram(decoder, &b)?,
         };
+        let moe_streamed = decoder
+            .layers
+            .iter()
+            .zip(&streamed)
+            .filter(|(l, s)| **s && matches!(l.ffn.resident().map(|f| &f.ffn), Some(Ffn::Moe(_))))
+            .count();
+        if moe_streamed > 0 {
+            eprintln!(
+                "strata: --max-vram streams {moe_streamed} Mixture-of-Experts layers whole: every expert is copied \
+                 to the GPU each pass (no device cache of hot experts yet)"
+            );
+        }
         let mut d = CudaDecoder::build(decoder, cuda, &streamed)?;
         d.budget = budget;
         Ok(d)
