@@ -26,7 +26,7 @@ pub(crate) struct PackArgs {
     /// A checkpoint directory, a .gguf file or a model id (default: the default model).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Directory for the offload pack (default: <strata cache>/offload).
+    /// Directory for the offload pack (default: `<strata cache>/offload`).
     #[arg(long, value_name = "DIR")]
     offload_dir: Option<PathBuf>,
     /// Store the pack's matrices in this dtype (q8_0, q4_0, q4_1, q4_k, q6_k, f16, bf16).

@@ -72,6 +72,25 @@ fn flags_of_later_features_are_refused_by_name() {
     assert!(stderr(&out).contains("--expert-cache is not supported yet"), "{}", stderr(&out));
 }
 
+/// `--max-vram` bounds GPU memory: on the CPU it is refused, saying what it needs.
+#[test]
+fn a_gpu_ceiling_on_the_cpu_is_refused() {
+    let model = fixture("llama_tied");
+    let out = strata(&[
+        "logits",
+        "--model",
+        model.to_str().unwrap(),
+        "--ids",
+        "1",
+        "--out",
+        "/dev/null",
+        "--max-vram",
+        "1GB",
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--max-vram is a ceiling on GPU memory: it needs --device cuda"), "{}", stderr(&out));
+}
+
 /// `--out` writes a regular file through a temporary renamed into place; a special file is
 /// written in place. (Renaming over `/dev/null`, as root, once left a regular file there that
 /// fed its contents to every later reader: cargo's `rustc -` probe among them.)

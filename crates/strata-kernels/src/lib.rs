@@ -7,7 +7,7 @@
 //!
 //! With the feature, the build script compiles every `kernels/*.cu` to PTX for compute_80 and
 //! embeds it; the launch-parameter structs of `kernels/include/*.h` reach Rust through bindgen
-//! ([`cuda::params`]). The driver is loaded at run time (cudarc's dynamic loading), so a binary
+//! (`cuda::params`). The driver is loaded at run time (cudarc's dynamic loading), so a binary
 //! built with CUDA still starts on a machine without a GPU and reports [`Error::NoDevice`].
 //!
 //! Every kernel has a CPU reference in `strata-tensor` (`strata_tensor::cpu::reference`); the

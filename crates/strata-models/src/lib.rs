@@ -4,7 +4,7 @@
 //! (with per-request context scaling), holds the paged KV cache and the decoder, and the MoE
 //! router and expert layer ([`moe`]) of the Mixtral and Qwen MoE families.
 //!
-//! With the `cuda` feature, [`CudaDecoder`] runs the same decoder on a CUDA device through
+//! With the `cuda` feature, `CudaDecoder` runs the same decoder on a CUDA device through
 //! `strata-kernels`.
 //!
 //! It sits above the tensor core and the weight store: it may depend on `strata-tensor`,

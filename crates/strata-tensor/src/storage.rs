@@ -31,7 +31,7 @@ pub const ALIGNMENT: usize = 64;
 /// at least this many bytes on their own, aligned to it.
 pub const HUGE_PAGE: usize = 2 << 20;
 
-/// An owned, zero-initialised byte buffer aligned to [`ALIGNMENT`] bytes (see
+/// An owned, zero-initialised byte buffer aligned to `ALIGNMENT` bytes (see
 /// [`AlignedBytes::zeroed_huge`] for buffers that live long and are streamed).
 pub struct AlignedBytes {
     ptr: NonNull<u8>,

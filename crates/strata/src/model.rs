@@ -43,7 +43,7 @@ pub struct LoadOptions {
     /// RoPE context scaling that overrides the checkpoint's own (`None`: the checkpoint's).
     pub context_scaling: Option<crate::ContextScalingConfig>,
     /// The longest request, prompt plus generated tokens, with the checkpoint's own RoPE: a
-    /// longer one is refused before any work ([`Error::ContextTooLong`]). Under a memory ceiling
+    /// longer one is refused before any work (`ContextTooLong`). Under a memory ceiling
     /// the plan reserves the KV cache for this length. `None`: no cap beyond the context
     /// scaling's `max_capacity` (and a plan reserves that, or the model's trained context).
     pub max_context: Option<usize>,

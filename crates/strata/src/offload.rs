@@ -103,7 +103,7 @@ pub const THREAD_RAM: u64 = 4 << 20;
 pub const PROCESS_RAM: u64 = 40 << 20;
 
 /// What the process holds outside the plan's weights, cache, activations and staging, counted
-/// against `max_ram`: [`PROCESS_RAM`] plus [`THREAD_RAM`] per worker thread. A fixed figure, so
+/// against `max_ram`: `PROCESS_RAM` plus `THREAD_RAM` per worker thread. A fixed figure, so
 /// that the same request always gets the same plan. With TinyLlama-1.1B on 2 threads the CLI
 /// held 51 MB besides the plan at its peak, against 48 MiB reserved.
 pub fn process_ram(threads: usize) -> u64 {

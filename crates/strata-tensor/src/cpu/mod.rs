@@ -1,7 +1,7 @@
 //! The CPU backend: every operation a decoder model needs.
 //!
 //! Each operation exists twice with the same signature: a plain scalar version in
-//! [`reference`], written for clarity, and the fast version here, multi-threaded with rayon (it
+//! [`reference`](mod@reference), written for clarity, and the fast version here, multi-threaded with rayon (it
 //! uses whatever rayon pool it is called in, so `ThreadPool::install` sets the thread count) and
 //! vectorised with `std::arch` behind runtime feature detection ([`Isa`]). Tests compare the two
 //! on random shapes, awkward sizes included, with tolerance `abs + |ref| * eps`.
