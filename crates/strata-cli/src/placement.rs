@@ -36,6 +36,9 @@ pub(crate) struct PackArgs {
 
 pub(crate) fn plan(a: PlanArgs) -> Result<()> {
     let mut options = load_options(&a.model)?;
+    if options.offload.max_vram.is_some() {
+        return plan_vram(&a, &options);
+    }
     if !options.offload.is_active() {
         // `strata plan` with no placement flags plans the default strategy with no ceiling.
         options.offload.strategy = Some(strata::planner::DEFAULT_STRATEGY.to_string());
@@ -116,5 +119,86 @@ pub(crate) fn pack(a: PackArgs) -> Result<()> {
         strata::planner::format_size(report.bytes),
         report.dir.display()
     );
+    Ok(())
+}
+
+/// `strata plan --max-vram SIZE`: where the weights go on CUDA under that ceiling (no GPU
+/// needed): what stays on the device, which layers stream from host memory, what a token copies.
+fn plan_vram(a: &PlanArgs, options: &strata::LoadOptions) -> Result<()> {
+    let cpu_tiers = strata::OffloadConfig { max_vram: None, ..options.offload.clone() };
+    anyhow::ensure!(
+        cpu_tiers == strata::OffloadConfig::default(),
+        "--max-vram plans the GPU; --max-ram, --strategy, --prefetch-layers, --offload-dir and --pack-dtype plan \
+         the CPU's tiers: give one or the other"
+    );
+    let path = model_path(&a.model)?;
+    let r = strata::plan_vram_placement(&path, options).with_context(|| format!("cannot plan {}", path.display()))?;
+    let (b, rep) = (&r.budget, &r.report);
+    let size = strata::planner::format_size;
+    let streamed: Vec<usize> = (0..r.layers).filter(|&i| rep.streamed[i]).collect();
+    if a.json {
+        let layers: Vec<_> = (0..r.layers)
+            .map(|i| {
+                serde_json::json!({
+                    "layer": i,
+                    "bytes": rep.needs.resident[i],
+                    "streamed": rep.streamed[i],
+                })
+            })
+            .collect();
+        let value = serde_json::json!({
+            "model": path.display().to_string(),
+            "device": "cuda",
+            "max_vram_bytes": b.max_bytes,
+            "context_tokens": b.context_tokens,
+            "pass_tokens": b.pass_tokens,
+            "fixed_bytes": {
+                "weights": rep.needs.weights,
+                "kv_cache": rep.needs.kv_cache,
+                "scratch": rep.needs.scratch,
+            },
+            "layers": layers,
+            "streamed_layers": streamed.len(),
+            "buffer_bytes": rep.buffer_bytes(),
+            "uploaded_bytes_per_token": rep.uploaded_per_pass(),
+            "device_bytes": rep.device_bytes(),
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    println!(
+        "model {}: {} layers on CUDA under --max-vram {} (KV cache for {} tokens, passes of {} tokens)",
+        path.display(),
+        r.layers,
+        size(b.max_bytes),
+        b.context_tokens,
+        b.pass_tokens
+    );
+    println!(
+        "stays on the GPU   {:>10}  (embeddings, head, norms {}; KV cache {}; scratch {})",
+        size(rep.needs.fixed()),
+        size(rep.needs.weights),
+        size(rep.needs.kv_cache),
+        size(rep.needs.scratch)
+    );
+    let kept: u64 = (0..r.layers).filter(|&i| !rep.streamed[i]).map(|i| rep.needs.resident[i]).sum();
+    println!("resident layers    {:>10}  ({} of {})", size(kept), r.layers - streamed.len(), r.layers);
+    match (streamed.first(), streamed.last()) {
+        (Some(first), Some(last)) => {
+            println!(
+                "streamed layers    {:>10}  ({} of {}: layers {first}-{last}, from page-locked host memory)",
+                size(rep.uploaded_per_pass()),
+                streamed.len(),
+                r.layers
+            );
+            println!("layer buffers      {:>10}  (2, taken in turn)", size(rep.buffer_bytes()));
+            println!(
+                "uploaded per token {:>10}  (decode is bounded by the host-to-device copy rate over this)",
+                size(rep.uploaded_per_pass())
+            );
+        }
+        _ => println!("streamed layers    {:>10}  (every layer fits)", size(0)),
+    }
+    println!("on the GPU in all  {:>10}  of {}", size(rep.device_bytes()), size(b.max_bytes));
     Ok(())
 }

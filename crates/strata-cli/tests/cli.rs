@@ -91,6 +91,28 @@ fn a_gpu_ceiling_on_the_cpu_is_refused() {
     assert!(stderr(&out).contains("--max-vram is a ceiling on GPU memory: it needs --device cuda"), "{}", stderr(&out));
 }
 
+/// `strata plan --max-vram` places the model for CUDA without a GPU: a roomy ceiling keeps every
+/// layer on the device, a CPU placement flag beside it is refused.
+#[test]
+fn plan_places_a_model_under_a_gpu_ceiling() {
+    let model = fixture("llama_tied");
+    let out = strata(&["plan", "--model", model.to_str().unwrap(), "--max-vram", "1GB", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["device"], "cuda");
+    assert_eq!(v["max_vram_bytes"], 1_000_000_000u64);
+    assert_eq!(v["streamed_layers"], 0);
+    assert_eq!(v["layers"].as_array().unwrap().len(), 2);
+    let device = v["device_bytes"].as_u64().unwrap();
+    assert!(device > 0 && device <= 1_000_000_000, "{v}");
+    let out = strata(&["plan", "--model", model.to_str().unwrap(), "--max-vram", "1GB", "--max-ram", "1GB"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("give one or the other"), "{}", stderr(&out));
+    let out = strata(&["plan", "--model", model.to_str().unwrap(), "--max-vram", "1MB"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--max-vram 1.0 MB"), "{}", stderr(&out));
+}
+
 /// `--out` writes a regular file through a temporary renamed into place; a special file is
 /// written in place. (Renaming over `/dev/null`, as root, once left a regular file there that
 /// fed its contents to every later reader: cargo's `rustc -` probe among them.)

@@ -57,4 +57,4 @@ pub use strata_kernels::cuda::kv::DeviceKvCache;
 pub use strata_store as store;
 /// The tensor core, re-exported for the facade.
 pub use strata_tensor as tensor;
-pub use vram::{VramBudget, plan_vram};
+pub use vram::{VramBudget, VramNeeds, VramReport, plan_vram, vram_report};

@@ -61,7 +61,7 @@ pub(crate) fn layer_matrices(l: &Layer) -> Option<LayerMatrices> {
 /// What a model needs on the device under `budget`: the bytes that stay whatever streams
 /// (embeddings, head, norms and biases, the KV cache, the scratch of a pass), and per layer the
 /// bytes of its matrices resident and laid out for streaming.
-pub(crate) fn vram_needs(decoder: &Decoder, budget: &VramBudget) -> Result<(u64, Vec<u64>, Vec<u64>)> {
+pub(crate) fn vram_needs(decoder: &Decoder, budget: &VramBudget) -> Result<VramNeeds> {
     let hp = &decoder.hp;
     let mats: Vec<LayerMatrices> = decoder
         .layers
@@ -98,18 +98,77 @@ pub(crate) fn vram_needs(decoder: &Decoder, budget: &VramBudget) -> Result<(u64,
     };
     // The Mixture-of-Experts scratch, tables and the decoder's small buffers.
     let slack = 32 << 20;
-    let fixed = (weights + kv + activations + dequant + slack) as u64;
-    let resident = mats.iter().map(|m| m.resident as u64).collect();
-    let streamed = mats.iter().map(|m| m.streamed as u64).collect();
-    Ok((fixed, resident, streamed))
+    Ok(VramNeeds {
+        weights: weights as u64,
+        kv_cache: kv as u64,
+        scratch: (activations + dequant + slack) as u64,
+        resident: mats.iter().map(|m| m.resident as u64).collect(),
+        streamed: mats.iter().map(|m| m.streamed as u64).collect(),
+    })
+}
+
+/// What a model needs on the GPU under a [`VramBudget`] ([`vram_report`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VramNeeds {
+    /// Weights outside the layers' matrices: embeddings, output head, norms and biases.
+    pub weights: u64,
+    /// The KV cache of the planned context.
+    pub kv_cache: u64,
+    /// A pass's activations, the f32 weight a prefill's GEMM decodes into, and slack.
+    pub scratch: u64,
+    /// Per layer: its matrices' bytes when resident.
+    pub resident: Vec<u64>,
+    /// Per layer: the buffer its matrices take when streamed (each at a 256-byte boundary).
+    pub streamed: Vec<u64>,
+}
+
+impl VramNeeds {
+    /// What stays on the device whatever streams.
+    pub fn fixed(&self) -> u64 {
+        self.weights + self.kv_cache + self.scratch
+    }
+}
+
+/// A placement under a GPU ceiling, as `strata plan --max-vram` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VramReport {
+    /// The sizes it was made from.
+    pub needs: VramNeeds,
+    /// Per layer: whether it streams from host memory.
+    pub streamed: Vec<bool>,
+}
+
+impl VramReport {
+    /// Bytes of the device buffers the streamed layers take turns in (0 when none stream).
+    pub fn buffer_bytes(&self) -> u64 {
+        let largest = self.needs.streamed.iter().zip(&self.streamed).filter(|(_, s)| **s).map(|(b, _)| *b).max();
+        largest.map_or(0, |b| SLOTS as u64 * b)
+    }
+
+    /// Bytes copied to the device per forward pass: the streamed layers' matrices.
+    pub fn uploaded_per_pass(&self) -> u64 {
+        self.needs.resident.iter().zip(&self.streamed).filter(|(_, s)| **s).map(|(b, _)| *b).sum()
+    }
+
+    /// Bytes the placement takes on the device: what stays, the resident layers and the buffers.
+    pub fn device_bytes(&self) -> u64 {
+        let kept: u64 = self.needs.resident.iter().zip(&self.streamed).filter(|(_, s)| !**s).map(|(b, _)| *b).sum();
+        self.needs.fixed() + kept + self.buffer_bytes()
+    }
+}
+
+/// [`plan_vram`] with the sizes it was made from.
+pub fn vram_report(decoder: &Decoder, budget: &VramBudget) -> Result<VramReport> {
+    let needs = vram_needs(decoder, budget)?;
+    let streamed = plan_layers(needs.fixed(), &needs.resident, &needs.streamed, budget.max_bytes)?;
+    Ok(VramReport { needs, streamed })
 }
 
 /// Which of `decoder`'s layers stream into GPU memory under `budget` (per layer; none when
 /// everything fits): `plan_layers` over the model's sizes, as `CudaDecoder::new_within`
 /// places it. An error says what would fit when nothing does.
 pub fn plan_vram(decoder: &Decoder, budget: &VramBudget) -> Result<Vec<bool>> {
-    let (fixed, resident, streamed) = vram_needs(decoder, budget)?;
-    plan_layers(fixed, &resident, &streamed, budget.max_bytes)
+    Ok(vram_report(decoder, budget)?.streamed)
 }
 
 pub(crate) const SLOTS: usize = 2;
@@ -216,12 +275,10 @@ impl SlotSchedule {
     }
 }
 
-/// `bytes` as a person reads it: "1.50 GiB", "12.3 MiB".
+/// `bytes` as a person reads it, in the decimal units the size flags take: "1.06 GB", "613.4 MB".
 fn size(bytes: u64) -> String {
-    const GIB: f64 = (1u64 << 30) as f64;
-    const MIB: f64 = (1u64 << 20) as f64;
     let b = bytes as f64;
-    if b >= GIB { format!("{:.2} GiB", b / GIB) } else { format!("{:.1} MiB", b / MIB) }
+    if b >= 1e9 { format!("{:.2} GB", b / 1e9) } else { format!("{:.1} MB", b / 1e6) }
 }
 
 #[cfg(test)]

@@ -27,13 +27,14 @@ pub use chat::{ChatMessage, ChatTemplate};
 pub use default_model::{DEFAULT_MODEL_FILE, DEFAULT_MODEL_PACKAGE, cache_dir, default_model};
 pub use error::{Error, Result};
 pub use model::{
-    Cache, GenerateOptions, Generation, LoadOptions, LogitsMode, Model, StopReason, VRAM_PASS_TOKENS, check_device,
+    Cache, GenerateOptions, Generation, LoadOptions, LogitsMode, Model, StopReason, VRAM_CONTEXT, VRAM_PASS_TOKENS,
+    check_device,
 };
 pub use moe::{LayerStats, MoeConfig, RouterStats};
 pub use offload::{
-    DEFAULT_PREFILL_CHUNK, OffloadConfig, PackReport, PlacementReport, cached_hardware_profile, hardware_profile,
-    hardware_profile_path, measure_disk_read, pack_model, plan_placement, probe_hardware, process_ram,
-    save_hardware_profile,
+    DEFAULT_PREFILL_CHUNK, OffloadConfig, PackReport, PlacementReport, VramPlacementReport, cached_hardware_profile,
+    hardware_profile, hardware_profile_path, measure_disk_read, pack_model, plan_placement, plan_vram_placement,
+    probe_hardware, process_ram, save_hardware_profile,
 };
 pub use perplexity::{DEFAULT_PERPLEXITY_CHUNK, Perplexity};
 pub use sampling::{Sampler, SamplingParams};

@@ -21,8 +21,7 @@ use crate::{Error, Result};
 
 /// The KV cache length a `--max-vram` placement plans for when no `max_context` is given (at
 /// most the model's trained context).
-#[cfg(feature = "cuda")]
-const VRAM_CONTEXT: usize = 4096;
+pub const VRAM_CONTEXT: usize = 4096;
 
 /// Tokens per forward pass under `--max-vram`: prompts run in chunks of it, so the pass's
 /// scratch is bounded (`strata_models::VramBudget::pass_tokens`).
@@ -31,6 +30,20 @@ pub const VRAM_PASS_TOKENS: usize = 512;
 /// Bytes of each copy of [`Model::upload_bandwidth`].
 #[cfg(feature = "cuda")]
 const UPLOAD_PROBE_BYTES: usize = 256 << 20;
+
+/// The GPU ceiling `max_vram` as the CUDA decoder places `decoder` under it: the KV cache for
+/// the decoder's `max_context`, else [`VRAM_CONTEXT`] tokens at most, passes of
+/// [`VRAM_PASS_TOKENS`].
+pub(crate) fn vram_budget(
+    decoder: &strata_models::Decoder,
+    max_vram: Option<u64>,
+) -> Option<strata_models::VramBudget> {
+    max_vram.map(|max_bytes| {
+        let trained = decoder.rope_scheme().trained_context();
+        let context_tokens = decoder.max_context().unwrap_or(VRAM_CONTEXT.min(trained));
+        strata_models::VramBudget { max_bytes, context_tokens, pass_tokens: VRAM_PASS_TOKENS }
+    })
+}
 
 /// How to load a model.
 #[derive(Clone, Debug, Default)]
@@ -295,11 +308,7 @@ impl Model {
             Device::Cpu => Backend::Cpu,
             #[cfg(feature = "cuda")]
             Device::Cuda(ordinal) => {
-                let budget = options.offload.max_vram.map(|max_bytes| {
-                    let trained = decoder.rope_scheme().trained_context();
-                    let context_tokens = decoder.max_context().unwrap_or(VRAM_CONTEXT.min(trained));
-                    strata_models::VramBudget { max_bytes, context_tokens, pass_tokens: VRAM_PASS_TOKENS }
-                });
+                let budget = vram_budget(&decoder, options.offload.max_vram);
                 if let Some(b) = &budget {
                     chunk = Some(b.pass_tokens);
                 }

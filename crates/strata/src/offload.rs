@@ -177,6 +177,32 @@ pub fn plan_placement(spec: impl AsRef<Path>, options: &LoadOptions) -> Result<P
     Ok(PlacementReport { plan, manifest, hardware, context_tokens })
 }
 
+/// Where the weights of the model at `spec` go under the GPU ceiling `options.offload.max_vram`
+/// on CUDA, as loading it with `--device cuda` places them (`strata_models::vram_report`): what
+/// stays on the device, which layers stream from host memory. Needs no GPU; reads the
+/// checkpoint's headers and maps its weights.
+pub fn plan_vram_placement(spec: impl AsRef<Path>, options: &LoadOptions) -> Result<VramPlacementReport> {
+    let Some(max_vram) = options.offload.max_vram else {
+        return Err(Error::InvalidInput("plan_vram_placement needs a GPU ceiling (max_vram)".into()));
+    };
+    let mut decoder = strata_models::open(&spec.as_ref().to_string_lossy())?.load()?.decoder;
+    decoder.set_max_context(options.max_context);
+    let budget = crate::model::vram_budget(&decoder, Some(max_vram)).expect("a ceiling was given");
+    let report = strata_models::vram_report(&decoder, &budget)?;
+    Ok(VramPlacementReport { budget, report, layers: decoder.hparams().n_layers })
+}
+
+/// What [`plan_vram_placement`] found.
+#[derive(Clone, Debug)]
+pub struct VramPlacementReport {
+    /// The ceiling, the planned context and pass size.
+    pub budget: strata_models::VramBudget,
+    /// The sizes and the layers that stream.
+    pub report: strata_models::VramReport,
+    /// Decoder layers.
+    pub layers: usize,
+}
+
 /// What [`pack_model`] did.
 #[derive(Clone, Debug)]
 pub struct PackReport {
