@@ -125,9 +125,8 @@ pub(crate) fn pack(a: PackArgs) -> Result<()> {
 /// `strata plan --max-vram SIZE`: where the weights go on CUDA under that ceiling (no GPU
 /// needed): what stays on the device, which layers stream from host memory, what a token copies.
 fn plan_vram(a: &PlanArgs, options: &strata::LoadOptions) -> Result<()> {
-    let cpu_tiers = strata::OffloadConfig { max_vram: None, ..options.offload.clone() };
     anyhow::ensure!(
-        cpu_tiers == strata::OffloadConfig::default(),
+        !options.offload.places_cpu_tiers(),
         "--max-vram plans the GPU; --max-ram, --strategy, --prefetch-layers, --offload-dir and --pack-dtype plan \
          the CPU's tiers: give one or the other"
     );

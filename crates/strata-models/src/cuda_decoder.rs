@@ -43,7 +43,7 @@ use strata_tensor::cpu::AttentionParams;
 
 use crate::context::ContextScaling;
 use crate::cuda_moe::{CudaMoe, MoeInput, MoeScratch};
-use crate::cuda_stream::{Placer, WeightStream};
+use crate::cuda_stream::{Placer, SlotSchedule, WeightStream};
 use crate::decoder::{Decoder, Ffn, Linear, shares_bytes};
 use crate::hparams::Hparams;
 use crate::kv_cache::DEFAULT_BLOCK_LEN;
@@ -572,11 +572,11 @@ impl CudaDecoder {
         let mut layers = Vec::with_capacity(decoder.layers.len());
         for (li, l) in decoder.layers.iter().enumerate() {
             let (a, f) = (l.attn.resident().ok_or_else(from_pack)?, l.ffn.resident().ok_or_else(from_pack)?);
-            let mut host = if streamed[li] { Some(WeightStream::host_buffer(c, bounds[li])?) } else { None };
+            let mut host = if streamed[li] { Some(Pinned::new(c, bounds[li])?) } else { None };
             let pos = hosts.iter().filter(|h| h.is_some()).count();
             let mut place = match host.as_mut() {
                 Some(host) => {
-                    Placer::Staged { host: host.as_mut_slice()?, slot: &slots[WeightStream::slot_of(pos)], used: 0 }
+                    Placer::Staged { host: host.as_mut_slice()?, slot: &slots[SlotSchedule::slot_of(pos)], used: 0 }
                 }
                 None => Placer::Resident,
             };

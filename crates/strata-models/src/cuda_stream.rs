@@ -106,11 +106,6 @@ impl WeightStream {
         (0..SLOTS).map(|_| Ok(Arc::new(cuda.zeros::<u8>(slot_bytes.max(1))?))).collect()
     }
 
-    /// A page-locked host buffer of `len` bytes for a streamed layer's copy.
-    pub(crate) fn host_buffer(cuda: &Cuda, len: usize) -> Result<Pinned> {
-        Ok(Pinned::new(cuda, len)?)
-    }
-
     /// The stream of `layers` (per layer of the model: its host copy and the bytes it holds, for
     /// the streamed ones), taking `slots` in turn: streamed layer `j` runs from slot `j % SLOTS`.
     pub(crate) fn new(layers: Vec<Option<(Pinned, usize)>>, slots: Vec<Arc<CudaSlice<u8>>>) -> WeightStream {
@@ -129,11 +124,6 @@ impl WeightStream {
             .collect();
         let state = Mutex::new((SlotSchedule::new(order.len()), (0..slots.len()).map(|_| None).collect()));
         WeightStream { layers, order, slots, state, bytes_per_pass }
-    }
-
-    /// The slot streamed layer `pos` runs from.
-    pub(crate) fn slot_of(pos: usize) -> usize {
-        SlotSchedule::slot_of(pos)
     }
 
     /// Layers that stream.

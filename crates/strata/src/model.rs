@@ -244,14 +244,12 @@ impl Model {
         }
         // A GPU ceiling alone is the CUDA decoder's to place under (layers streamed from host
         // memory); the CPU's placement flags plan the CPU's tiers.
-        let vram_only =
-            options.offload == crate::OffloadConfig { max_vram: options.offload.max_vram, ..Default::default() };
         if options.offload.max_vram.is_some() && options.device == Device::Cpu {
             return Err(Error::InvalidInput(
                 "--max-vram is a ceiling on GPU memory: it needs --device cuda (--max-ram bounds host memory)".into(),
             ));
         }
-        let (loaded, plan) = if options.offload.is_active() && !vram_only {
+        let (loaded, plan) = if options.offload.places_cpu_tiers() {
             if options.device != Device::Cpu {
                 return Err(Error::Unsupported(format!(
                     "placement flags with {}: tiered weights run on the CPU for now",

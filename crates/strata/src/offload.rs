@@ -66,6 +66,12 @@ impl OffloadConfig {
             || self.pack_dtype.is_some()
     }
 
+    /// Whether anything but `max_vram` is set: the flags that place the CPU's tiers (RAM and
+    /// disk). `max_vram` alone is the CUDA decoder's to place under.
+    pub fn places_cpu_tiers(&self) -> bool {
+        OffloadConfig { max_vram: None, ..self.clone() }.is_active()
+    }
+
     /// The offload directory: the configured one or `<strata cache>/offload`.
     pub fn offload_dir(&self) -> PathBuf {
         self.offload_dir.clone().unwrap_or_else(|| cache_dir().join("offload"))
