@@ -19,6 +19,18 @@ use strata_models::gguf_model::gguf_tensor_name;
 use strata_models::tensor::{DType, Tensor};
 use strata_models::{Checkpoint, ModelConfig};
 
+/// A fixed hardware profile (disk 1.5 GB/s, memory 20 GB/s, 2 threads), so that tests that
+/// plan a placement never measure the machine.
+pub fn fixed_hardware() -> strata::planner::HardwareProfile {
+    strata::planner::HardwareProfile {
+        disk_read_gb_s: 1.5,
+        memory_gb_s: 20.0,
+        matvec_gb_s: std::collections::BTreeMap::new(),
+        host_to_device_gb_s: None,
+        threads: 2,
+    }
+}
+
 /// The environment variable that points the tests at a copy of the fixtures, for test binaries
 /// run away from the source tree (the GPU machine runs prebuilt binaries in another directory).
 pub const FIXTURES_DIR_VAR: &str = "STRATA_FIXTURES_DIR";

@@ -4,10 +4,8 @@
 //! trace covering every chunk of a chunked pass, and the clear errors (a `k` out of range, MoE
 //! settings on a dense model, expert offload).
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
-use strata::planner::HardwareProfile;
 use strata::{Error, LoadOptions, LogitsMode, Model, MoeConfig, OffloadConfig, RouterStats, RouterTrace, Routing};
 use strata_tests::{Fixture, max_abs_diff};
 
@@ -126,13 +124,7 @@ fn the_trace_covers_every_chunk() {
     let offload = OffloadConfig {
         strategy: Some("all-resident".into()),
         offload_dir: Some(offload_dir.path().to_path_buf()),
-        hardware: Some(HardwareProfile {
-            disk_read_gb_s: 1.5,
-            memory_gb_s: 20.0,
-            matvec_gb_s: BTreeMap::new(),
-            host_to_device_gb_s: None,
-            threads: 2,
-        }),
+        hardware: Some(strata_tests::fixed_hardware()),
         ..OffloadConfig::default()
     };
     let chunked =
@@ -183,9 +175,6 @@ fn bad_settings_are_clear_errors() {
     assert!(err.to_string().contains("min_experts = 4 is outside 1..=3"), "{err}");
     let config = MoeConfig { capacity_factor: Some(0.0), ..MoeConfig::default() };
     assert!(load(&f.dir, Some(config)).unwrap_err().to_string().contains("capacity_factor"));
-    let config = MoeConfig { expert_offload: true, ..MoeConfig::default() };
-    let err = load(&f.dir, Some(config)).unwrap_err();
-    assert!(matches!(err, Error::Unsupported(_)) && err.to_string().contains("expert_offload"), "{err}");
 
     let dense = Fixture::load("llama_tied");
     let config = MoeConfig { active_experts: Some(2), ..MoeConfig::default() };

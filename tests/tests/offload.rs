@@ -2,25 +2,13 @@
 //! same logits as the unoffloaded model, and the faults the issue lists (a corrupt unit, a
 //! budget below the minimum, an offload directory on tmpfs) behave.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
-use strata::planner::{HardwareProfile, PlanError, Tier};
+use strata::planner::{PlanError, Tier};
 use strata::{Error, LoadOptions, LogitsMode, Model, OffloadConfig};
-use strata_tests::Fixture;
+use strata_tests::{Fixture, fixed_hardware};
 
 const FIXTURES: [&str; 6] = ["llama_tied", "llama_untied", "qwen2_bias", "qwen3_qknorm", "mixtral_moe", "qwen2_moe"];
-
-/// A fixed profile, so that tests never measure the machine.
-fn hardware() -> HardwareProfile {
-    HardwareProfile {
-        disk_read_gb_s: 1.5,
-        memory_gb_s: 20.0,
-        matvec_gb_s: BTreeMap::new(),
-        host_to_device_gb_s: None,
-        threads: 2,
-    }
-}
 
 fn load(dir: &Path, offload: OffloadConfig) -> strata::Result<Model> {
     Model::from_pretrained(dir, LoadOptions { threads: Some(2), offload, ..LoadOptions::default() })
@@ -32,7 +20,7 @@ fn config(strategy: &str, depth: Option<usize>, max_ram: Option<u64>, offload_di
         max_ram,
         prefetch_layers: depth,
         offload_dir: Some(offload_dir.to_path_buf()),
-        hardware: Some(hardware()),
+        hardware: Some(fixed_hardware()),
         ..OffloadConfig::default()
     }
 }

@@ -37,7 +37,7 @@ commands:
                               (installs pinned torch + transformers into a cached venv once)
   synth-model --shape NAME --dtype D --out PATH [--layers N] [--format safetensors|gguf]
                               write a random-weight checkpoint of a real model's shape for benchmarks
-                              (shapes: tinyllama-1.1b, llama-3-8b, smollm2-135m; safetensors: f32, f16, bf16
+                              (shapes: tinyllama-1.1b, llama-3-8b, smollm2-135m, mixtral-8x7b; safetensors: f32, f16, bf16
                               into the directory PATH; gguf, or PATH ending in .gguf: also q8_0, q4_0, q4_1,
                               q4_k, q6_k)
   kernels [--sass]            install the pinned nvcc (PyPI, cached venv) if none is found, compile every

@@ -90,6 +90,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut kv_bytes = 0;
     let mut peak_vram: Option<usize> = None;
     let mut streamed_per_token = Vec::new();
+    let mut hit_rates = Vec::new();
     for run in 0..runs {
         say(&format!("run {}/{runs}: prefill {} tokens, decode {}", run + 1, a.prompt_tokens, a.gen_tokens));
         let mut cache = model.new_cache()?;
@@ -107,7 +108,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
         decode.push(t.elapsed().as_secs_f64());
         if let Some(store) = model.store() {
-            streamed_per_token.push(store.stats().streamed_bytes as f64 / a.gen_tokens as f64);
+            // Streamed units and the experts read into the expert cache, per decoded token.
+            let experts = store.expert_cache_stats();
+            let bytes = store.stats().streamed_bytes + experts.map_or(0, |e| e.bytes_read);
+            streamed_per_token.push(bytes as f64 / a.gen_tokens as f64);
+            if let Some(rate) = experts.and_then(|e| e.hit_rate()) {
+                hit_rates.push(rate);
+            }
         }
         kv_bytes = cache.allocated_bytes();
         if let Some(used) = model.device_memory_used()? {
@@ -126,7 +133,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let dir = store.pack().dir().parent().unwrap_or(store.pack().dir()).to_path_buf();
             let disk = strata::measure_disk_read(&dir)? * 1e9;
             let per_token = median(&mut streamed_per_token);
-            let io = store.streamer().map(|s| s.stats().gb_per_s());
+            let io = store.streamer().or(store.expert_streamer()).map(|s| s.stats().gb_per_s());
             Some((disk, per_token, io))
         }
         None => None,
@@ -187,7 +194,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "decode_bound_tok_s": bound_tok_s,
         "decode_fraction_of_bound": decode_tok_s / bound_tok_s,
         "io_gb_s": null,
-        "expert_cache_hit_rate": null,
+        // The decode's share of experts found in the expert cache (median over the runs).
+        "expert_cache_hit_rate": (!hit_rates.is_empty()).then(|| median(&mut hit_rates)),
         "mean_experts_per_token": mean_experts,
         "plan": { "strategy": "all-resident", "device": model.device().to_string() },
     });
@@ -202,6 +210,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "planned_ram_bytes": plan.ram.total,
             "context_tokens": model.decoder().max_context(),
             "resident_weight_bytes": plan.ram.resident_weights,
+            "expert_cache_bytes": plan.ram.expert_cache,
             "predicted_s_per_token": plan.predicted.total_s,
         });
     }
@@ -268,6 +277,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
             );
             if let Some(io) = io {
                 println!("io achieved {io:>10.2} GB/s (while reads were in flight)");
+            }
+            if let Some(rate) = report["expert_cache_hit_rate"].as_f64() {
+                let cache = model.store().and_then(|s| s.expert_cache_capacity());
+                let (slots, bytes) = cache.unwrap_or_default();
+                println!(
+                    "expert cache {:>9.1}% hits while decoding ({slots} experts, {:.1} MB)",
+                    100.0 * rate,
+                    bytes as f64 / 1e6
+                );
             }
         }
         if let Some((layers, bytes, bw)) = gpu_streamed {

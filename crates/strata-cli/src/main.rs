@@ -86,9 +86,14 @@ pub(crate) struct PlacementArgs {
     /// Placement strategy.
     #[arg(long, value_name = "NAME")]
     strategy: Option<String>,
-    /// Memory for the MoE expert cache.
+    /// Keep a MoE model's experts in the offload pack and read the ones each router picks into
+    /// a cache of this size in RAM (part of --max-ram), like 4GB.
     #[arg(long, value_name = "SIZE")]
     expert_cache: Option<String>,
+    /// Which expert the cache evicts: lru (least recently used, the default) or lfu (least
+    /// frequently routed to).
+    #[arg(long, value_name = "NAME")]
+    expert_cache_policy: Option<String>,
     /// Store the offload pack's matrices in this dtype (q8_0, q4_0, q4_1, q4_k, q6_k, f16, bf16):
     /// fewer bytes to stream, at that dtype's precision.
     #[arg(long, value_name = "DTYPE")]
@@ -178,7 +183,6 @@ impl MoeArgs {
             routing,
             active_experts: self.active_experts,
             capacity_factor: self.capacity_factor,
-            expert_offload: false,
         }))
     }
 }
@@ -337,6 +341,8 @@ pub(crate) fn offload_config(p: &PlacementArgs) -> Result<strata::OffloadConfig>
         offload_dir: p.offload_dir.clone(),
         hardware: None,
         pack_dtype: p.pack_dtype.as_deref().map(parse_dtype).transpose()?,
+        expert_cache: size("--expert-cache", &p.expert_cache)?,
+        expert_cache_policy: p.expert_cache_policy.clone(),
     })
 }
 
@@ -350,9 +356,6 @@ pub(crate) fn parse_dtype(name: &str) -> Result<strata::DType> {
 /// The load options the flags ask for, after refusing the flags this version cannot honour yet.
 pub(crate) fn load_options(args: &ModelArgs) -> Result<LoadOptions> {
     let p = &args.placement;
-    if p.expert_cache.is_some() {
-        bail!("--expert-cache is not supported yet in this version of strata (it arrives with the expert cache)");
-    }
     let device = parse_device(&args.device)?;
     // Refused before the model is resolved (which may download the default model).
     strata::check_device(device)?;

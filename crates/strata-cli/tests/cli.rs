@@ -54,22 +54,58 @@ fn logits_writes_an_npy_of_every_position() {
     }
 }
 
+/// `--expert-cache` keeps the experts in the offload pack, read as the routers pick them: the
+/// logits stay the same bit for bit, in one pass and decoding.
 #[test]
-fn flags_of_later_features_are_refused_by_name() {
-    let model = fixture("llama_tied");
-    let out = strata(&[
-        "logits",
-        "--model",
-        model.to_str().unwrap(),
-        "--ids",
-        "1",
-        "--out",
-        "/dev/null",
-        "--expert-cache",
-        "1GB",
-    ]);
+fn an_expert_cache_gives_the_same_logits() {
+    let model = fixture("mixtral_e6_k3");
+    let tmp = tempfile::tempdir().unwrap();
+    let ids = "5,17,90,3,44,61,2,78";
+    for decode in [false, true] {
+        let logits = |name: &str, flags: &[&str]| {
+            let out_path = tmp.path().join(name);
+            let mut args = vec!["logits", "--model", model.to_str().unwrap(), "--ids", ids];
+            args.extend(["--out", out_path.to_str().unwrap()]);
+            if decode {
+                args.push("--decode");
+            }
+            args.extend_from_slice(flags);
+            let out = strata(&args);
+            assert!(out.status.success(), "{flags:?}: {}", stderr(&out));
+            std::fs::read(out_path).unwrap()
+        };
+        let dir = tmp.path().join("offload");
+        let dir = dir.to_str().unwrap();
+        let plain = logits("plain.npy", &[]);
+        for policy in ["lru", "lfu"] {
+            let cached = logits(
+                "cached.npy",
+                &["--expert-cache", "16KiB", "--expert-cache-policy", policy, "--offload-dir", dir],
+            );
+            assert_eq!(cached, plain, "decode {decode}, {policy}");
+        }
+    }
+}
+
+/// An expert cache needs experts; its policy must be one the planner knows.
+#[test]
+fn expert_cache_flags_are_checked() {
+    let run = |model: &str, flags: &[&str]| {
+        let model = fixture(model);
+        let mut args = vec!["logits", "--model", model.to_str().unwrap(), "--ids", "1", "--out", "/dev/null"];
+        args.extend_from_slice(flags);
+        strata(&args)
+    };
+    let out = run("llama_tied", &["--expert-cache", "1GB"]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("--expert-cache is not supported yet"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--expert-cache: the model is dense"), "{}", stderr(&out));
+    let out = run("mixtral_e6_k3", &["--expert-cache", "1GB", "--expert-cache-policy", "fifo"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("unknown expert cache policy \"fifo\""), "{}", stderr(&out));
+    assert!(stderr(&out).contains("lru, lfu"), "{}", stderr(&out));
+    let out = run("mixtral_e6_k3", &["--expert-cache", "1KB"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("holds no expert"), "{}", stderr(&out));
 }
 
 /// `--max-vram` bounds GPU memory: on the CPU it is refused, saying what it needs.
@@ -540,6 +576,17 @@ fn bench_reports_experts_per_token_on_a_moe_model() {
     let plain = bench(&[]);
     assert_eq!(plain["mean_experts_per_token"].as_f64(), Some(3.0), "{plain}");
     assert!(plain["expert_cache_hit_rate"].is_null());
+    // With the experts in a cache of all 12 (8 KiB each in the pack), the decode only hits.
+    let offload_dir = tempfile::tempdir().unwrap();
+    let dir = offload_dir.path().to_str().unwrap();
+    let cached = bench(&["--expert-cache", "96KiB", "--offload-dir", dir]);
+    assert_eq!(cached["expert_cache_hit_rate"].as_f64(), Some(1.0), "{cached}");
+    assert_eq!(cached["plan"]["expert_cache_bytes"].as_u64(), Some(96 << 10), "{cached}");
+    // With two, some reads.
+    let small = bench(&["--expert-cache", "16KiB", "--offload-dir", dir]);
+    let rate = small["expert_cache_hit_rate"].as_f64().unwrap();
+    assert!((0.0..1.0).contains(&rate), "{small}");
+    assert!(small["bytes_streamed_per_token"].as_f64().unwrap() > 0.0, "{small}");
     let bytes = |r: &serde_json::Value| r["bytes_read_per_token"].as_u64().unwrap();
 
     // One expert per token reads fewer bytes; dynamic top-k reads as many as it uses.

@@ -38,10 +38,10 @@ use strata_kernels::cuda::cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, 
 use strata_kernels::cuda::ops::{self, ExpertWeights, LinearScratch, MatvecStore};
 use strata_kernels::cuda::params::{STRATA_GATING_MAX_EXPERTS, STRATA_GATING_MAX_K};
 
-use crate::Result;
 use crate::cuda_decoder::{CudaLinear, CudaMlp};
 use crate::cuda_stream::Placer;
 use crate::moe::{self, LayerRecord, MoeLayer, MoeOptions, Routing};
+use crate::{Error, Result};
 
 /// The activations of a MoE block routed on the device: the rows the RMSNorm before it wrote, or
 /// the residual stream itself, which every product of the block normalises with the norm's
@@ -139,8 +139,10 @@ impl CudaMoe {
             Some(s) => Some((CudaMlp::upload(cuda, &s.mlp, place)?, CudaLinear::upload(cuda, &s.gate, place)?)),
             None => None,
         };
-        let experts: Vec<CudaMlp> =
-            moe.experts().iter().map(|e| CudaMlp::upload(cuda, e, place)).collect::<Result<_>>()?;
+        let resident = moe.resident_experts().ok_or_else(|| {
+            Error::Unsupported("a MoE layer whose experts are in the offload store does not run on CUDA".into())
+        })?;
+        let experts: Vec<CudaMlp> = resident.iter().map(|e| CudaMlp::upload(cuda, e, place)).collect::<Result<_>>()?;
         Ok(CudaMoe {
             router: CudaLinear::upload(cuda, &router.weight, place)?,
             n_experts: router.num_experts(),

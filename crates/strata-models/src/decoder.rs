@@ -20,8 +20,10 @@ use strata_tensor::{AlignedBytes, CpuStorage, Tensor};
 use crate::context::ContextScaling;
 use crate::hparams::Hparams;
 use crate::kv_cache::{DEFAULT_BLOCK_LEN, KvCache, RopeUpdate};
-use crate::moe::{Mlp, MoeLayer, MoeOptions, RouterTrace, load_moe_layer};
-use crate::offload::{EMBEDDING_UNIT, HEAD_UNIT, UnitLayout, attention_unit, ffn_down_unit, ffn_unit, ffn_up_unit};
+use crate::moe::{Mlp, MoeLayer, MoeOptions, PlacedExperts, RouterTrace, load_moe_layer};
+use crate::offload::{
+    EMBEDDING_UNIT, HEAD_UNIT, UnitLayout, attention_unit, expert_unit, ffn_down_unit, ffn_unit, ffn_up_unit,
+};
 use crate::rope::{RopeScheme, RopeTable};
 use crate::{Error, Result};
 
@@ -242,6 +244,9 @@ impl<T> Slot<T> {
 pub struct Layer {
     pub(crate) attn: Slot<Attention>,
     pub(crate) ffn: FfnSlot,
+    /// A MoE layer's experts when they are units of the store of their own (the FFN unit then
+    /// holds the norm, the router and the shared expert).
+    pub(crate) experts: Option<Arc<PlacedExperts>>,
 }
 
 /// Where a layer's feed-forward block lives.
@@ -318,7 +323,8 @@ impl Decoder {
         for i in 0..hp.n_layers {
             layers.push(Layer {
                 attn: Slot::Resident(load_attention(&hp, i, &loader)?),
-                ffn: FfnSlot::Whole(Slot::Resident(load_ffn(&hp, i, &loader)?)),
+                ffn: FfnSlot::Whole(Slot::Resident(load_ffn(&hp, i, &loader, None)?)),
+                experts: None,
             });
         }
         let norm = loader.vector("model.norm.weight", hp.hidden_size)?;
@@ -368,6 +374,7 @@ impl Decoder {
         let mut layers = Vec::with_capacity(hp.n_layers);
         for i in 0..hp.n_layers {
             let attn = place(&store, unit(&attention_unit(i))?, |l| load_attention(&hp, i, l))?;
+            let experts = placed_experts(&hp, i, &store, layout)?;
             let ffn = match (layout.index(&ffn_up_unit(i)), layout.index(&ffn_down_unit(i))) {
                 (Some(_), Some(_)) => {
                     let parts = [unit(&ffn_unit(i))?, unit(&ffn_up_unit(i))?, unit(&ffn_down_unit(i))?];
@@ -385,12 +392,12 @@ impl Decoder {
                             .map(|handle| UnitSource { handle, location: store.pack().data_path() })
                             .collect();
                         let chain = Chain(sources.iter().map(|s| s as &dyn TensorSource).collect());
-                        FfnSlot::Whole(Slot::Resident(load_ffn(&hp, i, &Loader { src: &chain })?))
+                        FfnSlot::Whole(Slot::Resident(load_ffn(&hp, i, &Loader { src: &chain }, None)?))
                     }
                 }
-                _ => FfnSlot::Whole(place(&store, unit(&ffn_unit(i))?, |l| load_ffn(&hp, i, l))?),
+                _ => FfnSlot::Whole(place(&store, unit(&ffn_unit(i))?, |l| load_ffn(&hp, i, l, experts.as_ref()))?),
             };
-            layers.push(Layer { attn, ffn });
+            layers.push(Layer { attn, ffn, experts });
         }
         let rope = hp.rope.clone();
         Ok(Decoder { hp, embed, layers, norm, lm_head, store: Some(store), rope, moe: MoeOptions::default() })
@@ -623,9 +630,7 @@ impl Decoder {
         self.layers
             .iter()
             .map(|l| match l.ffn.resident().map(|f| &f.ffn) {
-                Some(Ffn::Moe(moe)) => {
-                    moe.experts().iter().map(Mlp::byte_len).sum::<usize>() / moe.experts().len().max(1)
-                }
+                Some(Ffn::Moe(moe)) => moe.mean_expert_bytes(),
                 _ => 0,
             })
             .sum()
@@ -816,7 +821,7 @@ impl Decoder {
             let ffn = match &layer.ffn {
                 FfnSlot::Whole(Slot::Resident(f)) => f,
                 FfnSlot::Whole(Slot::Streamed(unit)) => {
-                    streamed_ffn = self.fetch(*unit, |l| load_ffn(hp, li, l))?;
+                    streamed_ffn = self.fetch(*unit, |l| load_ffn(hp, li, l, layer.experts.as_ref()))?;
                     &streamed_ffn
                 }
                 FfnSlot::Split(mlp) => {
@@ -929,11 +934,12 @@ fn load_attention(hp: &Hparams, i: usize, loader: &Loader<'_>) -> Result<Attenti
     })
 }
 
-/// Loads layer `i`'s feed-forward block: a dense MLP, or the MoE block of a sparse layer.
-fn load_ffn(hp: &Hparams, i: usize, loader: &Loader<'_>) -> Result<FeedForward> {
+/// Loads layer `i`'s feed-forward block: a dense MLP, or the MoE block of a sparse layer (with
+/// `placed` for its experts when they are units of the store of their own).
+fn load_ffn(hp: &Hparams, i: usize, loader: &Loader<'_>, placed: Option<&Arc<PlacedExperts>>) -> Result<FeedForward> {
     let p = format!("model.layers.{i}");
     let ffn = match &hp.moe {
-        Some(moe) if moe.is_sparse(i) => Ffn::Moe(load_moe_layer(loader, &p, hp.hidden_size, moe)?),
+        Some(moe) if moe.is_sparse(i) => Ffn::Moe(load_moe_layer(loader, &p, hp.hidden_size, moe, placed)?),
         _ => Ffn::Dense(Mlp::new(
             load_mlp_part(hp, i, MlpPart::Gate, loader)?,
             load_mlp_part(hp, i, MlpPart::Up, loader)?,
@@ -985,6 +991,43 @@ pub(crate) fn shares_bytes(a: &Tensor, b: &Tensor) -> bool {
     }
 }
 
+/// Layer `i`'s experts when `layout` gives each a unit of its own (`None`: a dense layer, or
+/// experts kept in the layer's FFN unit). The unit's tensors are the gate, up and down
+/// projections, in the order the decoder loaded them.
+fn placed_experts(
+    hp: &Hparams,
+    i: usize,
+    store: &Arc<Store>,
+    layout: &UnitLayout,
+) -> Result<Option<Arc<PlacedExperts>>> {
+    let Some(moe) = hp.moe.as_ref().filter(|m| m.is_sparse(i)) else { return Ok(None) };
+    if layout.index(&expert_unit(i, 0)).is_none() {
+        return Ok(None);
+    }
+    let mut units = Vec::with_capacity(moe.num_experts);
+    let mut names = Vec::with_capacity(moe.num_experts);
+    for e in 0..moe.num_experts {
+        let name = expert_unit(i, e);
+        let def = layout.index(&name).map(|k| &layout.units[k]);
+        let (Some(def), Some(unit)) = (def, store.unit_index(&name)) else {
+            return Err(Error::Unsupported(format!(
+                "the offload pack {} has no unit {name}",
+                store.pack().data_path().display()
+            )));
+        };
+        let [g, u, d] = def.tensors.as_slice() else {
+            return Err(Error::Unsupported(format!(
+                "unit {name} holds {} tensors, not an expert's 3",
+                def.tensors.len()
+            )));
+        };
+        units.push(unit);
+        names.push([g.clone(), u.clone(), d.clone()]);
+    }
+    let placed = PlacedExperts::new(Arc::clone(store), units, names, hp.hidden_size, moe.expert_intermediate_size)?;
+    Ok(Some(Arc::new(placed)))
+}
+
 /// Unit `unit` of `store` as a slot: a streamed unit stays one; a resident unit's weights are
 /// built by `build` (views of the store's buffer).
 fn place<T>(store: &Store, unit: usize, build: impl FnOnce(&Loader<'_>) -> Result<T>) -> Result<Slot<T>> {
@@ -1001,9 +1044,9 @@ fn build_from<T>(store: &Store, unit: usize, build: impl FnOnce(&Loader<'_>) -> 
 }
 
 /// The tensors of one unit of the store, by their checkpoint names.
-struct UnitSource<'a> {
-    handle: &'a UnitHandle,
-    location: &'a Path,
+pub(crate) struct UnitSource<'a> {
+    pub(crate) handle: &'a UnitHandle,
+    pub(crate) location: &'a Path,
 }
 
 impl TensorSource for UnitSource<'_> {

@@ -265,6 +265,9 @@ fn rope_scaling_from_gguf(file: &GgufFile, arch: &str, context_length: usize) ->
 mod tests {
     use super::*;
     use crate::gguf::write::GgufWriter;
+    use std::sync::Arc;
+    use strata_store::planner::UnitKind;
+    use strata_store::{ExpertCacheConfig, Residency, Store};
 
     #[test]
     fn names_map_to_gguf() {
@@ -439,6 +442,39 @@ mod tests {
         let b = st.forward(&ids, &mut st.new_cache(), Logits::All).unwrap();
         let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
         assert!(diff < 1e-5, "GGUF vs safetensors: {diff}");
+
+        // Packed for offloading, each expert is a unit of its own, cut out of the stacks; run
+        // from an expert cache of two experts, the logits are the same bit for bit.
+        let layout = crate::offload::UnitLayout::of(&gguf.hp, &file).unwrap();
+        let experts: Vec<_> = layout.units.iter().filter(|u| matches!(u.kind, UnitKind::Expert { .. })).collect();
+        assert_eq!(experts.len(), cfg.num_hidden_layers * e);
+        assert_eq!(
+            experts[1].tensors,
+            ["w1", "w3", "w2"].map(|n| format!("model.layers.0.block_sparse_moe.experts.1.{n}.weight"))
+        );
+        let pack =
+            crate::offload::ensure_pack(&gguf.hp, &layout, &file, &path, &tmp.path().join("packs"), None, &mut |_| {})
+                .unwrap();
+        let residency: Vec<Residency> = layout
+            .units
+            .iter()
+            .map(|u| if matches!(u.kind, UnitKind::Expert { .. }) { Residency::Cached } else { Residency::Resident })
+            .collect();
+        let largest = pack.manifest().units.iter().map(|u| u.padded_len()).max().unwrap();
+        let config = ExpertCacheConfig { bytes: 2 * largest, policy: Box::new(strata_store::planner::Lru::default()) };
+        let store = Store::open_with_experts(pack, &residency, 1, Some(config), |_, _| {}).unwrap();
+        let placed = Decoder::load_placed(gguf.hp.clone(), Arc::new(store), &layout).unwrap();
+        let c = placed.forward(&ids, &mut placed.new_cache(), Logits::All).unwrap();
+        assert_eq!(c, a, "experts from the cache");
+        let mut cache = placed.new_cache();
+        let stepped: Vec<f32> =
+            ids.iter().flat_map(|&id| placed.forward(&[id], &mut cache, Logits::Last).unwrap()).collect();
+        let mut cache = gguf.new_cache();
+        let want: Vec<f32> =
+            ids.iter().flat_map(|&id| gguf.forward(&[id], &mut cache, Logits::Last).unwrap()).collect();
+        assert_eq!(stepped, want, "decode with experts from the cache");
+        let stats = placed.store().unwrap().expert_cache_stats().unwrap();
+        assert!(stats.misses > 0 && stats.evictions > 0, "{stats:?}");
         // A bad expert_used_count is refused.
         w.set_metadata("llama.expert_used_count", 9u32);
         w.write_file(&path).unwrap();

@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use strata_store::pack::{Pack, Progress as PackProgress};
-use strata_store::planner::{Plan, Tier, WeightManifest};
-use strata_store::{Residency, Store};
+use strata_store::planner::{ExpertCachePolicy, Plan, Tier, UnitKind, WeightManifest};
+use strata_store::{ExpertCacheConfig, Residency, Store};
 use strata_tensor::{DType, Tensor};
 
 use crate::decoder::{Decoder, TensorSource};
@@ -136,20 +136,24 @@ impl OpenedModel {
         convert: Option<DType>,
         progress: &mut dyn FnMut(&PackProgress),
     ) -> Result<Pack> {
-        offload::ensure_pack(layout, &*self.source, &self.path, offload_dir, convert, progress)
+        offload::ensure_pack(&self.hparams, layout, &*self.source, &self.path, offload_dir, convert, progress)
     }
 
     /// Loads the model placed as `plan` says. With nothing streamed and no conversion, this is
     /// [`OpenedModel::load`]. Otherwise the offload pack in `offload_dir` (its matrices converted
     /// to `convert`, if given) is built if missing (`pack_progress`), the checkpoint is unmapped,
     /// the resident units are read from the pack into RAM (`read_progress(done, total)`) and the
-    /// streamed ones are read on use, `plan.prefetch_depth` ahead.
+    /// streamed ones are read on use, `plan.prefetch_depth` ahead. Experts on disk are read when
+    /// their router picks them, into an expert cache of the plan's size evicting as `policy`
+    /// says.
+    #[allow(clippy::too_many_arguments)]
     pub fn load_placed(
         self,
         plan: &Plan,
         layout: &UnitLayout,
         offload_dir: &Path,
         convert: Option<DType>,
+        policy: Box<dyn ExpertCachePolicy>,
         pack_progress: &mut dyn FnMut(&PackProgress),
         read_progress: impl FnMut(u64, u64),
     ) -> Result<LoadedModel> {
@@ -160,7 +164,7 @@ impl OpenedModel {
                 layout.units.len()
             )));
         }
-        if plan.stream_order.is_empty() && convert.is_none() {
+        if plan.placements.iter().all(|p| p.tier != Tier::Disk) && convert.is_none() {
             return self.load();
         }
         let pack = self.pack(layout, offload_dir, convert, pack_progress)?;
@@ -170,12 +174,15 @@ impl OpenedModel {
         drop(source);
         let residency: Vec<Residency> = (0..layout.units.len())
             .map(|i| match plan.tier_of(i) {
+                Tier::Disk if matches!(layout.units[i].kind, UnitKind::Expert { .. }) => Residency::Cached,
                 Tier::Disk => Residency::Streamed,
                 Tier::Mapped => Residency::Mapped,
                 Tier::Ram | Tier::Vram => Residency::Resident,
             })
             .collect();
-        let store = Store::open(pack, &residency, plan.prefetch_depth, read_progress)?;
+        let cache =
+            residency.contains(&Residency::Cached).then(|| ExpertCacheConfig { bytes: plan.ram.expert_cache, policy });
+        let store = Store::open_with_experts(pack, &residency, plan.prefetch_depth, cache, read_progress)?;
         let decoder = Decoder::load_placed(hparams, Arc::new(store), layout)?;
         Ok(LoadedModel { decoder, tokenizer, chat_template, path })
     }

@@ -23,15 +23,19 @@
 //!
 //! Expert weights are kept as one [`Mlp`] per expert whatever the checkpoint layout (one tensor
 //! per expert, transformers' fused `gate_up_proj`/`down_proj` stacks, or GGUF's
-//! `ffn_*_exps` stacks): stacked tensors are viewed per expert without a copy, so a weight
-//! store can hand out one expert at a time.
+//! `ffn_*_exps` stacks): stacked tensors are viewed per expert without a copy. An offload pack
+//! stores each expert as a unit of its own (`PerExpertSource` shows any layout one tensor per
+//! expert and projection), and a layer placed in the store ([`PlacedExperts`]) asks it for the
+//! experts its router picked: cached in RAM, or read from the pack while the earlier ones run.
 
+use std::path::Path;
 use std::sync::Arc;
 
+use strata_store::{Store, UnitHandle};
 use strata_tensor::cpu;
 use strata_tensor::{ByteSource, Device, Tensor};
 
-use crate::decoder::{Linear, Loader};
+use crate::decoder::{Linear, Loader, TensorSource, UnitSource};
 use crate::hparams::MoeHparams;
 use crate::{Error, Result};
 
@@ -401,11 +405,88 @@ impl SharedExpert {
     }
 }
 
-/// One sparse MoE block: the router, one [`Mlp`] per expert, and an optional shared expert.
+/// Where a MoE layer's experts are.
+#[derive(Clone, Debug)]
+pub enum Experts {
+    /// One [`Mlp`] per expert, in memory.
+    Resident(Vec<Mlp>),
+    /// In the offload store, one unit per expert.
+    Placed(Arc<PlacedExperts>),
+}
+
+/// A MoE layer's experts in the offload store, one unit each (resident, or cached: read when the
+/// router picks it and kept while the store's expert cache has room).
+#[derive(Debug)]
+pub struct PlacedExperts {
+    store: Arc<Store>,
+    /// Per expert: its unit.
+    units: Vec<usize>,
+    /// Per expert: the names of its gate, up and down projections in its unit.
+    names: Vec<[String; 3]>,
+    hidden: usize,
+    inter: usize,
+}
+
+impl PlacedExperts {
+    /// The experts of one layer: expert `e` is unit `units[e]` of `store`, holding the gate, up
+    /// and down projections `names[e]` (`[inter, hidden]`, `[inter, hidden]`, `[hidden, inter]`).
+    pub fn new(
+        store: Arc<Store>,
+        units: Vec<usize>,
+        names: Vec<[String; 3]>,
+        hidden: usize,
+        inter: usize,
+    ) -> Result<PlacedExperts> {
+        let count = store.pack().manifest().units.len();
+        if units.len() != names.len() || units.iter().any(|&u| u >= count) {
+            return Err(Error::Unsupported(format!(
+                "placed experts: {} units and {} name sets for a pack of {count} units",
+                units.len(),
+                names.len()
+            )));
+        }
+        Ok(PlacedExperts { store, units, names, hidden, inter })
+    }
+
+    /// Expert `e`'s unit in the store.
+    pub fn unit(&self, e: usize) -> usize {
+        self.units[e]
+    }
+
+    /// How many experts.
+    pub fn len(&self) -> usize {
+        self.units.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.units.is_empty()
+    }
+
+    /// The bytes of expert `e`'s unit.
+    fn unit_bytes(&self, e: usize) -> usize {
+        self.store.pack().manifest().units[self.units[e]].len as usize
+    }
+
+    /// Expert `e`'s MLP, viewing `handle`'s bytes.
+    fn mlp(&self, e: usize, handle: &UnitHandle) -> Result<Mlp> {
+        let source = UnitSource { handle, location: self.store.pack().data_path() };
+        let loader = Loader { src: &source };
+        let [g, u, d] = &self.names[e];
+        let (h, i) = (self.hidden, self.inter);
+        Ok(Mlp::new(
+            Linear::new(loader.matrix(g, i, h)?, None),
+            Linear::new(loader.matrix(u, i, h)?, None),
+            Linear::new(loader.matrix(d, h, i)?, None),
+        ))
+    }
+}
+
+/// One sparse MoE block: the router, the experts, and an optional shared expert.
 #[derive(Clone, Debug)]
 pub struct MoeLayer {
     pub(crate) router: Router,
-    pub(crate) experts: Vec<Mlp>,
+    pub(crate) experts: Experts,
     pub(crate) shared: Option<SharedExpert>,
 }
 
@@ -415,9 +496,30 @@ impl MoeLayer {
         &self.router
     }
 
-    /// The experts, by index.
-    pub fn experts(&self) -> &[Mlp] {
+    /// The experts, by index, when they are all in memory (`None`: placed in the offload store).
+    pub fn resident_experts(&self) -> Option<&[Mlp]> {
+        match &self.experts {
+            Experts::Resident(e) => Some(e),
+            Experts::Placed(_) => None,
+        }
+    }
+
+    /// Where the experts are.
+    pub fn experts(&self) -> &Experts {
         &self.experts
+    }
+
+    /// Bytes of every expert together.
+    fn experts_byte_len(&self) -> usize {
+        match &self.experts {
+            Experts::Resident(e) => e.iter().map(Mlp::byte_len).sum(),
+            Experts::Placed(p) => (0..p.len()).map(|e| p.unit_bytes(e)).sum(),
+        }
+    }
+
+    /// The mean bytes of one expert.
+    pub fn mean_expert_bytes(&self) -> usize {
+        self.experts_byte_len() / self.router.num_experts().max(1)
     }
 
     /// The shared expert (Qwen2-MoE), if any.
@@ -427,18 +529,15 @@ impl MoeLayer {
 
     /// Bytes of the router, every expert and the shared expert.
     pub fn byte_len(&self) -> usize {
-        self.router.weight.byte_len()
-            + self.experts.iter().map(Mlp::byte_len).sum::<usize>()
-            + self.shared.as_ref().map_or(0, SharedExpert::byte_len)
+        self.router.weight.byte_len() + self.experts_byte_len() + self.shared.as_ref().map_or(0, SharedExpert::byte_len)
     }
 
     /// Bytes one token reads with `k` experts active: the router, the shared expert and `k`
     /// experts of average size.
     pub fn active_byte_len(&self, k: usize) -> usize {
-        let experts: usize = self.experts.iter().map(Mlp::byte_len).sum();
         self.router.weight.byte_len()
             + self.shared.as_ref().map_or(0, SharedExpert::byte_len)
-            + experts * k / self.experts.len().max(1)
+            + self.experts_byte_len() * k / self.router.num_experts().max(1)
     }
 
     /// Runs the block over `x` (`[tokens, hidden]`) into `out` (`[tokens, hidden]`, overwritten),
@@ -475,22 +574,22 @@ impl MoeLayer {
     }
 
     /// The routed experts' weighted sum, grouped by expert: each expert with tokens runs once
-    /// over all of them.
+    /// over all of them, in ascending expert order. Placed experts are fetched from the store
+    /// together (the reads of the later ones overlap the compute of the earlier ones) and each
+    /// is released once it ran.
     fn experts_forward(&self, x: &[f32], hidden: usize, routes: &Routes, out: &mut [f32]) -> Result<()> {
         out.fill(0.0);
-        let n_experts = self.experts.len();
+        let n_experts = self.router.num_experts();
         let mut groups: Vec<Vec<(usize, f32)>> = vec![Vec::new(); n_experts];
         for (i, (&id, &w)) in routes.ids.iter().zip(&routes.weights).enumerate() {
             if let Some(group) = groups.get_mut(id as usize) {
                 group.push((i / routes.slots, w));
             }
         }
+        let used: Vec<usize> = (0..n_experts).filter(|&e| !groups[e].is_empty()).collect();
         let mut rows = Vec::new();
         let mut y = Vec::new();
-        for (expert, group) in self.experts.iter().zip(&groups) {
-            if group.is_empty() {
-                continue;
-            }
+        let mut run = |expert: &Mlp, group: &[(usize, f32)]| -> Result<()> {
             rows.clear();
             for &(t, _) in group {
                 rows.extend_from_slice(&x[t * hidden..][..hidden]);
@@ -501,6 +600,26 @@ impl MoeLayer {
             for (&(t, w), y) in group.iter().zip(y.chunks_exact(hidden)) {
                 for (o, y) in out[t * hidden..][..hidden].iter_mut().zip(y) {
                     *o += y * w;
+                }
+            }
+            Ok(())
+        };
+        match &self.experts {
+            Experts::Resident(experts) => {
+                for &e in &used {
+                    run(&experts[e], &groups[e])?;
+                }
+            }
+            Experts::Placed(placed) => {
+                let units: Vec<usize> = used.iter().map(|&e| placed.unit(e)).collect();
+                let mut fetch = placed.store.fetch_experts(&units)?;
+                for &e in &used {
+                    let handle = fetch.next_expert().expect("one handle per expert asked for")?;
+                    let mlp = placed.mlp(e, &handle)?;
+                    // The weights view the handle's buffer; both go before the next expert is
+                    // taken, so a small cache can reuse the buffer.
+                    drop(handle);
+                    run(&mlp, &groups[e])?;
                 }
             }
         }
@@ -669,7 +788,16 @@ fn expert_names(mixtral: bool) -> [&'static str; 3] {
 ///
 /// The block lives under `{p}.block_sparse_moe` (Mixtral checkpoints) or `{p}.mlp` (Qwen, and
 /// transformers 5's in-memory Mixtral layout); the experts in any [`ExpertLayout`].
-pub(crate) fn load_moe_layer(loader: &Loader<'_>, p: &str, hidden: usize, moe: &MoeHparams) -> Result<MoeLayer> {
+///
+/// With `placed`, the experts are those (in the offload store) and only the router and the
+/// shared expert come from `loader`.
+pub(crate) fn load_moe_layer(
+    loader: &Loader<'_>,
+    p: &str,
+    hidden: usize,
+    moe: &MoeHparams,
+    placed: Option<&Arc<PlacedExperts>>,
+) -> Result<MoeLayer> {
     let (e, inter) = (moe.num_experts, moe.expert_intermediate_size);
     let prefixes: &[&str] = if moe.mixtral_names { &["block_sparse_moe", "mlp"] } else { &["mlp"] };
     let block = prefixes
@@ -680,6 +808,13 @@ pub(crate) fn load_moe_layer(loader: &Loader<'_>, p: &str, hidden: usize, moe: &
     let router = Linear::new(loader.matrix(&format!("{block}.gate.weight"), e, hidden)?, None);
     let router = Router::new(router, moe.top_k, moe.norm_topk_prob);
 
+    let shared = load_shared_expert(loader, &block, hidden, moe)?;
+    if let Some(placed) = placed {
+        if placed.len() != e {
+            return Err(Error::Unsupported(format!("{block}: {} placed experts for a router of {e}", placed.len())));
+        }
+        return Ok(MoeLayer { router, experts: Experts::Placed(Arc::clone(placed)), shared });
+    }
     let names = expert_names(moe.mixtral_names);
     let layout = if loader.contains(&format!("{block}.experts.0.{}.weight", names[0])) {
         ExpertLayout::PerExpert
@@ -738,20 +873,96 @@ pub(crate) fn load_moe_layer(loader: &Loader<'_>, p: &str, hidden: usize, moe: &
         }
     };
 
-    let shared = match moe.shared_expert_intermediate_size {
-        None => None,
-        Some(s) => {
-            let name = |n: &str| format!("{block}.shared_expert.{n}.weight");
-            let mlp = Mlp::new(
-                linear(loader.matrix(&name("gate_proj"), s, hidden)?),
-                linear(loader.matrix(&name("up_proj"), s, hidden)?),
-                linear(loader.matrix(&name("down_proj"), hidden, s)?),
-            );
-            let gate = linear(loader.matrix(&format!("{block}.shared_expert_gate.weight"), 1, hidden)?);
-            Some(SharedExpert { mlp, gate })
+    Ok(MoeLayer { router, experts: Experts::Resident(experts), shared })
+}
+
+/// The shared expert (Qwen2-MoE) of the MoE block `block`, if the model has one.
+fn load_shared_expert(
+    loader: &Loader<'_>,
+    block: &str,
+    hidden: usize,
+    moe: &MoeHparams,
+) -> Result<Option<SharedExpert>> {
+    let Some(s) = moe.shared_expert_intermediate_size else { return Ok(None) };
+    let linear = |weight: Tensor| Linear::new(weight, None);
+    let name = |n: &str| format!("{block}.shared_expert.{n}.weight");
+    let mlp = Mlp::new(
+        linear(loader.matrix(&name("gate_proj"), s, hidden)?),
+        linear(loader.matrix(&name("up_proj"), s, hidden)?),
+        linear(loader.matrix(&name("down_proj"), hidden, s)?),
+    );
+    let gate = linear(loader.matrix(&format!("{block}.shared_expert_gate.weight"), 1, hidden)?);
+    Ok(Some(SharedExpert { mlp, gate }))
+}
+
+/// A checkpoint whose MoE experts read one tensor per expert and projection, whatever its
+/// layout: `{block}.experts.{e}.{gate,up,down}.weight` (with the family's names: `w1`, `w3`,
+/// `w2` for Mixtral) are the checkpoint's own tensors, or row views of its fused or stacked
+/// ones. Every other name passes through. The offload pack is built through it, so each
+/// expert is a unit of its own.
+pub(crate) struct PerExpertSource<'a> {
+    inner: &'a dyn TensorSource,
+    moe: &'a MoeHparams,
+    hidden: usize,
+}
+
+impl<'a> PerExpertSource<'a> {
+    /// `inner` seen per expert, for a model of `moe`'s shape with hidden size `hidden`.
+    pub(crate) fn new(inner: &'a dyn TensorSource, moe: &'a MoeHparams, hidden: usize) -> PerExpertSource<'a> {
+        PerExpertSource { inner, moe, hidden }
+    }
+
+    /// For a per-expert name the checkpoint lacks: the stacked tensor that holds it, its shape
+    /// `[E, rows, cols]`, and the expert's rows in it (`start`, `count`).
+    fn stacked(&self, name: &str) -> Option<(String, [usize; 3], usize, usize)> {
+        let (block, rest) = name.split_once(".experts.")?;
+        let (e, rest) = rest.split_once('.')?;
+        let e: usize = e.parse().ok()?;
+        let projection = rest.strip_suffix(".weight")?;
+        let part = expert_names(self.moe.mixtral_names).iter().position(|n| *n == projection)?;
+        let (n, h, i) = (self.moe.num_experts, self.hidden, self.moe.expert_intermediate_size);
+        if e >= n || !(block.ends_with(".mlp") || block.ends_with(".block_sparse_moe")) {
+            return None;
         }
-    };
-    Ok(MoeLayer { router, experts, shared })
+        let fused = format!("{block}.experts.gate_up_proj");
+        if self.inner.contains(&fused) {
+            return Some(match part {
+                0 => (fused, [n, 2 * i, h], e * 2 * i, i),
+                1 => (fused, [n, 2 * i, h], e * 2 * i + i, i),
+                _ => (format!("{block}.experts.down_proj"), [n, h, i], e * h, h),
+            });
+        }
+        let (stack, dims, rows) = match part {
+            0 => ("gate_proj", [n, i, h], i),
+            1 => ("up_proj", [n, i, h], i),
+            _ => ("down_proj", [n, h, i], h),
+        };
+        let stacked = format!("{block}.experts.{stack}.weight");
+        self.inner.contains(&stacked).then(|| (stacked, dims, e * rows, rows))
+    }
+}
+
+impl TensorSource for PerExpertSource<'_> {
+    fn tensor(&self, name: &str) -> Result<Tensor> {
+        if self.inner.contains(name) {
+            return self.inner.tensor(name);
+        }
+        match self.stacked(name) {
+            Some((stacked, dims, start, count)) => {
+                let loader = Loader { src: self.inner };
+                StackedRows::new(loader.shaped(&stacked, &dims)?)?.rows(start, count)
+            }
+            None => self.inner.tensor(name),
+        }
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.inner.contains(name) || self.stacked(name).is_some()
+    }
+
+    fn location(&self) -> &Path {
+        self.inner.location()
+    }
 }
 
 /// A tensor stacked along its first dimension, cut into zero-copy row views.

@@ -4,9 +4,11 @@
 //! Units follow the decoder's execution order: `embedding` (the token embedding and the final
 //! norm: always resident, one row read per token), then per layer `layers.N.attention` (its
 //! input norm, q/k/v/o and their biases and norms) and `layers.N.ffn` (its post-attention norm
-//! and MLP; for MoE the router, the shared expert and the experts), and last `head` (an untied
-//! output head). Per-expert units (`UnitKind::Expert`) arrive with the expert cache. The grouping is derived from the names the decoder
-//! actually loads, so a family's optional tensors land in the right unit without a list here.
+//! and MLP; for MoE its router and shared expert), `layers.N.experts.E` (a MoE layer's expert
+//! `E`: its gate, up and down projections, cut out of fused or stacked tensors if the
+//! checkpoint has them), and last `head` (an untied output head). The grouping is derived from
+//! the names the decoder actually loads, so a family's optional tensors land in the right unit
+//! without a list here.
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
@@ -17,6 +19,7 @@ use strata_tensor::{DType, Tensor};
 
 use crate::decoder::{Decoder, TensorSource};
 use crate::hparams::Hparams;
+use crate::moe::PerExpertSource;
 use crate::{Error, Result};
 
 /// The name of the unit holding the embedding and the final norm.
@@ -53,6 +56,11 @@ pub fn ffn_unit(layer: usize) -> String {
     format!("layers.{layer}.ffn")
 }
 
+/// The unit name of expert `expert` of MoE layer `layer`.
+pub fn expert_unit(layer: usize, expert: usize) -> String {
+    format!("layers.{layer}.experts.{expert}")
+}
+
 /// The unit name of a dense layer's up projection.
 pub fn ffn_up_unit(layer: usize) -> String {
     format!("layers.{layer}.ffn_up")
@@ -79,9 +87,11 @@ fn unit_of(name: &str) -> (String, UnitKind) {
         return (attention_unit(layer), UnitKind::Attention { layer });
     }
     // A dense MLP is three units (norm and gate, up, down), run one after the other, so that a
-    // streamed FFN needs staging buffers of a third of its size. A MoE layer's experts stay in
-    // its FFN unit for now (router, shared expert and every expert read together): streaming
-    // one expert at a time comes with the expert cache.
+    // streamed FFN needs staging buffers of a third of its size. Each expert of a MoE layer is a
+    // unit (the names are per expert: see `PerExpertSource`), read when its router picks it.
+    if let Some(expert) = expert_index(rest) {
+        return (expert_unit(layer, expert), UnitKind::Expert { layer, expert });
+    }
     if rest.starts_with("mlp.up_proj.") {
         return (ffn_up_unit(layer), UnitKind::Ffn { layer });
     }
@@ -89,6 +99,16 @@ fn unit_of(name: &str) -> (String, UnitKind) {
         return (ffn_down_unit(layer), UnitKind::Ffn { layer });
     }
     (ffn_unit(layer), UnitKind::Ffn { layer })
+}
+
+/// The expert a layer's tensor name (after `model.layers.N.`) belongs to:
+/// `{mlp,block_sparse_moe}.experts.E.*`.
+fn expert_index(rest: &str) -> Option<usize> {
+    let (block, rest) = rest.split_once(".experts.")?;
+    if block != "mlp" && block != "block_sparse_moe" {
+        return None;
+    }
+    rest.split_once('.')?.0.parse().ok()
 }
 
 /// The rank of a unit in execution order.
@@ -130,7 +150,8 @@ impl TensorSource for Recording<'_> {
 impl UnitLayout {
     /// The units of the model `hp` describes, from the tensors the decoder loads from `src`.
     pub fn of(hp: &Hparams, src: &dyn TensorSource) -> Result<UnitLayout> {
-        let recording = Recording { inner: src, names: RefCell::new(Vec::new()) };
+        let per_expert = per_expert(hp, src);
+        let recording = Recording { inner: per_expert.as_ref(), names: RefCell::new(Vec::new()) };
         Decoder::load(hp.clone(), &recording)?;
         let mut units: Vec<UnitDef> = Vec::new();
         for name in recording.names.into_inner() {
@@ -153,6 +174,7 @@ impl UnitLayout {
     /// would store them with `convert`), the bytes a decode step reads from it, and the model's
     /// KV and activation bytes per token.
     pub fn manifest(&self, hp: &Hparams, src: &dyn TensorSource, convert: Option<DType>) -> Result<WeightManifest> {
+        let src = per_expert(hp, src);
         let mut units = Vec::with_capacity(self.units.len());
         for u in &self.units {
             let mut bytes = 0u64;
@@ -172,6 +194,10 @@ impl UnitLayout {
                 // One row of an untied embedding is read per token.
                 let rows = dims.first().copied().unwrap_or(1).max(1) as u64;
                 per_token += if name == "model.embed_tokens.weight" && !hp.tie_embeddings { len / rows } else { len };
+            }
+            if let (UnitKind::Expert { .. }, Some(moe)) = (u.kind, &hp.moe) {
+                // A token reads an expert with probability k / E on average.
+                per_token = per_token * moe.top_k as u64 / moe.num_experts.max(1) as u64;
             }
             units.push(UnitInfo {
                 name: u.name.clone(),
@@ -195,11 +221,37 @@ impl UnitLayout {
 
     /// The units as the packer takes them: each tensor's stored bytes in `src`. The tensors
     /// must outlive the specs, so they are returned alongside.
-    fn tensors(&self, src: &dyn TensorSource) -> Result<Vec<Vec<(String, Tensor)>>> {
+    fn tensors(&self, hp: &Hparams, src: &dyn TensorSource) -> Result<Vec<Vec<(String, Tensor)>>> {
+        let src = per_expert(hp, src);
         self.units
             .iter()
             .map(|u| u.tensors.iter().map(|n| Ok((n.clone(), src.tensor(n)?))).collect::<Result<Vec<_>>>())
             .collect()
+    }
+}
+
+/// `src` with a MoE model's experts one tensor per expert and projection ([`PerExpertSource`]).
+fn per_expert<'a>(hp: &'a Hparams, src: &'a dyn TensorSource) -> Box<dyn TensorSource + 'a> {
+    match &hp.moe {
+        Some(moe) => Box::new(PerExpertSource::new(src, moe, hp.hidden_size)),
+        None => Box::new(Passthrough(src)),
+    }
+}
+
+/// A source as it is.
+struct Passthrough<'a>(&'a dyn TensorSource);
+
+impl TensorSource for Passthrough<'_> {
+    fn tensor(&self, name: &str) -> Result<Tensor> {
+        self.0.tensor(name)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.0.contains(name)
+    }
+
+    fn location(&self) -> &Path {
+        self.0.location()
     }
 }
 
@@ -228,8 +280,9 @@ fn layout_tag(layout: &UnitLayout) -> String {
 }
 
 /// Builds (or reuses) the offload pack of the checkpoint at `checkpoint` (`src` reads its
-/// tensors) in `offload_dir`, optionally converting matrices to `convert`, reporting progress.
+/// tensors; `hp` describes the model) in `offload_dir`, optionally converting matrices to `convert`, reporting progress.
 pub fn ensure_pack(
+    hp: &Hparams,
     layout: &UnitLayout,
     src: &dyn TensorSource,
     checkpoint: &Path,
@@ -238,7 +291,7 @@ pub fn ensure_pack(
     progress: &mut dyn FnMut(&pack::Progress),
 ) -> Result<Pack> {
     let key = SourceKey::for_files(&checkpoint_files(checkpoint)?, &layout_tag(layout), convert)?;
-    let tensors = layout.tensors(src)?;
+    let tensors = layout.tensors(hp, src)?;
     let mut specs = Vec::with_capacity(tensors.len());
     for (u, ts) in layout.units.iter().zip(&tensors) {
         let mut spec = UnitSpec { name: u.name.clone(), tensors: Vec::with_capacity(ts.len()) };
@@ -275,10 +328,20 @@ mod tests {
             ("model.layers.3.mlp.down_proj.weight", "layers.3.ffn_down", UnitKind::Ffn { layer: 3 }),
             ("model.layers.3.mlp.shared_expert.down_proj.weight", "layers.3.ffn", UnitKind::Ffn { layer: 3 }),
             ("model.layers.3.mlp.gate.weight", "layers.3.ffn", UnitKind::Ffn { layer: 3 }),
-            // Experts stay in their layer's FFN unit, one tensor each or fused.
-            ("model.layers.3.mlp.experts.5.up_proj.weight", "layers.3.ffn", UnitKind::Ffn { layer: 3 }),
-            ("model.layers.0.block_sparse_moe.experts.7.w2.weight", "layers.0.ffn", UnitKind::Ffn { layer: 0 }),
+            // Each expert is a unit; a fused or stacked tensor (seen per expert when packing)
+            // would stay in the FFN unit.
+            (
+                "model.layers.3.mlp.experts.5.up_proj.weight",
+                "layers.3.experts.5",
+                UnitKind::Expert { layer: 3, expert: 5 },
+            ),
+            (
+                "model.layers.0.block_sparse_moe.experts.7.w2.weight",
+                "layers.0.experts.7",
+                UnitKind::Expert { layer: 0, expert: 7 },
+            ),
             ("model.layers.2.mlp.experts.gate_up_proj", "layers.2.ffn", UnitKind::Ffn { layer: 2 }),
+            ("model.layers.2.mlp.experts.gate_proj.weight", "layers.2.ffn", UnitKind::Ffn { layer: 2 }),
             ("model.layers.2.mlp.shared_expert_gate.weight", "layers.2.ffn", UnitKind::Ffn { layer: 2 }),
         ];
         for (tensor, unit, kind) in cases {

@@ -45,7 +45,7 @@ pub(crate) fn layer_matrices(l: &Layer) -> Option<LayerMatrices> {
         Ffn::Dense(m) => mlp(m, &mut ws),
         Ffn::Moe(moe) => {
             ws.push(&moe.router().weight.weight);
-            for e in moe.experts() {
+            for e in moe.resident_experts().unwrap_or(&[]) {
                 mlp(e, &mut ws);
             }
             if let Some(s) = moe.shared_expert() {
@@ -88,7 +88,9 @@ pub(crate) fn vram_needs(decoder: &Decoder, budget: &VramBudget) -> Result<VramN
             .filter_map(|l| l.ffn.resident())
             .map(|f| match &f.ffn {
                 Ffn::Dense(m) => 2 * m.intermediate_size() * h * 4,
-                Ffn::Moe(moe) => moe.experts().first().map_or(0, |e| 2 * e.intermediate_size() * h * 4),
+                Ffn::Moe(moe) => {
+                    moe.resident_experts().and_then(<[_]>::first).map_or(0, |e| 2 * e.intermediate_size() * h * 4)
+                }
             })
             .max()
             .unwrap_or(0);

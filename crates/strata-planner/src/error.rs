@@ -22,6 +22,14 @@ pub enum PlanError {
         /// The known names, comma separated.
         known: String,
     },
+    /// No built-in expert cache policy has this name.
+    #[error("unknown expert cache policy {name:?}; the policies are {known}")]
+    UnknownExpertCachePolicy {
+        /// The name as given.
+        name: String,
+        /// The known names, comma separated.
+        known: String,
+    },
     /// The plan needs more memory in a tier than its budget allows.
     #[error("the plan does not fit in {tier}: {what}")]
     DoesNotFit {

@@ -12,6 +12,7 @@
 #![warn(missing_docs)]
 
 mod error;
+mod expert_cache;
 mod hardware;
 mod manifest;
 mod plan;
@@ -20,12 +21,16 @@ mod strategy;
 mod timing;
 
 pub use error::PlanError;
+pub use expert_cache::{
+    CacheSimulation, DEFAULT_EXPERT_CACHE_POLICY, EXPERT_CACHE_POLICIES, ExpertCachePolicy, Lfu, Lru,
+    expert_cache_policy_by_name, simulate_expert_cache,
+};
 pub use hardware::{HardwareProfile, TierBudgets, Workload};
 pub use manifest::{UnitInfo, UnitKind, WeightManifest};
 pub use plan::{MemoryUse, Placement, Plan, Tier, TokenTime};
 pub use size::{format_size, parse_size};
 pub use strategy::{
-    AllResident, CostModel, DEFAULT_STRATEGY, MAPPED_SLACK_BYTES, MAX_AUTO_PREFETCH_DEPTH, MAX_PREFETCH_DEPTH,
-    PAGE_BYTES, PIN_ATTENTION_DEPTH, PinAttention, PlacementStrategy, PlanInput, STRATEGY_NAMES, StreamAll, mapped_ram,
-    strategy_by_name,
+    AllResident, CostModel, DEFAULT_EXPERT_CACHE_FACTOR, DEFAULT_STRATEGY, MAPPED_SLACK_BYTES, MAX_AUTO_PREFETCH_DEPTH,
+    MAX_PREFETCH_DEPTH, PAGE_BYTES, PIN_ATTENTION_DEPTH, PinAttention, PlacementStrategy, PlanInput, STRATEGY_NAMES,
+    StreamAll, mapped_ram, strategy_by_name,
 };

@@ -47,7 +47,7 @@ pub struct Placement {
     pub tier: Tier,
 }
 
-/// The bytes a plan holds in one tier. `total` is the sum of the other five.
+/// The bytes a plan holds in one tier. `total` is the sum of the others.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryUse {
     /// Weights that stay in the tier (a mapped unit counts the pages the workload can touch).
@@ -58,6 +58,9 @@ pub struct MemoryUse {
     pub activations: u64,
     /// The ring of staging buffers that streamed units pass through.
     pub staging: u64,
+    /// The expert cache MoE experts are read into when their router picks them.
+    #[serde(default)]
+    pub expert_cache: u64,
     /// What the process holds besides (code, libraries, heap, per-thread scratch): RAM only.
     #[serde(default)]
     pub process: u64,
@@ -84,7 +87,8 @@ pub struct Plan {
     pub strategy: String,
     /// One placement per manifest unit, in manifest order (`placements[i].unit == i`).
     pub placements: Vec<Placement>,
-    /// The streamed units in execution order; the order wraps around to the next token.
+    /// The streamed units in execution order; the order wraps around to the next token. Experts
+    /// on disk are not in it: they are read when their router picks them, into the expert cache.
     pub stream_order: Vec<usize>,
     /// How many streamed units ahead of the one in use may be loading (0: on demand).
     pub prefetch_depth: usize,
@@ -126,7 +130,7 @@ impl Plan {
         let groups = group_units(self, m);
         let label_width = groups.iter().map(|g| g.label.len()).max().unwrap_or(0).max("unit".len());
         let mut out = String::new();
-        let ring = if self.staging_buffers == 0 {
+        let mut ring = if self.staging_buffers == 0 {
             "nothing streamed".to_string()
         } else {
             format!(
@@ -137,6 +141,10 @@ impl Plan {
                 format_size(self.staging_buffer_bytes)
             )
         };
+        if self.ram.expert_cache > 0 {
+            let streamed = if self.staging_buffers == 0 { "experts".to_string() } else { format!("{ring}; experts") };
+            ring = format!("{streamed} read on demand into an expert cache of {}", format_size(self.ram.expert_cache));
+        }
         out.push_str(&format!("strategy {}: {ring}\n", self.strategy));
         out.push_str(&format!("{:<label_width$}  {:<6}  {:>8}\n", "unit", "tier", "size"));
         for group in &groups {
@@ -163,12 +171,17 @@ impl Plan {
 fn memory_line(name: &str, memory: &MemoryUse, budget: Option<u64>) -> String {
     let budget = budget.map_or("unlimited".to_string(), format_size);
     format!(
-        "{name:<4}  {} of {budget}: weights {}, KV cache {}, activations {}, staging {}{}\n",
+        "{name:<4}  {} of {budget}: weights {}, KV cache {}, activations {}, staging {}{}{}\n",
         format_size(memory.total),
         format_size(memory.resident_weights),
         format_size(memory.kv_cache),
         format_size(memory.activations),
         format_size(memory.staging),
+        if memory.expert_cache > 0 {
+            format!(", expert cache {}", format_size(memory.expert_cache))
+        } else {
+            String::new()
+        },
         if memory.process > 0 { format!(", process {}", format_size(memory.process)) } else { String::new() }
     )
 }

@@ -31,6 +31,10 @@ pub const MAX_PREFETCH_DEPTH: usize = 64;
 /// The default prefetch depth of `pin-attention`.
 pub const PIN_ATTENTION_DEPTH: usize = 2;
 
+/// The default expert cache holds this many times a token's experts per layer (the experts of
+/// one layer, and as many again that the next tokens may reuse).
+pub const DEFAULT_EXPERT_CACHE_FACTOR: usize = 2;
+
 /// Everything a strategy plans from.
 #[derive(Debug, Clone, Copy)]
 pub struct PlanInput<'a> {
@@ -47,6 +51,13 @@ pub struct PlanInput<'a> {
     /// RAM the process holds outside the plan (its code and libraries, heap, per-thread
     /// scratch), counted against the RAM budget with the rest.
     pub process_ram: u64,
+    /// The user's `--expert-cache`: every expert unit is read on demand into an expert cache of
+    /// this many bytes, whatever the strategy. `None`: experts are placed like other units, and
+    /// streamed ones get a cache of [`DEFAULT_EXPERT_CACHE_FACTOR`] times `experts_per_token`
+    /// experts.
+    pub expert_cache: Option<u64>,
+    /// Experts a MoE layer runs per token (0 for a dense model): sizes the default expert cache.
+    pub experts_per_token: usize,
 }
 
 impl PlanInput<'_> {
@@ -328,6 +339,9 @@ impl<'a> Context<'a> {
                 format_size(plan.staging_buffer_bytes)
             ));
         }
+        if ram.expert_cache > 0 {
+            parts.push(format!("expert cache {}", format_size(ram.expert_cache)));
+        }
         if ram.process > 0 {
             parts.push(format!("the process itself {}", format_size(ram.process)));
         }
@@ -361,7 +375,19 @@ impl<'a> Context<'a> {
                 reason: format!("unit {:?} is an embedding or `Other` unit, which stay resident", unit.name),
             });
         }
-        let stream_order: Vec<usize> = self.order.iter().copied().filter(|&i| streamed[i]).collect();
+        // Experts are read when their router picks them, into the expert cache: not in the
+        // cyclic stream order, not through the staging ring.
+        let forced: Vec<bool>;
+        let streamed = if self.input.expert_cache.is_some() {
+            forced = units.iter().zip(streamed).map(|(u, &s)| s || matches!(u.kind, UnitKind::Expert { .. })).collect();
+            &forced
+        } else {
+            streamed
+        };
+        let is_expert = |i: usize| matches!(units[i].kind, UnitKind::Expert { .. });
+        let stream_order: Vec<usize> = self.order.iter().copied().filter(|&i| streamed[i] && !is_expert(i)).collect();
+        let cached: Vec<usize> = self.order.iter().copied().filter(|&i| streamed[i] && is_expert(i)).collect();
+        let expert_cache = self.expert_cache_bytes(&cached)?;
         let streamed_count = stream_order.len();
         let prefetch_depth = if streamed_count == 0 { 0 } else { depth.min(streamed_count - 1) };
         let staging_buffers = if streamed_count == 0 { 0 } else { prefetch_depth + 1 };
@@ -374,13 +400,16 @@ impl<'a> Context<'a> {
             "the embedding and other resident units",
         )?;
         let process = self.input.process_ram;
-        let total =
-            checked_sum([resident_weights, self.kv_cache, self.activations, staging, process], "the RAM total")?;
+        let total = checked_sum(
+            [resident_weights, self.kv_cache, self.activations, staging, expert_cache, process],
+            "the RAM total",
+        )?;
         let ram = MemoryUse {
             resident_weights,
             kv_cache: self.kv_cache,
             activations: self.activations,
             staging,
+            expert_cache,
             process,
             total,
         };
@@ -397,14 +426,15 @@ impl<'a> Context<'a> {
             })
             .collect();
         let compute: i128 = self.compute_ps.iter().fold(0i128, |sum, &t| sum.saturating_add(t));
-        let transfer: i128 = stream_order.iter().fold(0i128, |sum, &i| sum.saturating_add(self.transfer_ps[i]));
-        let time = if streamed_count == 0 {
+        // Every read counts (an expert its expected share, as if no read hit the cache).
+        let read = || stream_order.iter().chain(&cached);
+        let transfer: i128 = read().fold(0i128, |sum, &i| sum.saturating_add(self.transfer_ps[i]));
+        let time = if streamed_count + cached.len() == 0 {
             Ratio::whole(compute)
         } else {
             cycle_time(&self.stages(streamed), prefetch_depth)
         };
-        let bytes_streamed_per_token =
-            stream_order.iter().fold(0u64, |sum, &i| sum.saturating_add(self.stream_bytes[i]));
+        let bytes_streamed_per_token = read().fold(0u64, |sum, &i| sum.saturating_add(self.stream_bytes[i]));
         let plan = Plan {
             strategy: strategy.to_string(),
             placements,
@@ -423,6 +453,38 @@ impl<'a> Context<'a> {
             },
         };
         Ok(Candidate { plan, time, pinned_bytes })
+    }
+
+    /// The expert cache a layout needs for its on-demand experts `cached`: the user's size (which
+    /// must hold the largest of them), or [`DEFAULT_EXPERT_CACHE_FACTOR`] times a token's experts
+    /// of the largest size; 0 when no expert is read on demand. An expert counts as the pack
+    /// stores it, rounded up to [`PAGE_BYTES`].
+    fn expert_cache_bytes(&self, cached: &[usize]) -> Result<u64, PlanError> {
+        let units = self.units();
+        // The pack stores each unit on page boundaries, and a cache buffer holds a whole one.
+        let Some(largest) = cached.iter().map(|&i| units[i].bytes.next_multiple_of(PAGE_BYTES)).max() else {
+            return Ok(0);
+        };
+        match self.input.expert_cache {
+            Some(bytes) if bytes < largest => {
+                let name = cached
+                    .iter()
+                    .find(|&&i| units[i].bytes.next_multiple_of(PAGE_BYTES) == largest)
+                    .map_or("", |&i| units[i].name.as_str());
+                Err(PlanError::InvalidPlacement {
+                    reason: format!(
+                        "an expert cache of {} ({bytes} bytes) holds no expert: {name} takes {largest} bytes in the \
+                         offload pack",
+                        format_size(bytes)
+                    ),
+                })
+            }
+            Some(bytes) => Ok(bytes),
+            None => {
+                let experts = (DEFAULT_EXPERT_CACHE_FACTOR * self.input.experts_per_token).max(1);
+                checked_product(largest, experts, "the expert cache")
+            }
+        }
     }
 
     /// The pipeline stages of a layout with at least one streamed unit: each streamed unit with

@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 use strata_planner::{
-    AllResident, CostModel, HardwareProfile, PinAttention, PlacementStrategy, Plan, PlanError, PlanInput, StreamAll,
-    Tier, TierBudgets, UnitInfo, UnitKind, WeightManifest, Workload, format_size, mapped_ram, parse_size,
-    strategy_by_name,
+    AllResident, CostModel, DEFAULT_EXPERT_CACHE_FACTOR, HardwareProfile, PinAttention, PlacementStrategy, Plan,
+    PlanError, PlanInput, StreamAll, Tier, TierBudgets, UnitInfo, UnitKind, WeightManifest, Workload, format_size,
+    mapped_ram, parse_size, strategy_by_name,
 };
 
 /// Bytes of `weights` q8_0 weights: 34 bytes per block of 32.
@@ -90,6 +90,8 @@ fn input<'a>(
         workload: WORKLOAD,
         prefetch_depth: depth,
         process_ram: 0,
+        expert_cache: None,
+        experts_per_token: 2,
     }
 }
 
@@ -112,9 +114,20 @@ fn check_plan(plan: &Plan, input: &PlanInput) -> Result<(), TestCaseError> {
             prop_assert!(placement.tier != Tier::Mapped, "unit {} is mapped", m.units[i].name);
         }
     }
-    let expected_order: Vec<usize> =
+    let is_expert = |i: usize| matches!(m.units[i].kind, UnitKind::Expert { .. });
+    let on_disk: Vec<usize> =
         m.execution_order().into_iter().filter(|&i| plan.placements[i].tier == Tier::Disk).collect();
+    // Experts on disk are read on demand into the expert cache, not streamed in order.
+    let expected_order: Vec<usize> = on_disk.iter().copied().filter(|&i| !is_expert(i)).collect();
     prop_assert_eq!(&plan.streamed_units(), &expected_order);
+    let largest_expert =
+        on_disk.iter().copied().filter(|&i| is_expert(i)).map(|i| m.units[i].bytes.next_multiple_of(4096)).max();
+    let expert_cache = match (largest_expert, input.expert_cache) {
+        (None, _) => 0,
+        (Some(_), Some(bytes)) => bytes,
+        (Some(largest), None) => largest * (DEFAULT_EXPERT_CACHE_FACTOR * input.experts_per_token).max(1) as u64,
+    };
+    prop_assert_eq!(plan.ram.expert_cache, expert_cache);
     let streamed = expected_order.len();
     if streamed == 0 {
         prop_assert_eq!((plan.staging_buffers, plan.staging_buffer_bytes, plan.prefetch_depth), (0, 0, 0));
@@ -134,7 +147,10 @@ fn check_plan(plan: &Plan, input: &PlanInput) -> Result<(), TestCaseError> {
     prop_assert_eq!(ram.activations, m.activation_bytes_per_token * input.workload.batch_tokens as u64);
     prop_assert_eq!(ram.staging, plan.staging_buffers as u64 * plan.staging_buffer_bytes);
     prop_assert_eq!(ram.process, input.process_ram);
-    prop_assert_eq!(ram.total, ram.resident_weights + ram.kv_cache + ram.activations + ram.staging + ram.process);
+    prop_assert_eq!(
+        ram.total,
+        ram.resident_weights + ram.kv_cache + ram.activations + ram.staging + ram.expert_cache + ram.process
+    );
     if let Some(budget) = input.budgets.ram {
         prop_assert!(
             ram.total <= budget,
@@ -148,7 +164,7 @@ fn check_plan(plan: &Plan, input: &PlanInput) -> Result<(), TestCaseError> {
     let t = plan.predicted;
     prop_assert!(t.total_s >= t.compute_s.max(t.transfer_s), "{:?}", t);
     prop_assert!(t.total_s <= t.compute_s + t.transfer_s + 1e-15 * t.total_s, "{:?}", t);
-    if plan.prefetch_depth == 0 && streamed > 0 {
+    if plan.prefetch_depth == 0 && !on_disk.is_empty() {
         let sum = t.compute_s + t.transfer_s;
         prop_assert!((t.total_s - sum).abs() <= 1e-12 * sum, "depth 0 adds compute and transfer: {:?}", t);
     }
@@ -512,7 +528,7 @@ proptest! {
         let everything = manifest.total_bytes() + manifest.kv_bytes_per_token * context as u64
             + manifest.activation_bytes_per_token * batch as u64;
         let ram = budget_fraction.map(|f| (everything as f64 * f) as u64);
-        let input = PlanInput { manifest: &manifest, budgets: TierBudgets { vram: Some(1 << 30), ram }, hardware: &hardware, workload, prefetch_depth: depth, process_ram: 0 };
+        let input = PlanInput { manifest: &manifest, budgets: TierBudgets { vram: Some(1 << 30), ram }, hardware: &hardware, workload, prefetch_depth: depth, process_ram: 0, expert_cache: None, experts_per_token: 2 };
         let cost = CostModel.plan(&input);
         prop_assert_eq!(&cost, &CostModel.plan(&input), "the same input gives the same plan");
         for strategy in strategies() {
@@ -548,7 +564,7 @@ proptest! {
     ) {
         let mut previous = f64::INFINITY;
         for depth in 0..6 {
-            let input = PlanInput { manifest: &manifest, budgets: TierBudgets::default(), hardware: &hardware, workload: WORKLOAD, prefetch_depth: Some(depth), process_ram: 0 };
+            let input = PlanInput { manifest: &manifest, budgets: TierBudgets::default(), hardware: &hardware, workload: WORKLOAD, prefetch_depth: Some(depth), process_ram: 0, expert_cache: None, experts_per_token: 2 };
             for plan in [StreamAll.plan(&input), PinAttention.plan(&input)] {
                 let plan = plan.map_err(|e| TestCaseError::fail(e.to_string()))?;
                 check_plan(&plan, &input)?;
@@ -591,6 +607,58 @@ fn the_table_groups_experts_across_layers() {
         "{table}"
     );
     assert!(table.lines().nth(5).unwrap().contains("disk"), "{table}");
+    // Streamed experts are read on demand into a cache of twice a token's experts (k = 2 here),
+    // each counted at its size in the pack (page-aligned).
+    assert_eq!(plan.ram.expert_cache, 2 * 2 * 4096);
+    assert!(plan.stream_order.is_empty());
+    assert!(table.starts_with("strategy mine: experts read on demand into an expert cache of 16.4 KB"), "{table}");
+}
+
+/// `--expert-cache` puts every expert in the cache, whatever the strategy; a cache that holds
+/// no expert is refused.
+#[test]
+fn an_expert_cache_takes_every_expert_whatever_the_strategy() {
+    let make = |name: String, kind, bytes| UnitInfo { name, kind, bytes, dtype: "f32".into(), bytes_per_token: bytes };
+    let mut units = vec![make("embed".into(), UnitKind::Embedding, 1000)];
+    for layer in 0..2 {
+        units.push(make(format!("{layer}.attn"), UnitKind::Attention { layer }, 3000));
+        units.push(make(format!("{layer}.ffn"), UnitKind::Ffn { layer }, 500));
+        for expert in 0..4 {
+            units.push(make(format!("{layer}.e{expert}"), UnitKind::Expert { layer, expert }, 5000 + expert as u64));
+        }
+    }
+    let manifest = WeightManifest { units, n_layers: 2, kv_bytes_per_token: 64, activation_bytes_per_token: 256 };
+    let hardware = hardware();
+    let cache = 3 * 8192;
+    let with_cache = PlanInput { expert_cache: Some(cache), ..input(&manifest, &hardware, None, None) };
+    for strategy in strategies() {
+        let plan = strategy.plan(&with_cache).unwrap();
+        check(&plan, &with_cache);
+        for (u, p) in manifest.units.iter().zip(&plan.placements) {
+            if matches!(u.kind, UnitKind::Expert { .. }) {
+                assert_eq!(p.tier, Tier::Disk, "{}: {}", plan.strategy, u.name);
+            }
+        }
+        assert_eq!(plan.ram.expert_cache, cache, "{}", plan.strategy);
+    }
+    // Under a RAM budget the cache counts with the rest.
+    let tight = PlanInput { budgets: TierBudgets { vram: None, ram: Some(1) }, ..with_cache };
+    let (needed, _, what) = does_not_fit(CostModel.plan(&tight));
+    assert!(what.contains("expert cache 24.6 KB"), "{what}");
+    let budget = PlanInput { budgets: TierBudgets { vram: None, ram: Some(needed) }, ..with_cache };
+    let plan = CostModel.plan(&budget).unwrap();
+    check(&plan, &budget);
+    assert_eq!(plan.ram.total, needed);
+    let small = PlanInput { expert_cache: Some(8191), ..with_cache };
+    match AllResident.plan(&small) {
+        Err(PlanError::InvalidPlacement { reason }) => {
+            assert!(
+                reason.contains("an expert cache of 8.19 KB (8191 bytes) holds no expert: 0.e0 takes 8192 bytes"),
+                "{reason}"
+            )
+        }
+        other => panic!("expected InvalidPlacement, got {other:?}"),
+    }
 }
 
 /// The embedding is mapped only when the model has its own head: a tied head reads the whole

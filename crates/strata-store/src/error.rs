@@ -174,6 +174,12 @@ pub enum Error {
         /// What differs.
         reason: String,
     },
+    /// The expert cache cannot do what was asked (too small, or not there).
+    #[error("expert cache: {reason}")]
+    ExpertCache {
+        /// What went wrong.
+        reason: String,
+    },
     /// A read through the streamer failed.
     #[error(transparent)]
     Stream(#[from] strata_nvme::Error),

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use strata_nvme::{ReadBuf, Streamer, StreamerConfig, Ticket};
 use strata_tensor::{ByteSource, CpuStorage, DType, Tensor};
 
+use crate::experts::{ExpertCache, ExpertCacheConfig, ExpertCacheStats, ExpertFetch};
 use crate::pack::{Pack, PackUnit};
 use crate::{Error, Result};
 
@@ -29,6 +30,9 @@ pub enum Residency {
     Mapped,
     /// Read from the pack each time it is acquired (prefetched ahead of use).
     Streamed,
+    /// An expert: read from the pack when a router picks it, and kept in the expert cache
+    /// while the cache has room ([`Store::fetch_experts`]).
+    Cached,
 }
 
 /// Counters of a store's reads since it opened (or since [`Store::reset_stats`]).
@@ -45,7 +49,7 @@ pub struct StoreStats {
 }
 
 /// A unit's bytes in RAM, for as long as any tensor views them.
-struct UnitBytes(ReadBuf);
+pub(crate) struct UnitBytes(pub(crate) ReadBuf);
 
 impl ByteSource for UnitBytes {
     fn bytes(&self) -> &[u8] {
@@ -114,6 +118,8 @@ pub struct Store {
     depth: usize,
     streamer: Option<Streamer>,
     state: Mutex<Pipeline>,
+    /// The expert cache, when some units are [`Residency::Cached`].
+    experts: Option<ExpertCache>,
 }
 
 /// The reads in flight, oldest first, and the counters.
@@ -129,6 +135,7 @@ impl std::fmt::Debug for Store {
             .field("pack", &self.pack.data_path())
             .field("streamed", &self.order.len())
             .field("depth", &self.depth)
+            .field("expert_cache_slots", &self.experts.as_ref().map(ExpertCache::buffers))
             .finish()
     }
 }
@@ -136,11 +143,23 @@ impl std::fmt::Debug for Store {
 impl Store {
     /// Opens a store over `pack` with each unit held as `residency` says (one entry per pack
     /// unit) and `prefetch_depth` streamed units in flight ahead of compute. Resident units are
-    /// read (and checked) now; `progress(done, total)` reports the bytes read.
+    /// read (and checked) now; `progress(done, total)` reports the bytes read. No unit may be
+    /// [`Residency::Cached`] (see [`Store::open_with_experts`]).
     pub fn open(
         pack: Pack,
         residency: &[Residency],
         prefetch_depth: usize,
+        progress: impl FnMut(u64, u64),
+    ) -> Result<Store> {
+        Store::open_with_experts(pack, residency, prefetch_depth, None, progress)
+    }
+
+    /// [`Store::open`] with an expert cache for the [`Residency::Cached`] units, which need one.
+    pub fn open_with_experts(
+        pack: Pack,
+        residency: &[Residency],
+        prefetch_depth: usize,
+        expert_cache: Option<ExpertCacheConfig>,
         mut progress: impl FnMut(u64, u64),
     ) -> Result<Store> {
         let units = &pack.manifest().units;
@@ -156,6 +175,7 @@ impl Store {
         let mut order = Vec::new();
         let mut position = vec![None; units.len()];
         let mut mapped = Vec::new();
+        let mut cached = Vec::new();
         for (i, (unit, r)) in units.iter().zip(residency).enumerate() {
             match r {
                 Residency::Resident => {
@@ -173,8 +193,24 @@ impl Store {
                     order.push(i);
                     resident.push(None);
                 }
+                Residency::Cached => {
+                    cached.push(i);
+                    resident.push(None);
+                }
             }
         }
+        let experts = match (cached.is_empty(), expert_cache) {
+            (true, _) => None,
+            (false, Some(config)) => Some(ExpertCache::open(&pack, &cached, config)?),
+            (false, None) => {
+                return Err(Error::ExpertCache {
+                    reason: format!(
+                        "the plan caches {} expert units but gives the store no expert cache",
+                        cached.len()
+                    ),
+                });
+            }
+        };
         let streamer = if order.is_empty() {
             None
         } else {
@@ -198,6 +234,7 @@ impl Store {
             depth: prefetch_depth,
             streamer,
             state: Mutex::new(Pipeline::default()),
+            experts,
         })
     }
 
@@ -226,9 +263,65 @@ impl Store {
         self.lock().stats
     }
 
-    /// Zeroes the counters.
+    /// Zeroes the counters (the expert cache's too).
     pub fn reset_stats(&self) {
         self.lock().stats = StoreStats::default();
+        if let Some(cache) = &self.experts {
+            cache.reset_stats();
+        }
+    }
+
+    /// The expert cache's counters since open or the last reset (`None`: no expert cache).
+    pub fn expert_cache_stats(&self) -> Option<ExpertCacheStats> {
+        self.experts.as_ref().map(ExpertCache::stats)
+    }
+
+    /// How many experts the cache holds at most, and the bytes of its buffers (`None`: no
+    /// expert cache).
+    pub fn expert_cache_capacity(&self) -> Option<(usize, u64)> {
+        self.experts.as_ref().map(|c| (c.buffers(), c.bytes()))
+    }
+
+    /// The expert units cached now, ascending.
+    pub fn cached_experts(&self) -> Vec<usize> {
+        self.experts.as_ref().map(ExpertCache::cached).unwrap_or_default()
+    }
+
+    /// The expert cache's streamer, for its I/O counters (`None`: no expert cache).
+    pub fn expert_streamer(&self) -> Option<&Streamer> {
+        self.experts.as_ref().map(ExpertCache::streamer)
+    }
+
+    /// Whether unit `unit` is [`Residency::Cached`].
+    pub fn is_cached(&self, unit: usize) -> bool {
+        self.experts.is_some() && self.resident.get(unit).is_some_and(Option::is_none) && self.position[unit].is_none()
+    }
+
+    /// The experts `units` (cached or resident units, each once) of one layer, handed over in
+    /// that order by [`ExpertFetch::next_expert`]: the cached ones are held at once, and the
+    /// reads of the others are all submitted now (as far as the cache's buffers go), so the later
+    /// ones load while the earlier ones compute.
+    pub fn fetch_experts(&self, units: &[usize]) -> Result<ExpertFetch<'_>> {
+        ExpertFetch::new(self, units)
+    }
+
+    /// Unit `unit`'s handle if it is resident or mapped; `None` if it streams or is cached.
+    pub(crate) fn resident_handle(&self, unit: usize) -> Result<Option<UnitHandle>> {
+        match self.resident.get(unit) {
+            None => Err(Error::PlanMismatch {
+                reason: format!("unit {unit} is not in the pack ({} units)", self.resident.len()),
+            }),
+            Some(slot) => Ok(slot.as_ref().map(|bytes| self.handle(unit, Arc::clone(bytes)))),
+        }
+    }
+
+    /// A handle of unit `unit` over `bytes`.
+    pub(crate) fn handle(&self, unit: usize, bytes: Arc<dyn ByteSource>) -> UnitHandle {
+        UnitHandle { unit, bytes, pack: Arc::clone(&self.pack) }
+    }
+
+    pub(crate) fn expert_cache(&self) -> Option<&ExpertCache> {
+        self.experts.as_ref()
     }
 
     /// Bytes held in RAM by resident units (mapped units not counted: they hold the pages
@@ -264,7 +357,11 @@ impl Store {
         if let Some(bytes) = slot {
             return Ok(UnitHandle { unit, bytes: Arc::clone(bytes), pack: Arc::clone(&self.pack) });
         }
-        let at = self.position[unit].expect("a unit that is not resident is streamed");
+        let Some(at) = self.position[unit] else {
+            // Neither resident nor streamed: a cached expert.
+            let mut fetch = self.fetch_experts(&[unit])?;
+            return fetch.next_expert().expect("one unit was asked for");
+        };
         let ticket = {
             let mut state = self.lock();
             let found = state.inflight.iter().position(|(u, _)| *u == unit);
@@ -469,5 +566,122 @@ mod tests {
         assert_eq!(store.mapped_units(), &[4]);
         check(&store.acquire(4).unwrap(), &data[4]);
         assert!(store.streamer().is_some());
+    }
+
+    /// A store over `n` units whose first is resident and the others cached experts, with a
+    /// cache of `slots` of the largest.
+    fn cached_store(dir: &Path, n: usize, slots: u64) -> (Store, Vec<Vec<u8>>) {
+        let (pack, data) = build(dir, n);
+        let largest = pack.manifest().units[1..].iter().map(|u| u.padded_len()).max().unwrap();
+        let mut residency = vec![Residency::Cached; n];
+        residency[0] = Residency::Resident;
+        let config = ExpertCacheConfig { bytes: slots * largest, policy: Box::new(strata_planner::Lru::default()) };
+        (Store::open_with_experts(pack, &residency, 1, Some(config), |_, _| {}).unwrap(), data)
+    }
+
+    /// Takes every expert of `units` in order, checking its bytes and dropping it before the next.
+    fn take_all(store: &Store, units: &[usize], data: &[Vec<u8>]) {
+        let mut fetch = store.fetch_experts(units).unwrap();
+        for &u in units {
+            check(&fetch.next_expert().unwrap().unwrap(), &data[u]);
+        }
+        assert!(fetch.next_expert().is_none());
+    }
+
+    #[test]
+    fn experts_are_read_once_then_hit_until_evicted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, data) = cached_store(dir.path(), 7, 3);
+        assert_eq!(store.expert_cache_capacity().map(|c| c.0), Some(3));
+        assert!(store.is_cached(3) && !store.is_cached(0));
+        take_all(&store, &[1, 2], &data);
+        take_all(&store, &[1, 2], &data);
+        let stats = store.expert_cache_stats().unwrap();
+        assert_eq!((stats.hits, stats.misses, stats.evictions), (2, 2, 0));
+        assert_eq!(stats.bytes_read, store.pack().manifest().units[1].len + store.pack().manifest().units[2].len);
+        // A resident unit comes through a fetch too, and is neither a hit nor a miss.
+        take_all(&store, &[0, 3], &data);
+        assert_eq!(store.cached_experts(), [1, 2, 3]);
+        // Two more misses evict the two least recently used.
+        take_all(&store, &[4, 5], &data);
+        assert_eq!(store.cached_experts(), [3, 4, 5]);
+        let stats = store.expert_cache_stats().unwrap();
+        assert_eq!((stats.hits, stats.misses, stats.evictions), (2, 5, 2));
+        assert_eq!(stats.hit_rate(), Some(2.0 / 7.0));
+        // `acquire` of a cached unit is a fetch of one.
+        check(&store.acquire(3).unwrap(), &data[3]);
+        assert_eq!(store.expert_cache_stats().unwrap().hits, 3);
+        store.reset_stats();
+        assert_eq!(store.expert_cache_stats().unwrap(), ExpertCacheStats::default());
+    }
+
+    #[test]
+    fn a_fetch_keeps_its_hits_from_its_own_misses() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, data) = cached_store(dir.path(), 6, 2);
+        take_all(&store, &[1, 2], &data);
+        // 1 is the least recently used, but this fetch holds it: the miss of 3 evicts 2.
+        take_all(&store, &[3, 1], &data);
+        assert_eq!(store.cached_experts(), [1, 3]);
+        let stats = store.expert_cache_stats().unwrap();
+        assert_eq!((stats.hits, stats.misses), (1, 3));
+    }
+
+    #[test]
+    fn a_fetch_larger_than_the_cache_hands_every_expert_over() {
+        let dir = tempfile::tempdir().unwrap();
+        for slots in 1..4 {
+            let (store, data) = cached_store(dir.path(), 8, slots);
+            for _ in 0..2 {
+                take_all(&store, &[7, 1, 2, 3, 4, 5, 6], &data);
+                take_all(&store, &[2, 6, 4], &data);
+            }
+            assert_eq!(store.cached_experts().len(), slots as usize);
+        }
+    }
+
+    #[test]
+    fn an_expert_held_past_the_cache_is_an_error_not_a_deadlock() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, data) = cached_store(dir.path(), 4, 1);
+        let held = store.acquire(1).unwrap();
+        let err = store.acquire(2).unwrap_err();
+        assert!(matches!(err, Error::ExpertCache { .. }), "{err}");
+        assert!(err.to_string().contains("all 1 buffers of the expert cache are held"), "{err}");
+        drop(held);
+        check(&store.acquire(2).unwrap(), &data[2]);
+    }
+
+    #[test]
+    fn expert_cache_sizes_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pack, _) = build(dir.path(), 3);
+        let residency = [Residency::Resident, Residency::Cached, Residency::Cached];
+        let err = Store::open(pack, &residency, 1, |_, _| {}).unwrap_err();
+        assert!(err.to_string().contains("no expert cache"), "{err}");
+        let (pack, _) = build(dir.path(), 3);
+        let config = ExpertCacheConfig { bytes: 4095, policy: Box::new(strata_planner::Lru::default()) };
+        let err = Store::open_with_experts(pack, &residency, 1, Some(config), |_, _| {}).unwrap_err();
+        assert!(err.to_string().contains("holds no expert: the largest, unit2"), "{err}");
+    }
+
+    #[test]
+    fn a_corrupt_expert_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pack, data) = build(dir.path(), 4);
+        let at = pack.manifest().units[2].offset as usize + 5;
+        let mut bytes = std::fs::read(pack.data_path()).unwrap();
+        bytes[at] ^= 1;
+        std::fs::write(pack.data_path(), bytes).unwrap();
+        let residency = [Residency::Resident, Residency::Cached, Residency::Cached, Residency::Cached];
+        let config = ExpertCacheConfig { bytes: 1 << 20, policy: Box::new(strata_planner::Lfu::default()) };
+        let store = Store::open_with_experts(pack, &residency, 1, Some(config), |_, _| {}).unwrap();
+        let mut fetch = store.fetch_experts(&[1, 2, 3]).unwrap();
+        check(&fetch.next_expert().unwrap().unwrap(), &data[1]);
+        let err = fetch.next_expert().unwrap().unwrap_err();
+        assert!(matches!(&err, Error::Checksum { unit, .. } if unit == "unit2"), "{err}");
+        check(&fetch.next_expert().unwrap().unwrap(), &data[3]);
+        // The corrupt unit was not cached.
+        assert_eq!(store.cached_experts(), [1, 3]);
     }
 }

@@ -275,7 +275,8 @@ impl Model {
                 }
             };
             let convert = options.offload.pack_dtype;
-            let loaded = opened.load_placed(&plan, &layout, &dir, convert, &mut pack_progress, |_, _| {})?;
+            let policy = options.offload.expert_policy()?;
+            let loaded = opened.load_placed(&plan, &layout, &dir, convert, policy, &mut pack_progress, |_, _| {})?;
             (loaded, Some((plan, context)))
         } else {
             (opened.load()?, None)

@@ -17,7 +17,8 @@ use strata_models::{MoeHparams, MoeOptions, RouterTrace, Routing, load_balancing
 use crate::{Error, Result};
 
 /// Mixture-of-Experts routing for a model, as given by a user. The default is the model's own
-/// routing: top-k with its `k`, no capacity limit, every expert in memory.
+/// routing: top-k with its `k`, no capacity limit. Where the experts live is placement
+/// ([`crate::OffloadConfig::expert_cache`]).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct MoeConfig {
     /// Plain top-k, or dynamic top-k with its threshold `p` and minimum number of experts.
@@ -31,9 +32,6 @@ pub struct MoeConfig {
     /// prompt cut into chunks (tiered weights) or decoded token by token is limited per chunk
     /// or per token.
     pub capacity_factor: Option<f32>,
-    /// Keep experts in the offload store and fetch the ones the router picks (the store's
-    /// expert cache). Not supported yet: only `false` is accepted.
-    pub expert_offload: bool,
 }
 
 impl MoeConfig {
@@ -42,11 +40,6 @@ impl MoeConfig {
     /// default config, `k` must fit the model's experts, the threshold and capacity must be
     /// positive.
     pub fn options_for(&self, model: &Path, moe: Option<&MoeHparams>) -> Result<MoeOptions> {
-        if self.expert_offload {
-            return Err(Error::Unsupported(
-                "MoeConfig::expert_offload (experts fetched on demand through the offload store's expert cache)".into(),
-            ));
-        }
         let options = MoeOptions {
             routing: self.routing,
             active_experts: self.active_experts,
@@ -132,14 +125,6 @@ impl RouterStats {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn expert_offload_is_refused_by_name() {
-        let config = MoeConfig { expert_offload: true, ..MoeConfig::default() };
-        let err = config.options_for(Path::new("/m"), None).unwrap_err();
-        assert!(err.to_string().contains("expert_offload"), "{err}");
-        assert!(err.to_string().contains("not supported yet"), "{err}");
-    }
 
     #[test]
     fn a_dense_model_takes_only_the_default() {

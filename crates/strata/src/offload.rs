@@ -13,7 +13,8 @@ use std::time::Instant;
 
 use strata_models::store::nvme::{Streamer, StreamerConfig, Ticket};
 use strata_models::store::planner::{
-    DEFAULT_STRATEGY, HardwareProfile, Plan, PlanInput, TierBudgets, WeightManifest, Workload, strategy_by_name,
+    DEFAULT_EXPERT_CACHE_POLICY, DEFAULT_STRATEGY, ExpertCachePolicy, HardwareProfile, Plan, PlanInput, TierBudgets,
+    WeightManifest, Workload, expert_cache_policy_by_name, strategy_by_name,
 };
 use strata_models::tensor::{DType, Tensor, cpu};
 
@@ -53,6 +54,13 @@ pub struct OffloadConfig {
     /// stream fewer bytes); the model then runs from the pack even when nothing streams.
     /// `None`: as the checkpoint stores them.
     pub pack_dtype: Option<DType>,
+    /// A MoE model's experts stay in the offload pack and are read when their router picks
+    /// them, into a cache of this many bytes in RAM (part of `max_ram`). `None`: experts are
+    /// placed like the other weights (and those the plan streams get a cache of
+    /// `DEFAULT_EXPERT_CACHE_FACTOR` times a token's experts).
+    pub expert_cache: Option<u64>,
+    /// The expert cache's eviction policy: `lru` (the default) or `lfu`.
+    pub expert_cache_policy: Option<String>,
 }
 
 impl OffloadConfig {
@@ -64,6 +72,8 @@ impl OffloadConfig {
             || self.prefetch_layers.is_some()
             || self.offload_dir.is_some()
             || self.pack_dtype.is_some()
+            || self.expert_cache.is_some()
+            || self.expert_cache_policy.is_some()
     }
 
     /// Whether anything but `max_vram` is set: the flags that place the CPU's tiers (RAM and
@@ -72,13 +82,37 @@ impl OffloadConfig {
         OffloadConfig { max_vram: None, ..self.clone() }.is_active()
     }
 
+    /// Checks the expert cache settings against a model whose MoE layers run `experts_per_token`
+    /// experts per token (0: a dense model, which has none to cache).
+    pub fn check_experts(&self, experts_per_token: usize) -> Result<()> {
+        self.expert_policy()?;
+        if self.expert_cache.is_some() && experts_per_token == 0 {
+            return Err(Error::InvalidInput(
+                "--expert-cache: the model is dense (it has no Mixture-of-Experts layers to cache experts of)".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The expert cache's eviction policy, by [`OffloadConfig::expert_cache_policy`]'s name.
+    pub fn expert_policy(&self) -> Result<Box<dyn ExpertCachePolicy>> {
+        Ok(expert_cache_policy_by_name(self.expert_cache_policy.as_deref().unwrap_or(DEFAULT_EXPERT_CACHE_POLICY))?)
+    }
+
     /// The offload directory: the configured one or `<strata cache>/offload`.
     pub fn offload_dir(&self) -> PathBuf {
         self.offload_dir.clone().unwrap_or_else(|| cache_dir().join("offload"))
     }
 
-    /// Plans `manifest` under this configuration for requests of up to `context_tokens` tokens.
-    pub fn plan(&self, manifest: &WeightManifest, hardware: &HardwareProfile, context_tokens: usize) -> Result<Plan> {
+    /// Plans `manifest` under this configuration for requests of up to `context_tokens` tokens,
+    /// for a model whose MoE layers run `experts_per_token` experts per token (0: dense).
+    pub fn plan(
+        &self,
+        manifest: &WeightManifest,
+        hardware: &HardwareProfile,
+        context_tokens: usize,
+        experts_per_token: usize,
+    ) -> Result<Plan> {
         if self.max_vram.is_some() {
             return Err(Error::InvalidInput(
                 "--max-vram: plans here place the CPU's tiers (RAM and disk); under a GPU ceiling, `--device cuda \
@@ -88,6 +122,7 @@ impl OffloadConfig {
         }
         let name = self.strategy.as_deref().unwrap_or(DEFAULT_STRATEGY);
         let strategy = strategy_by_name(name)?;
+        self.check_experts(experts_per_token)?;
         let input = PlanInput {
             manifest,
             budgets: TierBudgets { vram: None, ram: self.max_ram },
@@ -95,6 +130,8 @@ impl OffloadConfig {
             workload: Workload { context_tokens, batch_tokens: batch_tokens(context_tokens) },
             prefetch_depth: self.prefetch_layers,
             process_ram: process_ram(hardware.threads),
+            expert_cache: self.expert_cache,
+            experts_per_token,
         };
         Ok(strategy.plan(&input)?)
     }
@@ -159,13 +196,16 @@ fn plan_opened_full(
     // The plan reserves the KV cache for the longest request allowed.
     let scheme = opened.hparams.rope.with_context_scaling(scaling)?.with_limit(max_context);
     let context = scheme.max_capacity().unwrap_or(opened.hparams.max_position_embeddings);
+    let k = opened.hparams.moe.as_ref().map_or(0, |m| m.top_k);
+    // Settings that cannot work are refused before the machine is measured.
+    config.check_experts(k)?;
     let hardware = match &config.hardware {
         Some(h) => h.clone(),
         None => hardware_profile(&config.offload_dir(), pool.current_num_threads())?,
     };
     let layout = opened.layout()?;
     let manifest = opened.manifest(&layout, config.pack_dtype)?;
-    let plan = config.plan(&manifest, &hardware, context)?;
+    let plan = config.plan(&manifest, &hardware, context, k)?;
     Ok((layout, manifest, plan, hardware, context))
 }
 
