@@ -429,11 +429,17 @@ impl<'a> Context<'a> {
         // Every read counts (an expert its expected share, as if no read hit the cache).
         let read = || stream_order.iter().chain(&cached);
         let transfer: i128 = read().fold(0i128, |sum, &i| sum.saturating_add(self.transfer_ps[i]));
-        let time = if streamed_count + cached.len() == 0 {
+        // Units in the stream order load ahead of their use; an expert's read starts only once
+        // its router has run, so its time is added (the model does not count the overlap of a
+        // layer's later reads with its earlier experts' compute).
+        let experts_ps: i128 = cached.iter().fold(0i128, |sum, &i| sum.saturating_add(self.transfer_ps[i]));
+        let time = if streamed_count == 0 {
             Ratio::whole(compute)
         } else {
-            cycle_time(&self.stages(streamed), prefetch_depth)
-        };
+            let ordered: Vec<bool> = (0..units.len()).map(|i| streamed[i] && !is_expert(i)).collect();
+            cycle_time(&self.stages(&ordered), prefetch_depth)
+        }
+        .plus(experts_ps);
         let bytes_streamed_per_token = read().fold(0u64, |sum, &i| sum.saturating_add(self.stream_bytes[i]));
         let plan = Plan {
             strategy: strategy.to_string(),

@@ -67,6 +67,11 @@ impl Ratio {
         Ratio { num: ps, den: 1 }
     }
 
+    /// This time plus `ps` picoseconds (saturating).
+    pub(crate) fn plus(self, ps: i128) -> Ratio {
+        Ratio { num: self.num.saturating_add(ps.saturating_mul(self.den)), den: self.den }
+    }
+
     /// The value in seconds, rounded once (the numerator is exact below 2^53 ps, 2.5 hours).
     pub(crate) fn seconds(self) -> f64 {
         self.num as f64 / (self.den as f64 * PS_PER_SECOND)

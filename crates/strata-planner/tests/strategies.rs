@@ -641,6 +641,12 @@ fn an_expert_cache_takes_every_expert_whatever_the_strategy() {
         }
         assert_eq!(plan.ram.expert_cache, cache, "{}", plan.strategy);
     }
+    // The experts' reads wait for their routers, so streaming other units in front of them
+    // hides nothing: with RAM to spare, the cost model keeps everything else resident.
+    let plan = CostModel.plan(&with_cache).unwrap();
+    assert!(plan.stream_order.is_empty(), "{}", plan.to_table(&manifest));
+    let p = plan.predicted;
+    assert!((p.total_s - (p.compute_s + p.transfer_s)).abs() <= 1e-12 * p.total_s, "{p:?}");
     // Under a RAM budget the cache counts with the rest.
     let tight = PlanInput { budgets: TierBudgets { vram: None, ram: Some(1) }, ..with_cache };
     let (needed, _, what) = does_not_fit(CostModel.plan(&tight));
