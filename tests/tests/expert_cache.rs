@@ -90,7 +90,11 @@ fn cached_experts_give_the_resident_logits_bit_for_bit() {
 fn each_expert_is_a_unit_of_the_plan() {
     let offload_dir = tempfile::tempdir().unwrap();
     let f = Fixture::load("mixtral_e6_k3");
-    let model = load(&f.dir, config(offload_dir.path(), "cost-model", Some(1 << 20), "lru")).unwrap();
+    let model = load(
+        &f.dir,
+        OffloadConfig { expert_prefetch: true, ..config(offload_dir.path(), "cost-model", Some(1 << 20), "lru") },
+    )
+    .unwrap();
     let store = model.store().unwrap();
     let units = &store.pack().manifest().units;
     for (i, u) in units.iter().enumerate() {
@@ -108,6 +112,15 @@ fn each_expert_is_a_unit_of_the_plan() {
     }
     let plan = model.placement().unwrap();
     assert!(plan.stream_order.iter().all(|&i| !units[i].name.contains(".experts.")));
+    // Decoding, layer 0 reads ahead the experts layer 1's router picks for its residual stream;
+    // the logits stay those of the model in memory.
+    store.reset_stats();
+    let got = model.logits(&f.prompt_ids, LogitsMode::Decode).unwrap();
+    let stats = store.expert_cache_stats().unwrap();
+    assert!(stats.prefetched > 0, "{stats:?}");
+    assert!(stats.prefetch_used + stats.prefetch_unused + stats.prefetch_wasted <= stats.prefetched, "{stats:?}");
+    let plain = load(&f.dir, OffloadConfig::default()).unwrap();
+    assert_eq!(got, plain.logits(&f.prompt_ids, LogitsMode::Decode).unwrap());
 }
 
 #[test]

@@ -91,6 +91,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut peak_vram: Option<usize> = None;
     let mut streamed_per_token = Vec::new();
     let mut hit_rates = Vec::new();
+    let mut expert_stats = None;
     for run in 0..runs {
         say(&format!("run {}/{runs}: prefill {} tokens, decode {}", run + 1, a.prompt_tokens, a.gen_tokens));
         let mut cache = model.new_cache()?;
@@ -115,6 +116,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             if let Some(rate) = experts.and_then(|e| e.hit_rate()) {
                 hit_rates.push(rate);
             }
+            expert_stats = experts;
         }
         kv_bytes = cache.allocated_bytes();
         if let Some(used) = model.device_memory_used()? {
@@ -199,6 +201,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "mean_experts_per_token": mean_experts,
         "plan": { "strategy": "all-resident", "device": model.device().to_string() },
     });
+    if let Some(e) = expert_stats {
+        // The last run's decode: experts read ahead, and what became of the reads.
+        report["expert_prefetch"] = json!({
+            "reads_ahead": e.prefetched,
+            "taken_over": e.prefetch_used,
+            "dropped": e.prefetch_wasted,
+            "landed_unused": e.prefetch_unused,
+            "misses": e.misses,
+            "hits": e.hits,
+        });
+    }
     if let Some(plan) = model.placement() {
         report["plan"] = json!({
             "strategy": plan.strategy,

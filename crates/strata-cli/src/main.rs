@@ -94,6 +94,10 @@ pub(crate) struct PlacementArgs {
     /// frequently routed to).
     #[arg(long, value_name = "NAME")]
     expert_cache_policy: Option<String>,
+    /// While a MoE layer's experts compute, read ahead the experts the next layer's router is
+    /// guessed to pick (with --expert-cache; a wrong guess costs disk reads).
+    #[arg(long)]
+    expert_prefetch: bool,
     /// Store the offload pack's matrices in this dtype (q8_0, q4_0, q4_1, q4_k, q6_k, f16, bf16):
     /// fewer bytes to stream, at that dtype's precision.
     #[arg(long, value_name = "DTYPE")]
@@ -343,6 +347,7 @@ pub(crate) fn offload_config(p: &PlacementArgs) -> Result<strata::OffloadConfig>
         pack_dtype: p.pack_dtype.as_deref().map(parse_dtype).transpose()?,
         expert_cache: size("--expert-cache", &p.expert_cache)?,
         expert_cache_policy: p.expert_cache_policy.clone(),
+        expert_prefetch: p.expert_prefetch,
     })
 }
 

@@ -84,6 +84,8 @@ fn an_expert_cache_gives_the_same_logits() {
             );
             assert_eq!(cached, plain, "decode {decode}, {policy}");
         }
+        let ahead = logits("ahead.npy", &["--expert-cache", "24KiB", "--expert-prefetch", "--offload-dir", dir]);
+        assert_eq!(ahead, plain, "decode {decode}, reading ahead");
     }
 }
 

@@ -20,7 +20,7 @@ use strata_tensor::{AlignedBytes, CpuStorage, Tensor};
 use crate::context::ContextScaling;
 use crate::hparams::Hparams;
 use crate::kv_cache::{DEFAULT_BLOCK_LEN, KvCache, RopeUpdate};
-use crate::moe::{Mlp, MoeLayer, MoeOptions, PlacedExperts, RouterTrace, load_moe_layer};
+use crate::moe::{Experts, Mlp, MoeLayer, MoeOptions, NextLayer, PlacedExperts, RouterTrace, load_moe_layer};
 use crate::offload::{
     EMBEDDING_UNIT, HEAD_UNIT, UnitLayout, attention_unit, expert_unit, ffn_down_unit, ffn_unit, ffn_up_unit,
 };
@@ -307,6 +307,9 @@ pub struct Decoder {
     rope: RopeScheme,
     /// The MoE routing options of every forward pass (see [`Decoder::set_moe_options`]).
     moe: MoeOptions,
+    /// Whether decode steps read the next MoE layer's guessed experts ahead (see
+    /// [`Decoder::set_expert_prefetch`]).
+    expert_prefetch: bool,
 }
 
 impl Decoder {
@@ -338,6 +341,7 @@ impl Decoder {
             store: None,
             rope,
             moe: MoeOptions::default(),
+            expert_prefetch: false,
         })
     }
 
@@ -400,7 +404,17 @@ impl Decoder {
             layers.push(Layer { attn, ffn, experts });
         }
         let rope = hp.rope.clone();
-        Ok(Decoder { hp, embed, layers, norm, lm_head, store: Some(store), rope, moe: MoeOptions::default() })
+        Ok(Decoder {
+            hp,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            store: Some(store),
+            rope,
+            moe: MoeOptions::default(),
+            expert_prefetch: false,
+        })
     }
 
     /// Repacks the resident projection weights the CPU kernels read faster rearranged
@@ -483,6 +497,16 @@ impl Decoder {
     fn fetch<T>(&self, unit: usize, build: impl FnOnce(&Loader<'_>) -> Result<T>) -> Result<T> {
         let store = self.store.as_ref().expect("a decoder with streamed weights has a store");
         build_from(store, unit, build)
+    }
+
+    /// Whether a decode step reads ahead the experts the next MoE layer is guessed to pick (its
+    /// norm and router run on the residual stream before this layer's FFN), while this layer's
+    /// experts compute. Only experts in the store's expert cache are read ahead; a guess never
+    /// changes the results. Off by default: a wrong guess costs disk reads, and on the
+    /// synthetic Mixtral-shape model of docs/BENCHMARKS.md (random weights) two of three guesses
+    /// were wrong.
+    pub fn set_expert_prefetch(&mut self, on: bool) {
+        self.expert_prefetch = on;
     }
 
     /// The hyperparameters.
@@ -843,7 +867,8 @@ impl Decoder {
                 }
                 Ffn::Moe(moe) => {
                     let record = trace.as_deref_mut().map(|tr| tr.layer_mut(li));
-                    moe.forward(normed_rows, r, &self.moe, proj_rows, record)?;
+                    let next = self.next_moe_layer(li, x_rows);
+                    moe.forward_ahead(normed_rows, r, &self.moe, proj_rows, record, next)?;
                 }
             }
             cpu::add(x_rows, proj_rows)?;
@@ -869,6 +894,19 @@ impl Decoder {
             cpu::matmul(&final_normed, lm_head, &mut logits)?;
         }
         Ok(logits)
+    }
+}
+
+impl Decoder {
+    /// Layer `li + 1` as a [`NextLayer`] over the residual stream `x`, when reading ahead is on,
+    /// its feed-forward block is resident and its experts are placed in the store.
+    fn next_moe_layer<'a>(&'a self, li: usize, x: &'a [f32]) -> Option<NextLayer<'a>> {
+        if !self.expert_prefetch {
+            return None;
+        }
+        let FeedForward { norm, ffn: Ffn::Moe(moe) } = self.layers.get(li + 1)?.ffn.resident()? else { return None };
+        let Experts::Placed(experts) = moe.experts() else { return None };
+        Some(NextLayer { norm, eps: self.hp.rms_norm_eps, router: moe.router(), experts, residual: x })
     }
 }
 

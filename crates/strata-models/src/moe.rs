@@ -482,6 +482,39 @@ impl PlacedExperts {
     }
 }
 
+/// The MoE layer after the one running, when its experts are placed in the store: a decode
+/// step guesses which of them it will pick by running its norm and router on the residual
+/// stream as it is now (before this layer's output and the next attention are added), and has
+/// the store read them ahead while this layer's experts compute. A guess only moves reads
+/// earlier: the next layer routes on its own input, so the results are unchanged.
+pub(crate) struct NextLayer<'a> {
+    /// The next layer's post-attention norm and its epsilon.
+    pub(crate) norm: &'a [f32],
+    pub(crate) eps: f32,
+    /// Its router.
+    pub(crate) router: &'a Router,
+    /// Its experts.
+    pub(crate) experts: &'a PlacedExperts,
+    /// The residual stream now, one token.
+    pub(crate) residual: &'a [f32],
+}
+
+impl NextLayer<'_> {
+    /// Submits the reads of the experts the next layer's router would pick for the residual
+    /// stream now (its top `k`, `k` as `options` route).
+    fn prefetch(&self, options: &MoeOptions) -> Result<()> {
+        let mut normed = vec![0f32; self.residual.len()];
+        cpu::rms_norm(self.residual, self.norm, self.eps, &mut normed)?;
+        let logits = self.router.logits(&normed, 1)?;
+        let n = self.router.num_experts();
+        let k = options.active_experts.unwrap_or(self.router.top_k()).min(n);
+        let (mut ids, mut weights) = (vec![0u32; k], vec![0f32; k]);
+        cpu::topk_gating(&logits, n, k, false, &mut ids, &mut weights)?;
+        let units: Vec<usize> = ids.iter().map(|&e| self.experts.unit(e as usize)).collect();
+        Ok(self.experts.store.prefetch_experts(&units)?)
+    }
+}
+
 /// One sparse MoE block: the router, the experts, and an optional shared expert.
 #[derive(Clone, Debug)]
 pub struct MoeLayer {
@@ -551,10 +584,25 @@ impl MoeLayer {
         out: &mut [f32],
         record: Option<&mut LayerRecord>,
     ) -> Result<()> {
+        self.forward_ahead(x, tokens, options, out, record, None)
+    }
+
+    /// [`MoeLayer::forward`], and, for one token whose experts are placed in the store, the
+    /// reads of the experts `next` is expected to ask for submitted once this layer's own are.
+    pub(crate) fn forward_ahead(
+        &self,
+        x: &[f32],
+        tokens: usize,
+        options: &MoeOptions,
+        out: &mut [f32],
+        record: Option<&mut LayerRecord>,
+        next: Option<NextLayer<'_>>,
+    ) -> Result<()> {
         let hidden = out.len() / tokens.max(1);
         let logits = self.router.logits(x, tokens)?;
         let routes = self.router.route(&logits, options)?;
-        self.experts_forward(x, hidden, &routes, out)?;
+        let next = next.filter(|_| tokens == 1);
+        self.experts_forward(x, hidden, &routes, out, next.map(|n| (n, options)))?;
         if let Some(shared) = &self.shared {
             let mut y = vec![0f32; tokens * hidden];
             let mut g = vec![0f32; tokens];
@@ -577,7 +625,14 @@ impl MoeLayer {
     /// over all of them, in ascending expert order. Placed experts are fetched from the store
     /// together (the reads of the later ones overlap the compute of the earlier ones) and each
     /// is released once it ran.
-    fn experts_forward(&self, x: &[f32], hidden: usize, routes: &Routes, out: &mut [f32]) -> Result<()> {
+    fn experts_forward(
+        &self,
+        x: &[f32],
+        hidden: usize,
+        routes: &Routes,
+        out: &mut [f32],
+        next: Option<(NextLayer<'_>, &MoeOptions)>,
+    ) -> Result<()> {
         out.fill(0.0);
         let n_experts = self.router.num_experts();
         let mut groups: Vec<Vec<(usize, f32)>> = vec![Vec::new(); n_experts];
@@ -613,6 +668,9 @@ impl MoeLayer {
             Experts::Placed(placed) => {
                 let units: Vec<usize> = used.iter().map(|&e| placed.unit(e)).collect();
                 let mut fetch = placed.store.fetch_experts(&units)?;
+                if let Some((next, options)) = next {
+                    next.prefetch(options)?;
+                }
                 for &e in &used {
                     let handle = fetch.next_expert().expect("one handle per expert asked for")?;
                     let mlp = placed.mlp(e, &handle)?;

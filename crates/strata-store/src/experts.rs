@@ -14,7 +14,7 @@
 //! cache holds), the remaining misses are read as the experts before them are handed over and
 //! released, and, if need be, later hits give up their hold.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -48,6 +48,16 @@ pub struct ExpertCacheStats {
     pub evictions: u64,
     /// Time spent waiting for experts' reads to land.
     pub stall: Duration,
+    /// Reads submitted ahead by [`Store::prefetch_experts`].
+    pub prefetched: u64,
+    /// Misses whose read a prefetch had already submitted (counted in `misses` too).
+    pub prefetch_used: u64,
+    /// Reads ahead dropped unused because a read asked for needed their buffer (their bytes
+    /// count in `bytes_read`).
+    pub prefetch_wasted: u64,
+    /// Reads ahead the next fetch did not ask for, landed and kept as cache entries (their
+    /// bytes count in `bytes_read`).
+    pub prefetch_unused: u64,
 }
 
 impl ExpertCacheStats {
@@ -67,6 +77,9 @@ pub(crate) struct ExpertCache {
 
 struct CacheState {
     entries: HashMap<usize, Arc<UnitBytes>>,
+    /// Reads submitted ahead of a fetch, oldest first: taken over by the fetch that asks for
+    /// the unit, or dropped when a read asked for needs their buffer.
+    prefetched: VecDeque<(usize, Ticket)>,
     policy: Box<dyn ExpertCachePolicy>,
     stats: ExpertCacheStats,
 }
@@ -96,7 +109,12 @@ impl ExpertCache {
             ..StreamerConfig::default()
         };
         let streamer = Streamer::open(pack.data_path(), streamer_config)?;
-        let state = CacheState { entries: HashMap::new(), policy: config.policy, stats: ExpertCacheStats::default() };
+        let state = CacheState {
+            entries: HashMap::new(),
+            prefetched: VecDeque::new(),
+            policy: config.policy,
+            stats: ExpertCacheStats::default(),
+        };
         Ok(ExpertCache { streamer, buffers, state: Mutex::new(state) })
     }
 
@@ -146,7 +164,13 @@ impl ExpertCache {
             // lock: dropping it returns its buffer to the pool now.
             let candidates: Vec<usize> =
                 state.entries.iter().filter(|(_, b)| Arc::strong_count(b) == 1).map(|(&u, _)| u).collect();
-            let Some(victim) = state.policy.victim(&candidates) else { return Ok(None) };
+            let Some(victim) = state.policy.victim(&candidates) else {
+                // A read ahead nobody took over holds a buffer: a read asked for now comes first.
+                if self.drop_oldest_prefetch(pack, state)? {
+                    continue;
+                }
+                return Ok(None);
+            };
             if state.entries.remove(&victim).is_none() {
                 // A policy that names a unit it was not offered: take the first candidate.
                 match candidates.first() {
@@ -157,6 +181,75 @@ impl ExpertCache {
             state.policy.removed(victim);
             state.stats.evictions += 1;
         }
+    }
+}
+
+impl ExpertCache {
+    /// Waits for the oldest read ahead nobody took over and drops it, so that its buffer can be
+    /// used (its bytes count as read, and as wasted). `false` when there is none.
+    fn drop_oldest_prefetch(&self, pack: &Pack, state: &mut CacheState) -> Result<bool> {
+        let Some((unit, ticket)) = state.prefetched.pop_front() else { return Ok(false) };
+        drop(ticket.wait()?);
+        state.stats.bytes_read += pack.manifest().units[unit].len;
+        state.stats.prefetch_wasted += 1;
+        Ok(true)
+    }
+
+    /// Turns the reads ahead that have landed into cache entries (a unit already cached, or
+    /// bytes that fail their checksum, just give the buffer back), counting them unused.
+    fn settle_landed(&self, pack: &Pack, state: &mut CacheState) {
+        let mut k = 0;
+        while k < state.prefetched.len() {
+            if !state.prefetched[k].1.is_done() {
+                k += 1;
+                continue;
+            }
+            let (unit, ticket) = state.prefetched.remove(k).expect("k is in range");
+            state.stats.prefetch_unused += 1;
+            state.stats.bytes_read += pack.manifest().units[unit].len;
+            if let Ok(buf) = ticket.wait()
+                && pack.verify(unit, &buf).is_ok()
+                && !state.entries.contains_key(&unit)
+            {
+                state.entries.insert(unit, Arc::new(UnitBytes(buf)));
+            }
+        }
+    }
+
+    /// Submits the reads of those of `units` that are neither cached nor on their way, while a
+    /// buffer is free or an entry nobody holds can be evicted, keeping at most half the buffers
+    /// for reads ahead (a fetch may need the others at once).
+    pub(crate) fn prefetch(&self, pack: &Pack, units: &[usize]) -> Result<()> {
+        let mut state = self.lock();
+        for &unit in units {
+            let state = &mut *state;
+            if state.prefetched.len() >= (self.buffers / 2).max(1) {
+                break;
+            }
+            if state.entries.contains_key(&unit) || state.prefetched.iter().any(|(u, _)| *u == unit) {
+                continue;
+            }
+            // Never wait here: a read ahead that finds no buffer is not worth a stall.
+            let u = &pack.manifest().units[unit];
+            let ticket = match self.streamer.try_read(u.offset, u.padded_len() as usize)? {
+                Some(ticket) => ticket,
+                None => {
+                    let candidates: Vec<usize> =
+                        state.entries.iter().filter(|(_, b)| Arc::strong_count(b) == 1).map(|(&u, _)| u).collect();
+                    let Some(victim) = state.policy.victim(&candidates) else { break };
+                    state.entries.remove(&victim);
+                    state.policy.removed(victim);
+                    state.stats.evictions += 1;
+                    match self.streamer.try_read(u.offset, u.padded_len() as usize)? {
+                        Some(ticket) => ticket,
+                        None => break,
+                    }
+                }
+            };
+            state.prefetched.push_back((unit, ticket));
+            state.stats.prefetched += 1;
+        }
+        Ok(())
     }
 }
 
@@ -200,15 +293,24 @@ impl<'s> ExpertFetch<'s> {
         let mut fetch = ExpertFetch { store, units: units.to_vec(), pending, next: 0 };
         if let Some(cache) = store.expert_cache() {
             let mut state = cache.lock();
-            // Hold every hit first, so that the misses cannot evict them.
+            // Hold every hit first, so that the misses cannot evict them; a miss whose read was
+            // submitted ahead takes that read over.
             for (p, &unit) in fetch.pending.iter_mut().zip(&fetch.units) {
                 if matches!(p, Pending::Later) {
                     state.policy.touched(unit);
                     if let Some(bytes) = state.entries.get(&unit) {
                         *p = Pending::Ready(store.handle(unit, Arc::clone(bytes) as _), true);
+                    } else if let Some(k) = state.prefetched.iter().position(|(u, _)| *u == unit) {
+                        let (_, ticket) = state.prefetched.remove(k).expect("found above");
+                        state.stats.prefetch_used += 1;
+                        *p = Pending::Reading(ticket);
                     }
                 }
             }
+            // Reads ahead are for the fetch after them: those it did not ask for were guessed
+            // wrong. The ones that landed become cache entries (nobody has touched them, so
+            // they are the first to go); the others are dropped when their buffers are needed.
+            cache.settle_landed(store.pack(), &mut state);
             fetch.submit_ahead(cache, &mut state)?;
         }
         Ok(fetch)

@@ -305,6 +305,21 @@ impl Store {
         ExpertFetch::new(self, units)
     }
 
+    /// Submits ahead the reads of the cached experts among `units` that are neither cached nor
+    /// on their way (the experts a later layer is expected to ask for), as far as free buffers
+    /// and entries nobody holds allow, and never more than half the cache's buffers. A later
+    /// [`Store::fetch_experts`] that asks for one takes its read over; the others are dropped
+    /// when a read asked for needs their buffers. Does nothing without an expert cache.
+    pub fn prefetch_experts(&self, units: &[usize]) -> Result<()> {
+        match &self.experts {
+            Some(cache) => {
+                let cached: Vec<usize> = units.iter().copied().filter(|&u| self.is_cached(u)).collect();
+                cache.prefetch(&self.pack, &cached)
+            }
+            None => Ok(()),
+        }
+    }
+
     /// Unit `unit`'s handle if it is resident or mapped; `None` if it streams or is cached.
     pub(crate) fn resident_handle(&self, unit: usize) -> Result<Option<UnitHandle>> {
         match self.resident.get(unit) {
@@ -683,5 +698,39 @@ mod tests {
         check(&fetch.next_expert().unwrap().unwrap(), &data[3]);
         // The corrupt unit was not cached.
         assert_eq!(store.cached_experts(), [1, 3]);
+    }
+
+    #[test]
+    fn reads_ahead_are_taken_over_or_settled_by_the_next_fetch() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, data) = cached_store(dir.path(), 8, 4);
+        // At most half the buffers read ahead: 3 is not submitted.
+        store.prefetch_experts(&[0, 1, 2, 3]).unwrap();
+        assert_eq!(store.expert_cache_stats().unwrap().prefetched, 2);
+        // The next fetch takes the read of 1 over (a miss, read ahead); the read of 2 was a
+        // wrong guess: kept as an entry if it landed, else dropped when its buffer is needed.
+        take_all(&store, &[1], &data);
+        let stats = store.expert_cache_stats().unwrap();
+        assert_eq!((stats.misses, stats.prefetch_used, stats.hits), (1, 1, 0), "{stats:?}");
+        take_all(&store, &[3, 4, 5, 6], &data);
+        let stats = store.expert_cache_stats().unwrap();
+        assert_eq!((stats.prefetch_used, stats.prefetch_unused + stats.prefetch_wasted), (1, 1), "{stats:?}");
+        assert_eq!(
+            stats.bytes_read,
+            [1, 2, 3, 4, 5, 6].map(|u| store.pack().manifest().units[u].len).iter().sum::<u64>()
+        );
+        // The entries nobody touched went first.
+        assert_eq!(store.cached_experts(), [3, 4, 5, 6]);
+        // A read ahead of what is cached does nothing.
+        store.prefetch_experts(&[3, 4]).unwrap();
+        assert_eq!(store.expert_cache_stats().unwrap().prefetched, 2);
+        // Whatever becomes of reads ahead, every expert comes back right.
+        for round in 0..3 {
+            store.prefetch_experts(&[7, round + 1]).unwrap();
+            take_all(&store, &[5, round + 1], &data);
+            take_all(&store, &[7, 1, 6], &data);
+        }
+        let stats = store.expert_cache_stats().unwrap();
+        assert!(stats.prefetch_used + stats.prefetch_unused + stats.prefetch_wasted <= stats.prefetched, "{stats:?}");
     }
 }

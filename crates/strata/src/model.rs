@@ -300,6 +300,7 @@ impl Model {
             decoder.set_context_scaling(scaling)?;
         }
         decoder.set_max_context(options.max_context);
+        decoder.set_expert_prefetch(options.offload.expert_prefetch);
         if let Some(moe) = moe {
             decoder.set_moe_options(moe)?;
         }

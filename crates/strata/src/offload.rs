@@ -61,6 +61,9 @@ pub struct OffloadConfig {
     pub expert_cache: Option<u64>,
     /// The expert cache's eviction policy: `lru` (the default) or `lfu`.
     pub expert_cache_policy: Option<String>,
+    /// Decode steps read ahead the experts the next MoE layer is guessed to pick
+    /// (`strata_models::Decoder::set_expert_prefetch`). Off by default.
+    pub expert_prefetch: bool,
 }
 
 impl OffloadConfig {
