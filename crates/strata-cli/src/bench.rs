@@ -133,10 +133,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
         Some(store) => {
             say("measuring disk read bandwidth");
             let dir = store.pack().dir().parent().unwrap_or(store.pack().dir()).to_path_buf();
-            let disk = strata::measure_disk_read(&dir)? * 1e9;
+            // Reads of the size the store issues: the largest streamed unit or expert.
+            let largest = [store.streamer(), store.expert_streamer()].into_iter().flatten().map(|s| s.buffer_bytes());
+            let (disk, read) = strata::measure_disk_read_sized(&dir, largest.max().unwrap_or(0))?;
+            let disk = disk * 1e9;
             let per_token = median(&mut streamed_per_token);
             let io = store.streamer().or(store.expert_streamer()).map(|s| s.stats().gb_per_s());
-            Some((disk, per_token, io))
+            Some((disk, per_token, io, read))
         }
         None => None,
     };
@@ -228,7 +231,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         });
     }
     let mut disk_fraction = None;
-    if let Some((disk, per_token, io)) = streaming {
+    if let Some((disk, per_token, io, read)) = streaming {
         let disk_bound = disk / per_token;
         disk_fraction = Some((disk_bound, decode_tok_s / disk_bound));
         report["bytes_streamed_per_token"] = json!(per_token);
@@ -236,8 +239,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
         report["io_gb_s"] = json!(io);
         report["decode_disk_bound_tok_s"] = json!(disk_bound);
         report["decode_fraction_of_disk_bound"] = json!(decode_tok_s / disk_bound);
-        report["disk_read_method"] =
-            json!("512 MiB file in the offload dir, O_DIRECT io_uring reads of 8 MiB, 4 in flight");
+        report["disk_read_method"] = json!(format!(
+            "512 MiB file in the offload dir, O_DIRECT io_uring reads of {:.1} MiB (the largest the store issues, \
+             8 to 128 MiB), 4 in flight",
+            read as f64 / (1 << 20) as f64
+        ));
     }
     if let Some((layers, bytes, bw)) = gpu_streamed {
         let upload_bound = bw / bytes as f64;
@@ -277,7 +283,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 bandwidth / 1e9
             );
         }
-        if let (Some((disk, per_token, io)), Some((bound, fraction))) = (streaming, disk_fraction) {
+        if let (Some((disk, per_token, io, _)), Some((bound, fraction))) = (streaming, disk_fraction) {
             println!(
                 "streamed     {:>10.1} MB/token from the offload pack ({})",
                 per_token / 1e6,

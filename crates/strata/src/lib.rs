@@ -33,8 +33,8 @@ pub use model::{
 pub use moe::{LayerStats, MoeConfig, RouterStats};
 pub use offload::{
     DEFAULT_PREFILL_CHUNK, OffloadConfig, PackReport, PlacementReport, VramPlacementReport, cached_hardware_profile,
-    hardware_profile, hardware_profile_path, measure_disk_read, pack_model, plan_placement, plan_vram_placement,
-    probe_hardware, process_ram, save_hardware_profile,
+    hardware_profile, hardware_profile_path, measure_disk_read, measure_disk_read_sized, pack_model, plan_placement,
+    plan_vram_placement, probe_hardware, process_ram, save_hardware_profile,
 };
 pub use perplexity::{DEFAULT_PERPLEXITY_CHUNK, Perplexity};
 pub use sampling::{Sampler, SamplingParams};

@@ -302,7 +302,15 @@ pub(crate) fn thread_pool(threads: Option<usize>) -> Result<rayon::ThreadPool> {
 /// Measures the sequential read rate of the disk under `dir` now, in GB/s (see
 /// [`probe_hardware`]).
 pub fn measure_disk_read(dir: &Path) -> Result<f64> {
-    probe_disk(dir)
+    probe_disk(dir, DISK_PROBE_READ)
+}
+
+/// [`measure_disk_read`] in reads of `read_bytes` (rounded up to 4 KiB, between 8 MiB and
+/// 128 MiB) instead of 8 MiB: the rate a store issuing reads of that size can get (larger
+/// reads may run faster). Returns the rate and the read size used.
+pub fn measure_disk_read_sized(dir: &Path, read_bytes: usize) -> Result<(f64, usize)> {
+    let unit = read_bytes.next_multiple_of(4096).clamp(DISK_PROBE_READ, DISK_PROBE_BYTES / 4);
+    Ok((probe_disk(dir, unit)?, unit))
 }
 
 /// Where the hardware profile is cached.
@@ -364,7 +372,7 @@ const MATVEC_PROBE_BYTES: usize = 64 << 20;
 /// bandwidth with `threads` threads, and the bytes of weights per second a matvec consumes in
 /// each dtype.
 pub fn probe_hardware(dir: &Path, threads: usize) -> Result<HardwareProfile> {
-    let disk_read_gb_s = probe_disk(dir)?;
+    let disk_read_gb_s = probe_disk(dir, DISK_PROBE_READ)?;
     let pool = thread_pool(Some(threads))?;
     pool.install(|| {
         let memory_gb_s = crate::memory_read_bandwidth() / 1e9;
@@ -378,9 +386,12 @@ pub fn probe_hardware(dir: &Path, threads: usize) -> Result<HardwareProfile> {
     })
 }
 
-/// Writes a file of [`DISK_PROBE_BYTES`] under `dir`, then reads it back in 8 MiB units with
-/// four in flight; GB/s of the read.
-fn probe_disk(dir: &Path) -> Result<f64> {
+/// The read size of the disk probe.
+const DISK_PROBE_READ: usize = 8 << 20;
+
+/// Writes a file of [`DISK_PROBE_BYTES`] under `dir`, then reads it back in reads of `unit`
+/// bytes (a multiple of 4 KiB; the last one shorter) with four in flight; GB/s of the read.
+fn probe_disk(dir: &Path, unit: usize) -> Result<f64> {
     std::fs::create_dir_all(dir).map_err(|error| Error::Io { path: dir.to_path_buf(), error })?;
     let path = dir.join(format!("disk-probe-{}.tmp", std::process::id()));
     let io = |error: std::io::Error| Error::Io { path: path.clone(), error };
@@ -394,7 +405,6 @@ fn probe_disk(dir: &Path) -> Result<f64> {
         f.sync_all().map_err(io)?;
     }
     let result = (|| -> Result<f64> {
-        let unit = 8 << 20;
         let config = StreamerConfig { queue_depth: 4, buffer_bytes: unit, buffers: 5, ..StreamerConfig::default() };
         let streamer = Streamer::open(&path, config)?;
         let start = Instant::now();
@@ -404,7 +414,7 @@ fn probe_disk(dir: &Path) -> Result<f64> {
                 let t: Ticket = tickets.pop_front().expect("four in flight");
                 drop(t.wait()?);
             }
-            let t = streamer.read(offset as u64, unit)?;
+            let t = streamer.read(offset as u64, unit.min(DISK_PROBE_BYTES - offset))?;
             tickets.push_back(t);
         }
         for t in tickets {
@@ -436,4 +446,22 @@ fn probe_matvec(dtype: DType) -> Result<f64> {
     }
     times.sort_by(f64::total_cmp);
     Ok(w.byte_len() as f64 / times[2] / 1e9)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_disk_probe_reads_in_the_size_asked_for_within_its_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        // The last read of an odd size is shorter. (A size above 128 MiB is read as 128 MiB.)
+        for (asked, used) in [(0, 8 << 20), (99_000_000, 99_000_000usize.next_multiple_of(4096))] {
+            let (rate, read) = measure_disk_read_sized(dir.path(), asked).unwrap();
+            assert_eq!(read, used, "asked {asked}");
+            assert!(rate > 0.0 && rate.is_finite(), "{rate}");
+        }
+        // The probe file is gone.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
 }
