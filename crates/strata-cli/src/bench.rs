@@ -182,6 +182,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         bytes_per_token -= unused.round() as usize;
     }
     let bound_tok_s = bandwidth / bytes_per_token as f64;
+    // The decode's share of experts found in the expert cache (median over the runs).
+    let hit_rate = (!hit_rates.is_empty()).then(|| median(&mut hit_rates));
     let mut report = json!({
         "model": model.source().display().to_string(),
         "threads": model.threads(),
@@ -199,8 +201,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "decode_bound_tok_s": bound_tok_s,
         "decode_fraction_of_bound": decode_tok_s / bound_tok_s,
         "io_gb_s": null,
-        // The decode's share of experts found in the expert cache (median over the runs).
-        "expert_cache_hit_rate": (!hit_rates.is_empty()).then(|| median(&mut hit_rates)),
+        "expert_cache_hit_rate": hit_rate,
         "mean_experts_per_token": mean_experts,
         "plan": { "strategy": "all-resident", "device": model.device().to_string() },
     });
@@ -297,7 +298,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             if let Some(io) = io {
                 println!("io achieved {io:>10.2} GB/s (while reads were in flight)");
             }
-            if let Some(rate) = report["expert_cache_hit_rate"].as_f64() {
+            if let Some(rate) = hit_rate {
                 let cache = model.store().and_then(|s| s.expert_cache_capacity());
                 let (slots, bytes) = cache.unwrap_or_default();
                 println!(

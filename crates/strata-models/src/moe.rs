@@ -956,29 +956,31 @@ fn load_shared_expert(
 /// A checkpoint whose MoE experts read one tensor per expert and projection, whatever its
 /// layout: `{block}.experts.{e}.{gate,up,down}.weight` (with the family's names: `w1`, `w3`,
 /// `w2` for Mixtral) are the checkpoint's own tensors, or row views of its fused or stacked
-/// ones. Every other name passes through. The offload pack is built through it, so each
-/// expert is a unit of its own.
+/// ones. Every other name passes through (every name, for a dense model). The offload pack is
+/// built through it, so each expert is a unit of its own.
 pub(crate) struct PerExpertSource<'a> {
     inner: &'a dyn TensorSource,
-    moe: &'a MoeHparams,
+    moe: Option<&'a MoeHparams>,
     hidden: usize,
 }
 
 impl<'a> PerExpertSource<'a> {
-    /// `inner` seen per expert, for a model of `moe`'s shape with hidden size `hidden`.
-    pub(crate) fn new(inner: &'a dyn TensorSource, moe: &'a MoeHparams, hidden: usize) -> PerExpertSource<'a> {
+    /// `inner` seen per expert, for a model of `moe`'s shape (`None`: dense) with hidden size
+    /// `hidden`.
+    pub(crate) fn new(inner: &'a dyn TensorSource, moe: Option<&'a MoeHparams>, hidden: usize) -> PerExpertSource<'a> {
         PerExpertSource { inner, moe, hidden }
     }
 
     /// For a per-expert name the checkpoint lacks: the stacked tensor that holds it, its shape
     /// `[E, rows, cols]`, and the expert's rows in it (`start`, `count`).
     fn stacked(&self, name: &str) -> Option<(String, [usize; 3], usize, usize)> {
+        let moe = self.moe?;
         let (block, rest) = name.split_once(".experts.")?;
         let (e, rest) = rest.split_once('.')?;
         let e: usize = e.parse().ok()?;
         let projection = rest.strip_suffix(".weight")?;
-        let part = expert_names(self.moe.mixtral_names).iter().position(|n| *n == projection)?;
-        let (n, h, i) = (self.moe.num_experts, self.hidden, self.moe.expert_intermediate_size);
+        let part = expert_names(moe.mixtral_names).iter().position(|n| *n == projection)?;
+        let (n, h, i) = (moe.num_experts, self.hidden, moe.expert_intermediate_size);
         if e >= n || !(block.ends_with(".mlp") || block.ends_with(".block_sparse_moe")) {
             return None;
         }

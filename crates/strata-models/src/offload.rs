@@ -151,7 +151,7 @@ impl UnitLayout {
     /// The units of the model `hp` describes, from the tensors the decoder loads from `src`.
     pub fn of(hp: &Hparams, src: &dyn TensorSource) -> Result<UnitLayout> {
         let per_expert = per_expert(hp, src);
-        let recording = Recording { inner: per_expert.as_ref(), names: RefCell::new(Vec::new()) };
+        let recording = Recording { inner: &per_expert, names: RefCell::new(Vec::new()) };
         Decoder::load(hp.clone(), &recording)?;
         let mut units: Vec<UnitDef> = Vec::new();
         for name in recording.names.into_inner() {
@@ -231,28 +231,8 @@ impl UnitLayout {
 }
 
 /// `src` with a MoE model's experts one tensor per expert and projection ([`PerExpertSource`]).
-fn per_expert<'a>(hp: &'a Hparams, src: &'a dyn TensorSource) -> Box<dyn TensorSource + 'a> {
-    match &hp.moe {
-        Some(moe) => Box::new(PerExpertSource::new(src, moe, hp.hidden_size)),
-        None => Box::new(Passthrough(src)),
-    }
-}
-
-/// A source as it is.
-struct Passthrough<'a>(&'a dyn TensorSource);
-
-impl TensorSource for Passthrough<'_> {
-    fn tensor(&self, name: &str) -> Result<Tensor> {
-        self.0.tensor(name)
-    }
-
-    fn contains(&self, name: &str) -> bool {
-        self.0.contains(name)
-    }
-
-    fn location(&self) -> &Path {
-        self.0.location()
-    }
+fn per_expert<'a>(hp: &'a Hparams, src: &'a dyn TensorSource) -> PerExpertSource<'a> {
+    PerExpertSource::new(src, hp.moe.as_ref(), hp.hidden_size)
 }
 
 /// The checkpoint files a pack is keyed by: a GGUF file itself, or a directory's config.json

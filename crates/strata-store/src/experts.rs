@@ -84,6 +84,23 @@ struct CacheState {
     stats: ExpertCacheStats,
 }
 
+impl CacheState {
+    /// Evicts the entry the policy names among those nobody holds (only the map holds an entry
+    /// whose count is 1, and nothing clones it without the lock, so dropping it returns its
+    /// buffer to the pool now). `false` when every entry is held.
+    fn evict_one(&mut self) -> bool {
+        let candidates: Vec<usize> =
+            self.entries.iter().filter(|(_, b)| Arc::strong_count(b) == 1).map(|(&u, _)| u).collect();
+        let Some(named) = self.policy.victim(&candidates) else { return false };
+        // A policy that names a unit it was not offered gets the first candidate instead.
+        let victim = if candidates.contains(&named) { named } else { candidates[0] };
+        self.entries.remove(&victim);
+        self.policy.removed(victim);
+        self.stats.evictions += 1;
+        true
+    }
+}
+
 impl ExpertCache {
     /// A cache over `pack` for the units `cached`, or an error when not one of them fits in
     /// `config.bytes`.
@@ -153,38 +170,27 @@ impl ExpertCache {
     }
 
     /// Submits the read of `unit` if a buffer is free or an entry nobody holds can be evicted
-    /// for one; `None` when neither.
-    fn try_submit(&self, pack: &Pack, state: &mut CacheState, unit: usize) -> Result<Option<Ticket>> {
+    /// for one (or, with `before_reads_ahead`, a read ahead nobody took over can be dropped for
+    /// one); `None` when neither.
+    fn try_submit(
+        &self,
+        pack: &Pack,
+        state: &mut CacheState,
+        unit: usize,
+        before_reads_ahead: bool,
+    ) -> Result<Option<Ticket>> {
         let u = &pack.manifest().units[unit];
         loop {
             if let Some(ticket) = self.streamer.try_read(u.offset, u.padded_len() as usize)? {
                 return Ok(Some(ticket));
             }
-            // Only the map holds an entry whose count is 1, and nothing clones it without the
-            // lock: dropping it returns its buffer to the pool now.
-            let candidates: Vec<usize> =
-                state.entries.iter().filter(|(_, b)| Arc::strong_count(b) == 1).map(|(&u, _)| u).collect();
-            let Some(victim) = state.policy.victim(&candidates) else {
-                // A read ahead nobody took over holds a buffer: a read asked for now comes first.
-                if self.drop_oldest_prefetch(pack, state)? {
-                    continue;
-                }
-                return Ok(None);
-            };
-            if state.entries.remove(&victim).is_none() {
-                // A policy that names a unit it was not offered: take the first candidate.
-                match candidates.first() {
-                    Some(first) => state.entries.remove(first),
-                    None => return Ok(None),
-                };
+            if state.evict_one() || (before_reads_ahead && self.drop_oldest_prefetch(pack, state)?) {
+                continue;
             }
-            state.policy.removed(victim);
-            state.stats.evictions += 1;
+            return Ok(None);
         }
     }
-}
 
-impl ExpertCache {
     /// Waits for the oldest read ahead nobody took over and drops it, so that its buffer can be
     /// used (its bytes count as read, and as wasted). `false` when there is none.
     fn drop_oldest_prefetch(&self, pack: &Pack, state: &mut CacheState) -> Result<bool> {
@@ -229,23 +235,8 @@ impl ExpertCache {
             if state.entries.contains_key(&unit) || state.prefetched.iter().any(|(u, _)| *u == unit) {
                 continue;
             }
-            // Never wait here: a read ahead that finds no buffer is not worth a stall.
-            let u = &pack.manifest().units[unit];
-            let ticket = match self.streamer.try_read(u.offset, u.padded_len() as usize)? {
-                Some(ticket) => ticket,
-                None => {
-                    let candidates: Vec<usize> =
-                        state.entries.iter().filter(|(_, b)| Arc::strong_count(b) == 1).map(|(&u, _)| u).collect();
-                    let Some(victim) = state.policy.victim(&candidates) else { break };
-                    state.entries.remove(&victim);
-                    state.policy.removed(victim);
-                    state.stats.evictions += 1;
-                    match self.streamer.try_read(u.offset, u.padded_len() as usize)? {
-                        Some(ticket) => ticket,
-                        None => break,
-                    }
-                }
-            };
+            // Never wait here, nor drop another read ahead: a guess is not worth a stall.
+            let Some(ticket) = self.try_submit(pack, state, unit, false)? else { break };
             state.prefetched.push_back((unit, ticket));
             state.stats.prefetched += 1;
         }
@@ -320,7 +311,7 @@ impl<'s> ExpertFetch<'s> {
     fn submit_ahead(&mut self, cache: &ExpertCache, state: &mut CacheState) -> Result<()> {
         for k in self.next..self.units.len() {
             if matches!(self.pending[k], Pending::Later) {
-                match cache.try_submit(self.store.pack(), state, self.units[k])? {
+                match cache.try_submit(self.store.pack(), state, self.units[k], true)? {
                     Some(ticket) => self.pending[k] = Pending::Reading(ticket),
                     None => break,
                 }
@@ -384,7 +375,7 @@ impl<'s> ExpertFetch<'s> {
     fn submit_now(&mut self, cache: &ExpertCache, state: &mut CacheState, k: usize) -> Result<Ticket> {
         let unit = self.units[k];
         loop {
-            if let Some(ticket) = cache.try_submit(self.store.pack(), state, unit)? {
+            if let Some(ticket) = cache.try_submit(self.store.pack(), state, unit, true)? {
                 return Ok(ticket);
             }
             let held = (k + 1..self.units.len()).rev().find(|&j| matches!(self.pending[j], Pending::Ready(_, true)));
