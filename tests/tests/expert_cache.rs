@@ -53,6 +53,7 @@ fn cached_experts_give_the_resident_logits_bit_for_bit() {
                 ("all-resident", 1, "lru"),
                 ("all-resident", 3, "lfu"),
                 ("stream-all", 2, "lru"),
+                ("stream-all", 3, "layer-lru"),
                 ("cost-model", count as u64, "lfu"),
             ] {
                 let what = format!("{} {strategy}, {slots} of {count} experts cached, {policy}", dir.display());
@@ -134,4 +135,33 @@ fn without_a_size_streamed_experts_get_a_cache_of_twice_a_tokens_experts() {
     // aligned), so the store's buffers are the plan's.
     assert_eq!(plan.ram.expert_cache, 6 * largest);
     assert_eq!(model.store().unwrap().expert_cache_capacity().map(|c| c.0), Some(6));
+}
+
+/// Under `--max-ram` without `--expert-cache`, experts on disk get what the rest of the plan
+/// leaves of the budget, in whole experts: the store holds as many, and the logits stay the
+/// resident model's.
+#[test]
+fn under_a_ram_budget_the_cache_takes_what_the_plan_leaves() {
+    let offload_dir = tempfile::tempdir().unwrap();
+    let f = Fixture::load("mixtral_e6_k3");
+    let unbudgeted = load(&f.dir, config(offload_dir.path(), "stream-all", None, "layer-lru")).unwrap();
+    let (largest, count) = expert_units(&unbudgeted);
+    let plan = unbudgeted.placement().unwrap();
+    let rest = plan.ram.total - plan.ram.expert_cache;
+    drop(unbudgeted);
+    let plain = load(&f.dir, OffloadConfig::default()).unwrap();
+    let want = plain.logits(&f.prompt_ids, LogitsMode::Decode).unwrap();
+    for slots in [1, 4, count as u64] {
+        let budget = rest + slots * largest + largest / 2;
+        let offload =
+            OffloadConfig { max_ram: Some(budget), ..config(offload_dir.path(), "stream-all", None, "layer-lru") };
+        let model = load(&f.dir, offload).unwrap();
+        let plan = model.placement().unwrap();
+        assert_eq!(plan.ram.expert_cache, slots * largest, "{slots}: {}", plan.ram.total);
+        assert_eq!(model.store().unwrap().expert_cache_capacity(), Some((slots as usize, slots * largest)));
+        // layer-lru is expected to hit in proportion to the experts it holds.
+        let expected = plan.expected_expert_hit_rate.unwrap();
+        assert!((expected - slots as f64 / count as f64).abs() < 1e-12, "{slots}: {expected}");
+        assert_eq!(model.logits(&f.prompt_ids, LogitsMode::Decode).unwrap(), want, "{slots} experts cached");
+    }
 }

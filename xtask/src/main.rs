@@ -58,6 +58,7 @@ commands:
                               best of N rounds and paired per-round ratios; --int8: also strata with
                               --act-quant int8; --json: JSON on stdout, the table on stderr
   bench --offload [--file FILE.gguf] [--max-ram SIZE] [--threads N] [--rounds N] [--json]
+                                  [--llama-no-repack] [--llama-minutes N]
                               decode with --max-ram (default a third of the file, synthetic TinyLlama q8_0) against
                               the disk bound, the stream-all depth-0 baseline and llama.cpp in a memory cgroup";
 

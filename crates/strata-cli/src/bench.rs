@@ -228,6 +228,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "context_tokens": model.decoder().max_context(),
             "resident_weight_bytes": plan.ram.resident_weights,
             "expert_cache_bytes": plan.ram.expert_cache,
+            "expected_expert_hit_rate": plan.expected_expert_hit_rate,
             "predicted_s_per_token": plan.predicted.total_s,
         });
     }
@@ -301,8 +302,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
             if let Some(rate) = hit_rate {
                 let cache = model.store().and_then(|s| s.expert_cache_capacity());
                 let (slots, bytes) = cache.unwrap_or_default();
+                let expected = model
+                    .placement()
+                    .and_then(|p| p.expected_expert_hit_rate)
+                    .map_or(String::new(), |e| format!("; {:.1}% planned for uniform routing", 100.0 * e));
                 println!(
-                    "expert cache {:>9.1}% hits while decoding ({slots} experts, {:.1} MB)",
+                    "expert cache {:>9.1}% hits while decoding ({slots} experts, {:.1} MB{expected})",
                     100.0 * rate,
                     bytes as f64 / 1e6
                 );

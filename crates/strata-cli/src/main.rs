@@ -87,11 +87,13 @@ pub(crate) struct PlacementArgs {
     #[arg(long, value_name = "NAME")]
     strategy: Option<String>,
     /// Keep a MoE model's experts in the offload pack and read the ones each router picks into
-    /// a cache of this size in RAM (part of --max-ram), like 4GB.
+    /// a cache of this size in RAM (part of --max-ram), like 4GB. Without it, experts the plan
+    /// puts on disk get the RAM --max-ram leaves.
     #[arg(long, value_name = "SIZE")]
     expert_cache: Option<String>,
-    /// Which expert the cache evicts: lru (least recently used, the default) or lfu (least
-    /// frequently routed to).
+    /// Which expert the cache evicts: layer-lru (the default: from the layer whose turn comes
+    /// last, the least recently used in it), lru (least recently used) or lfu (least frequently
+    /// routed to).
     #[arg(long, value_name = "NAME")]
     expert_cache_policy: Option<String>,
     /// While a MoE layer's experts compute, read ahead the experts the next layer's router is

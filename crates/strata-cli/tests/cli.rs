@@ -77,7 +77,7 @@ fn an_expert_cache_gives_the_same_logits() {
         let dir = tmp.path().join("offload");
         let dir = dir.to_str().unwrap();
         let plain = logits("plain.npy", &[]);
-        for policy in ["lru", "lfu"] {
+        for policy in ["layer-lru", "lru", "lfu"] {
             let cached = logits(
                 "cached.npy",
                 &["--expert-cache", "16KiB", "--expert-cache-policy", policy, "--offload-dir", dir],
@@ -104,7 +104,7 @@ fn expert_cache_flags_are_checked() {
     let out = run("mixtral_e6_k3", &["--expert-cache", "1GB", "--expert-cache-policy", "fifo"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("unknown expert cache policy \"fifo\""), "{}", stderr(&out));
-    assert!(stderr(&out).contains("lru, lfu"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("layer-lru, lru, lfu"), "{}", stderr(&out));
     let out = run("mixtral_e6_k3", &["--expert-cache", "1KB"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("holds no expert"), "{}", stderr(&out));

@@ -180,6 +180,14 @@ impl OpenedModel {
                 Tier::Ram | Tier::Vram => Residency::Resident,
             })
             .collect();
+        let mut policy = policy;
+        let layer_of: Vec<(usize, usize)> = (0..layout.units.len())
+            .filter_map(|i| match layout.units[i].kind {
+                UnitKind::Expert { layer, .. } => Some((i, layer)),
+                _ => None,
+            })
+            .collect();
+        policy.set_layers(&layer_of);
         let cache =
             residency.contains(&Residency::Cached).then(|| ExpertCacheConfig { bytes: plan.ram.expert_cache, policy });
         let store = Store::open_with_experts(pack, &residency, plan.prefetch_depth, cache, read_progress)?;

@@ -12,10 +12,10 @@ use std::collections::{BTreeSet, HashMap};
 use crate::error::PlanError;
 
 /// The names `expert_cache_policy_by_name` knows, in the order error messages list them.
-pub const EXPERT_CACHE_POLICIES: &[&str] = &["lru", "lfu"];
+pub const EXPERT_CACHE_POLICIES: &[&str] = &["layer-lru", "lru", "lfu"];
 
 /// The expert cache policy used when the user names none.
-pub const DEFAULT_EXPERT_CACHE_POLICY: &str = "lru";
+pub const DEFAULT_EXPERT_CACHE_POLICY: &str = "layer-lru";
 
 /// The eviction policy of the MoE expert cache; experts are identified by their unit index.
 ///
@@ -38,6 +38,10 @@ pub trait ExpertCachePolicy: Send + std::fmt::Debug {
     /// policy's own order go to the lowest unit index. Returns `None` only when `candidates` is
     /// empty.
     fn victim(&mut self, candidates: &[usize]) -> Option<usize>;
+
+    /// Tells the policy which layer each expert unit belongs to, as `(unit, layer)` pairs, before
+    /// any access. Policies that ignore layers need not implement it.
+    fn set_layers(&mut self, _layer_of: &[(usize, usize)]) {}
 }
 
 /// Least recently used: evicts the candidate touched longest ago (never touched counts as
@@ -55,6 +59,65 @@ pub struct Lfu {
     /// The recency that breaks ties between equal counts.
     recency: Lru,
     touches: HashMap<usize, u64>,
+}
+
+/// Layer-aware LRU: evicts from the layer whose turn comes last, which is the layer running
+/// now (its experts are next needed a whole token later), then the one before it, and so on;
+/// within a layer, the least recently touched. Units without a known layer come last, among
+/// themselves least recently touched first.
+///
+/// Decode visits the layers in a cycle, and a plain LRU evicts exactly the experts whose layer
+/// comes next: with fewer slots than a token's experts over all layers it never hits. This
+/// policy keeps each layer a share of the cache instead, which under uniform routing hits in
+/// proportion to the experts cached, and keeps each layer's recent (hot) experts in its share.
+#[derive(Debug, Clone, Default)]
+pub struct LayerLru {
+    recency: Lru,
+    layer_of: HashMap<usize, usize>,
+    /// One more than the highest layer given.
+    layers: usize,
+    /// The layer of the unit touched last: the layer running now.
+    current: Option<usize>,
+}
+
+impl LayerLru {
+    /// How many layer steps after the current one `unit`'s layer runs again (the current layer
+    /// itself: all of them); 0 for a unit of unknown layer.
+    fn turns_until(&self, unit: usize) -> usize {
+        match (self.current, self.layer_of.get(&unit)) {
+            (Some(current), Some(&layer)) => (layer + self.layers - current - 1) % self.layers + 1,
+            _ => 0,
+        }
+    }
+}
+
+impl ExpertCachePolicy for LayerLru {
+    fn name(&self) -> &'static str {
+        "layer-lru"
+    }
+
+    fn touched(&mut self, unit: usize) {
+        self.recency.touched(unit);
+        if let Some(&layer) = self.layer_of.get(&unit) {
+            self.current = Some(layer);
+        }
+    }
+
+    fn removed(&mut self, unit: usize) {
+        self.recency.removed(unit);
+    }
+
+    fn victim(&mut self, candidates: &[usize]) -> Option<usize> {
+        candidates
+            .iter()
+            .copied()
+            .min_by_key(|&unit| (std::cmp::Reverse(self.turns_until(unit)), self.recency.last_touch(unit), unit))
+    }
+
+    fn set_layers(&mut self, layer_of: &[(usize, usize)]) {
+        self.layer_of = layer_of.iter().copied().collect();
+        self.layers = layer_of.iter().map(|&(_, layer)| layer + 1).max().unwrap_or(0);
+    }
 }
 
 impl Lru {
@@ -109,6 +172,7 @@ impl ExpertCachePolicy for Lfu {
 /// initial state.
 pub fn expert_cache_policy_by_name(name: &str) -> Result<Box<dyn ExpertCachePolicy>, PlanError> {
     match name {
+        "layer-lru" => Ok(Box::new(LayerLru::default())),
         "lru" => Ok(Box::new(Lru::default())),
         "lfu" => Ok(Box::new(Lfu::default())),
         _ => {
@@ -207,6 +271,153 @@ impl SimulatedCache<'_> {
     }
 }
 
+/// The hits an LRU expert cache of every size gets on one trace, from a single replay.
+///
+/// With the store's batch rule (a batch's hits are held while its misses evict), an LRU cache
+/// of `slots` experts holds, between batches, exactly the `slots` most recently touched units:
+/// so a batch's unit hits when its depth in the recency stack at the start of the batch is below
+/// `slots`, and the counts of those depths give the hits of every cache size at once. This is
+/// exact for every size at least as large as the trace's widest batch (the simulator of
+/// `simulate_expert_cache` with `Lru` gives the same counts), which decode batches (a layer's
+/// experts of one token) always are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LruHitCurve {
+    /// `hits_at_depth[d]`: counted accesses whose unit was at depth `d` of the recency stack.
+    hits_at_depth: Vec<u64>,
+    /// Counted accesses, hits at any depth and cold misses.
+    accesses: u64,
+}
+
+impl LruHitCurve {
+    /// Replays `accesses` (batches as `simulate_expert_cache` takes them), counting from batch
+    /// `counted_from` on: the batches before it only warm the cache up.
+    pub fn replay(accesses: &[Vec<usize>], counted_from: usize) -> LruHitCurve {
+        // A unit's depth is the number of distinct units touched since its own last touch: with
+        // a mark at each unit's latest touch (touches numbered in order), the marks after it.
+        let touches = accesses.iter().map(Vec::len).sum();
+        let mut marks = Fenwick::new(touches);
+        let mut last_touch: HashMap<usize, usize> = HashMap::new();
+        let mut now = 0;
+        let mut curve = LruHitCurve { hits_at_depth: Vec::new(), accesses: 0 };
+        for (index, batch) in accesses.iter().enumerate() {
+            let batch = distinct(batch);
+            if index >= counted_from {
+                for unit in &batch {
+                    curve.accesses += 1;
+                    if let Some(&touch) = last_touch.get(unit) {
+                        let depth = (marks.prefix(now) - marks.prefix(touch + 1)) as usize;
+                        if curve.hits_at_depth.len() <= depth {
+                            curve.hits_at_depth.resize(depth + 1, 0);
+                        }
+                        curve.hits_at_depth[depth] += 1;
+                    }
+                }
+            }
+            // The whole batch's depths are those at its start; then it moves to the front.
+            for unit in batch {
+                if let Some(touch) = last_touch.insert(unit, now) {
+                    marks.add(touch, -1);
+                }
+                marks.add(now, 1);
+                now += 1;
+            }
+        }
+        curve
+    }
+
+    /// The counted accesses.
+    pub fn accesses(&self) -> u64 {
+        self.accesses
+    }
+
+    /// The hits and misses of a cache of `slots` experts.
+    pub fn with_slots(&self, slots: usize) -> CacheSimulation {
+        let hits = self.hits_at_depth.iter().take(slots).sum();
+        CacheSimulation { hits, misses: self.accesses - hits }
+    }
+}
+
+/// A Fenwick tree of counts over `0..n`: point updates and prefix sums in `O(log n)`.
+struct Fenwick(Vec<i64>);
+
+impl Fenwick {
+    fn new(n: usize) -> Fenwick {
+        Fenwick(vec![0; n + 1])
+    }
+
+    /// Adds `delta` at `index`.
+    fn add(&mut self, index: usize, delta: i64) {
+        let mut i = index + 1;
+        while i < self.0.len() {
+            self.0[i] += delta;
+            i += i & i.wrapping_neg();
+        }
+    }
+
+    /// The sum over `0..end`.
+    fn prefix(&self, end: usize) -> i64 {
+        let mut i = end;
+        let mut sum = 0;
+        while i > 0 {
+            sum += self.0[i];
+            i -= i & i.wrapping_neg();
+        }
+        sum
+    }
+}
+
+/// A routing trace where every token picks `k` distinct experts of each layer uniformly at
+/// random (a deterministic generator seeded with `seed`), as batches for
+/// `simulate_expert_cache` and `LruHitCurve`: one batch per layer per token, in layer order.
+///
+/// `layers[l] = (experts, on_demand)`: layer `l` has `experts` experts, of which the first
+/// `on_demand` go through the cache (the others are resident, so a batch leaves them out).
+/// Expert `e` of layer `l` is unit `offset(l) + e`. Under uniform routing which experts are
+/// resident does not change the hit rate, only how many.
+pub fn uniform_routing_trace(layers: &[(usize, usize)], k: usize, tokens: usize, seed: u64) -> Vec<Vec<usize>> {
+    let mut random = SplitMix64(seed);
+    let mut offsets = Vec::with_capacity(layers.len());
+    let mut next = 0;
+    for &(experts, _) in layers {
+        offsets.push(next);
+        next += experts;
+    }
+    let mut trace = Vec::with_capacity(tokens * layers.len());
+    let mut ids: Vec<usize> = Vec::new();
+    for _ in 0..tokens {
+        for (&(experts, on_demand), &offset) in layers.iter().zip(&offsets) {
+            // The first `k` of a partial Fisher-Yates shuffle: `k` distinct experts.
+            ids.clear();
+            ids.extend(0..experts);
+            let picks = k.min(experts);
+            for i in 0..picks {
+                let j = i + random.below(experts - i);
+                ids.swap(i, j);
+            }
+            trace.push(ids[..picks].iter().filter(|&&e| e < on_demand).map(|&e| offset + e).collect());
+        }
+    }
+    trace
+}
+
+/// The SplitMix64 generator: small, fast and the same on every machine.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..n` (`n > 0`; the modulo bias is below 2^-40 for the counts used here).
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
 /// The units of `batch` in order of first appearance, each once.
 fn distinct(batch: &[usize]) -> Vec<usize> {
     let mut units = Vec::with_capacity(batch.len());
@@ -253,6 +464,61 @@ mod tests {
     }
 
     #[test]
+    fn layer_lru_evicts_from_the_layer_whose_turn_comes_last() {
+        let mut policy = LayerLru::default();
+        // Units 0-2 are layer 0, 3-5 layer 1, 6-8 layer 2; 9 has no layer.
+        let layers: Vec<(usize, usize)> = (0..9).map(|u| (u, u / 3)).collect();
+        policy.set_layers(&layers);
+        for unit in [9, 0, 1, 3, 4, 6, 7, 2] {
+            policy.touched(unit);
+        }
+        // Layer 0 runs now (2 was touched last): its own experts go first, the least recent (0)
+        // before 1; then layer 2's (run just before), then layer 1's; the unknown one last.
+        assert_eq!(policy.victim(&[0, 1, 3, 4, 6, 7, 9]), Some(0));
+        assert_eq!(policy.victim(&[1, 3, 6, 9]), Some(1));
+        assert_eq!(policy.victim(&[3, 4, 6, 7, 9]), Some(6));
+        assert_eq!(policy.victim(&[3, 4, 9]), Some(3));
+        assert_eq!(policy.victim(&[9]), Some(9));
+        // Without layers it is an LRU.
+        let mut plain = LayerLru::default();
+        for unit in [2, 0, 1] {
+            plain.touched(unit);
+        }
+        assert_eq!(plain.victim(&[0, 1, 2]), Some(2));
+    }
+
+    /// Under uniform routing over layers in a cycle, a plain LRU with fewer slots than a token's
+    /// experts never hits, and the layer-aware one hits in proportion to the experts cached.
+    #[test]
+    fn layer_lru_hits_where_lru_cannot_under_cyclic_layers() {
+        let (layers, experts, k) = (32, 8, 2);
+        let shape = vec![(experts, experts); layers];
+        let trace = uniform_routing_trace(&shape, k, 400, 3);
+        let layer_of: Vec<(usize, usize)> = (0..layers * experts).map(|u| (u, u / experts)).collect();
+        let warm = 100 * layers;
+        let rate = |policy: &mut dyn ExpertCachePolicy, slots: usize| {
+            policy.set_layers(&layer_of);
+            let all = simulate_expert_cache(&trace, slots, policy);
+            let mut again = expert_cache_policy_by_name(policy.name()).unwrap();
+            again.set_layers(&layer_of);
+            let warm_up = simulate_expert_cache(&trace[..warm], slots, again.as_mut());
+            (all.hits - warm_up.hits) as f64 / (all.accesses() - warm_up.accesses()) as f64
+        };
+        let n = layers * experts;
+        for slots in [25, 64, 128, 192] {
+            let lru = rate(&mut Lru::default(), slots);
+            let layered = rate(&mut LayerLru::default(), slots);
+            let share = slots as f64 / n as f64;
+            eprintln!("{slots} of {n} experts cached: lru {lru:.3}, layer-lru {layered:.3}, share {share:.3}");
+            assert!((layered - share).abs() < 0.03, "{slots} slots: layer-lru {layered}, share {share}");
+            assert!(layered + 0.01 >= lru, "{slots} slots: layer-lru {layered}, lru {lru}");
+            if slots < k * layers {
+                assert_eq!(lru, 0.0, "{slots} slots");
+            }
+        }
+    }
+
+    #[test]
     fn lfu_counts_survive_eviction() {
         let mut lfu = Lfu::default();
         for unit in [0, 0, 1] {
@@ -264,7 +530,8 @@ mod tests {
 
     #[test]
     fn victims_are_deterministic_and_ties_go_to_the_lowest_index() {
-        let policies: [Box<dyn ExpertCachePolicy>; 2] = [Box::new(Lru::default()), Box::new(Lfu::default())];
+        let policies: [Box<dyn ExpertCachePolicy>; 3] =
+            [Box::new(Lru::default()), Box::new(Lfu::default()), Box::new(LayerLru::default())];
         for mut policy in policies {
             assert_eq!(policy.victim(&[]), None, "{}", policy.name());
             assert_eq!(policy.victim(&[5, 3, 9]), Some(3), "{}: never touched", policy.name());
@@ -313,9 +580,49 @@ mod tests {
         }
         assert!(EXPERT_CACHE_POLICIES.contains(&DEFAULT_EXPERT_CACHE_POLICY));
         let error = expert_cache_policy_by_name("arc").unwrap_err();
-        assert_eq!(error, PlanError::UnknownExpertCachePolicy { name: "arc".into(), known: "lru, lfu".into() });
+        let known = "layer-lru, lru, lfu";
+        assert_eq!(error, PlanError::UnknownExpertCachePolicy { name: "arc".into(), known: known.into() });
         let message = error.to_string();
-        assert!(message.contains("\"arc\"") && message.contains("lru, lfu"), "{message}");
+        assert!(message.contains("\"arc\"") && message.contains(known), "{message}");
+    }
+
+    #[test]
+    fn the_hit_curve_counts_depths_in_the_recency_stack() {
+        // Stack after [0, 1], [2]: 2 1 0 (most recent first). [0, 2]: 0 at depth 2, 2 at depth 0.
+        let curve = LruHitCurve::replay(&[vec![0, 1], vec![2], vec![0, 2], vec![3]], 2);
+        assert_eq!(curve.accesses(), 3);
+        assert_eq!(curve.with_slots(0), CacheSimulation { hits: 0, misses: 3 });
+        assert_eq!(curve.with_slots(1), CacheSimulation { hits: 1, misses: 2 });
+        assert_eq!(curve.with_slots(2), CacheSimulation { hits: 1, misses: 2 });
+        assert_eq!(curve.with_slots(3), CacheSimulation { hits: 2, misses: 1 });
+        assert_eq!(curve.with_slots(100), CacheSimulation { hits: 2, misses: 1 });
+    }
+
+    #[test]
+    fn uniform_routing_picks_k_distinct_experts_per_layer_and_token() {
+        let layers = [(8, 8), (6, 4), (3, 0)];
+        let trace = uniform_routing_trace(&layers, 2, 500, 7);
+        assert_eq!(trace.len(), 1500);
+        assert_eq!(trace, uniform_routing_trace(&layers, 2, 500, 7), "deterministic");
+        let mut counts = [0u32; 17];
+        for (i, batch) in trace.iter().enumerate() {
+            assert_eq!(distinct(batch).len(), batch.len(), "{batch:?}");
+            match i % 3 {
+                0 => assert!(batch.len() == 2 && batch.iter().all(|&u| u < 8), "{batch:?}"),
+                // Layer 1's experts 4 and 5 are resident: a batch holds 0 to 2 of units 8..12.
+                1 => assert!(batch.len() <= 2 && batch.iter().all(|&u| (8..12).contains(&u)), "{batch:?}"),
+                _ => assert!(batch.is_empty(), "{batch:?}"),
+            }
+            for &u in batch {
+                counts[u] += 1;
+            }
+        }
+        // Each of layer 0's experts is picked a quarter of the time (500 * 2 / 8 = 125).
+        for (unit, &count) in counts[..8].iter().enumerate() {
+            assert!((85..=165).contains(&count), "unit {unit}: {count}");
+        }
+        // More experts than the layer has: all of them.
+        assert_eq!(uniform_routing_trace(&[(3, 3)], 5, 1, 1)[0].len(), 3);
     }
 
     fn traces() -> impl Strategy<Value = Vec<Vec<usize>>> {
@@ -342,6 +649,21 @@ mod tests {
                 let mut policy = expert_cache_policy_by_name(name).unwrap();
                 let got = simulate_expert_cache(&trace, units.len() + extra, policy.as_mut());
                 prop_assert_eq!(got.misses, units.len() as u64, "{}", name);
+            }
+        }
+
+        #[test]
+        fn the_hit_curve_is_the_lru_simulation_at_every_size_that_holds_a_batch(trace in traces(), warm in 0usize..8) {
+            let widest = trace.iter().map(|batch| distinct(batch).len()).max().unwrap_or(0);
+            let curve = LruHitCurve::replay(&trace, warm.min(trace.len()));
+            for slots in widest..=17 {
+                let mut lru = Lru::default();
+                let all = simulate_expert_cache(&trace, slots, &mut lru);
+                let mut lru = Lru::default();
+                let warm_up = simulate_expert_cache(&trace[..warm.min(trace.len())], slots, &mut lru);
+                // The warm-up's own counts are the simulation of its prefix alone.
+                let counted = CacheSimulation { hits: all.hits - warm_up.hits, misses: all.misses - warm_up.misses };
+                prop_assert_eq!(curve.with_slots(slots), counted, "{} slots", slots);
             }
         }
 

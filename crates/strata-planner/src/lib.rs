@@ -22,8 +22,8 @@ mod timing;
 
 pub use error::PlanError;
 pub use expert_cache::{
-    CacheSimulation, DEFAULT_EXPERT_CACHE_POLICY, EXPERT_CACHE_POLICIES, ExpertCachePolicy, Lfu, Lru,
-    expert_cache_policy_by_name, simulate_expert_cache,
+    CacheSimulation, DEFAULT_EXPERT_CACHE_POLICY, EXPERT_CACHE_POLICIES, ExpertCachePolicy, LayerLru, Lfu, Lru,
+    LruHitCurve, expert_cache_policy_by_name, simulate_expert_cache, uniform_routing_trace,
 };
 pub use hardware::{HardwareProfile, TierBudgets, Workload};
 pub use manifest::{UnitInfo, UnitKind, WeightManifest};

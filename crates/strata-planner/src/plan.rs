@@ -102,8 +102,16 @@ pub struct Plan {
     pub ram: MemoryUse,
     /// What the plan holds in GPU memory (nothing, on CPU plans).
     pub vram: MemoryUse,
-    /// Bytes read from disk per token (an expert counts its expected share).
+    /// Bytes read from disk per token (an expert on disk counts its expected share, times the
+    /// expected misses of the expert cache).
     pub bytes_streamed_per_token: u64,
+    /// The share of expert reads the expert cache is expected to serve if routing were uniform
+    /// (every token picks `k` experts of each layer at random): for `lru` from a replay of such
+    /// a trace, for the layer-aware policies the share of the experts on disk the cache holds;
+    /// `None` when no expert is read on demand. Trained routers are skewed, which a cache that
+    /// keeps recently or often used experts usually turns into more hits.
+    #[serde(default)]
+    pub expected_expert_hit_rate: Option<f64>,
     /// The predicted time per token.
     pub predicted: TokenTime,
 }
@@ -144,6 +152,9 @@ impl Plan {
         if self.ram.expert_cache > 0 {
             let streamed = if self.staging_buffers == 0 { "experts".to_string() } else { format!("{ring}; experts") };
             ring = format!("{streamed} read on demand into an expert cache of {}", format_size(self.ram.expert_cache));
+            if let Some(rate) = self.expected_expert_hit_rate {
+                ring.push_str(&format!(" (expected hit rate {rate:.2} under uniform routing)"));
+            }
         }
         out.push_str(&format!("strategy {}: {ring}\n", self.strategy));
         out.push_str(&format!("{:<label_width$}  {:<6}  {:>8}\n", "unit", "tier", "size"));

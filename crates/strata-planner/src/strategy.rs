@@ -6,10 +6,12 @@
 //! that choice into a `Plan` or a `DoesNotFit` error that says what the choice needs. So a new
 //! strategy is a type implementing the trait, not an edit of the accounting.
 
+use std::cell::RefCell;
 use std::cmp::Reverse;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::error::PlanError;
+use crate::expert_cache::{CacheSimulation, LruHitCurve, uniform_routing_trace};
 use crate::hardware::{HardwareProfile, TierBudgets, Workload};
 use crate::manifest::{UnitKind, WeightManifest};
 use crate::plan::{MemoryUse, Placement, Plan, Tier, TokenTime};
@@ -31,9 +33,16 @@ pub const MAX_PREFETCH_DEPTH: usize = 64;
 /// The default prefetch depth of `pin-attention`.
 pub const PIN_ATTENTION_DEPTH: usize = 2;
 
-/// The default expert cache holds this many times a token's experts per layer (the experts of
-/// one layer, and as many again that the next tokens may reuse).
+/// Without a RAM budget, the default expert cache holds this many times a token's experts per
+/// layer (the experts of one layer, and as many again that the next tokens may reuse).
 pub const DEFAULT_EXPERT_CACHE_FACTOR: usize = 2;
+
+/// Tokens of uniform routing whose expert cache hits the planner counts (after a warm-up in
+/// which every expert is likely to be touched once).
+pub const EXPERT_TRACE_TOKENS: usize = 256;
+
+/// The seed of the planner's uniform routing trace.
+const EXPERT_TRACE_SEED: u64 = 0x5eed_e8e7;
 
 /// Everything a strategy plans from.
 #[derive(Debug, Clone, Copy)]
@@ -52,12 +61,18 @@ pub struct PlanInput<'a> {
     /// scratch), counted against the RAM budget with the rest.
     pub process_ram: u64,
     /// The user's `--expert-cache`: every expert unit is read on demand into an expert cache of
-    /// this many bytes, whatever the strategy. `None`: experts are placed like other units, and
-    /// streamed ones get a cache of [`DEFAULT_EXPERT_CACHE_FACTOR`] times `experts_per_token`
-    /// experts.
+    /// this many bytes, whatever the strategy. `None`: experts stay resident or are read on
+    /// demand as the strategy chooses, and those on disk get a cache of every byte the RAM
+    /// budget leaves (at least one expert, at most all of them), or without a budget
+    /// [`DEFAULT_EXPERT_CACHE_FACTOR`] times `experts_per_token` experts.
     pub expert_cache: Option<u64>,
-    /// Experts a MoE layer runs per token (0 for a dense model): sizes the default expert cache.
+    /// Experts a MoE layer runs per token (0 for a dense model): sizes the default expert cache
+    /// and the uniform routing trace its expected hit rate is measured on.
     pub experts_per_token: usize,
+    /// The expert cache's eviction policy, by name (`EXPERT_CACHE_POLICIES`): `lru` is expected
+    /// to hit as its replay of uniform routing says (`LruHitCurve`), the others, which keep
+    /// each layer a share of the cache, in proportion to the experts the cache holds.
+    pub expert_cache_policy: &'a str,
 }
 
 impl PlanInput<'_> {
@@ -108,7 +123,10 @@ pub struct PinAttention;
 /// filled greedily with the largest remaining units (a streamed byte costs the same transfer
 /// time wherever it is, so resident bytes are what count; among units of one size the resident
 /// ones are spread evenly over the layers, which leaves compute between the streamed ones to
-/// hide their loads). It also tries the all-resident, stream-all and pin-attention layouts, so
+/// hide their loads). Experts on disk are read on demand into the expert cache, which takes the
+/// RAM left over: the fill never makes an expert resident, because a cache slot adapts to the
+/// router where a pinned expert is an arbitrary pick, and under uniform routing an LRU slot hits
+/// about as often. It also tries the all-resident, stream-all and pin-attention layouts, so
 /// it never predicts slower than those under the same budget and depth. The fastest candidate
 /// wins; ties go to fewer streamed bytes, then less RAM, then the shallower depth, then the
 /// first tried, so the same input always gives the same plan.
@@ -185,6 +203,26 @@ struct Candidate {
     pinned_bytes: u64,
 }
 
+/// The expert cache of a layout: its bytes, and its expected hits under uniform routing.
+#[derive(Debug, Clone, Copy)]
+struct ExpertCache {
+    bytes: u64,
+    expected: CacheSimulation,
+}
+
+impl ExpertCache {
+    /// No expert read on demand.
+    const NONE: ExpertCache = ExpertCache { bytes: 0, expected: CacheSimulation { hits: 0, misses: 0 } };
+
+    /// The expected missed part of `value` (all of it when no access was counted).
+    fn misses_of(&self, value: i128) -> i128 {
+        match self.expected.accesses() {
+            0 => value,
+            accesses => value.saturating_mul(i128::from(self.expected.misses)) / i128::from(accesses),
+        }
+    }
+}
+
 /// The outcome of the cost model's search.
 struct Search {
     /// The best candidate within the budget.
@@ -211,6 +249,11 @@ struct Context<'a> {
     ram_bytes: Vec<u64>,
     kv_cache: u64,
     activations: u64,
+    /// Per MoE layer, in execution order: its expert units.
+    expert_layers: Vec<Vec<usize>>,
+    /// The LRU hit curves of uniform routing, by the (experts, on-demand experts) of each MoE
+    /// layer: candidates with the same counts share one.
+    hit_curves: RefCell<HashMap<Vec<(usize, usize)>, LruHitCurve>>,
 }
 
 /// The page size RAM is charged in for mapped units.
@@ -265,9 +308,16 @@ impl<'a> Context<'a> {
             .zip(&mapped)
             .map(|(u, &m)| if m { mapped_ram(u.bytes, u.bytes_per_token, context_tokens) } else { u.bytes })
             .collect();
+        let order = manifest.execution_order();
+        let mut by_layer: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for &i in &order {
+            if let UnitKind::Expert { layer, .. } = manifest.units[i].kind {
+                by_layer.entry(layer).or_default().push(i);
+            }
+        }
         Ok(Context {
             input,
-            order: manifest.execution_order(),
+            order,
             compute_ps,
             transfer_ps,
             stream_bytes,
@@ -279,6 +329,8 @@ impl<'a> Context<'a> {
                 input.workload.batch_tokens,
                 "the activations",
             )?,
+            expert_layers: by_layer.into_values().collect(),
+            hit_curves: RefCell::new(HashMap::new()),
         })
     }
 
@@ -387,7 +439,6 @@ impl<'a> Context<'a> {
         let is_expert = |i: usize| matches!(units[i].kind, UnitKind::Expert { .. });
         let stream_order: Vec<usize> = self.order.iter().copied().filter(|&i| streamed[i] && !is_expert(i)).collect();
         let cached: Vec<usize> = self.order.iter().copied().filter(|&i| streamed[i] && is_expert(i)).collect();
-        let expert_cache = self.expert_cache_bytes(&cached)?;
         let streamed_count = stream_order.len();
         let prefetch_depth = if streamed_count == 0 { 0 } else { depth.min(streamed_count - 1) };
         let staging_buffers = if streamed_count == 0 { 0 } else { prefetch_depth + 1 };
@@ -400,10 +451,10 @@ impl<'a> Context<'a> {
             "the embedding and other resident units",
         )?;
         let process = self.input.process_ram;
-        let total = checked_sum(
-            [resident_weights, self.kv_cache, self.activations, staging, expert_cache, process],
-            "the RAM total",
-        )?;
+        let rest = checked_sum([resident_weights, self.kv_cache, self.activations, staging, process], "the RAM total")?;
+        let cache = self.expert_cache(&cached, rest)?;
+        let expert_cache = cache.bytes;
+        let total = checked_sum([rest, expert_cache], "the RAM total")?;
         let ram = MemoryUse {
             resident_weights,
             kv_cache: self.kv_cache,
@@ -426,13 +477,14 @@ impl<'a> Context<'a> {
             })
             .collect();
         let compute: i128 = self.compute_ps.iter().fold(0i128, |sum, &t| sum.saturating_add(t));
-        // Every read counts (an expert its expected share, as if no read hit the cache).
-        let read = || stream_order.iter().chain(&cached);
-        let transfer: i128 = read().fold(0i128, |sum, &i| sum.saturating_add(self.transfer_ps[i]));
+        // An expert on disk reads its expected share per token, times the expected misses of the
+        // cache under uniform routing.
+        let ordered_ps: i128 = stream_order.iter().fold(0i128, |sum, &i| sum.saturating_add(self.transfer_ps[i]));
+        let experts_ps = cache.misses_of(cached.iter().fold(0i128, |sum, &i| sum.saturating_add(self.transfer_ps[i])));
+        let transfer = ordered_ps.saturating_add(experts_ps);
         // Units in the stream order load ahead of their use; an expert's read starts only once
         // its router has run, so its time is added (the model does not count the overlap of a
         // layer's later reads with its earlier experts' compute).
-        let experts_ps: i128 = cached.iter().fold(0i128, |sum, &i| sum.saturating_add(self.transfer_ps[i]));
         let time = if streamed_count == 0 {
             Ratio::whole(compute)
         } else {
@@ -440,7 +492,11 @@ impl<'a> Context<'a> {
             cycle_time(&self.stages(&ordered), prefetch_depth)
         }
         .plus(experts_ps);
-        let bytes_streamed_per_token = read().fold(0u64, |sum, &i| sum.saturating_add(self.stream_bytes[i]));
+        let experts_bytes = cached.iter().fold(0u64, |sum, &i| sum.saturating_add(self.stream_bytes[i]));
+        let bytes_streamed_per_token = stream_order
+            .iter()
+            .fold(0u64, |sum, &i| sum.saturating_add(self.stream_bytes[i]))
+            .saturating_add(u64::try_from(cache.misses_of(i128::from(experts_bytes))).unwrap_or(u64::MAX));
         let plan = Plan {
             strategy: strategy.to_string(),
             placements,
@@ -452,6 +508,7 @@ impl<'a> Context<'a> {
             ram,
             vram: MemoryUse::default(),
             bytes_streamed_per_token,
+            expected_expert_hit_rate: (!cached.is_empty()).then(|| cache.expected.hit_rate()),
             predicted: TokenTime {
                 compute_s: seconds(compute),
                 transfer_s: seconds(transfer),
@@ -461,36 +518,79 @@ impl<'a> Context<'a> {
         Ok(Candidate { plan, time, pinned_bytes })
     }
 
-    /// The expert cache a layout needs for its on-demand experts `cached`: the user's size (which
-    /// must hold the largest of them), or [`DEFAULT_EXPERT_CACHE_FACTOR`] times a token's experts
-    /// of the largest size; 0 when no expert is read on demand. An expert counts as the pack
-    /// stores it, rounded up to [`PAGE_BYTES`].
-    fn expert_cache_bytes(&self, cached: &[usize]) -> Result<u64, PlanError> {
+    /// The expert cache of a layout whose on-demand experts are `cached`, when the rest of the
+    /// plan takes `rest` bytes of RAM: the user's size (which must hold the largest expert), or
+    /// what the RAM budget leaves (at least one expert, at most all of them), or without a budget
+    /// [`DEFAULT_EXPERT_CACHE_FACTOR`] times a token's experts; in whole experts of the largest
+    /// size, each counted as the pack stores it, rounded up to [`PAGE_BYTES`]. Nothing when no
+    /// expert is read on demand.
+    fn expert_cache(&self, cached: &[usize], rest: u64) -> Result<ExpertCache, PlanError> {
         let units = self.units();
         // The pack stores each unit on page boundaries, and a cache buffer holds a whole one.
         let Some(largest) = cached.iter().map(|&i| units[i].bytes.next_multiple_of(PAGE_BYTES)).max() else {
-            return Ok(0);
+            return Ok(ExpertCache::NONE);
         };
-        match self.input.expert_cache {
-            Some(bytes) if bytes < largest => {
+        let (bytes, slots) = match (self.input.expert_cache, self.input.budgets.ram) {
+            (Some(bytes), _) if bytes < largest => {
                 let name = cached
                     .iter()
                     .find(|&&i| units[i].bytes.next_multiple_of(PAGE_BYTES) == largest)
                     .map_or("", |&i| units[i].name.as_str());
-                Err(PlanError::InvalidPlacement {
+                return Err(PlanError::InvalidPlacement {
                     reason: format!(
                         "an expert cache of {} ({bytes} bytes) holds no expert: {name} takes {largest} bytes in the \
                          offload pack",
                         format_size(bytes)
                     ),
-                })
+                });
             }
-            Some(bytes) => Ok(bytes),
-            None => {
-                let experts = (DEFAULT_EXPERT_CACHE_FACTOR * self.input.experts_per_token).max(1);
-                checked_product(largest, experts, "the expert cache")
+            (Some(bytes), _) => (bytes, usize::try_from(bytes / largest).unwrap_or(usize::MAX)),
+            (None, budget) => {
+                let slots = match budget {
+                    Some(budget) => usize::try_from(budget.saturating_sub(rest) / largest).unwrap_or(usize::MAX),
+                    None => DEFAULT_EXPERT_CACHE_FACTOR.saturating_mul(self.input.experts_per_token),
+                };
+                let slots = slots.clamp(1, cached.len());
+                (checked_product(largest, slots, "the expert cache")?, slots)
             }
+        };
+        Ok(ExpertCache { bytes, expected: self.expected_hits(cached, slots) })
+    }
+
+    /// The hits and misses an expert cache of `slots` experts is expected to have when the
+    /// experts `cached` are read on demand and every token routes uniformly (a cache that holds
+    /// every one of them hits always). For `lru`, replayed on [`EXPERT_TRACE_TOKENS`] tokens
+    /// after a warm-up in which each expert is touched with probability about 1 - e^-4: in
+    /// layers visited in a cycle it never hits with fewer slots than a token's experts over all
+    /// layers. The other policies keep each layer a share of the slots, which hits in
+    /// proportion: `slots` of every `cached.len()` accesses (`LayerLru`'s test checks this).
+    fn expected_hits(&self, cached: &[usize], slots: usize) -> CacheSimulation {
+        let mut on_disk = vec![false; self.units().len()];
+        for &i in cached {
+            on_disk[i] = true;
         }
+        let key: Vec<(usize, usize)> = self
+            .expert_layers
+            .iter()
+            .map(|layer| (layer.len(), layer.iter().filter(|&&i| on_disk[i]).count()))
+            .collect();
+        // A cache that holds them all misses only while it warms up.
+        let on_demand: usize = key.iter().map(|&(_, on_demand)| on_demand).sum();
+        if slots >= on_demand {
+            return CacheSimulation { hits: 1, misses: 0 };
+        }
+        if self.input.expert_cache_policy != "lru" {
+            return CacheSimulation { hits: slots as u64, misses: (on_demand - slots) as u64 };
+        }
+        let k = self.input.experts_per_token;
+        let mut curves = self.hit_curves.borrow_mut();
+        let curve = curves.entry(key).or_insert_with_key(|layers| {
+            let widest = layers.iter().map(|&(experts, _)| experts).max().unwrap_or(0);
+            let warm_up = (4 * widest).div_ceil(k.max(1)).clamp(16, 1024);
+            let trace = uniform_routing_trace(layers, k, warm_up + EXPERT_TRACE_TOKENS, EXPERT_TRACE_SEED);
+            LruHitCurve::replay(&trace, warm_up * layers.len())
+        });
+        curve.with_slots(slots)
     }
 
     /// The pipeline stages of a layout with at least one streamed unit: each streamed unit with
@@ -558,19 +658,39 @@ impl<'a> Context<'a> {
         self.units().iter().map(|u| u.kind.is_streamable() && u.bytes <= cap).collect()
     }
 
-    /// Makes resident, in `priority` order, every streamed unit that still fits in `budget`
-    /// with a ring of `depth + 1` buffers of `cap` bytes (fewer when few units are left).
+    /// Makes resident, in `priority` order, every streamed unit but the experts that still fits
+    /// in `budget` with a ring of `depth + 1` buffers of the largest streamed unit below `cap`
+    /// (fewer when few units are left) and, when experts are read on demand, the smallest
+    /// expert cache (the user's, or one expert), which `evaluate` then gives what is left.
     fn fill(&self, mut streamed: Vec<bool>, cap: u64, depth: usize, budget: u64, priority: &[usize]) -> Vec<bool> {
         let units = self.units();
-        let ring = |count: usize| if count == 0 { 0 } else { (depth.min(count - 1) as u64 + 1).saturating_mul(cap) };
-        let mut count = streamed.iter().filter(|&&s| s).count();
-        let mut used = (0..units.len())
-            .filter(|&i| !streamed[i])
-            .fold(self.kv_cache.saturating_add(self.activations).saturating_add(self.input.process_ram), |sum, i| {
-                sum.saturating_add(self.ram_bytes[i])
-            });
+        let is_expert = |i: usize| matches!(units[i].kind, UnitKind::Expert { .. });
+        if self.input.expert_cache.is_some() {
+            for i in (0..units.len()).filter(|&i| is_expert(i)) {
+                streamed[i] = true;
+            }
+        }
+        let on_demand: Vec<usize> = (0..units.len()).filter(|&i| streamed[i] && is_expert(i)).collect();
+        let cache_floor = match self.input.expert_cache {
+            _ if on_demand.is_empty() => 0,
+            Some(bytes) => bytes,
+            None => on_demand.iter().map(|&i| units[i].bytes.next_multiple_of(PAGE_BYTES)).max().unwrap_or(0),
+        };
+        let ring_unit =
+            (0..units.len()).filter(|&i| streamed[i] && !is_expert(i)).map(|i| units[i].bytes.min(cap)).max();
+        let ring_unit = ring_unit.unwrap_or(0);
+        let ring =
+            |count: usize| if count == 0 { 0 } else { (depth.min(count - 1) as u64 + 1).saturating_mul(ring_unit) };
+        let mut count = (0..units.len()).filter(|&i| streamed[i] && !is_expert(i)).count();
+        let mut used = (0..units.len()).filter(|&i| !streamed[i]).fold(
+            self.kv_cache
+                .saturating_add(self.activations)
+                .saturating_add(self.input.process_ram)
+                .saturating_add(cache_floor),
+            |sum, i| sum.saturating_add(self.ram_bytes[i]),
+        );
         for &i in priority {
-            if !streamed[i] {
+            if !streamed[i] || is_expert(i) {
                 continue;
             }
             let with_it = used.saturating_add(units[i].bytes);

@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 use strata_planner::{
-    AllResident, CostModel, DEFAULT_EXPERT_CACHE_FACTOR, HardwareProfile, PinAttention, PlacementStrategy, Plan,
-    PlanError, PlanInput, StreamAll, Tier, TierBudgets, UnitInfo, UnitKind, WeightManifest, Workload, format_size,
-    mapped_ram, parse_size, strategy_by_name,
+    AllResident, CostModel, DEFAULT_EXPERT_CACHE_FACTOR, DEFAULT_EXPERT_CACHE_POLICY, HardwareProfile, PinAttention,
+    PlacementStrategy, Plan, PlanError, PlanInput, StreamAll, Tier, TierBudgets, UnitInfo, UnitKind, WeightManifest,
+    Workload, format_size, mapped_ram, parse_size, strategy_by_name,
 };
 
 /// Bytes of `weights` q8_0 weights: 34 bytes per block of 32.
@@ -92,6 +92,7 @@ fn input<'a>(
         process_ram: 0,
         expert_cache: None,
         experts_per_token: 2,
+        expert_cache_policy: DEFAULT_EXPERT_CACHE_POLICY,
     }
 }
 
@@ -122,12 +123,24 @@ fn check_plan(plan: &Plan, input: &PlanInput) -> Result<(), TestCaseError> {
     prop_assert_eq!(&plan.streamed_units(), &expected_order);
     let largest_expert =
         on_disk.iter().copied().filter(|&i| is_expert(i)).map(|i| m.units[i].bytes.next_multiple_of(4096)).max();
-    let expert_cache = match (largest_expert, input.expert_cache) {
-        (None, _) => 0,
-        (Some(_), Some(bytes)) => bytes,
-        (Some(largest), None) => largest * (DEFAULT_EXPERT_CACHE_FACTOR * input.experts_per_token).max(1) as u64,
+    let on_demand = on_disk.iter().filter(|&&i| is_expert(i)).count() as u64;
+    let ram = plan.ram;
+    let rest = ram.total - ram.expert_cache;
+    let expert_cache = match (largest_expert, input.expert_cache, input.budgets.ram) {
+        (None, _, _) => 0,
+        (Some(_), Some(bytes), _) => bytes,
+        // Without a budget: twice a token's experts, at most all of them.
+        (Some(largest), None, None) => {
+            largest * ((DEFAULT_EXPERT_CACHE_FACTOR * input.experts_per_token) as u64).clamp(1, on_demand)
+        }
+        // Under a budget: what the rest leaves, in whole experts, one at least, all at most.
+        (Some(largest), None, Some(budget)) => largest * (budget.saturating_sub(rest) / largest).clamp(1, on_demand),
     };
     prop_assert_eq!(plan.ram.expert_cache, expert_cache);
+    prop_assert_eq!(plan.expected_expert_hit_rate.is_some(), largest_expert.is_some());
+    if let Some(rate) = plan.expected_expert_hit_rate {
+        prop_assert!((0.0..=1.0).contains(&rate), "{}", rate);
+    }
     let streamed = expected_order.len();
     if streamed == 0 {
         prop_assert_eq!((plan.staging_buffers, plan.staging_buffer_bytes, plan.prefetch_depth), (0, 0, 0));
@@ -141,7 +154,6 @@ fn check_plan(plan: &Plan, input: &PlanInput) -> Result<(), TestCaseError> {
         .filter(|&i| plan.tier_of(i) != Tier::Disk)
         .map(|i| ram_bytes(m, i, input.workload.context_tokens))
         .sum();
-    let ram = plan.ram;
     prop_assert_eq!(ram.resident_weights, resident);
     prop_assert_eq!(ram.kv_cache, m.kv_bytes_per_token * input.workload.context_tokens as u64);
     prop_assert_eq!(ram.activations, m.activation_bytes_per_token * input.workload.batch_tokens as u64);
@@ -528,7 +540,7 @@ proptest! {
         let everything = manifest.total_bytes() + manifest.kv_bytes_per_token * context as u64
             + manifest.activation_bytes_per_token * batch as u64;
         let ram = budget_fraction.map(|f| (everything as f64 * f) as u64);
-        let input = PlanInput { manifest: &manifest, budgets: TierBudgets { vram: Some(1 << 30), ram }, hardware: &hardware, workload, prefetch_depth: depth, process_ram: 0, expert_cache: None, experts_per_token: 2 };
+        let input = PlanInput { manifest: &manifest, budgets: TierBudgets { vram: Some(1 << 30), ram }, hardware: &hardware, workload, prefetch_depth: depth, process_ram: 0, expert_cache: None, experts_per_token: 2, expert_cache_policy: "layer-lru" };
         let cost = CostModel.plan(&input);
         prop_assert_eq!(&cost, &CostModel.plan(&input), "the same input gives the same plan");
         for strategy in strategies() {
@@ -564,7 +576,7 @@ proptest! {
     ) {
         let mut previous = f64::INFINITY;
         for depth in 0..6 {
-            let input = PlanInput { manifest: &manifest, budgets: TierBudgets::default(), hardware: &hardware, workload: WORKLOAD, prefetch_depth: Some(depth), process_ram: 0, expert_cache: None, experts_per_token: 2 };
+            let input = PlanInput { manifest: &manifest, budgets: TierBudgets::default(), hardware: &hardware, workload: WORKLOAD, prefetch_depth: Some(depth), process_ram: 0, expert_cache: None, experts_per_token: 2, expert_cache_policy: "layer-lru" };
             for plan in [StreamAll.plan(&input), PinAttention.plan(&input)] {
                 let plan = plan.map_err(|e| TestCaseError::fail(e.to_string()))?;
                 check_plan(&plan, &input)?;
@@ -597,8 +609,16 @@ fn the_table_groups_experts_across_layers() {
         .collect();
     let plan = input.assemble("mine", &streamed, 1).unwrap();
     check(&plan, &input);
-    // An expert streams its expected share per token.
-    assert_eq!(plan.bytes_streamed_per_token, 6 * 250);
+    // An expert streams its expected share per token, times the expected misses of the cache
+    // (4 experts of the 6 on disk, k = 2 of each layer's 4).
+    let rate = plan.expected_expert_hit_rate.unwrap();
+    assert!(rate > 0.2 && rate < 0.9, "{rate}");
+    let expected = 6.0 * 250.0 * (1.0 - rate);
+    assert!(
+        (plan.bytes_streamed_per_token as f64 - expected).abs() < 1.0,
+        "{} vs {expected}",
+        plan.bytes_streamed_per_token
+    );
     let table = plan.to_table(&manifest);
     let labels: Vec<&str> = table.lines().skip(2).take(4).map(|l| l.split("  ").next().unwrap().trim()).collect();
     assert_eq!(
@@ -611,7 +631,73 @@ fn the_table_groups_experts_across_layers() {
     // each counted at its size in the pack (page-aligned).
     assert_eq!(plan.ram.expert_cache, 2 * 2 * 4096);
     assert!(plan.stream_order.is_empty());
-    assert!(table.starts_with("strategy mine: experts read on demand into an expert cache of 16.4 KB"), "{table}");
+    assert!(
+        table.starts_with(&format!(
+            "strategy mine: experts read on demand into an expert cache of 16.4 KB (expected hit rate {rate:.2} under \
+             uniform routing)"
+        )),
+        "{table}"
+    );
+}
+
+/// Under a RAM budget, experts on disk get the RAM the rest of the plan leaves: a larger budget
+/// holds more experts, reads less and predicts a faster token, until everything fits. (Before,
+/// the cache stayed at twice a token's experts, and the rest of the budget went unused.)
+#[test]
+fn the_expert_cache_takes_the_ram_the_budget_leaves() {
+    const EXPERT: u64 = 1 << 20;
+    let make = |name: String, kind, bytes: u64, per_token: u64| UnitInfo {
+        name,
+        kind,
+        bytes,
+        dtype: "q8_0".into(),
+        bytes_per_token: per_token,
+    };
+    let mut units = vec![make("embed".into(), UnitKind::Embedding, 1 << 16, 64)];
+    for layer in 0..4 {
+        units.push(make(format!("{layer}.attn"), UnitKind::Attention { layer }, 1 << 18, 1 << 18));
+        units.push(make(format!("{layer}.ffn"), UnitKind::Ffn { layer }, 1 << 12, 1 << 12));
+        for expert in 0..8 {
+            // k = 2 of 8: a quarter of an expert per token.
+            units.push(make(format!("{layer}.e{expert}"), UnitKind::Expert { layer, expert }, EXPERT, EXPERT / 4));
+        }
+    }
+    units.push(make("head".into(), UnitKind::Head, 1 << 16, 1 << 16));
+    let manifest = WeightManifest { units, n_layers: 4, kv_bytes_per_token: 16, activation_bytes_per_token: 16 };
+    let hardware = hardware();
+    let unlimited = input(&manifest, &hardware, None, None);
+    let all_resident = AllResident.plan(&unlimited).unwrap();
+    let rest = all_resident.ram.total - 32 * EXPERT;
+    let mut previous: Option<Plan> = None;
+    for held in [1u64, 2, 4, 8, 16, 24, 31] {
+        let budget = PlanInput { budgets: TierBudgets { vram: None, ram: Some(rest + held * EXPERT) }, ..unlimited };
+        let plan = CostModel.plan(&budget).unwrap();
+        check(&plan, &budget);
+        let table = plan.to_table(&manifest);
+        assert!(plan.ram.expert_cache >= held * EXPERT, "{held}: {table}");
+        assert!(plan.ram.total + EXPERT > rest + held * EXPERT, "{held}: RAM left unused\n{table}");
+        let rate = plan.expected_expert_hit_rate.unwrap();
+        if let Some(previous) = &previous {
+            assert!(plan.predicted.total_s < previous.predicted.total_s, "{held}: {table}");
+            assert!(plan.bytes_streamed_per_token < previous.bytes_streamed_per_token, "{held}: {table}");
+            assert!(rate > previous.expected_expert_hit_rate.unwrap(), "{held}: {table}");
+        }
+        previous = Some(plan);
+    }
+    // Under uniform routing, an LRU cache of half the experts hits about half the time.
+    let half = PlanInput { budgets: TierBudgets { vram: None, ram: Some(rest + 16 * EXPERT) }, ..unlimited };
+    let rate = CostModel.plan(&half).unwrap().expected_expert_hit_rate.unwrap();
+    assert!((0.4..0.65).contains(&rate), "{rate}");
+    // With room for every expert, nothing is read.
+    let everything = PlanInput { budgets: TierBudgets { vram: None, ram: Some(all_resident.ram.total) }, ..unlimited };
+    let plan = CostModel.plan(&everything).unwrap();
+    assert_eq!(plan.bytes_streamed_per_token, 0, "{}", plan.to_table(&manifest));
+    // A budget below one expert's room is refused, naming the one-expert cache it would need.
+    let short = PlanInput { budgets: TierBudgets { vram: None, ram: Some(rest) }, ..unlimited };
+    let (needed, _, what) = does_not_fit(CostModel.plan(&short));
+    assert!(what.contains("expert cache 1.05 MB"), "{what}");
+    let enough = PlanInput { budgets: TierBudgets { vram: None, ram: Some(needed) }, ..unlimited };
+    check(&CostModel.plan(&enough).unwrap(), &enough);
 }
 
 /// `--expert-cache` puts every expert in the cache, whatever the strategy; a cache that holds

@@ -11,13 +11,16 @@
 //!    RSS, and the disk read rate each run measures (`O_DIRECT`, so the page cache does not
 //!    flatter it);
 //! 3. `llama-bench` (default mmap) inside a cgroup v1 memory controller limited to M, after
-//!    evicting the file from the page cache.
+//!    evicting the file from the page cache; `--llama-no-repack` runs it with `--repack 0`
+//!    (otherwise it copies q4_0 weights into anonymous memory, which a cgroup smaller than the
+//!    model can only thrash on), `--llama-minutes N` bounds its run (default 30).
 //!
 //! The target (issue 7): strata's decode at least 85% of `disk GB/s / bytes streamed per token`
 //! and at least 1.5x the stream-all baseline.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
@@ -36,10 +39,24 @@ struct Options {
     threads: usize,
     rounds: usize,
     json: bool,
+    /// llama-bench with `--repack 0`: weights stay in the file's mapping instead of being
+    /// rearranged into anonymous memory (which a memory cgroup smaller than the model cannot
+    /// page out without swap).
+    llama_no_repack: bool,
+    /// How long llama-bench may run.
+    llama_limit: Duration,
 }
 
 fn parse(args: &[String]) -> Result<Options> {
-    let mut o = Options { file: None, max_ram: None, threads: 2, rounds: 3, json: false };
+    let mut o = Options {
+        file: None,
+        max_ram: None,
+        threads: 2,
+        rounds: 3,
+        json: false,
+        llama_no_repack: false,
+        llama_limit: TIME_LIMIT,
+    };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -50,6 +67,12 @@ fn parse(args: &[String]) -> Result<Options> {
             "--threads" => {
                 let v = it.next().context("--threads needs a number")?;
                 o.threads = v.parse().ok().filter(|&n| n > 0).with_context(|| format!("--threads {v}"))?;
+            }
+            "--llama-no-repack" => o.llama_no_repack = true,
+            "--llama-minutes" => {
+                let v = it.next().context("--llama-minutes needs a number")?;
+                let minutes: u64 = v.parse().ok().filter(|&n| n > 0).with_context(|| format!("--llama-minutes {v}"))?;
+                o.llama_limit = Duration::from_secs(60 * minutes);
             }
             "--rounds" => {
                 let v = it.next().context("--rounds needs a number")?;
@@ -122,7 +145,7 @@ pub fn run(args: &[String]) -> Result<()> {
         // The ceiling in bytes as strata parsed it (its bench reports the plan's budget).
         Ok(bin) => {
             let limit = planned["plan"]["max_ram_bytes"].as_u64().context("strata bench reported no max_ram_bytes")?;
-            llama_in_cgroup(&bin, &file, limit, o.threads).map_err(|e| format!("{e:#}"))
+            llama_in_cgroup(&bin, &file, limit, &o).map_err(|e| format!("{e:#}"))
         }
         Err(e) => Err(format!("llama.cpp not installed: {e:#}")),
     };
@@ -147,6 +170,7 @@ pub fn run(args: &[String]) -> Result<()> {
         "llama_cpp_cgroup": llama.as_ref().map_or_else(|e| json!({"error": e}), |(d, pf, peak)| json!({
             "decode_tok_s": d, "prefill_tok_s": pf, "cgroup_peak_bytes": peak,
         })),
+        "llama_cpp_repack": !o.llama_no_repack,
         "ratio_vs_stream_all": p / b,
         "ratio_vs_llama_cpp": llama.as_ref().ok().map(|(d, _, _)| p / d),
     });
@@ -171,7 +195,7 @@ fn median_run(runs: &mut [Value]) -> Result<Value> {
 
 /// llama-bench on `file` inside a fresh cgroup v1 memory controller limited to `limit` bytes,
 /// after evicting the file from the page cache: (decode tok/s, prefill tok/s, the cgroup's peak).
-fn llama_in_cgroup(bin: &Path, file: &Path, limit: u64, threads: usize) -> Result<(f64, f64, u64)> {
+fn llama_in_cgroup(bin: &Path, file: &Path, limit: u64, o: &Options) -> Result<(f64, f64, u64)> {
     let root = Path::new("/sys/fs/cgroup/memory");
     ensure!(root.join("memory.limit_in_bytes").is_file(), "no cgroup v1 memory controller at {}", root.display());
     let cg = root.join(format!("strata-offload-bench-{}", std::process::id()));
@@ -197,8 +221,9 @@ fn llama_in_cgroup(bin: &Path, file: &Path, limit: u64, threads: usize) -> Resul
                 .arg("-m")
                 .arg(file)
                 .args(["-p", &PROMPT_TOKENS.to_string(), "-n", &GEN_TOKENS.to_string()])
-                .args(["-t", &threads.to_string(), "-r", "3", "-o", "json"]),
-            TIME_LIMIT,
+                .args(["-t", &o.threads.to_string(), "-r", "3", "-o", "json"])
+                .args(if o.llama_no_repack { &["--repack", "0"][..] } else { &[] }),
+            o.llama_limit,
         )?;
         ensure!(out.success, "llama-bench failed ({}): {}", out.status, out.stderr_tail());
         let raw: Value = serde_json::from_str(out.stdout.trim()).context("reading llama-bench's JSON")?;
