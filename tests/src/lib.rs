@@ -24,6 +24,7 @@ use strata_models::{Checkpoint, ModelConfig};
 pub fn fixed_hardware() -> strata::planner::HardwareProfile {
     strata::planner::HardwareProfile {
         disk_read_gb_s: 1.5,
+        disk_read_large_gb_s: None,
         memory_gb_s: 20.0,
         matvec_gb_s: std::collections::BTreeMap::new(),
         host_to_device_gb_s: None,

@@ -71,8 +71,9 @@ pub(crate) fn plan(a: PlanArgs) -> Result<()> {
             strata::planner::format_size(report.manifest.total_bytes()),
             report.context_tokens
         );
+        let large = h.disk_read_large_gb_s.map_or(String::new(), |r| format!(" in 8 MiB reads, {r:.2} in 64 MiB"));
         println!(
-            "machine: disk {:.2} GB/s, memory {:.1} GB/s, {} threads ({})",
+            "machine: disk {:.2} GB/s{large}, memory {:.1} GB/s, {} threads ({})",
             h.disk_read_gb_s,
             h.memory_gb_s,
             h.threads,

@@ -25,7 +25,7 @@ pub use expert_cache::{
     CacheSimulation, DEFAULT_EXPERT_CACHE_POLICY, EXPERT_CACHE_POLICIES, ExpertCachePolicy, LayerLru, Lfu, Lru,
     LruHitCurve, expert_cache_policy_by_name, simulate_expert_cache, uniform_routing_trace,
 };
-pub use hardware::{HardwareProfile, TierBudgets, Workload};
+pub use hardware::{HardwareProfile, LARGE_DISK_READ, SMALL_DISK_READ, TierBudgets, Workload};
 pub use manifest::{UnitInfo, UnitKind, WeightManifest};
 pub use plan::{MemoryUse, Placement, Plan, Tier, TokenTime};
 pub use size::{format_size, parse_size};

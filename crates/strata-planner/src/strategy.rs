@@ -296,7 +296,13 @@ impl<'a> Context<'a> {
             .iter()
             .map(|u| if matches!(u.kind, UnitKind::Expert { .. }) { u.bytes_per_token } else { u.bytes })
             .collect();
-        let transfer_ps = stream_bytes.iter().map(|&b| picoseconds(b, hardware.disk_read_gb_s)).collect();
+        // A unit is read whole, at the disk's rate for a read of its size.
+        let transfer_ps = manifest
+            .units
+            .iter()
+            .zip(&stream_bytes)
+            .map(|(u, &b)| picoseconds(b, hardware.disk_read_rate(u.bytes)))
+            .collect();
         // The embedding is mapped when the model has its own output head (a tied head reads the
         // whole table every token, so it stays resident).
         let has_head = manifest.units.iter().any(|u| u.kind == UnitKind::Head);

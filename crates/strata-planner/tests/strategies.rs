@@ -52,6 +52,7 @@ fn tinyllama() -> WeightManifest {
 fn hardware() -> HardwareProfile {
     HardwareProfile {
         disk_read_gb_s: 2.0,
+        disk_read_large_gb_s: None,
         memory_gb_s: 40.0,
         matvec_gb_s: BTreeMap::from([("q8_0".to_string(), 20.0), ("f32".to_string(), 10.0)]),
         host_to_device_gb_s: None,
@@ -515,8 +516,10 @@ fn manifest_strategy() -> impl Strategy<Value = WeightManifest> {
 }
 
 fn hardware_strategy() -> impl Strategy<Value = HardwareProfile> {
-    (0.1f64..10.0, 1.0f64..100.0, 0.5f64..60.0, 0.5f64..60.0).prop_map(|(disk, memory, q8, f32)| HardwareProfile {
+    let rates = (0.1f64..10.0, prop::option::of(0.1f64..10.0), 1.0f64..100.0, 0.5f64..60.0, 0.5f64..60.0);
+    rates.prop_map(|(disk, large, memory, q8, f32)| HardwareProfile {
         disk_read_gb_s: disk,
+        disk_read_large_gb_s: large,
         memory_gb_s: memory,
         matvec_gb_s: BTreeMap::from([("q8_0".to_string(), q8), ("f32".to_string(), f32)]),
         host_to_device_gb_s: None,
@@ -638,6 +641,26 @@ fn the_table_groups_experts_across_layers() {
         )),
         "{table}"
     );
+}
+
+/// Each unit is one read, timed at the disk's rate for a read of its size: with a profile whose
+/// large reads are faster, TinyLlama's 36.8 MB FFNs and 8.7 MB attention blocks read faster.
+#[test]
+fn units_read_at_the_disks_rate_for_their_size() {
+    let manifest = tinyllama();
+    let slow = hardware();
+    let fast = HardwareProfile { disk_read_large_gb_s: Some(4.0), ..hardware() };
+    let plan = |hardware: &HardwareProfile| StreamAll.plan(&input(&manifest, hardware, None, Some(0))).unwrap();
+    let (slow_plan, fast_plan) = (plan(&slow), plan(&fast));
+    let expected: f64 = fast_plan
+        .stream_order
+        .iter()
+        .map(|&i| manifest.units[i].bytes as f64 / (fast.disk_read_rate(manifest.units[i].bytes) * 1e9))
+        .sum();
+    let got = fast_plan.predicted.transfer_s;
+    assert!((got - expected).abs() <= 1e-9 * expected, "{got} vs {expected}");
+    assert!(got < slow_plan.predicted.transfer_s * 0.8, "{got} vs {}", slow_plan.predicted.transfer_s);
+    assert!(fast.disk_read_rate(manifest.units[2].bytes) > 2.0 && fast.disk_read_rate(manifest.units[2].bytes) < 4.0);
 }
 
 /// Under a RAM budget, experts on disk get the RAM the rest of the plan leaves: a larger budget

@@ -13,8 +13,8 @@ use std::time::Instant;
 
 use strata_models::store::nvme::{Streamer, StreamerConfig, Ticket};
 use strata_models::store::planner::{
-    DEFAULT_EXPERT_CACHE_POLICY, DEFAULT_STRATEGY, ExpertCachePolicy, HardwareProfile, Plan, PlanInput, TierBudgets,
-    WeightManifest, Workload, expert_cache_policy_by_name, strategy_by_name,
+    DEFAULT_EXPERT_CACHE_POLICY, DEFAULT_STRATEGY, ExpertCachePolicy, HardwareProfile, LARGE_DISK_READ, Plan,
+    PlanInput, SMALL_DISK_READ, TierBudgets, WeightManifest, Workload, expert_cache_policy_by_name, strategy_by_name,
 };
 use strata_models::tensor::{DType, Tensor, cpu};
 
@@ -303,7 +303,7 @@ pub(crate) fn thread_pool(threads: Option<usize>) -> Result<rayon::ThreadPool> {
 /// Measures the sequential read rate of the disk under `dir` now, in GB/s (see
 /// [`probe_hardware`]).
 pub fn measure_disk_read(dir: &Path) -> Result<f64> {
-    probe_disk(dir, DISK_PROBE_READ)
+    probe_disk(dir, [DISK_PROBE_READ]).map(|[rate]| rate)
 }
 
 /// [`measure_disk_read`] in reads of `read_bytes` (rounded up to 4 KiB, between 8 MiB and
@@ -311,7 +311,8 @@ pub fn measure_disk_read(dir: &Path) -> Result<f64> {
 /// reads may run faster). Returns the rate and the read size used.
 pub fn measure_disk_read_sized(dir: &Path, read_bytes: usize) -> Result<(f64, usize)> {
     let unit = read_bytes.next_multiple_of(4096).clamp(DISK_PROBE_READ, DISK_PROBE_BYTES / 4);
-    Ok((probe_disk(dir, unit)?, unit))
+    let [rate] = probe_disk(dir, [unit])?;
+    Ok((rate, unit))
 }
 
 /// Where the hardware profile is cached.
@@ -369,11 +370,12 @@ const DISK_PROBE_BYTES: usize = 512 << 20;
 const MATVEC_PROBE_BYTES: usize = 64 << 20;
 
 /// Measures the machine: the sequential read rate of the disk under `dir` through the
-/// streamer (`O_DIRECT` where it works, so the page cache does not flatter it), the memory read
-/// bandwidth with `threads` threads, and the bytes of weights per second a matvec consumes in
-/// each dtype.
+/// streamer (`O_DIRECT` where it works, so the page cache does not flatter it) in reads of
+/// [`SMALL_DISK_READ`] and of [`LARGE_DISK_READ`] bytes, the memory read bandwidth with
+/// `threads` threads, and the bytes of weights per second a matvec consumes in each dtype.
 pub fn probe_hardware(dir: &Path, threads: usize) -> Result<HardwareProfile> {
-    let disk_read_gb_s = probe_disk(dir, DISK_PROBE_READ)?;
+    let sizes = [SMALL_DISK_READ as usize, LARGE_DISK_READ as usize];
+    let [disk_read_gb_s, large] = probe_disk(dir, sizes)?;
     let pool = thread_pool(Some(threads))?;
     pool.install(|| {
         let memory_gb_s = crate::memory_read_bandwidth() / 1e9;
@@ -383,16 +385,24 @@ pub fn probe_hardware(dir: &Path, threads: usize) -> Result<HardwareProfile> {
         {
             matvec_gb_s.insert(dtype.name().to_string(), probe_matvec(dtype)?);
         }
-        Ok(HardwareProfile { disk_read_gb_s, memory_gb_s, matvec_gb_s, host_to_device_gb_s: None, threads })
+        Ok(HardwareProfile {
+            disk_read_gb_s,
+            disk_read_large_gb_s: Some(large),
+            memory_gb_s,
+            matvec_gb_s,
+            host_to_device_gb_s: None,
+            threads,
+        })
     })
 }
 
-/// The read size of the disk probe.
-const DISK_PROBE_READ: usize = 8 << 20;
+/// The smallest read size of the disk probe.
+const DISK_PROBE_READ: usize = SMALL_DISK_READ as usize;
 
-/// Writes a file of [`DISK_PROBE_BYTES`] under `dir`, then reads it back in reads of `unit`
-/// bytes (a multiple of 4 KiB; the last one shorter) with four in flight; GB/s of the read.
-fn probe_disk(dir: &Path, unit: usize) -> Result<f64> {
+/// Writes a file of [`DISK_PROBE_BYTES`] under `dir`, then reads it back whole once for each
+/// size in `units`, in reads of that many bytes (a multiple of 4 KiB; the last one shorter)
+/// with four in flight; GB/s of each read-back.
+fn probe_disk<const N: usize>(dir: &Path, units: [usize; N]) -> Result<[f64; N]> {
     std::fs::create_dir_all(dir).map_err(|error| Error::Io { path: dir.to_path_buf(), error })?;
     let path = dir.join(format!("disk-probe-{}.tmp", std::process::id()));
     let io = |error: std::io::Error| Error::Io { path: path.clone(), error };
@@ -405,7 +415,7 @@ fn probe_disk(dir: &Path, unit: usize) -> Result<f64> {
         }
         f.sync_all().map_err(io)?;
     }
-    let result = (|| -> Result<f64> {
+    let read_back = |unit: usize| -> Result<f64> {
         let config = StreamerConfig { queue_depth: 4, buffer_bytes: unit, buffers: 5, ..StreamerConfig::default() };
         let streamer = Streamer::open(&path, config)?;
         let start = Instant::now();
@@ -422,9 +432,11 @@ fn probe_disk(dir: &Path, unit: usize) -> Result<f64> {
             drop(t.wait()?);
         }
         Ok(DISK_PROBE_BYTES as f64 / start.elapsed().as_secs_f64() / 1e9)
-    })();
+    };
+    let mut rates = [0.0; N];
+    let result = units.iter().zip(&mut rates).try_for_each(|(&unit, rate)| read_back(unit).map(|r| *rate = r));
     let _ = std::fs::remove_file(&path);
-    result
+    result.map(|()| rates)
 }
 
 /// The weight bytes per second of a matvec over a [`MATVEC_PROBE_BYTES`] matrix in `dtype`
