@@ -172,8 +172,7 @@ fn logits_to_dev_null_leave_it_a_device() {
 /// measures the machine.
 fn cache_with_profile() -> tempfile::TempDir {
     let cache = tempfile::tempdir().unwrap();
-    let profile =
-        r#"{"disk_read_gb_s": 1.5, "memory_gb_s": 20.0, "matvec_gb_s": {}, "host_to_device_gb_s": null, "threads": 2}"#;
+    let profile = r#"{"disk_read_gb_s": 1.5, "disk_read_large_gb_s": 1.5, "memory_gb_s": 20.0, "matvec_gb_s": {}, "host_to_device_gb_s": null, "threads": 2}"#;
     std::fs::write(cache.path().join("hardware.json"), profile).unwrap();
     cache
 }

@@ -320,16 +320,21 @@ pub fn hardware_profile_path() -> PathBuf {
     cache_dir().join("hardware.json")
 }
 
-/// The cached hardware profile, if one was measured for `threads` threads.
+/// The cached hardware profile, if one was measured for `threads` threads by this strata (a
+/// profile without the disk's large-read rate is from an older one, and is measured again).
 pub fn cached_hardware_profile(threads: usize) -> Result<Option<HardwareProfile>> {
     let path = hardware_profile_path();
     let Ok(text) = std::fs::read_to_string(&path) else {
         return Ok(None);
     };
-    match serde_json::from_str::<HardwareProfile>(&text) {
-        Ok(p) if p.threads == threads && p.validate().is_ok() => Ok(Some(p)),
-        _ => Ok(None),
-    }
+    Ok(usable_profile(&text, threads))
+}
+
+/// The profile in `text` if it was measured for `threads` threads by this strata and is valid.
+fn usable_profile(text: &str, threads: usize) -> Option<HardwareProfile> {
+    serde_json::from_str::<HardwareProfile>(text)
+        .ok()
+        .filter(|p| p.threads == threads && p.disk_read_large_gb_s.is_some() && p.validate().is_ok())
 }
 
 /// The machine's profile for `threads` threads: the cached one, or measured now (a few
@@ -465,6 +470,20 @@ fn probe_matvec(dtype: DType) -> Result<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_profile_this_strata_measured_for_the_thread_count_is_used() {
+        let current = r#"{"disk_read_gb_s": 1.5, "disk_read_large_gb_s": 2.5, "memory_gb_s": 20.0,
+            "matvec_gb_s": {"q8_0": 10.0}, "host_to_device_gb_s": null, "threads": 2}"#;
+        let profile = usable_profile(current, 2).unwrap();
+        assert_eq!(profile.disk_read_large_gb_s, Some(2.5));
+        assert!(usable_profile(current, 4).is_none(), "measured for 2 threads");
+        // An older strata's profile (no large-read rate) is measured again.
+        let old = current.replace(r#""disk_read_large_gb_s": 2.5,"#, "");
+        assert!(usable_profile(&old, 2).is_none());
+        assert!(usable_profile(&current.replace("1.5", "0.0"), 2).is_none(), "invalid");
+        assert!(usable_profile("{", 2).is_none(), "unreadable");
+    }
 
     #[test]
     fn the_disk_probe_reads_in_the_size_asked_for_within_its_limits() {
