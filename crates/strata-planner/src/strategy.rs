@@ -125,8 +125,8 @@ pub struct PinAttention;
 /// ones are spread evenly over the layers, which leaves compute between the streamed ones to
 /// hide their loads). Experts on disk are read on demand into the expert cache, which takes the
 /// RAM left over: the fill never makes an expert resident, because a cache slot adapts to the
-/// router where a pinned expert is an arbitrary pick, and under uniform routing an LRU slot hits
-/// about as often. It also tries the all-resident, stream-all and pin-attention layouts, so
+/// router where a pinned expert is an arbitrary pick, and under uniform routing a slot of the
+/// layer-aware default policy hits as often (a plain LRU's, less). It also tries the all-resident, stream-all and pin-attention layouts, so
 /// it never predicts slower than those under the same budget and depth. The fastest candidate
 /// wins; ties go to fewer streamed bytes, then less RAM, then the shallower depth, then the
 /// first tried, so the same input always gives the same plan.
