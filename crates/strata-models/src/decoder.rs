@@ -418,8 +418,8 @@ impl Decoder {
     }
 
     /// Repacks the resident projection weights the CPU kernels read faster rearranged
-    /// ([`Linear::repack_for_cpu`]: `q4_0` and `q4_k`) of the attention blocks and dense MLPs, in
-    /// parallel, and returns how many it repacked; the other large ones, and a resident output
+    /// ([`Linear::repack_for_cpu`]: `q4_0` and `q4_k`) of the attention blocks, dense MLPs and
+    /// MoE experts (shared ones included), in parallel, and returns how many it repacked; the other large ones, and a resident output
     /// head (with the embedding when they are one tensor), are copied into huge pages as they
     /// are. Logits stay bit for bit the same; the original tensors stay valid (for a CUDA
     /// upload, say) but leave the resident set.
@@ -439,8 +439,14 @@ impl Decoder {
             if let Slot::Resident(a) = &mut layer.attn {
                 linears.extend([&mut a.q, &mut a.k, &mut a.v, &mut a.o]);
             }
-            if let FfnSlot::Whole(Slot::Resident(FeedForward { ffn: Ffn::Dense(mlp), .. })) = &mut layer.ffn {
-                linears.extend([&mut mlp.gate, &mut mlp.up, &mut mlp.down]);
+            match &mut layer.ffn {
+                FfnSlot::Whole(Slot::Resident(FeedForward { ffn: Ffn::Dense(mlp), .. })) => {
+                    linears.extend([&mut mlp.gate, &mut mlp.up, &mut mlp.down]);
+                }
+                FfnSlot::Whole(Slot::Resident(FeedForward { ffn: Ffn::Moe(moe), .. })) => {
+                    linears.extend(moe.resident_linears_mut());
+                }
+                _ => {}
             }
         }
         linears.into_par_iter().map(|l| l.repack_for_cpu().map(usize::from)).try_reduce(|| 0, |a, b| Ok(a + b))

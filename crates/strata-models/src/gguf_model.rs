@@ -371,6 +371,7 @@ mod tests {
     fn a_mixtral_gguf_matches_its_safetensors_checkpoint() {
         use crate::decoder::{Decoder, Logits};
         use crate::safetensors::Checkpoint;
+        use strata_tensor::DType;
 
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/mixtral_moe");
         let cfg = crate::ModelConfig::from_dir(&dir).unwrap();
@@ -381,55 +382,61 @@ mod tests {
         let f32_of = |name: &str| ckpt.tensor_f32_vec(name).unwrap();
         let tensor = |data: &[f32], shape: Vec<usize>| Tensor::from_f32(data, shape).unwrap();
 
-        let mut w = GgufWriter::new();
-        w.set_metadata("general.architecture", "llama");
-        w.set_metadata("llama.context_length", cfg.max_position_embeddings as u32);
-        w.set_metadata("llama.embedding_length", h as u32);
-        w.set_metadata("llama.attention.head_count", cfg.num_attention_heads as u32);
-        w.set_metadata("llama.attention.head_count_kv", cfg.num_key_value_heads as u32);
-        w.set_metadata("llama.attention.key_length", hd as u32);
-        w.set_metadata("llama.rope.dimension_count", hd as u32);
-        w.set_metadata("llama.rope.freq_base", cfg.rope.theta as f32);
-        w.set_metadata("llama.block_count", cfg.num_hidden_layers as u32);
-        w.set_metadata("llama.vocab_size", cfg.vocab_size as u32);
-        w.set_metadata("llama.feed_forward_length", cfg.intermediate_size as u32);
-        w.set_metadata("llama.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps as f32);
-        w.set_metadata("llama.expert_count", e as u32);
-        w.set_metadata("llama.expert_used_count", moe.top_k as u32);
-        for name in ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"] {
-            let t = ckpt.tensor_aligned(name).unwrap();
-            w.add_tensor(gguf_tensor_name(name).unwrap(), &t).unwrap();
-        }
-        for i in 0..cfg.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            for module in [
-                "input_layernorm",
-                "post_attention_layernorm",
-                "self_attn.v_proj",
-                "self_attn.o_proj",
-                "block_sparse_moe.gate",
-            ] {
-                let name = format!("{p}.{module}.weight");
-                w.add_tensor(gguf_tensor_name(&name).unwrap(), &ckpt.tensor_aligned(&name).unwrap()).unwrap();
-            }
-            for (module, heads) in [("q_proj", cfg.num_attention_heads), ("k_proj", cfg.num_key_value_heads)] {
-                let name = format!("{p}.self_attn.{module}.weight");
-                let permuted = permute_qk(&f32_of(&name), heads, h);
-                w.add_tensor(gguf_tensor_name(&name).unwrap(), &tensor(&permuted, vec![heads * hd, h])).unwrap();
-            }
-            for (stacked, per_expert, rows, cols) in
-                [("gate_proj", "w1", inter, h), ("up_proj", "w3", inter, h), ("down_proj", "w2", h, inter)]
-            {
-                let data: Vec<f32> = (0..e)
-                    .flat_map(|x| f32_of(&format!("{p}.block_sparse_moe.experts.{x}.{per_expert}.weight")))
-                    .collect();
-                let name = gguf_tensor_name(&format!("{p}.block_sparse_moe.experts.{stacked}.weight")).unwrap();
-                w.add_tensor(name, &tensor(&data, vec![e, rows, cols])).unwrap();
-            }
-        }
+        // The experts' gate and up stacks in `gate_up` (f32, or q4_0: rows of 32), the rest in f32.
         let tmp = tempfile::tempdir().unwrap();
-        let path = tmp.path().join("mixtral.gguf");
-        w.write_file(&path).unwrap();
+        let write = |gate_up: DType, file_name: &str, used: u32| {
+            let mut w = GgufWriter::new();
+            w.set_metadata("general.architecture", "llama");
+            w.set_metadata("llama.context_length", cfg.max_position_embeddings as u32);
+            w.set_metadata("llama.embedding_length", h as u32);
+            w.set_metadata("llama.attention.head_count", cfg.num_attention_heads as u32);
+            w.set_metadata("llama.attention.head_count_kv", cfg.num_key_value_heads as u32);
+            w.set_metadata("llama.attention.key_length", hd as u32);
+            w.set_metadata("llama.rope.dimension_count", hd as u32);
+            w.set_metadata("llama.rope.freq_base", cfg.rope.theta as f32);
+            w.set_metadata("llama.block_count", cfg.num_hidden_layers as u32);
+            w.set_metadata("llama.vocab_size", cfg.vocab_size as u32);
+            w.set_metadata("llama.feed_forward_length", cfg.intermediate_size as u32);
+            w.set_metadata("llama.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps as f32);
+            w.set_metadata("llama.expert_count", e as u32);
+            w.set_metadata("llama.expert_used_count", used);
+            for name in ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"] {
+                let t = ckpt.tensor_aligned(name).unwrap();
+                w.add_tensor(gguf_tensor_name(name).unwrap(), &t).unwrap();
+            }
+            for i in 0..cfg.num_hidden_layers {
+                let p = format!("model.layers.{i}");
+                for module in [
+                    "input_layernorm",
+                    "post_attention_layernorm",
+                    "self_attn.v_proj",
+                    "self_attn.o_proj",
+                    "block_sparse_moe.gate",
+                ] {
+                    let name = format!("{p}.{module}.weight");
+                    w.add_tensor(gguf_tensor_name(&name).unwrap(), &ckpt.tensor_aligned(&name).unwrap()).unwrap();
+                }
+                for (module, heads) in [("q_proj", cfg.num_attention_heads), ("k_proj", cfg.num_key_value_heads)] {
+                    let name = format!("{p}.self_attn.{module}.weight");
+                    let permuted = permute_qk(&f32_of(&name), heads, h);
+                    w.add_tensor(gguf_tensor_name(&name).unwrap(), &tensor(&permuted, vec![heads * hd, h])).unwrap();
+                }
+                for (stacked, per_expert, rows, cols) in
+                    [("gate_proj", "w1", inter, h), ("up_proj", "w3", inter, h), ("down_proj", "w2", h, inter)]
+                {
+                    let data: Vec<f32> = (0..e)
+                        .flat_map(|x| f32_of(&format!("{p}.block_sparse_moe.experts.{x}.{per_expert}.weight")))
+                        .collect();
+                    let name = gguf_tensor_name(&format!("{p}.block_sparse_moe.experts.{stacked}.weight")).unwrap();
+                    let dtype = if stacked == "down_proj" { DType::F32 } else { gate_up };
+                    w.add_tensor(name, &Tensor::from_f32_as(&data, vec![e, rows, cols], dtype).unwrap()).unwrap();
+                }
+            }
+            let path = tmp.path().join(file_name);
+            w.write_file(&path).unwrap();
+            path
+        };
+        let path = write(DType::F32, "mixtral.gguf", moe.top_k as u32);
 
         let file = GgufFile::open(&path).unwrap();
         let hp = hparams_from_gguf(&file).unwrap();
@@ -442,6 +449,19 @@ mod tests {
         let b = st.forward(&ids, &mut st.new_cache(), Logits::All).unwrap();
         let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
         assert!(diff < 1e-5, "GGUF vs safetensors: {diff}");
+
+        // With the gate and up stacks in q4_0, repacking for the CPU kernels reaches the resident
+        // experts (gate and up of each expert of each layer): the same logits, bit for bit.
+        let quantized = write(DType::Q4_0, "mixtral-q4_0.gguf", moe.top_k as u32);
+        let qfile = GgufFile::open(&quantized).unwrap();
+        let plain = Decoder::load(hparams_from_gguf(&qfile).unwrap(), &qfile).unwrap();
+        let mut repacked = Decoder::load(hparams_from_gguf(&qfile).unwrap(), &qfile).unwrap();
+        assert_eq!(repacked.repack_for_cpu().unwrap(), cfg.num_hidden_layers * e * 2);
+        for which in [Logits::All, Logits::Last] {
+            let want = plain.forward(&ids, &mut plain.new_cache(), which).unwrap();
+            let got = repacked.forward(&ids, &mut repacked.new_cache(), which).unwrap();
+            assert_eq!(got, want, "{which:?}");
+        }
 
         // Packed for offloading, each expert is a unit of its own, cut out of the stacks; run
         // from an expert cache of two experts, the logits are the same bit for bit.
@@ -476,9 +496,8 @@ mod tests {
         let stats = placed.store().unwrap().expert_cache_stats().unwrap();
         assert!(stats.misses > 0 && stats.evictions > 0, "{stats:?}");
         // A bad expert_used_count is refused.
-        w.set_metadata("llama.expert_used_count", 9u32);
-        w.write_file(&path).unwrap();
-        let err = hparams_from_gguf(&GgufFile::open(&path).unwrap()).unwrap_err();
+        let bad = write(DType::F32, "mixtral-bad.gguf", 9);
+        let err = hparams_from_gguf(&GgufFile::open(&bad).unwrap()).unwrap_err();
         assert!(err.to_string().contains("outside 1..=8"), "{err}");
     }
 

@@ -560,6 +560,21 @@ impl MoeLayer {
         self.shared.as_ref()
     }
 
+    /// The projections of the experts held in memory and of the shared expert, for
+    /// [`crate::Decoder::repack_for_cpu`]: nothing of experts placed in the store.
+    pub(crate) fn resident_linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut linears = Vec::new();
+        if let Experts::Resident(experts) = &mut self.experts {
+            for e in experts {
+                linears.extend([&mut e.gate, &mut e.up, &mut e.down]);
+            }
+        }
+        if let Some(shared) = &mut self.shared {
+            linears.extend([&mut shared.mlp.gate, &mut shared.mlp.up, &mut shared.mlp.down]);
+        }
+        linears
+    }
+
     /// Bytes of the router, every expert and the shared expert.
     pub fn byte_len(&self) -> usize {
         self.router.weight.byte_len() + self.experts_byte_len() + self.shared.as_ref().map_or(0, SharedExpert::byte_len)

@@ -189,3 +189,46 @@ fn moe_hparams_follow_the_family_rules() {
     assert!(config("qwen2_moe", r#", "decoder_sparse_step": 0"#).is_err());
     assert!(config("mixtral", r#", "num_local_experts": 2, "num_experts_per_tok": 3"#).is_err());
 }
+
+/// A `[n, k]` linear of deterministic weights in `dtype`.
+fn linear(seed: u64, n: usize, k: usize, dtype: strata_tensor::DType) -> Linear {
+    let values = logits(seed, n * k, 0.5);
+    Linear::new(Tensor::from_f32_as(&values, [n, k], dtype).unwrap(), None)
+}
+
+/// Repacking a MoE layer's experts and shared expert (q4_0 and q4_k rearranged, q8_0 copied)
+/// leaves its output bit for bit the same, for one token and for many.
+#[test]
+fn repacked_experts_give_the_same_output_bit_for_bit() {
+    use strata_tensor::DType;
+    let (hidden, inter, e) = (256, 256, 4);
+    for dtype in [DType::Q4_0, DType::Q4K, DType::Q8_0] {
+        let experts = (0..e as u64)
+            .map(|i| {
+                let seed = 10 * i;
+                let down = linear(seed + 3, hidden, inter, dtype);
+                Mlp::new(linear(seed + 1, inter, hidden, dtype), linear(seed + 2, inter, hidden, dtype), down)
+            })
+            .collect();
+        let shared_mlp = Mlp::new(
+            linear(91, inter, hidden, dtype),
+            linear(92, inter, hidden, dtype),
+            linear(93, hidden, inter, dtype),
+        );
+        let shared = SharedExpert { mlp: shared_mlp, gate: linear(94, 1, hidden, DType::F32) };
+        let router = Router::new(linear(95, e, hidden, DType::F32), 2, true);
+        let plain = MoeLayer { router, experts: Experts::Resident(experts), shared: Some(shared) };
+        let mut repacked = plain.clone();
+        let count = repacked.resident_linears_mut().into_iter().map(|l| l.repack_for_cpu().unwrap()).filter(|&r| r);
+        let want_repacked = if dtype == DType::Q8_0 { 0 } else { 3 * (e + 1) };
+        assert_eq!(count.count(), want_repacked, "{dtype:?}");
+        for tokens in [1, 20] {
+            let x = logits(7, tokens * hidden, 1.0);
+            let (mut want, mut got) = (vec![0f32; tokens * hidden], vec![0f32; tokens * hidden]);
+            plain.forward(&x, tokens, &MoeOptions::default(), &mut want, None).unwrap();
+            repacked.forward(&x, tokens, &MoeOptions::default(), &mut got, None).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{dtype:?}, {tokens} tokens");
+        }
+    }
+}
