@@ -67,6 +67,10 @@ pub struct Cuda {
     copy_stream: Arc<CudaStream>,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
+    /// The matvec kernels readied for launches on this instance's functions (`ops::matvec`),
+    /// with the blocks of each the device holds at once. Per instance, not per device: each
+    /// instance loads its own module, and a function's shared-memory opt-in is its own.
+    prepared: Mutex<HashMap<&'static str, usize>>,
     blas: OnceLock<std::result::Result<blas::Blas, Error>>,
     /// The matvec's quantized activations (`ops::matvec`), kept between calls and grown on
     /// demand; locked from the quantization through the launches that read it.
@@ -112,6 +116,7 @@ impl Cuda {
             copy_stream,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
+            prepared: Mutex::new(HashMap::new()),
             blas: OnceLock::new(),
             actq: Mutex::new(None),
         }))

@@ -258,14 +258,16 @@ type DeviceCache<K> = OnceLock<Mutex<HashMap<(usize, K), usize>>>;
 
 /// Readies `kernel` (`threads` threads, `smem` bytes of dynamic shared memory) for launches and
 /// returns the blocks of it the device holds at once (the grid of the persistent block-quantized
-/// kernels), once per device and kernel: above 48 KiB a kernel must opt in to its dynamic shared
-/// memory, and the driver is asked for the occupancy after that. `smem` must be within the
-/// device's limit.
+/// kernels), once per `Cuda` instance and kernel: above 48 KiB a kernel must opt in to its
+/// dynamic shared memory, and the driver is asked for the occupancy after that. `smem` must be
+/// within the device's limit.
+///
+/// The opt-in belongs to the function handle, and each `Cuda` loads its own module: a cache per
+/// device let a second instance launch a kernel that had never opted in, which the driver
+/// refused with `CUDA_ERROR_INVALID_VALUE` (seen on an H200: every quantized model test after the
+/// first model of a test binary).
 fn prepare(cuda: &Cuda, kernel: &'static str, threads: u32, smem: usize) -> Result<usize> {
-    static CACHE: DeviceCache<&'static str> = OnceLock::new();
-    let cache = CACHE.get_or_init(Default::default);
-    let key = (cuda.ordinal(), kernel);
-    if let Some(&blocks) = cache.lock().unwrap().get(&key) {
+    if let Some(&blocks) = cuda.prepared.lock().unwrap().get(kernel) {
         return Ok(blocks);
     }
     let f = cuda.function("matvec", kernel)?;
@@ -275,7 +277,7 @@ fn prepare(cuda: &Cuda, kernel: &'static str, threads: u32, smem: usize) -> Resu
     }
     let per_sm = f.occupancy_max_active_blocks_per_multiprocessor(threads, smem, None).map_err(driver(kernel))?;
     let blocks = per_sm.max(1) as usize * cuda.multiprocessors()?;
-    cache.lock().unwrap().insert(key, blocks);
+    cuda.prepared.lock().unwrap().insert(kernel, blocks);
     Ok(blocks)
 }
 
