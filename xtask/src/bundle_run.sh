@@ -148,4 +148,8 @@ PY
   fi
 fi
 say "== done: $fails failing test binaries"
+# The tests' lines again, last, where a caller that keeps only the end of the output sees them
+# (and the device tool returns only the first files of $OUT by name).
+echo "== tests"
+grep -E '^(test |thread |called )' "$SUMMARY" | head -n 60
 exit $fails
