@@ -400,7 +400,9 @@ pub fn uniform_routing_trace(layers: &[(usize, usize)], k: usize, tokens: usize,
     trace
 }
 
-/// The SplitMix64 generator: small, fast and the same on every machine.
+/// The SplitMix64 generator: small, fast and the same on every machine. The sampler in the
+/// strata facade has its own (`sampling.rs`); the planner depends on no strata crate above
+/// strata-tensor, so it cannot share that one.
 struct SplitMix64(u64);
 
 impl SplitMix64 {
