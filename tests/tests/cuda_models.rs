@@ -565,6 +565,64 @@ fn decode_graphs_give_the_launches_logits_bit_for_bit() {
     }
 }
 
+/// A kernel profile times each launch of the steps it covers, one by one even where the decoder
+/// would make a graph, and changes no logit; the facade's `profile_kernels` returns it.
+#[test]
+fn a_kernel_profile_times_every_launch_and_changes_no_logit() {
+    let Some(cuda) = device_or_skip("a_kernel_profile_times_every_launch_and_changes_no_logit") else { return };
+    let f = Fixture::load("llama_untied");
+    let decoder = strata_models::load_dir(&f.dir).unwrap().decoder;
+    // The profiled decoder on an instance of its own: the shared one may run other tests'
+    // launches meanwhile.
+    let own = strata_kernels::Cuda::new(0).unwrap();
+    let (profiled, plain) = (CudaDecoder::new(&decoder, own).unwrap(), CudaDecoder::new(&decoder, cuda).unwrap());
+    profiled.set_graphs(true);
+    plain.set_graphs(true);
+    let (mut pc, mut qc) = (profiled.new_cache().unwrap(), plain.new_cache().unwrap());
+    let a = profiled.forward(&f.prompt_ids, &mut pc, Logits::Last).unwrap();
+    let b = plain.forward(&f.prompt_ids, &mut qc, Logits::Last).unwrap();
+    assert_eq!(a, b, "the prompt");
+    let pcuda = profiled.cuda();
+    assert!(!pcuda.profiling() && pcuda.finish_profile().unwrap().is_none(), "no profile before start");
+    let steps = 5u32;
+    pcuda.start_profile();
+    assert!(pcuda.profiling());
+    for step in 0..steps {
+        let id = (step * 7 + 3) % f.vocab as u32;
+        let a = profiled.forward(&[id], &mut pc, Logits::Last).unwrap();
+        let b = plain.forward(&[id], &mut qc, Logits::Last).unwrap();
+        let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(same, "step {step}: profiled logits differ by {}", max_abs_diff(&a, &b));
+    }
+    let profile = pcuda.finish_profile().unwrap().expect("a profile was running");
+    assert!(!pcuda.profiling() && pcuda.finish_profile().unwrap().is_none(), "finished once");
+    println!("{} launches, {:.1} us of GPU time over {steps} steps", profile.launches(), profile.seconds() * 1e6);
+    for k in &profile.kernels {
+        println!("  {:<36} {:>4} launches {:>9.2} us", k.kernel, k.launches, k.seconds * 1e6);
+        assert!(k.launches > 0 && k.seconds > 0.0 && k.seconds < 1.0, "{k:?}");
+    }
+    // Every step launches the same kernels: the per-kernel counts are multiples of the steps.
+    assert!(profile.launches() >= steps as usize * decoder.hparams().n_layers, "{profile:?}");
+    for k in &profile.kernels {
+        assert_eq!(k.launches % steps as usize, 0, "{}: {} launches over {steps} steps", k.kernel, k.launches);
+    }
+    assert!(profile.kernels.iter().any(|k| k.kernel.starts_with("matvec")), "{profile:?}");
+    assert!(profile.kernels.windows(2).all(|w| w[0].seconds >= w[1].seconds), "most time first");
+    // The profiled decoder launched one by one; the other made its graph.
+    assert!(profiled.graph_stats().is_none(), "{:?}", profiled.graph_stats());
+    assert!(plain.graph_stats().is_some());
+
+    // Through the facade: the same decode, timed.
+    let model = load(&f.dir, Device::Cuda(0));
+    let mut cache = model.new_cache().unwrap();
+    let logits = model.step(&f.prompt_ids, &mut cache).unwrap();
+    let (next, profile) =
+        model.profile_kernels(|| model.step(&[strata::sampling::argmax(&logits) as u32], &mut cache)).unwrap();
+    assert_eq!(next.len(), f.vocab);
+    let profile = profile.expect("a model on CUDA profiles");
+    assert!(profile.launches() >= decoder.hparams().n_layers && profile.seconds() > 0.0, "{profile:?}");
+}
+
 /// A model of `layers` copies of a fixture's layers as a GGUF file of `dtypes`, loaded.
 fn deep_decoder(f: &Fixture, dtypes: GgufDtypes, layers: usize, dir: &Path) -> (PathBuf, Decoder) {
     let path = dir.join(format!("{}_{layers}_{dtypes:?}.gguf", f.name).replace([' ', '(', ')'], "_"));

@@ -97,6 +97,21 @@ fn a_shape_that_disagrees_with_the_config_is_named() {
     }
 }
 
+/// On the CPU there are no kernels to time: `profile_kernels` runs the work and returns none.
+#[test]
+fn a_kernel_profile_on_the_cpu_runs_the_work_and_is_none() {
+    let f = Fixture::load("llama_tied");
+    let model = load(&f);
+    let mut cache = model.new_cache().unwrap();
+    let (logits, profile) = model.profile_kernels(|| model.step(&f.prompt_ids, &mut cache)).unwrap();
+    assert!(profile.is_none());
+    assert_eq!(logits.len(), f.vocab);
+    assert_eq!(cache.len(), f.prompt_ids.len());
+    // An error of the work is the call's.
+    let err = model.profile_kernels(|| model.step(&[u32::MAX], &mut cache)).unwrap_err();
+    assert!(err.to_string().contains(&u32::MAX.to_string()), "{err}");
+}
+
 #[test]
 fn out_of_vocabulary_ids_are_refused() {
     let f = Fixture::load("llama_tied");

@@ -26,6 +26,26 @@ fi
 say "== $(date -u +%FT%TZ) $(command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv,noheader 2>&1)"
 say "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
 
+# The kernel profile of a `strata bench --json --kernel-profile` report, as lines.
+kernel_table() {
+  python3 - "$1" <<'PY'
+import json, sys
+try:
+    r = json.load(open(sys.argv[1]))
+except (OSError, ValueError) as e:
+    sys.exit(f"no report: {e}")
+p = r.get("kernel_profile")
+if not p:
+    sys.exit("no kernel_profile in the report")
+print(f"kernel profile of {r['model']}: decode {p['decode_us_per_token']:.1f} us/token, kernels "
+      f"{p['kernel_us_per_token']:.1f} us/token ({p['launches_per_token']:.1f} launches), outside kernels "
+      f"{p['outside_kernels_us_per_token']:.1f} us/token")
+for k in p["kernels"][:20]:
+    print(f"  {k['kernel']:<36} {k['launches_per_token']:6.2f} x {k['us_per_token'] / max(k['launches_per_token'], 1e-9):8.2f} us"
+          f" = {k['us_per_token']:8.1f} us/token {100 * k['share_of_kernel_time']:5.1f}%")
+PY
+}
+
 fails=0
 for t in "$B"/tests/*; do
   name=$(basename "$t")
@@ -59,11 +79,14 @@ if [ "${1:-}" != quick ]; then
   mkdir -p "$M"
   "$B/bin/xtask" synth-model --shape tinyllama-1.1b --dtype bf16 --out "$M/tinyllama-bf16" >"$OUT/synth.log" 2>&1
   "$B/bin/xtask" synth-model --shape tinyllama-1.1b --dtype q4_0 --out "$M/tinyllama-q4_0.gguf" >>"$OUT/synth.log" 2>&1
+  # With one more decode whose kernels are each timed (--kernel-profile): where a token's time
+  # goes, kernel by kernel, and how much of it is outside kernels (launches, host work).
   for m in "$M/tinyllama-bf16" "$M/tinyllama-q4_0.gguf"; do
     n=$(basename "$m")
-    timeout 120 "$B/bin/strata" bench --model "$m" --device cuda --prompt-tokens 128 --gen-tokens 64 --json \
-      >"$OUT/bench-$n.json" 2>"$OUT/bench-$n.log"
+    timeout 150 "$B/bin/strata" bench --model "$m" --device cuda --prompt-tokens 128 --gen-tokens 64 --json \
+      --kernel-profile >"$OUT/bench-$n.json" 2>"$OUT/bench-$n.log"
     say "bench $n (cuda): exit $? $(cat "$OUT/bench-$n.json" 2>/dev/null | tr -d '\n' | head -c 900)"
+    kernel_table "$OUT/bench-$n.json" | tee -a "$OUT/kernel-profiles.txt" | tee -a "$SUMMARY"
   done
   # The same decode with each step one CUDA graph launch (off by default until measured here).
   for m in "$M/tinyllama-q4_0.gguf" "$M/tinyllama-bf16"; do
@@ -111,45 +134,12 @@ if [ "${1:-}" != quick ]; then
     say "bench mixtral-4l-q4_0 (cuda, routing: $mode): exit $? $(tr -d '\n' <"$OUT/bench-mixtral-$mode.json" 2>/dev/null | head -c 900)"
   done
   rm -f "$M/mixtral-4l-q4_0.gguf"
-  # Where a decode step's time goes: every kernel's own GPU time (Nsight Compute, one kernel at a
-  # time) over a short q4_0 run (two 8-token prefills and three decode steps, warm-up included),
-  # to set against the decode time per token measured above (the rest is launch overhead, gaps).
-  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n1)
-  if [ -n "$NCU" ]; then
-    timeout 150 "$NCU" --csv --metrics gpu__time_duration.sum --clock-control none --log-file "$OUT/ncu-decode.csv" \
-      "$B/bin/strata" bench --model "$M/tinyllama-q4_0.gguf" --device cuda --prompt-tokens 8 --gen-tokens 2 --runs 1 \
-      >"$OUT/ncu-decode.log" 2>&1
-    say "ncu decode profile: exit $?"
-    python3 - "$OUT/ncu-decode.csv" <<'PY' | tee -a "$SUMMARY"
-import csv, sys, collections
-scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}
-by = collections.defaultdict(lambda: [0, 0.0])
-try:
-    rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 5]
-except OSError as e:
-    sys.exit(f"no ncu report: {e}")
-head = rows[0] if rows else []
-if "Kernel Name" not in head:
-    sys.exit("ncu report without a header")
-k, u, v = head.index("Kernel Name"), head.index("Metric Unit"), head.index("Metric Value")
-for r in rows[1:]:
-    try:
-        us = float(r[v].replace(",", "")) * scale.get(r[u], float("nan"))
-    except ValueError:
-        continue
-    name = r[k].split("(")[0]
-    by[name][0] += 1
-    by[name][1] += us
-total = sum(t for _, t in by.values())
-print(f"kernels: {sum(c for c, _ in by.values())} launches, {total:.0f} us of GPU time (5 passes: 2 prefills of 8 tokens, 3 decode steps)")
-for name, (c, t) in sorted(by.items(), key=lambda kv: -kv[1][1])[:25]:
-    print(f"  {name:<40} {c:>5} x {t / c:8.2f} us = {t:9.1f} us")
-PY
-  fi
 fi
 say "== done: $fails failing test binaries"
 # The tests' lines again, last, where a caller that keeps only the end of the output sees them
 # (and the device tool returns only the first files of $OUT by name).
 echo "== tests"
 grep -E '^(test |thread |called )' "$SUMMARY" | head -n 60
+echo "== kernel profiles"
+cat "$OUT/kernel-profiles.txt" 2>/dev/null
 exit $fails

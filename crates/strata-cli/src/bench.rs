@@ -17,6 +17,11 @@
 //! written (`memory_read_method` in the JSON says which). On CUDA, `peak_vram_bytes` is the
 //! largest device-wide memory use (total minus free, as the driver reports it) seen after each
 //! run, while its KV cache and buffers are alive.
+//!
+//! `--kernel-profile` (CUDA): after the timed runs, one more decode of the same length with each
+//! kernel launch between two timing events (`Model::profile_kernels`), reported per token beside
+//! the timed decode's time per token; the difference is the time outside kernels. That decode is
+//! not timed itself: the events add host work to every launch.
 
 use std::time::Instant;
 
@@ -49,6 +54,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
     };
     let device_name = model.device_name()?;
+    anyhow::ensure!(
+        !a.kernel_profile || device_name.is_some(),
+        "--kernel-profile times GPU kernels: it needs --device cuda (this model runs on {})",
+        model.device()
+    );
     match &device_name {
         None => say(&format!(
             "model {} ({} threads, {} activations)",
@@ -123,6 +133,24 @@ pub fn run(a: BenchArgs) -> Result<()> {
             peak_vram = Some(peak_vram.unwrap_or(0).max(used));
         }
     }
+    // One more decode of the same length with every kernel timed (untimed itself: the events
+    // cost the host time).
+    let kernels = if a.kernel_profile {
+        say("decoding once more with every kernel timed");
+        let mut cache = model.new_cache()?;
+        model.plan(&mut cache, total)?;
+        let mut logits = model.step(&prompt, &mut cache)?;
+        let ((), profile) = model.profile_kernels(|| {
+            for _ in 0..a.gen_tokens {
+                let next = strata::sampling::argmax(&logits) as u32;
+                logits = model.step(&[next], &mut cache)?;
+            }
+            Ok(())
+        })?;
+        profile
+    } else {
+        None
+    };
     // The peak resident set of the runs, before the measurements below allocate their buffers.
     let peak_rss = peak_rss_bytes();
     say("measuring memory read bandwidth");
@@ -264,6 +292,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         );
         report["peak_vram_method"] = json!("device total - free after each run (includes the CUDA context)");
     }
+    if let Some(p) = &kernels {
+        report["kernel_profile"] = kernel_report(p, a.gen_tokens, decode_tok_s);
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -331,8 +362,66 @@ pub fn run(a: BenchArgs) -> Result<()> {
         if let Some(vram) = peak_vram {
             println!("peak VRAM    {:>10.1} MB (device total - free)", vram as f64 / 1e6);
         }
+        if let Some(p) = &kernels {
+            print_kernels(p, a.gen_tokens, decode_tok_s);
+        }
     }
     Ok(())
+}
+
+/// A decode's kernel profile per token, beside the timed decode's time per token: what the GPU
+/// computed, and what went to launches, host work and waits (the rest).
+fn kernel_report(p: &strata::KernelProfile, tokens: usize, decode_tok_s: f64) -> serde_json::Value {
+    let per_token = |x: f64| x / tokens as f64;
+    let kernel_us = per_token(p.seconds()) * 1e6;
+    let decode_us = 1e6 / decode_tok_s;
+    let rows: Vec<_> = p
+        .kernels
+        .iter()
+        .map(|k| {
+            json!({
+                "kernel": k.kernel,
+                "launches_per_token": per_token(k.launches as f64),
+                "us_per_token": per_token(k.seconds) * 1e6,
+                "share_of_kernel_time": k.seconds / p.seconds().max(f64::MIN_POSITIVE),
+            })
+        })
+        .collect();
+    json!({
+        "method": "one more decode of gen_tokens tokens, kernels launched one by one (no CUDA graph), \
+                   each between two CUDA timing events on the compute stream; cuBLAS and copies not counted",
+        "decoded_tokens": tokens,
+        "launches_per_token": per_token(p.launches() as f64),
+        "kernel_us_per_token": kernel_us,
+        "decode_us_per_token": decode_us,
+        "outside_kernels_us_per_token": decode_us - kernel_us,
+        "kernels": rows,
+    })
+}
+
+fn print_kernels(p: &strata::KernelProfile, tokens: usize, decode_tok_s: f64) {
+    let per_token = |x: f64| x / tokens as f64;
+    let kernel_us = per_token(p.seconds()) * 1e6;
+    let decode_us = 1e6 / decode_tok_s;
+    println!(
+        "kernels      {kernel_us:>10.1} us/token of GPU time, {:.1} launches/token (one more decode, each launch timed)",
+        per_token(p.launches() as f64)
+    );
+    println!(
+        "             the timed decode took {decode_us:.1} us/token: {:.1} us ({:.0}%) outside kernels \
+         (launches, host work, copies, cuBLAS)",
+        decode_us - kernel_us,
+        100.0 * (decode_us - kernel_us) / decode_us
+    );
+    for k in &p.kernels {
+        println!(
+            "  {:<36} {:>7.2} launches {:>9.1} us/token {:>5.1}%",
+            k.kernel,
+            per_token(k.launches as f64),
+            per_token(k.seconds) * 1e6,
+            100.0 * k.seconds / p.seconds().max(f64::MIN_POSITIVE)
+        );
+    }
 }
 
 fn median(xs: &mut [f64]) -> f64 {

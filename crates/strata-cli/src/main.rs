@@ -292,6 +292,10 @@ struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// After the timed runs, decode once more with every GPU kernel timed, and report each
+    /// kernel's time per token beside the timed decode's (`--device cuda` only).
+    #[arg(long)]
+    kernel_profile: bool,
 }
 
 fn main() {

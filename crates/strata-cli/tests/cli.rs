@@ -273,6 +273,15 @@ fn bad_inputs_get_clear_errors() {
 }
 
 #[test]
+fn a_kernel_profile_needs_a_gpu() {
+    let model = fixture("qwen2_bias");
+    let out = strata(&["bench", "--model", model.to_str().unwrap(), "--kernel-profile", "--runs", "1", "--json"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("--kernel-profile") && err.contains("--device cuda"), "{err}");
+}
+
+#[test]
 fn bench_reports_the_contract_fields_as_json() {
     let model = fixture("qwen2_bias");
     let out = strata(&[

@@ -852,6 +852,8 @@ impl CudaDecoder {
             && trace.is_none()
             && self.stream.is_none()
             && self.graphs.load(std::sync::atomic::Ordering::Relaxed)
+            // A profile times launches one by one.
+            && !cuda.profiling()
             && self.layers.iter().all(|l| match &l.ffn {
                 CudaFfn::Dense(_) => true,
                 CudaFfn::Moe(moe) => on_device && moe.routes_on_device(1, &self.moe),

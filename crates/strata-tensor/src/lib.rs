@@ -17,6 +17,7 @@ mod device;
 mod dtype;
 mod error;
 pub mod paged;
+pub mod profile;
 pub mod quant;
 mod shape;
 mod storage;

@@ -52,6 +52,8 @@ pub use strata_models::store::{Store, StoreStats};
 /// per value (the default, logits closest to the float model) or one (as llama.cpp: faster
 /// prefill). A process-wide choice, made with [`set_act_quant`] before a model runs.
 pub use strata_models::tensor::cpu::{ActQuant, act_quant, set_act_quant};
+/// The GPU time of each kernel over a stretch of work ([`Model::profile_kernels`]).
+pub use strata_models::tensor::profile::{KernelProfile, KernelTime};
 /// Where a model runs ([`LoadOptions::device`]).
 pub use strata_models::tensor::{DType, Device};
 /// A Mixture-of-Experts model's routing rule ([`MoeConfig::routing`]) and the routers' record

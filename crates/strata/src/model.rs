@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use strata_models::store::planner::Plan;
 use strata_models::tensor::Device;
+use strata_models::tensor::profile::KernelProfile;
 use strata_models::{Decoder, KvCache, Logits, MoeHparams, RouterTrace, TokenizerSource};
 
 use crate::chat::{ChatMessage, ChatTemplate};
@@ -509,6 +510,26 @@ impl Model {
             #[cfg(feature = "cuda")]
             Backend::Cuda(d) => {
                 Ok(Some(strata_models::cuda_decoder::upload_bandwidth(d.cuda(), UPLOAD_PROBE_BYTES, 5)?))
+            }
+        }
+    }
+
+    /// Runs `work` with every kernel the model's GPU launches timed one by one, and returns what
+    /// it returned with each kernel's launches and GPU time (most time first). `None` on the
+    /// CPU, where `work` runs as usual. Decode steps then launch their kernels one by one, not as
+    /// a CUDA graph, and each launch costs two timing events more on the host: compare the
+    /// kernels' time with a pass timed without a profile. cuBLAS GEMMs and copies are not counted.
+    pub fn profile_kernels<T>(&self, work: impl FnOnce() -> Result<T>) -> Result<(T, Option<KernelProfile>)> {
+        match &self.backend {
+            Backend::Cpu => Ok((work()?, None)),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(d) => {
+                let cuda = d.cuda();
+                cuda.start_profile();
+                let out = work();
+                // Stopped whatever `work` returned.
+                let profile = cuda.finish_profile().map_err(strata_models::Error::from);
+                Ok((out?, profile?))
             }
         }
     }

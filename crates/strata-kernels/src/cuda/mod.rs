@@ -9,6 +9,7 @@
 //! the two streams are ordered explicitly instead.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{
@@ -23,6 +24,7 @@ pub mod graph;
 pub mod kv;
 pub mod ops;
 pub mod pinned;
+mod profile;
 pub mod tensor;
 pub mod testing;
 
@@ -75,6 +77,9 @@ pub struct Cuda {
     /// The matvec's quantized activations (`ops::matvec`), kept between calls and grown on
     /// demand; locked from the quantization through the launches that read it.
     actq: Mutex<Option<CudaSlice<u8>>>,
+    /// Whether launches are timed ([`Cuda::start_profile`]), and the recording.
+    profiling: AtomicBool,
+    profiler: Mutex<Option<profile::Recording>>,
 }
 
 impl std::fmt::Debug for Cuda {
@@ -119,6 +124,8 @@ impl Cuda {
             prepared: Mutex::new(HashMap::new()),
             blas: OnceLock::new(),
             actq: Mutex::new(None),
+            profiling: AtomicBool::new(false),
+            profiler: Mutex::new(None),
         }))
     }
 
@@ -237,7 +244,8 @@ impl Cuda {
 
     /// Launches `kernel` of `kernels/<file>.cu` on the compute stream with the strata calling
     /// convention: the parameter struct by value, then the device pointers in order. While this
-    /// thread records launches on this device ([`graph::Recorder`]), keeps it instead.
+    /// thread records launches on this device ([`graph::Recorder`]), keeps it instead; while a
+    /// profile runs ([`Cuda::start_profile`]), times it.
     ///
     /// # Safety
     /// The pointers must be valid for every access the kernel makes with these parameters (and,
@@ -260,9 +268,22 @@ impl Cuda {
         for p in ptrs {
             args.arg(p);
         }
-        // SAFETY: the caller guarantees the pointers cover the kernel's accesses.
+        if !self.profiling() {
+            // SAFETY: the caller guarantees the pointers cover the kernel's accesses.
+            unsafe { args.launch(cfg) }.map_err(driver(kernel))?;
+            return Ok(());
+        }
+        let mut guard = self.profiler.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(recording) = guard.as_mut() else {
+            // SAFETY: as above.
+            unsafe { args.launch(cfg) }.map_err(driver(kernel))?;
+            return Ok(());
+        };
+        let before = recording.mark(&self.ctx, &self.stream)?;
+        // SAFETY: as above.
         unsafe { args.launch(cfg) }.map_err(driver(kernel))?;
-        Ok(())
+        let after = recording.mark(&self.ctx, &self.stream)?;
+        recording.push(kernel, before, after)
     }
 
     /// The cuBLAS handle on the compute stream, created on first use (refused while this thread

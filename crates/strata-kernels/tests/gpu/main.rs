@@ -13,5 +13,6 @@ mod linear;
 mod matvec;
 mod norm;
 mod pinned;
+mod profile;
 mod rope;
 mod softmax;
