@@ -1,7 +1,8 @@
 // RMSNorm: out[r, c] = (x[r, c] * rsqrt(mean_c(x[r, :]^2) + eps)) * w[c], f32.
 //
 // Launch: one block per row (grid = rows), any multiple of 32 threads up to 1024 (the launcher: a
-// float4 per thread, at most 1024). The sum of squares goes in norm.cuh's order, which does not
+// float4 per thread for a few rows; from 64 rows, RMSNORM_VECS float4s per thread, so that several
+// blocks share an SM's registers; at most 1024). The sum of squares goes in norm.cuh's order, which does not
 // depend on the block's size: every kernel that normalises a row, at any launch shape, gets the
 // same bits. Then each thread scales its float4s: when x, w and out are 16-byte aligned and the
 // row is whole float4s, those it kept in registers from the sum (rows up to RMSNORM_VECS float4s

@@ -15,6 +15,12 @@
 // consecutive threads take consecutive pairs of a head, so loads and stores are coalesced.
 // Elements are f32, f16 or bf16 (computed in f32, stored rounded to nearest even).
 //
+// rope_qk_f16x2 and rope_qk_bf16x2 take two consecutive pairs (i, i + 1; i even) per item, so
+// every access moves two 16-bit elements (32 bits) rather than one: (head, pair-of-pairs) items,
+// (n_heads + n_kv_heads) * n_pairs / 2 per token, the same grid and table. For n_pairs even,
+// head_dim even and q, k 4-byte aligned (every access is then aligned); the same arithmetic per
+// element, so bit for bit the one-pair kernels.
+//
 // CPU reference: strata_tensor::cpu::reference::rope (applied to q and to k). Launcher:
 // strata_kernels::cuda::ops::rope_qk.
 //
@@ -89,6 +95,83 @@ __device__ __forceinline__ void rope_qk(const RopeParams& p, T* q, T* k, const u
     }
 }
 
+// Elements i and i + 1 of p (i even, p + i 4-byte aligned) as floats, in one 32-bit load; element
+// i is the low half (little-endian).
+__device__ __forceinline__ float2 load2_f32(const __half* p, long long i) {
+    const unsigned int u = *reinterpret_cast<const unsigned int*>(p + i);
+    return make_float2(__half2float(__ushort_as_half((unsigned short)(u & 0xffffu))),
+                       __half2float(__ushort_as_half((unsigned short)(u >> 16))));
+}
+__device__ __forceinline__ float2 load2_f32(const __nv_bfloat16* p, long long i) {
+    const unsigned int u = *reinterpret_cast<const unsigned int*>(p + i);
+    return make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u));  // bf16 -> f32 is exact
+}
+
+// Stores v.x, v.y rounded to nearest even into elements i, i + 1 of p, in one 32-bit store.
+__device__ __forceinline__ void store2_f32(__half* p, long long i, float2 v) {
+    *reinterpret_cast<unsigned int*>(p + i) = (unsigned int)__half_as_ushort(__float2half_rn(v.x)) |
+                                              ((unsigned int)__half_as_ushort(__float2half_rn(v.y)) << 16);
+}
+__device__ __forceinline__ void store2_f32(__nv_bfloat16* p, long long i, float2 v) {
+    *reinterpret_cast<unsigned int*>(p + i) = (unsigned int)__bfloat16_as_ushort(__float2bfloat16_rn(v.x)) |
+                                              ((unsigned int)__bfloat16_as_ushort(__float2bfloat16_rn(v.y)) << 16);
+}
+
+// (a*c - b*s, b*c + a*s), every operation rounded: one pair turned.
+__device__ __forceinline__ float2 rope_turn(float a, float b, float c, float s) {
+    return make_float2(__fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s)), __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s)));
+}
+
+// rope_qk over pairs of pairs (see the header): item w of a token is head w / (n_pairs / 2), pairs
+// i and i + 1 with i = 2 (w % (n_pairs / 2)).
+template <typename T>
+__device__ __forceinline__ void rope_qk_x2(const RopeParams& p, T* q, T* k, const unsigned int* positions,
+                                           const float* inv_freq) {
+    const float* table = rope_table(p, positions, inv_freq);
+    const unsigned int t = blockIdx.x;
+    const unsigned int n = p.n_pairs, m = p.n_pairs / 2;
+    const unsigned int items = (p.n_heads + p.n_kv_heads) * m;
+    const unsigned int begin = blockIdx.y * p.chunk;
+    const unsigned int end = min(items, begin + p.chunk);
+    const unsigned int stride = blockDim.x;
+    const bool interleaved = p.layout == STRATA_ROPE_INTERLEAVED;
+    for (unsigned int w0 = begin + threadIdx.x; w0 < end; w0 += ROPE_BATCH * stride) {
+        T* v[ROPE_BATCH];
+        unsigned int pair[ROPE_BATCH];
+        float2 x0[ROPE_BATCH], x1[ROPE_BATCH];
+#pragma unroll
+        for (int j = 0; j < ROPE_BATCH; ++j) {
+            const unsigned int w = w0 + j * stride;
+            if (w < end) {
+                const unsigned int h = w / m;
+                const unsigned int i = 2 * (w - h * m);
+                v[j] = h < p.n_heads ? q + ((long long)t * p.n_heads + h) * p.head_dim
+                                     : k + ((long long)t * p.n_kv_heads + (h - p.n_heads)) * p.head_dim;
+                pair[j] = i;
+                // Interleaved: (a, b) of pair i, then of pair i + 1. Rotate-half: a of both pairs,
+                // then b of both.
+                x0[j] = load2_f32(v[j], interleaved ? 2 * i : i);
+                x1[j] = load2_f32(v[j], interleaved ? 2 * i + 2 : i + n);
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < ROPE_BATCH; ++j) {
+            if (w0 + j * stride < end) {
+                const unsigned int i = pair[j];
+                const float c0 = table[i], s0 = table[n + i], c1 = table[i + 1], s1 = table[n + i + 1];
+                if (interleaved) {
+                    store2_f32(v[j], 2 * i, rope_turn(x0[j].x, x0[j].y, c0, s0));
+                    store2_f32(v[j], 2 * i + 2, rope_turn(x1[j].x, x1[j].y, c1, s1));
+                } else {
+                    const float2 r0 = rope_turn(x0[j].x, x1[j].x, c0, s0), r1 = rope_turn(x0[j].y, x1[j].y, c1, s1);
+                    store2_f32(v[j], i, make_float2(r0.x, r1.x));
+                    store2_f32(v[j], i + n, make_float2(r0.y, r1.y));
+                }
+            }
+        }
+    }
+}
+
 extern "C" __global__ void rope_qk_f32(RopeParams p, float* q, float* k, const unsigned int* positions,
                                        const float* inv_freq) {
     rope_qk(p, q, k, positions, inv_freq);
@@ -102,6 +185,16 @@ extern "C" __global__ void rope_qk_f16(RopeParams p, __half* q, __half* k, const
 extern "C" __global__ void rope_qk_bf16(RopeParams p, __nv_bfloat16* q, __nv_bfloat16* k,
                                         const unsigned int* positions, const float* inv_freq) {
     rope_qk(p, q, k, positions, inv_freq);
+}
+
+extern "C" __global__ void rope_qk_f16x2(RopeParams p, __half* q, __half* k, const unsigned int* positions,
+                                         const float* inv_freq) {
+    rope_qk_x2(p, q, k, positions, inv_freq);
+}
+
+extern "C" __global__ void rope_qk_bf16x2(RopeParams p, __nv_bfloat16* q, __nv_bfloat16* k,
+                                          const unsigned int* positions, const float* inv_freq) {
+    rope_qk_x2(p, q, k, positions, inv_freq);
 }
 
 extern "C" __global__ void rope_qk_append_f32(RopeAppendParams pa, float* q, const float* k, const float* v,

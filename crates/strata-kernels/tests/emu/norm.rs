@@ -8,9 +8,10 @@ use crate::driver::{Arg, assert_close, build, f32_bytes, f32s, launch, params32,
 use crate::matvec::{quantize_x, record_bytes};
 
 /// Threads per row as `ops::rms_norm` and `ops::rms_norm_actq` launch both kernels: a float4 per
-/// thread, 32 to 1024.
-fn launcher_threads(cols: usize) -> u32 {
-    cols.div_ceil(4).next_multiple_of(32).clamp(32, 1024) as u32
+/// thread below 64 rows, eight from 64 rows on; 32 to 1024.
+fn launcher_threads(cols: usize, rows: usize) -> u32 {
+    let per_thread = if rows >= 64 { 8 } else { 1 };
+    cols.div_ceil(4).div_ceil(per_thread).next_multiple_of(32).clamp(32, 1024) as u32
 }
 
 /// `rmsnorm_f32` of `rows` rows of `x` with weight `w` and `eps`, as `ops::rms_norm` launches it.
@@ -21,7 +22,7 @@ pub fn emulated_rms_norm(x: &[f32], w: &[f32], rows: usize, eps: f32) -> Vec<f32
     let (mut xb, mut wb) = (f32_bytes(x), f32_bytes(w));
     let mut out = f32_bytes(&vec![f32::NAN; x.len()]);
     let mut args = [Arg::Buf(&mut xb, 0), Arg::Buf(&mut wb, 0), Arg::Buf(&mut out, 0)];
-    launch(&emu, "rmsnorm_f32", [rows as u32, 1, 1], launcher_threads(cols), 0, &p, &mut args);
+    launch(&emu, "rmsnorm_f32", [rows as u32, 1, 1], launcher_threads(cols, rows), 0, &p, &mut args);
     f32s(&out)
 }
 
@@ -59,7 +60,7 @@ fn emulated_rms_norm_matches_the_reference_on_both_paths() {
         let mut want = vec![0f32; rows * cols];
         reference::rms_norm(&x[offset..], &w, 1e-5, &mut want).unwrap();
         // The launcher's threads, and 256 (two or more float4 per thread).
-        for threads in [launcher_threads(cols), 256] {
+        for threads in [launcher_threads(cols, rows), 256] {
             for inplace in [false, true] {
                 let what =
                     format!("rms_norm {rows} x {cols} at offset {offset}, {threads} threads, in place: {inplace}");
@@ -112,13 +113,13 @@ fn emulated_rms_norm_quantizes_its_rows_as_the_matvec_does() {
         return;
     }
     let emu = build("emu_rmsnorm.cpp").unwrap();
-    for (rows, cols) in [(3usize, 2048usize), (2, 8224), (1, 32)] {
+    for (rows, cols) in [(3usize, 2048usize), (2, 8224), (1, 32), (64, 2048), (64, 8224)] {
         let mut x = random_f32(rows * cols, cols as u64 ^ 0xac, 2.0);
         for (b, xs) in x.chunks_mut(32).enumerate() {
             xs[(b * 5) % 32] *= 40.0;
         }
         let w = random_f32(cols, 11, 1.5);
-        let threads = launcher_threads(cols);
+        let threads = launcher_threads(cols, rows);
         let plain = run(&x, &w, rows, 0, false, threads);
         let p = params32(&[(rows as u32).to_le_bytes(), (cols as u32).to_le_bytes(), 1e-5f32.to_le_bytes()]);
         let (mut xb, mut wb) = (f32_bytes(&x), f32_bytes(&w));

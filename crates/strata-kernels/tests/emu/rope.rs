@@ -6,19 +6,22 @@ use strata_tensor::cpu::{RopeLayout, reference};
 
 use crate::driver::{Arg, assert_close, build, f32_bytes, f32s, launch, params32, random_f32};
 
-/// An element type: its kernel, its bytes, and the tolerance of a rotated element against the
-/// reference run on the rounded input and rounded again (an ulp of the type; for f32, a few).
+/// An element type: its kernel, the rotary pairs of one item, its bytes, and the tolerance of a
+/// rotated element against the reference run on the rounded input and rounded again (an ulp of
+/// the type; for f32, a few).
 struct Elem {
     kernel: &'static str,
+    pairs_per_item: usize,
     size: usize,
     rtol: f32,
     round: fn(f32) -> Vec<u8>,
     read: fn(&[u8]) -> f32,
 }
 
-const ELEMS: [Elem; 3] = [
+const ELEMS: [Elem; 5] = [
     Elem {
         kernel: "rope_qk_f32",
+        pairs_per_item: 1,
         size: 4,
         rtol: 2e-6,
         round: |v| v.to_le_bytes().to_vec(),
@@ -26,6 +29,7 @@ const ELEMS: [Elem; 3] = [
     },
     Elem {
         kernel: "rope_qk_f16",
+        pairs_per_item: 1,
         size: 2,
         rtol: 1.0 / 1024.0,
         round: |v| f16::from_f32(v).to_le_bytes().to_vec(),
@@ -33,6 +37,24 @@ const ELEMS: [Elem; 3] = [
     },
     Elem {
         kernel: "rope_qk_bf16",
+        pairs_per_item: 1,
+        size: 2,
+        rtol: 1.0 / 128.0,
+        round: |v| bf16::from_f32(v).to_le_bytes().to_vec(),
+        read: |b| bf16::from_le_bytes(b.try_into().unwrap()).to_f32(),
+    },
+    // The 16-bit types two pairs at a time: bit for bit their one-pair kernels (checked below).
+    Elem {
+        kernel: "rope_qk_f16x2",
+        pairs_per_item: 2,
+        size: 2,
+        rtol: 1.0 / 1024.0,
+        round: |v| f16::from_f32(v).to_le_bytes().to_vec(),
+        read: |b| f16::from_le_bytes(b.try_into().unwrap()).to_f32(),
+    },
+    Elem {
+        kernel: "rope_qk_bf16x2",
+        pairs_per_item: 2,
         size: 2,
         rtol: 1.0 / 128.0,
         round: |v| bf16::from_f32(v).to_le_bytes().to_vec(),
@@ -40,8 +62,14 @@ const ELEMS: [Elem; 3] = [
     },
 ];
 
-/// Runs `case` in element type `e`, launched as `ops::rope_qk` launches it, and compares q and k
-/// with the reference.
+/// Whether `e`'s kernel takes a shape: the two-pair kernels need whole pairs of pairs and heads
+/// that start on even elements (as `ops::rope_qk` checks).
+fn takes(e: &Elem, head_dim: usize, n_pairs: usize) -> bool {
+    e.pairs_per_item == 1 || (n_pairs.is_multiple_of(2) && head_dim.is_multiple_of(2))
+}
+
+/// Runs `case` in element type `e`, launched as `ops::rope_qk` launches it, compares q and k
+/// with the reference, and returns their bytes.
 #[allow(clippy::too_many_arguments)]
 fn check(
     e: &Elem,
@@ -52,7 +80,7 @@ fn check(
     n_pairs: usize,
     layout: RopeLayout,
     factor: f32,
-) {
+) -> (Vec<u8>, Vec<u8>) {
     let emu = build("emu_rope.cpp").expect("checked by the caller");
     let what =
         format!("{} {tokens} tokens, {n_heads}/{n_kv_heads} heads x {head_dim}, {n_pairs} pairs, {layout:?}", e.kernel);
@@ -72,7 +100,7 @@ fn check(
     let (want_q, want_k) = (want(&q, n_heads), want(&k, n_kv_heads));
 
     // The launcher's shape: a block row per token, its (head, pair) items in chunks.
-    let items = (n_heads + n_kv_heads) * n_pairs;
+    let items = (n_heads + n_kv_heads) * n_pairs / e.pairs_per_item;
     let per_block = if tokens >= 128 { 4096 } else { 1024 };
     let blocks_y = items.div_ceil(per_block).min(65535);
     let chunk = items.div_ceil(blocks_y);
@@ -99,6 +127,7 @@ fn check(
     let atol = 4e-6 * scale * factor;
     assert_close(&format!("q: {what}"), &values(&q), &want_q, atol, e.rtol);
     assert_close(&format!("k: {what}"), &values(&k), &want_k, atol, e.rtol);
+    (q, k)
 }
 
 #[test]
@@ -113,16 +142,28 @@ fn emulated_rope_matches_the_reference() {
         (5, 9, 3, 64, 32),
         (2, 64, 8, 128, 64),
         (4, 5, 1, 81, 40),
+        (4, 5, 1, 80, 20),
         (3, 2, 2, 6, 1),
+        (3, 3, 1, 6, 2),
         (130, 4, 2, 16, 8),
     ];
+    let mut paired = 0;
     for (tokens, n_heads, n_kv_heads, head_dim, n_pairs) in shapes {
         for layout in [RopeLayout::RotateHalf, RopeLayout::Interleaved] {
-            for e in &ELEMS {
-                check(e, tokens, n_heads, n_kv_heads, head_dim, n_pairs, layout, 1.0);
+            let mut by_kernel = Vec::new();
+            for e in ELEMS.iter().filter(|e| takes(e, head_dim, n_pairs)) {
+                by_kernel.push((e.kernel, check(e, tokens, n_heads, n_kv_heads, head_dim, n_pairs, layout, 1.0)));
+            }
+            // A two-pair kernel gives its one-pair kernel's bits.
+            for (x2, out) in by_kernel.iter().filter(|(name, _)| name.ends_with("x2")) {
+                let one = x2.trim_end_matches("x2");
+                let (_, want) = by_kernel.iter().find(|(name, _)| *name == one).unwrap();
+                assert!(out == want, "{x2} differs from {one}: {tokens} tokens, {n_heads}/{n_kv_heads} x {head_dim}");
+                paired += 1;
             }
         }
     }
+    assert_eq!(paired, 2 * 2 * 6, "the two-pair kernels ran on 6 shapes, both layouts");
     check(&ELEMS[0], 3, 4, 2, 64, 32, RopeLayout::RotateHalf, 1.23);
 }
 

@@ -73,12 +73,29 @@ where
     unsafe { launch(cuda, "rmsnorm_f32_actq", &ptrs, rows, cols, eps) }
 }
 
-/// Threads per block (per row) of both RMSNorm kernels for rows of `cols`: a float4 per thread
-/// up to 4096 columns (a 2048-wide row: 512 threads, whose 16 warps then quantize its 64 blocks
-/// of 32 four each in `rms_norm_actq`), 1024 above. The sum of squares goes in an order that does
-/// not depend on the count (`kernels/include/norm.cuh`), so any count gives the same bits.
-fn threads(cols: usize) -> u32 {
-    cols.div_ceil(4).next_multiple_of(32).clamp(32, 1024) as u32
+/// Launches of at least this many rows take blocks of fewer threads, several float4s each.
+const MANY_ROWS: usize = 64;
+
+/// Float4s per thread the kernels keep in registers between the sum of squares and the scaling
+/// (`RMSNORM_VECS` of `kernels/rmsnorm.cu`).
+const KEPT: usize = 8;
+
+/// Threads per block (per row) of both RMSNorm kernels for `rows` rows of `cols`.
+///
+/// - Few rows (a decode step's one): a float4 per thread, up to 4096 columns (a 2048-wide row:
+///   512 threads, whose 16 warps then quantize its 64 blocks of 32 four each in
+///   `rms_norm_actq`), 1024 above: the most loads in flight for the one block, the shortest
+///   reductions.
+/// - [`MANY_ROWS`] or more: [`KEPT`] float4s per thread (32 to 1024 threads). The kernels take
+///   about 64 registers a thread, so a block of 1024 fills an SM's register file: one row per
+///   SM at a time, whose loads stop while it reduces. A 8192-wide row on 256 threads lets four
+///   blocks share an SM, each loading while another reduces.
+///
+/// The sum of squares goes in an order that does not depend on the count
+/// (`kernels/include/norm.cuh`), so any count gives the same bits.
+fn threads(cols: usize, rows: usize) -> u32 {
+    let per_thread = if rows >= MANY_ROWS { KEPT } else { 1 };
+    cols.div_ceil(4).div_ceil(per_thread).next_multiple_of(32).clamp(32, 1024) as u32
 }
 
 /// Refuses rows longer than the kernels' sum of squares takes (`STRATA_NORM_MAX_COLS`: one float of
@@ -100,7 +117,8 @@ unsafe fn launch(cuda: &Cuda, kernel: &'static str, ptrs: &[u64], rows: usize, c
         return Ok(());
     }
     let p = RmsNormParams { rows: rows as u32, cols: cols as u32, eps };
-    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads(cols), 1, 1), shared_mem_bytes: 0 };
+    let cfg =
+        LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads(cols, rows), 1, 1), shared_mem_bytes: 0 };
     // SAFETY: the caller guarantees the buffers' lengths.
     unsafe { cuda.launch("rmsnorm", kernel, cfg, &p, ptrs) }
 }
@@ -111,11 +129,25 @@ mod tests {
 
     #[test]
     fn a_row_gets_a_float4_per_thread_up_to_1024_threads() {
-        assert_eq!(threads(1), 32);
-        assert_eq!(threads(128), 32);
-        assert_eq!(threads(2048), 512);
-        assert_eq!(threads(4100), 1024);
-        assert_eq!(threads(8192), 1024);
-        assert_eq!(threads(100_000), 1024);
+        for rows in [1, 2, 63] {
+            assert_eq!(threads(1, rows), 32);
+            assert_eq!(threads(128, rows), 32);
+            assert_eq!(threads(2048, rows), 512);
+            assert_eq!(threads(4100, rows), 1024);
+            assert_eq!(threads(8192, rows), 1024);
+            assert_eq!(threads(100_000, rows), 1024);
+        }
+    }
+
+    #[test]
+    fn many_rows_get_eight_float4_per_thread() {
+        for rows in [64, 16384] {
+            assert_eq!(threads(1, rows), 32);
+            assert_eq!(threads(2048, rows), 64);
+            assert_eq!(threads(4100, rows), 160);
+            assert_eq!(threads(8192, rows), 256);
+            assert_eq!(threads(32768, rows), 1024);
+            assert_eq!(threads(100_000, rows), 1024);
+        }
     }
 }

@@ -37,18 +37,24 @@ pub trait RopeElem: DeviceRepr + sealed::Sealed {
     /// The kernel of `kernels/rope.cu` for this type.
     #[doc(hidden)]
     const ROPE_KERNEL: &'static str;
+    /// Its kernel of two pairs per item, one 32-bit access per two elements (16-bit types).
+    #[doc(hidden)]
+    const ROPE_KERNEL_X2: Option<&'static str>;
 }
 
 impl RopeElem for f32 {
     const ROPE_KERNEL: &'static str = "rope_qk_f32";
+    const ROPE_KERNEL_X2: Option<&'static str> = None;
 }
 
 impl RopeElem for half::f16 {
     const ROPE_KERNEL: &'static str = "rope_qk_f16";
+    const ROPE_KERNEL_X2: Option<&'static str> = Some("rope_qk_f16x2");
 }
 
 impl RopeElem for half::bf16 {
     const ROPE_KERNEL: &'static str = "rope_qk_bf16";
+    const ROPE_KERNEL_X2: Option<&'static str> = Some("rope_qk_bf16x2");
 }
 
 /// Rotary pairs whose cos/sin table fits the 48 KiB of shared memory a block gets by default.
@@ -142,10 +148,18 @@ where
     if tokens > i32::MAX as usize || head_dim > u32::MAX as usize || items > u32::MAX as usize {
         return Err(overflow());
     }
-    let (p, cfg) = launch_shape(args, n_pairs, items);
     let ptrs = [ptr_mut(cuda, q), ptr_mut(cuda, k), ptr(cuda, positions), ptr(cuda, inv_freq)];
+    // 16-bit elements two at a time where every such access is aligned: the pairs come in twos
+    // and every head starts on an even element of a 4-byte aligned buffer.
+    let paired = n_pairs.is_multiple_of(2) && head_dim.is_multiple_of(2) && ptrs[0] % 4 == 0 && ptrs[1] % 4 == 0;
+    let (kernel, items) = match T::ROPE_KERNEL_X2 {
+        Some(x2) if paired => (x2, items / 2),
+        _ => (T::ROPE_KERNEL, items),
+    };
+    let (p, cfg) = launch_shape(args, n_pairs, items);
     // SAFETY: q holds tokens * n_heads * head_dim elements of T, k tokens * n_kv_heads * head_dim,
     // positions tokens and inv_freq n_pairs (checked above); the kernel touches dimensions
-    // below 2 * n_pairs <= head_dim of those heads only, and its shared table is sized here.
-    unsafe { cuda.launch("rope", T::ROPE_KERNEL, cfg, &p, &ptrs) }
+    // below 2 * n_pairs <= head_dim of those heads only, its 32-bit accesses (the x2 kernels)
+    // are aligned (checked above), and its shared table is sized here.
+    unsafe { cuda.launch("rope", kernel, cfg, &p, &ptrs) }
 }
