@@ -9,7 +9,9 @@
 //! - `ptx/*.ptx`: the kernels as embedded in those binaries (for inspection with cuobjdump or
 //!   ptxas on that machine);
 //! - `fixtures/`: the committed test fixtures the tests read (`STRATA_FIXTURES_DIR`);
-//! - `run.sh`: runs all of it and writes a summary, logs and JSON reports to `$OUT`.
+//! - `run.sh`: runs all of it and writes to `$OUT` a summary, the decode kernel profiles
+//!   (`strata bench --kernel-profile`) and the kernel benchmarks, with every other log and JSON
+//!   report in one archive, `all.tgz` (some GPU machines return only a few files).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
