@@ -684,6 +684,96 @@ fn streamed_layers_give_the_resident_logits_bit_for_bit() {
     assert!(err.to_string().contains("multiple of 2"), "{err}");
 }
 
+/// Routed experts in page-locked host memory with a device cache of hot ones
+/// (`CudaDecoder::new_expert_cached`, what `--max-vram` does for a MoE model under a tight
+/// ceiling) give the logits of the resident model routed on the host, bit for bit: one pass over
+/// the prompt (more experts than slots: rounds) and token by token, with 1, 3 and every slot, for
+/// Mixtral-style and Qwen2-MoE (shared expert) layers. The counts add up: every expert a layer
+/// asked for is a hit or a miss, each miss copied one expert in; with every slot, each expert is
+/// copied once.
+#[test]
+fn a_device_expert_cache_gives_the_resident_logits_bit_for_bit() {
+    let Some(cuda) = device_or_skip("a_device_expert_cache_gives_the_resident_logits_bit_for_bit") else { return };
+    for name in ["mixtral_moe", "qwen2_moe"] {
+        let f = Fixture::load(name);
+        let decoder = strata_models::load_dir(&f.dir).unwrap().decoder;
+        let resident = CudaDecoder::new(&decoder, cuda.clone()).unwrap();
+        resident.set_device_routing(false);
+        assert!(resident.expert_cache().is_none());
+        let moe = decoder.hparams().moe.as_ref().unwrap();
+        let n_experts = moe.num_experts * moe.sparse_layers.iter().filter(|&&s| s).count();
+        for slots in [1, 3, n_experts] {
+            let cached = CudaDecoder::new_expert_cached(&decoder, cuda.clone(), slots).unwrap();
+            let what = format!("{name}, {slots} slots");
+            let (mut rc, mut cc) = (resident.new_cache().unwrap(), cached.new_cache().unwrap());
+            let a = resident.forward(&f.prompt_ids, &mut rc, Logits::All).unwrap();
+            let b = cached.forward(&f.prompt_ids, &mut cc, Logits::All).unwrap();
+            assert!(
+                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{what}: prompt: {}",
+                max_abs_diff(&a, &b)
+            );
+            for step in 0..12u32 {
+                let id = (step * 5 + 1) % f.vocab as u32;
+                let a = resident.forward(&[id], &mut rc, Logits::Last).unwrap();
+                let b = cached.forward(&[id], &mut cc, Logits::Last).unwrap();
+                let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "{what}: step {step}: {}", max_abs_diff(&a, &b));
+            }
+            let c = cached.expert_cache().expect("experts in a cache");
+            println!("{what}: {c:?}");
+            assert_eq!(c.slots, slots.min(n_experts));
+            assert!(c.misses > 0 && c.bytes_uploaded > 0 && c.bytes_uploaded.is_multiple_of(c.misses), "{what}: {c:?}");
+            if slots == n_experts {
+                assert!(c.misses <= n_experts as u64, "{what}: every expert copied once at most: {c:?}");
+                assert!(c.hits > 0, "{what}: {c:?}");
+            }
+            assert!(cached.graph_stats().is_none(), "{what}: no graphs: the layers route on the host");
+        }
+        let err = CudaDecoder::new_expert_cached(&decoder, cuda.clone(), 0).unwrap_err();
+        assert!(err.to_string().contains("at least one slot"), "{err}");
+    }
+}
+
+/// `--max-vram` through the facade: a MoE model one byte short of resident keeps its experts in
+/// host memory with a device cache, and decodes the logits of the resident model routed on the
+/// host.
+#[test]
+fn a_gpu_ceiling_gives_a_moe_model_a_device_expert_cache() {
+    let Some(_) = device_or_skip("a_gpu_ceiling_gives_a_moe_model_a_device_expert_cache") else { return };
+    let f = Fixture::load("mixtral_moe");
+    let decoder = strata_models::load_dir(&f.dir).unwrap().decoder;
+    let context = 256;
+    let budget = |max_bytes| strata_models::VramBudget {
+        max_bytes,
+        context_tokens: context,
+        pass_tokens: strata::VRAM_PASS_TOKENS,
+    };
+    let (mut lo, mut hi) = (0u64, 1u64 << 40);
+    while lo + 1 < hi {
+        let mid = lo + (hi - lo) / 2;
+        let r = strata_models::vram_report(&decoder, &budget(mid));
+        if matches!(r, Ok(r) if r.expert_slots == 0 && r.streamed.iter().all(|&s| !s)) { hi = mid } else { lo = mid }
+    }
+    let options = LoadOptions {
+        max_context: Some(context),
+        offload: strata::OffloadConfig { max_vram: Some(hi - 1), ..Default::default() },
+        ..options(Device::Cuda(0))
+    };
+    let bounded = Model::from_pretrained(&f.dir, options).unwrap();
+    let (slots, ..) = bounded.gpu_expert_cache().expect("one byte short: the experts go in a cache");
+    assert!((1..16).contains(&slots), "{slots} slots");
+    assert_eq!(bounded.gpu_streamed(), None, "a cache, not streamed layers");
+    let resident = CudaDecoder::new(&decoder, strata_kernels::Cuda::new(0).unwrap()).unwrap();
+    resident.set_device_routing(false);
+    let mut rc = resident.new_cache().unwrap();
+    let a = resident.forward(&f.prompt_ids, &mut rc, Logits::All).unwrap();
+    let b = bounded.logits(&f.prompt_ids, LogitsMode::OnePass).unwrap();
+    assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{}", max_abs_diff(&a, &b));
+    let (_, hits, misses, bytes) = bounded.gpu_expert_cache().unwrap();
+    assert!(misses > 0 && bytes > 0, "{hits} hits, {misses} misses, {bytes} bytes");
+}
+
 /// `--max-vram` through the facade: a ceiling one byte under what the model needs resident
 /// streams its last 4 layers (`strata_models::plan_vram`'s choice) with the unbounded model's
 /// logits, bit for bit, one pass and token by token; a ceiling below any plan is an error that

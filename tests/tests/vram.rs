@@ -1,9 +1,10 @@
 //! Placing a model under a GPU memory ceiling (`--max-vram`) without a GPU: which layers stream
-//! from host memory (`strata_models::plan_vram`, what `CudaDecoder::new_within` places), and the
-//! facade refusing the ceiling on the CPU. `cuda_models` runs the placements on a card.
+//! from host memory (`strata_models::plan_vram`, what `CudaDecoder::new_within` places), the
+//! device expert cache a Mixture-of-Experts model gets instead (`vram_report`), and the facade
+//! refusing the ceiling on the CPU. `cuda_models` runs the placements on a card.
 
 use strata::{Device, LoadOptions, Model, OffloadConfig};
-use strata_models::{Decoder, VramBudget, plan_vram};
+use strata_models::{Decoder, VramBudget, plan_vram, vram_report};
 use strata_tests::{Fixture, GgufDtypes, write_gguf_layers};
 
 /// A model of `layers` copies of a fixture's layers, as a GGUF file, loaded on the CPU.
@@ -20,16 +21,18 @@ fn budget(max_bytes: u64) -> VramBudget {
     VramBudget { max_bytes, context_tokens: 256, pass_tokens: 64 }
 }
 
+/// Whether everything is resident under `b`: no layer streams and no expert cache.
+fn resident(decoder: &Decoder, b: VramBudget) -> bool {
+    matches!(vram_report(decoder, &b), Ok(r) if r.expert_slots == 0 && r.streamed.iter().all(|s| !s))
+}
+
 /// The smallest ceiling under which nothing streams.
 fn all_resident(decoder: &Decoder) -> u64 {
     let (mut lo, mut hi) = (0u64, 1u64 << 40);
-    assert!(plan_vram(decoder, &budget(hi)).unwrap().iter().all(|s| !s));
+    assert!(resident(decoder, budget(hi)));
     while lo + 1 < hi {
         let mid = lo + (hi - lo) / 2;
-        match plan_vram(decoder, &budget(mid)) {
-            Ok(plan) if plan.iter().all(|s| !s) => hi = mid,
-            _ => lo = mid,
-        }
+        if resident(decoder, budget(mid)) { hi = mid } else { lo = mid }
     }
     hi
 }
@@ -63,7 +66,7 @@ fn the_kv_cache_and_the_pass_count_against_the_ceiling() {
     let dir = tempfile::tempdir().unwrap();
     let (_, decoder) = deep(4, dir.path());
     let need = all_resident(&decoder);
-    let resident = |b: VramBudget| matches!(plan_vram(&decoder, &b), Ok(plan) if plan.iter().all(|&s| !s));
+    let resident = |b: VramBudget| resident(&decoder, b);
     assert!(resident(budget(need)));
     assert!(!resident(VramBudget { context_tokens: 257, ..budget(need) }), "one token more of KV cache");
     assert!(!resident(VramBudget { pass_tokens: 65, ..budget(need) }), "one token more per pass");
@@ -76,6 +79,42 @@ fn too_few_layers_to_stream_is_an_error() {
     let need = all_resident(&decoder);
     let err = plan_vram(&decoder, &budget(need - 1)).unwrap_err().to_string();
     assert!(err.contains("too few to stream"), "{err}");
+}
+
+/// A MoE model that does not fit keeps its routed experts in host memory and a device cache of
+/// as many as the rest leaves room for: no layer streams, the placement stays under the ceiling,
+/// the slots shrink with it down to one, and below one an error (two layers are too few to
+/// stream). A dense model never gets a cache.
+#[test]
+fn a_moe_model_under_a_tight_ceiling_gets_a_device_expert_cache() {
+    let f = Fixture::load("mixtral_moe");
+    let decoder = strata_models::load_dir(&f.dir).unwrap().decoder;
+    let need = all_resident(&decoder);
+    let report = vram_report(&decoder, &budget(need)).unwrap();
+    assert_eq!(report.expert_slots, 0, "everything fits: no cache");
+    let needs = report.needs.clone();
+    assert_eq!(needs.expert_count, 2 * 8);
+    let experts: u64 = needs.experts.iter().sum();
+    // Each f32 expert: gate, up [20, 32] and down [32, 20]; a slot adds a 256-byte boundary each.
+    assert_eq!(experts, 16 * 3 * 20 * 32 * 4);
+    assert_eq!(needs.expert_slot, 3 * 20 * 32 * 4 + 3 * 256);
+    let base = need - experts;
+    for ceiling in [need - 1, base + 5 * needs.expert_slot + 7, base + needs.expert_slot] {
+        let r = vram_report(&decoder, &budget(ceiling)).unwrap();
+        let want = ((ceiling - base) / needs.expert_slot) as usize;
+        assert_eq!(r.expert_slots, want.min(16), "at {ceiling}");
+        assert!(r.streamed.iter().all(|&s| !s), "a cache, not streamed layers");
+        assert!(r.device_bytes() <= ceiling, "{} placed under {ceiling}", r.device_bytes());
+        assert_eq!(plan_vram(&decoder, &budget(ceiling)).unwrap(), vec![false; 2]);
+    }
+    assert_eq!(vram_report(&decoder, &budget(need - 1)).unwrap().expert_slots, 14);
+    let err = vram_report(&decoder, &budget(base + needs.expert_slot - 1)).unwrap_err().to_string();
+    assert!(err.contains("too few to stream") && err.contains("a device cache of one"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let (_, dense) = deep(8, dir.path());
+    let r = vram_report(&dense, &budget(all_resident(&dense) - 1)).unwrap();
+    assert_eq!((r.expert_slots, r.needs.expert_count, r.needs.expert_slot), (0, 0, 0));
 }
 
 #[test]

@@ -102,6 +102,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut streamed_per_token = Vec::new();
     let mut hit_rates = Vec::new();
     let mut expert_stats = None;
+    // A device expert cache's counts after the prefill and after the decode of each run.
+    let mut gpu_cache: Vec<(u64, u64, u64)> = Vec::new();
     for run in 0..runs {
         say(&format!("run {}/{runs}: prefill {} tokens, decode {}", run + 1, a.prompt_tokens, a.gen_tokens));
         let mut cache = model.new_cache()?;
@@ -112,12 +114,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
         if let Some(store) = model.store() {
             store.reset_stats();
         }
+        let before = model.gpu_expert_cache();
         let t = Instant::now();
         for _ in 0..a.gen_tokens {
             let next = strata::sampling::argmax(&logits) as u32;
             logits = model.step(&[next], &mut cache)?;
         }
         decode.push(t.elapsed().as_secs_f64());
+        if let (Some((_, h0, m0, b0)), Some((_, h1, m1, b1))) = (before, model.gpu_expert_cache()) {
+            gpu_cache.push((h1 - h0, m1 - m0, b1 - b0));
+        }
         if let Some(store) = model.store() {
             // Streamed units and the experts read into the expert cache, per decoded token.
             let experts = store.expert_cache_stats();
@@ -295,6 +301,19 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if let Some(p) = &kernels {
         report["kernel_profile"] = kernel_report(p, a.gen_tokens, decode_tok_s);
     }
+    // The device expert cache over the last run's decode: its hit rate, and the bytes a token
+    // copied in, against the host-to-device copy rate.
+    let gpu_cache = gpu_cache.last().copied().zip(model.gpu_expert_cache()).map(|((hits, misses, bytes), c)| {
+        let per_token = bytes as f64 / a.gen_tokens as f64;
+        (c.0, hits as f64 / (hits + misses).max(1) as f64, per_token)
+    });
+    if let Some((slots, hit_rate, per_token)) = gpu_cache {
+        report["gpu_expert_cache"] = json!({
+            "slots": slots,
+            "hit_rate": hit_rate,
+            "bytes_uploaded_per_token": per_token,
+        });
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -354,6 +373,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 "host->device {:>10.2} GB/s (pinned, measured in this run): bound {bound:.2} tok/s, decode at {:.0}%",
                 bw / 1e9,
                 100.0 * decode_tok_s / bound
+            );
+        }
+        if let Some((slots, hit_rate, per_token)) = gpu_cache {
+            println!(
+                "GPU experts  {:>9.1}% hits while decoding ({slots} slots on the device; {:.1} MB/token copied in)",
+                100.0 * hit_rate,
+                per_token / 1e6
             );
         }
         if let Some(rss) = peak_rss {

@@ -159,6 +159,9 @@ fn plan_vram(a: &PlanArgs, options: &strata::LoadOptions) -> Result<()> {
             },
             "layers": layers,
             "streamed_layers": streamed.len(),
+            "expert_cache_slots": rep.expert_slots,
+            "expert_slot_bytes": rep.needs.expert_slot,
+            "routed_experts": rep.needs.expert_count,
             "buffer_bytes": rep.buffer_bytes(),
             "uploaded_bytes_per_token": rep.uploaded_per_pass(),
             "device_bytes": rep.device_bytes(),
@@ -182,6 +185,29 @@ fn plan_vram(a: &PlanArgs, options: &strata::LoadOptions) -> Result<()> {
         size(rep.needs.scratch)
     );
     let kept: u64 = (0..r.layers).filter(|&i| !rep.streamed[i]).map(|i| rep.needs.resident[i]).sum();
+    if rep.expert_slots > 0 {
+        let experts: u64 = rep.needs.experts.iter().sum();
+        println!(
+            "resident layers    {:>10}  ({} of {}, without their routed experts)",
+            size(kept - experts),
+            r.layers,
+            r.layers
+        );
+        println!(
+            "routed experts     {:>10}  ({} in page-locked host memory, copied in as the routers pick them)",
+            size(experts),
+            rep.needs.expert_count
+        );
+        println!(
+            "expert cache       {:>10}  ({} slots of {}: {:.0}% of the experts on the device)",
+            size(rep.buffer_bytes()),
+            rep.expert_slots,
+            size(rep.needs.expert_slot),
+            100.0 * rep.expert_slots as f64 / rep.needs.expert_count as f64
+        );
+        println!("on the GPU in all  {:>10}  of {}", size(rep.device_bytes()), size(b.max_bytes));
+        return Ok(());
+    }
     println!("resident layers    {:>10}  ({} of {})", size(kept), r.layers - streamed.len(), r.layers);
     match (streamed.first(), streamed.last()) {
         (Some(first), Some(last)) => {

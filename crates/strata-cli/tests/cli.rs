@@ -151,6 +151,32 @@ fn plan_places_a_model_under_a_gpu_ceiling() {
     assert!(stderr(&out).contains("--max-vram 1.0 MB"), "{}", stderr(&out));
 }
 
+/// `strata plan --max-vram` for a MoE model one byte short of resident: the routed experts stay
+/// in host memory with a device cache of most of them, no layer streams, and the text says so.
+#[test]
+fn plan_gives_a_moe_model_short_of_room_a_device_expert_cache() {
+    let model = fixture("mixtral_moe");
+    let model = model.to_str().unwrap();
+    let plan = |max_vram: &str| {
+        let out = strata(&["plan", "--model", model, "--max-vram", max_vram, "--json"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let roomy = plan("1GB");
+    assert_eq!((roomy["expert_cache_slots"].as_u64(), roomy["routed_experts"].as_u64()), (Some(0), Some(16)));
+    let need = roomy["device_bytes"].as_u64().unwrap();
+    let tight = plan(&(need - 1).to_string());
+    assert_eq!(tight["streamed_layers"], 0, "{tight}");
+    let slots = tight["expert_cache_slots"].as_u64().unwrap();
+    assert!((1..16).contains(&slots), "{tight}");
+    assert!(tight["device_bytes"].as_u64().unwrap() < need, "{tight}");
+    assert_eq!(tight["buffer_bytes"].as_u64().unwrap(), slots * tight["expert_slot_bytes"].as_u64().unwrap());
+    let out = strata(&["plan", "--model", model, "--max-vram", &(need - 1).to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("expert cache") && text.contains(&format!("{slots} slots")), "{text}");
+}
+
 /// `--out` writes a regular file through a temporary renamed into place; a special file is
 /// written in place. (Renaming over `/dev/null`, as root, once left a regular file there that
 /// fed its contents to every later reader: cargo's `rustc -` probe among them.)

@@ -42,6 +42,7 @@ use strata_tensor::Tensor;
 use strata_tensor::cpu::AttentionParams;
 
 use crate::context::ContextScaling;
+use crate::cuda_experts::{DeviceExperts, ExpertCacheCounts};
 use crate::cuda_moe::{CudaMoe, MoeInput, MoeScratch};
 use crate::cuda_stream::{Placer, SlotSchedule, WeightStream};
 use crate::decoder::{Decoder, Ffn, Linear, shares_bytes};
@@ -463,15 +464,18 @@ pub struct CudaDecoder {
     fused_norms: std::sync::atomic::AtomicBool,
     /// The layers streamed from host memory, if any ([`CudaDecoder::new_within`]).
     stream: Option<WeightStream>,
+    /// The device cache of the routed experts kept in host memory, if any
+    /// ([`CudaDecoder::new_within`]).
+    experts: Option<Arc<DeviceExperts>>,
     /// The ceiling the weights were placed under.
     budget: Option<VramBudget>,
 }
 
 impl Drop for CudaDecoder {
     fn drop(&mut self) {
-        // Uploads into the streamed layers' buffers may still run on the copy stream: they must
-        // finish before the buffers and their host copies go.
-        if self.stream.is_some() {
+        // Uploads into the streamed layers' buffers or the expert cache's slots may still run on
+        // the copy stream: they must finish before the buffers and their host copies go.
+        if self.stream.is_some() || self.experts.is_some() {
             let _ = self.cuda.copy_stream().synchronize();
         }
     }
@@ -498,20 +502,25 @@ impl CudaDecoder {
     /// Uploads every weight of `decoder` to `cuda`, once, and takes its RoPE scheme (with the
     /// context scaling it was given, if any). The CPU decoder is left as it was.
     pub fn new(decoder: &Decoder, cuda: Arc<Cuda>) -> Result<CudaDecoder> {
-        CudaDecoder::build(decoder, cuda, &vec![false; decoder.layers.len()])
+        CudaDecoder::build(decoder, cuda, &vec![false; decoder.layers.len()], 0)
     }
 
     /// [`CudaDecoder::new`] under a ceiling on the GPU memory it takes (`None`: none): when the
     /// weights, the KV cache of `budget.context_tokens` tokens and the scratch of a pass of
-    /// `budget.pass_tokens` tokens do not fit in `budget.max_bytes`, the last layers' weights
-    /// stay in page-locked host memory and stream into two device buffers pass by pass
-    /// (`cuda_stream`), as few layers as make it fit (an even number, at least 4). An error
-    /// says what would fit when even that does not. The ceiling covers what strata allocates,
-    /// not the driver's own context.
+    /// `budget.pass_tokens` tokens do not fit in `budget.max_bytes`, a Mixture-of-Experts model
+    /// whose other weights fit keeps its routed experts in page-locked host memory and as many as
+    /// fit in a device cache (`cuda_experts`); otherwise the last layers' weights stay in
+    /// page-locked host memory and stream into two device buffers pass by pass (`cuda_stream`),
+    /// as few layers as make it fit (an even number, at least 4). An error says what would fit
+    /// when even that does not. The ceiling covers what strata allocates, not the driver's own
+    /// context.
     pub fn new_within(decoder: &Decoder, cuda: Arc<Cuda>, budget: Option<VramBudget>) -> Result<CudaDecoder> {
-        let streamed = match budget {
-            None => vec![false; decoder.layers.len()],
-            Some(b) => crate::vram::plan_vram(decoder, &b)?,
+        let (streamed, expert_slots) = match budget {
+            None => (vec![false; decoder.layers.len()], 0),
+            Some(b) => {
+                let report = crate::vram::vram_report(decoder, &b)?;
+                (report.streamed, report.expert_slots)
+            }
         };
         let moe_streamed = decoder
             .layers
@@ -522,12 +531,28 @@ impl CudaDecoder {
         if moe_streamed > 0 {
             eprintln!(
                 "strata: --max-vram streams {moe_streamed} Mixture-of-Experts layers whole: every expert is copied \
-                 to the GPU each pass (no device cache of hot experts yet)"
+                 to the GPU each pass (what stays on the device leaves no room for one expert in a cache)"
             );
         }
-        let mut d = CudaDecoder::build(decoder, cuda, &streamed)?;
+        let mut d = CudaDecoder::build(decoder, cuda, &streamed, expert_slots)?;
         d.budget = budget;
         Ok(d)
+    }
+
+    /// [`CudaDecoder::new`] with the routed experts kept in page-locked host memory and a device
+    /// cache of `slots` of them, whatever the memory: what [`CudaDecoder::new_within`] does for a
+    /// Mixture-of-Experts model under a tight ceiling, chosen directly (tests, benches).
+    pub fn new_expert_cached(decoder: &Decoder, cuda: Arc<Cuda>, slots: usize) -> Result<CudaDecoder> {
+        if slots == 0 {
+            return Err(Error::InvalidInput("a device expert cache needs at least one slot".into()));
+        }
+        CudaDecoder::build(decoder, cuda, &vec![false; decoder.layers.len()], slots)
+    }
+
+    /// The device expert cache's slots and counts so far, when the routed experts stay in host
+    /// memory ([`CudaDecoder::new_within`]).
+    pub fn expert_cache(&self) -> Option<ExpertCacheCounts> {
+        self.experts.as_ref().map(|c| c.counts())
     }
 
     /// [`CudaDecoder::new`] with the layers `streamed` marks kept in page-locked host memory and
@@ -544,10 +569,10 @@ impl CudaDecoder {
                 streamed.len()
             )));
         }
-        CudaDecoder::build(decoder, cuda, streamed)
+        CudaDecoder::build(decoder, cuda, streamed, 0)
     }
 
-    fn build(decoder: &Decoder, cuda: Arc<Cuda>, streamed: &[bool]) -> Result<CudaDecoder> {
+    fn build(decoder: &Decoder, cuda: Arc<Cuda>, streamed: &[bool], expert_slots: usize) -> Result<CudaDecoder> {
         let c = &*cuda;
         let from_pack = || {
             Error::Unsupported(
@@ -568,6 +593,24 @@ impl CudaDecoder {
             Some(bytes) => WeightStream::slots(c, bytes)?,
             None => Vec::new(),
         };
+        // The routed experts kept in host memory, with a device cache of `expert_slots`.
+        let (experts, expert_offsets) = if expert_slots > 0 {
+            let routed: Vec<Option<&[Mlp]>> = decoder
+                .layers
+                .iter()
+                .map(|l| match l.ffn.resident().map(|f| &f.ffn) {
+                    Some(Ffn::Moe(moe)) => {
+                        moe.resident_experts().filter(|es| es.iter().all(crate::vram::cacheable_expert))
+                    }
+                    _ => None,
+                })
+                .collect();
+            let policy = crate::store::planner::expert_cache_policy_by_name("layer-lru")?;
+            let (cache, offsets) = DeviceExperts::new(c, &routed, expert_slots, policy)?;
+            (Some(Arc::new(cache)), offsets)
+        } else {
+            (None, vec![None; decoder.layers.len()])
+        };
         let mut hosts: Vec<Option<(Pinned, usize)>> = Vec::with_capacity(decoder.layers.len());
         let mut layers = Vec::with_capacity(decoder.layers.len());
         for (li, l) in decoder.layers.iter().enumerate() {
@@ -582,7 +625,10 @@ impl CudaDecoder {
             };
             let ffn = match &f.ffn {
                 Ffn::Dense(mlp) => CudaFfn::Dense(Box::new(CudaMlp::upload(c, mlp, &mut place)?)),
-                Ffn::Moe(moe) => CudaFfn::Moe(Box::new(CudaMoe::upload(c, moe, &mut place)?)),
+                Ffn::Moe(moe) => {
+                    let cached = experts.as_ref().zip(expert_offsets[li]).map(|(cache, first)| (cache.clone(), first));
+                    CudaFfn::Moe(Box::new(CudaMoe::upload(c, moe, &mut place, cached)?))
+                }
             };
             let qk_norm = match (&a.q_norm, &a.k_norm) {
                 (Some(qn), Some(kn)) => Some((c.upload(qn)?, c.upload(kn)?)),
@@ -627,6 +673,7 @@ impl CudaDecoder {
             device_routing: device_routing_default().into(),
             fused_norms: norms_fused_default().into(),
             stream,
+            experts,
             budget: None,
             cuda,
         })

@@ -29,8 +29,12 @@
 //!   order (`o += y * w`).
 //!
 //! Either way a shared expert's output is added scaled by the sigmoid of its gate, and the block's
-//! output is added to the residual stream. Every weight stays in device memory: experts streamed
-//! from an offload pack are refused when the decoder is built.
+//! output is added to the residual stream. Experts streamed from an offload pack are refused when
+//! the decoder is built. Under a GPU ceiling the experts may stay in host memory, in a device
+//! expert cache (`cuda_experts`): such a layer always routes on the host, and its experts run
+//! from the slots the cache brings them into, in the same order.
+
+use std::sync::Arc;
 
 use strata_kernels::Cuda;
 use strata_kernels::cuda::CudaSlice;
@@ -39,8 +43,9 @@ use strata_kernels::cuda::ops::{self, ExpertWeights, LinearScratch, MatvecStore}
 use strata_kernels::cuda::params::{STRATA_GATING_MAX_EXPERTS, STRATA_GATING_MAX_K};
 
 use crate::cuda_decoder::{CudaLinear, CudaMlp};
+use crate::cuda_experts::DeviceExperts;
 use crate::cuda_stream::Placer;
-use crate::moe::{self, LayerRecord, MoeLayer, MoeOptions, Routing};
+use crate::moe::{self, LayerRecord, Mlp, MoeLayer, MoeOptions, Routing};
 use crate::{Error, Result};
 
 /// The activations of a MoE block routed on the device: the rows the RMSNorm before it wrote, or
@@ -65,10 +70,16 @@ pub(crate) struct CudaMoe {
     n_experts: usize,
     top_k: usize,
     renormalize: bool,
+    /// The experts on the device (empty when they are in a device expert cache).
     experts: Vec<CudaMlp>,
+    /// The device expert cache the experts are in, and the number of this layer's first there
+    /// (`cuda_experts`): the layer then routes on the host.
+    cached: Option<(Arc<DeviceExperts>, usize)>,
+    /// The experts' intermediate width (the widest).
+    inter: usize,
     shared: Option<(CudaMlp, CudaLinear)>,
     /// The experts' weights as device tables, for routing on the device; `None` when the experts
-    /// do not allow it (see the module's documentation).
+    /// do not allow it (see the module's documentation) or are in a device expert cache.
     tables: Option<ExpertTables>,
 }
 
@@ -132,8 +143,14 @@ fn grown<'a, T: DeviceRepr + ValidAsZeroBits + 'static>(
 }
 
 impl CudaMoe {
-    /// Uploads `moe`'s router, experts and shared expert.
-    pub(crate) fn upload(cuda: &Cuda, moe: &MoeLayer, place: &mut Placer<'_>) -> Result<CudaMoe> {
+    /// Uploads `moe`'s router, experts and shared expert; with `cached`, the experts stay in that
+    /// device expert cache (from its expert number `cached.1` on) and only the rest is uploaded.
+    pub(crate) fn upload(
+        cuda: &Cuda,
+        moe: &MoeLayer,
+        place: &mut Placer<'_>,
+        cached: Option<(Arc<DeviceExperts>, usize)>,
+    ) -> Result<CudaMoe> {
         let router = moe.router();
         let shared = match moe.shared_expert() {
             Some(s) => Some((CudaMlp::upload(cuda, &s.mlp, place)?, CudaLinear::upload(cuda, &s.gate, place)?)),
@@ -142,14 +159,19 @@ impl CudaMoe {
         let resident = moe.resident_experts().ok_or_else(|| {
             Error::Unsupported("a MoE layer whose experts are in the offload store does not run on CUDA".into())
         })?;
-        let experts: Vec<CudaMlp> = resident.iter().map(|e| CudaMlp::upload(cuda, e, place)).collect::<Result<_>>()?;
+        let experts: Vec<CudaMlp> = match cached {
+            Some(_) => Vec::new(),
+            None => resident.iter().map(|e| CudaMlp::upload(cuda, e, place)).collect::<Result<_>>()?,
+        };
         Ok(CudaMoe {
             router: CudaLinear::upload(cuda, &router.weight, place)?,
             n_experts: router.num_experts(),
             top_k: router.top_k(),
             renormalize: router.renormalize(),
-            tables: ExpertTables::new(cuda, &experts)?,
+            tables: if cached.is_some() { None } else { ExpertTables::new(cuda, &experts)? },
+            inter: resident.iter().map(Mlp::intermediate_size).max().unwrap_or(0),
             experts,
+            cached,
             shared,
         })
     }
@@ -219,32 +241,47 @@ impl CudaMoe {
         let out = grown(cuda, &mut scratch.out, t * h)?;
         let mut out = out.slice_mut(..t * h);
         cuda.memset_zero(&mut out)?;
-        let inter = self.experts.iter().map(|m| m.inter).chain(self.shared.iter().map(|(m, _)| m.inter)).max();
-        let inter = inter.unwrap_or(0);
+        let inter = self.shared.as_ref().map_or(self.inter, |(m, _)| m.inter.max(self.inter));
         let products = grown(cuda, &mut scratch.products, 2 * t * inter)?;
         let act = grown(cuda, &mut scratch.act, t * inter)?;
         let y = grown(cuda, &mut scratch.y, t * h)?;
         let rows = grown(cuda, &mut scratch.rows, t * h)?;
         let (idx_d, w_d) = (scratch.idx.as_ref().expect("grown above"), scratch.weights.as_ref().expect("grown above"));
-        let mut at = 0;
-        for (expert, group) in self.experts.iter().zip(&groups) {
-            let n = group.len();
-            if n == 0 {
-                continue;
+        // The experts with tokens, in ascending order; each one's tokens start at `starts[e]` of
+        // the lists. From a device expert cache they come in rounds of at most its slots.
+        let used: Vec<usize> = (0..e).filter(|&i| !groups[i].is_empty()).collect();
+        let starts: Vec<usize> = groups.iter().scan(0, |at, g| Some(std::mem::replace(at, *at + g.len()))).collect();
+        let round_len = self.cached.as_ref().map_or(used.len(), |(c, _)| c.slots()).max(1);
+        for round in used.chunks(round_len) {
+            let slots = match &self.cached {
+                Some((cache, first)) => {
+                    let units: Vec<usize> = round.iter().map(|&i| first + i).collect();
+                    cache.bring(cuda, &units)?
+                }
+                None => Vec::new(),
+            };
+            for (j, &i) in round.iter().enumerate() {
+                let expert = match &self.cached {
+                    Some((cache, _)) => {
+                        cache.ready(cuda, slots[j])?;
+                        cache.mlp(slots[j])
+                    }
+                    None => &self.experts[i],
+                };
+                let (at, n) = (starts[i], groups[i].len());
+                let (idx, w) = (idx_d.slice(at..at + n), w_d.slice(at..at + n));
+                let idx_list = &idx_host[at..at + n];
+                let mut y_rows = y.slice_mut(..n * h);
+                if t == 1 {
+                    // One token: the expert reads the normed row where it is.
+                    expert.forward(cuda, normed, &mut y_rows, 1, products, act, work)?;
+                } else {
+                    let mut gathered = rows.slice_mut(..n * h);
+                    ops::gather_rows(cuda, normed, t, &idx, idx_list, &mut gathered, h)?;
+                    expert.forward(cuda, &gathered, &mut y_rows, n, products, act, work)?;
+                }
+                ops::scatter_add_rows(cuda, &y_rows, &idx, idx_list, &w, &mut out, t, h)?;
             }
-            let (idx, w) = (idx_d.slice(at..at + n), w_d.slice(at..at + n));
-            let idx_list = &idx_host[at..at + n];
-            at += n;
-            let mut y_rows = y.slice_mut(..n * h);
-            if t == 1 {
-                // One token: the expert reads the normed row where it is.
-                expert.forward(cuda, normed, &mut y_rows, 1, products, act, work)?;
-            } else {
-                let mut gathered = rows.slice_mut(..n * h);
-                ops::gather_rows(cuda, normed, t, &idx, idx_list, &mut gathered, h)?;
-                expert.forward(cuda, &gathered, &mut y_rows, n, products, act, work)?;
-            }
-            ops::scatter_add_rows(cuda, &y_rows, &idx, idx_list, &w, &mut out, t, h)?;
         }
         if let Some((mlp, gate)) = &self.shared {
             let mut y_rows = y.slice_mut(..t * h);

@@ -16,6 +16,8 @@ pub mod context;
 #[cfg(feature = "cuda")]
 pub mod cuda_decoder;
 #[cfg(feature = "cuda")]
+mod cuda_experts;
+#[cfg(feature = "cuda")]
 mod cuda_moe;
 #[cfg(feature = "cuda")]
 mod cuda_stream;
@@ -39,6 +41,8 @@ pub use config::ModelConfig;
 pub use context::{ContextScaling, ScalingAlgorithm};
 #[cfg(feature = "cuda")]
 pub use cuda_decoder::{CudaDecoder, CudaKvCache};
+#[cfg(feature = "cuda")]
+pub use cuda_experts::ExpertCacheCounts;
 pub use decoder::{Decoder, Ffn, Linear, Logits, Slot, TensorSource};
 pub use error::{ByteCount, ConfigError, Error, HeaderError, Result};
 pub use hparams::{Hparams, MoeHparams};

@@ -6,6 +6,7 @@ use strata_tensor::Tensor;
 use crate::decoder::{Decoder, Ffn, Layer};
 use crate::kv_cache::DEFAULT_BLOCK_LEN;
 use crate::moe::Mlp;
+use crate::store::planner::ExpertCachePolicy;
 use crate::{Error, Result};
 
 /// Slots: device buffers the streamed layers take in turn.
@@ -29,10 +30,27 @@ pub struct VramBudget {
 
 /// A layer's matrices (the weights that stream; norms and biases stay resident): their bytes,
 /// and the bytes they take laid out for streaming (each at an `ALIGN` boundary). `None` for a
-/// layer streamed from the offload pack.
+/// layer streamed from the offload pack. For a Mixture-of-Experts layer also its routed
+/// experts: how many, their matrices' bytes (part of `resident`), and the largest one's laid
+/// out as a device expert cache slot holds it.
 pub(crate) struct LayerMatrices {
     pub(crate) resident: usize,
     pub(crate) streamed: usize,
+    pub(crate) experts: usize,
+    pub(crate) expert_bytes: usize,
+    pub(crate) expert_slot: usize,
+}
+
+/// Whether an expert can go in a device expert cache: no biases (the products of a slot carry no
+/// bias of their own).
+pub(crate) fn cacheable_expert(m: &Mlp) -> bool {
+    m.gate.bias.is_none() && m.up.bias.is_none() && m.down.bias.is_none()
+}
+
+/// Bytes an expert takes in a device expert cache slot: its three matrices, each at an
+/// [`ALIGN`] boundary (gate and up may be one paired matrix: fewer boundaries, the same bytes).
+pub(crate) fn expert_slot_bytes(m: &Mlp) -> usize {
+    m.gate.weight.byte_len() + m.up.weight.byte_len() + m.down.weight.byte_len() + 3 * ALIGN
 }
 
 pub(crate) fn layer_matrices(l: &Layer) -> Option<LayerMatrices> {
@@ -41,12 +59,20 @@ pub(crate) fn layer_matrices(l: &Layer) -> Option<LayerMatrices> {
         ws.extend([&m.gate.weight, &m.up.weight, &m.down.weight]);
     }
     let mut ws: Vec<&Tensor> = vec![&a.q.weight, &a.k.weight, &a.v.weight, &a.o.weight];
+    let (mut experts, mut expert_bytes, mut expert_slot) = (0, 0, 0);
     match &f.ffn {
         Ffn::Dense(m) => mlp(m, &mut ws),
         Ffn::Moe(moe) => {
             ws.push(&moe.router().weight.weight);
-            for e in moe.resident_experts().unwrap_or(&[]) {
+            let routed = moe.resident_experts().unwrap_or(&[]);
+            for e in routed {
                 mlp(e, &mut ws);
+            }
+            // A device expert cache takes the layer's experts when none has a bias.
+            if routed.iter().all(cacheable_expert) {
+                experts = routed.len();
+                expert_bytes = routed.iter().map(Mlp::byte_len).sum();
+                expert_slot = routed.iter().map(expert_slot_bytes).max().unwrap_or(0);
             }
             if let Some(s) = moe.shared_expert() {
                 mlp(&s.mlp, &mut ws);
@@ -55,7 +81,7 @@ pub(crate) fn layer_matrices(l: &Layer) -> Option<LayerMatrices> {
         }
     }
     let resident: usize = ws.iter().map(|w| w.byte_len()).sum();
-    Some(LayerMatrices { resident, streamed: resident + ALIGN * ws.len() })
+    Some(LayerMatrices { resident, streamed: resident + ALIGN * ws.len(), experts, expert_bytes, expert_slot })
 }
 
 /// What a model needs on the device under `budget`: the bytes that stay whatever streams
@@ -106,6 +132,9 @@ pub(crate) fn vram_needs(decoder: &Decoder, budget: &VramBudget) -> Result<VramN
         scratch: (activations + dequant + slack) as u64,
         resident: mats.iter().map(|m| m.resident as u64).collect(),
         streamed: mats.iter().map(|m| m.streamed as u64).collect(),
+        experts: mats.iter().map(|m| m.expert_bytes as u64).collect(),
+        expert_count: mats.iter().map(|m| m.experts).sum(),
+        expert_slot: mats.iter().map(|m| m.expert_slot as u64).max().unwrap_or(0),
     })
 }
 
@@ -122,6 +151,12 @@ pub struct VramNeeds {
     pub resident: Vec<u64>,
     /// Per layer: the buffer its matrices take when streamed (each at a 256-byte boundary).
     pub streamed: Vec<u64>,
+    /// Per layer: its routed experts' matrices (part of `resident`; 0 for a dense layer).
+    pub experts: Vec<u64>,
+    /// Routed experts in all layers.
+    pub expert_count: usize,
+    /// Bytes of one device expert cache slot: the largest expert, laid out (0 without experts).
+    pub expert_slot: u64,
 }
 
 impl VramNeeds {
@@ -138,39 +173,154 @@ pub struct VramReport {
     pub needs: VramNeeds,
     /// Per layer: whether it streams from host memory.
     pub streamed: Vec<bool>,
+    /// Slots of the device expert cache (0: none): a Mixture-of-Experts model that does not fit
+    /// keeps its routed experts in page-locked host memory and this many on the device, copied
+    /// in as the routers pick them ([`plan_experts`]); no layer streams then.
+    pub expert_slots: usize,
 }
 
 impl VramReport {
-    /// Bytes of the device buffers the streamed layers take turns in (0 when none stream).
+    /// Bytes of the device buffers the streamed layers take turns in, or of the expert cache's
+    /// slots (0 when nothing streams).
     pub fn buffer_bytes(&self) -> u64 {
+        if self.expert_slots > 0 {
+            return self.expert_slots as u64 * self.needs.expert_slot;
+        }
         let largest = self.needs.streamed.iter().zip(&self.streamed).filter(|(_, s)| **s).map(|(b, _)| *b).max();
         largest.map_or(0, |b| SLOTS as u64 * b)
     }
 
-    /// Bytes copied to the device per forward pass: the streamed layers' matrices.
+    /// Bytes copied to the device per forward pass: the streamed layers' matrices. With an
+    /// expert cache it depends on the routing: see [`VramReport::expert_slots`].
     pub fn uploaded_per_pass(&self) -> u64 {
         self.needs.resident.iter().zip(&self.streamed).filter(|(_, s)| **s).map(|(b, _)| *b).sum()
     }
 
-    /// Bytes the placement takes on the device: what stays, the resident layers and the buffers.
+    /// Bytes the placement takes on the device: what stays, the resident layers (less their
+    /// routed experts under an expert cache) and the buffers.
     pub fn device_bytes(&self) -> u64 {
         let kept: u64 = self.needs.resident.iter().zip(&self.streamed).filter(|(_, s)| !**s).map(|(b, _)| *b).sum();
-        self.needs.fixed() + kept + self.buffer_bytes()
+        let offloaded: u64 = if self.expert_slots > 0 { self.needs.experts.iter().sum() } else { 0 };
+        self.needs.fixed() + kept - offloaded + self.buffer_bytes()
     }
 }
 
 /// [`plan_vram`] with the sizes it was made from.
 pub fn vram_report(decoder: &Decoder, budget: &VramBudget) -> Result<VramReport> {
     let needs = vram_needs(decoder, budget)?;
-    let streamed = plan_layers(needs.fixed(), &needs.resident, &needs.streamed, budget.max_bytes)?;
-    Ok(VramReport { needs, streamed })
+    let n = needs.resident.len();
+    let all = needs.fixed() + needs.resident.iter().sum::<u64>();
+    if all > budget.max_bytes
+        && let Some(slots) = plan_experts(&needs, budget.max_bytes)
+    {
+        return Ok(VramReport { needs, streamed: vec![false; n], expert_slots: slots });
+    }
+    let streamed =
+        plan_layers(needs.fixed(), &needs.resident, &needs.streamed, budget.max_bytes).map_err(|e| {
+            match (e, needs.expert_count > 0 && needs.expert_slot > 0) {
+                (Error::InvalidInput(msg), true) => {
+                    let base = all - needs.experts.iter().sum::<u64>();
+                    Error::InvalidInput(format!(
+                        "{msg}; with its {} routed experts in host memory and a device cache of one, it needs {}",
+                        needs.expert_count,
+                        size(base + needs.expert_slot)
+                    ))
+                }
+                (e, _) => e,
+            }
+        })?;
+    Ok(VramReport { needs, streamed, expert_slots: 0 })
 }
 
 /// Which of `decoder`'s layers stream into GPU memory under `budget` (per layer; none when
-/// everything fits): `plan_layers` over the model's sizes, as `CudaDecoder::new_within`
-/// places it. An error says what would fit when nothing does.
+/// everything fits, or when a device expert cache takes the routed experts instead:
+/// [`VramReport::expert_slots`]), as `CudaDecoder::new_within` places them. An error says what
+/// would fit when nothing does.
 pub fn plan_vram(decoder: &Decoder, budget: &VramBudget) -> Result<Vec<bool>> {
     Ok(vram_report(decoder, budget)?.streamed)
+}
+
+/// The slots of a device expert cache under `budget` bytes, for a model that does not fit
+/// whole: everything but the routed experts stays on the device, and the experts get every
+/// whole slot the rest leaves, at most one per expert. `None` when the model has no routed
+/// experts or not even one slot fits (then layers stream, [`plan_layers`]). A cache beats
+/// streaming layers whole: a token copies at most the experts it was routed to and missed,
+/// never the others.
+pub(crate) fn plan_experts(needs: &VramNeeds, budget: u64) -> Option<usize> {
+    if needs.expert_count == 0 || needs.expert_slot == 0 {
+        return None;
+    }
+    let base = needs.fixed() + needs.resident.iter().sum::<u64>() - needs.experts.iter().sum::<u64>();
+    let room = budget.checked_sub(base)?;
+    let slots = (room / needs.expert_slot) as usize;
+    (slots >= 1).then_some(slots.min(needs.expert_count))
+}
+
+/// Which expert each slot of a device expert cache holds, and which to evict: the host side of
+/// `cuda_experts::DeviceExperts`, apart from the copies. Experts are numbered across the
+/// model (unit `offset(layer) + expert`); eviction follows an [`ExpertCachePolicy`].
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) struct SlotTable {
+    /// Per slot: the expert it holds.
+    owner: Vec<Option<usize>>,
+    /// Per expert: its slot.
+    slot_of: std::collections::HashMap<usize, usize>,
+    policy: Box<dyn ExpertCachePolicy>,
+    pub(crate) hits: u64,
+    pub(crate) misses: u64,
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+impl SlotTable {
+    /// `slots` empty slots, evicting by `policy`.
+    pub(crate) fn new(slots: usize, policy: Box<dyn ExpertCachePolicy>) -> SlotTable {
+        SlotTable { owner: vec![None; slots], slot_of: Default::default(), policy, hits: 0, misses: 0 }
+    }
+
+    /// Slots.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.owner.len()
+    }
+
+    /// A slot for each of `units` (distinct, at most [`SlotTable::len`] of them), in order: the
+    /// slot and whether the expert must be copied in (a miss). A miss takes an empty slot, else
+    /// the policy's victim among the slots that hold none of `units`.
+    pub(crate) fn assign(&mut self, units: &[usize]) -> Vec<(usize, bool)> {
+        assert!(units.len() <= self.owner.len(), "{} experts at once in {} slots", units.len(), self.owner.len());
+        let mut out = Vec::with_capacity(units.len());
+        for &unit in units {
+            self.policy.touched(unit);
+            if let Some(&slot) = self.slot_of.get(&unit) {
+                self.hits += 1;
+                out.push((slot, false));
+                continue;
+            }
+            self.misses += 1;
+            let slot = match self.owner.iter().position(Option::is_none) {
+                Some(free) => free,
+                None => {
+                    let candidates: Vec<usize> =
+                        self.owner.iter().flatten().copied().filter(|u| !units.contains(u)).collect();
+                    let victim = self.policy.victim(&candidates).expect("fewer experts asked than slots");
+                    self.policy.removed(victim);
+                    self.slot_of.remove(&victim).expect("a victim holds a slot")
+                }
+            };
+            self.owner[slot] = Some(unit);
+            self.slot_of.insert(unit, slot);
+            out.push((slot, true));
+        }
+        out
+    }
+
+    /// Forgets what a slot holds (its copy failed): the next ask for it misses.
+    pub(crate) fn clear(&mut self, slot: usize) {
+        if let Some(unit) = self.owner[slot].take() {
+            self.slot_of.remove(&unit);
+            self.policy.removed(unit);
+        }
+    }
 }
 
 pub(crate) const SLOTS: usize = 2;
@@ -369,6 +519,95 @@ mod tests {
         for stop in 0..6 {
             let counts = run_passes(6, &[None, Some(stop), None, None]);
             assert_eq!(counts[3], 6, "stop at {stop}: back to one copy per layer: {counts:?}");
+        }
+    }
+
+    /// Sizes of a model of `layers` MoE layers of 100 bytes each, 80 of them in 8 experts of 10
+    /// (slots of 12), with `fixed` bytes that stay.
+    fn moe_needs(layers: usize, fixed: u64) -> VramNeeds {
+        VramNeeds {
+            weights: fixed,
+            kv_cache: 0,
+            scratch: 0,
+            resident: vec![100; layers],
+            streamed: vec![110; layers],
+            experts: vec![80; layers],
+            expert_count: 8 * layers,
+            expert_slot: 12,
+        }
+    }
+
+    #[test]
+    fn routed_experts_get_the_slots_the_rest_leaves() {
+        let needs = moe_needs(4, 50);
+        // 50 + 4 x 20 = 130 stays; each 12 bytes more is a slot.
+        assert_eq!(plan_experts(&needs, 129), None);
+        assert_eq!(plan_experts(&needs, 141), None);
+        assert_eq!(plan_experts(&needs, 142), Some(1));
+        assert_eq!(plan_experts(&needs, 153), Some(1));
+        assert_eq!(plan_experts(&needs, 154), Some(2));
+        assert_eq!(plan_experts(&needs, 130 + 12 * 20 + 11), Some(20));
+        // Never more slots than experts.
+        assert_eq!(plan_experts(&needs, 10_000), Some(32));
+        // A dense model has no experts to cache.
+        let dense = VramNeeds { experts: vec![0; 4], expert_count: 0, expert_slot: 0, ..moe_needs(4, 50) };
+        assert_eq!(plan_experts(&dense, 10_000), None);
+    }
+
+    #[test]
+    fn a_report_with_an_expert_cache_counts_its_slots_not_the_experts() {
+        let report = VramReport { needs: moe_needs(4, 50), streamed: vec![false; 4], expert_slots: 5 };
+        assert_eq!(report.buffer_bytes(), 60);
+        assert_eq!(report.uploaded_per_pass(), 0);
+        // 50 fixed + 4 x (100 - 80) resident + 5 x 12.
+        assert_eq!(report.device_bytes(), 50 + 80 + 60);
+    }
+
+    fn table(slots: usize, policy: &str) -> SlotTable {
+        SlotTable::new(slots, crate::store::planner::expert_cache_policy_by_name(policy).unwrap())
+    }
+
+    #[test]
+    fn the_slot_table_gives_each_expert_of_a_batch_its_own_slot() {
+        let mut t = table(3, "lru");
+        assert_eq!(t.len(), 3);
+        // Empty slots first, in order; all misses.
+        assert_eq!(t.assign(&[7, 2]), [(0, true), (1, true)]);
+        // 7 hits where it is; 9 takes the last empty slot.
+        assert_eq!(t.assign(&[9, 7]), [(2, true), (0, false)]);
+        // Full: 4 evicts the least recently used (2, in slot 1), never 9 or 7 of its batch.
+        assert_eq!(t.assign(&[4, 9]), [(1, true), (2, false)]);
+        // 2 was evicted: a miss again; the victim is 7 (slot 0), 4 and 9 being asked with it.
+        assert_eq!(t.assign(&[2, 4, 9]), [(0, true), (1, false), (2, false)]);
+        assert_eq!((t.hits, t.misses), (4, 5));
+        // A cleared slot is empty again, and its expert misses.
+        t.clear(1);
+        assert_eq!(t.assign(&[4]), [(1, true)]);
+    }
+
+    #[test]
+    fn the_slot_table_never_gives_two_experts_one_slot() {
+        // A random walk of batches of 1-4 experts out of 24 over 4 slots: the slots of a batch are
+        // distinct, and each expert is where the table last put it.
+        let mut t = table(4, "lru");
+        let mut held = vec![None; 4];
+        let mut state = 12345u64;
+        for _ in 0..500 {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let n = 1 + (state >> 60) as usize % 4;
+            let mut batch: Vec<usize> = (0..n).map(|i| ((state >> (8 * i + 8)) % 24) as usize).collect();
+            batch.dedup();
+            batch.sort();
+            batch.dedup();
+            let slots = t.assign(&batch);
+            for (&unit, &(slot, miss)) in batch.iter().zip(&slots) {
+                assert_eq!(miss, held[slot] != Some(unit), "{unit} in slot {slot}: {held:?}");
+                held[slot] = Some(unit);
+            }
+            let mut distinct: Vec<usize> = slots.iter().map(|&(s, _)| s).collect();
+            distinct.sort();
+            distinct.dedup();
+            assert_eq!(distinct.len(), batch.len());
         }
     }
 

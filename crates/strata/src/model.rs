@@ -501,6 +501,17 @@ impl Model {
         }
     }
 
+    /// On CUDA under `--max-vram`, for a Mixture-of-Experts model whose routed experts stay in
+    /// host memory: the device expert cache's slots, hits, misses and bytes copied so far
+    /// (`(slots, hits, misses, bytes)`). `None` otherwise (and on the CPU).
+    pub fn gpu_expert_cache(&self) -> Option<(usize, u64, u64, u64)> {
+        match &self.backend {
+            Backend::Cpu => None,
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(d) => d.expert_cache().map(|c| (c.slots, c.hits, c.misses, c.bytes_uploaded)),
+        }
+    }
+
     /// The host-to-device copy rate from page-locked memory in bytes per second, measured now
     /// (256 MiB copies, the median of 5): what layers streamed into GPU memory are bounded by.
     /// `None` on the CPU.

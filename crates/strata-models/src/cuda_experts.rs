@@ -1,0 +1,210 @@
+//! A device cache of hot experts: how a Mixture-of-Experts model larger than `--max-vram` runs
+//! on CUDA when everything but its routed experts fits.
+//!
+//! `crate::vram::plan_experts` sizes it: every weight but the routed experts stays on the device,
+//! the experts stay in page-locked host memory (one copy each, laid out as a slot holds it), and
+//! as many device slots as the ceiling leaves room for take them in as the routers pick them. The
+//! slots' device tensors ([`CudaMlp`] over [`region_tensor`]s) are made once: every expert of
+//! the model has one dtype and shape per matrix and no biases, so they all lie at the same
+//! offsets in a slot, and a product runs from a slot as from a resident expert.
+//!
+//! The layers of such a model route on the host (`CudaMoe::forward_residual`): the router
+//! logits come down, the host picks the experts, and [`DeviceExperts::bring`] gives each a slot
+//! (a [`SlotTable`] under the `layer-lru` policy: a layer's experts are next needed a token later,
+//! so the layer running now is evicted from first), queuing the copies of those that were not
+//! there on the copy stream. A copy starts after the compute queued before it (so after the
+//! kernels that read the slot's previous expert), and each expert's kernels wait for its own copy
+//! ([`DeviceExperts::ready`]), so the copy of the second expert overlaps the products of the
+//! first. More experts than slots (a prefill) go in rounds of at most as many as there are slots.
+//! The experts run in ascending order either way, so the logits are those of the resident
+//! model routed on the host, bit for bit.
+//!
+//! The host copies are made once, at load, beside the checkpoint's own (memory-mapped) pages.
+
+use std::sync::{Arc, Mutex};
+
+use strata_kernels::Cuda;
+use strata_kernels::cuda::CudaSlice;
+use strata_kernels::cuda::pinned::{Pinned, Upload};
+
+use crate::cuda_decoder::CudaMlp;
+use crate::cuda_stream::Placer;
+use crate::moe::Mlp;
+use crate::store::planner::ExpertCachePolicy;
+use crate::vram::{SlotTable, cacheable_expert, expert_slot_bytes};
+use crate::{Error, Result};
+
+/// What a device expert cache did: its slots, and the experts asked of it since it was made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExpertCacheCounts {
+    /// Device slots, one expert each.
+    pub slots: usize,
+    /// Experts found in a slot.
+    pub hits: u64,
+    /// Experts copied in from host memory.
+    pub misses: u64,
+    /// Bytes those copies moved.
+    pub bytes_uploaded: u64,
+}
+
+/// The cache: the experts' host copies, the device slots and which expert each holds.
+pub(crate) struct DeviceExperts {
+    /// Per expert (numbered across the model): its page-locked host copy.
+    hosts: Vec<Pinned>,
+    /// Bytes of one expert's copy (the same for all).
+    len: usize,
+    /// Per slot: its device buffer, and an expert's products over it.
+    slots: Vec<Arc<CudaSlice<u8>>>,
+    mlps: Vec<CudaMlp>,
+    state: Mutex<State>,
+}
+
+struct State {
+    table: SlotTable,
+    /// Per slot: its last copy.
+    uploads: Vec<Option<Upload>>,
+    bytes_uploaded: u64,
+}
+
+/// The dtype and shape of an expert's three matrices, and whether it has a bias: what must be
+/// the same for every expert of a cache.
+fn layout_key(m: &Mlp) -> Vec<(strata_tensor::DType, Vec<usize>, bool)> {
+    [&m.gate, &m.up, &m.down]
+        .iter()
+        .map(|l| (l.weight.dtype(), l.weight.shape().dims().to_vec(), l.bias.is_some()))
+        .collect()
+}
+
+impl DeviceExperts {
+    /// A cache of `slots` slots for the routed experts of `layers` (per layer of the model: its
+    /// experts when they go in the cache), evicting by `policy`. Returns the cache and, per
+    /// layer, the number of its first expert in it.
+    pub(crate) fn new(
+        cuda: &Cuda,
+        layers: &[Option<&[Mlp]>],
+        slots: usize,
+        mut policy: Box<dyn ExpertCachePolicy>,
+    ) -> Result<(DeviceExperts, Vec<Option<usize>>)> {
+        let mut offsets = Vec::with_capacity(layers.len());
+        let mut experts: Vec<(usize, &Mlp)> = Vec::new();
+        for (li, l) in layers.iter().enumerate() {
+            offsets.push(l.map(|es| {
+                let first = experts.len();
+                experts.extend(es.iter().map(|e| (li, e)));
+                first
+            }));
+        }
+        let Some(&(_, template)) = experts.first() else {
+            return Err(Error::InvalidInput("a device expert cache for a model without routed experts".into()));
+        };
+        if slots == 0 {
+            return Err(Error::InvalidInput("a device expert cache of no slots".into()));
+        }
+        let key = layout_key(template);
+        if let Some((li, _)) = experts.iter().find(|(_, e)| layout_key(e) != key || !cacheable_expert(e)) {
+            return Err(Error::Unsupported(format!(
+                "a device expert cache needs experts of one dtype and shape, without biases; layer {li}'s differ \
+                 from layer {}'s first",
+                experts[0].0
+            )));
+        }
+        let bytes = expert_slot_bytes(template);
+        let slots: Vec<Arc<CudaSlice<u8>>> =
+            (0..slots.min(experts.len())).map(|_| Ok(Arc::new(cuda.zeros::<u8>(bytes)?))).collect::<Result<_>>()?;
+        // Each slot's products, laid out as every expert is (the template's bytes go nowhere).
+        let mut scratch = vec![0u8; bytes];
+        let mut mlps = Vec::with_capacity(slots.len());
+        let mut len = None;
+        for slot in &slots {
+            let mut place = Placer::Staged { host: &mut scratch, slot, used: 0 };
+            mlps.push(CudaMlp::upload(cuda, template, &mut place)?);
+            if let Placer::Staged { used, .. } = place {
+                len = Some(used);
+            }
+        }
+        let len = len.expect("at least one slot");
+        let mut hosts = Vec::with_capacity(experts.len());
+        for &(li, e) in &experts {
+            let mut host = Pinned::new(cuda, bytes)?;
+            let mut place = Placer::Staged { host: host.as_mut_slice()?, slot: &slots[0], used: 0 };
+            CudaMlp::upload(cuda, e, &mut place)?;
+            let Placer::Staged { used, .. } = place else { unreachable!("staged above") };
+            if used != len {
+                return Err(Error::InvalidInput(format!(
+                    "an expert of layer {li} lays out in {used} bytes, the first in {len} (internal: experts of one \
+                     shape must lay out alike)"
+                )));
+            }
+            hosts.push(host);
+        }
+        let layer_of: Vec<(usize, usize)> = experts.iter().enumerate().map(|(u, &(li, _))| (u, li)).collect();
+        policy.set_layers(&layer_of);
+        let state = State {
+            table: SlotTable::new(slots.len(), policy),
+            uploads: (0..slots.len()).map(|_| None).collect(),
+            bytes_uploaded: 0,
+        };
+        Ok((DeviceExperts { hosts, len, slots, mlps, state: Mutex::new(state) }, offsets))
+    }
+
+    /// Slots.
+    pub(crate) fn slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// A slot for each of `units` (distinct experts, at most [`DeviceExperts::slots`]), in order,
+    /// queuing the copies of those not in one already; each slot's kernels must first
+    /// [`DeviceExperts::ready`] it.
+    pub(crate) fn bring(&self, cuda: &Cuda, units: &[usize]) -> Result<Vec<usize>> {
+        let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let state = &mut *guard;
+        let assigned = state.table.assign(units);
+        for (&unit, &(slot, miss)) in units.iter().zip(&assigned) {
+            if !miss {
+                continue;
+            }
+            match cuda.upload_async_shared(&self.hosts[unit], self.len, &self.slots[slot]) {
+                Ok(upload) => {
+                    state.uploads[slot] = Some(upload);
+                    state.bytes_uploaded += self.len as u64;
+                }
+                Err(e) => {
+                    // No slot of this batch's misses may pass for its expert's weights now: the
+                    // next ask for them copies again.
+                    for &(slot, miss) in &assigned {
+                        if miss {
+                            state.table.clear(slot);
+                        }
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(assigned.into_iter().map(|(slot, _)| slot).collect())
+    }
+
+    /// Makes the compute stream wait for `slot`'s last copy before what is queued next.
+    pub(crate) fn ready(&self, cuda: &Cuda, slot: usize) -> Result<()> {
+        let guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match &guard.uploads[slot] {
+            Some(upload) => Ok(cuda.wait_upload(upload)?),
+            None => Ok(()),
+        }
+    }
+
+    /// The products of the expert in `slot`.
+    pub(crate) fn mlp(&self, slot: usize) -> &CudaMlp {
+        &self.mlps[slot]
+    }
+
+    /// The counts so far.
+    pub(crate) fn counts(&self) -> ExpertCacheCounts {
+        let guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        ExpertCacheCounts {
+            slots: self.slots.len(),
+            hits: guard.table.hits,
+            misses: guard.table.misses,
+            bytes_uploaded: guard.bytes_uploaded,
+        }
+    }
+}
