@@ -307,11 +307,22 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let per_token = bytes as f64 / a.gen_tokens as f64;
         (c.0, hits as f64 / (hits + misses).max(1) as f64, per_token)
     });
+    // What the copies alone would allow, at the host-to-device rate measured now.
+    let cache_bound = match gpu_cache {
+        Some((_, _, per_token)) if per_token > 0.0 => {
+            say("measuring host-to-device copy bandwidth");
+            model.upload_bandwidth()?.map(|bw| (bw, bw / per_token))
+        }
+        _ => None,
+    };
     if let Some((slots, hit_rate, per_token)) = gpu_cache {
         report["gpu_expert_cache"] = json!({
             "slots": slots,
             "hit_rate": hit_rate,
             "bytes_uploaded_per_token": per_token,
+            "upload_gb_s": cache_bound.map(|(bw, _)| bw / 1e9),
+            "decode_upload_bound_tok_s": cache_bound.map(|(_, bound)| bound),
+            "decode_fraction_of_upload_bound": cache_bound.map(|(_, bound)| decode_tok_s / bound),
         });
     }
     if a.json {
@@ -381,6 +392,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 100.0 * hit_rate,
                 per_token / 1e6
             );
+            if let Some((bw, bound)) = cache_bound {
+                println!(
+                    "host->device {:>10.2} GB/s (pinned, measured in this run): bound {bound:.2} tok/s, decode at {:.0}%",
+                    bw / 1e9,
+                    100.0 * decode_tok_s / bound
+                );
+            }
         }
         if let Some(rss) = peak_rss {
             println!("peak RSS     {:>10.1} MB", rss as f64 / 1e6);
