@@ -687,8 +687,8 @@ fn streamed_layers_give_the_resident_logits_bit_for_bit() {
 /// Routed experts in page-locked host memory with a device cache of hot ones
 /// (`CudaDecoder::new_expert_cached`, what `--max-vram` does for a MoE model under a tight
 /// ceiling) give the logits of the resident model routed on the host, bit for bit: one pass over
-/// the prompt (more experts than slots: rounds) and token by token, with 1, 3 and every slot, for
-/// Mixtral-style and Qwen2-MoE (shared expert) layers. The counts add up: every expert a layer
+/// the prompt (more experts than slots: rounds) and token by token, with 1, 3 and every slot and
+/// each eviction policy, for Mixtral-style and Qwen2-MoE (shared expert) layers. The counts add up: every expert a layer
 /// asked for is a hit or a miss, each miss copied one expert in; with every slot, each expert is
 /// copied once.
 #[test]
@@ -702,9 +702,14 @@ fn a_device_expert_cache_gives_the_resident_logits_bit_for_bit() {
         assert!(resident.expert_cache().is_none());
         let moe = decoder.hparams().moe.as_ref().unwrap();
         let n_experts = moe.num_experts * moe.sparse_layers.iter().filter(|&&s| s).count();
-        for slots in [1, 3, n_experts] {
+        for (slots, policy) in [(1, "layer-lru"), (3, "layer-lru"), (3, "lru"), (n_experts, "lfu")] {
             let cached = CudaDecoder::new_expert_cached(&decoder, cuda.clone(), slots).unwrap();
-            let what = format!("{name}, {slots} slots");
+            if policy != "layer-lru" {
+                cached.set_expert_cache_policy(
+                    strata_models::store::planner::expert_cache_policy_by_name(policy).unwrap(),
+                );
+            }
+            let what = format!("{name}, {slots} slots, {policy}");
             let (mut rc, mut cc) = (resident.new_cache().unwrap(), cached.new_cache().unwrap());
             let a = resident.forward(&f.prompt_ids, &mut rc, Logits::All).unwrap();
             let b = cached.forward(&f.prompt_ids, &mut cc, Logits::All).unwrap();

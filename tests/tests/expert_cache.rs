@@ -165,3 +165,22 @@ fn under_a_ram_budget_the_cache_takes_what_the_plan_leaves() {
         assert_eq!(model.logits(&f.prompt_ids, LogitsMode::Decode).unwrap(), want, "{slots} experts cached");
     }
 }
+
+/// A policy alone places nothing (it is the expert cache's, on the CPU or the GPU, and there is
+/// none here): the model runs memory-mapped as without flags. An unknown policy is refused, named,
+/// whatever else is set.
+#[test]
+fn a_policy_alone_places_nothing_and_an_unknown_one_is_refused() {
+    let f = Fixture::load("mixtral_moe");
+    let policy = |p: &str| OffloadConfig { expert_cache_policy: Some(p.into()), ..OffloadConfig::default() };
+    let model = load(&f.dir, policy("lru")).unwrap();
+    assert!(model.placement().is_none() && model.store().is_none());
+    let plain = load(&f.dir, OffloadConfig::default()).unwrap();
+    let (a, b) = (
+        model.logits(&f.prompt_ids, LogitsMode::OnePass).unwrap(),
+        plain.logits(&f.prompt_ids, LogitsMode::OnePass).unwrap(),
+    );
+    assert_eq!(a, b);
+    let Err(err) = load(&f.dir, policy("fifo")) else { panic!("an unknown policy loaded") };
+    assert!(err.to_string().contains("fifo"), "{err}");
+}

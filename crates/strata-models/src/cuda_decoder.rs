@@ -555,6 +555,15 @@ impl CudaDecoder {
         self.experts.as_ref().map(|c| c.counts())
     }
 
+    /// Makes the device expert cache evict by `policy` (`layer-lru` by default) rather than by
+    /// the one it has, forgetting what its slots hold and its counts: for a decoder just built.
+    /// Nothing to do without a cache.
+    pub fn set_expert_cache_policy(&self, policy: Box<dyn crate::store::planner::ExpertCachePolicy>) {
+        if let Some(c) = &self.experts {
+            c.set_policy(policy);
+        }
+    }
+
     /// [`CudaDecoder::new`] with the layers `streamed` marks kept in page-locked host memory and
     /// streamed into the device pass by pass, whatever the memory: what
     /// [`CudaDecoder::new_within`] does under a tight ceiling, chosen directly (tests, benches).

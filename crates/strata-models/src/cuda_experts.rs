@@ -56,6 +56,8 @@ pub(crate) struct DeviceExperts {
     /// Per slot: its device buffer, and an expert's products over it.
     slots: Vec<Arc<CudaSlice<u8>>>,
     mlps: Vec<CudaMlp>,
+    /// Per expert: its decoder layer, as `(expert, layer)` pairs for the eviction policy.
+    layer_of: Vec<(usize, usize)>,
     state: Mutex<State>,
 }
 
@@ -144,7 +146,16 @@ impl DeviceExperts {
             uploads: (0..slots.len()).map(|_| None).collect(),
             bytes_uploaded: 0,
         };
-        Ok((DeviceExperts { hosts, len, slots, mlps, state: Mutex::new(state) }, offsets))
+        Ok((DeviceExperts { hosts, len, slots, mlps, layer_of, state: Mutex::new(state) }, offsets))
+    }
+
+    /// Evicts by `policy` from now on. The slots are forgotten (each expert asked next is copied
+    /// in again) and the counts start over: for a decoder just built.
+    pub(crate) fn set_policy(&self, mut policy: Box<dyn ExpertCachePolicy>) {
+        policy.set_layers(&self.layer_of);
+        let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        guard.table = SlotTable::new(self.slots.len(), policy);
+        guard.bytes_uploaded = 0;
     }
 
     /// Slots.

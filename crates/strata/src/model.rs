@@ -243,6 +243,8 @@ impl Model {
         if options.max_context == Some(0) {
             return Err(Error::InvalidInput("max_context must be at least 1 token".into()));
         }
+        // An unknown expert cache policy is refused whatever else is set.
+        options.offload.expert_policy()?;
         // A GPU ceiling alone is the CUDA decoder's to place under (layers streamed from host
         // memory); the CPU's placement flags plan the CPU's tiers.
         if options.offload.max_vram.is_some() && options.device == Device::Cpu {
@@ -313,7 +315,12 @@ impl Model {
                 if let Some(b) = &budget {
                     chunk = Some(b.pass_tokens);
                 }
-                Backend::Cuda(Box::new(strata_models::CudaDecoder::open_within(&decoder, ordinal, budget)?))
+                let cuda = strata_models::CudaDecoder::open_within(&decoder, ordinal, budget)?;
+                if options.offload.expert_cache_policy.is_some() {
+                    // The device expert cache's, when the experts stay in host memory.
+                    cuda.set_expert_cache_policy(options.offload.expert_policy()?);
+                }
+                Backend::Cuda(Box::new(cuda))
             }
             #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => return Err(Error::CudaNotCompiled { device: options.device }),

@@ -59,7 +59,8 @@ pub struct OffloadConfig {
     /// placed like the other weights (and those the plan streams get a cache of
     /// `DEFAULT_EXPERT_CACHE_FACTOR` times a token's experts).
     pub expert_cache: Option<u64>,
-    /// The expert cache's eviction policy: `layer-lru` (the default), `lru` or `lfu`.
+    /// The expert cache's eviction policy: `layer-lru` (the default), `lru` or `lfu`; on CUDA
+    /// under `max_vram`, the device expert cache's.
     pub expert_cache_policy: Option<String>,
     /// Decode steps read ahead the experts the next MoE layer is guessed to pick
     /// (`strata_models::Decoder::set_expert_prefetch`). Off by default.
@@ -79,10 +80,12 @@ impl OffloadConfig {
             || self.expert_cache_policy.is_some()
     }
 
-    /// Whether anything but `max_vram` is set: the flags that place the CPU's tiers (RAM and
-    /// disk). `max_vram` alone is the CUDA decoder's to place under.
+    /// Whether anything but `max_vram` (and the expert cache's policy) is set: the flags that
+    /// place the CPU's tiers (RAM and disk). `max_vram` alone is the CUDA decoder's to place
+    /// under.
     pub fn places_cpu_tiers(&self) -> bool {
-        OffloadConfig { max_vram: None, ..self.clone() }.is_active()
+        // The expert cache's policy alone places nothing: it is the CPU cache's or the GPU's.
+        OffloadConfig { max_vram: None, expert_cache_policy: None, ..self.clone() }.is_active()
     }
 
     /// Checks the expert cache settings against a model whose MoE layers run `experts_per_token`
