@@ -46,6 +46,14 @@ for k in p["kernels"][:15]:
 PY
 }
 
+START=$(date +%s)
+# Whether the run is still inside its time budget; else says what it skips.
+in_time() {
+  if [ $(($(date +%s) - START)) -lt "${STRATA_RUN_BUDGET_S:-450}" ]; then return 0; fi
+  say "skipped, over the ${STRATA_RUN_BUDGET_S:-450} s budget: $*"
+  return 1
+}
+
 fails=0
 for t in "$B"/tests/*; do
   name=$(basename "$t")
@@ -74,7 +82,9 @@ cat "$OUT/kernel_bench.txt" | tee -a "$SUMMARY"
 tail -n 5 "$OUT/kernel_bench.log" >>"$SUMMARY"
 
 if [ "${1:-}" != quick ]; then
-  say "== model benchmarks (synthetic TinyLlama-1.1B shape)"
+  # Most telling first; each later step only while the run is inside its time budget
+  # (STRATA_RUN_BUDGET_S, default 450 s from the start), so the summary always comes back.
+  say "== model benchmarks (synthetic TinyLlama-1.1B and 4-layer Mixtral-8x7B shapes)"
   M=/tmp/strata-synth
   mkdir -p "$M"
   "$B/bin/xtask" synth-model --shape tinyllama-1.1b --dtype bf16 --out "$M/tinyllama-bf16" >"$OUT/synth.log" 2>&1
@@ -88,64 +98,69 @@ if [ "${1:-}" != quick ]; then
     say "bench $n (cuda): exit $? $(cat "$OUT/bench-$n.json" 2>/dev/null | tr -d '\n' | head -c 900)"
     kernel_table "$OUT/bench-$n.json" | tee -a "$OUT/kernel-profiles.txt" | tee -a "$SUMMARY"
   done
-  # The same decode with each step one CUDA graph launch (off by default until measured here).
+  # A Mixtral-8x7B-shaped MoE model cut to 4 layers (q4_0, about 3.4 GB, 3.2 GB of it routed
+  # experts): decode routed on the device (the default, profiled); then under a GPU ceiling it
+  # does not fit in, its experts in page-locked host memory with a device cache of those that
+  # fit, copied in as the routers pick them: decode against the host-to-device copy bound of the
+  # bytes a token copied in; then routed on the host and as CUDA graphs.
+  if in_time "the Mixtral shape"; then
+    "$B/bin/xtask" synth-model --shape mixtral-8x7b --dtype q4_0 --layers 4 --format gguf \
+      --out "$M/mixtral-4l-q4_0.gguf" >>"$OUT/synth.log" 2>&1
+    for mode in device expert-cache host graphs; do
+      in_time "mixtral $mode" || continue
+      extra=()
+      case $mode in
+        device) env=(); extra=(--kernel-profile) ;;
+        expert-cache) env=(); extra=(--max-vram 2GB) ;;
+        host) env=(STRATA_CUDA_HOST_ROUTING=1) ;;
+        graphs) env=(STRATA_CUDA_GRAPHS=1) ;;
+      esac
+      env "${env[@]}" timeout 150 "$B/bin/strata" bench --model "$M/mixtral-4l-q4_0.gguf" --device cuda \
+        --prompt-tokens 128 --gen-tokens 64 --json "${extra[@]}" >"$OUT/bench-mixtral-$mode.json" 2>"$OUT/bench-mixtral-$mode.log"
+      say "bench mixtral-4l-q4_0 (cuda, $mode ${extra[*]}): exit $? $(tr -d '\n' <"$OUT/bench-mixtral-$mode.json" 2>/dev/null | head -c 1500)"
+      [ $mode = device ] && kernel_table "$OUT/bench-mixtral-$mode.json" | tee -a "$OUT/kernel-profiles.txt" | tee -a "$SUMMARY"
+      [ $mode = expert-cache ] && tail -n 3 "$OUT/bench-mixtral-$mode.log" | tee -a "$SUMMARY"
+    done
+    rm -f "$M/mixtral-4l-q4_0.gguf"
+  fi
+  # The q4_0 TinyLlama under a GPU ceiling it does not fit in (weights about 640 MB with the
+  # head's f32 scratch and the activations of a 512-token pass counted): its last layers stream
+  # from page-locked host memory, two device buffers taking them in turn. Decode against the
+  # host-to-device copy bound the bench measures.
+  n=tinyllama-q4_0.gguf
+  if in_time "--max-vram 700MB"; then
+    STRATA_CUDA_GRAPHS=0 timeout 120 "$B/bin/strata" bench --model "$M/$n" --device cuda --max-vram 700MB \
+      --prompt-tokens 128 --gen-tokens 64 --json >"$OUT/bench-$n-max-vram.json" 2>"$OUT/bench-$n-max-vram.log"
+    say "bench $n (cuda, --max-vram 700MB): exit $? $(tr -d '\n' <"$OUT/bench-$n-max-vram.json" 2>/dev/null | head -c 1200)"
+    tail -n 3 "$OUT/bench-$n-max-vram.log" | tee -a "$SUMMARY"
+  fi
+  # The same decodes with RMSNorm launched apart rather than inside the products after it (the
+  # default), profiled: what the fused norms save, kernel by kernel.
   for m in "$M/tinyllama-q4_0.gguf" "$M/tinyllama-bf16"; do
     n=$(basename "$m")
-    STRATA_CUDA_GRAPHS=1 timeout 120 "$B/bin/strata" bench --model "$m" --device cuda --prompt-tokens 128 \
-      --gen-tokens 64 --json >"$OUT/bench-$n-graphs.json" 2>"$OUT/bench-$n-graphs.log"
-    say "bench $n (cuda, STRATA_CUDA_GRAPHS=1): exit $? $(cat "$OUT/bench-$n-graphs.json" 2>/dev/null | tr -d '\n' | head -c 900)"
-    grep -i "graph" "$OUT/bench-$n-graphs.log" | head -n 3 | tee -a "$SUMMARY"
-  done
-  # The same decode with RMSNorm launched apart rather than inside the products after it (the
-  # default): what the fused norms save.
-  for m in "$M/tinyllama-q4_0.gguf" "$M/tinyllama-bf16"; do
-    n=$(basename "$m")
+    in_time "separate norms $n" || continue
     STRATA_CUDA_SEPARATE_NORMS=1 timeout 150 "$B/bin/strata" bench --model "$m" --device cuda --prompt-tokens 128 \
       --gen-tokens 64 --json --kernel-profile >"$OUT/bench-$n-separate-norms.json" 2>"$OUT/bench-$n-separate-norms.log"
     say "bench $n (cuda, STRATA_CUDA_SEPARATE_NORMS=1): exit $? $(tr -d '\n' <"$OUT/bench-$n-separate-norms.json" 2>/dev/null | head -c 900)"
     { echo "(STRATA_CUDA_SEPARATE_NORMS=1)"; kernel_table "$OUT/bench-$n-separate-norms.json"; } | tee -a "$OUT/kernel-profiles.txt" | tee -a "$SUMMARY"
   done
-  # The same q4_0 decode with attention's key chunks merged by a launch of their own rather than
+  # The same decode with each step one CUDA graph launch (off by default until measured here).
+  for m in "$M/tinyllama-q4_0.gguf" "$M/tinyllama-bf16"; do
+    n=$(basename "$m")
+    in_time "graphs $n" || continue
+    STRATA_CUDA_GRAPHS=1 timeout 120 "$B/bin/strata" bench --model "$m" --device cuda --prompt-tokens 128 \
+      --gen-tokens 64 --json >"$OUT/bench-$n-graphs.json" 2>"$OUT/bench-$n-graphs.log"
+    say "bench $n (cuda, STRATA_CUDA_GRAPHS=1): exit $? $(cat "$OUT/bench-$n-graphs.json" 2>/dev/null | tr -d '\n' | head -c 900)"
+    grep -i "graph" "$OUT/bench-$n-graphs.log" | head -n 3 | tee -a "$SUMMARY"
+  done
+  # The q4_0 decode with attention's key chunks merged by a launch of their own rather than
   # inside the decode launch (the default): what the folded merge saves.
   n=tinyllama-q4_0.gguf
-  STRATA_CUDA_SEPARATE_COMBINE=1 timeout 120 "$B/bin/strata" bench --model "$M/$n" --device cuda --prompt-tokens 128 \
-    --gen-tokens 64 --json >"$OUT/bench-$n-separate-combine.json" 2>"$OUT/bench-$n-separate-combine.log"
-  say "bench $n (cuda, STRATA_CUDA_SEPARATE_COMBINE=1): exit $? $(tr -d '\n' <"$OUT/bench-$n-separate-combine.json" 2>/dev/null | head -c 900)"
-  # The same q4_0 model under a GPU ceiling it does not fit in (weights about 640 MB with the
-  # head's f32 scratch and the activations of a 512-token pass counted): its last layers stream
-  # from page-locked host memory, two device buffers taking them in turn. Decode against the
-  # host-to-device copy bound the bench measures.
-  STRATA_CUDA_GRAPHS=0 timeout 120 "$B/bin/strata" bench --model "$M/$n" --device cuda --max-vram 700MB \
-    --prompt-tokens 128 --gen-tokens 64 --json >"$OUT/bench-$n-max-vram.json" 2>"$OUT/bench-$n-max-vram.log"
-  say "bench $n (cuda, --max-vram 700MB): exit $? $(tr -d '\n' <"$OUT/bench-$n-max-vram.json" 2>/dev/null | head -c 1200)"
-  tail -n 3 "$OUT/bench-$n-max-vram.log" | tee -a "$SUMMARY"
-  # A Mixtral-8x7B-shaped MoE model cut to 4 layers (q4_0, about 3.4 GB): decode routed on the
-  # device (the default), on the host (the router logits copied down per layer), and on the
-  # device with each step one CUDA graph.
-  "$B/bin/xtask" synth-model --shape mixtral-8x7b --dtype q4_0 --layers 4 --format gguf \
-    --out "$M/mixtral-4l-q4_0.gguf" >>"$OUT/synth.log" 2>&1
-  for mode in device host graphs; do
-    case $mode in
-      device) env=() ;;
-      host) env=(STRATA_CUDA_HOST_ROUTING=1) ;;
-      graphs) env=(STRATA_CUDA_GRAPHS=1) ;;
-    esac
-    profile=()
-    [ $mode = device ] && profile=(--kernel-profile)
-    env "${env[@]}" timeout 150 "$B/bin/strata" bench --model "$M/mixtral-4l-q4_0.gguf" --device cuda \
-      --prompt-tokens 128 --gen-tokens 64 --json "${profile[@]}" >"$OUT/bench-mixtral-$mode.json" 2>"$OUT/bench-mixtral-$mode.log"
-    say "bench mixtral-4l-q4_0 (cuda, routing: $mode): exit $? $(tr -d '\n' <"$OUT/bench-mixtral-$mode.json" 2>/dev/null | head -c 900)"
-    [ $mode = device ] && kernel_table "$OUT/bench-mixtral-$mode.json" | tee -a "$OUT/kernel-profiles.txt" | tee -a "$SUMMARY"
-  done
-  # The same model under a GPU ceiling it does not fit in (about 3.4 GB of weights, 3.2 GB of them
-  # routed experts): the experts stay in page-locked host memory with a device cache of those
-  # that fit, copied in as the routers pick them. Decode against the host-to-device copy bound of
-  # the bytes a token copied in.
-  timeout 150 "$B/bin/strata" bench --model "$M/mixtral-4l-q4_0.gguf" --device cuda --max-vram 2GB \
-    --prompt-tokens 128 --gen-tokens 64 --json >"$OUT/bench-mixtral-expert-cache.json" 2>"$OUT/bench-mixtral-expert-cache.log"
-  say "bench mixtral-4l-q4_0 (cuda, --max-vram 2GB: device expert cache): exit $? $(tr -d '\n' <"$OUT/bench-mixtral-expert-cache.json" 2>/dev/null | head -c 1500)"
-  tail -n 3 "$OUT/bench-mixtral-expert-cache.log" | tee -a "$SUMMARY"
-  rm -f "$M/mixtral-4l-q4_0.gguf"
+  if in_time "separate combine"; then
+    STRATA_CUDA_SEPARATE_COMBINE=1 timeout 120 "$B/bin/strata" bench --model "$M/$n" --device cuda --prompt-tokens 128 \
+      --gen-tokens 64 --json >"$OUT/bench-$n-separate-combine.json" 2>"$OUT/bench-$n-separate-combine.log"
+    say "bench $n (cuda, STRATA_CUDA_SEPARATE_COMBINE=1): exit $? $(tr -d '\n' <"$OUT/bench-$n-separate-combine.json" 2>/dev/null | head -c 900)"
+  fi
 fi
 say "== done: $fails failing test binaries"
 # Some callers take back only a few files: the summary, the kernel profiles and benchmarks stay
