@@ -160,6 +160,8 @@ fn plan_vram(a: &PlanArgs, options: &strata::LoadOptions) -> Result<()> {
             "layers": layers,
             "streamed_layers": streamed.len(),
             "expert_cache_slots": rep.expert_slots,
+            "expected_expert_hit_rate": rep.expected_expert_hit_rate,
+            "expected_expert_upload_per_token": rep.expected_expert_upload(),
             "expert_slot_bytes": rep.needs.expert_slot,
             "routed_experts": rep.needs.expert_count,
             "buffer_bytes": rep.buffer_bytes(),
@@ -205,6 +207,13 @@ fn plan_vram(a: &PlanArgs, options: &strata::LoadOptions) -> Result<()> {
             size(rep.needs.expert_slot),
             100.0 * rep.expert_slots as f64 / rep.needs.expert_count as f64
         );
+        if let (Some(hit), Some(upload)) = (rep.expected_expert_hit_rate, rep.expected_expert_upload()) {
+            println!(
+                "copied per token   {:>10}  (expected: {:.0}% hits if the routers picked uniformly, layer-lru)",
+                size(upload),
+                100.0 * hit
+            );
+        }
         println!("on the GPU in all  {:>10}  of {}", size(rep.device_bytes()), size(b.max_bytes));
         return Ok(());
     }

@@ -171,10 +171,15 @@ fn plan_gives_a_moe_model_short_of_room_a_device_expert_cache() {
     assert!((1..16).contains(&slots), "{tight}");
     assert!(tight["device_bytes"].as_u64().unwrap() < need, "{tight}");
     assert_eq!(tight["buffer_bytes"].as_u64().unwrap(), slots * tight["expert_slot_bytes"].as_u64().unwrap());
+    let hit = tight["expected_expert_hit_rate"].as_f64().unwrap();
+    assert!((0.0..1.0).contains(&hit), "{tight}");
+    assert!(tight["expected_expert_upload_per_token"].as_u64().unwrap() > 0, "{tight}");
+    assert!(roomy["expected_expert_hit_rate"].is_null(), "{roomy}");
     let out = strata(&["plan", "--model", model, "--max-vram", &(need - 1).to_string()]);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("expert cache") && text.contains(&format!("{slots} slots")), "{text}");
+    assert!(text.contains("copied per token"), "{text}");
 }
 
 /// `--out` writes a regular file through a temporary renamed into place; a special file is

@@ -6,7 +6,7 @@ use strata_tensor::Tensor;
 use crate::decoder::{Decoder, Ffn, Layer};
 use crate::kv_cache::DEFAULT_BLOCK_LEN;
 use crate::moe::Mlp;
-use crate::store::planner::ExpertCachePolicy;
+use crate::store::planner::{ExpertCachePolicy, LayerLru, simulate_expert_cache, uniform_routing_trace};
 use crate::{Error, Result};
 
 /// Slots: device buffers the streamed layers take in turn.
@@ -133,8 +133,10 @@ pub(crate) fn vram_needs(decoder: &Decoder, budget: &VramBudget) -> Result<VramN
         resident: mats.iter().map(|m| m.resident as u64).collect(),
         streamed: mats.iter().map(|m| m.streamed as u64).collect(),
         experts: mats.iter().map(|m| m.expert_bytes as u64).collect(),
+        layer_experts: mats.iter().map(|m| m.experts).collect(),
         expert_count: mats.iter().map(|m| m.experts).sum(),
         expert_slot: mats.iter().map(|m| m.expert_slot as u64).max().unwrap_or(0),
+        experts_per_token: hp.moe.as_ref().map_or(0, |m| decoder.moe_options().active_experts.unwrap_or(m.top_k)),
     })
 }
 
@@ -153,10 +155,15 @@ pub struct VramNeeds {
     pub streamed: Vec<u64>,
     /// Per layer: its routed experts' matrices (part of `resident`; 0 for a dense layer).
     pub experts: Vec<u64>,
+    /// Per layer: its routed experts (0 for a dense layer, or one whose experts have biases).
+    pub layer_experts: Vec<usize>,
     /// Routed experts in all layers.
     pub expert_count: usize,
     /// Bytes of one device expert cache slot: the largest expert, laid out (0 without experts).
     pub expert_slot: u64,
+    /// Experts a token is routed to per MoE layer (the most, with dynamic top-k; 0 for a dense
+    /// model).
+    pub experts_per_token: usize,
 }
 
 impl VramNeeds {
@@ -167,7 +174,7 @@ impl VramNeeds {
 }
 
 /// A placement under a GPU ceiling, as `strata plan --max-vram` shows it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct VramReport {
     /// The sizes it was made from.
     pub needs: VramNeeds,
@@ -177,6 +184,10 @@ pub struct VramReport {
     /// keeps its routed experts in page-locked host memory and this many on the device, copied
     /// in as the routers pick them ([`plan_experts`]); no layer streams then.
     pub expert_slots: usize,
+    /// With an expert cache: its hit rate under uniform routing and `layer-lru`, simulated
+    /// ([`uniform_hit_rate`]). A trained router is rarely uniform; this is what the slots give
+    /// when nothing is predictable.
+    pub expected_expert_hit_rate: Option<f64>,
 }
 
 impl VramReport {
@@ -191,9 +202,22 @@ impl VramReport {
     }
 
     /// Bytes copied to the device per forward pass: the streamed layers' matrices. With an
-    /// expert cache it depends on the routing: see [`VramReport::expert_slots`].
+    /// expert cache it depends on the routing: see [`VramReport::expected_expert_upload`].
     pub fn uploaded_per_pass(&self) -> u64 {
         self.needs.resident.iter().zip(&self.streamed).filter(|(_, s)| **s).map(|(b, _)| *b).sum()
+    }
+
+    /// With an expert cache: the bytes a decoded token is expected to copy in at
+    /// [`VramReport::expected_expert_hit_rate`], each MoE layer's routed experts (of their mean
+    /// size) times the misses.
+    pub fn expected_expert_upload(&self) -> Option<u64> {
+        let hit = self.expected_expert_hit_rate?;
+        let k = self.needs.experts_per_token as f64;
+        let per_token: f64 = (self.needs.experts.iter().zip(&self.needs.layer_experts))
+            .filter(|(_, n)| **n > 0)
+            .map(|(bytes, n)| k * *bytes as f64 / *n as f64)
+            .sum();
+        Some((per_token * (1.0 - hit)).round() as u64)
     }
 
     /// Bytes the placement takes on the device: what stays, the resident layers (less their
@@ -213,7 +237,13 @@ pub fn vram_report(decoder: &Decoder, budget: &VramBudget) -> Result<VramReport>
     if all > budget.max_bytes
         && let Some(slots) = plan_experts(&needs, budget.max_bytes)
     {
-        return Ok(VramReport { needs, streamed: vec![false; n], expert_slots: slots });
+        let hit = uniform_hit_rate(&needs.layer_experts, needs.experts_per_token, slots);
+        return Ok(VramReport {
+            needs,
+            streamed: vec![false; n],
+            expert_slots: slots,
+            expected_expert_hit_rate: Some(hit),
+        });
     }
     let streamed =
         plan_layers(needs.fixed(), &needs.resident, &needs.streamed, budget.max_bytes).map_err(|e| {
@@ -229,7 +259,7 @@ pub fn vram_report(decoder: &Decoder, budget: &VramBudget) -> Result<VramReport>
                 (e, _) => e,
             }
         })?;
-    Ok(VramReport { needs, streamed, expert_slots: 0 })
+    Ok(VramReport { needs, streamed, expert_slots: 0, expected_expert_hit_rate: None })
 }
 
 /// Which of `decoder`'s layers stream into GPU memory under `budget` (per layer; none when
@@ -254,6 +284,38 @@ pub(crate) fn plan_experts(needs: &VramNeeds, budget: u64) -> Option<usize> {
     let room = budget.checked_sub(base)?;
     let slots = (room / needs.expert_slot) as usize;
     (slots >= 1).then_some(slots.min(needs.expert_count))
+}
+
+/// Tokens of the uniform routing trace [`uniform_hit_rate`] simulates (after as many again to
+/// warm the cache).
+const SIMULATED_TOKENS: usize = 512;
+
+/// The hit rate of a device expert cache of `slots` slots under `layer-lru`, for layers of
+/// `layer_experts` routed experts (0: a layer without) and `k` experts a token per layer, when
+/// the routers pick uniformly at random: a seeded trace of [`SIMULATED_TOKENS`] decoded tokens
+/// replayed through the policy after as many to warm the cache up.
+pub(crate) fn uniform_hit_rate(layer_experts: &[usize], k: usize, slots: usize) -> f64 {
+    let layers: Vec<(usize, usize)> = layer_experts.iter().filter(|&&n| n > 0).map(|&n| (n, n)).collect();
+    if layers.is_empty() || k == 0 || slots == 0 {
+        return 0.0;
+    }
+    let trace = uniform_routing_trace(&layers, k, 2 * SIMULATED_TOKENS, 0x5eed);
+    let mut layer_of = Vec::new();
+    for (li, &(n, _)) in layers.iter().enumerate() {
+        let first = layer_of.len();
+        layer_of.extend((first..first + n).map(|u| (u, li)));
+    }
+    let run = |batches: &[Vec<usize>]| {
+        let mut policy = LayerLru::default();
+        policy.set_layers(&layer_of);
+        simulate_expert_cache(batches, slots, &mut policy)
+    };
+    // The counted half alone, minus what the warm-up half gave the cache: the whole trace's
+    // counts less the warm-up's replayed alone (the same first half, the same state after it).
+    let warm = run(&trace[..trace.len() / 2]);
+    let all = run(&trace);
+    let (hits, accesses) = (all.hits - warm.hits, all.accesses() - warm.accesses());
+    if accesses == 0 { 0.0 } else { hits as f64 / accesses as f64 }
 }
 
 /// Which expert each slot of a device expert cache holds, and which to evict: the host side of
@@ -532,8 +594,10 @@ mod tests {
             resident: vec![100; layers],
             streamed: vec![110; layers],
             experts: vec![80; layers],
+            layer_experts: vec![8; layers],
             expert_count: 8 * layers,
             expert_slot: 12,
+            experts_per_token: 2,
         }
     }
 
@@ -550,17 +614,51 @@ mod tests {
         // Never more slots than experts.
         assert_eq!(plan_experts(&needs, 10_000), Some(32));
         // A dense model has no experts to cache.
-        let dense = VramNeeds { experts: vec![0; 4], expert_count: 0, expert_slot: 0, ..moe_needs(4, 50) };
+        let dense = VramNeeds {
+            experts: vec![0; 4],
+            layer_experts: vec![0; 4],
+            expert_count: 0,
+            expert_slot: 0,
+            experts_per_token: 0,
+            ..moe_needs(4, 50)
+        };
         assert_eq!(plan_experts(&dense, 10_000), None);
     }
 
     #[test]
     fn a_report_with_an_expert_cache_counts_its_slots_not_the_experts() {
-        let report = VramReport { needs: moe_needs(4, 50), streamed: vec![false; 4], expert_slots: 5 };
+        let report = VramReport {
+            needs: moe_needs(4, 50),
+            streamed: vec![false; 4],
+            expert_slots: 5,
+            expected_expert_hit_rate: Some(0.25),
+        };
         assert_eq!(report.buffer_bytes(), 60);
         assert_eq!(report.uploaded_per_pass(), 0);
         // 50 fixed + 4 x (100 - 80) resident + 5 x 12.
         assert_eq!(report.device_bytes(), 50 + 80 + 60);
+        // A token: 2 experts of 10 bytes in each of 4 layers, three quarters of them copied.
+        assert_eq!(report.expected_expert_upload(), Some(60));
+    }
+
+    #[test]
+    fn the_uniform_hit_rate_grows_with_the_slots_to_all() {
+        let layers = [8, 8, 0, 8, 8];
+        let rates: Vec<f64> =
+            [1, 2, 4, 8, 9, 16, 24, 31, 32].iter().map(|&s| uniform_hit_rate(&layers, 2, s)).collect();
+        println!("hit rates at 1, 2, 4, 8, 9, 16, 24, 31, 32 slots of 32 experts: {rates:.3?}");
+        assert!(rates.windows(2).all(|w| w[0] <= w[1]), "{rates:?}");
+        // Every expert in a slot: every access hits once warm.
+        assert_eq!(rates[rates.len() - 1], 1.0);
+        // Fewer slots than a layer's 2 experts plus one: the current layer's own are evicted.
+        assert!(rates[0] < 0.05, "{rates:?}");
+        // One slot per expert but one: most hits.
+        assert!(rates[7] > 0.9, "{rates:?}");
+        // Half the experts: about what a quarter of each layer's picks being a repeat gives, at
+        // least the share cached under layer-lru's choice of what to keep.
+        assert!(rates[5] > 0.35 && rates[5] < 0.75, "{rates:?}");
+        assert_eq!(uniform_hit_rate(&[0, 0], 2, 4), 0.0);
+        assert_eq!(uniform_hit_rate(&layers, 2, 0), 0.0);
     }
 
     fn table(slots: usize, policy: &str) -> SlotTable {
