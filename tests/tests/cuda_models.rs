@@ -777,6 +777,8 @@ fn a_gpu_ceiling_gives_a_moe_model_a_device_expert_cache() {
     assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{}", max_abs_diff(&a, &b));
     let (_, hits, misses, bytes) = bounded.gpu_expert_cache().unwrap();
     assert!(misses > 0 && bytes > 0, "{hits} hits, {misses} misses, {bytes} bytes");
+    let expected = bounded.gpu_expert_cache_expected_hit_rate().expect("placed under a ceiling");
+    assert!((0.0..1.0).contains(&expected), "{expected}");
 }
 
 /// `--max-vram` through the facade: a ceiling one byte under what the model needs resident

@@ -319,6 +319,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         report["gpu_expert_cache"] = json!({
             "slots": slots,
             "hit_rate": hit_rate,
+            "expected_hit_rate": model.gpu_expert_cache_expected_hit_rate(),
             "bytes_uploaded_per_token": per_token,
             "upload_gb_s": cache_bound.map(|(bw, _)| bw / 1e9),
             "decode_upload_bound_tok_s": cache_bound.map(|(_, bound)| bound),
@@ -387,8 +388,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
             );
         }
         if let Some((slots, hit_rate, per_token)) = gpu_cache {
+            let expected = model
+                .gpu_expert_cache_expected_hit_rate()
+                .map_or(String::new(), |e| format!("; {:.1}% planned for uniform routing", 100.0 * e));
             println!(
-                "GPU experts  {:>9.1}% hits while decoding ({slots} slots on the device; {:.1} MB/token copied in)",
+                "GPU experts  {:>9.1}% hits while decoding ({slots} slots on the device; {:.1} MB/token copied in{expected})",
                 100.0 * hit_rate,
                 per_token / 1e6
             );

@@ -469,6 +469,8 @@ pub struct CudaDecoder {
     experts: Option<Arc<DeviceExperts>>,
     /// The ceiling the weights were placed under.
     budget: Option<VramBudget>,
+    /// The device expert cache's hit rate the placement expected under uniform routing.
+    expected_expert_hit_rate: Option<f64>,
 }
 
 impl Drop for CudaDecoder {
@@ -515,11 +517,11 @@ impl CudaDecoder {
     /// when even that does not. The ceiling covers what strata allocates, not the driver's own
     /// context.
     pub fn new_within(decoder: &Decoder, cuda: Arc<Cuda>, budget: Option<VramBudget>) -> Result<CudaDecoder> {
-        let (streamed, expert_slots) = match budget {
-            None => (vec![false; decoder.layers.len()], 0),
+        let (streamed, expert_slots, expected) = match budget {
+            None => (vec![false; decoder.layers.len()], 0, None),
             Some(b) => {
                 let report = crate::vram::vram_report(decoder, &b)?;
-                (report.streamed, report.expert_slots)
+                (report.streamed, report.expert_slots, report.expected_expert_hit_rate)
             }
         };
         let moe_streamed = decoder
@@ -536,6 +538,7 @@ impl CudaDecoder {
         }
         let mut d = CudaDecoder::build(decoder, cuda, &streamed, expert_slots)?;
         d.budget = budget;
+        d.expected_expert_hit_rate = expected;
         Ok(d)
     }
 
@@ -552,7 +555,8 @@ impl CudaDecoder {
     /// The device expert cache's slots and counts so far, when the routed experts stay in host
     /// memory ([`CudaDecoder::new_within`]).
     pub fn expert_cache(&self) -> Option<ExpertCacheCounts> {
-        self.experts.as_ref().map(|c| c.counts())
+        let counts = self.experts.as_ref().map(|c| c.counts())?;
+        Some(ExpertCacheCounts { expected_hit_rate: self.expected_expert_hit_rate, ..counts })
     }
 
     /// Makes the device expert cache evict by `policy` (`layer-lru` by default) rather than by
@@ -684,6 +688,7 @@ impl CudaDecoder {
             stream,
             experts,
             budget: None,
+            expected_expert_hit_rate: None,
             cuda,
         })
     }

@@ -35,7 +35,7 @@ use crate::vram::{SlotTable, cacheable_expert, expert_slot_bytes};
 use crate::{Error, Result};
 
 /// What a device expert cache did: its slots, and the experts asked of it since it was made.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct ExpertCacheCounts {
     /// Device slots, one expert each.
     pub slots: usize,
@@ -45,6 +45,9 @@ pub struct ExpertCacheCounts {
     pub misses: u64,
     /// Bytes those copies moved.
     pub bytes_uploaded: u64,
+    /// The hit rate the placement expected under uniform routing (`VramReport`'s), when the
+    /// cache was placed under a ceiling.
+    pub expected_hit_rate: Option<f64>,
 }
 
 /// The cache: the experts' host copies, the device slots and which expert each holds.
@@ -216,6 +219,7 @@ impl DeviceExperts {
             hits: guard.table.hits,
             misses: guard.table.misses,
             bytes_uploaded: guard.bytes_uploaded,
+            expected_hit_rate: None,
         }
     }
 }

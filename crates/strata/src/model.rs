@@ -519,6 +519,17 @@ impl Model {
         }
     }
 
+    /// The device expert cache's hit rate its placement expected under uniform routing
+    /// (`strata_models::VramReport::expected_expert_hit_rate`), for a model placed so under
+    /// `--max-vram`. `None` otherwise.
+    pub fn gpu_expert_cache_expected_hit_rate(&self) -> Option<f64> {
+        match &self.backend {
+            Backend::Cpu => None,
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(d) => d.expert_cache().and_then(|c| c.expected_hit_rate),
+        }
+    }
+
     /// The host-to-device copy rate from page-locked memory in bytes per second, measured now
     /// (256 MiB copies, the median of 5): what layers streamed into GPU memory are bounded by.
     /// `None` on the CPU.
