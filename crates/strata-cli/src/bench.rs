@@ -102,8 +102,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut streamed_per_token = Vec::new();
     let mut hit_rates = Vec::new();
     let mut expert_stats = None;
-    // A device expert cache's counts after the prefill and after the decode of each run.
-    let mut gpu_cache: Vec<(u64, u64, u64)> = Vec::new();
+    // A device expert cache's hits, misses and bytes copied over the last run's decode.
+    let mut gpu_cache: Option<(u64, u64, u64)> = None;
     for run in 0..runs {
         say(&format!("run {}/{runs}: prefill {} tokens, decode {}", run + 1, a.prompt_tokens, a.gen_tokens));
         let mut cache = model.new_cache()?;
@@ -122,7 +122,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
         decode.push(t.elapsed().as_secs_f64());
         if let (Some((_, h0, m0, b0)), Some((_, h1, m1, b1))) = (before, model.gpu_expert_cache()) {
-            gpu_cache.push((h1 - h0, m1 - m0, b1 - b0));
+            gpu_cache = Some((h1 - h0, m1 - m0, b1 - b0));
         }
         if let Some(store) = model.store() {
             // Streamed units and the experts read into the expert cache, per decoded token.
@@ -303,7 +303,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     // The device expert cache over the last run's decode: its hit rate, and the bytes a token
     // copied in, against the host-to-device copy rate.
-    let gpu_cache = gpu_cache.last().copied().zip(model.gpu_expert_cache()).map(|((hits, misses, bytes), c)| {
+    let gpu_cache = gpu_cache.zip(model.gpu_expert_cache()).map(|((hits, misses, bytes), c)| {
         let per_token = bytes as f64 / a.gen_tokens as f64;
         (c.0, hits as f64 / (hits + misses).max(1) as f64, per_token)
     });

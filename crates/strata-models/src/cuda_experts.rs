@@ -71,13 +71,10 @@ struct State {
     bytes_uploaded: u64,
 }
 
-/// The dtype and shape of an expert's three matrices, and whether it has a bias: what must be
-/// the same for every expert of a cache.
-fn layout_key(m: &Mlp) -> Vec<(strata_tensor::DType, Vec<usize>, bool)> {
-    [&m.gate, &m.up, &m.down]
-        .iter()
-        .map(|l| (l.weight.dtype(), l.weight.shape().dims().to_vec(), l.bias.is_some()))
-        .collect()
+/// The dtype and shape of an expert's three matrices: what must be the same for every expert of
+/// a cache (which has no biases, [`cacheable_expert`]).
+fn layout_key(m: &Mlp) -> Vec<(strata_tensor::DType, Vec<usize>)> {
+    [&m.gate, &m.up, &m.down].iter().map(|l| (l.weight.dtype(), l.weight.shape().dims().to_vec())).collect()
 }
 
 impl DeviceExperts {

@@ -419,9 +419,9 @@ impl Decoder {
 
     /// Repacks the resident projection weights the CPU kernels read faster rearranged
     /// ([`Linear::repack_for_cpu`]: `q4_0` and `q4_k`) of the attention blocks, dense MLPs and
-    /// MoE experts (shared ones included), in parallel, and returns how many it repacked; the other large ones, and a resident output
-    /// head (with the embedding when they are one tensor), are copied into huge pages as they
-    /// are. Logits stay bit for bit the same; the original tensors stay valid (for a CUDA
+    /// MoE experts (shared ones included), in parallel, and returns how many it repacked; the
+    /// other large ones, and a resident output head (with the embedding when they are one
+    /// tensor), are copied into huge pages as they are. Logits stay bit for bit the same; the original tensors stay valid (for a CUDA
     /// upload, say) but leave the resident set.
     pub fn repack_for_cpu(&mut self) -> Result<usize> {
         use rayon::prelude::*;

@@ -268,22 +268,19 @@ impl Cuda {
         for p in ptrs {
             args.arg(p);
         }
-        if !self.profiling() {
-            // SAFETY: the caller guarantees the pointers cover the kernel's accesses.
-            unsafe { args.launch(cfg) }.map_err(driver(kernel))?;
-            return Ok(());
-        }
-        let mut guard = self.profiler.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(recording) = guard.as_mut() else {
-            // SAFETY: as above.
-            unsafe { args.launch(cfg) }.map_err(driver(kernel))?;
-            return Ok(());
-        };
-        let before = recording.mark(&self.ctx, &self.stream)?;
-        // SAFETY: as above.
+        // A running profile ([`Cuda::start_profile`]) brackets the launch with timing events.
+        let mut profile = self.profiling().then(|| self.profiler.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut recording = profile.as_mut().and_then(|guard| guard.as_mut());
+        let before = recording.as_mut().map(|r| r.mark(&self.ctx, &self.stream)).transpose()?;
+        // SAFETY: the caller guarantees the pointers cover the kernel's accesses.
         unsafe { args.launch(cfg) }.map_err(driver(kernel))?;
-        let after = recording.mark(&self.ctx, &self.stream)?;
-        recording.push(kernel, before, after)
+        match (recording, before) {
+            (Some(r), Some(before)) => {
+                let after = r.mark(&self.ctx, &self.stream)?;
+                r.push(kernel, before, after)
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The cuBLAS handle on the compute stream, created on first use (refused while this thread
