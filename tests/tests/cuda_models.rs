@@ -562,6 +562,12 @@ fn decode_graphs_give_the_launches_logits_bit_for_bit() {
         assert_eq!(stats.builds + stats.updates, steps as usize, "{name}: every step one graph launch");
         assert!(stats.updates >= steps as usize - 4, "{name}: the graph was rebuilt too often: {stats:?}");
         assert!(launched.graph_stats().is_none(), "{name}: graphs off makes none");
+        // Each decode step's host time was counted (the prompt's not), either way.
+        for d in [&graphed, &launched] {
+            let (time, passes) = d.decode_host_time();
+            assert_eq!(passes, u64::from(steps), "{name}: one-token passes timed");
+            assert!(!time.is_zero(), "{name}: host time counted");
+        }
     }
 }
 

@@ -110,6 +110,8 @@ fn a_kernel_profile_on_the_cpu_runs_the_work_and_is_none() {
     // An error of the work is the call's.
     let err = model.profile_kernels(|| model.step(&[u32::MAX], &mut cache)).unwrap_err();
     assert!(err.to_string().contains(&u32::MAX.to_string()), "{err}");
+    // Nor a GPU's decode host time.
+    assert!(model.gpu_decode_host_time().is_none());
 }
 
 #[test]

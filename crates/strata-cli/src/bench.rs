@@ -22,6 +22,10 @@
 //! kernel launch between two timing events (`Model::profile_kernels`), reported per token beside
 //! the timed decode's time per token; the difference is the time outside kernels. That decode is
 //! not timed itself: the events add host work to every launch.
+//!
+//! On CUDA the report also gives the host's time queuing each decode step
+//! (`decode_host_us_per_token`, `Model::gpu_decode_host_time`) and its share of the step's wall
+//! time (`decode_host_share`): near 1, the device waits for the host to queue its kernels.
 
 use std::time::Instant;
 
@@ -104,6 +108,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut expert_stats = None;
     // A device expert cache's hits, misses and bytes copied over the last run's decode.
     let mut gpu_cache: Option<(u64, u64, u64)> = None;
+    // Per run: the host's time queuing a GPU decode step, in microseconds per token.
+    let mut host_us = Vec::new();
     for run in 0..runs {
         say(&format!("run {}/{runs}: prefill {} tokens, decode {}", run + 1, a.prompt_tokens, a.gen_tokens));
         let mut cache = model.new_cache()?;
@@ -115,6 +121,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             store.reset_stats();
         }
         let before = model.gpu_expert_cache();
+        let host_before = model.gpu_decode_host_time();
         let t = Instant::now();
         for _ in 0..a.gen_tokens {
             let next = strata::sampling::argmax(&logits) as u32;
@@ -123,6 +130,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
         decode.push(t.elapsed().as_secs_f64());
         if let (Some((_, h0, m0, b0)), Some((_, h1, m1, b1))) = (before, model.gpu_expert_cache()) {
             gpu_cache = Some((h1 - h0, m1 - m0, b1 - b0));
+        }
+        if let (Some((t0, n0)), Some((t1, n1))) = (host_before, model.gpu_decode_host_time())
+            && n1 > n0
+        {
+            host_us.push((t1 - t0).as_secs_f64() * 1e6 / (n1 - n0) as f64);
         }
         if let Some(store) = model.store() {
             // Streamed units and the experts read into the expert cache, per decoded token.
@@ -301,6 +313,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if let Some(p) = &kernels {
         report["kernel_profile"] = kernel_report(p, a.gen_tokens, decode_tok_s);
     }
+    // The host's time queuing a GPU decode step (median over the runs) beside the step's wall
+    // time: close to it, the device waits for the host.
+    let host_us = (!host_us.is_empty()).then(|| median(&mut host_us));
+    if let Some(us) = host_us {
+        report["decode_host_us_per_token"] = json!(us);
+        report["decode_host_share"] = json!(us * decode_tok_s / 1e6);
+    }
     // The device expert cache over the last run's decode: its hit rate, and the bytes a token
     // copied in, against the host-to-device copy rate.
     let gpu_cache = gpu_cache.zip(model.gpu_expert_cache()).map(|((hits, misses, bytes), c)| {
@@ -334,6 +353,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "decode       {decode_tok_s:>10.2} tok/s  ({:.0}% of the bandwidth bound {bound_tok_s:.2} tok/s)",
             100.0 * decode_tok_s / bound_tok_s
         );
+        if let Some(us) = host_us {
+            println!(
+                "decode host  {us:>10.1} us/token queuing each step's work ({:.0}% of the step)",
+                100.0 * us * decode_tok_s / 1e6
+            );
+        }
         println!("weights/token {:>9.1} MB", bytes_per_token as f64 / 1e6);
         if let Some(mean) = mean_experts {
             let how = if dynamic_routing { "mean over the MoE layers of a recorded decode" } else { "the model's k" };

@@ -467,6 +467,10 @@ pub struct CudaDecoder {
     /// The device cache of the routed experts kept in host memory, if any
     /// ([`CudaDecoder::new_within`]).
     experts: Option<Arc<DeviceExperts>>,
+    /// The host's time queuing one-token passes: nanoseconds and passes
+    /// ([`CudaDecoder::decode_host_time`]).
+    host_ns: std::sync::atomic::AtomicU64,
+    host_passes: std::sync::atomic::AtomicU64,
     /// The ceiling the weights were placed under.
     budget: Option<VramBudget>,
     /// The device expert cache's hit rate the placement expected under uniform routing.
@@ -685,6 +689,8 @@ impl CudaDecoder {
             graphs: graphs_default().into(),
             device_routing: device_routing_default().into(),
             fused_norms: norms_fused_default().into(),
+            host_ns: 0.into(),
+            host_passes: 0.into(),
             stream,
             experts,
             budget: None,
@@ -740,6 +746,15 @@ impl CudaDecoder {
     /// launches the default.
     pub fn set_fused_norms(&self, on: bool) {
         self.fused_norms.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The host's time spent queuing one-token passes (decode steps) so far, and their count:
+    /// from the pass's start to its last launch queued, before it waits for the logits. Against a
+    /// step's wall time it says who bounds decode: when the two are close, the device waits for
+    /// the host to queue its kernels.
+    pub fn decode_host_time(&self) -> (std::time::Duration, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (std::time::Duration::from_nanos(self.host_ns.load(Relaxed)), self.host_passes.load(Relaxed))
     }
 
     /// What the decode graph has done so far (`None` before the first graphed pass).
@@ -888,6 +903,7 @@ impl CudaDecoder {
         out_rows: usize,
         mut trace: Option<&mut RouterTrace>,
     ) -> Result<Vec<f32>> {
+        let started = std::time::Instant::now();
         let hp = &self.hp;
         let t = ids.len();
         let pos0 = cache.len();
@@ -1100,6 +1116,11 @@ impl CudaDecoder {
                 eprintln!("strata: CUDA graphs turned off for this model: the decode step's graph failed ({e})");
             }
             drop(retired);
+        }
+        if t == 1 {
+            use std::sync::atomic::Ordering::Relaxed;
+            self.host_ns.fetch_add(started.elapsed().as_nanos() as u64, Relaxed);
+            self.host_passes.fetch_add(1, Relaxed);
         }
         Ok(cuda.download(&logits)?)
     }

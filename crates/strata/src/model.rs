@@ -519,6 +519,17 @@ impl Model {
         }
     }
 
+    /// The host's time spent queuing the GPU's decode steps (one-token passes) so far, and their
+    /// count (`strata_models::cuda_decoder::CudaDecoder::decode_host_time`): against a step's wall
+    /// time, whether the device waits for the host. `None` on the CPU.
+    pub fn gpu_decode_host_time(&self) -> Option<(std::time::Duration, u64)> {
+        match &self.backend {
+            Backend::Cpu => None,
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(d) => Some(d.decode_host_time()),
+        }
+    }
+
     /// The device expert cache's hit rate its placement expected under uniform routing
     /// (`strata_models::VramReport::expected_expert_hit_rate`), for a model placed so under
     /// `--max-vram`. `None` otherwise.

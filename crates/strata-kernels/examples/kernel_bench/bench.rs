@@ -54,6 +54,42 @@ impl Bench {
         Ok(())
     }
 
+    /// Times `launches` calls of `f` (each launching the kernel once) queued back to back between
+    /// one pair of events, and records the time per launch; notes beside it the host's time to
+    /// queue one (`f` returning, no synchronisation). Against [`Bench::measure`]'s single launch
+    /// between its own events: whether a small kernel's time is its own or the launch's, and
+    /// whether the host queues launches as fast as the device runs them.
+    pub fn measure_chain(
+        &mut self,
+        kernel: &str,
+        shape: &str,
+        bytes: f64,
+        launches: usize,
+        mut f: impl FnMut() -> R<()>,
+    ) -> R<()> {
+        let launches = launches.max(1);
+        let mut host_us = Vec::new();
+        let ms = time_ms(&self.cuda, 7, || {
+            let t = std::time::Instant::now();
+            for _ in 0..launches {
+                f()?;
+            }
+            host_us.push(t.elapsed().as_secs_f64() * 1e6 / launches as f64);
+            Ok(())
+        })? / launches as f64;
+        host_us.sort_by(|a, b| a.total_cmp(b));
+        let host = host_us[host_us.len() / 2];
+        let row = Row { kernel: format!("{kernel} chained"), shape: format!("{shape} x{launches}"), bytes, ms };
+        eprintln!("{}", self.line(&row));
+        self.notes.push(format!(
+            "{kernel} {shape}: {launches} launches back to back, {:.2} us of device time each, the host {host:.2} us to \
+             queue each",
+            ms * 1e3
+        ));
+        self.rows.push(row);
+        Ok(())
+    }
+
     /// A free-form result line for the report (transfers, overlap).
     pub fn note(&mut self, line: String) {
         self.notes.push(line);

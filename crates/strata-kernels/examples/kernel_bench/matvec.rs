@@ -153,7 +153,7 @@ pub fn run(b: &mut Bench) -> R<()> {
             let next = Cell::new(0usize);
             let outputs = if what.ends_with("swiglu") { n / 2 } else { n };
             let bytes = ws[0].byte_len() as f64 + ((k + outputs) * 4) as f64;
-            b.measure(&format!("tinyllama {what} {dtype} t1"), &format!("{n}x{k} x{copies}"), bytes, 30, || {
+            let mut launch = || -> R<()> {
                 next.set(next.get() + 1);
                 let w = &ws[next.get() % copies];
                 let quantized = dtype.is_quantized();
@@ -167,7 +167,12 @@ pub fn run(b: &mut Bench) -> R<()> {
                     _ => ops::matvec_add(&cuda, w, &x, &mut resid, 1)?,
                 }
                 Ok(())
-            })?;
+            };
+            let (name, shape) = (format!("tinyllama {what} {dtype} t1"), format!("{n}x{k} x{copies}"));
+            b.measure(&name, &shape, bytes, 30, &mut launch)?;
+            // The same launches back to back, as a decode step queues them: the device's time per
+            // product without a launch's latency, and the host's time to queue one.
+            b.measure_chain(&name, &shape, bytes, 64, &mut launch)?;
             // The products after an RMSNorm, normalising their activations themselves (the
             // decoder's default): against the row above plus the `rms_norm_actq` decode row, what
             // the fusion saves.
