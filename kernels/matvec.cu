@@ -17,7 +17,10 @@
 // taking the groups of STRATA_MATVEC_ROWS_PER_WARP rows g, g + all warps, .. from its place g in
 // the grid (warp-major, so that few groups still spread over every SM), its weight pipeline
 // running on from one group into the next; the block's activations
-// are staged once when a row fits one tile (else tile by tile, all warps in step). For 1 and 2
+// are staged once when a row fits one tile (else tile by tile, all warps in step). A product of
+// few groups whose rows fit one tile shares each group among p.splits warps (the launcher's
+// row_splits: a decode step's o and down products), each taking an equal run of the group's
+// chunks, their sums added in warp order at the group's end (write_split_rows). For 1 and 2
 // tokens a block has STRATA_MATVEC_WARPS_DECODE warps (STRATA_MATVEC_WARPS_DECODE_WIDE for the
 // integer kernels of q4_k and q6_k, whose chunks are twice as long; one block per SM) and deeper
 // pipelines:
@@ -90,6 +93,9 @@
 #define MV_ROWS STRATA_MATVEC_ROWS_PER_WARP
 #define MV_THREADS (MV_WARPS * 32)
 #define MV_THREADS_DECODE (STRATA_MATVEC_WARPS_DECODE * 32)
+// Floats of a block's split sums (write_split_rows): a float per warp, row and token, for the
+// largest of WARPS_DECODE x 2 tokens and WARPS x 8 tokens.
+#define S_RED_FLOATS 128
 
 // The activation scale of the subnormal path, and the factor that undoes it (2^149 / 2^90).
 #define MV_XSCALE 0x1p90f
@@ -203,15 +209,9 @@ __device__ __forceinline__ float xsum32(const float* xsum, int e) {
 // written product would round it), or, rows in SwiGLU groups of four (gate 2j, 2j + 1, up 2j,
 // 2j + 1: row0 / 2 is the group's first output), silu(gate) * up into y's rows / 2 per token.
 template <int T>
-__device__ __forceinline__ void write_rows(const MatvecParams& p, float (&acc)[MV_ROWS][T], unsigned int row0,
-                                           int lane, float* __restrict__ y) {
+__device__ __forceinline__ void store_rows(const MatvecParams& p, const float (&v)[MV_ROWS][T], unsigned int row0,
+                                           float* __restrict__ y) {
     static_assert(MV_ROWS == 4, "a SwiGLU group of rows is one warp's");
-    float v[MV_ROWS][T];
-#pragma unroll
-    for (int r = 0; r < MV_ROWS; ++r)
-#pragma unroll
-        for (int t = 0; t < T; ++t) v[r][t] = warp_sum(acc[r][t]);
-    if (lane != 0) return;
 #pragma unroll
     for (int t = 0; t < T; ++t) {
         if (t >= (int)p.tokens) break;
@@ -228,6 +228,48 @@ __device__ __forceinline__ void write_rows(const MatvecParams& p, float (&acc)[M
             }
         }
     }
+}
+
+template <int T>
+__device__ __forceinline__ void write_rows(const MatvecParams& p, float (&acc)[MV_ROWS][T], unsigned int row0,
+                                           int lane, float* __restrict__ y) {
+    float v[MV_ROWS][T];
+#pragma unroll
+    for (int r = 0; r < MV_ROWS; ++r)
+#pragma unroll
+        for (int t = 0; t < T; ++t) v[r][t] = warp_sum(acc[r][t]);
+    if (lane == 0) store_rows<T>(p, v, row0, y);
+}
+
+// write_rows for a group of rows that S warps split (MatvecParams::splits; warps w .. w + S - 1
+// of the block, w a multiple of S, `sub` this warp's place among them): each warp's sums go to
+// shared memory (red: a float per warp, row and token), then the first warp adds them in warp
+// order and stores. `live`: whether the group exists (the same for all S warps). Called by every
+// warp of the block at the same step: it holds two barriers.
+template <int T>
+__device__ __forceinline__ void write_split_rows(const MatvecParams& p, float (&acc)[MV_ROWS][T], bool live,
+                                                 unsigned int row0, int warp, int sub, int lane, unsigned int S,
+                                                 float* red, float* __restrict__ y) {
+    float v[MV_ROWS][T];
+#pragma unroll
+    for (int r = 0; r < MV_ROWS; ++r)
+#pragma unroll
+        for (int t = 0; t < T; ++t) v[r][t] = warp_sum(acc[r][t]);
+    if (lane == 0)
+#pragma unroll
+        for (int r = 0; r < MV_ROWS; ++r)
+#pragma unroll
+            for (int t = 0; t < T; ++t) red[(warp * MV_ROWS + r) * T + t] = v[r][t];
+    __syncthreads();
+    if (live && lane == 0 && sub == 0) {
+        for (unsigned int s = 1; s < S; ++s)
+#pragma unroll
+            for (int r = 0; r < MV_ROWS; ++r)
+#pragma unroll
+                for (int t = 0; t < T; ++t) v[r][t] += red[((warp + s) * MV_ROWS + r) * T + t];
+        store_rows<T>(p, v, row0, y);
+    }
+    __syncthreads();
 }
 
 // ---- Float weights --------------------------------------------------------------------------
@@ -1268,12 +1310,22 @@ __device__ __forceinline__ void mv_quant(const MatvecParams& p, const unsigned c
     // blocks and leaving the other SMs idle. Each group takes `chunks` steps. Every warp of the
     // block takes the same number of steps (those past the last group do nothing), so that all
     // meet at the barriers of the activation tiles.
-    const unsigned int groups = (p.rows + MV_ROWS - 1) / MV_ROWS;
-    const unsigned int g0 = warp * gridDim.x + blockIdx.x, stride = gridDim.x * WARPS;
-    const unsigned int rounds = (groups + stride - 1) / stride;
-    const unsigned int chunks = (p.cols + F::CHUNK_ELEMS - 1) / F::CHUNK_ELEMS;
-    const unsigned long long steps = (unsigned long long)rounds * chunks;
+    //
+    // With p.splits = S > 1 (rows within one tile), S consecutive warps share each group: they
+    // count as one in the grid's order, and warp `sub` of them takes chunks sub * chunks ..
+    // (sub + 1) * chunks - 1 of each group's all_chunks (the last ones may have fewer or none),
+    // their sums added at the group's end (write_split_rows).
     const bool one_tile = p.cols <= (unsigned int)X::KT;
+    const unsigned int S = p.splits > 1 && one_tile && WARPS % p.splits == 0 ? p.splits : 1;
+    const unsigned int sub = warp % S;
+    const unsigned int groups = (p.rows + MV_ROWS - 1) / MV_ROWS;
+    const unsigned int g0 = warp / S * gridDim.x + blockIdx.x, stride = gridDim.x * (WARPS / S);
+    const unsigned int rounds = (groups + stride - 1) / stride;
+    const unsigned int all_chunks = (p.cols + F::CHUNK_ELEMS - 1) / F::CHUNK_ELEMS;
+    const unsigned int chunks = (all_chunks + S - 1) / S;  // steps per group
+    const unsigned int c_first = sub * chunks;
+    const unsigned int own = c_first < all_chunks ? min(chunks, all_chunks - c_first) : 0;  // this warp's
+    const unsigned long long steps = (unsigned long long)rounds * chunks;
     const unsigned int row_lo = (unsigned int)p.row_bytes;  // low bits, for the misalignments
 
     // Queues the next step's chunk for the warp's rows (an empty group past the last step keeps
@@ -1283,9 +1335,9 @@ __device__ __forceinline__ void mv_quant(const MatvecParams& p, const unsigned c
     unsigned long long s_step = 0;
     unsigned int s_group = g0, s_chunk = 0;
     auto stage = [&]() {
-        if (s_step < steps && s_group < groups) {
+        if (s_step < steps && s_group < groups && s_chunk < own) {
             unsigned char* dst = wbuf + (unsigned int)(s_step % STAGES) * (MV_ROWS * F::BUF) + 16 * lane;
-            const unsigned long long start = (unsigned long long)s_chunk * F::CHUNK_BYTES;
+            const unsigned long long start = (unsigned long long)(c_first + s_chunk) * F::CHUNK_BYTES;
             const unsigned int len = (unsigned int)min((unsigned long long)F::CHUNK_BYTES, p.row_bytes - start);
             const bool full = len == F::CHUNK_BYTES;
             const unsigned int row0 = s_group * MV_ROWS;
@@ -1358,18 +1410,22 @@ __device__ __forceinline__ void mv_quant(const MatvecParams& p, const unsigned c
         else stage_x<X, T, SUB, SUB>(p, x, k0, kt, xs, xsum, norm);
     };
     if (one_tile && rounds > 0) stage_acts(0, (int)p.cols);
+    // The split groups' sums (write_split_rows): a float per warp, row and token.
+    STRATA_SHARED float red[S_RED_FLOATS];
+    static_assert(WARPS * MV_ROWS * T <= S_RED_FLOATS, "the split sums fit");
     float acc[MV_ROWS][T] = {};
     unsigned int group = g0, c = 0;
     for (unsigned long long step = 0; step < steps; ++step) {
-        const unsigned int e0 = c * F::CHUNK_ELEMS;
+        const unsigned int e0 = (c_first + c) * F::CHUNK_ELEMS;
         if (!one_tile && e0 % X::KT == 0) stage_acts(e0, (int)min((unsigned int)X::KT, p.cols - e0));
         cp_async_wait<STAGES - 2>();
         __syncwarp();
         const unsigned int row0 = group * MV_ROWS;
         const int ue = F::unit_elem(lane);
-        if (group < groups && e0 + ue < p.cols) {
+        if (group < groups && c < own && e0 + ue < p.cols) {
             const unsigned char* buf = wbuf + (unsigned int)(step % STAGES) * (MV_ROWS * F::BUF);
-            const unsigned int g_lo = row0 * row_lo + c * F::CHUNK_BYTES;  // low bits of the chunk's offset
+            // The low bits of the chunk's offset.
+            const unsigned int g_lo = row0 * row_lo + (c_first + c) * F::CHUNK_BYTES;
             const unsigned char* blk[MV_ROWS];
 #pragma unroll
             for (int r = 0; r < MV_ROWS; ++r) blk[r] = buf + r * F::BUF + ((g_lo + r * row_lo) & 15u) + F::unit_byte(lane);
@@ -1380,7 +1436,8 @@ __device__ __forceinline__ void mv_quant(const MatvecParams& p, const unsigned c
         __syncwarp();
         stage();
         if (++c == chunks) {
-            if (group < groups) write_rows<T>(p, acc, row0, lane, y);
+            if (S > 1) write_split_rows<T>(p, acc, group < groups, row0, warp, (int)sub, lane, S, red, y);
+            else if (group < groups) write_rows<T>(p, acc, row0, lane, y);
 #pragma unroll
             for (int r = 0; r < MV_ROWS; ++r)
 #pragma unroll

@@ -83,4 +83,9 @@ typedef struct {
     unsigned long long y_slot;
     /// The epsilon of the RMSNorm the kernel applies to x (its `norm` weight not null).
     float norm_eps;
+    /// Block-quantized kernels whose rows fit one activation tile: the warps that share each
+    /// group of rows, each taking an equal run of its chunks, their sums added in warp order (a
+    /// power of two dividing the block's warps; 0 or 1: a warp per group). More warps on fewer
+    /// rows: what a product of few, long rows needs to keep its bytes in flight.
+    unsigned int splits;
 } MatvecParams;

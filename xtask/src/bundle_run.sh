@@ -98,6 +98,15 @@ if [ "${1:-}" != quick ]; then
     say "bench $n (cuda): exit $? $(cat "$OUT/bench-$n.json" 2>/dev/null | tr -d '\n' | head -c 900)"
     kernel_table "$OUT/bench-$n.json" | tee -a "$OUT/kernel-profiles.txt" | tee -a "$SUMMARY"
   done
+  # The q4_0 decode with every group of rows taken by one warp (STRATA_MATVEC_SPLITS=0) rather
+  # than shared among warps where the product has few groups (the default, unmeasured on a card
+  # until this run): what the splits give a decode step.
+  n=tinyllama-q4_0.gguf
+  if in_time "no splits"; then
+    STRATA_MATVEC_SPLITS=0 timeout 120 "$B/bin/strata" bench --model "$M/$n" --device cuda --prompt-tokens 128 \
+      --gen-tokens 64 --json >"$OUT/bench-$n-no-splits.json" 2>"$OUT/bench-$n-no-splits.log"
+    say "bench $n (cuda, STRATA_MATVEC_SPLITS=0): exit $? $(tr -d '\n' <"$OUT/bench-$n-no-splits.json" 2>/dev/null | head -c 900)"
+  fi
   # A Mixtral-8x7B-shaped MoE model cut to 4 layers (q4_0, about 3.4 GB, 3.2 GB of it routed
   # experts): decode routed on the device (the default, profiled); then under a GPU ceiling it
   # does not fit in, its experts in page-locked host memory with a device cache of those that

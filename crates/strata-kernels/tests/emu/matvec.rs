@@ -34,8 +34,9 @@ const ACTS_F32: u32 = 0;
 const ACTS_Q16: u32 = 1;
 
 /// MatvecParams as C lays it out: u32 rows, u32 cols, u64 row_bytes, u64 total_bytes, u32 tokens,
-/// u32 store, u32 acts, u32 experts, u64 x_slot, u64 y_slot, f32 norm_eps, 4 bytes of padding;
-/// experts, x_slot and y_slot 0 (no Mixture-of-Experts slots), norm_eps 1e-5.
+/// u32 store, u32 acts, u32 experts, u64 x_slot, u64 y_slot, f32 norm_eps, u32 splits;
+/// experts, x_slot and y_slot 0 (no Mixture-of-Experts slots), norm_eps 1e-5, splits 0 (a warp
+/// per group of rows; [`run_split`] sets it).
 fn params(n: usize, k: usize, row_bytes: usize, total: usize, tokens: usize, store: u32, acts: u32) -> Vec<u8> {
     slot_params(n, k, row_bytes, total, tokens, store, acts, [0, 0, 0])
 }
@@ -114,13 +115,31 @@ fn run_into(
     store: Store,
     acts: u32,
 ) -> Vec<f32> {
+    run_split(kernel, w, xb, tokens, blocks, threads, store, acts, 0)
+}
+
+/// [`run_into`] with MatvecParams::splits = `splits`: the warps that share each group of rows.
+#[allow(clippy::too_many_arguments)]
+fn run_split(
+    kernel: &str,
+    w: &Tensor,
+    xb: &[u8],
+    tokens: usize,
+    blocks: usize,
+    threads: usize,
+    store: Store,
+    acts: u32,
+    splits: u32,
+) -> Vec<f32> {
     let emu = emulator().expect("checked by the caller");
     let (n, k) = (w.shape().dims()[0], w.shape().dims()[1]);
     let want_x = if acts == ACTS_F32 { 4 * tokens * k } else { tokens * record_bytes(k) };
     assert_eq!(xb.len(), want_x);
     let mut bytes = w.cpu_bytes().unwrap().to_vec();
     let (code, outputs) = store.code_and_outputs(n);
-    let p = params(n, k, w.row_bytes(), bytes.len(), tokens, code, acts);
+    let mut p = params(n, k, w.row_bytes(), bytes.len(), tokens, code, acts);
+    let at = p.len() - 4;
+    p[at..].copy_from_slice(&splits.to_le_bytes());
     let mut xb = xb.to_vec();
     let start = store.start(tokens, outputs);
     assert_eq!(start.len(), tokens * outputs);
@@ -352,6 +371,105 @@ fn emulated_quantized_matvec_kernels_match_the_cpu_references() {
                             (g - v).abs() <= tol,
                             "{kernel} {n}x{k} tokens={tokens}: y[{tok}, {r}] = {g}, want {v} (tolerance {tol})"
                         );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Groups of rows split among 2, 4 or 8 warps (MatvecParams::splits), each warp a run of the
+/// row's chunks, their sums added at the end: every block-quantized decode kernel (both
+/// activation paths) matches the CPU references as the unsplit launch does, with rows whose
+/// chunks do not divide among the warps (some warps get fewer, some none), a last partial group,
+/// several rounds of the persistent grid, and each store: written, added to y (bit for bit y plus
+/// the written product) and SwiGLU'd (bit for bit swiglu of the written products). Rows longer
+/// than a tile are not split: the same bits as the unsplit launch.
+#[test]
+fn emulated_split_row_groups_match_the_references() {
+    if emulator().is_none() {
+        return;
+    }
+    let dtypes = [DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q4K, DType::Q6K];
+    for (i, dtype) in dtypes.into_iter().enumerate() {
+        let bl = dtype.block_len();
+        // (rows, columns): 11 groups (the last of two paired rows short: no SwiGLU there) over
+        // 5632 columns (a TinyLlama down projection's rows: 6 chunks of 1024, the last half
+        // full, or 3 of 2048); 44 rows of 2304; 8 rows longer than a one-token tile.
+        // The float path (kept for comparison) at one shape, the integer path at all.
+        for (n, k, tokens, float_path) in [(42, 5632, 1, false), (44, bl * (2304 / bl), 2, true), (8, 8448, 1, false)] {
+            let seed = (i * 131 + n * 7 + k) as u64;
+            let w = Tensor::from_f32_as(&random_f32(n * k, seed, 1.0), [n, k], dtype).unwrap();
+            let wf = w.to_f32_vec().unwrap();
+            {
+                let x = random_f32(tokens * k, seed ^ 0xabc, 2.0);
+                let xb = f32_bytes(&x);
+                let (mut two, mut float) = (vec![0f32; tokens * n], vec![0f32; tokens * n]);
+                for tok in 0..tokens {
+                    reference::matvec(&w, &x[tok * k..(tok + 1) * k], &mut two[tok * n..(tok + 1) * n]).unwrap();
+                }
+                reference::matmul(&x, &w, &mut float).unwrap();
+                for (suffix, want, relative) in [("_i16", &two, 1e-6), ("", &float, 1e-4)] {
+                    if suffix.is_empty() && !float_path {
+                        continue;
+                    }
+                    let warps = match (dtype, suffix) {
+                        (DType::Q4K | DType::Q6K, "_i16") => WARPS_DECODE_WIDE,
+                        _ => WARPS_DECODE,
+                    };
+                    let kernel = format!("matvec_{}{suffix}_t{tokens}", dtype.name());
+                    let unsplit = run_split(&kernel, &w, &xb, tokens, 1, warps * 32, Store::Write, ACTS_F32, 1);
+                    // 2: the chunks split unevenly (q8_0's 11 of 512 columns); 8: some warps
+                    // get none (6 chunks).
+                    for splits in [2u32, 8] {
+                        let run = |store, blocks| {
+                            run_split(&kernel, &w, &xb, tokens, blocks, warps * 32, store, ACTS_F32, splits)
+                        };
+                        let what = format!("{kernel} {n}x{k} splits={splits}");
+                        // One block: the groups take several rounds; two (below): a second
+                        // block too.
+                        let one_block = {
+                            let got = run(Store::Write, 1);
+                            assert!(got[tokens * n..].iter().all(|&v| v == -7.0), "{what}: wrote past the end");
+                            if k > 8192 / tokens {
+                                assert_eq!(got, unsplit, "{what}: a row past the tile was split");
+                            }
+                            for (j, (&g, &v)) in got.iter().zip(want.iter()).enumerate() {
+                                let (tok, r) = (j / n, j % n);
+                                let (wr, xt) = (&wf[r * k..(r + 1) * k], &x[tok * k..(tok + 1) * k]);
+                                let magnitude: f32 = wr.iter().zip(xt).map(|(a, b)| (a * b).abs()).sum();
+                                let tol = 1e-5 + relative * magnitude;
+                                assert!(
+                                    (g - v).abs() <= tol,
+                                    "{what}: y[{tok}, {r}] = {g}, want {v} (tolerance {tol})"
+                                );
+                            }
+                            got
+                        };
+                        // A group's sums go in the same order whichever block takes it.
+                        let plain = run(Store::Write, 2);
+                        assert_eq!(plain, one_block, "{what}: two blocks differ from one");
+                        let y0 = random_f32(tokens * n, seed ^ 7, 50.0);
+                        let added = run(Store::Add(&y0), 2);
+                        for (j, (&g, (&a, &p))) in added.iter().zip(y0.iter().zip(&plain)).enumerate() {
+                            assert_eq!(g.to_bits(), (a + p).to_bits(), "{what}: y[{j}] = {g}, want {a} + {p}");
+                        }
+                        let (mut gate, mut up) = (Vec::new(), Vec::new());
+                        for row in plain[..tokens * n].chunks(n) {
+                            for quad in row.chunks(4).filter(|q| q.len() == 4) {
+                                gate.extend_from_slice(&quad[..2]);
+                                up.extend_from_slice(&quad[2..]);
+                            }
+                        }
+                        let swiglu = run(Store::Swiglu, 2);
+                        let outputs = n / 2;
+                        for tok in 0..tokens {
+                            let want = emulated_swiglu(&gate[tok * (n / 4) * 2..], &up[tok * (n / 4) * 2..]);
+                            let got = &swiglu[tok * outputs..tok * outputs + (n / 4) * 2];
+                            for (j, (&g, &v)) in got.iter().zip(&want).enumerate() {
+                                assert_eq!(g.to_bits(), v.to_bits(), "{what} swiglu: out[{tok}, {j}] = {g}, want {v}");
+                            }
+                        }
                     }
                 }
             }

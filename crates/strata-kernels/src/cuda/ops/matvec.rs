@@ -138,6 +138,10 @@ fn chunk(dtype: DType, t: usize, acts: MatvecActs) -> usize {
     columns as usize
 }
 
+/// The static shared memory of every matvec kernel beside [`shared_bytes`]: the split groups'
+/// sums (`kernels/matvec.cu`, S_RED_FLOATS floats). The two together must fit a block.
+const STATIC_SHARED_BYTES: usize = 4 * 128;
+
 /// The dynamic shared memory of the `t`-token kernel for `dtype`, laid out as `mv_quant` and
 /// `mv_float_*` lay it out: the activation tile ([`tile_bytes`]), and for block-quantized dtypes
 /// each warp's pipeline of chunk buffers.
@@ -236,12 +240,36 @@ fn launch_quantize(cuda: &Cuda, x: u64, xq: u64, tokens: usize, k: usize) -> Res
         x_slot: 0,
         y_slot: 0,
         norm_eps: 0.0,
+        splits: 1,
     };
     // A warp per block of 32 values, 8 warps per block, grid-stride past 65536 blocks.
     let cfg = grid_1d((tokens * k / 32).div_ceil(8).min(65_536) * 256, 256);
     // SAFETY: the kernel reads tokens * k floats from x and writes actq_bytes(tokens, k) bytes
     // to xq; the caller checked both buffers hold them.
     unsafe { cuda.launch("matvec", "matvec_quantize_x", cfg, &p, &[x, xq]) }
+}
+
+/// The warps that share each group of rows of a persistent decode product (`MatvecParams::splits`)
+/// with `groups` groups of `chunks` pipeline steps each, on a device that holds `device_warps`
+/// warps of it at once in blocks of `block_warps`: the largest power of two that leaves every
+/// group's warps on the device together, gives each at least one chunk and divides a block's
+/// warps. A product of few, long rows (a decode step's down projection: 512 groups of 6 chunks
+/// against 2112 warps of an H200) otherwise leaves most warps idle, and each busy one walks its
+/// rows' chunks one round trip after another.
+fn row_splits(groups: usize, chunks: usize, device_warps: usize, block_warps: usize) -> u32 {
+    let mut s = 1;
+    while 2 * s <= block_warps && block_warps.is_multiple_of(2 * s) && 2 * s <= chunks && groups * 2 * s <= device_warps
+    {
+        s *= 2;
+    }
+    s as u32
+}
+
+/// Whether decode products split their groups of rows among warps ([`row_splits`]): unless the
+/// environment sets `STRATA_MATVEC_SPLITS=0` (read once per process), to compare.
+fn splits_on() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("STRATA_MATVEC_SPLITS").is_none_or(|v| v != "0"))
 }
 
 /// Whether the launcher quantizes the activations of an integer-path product of `tokens` tokens
@@ -672,7 +700,7 @@ where
     // kernel takes any count up to 4).
     let kernel_tokens = |group: usize| -> Result<usize> {
         let t = group.next_power_of_two();
-        if shared_bytes(dtype, t, acts) <= limit {
+        if shared_bytes(dtype, t, acts) + STATIC_SHARED_BYTES <= limit {
             return Ok(t);
         }
         if per_launch < 4 {
@@ -734,13 +762,27 @@ where
         let resident = prepare(cuda, kernel, threads, smem)?;
         // Float kernels take one block per group of rows; block-quantized ones are persistent,
         // with a warp per group of rows at a time.
-        let per_block = warps(dtype, t, acts) * ROWS_PER_WARP;
-        let mut blocks = n.div_ceil(per_block);
-        if dtype.is_quantized() {
-            // The resident blocks shared among the slots' rows of blocks.
-            blocks = blocks.min((resident / grid_y as usize).max(1));
-        }
+        let blocks = if dtype.is_quantized() {
+            // The resident blocks, shared among the slots' rows of blocks, but no more than
+            // groups of rows: the kernel hands the groups out warp-major (group g to block g %
+            // blocks), so a product of fewer groups than the grid has warps spreads over every SM,
+            // a few warps each, rather than filling the first blocks. (Until 2026-11-28 the grid
+            // was one block per 16 warps' worth of groups, 32 blocks for a TinyLlama decode
+            // step's o and down products: 32 of an H200's 132 SMs.)
+            n.div_ceil(ROWS_PER_WARP).min((resident / grid_y as usize).max(1))
+        } else {
+            n.div_ceil(warps(dtype, t, acts) * ROWS_PER_WARP)
+        };
         let blocks = to_u32(blocks, "the grid")?;
+        // A decode product of few groups of rows, each within one tile: warps share the groups
+        // (the same count whatever the grid, so an expert's product has the bits of its own
+        // launch).
+        let splits = if dtype.is_quantized() && t <= 2 && k <= tile_columns(dtype, t) && splits_on() {
+            let warps = warps(dtype, t, acts);
+            row_splits(n.div_ceil(ROWS_PER_WARP), k.div_ceil(chunk(dtype, t, acts)), resident * warps, warps)
+        } else {
+            1
+        };
         let p = MatvecParams {
             rows,
             cols,
@@ -757,6 +799,7 @@ where
             x_slot,
             y_slot,
             norm_eps: norm.map_or(0.0, |n| n.eps),
+            splits,
         };
         let cfg =
             LaunchConfig { grid_dim: (blocks, grid_y, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 };
@@ -783,11 +826,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn decode_products_of_few_groups_split_them_among_warps() {
+        // An H200's 132 SMs, a block of 16 warps each: 2112 warps.
+        let device = 132 * 16;
+        // TinyLlama's products at one token (q4_0: chunks of 1024 columns).
+        assert_eq!(row_splits(2048 / 4, 6, device, 16), 4, "down: 512 groups of 6 chunks");
+        assert_eq!(row_splits(2048 / 4, 2, device, 16), 2, "o: 2 chunks a row at most");
+        assert_eq!(row_splits(2560 / 4, 2, device, 16), 2, "qkv");
+        assert_eq!(row_splits(11264 / 4, 2, device, 16), 1, "gate/up: more groups than warps");
+        // Never more warps on a group than a block has, nor than the row has chunks.
+        assert_eq!(row_splits(1, 64, device, 16), 16);
+        assert_eq!(row_splits(1, 64, device, 8), 8);
+        assert_eq!(row_splits(1, 3, device, 16), 2);
+        assert_eq!(row_splits(1, 1, device, 16), 1);
+        // Every group's warps on the device at once.
+        for groups in 1..3000 {
+            let s = row_splits(groups, 16, device, 16) as usize;
+            assert!(s.is_power_of_two() && 16 % s == 0);
+            assert!(s == 1 || groups * s <= device, "{groups} groups split {s} ways");
+        }
+    }
+
+    #[test]
     fn every_kernel_fits_a_hopper_block_and_the_fallbacks_an_sm80_one() {
         for dtype in DType::ALL {
             for acts in MatvecActs::ALL {
                 for t in [1, 2, 4, 8] {
-                    let bytes = shared_bytes(dtype, t, acts);
+                    let bytes = shared_bytes(dtype, t, acts) + STATIC_SHARED_BYTES;
                     assert!(bytes <= 227 * 1024, "{dtype} {acts:?} t{t}: {bytes} bytes");
                     if !(dtype.is_quantized() && t <= 2) {
                         assert!(bytes <= 163 * 1024, "{dtype} {acts:?} t{t}: {bytes} bytes");
