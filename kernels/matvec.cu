@@ -12,8 +12,11 @@
 // Launch: blocks of STRATA_MATVEC_WARPS warps; each warp owns STRATA_MATVEC_ROWS_PER_WARP
 // consecutive rows at a time, and every lane of it works on the same columns of all of its rows,
 // so each activation value read from shared memory serves all of them. Float kernels: one block
-// per group of warps * rows rows (grid = ceil(n / (warps * rows))). Block-quantized kernels:
-// persistent, as many blocks as are resident at once (the launcher asks the driver), each warp
+// per group of warps * rows rows (grid = ceil(n / (warps * rows))), or, with p.splits = S warps
+// to a group of rows (decode products of few groups, vector rows), of warps / S * rows rows, each
+// warp of a group taking every S-th run of its loads. Block-quantized kernels: persistent, as
+// many blocks as are resident at once (the launcher asks the driver; no more than the groups of
+// rows), each warp
 // taking the groups of STRATA_MATVEC_ROWS_PER_WARP rows g, g + all warps, .. from its place g in
 // the grid (warp-major, so that few groups still spread over every SM), its weight pipeline
 // running on from one group into the next; the block's activations
@@ -342,12 +345,19 @@ __device__ __forceinline__ void mv_float_vec(const MatvecParams& p, const unsign
     float* xs = reinterpret_cast<float*>(smem);
     check_smem(T * X::STRIDE * 4);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const unsigned int row0 = (blockIdx.x * MV_WARPS + warp) * MV_ROWS;
+    // With p.splits = S > 1, S consecutive warps share a group of rows, warp `sub` of them taking
+    // every S-th run of 32 U units of each tile (U below), their sums added at the end
+    // (write_split_rows); a block then has MV_WARPS / S groups.
+    const unsigned int S = p.splits > 1 && MV_WARPS % p.splits == 0 ? p.splits : 1;
+    const unsigned int sub = warp % S;
+    const unsigned int row0 = (blockIdx.x * (MV_WARPS / S) + warp / S) * MV_ROWS;
     const unsigned char* wr[MV_ROWS];
 #pragma unroll
     for (int r = 0; r < MV_ROWS; ++r) wr[r] = w + (unsigned long long)min(row0 + r, p.rows - 1) * p.row_bytes;
     static_assert(T * X::STRIDE >= NORM_RUNS + 1, "the tile holds the norm's scratch");
     const MvNorm<T> norm = mv_norm<T>(p, x, norm_w, xs);
+    STRATA_SHARED float red[S_RED_FLOATS];
+    static_assert(MV_WARPS * MV_ROWS * T <= S_RED_FLOATS, "the split sums fit");
     float acc[MV_ROWS][T] = {};
     for (unsigned int k0 = 0; k0 < p.cols; k0 += X::KT) {
         const int kt = min((unsigned int)X::KT, p.cols - k0);
@@ -359,7 +369,7 @@ __device__ __forceinline__ void mv_float_vec(const MatvecParams& p, const unsign
         // above, where the accumulators take the registers. The units go through float_unit in
         // column order either way.
         constexpr int U = T <= 2 ? 4 : 2;
-        for (int u = lane; u < units; u += 32 * U) {
+        for (int u = lane + 32 * U * (int)sub; u < units; u += 32 * U * (int)S) {
             uint4 a[U][MV_ROWS];
 #pragma unroll
             for (int j = 0; j < U; ++j) {
@@ -374,7 +384,8 @@ __device__ __forceinline__ void mv_float_vec(const MatvecParams& p, const unsign
                 if (u + 32 * j < units) float_unit<DT, T>(a[j], xs, (u + 32 * j) * E, acc);
         }
     }
-    write_rows<T>(p, acc, row0, lane, y);
+    if (S > 1) write_split_rows<T>(p, acc, row0 < p.rows, row0, warp, (int)sub, lane, S, red, y);
+    else write_rows<T>(p, acc, row0, lane, y);
 }
 
 // Float rows of any length: one element per lane and row at a time.

@@ -101,12 +101,12 @@ if [ "${1:-}" != quick ]; then
   # The q4_0 decode with every group of rows taken by one warp (STRATA_MATVEC_SPLITS=0) rather
   # than shared among warps where the product has few groups (the default, unmeasured on a card
   # until this run): what the splits give a decode step.
-  n=tinyllama-q4_0.gguf
-  if in_time "no splits"; then
+  for n in tinyllama-q4_0.gguf tinyllama-bf16; do
+    in_time "no splits $n" || continue
     STRATA_MATVEC_SPLITS=0 timeout 120 "$B/bin/strata" bench --model "$M/$n" --device cuda --prompt-tokens 128 \
       --gen-tokens 64 --json >"$OUT/bench-$n-no-splits.json" 2>"$OUT/bench-$n-no-splits.log"
     say "bench $n (cuda, STRATA_MATVEC_SPLITS=0): exit $? $(tr -d '\n' <"$OUT/bench-$n-no-splits.json" 2>/dev/null | head -c 900)"
-  fi
+  done
   # A Mixtral-8x7B-shaped MoE model cut to 4 layers (q4_0, about 3.4 GB, 3.2 GB of it routed
   # experts): decode routed on the device (the default, profiled); then under a GPU ceiling it
   # does not fit in, its experts in page-locked host memory with a device cache of those that
@@ -169,6 +169,13 @@ if [ "${1:-}" != quick ]; then
     STRATA_CUDA_SEPARATE_COMBINE=1 timeout 120 "$B/bin/strata" bench --model "$M/$n" --device cuda --prompt-tokens 128 \
       --gen-tokens 64 --json >"$OUT/bench-$n-separate-combine.json" 2>"$OUT/bench-$n-separate-combine.log"
     say "bench $n (cuda, STRATA_CUDA_SEPARATE_COMBINE=1): exit $? $(tr -d '\n' <"$OUT/bench-$n-separate-combine.json" 2>/dev/null | head -c 900)"
+  fi
+  # The kernel benchmark's decode rows with every group of rows on one warp: against the first
+  # run's, what the splits give each product (the chained rows: back to back, device time).
+  if in_time "kernel_bench without splits"; then
+    STRATA_MATVEC_SPLITS=0 timeout 120 "$B/bin/kernel_bench" >"$OUT/kernel_bench-no-splits.txt" 2>/dev/null
+    say "kernel_bench (STRATA_MATVEC_SPLITS=0) exit $?"
+    grep -E "tinyllama|4096x14336|14336x4096" "$OUT/kernel_bench-no-splits.txt" | tee -a "$SUMMARY"
   fi
 fi
 say "== done: $fails failing test binaries"

@@ -509,6 +509,50 @@ fn emulated_float_matvec_kernels_match_the_cpu_reference() {
     }
 }
 
+/// The float vector kernels with groups of rows split among 2 or 4 warps (MatvecParams::splits),
+/// each warp every other (every fourth) run of 128 loads, a block then holding 2 (1) groups:
+/// against `reference::matmul` within the unsplit test's tolerance, on rows of several activation
+/// tiles whose last tile leaves some warps no run, a last partial group, one and two tokens; the
+/// add store bit for bit y plus the written product.
+#[test]
+fn emulated_float_matvec_kernels_split_row_groups() {
+    if emulator().is_none() {
+        return;
+    }
+    for (i, dtype) in [DType::F32, DType::F16, DType::BF16].into_iter().enumerate() {
+        for (n, k) in [(42, 5632), (9, 2048)] {
+            let seed = (i * 7_919 + n * 31 + k) as u64;
+            let w = Tensor::from_f32_as(&random_f32(n * k, seed, 1.0), [n, k], dtype).unwrap();
+            let wf = w.to_f32_vec().unwrap();
+            for tokens in [1usize, 2] {
+                let x = random_f32(tokens * k, seed ^ 0x5eed, 2.0);
+                let xb = f32_bytes(&x);
+                let mut want = vec![0f32; tokens * n];
+                reference::matmul(&x, &w, &mut want).unwrap();
+                let kernel = format!("matvec_{}_t{tokens}", dtype.name());
+                for splits in [2u32, 4] {
+                    let what = format!("{kernel} {n}x{k} splits={splits}");
+                    let blocks = n.div_ceil(WARPS / splits as usize * ROWS_PER_WARP);
+                    let run = |store| run_split(&kernel, &w, &xb, tokens, blocks, WARPS * 32, store, ACTS_F32, splits);
+                    let got = run(Store::Write);
+                    assert!(got[tokens * n..].iter().all(|&v| v == -7.0), "{what}: wrote past token {tokens}");
+                    for (j, (&g, &v)) in got.iter().zip(&want).enumerate() {
+                        let (tok, r) = (j / n, j % n);
+                        let magnitude: f32 = (0..k).map(|c| (wf[r * k + c] * x[tok * k + c]).abs()).sum();
+                        let tol = 1e-5 + 1e-4 * magnitude;
+                        assert!((g - v).abs() <= tol, "{what}: y[{tok}, {r}] = {g}, want {v}");
+                    }
+                    let y0 = random_f32(tokens * n, seed ^ 3, 50.0);
+                    let added = run(Store::Add(&y0));
+                    for (j, (&g, (&a, &p))) in added.iter().zip(y0.iter().zip(&got)).enumerate() {
+                        assert_eq!(g.to_bits(), (a + p).to_bits(), "{what}: y[{j}] = {g}, want {a} + {p}");
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Every kernel's other stores: adding to y exactly what it would have written (y0 + the written
 /// product, rounded once, bit for bit), and SwiGLU of paired gate and up rows (what `swiglu_f32`
 /// makes of the written products, bit for bit); nothing past the last token.

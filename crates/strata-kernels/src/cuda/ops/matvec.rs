@@ -249,13 +249,14 @@ fn launch_quantize(cuda: &Cuda, x: u64, xq: u64, tokens: usize, k: usize) -> Res
     unsafe { cuda.launch("matvec", "matvec_quantize_x", cfg, &p, &[x, xq]) }
 }
 
-/// The warps that share each group of rows of a persistent decode product (`MatvecParams::splits`)
-/// with `groups` groups of `chunks` pipeline steps each, on a device that holds `device_warps`
-/// warps of it at once in blocks of `block_warps`: the largest power of two that leaves every
-/// group's warps on the device together, gives each at least one chunk and divides a block's
-/// warps. A product of few, long rows (a decode step's down projection: 512 groups of 6 chunks
-/// against 2112 warps of an H200) otherwise leaves most warps idle, and each busy one walks its
-/// rows' chunks one round trip after another.
+/// The warps that share each group of rows of a decode product (`MatvecParams::splits`) with
+/// `groups` groups of `chunks` steps each (block-quantized weights: pipeline chunks; float ones:
+/// runs of 32 x 4 loads of 16 bytes), on a device that holds `device_warps` warps of the kernel
+/// at once in blocks of `block_warps`: the largest power of two that leaves every group's warps
+/// on the device together, gives each at least one step and divides a block's warps. A product of
+/// few, long rows (a decode step's down projection: 512 groups of 6 chunks against 2112 warps of
+/// an H200) otherwise leaves most warps idle, and each busy one walks its rows' chunks one round
+/// trip after another.
 fn row_splits(groups: usize, chunks: usize, device_warps: usize, block_warps: usize) -> u32 {
     let mut s = 1;
     while 2 * s <= block_warps && block_warps.is_multiple_of(2 * s) && 2 * s <= chunks && groups * 2 * s <= device_warps
@@ -762,6 +763,27 @@ where
         let resident = prepare(cuda, kernel, threads, smem)?;
         // Float kernels take one block per group of rows; block-quantized ones are persistent,
         // with a warp per group of rows at a time.
+        // A decode product of few groups of rows: warps share the groups (the same count
+        // whatever the grid, so an expert's product has the bits of its own launch). Block-
+        // quantized rows within one tile, split by pipeline chunks; float rows of the vector
+        // kernels, by runs of 32 x 4 loads of 16 bytes.
+        let block_warps = warps(dtype, t, acts);
+        let vector_float = !dtype.is_quantized() && !kernel.contains("scalar");
+        let splits = if t > 2 || !splits_on() {
+            1
+        } else if dtype.is_quantized() && k <= tile_columns(dtype, t) {
+            row_splits(
+                n.div_ceil(ROWS_PER_WARP),
+                k.div_ceil(chunk(dtype, t, acts)),
+                resident * block_warps,
+                block_warps,
+            )
+        } else if vector_float {
+            let runs = (w.row_bytes() / 16).div_ceil(32 * 4);
+            row_splits(n.div_ceil(ROWS_PER_WARP), runs, resident * block_warps, block_warps)
+        } else {
+            1
+        };
         let blocks = if dtype.is_quantized() {
             // The resident blocks, shared among the slots' rows of blocks, but no more than
             // groups of rows: the kernel hands the groups out warp-major (group g to block g %
@@ -771,18 +793,10 @@ where
             // step's o and down products: 32 of an H200's 132 SMs.)
             n.div_ceil(ROWS_PER_WARP).min((resident / grid_y as usize).max(1))
         } else {
-            n.div_ceil(warps(dtype, t, acts) * ROWS_PER_WARP)
+            // A block per group of warps (of `splits` warps each) and its rows.
+            n.div_ceil(block_warps / splits as usize * ROWS_PER_WARP)
         };
         let blocks = to_u32(blocks, "the grid")?;
-        // A decode product of few groups of rows, each within one tile: warps share the groups
-        // (the same count whatever the grid, so an expert's product has the bits of its own
-        // launch).
-        let splits = if dtype.is_quantized() && t <= 2 && k <= tile_columns(dtype, t) && splits_on() {
-            let warps = warps(dtype, t, acts);
-            row_splits(n.div_ceil(ROWS_PER_WARP), k.div_ceil(chunk(dtype, t, acts)), resident * warps, warps)
-        } else {
-            1
-        };
         let p = MatvecParams {
             rows,
             cols,
@@ -834,6 +848,10 @@ mod tests {
         assert_eq!(row_splits(2048 / 4, 2, device, 16), 2, "o: 2 chunks a row at most");
         assert_eq!(row_splits(2560 / 4, 2, device, 16), 2, "qkv");
         assert_eq!(row_splits(11264 / 4, 2, device, 16), 1, "gate/up: more groups than warps");
+        // bf16 rows of the float kernels (blocks of 4 warps, 16 of them an SM): runs of 128
+        // loads of 16 bytes, 2 in a row of 2048, 5.5 in one of 5632.
+        assert_eq!(row_splits(512, 2, 132 * 64, 4), 2, "o, bf16");
+        assert_eq!(row_splits(512, 6, 132 * 64, 4), 4, "down, bf16");
         // Never more warps on a group than a block has, nor than the row has chunks.
         assert_eq!(row_splits(1, 64, device, 16), 16);
         assert_eq!(row_splits(1, 64, device, 8), 8);
