@@ -10,7 +10,7 @@
 //!
 //! The layers of such a model route on the host (`CudaMoe::forward_residual`): the router
 //! logits come down, the host picks the experts, and [`DeviceExperts::bring`] gives each a slot
-//! (a [`SlotTable`] under the `layer-lru` policy: a layer's experts are next needed a token later,
+//! (an [`ExpertSlots`] table under the `layer-lru` policy: a layer's experts are next needed a token later,
 //! so the layer running now is evicted from first), queuing the copies of those that were not
 //! there on the copy stream. A copy starts after the compute queued before it (so after the
 //! kernels that read the slot's previous expert), and each expert's kernels wait for its own copy
@@ -30,8 +30,8 @@ use strata_kernels::cuda::pinned::{Pinned, Upload};
 use crate::cuda_decoder::CudaMlp;
 use crate::cuda_stream::Placer;
 use crate::moe::Mlp;
-use crate::store::planner::ExpertCachePolicy;
-use crate::vram::{SlotTable, cacheable_expert, expert_slot_bytes};
+use crate::store::planner::{ExpertCachePolicy, ExpertSlots};
+use crate::vram::{cacheable_expert, expert_slot_bytes};
 use crate::{Error, Result};
 
 /// What a device expert cache did: its slots, and the experts asked of it since it was made.
@@ -65,7 +65,7 @@ pub(crate) struct DeviceExperts {
 }
 
 struct State {
-    table: SlotTable,
+    table: ExpertSlots<Box<dyn ExpertCachePolicy>>,
     /// Per slot: its last copy.
     uploads: Vec<Option<Upload>>,
     bytes_uploaded: u64,
@@ -142,7 +142,7 @@ impl DeviceExperts {
         let layer_of: Vec<(usize, usize)> = experts.iter().enumerate().map(|(u, &(li, _))| (u, li)).collect();
         policy.set_layers(&layer_of);
         let state = State {
-            table: SlotTable::new(slots.len(), policy),
+            table: ExpertSlots::new(slots.len(), policy),
             uploads: (0..slots.len()).map(|_| None).collect(),
             bytes_uploaded: 0,
         };
@@ -154,7 +154,7 @@ impl DeviceExperts {
     pub(crate) fn set_policy(&self, mut policy: Box<dyn ExpertCachePolicy>) {
         policy.set_layers(&self.layer_of);
         let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        guard.table = SlotTable::new(self.slots.len(), policy);
+        guard.table = ExpertSlots::new(self.slots.len(), policy);
         guard.bytes_uploaded = 0;
     }
 
@@ -169,7 +169,9 @@ impl DeviceExperts {
     pub(crate) fn bring(&self, cuda: &Cuda, units: &[usize]) -> Result<Vec<usize>> {
         let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let state = &mut *guard;
-        let assigned = state.table.assign(units);
+        // No more experts than slots: each gets one.
+        let assigned: Vec<(usize, bool)> =
+            state.table.serve(units).into_iter().map(|s| s.expect("no more experts than slots")).collect();
         for (&unit, &(slot, miss)) in units.iter().zip(&assigned) {
             if !miss {
                 continue;
@@ -184,7 +186,7 @@ impl DeviceExperts {
                     // next ask for them copies again.
                     for &(slot, miss) in &assigned {
                         if miss {
-                            state.table.clear(slot);
+                            state.table.forget(slot);
                         }
                     }
                     return Err(e.into());
@@ -213,8 +215,8 @@ impl DeviceExperts {
         let guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
         ExpertCacheCounts {
             slots: self.slots.len(),
-            hits: guard.table.hits,
-            misses: guard.table.misses,
+            hits: guard.table.counts().hits,
+            misses: guard.table.counts().misses,
             bytes_uploaded: guard.bytes_uploaded,
             expected_hit_rate: None,
         }

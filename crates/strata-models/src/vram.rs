@@ -6,7 +6,7 @@ use strata_tensor::Tensor;
 use crate::decoder::{Decoder, Ffn, Layer};
 use crate::kv_cache::DEFAULT_BLOCK_LEN;
 use crate::moe::Mlp;
-use crate::store::planner::{ExpertCachePolicy, LayerLru, simulate_expert_cache, uniform_routing_trace};
+use crate::store::planner::{ExpertCachePolicy, ExpertSlots, LayerLru, uniform_routing_trace};
 use crate::{Error, Result};
 
 /// Slots: device buffers the streamed layers take in turn.
@@ -305,84 +305,20 @@ pub(crate) fn uniform_hit_rate(layer_experts: &[usize], k: usize, slots: usize) 
         let first = layer_of.len();
         layer_of.extend((first..first + n).map(|u| (u, li)));
     }
-    let run = |batches: &[Vec<usize>]| {
-        let mut policy = LayerLru::default();
-        policy.set_layers(&layer_of);
-        simulate_expert_cache(batches, slots, &mut policy)
-    };
-    // The counted half alone, minus what the warm-up half gave the cache: the whole trace's
-    // counts less the warm-up's replayed alone (the same first half, the same state after it).
-    let warm = run(&trace[..trace.len() / 2]);
-    let all = run(&trace);
+    let mut policy = LayerLru::default();
+    policy.set_layers(&layer_of);
+    let mut cache = ExpertSlots::new(slots, &mut policy);
+    let (warm_up, counted) = trace.split_at(trace.len() / 2);
+    for batch in warm_up {
+        cache.serve(batch);
+    }
+    let warm = cache.counts();
+    for batch in counted {
+        cache.serve(batch);
+    }
+    let all = cache.counts();
     let (hits, accesses) = (all.hits - warm.hits, all.accesses() - warm.accesses());
     if accesses == 0 { 0.0 } else { hits as f64 / accesses as f64 }
-}
-
-/// Which expert each slot of a device expert cache holds, and which to evict: the host side of
-/// `cuda_experts::DeviceExperts`, apart from the copies. Experts are numbered across the
-/// model (unit `offset(layer) + expert`); eviction follows an [`ExpertCachePolicy`].
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-pub(crate) struct SlotTable {
-    /// Per slot: the expert it holds.
-    owner: Vec<Option<usize>>,
-    /// Per expert: its slot.
-    slot_of: std::collections::HashMap<usize, usize>,
-    policy: Box<dyn ExpertCachePolicy>,
-    pub(crate) hits: u64,
-    pub(crate) misses: u64,
-}
-
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-impl SlotTable {
-    /// `slots` empty slots, evicting by `policy`.
-    pub(crate) fn new(slots: usize, policy: Box<dyn ExpertCachePolicy>) -> SlotTable {
-        SlotTable { owner: vec![None; slots], slot_of: Default::default(), policy, hits: 0, misses: 0 }
-    }
-
-    /// Slots.
-    #[cfg(test)]
-    pub(crate) fn len(&self) -> usize {
-        self.owner.len()
-    }
-
-    /// A slot for each of `units` (distinct, at most [`SlotTable::len`] of them), in order: the
-    /// slot and whether the expert must be copied in (a miss). A miss takes an empty slot, else
-    /// the policy's victim among the slots that hold none of `units`.
-    pub(crate) fn assign(&mut self, units: &[usize]) -> Vec<(usize, bool)> {
-        assert!(units.len() <= self.owner.len(), "{} experts at once in {} slots", units.len(), self.owner.len());
-        let mut out = Vec::with_capacity(units.len());
-        for &unit in units {
-            self.policy.touched(unit);
-            if let Some(&slot) = self.slot_of.get(&unit) {
-                self.hits += 1;
-                out.push((slot, false));
-                continue;
-            }
-            self.misses += 1;
-            let slot = match self.owner.iter().position(Option::is_none) {
-                Some(free) => free,
-                None => {
-                    let candidates: Vec<usize> =
-                        self.owner.iter().flatten().copied().filter(|u| !units.contains(u)).collect();
-                    let victim = self.policy.victim(&candidates).expect("fewer experts asked than slots");
-                    self.policy.removed(victim);
-                    self.slot_of.remove(&victim).expect("a victim holds a slot")
-                }
-            };
-            self.owner[slot] = Some(unit);
-            self.slot_of.insert(unit, slot);
-            out.push((slot, true));
-        }
-        out
-    }
-
-    /// Forgets what a slot holds (its copy failed): the next ask for it misses.
-    pub(crate) fn clear(&mut self, slot: usize) {
-        if let Some(unit) = self.owner[slot].take() {
-            self.slot_of.remove(&unit);
-            self.policy.removed(unit);
-        }
-    }
 }
 
 pub(crate) const SLOTS: usize = 2;
@@ -659,54 +595,6 @@ mod tests {
         assert!(rates[5] > 0.35 && rates[5] < 0.75, "{rates:?}");
         assert_eq!(uniform_hit_rate(&[0, 0], 2, 4), 0.0);
         assert_eq!(uniform_hit_rate(&layers, 2, 0), 0.0);
-    }
-
-    fn table(slots: usize, policy: &str) -> SlotTable {
-        SlotTable::new(slots, crate::store::planner::expert_cache_policy_by_name(policy).unwrap())
-    }
-
-    #[test]
-    fn the_slot_table_gives_each_expert_of_a_batch_its_own_slot() {
-        let mut t = table(3, "lru");
-        assert_eq!(t.len(), 3);
-        // Empty slots first, in order; all misses.
-        assert_eq!(t.assign(&[7, 2]), [(0, true), (1, true)]);
-        // 7 hits where it is; 9 takes the last empty slot.
-        assert_eq!(t.assign(&[9, 7]), [(2, true), (0, false)]);
-        // Full: 4 evicts the least recently used (2, in slot 1), never 9 or 7 of its batch.
-        assert_eq!(t.assign(&[4, 9]), [(1, true), (2, false)]);
-        // 2 was evicted: a miss again; the victim is 7 (slot 0), 4 and 9 being asked with it.
-        assert_eq!(t.assign(&[2, 4, 9]), [(0, true), (1, false), (2, false)]);
-        assert_eq!((t.hits, t.misses), (4, 5));
-        // A cleared slot is empty again, and its expert misses.
-        t.clear(1);
-        assert_eq!(t.assign(&[4]), [(1, true)]);
-    }
-
-    #[test]
-    fn the_slot_table_never_gives_two_experts_one_slot() {
-        // A random walk of batches of 1-4 experts out of 24 over 4 slots: the slots of a batch are
-        // distinct, and each expert is where the table last put it.
-        let mut t = table(4, "lru");
-        let mut held = vec![None; 4];
-        let mut state = 12345u64;
-        for _ in 0..500 {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            let n = 1 + (state >> 60) as usize % 4;
-            let mut batch: Vec<usize> = (0..n).map(|i| ((state >> (8 * i + 8)) % 24) as usize).collect();
-            batch.dedup();
-            batch.sort();
-            batch.dedup();
-            let slots = t.assign(&batch);
-            for (&unit, &(slot, miss)) in batch.iter().zip(&slots) {
-                assert_eq!(miss, held[slot] != Some(unit), "{unit} in slot {slot}: {held:?}");
-                held[slot] = Some(unit);
-            }
-            let mut distinct: Vec<usize> = slots.iter().map(|&(s, _)| s).collect();
-            distinct.sort();
-            distinct.dedup();
-            assert_eq!(distinct.len(), batch.len());
-        }
     }
 
     #[test]

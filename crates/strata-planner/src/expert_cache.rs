@@ -7,7 +7,7 @@
 //! routing trace against a policy and counts hits and misses, which is how the planner (and its
 //! tests) compare policies without loading a model.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 
 use crate::error::PlanError;
 
@@ -219,55 +219,102 @@ pub fn simulate_expert_cache(
     slots: usize,
     policy: &mut dyn ExpertCachePolicy,
 ) -> CacheSimulation {
-    let mut cache = SimulatedCache { slots, cached: BTreeSet::new(), policy };
-    accesses.iter().fold(CacheSimulation::default(), |total, batch| {
-        let served = cache.serve(batch);
-        CacheSimulation { hits: total.hits + served.hits, misses: total.misses + served.misses }
-    })
+    let mut cache = ExpertSlots::new(slots, policy);
+    for batch in accesses {
+        cache.serve(&distinct(batch));
+    }
+    cache.counts()
 }
 
-/// The cache contents during a simulation, with the policy that evicts from it.
-struct SimulatedCache<'a> {
-    slots: usize,
-    cached: BTreeSet<usize>,
-    policy: &'a mut dyn ExpertCachePolicy,
+/// Which expert each of a fixed number of cache slots holds, and whom a miss evicts: the
+/// bookkeeping of an expert cache of equal slots, without the weights. It replays traces in
+/// [`simulate_expert_cache`] and keeps the CUDA decoder's device expert cache, so both evict the
+/// same experts.
+///
+/// A batch's hits are used before its misses may evict them: a miss evicts, by the policy, a
+/// cached unit outside the batch; only when every cached unit belongs to the batch may it evict
+/// one the batch has already used, and if all of them are still to be used, the missed expert
+/// is served without being cached. A batch of no more distinct units than slots therefore always
+/// gets a slot for each.
+#[derive(Debug)]
+pub struct ExpertSlots<P> {
+    /// Per slot: the unit it holds.
+    owner: Vec<Option<usize>>,
+    /// Per cached unit: its slot.
+    slot_of: HashMap<usize, usize>,
+    policy: P,
+    counts: CacheSimulation,
 }
 
-impl SimulatedCache<'_> {
-    /// Serves one batch and returns its hits and misses.
-    fn serve(&mut self, batch: &[usize]) -> CacheSimulation {
-        let batch = distinct(batch);
-        let mut served = CacheSimulation::default();
+impl<P: std::ops::DerefMut<Target = D>, D: ExpertCachePolicy + ?Sized> ExpertSlots<P> {
+    /// `slots` empty slots, evicting by `policy` (in its initial state, its layers set).
+    pub fn new(slots: usize, policy: P) -> Self {
+        ExpertSlots { owner: vec![None; slots], slot_of: HashMap::new(), policy, counts: CacheSimulation::default() }
+    }
+
+    /// The number of slots.
+    pub fn slots(&self) -> usize {
+        self.owner.len()
+    }
+
+    /// The hits and misses so far.
+    pub fn counts(&self) -> CacheSimulation {
+        self.counts
+    }
+
+    /// Serves one batch of distinct units, in order: per unit its slot and whether it must be
+    /// brought in (a miss), or `None` for a miss served without a slot (see the type's rule).
+    pub fn serve(&mut self, batch: &[usize]) -> Vec<Option<(usize, bool)>> {
+        debug_assert_eq!(distinct(batch).len(), batch.len(), "a batch of distinct units");
+        let mut out = Vec::with_capacity(batch.len());
         for (position, &unit) in batch.iter().enumerate() {
             self.policy.touched(unit);
-            if self.cached.contains(&unit) {
-                served.hits += 1;
+            if let Some(&slot) = self.slot_of.get(&unit) {
+                self.counts.hits += 1;
+                out.push(Some((slot, false)));
                 continue;
             }
-            served.misses += 1;
-            if self.cached.len() < self.slots {
-                self.cached.insert(unit);
-                continue;
-            }
-            let outside: Vec<usize> = self.cached.iter().copied().filter(|u| !batch.contains(u)).collect();
-            let candidates = if outside.is_empty() {
-                let pending = &batch[position + 1..];
-                self.cached.iter().copied().filter(|u| !pending.contains(u)).collect()
-            } else {
-                outside
+            self.counts.misses += 1;
+            let slot = match self.owner.iter().position(Option::is_none) {
+                Some(free) => Some(free),
+                None => self.evict(&batch[..position], &batch[position + 1..]),
             };
-            if let Some(victim) = self.policy.victim(&candidates) {
-                assert!(
-                    candidates.contains(&victim),
-                    "policy {} chose {victim}, not one of the candidates {candidates:?}",
-                    self.policy.name()
-                );
-                self.cached.remove(&victim);
-                self.policy.removed(victim);
-                self.cached.insert(unit);
+            if let Some(slot) = slot {
+                self.owner[slot] = Some(unit);
+                self.slot_of.insert(unit, slot);
             }
+            out.push(slot.map(|slot| (slot, true)));
         }
-        served
+        out
+    }
+
+    /// Evicts a unit for a miss of a batch that has used `used` and has `pending` still to use,
+    /// and returns its slot: `None` when every cached unit is pending.
+    fn evict(&mut self, used: &[usize], pending: &[usize]) -> Option<usize> {
+        let mut cached: Vec<usize> = self.slot_of.keys().copied().collect();
+        cached.sort_unstable();
+        let outside: Vec<usize> =
+            cached.iter().copied().filter(|u| !used.contains(u) && !pending.contains(u)).collect();
+        let candidates =
+            if outside.is_empty() { cached.into_iter().filter(|u| !pending.contains(u)).collect() } else { outside };
+        let victim = self.policy.victim(&candidates)?;
+        assert!(
+            candidates.contains(&victim),
+            "policy {} chose {victim}, not one of the candidates {candidates:?}",
+            self.policy.name()
+        );
+        self.policy.removed(victim);
+        let slot = self.slot_of.remove(&victim).expect("a cached unit holds a slot");
+        self.owner[slot] = None;
+        Some(slot)
+    }
+
+    /// Forgets what `slot` holds (its copy failed, say): the next ask for that unit misses.
+    pub fn forget(&mut self, slot: usize) {
+        if let Some(unit) = self.owner[slot].take() {
+            self.slot_of.remove(&unit);
+            self.policy.removed(unit);
+        }
     }
 }
 
@@ -433,6 +480,8 @@ fn distinct(batch: &[usize]) -> Vec<usize> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
     use proptest::prelude::*;
 
@@ -673,15 +722,63 @@ mod tests {
         fn a_batch_that_fits_stays_cached(trace in traces(), slots in 0usize..8) {
             for name in EXPERT_CACHE_POLICIES {
                 let mut policy = expert_cache_policy_by_name(name).unwrap();
-                let mut cache = SimulatedCache { slots, cached: BTreeSet::new(), policy: policy.as_mut() };
+                let mut cache = ExpertSlots::new(slots, policy.as_mut());
                 for batch in &trace {
-                    cache.serve(batch);
-                    prop_assert!(cache.cached.len() <= slots);
-                    if distinct(batch).len() <= slots {
-                        prop_assert!(batch.iter().all(|unit| cache.cached.contains(unit)), "{} lost part of {:?}", name, batch);
+                    let batch = distinct(batch);
+                    let served = cache.serve(&batch);
+                    prop_assert!(cache.slot_of.len() <= slots);
+                    if batch.len() <= slots {
+                        prop_assert!(batch.iter().all(|unit| cache.slot_of.contains_key(unit)), "{} lost part of {:?}", name, batch);
+                        prop_assert!(served.iter().all(Option::is_some), "{} left part of {:?} without a slot", name, batch);
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn expert_slots_give_each_expert_of_a_batch_its_own_slot() {
+        let mut t = ExpertSlots::new(3, expert_cache_policy_by_name("lru").unwrap());
+        assert_eq!(t.slots(), 3);
+        let slot = |s: usize, miss: bool| Some((s, miss));
+        // Empty slots first, in order; all misses.
+        assert_eq!(t.serve(&[7, 2]), [slot(0, true), slot(1, true)]);
+        // 7 hits where it is; 9 takes the last empty slot.
+        assert_eq!(t.serve(&[9, 7]), [slot(2, true), slot(0, false)]);
+        // Full: 4 evicts the least recently used (2, in slot 1), never 9 or 7 of its batch.
+        assert_eq!(t.serve(&[4, 9]), [slot(1, true), slot(2, false)]);
+        // 2 was evicted: a miss again; the victim is 7 (slot 0), 4 and 9 being asked with it.
+        assert_eq!(t.serve(&[2, 4, 9]), [slot(0, true), slot(1, false), slot(2, false)]);
+        assert_eq!(t.counts(), CacheSimulation { hits: 4, misses: 5 });
+        // A forgotten slot is empty again, and its expert misses.
+        t.forget(1);
+        assert_eq!(t.serve(&[4]), [slot(1, true)]);
+        // Batches wider than the slots. 5 first finds every cached unit still to be used by its
+        // batch, so it is served without a slot; after 2, it evicts 2, the one the batch has used.
+        assert_eq!(t.serve(&[5, 2, 4, 9]), [None, slot(0, false), slot(1, false), slot(2, false)]);
+        assert_eq!(t.serve(&[2, 5, 4, 9]), [slot(0, false), slot(0, true), slot(1, false), slot(2, false)]);
+        assert_eq!(t.counts(), CacheSimulation { hits: 10, misses: 8 });
+    }
+
+    #[test]
+    fn expert_slots_never_give_two_experts_one_slot() {
+        // A random walk of batches of 1-4 experts out of 24 over 4 slots: the slots of a batch are
+        // distinct, and each expert is where the table last put it.
+        let mut t = ExpertSlots::new(4, expert_cache_policy_by_name("lru").unwrap());
+        let mut held = [None; 4];
+        let mut random = SplitMix64(12345);
+        for _ in 0..500 {
+            let n = 1 + random.below(4);
+            let batch = distinct(&(0..n).map(|_| random.below(24)).collect::<Vec<_>>());
+            let slots: Vec<(usize, bool)> = t.serve(&batch).into_iter().map(Option::unwrap).collect();
+            for (&unit, &(slot, miss)) in batch.iter().zip(&slots) {
+                assert_eq!(miss, held[slot] != Some(unit), "{unit} in slot {slot}: {held:?}");
+                held[slot] = Some(unit);
+            }
+            let mut taken: Vec<usize> = slots.iter().map(|&(s, _)| s).collect();
+            taken.sort();
+            taken.dedup();
+            assert_eq!(taken.len(), batch.len());
         }
     }
 }

@@ -22,8 +22,8 @@ mod timing;
 
 pub use error::PlanError;
 pub use expert_cache::{
-    CacheSimulation, DEFAULT_EXPERT_CACHE_POLICY, EXPERT_CACHE_POLICIES, ExpertCachePolicy, LayerLru, Lfu, Lru,
-    LruHitCurve, expert_cache_policy_by_name, simulate_expert_cache, uniform_routing_trace,
+    CacheSimulation, DEFAULT_EXPERT_CACHE_POLICY, EXPERT_CACHE_POLICIES, ExpertCachePolicy, ExpertSlots, LayerLru, Lfu,
+    Lru, LruHitCurve, expert_cache_policy_by_name, simulate_expert_cache, uniform_routing_trace,
 };
 pub use hardware::{HardwareProfile, LARGE_DISK_READ, SMALL_DISK_READ, TierBudgets, Workload};
 pub use manifest::{UnitInfo, UnitKind, WeightManifest};

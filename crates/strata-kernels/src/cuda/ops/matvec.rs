@@ -90,7 +90,7 @@ impl MatvecActs {
 /// float rows the element-by-element ones; block-quantized weights the integer (`_i16`) or the
 /// float kernels as `acts` says.
 fn kernel_names(dtype: DType, k: usize, acts: MatvecActs) -> [&'static str; 4] {
-    let vector = (k * dtype.block_bytes()).is_multiple_of(16);
+    let vector = vector_rows(dtype, k);
     if acts.integer(dtype) {
         return match dtype {
             DType::Q8_0 => kernels!("q8_0_i16"),
@@ -114,6 +114,12 @@ fn kernel_names(dtype: DType, k: usize, acts: MatvecActs) -> [&'static str; 4] {
         (DType::Q4K, _) => kernels!("q4_k", decode),
         (DType::Q6K, _) => kernels!("q6_k", decode),
     }
+}
+
+/// Whether float rows of `k` columns of `dtype` take the vector kernels: rows of a multiple of 16
+/// bytes, read with 16-byte loads.
+fn vector_rows(dtype: DType, k: usize) -> bool {
+    !dtype.is_quantized() && (k * dtype.block_bytes()).is_multiple_of(16)
 }
 
 /// Warps per block of the `t`-token kernel for `dtype`: more for the block-quantized decode
@@ -768,7 +774,6 @@ where
         // quantized rows within one tile, split by pipeline chunks; float rows of the vector
         // kernels, by runs of 32 x 4 loads of 16 bytes.
         let block_warps = warps(dtype, t, acts);
-        let vector_float = !dtype.is_quantized() && !kernel.contains("scalar");
         let splits = if t > 2 || !splits_on() {
             1
         } else if dtype.is_quantized() && k <= tile_columns(dtype, t) {
@@ -778,7 +783,7 @@ where
                 resident * block_warps,
                 block_warps,
             )
-        } else if vector_float {
+        } else if vector_rows(dtype, k) {
             let runs = (w.row_bytes() / 16).div_ceil(32 * 4);
             row_splits(n.div_ceil(ROWS_PER_WARP), runs, resident * block_warps, block_warps)
         } else {
@@ -955,5 +960,8 @@ mod tests {
         assert_eq!(kernel_names(DType::F32, 6, two)[1], "matvec_f32_scalar_t2");
         assert_eq!(kernel_names(DType::Q4K, 256, two)[0], "matvec_q4_k_i16_t1");
         assert_eq!(kernel_names(DType::Q4K, 256, MatvecActs::F32)[0], "matvec_q4_k_t1");
+        // The launcher splits the vector float kernels' rows, never the scalar ones'.
+        assert!(vector_rows(DType::F16, 8) && vector_rows(DType::F32, 4) && vector_rows(DType::BF16, 2048));
+        assert!(!vector_rows(DType::F16, 7) && !vector_rows(DType::F32, 6) && !vector_rows(DType::Q8_0, 512));
     }
 }
