@@ -178,13 +178,31 @@ if [ "${1:-}" != quick ]; then
     grep -E "tinyllama|4096x14336|14336x4096" "$OUT/kernel_bench-no-splits.txt" | tee -a "$SUMMARY"
   fi
 fi
+# Nsight Compute on the large one-token q4_0 product (0.44 of the copy peak on an H200 against a
+# 70% target, though its instructions per weight leave room) and bf16 beside it: which stall
+# holds the warps. One launch each, past the warm-up; the report stays apart (ncu.txt).
+NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n1)
+if [ -n "$NCU" ] && in_time "ncu"; then
+  for k in "q4_0 t1 16384x8192:matvec_q4_0_i16_t1" "bf16 t1 16384x8192:matvec_bf16_t1"; do
+    timeout 150 "$NCU" --kernel-name "regex:^${k#*:}\$" --launch-skip 3 --launch-count 1 \
+      --section SpeedOfLight --section LaunchStats --section Occupancy --section SchedulerStats \
+      --section WarpStateStats --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
+      --section InstructionStats \
+      "$B/bin/kernel_bench" --only "matvec ${k%%:*}" >>"$OUT/ncu.txt" 2>&1
+    say "ncu ${k#*:}: exit $?"
+  done
+  grep -E "Duration|Memory Throughput|DRAM Throughput|Issue Slots Busy|No Eligible|Warp Cycles Per Issued|Stall|Bank|Achieved Occupancy|Registers Per|Shared Memory Configuration" \
+    "$OUT/ncu.txt" | head -n 60 | tee -a "$SUMMARY"
+elif [ -z "$NCU" ]; then
+  say "no ncu here: no Nsight Compute report"
+fi
 say "== done: $fails failing test binaries"
 # Some callers take back only a few files: the summary, the kernel profiles and benchmarks stay
 # apart, every other log and report goes into one archive.
 (
   cd "$OUT" || exit
   list=$(mktemp)
-  ls -A | grep -vE '^(summary.txt|kernel-profiles.txt|kernels.json|kernel_bench.txt|all.tgz)$' >"$list"
+  ls -A | grep -vE '^(summary.txt|kernel-profiles.txt|kernels.json|kernel_bench.txt|ncu.txt|all.tgz)$' >"$list"
   if [ -s "$list" ] && tar czf all.tgz -T "$list"; then xargs rm -rf <"$list"; fi
   rm -f "$list"
 )

@@ -84,6 +84,9 @@ pub fn run(b: &mut Bench) -> R<()> {
     };
     // Two multiply-adds per visible (query, key) pair and head element: Q K^T and P V.
     let flops = 4.0 * (n_heads * hd) as f64 * (tokens * (tokens + 1) / 2) as f64;
+    if !b.wants("attention prefill f32", "") {
+        return Ok(());
+    }
     let ms = time_ms(&cuda, 10, &mut run)?;
     let bytes = (2 * tokens * n_kv * hd * 4 + 2 * tokens * n_heads * hd * 4) as f64;
     let shape = format!("{n_heads}q/{n_kv}kv x {hd}, {tokens} tok, {:.0} GFLOP/s", flops / (ms / 1e3) / 1e9);

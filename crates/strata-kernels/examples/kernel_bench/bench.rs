@@ -24,6 +24,8 @@ pub struct Bench {
     pub cuda: Arc<Cuda>,
     /// Device-to-device copy bandwidth (bytes read + written per second), measured at start.
     pub peak_bytes_s: f64,
+    /// Only the rows whose "kernel shape" contains this are measured (`--only`).
+    pub only: Option<String>,
     rows: Vec<Row>,
     notes: Vec<String>,
 }
@@ -42,11 +44,14 @@ impl Bench {
         })?;
         let peak_bytes_s = 2.0 * (n * 4) as f64 / (ms / 1e3);
         eprintln!("{}: device-to-device copy {:.0} GB/s (read + write)", cuda.name()?, peak_bytes_s / 1e9);
-        Ok(Bench { cuda, peak_bytes_s, rows: Vec::new(), notes: Vec::new() })
+        Ok(Bench { cuda, peak_bytes_s, only: None, rows: Vec::new(), notes: Vec::new() })
     }
 
     /// Times `f` (which launches the kernel once) and records it.
     pub fn measure(&mut self, kernel: &str, shape: &str, bytes: f64, reps: usize, f: impl FnMut() -> R<()>) -> R<()> {
+        if !self.wants(kernel, shape) {
+            return Ok(());
+        }
         let ms = time_ms(&self.cuda, reps, f)?;
         let row = Row { kernel: kernel.to_string(), shape: shape.to_string(), bytes, ms };
         eprintln!("{}", self.line(&row));
@@ -67,6 +72,9 @@ impl Bench {
         launches: usize,
         mut f: impl FnMut() -> R<()>,
     ) -> R<()> {
+        if !self.wants(&format!("{kernel} chained"), shape) {
+            return Ok(());
+        }
         let launches = launches.max(1);
         let mut host_us = Vec::new();
         let ms = time_ms(&self.cuda, 7, || {
@@ -88,6 +96,12 @@ impl Bench {
         ));
         self.rows.push(row);
         Ok(())
+    }
+
+    /// Whether the row of `kernel` at `shape` is measured (every row without `--only`): a
+    /// profiler can then see one kernel's launches alone.
+    pub fn wants(&self, kernel: &str, shape: &str) -> bool {
+        self.only.as_ref().is_none_or(|only| format!("{kernel} {shape}").contains(only.as_str()))
     }
 
     /// A free-form result line for the report (transfers, overlap).

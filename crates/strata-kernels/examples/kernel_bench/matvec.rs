@@ -118,7 +118,9 @@ pub fn run(b: &mut Bench) -> R<()> {
                 Ok(())
             },
         )?;
-        if matches!(dtype, DType::F32 | DType::F16 | DType::Q4K | DType::Q8_0) {
+        if matches!(dtype, DType::F32 | DType::F16 | DType::Q4K | DType::Q8_0)
+            && b.wants(&format!("linear {dtype} gemm"), "t128")
+        {
             let tokens = 128;
             let flops = 2.0 * (tokens * N * K) as f64;
             let ms = crate::bench::time_ms(&cuda, 5, || {
