@@ -28,13 +28,25 @@ fn resident(decoder: &Decoder, b: VramBudget) -> bool {
 
 /// The smallest ceiling under which nothing streams.
 fn all_resident(decoder: &Decoder) -> u64 {
+    resident_from(decoder, budget(0))
+}
+
+/// The smallest ceiling under which nothing streams, for the context and pass of `base`.
+fn resident_from(decoder: &Decoder, base: VramBudget) -> u64 {
+    let at = |max_bytes| VramBudget { max_bytes, ..base };
     let (mut lo, mut hi) = (0u64, 1u64 << 40);
-    assert!(resident(decoder, budget(hi)));
+    assert!(resident(decoder, at(hi)));
     while lo + 1 < hi {
         let mid = lo + (hi - lo) / 2;
-        if resident(decoder, budget(mid)) { hi = mid } else { lo = mid }
+        if resident(decoder, at(mid)) { hi = mid } else { lo = mid }
     }
     hi
+}
+
+/// The smallest ceiling under which nothing streams when the facade places the model with a
+/// 256-token context (`strata::plan_vram_placement`, `--device cuda`).
+fn facade_resident(decoder: &Decoder) -> u64 {
+    resident_from(decoder, VramBudget { max_bytes: 0, context_tokens: 256, pass_tokens: strata::VRAM_PASS_TOKENS })
 }
 
 #[test]
@@ -129,4 +141,71 @@ fn a_gpu_ceiling_on_the_cpu_is_refused() {
     let Err(err) = Model::from_pretrained(&path, options) else { panic!("--max-vram on the CPU loaded") };
     let err = err.to_string();
     assert!(err.contains("--max-vram") && err.contains("--device cuda"), "{err}");
+}
+
+/// `--max-ram` beside `--max-vram` bounds the page-locked host copies of the CUDA placement: the
+/// streamed layers' matrices, or the routed experts under a device expert cache. Under the
+/// ceiling the placement is the same; one byte short, an error names what they need.
+#[test]
+fn a_host_ceiling_bounds_the_page_locked_copies_of_a_gpu_placement() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, decoder) = deep(8, dir.path());
+    let f = Fixture::load("mixtral_moe");
+    let moe = strata_models::load_dir(&f.dir).unwrap().decoder;
+    for (path, decoder) in [(path, decoder), (f.dir.clone(), moe)] {
+        let need = facade_resident(&decoder);
+        let options = |max_ram: Option<u64>| LoadOptions {
+            max_context: Some(256),
+            offload: OffloadConfig { max_vram: Some(need - 1), max_ram, ..OffloadConfig::default() },
+            ..LoadOptions::default()
+        };
+        let free = strata::plan_vram_placement(&path, &options(None)).unwrap();
+        let host = free.report.host_bytes();
+        let r = &free.report;
+        let want: u64 = if r.expert_slots > 0 {
+            r.needs.expert_count as u64 * r.needs.expert_slot
+        } else {
+            (0..r.streamed.len()).filter(|&i| r.streamed[i]).map(|i| r.needs.streamed[i]).sum()
+        };
+        assert!(host > 0 && host == want, "{host} against {want}");
+        let fits = strata::plan_vram_placement(&path, &options(Some(host))).unwrap();
+        assert_eq!((fits.report, fits.max_ram), (free.report.clone(), Some(host)));
+        let err = strata::plan_vram_placement(&path, &options(Some(host - 1))).unwrap_err().to_string();
+        assert!(
+            err.contains("--max-ram") && err.contains("page-locked host memory") && err.contains("--max-vram"),
+            "{err}"
+        );
+        // Everything resident: nothing in host memory, whatever the ceiling.
+        let roomy = LoadOptions {
+            offload: OffloadConfig { max_vram: Some(need), max_ram: Some(1), ..OffloadConfig::default() },
+            ..options(None)
+        };
+        assert_eq!(strata::plan_vram_placement(&path, &roomy).unwrap().report.host_bytes(), 0);
+    }
+}
+
+/// On CUDA the host ceiling is checked before the device is opened, and the CPU's placement
+/// flags are refused (this runs without a GPU: both fail before one is needed).
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_checks_the_host_ceiling_before_it_opens_the_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, decoder) = deep(8, dir.path());
+    let need = facade_resident(&decoder);
+    let load = |offload: OffloadConfig| {
+        let options =
+            LoadOptions { device: Device::Cuda(0), max_context: Some(256), offload, ..LoadOptions::default() };
+        match Model::from_pretrained(&path, options) {
+            Ok(_) => panic!("loaded"),
+            Err(e) => e.to_string(),
+        }
+    };
+    let err = load(OffloadConfig { max_vram: Some(need - 1), max_ram: Some(1), ..OffloadConfig::default() });
+    assert!(err.contains("--max-ram 1 B") && err.contains("page-locked host memory"), "{err}");
+    let err = load(OffloadConfig {
+        max_vram: Some(need - 1),
+        strategy: Some("stream-all".into()),
+        ..OffloadConfig::default()
+    });
+    assert!(err.contains("--strategy") && err.contains("place the CPU's tiers"), "{err}");
 }

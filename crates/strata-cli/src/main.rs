@@ -74,7 +74,7 @@ pub(crate) struct PlacementArgs {
     /// GPU memory ceiling, like 20GB or 512MiB.
     #[arg(long, value_name = "SIZE")]
     max_vram: Option<String>,
-    /// Host memory ceiling, like 20GB or 512MiB.
+    /// Host memory ceiling, like 20GB or 512MiB (on CUDA, of the host copies --max-vram keeps).
     #[arg(long, value_name = "SIZE")]
     max_ram: Option<String>,
     /// Directory for the offload pack.

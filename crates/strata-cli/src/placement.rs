@@ -127,9 +127,9 @@ pub(crate) fn pack(a: PackArgs) -> Result<()> {
 /// needed): what stays on the device, which layers stream from host memory, what a token copies.
 fn plan_vram(a: &PlanArgs, options: &strata::LoadOptions) -> Result<()> {
     anyhow::ensure!(
-        !options.offload.places_cpu_tiers(),
-        "--max-vram plans the GPU; --max-ram, --strategy, --prefetch-layers, --offload-dir and --pack-dtype plan \
-         the CPU's tiers: give one or the other"
+        !options.offload.sets_cpu_placement(),
+        "--max-vram plans the GPU (with --max-ram bounding the host memory it takes); --strategy, \
+         --prefetch-layers, --offload-dir, --pack-dtype and --expert-cache plan the CPU's tiers: give one or the other"
     );
     let path = model_path(&a.model)?;
     let r = strata::plan_vram_placement(&path, options).with_context(|| format!("cannot plan {}", path.display()))?;
@@ -167,6 +167,8 @@ fn plan_vram(a: &PlanArgs, options: &strata::LoadOptions) -> Result<()> {
             "buffer_bytes": rep.buffer_bytes(),
             "uploaded_bytes_per_token": rep.uploaded_per_pass(),
             "device_bytes": rep.device_bytes(),
+            "host_bytes": rep.host_bytes(),
+            "max_ram_bytes": r.max_ram,
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
@@ -215,6 +217,7 @@ fn plan_vram(a: &PlanArgs, options: &strata::LoadOptions) -> Result<()> {
             );
         }
         println!("on the GPU in all  {:>10}  of {}", size(rep.device_bytes()), size(b.max_bytes));
+        host_line(rep.host_bytes(), r.max_ram);
         return Ok(());
     }
     println!("resident layers    {:>10}  ({} of {})", size(kept), r.layers - streamed.len(), r.layers);
@@ -235,5 +238,13 @@ fn plan_vram(a: &PlanArgs, options: &strata::LoadOptions) -> Result<()> {
         _ => println!("streamed layers    {:>10}  (every layer fits)", size(0)),
     }
     println!("on the GPU in all  {:>10}  of {}", size(rep.device_bytes()), size(b.max_bytes));
+    host_line(rep.host_bytes(), r.max_ram);
     Ok(())
+}
+
+/// The page-locked host memory line of `strata plan --max-vram`, against `--max-ram` if given.
+fn host_line(host_bytes: u64, max_ram: Option<u64>) {
+    let size = strata::planner::format_size;
+    let of = max_ram.map_or(String::new(), |m| format!("  of {} (--max-ram)", size(m)));
+    println!("in host memory     {:>10}  (page-locked){of}", size(host_bytes));
 }

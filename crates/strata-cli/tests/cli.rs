@@ -143,7 +143,13 @@ fn plan_places_a_model_under_a_gpu_ceiling() {
     assert_eq!(v["layers"].as_array().unwrap().len(), 2);
     let device = v["device_bytes"].as_u64().unwrap();
     assert!(device > 0 && device <= 1_000_000_000, "{v}");
-    let out = strata(&["plan", "--model", model.to_str().unwrap(), "--max-vram", "1GB", "--max-ram", "1GB"]);
+    assert_eq!(v["host_bytes"], 0, "{v}");
+    // --max-ram bounds the host memory of the GPU placement; the CPU's placement flags are refused.
+    let out = strata(&["plan", "--model", model.to_str().unwrap(), "--max-vram", "1GB", "--max-ram", "1GB", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((v["max_ram_bytes"].as_u64(), v["host_bytes"].as_u64()), (Some(1_000_000_000), Some(0)));
+    let out = strata(&["plan", "--model", model.to_str().unwrap(), "--max-vram", "1GB", "--strategy", "stream-all"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("give one or the other"), "{}", stderr(&out));
     let out = strata(&["plan", "--model", model.to_str().unwrap(), "--max-vram", "1MB"]);
@@ -180,6 +186,21 @@ fn plan_gives_a_moe_model_short_of_room_a_device_expert_cache() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("expert cache") && text.contains(&format!("{slots} slots")), "{text}");
     assert!(text.contains("copied per token"), "{text}");
+    // Every routed expert in page-locked host memory, which --max-ram bounds.
+    let host = tight["host_bytes"].as_u64().unwrap();
+    assert_eq!(host, 16 * tight["expert_slot_bytes"].as_u64().unwrap(), "{tight}");
+    let out =
+        strata(&["plan", "--model", model, "--max-vram", &(need - 1).to_string(), "--max-ram", &host.to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("in host memory"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let short = (host - 1).to_string();
+    let out = strata(&["plan", "--model", model, "--max-vram", &(need - 1).to_string(), "--max-ram", &short]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--max-ram") && stderr(&out).contains("its 16 routed experts"), "{}", stderr(&out));
 }
 
 /// `--out` writes a regular file through a temporary renamed into place; a special file is

@@ -220,6 +220,16 @@ impl VramReport {
         Some((per_token * (1.0 - hit)).round() as u64)
     }
 
+    /// Bytes of page-locked host memory the placement takes: a host copy of each streamed layer's
+    /// matrices, laid out as its device buffer takes them, or of each routed expert under a
+    /// device expert cache (0 when everything is resident). `--max-ram` bounds them on CUDA.
+    pub fn host_bytes(&self) -> u64 {
+        if self.expert_slots > 0 {
+            return self.needs.expert_count as u64 * self.needs.expert_slot;
+        }
+        self.needs.streamed.iter().zip(&self.streamed).filter(|(_, s)| **s).map(|(b, _)| *b).sum()
+    }
+
     /// Bytes the placement takes on the device: what stays, the resident layers (less their
     /// routed experts under an expert cache) and the buffers.
     pub fn device_bytes(&self) -> u64 {

@@ -252,13 +252,16 @@ impl Model {
                 "--max-vram is a ceiling on GPU memory: it needs --device cuda (--max-ram bounds host memory)".into(),
             ));
         }
-        let (loaded, plan) = if options.offload.places_cpu_tiers() {
-            if options.device != Device::Cpu {
-                return Err(Error::Unsupported(format!(
-                    "placement flags with {}: tiered weights run on the CPU for now",
-                    options.device
-                )));
-            }
+        // On CUDA, --max-vram places the weights and --max-ram bounds the host memory that takes;
+        // the other placement flags place the CPU's tiers.
+        if options.device != Device::Cpu && options.offload.sets_cpu_placement() {
+            return Err(Error::Unsupported(format!(
+                "--strategy, --prefetch-layers, --offload-dir, --pack-dtype and --expert-cache place the CPU's tiers \
+                 (RAM and disk): with {}, --max-vram places the weights and --max-ram bounds the host memory they take",
+                options.device
+            )));
+        }
+        let (loaded, plan) = if options.device == Device::Cpu && options.offload.places_cpu_tiers() {
             let dir = options.offload.offload_dir();
             let (layout, plan, context) =
                 crate::offload::plan_opened(&opened, &options.offload, scaling.clone(), options.max_context, &pool)?;
@@ -314,6 +317,11 @@ impl Model {
                 let budget = vram_budget(&decoder, options.offload.max_vram);
                 if let Some(b) = &budget {
                     chunk = Some(b.pass_tokens);
+                    // The host copies the placement keeps, against --max-ram, before any allocation.
+                    if options.offload.max_ram.is_some() {
+                        let report = strata_models::vram_report(&decoder, b)?;
+                        crate::offload::check_host_ceiling(&report, b.max_bytes, options.offload.max_ram)?;
+                    }
                 }
                 let cuda = strata_models::CudaDecoder::open_within(&decoder, ordinal, budget)?;
                 if options.offload.expert_cache_policy.is_some() {

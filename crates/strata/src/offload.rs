@@ -36,12 +36,15 @@ pub struct OffloadConfig {
     /// A planner strategy: `all-resident`, `stream-all`, `pin-attention` or `cost-model` (the
     /// default).
     pub strategy: Option<String>,
-    /// GPU memory ceiling in bytes, with `--device cuda` alone: the CUDA decoder keeps weights,
-    /// KV cache and scratch under it, streaming its last layers from host memory when the
-    /// weights do not fit (`strata_models::CudaDecoder::new_within`). Refused on the CPU.
+    /// GPU memory ceiling in bytes, with `--device cuda`: the CUDA decoder keeps weights,
+    /// KV cache and scratch under it, streaming its last layers (or a MoE model's routed
+    /// experts) from host memory when the weights do not fit
+    /// (`strata_models::CudaDecoder::new_within`). Refused on the CPU.
     pub max_vram: Option<u64>,
-    /// Host memory ceiling in bytes: weights, KV cache, activations and staging buffers stay
-    /// under it, or loading fails saying what would fit.
+    /// Host memory ceiling in bytes: on the CPU, weights, KV cache, activations and staging
+    /// buffers stay under it, or loading fails saying what would fit; on CUDA, the page-locked
+    /// host copies of the `max_vram` placement must fit under it (checked at load, before the
+    /// device is opened).
     pub max_ram: Option<u64>,
     /// Streamed units read ahead of compute (`None`: the strategy decides).
     pub prefetch_layers: Option<usize>,
@@ -86,6 +89,14 @@ impl OffloadConfig {
     pub fn places_cpu_tiers(&self) -> bool {
         // The expert cache's policy alone places nothing: it is the CPU cache's or the GPU's.
         OffloadConfig { max_vram: None, expert_cache_policy: None, ..self.clone() }.is_active()
+    }
+
+    /// Whether a flag that only the CPU's placement takes is set: anything but the two ceilings
+    /// and the expert cache's policy. On CUDA, `max_vram` places the weights and `max_ram`
+    /// bounds the page-locked host memory that placement takes (checked at load, before the
+    /// device is opened).
+    pub fn sets_cpu_placement(&self) -> bool {
+        OffloadConfig { max_vram: None, max_ram: None, expert_cache_policy: None, ..self.clone() }.is_active()
     }
 
     /// Checks the expert cache settings against a model whose MoE layers run `experts_per_token`
@@ -232,8 +243,9 @@ pub fn plan_placement(spec: impl AsRef<Path>, options: &LoadOptions) -> Result<P
 
 /// Where the weights of the model at `spec` go under the GPU ceiling `options.offload.max_vram`
 /// on CUDA, as loading it with `--device cuda` places them (`strata_models::vram_report`): what
-/// stays on the device, which layers stream from host memory. Needs no GPU; reads the
-/// checkpoint's headers and maps its weights.
+/// stays on the device, which layers stream from host memory, and, under
+/// `options.offload.max_ram`, whether the host copies fit (an error says what they need). Needs
+/// no GPU; reads the checkpoint's headers and maps its weights.
 pub fn plan_vram_placement(spec: impl AsRef<Path>, options: &LoadOptions) -> Result<VramPlacementReport> {
     let Some(max_vram) = options.offload.max_vram else {
         return Err(Error::InvalidInput("plan_vram_placement needs a GPU ceiling (max_vram)".into()));
@@ -242,7 +254,36 @@ pub fn plan_vram_placement(spec: impl AsRef<Path>, options: &LoadOptions) -> Res
     decoder.set_max_context(options.max_context);
     let budget = crate::model::vram_budget(&decoder, Some(max_vram)).expect("a ceiling was given");
     let report = strata_models::vram_report(&decoder, &budget)?;
-    Ok(VramPlacementReport { budget, report, layers: decoder.hparams().n_layers })
+    check_host_ceiling(&report, max_vram, options.offload.max_ram)?;
+    Ok(VramPlacementReport { budget, report, layers: decoder.hparams().n_layers, max_ram: options.offload.max_ram })
+}
+
+/// Checks a CUDA placement against the host memory ceiling `max_ram`: the page-locked host
+/// copies it keeps (of its streamed layers, or of its routed experts under a device expert
+/// cache: `VramReport::host_bytes`) must fit. Checked before anything is allocated.
+pub(crate) fn check_host_ceiling(
+    report: &strata_models::VramReport,
+    max_vram: u64,
+    max_ram: Option<u64>,
+) -> Result<()> {
+    let Some(max_ram) = max_ram else { return Ok(()) };
+    let host = report.host_bytes();
+    if host <= max_ram {
+        return Ok(());
+    }
+    let size = strata_models::store::planner::format_size;
+    let what = if report.expert_slots > 0 {
+        format!("its {} routed experts", report.needs.expert_count)
+    } else {
+        format!("{} streamed layers", report.streamed.iter().filter(|&&s| s).count())
+    };
+    Err(Error::InvalidInput(format!(
+        "--max-ram {}: under --max-vram {} the model keeps {} in page-locked host memory ({what}); give --max-ram \
+         at least that, or more --max-vram (on CUDA, weights do not stream from disk yet)",
+        size(max_ram),
+        size(max_vram),
+        size(host),
+    )))
 }
 
 /// What [`plan_vram_placement`] found.
@@ -254,6 +295,8 @@ pub struct VramPlacementReport {
     pub report: strata_models::VramReport,
     /// Decoder layers.
     pub layers: usize,
+    /// The host memory ceiling it was checked against (`--max-ram`), if any.
+    pub max_ram: Option<u64>,
 }
 
 /// What [`pack_model`] did.
