@@ -233,16 +233,16 @@ struct SamplingArgs {
     #[arg(long, default_value_t = 256)]
     max_new_tokens: usize,
     /// Sampling temperature; 0 (the default) is greedy decoding.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     temperature: f32,
     /// Nucleus sampling: keep the most likely tokens up to this cumulative probability.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     top_p: Option<f32>,
     /// Keep only the k most likely tokens.
     #[arg(long)]
     top_k: Option<usize>,
     /// Penalise tokens already in the sequence (1 disables).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     repetition_penalty: f32,
     /// Seed for sampling.
     #[arg(long, default_value_t = 0)]
@@ -250,8 +250,9 @@ struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    fn options(&self) -> GenerateOptions {
-        GenerateOptions {
+    /// The options, checked before any model is loaded.
+    fn options(&self) -> Result<GenerateOptions> {
+        let options = GenerateOptions {
             max_new_tokens: self.max_new_tokens,
             sampling: SamplingParams {
                 temperature: self.temperature,
@@ -261,7 +262,9 @@ impl SamplingArgs {
                 seed: self.seed,
             },
             stop_at_eos: true,
-        }
+        };
+        options.sampling.check()?;
+        Ok(options)
     }
 }
 
@@ -469,8 +472,8 @@ fn router_json(stats: &strata::RouterStats) -> serde_json::Value {
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
+    let options = a.sampling.options()?;
     let model = load(&a.model)?;
-    let options = a.sampling.options();
     let mut stdout = std::io::stdout().lock();
     let print = |stdout: &mut std::io::StdoutLock, piece: &str| {
         let _ = write!(stdout, "{piece}");
@@ -503,11 +506,11 @@ fn report_speed(g: &strata::Generation) {
 }
 
 fn chat(a: ChatArgs) -> Result<()> {
+    let options = a.sampling.options()?;
     let model = load(&a.model)?;
     if model.chat_template().is_none() {
         bail!("{} has no chat template; use `strata generate` instead", model.source().display());
     }
-    let options = a.sampling.options();
     let mut history: Vec<ChatMessage> = a.system.iter().map(|s| ChatMessage::new("system", s.as_str())).collect();
     let stdin = std::io::stdin();
     eprintln!("chatting with {} (/reset clears the history, /exit or Ctrl-D quits)", model.source().display());

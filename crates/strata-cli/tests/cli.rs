@@ -111,6 +111,21 @@ fn expert_cache_flags_are_checked() {
 }
 
 /// `--max-vram` bounds GPU memory: on the CPU it is refused, saying what it needs.
+/// Sampling parameters out of range are refused before the model loads, with the value named
+/// (a negative number is taken as the flag's value, not as another flag).
+#[test]
+fn sampling_parameters_out_of_range_are_refused() {
+    for (flag, value, want) in [
+        ("--temperature", "-1", "temperature -1"),
+        ("--top-p", "1.5", "top-p 1.5"),
+        ("--repetition-penalty", "0", "repetition penalty 0"),
+    ] {
+        let out = strata(&["generate", "--model", "/nonexistent", "--prompt", "hi", flag, value]);
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains(want) && !stderr(&out).contains("nonexistent"), "{}", stderr(&out));
+    }
+}
+
 #[test]
 fn a_gpu_ceiling_on_the_cpu_is_refused() {
     let model = fixture("llama_tied");

@@ -675,6 +675,7 @@ impl Model {
         if prompt.is_empty() {
             return Err(Error::InvalidInput("the prompt is empty: give at least one token".into()));
         }
+        options.sampling.check()?;
         let eos = &self.decoder.hparams().eos_token_ids;
         let mut sampler = Sampler::new(options.sampling.clone());
         let mut cache = self.new_cache()?;

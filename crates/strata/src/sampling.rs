@@ -26,6 +26,27 @@ impl Default for SamplingParams {
     }
 }
 
+impl SamplingParams {
+    /// Checks the parameters: a temperature of at least 0, a top-p in (0, 1] and a repetition
+    /// penalty above 0, all finite. (A penalty of 0 would make every seen token's logit
+    /// infinite; a temperature below 0 or a top-p above 1 mean nothing.)
+    pub fn check(&self) -> crate::Result<()> {
+        let bad = |what: String| Err(crate::Error::InvalidInput(what));
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return bad(format!("temperature {}: it must be 0 (greedy) or more", self.temperature));
+        }
+        if let Some(p) = self.top_p
+            && !(p > 0.0 && p <= 1.0)
+        {
+            return bad(format!("top-p {p}: it must be above 0 and at most 1"));
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return bad(format!("repetition penalty {}: it must be above 0 (1 turns it off)", self.repetition_penalty));
+        }
+        Ok(())
+    }
+}
+
 /// A sampler: the parameters and the random state.
 #[derive(Clone, Debug)]
 pub struct Sampler {
@@ -180,6 +201,25 @@ mod tests {
         assert_eq!(argmax(&[f32::NAN, f32::NAN]), 0);
         assert_eq!(argmax(&[-0.0, 0.0]), 0);
         assert_eq!(argmax(&[f32::NAN, 1.0, 2.0, 2.0]), 2);
+    }
+
+    #[test]
+    fn parameters_out_of_range_are_refused() {
+        assert!(SamplingParams::default().check().is_ok());
+        let ok = SamplingParams { temperature: 0.7, top_p: Some(1.0), repetition_penalty: 1.3, ..params(0.0) };
+        assert!(ok.check().is_ok());
+        let refused = [
+            (SamplingParams { temperature: -1.0, ..params(0.0) }, "temperature -1"),
+            (SamplingParams { temperature: f32::NAN, ..params(0.0) }, "temperature NaN"),
+            (SamplingParams { top_p: Some(1.5), ..params(0.0) }, "top-p 1.5"),
+            (SamplingParams { top_p: Some(0.0), ..params(0.0) }, "top-p 0"),
+            (SamplingParams { repetition_penalty: 0.0, ..params(0.0) }, "repetition penalty 0"),
+            (SamplingParams { repetition_penalty: f32::INFINITY, ..params(0.0) }, "repetition penalty inf"),
+        ];
+        for (p, want) in refused {
+            let err = p.check().unwrap_err().to_string();
+            assert!(err.contains(want), "{err}");
+        }
     }
 
     #[test]
