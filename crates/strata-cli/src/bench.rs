@@ -1,9 +1,12 @@
 //! `strata bench`: prefill and decode speed, next to the memory-bandwidth bound measured in the
 //! same run.
 //!
-//! Decoding one token reads every weight once, so no engine can decode faster than
-//! `read bandwidth / weight bytes per token`; the bench reports that bound and the achieved
-//! fraction. Prefill is reported as tokens per second of one forward pass over the prompt.
+//! Decoding one token reads every weight once, and the keys and values of every position its
+//! layers see (f32; on average over the decode, from the prompt's length on), so no engine
+//! keeping that cache in f32 can decode faster than `read bandwidth / (weight + KV bytes per
+//! token)`; the bench reports that bound (`bytes_read_per_token`, of which
+//! `kv_bytes_read_per_token`) and the achieved fraction. Prefill is reported as tokens per
+//! second of one forward pass over the prompt.
 //!
 //! On a Mixture-of-Experts model a token reads only the experts its router picks: the bench
 //! reports `mean_experts_per_token` and counts that many experts per layer in the bytes per token:
@@ -227,6 +230,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let unused = (k as f64 - mean).max(0.0) * model.decoder().bytes_per_active_expert() as f64;
         bytes_per_token -= unused.round() as usize;
     }
+    // Each decoded token also reads the keys and values of every position its layers see.
+    let windows: Vec<Option<usize>> = (0..hp.n_layers).map(|l| hp.layer_windows.get(l).copied().flatten()).collect();
+    let kv_per_token = kv_read_per_token(hp.kv_dim(), &windows, a.prompt_tokens, a.gen_tokens);
+    bytes_per_token += kv_per_token;
     let bound_tok_s = bandwidth / bytes_per_token as f64;
     // The decode's share of experts found in the expert cache (median over the runs).
     let hit_rate = (!hit_rates.is_empty()).then(|| median(&mut hit_rates));
@@ -241,6 +248,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "peak_rss_bytes": peak_rss,
         "peak_vram_bytes": peak_vram,
         "bytes_read_per_token": bytes_per_token,
+        "kv_bytes_read_per_token": kv_per_token,
         "weight_bytes": model.decoder().weight_bytes(),
         "kv_bytes": kv_bytes,
         "memory_read_gb_s": bandwidth / 1e9,
@@ -508,4 +516,29 @@ fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// Bytes of the f32 KV cache a decoded token reads, on average over the decode of `steps` tokens
+/// after a prompt of `prompt`, for layers of `kv_dim` key (and value) floats per position and
+/// the sliding windows `windows` (one per layer, `None`: none): step `i` sees `prompt + i + 1`
+/// positions in each layer, at most its window.
+fn kv_read_per_token(kv_dim: usize, windows: &[Option<usize>], prompt: usize, steps: usize) -> usize {
+    let total: usize = (0..steps)
+        .map(|i| windows.iter().map(|w| w.map_or(prompt + i + 1, |w| (prompt + i + 1).min(w))).sum::<usize>())
+        .sum();
+    2 * kv_dim * 4 * total / steps.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kv_read_per_token;
+
+    #[test]
+    fn the_kv_read_averages_the_positions_each_layer_sees() {
+        // Two layers of 8 floats per row: steps see 5, 6, 7 positions (a mean of 6) in the first,
+        // at most 5 in the windowed one.
+        assert_eq!(kv_read_per_token(8, &[None, Some(5)], 4, 3), 2 * 8 * 4 * (18 + 15) / 3);
+        assert_eq!(kv_read_per_token(8, &[], 4, 3), 0);
+        assert_eq!(kv_read_per_token(8, &[None], 4, 0), 0);
+    }
 }

@@ -538,7 +538,7 @@ pub(crate) mod avx2 {
     /// The maximum of the 8 lanes (none of which is NaN).
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn hmax(v: __m256) -> f32 {
+    pub(crate) fn hmax(v: __m256) -> f32 {
         let s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
         let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_max_ss(s, _mm_movehdup_ps(s));
