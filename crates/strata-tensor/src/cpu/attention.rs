@@ -590,6 +590,106 @@ mod decode_avx2 {
     }
 }
 
+/// The AVX2 parts of [`attend`] for head dims of 64 and 128: [`prefill_avx512`]'s kernels with
+/// eight-lane vectors. AVX2 has sixteen vector registers, so each works on `G` vectors of
+/// accumulators per row at a time (eight in all: `G = 8 / R` for `R` rows), passing over its
+/// inputs (from L1) once per group.
+#[cfg(target_arch = "x86_64")]
+mod prefill_avx2 {
+    use std::arch::x86_64::*;
+
+    use super::KEY_TILE;
+
+    /// [`super::prefill_avx512::scores`] with AVX2: `s[i][u] = scale * q[i].k_u` for `R` query
+    /// rows and the `tn` keys of a tile transposed into `kt` (`[head_dim, KEY_TILE]`, zero past
+    /// `tn`), eight keys per vector, `G` vectors of keys at a time; `s[i][tn..]` gets the zero
+    /// keys' scores, which the caller never uses.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `R * G <= 8`; every `q[i]` of the same length `hd`, `kt.len() >= hd *
+    /// KEY_TILE`, every `s[i].len() >= KEY_TILE`, `tn <= KEY_TILE`.
+    // `d`, `v` and `i` index several arrays at once, so ranges read better than iterators.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn scores<const R: usize, const G: usize>(
+        q: [&[f32]; R],
+        kt: &[f32],
+        scale: f32,
+        tn: usize,
+        s: [&mut [f32]; R],
+    ) {
+        let hd = q[0].len();
+        debug_assert!(R * G <= 8 && kt.len() >= hd * KEY_TILE && tn <= KEY_TILE);
+        debug_assert!(q.iter().all(|q| q.len() == hd) && s.iter().all(|s| s.len() >= KEY_TILE));
+        let vecs = tn.div_ceil(8);
+        let kt = kt.as_ptr();
+        let scale = _mm256_set1_ps(scale);
+        for v0 in (0..vecs).step_by(G) {
+            let n = G.min(vecs - v0);
+            let mut acc = [[_mm256_setzero_ps(); G]; R];
+            for d in 0..hd {
+                let b: [__m256; R] = std::array::from_fn(|i| _mm256_set1_ps(q[i][d]));
+                for v in 0..n {
+                    // SAFETY: `d * KEY_TILE + 8 * (v0 + v) + 8 <= hd * KEY_TILE <= kt.len()`.
+                    let k = unsafe { _mm256_loadu_ps(kt.add(d * KEY_TILE + 8 * (v0 + v))) };
+                    for i in 0..R {
+                        acc[i][v] = _mm256_fmadd_ps(b[i], k, acc[i][v]);
+                    }
+                }
+            }
+            for i in 0..R {
+                for v in 0..n {
+                    // SAFETY: `8 * (v0 + v) + 8 <= KEY_TILE <= s[i].len()`.
+                    unsafe { _mm256_storeu_ps(s[i].as_mut_ptr().add(8 * (v0 + v)), _mm256_mul_ps(acc[i][v], scale)) };
+                }
+            }
+        }
+    }
+
+    /// [`super::prefill_avx512::values`] with AVX2: `a[i] += sum_u p[i][u] * rows[u][off..off +
+    /// hd]` for `R` rows of the same KV head, `G` vectors of each output in registers at a time,
+    /// each load of a value row used for the `R` rows.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `R * G <= 8`; every `a[i]` of the same length, a multiple of `8 * G`; every
+    /// `rows[u]` points at `off + a[i].len()` readable floats; every `p[i]` as long as `rows`.
+    // `v` and `i` index several arrays at once, so ranges read better than iterators.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn values<const R: usize, const G: usize>(
+        p: [&[f32]; R],
+        rows: &[*const f32],
+        off: usize,
+        a: [&mut [f32]; R],
+    ) {
+        let hd = a[0].len();
+        debug_assert!(R * G <= 8 && hd.is_multiple_of(8 * G) && a.iter().all(|x| x.len() == hd));
+        debug_assert!(p.iter().all(|p| p.len() == rows.len()));
+        for g in (0..hd / 8).step_by(G) {
+            // SAFETY: every `a[i]` holds `hd` floats and every row `off + hd` (the caller), and
+            // `8 * (g + v) + 8 <= hd`.
+            unsafe {
+                let mut acc: [[__m256; G]; R] =
+                    std::array::from_fn(|i| std::array::from_fn(|v| _mm256_loadu_ps(a[i].as_ptr().add(8 * (g + v)))));
+                for (u, &row) in rows.iter().enumerate() {
+                    let b: [__m256; R] = std::array::from_fn(|i| _mm256_set1_ps(p[i][u]));
+                    for v in 0..G {
+                        let x = _mm256_loadu_ps(row.add(off + 8 * (g + v)));
+                        for i in 0..R {
+                            acc[i][v] = _mm256_fmadd_ps(b[i], x, acc[i][v]);
+                        }
+                    }
+                }
+                for i in 0..R {
+                    for v in 0..G {
+                        _mm256_storeu_ps(a[i].as_mut_ptr().add(8 * (g + v)), acc[i][v]);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The AVX-512 parts of [`attend`] for head dims of 64 and 128.
 #[cfg(target_arch = "x86_64")]
 mod prefill_avx512 {
@@ -715,6 +815,19 @@ struct Scratch {
     keys_t: Vec<f32>,
 }
 
+/// Which tiled kernels a prefill unit runs ([`attend`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tiled {
+    /// None: the generic four-key steps.
+    No,
+    /// `prefill_avx2`'s, eight keys a vector.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Avx2,
+    /// `prefill_avx512`'s, sixteen keys a vector.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Avx512,
+}
+
 /// Unnormalised attention of a block of query tokens `q` (`[bq, n_heads, head_dim]`) over the
 /// key positions `keys`, token `b` seeing the positions `visible(b)` (non-empty, inside `keys`).
 /// `key(j)` and `value(j)` give position `j`'s row (`[n_kv_heads, head_dim]`); query head `h`
@@ -741,10 +854,16 @@ fn attend<'a>(
     let rows = bq * n_heads;
     debug_assert!(acc.len() == q.len() && !keys.is_empty());
     let Scratch { scores, max, sum, spans, keys_t } = scratch;
+    // The tiled kernels, for head dims of 64 and 128: AVX-512's, else AVX2's.
     #[cfg(target_arch = "x86_64")]
-    let tiled = isa >= Isa::Avx512 && matches!(hd, 64 | 128);
+    let tiled = match (isa, matches!(hd, 64 | 128)) {
+        (_, false) => Tiled::No,
+        (isa, true) if isa >= Isa::Avx512 => Tiled::Avx512,
+        (isa, true) if isa >= Isa::Avx2 => Tiled::Avx2,
+        _ => Tiled::No,
+    };
     #[cfg(not(target_arch = "x86_64"))]
-    let tiled = false;
+    let tiled = Tiled::No;
     scores.clear();
     scores.resize(rows * KEY_TILE, 0.0);
     max.clear();
@@ -769,9 +888,10 @@ fn attend<'a>(
             spans.iter().enumerate().filter_map(move |(b, s)| s.as_ref().filter(|(_, w)| w.contains(&g0)).map(|_| b))
         };
 
-        if tiled {
-            // With AVX-512 and a head dim of 64 or 128: the tile's keys transposed once, then
-            // each row's scores as sixteen-key vectors, one FMA per dimension and vector.
+        if tiled != Tiled::No {
+            // With a head dim of 64 or 128: the tile's keys transposed once, then each row's
+            // scores as vectors of sixteen (AVX-512) or eight (AVX2) keys, one FMA per
+            // dimension and vector.
             #[cfg(target_arch = "x86_64")]
             {
                 let kv_stride = p.n_kv_heads * hd;
@@ -792,13 +912,22 @@ fn attend<'a>(
                         let qh = |h: usize| &q[b * q_stride + h * hd..][..hd];
                         let row = (b * n_heads + h) * KEY_TILE;
                         let rows = &mut scores[row..][..(1 + usize::from(pair)) * KEY_TILE];
-                        // SAFETY: `tiled` checked AVX-512 F (`isa` is at most what the CPU has).
+                        // SAFETY: `tiled` checked AVX-512 F, or AVX2 and FMA (`isa` is at most
+                        // what the CPU has).
                         unsafe {
-                            if pair {
-                                let (s0, s1) = rows.split_at_mut(KEY_TILE);
-                                prefill_avx512::scores::<2>([qh(h), qh(h + 1)], kt, p.scale, tn, [s0, s1]);
-                            } else {
-                                prefill_avx512::scores::<1>([qh(h)], kt, p.scale, tn, [&mut *rows]);
+                            match (tiled, pair) {
+                                (Tiled::Avx512, true) => {
+                                    let (s0, s1) = rows.split_at_mut(KEY_TILE);
+                                    prefill_avx512::scores::<2>([qh(h), qh(h + 1)], kt, p.scale, tn, [s0, s1]);
+                                }
+                                (Tiled::Avx512, false) => {
+                                    prefill_avx512::scores::<1>([qh(h)], kt, p.scale, tn, [&mut *rows])
+                                }
+                                (_, true) => {
+                                    let (s0, s1) = rows.split_at_mut(KEY_TILE);
+                                    prefill_avx2::scores::<2, 4>([qh(h), qh(h + 1)], kt, p.scale, tn, [s0, s1]);
+                                }
+                                (_, false) => prefill_avx2::scores::<1, 8>([qh(h)], kt, p.scale, tn, [&mut *rows]),
                             }
                         }
                         for s in rows.chunks_exact_mut(KEY_TILE) {
@@ -861,8 +990,8 @@ fn attend<'a>(
             }
         }
 
-        if tiled {
-            // With AVX-512: per row, the output in registers over the row's keys of the tile.
+        if tiled != Tiled::No {
+            // Tiled: per row, the output in registers over the row's keys of the tile.
             // Heads outside, rows inside: a KV head's part of the value rows stays in L1. Two
             // heads of the same KV head go together where they can, sharing each load.
             #[cfg(target_arch = "x86_64")]
@@ -876,13 +1005,18 @@ fn attend<'a>(
                         let pr = |r: usize| &scores[r * KEY_TILE..][wide.clone()];
                         let rows = &vrows[wide.clone()];
                         let (a0, a1) = acc[r * hd..].split_at_mut(hd);
-                        // SAFETY: AVX-512 F as above; every value row holds `n_kv_heads * hd`
-                        // floats, so `off + hd` of them.
+                        // SAFETY: the ISA as above; every value row holds `n_kv_heads * hd`
+                        // floats, so `off + hd` of them; `hd` (64 or 128) is a multiple of 32.
                         unsafe {
-                            if pair {
-                                prefill_avx512::values::<2>([pr(r), pr(r + 1)], rows, off, [a0, &mut a1[..hd]]);
-                            } else {
-                                prefill_avx512::values::<1>([pr(r)], rows, off, [a0]);
+                            match (tiled, pair) {
+                                (Tiled::Avx512, true) => {
+                                    prefill_avx512::values::<2>([pr(r), pr(r + 1)], rows, off, [a0, &mut a1[..hd]])
+                                }
+                                (Tiled::Avx512, false) => prefill_avx512::values::<1>([pr(r)], rows, off, [a0]),
+                                (_, true) => {
+                                    prefill_avx2::values::<2, 4>([pr(r), pr(r + 1)], rows, off, [a0, &mut a1[..hd]])
+                                }
+                                (_, false) => prefill_avx2::values::<1, 8>([pr(r)], rows, off, [a0]),
                             }
                         }
                     }
@@ -1244,9 +1378,12 @@ mod tests {
     /// inside tiles, with and without a window.
     #[test]
     fn long_prefill_spans_several_tiles() {
-        let (tq, q_pos0, n_kv, hd) = (150, 30, 2, 24);
+        let (tq, q_pos0, n_kv) = (150, 30, 2);
         let tk = q_pos0 + tq + 5;
-        for window in [None, Some(70), Some(3 * KEY_TILE + 1)] {
+        // 24: the generic steps; 64 and 128: the tiled kernels of every ISA the CPU has.
+        for (hd, window) in
+            [24, 64, 128].into_iter().flat_map(|hd| [None, Some(70), Some(3 * KEY_TILE + 1)].map(|w| (hd, w)))
+        {
             let p = params(2 * n_kv, n_kv, hd, window);
             let q = random_vec(21, tq * p.n_heads * hd, 3.0);
             let k = random_vec(22, tk * n_kv * hd, 3.0);
@@ -1259,7 +1396,13 @@ mod tests {
                 {
                     let mut got = vec![0f32; q.len()];
                     attention_with(isa, par, block, &q, &k, &v, q_pos0, &p, &mut got).unwrap();
-                    assert_close(&got, &want, ABS, REL, &format!("{isa:?} {par:?} {block:?} window {window:?}"));
+                    assert_close(
+                        &got,
+                        &want,
+                        ABS,
+                        REL,
+                        &format!("{isa:?} {par:?} {block:?} hd {hd} window {window:?}"),
+                    );
                 }
             }
         }
