@@ -646,6 +646,50 @@ mod prefill_avx2 {
         }
     }
 
+    /// Writes eight key rows (of a length that is a multiple of 8) into columns `u0 .. u0 + 8` of
+    /// the transposed tile `kt` (`[rows' length, KEY_TILE]`): element `e` of row `u` to
+    /// `kt[e * KEY_TILE + u0 + u]`, by 8 x 8 transposes in registers.
+    ///
+    /// # Safety
+    /// AVX2; every row of the same length `n`, a multiple of 8; `kt.len() >= n * KEY_TILE`;
+    /// `u0 + 8 <= KEY_TILE`.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn transpose_rows(rows: [&[f32]; 8], kt: &mut [f32], u0: usize) {
+        let n = rows[0].len();
+        debug_assert!(n.is_multiple_of(8) && rows.iter().all(|r| r.len() == n));
+        debug_assert!(kt.len() >= n * KEY_TILE && u0 + 8 <= KEY_TILE);
+        for e0 in (0..n).step_by(8) {
+            // SAFETY: `e0 + 8 <= n` floats of each row; the stores write `kt[(e0 + i) * KEY_TILE
+            // + u0..][..8]`, inside `n * KEY_TILE` since `u0 + 8 <= KEY_TILE`.
+            unsafe {
+                let r: [__m256; 8] = std::array::from_fn(|u| _mm256_loadu_ps(rows[u].as_ptr().add(e0)));
+                // Pairs of rows interleaved, then pairs of pairs: each 128-bit half of `b[i]`
+                // holds column (i, or i + 4 in the high half) of four rows.
+                let a: [__m256; 8] = std::array::from_fn(|i| {
+                    let (x, y) = (r[2 * (i / 2)], r[2 * (i / 2) + 1]);
+                    if i % 2 == 0 { _mm256_unpacklo_ps(x, y) } else { _mm256_unpackhi_ps(x, y) }
+                });
+                // a[0] = lo(r0, r1), a[1] = hi(r0, r1), a[2] = lo(r2, r3), a[3] = hi(r2, r3), a[4..8]
+                // the same of r4..r7.
+                let b = [
+                    _mm256_shuffle_ps::<0x44>(a[0], a[2]),
+                    _mm256_shuffle_ps::<0xEE>(a[0], a[2]),
+                    _mm256_shuffle_ps::<0x44>(a[1], a[3]),
+                    _mm256_shuffle_ps::<0xEE>(a[1], a[3]),
+                    _mm256_shuffle_ps::<0x44>(a[4], a[6]),
+                    _mm256_shuffle_ps::<0xEE>(a[4], a[6]),
+                    _mm256_shuffle_ps::<0x44>(a[5], a[7]),
+                    _mm256_shuffle_ps::<0xEE>(a[5], a[7]),
+                ];
+                let out = kt.as_mut_ptr().add(e0 * KEY_TILE + u0);
+                for i in 0..4 {
+                    _mm256_storeu_ps(out.add(i * KEY_TILE), _mm256_permute2f128_ps::<0x20>(b[i], b[i + 4]));
+                    _mm256_storeu_ps(out.add((i + 4) * KEY_TILE), _mm256_permute2f128_ps::<0x31>(b[i], b[i + 4]));
+                }
+            }
+        }
+    }
+
     /// [`super::prefill_avx512::values`] with AVX2: `a[i] += sum_u p[i][u] * rows[u][off..off +
     /// hd]` for `R` rows of the same KV head, `G` vectors of each output in registers at a time,
     /// each load of a value row used for the `R` rows.
@@ -897,7 +941,17 @@ fn attend<'a>(
                 let kv_stride = p.n_kv_heads * hd;
                 keys_t.clear();
                 keys_t.resize(kv_stride * KEY_TILE, 0.0);
-                for u in 0..tn {
+                // Eight rows at a time by 8 x 8 transposes (every tiled ISA has AVX2; `hd` is a
+                // multiple of 8), the rest of a short tile element by element.
+                let full = tn / 8 * 8;
+                for u0 in (0..full).step_by(8) {
+                    let rows: [&[f32]; 8] = std::array::from_fn(|u| &key(j0 + u0 + u)[..kv_stride]);
+                    // SAFETY: `tiled` checked AVX2 (`isa` is at most what the CPU has); every row
+                    // holds `kv_stride` floats and `keys_t` `kv_stride` rows of `KEY_TILE` with
+                    // `u0 + 8 <= KEY_TILE`.
+                    unsafe { prefill_avx2::transpose_rows(rows, keys_t, u0) };
+                }
+                for u in full..tn {
                     for (e, &x) in key(j0 + u)[..kv_stride].iter().enumerate() {
                         keys_t[e * KEY_TILE + u] = x;
                     }
@@ -930,11 +984,12 @@ fn attend<'a>(
                                 (_, false) => prefill_avx2::scores::<1, 8>([qh(h)], kt, p.scale, tn, [&mut *rows]),
                             }
                         }
-                        for s in rows.chunks_exact_mut(KEY_TILE) {
-                            for u in wide.clone() {
-                                if !seen.contains(&u) {
-                                    s[u] = f32::NEG_INFINITY;
-                                }
+                        // Only a tile the row sees part of (the diagonal, a window's edge) has
+                        // scores to mask.
+                        if seen != wide {
+                            for s in rows.chunks_exact_mut(KEY_TILE) {
+                                s[wide.start..seen.start].fill(f32::NEG_INFINITY);
+                                s[seen.end..wide.end].fill(f32::NEG_INFINITY);
                             }
                         }
                     }
@@ -1335,6 +1390,26 @@ mod tests {
                     assert_close(&got, &want, ABS, REL, &ctx);
                     assert_close(&got, &contiguous, ABS, REL, &ctx);
                 }
+            }
+        }
+    }
+
+    /// Eight rows go into their columns of a transposed key tile, and nothing else is written.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn eight_rows_transpose_into_their_columns() {
+        if !Isa::available().contains(&Isa::Avx2) {
+            return;
+        }
+        let n = 24;
+        let rows: Vec<Vec<f32>> = (0..8).map(|u| random_vec(40 + u as u64, n, 1.0)).collect();
+        let mut kt = vec![-1f32; n * KEY_TILE];
+        // SAFETY: AVX2 is there (checked above); rows of 24 floats, `kt` of 24 rows, 16 + 8 <= 64.
+        unsafe { super::prefill_avx2::transpose_rows(std::array::from_fn(|u| &rows[u][..]), &mut kt, 16) };
+        for e in 0..n {
+            for u in 0..KEY_TILE {
+                let want = if (16..24).contains(&u) { rows[u - 16][e] } else { -1.0 };
+                assert_eq!(kt[e * KEY_TILE + u], want, "element {e} of column {u}");
             }
         }
     }
