@@ -11,25 +11,20 @@
 
 use std::time::Instant;
 
-use strata_tensor::cpu::{self, AttentionParams};
+use strata_tensor::cpu;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+#[path = "common/attention_args.rs"]
+mod attention_args;
+
+use attention_args::BoxError;
 
 /// One layer's key blocks and value blocks.
 type Layer = (Vec<Vec<f32>>, Vec<Vec<f32>>);
 
 fn main() -> Result<(), BoxError> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let threads: usize = args.first().map_or(Ok(2), |a| a.parse())?;
-    let keys: Vec<usize> =
-        args.get(1).map_or(Ok(vec![128, 1088]), |a| a.split(',').map(str::parse).collect::<Result<_, _>>())?;
-    let shape: Vec<usize> =
-        args.get(2).map_or(Ok(vec![9, 3, 64]), |a| a.split('/').map(str::parse).collect::<Result<_, _>>())?;
-    let [n_heads, n_kv_heads, head_dim] = shape[..] else { return Err("shape: heads/kv_heads/head_dim".into()) };
-    let p =
-        AttentionParams { n_heads, n_kv_heads, head_dim, scale: 1.0 / (head_dim as f32).sqrt(), sliding_window: None };
+    let attention_args::Args { threads, sizes: keys, params: p } = attention_args::parse(&[128, 1088])?;
+    let (n_heads, n_kv_heads, head_dim) = (p.n_heads, p.n_kv_heads, p.head_dim);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
-    println!("threads {threads}, heads {n_heads}/{n_kv_heads} x {head_dim}, isa {:?}", cpu::isa());
     println!("{:>6} {:>9} {:>10} {:>8}", "keys", "cache", "median us", "GB/s");
     const BLOCK: usize = 32;
     let row = n_kv_heads * head_dim;

@@ -8,22 +8,17 @@
 
 use std::time::Instant;
 
-use strata_tensor::cpu::{self, AttentionParams};
+use strata_tensor::cpu;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+#[path = "common/attention_args.rs"]
+mod attention_args;
+
+use attention_args::BoxError;
 
 fn main() -> Result<(), BoxError> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let threads: usize = args.first().map_or(Ok(2), |a| a.parse())?;
-    let tokens: Vec<usize> =
-        args.get(1).map_or(Ok(vec![512, 2048]), |a| a.split(',').map(str::parse).collect::<Result<_, _>>())?;
-    let shape: Vec<usize> =
-        args.get(2).map_or(Ok(vec![9, 3, 64]), |a| a.split('/').map(str::parse).collect::<Result<_, _>>())?;
-    let [n_heads, n_kv_heads, head_dim] = shape[..] else { return Err("shape: heads/kv_heads/head_dim".into()) };
-    let p =
-        AttentionParams { n_heads, n_kv_heads, head_dim, scale: 1.0 / (head_dim as f32).sqrt(), sliding_window: None };
+    let attention_args::Args { threads, sizes: tokens, params: p } = attention_args::parse(&[512, 2048])?;
+    let (n_heads, n_kv_heads, head_dim) = (p.n_heads, p.n_kv_heads, p.head_dim);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
-    println!("threads {threads}, heads {n_heads}/{n_kv_heads} x {head_dim}, isa {:?}", cpu::isa());
     println!("{:>6} {:>10} {:>10}", "tokens", "median ms", "GFMA/s");
     for &n in &tokens {
         let fill = |len: usize, seed: usize| -> Vec<f32> {

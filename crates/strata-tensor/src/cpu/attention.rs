@@ -294,6 +294,66 @@ fn paged_row<'a>(blocks: &[&'a [f32]], block_len: usize, stride: usize, t: usize
     &blocks[t / block_len][t % block_len * stride..][..stride]
 }
 
+/// The key and value rows of a decode kernel's next step, fetched into L2 a share per head
+/// while the step computes (`decode_avx512`, `decode_avx2`): every cache line of the rows, the
+/// keys' first, split evenly among the heads in order.
+#[cfg(target_arch = "x86_64")]
+struct StepPrefetch<'a> {
+    krow: &'a [*const f32],
+    vrow: &'a [*const f32],
+    /// The step's first key.
+    ahead: usize,
+    /// Its keys (those there are).
+    rows: usize,
+    /// Cache lines per row.
+    lines_per_row: usize,
+    /// The next line to fetch: its row (keys first, then values) and line.
+    row: usize,
+    line: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<'a> StepPrefetch<'a> {
+    /// The step of up to `step` keys from `ahead` (none past the last row), rows of
+    /// `lines_per_row` cache lines.
+    fn new(
+        krow: &'a [*const f32],
+        vrow: &'a [*const f32],
+        ahead: usize,
+        step: usize,
+        lines_per_row: usize,
+    ) -> StepPrefetch<'a> {
+        let rows = krow.len().saturating_sub(ahead).min(step);
+        StepPrefetch { krow, vrow, ahead, rows, lines_per_row, row: 0, line: 0 }
+    }
+
+    /// Fetches head `h`'s share of the lines (of `n_heads` shares).
+    #[inline]
+    fn share(&mut self, h: usize, n_heads: usize) {
+        let total = 2 * self.rows * self.lines_per_row;
+        for _ in total * h / n_heads..total * (h + 1) / n_heads {
+            let row = if self.row < self.rows {
+                self.krow[self.ahead + self.row]
+            } else {
+                self.vrow[self.ahead + self.row - self.rows]
+            };
+            // SAFETY: an address inside the row (`self.line` below its lines; the caller's rows
+            // hold `lines_per_row` lines of 16 floats at most past their start, rounded up),
+            // computed without dereferencing; a prefetch reads nothing architecturally and cannot
+            // fault.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+                    row.wrapping_add(16 * self.line).cast(),
+                )
+            };
+            self.line += 1;
+            if self.line == self.lines_per_row {
+                (self.row, self.line) = (self.row + 1, 0);
+            }
+        }
+    }
+}
+
 /// Decode attention of one query over a run of keys with AVX-512, for head dims of 64 and 128:
 /// sixteen keys at a time and, for each, every head: the dot products summed into one vector of
 /// scores by a transposing tree of shuffles, the online softmax on that vector, and the value
@@ -351,26 +411,10 @@ mod decode_avx512 {
             let kbase: [*const f32; 16] = std::array::from_fn(|u| krow[j + u.min(n - 1)]);
             // The next step's key and value rows, whole, fetched into L2 a share per head while
             // this step computes.
-            let ahead = j + n;
-            let ahead_rows = (n_keys - ahead).min(16);
-            let total = 2 * ahead_rows * lines_per_row;
-            let (mut fetch_row, mut fetch_line) = (0, 0);
+            let mut fetch = super::StepPrefetch::new(krow, vrow, j + n, 16, lines_per_row);
             for h in 0..n_heads {
                 let off = h / group * hd;
-                for _ in total * h / n_heads..total * (h + 1) / n_heads {
-                    let row = if fetch_row < ahead_rows {
-                        krow[ahead + fetch_row]
-                    } else {
-                        vrow[ahead + fetch_row - ahead_rows]
-                    };
-                    // SAFETY: a prefetch of an address inside the row (`fetch_line` below its
-                    // lines); it reads nothing architecturally and cannot fault.
-                    unsafe { _mm_prefetch::<_MM_HINT_T1>(row.add(16 * fetch_line).cast()) };
-                    fetch_line += 1;
-                    if fetch_line == lines_per_row {
-                        (fetch_row, fetch_line) = (fetch_row + 1, 0);
-                    }
-                }
+                fetch.share(h, n_heads);
                 // SAFETY (the whole body): loads read `NV` vectors at `q[h * hd..]` and at
                 // `off..off + hd` of key and value rows (`off + hd <= n_kv_heads * hd`), the
                 // loads and stores of the output `acc[h * hd..][..hd]`: all inside what the
@@ -504,26 +548,10 @@ mod decode_avx2 {
             let kbase: [*const f32; 8] = std::array::from_fn(|u| krow[j + u.min(n - 1)]);
             // The next step's key and value rows, whole, fetched into L2 a share per head while
             // this step computes.
-            let ahead = j + n;
-            let ahead_rows = (n_keys - ahead).min(8);
-            let total = 2 * ahead_rows * lines_per_row;
-            let (mut fetch_row, mut fetch_line) = (0, 0);
+            let mut fetch = super::StepPrefetch::new(krow, vrow, j + n, 8, lines_per_row);
             for h in 0..n_heads {
                 let off = h / group * hd;
-                for _ in total * h / n_heads..total * (h + 1) / n_heads {
-                    let row = if fetch_row < ahead_rows {
-                        krow[ahead + fetch_row]
-                    } else {
-                        vrow[ahead + fetch_row - ahead_rows]
-                    };
-                    // SAFETY: a prefetch of an address inside the row (`fetch_line` below its
-                    // lines); it reads nothing architecturally and cannot fault.
-                    unsafe { _mm_prefetch::<_MM_HINT_T1>(row.add(16 * fetch_line).cast()) };
-                    fetch_line += 1;
-                    if fetch_line == lines_per_row {
-                        (fetch_row, fetch_line) = (fetch_row + 1, 0);
-                    }
-                }
+                fetch.share(h, n_heads);
                 // SAFETY (the whole body): loads read vectors at `q[h * hd..][..hd]` and at
                 // `off..off + hd` of key and value rows (`off + hd <= n_kv_heads * hd`), the
                 // loads and stores of the output `acc[h * hd..][..hd]`: all inside what the
