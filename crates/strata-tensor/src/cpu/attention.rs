@@ -226,36 +226,21 @@ pub(crate) fn attention_decode_with(
         let (acc, stats) = part.split_at_mut(acc_len);
         let key = |t| paged_row(k_blocks, block_len, kv_stride, t);
         let value = |t| paged_row(v_blocks, block_len, kv_stride, t);
-        #[cfg(target_arch = "x86_64")]
-        if isa >= Isa::Avx512 && matches!(hd, 64 | 128) {
-            let krow: Vec<*const f32> = keys.clone().map(|j| key(j).as_ptr()).collect();
-            let vrow: Vec<*const f32> = keys.clone().map(|j| value(j).as_ptr()).collect();
-            let (max, sum) = stats.split_at_mut(n_heads);
-            // SAFETY: `isa` is at most what the CPU supports (checked by `vec::usable`), so
-            // AVX-512 F is there; `q` and `acc` hold `n_heads` heads of `hd` and every key and
-            // value row `n_kv_heads` heads (checked by `check_decode`).
-            unsafe {
-                if hd == 64 {
-                    decode_avx512::attend_one::<4>(q, p, &krow, &vrow, acc, max, sum);
-                } else {
-                    decode_avx512::attend_one::<8>(q, p, &krow, &vrow, acc, max, sum);
-                }
-            }
-            return;
-        }
+        // With a head dim of 64 or 128, one fused kernel: AVX-512's, else AVX2's.
         #[cfg(target_arch = "x86_64")]
         if isa >= Isa::Avx2 && matches!(hd, 64 | 128) {
             let krow: Vec<*const f32> = keys.clone().map(|j| key(j).as_ptr()).collect();
             let vrow: Vec<*const f32> = keys.clone().map(|j| value(j).as_ptr()).collect();
             let (max, sum) = stats.split_at_mut(n_heads);
             // SAFETY: `isa` is at most what the CPU supports (checked by `vec::usable`), so
-            // AVX2 and FMA are there; `q` and `acc` hold `n_heads` heads of `hd` and every key and
-            // value row `n_kv_heads` heads (checked by `check_decode`).
+            // AVX-512 F, or AVX2 and FMA, are there; `q` and `acc` hold `n_heads` heads of `hd`
+            // and every key and value row `n_kv_heads` heads (checked by `check_decode`).
             unsafe {
-                if hd == 64 {
-                    decode_avx2::attend_one::<8>(q, p, &krow, &vrow, acc, max, sum);
-                } else {
-                    decode_avx2::attend_one::<16>(q, p, &krow, &vrow, acc, max, sum);
+                match (isa >= Isa::Avx512, hd) {
+                    (true, 64) => decode_avx512::attend_one::<4>(q, p, &krow, &vrow, acc, max, sum),
+                    (true, _) => decode_avx512::attend_one::<8>(q, p, &krow, &vrow, acc, max, sum),
+                    (false, 64) => decode_avx2::attend_one::<8>(q, p, &krow, &vrow, acc, max, sum),
+                    (false, _) => decode_avx2::attend_one::<16>(q, p, &krow, &vrow, acc, max, sum),
                 }
             }
             return;
