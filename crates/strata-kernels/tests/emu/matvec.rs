@@ -26,7 +26,7 @@ fn emulator() -> Option<std::path::PathBuf> {
 /// `tokens`) on `blocks` emulated blocks, as the launcher would; returns y for `tokens + 1`
 /// rows, the last of which the kernel must leave at its sentinel.
 fn run(kernel: &str, w: &Tensor, x: &[f32], tokens: usize, blocks: usize, threads: usize) -> Vec<f32> {
-    run_into(kernel, w, &f32_bytes(x), tokens, blocks, threads, Store::Write, ACTS_F32)
+    run_split(kernel, w, &f32_bytes(x), tokens, blocks, threads, Store::Write, ACTS_F32, 0)
 }
 
 /// MatvecParams::acts: x as f32 values, or as two-digit records (`kernels/include/actq.cuh`).
@@ -103,22 +103,8 @@ impl Store<'_> {
 }
 
 /// [`run`] on activations `xb` (f32 values, or two-digit records with [`ACTS_Q16`]), the products
-/// stored as `store` says.
-#[allow(clippy::too_many_arguments)]
-fn run_into(
-    kernel: &str,
-    w: &Tensor,
-    xb: &[u8],
-    tokens: usize,
-    blocks: usize,
-    threads: usize,
-    store: Store,
-    acts: u32,
-) -> Vec<f32> {
-    run_split(kernel, w, xb, tokens, blocks, threads, store, acts, 0)
-}
-
-/// [`run_into`] with MatvecParams::splits = `splits`: the warps that share each group of rows.
+/// stored as `store` says, with MatvecParams::splits = `splits` (the warps that share each group
+/// of rows; 0: one each).
 #[allow(clippy::too_many_arguments)]
 fn run_split(
     kernel: &str,
@@ -150,7 +136,7 @@ fn run_split(
     f32s(&y)
 }
 
-/// [`run_into`] on f32 activations `x` that the kernel normalises with RMSNorm weight `norm` as
+/// [`run_split`] on f32 activations `x` that the kernel normalises with RMSNorm weight `norm` as
 /// it stages them.
 #[allow(clippy::too_many_arguments)]
 fn run_normed(
@@ -303,7 +289,7 @@ fn emulated_integer_matvec_kernels_take_activations_quantized_once() {
                 let kernel = format!("matvec_{}_i16_t{t}", dtype.name());
                 let threads = warps * 32;
                 let inblock = run(&kernel, &w, &x, tokens, blocks, threads);
-                let copied = run_into(&kernel, &w, &xq, tokens, blocks, threads, Store::Write, ACTS_Q16);
+                let copied = run_split(&kernel, &w, &xq, tokens, blocks, threads, Store::Write, ACTS_Q16, 0);
                 assert!(copied[tokens * n..].iter().all(|&v| v == -7.0), "{kernel}: wrote past token {tokens}");
                 for (j, (&g, &v)) in copied.iter().zip(&inblock).enumerate() {
                     assert_eq!(g.to_bits(), v.to_bits(), "{kernel} {n}x{k} tokens={tokens}: y[{j}] = {g}, want {v}");
@@ -593,7 +579,7 @@ fn emulated_matvec_kernels_add_to_y_and_swiglu() {
             let y0 = random_f32(tokens * n, 7 + i as u64, 50.0);
             let plain = run(&kernel, &w, &x, tokens, blocks, warps * 32);
             let xb = f32_bytes(&x);
-            let got = run_into(&kernel, &w, &xb, tokens, blocks, warps * 32, Store::Add(&y0), ACTS_F32);
+            let got = run_split(&kernel, &w, &xb, tokens, blocks, warps * 32, Store::Add(&y0), ACTS_F32, 0);
             assert!(got[tokens * n..].iter().all(|&v| v == -7.0), "{kernel}: wrote past token {tokens}");
             for (j, (&g, (&a, &p))) in got.iter().zip(y0.iter().zip(&plain)).enumerate() {
                 assert_eq!(g.to_bits(), (a + p).to_bits(), "{kernel} tokens={tokens}: y[{j}] = {g}, want {a} + {p}");
@@ -609,7 +595,7 @@ fn emulated_matvec_kernels_add_to_y_and_swiglu() {
                 }
             }
             let want = emulated_swiglu(&gate, &up);
-            let got = run_into(&kernel, &w, &xb, tokens, blocks, warps * 32, Store::Swiglu, ACTS_F32);
+            let got = run_split(&kernel, &w, &xb, tokens, blocks, warps * 32, Store::Swiglu, ACTS_F32, 0);
             assert!(got[tokens * n / 2..].iter().all(|&v| v == -7.0), "{kernel} swiglu: wrote past token {tokens}");
             for (j, (&g, &v)) in got.iter().zip(&want).enumerate() {
                 assert_eq!(g.to_bits(), v.to_bits(), "{kernel} swiglu tokens={tokens}: out[{j}] = {g}, want {v}");
@@ -674,7 +660,8 @@ fn emulated_matvec_kernels_compute_each_experts_product_in_one_launch() {
                         } else {
                             (quantize_x(row(s), 1, k, 2), ACTS_Q16)
                         };
-                        let want = run_into(kernel, &experts[id as usize], &one_x, 1, blocks, threads, store, one_acts);
+                        let want =
+                            run_split(kernel, &experts[id as usize], &one_x, 1, blocks, threads, store, one_acts, 0);
                         for (j, (g, v)) in got.iter().zip(&want).enumerate() {
                             assert_eq!(
                                 g.to_bits(),
@@ -724,7 +711,7 @@ fn emulated_matvec_kernels_normalise_their_activations_as_rms_norm_does() {
             for store in [Store::Write, Store::Add(&y0), Store::Swiglu] {
                 let (_, outputs) = store.code_and_outputs(n);
                 let start = store.start(tokens, outputs);
-                let want = run_into(&kernel, &w, &f32_bytes(&normed), tokens, blocks, warps * 32, store, ACTS_F32);
+                let want = run_split(&kernel, &w, &f32_bytes(&normed), tokens, blocks, warps * 32, store, ACTS_F32, 0);
                 let got = run_normed(&kernel, &w, &x, &norm, tokens, blocks, warps * 32, store);
                 assert_eq!(start.len(), tokens * outputs);
                 assert!(got[tokens * outputs..].iter().all(|&v| v == -7.0), "{kernel}: wrote past token {tokens}");
@@ -776,7 +763,7 @@ fn emulated_expert_products_normalise_their_shared_row() {
                     assert!(got.iter().all(|v| v.is_nan()), "{kernel}: unused slot {s} was written");
                     continue;
                 }
-                let want = run_into(
+                let want = run_split(
                     kernel,
                     &experts[id as usize],
                     &f32_bytes(&normed),
@@ -785,6 +772,7 @@ fn emulated_expert_products_normalise_their_shared_row() {
                     warps * 32,
                     store,
                     ACTS_F32,
+                    0,
                 );
                 for (j, (g, v)) in got.iter().zip(&want).enumerate() {
                     assert_eq!(g.to_bits(), v.to_bits(), "{kernel} slot {s} (expert {id}): y[{j}] = {g}, want {v}");
