@@ -20,10 +20,12 @@
 #![cfg(feature = "cuda")]
 
 use std::ops::ControlFlow;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use strata::{Device, GenerateOptions, LoadOptions, LogitsMode, Model, SamplingParams};
 use strata_kernels::cuda::testing::device_or_skip;
+use strata_models::layer_images;
 use strata_models::tensor::DType;
 use strata_models::{ContextScaling, CudaDecoder, Decoder, Logits, MoeOptions, RouterTrace, Routing, ScalingAlgorithm};
 use strata_tests::{Fixture, GgufDtypes, max_abs_diff, read_npy_f32, write_gguf};
@@ -644,6 +646,8 @@ fn deep_decoder(f: &Fixture, dtypes: GgufDtypes, layers: usize, dir: &Path) -> (
 /// the last 4 streamed (two layers per buffer) and all 6 (three per buffer); Mixtral's two layers
 /// (each buffer one layer, its experts' device tables pointing into it), routed on the device.
 /// Prompts of 2 and 5 tokens, then 24 decode steps, graphs asked for (streaming runs without).
+/// Each case also streams its layers from layer images on disk (`new_streaming_from`), written
+/// by the first decoder of a case and used as they are by a second one.
 #[test]
 fn streamed_layers_give_the_resident_logits_bit_for_bit() {
     let Some(cuda) = device_or_skip("streamed_layers_give_the_resident_logits_bit_for_bit") else { return };
@@ -660,9 +664,23 @@ fn streamed_layers_give_the_resident_logits_bit_for_bit() {
         ("mixed x6, all streamed", &llama, &mixed_6, &[true; 6]),
         ("mixtral_moe, both streamed", &mixtral, &moe, &[true, true]),
     ];
-    for (name, f, decoder, streamed) in cases {
+    let runs = cases.iter().enumerate().flat_map(|(i, c)| {
+        let images = dir.path().join(format!("images-{i}"));
+        [(c, None), (c, Some(images.clone())), (c, Some(images))]
+    });
+    for (&(name, f, decoder, streamed), images) in runs {
+        let written = images.as_ref().map(|d| std::fs::metadata(d.join(layer_images::DATA_FILE)).ok().map(|m| m.ino()));
         let resident = CudaDecoder::new(decoder, cuda.clone()).unwrap();
-        let streaming = CudaDecoder::new_streaming(decoder, cuda.clone(), streamed).unwrap();
+        let streaming = CudaDecoder::new_streaming_from(decoder, cuda.clone(), streamed, images.as_deref()).unwrap();
+        if let Some(d) = &images {
+            let now = std::fs::metadata(d.join(layer_images::DATA_FILE)).unwrap().ino();
+            // The second decoder finds the first one's images and does not write them again.
+            if let Some(Some(before)) = written {
+                assert_eq!(before, now, "{name}: the layer images were written again");
+            }
+        }
+        let name = format!("{name}{}", if images.is_some() { ", from disk" } else { "" });
+        let name = name.as_str();
         let k = streamed.iter().filter(|&&s| s).count();
         assert_eq!(streaming.streamed_layers(), k, "{name}");
         // Two streamed layers keep a buffer each: nothing is copied after the first pass.

@@ -30,6 +30,7 @@
 //! (`decode_host_us_per_token`, `Model::gpu_decode_host_time`) and its share of the step's wall
 //! time (`decode_host_share`): near 1, the device waits for the host to queue its kernels.
 
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Result;
@@ -190,7 +191,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let io = store.streamer().or(store.expert_streamer()).map(|s| s.stats().gb_per_s());
             Some((disk, per_token, io, read))
         }
-        None => None,
+        // Layers streamed into GPU memory from layer images on disk: the disk's read rate, for
+        // reads of the largest image, over the bytes a pass reads.
+        None => match (model.gpu_layer_images(), model.gpu_streamed()) {
+            (Some((file, largest)), Some((_, bytes))) if bytes > 0 => {
+                say("measuring disk read bandwidth");
+                let dir = file.parent().and_then(Path::parent).unwrap_or(Path::new(".")).to_path_buf();
+                let (disk, read) = strata::measure_disk_read_sized(&dir, largest)?;
+                Some((disk * 1e9, bytes as f64, None, read))
+            }
+            _ => None,
+        },
     };
 
     // Layers streamed into GPU memory (--max-vram): the host-to-device copy rate is their bound.
@@ -300,6 +311,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
              8 to 128 MiB), 4 in flight",
             read as f64 / (1 << 20) as f64
         ));
+        if model.gpu_layer_images().is_some() {
+            report["layer_image_reads"] = json!(
+                "one O_DIRECT pread per layer image, two at a time on the reader's threads, into 3 page-locked \
+                 staging buffers (the bound's probe keeps 4 reads in flight)"
+            );
+        }
     }
     if let Some((layers, bytes, bw)) = gpu_streamed {
         let upload_bound = bw / bytes as f64;

@@ -128,14 +128,17 @@ pub(crate) fn pack(a: PackArgs) -> Result<()> {
 fn plan_vram(a: &PlanArgs, options: &strata::LoadOptions) -> Result<()> {
     anyhow::ensure!(
         !options.offload.sets_cpu_placement(),
-        "--max-vram plans the GPU (with --max-ram bounding the host memory it takes); --strategy, \
-         --prefetch-layers, --offload-dir, --pack-dtype and --expert-cache plan the CPU's tiers: give one or the other"
+        "--max-vram plans the GPU (with --max-ram bounding the host memory it takes and --offload-dir the \
+         layers it streams read from disk); --strategy, --prefetch-layers, --pack-dtype and --expert-cache plan \
+         the CPU's tiers: give one or the other"
     );
     let path = model_path(&a.model)?;
     let r = strata::plan_vram_placement(&path, options).with_context(|| format!("cannot plan {}", path.display()))?;
     let (b, rep) = (&r.budget, &r.report);
     let size = strata::planner::format_size;
     let streamed: Vec<usize> = (0..r.layers).filter(|&i| rep.streamed[i]).collect();
+    let from_disk = r.images.is_some();
+    let host_bytes = rep.host_bytes_with(from_disk);
     if a.json {
         let layers: Vec<_> = (0..r.layers)
             .map(|i| {
@@ -167,8 +170,9 @@ fn plan_vram(a: &PlanArgs, options: &strata::LoadOptions) -> Result<()> {
             "buffer_bytes": rep.buffer_bytes(),
             "uploaded_bytes_per_token": rep.uploaded_per_pass(),
             "device_bytes": rep.device_bytes(),
-            "host_bytes": rep.host_bytes(),
+            "host_bytes": host_bytes,
             "max_ram_bytes": r.max_ram,
+            "layer_images": r.images.as_ref().map(|d| d.display().to_string()),
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
@@ -217,28 +221,33 @@ fn plan_vram(a: &PlanArgs, options: &strata::LoadOptions) -> Result<()> {
             );
         }
         println!("on the GPU in all  {:>10}  of {}", size(rep.device_bytes()), size(b.max_bytes));
-        host_line(rep.host_bytes(), r.max_ram);
+        host_line(host_bytes, r.max_ram);
         return Ok(());
     }
     println!("resident layers    {:>10}  ({} of {})", size(kept), r.layers - streamed.len(), r.layers);
     match (streamed.first(), streamed.last()) {
         (Some(first), Some(last)) => {
+            let from = match &r.images {
+                Some(dir) => format!("read from layer images in {}", dir.display()),
+                None => "from page-locked host memory".to_owned(),
+            };
             println!(
-                "streamed layers    {:>10}  ({} of {}: layers {first}-{last}, from page-locked host memory)",
+                "streamed layers    {:>10}  ({} of {}: layers {first}-{last}, {from})",
                 size(rep.uploaded_per_pass()),
                 streamed.len(),
                 r.layers
             );
             println!("layer buffers      {:>10}  (2, taken in turn)", size(rep.buffer_bytes()));
+            let bound = if from_disk { "the disk's read rate" } else { "the host-to-device copy rate" };
             println!(
-                "uploaded per token {:>10}  (decode is bounded by the host-to-device copy rate over this)",
+                "uploaded per token {:>10}  (decode is bounded by {bound} over this)",
                 size(rep.uploaded_per_pass())
             );
         }
         _ => println!("streamed layers    {:>10}  (every layer fits)", size(0)),
     }
     println!("on the GPU in all  {:>10}  of {}", size(rep.device_bytes()), size(b.max_bytes));
-    host_line(rep.host_bytes(), r.max_ram);
+    host_line(host_bytes, r.max_ram);
     Ok(())
 }
 

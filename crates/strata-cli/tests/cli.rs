@@ -164,6 +164,13 @@ fn plan_places_a_model_under_a_gpu_ceiling() {
     assert!(out.status.success(), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!((v["max_ram_bytes"].as_u64(), v["host_bytes"].as_u64()), (Some(1_000_000_000), Some(0)));
+    // --offload-dir is where the layers it streams would be read from.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let out = strata(&["plan", "--model", model.to_str().unwrap(), "--max-vram", "1GB", "--offload-dir", d, "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["layer_images"].as_str().is_some_and(|p| p.starts_with(d) && p.ends_with("-cuda")), "{v}");
     let out = strata(&["plan", "--model", model.to_str().unwrap(), "--max-vram", "1GB", "--strategy", "stream-all"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("give one or the other"), "{}", stderr(&out));

@@ -27,6 +27,8 @@
 //! in device buffers reused from call to call; only the token ids, the positions and (when the
 //! table changes) RoPE's inverse frequencies go up, and only the logits come down.
 
+use std::borrow::Cow;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use strata_kernels::cuda::cudarc::driver::sys::CUevent_flags;
@@ -48,6 +50,7 @@ use crate::cuda_stream::{Placer, SlotSchedule, WeightStream};
 use crate::decoder::{Decoder, Ffn, Linear, shares_bytes};
 use crate::hparams::Hparams;
 use crate::kv_cache::DEFAULT_BLOCK_LEN;
+use crate::layer_images::{ImageReader, ImageSpec, LayerImages, STAGING_BUFFERS};
 use crate::moe::{Mlp, MoeOptions, RouterTrace};
 use crate::rope::{RopeScheme, RopeTable};
 use crate::vram::VramBudget;
@@ -100,6 +103,100 @@ fn graphs_default() -> bool {
 fn device_routing_default() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var_os("STRATA_CUDA_HOST_ROUTING").is_none_or(|v| v != "1"))
+}
+
+/// Uploads layer `l` as `place` says (its matrices resident, or laid out in a streamed layer's
+/// slot), with its routed experts in the device expert cache `cached` (the cache and the layer's
+/// first unit in it) if given.
+fn upload_layer(
+    c: &Cuda,
+    l: &crate::decoder::Layer,
+    place: &mut Placer<'_>,
+    cached: Option<(Arc<DeviceExperts>, usize)>,
+) -> Result<CudaLayer> {
+    let from_pack = || {
+        Error::Unsupported(
+            "this model has weights streamed from the offload pack, which runs on the CPU only for now".into(),
+        )
+    };
+    let (a, f) = (l.attn.resident().ok_or_else(from_pack)?, l.ffn.resident().ok_or_else(from_pack)?);
+    let ffn = match &f.ffn {
+        Ffn::Dense(mlp) => CudaFfn::Dense(Box::new(CudaMlp::upload(c, mlp, place)?)),
+        Ffn::Moe(moe) => CudaFfn::Moe(Box::new(CudaMoe::upload(c, moe, place, cached)?)),
+    };
+    let qk_norm = match (&a.q_norm, &a.k_norm) {
+        (Some(qn), Some(kn)) => Some((c.upload(qn)?, c.upload(kn)?)),
+        _ => None,
+    };
+    Ok(CudaLayer {
+        attn_norm: c.upload(&a.norm)?,
+        qkv: Qkv::upload(c, &a.q, &a.k, &a.v, place)?,
+        o: CudaLinear::upload(c, &a.o, place)?,
+        qk_norm,
+        ffn_norm: c.upload(&f.norm)?,
+        ffn,
+    })
+}
+
+/// The reader of the streamed layers' images in `dir` (`layer_images`), written first if they
+/// are missing or laid out otherwise: each streamed layer of `hosts` (its bytes and layout hash,
+/// in pass order) placed again into a host buffer, and the file written from it.
+fn layer_image_reader(
+    c: &Cuda,
+    decoder: &Decoder,
+    hosts: &[Option<(Option<Pinned>, usize, u64)>],
+    slots: &[Arc<CudaSlice<u8>>],
+    dir: &Path,
+) -> Result<ImageReader<Pinned>> {
+    let streamed: Vec<(usize, usize, u64)> = hosts
+        .iter()
+        .enumerate()
+        .filter_map(|(li, h)| h.as_ref().map(|(_, used, layout)| (li, *used, *layout)))
+        .collect();
+    let specs: Vec<ImageSpec> =
+        streamed.iter().map(|&(layer, len, layout)| ImageSpec { layer, len: len as u64, layout }).collect();
+    let images = match LayerImages::open(dir, &specs)? {
+        Some(images) => images,
+        None => {
+            let total: u64 = specs.iter().map(|s| s.len).sum();
+            eprintln!(
+                "strata: writing the {} streamed layers' images ({}) to {}",
+                specs.len(),
+                crate::store::planner::format_size(total),
+                dir.display()
+            );
+            let mut fill = |i: usize, bytes: &mut [u8]| -> Result<()> {
+                let (li, len, layout) = streamed[i];
+                let mut place = Placer::staged(Some(bytes), &slots[SlotSchedule::slot_of(i)]);
+                // Routed experts of a streamed layer are in it (a device expert cache streams none).
+                upload_layer(c, &decoder.layers[li], &mut place, None)?;
+                if place.laid_out() != (len, layout) {
+                    return Err(Error::InvalidInput(format!(
+                        "layer {li} laid out differently for its image (internal: placement must be deterministic)"
+                    )));
+                }
+                Ok(())
+            };
+            // One line per tenth on stderr.
+            let mut shown = 0u64;
+            let mut progress = |done: u64, total: u64| {
+                if done >= shown + total.div_ceil(10).max(1) || (done == total && shown < total) {
+                    shown = done;
+                    eprintln!("strata: layer images {:.0}%", 100.0 * done as f64 / total.max(1) as f64);
+                }
+            };
+            LayerImages::build(dir, &specs, &mut fill, &mut progress)?
+        }
+    };
+    if !images.direct() {
+        eprintln!(
+            "strata: {}: no O_DIRECT on this file system; layer images read through the page cache",
+            images.path().display()
+        );
+    }
+    let read_len = images.largest_read();
+    let buffers = (0..STAGING_BUFFERS).map(|_| Ok(Pinned::new_readable(c, read_len)?)).collect::<Result<Vec<_>>>()?;
+    ImageReader::new(Arc::new(images), buffers)
 }
 
 /// A linear layer on the device: the weight in its stored dtype, the bias in f32.
@@ -389,8 +486,10 @@ impl Qkv {
             let mut up = |l: &Linear| CudaLinear::upload(cuda, l, place);
             return Ok(Qkv::Split(Box::new([up(q)?, up(k)?, up(v)?])));
         }
-        let (bytes, dtype, dims) = stack_rows(&[&q.weight, &k.weight, &v.weight])?;
-        let weight = place.put(cuda, &bytes, dtype, &dims)?;
+        let parts = [&q.weight, &k.weight, &v.weight];
+        let rows: usize = parts.iter().map(|w| w.shape().dims().first().copied().unwrap_or(0)).sum();
+        let cols = q.weight.shape().dims().last().copied().unwrap_or(0);
+        let weight = place.put(cuda, q.weight.dtype(), &[rows, cols], || Ok(Cow::Owned(stack_rows(&parts)?.0)))?;
         let bias = biases.map(|b| cuda.upload(&b.concat())).transpose()?;
         Ok(Qkv::Stacked(CudaLinear { weight, bias }))
     }
@@ -423,7 +522,7 @@ impl GateUp {
             && g.shape().dims().first().is_some_and(|n| n % 2 == 0);
         if pairable {
             let dims = [2 * g.shape().dims()[0], g.shape().dims()[1]];
-            return Ok(GateUp::Paired(place.put(cuda, &pair_rows(g, u)?, g.dtype(), &dims)?));
+            return Ok(GateUp::Paired(place.put(cuda, g.dtype(), &dims, || Ok(Cow::Owned(pair_rows(g, u)?)))?));
         }
         let gate = CudaLinear::upload(cuda, gate, place)?;
         Ok(GateUp::Split { gate, up: CudaLinear::upload(cuda, up, place)? })
@@ -501,14 +600,19 @@ impl CudaDecoder {
 
     /// Opens CUDA device `ordinal` and places `decoder`'s weights under `budget`
     /// ([`CudaDecoder::new_within`]).
-    pub fn open_within(decoder: &Decoder, ordinal: usize, budget: Option<VramBudget>) -> Result<CudaDecoder> {
-        CudaDecoder::new_within(decoder, Cuda::new(ordinal)?, budget)
+    pub fn open_within(
+        decoder: &Decoder,
+        ordinal: usize,
+        budget: Option<VramBudget>,
+        images: Option<&Path>,
+    ) -> Result<CudaDecoder> {
+        CudaDecoder::new_within(decoder, Cuda::new(ordinal)?, budget, images)
     }
 
     /// Uploads every weight of `decoder` to `cuda`, once, and takes its RoPE scheme (with the
     /// context scaling it was given, if any). The CPU decoder is left as it was.
     pub fn new(decoder: &Decoder, cuda: Arc<Cuda>) -> Result<CudaDecoder> {
-        CudaDecoder::build(decoder, cuda, &vec![false; decoder.layers.len()], 0)
+        CudaDecoder::build(decoder, cuda, &vec![false; decoder.layers.len()], 0, None)
     }
 
     /// [`CudaDecoder::new`] under a ceiling on the GPU memory it takes (`None`: none): when the
@@ -520,7 +624,17 @@ impl CudaDecoder {
     /// as few layers as make it fit (an even number, at least 4). An error says what would fit
     /// when even that does not. The ceiling covers what strata allocates, not the driver's own
     /// context.
-    pub fn new_within(decoder: &Decoder, cuda: Arc<Cuda>, budget: Option<VramBudget>) -> Result<CudaDecoder> {
+    ///
+    /// With `images` (a directory under the offload directory: `layer_images::images_dir`), the
+    /// streamed layers' weights are not kept in host memory: they are laid out once into a file
+    /// of layer images there (written on first use) and read from it pass by pass into three
+    /// page-locked staging buffers, ahead of their uploads (`layer_images`).
+    pub fn new_within(
+        decoder: &Decoder,
+        cuda: Arc<Cuda>,
+        budget: Option<VramBudget>,
+        images: Option<&Path>,
+    ) -> Result<CudaDecoder> {
         let (streamed, expert_slots, expected) = match budget {
             None => (vec![false; decoder.layers.len()], 0, None),
             Some(b) => {
@@ -540,7 +654,7 @@ impl CudaDecoder {
                  to the GPU each pass (what stays on the device leaves no room for one expert in a cache)"
             );
         }
-        let mut d = CudaDecoder::build(decoder, cuda, &streamed, expert_slots)?;
+        let mut d = CudaDecoder::build(decoder, cuda, &streamed, expert_slots, images)?;
         d.budget = budget;
         d.expected_expert_hit_rate = expected;
         Ok(d)
@@ -553,7 +667,7 @@ impl CudaDecoder {
         if slots == 0 {
             return Err(Error::InvalidInput("a device expert cache needs at least one slot".into()));
         }
-        CudaDecoder::build(decoder, cuda, &vec![false; decoder.layers.len()], slots)
+        CudaDecoder::build(decoder, cuda, &vec![false; decoder.layers.len()], slots, None)
     }
 
     /// The device expert cache's slots and counts so far, when the routed experts stay in host
@@ -577,6 +691,18 @@ impl CudaDecoder {
     /// [`CudaDecoder::new_within`] does under a tight ceiling, chosen directly (tests, benches).
     /// The marked count must be a positive multiple of 2.
     pub fn new_streaming(decoder: &Decoder, cuda: Arc<Cuda>, streamed: &[bool]) -> Result<CudaDecoder> {
+        CudaDecoder::new_streaming_from(decoder, cuda, streamed, None)
+    }
+
+    /// [`CudaDecoder::new_streaming`] with the streamed layers read from layer images in
+    /// `images` (a directory, written on first use) rather than kept in host memory, when given
+    /// ([`CudaDecoder::new_within`]).
+    pub fn new_streaming_from(
+        decoder: &Decoder,
+        cuda: Arc<Cuda>,
+        streamed: &[bool],
+        images: Option<&Path>,
+    ) -> Result<CudaDecoder> {
         let k = streamed.iter().filter(|&&s| s).count();
         if streamed.len() != decoder.layers.len() || k == 0 || !k.is_multiple_of(crate::vram::SLOTS) {
             return Err(Error::InvalidInput(format!(
@@ -586,10 +712,16 @@ impl CudaDecoder {
                 streamed.len()
             )));
         }
-        CudaDecoder::build(decoder, cuda, streamed, 0)
+        CudaDecoder::build(decoder, cuda, streamed, 0, images)
     }
 
-    fn build(decoder: &Decoder, cuda: Arc<Cuda>, streamed: &[bool], expert_slots: usize) -> Result<CudaDecoder> {
+    fn build(
+        decoder: &Decoder,
+        cuda: Arc<Cuda>,
+        streamed: &[bool],
+        expert_slots: usize,
+        images: Option<&Path>,
+    ) -> Result<CudaDecoder> {
         let c = &*cuda;
         let from_pack = || {
             Error::Unsupported(
@@ -628,49 +760,34 @@ impl CudaDecoder {
         } else {
             (None, vec![None; decoder.layers.len()])
         };
-        let mut hosts: Vec<Option<(Pinned, usize)>> = Vec::with_capacity(decoder.layers.len());
+        // Per layer, for the streamed ones: the page-locked host copy (none when it streams from
+        // disk), the bytes laid out and the layout's hash.
+        let mut hosts: Vec<Option<(Option<Pinned>, usize, u64)>> = Vec::with_capacity(decoder.layers.len());
         let mut layers = Vec::with_capacity(decoder.layers.len());
         for (li, l) in decoder.layers.iter().enumerate() {
-            let (a, f) = (l.attn.resident().ok_or_else(from_pack)?, l.ffn.resident().ok_or_else(from_pack)?);
-            let mut host = if streamed[li] { Some(Pinned::new(c, bounds[li])?) } else { None };
+            let mut host = if streamed[li] && images.is_none() { Some(Pinned::new(c, bounds[li])?) } else { None };
             let pos = hosts.iter().filter(|h| h.is_some()).count();
-            let mut place = match host.as_mut() {
-                Some(host) => {
-                    Placer::Staged { host: host.as_mut_slice()?, slot: &slots[SlotSchedule::slot_of(pos)], used: 0 }
-                }
-                None => Placer::Resident,
+            let mut place = if streamed[li] {
+                let host = host.as_mut().map(Pinned::as_mut_slice).transpose()?;
+                Placer::staged(host, &slots[SlotSchedule::slot_of(pos)])
+            } else {
+                Placer::Resident
             };
-            let ffn = match &f.ffn {
-                Ffn::Dense(mlp) => CudaFfn::Dense(Box::new(CudaMlp::upload(c, mlp, &mut place)?)),
-                Ffn::Moe(moe) => {
-                    let cached = experts.as_ref().zip(expert_offsets[li]).map(|(cache, first)| (cache.clone(), first));
-                    CudaFfn::Moe(Box::new(CudaMoe::upload(c, moe, &mut place, cached)?))
-                }
-            };
-            let qk_norm = match (&a.q_norm, &a.k_norm) {
-                (Some(qn), Some(kn)) => Some((c.upload(qn)?, c.upload(kn)?)),
-                _ => None,
-            };
-            let layer = CudaLayer {
-                attn_norm: c.upload(&a.norm)?,
-                qkv: Qkv::upload(c, &a.q, &a.k, &a.v, &mut place)?,
-                o: CudaLinear::upload(c, &a.o, &mut place)?,
-                qk_norm,
-                ffn_norm: c.upload(&f.norm)?,
-                ffn,
-            };
-            let used = match place {
-                Placer::Staged { used, .. } => used,
-                Placer::Resident => 0,
-            };
-            hosts.push(host.map(|h| (h, used)));
-            layers.push(layer);
+            let cached = experts.as_ref().zip(expert_offsets[li]).map(|(cache, first)| (cache.clone(), first));
+            layers.push(upload_layer(c, l, &mut place, cached)?);
+            let (used, layout) = place.laid_out();
+            hosts.push(streamed[li].then_some((host, used, layout)));
         }
         let norm = c.upload(&decoder.norm)?;
         let stream = if slots.is_empty() {
             None
         } else {
-            let stream = WeightStream::new(hosts, slots);
+            let reader = match images {
+                Some(dir) => Some(layer_image_reader(c, decoder, &hosts, &slots, dir)?),
+                None => None,
+            };
+            let hosts = hosts.into_iter().map(|h| h.map(|(host, used, _)| (host, used))).collect();
+            let stream = WeightStream::new(hosts, slots, reader);
             stream.prime(c)?;
             Some(stream)
         };
@@ -708,6 +825,12 @@ impl CudaDecoder {
     /// weights; 0 when every weight is resident).
     pub fn streamed_bytes_per_pass(&self) -> usize {
         self.stream.as_ref().map_or(0, WeightStream::bytes_per_pass)
+    }
+
+    /// Where the streamed layers are read from, when from disk: the layer images' data file and
+    /// the largest read of it ([`CudaDecoder::new_within`]'s `images`).
+    pub fn layer_images(&self) -> Option<(&Path, usize)> {
+        self.stream.as_ref().and_then(WeightStream::images)
     }
 
     /// The ceiling the decoder was placed under ([`CudaDecoder::new_within`]).

@@ -113,24 +113,21 @@ impl DeviceExperts {
         let bytes = expert_slot_bytes(template);
         let slots: Vec<Arc<CudaSlice<u8>>> =
             (0..slots.min(experts.len())).map(|_| Ok(Arc::new(cuda.zeros::<u8>(bytes)?))).collect::<Result<_>>()?;
-        // Each slot's products, laid out as every expert is (the template's bytes go nowhere).
-        let mut scratch = vec![0u8; bytes];
+        // Each slot's products, laid out as every expert is (the template's bytes are not copied).
         let mut mlps = Vec::with_capacity(slots.len());
         let mut len = None;
         for slot in &slots {
-            let mut place = Placer::Staged { host: &mut scratch, slot, used: 0 };
+            let mut place = Placer::staged(None, slot);
             mlps.push(CudaMlp::upload(cuda, template, &mut place)?);
-            if let Placer::Staged { used, .. } = place {
-                len = Some(used);
-            }
+            len = Some(place.laid_out().0);
         }
         let len = len.expect("at least one slot");
         let mut hosts = Vec::with_capacity(experts.len());
         for &(li, e) in &experts {
             let mut host = Pinned::new(cuda, bytes)?;
-            let mut place = Placer::Staged { host: host.as_mut_slice()?, slot: &slots[0], used: 0 };
+            let mut place = Placer::staged(Some(host.as_mut_slice()?), &slots[0]);
             CudaMlp::upload(cuda, e, &mut place)?;
-            let Placer::Staged { used, .. } = place else { unreachable!("staged above") };
+            let (used, _) = place.laid_out();
             if used != len {
                 return Err(Error::InvalidInput(format!(
                     "an expert of layer {li} lays out in {used} bytes, the first in {len} (internal: experts of one \

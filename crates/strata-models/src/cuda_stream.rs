@@ -19,8 +19,14 @@
 //! as many slots as streamed layers (tests), each slot keeps its layer and nothing is copied again.
 //!
 //! The host copies are made once, at load, beside the checkpoint's own (memory-mapped) pages:
-//! host memory holds the streamed layers twice.
+//! host memory holds the streamed layers twice. Or, given a directory for layer images
+//! (`--offload-dir`), there are no host copies: each streamed layer is laid out once into a file
+//! there (`crate::layer_images`; at load only the layout is computed when the file is already
+//! valid), and an `ImageReader` reads the images in pass order into three page-locked staging
+//! buffers on two threads of its own; an upload takes the buffer its layer's image landed in and
+//! gives it back at once (the reader's next read into it waits for the copy out).
 
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 
 use strata_kernels::Cuda;
@@ -29,6 +35,7 @@ use strata_kernels::cuda::pinned::{Pinned, Upload};
 use strata_kernels::cuda::tensor::{region_tensor, upload_bytes};
 use strata_tensor::{DType, Tensor};
 
+use crate::layer_images::{ImageReader, Staging};
 use crate::{Error, Result};
 
 pub(crate) use crate::vram::{ALIGN, SLOTS, SlotSchedule};
@@ -37,33 +44,75 @@ pub(crate) use crate::vram::{ALIGN, SLOTS, SlotSchedule};
 pub(crate) enum Placer<'a> {
     /// In a device buffer of its own.
     Resident,
-    /// At the next [`ALIGN`] boundary of a streamed layer: its bytes into the layer's host copy,
-    /// its tensor over the same place of the slot the layer runs from.
+    /// At the next [`ALIGN`] boundary of a streamed layer: its bytes into the layer's host copy
+    /// (when there is one), its tensor over the same place of the slot the layer runs from.
     Staged {
-        /// The layer's page-locked host copy.
-        host: &'a mut [u8],
+        /// The layer's host copy: its page-locked buffer, a buffer its image on disk is written
+        /// from, or none when only the layout is wanted (an image already on disk).
+        host: Option<&'a mut [u8]>,
         /// The slot's device buffer.
         slot: &'a Arc<CudaSlice<u8>>,
         /// Bytes laid out so far.
         used: usize,
+        /// A hash of what was placed where (offsets, dtypes, shapes), FNV-1a.
+        layout: u64,
     },
 }
 
-impl Placer<'_> {
-    /// A device tensor of `dtype` and shape `dims` holding `bytes`.
-    pub(crate) fn put(&mut self, cuda: &Cuda, bytes: &[u8], dtype: DType, dims: &[usize]) -> Result<Tensor> {
+impl<'a> Placer<'a> {
+    /// A layer laid out from the start of `slot`, its bytes into `host` if given.
+    pub(crate) fn staged(host: Option<&'a mut [u8]>, slot: &'a Arc<CudaSlice<u8>>) -> Placer<'a> {
+        Placer::Staged { host, slot, used: 0, layout: 0xcbf2_9ce4_8422_2325 }
+    }
+
+    /// The bytes laid out and the layout's hash (zeros for [`Placer::Resident`]).
+    pub(crate) fn laid_out(&self) -> (usize, u64) {
         match self {
-            Placer::Resident => Ok(upload_bytes(cuda, bytes, dtype, dims)?),
-            Placer::Staged { host, slot, used } => {
+            Placer::Staged { used, layout, .. } => (*used, *layout),
+            Placer::Resident => (0, 0),
+        }
+    }
+
+    /// A device tensor of `dtype` and shape `dims` holding what `bytes` gives (called only when
+    /// the bytes go somewhere: not for a layout alone).
+    pub(crate) fn put<'b>(
+        &mut self,
+        cuda: &Cuda,
+        dtype: DType,
+        dims: &[usize],
+        bytes: impl FnOnce() -> Result<Cow<'b, [u8]>>,
+    ) -> Result<Tensor> {
+        let len = dtype
+            .bytes_for(dims.iter().product())
+            .ok_or_else(|| Error::InvalidInput(format!("a {dtype} tensor of shape {dims:?} is not whole blocks")))?;
+        match self {
+            Placer::Resident => Ok(upload_bytes(cuda, &bytes()?, dtype, dims)?),
+            Placer::Staged { host, slot, used, layout } => {
                 let at = used.next_multiple_of(ALIGN);
-                let end = at + bytes.len();
-                if end > host.len() || end > slot.len() {
+                let end = at + len;
+                if host.as_ref().is_some_and(|h| end > h.len()) || end > slot.len() {
                     return Err(Error::InvalidInput(format!(
                         "a streamed layer's weights overflow its {}-byte buffers (internal: the layer's size bound is short)",
-                        host.len().min(slot.len())
+                        slot.len()
                     )));
                 }
-                host[at..end].copy_from_slice(bytes);
+                if let Some(host) = host {
+                    let bytes = bytes()?;
+                    if bytes.len() != len {
+                        return Err(Error::InvalidInput(format!(
+                            "{} bytes for a {dtype} tensor of shape {dims:?}, which takes {len}",
+                            bytes.len()
+                        )));
+                    }
+                    host[at..end].copy_from_slice(&bytes);
+                }
+                let words =
+                    [at as u64, len as u64, dims.len() as u64].into_iter().chain(dims.iter().map(|&d| d as u64));
+                for w in words.chain(dtype.name().bytes().map(u64::from)) {
+                    for b in w.to_le_bytes() {
+                        *layout = (*layout ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+                    }
+                }
                 *used = end;
                 Ok(region_tensor(cuda, slot, at, dtype, dims)?)
             }
@@ -72,18 +121,33 @@ impl Placer<'_> {
 
     /// A device copy of host tensor `t`.
     pub(crate) fn tensor(&mut self, cuda: &Cuda, t: &Tensor) -> Result<Tensor> {
-        let bytes = t.cpu_bytes()?;
-        self.put(cuda, bytes, t.dtype(), t.shape().dims())
+        self.put(cuda, t.dtype(), t.shape().dims(), || Ok(Cow::Borrowed(t.cpu_bytes()?)))
     }
 }
 
-/// A streamed layer: its page-locked host copy and the slot it runs from.
+/// A streamed layer: its page-locked host copy (none when it comes from disk) and its place.
 struct StreamedLayer {
-    host: Pinned,
+    host: Option<Pinned>,
     /// Bytes to copy (the host copy and the slot may be longer).
     len: usize,
-    /// Its place among the streamed layers, in pass order.
+    /// Its place among the streamed layers, in pass order (and its image's index on disk).
     pos: usize,
+}
+
+/// What the copies need between calls.
+struct State {
+    /// Which layer each slot holds.
+    schedule: SlotSchedule,
+    /// Each slot's last upload.
+    uploads: Vec<Option<Upload>>,
+    /// The layer images read ahead from disk, when the layers have no host copies.
+    reader: Option<ImageReader<Pinned>>,
+}
+
+impl Staging for Pinned {
+    fn bytes(&mut self) -> Result<&mut [u8]> {
+        Ok(self.as_mut_slice()?)
+    }
 }
 
 /// The streamed layers of a model and the copies that bring them in ([`WeightStream::before`],
@@ -94,10 +158,11 @@ pub(crate) struct WeightStream {
     /// The streamed layers' indices in pass order.
     order: Vec<usize>,
     slots: Vec<Arc<CudaSlice<u8>>>,
-    /// Which layer each slot holds ([`SlotSchedule`]), and each slot's last upload.
-    state: Mutex<(SlotSchedule, Vec<Option<Upload>>)>,
+    state: Mutex<State>,
     /// Bytes copied per pass.
     bytes_per_pass: usize,
+    /// The layer images' data file and the largest read of it, when the layers come from disk.
+    images: Option<(std::path::PathBuf, usize)>,
 }
 
 impl WeightStream {
@@ -108,7 +173,12 @@ impl WeightStream {
 
     /// The stream of `layers` (per layer of the model: its host copy and the bytes it holds, for
     /// the streamed ones), taking `slots` in turn: streamed layer `j` runs from slot `j % SLOTS`.
-    pub(crate) fn new(layers: Vec<Option<(Pinned, usize)>>, slots: Vec<Arc<CudaSlice<u8>>>) -> WeightStream {
+    /// Layers without a host copy come from `reader`, which reads their images in pass order.
+    pub(crate) fn new(
+        layers: Vec<Option<(Option<Pinned>, usize)>>,
+        slots: Vec<Arc<CudaSlice<u8>>>,
+        reader: Option<ImageReader<Pinned>>,
+    ) -> WeightStream {
         let mut order = Vec::new();
         let mut bytes_per_pass = 0;
         let layers = layers
@@ -122,8 +192,10 @@ impl WeightStream {
                 })
             })
             .collect();
-        let state = Mutex::new((SlotSchedule::new(order.len()), (0..slots.len()).map(|_| None).collect()));
-        WeightStream { layers, order, slots, state, bytes_per_pass }
+        let images = reader.as_ref().map(|r| (r.images().path().to_path_buf(), r.images().largest_read()));
+        let uploads = (0..slots.len()).map(|_| None).collect();
+        let state = Mutex::new(State { schedule: SlotSchedule::new(order.len()), uploads, reader });
+        WeightStream { layers, order, slots, state, bytes_per_pass, images }
     }
 
     /// Layers that stream.
@@ -137,11 +209,34 @@ impl WeightStream {
         if self.order.len() <= self.slots.len() { 0 } else { self.bytes_per_pass }
     }
 
-    /// Queues the upload of streamed layer `pos` into its slot, after the compute queued so far.
-    fn upload(&self, cuda: &Cuda, uploads: &mut [Option<Upload>], pos: usize) -> Result<()> {
+    /// The layer images' data file and the largest read of it, when the streamed layers are
+    /// read from disk.
+    pub(crate) fn images(&self) -> Option<(&std::path::Path, usize)> {
+        self.images.as_ref().map(|(p, r)| (p.as_path(), *r))
+    }
+
+    /// Queues the upload of streamed layer `pos` into its slot, after the compute queued so far:
+    /// from its host copy, or from the staging buffer its image was read into (which goes back to
+    /// the reader, whose next read into it waits for this copy).
+    fn upload(&self, cuda: &Cuda, state: &mut State, pos: usize) -> Result<()> {
         let layer = self.layers[self.order[pos]].as_ref().expect("order lists streamed layers");
         let slot = SlotSchedule::slot_of(pos);
-        uploads[slot] = Some(cuda.upload_async_shared(&layer.host, layer.len, &self.slots[slot])?);
+        let upload = match (&layer.host, &mut state.reader) {
+            (Some(host), _) => cuda.upload_async_shared(host, layer.len, &self.slots[slot])?,
+            (None, Some(reader)) => {
+                let staged = reader.take(pos)?;
+                let upload = cuda.upload_async_shared(&staged, layer.len, &self.slots[slot]);
+                reader.give_back(staged);
+                upload?
+            }
+            (None, None) => {
+                return Err(Error::InvalidInput(format!(
+                    "streamed layer {} has neither a host copy nor an image on disk (internal)",
+                    self.order[pos]
+                )));
+            }
+        };
+        state.uploads[slot] = Some(upload);
         Ok(())
     }
 
@@ -149,12 +244,11 @@ impl WeightStream {
     /// (queuing their upload first if its slot holds another layer).
     pub(crate) fn before(&self, cuda: &Cuda, li: usize) -> Result<()> {
         let Some(layer) = &self.layers[li] else { return Ok(()) };
-        let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let (schedule, uploads) = &mut *guard;
-        if let Some(pos) = schedule.before(layer.pos) {
-            self.upload(cuda, uploads, pos)?;
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(pos) = state.schedule.before(layer.pos) {
+            self.upload(cuda, &mut state, pos)?;
         }
-        let upload = uploads[SlotSchedule::slot_of(layer.pos)].as_ref().expect("every slot's layer was uploaded");
+        let upload = state.uploads[SlotSchedule::slot_of(layer.pos)].as_ref().expect("every slot's layer was uploaded");
         Ok(cuda.wait_upload(upload)?)
     }
 
@@ -162,20 +256,18 @@ impl WeightStream {
     /// layer [`SLOTS`] places later (cyclically) into the same slot, to run after them.
     pub(crate) fn after(&self, cuda: &Cuda, li: usize) -> Result<()> {
         let Some(layer) = &self.layers[li] else { return Ok(()) };
-        let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let (schedule, uploads) = &mut *guard;
-        match schedule.after(layer.pos) {
-            Some(next) => self.upload(cuda, uploads, next),
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match state.schedule.after(layer.pos) {
+            Some(next) => self.upload(cuda, &mut state, next),
             None => Ok(()),
         }
     }
 
     /// Queues the first pass's uploads (one per slot).
     pub(crate) fn prime(&self, cuda: &Cuda) -> Result<()> {
-        let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let (schedule, uploads) = &mut *guard;
-        for pos in schedule.prime() {
-            self.upload(cuda, uploads, pos)?;
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        for pos in state.schedule.prime() {
+            self.upload(cuda, &mut state, pos)?;
         }
         Ok(())
     }

@@ -28,6 +28,7 @@ pub mod gguf_model;
 pub mod gguf_tokenizer;
 mod hparams;
 mod kv_cache;
+pub mod layer_images;
 mod load;
 pub mod moe;
 pub mod offload;

@@ -230,6 +230,19 @@ impl VramReport {
         self.needs.streamed.iter().zip(&self.streamed).filter(|(_, s)| **s).map(|(b, _)| *b).sum()
     }
 
+    /// [`VramReport::host_bytes`], or with `from_disk` (the streamed layers read from layer
+    /// images, `crate::layer_images`) the staging buffers those reads land in: three of the
+    /// largest streamed layer's read. Routed experts under a device expert cache stay in host
+    /// memory either way.
+    pub fn host_bytes_with(&self, from_disk: bool) -> u64 {
+        if !from_disk || self.expert_slots > 0 {
+            return self.host_bytes();
+        }
+        let align = crate::layer_images::IMAGE_ALIGN as u64;
+        let largest = self.needs.streamed.iter().zip(&self.streamed).filter(|(_, s)| **s).map(|(b, _)| *b).max();
+        largest.map_or(0, |b| crate::layer_images::STAGING_BUFFERS as u64 * b.next_multiple_of(align))
+    }
+
     /// Bytes the placement takes on the device: what stays, the resident layers (less their
     /// routed experts under an expert cache) and the buffers.
     pub fn device_bytes(&self) -> u64 {

@@ -256,8 +256,9 @@ impl Model {
         // the other placement flags place the CPU's tiers.
         if options.device != Device::Cpu && options.offload.sets_cpu_placement() {
             return Err(Error::Unsupported(format!(
-                "--strategy, --prefetch-layers, --offload-dir, --pack-dtype and --expert-cache place the CPU's tiers \
-                 (RAM and disk): with {}, --max-vram places the weights and --max-ram bounds the host memory they take",
+                "--strategy, --prefetch-layers, --pack-dtype and --expert-cache place the CPU's tiers (RAM and \
+                 disk): with {}, --max-vram places the weights, --max-ram bounds the host memory they take and \
+                 --offload-dir is where the layers --max-vram streams are read from",
                 options.device
             )));
         }
@@ -315,15 +316,17 @@ impl Model {
             #[cfg(feature = "cuda")]
             Device::Cuda(ordinal) => {
                 let budget = vram_budget(&decoder, options.offload.max_vram);
+                let images = crate::offload::layer_images_dir(&options.offload, &loaded.path)?;
                 if let Some(b) = &budget {
                     chunk = Some(b.pass_tokens);
                     // The host copies the placement keeps, against --max-ram, before any allocation.
                     if options.offload.max_ram.is_some() {
                         let report = strata_models::vram_report(&decoder, b)?;
-                        crate::offload::check_host_ceiling(&report, b.max_bytes, options.offload.max_ram)?;
+                        let from_disk = images.is_some();
+                        crate::offload::check_host_ceiling(&report, b.max_bytes, options.offload.max_ram, from_disk)?;
                     }
                 }
-                let cuda = strata_models::CudaDecoder::open_within(&decoder, ordinal, budget)?;
+                let cuda = strata_models::CudaDecoder::open_within(&decoder, ordinal, budget, images.as_deref())?;
                 if options.offload.expert_cache_policy.is_some() {
                     // The device expert cache's, when the experts stay in host memory.
                     cuda.set_expert_cache_policy(options.offload.expert_policy()?);
@@ -513,6 +516,16 @@ impl Model {
             Backend::Cpu => None,
             #[cfg(feature = "cuda")]
             Backend::Cuda(d) => (d.streamed_layers() > 0).then(|| (d.streamed_layers(), d.streamed_bytes_per_pass())),
+        }
+    }
+
+    /// On CUDA under `--max-vram` with `--offload-dir`: the layer images the streamed layers are
+    /// read from (the data file) and the largest read of it. `None` otherwise.
+    pub fn gpu_layer_images(&self) -> Option<(PathBuf, usize)> {
+        match &self.backend {
+            Backend::Cpu => None,
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(d) => d.layer_images().map(|(p, r)| (p.to_path_buf(), r)),
         }
     }
 

@@ -91,12 +91,14 @@ impl OffloadConfig {
         OffloadConfig { max_vram: None, expert_cache_policy: None, ..self.clone() }.is_active()
     }
 
-    /// Whether a flag that only the CPU's placement takes is set: anything but the two ceilings
-    /// and the expert cache's policy. On CUDA, `max_vram` places the weights and `max_ram`
-    /// bounds the page-locked host memory that placement takes (checked at load, before the
-    /// device is opened).
+    /// Whether a flag that only the CPU's placement takes is set: anything but the two ceilings,
+    /// the offload directory and the expert cache's policy. On CUDA, `max_vram` places the
+    /// weights, `max_ram` bounds the page-locked host memory that placement takes (checked at
+    /// load, before the device is opened), and `offload_dir` is where the layers it streams are
+    /// read from (layer images) rather than kept in host memory.
     pub fn sets_cpu_placement(&self) -> bool {
-        OffloadConfig { max_vram: None, max_ram: None, expert_cache_policy: None, ..self.clone() }.is_active()
+        OffloadConfig { max_vram: None, max_ram: None, expert_cache_policy: None, offload_dir: None, ..self.clone() }
+            .is_active()
     }
 
     /// Checks the expert cache settings against a model whose MoE layers run `experts_per_token`
@@ -254,8 +256,23 @@ pub fn plan_vram_placement(spec: impl AsRef<Path>, options: &LoadOptions) -> Res
     decoder.set_max_context(options.max_context);
     let budget = crate::model::vram_budget(&decoder, Some(max_vram)).expect("a ceiling was given");
     let report = strata_models::vram_report(&decoder, &budget)?;
-    check_host_ceiling(&report, max_vram, options.offload.max_ram)?;
-    Ok(VramPlacementReport { budget, report, layers: decoder.hparams().n_layers, max_ram: options.offload.max_ram })
+    let images = layer_images_dir(&options.offload, spec.as_ref())?;
+    check_host_ceiling(&report, max_vram, options.offload.max_ram, images.is_some())?;
+    Ok(VramPlacementReport {
+        budget,
+        report,
+        layers: decoder.hparams().n_layers,
+        max_ram: options.offload.max_ram,
+        images,
+    })
+}
+
+/// Where a CUDA placement's streamed layers are read from: the directory of the layer images of
+/// the checkpoint at `checkpoint` under `--offload-dir`, when one is given (`None`: they stay in
+/// page-locked host memory).
+pub(crate) fn layer_images_dir(offload: &OffloadConfig, checkpoint: &Path) -> Result<Option<PathBuf>> {
+    let Some(dir) = &offload.offload_dir else { return Ok(None) };
+    Ok(Some(strata_models::layer_images::images_dir(dir, checkpoint)?))
 }
 
 /// Checks a CUDA placement against the host memory ceiling `max_ram`: the page-locked host
@@ -265,21 +282,31 @@ pub(crate) fn check_host_ceiling(
     report: &strata_models::VramReport,
     max_vram: u64,
     max_ram: Option<u64>,
+    from_disk: bool,
 ) -> Result<()> {
     let Some(max_ram) = max_ram else { return Ok(()) };
-    let host = report.host_bytes();
+    let host = report.host_bytes_with(from_disk);
     if host <= max_ram {
         return Ok(());
     }
     let size = strata_models::store::planner::format_size;
-    let what = if report.expert_slots > 0 {
-        format!("its {} routed experts", report.needs.expert_count)
-    } else {
-        format!("{} streamed layers", report.streamed.iter().filter(|&&s| s).count())
+    let layers = report.streamed.iter().filter(|&&s| s).count();
+    let (what, hint) = match (report.expert_slots > 0, from_disk) {
+        (true, _) => (
+            format!("its {} routed experts", report.needs.expert_count),
+            "(on CUDA, experts do not stream from disk yet)",
+        ),
+        (false, false) => {
+            (format!("{layers} streamed layers"), "or --offload-dir to read the streamed layers from disk")
+        }
+        (false, true) => (
+            format!("the staging buffers of {layers} layers read from disk"),
+            "(the buffers hold the largest streamed layer each)",
+        ),
     };
     Err(Error::InvalidInput(format!(
         "--max-ram {}: under --max-vram {} the model keeps {} in page-locked host memory ({what}); give --max-ram \
-         at least that, or more --max-vram (on CUDA, weights do not stream from disk yet)",
+         at least that, or more --max-vram, {hint}",
         size(max_ram),
         size(max_vram),
         size(host),
@@ -297,6 +324,9 @@ pub struct VramPlacementReport {
     pub layers: usize,
     /// The host memory ceiling it was checked against (`--max-ram`), if any.
     pub max_ram: Option<u64>,
+    /// Where the streamed layers are read from (the layer images' directory under
+    /// `--offload-dir`), or `None`: from page-locked host copies.
+    pub images: Option<PathBuf>,
 }
 
 /// What [`pack_model`] did.

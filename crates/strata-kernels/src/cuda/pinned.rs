@@ -28,6 +28,16 @@ impl Pinned {
         Ok(Pinned { slice })
     }
 
+    /// A page-locked buffer of `len` bytes that the host reads back at memory speed (not
+    /// write-combined): for data checked on the host after it lands, as layer images read from
+    /// disk are. Allocations are page-aligned, so `O_DIRECT` reads can land in it.
+    pub fn new_readable(cuda: &Cuda, len: usize) -> Result<Pinned> {
+        // SAFETY: as in `new`; flags 0 asks for plain cacheable page-locked memory.
+        let slice =
+            unsafe { cuda.context().alloc_pinned_with_flags::<u8>(len.max(1), 0) }.map_err(driver("alloc_pinned"))?;
+        Ok(Pinned { slice })
+    }
+
     /// The size in bytes.
     pub fn len(&self) -> usize {
         self.slice.len()

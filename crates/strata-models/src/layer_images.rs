@@ -1,0 +1,547 @@
+//! Layer images on disk: how the layers a GPU ceiling streams come from the offload directory
+//! rather than from page-locked host memory (`--device cuda --max-vram X --offload-dir D`).
+//!
+//! A streamed layer's matrices are laid out once for the device buffer it runs from (the CUDA
+//! decoder's placement: 256-byte boundaries, q/k/v stacked, gate/up rows paired) and written,
+//! one image per layer at a 4096-byte boundary, to `D/<digest>/cuda-layers.bin`, with
+//! `cuda-layers.json` beside it: per image its layer, offset, length, layout hash (the offsets,
+//! dtypes and shapes of what it holds) and CRC-32. The directory is named by the digest of the
+//! checkpoint's files (paths, lengths, modification times) and this format's tag, so a changed
+//! checkpoint gets new images; a load that lays the layers out alike finds the file valid and
+//! reads none of the checkpoint's streamed layers. The data file is written under a temporary
+//! name, synced and renamed before the manifest is written (synced, renamed): a manifest names
+//! only complete data.
+//!
+//! [`ImageReader`] reads the images ahead, in the order the passes use them, on two threads of
+//! its own into a ring of staging buffers (page-locked ones on CUDA), with `O_DIRECT` where the file
+//! system and the buffer allow; every image is checked against its CRC before it is handed over.
+//! None of this needs a GPU: the CUDA decoder supplies the bytes and the buffers.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, mpsc};
+use std::thread::JoinHandle;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// Every image starts, and every read ends, at a multiple of this many bytes (the `O_DIRECT`
+/// unit).
+pub const IMAGE_ALIGN: usize = 4096;
+/// The data file's name in the images' directory.
+pub const DATA_FILE: &str = "cuda-layers.bin";
+/// The manifest's name in the images' directory.
+pub const MANIFEST_FILE: &str = "cuda-layers.json";
+/// Bumped whenever the bytes of an image change for the same layout (the layout hash covers
+/// offsets, dtypes and shapes, not how rows are arranged within a tensor).
+const FORMAT_VERSION: u32 = 1;
+/// Staging buffers an [`ImageReader`] reads into on CUDA: one being copied to the device, one
+/// read, one ahead.
+pub const STAGING_BUFFERS: usize = 3;
+
+/// The directory of the layer images of the checkpoint at `checkpoint` (a file or a directory)
+/// under `offload_dir`.
+pub fn images_dir(offload_dir: &Path, checkpoint: &Path) -> Result<PathBuf> {
+    let files = crate::offload::checkpoint_files(checkpoint)?;
+    let key = strata_store::pack::SourceKey::for_files(&files, "cuda-layers", None)?;
+    Ok(offload_dir.join(format!("{}-cuda", key.digest())))
+}
+
+/// One image as the caller lays it out: the layer, its length and its layout hash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageSpec {
+    /// The decoder layer.
+    pub layer: usize,
+    /// Bytes of the image.
+    pub len: u64,
+    /// A hash of the image's layout (what the caller places where), to tell a file laid out by
+    /// another version of the placement.
+    pub layout: u64,
+}
+
+/// An image in the data file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageEntry {
+    /// What it holds.
+    #[serde(flatten)]
+    pub spec: ImageSpec,
+    /// Where it starts in the data file (a multiple of [`IMAGE_ALIGN`]).
+    pub offset: u64,
+    /// The CRC-32 of its `len` bytes.
+    pub crc32: u32,
+}
+
+impl ImageEntry {
+    /// Bytes a read of the image takes: its length rounded up to [`IMAGE_ALIGN`].
+    pub fn read_len(&self) -> usize {
+        (self.spec.len as usize).next_multiple_of(IMAGE_ALIGN)
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Manifest {
+    format_version: u32,
+    images: Vec<ImageEntry>,
+}
+
+/// The layer images of one placement, opened for reading.
+#[derive(Debug)]
+pub struct LayerImages {
+    path: PathBuf,
+    /// The data file opened with `O_DIRECT`, where the file system allows it.
+    direct: Option<File>,
+    buffered: File,
+    images: Vec<ImageEntry>,
+}
+
+/// The data file's length and each image's offset for `specs`.
+fn layout(specs: &[ImageSpec]) -> (Vec<u64>, u64) {
+    let mut at = 0u64;
+    let offsets = specs
+        .iter()
+        .map(|s| {
+            let offset = at;
+            at += s.len.next_multiple_of(IMAGE_ALIGN as u64);
+            offset
+        })
+        .collect();
+    (offsets, at)
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |error| Error::Io { path: path.to_path_buf(), error }
+}
+
+impl LayerImages {
+    /// The images in `dir` if they are complete and exactly `specs` (same layers, lengths and
+    /// layouts, in order); `None` when they must be (re)built.
+    pub fn open(dir: &Path, specs: &[ImageSpec]) -> Result<Option<LayerImages>> {
+        let manifest_path = dir.join(MANIFEST_FILE);
+        let json = match fs::read(&manifest_path) {
+            Ok(json) => json,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&manifest_path)(e)),
+        };
+        let Ok(manifest) = serde_json::from_slice::<Manifest>(&json) else { return Ok(None) };
+        let (offsets, data_len) = layout(specs);
+        let same = manifest.format_version == FORMAT_VERSION
+            && manifest.images.len() == specs.len()
+            && manifest.images.iter().zip(specs).zip(&offsets).all(|((e, s), o)| e.spec == *s && e.offset == *o);
+        if !same {
+            return Ok(None);
+        }
+        let path = dir.join(DATA_FILE);
+        match fs::metadata(&path) {
+            Ok(m) if m.len() == data_len => {}
+            Ok(_) => return Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&path)(e)),
+        }
+        Ok(Some(LayerImages::open_data(path, manifest.images)?))
+    }
+
+    fn open_data(path: PathBuf, images: Vec<ImageEntry>) -> Result<LayerImages> {
+        let buffered = File::open(&path).map_err(io_err(&path))?;
+        // O_DIRECT is refused by some file systems (tmpfs): reads then go through the page cache.
+        let direct = OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&path).ok();
+        Ok(LayerImages { path, direct, buffered, images })
+    }
+
+    /// Writes the images `specs` describe into `dir` (replacing what is there), `fill(i, bytes)`
+    /// writing image `i`'s `specs[i].len` bytes (zeroed beforehand), and opens them.
+    /// `progress(done, total)` is called after each image.
+    pub fn build(
+        dir: &Path,
+        specs: &[ImageSpec],
+        fill: &mut dyn FnMut(usize, &mut [u8]) -> Result<()>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<LayerImages> {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let manifest_path = dir.join(MANIFEST_FILE);
+        match fs::remove_file(&manifest_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&manifest_path)(e)),
+        }
+        let (offsets, total) = layout(specs);
+        // A name of this process's own: two loads building at once each write a whole file, and
+        // the data is the same whichever rename lands last.
+        let tmp = dir.join(format!("{DATA_FILE}.tmp.{}", std::process::id()));
+        let mut file = File::create(&tmp).map_err(io_err(&tmp))?;
+        let largest = specs.iter().map(|s| s.len as usize).max().unwrap_or(0).next_multiple_of(IMAGE_ALIGN);
+        let mut buf = vec![0u8; largest];
+        let mut images = Vec::with_capacity(specs.len());
+        for (i, (spec, &offset)) in specs.iter().zip(&offsets).enumerate() {
+            let len = spec.len as usize;
+            let padded = len.next_multiple_of(IMAGE_ALIGN);
+            buf[..padded].fill(0);
+            fill(i, &mut buf[..len])?;
+            file.write_all(&buf[..padded]).map_err(io_err(&tmp))?;
+            images.push(ImageEntry { spec: *spec, offset, crc32: crc32fast::hash(&buf[..len]) });
+            progress(offset + padded as u64, total);
+        }
+        file.sync_all().map_err(io_err(&tmp))?;
+        drop(file);
+        let path = dir.join(DATA_FILE);
+        fs::rename(&tmp, &path).map_err(io_err(&tmp))?;
+        sync_dir(dir)?;
+        let manifest = Manifest { format_version: FORMAT_VERSION, images };
+        let json = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::InvalidInput(e.to_string()))?;
+        let tmp = dir.join(format!("{MANIFEST_FILE}.tmp.{}", std::process::id()));
+        let mut file = File::create(&tmp).map_err(io_err(&tmp))?;
+        file.write_all(&json).and_then(|()| file.sync_all()).map_err(io_err(&tmp))?;
+        drop(file);
+        fs::rename(&tmp, &manifest_path).map_err(io_err(&tmp))?;
+        sync_dir(dir)?;
+        LayerImages::open_data(path, manifest.images)
+    }
+
+    /// The data file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether reads into 4096-byte-aligned buffers bypass the page cache (`O_DIRECT`).
+    pub fn direct(&self) -> bool {
+        self.direct.is_some()
+    }
+
+    /// The images, in order.
+    pub fn images(&self) -> &[ImageEntry] {
+        &self.images
+    }
+
+    /// Bytes of the largest read ([`ImageEntry::read_len`]): what a staging buffer holds.
+    pub fn largest_read(&self) -> usize {
+        self.images.iter().map(ImageEntry::read_len).max().unwrap_or(0)
+    }
+
+    /// Reads image `i` into the start of `buf`, which must hold its [`ImageEntry::read_len`]
+    /// bytes, and checks it against its CRC.
+    pub fn read_into(&self, i: usize, buf: &mut [u8]) -> Result<()> {
+        let Some(e) = self.images.get(i) else {
+            return Err(Error::InvalidInput(format!(
+                "{}: no layer image {i} (it has {})",
+                self.path.display(),
+                self.images.len()
+            )));
+        };
+        let read_len = e.read_len();
+        if buf.len() < read_len {
+            return Err(Error::InvalidInput(format!(
+                "{}: layer {}'s image needs a {read_len}-byte buffer, got {} bytes",
+                self.path.display(),
+                e.spec.layer,
+                buf.len()
+            )));
+        }
+        let buf = &mut buf[..read_len];
+        let aligned = (buf.as_ptr() as usize).is_multiple_of(IMAGE_ALIGN);
+        let file = match &self.direct {
+            Some(direct) if aligned => direct,
+            _ => &self.buffered,
+        };
+        file.read_exact_at(buf, e.offset).map_err(io_err(&self.path))?;
+        let len = e.spec.len as usize;
+        let crc = crc32fast::hash(&buf[..len]);
+        if crc != e.crc32 {
+            return Err(Error::InvalidInput(format!(
+                "{}: layer {}'s image (bytes {}..{}) fails its checksum (CRC-32 {crc:08x}, the manifest says {:08x}); \
+                 remove the directory to rebuild it",
+                self.path.display(),
+                e.spec.layer,
+                e.offset,
+                e.offset + e.spec.len,
+                e.crc32
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+}
+
+/// A buffer an [`ImageReader`] reads into.
+pub trait Staging: Send + 'static {
+    /// The bytes to read into; may wait until whoever last read them (a copy to the device) is
+    /// done.
+    fn bytes(&mut self) -> Result<&mut [u8]>;
+}
+
+impl Staging for strata_tensor::AlignedBytes {
+    fn bytes(&mut self) -> Result<&mut [u8]> {
+        Ok(self.as_mut_slice())
+    }
+}
+
+type Filled<B> = (usize, B, Result<()>);
+
+/// Threads an [`ImageReader`] reads with: two reads in flight, so that one image's checksum
+/// overlaps the next one's read and the disk always has a request queued.
+pub const READER_THREADS: usize = 2;
+
+fn thread_ended() -> Error {
+    Error::InvalidInput("the layer image reader threads ended".into())
+}
+
+/// Reads layer images ahead, in cyclic order, into a ring of staging buffers on
+/// [`READER_THREADS`] threads of its own. [`ImageReader::take`] hands over the buffer holding an
+/// image (checked), and [`ImageReader::give_back`] returns it to the ring, asking for the next
+/// image not yet asked for. Reads may land out of order; asked for an image it is not reading (a
+/// pass that stopped on an error), it drops what it read ahead and starts again from that one.
+pub struct ImageReader<B: Staging> {
+    images: Arc<LayerImages>,
+    ask: Option<mpsc::Sender<(usize, B)>>,
+    filled: mpsc::Receiver<Filled<B>>,
+    /// The image the next buffer given back is asked to read.
+    next: usize,
+    /// Images asked for and not taken yet: being read, or landed in `landed`.
+    asked: Vec<usize>,
+    /// Reads that landed before they were taken.
+    landed: Vec<Filled<B>>,
+    /// Buffers with the reader threads.
+    out: usize,
+    count: usize,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl<B: Staging> ImageReader<B> {
+    /// A reader of `images` into `buffers` (each as large as the largest image's read), which
+    /// starts reading the first images at once.
+    pub fn new(images: Arc<LayerImages>, buffers: Vec<B>) -> Result<ImageReader<B>> {
+        let count = images.images().len();
+        if count == 0 || buffers.is_empty() {
+            return Err(Error::InvalidInput("a layer image reader needs images and buffers".into()));
+        }
+        let (ask, asked) = mpsc::channel::<(usize, B)>();
+        let asked = Arc::new(std::sync::Mutex::new(asked));
+        let (done, filled) = mpsc::channel::<Filled<B>>();
+        let mut threads = Vec::with_capacity(READER_THREADS);
+        for t in 0..READER_THREADS {
+            let (asked, done, images) = (asked.clone(), done.clone(), images.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("strata-layer-images-{t}"))
+                .spawn(move || {
+                    loop {
+                        // The lock is held only to take the next request, not during the read.
+                        let next = asked.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                        let Ok((i, mut buf)) = next else { break };
+                        let read = buf.bytes().and_then(|bytes| images.read_into(i, bytes));
+                        if done.send((i, buf, read)).is_err() {
+                            break;
+                        }
+                    }
+                })
+                .map_err(|error| Error::Io { path: PathBuf::from("(layer image reader thread)"), error })?;
+            threads.push(thread);
+        }
+        let mut reader = ImageReader {
+            images,
+            ask: Some(ask),
+            filled,
+            next: 0,
+            asked: Vec::new(),
+            landed: Vec::new(),
+            out: 0,
+            count,
+            threads,
+        };
+        for buf in buffers {
+            reader.give_back(buf);
+        }
+        Ok(reader)
+    }
+
+    /// The images it reads.
+    pub fn images(&self) -> &LayerImages {
+        &self.images
+    }
+
+    /// The buffer holding image `i`, read and checked (waiting for the read).
+    pub fn take(&mut self, i: usize) -> Result<B> {
+        if !self.asked.contains(&i) {
+            self.restart(i)?;
+        }
+        let (buf, read) = loop {
+            if let Some(at) = self.landed.iter().position(|(got, _, _)| *got == i) {
+                let (_, buf, read) = self.landed.swap_remove(at);
+                break (buf, read);
+            }
+            if self.out == 0 {
+                return Err(Error::InvalidInput(
+                    "every layer staging buffer is held (internal: a buffer taken was not given back)".into(),
+                ));
+            }
+            let filled = self.filled.recv().map_err(|_| thread_ended())?;
+            self.out -= 1;
+            self.landed.push(filled);
+        };
+        let at = self.asked.iter().position(|&a| a == i).expect("taken images were asked for");
+        self.asked.remove(at);
+        if let Err(e) = read {
+            // The buffer stays in the ring: asked for the same image again.
+            self.ask(i, buf);
+            return Err(e);
+        }
+        Ok(buf)
+    }
+
+    /// Drops what was read ahead and asks for the images from `i` on.
+    fn restart(&mut self, i: usize) -> Result<()> {
+        let mut bufs: Vec<B> = self.landed.drain(..).map(|(_, b, _)| b).collect();
+        while self.out > 0 {
+            let (_, b, _) = self.filled.recv().map_err(|_| thread_ended())?;
+            self.out -= 1;
+            bufs.push(b);
+        }
+        self.asked.clear();
+        self.next = i;
+        for b in bufs {
+            self.give_back(b);
+        }
+        Ok(())
+    }
+
+    /// Returns a buffer [`ImageReader::take`] handed over, asking it to read the next image in
+    /// cyclic order after those already asked for.
+    pub fn give_back(&mut self, buf: B) {
+        let i = self.next;
+        self.next = (self.next + 1) % self.count;
+        self.ask(i, buf);
+    }
+
+    fn ask(&mut self, i: usize, buf: B) {
+        if let Some(ask) = &self.ask
+            && ask.send((i, buf)).is_ok()
+        {
+            self.out += 1;
+            self.asked.push(i);
+        }
+    }
+}
+
+impl<B: Staging> Drop for ImageReader<B> {
+    fn drop(&mut self) {
+        // The threads end once the channel closes, after the reads they are doing.
+        self.ask = None;
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn specs() -> Vec<ImageSpec> {
+        [(4, 5000u64), (5, 4096), (6, 1), (7, 9000)]
+            .iter()
+            .map(|&(layer, len)| ImageSpec { layer, len, layout: 17 * layer as u64 })
+            .collect()
+    }
+
+    fn fill(i: usize, bytes: &mut [u8]) -> Result<()> {
+        for (j, b) in bytes.iter_mut().enumerate() {
+            *b = (i * 31 + j * 7) as u8;
+        }
+        Ok(())
+    }
+
+    fn expected(i: usize, len: usize) -> Vec<u8> {
+        let mut v = vec![0; len];
+        fill(i, &mut v).unwrap();
+        v
+    }
+
+    /// A 4096-aligned buffer, as the page-locked ones are.
+    fn aligned(len: usize) -> strata_tensor::AlignedBytes {
+        strata_tensor::AlignedBytes::zeroed_huge(len.max(1 << 21))
+    }
+
+    #[test]
+    fn built_images_read_back_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let specs = specs();
+        assert!(LayerImages::open(dir.path(), &specs).unwrap().is_none());
+        let mut seen = Vec::new();
+        let images =
+            LayerImages::build(dir.path(), &specs, &mut fill, &mut |done, total| seen.push((done, total))).unwrap();
+        assert_eq!(seen.last(), Some(&(8192 + 4096 + 4096 + 12288, 28672)));
+        let offsets: Vec<u64> = images.images().iter().map(|e| e.offset).collect();
+        assert_eq!(offsets, [0, 8192, 12288, 16384]);
+        let mut buf = aligned(12288);
+        for (i, s) in specs.iter().enumerate() {
+            images.read_into(i, buf.as_mut_slice()).unwrap();
+            assert_eq!(&buf.as_mut_slice()[..s.len as usize], &expected(i, s.len as usize)[..], "image {i}");
+            // An unaligned buffer reads through the page cache, to the same bytes.
+            let mut plain = vec![0u8; 12289];
+            images.read_into(i, &mut plain[1..]).unwrap();
+            assert_eq!(&plain[1..1 + s.len as usize], &expected(i, s.len as usize)[..]);
+        }
+        let reopened = LayerImages::open(dir.path(), &specs).unwrap().expect("complete images reopen");
+        assert_eq!(reopened.images(), images.images());
+    }
+
+    #[test]
+    fn other_layouts_or_a_short_file_mean_rebuild() {
+        let dir = tempfile::tempdir().unwrap();
+        let specs = specs();
+        LayerImages::build(dir.path(), &specs, &mut fill, &mut |_, _| {}).unwrap();
+        let mut other = specs.clone();
+        other[2].layout += 1;
+        assert!(LayerImages::open(dir.path(), &other).unwrap().is_none(), "another layout");
+        assert!(LayerImages::open(dir.path(), &specs[..3]).unwrap().is_none(), "fewer layers");
+        let data = dir.path().join(DATA_FILE);
+        let f = OpenOptions::new().write(true).open(&data).unwrap();
+        f.set_len(4096).unwrap();
+        assert!(LayerImages::open(dir.path(), &specs).unwrap().is_none(), "a truncated data file");
+        fs::remove_file(dir.path().join(MANIFEST_FILE)).unwrap();
+        assert!(LayerImages::open(dir.path(), &specs).unwrap().is_none(), "no manifest");
+    }
+
+    #[test]
+    fn a_corrupted_image_is_refused_naming_the_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let images = LayerImages::build(dir.path(), &specs(), &mut fill, &mut |_, _| {}).unwrap();
+        let f = OpenOptions::new().write(true).open(images.path()).unwrap();
+        f.write_all_at(&[0xff], 8192 + 100).unwrap();
+        drop(f);
+        let mut buf = vec![0u8; 12288];
+        images.read_into(0, &mut buf).unwrap();
+        let err = images.read_into(1, &mut buf).unwrap_err().to_string();
+        assert!(err.contains("layer 5's image") && err.contains("checksum") && err.contains(DATA_FILE), "{err}");
+        let err = images.read_into(0, &mut buf[..4096]).unwrap_err().to_string();
+        assert!(err.contains("8192-byte buffer"), "{err}");
+    }
+
+    #[test]
+    fn the_reader_hands_images_over_in_any_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let specs = specs();
+        let images = Arc::new(LayerImages::build(dir.path(), &specs, &mut fill, &mut |_, _| {}).unwrap());
+        let buffers = (0..STAGING_BUFFERS).map(|_| aligned(12288)).collect();
+        let mut reader = ImageReader::new(images, buffers).unwrap();
+        let check = |i: usize, buf: &mut strata_tensor::AlignedBytes| {
+            let len = specs[i].len as usize;
+            assert_eq!(&buf.as_mut_slice()[..len], &expected(i, len)[..], "image {i}");
+        };
+        // Two passes in order, then a pass that starts again from image 2, and one from 0.
+        for i in [0, 1, 2, 3, 0, 1, 2, 3, 2, 3, 0, 0, 1, 2, 3] {
+            let mut buf = reader.take(i).unwrap();
+            check(i, &mut buf);
+            reader.give_back(buf);
+        }
+        // Holding every buffer is an error, not a hang.
+        let held: Vec<_> = (1..=STAGING_BUFFERS).map(|i| reader.take(i % specs.len()).unwrap()).collect();
+        assert!(reader.take(0).unwrap_err().to_string().contains("every layer staging buffer is held"));
+        for b in held {
+            reader.give_back(b);
+        }
+    }
+}
