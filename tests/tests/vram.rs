@@ -239,4 +239,22 @@ fn cuda_checks_the_host_ceiling_before_it_opens_the_device() {
         ..OffloadConfig::default()
     });
     assert!(err.contains("--strategy") && err.contains("place the CPU's tiers"), "{err}");
+    // --offload-dir on CUDA is where streamed layers are read from: it needs --max-vram, and its
+    // host ceiling counts the staging buffers only. The images' directory is made ready (its key
+    // written) before the device is opened.
+    let offload = tempfile::tempdir().unwrap();
+    let err = load(OffloadConfig { offload_dir: Some(offload.path().to_path_buf()), ..OffloadConfig::default() });
+    assert!(err.contains("--offload-dir") && err.contains("give --max-vram"), "{err}");
+    let disk = |max_ram: u64| OffloadConfig {
+        max_vram: Some(need - 1),
+        max_ram: Some(max_ram),
+        offload_dir: Some(offload.path().to_path_buf()),
+        ..OffloadConfig::default()
+    };
+    let err = load(disk(1));
+    assert!(err.contains("staging buffers") && err.contains("read from disk"), "{err}");
+    let err = load(disk(1 << 30));
+    assert!(!err.contains("--max-ram"), "{err}");
+    let images = strata_models::layer_images::images_dir(offload.path(), &path).unwrap();
+    assert!(images.join("source.json").is_file(), "{err}");
 }

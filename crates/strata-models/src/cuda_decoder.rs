@@ -138,6 +138,17 @@ fn upload_layer(
     })
 }
 
+/// Drops the pages of a streamed layer's matrices from the resident set once they are copied
+/// (into its page-locked host copy or its image): read once, a memory-mapped checkpoint's pages
+/// would otherwise stay, holding the layer twice.
+fn release_layer_pages(l: &crate::decoder::Layer) {
+    for w in crate::vram::layer_weights(l).unwrap_or_default() {
+        if let Ok(bytes) = w.cpu_bytes() {
+            strata_tensor::release_pages(bytes);
+        }
+    }
+}
+
 /// The reader of the streamed layers' images in `dir` (`layer_images`), written first if they
 /// are missing or laid out otherwise: each streamed layer of `hosts` (its bytes and layout hash,
 /// in pass order) placed again into a host buffer, and the file written from it.
@@ -170,6 +181,7 @@ fn layer_image_reader(
                 let mut place = Placer::staged(Some(bytes), &slots[SlotSchedule::slot_of(i)]);
                 // Routed experts of a streamed layer are in it (a device expert cache streams none).
                 upload_layer(c, &decoder.layers[li], &mut place, None)?;
+                release_layer_pages(&decoder.layers[li]);
                 if place.laid_out() != (len, layout) {
                     return Err(Error::InvalidInput(format!(
                         "layer {li} laid out differently for its image (internal: placement must be deterministic)"
@@ -776,6 +788,9 @@ impl CudaDecoder {
             let cached = experts.as_ref().zip(expert_offsets[li]).map(|(cache, first)| (cache.clone(), first));
             layers.push(upload_layer(c, l, &mut place, cached)?);
             let (used, layout) = place.laid_out();
+            if streamed[li] && images.is_none() {
+                release_layer_pages(l);
+            }
             hosts.push(streamed[li].then_some((host, used, layout)));
         }
         let norm = c.upload(&decoder.norm)?;

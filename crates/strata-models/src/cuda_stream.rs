@@ -18,8 +18,9 @@
 //! holding another (the first pass, a pass that stopped on an error) queues its own upload. With
 //! as many slots as streamed layers (tests), each slot keeps its layer and nothing is copied again.
 //!
-//! The host copies are made once, at load, beside the checkpoint's own (memory-mapped) pages:
-//! host memory holds the streamed layers twice. Or, given a directory for layer images
+//! The host copies are made once, at load, from the checkpoint's own (memory-mapped) pages,
+//! which are then released from the resident set (`MADV_PAGEOUT`), so that host memory does not
+//! hold the streamed layers twice. Or, given a directory for layer images
 //! (`--offload-dir`), there are no host copies: each streamed layer is laid out once into a file
 //! there (`crate::layer_images`; at load only the layout is computed when the file is already
 //! valid), and an `ImageReader` reads the images in pass order into three page-locked staging

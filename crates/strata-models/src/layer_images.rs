@@ -25,6 +25,7 @@ use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 
 use serde::{Deserialize, Serialize};
+use strata_store::pack::SourceKey;
 
 use crate::{Error, Result};
 
@@ -42,12 +43,56 @@ const FORMAT_VERSION: u32 = 1;
 /// read, one ahead.
 pub const STAGING_BUFFERS: usize = 3;
 
+/// The key file of an images directory: the checkpoint's files as they were.
+const SOURCE_FILE: &str = "source.json";
+/// What an images directory's name ends with, after the key's digest.
+const DIR_SUFFIX: &str = "-cuda";
+
+fn source_key(checkpoint: &Path) -> Result<SourceKey> {
+    let files = crate::offload::checkpoint_files(checkpoint)?;
+    Ok(SourceKey::for_files(&files, "cuda-layers", None)?)
+}
+
 /// The directory of the layer images of the checkpoint at `checkpoint` (a file or a directory)
 /// under `offload_dir`.
 pub fn images_dir(offload_dir: &Path, checkpoint: &Path) -> Result<PathBuf> {
-    let files = crate::offload::checkpoint_files(checkpoint)?;
-    let key = strata_store::pack::SourceKey::for_files(&files, "cuda-layers", None)?;
-    Ok(offload_dir.join(format!("{}-cuda", key.digest())))
+    Ok(offload_dir.join(format!("{}{DIR_SUFFIX}", source_key(checkpoint)?.digest())))
+}
+
+/// [`images_dir`], made ready for a load: created, with the checkpoint's key in it
+/// (`source.json`), and the images directories of older versions of the same checkpoint (the
+/// same file paths with other lengths or modification times) removed from `offload_dir`.
+/// Returns the directory and the ones removed.
+pub fn prepare_images_dir(offload_dir: &Path, checkpoint: &Path) -> Result<(PathBuf, Vec<PathBuf>)> {
+    let key = source_key(checkpoint)?;
+    let digest = key.digest();
+    let dir = offload_dir.join(format!("{digest}{DIR_SUFFIX}"));
+    fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+    let source = dir.join(SOURCE_FILE);
+    if fs::read(&source).ok().and_then(|t| serde_json::from_slice::<SourceKey>(&t).ok()).as_ref() != Some(&key) {
+        let json = serde_json::to_vec_pretty(&key).map_err(|e| Error::InvalidInput(e.to_string()))?;
+        let tmp = dir.join(format!("{SOURCE_FILE}.tmp.{}", std::process::id()));
+        fs::write(&tmp, json).and_then(|()| fs::rename(&tmp, &source)).map_err(io_err(&source))?;
+    }
+    let mut removed = Vec::new();
+    for entry in fs::read_dir(offload_dir).map_err(io_err(offload_dir))? {
+        let other = entry.map_err(io_err(offload_dir))?.path();
+        let name = other.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if !name.ends_with(DIR_SUFFIX) || name == format!("{digest}{DIR_SUFFIX}") {
+            continue;
+        }
+        // Anything without a readable key of ours is left alone.
+        let Ok(text) = fs::read(other.join(SOURCE_FILE)) else { continue };
+        let Ok(other_key) = serde_json::from_slice::<SourceKey>(&text) else { continue };
+        if !other_key.same_paths(&key) || other_key.files() == key.files() {
+            continue;
+        }
+        // The manifest goes first, so that an interrupted removal leaves images that rebuild.
+        let _ = fs::remove_file(other.join(MANIFEST_FILE));
+        fs::remove_dir_all(&other).map_err(io_err(&other))?;
+        removed.push(other);
+    }
+    Ok((dir, removed))
 }
 
 /// One image as the caller lays it out: the layer, its length and its layout hash.
@@ -518,6 +563,31 @@ mod tests {
         assert!(err.contains("layer 5's image") && err.contains("checksum") && err.contains(DATA_FILE), "{err}");
         let err = images.read_into(0, &mut buf[..4096]).unwrap_err().to_string();
         assert!(err.contains("8192-byte buffer"), "{err}");
+    }
+
+    #[test]
+    fn a_changed_checkpoint_gets_a_new_directory_and_the_old_one_goes() {
+        let root = tempfile::tempdir().unwrap();
+        let offload = root.path().join("offload");
+        let model = root.path().join("model.gguf");
+        fs::write(&model, b"one").unwrap();
+        let (first, removed) = prepare_images_dir(&offload, &model).unwrap();
+        assert!(removed.is_empty() && first.join(SOURCE_FILE).is_file());
+        assert_eq!(first, images_dir(&offload, &model).unwrap());
+        LayerImages::build(&first, &specs(), &mut fill, &mut |_, _| {}).unwrap();
+        // Another model's images and a directory that is not ours stay.
+        let other = root.path().join("other.gguf");
+        fs::write(&other, b"other").unwrap();
+        let (kept, _) = prepare_images_dir(&offload, &other).unwrap();
+        fs::create_dir_all(offload.join("foreign-cuda")).unwrap();
+        // Same path, other length: a new directory, and the old one removed.
+        fs::write(&model, b"two!").unwrap();
+        let (second, removed) = prepare_images_dir(&offload, &model).unwrap();
+        assert_ne!(second, first);
+        assert_eq!((removed.len(), &removed[0]), (1, &first));
+        assert!(!first.exists() && second.is_dir() && kept.is_dir() && offload.join("foreign-cuda").is_dir());
+        // Again: nothing to remove, the key file as it was.
+        assert!(prepare_images_dir(&offload, &model).unwrap().1.is_empty());
     }
 
     #[test]

@@ -53,31 +53,40 @@ pub(crate) fn expert_slot_bytes(m: &Mlp) -> usize {
     m.gate.weight.byte_len() + m.up.weight.byte_len() + m.down.weight.byte_len() + 3 * ALIGN
 }
 
-pub(crate) fn layer_matrices(l: &Layer) -> Option<LayerMatrices> {
+/// The matrices of layer `l` (`None` when a part of it is placed in the offload pack): q, k, v
+/// and o, then the dense MLP's, or the router's and every routed and shared expert's.
+pub(crate) fn layer_weights(l: &Layer) -> Option<Vec<&Tensor>> {
     let (a, f) = (l.attn.resident()?, l.ffn.resident()?);
     fn mlp<'a>(m: &'a Mlp, ws: &mut Vec<&'a Tensor>) {
         ws.extend([&m.gate.weight, &m.up.weight, &m.down.weight]);
     }
     let mut ws: Vec<&Tensor> = vec![&a.q.weight, &a.k.weight, &a.v.weight, &a.o.weight];
-    let (mut experts, mut expert_bytes, mut expert_slot) = (0, 0, 0);
     match &f.ffn {
         Ffn::Dense(m) => mlp(m, &mut ws),
         Ffn::Moe(moe) => {
             ws.push(&moe.router().weight.weight);
-            let routed = moe.resident_experts().unwrap_or(&[]);
-            for e in routed {
+            for e in moe.resident_experts().unwrap_or(&[]) {
                 mlp(e, &mut ws);
-            }
-            // A device expert cache takes the layer's experts when none has a bias.
-            if routed.iter().all(cacheable_expert) {
-                experts = routed.len();
-                expert_bytes = routed.iter().map(Mlp::byte_len).sum();
-                expert_slot = routed.iter().map(expert_slot_bytes).max().unwrap_or(0);
             }
             if let Some(s) = moe.shared_expert() {
                 mlp(&s.mlp, &mut ws);
                 ws.push(&s.gate.weight);
             }
+        }
+    }
+    Some(ws)
+}
+
+pub(crate) fn layer_matrices(l: &Layer) -> Option<LayerMatrices> {
+    let ws = layer_weights(l)?;
+    let (mut experts, mut expert_bytes, mut expert_slot) = (0, 0, 0);
+    if let Ffn::Moe(moe) = &l.ffn.resident()?.ffn {
+        let routed = moe.resident_experts().unwrap_or(&[]);
+        // A device expert cache takes the layer's experts when none has a bias.
+        if routed.iter().all(cacheable_expert) {
+            experts = routed.len();
+            expert_bytes = routed.iter().map(Mlp::byte_len).sum();
+            expert_slot = routed.iter().map(expert_slot_bytes).max().unwrap_or(0);
         }
     }
     let resident: usize = ws.iter().map(|w| w.byte_len()).sum();

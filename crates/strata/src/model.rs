@@ -254,6 +254,14 @@ impl Model {
         }
         // On CUDA, --max-vram places the weights and --max-ram bounds the host memory that takes;
         // the other placement flags place the CPU's tiers.
+        if options.device != Device::Cpu && options.offload.offload_dir.is_some() && options.offload.max_vram.is_none()
+        {
+            return Err(Error::InvalidInput(format!(
+                "--offload-dir with {}: it is where the layers --max-vram streams are read from; give --max-vram \
+                 (without it every weight is on the GPU)",
+                options.device
+            )));
+        }
         if options.device != Device::Cpu && options.offload.sets_cpu_placement() {
             return Err(Error::Unsupported(format!(
                 "--strategy, --prefetch-layers, --pack-dtype and --expert-cache place the CPU's tiers (RAM and \
@@ -316,14 +324,24 @@ impl Model {
             #[cfg(feature = "cuda")]
             Device::Cuda(ordinal) => {
                 let budget = vram_budget(&decoder, options.offload.max_vram);
-                let images = crate::offload::layer_images_dir(&options.offload, &loaded.path)?;
+                let from_disk = options.offload.offload_dir.is_some();
+                let mut images = None;
                 if let Some(b) = &budget {
                     chunk = Some(b.pass_tokens);
-                    // The host copies the placement keeps, against --max-ram, before any allocation.
-                    if options.offload.max_ram.is_some() {
-                        let report = strata_models::vram_report(&decoder, b)?;
-                        let from_disk = images.is_some();
-                        crate::offload::check_host_ceiling(&report, b.max_bytes, options.offload.max_ram, from_disk)?;
+                    let report = strata_models::vram_report(&decoder, b)?;
+                    // The host memory the placement keeps, against --max-ram, before any allocation.
+                    crate::offload::check_host_ceiling(&report, b.max_bytes, options.offload.max_ram, from_disk)?;
+                    if let Some(dir) =
+                        options.offload.offload_dir.as_deref().filter(|_| report.streamed.contains(&true))
+                    {
+                        let (dir, removed) = strata_models::layer_images::prepare_images_dir(dir, &loaded.path)?;
+                        for old in removed {
+                            eprintln!(
+                                "strata: removed the layer images of an older version of the checkpoint: {}",
+                                old.display()
+                            );
+                        }
+                        images = Some(dir);
                     }
                 }
                 let cuda = strata_models::CudaDecoder::open_within(&decoder, ordinal, budget, images.as_deref())?;

@@ -91,7 +91,7 @@ impl SourceKey {
     }
 
     /// Whether `other` names the same checkpoint paths (whatever their lengths and times).
-    pub(crate) fn same_paths(&self, other: &SourceKey) -> bool {
+    pub fn same_paths(&self, other: &SourceKey) -> bool {
         self.files.len() == other.files.len() && self.files.iter().zip(&other.files).all(|(a, b)| a.path == b.path)
     }
 
