@@ -714,10 +714,12 @@ fn streamed_layers_give_the_resident_logits_bit_for_bit() {
 /// the prompt (more experts than slots: rounds) and token by token, with 1, 3 and every slot and
 /// each eviction policy, for Mixtral-style and Qwen2-MoE (shared expert) layers. The counts add up: every expert a layer
 /// asked for is a hit or a miss, each miss copied one expert in; with every slot, each expert is
-/// copied once.
+/// copied once. With 3 slots the experts are also read from images on disk on each miss
+/// (`new_expert_cached_from`: written by the first such decoder, reused by the second).
 #[test]
 fn a_device_expert_cache_gives_the_resident_logits_bit_for_bit() {
     let Some(cuda) = device_or_skip("a_device_expert_cache_gives_the_resident_logits_bit_for_bit") else { return };
+    let dir = tempfile::tempdir().unwrap();
     for name in ["mixtral_moe", "qwen2_moe"] {
         let f = Fixture::load(name);
         let decoder = strata_models::load_dir(&f.dir).unwrap().decoder;
@@ -726,14 +728,23 @@ fn a_device_expert_cache_gives_the_resident_logits_bit_for_bit() {
         assert!(resident.expert_cache().is_none());
         let moe = decoder.hparams().moe.as_ref().unwrap();
         let n_experts = moe.num_experts * moe.sparse_layers.iter().filter(|&&s| s).count();
-        for (slots, policy) in [(1, "layer-lru"), (3, "layer-lru"), (3, "lru"), (n_experts, "lfu")] {
-            let cached = CudaDecoder::new_expert_cached(&decoder, cuda.clone(), slots).unwrap();
+        let images = dir.path().join(name);
+        let runs = [
+            (1, "layer-lru", None),
+            (3, "layer-lru", None),
+            (3, "lru", None),
+            (n_experts, "lfu", None),
+            (3, "layer-lru", Some(images.as_path())),
+            (3, "lru", Some(images.as_path())),
+        ];
+        for (slots, policy, images) in runs {
+            let cached = CudaDecoder::new_expert_cached_from(&decoder, cuda.clone(), slots, images).unwrap();
             if policy != "layer-lru" {
                 cached.set_expert_cache_policy(
                     strata_models::store::planner::expert_cache_policy_by_name(policy).unwrap(),
                 );
             }
-            let what = format!("{name}, {slots} slots, {policy}");
+            let what = format!("{name}, {slots} slots, {policy}{}", if images.is_some() { ", from disk" } else { "" });
             let (mut rc, mut cc) = (resident.new_cache().unwrap(), cached.new_cache().unwrap());
             let a = resident.forward(&f.prompt_ids, &mut rc, Logits::All).unwrap();
             let b = cached.forward(&f.prompt_ids, &mut cc, Logits::All).unwrap();

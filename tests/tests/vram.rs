@@ -175,9 +175,8 @@ fn a_host_ceiling_bounds_the_page_locked_copies_of_a_gpu_placement() {
             err.contains("--max-ram") && err.contains("page-locked host memory") && err.contains("--max-vram"),
             "{err}"
         );
-        // With --offload-dir the streamed layers are read from layer images there: three staging
-        // buffers of the largest take the host memory. The experts of a device cache do not
-        // stream from disk, so for them nothing changes.
+        // With --offload-dir the streamed layers (or the routed experts) are read from images
+        // there: three staging buffers of the largest take the host memory.
         let images = tempfile::tempdir().unwrap();
         let from_disk = |max_ram: Option<u64>| LoadOptions {
             offload: OffloadConfig { offload_dir: Some(images.path().to_path_buf()), ..options(max_ram).offload },
@@ -187,25 +186,18 @@ fn a_host_ceiling_bounds_the_page_locked_copies_of_a_gpu_placement() {
         assert!(disk.images.as_ref().is_some_and(|d| d.starts_with(images.path())), "{:?}", disk.images);
         assert_eq!(disk.report, free.report);
         let staged = disk.report.host_bytes_with(true);
-        if r.expert_slots > 0 {
-            assert_eq!(staged, host);
-            let err = strata::plan_vram_placement(&path, &from_disk(Some(host - 1))).unwrap_err().to_string();
-            assert!(err.contains("experts do not stream from disk"), "{err}");
+        let largest = if r.expert_slots > 0 {
+            r.needs.expert_slot
         } else {
-            let largest = (0..r.streamed.len()).filter(|&i| r.streamed[i]).map(|i| r.needs.streamed[i]).max().unwrap();
-            assert_eq!(staged, 3 * largest.next_multiple_of(4096));
-            assert!(staged < host, "{staged} against {host}");
-            strata::plan_vram_placement(&path, &from_disk(Some(staged))).unwrap();
-            let err = strata::plan_vram_placement(&path, &from_disk(Some(staged - 1))).unwrap_err().to_string();
-            assert!(err.contains("staging buffers") && err.contains("read from disk"), "{err}");
-            // Without --offload-dir, the error says it would help.
-            assert!(
-                strata::plan_vram_placement(&path, &options(Some(host - 1)))
-                    .unwrap_err()
-                    .to_string()
-                    .contains("--offload-dir"),
-            );
-        }
+            (0..r.streamed.len()).filter(|&i| r.streamed[i]).map(|i| r.needs.streamed[i]).max().unwrap()
+        };
+        assert_eq!(staged, 3 * largest.next_multiple_of(4096));
+        strata::plan_vram_placement(&path, &from_disk(Some(staged))).unwrap();
+        let err = strata::plan_vram_placement(&path, &from_disk(Some(staged - 1))).unwrap_err().to_string();
+        assert!(err.contains("staging buffers") && err.contains("read from disk"), "{err}");
+        // Without --offload-dir, the error says it would help.
+        let err = strata::plan_vram_placement(&path, &options(Some(host - 1))).unwrap_err().to_string();
+        assert!(err.contains("--offload-dir"), "{err}");
         // Everything resident: nothing in host memory, whatever the ceiling.
         let roomy = LoadOptions {
             offload: OffloadConfig { max_vram: Some(need), max_ram: Some(1), ..OffloadConfig::default() },

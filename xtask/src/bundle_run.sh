@@ -115,12 +115,15 @@ if [ "${1:-}" != quick ]; then
   if in_time "the Mixtral shape"; then
     "$B/bin/xtask" synth-model --shape mixtral-8x7b --dtype q4_0 --layers 4 --format gguf \
       --out "$M/mixtral-4l-q4_0.gguf" >>"$OUT/synth.log" 2>&1
-    for mode in device expert-cache host graphs; do
+    for mode in device expert-cache expert-disk host graphs; do
       in_time "mixtral $mode" || continue
       extra=()
       case $mode in
         device) env=(); extra=(--kernel-profile) ;;
         expert-cache) env=(); extra=(--max-vram 2GB) ;;
+        # The same cache with the experts read from images on disk on each miss (never run on a
+        # card before); the images are written by this run.
+        expert-disk) env=(); extra=(--max-vram 2GB --offload-dir "$M/offload-moe") ;;
         host) env=(STRATA_CUDA_HOST_ROUTING=1) ;;
         graphs) env=(STRATA_CUDA_GRAPHS=1) ;;
       esac
@@ -129,8 +132,9 @@ if [ "${1:-}" != quick ]; then
       say "bench mixtral-4l-q4_0 (cuda, $mode ${extra[*]}): exit $? $(tr -d '\n' <"$OUT/bench-mixtral-$mode.json" 2>/dev/null | head -c 1500)"
       [ $mode = device ] && kernel_table "$OUT/bench-mixtral-$mode.json" | tee -a "$OUT/kernel-profiles.txt" | tee -a "$SUMMARY"
       [ $mode = expert-cache ] && tail -n 3 "$OUT/bench-mixtral-$mode.log" | tee -a "$SUMMARY"
+      [ $mode = expert-disk ] && tail -n 4 "$OUT/bench-mixtral-$mode.log" | tee -a "$SUMMARY"
     done
-    rm -f "$M/mixtral-4l-q4_0.gguf"
+    rm -rf "$M/mixtral-4l-q4_0.gguf" "$M/offload-moe"
   fi
   # The q4_0 TinyLlama under a GPU ceiling it does not fit in (weights about 640 MB with the
   # head's f32 scratch and the activations of a 512-token pass counted): its last layers stream

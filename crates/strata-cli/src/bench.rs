@@ -359,8 +359,22 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
         _ => None,
     };
+    // Experts read from images on disk on each miss: the disk's read rate, for reads of one
+    // expert, over the bytes a token copied in.
+    let cache_disk_bound = match (gpu_cache, model.gpu_layer_images()) {
+        (Some((_, _, per_token)), Some((file, largest))) if per_token > 0.0 => {
+            say("measuring disk read bandwidth");
+            let dir = file.parent().and_then(Path::parent).and_then(Path::parent).unwrap_or(Path::new("."));
+            let (disk, _) = strata::measure_disk_read_sized(dir, largest)?;
+            Some((disk * 1e9, disk * 1e9 / per_token))
+        }
+        _ => None,
+    };
     if let Some((slots, hit_rate, per_token)) = gpu_cache {
         report["gpu_expert_cache"] = json!({
+            "disk_read_gb_s": cache_disk_bound.map(|(disk, _)| disk / 1e9),
+            "decode_disk_bound_tok_s": cache_disk_bound.map(|(_, bound)| bound),
+            "decode_fraction_of_disk_bound": cache_disk_bound.map(|(_, bound)| decode_tok_s / bound),
             "slots": slots,
             "hit_rate": hit_rate,
             "expected_hit_rate": model.gpu_expert_cache_expected_hit_rate(),
@@ -398,11 +412,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
             );
         }
         if let (Some((disk, per_token, io, _)), Some((bound, fraction))) = (streaming, disk_fraction) {
-            println!(
-                "streamed     {:>10.1} MB/token from the offload pack ({})",
-                per_token / 1e6,
-                model.placement().map_or("", |p| p.strategy.as_str())
-            );
+            let from = match model.placement() {
+                Some(p) => format!("the offload pack ({})", p.strategy),
+                None => "layer images, into the GPU".to_owned(),
+            };
+            println!("streamed     {:>10.1} MB/token from {from}", per_token / 1e6);
             println!(
                 "disk read   {:>10.2} GB/s (measured in this run): bound {bound:.2} tok/s, decode at {:.0}%",
                 disk / 1e9,
@@ -450,6 +464,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 println!(
                     "host->device {:>10.2} GB/s (pinned, measured in this run): bound {bound:.2} tok/s, decode at {:.0}%",
                     bw / 1e9,
+                    100.0 * decode_tok_s / bound
+                );
+            }
+            if let Some((disk, bound)) = cache_disk_bound {
+                println!(
+                    "disk read    {:>10.2} GB/s (the experts' images, measured in this run): bound {bound:.2} tok/s, \
+                     decode at {:.0}%",
+                    disk / 1e9,
                     100.0 * decode_tok_s / bound
                 );
             }

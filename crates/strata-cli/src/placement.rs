@@ -201,8 +201,12 @@ fn plan_vram(a: &PlanArgs, options: &strata::LoadOptions) -> Result<()> {
             r.layers,
             r.layers
         );
+        let from = match &r.images {
+            Some(dir) => format!("read from images in {}", dir.join("experts").display()),
+            None => "in page-locked host memory".to_owned(),
+        };
         println!(
-            "routed experts     {:>10}  ({} in page-locked host memory, copied in as the routers pick them)",
+            "routed experts     {:>10}  ({} {from}, copied in as the routers pick them)",
             size(experts),
             rep.needs.expert_count
         );

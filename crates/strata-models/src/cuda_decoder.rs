@@ -640,7 +640,8 @@ impl CudaDecoder {
     /// With `images` (a directory under the offload directory: `layer_images::images_dir`), the
     /// streamed layers' weights are not kept in host memory: they are laid out once into a file
     /// of layer images there (written on first use) and read from it pass by pass into three
-    /// page-locked staging buffers, ahead of their uploads (`layer_images`).
+    /// page-locked staging buffers, ahead of their uploads (`layer_images`). Routed experts
+    /// under a device expert cache likewise: one image each (in `experts/`), read on each miss.
     pub fn new_within(
         decoder: &Decoder,
         cuda: Arc<Cuda>,
@@ -676,10 +677,22 @@ impl CudaDecoder {
     /// cache of `slots` of them, whatever the memory: what [`CudaDecoder::new_within`] does for a
     /// Mixture-of-Experts model under a tight ceiling, chosen directly (tests, benches).
     pub fn new_expert_cached(decoder: &Decoder, cuda: Arc<Cuda>, slots: usize) -> Result<CudaDecoder> {
+        CudaDecoder::new_expert_cached_from(decoder, cuda, slots, None)
+    }
+
+    /// [`CudaDecoder::new_expert_cached`] with the routed experts read from images in `images`
+    /// (a directory, written on first use) on each miss rather than kept in host memory, when
+    /// given ([`CudaDecoder::new_within`]).
+    pub fn new_expert_cached_from(
+        decoder: &Decoder,
+        cuda: Arc<Cuda>,
+        slots: usize,
+        images: Option<&Path>,
+    ) -> Result<CudaDecoder> {
         if slots == 0 {
             return Err(Error::InvalidInput("a device expert cache needs at least one slot".into()));
         }
-        CudaDecoder::build(decoder, cuda, &vec![false; decoder.layers.len()], slots, None)
+        CudaDecoder::build(decoder, cuda, &vec![false; decoder.layers.len()], slots, images)
     }
 
     /// The device expert cache's slots and counts so far, when the routed experts stay in host
@@ -767,7 +780,7 @@ impl CudaDecoder {
                 })
                 .collect();
             let policy = crate::store::planner::expert_cache_policy_by_name("layer-lru")?;
-            let (cache, offsets) = DeviceExperts::new(c, &routed, expert_slots, policy)?;
+            let (cache, offsets) = DeviceExperts::new(c, &routed, expert_slots, policy, images)?;
             (Some(Arc::new(cache)), offsets)
         } else {
             (None, vec![None; decoder.layers.len()])
@@ -842,10 +855,11 @@ impl CudaDecoder {
         self.stream.as_ref().map_or(0, WeightStream::bytes_per_pass)
     }
 
-    /// Where the streamed layers are read from, when from disk: the layer images' data file and
-    /// the largest read of it ([`CudaDecoder::new_within`]'s `images`).
+    /// Where the streamed layers, or the routed experts of a device expert cache, are read from
+    /// when from disk: the images' data file and the largest read of it
+    /// ([`CudaDecoder::new_within`]'s `images`).
     pub fn layer_images(&self) -> Option<(&Path, usize)> {
-        self.stream.as_ref().and_then(WeightStream::images)
+        self.stream.as_ref().and_then(WeightStream::images).or_else(|| self.experts.as_ref().and_then(|e| e.images()))
     }
 
     /// The ceiling the decoder was placed under ([`CudaDecoder::new_within`]).

@@ -19,8 +19,14 @@
 //! The experts run in ascending order either way, so the logits are those of the resident
 //! model routed on the host, bit for bit.
 //!
-//! The host copies are made once, at load, beside the checkpoint's own (memory-mapped) pages.
+//! The host copies are made once, at load, from the checkpoint's own (memory-mapped) pages,
+//! which are then released from the resident set. Or, given a directory for images
+//! (`--offload-dir`), there are none: each expert is laid out once into an image on disk
+//! (`crate::layer_images`, in `experts/`), and [`DeviceExperts::bring`] reads a batch's misses
+//! on request, two at a time, into three page-locked staging buffers, queuing each copy as its
+//! read lands.
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use strata_kernels::Cuda;
@@ -29,6 +35,7 @@ use strata_kernels::cuda::pinned::{Pinned, Upload};
 
 use crate::cuda_decoder::CudaMlp;
 use crate::cuda_stream::Placer;
+use crate::layer_images::{ImageReader, ImageSpec, LayerImages, STAGING_BUFFERS};
 use crate::moe::Mlp;
 use crate::store::planner::{ExpertCachePolicy, ExpertSlots};
 use crate::vram::{cacheable_expert, expert_slot_bytes};
@@ -52,13 +59,16 @@ pub struct ExpertCacheCounts {
 
 /// The cache: the experts' host copies, the device slots and which expert each holds.
 pub(crate) struct DeviceExperts {
-    /// Per expert (numbered across the model): its page-locked host copy.
+    /// Per expert (numbered across the model): its page-locked host copy (none when the experts
+    /// are read from images on disk, `State::reader`).
     hosts: Vec<Pinned>,
     /// Bytes of one expert's copy (the same for all).
     len: usize,
     /// Per slot: its device buffer, and an expert's products over it.
     slots: Vec<Arc<CudaSlice<u8>>>,
     mlps: Vec<CudaMlp>,
+    /// The experts' images' data file and the largest read of it, when they come from disk.
+    images: Option<(std::path::PathBuf, usize)>,
     /// Per expert: its decoder layer, as `(expert, layer)` pairs for the eviction policy.
     layer_of: Vec<(usize, usize)>,
     state: Mutex<State>,
@@ -69,6 +79,8 @@ struct State {
     /// Per slot: its last copy.
     uploads: Vec<Option<Upload>>,
     bytes_uploaded: u64,
+    /// The experts' images on disk, read on request, when they have no host copies.
+    reader: Option<ImageReader<Pinned>>,
 }
 
 /// The dtype and shape of an expert's three matrices: what must be the same for every expert of
@@ -86,6 +98,7 @@ impl DeviceExperts {
         layers: &[Option<&[Mlp]>],
         slots: usize,
         mut policy: Box<dyn ExpertCachePolicy>,
+        images: Option<&Path>,
     ) -> Result<(DeviceExperts, Vec<Option<usize>>)> {
         let mut offsets = Vec::with_capacity(layers.len());
         let mut experts: Vec<(usize, &Mlp)> = Vec::new();
@@ -115,15 +128,20 @@ impl DeviceExperts {
             (0..slots.min(experts.len())).map(|_| Ok(Arc::new(cuda.zeros::<u8>(bytes)?))).collect::<Result<_>>()?;
         // Each slot's products, laid out as every expert is (the template's bytes are not copied).
         let mut mlps = Vec::with_capacity(slots.len());
-        let mut len = None;
+        let (mut len, mut template_layout) = (None, 0);
         for slot in &slots {
             let mut place = Placer::staged(None, slot);
             mlps.push(CudaMlp::upload(cuda, template, &mut place)?);
-            len = Some(place.laid_out().0);
+            let laid_out = place.laid_out();
+            (len, template_layout) = (Some(laid_out.0), laid_out.1);
         }
         let len = len.expect("at least one slot");
         let mut hosts = Vec::with_capacity(experts.len());
-        for &(li, e) in &experts {
+        let reader = match images {
+            Some(dir) => Some(expert_image_reader(cuda, &experts, &slots[0], (len, template_layout), dir)?),
+            None => None,
+        };
+        for &(li, e) in experts.iter().filter(|_| reader.is_none()) {
             let mut host = Pinned::new(cuda, bytes)?;
             let mut place = Placer::staged(Some(host.as_mut_slice()?), &slots[0]);
             CudaMlp::upload(cuda, e, &mut place)?;
@@ -135,15 +153,18 @@ impl DeviceExperts {
                 )));
             }
             hosts.push(host);
+            release_pages(e);
         }
         let layer_of: Vec<(usize, usize)> = experts.iter().enumerate().map(|(u, &(li, _))| (u, li)).collect();
         policy.set_layers(&layer_of);
+        let images = reader.as_ref().map(|r| (r.images().path().to_path_buf(), r.images().largest_read()));
         let state = State {
             table: ExpertSlots::new(slots.len(), policy),
             uploads: (0..slots.len()).map(|_| None).collect(),
             bytes_uploaded: 0,
+            reader,
         };
-        Ok((DeviceExperts { hosts, len, slots, mlps, layer_of, state: Mutex::new(state) }, offsets))
+        Ok((DeviceExperts { hosts, len, slots, mlps, images, layer_of, state: Mutex::new(state) }, offsets))
     }
 
     /// Evicts by `policy` from now on. The slots are forgotten (each expert asked next is copied
@@ -153,6 +174,11 @@ impl DeviceExperts {
         let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
         guard.table = ExpertSlots::new(self.slots.len(), policy);
         guard.bytes_uploaded = 0;
+    }
+
+    /// The experts' images' data file and the largest read of it, when they are read from disk.
+    pub(crate) fn images(&self) -> Option<(&Path, usize)> {
+        self.images.as_ref().map(|(p, r)| (p.as_path(), *r))
     }
 
     /// Slots.
@@ -169,11 +195,24 @@ impl DeviceExperts {
         // No more experts than slots: each gets one.
         let assigned: Vec<(usize, bool)> =
             state.table.serve(units).into_iter().map(|s| s.expect("no more experts than slots")).collect();
+        if let Some(reader) = &mut state.reader {
+            // The misses' images, read two at a time in the order they are copied.
+            let misses: Vec<usize> = units.iter().zip(&assigned).filter(|(_, a)| a.1).map(|(&u, _)| u).collect();
+            reader.request(&misses);
+        }
         for (&unit, &(slot, miss)) in units.iter().zip(&assigned) {
             if !miss {
                 continue;
             }
-            match cuda.upload_async_shared(&self.hosts[unit], self.len, &self.slots[slot]) {
+            let upload = match &mut state.reader {
+                Some(reader) => reader.take(unit).and_then(|staged| {
+                    let upload = cuda.upload_async_shared(&staged, self.len, &self.slots[slot]);
+                    reader.give_back(staged);
+                    Ok(upload?)
+                }),
+                None => cuda.upload_async_shared(&self.hosts[unit], self.len, &self.slots[slot]).map_err(Error::from),
+            };
+            match upload {
                 Ok(upload) => {
                     state.uploads[slot] = Some(upload);
                     state.bytes_uploaded += self.len as u64;
@@ -186,7 +225,7 @@ impl DeviceExperts {
                             state.table.forget(slot);
                         }
                     }
-                    return Err(e.into());
+                    return Err(e);
                 }
             }
         }
@@ -218,4 +257,57 @@ impl DeviceExperts {
             expected_hit_rate: None,
         }
     }
+}
+
+/// Drops the pages of an expert's matrices from the resident set once they are copied (a
+/// memory-mapped checkpoint's pages would otherwise hold the expert twice).
+fn release_pages(e: &Mlp) {
+    for w in [&e.gate.weight, &e.up.weight, &e.down.weight] {
+        if let Ok(bytes) = w.cpu_bytes() {
+            strata_tensor::release_pages(bytes);
+        }
+    }
+}
+
+/// The reader of the routed experts' images in `dir/experts` (`crate::layer_images`: one image
+/// per expert, laid out as a slot holds it, `len` bytes with the layout hash of the template),
+/// written first if they are missing or laid out otherwise; it reads the experts asked for.
+fn expert_image_reader(
+    cuda: &Cuda,
+    experts: &[(usize, &Mlp)],
+    slot: &Arc<CudaSlice<u8>>,
+    (len, layout): (usize, u64),
+    dir: &Path,
+) -> Result<ImageReader<Pinned>> {
+    let dir = dir.join("experts");
+    let specs: Vec<ImageSpec> =
+        experts.iter().map(|&(layer, _)| ImageSpec { layer, len: len as u64, layout }).collect();
+    let images = match LayerImages::open(&dir, &specs)? {
+        Some(images) => images,
+        None => {
+            eprintln!(
+                "strata: writing the {} routed experts' images ({}) to {}",
+                specs.len(),
+                crate::store::planner::format_size(len as u64 * specs.len() as u64),
+                dir.display()
+            );
+            let mut fill = |i: usize, bytes: &mut [u8]| -> Result<()> {
+                let (li, e) = experts[i];
+                let mut place = Placer::staged(Some(bytes), slot);
+                CudaMlp::upload(cuda, e, &mut place)?;
+                release_pages(e);
+                if place.laid_out() != (len, layout) {
+                    return Err(Error::InvalidInput(format!(
+                        "an expert of layer {li} lays out unlike the first (internal: experts of one shape must lay out \
+                         alike)"
+                    )));
+                }
+                Ok(())
+            };
+            LayerImages::build(&dir, &specs, &mut fill, &mut |_, _| {})?
+        }
+    };
+    let read = images.largest_read();
+    let buffers = (0..STAGING_BUFFERS).map(|_| Ok(Pinned::new_readable(cuda, read)?)).collect::<Result<Vec<_>>>()?;
+    ImageReader::on_request(Arc::new(images), buffers)
 }

@@ -334,17 +334,25 @@ fn thread_ended() -> Error {
     Error::InvalidInput("the layer image reader threads ended".into())
 }
 
-/// Reads layer images ahead, in cyclic order, into a ring of staging buffers on
-/// [`READER_THREADS`] threads of its own. [`ImageReader::take`] hands over the buffer holding an
-/// image (checked), and [`ImageReader::give_back`] returns it to the ring, asking for the next
-/// image not yet asked for. Reads may land out of order; asked for an image it is not reading (a
-/// pass that stopped on an error), it drops what it read ahead and starts again from that one.
+/// Reads images ahead into a ring of staging buffers on [`READER_THREADS`] threads of its own,
+/// either in cyclic order (a streamed layer's pass, [`ImageReader::new`]) or the ones asked for
+/// ([`ImageReader::on_request`], [`ImageReader::request`]: the experts a router picked).
+/// [`ImageReader::take`] hands over the buffer holding an image (checked), and
+/// [`ImageReader::give_back`] returns it, to read the next image in cyclic order, or the next one
+/// requested. Reads may land out of order. Asked for an image it is not reading (a pass that
+/// stopped on an error), a cyclic reader drops what it read ahead and starts again from that
+/// one; an on-request reader reads it next, dropping a landed read nobody took if every buffer
+/// holds one.
 pub struct ImageReader<B: Staging> {
     images: Arc<LayerImages>,
     ask: Option<mpsc::Sender<(usize, B)>>,
     filled: mpsc::Receiver<Filled<B>>,
-    /// The image the next buffer given back is asked to read.
-    next: usize,
+    /// A cyclic reader's next image to ask for; `None` for an on-request reader.
+    next: Option<usize>,
+    /// An on-request reader's images to read, in order, as buffers come free.
+    queue: std::collections::VecDeque<usize>,
+    /// Buffers asked to read nothing.
+    free: Vec<B>,
     /// Images asked for and not taken yet: being read, or landed in `landed`.
     asked: Vec<usize>,
     /// Reads that landed before they were taken.
@@ -356,9 +364,25 @@ pub struct ImageReader<B: Staging> {
 }
 
 impl<B: Staging> ImageReader<B> {
-    /// A reader of `images` into `buffers` (each as large as the largest image's read), which
-    /// starts reading the first images at once.
+    /// A cyclic reader of `images` into `buffers` (each as large as the largest image's read),
+    /// which starts reading the first images at once.
     pub fn new(images: Arc<LayerImages>, buffers: Vec<B>) -> Result<ImageReader<B>> {
+        let mut reader = ImageReader::start(images, &buffers, Some(0))?;
+        for buf in buffers {
+            reader.give_back(buf);
+        }
+        Ok(reader)
+    }
+
+    /// A reader of `images` into `buffers` that reads only what it is asked for
+    /// ([`ImageReader::request`], [`ImageReader::take`]).
+    pub fn on_request(images: Arc<LayerImages>, buffers: Vec<B>) -> Result<ImageReader<B>> {
+        let mut reader = ImageReader::start(images, &buffers, None)?;
+        reader.free = buffers;
+        Ok(reader)
+    }
+
+    fn start(images: Arc<LayerImages>, buffers: &[B], next: Option<usize>) -> Result<ImageReader<B>> {
         let count = images.images().len();
         if count == 0 || buffers.is_empty() {
             return Err(Error::InvalidInput("a layer image reader needs images and buffers".into()));
@@ -385,21 +409,19 @@ impl<B: Staging> ImageReader<B> {
                 .map_err(|error| Error::Io { path: PathBuf::from("(layer image reader thread)"), error })?;
             threads.push(thread);
         }
-        let mut reader = ImageReader {
+        Ok(ImageReader {
             images,
             ask: Some(ask),
             filled,
-            next: 0,
+            next,
+            queue: Default::default(),
+            free: Vec::new(),
             asked: Vec::new(),
             landed: Vec::new(),
             out: 0,
             count,
             threads,
-        };
-        for buf in buffers {
-            reader.give_back(buf);
-        }
-        Ok(reader)
+        })
     }
 
     /// The images it reads.
@@ -407,10 +429,27 @@ impl<B: Staging> ImageReader<B> {
         &self.images
     }
 
+    /// Asks an on-request reader to read `ids` (those not asked for already), in order, as
+    /// buffers come free.
+    pub fn request(&mut self, ids: &[usize]) {
+        for &i in ids {
+            if !self.asked.contains(&i) && !self.queue.contains(&i) {
+                self.queue.push_back(i);
+            }
+        }
+        self.feed();
+    }
+
     /// The buffer holding image `i`, read and checked (waiting for the read).
     pub fn take(&mut self, i: usize) -> Result<B> {
         if !self.asked.contains(&i) {
-            self.restart(i)?;
+            if self.next.is_some() {
+                self.restart(i)?;
+            } else {
+                self.queue.retain(|&q| q != i);
+                self.queue.push_front(i);
+                self.feed();
+            }
         }
         let (buf, read) = loop {
             if let Some(at) = self.landed.iter().position(|(got, _, _)| *got == i) {
@@ -418,6 +457,18 @@ impl<B: Staging> ImageReader<B> {
                 break (buf, read);
             }
             if self.out == 0 {
+                // Every buffer is held by the caller, or holds a read nobody took: an on-request
+                // reader drops one of those to read `i`.
+                match self.landed.pop() {
+                    Some((got, b, _)) if self.next.is_none() => {
+                        self.forget(got);
+                        self.free.push(b);
+                        self.feed();
+                        continue;
+                    }
+                    Some(l) => self.landed.push(l),
+                    None => {}
+                }
                 return Err(Error::InvalidInput(
                     "every layer staging buffer is held (internal: a buffer taken was not given back)".into(),
                 ));
@@ -426,17 +477,28 @@ impl<B: Staging> ImageReader<B> {
             self.out -= 1;
             self.landed.push(filled);
         };
-        let at = self.asked.iter().position(|&a| a == i).expect("taken images were asked for");
-        self.asked.remove(at);
+        self.forget(i);
         if let Err(e) = read {
-            // The buffer stays in the ring: asked for the same image again.
-            self.ask(i, buf);
+            if self.next.is_some() {
+                // The buffer stays in the ring: asked for the same image again.
+                self.ask(i, buf);
+            } else {
+                self.free.push(buf);
+                self.feed();
+            }
             return Err(e);
         }
         Ok(buf)
     }
 
-    /// Drops what was read ahead and asks for the images from `i` on.
+    /// Drops one ask for image `i` from the books.
+    fn forget(&mut self, i: usize) {
+        if let Some(at) = self.asked.iter().position(|&a| a == i) {
+            self.asked.remove(at);
+        }
+    }
+
+    /// Drops what was read ahead and asks for the images from `i` on (a cyclic reader).
     fn restart(&mut self, i: usize) -> Result<()> {
         let mut bufs: Vec<B> = self.landed.drain(..).map(|(_, b, _)| b).collect();
         while self.out > 0 {
@@ -445,19 +507,35 @@ impl<B: Staging> ImageReader<B> {
             bufs.push(b);
         }
         self.asked.clear();
-        self.next = i;
+        self.next = Some(i);
         for b in bufs {
             self.give_back(b);
         }
         Ok(())
     }
 
-    /// Returns a buffer [`ImageReader::take`] handed over, asking it to read the next image in
-    /// cyclic order after those already asked for.
+    /// Returns a buffer [`ImageReader::take`] handed over: a cyclic reader asks it to read the
+    /// next image after those already asked for; an on-request reader, the next one requested.
     pub fn give_back(&mut self, buf: B) {
-        let i = self.next;
-        self.next = (self.next + 1) % self.count;
-        self.ask(i, buf);
+        match self.next {
+            Some(i) => {
+                self.next = Some((i + 1) % self.count);
+                self.ask(i, buf);
+            }
+            None => {
+                self.free.push(buf);
+                self.feed();
+            }
+        }
+    }
+
+    /// Gives free buffers to the requested images.
+    fn feed(&mut self) {
+        while !self.queue.is_empty() {
+            let Some(buf) = self.free.pop() else { break };
+            let i = self.queue.pop_front().expect("not empty");
+            self.ask(i, buf);
+        }
     }
 
     fn ask(&mut self, i: usize, buf: B) {
@@ -588,6 +666,39 @@ mod tests {
         assert!(!first.exists() && second.is_dir() && kept.is_dir() && offload.join("foreign-cuda").is_dir());
         // Again: nothing to remove, the key file as it was.
         assert!(prepare_images_dir(&offload, &model).unwrap().1.is_empty());
+    }
+
+    #[test]
+    fn an_on_request_reader_reads_what_it_is_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let specs = specs();
+        let images = Arc::new(LayerImages::build(dir.path(), &specs, &mut fill, &mut |_, _| {}).unwrap());
+        let buffers = (0..STAGING_BUFFERS).map(|_| aligned(12288)).collect();
+        let mut reader = ImageReader::on_request(images, buffers).unwrap();
+        let check = |i: usize, buf: &mut strata_tensor::AlignedBytes| {
+            let len = specs[i].len as usize;
+            assert_eq!(&buf.as_mut_slice()[..len], &expected(i, len)[..], "image {i}");
+        };
+        // A batch larger than the buffers, taken in order; then one taken without a request.
+        reader.request(&[3, 1, 0, 2]);
+        for i in [3, 1, 0, 2, 2] {
+            let mut buf = reader.take(i).unwrap();
+            check(i, &mut buf);
+            reader.give_back(buf);
+        }
+        // Requested but never taken: once every buffer holds such a read, a take drops one.
+        reader.request(&[0, 1, 2]);
+        let mut buf = reader.take(3).unwrap();
+        check(3, &mut buf);
+        reader.give_back(buf);
+        for i in [1, 0, 2] {
+            let mut buf = reader.take(i).unwrap();
+            check(i, &mut buf);
+            reader.give_back(buf);
+        }
+        let held: Vec<_> = (0..STAGING_BUFFERS).map(|i| reader.take(i).unwrap()).collect();
+        assert!(reader.take(3).unwrap_err().to_string().contains("every layer staging buffer is held"));
+        drop(held);
     }
 
     #[test]

@@ -239,16 +239,19 @@ impl VramReport {
         self.needs.streamed.iter().zip(&self.streamed).filter(|(_, s)| **s).map(|(b, _)| *b).sum()
     }
 
-    /// [`VramReport::host_bytes`], or with `from_disk` (the streamed layers read from layer
-    /// images, `crate::layer_images`) the staging buffers those reads land in: three of the
-    /// largest streamed layer's read. Routed experts under a device expert cache stay in host
-    /// memory either way.
+    /// [`VramReport::host_bytes`], or with `from_disk` (the streamed layers, or the routed
+    /// experts under a device expert cache, read from images on disk: `crate::layer_images`) the
+    /// staging buffers those reads land in: three of the largest image's read.
     pub fn host_bytes_with(&self, from_disk: bool) -> u64 {
-        if !from_disk || self.expert_slots > 0 {
+        if !from_disk {
             return self.host_bytes();
         }
+        let largest = if self.expert_slots > 0 {
+            Some(self.needs.expert_slot)
+        } else {
+            self.needs.streamed.iter().zip(&self.streamed).filter(|(_, s)| **s).map(|(b, _)| *b).max()
+        };
         let align = crate::layer_images::IMAGE_ALIGN as u64;
-        let largest = self.needs.streamed.iter().zip(&self.streamed).filter(|(_, s)| **s).map(|(b, _)| *b).max();
         largest.map_or(0, |b| crate::layer_images::STAGING_BUFFERS as u64 * b.next_multiple_of(align))
     }
 

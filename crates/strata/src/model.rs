@@ -331,8 +331,11 @@ impl Model {
                     let report = strata_models::vram_report(&decoder, b)?;
                     // The host memory the placement keeps, against --max-ram, before any allocation.
                     crate::offload::check_host_ceiling(&report, b.max_bytes, options.offload.max_ram, from_disk)?;
-                    if let Some(dir) =
-                        options.offload.offload_dir.as_deref().filter(|_| report.streamed.contains(&true))
+                    if let Some(dir) = options
+                        .offload
+                        .offload_dir
+                        .as_deref()
+                        .filter(|_| report.streamed.contains(&true) || report.expert_slots > 0)
                     {
                         let (dir, removed) = strata_models::layer_images::prepare_images_dir(dir, &loaded.path)?;
                         for old in removed {
@@ -537,8 +540,9 @@ impl Model {
         }
     }
 
-    /// On CUDA under `--max-vram` with `--offload-dir`: the layer images the streamed layers are
-    /// read from (the data file) and the largest read of it. `None` otherwise.
+    /// On CUDA under `--max-vram` with `--offload-dir`: the images the streamed layers (or the
+    /// routed experts of a device expert cache) are read from (the data file) and the largest
+    /// read of it. `None` otherwise.
     pub fn gpu_layer_images(&self) -> Option<(PathBuf, usize)> {
         match &self.backend {
             Backend::Cpu => None,

@@ -292,9 +292,13 @@ pub(crate) fn check_host_ceiling(
     let size = strata_models::store::planner::format_size;
     let layers = report.streamed.iter().filter(|&&s| s).count();
     let (what, hint) = match (report.expert_slots > 0, from_disk) {
-        (true, _) => (
+        (true, false) => (
             format!("its {} routed experts", report.needs.expert_count),
-            "(on CUDA, experts do not stream from disk yet)",
+            "or --offload-dir to read the experts from disk",
+        ),
+        (true, true) => (
+            format!("the staging buffers of {} routed experts read from disk", report.needs.expert_count),
+            "(the buffers hold one expert each)",
         ),
         (false, false) => {
             (format!("{layers} streamed layers"), "or --offload-dir to read the streamed layers from disk")
