@@ -222,10 +222,30 @@ impl WeightStream {
     fn upload(&self, cuda: &Cuda, state: &mut State, pos: usize) -> Result<()> {
         let layer = self.layers[self.order[pos]].as_ref().expect("order lists streamed layers");
         let slot = SlotSchedule::slot_of(pos);
-        let upload = match (&layer.host, &mut state.reader) {
+        let upload = match self.upload_from(cuda, layer, &mut state.reader, slot) {
+            Ok(upload) => upload,
+            Err(e) => {
+                // The slot's contents are unknown now: whoever runs from it next uploads again.
+                state.schedule.forget(slot);
+                return Err(e);
+            }
+        };
+        state.uploads[slot] = Some(upload);
+        Ok(())
+    }
+
+    /// Queues the copy of `layer` into `slot`, from its host copy or its image on disk.
+    fn upload_from(
+        &self,
+        cuda: &Cuda,
+        layer: &StreamedLayer,
+        reader: &mut Option<ImageReader<Pinned>>,
+        slot: usize,
+    ) -> Result<Upload> {
+        Ok(match (&layer.host, reader) {
             (Some(host), _) => cuda.upload_async_shared(host, layer.len, &self.slots[slot])?,
             (None, Some(reader)) => {
-                let staged = reader.take(pos)?;
+                let staged = reader.take(layer.pos)?;
                 let upload = cuda.upload_async_shared(&staged, layer.len, &self.slots[slot]);
                 reader.give_back(staged);
                 upload?
@@ -233,12 +253,10 @@ impl WeightStream {
             (None, None) => {
                 return Err(Error::InvalidInput(format!(
                     "streamed layer {} has neither a host copy nor an image on disk (internal)",
-                    self.order[pos]
+                    self.order[layer.pos]
                 )));
             }
-        };
-        state.uploads[slot] = Some(upload);
-        Ok(())
+        })
     }
 
     /// Before layer `li`'s kernels: when it streams, the compute stream waits for its weights

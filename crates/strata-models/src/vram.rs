@@ -458,6 +458,13 @@ impl SlotSchedule {
         self.holds[Self::slot_of(pos)] = Some(next);
         Some(next)
     }
+
+    /// The upload [`SlotSchedule::before`] or [`SlotSchedule::after`] asked for into `slot`
+    /// failed (a read from disk, a copy): the slot holds no layer known, so the next layer to run
+    /// from it uploads its own.
+    pub(crate) fn forget(&mut self, slot: usize) {
+        self.holds[slot] = None;
+    }
 }
 
 /// `bytes` as a person reads it, in the decimal units the size flags take: "1.06 GB", "613.4 MB".
@@ -553,6 +560,24 @@ mod tests {
             let counts = run_passes(6, &[None, Some(stop), None, None]);
             assert_eq!(counts[3], 6, "stop at {stop}: back to one copy per layer: {counts:?}");
         }
+    }
+
+    #[test]
+    fn a_failed_upload_is_done_again_not_trusted() {
+        let mut s = SlotSchedule::new(4);
+        s.prime();
+        assert_eq!(s.before(0), None);
+        // Behind layer 0, layer 2's upload into slot 0 fails: the pass goes on to layer 1.
+        assert_eq!(s.after(0), Some(2));
+        s.forget(SlotSchedule::slot_of(2));
+        assert_eq!(s.before(1), None);
+        assert_eq!(s.after(1), Some(3));
+        // Layer 2 finds its slot unknown and uploads its own weights.
+        assert_eq!(s.before(2), Some(2));
+        // A failed upload asked before a layer runs is done again by the next try.
+        s.forget(SlotSchedule::slot_of(2));
+        assert_eq!(s.before(2), Some(2));
+        assert_eq!(s.before(2), None);
     }
 
     /// Sizes of a model of `layers` MoE layers of 100 bytes each, 80 of them in 8 experts of 10
