@@ -189,15 +189,7 @@ fn layer_image_reader(
                 }
                 Ok(())
             };
-            // One line per tenth on stderr.
-            let mut shown = 0u64;
-            let mut progress = |done: u64, total: u64| {
-                if done >= shown + total.div_ceil(10).max(1) || (done == total && shown < total) {
-                    shown = done;
-                    eprintln!("strata: layer images {:.0}%", 100.0 * done as f64 / total.max(1) as f64);
-                }
-            };
-            LayerImages::build(dir, &specs, &mut fill, &mut progress)?
+            LayerImages::build(dir, &specs, &mut fill, &mut crate::layer_images::progress_lines("layer images"))?
         }
     };
     if !images.direct() {

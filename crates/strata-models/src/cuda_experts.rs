@@ -304,7 +304,7 @@ fn expert_image_reader(
                 }
                 Ok(())
             };
-            LayerImages::build(&dir, &specs, &mut fill, &mut |_, _| {})?
+            LayerImages::build(&dir, &specs, &mut fill, &mut crate::layer_images::progress_lines("expert images"))?
         }
     };
     let read = images.largest_read();

@@ -1,21 +1,24 @@
-//! Layer images on disk: how the layers a GPU ceiling streams come from the offload directory
-//! rather than from page-locked host memory (`--device cuda --max-vram X --offload-dir D`).
+//! Layer images on disk: how the layers a GPU ceiling streams, and the routed experts of a
+//! device expert cache, come from the offload directory rather than from page-locked host memory
+//! (`--device cuda --max-vram X --offload-dir D`).
 //!
 //! A streamed layer's matrices are laid out once for the device buffer it runs from (the CUDA
 //! decoder's placement: 256-byte boundaries, q/k/v stacked, gate/up rows paired) and written,
-//! one image per layer at a 4096-byte boundary, to `D/<digest>/cuda-layers.bin`, with
+//! one image per layer at a 4096-byte boundary, to `D/<digest>-cuda/cuda-layers.bin`, with
 //! `cuda-layers.json` beside it: per image its layer, offset, length, layout hash (the offsets,
-//! dtypes and shapes of what it holds) and CRC-32. The directory is named by the digest of the
-//! checkpoint's files (paths, lengths, modification times) and this format's tag, so a changed
-//! checkpoint gets new images; a load that lays the layers out alike finds the file valid and
-//! reads none of the checkpoint's streamed layers. The data file is written under a temporary
-//! name, synced and renamed before the manifest is written (synced, renamed): a manifest names
-//! only complete data.
+//! dtypes and shapes of what it holds) and CRC-32. The experts' images, one per expert laid out
+//! as a cache slot holds it, are a second such pair in `experts/` there. The directory is named
+//! by the digest of the checkpoint's files (paths, lengths, modification times) and this format's
+//! tag, so a changed checkpoint gets new images ([`prepare_images_dir`] removes the old ones); a
+//! load that lays the layers out alike finds the file valid and reads none of the checkpoint's
+//! streamed layers. The data file is written under a temporary name, synced and renamed before
+//! the manifest is written (synced, renamed): a manifest names only complete data.
 //!
-//! [`ImageReader`] reads the images ahead, in the order the passes use them, on two threads of
-//! its own into a ring of staging buffers (page-locked ones on CUDA), with `O_DIRECT` where the file
-//! system and the buffer allow; every image is checked against its CRC before it is handed over.
-//! None of this needs a GPU: the CUDA decoder supplies the bytes and the buffers.
+//! [`ImageReader`] reads images on two threads of its own into a ring of staging buffers
+//! (page-locked ones on CUDA), with `O_DIRECT` where the file system and the buffer allow: ahead,
+//! in the order the passes use them, for streamed layers; on request, for the experts a router
+//! picked. Every image is checked against its CRC before it is handed over. None of this needs a
+//! GPU: the CUDA decoder supplies the bytes and the buffers.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -93,6 +96,18 @@ pub fn prepare_images_dir(offload_dir: &Path, checkpoint: &Path) -> Result<(Path
         removed.push(other);
     }
     Ok((dir, removed))
+}
+
+/// A progress callback for [`LayerImages::build`] that prints one line per tenth of the bytes
+/// on stderr: "strata: `what` 40%".
+pub fn progress_lines(what: &str) -> impl FnMut(u64, u64) + '_ {
+    let mut shown = 0u64;
+    move |done, total| {
+        if done >= shown + total.div_ceil(10).max(1) || (done == total && shown < total) {
+            shown = done;
+            eprintln!("strata: {what} {:.0}%", 100.0 * done as f64 / total.max(1) as f64);
+        }
+    }
 }
 
 /// One image as the caller lays it out: the layer, its length and its layout hash.
