@@ -46,11 +46,11 @@ use strata_tensor::cpu::AttentionParams;
 use crate::context::ContextScaling;
 use crate::cuda_experts::{DeviceExperts, ExpertCacheCounts};
 use crate::cuda_moe::{CudaMoe, MoeInput, MoeScratch};
-use crate::cuda_stream::{Placer, SlotSchedule, WeightStream};
+use crate::cuda_stream::{Placer, SlotSchedule, WeightStream, staging_buffers};
 use crate::decoder::{Decoder, Ffn, Linear, shares_bytes};
 use crate::hparams::Hparams;
 use crate::kv_cache::DEFAULT_BLOCK_LEN;
-use crate::layer_images::{ImageReader, ImageSpec, LayerImages, STAGING_BUFFERS};
+use crate::layer_images::{ImageReader, ImageSpec, LayerImages};
 use crate::moe::{Mlp, MoeOptions, RouterTrace};
 use crate::rope::{RopeScheme, RopeTable};
 use crate::vram::VramBudget;
@@ -166,40 +166,21 @@ fn layer_image_reader(
         .collect();
     let specs: Vec<ImageSpec> =
         streamed.iter().map(|&(layer, len, layout)| ImageSpec { layer, len: len as u64, layout }).collect();
-    let images = match LayerImages::open(dir, &specs)? {
-        Some(images) => images,
-        None => {
-            let total: u64 = specs.iter().map(|s| s.len).sum();
-            eprintln!(
-                "strata: writing the {} streamed layers' images ({}) to {}",
-                specs.len(),
-                crate::store::planner::format_size(total),
-                dir.display()
-            );
-            let mut fill = |i: usize, bytes: &mut [u8]| -> Result<()> {
-                let (li, len, layout) = streamed[i];
-                let mut place = Placer::staged(Some(bytes), &slots[SlotSchedule::slot_of(i)]);
-                // Routed experts of a streamed layer are in it (a device expert cache streams none).
-                upload_layer(c, &decoder.layers[li], &mut place, None)?;
-                release_layer_pages(&decoder.layers[li]);
-                if place.laid_out() != (len, layout) {
-                    return Err(Error::InvalidInput(format!(
-                        "layer {li} laid out differently for its image (internal: placement must be deterministic)"
-                    )));
-                }
-                Ok(())
-            };
-            LayerImages::build(dir, &specs, &mut fill, &mut crate::layer_images::progress_lines("layer images"))?
+    let mut fill = |i: usize, bytes: &mut [u8]| -> Result<()> {
+        let (li, len, layout) = streamed[i];
+        let mut place = Placer::staged(Some(bytes), &slots[SlotSchedule::slot_of(i)]);
+        // Routed experts of a streamed layer are in it (a device expert cache streams none).
+        upload_layer(c, &decoder.layers[li], &mut place, None)?;
+        release_layer_pages(&decoder.layers[li]);
+        if place.laid_out() != (len, layout) {
+            return Err(Error::InvalidInput(format!(
+                "layer {li} laid out differently for its image (internal: placement must be deterministic)"
+            )));
         }
+        Ok(())
     };
-    if !images.direct() {
-        eprintln!(
-            "strata: {}: no O_DIRECT on this file system; layer images read through the page cache",
-            images.path().display()
-        );
-    }
-    let read_len = images.largest_read();
-    let buffers = (0..STAGING_BUFFERS).map(|_| Ok(Pinned::new_readable(c, read_len)?)).collect::<Result<Vec<_>>>()?;
+    let images = LayerImages::open_or_build(dir, &specs, "layer images", &mut fill)?;
+    let buffers = staging_buffers(c, images.largest_read())?;
     ImageReader::new(Arc::new(images), buffers)
 }
 

@@ -34,8 +34,8 @@ use strata_kernels::cuda::CudaSlice;
 use strata_kernels::cuda::pinned::{Pinned, Upload};
 
 use crate::cuda_decoder::CudaMlp;
-use crate::cuda_stream::Placer;
-use crate::layer_images::{ImageReader, ImageSpec, LayerImages, STAGING_BUFFERS};
+use crate::cuda_stream::{Placer, staging_buffers};
+use crate::layer_images::{ImageReader, ImageSpec, LayerImages};
 use crate::moe::Mlp;
 use crate::store::planner::{ExpertCachePolicy, ExpertSlots};
 use crate::vram::{cacheable_expert, expert_slot_bytes};
@@ -282,32 +282,19 @@ fn expert_image_reader(
     let dir = dir.join("experts");
     let specs: Vec<ImageSpec> =
         experts.iter().map(|&(layer, _)| ImageSpec { layer, len: len as u64, layout }).collect();
-    let images = match LayerImages::open(&dir, &specs)? {
-        Some(images) => images,
-        None => {
-            eprintln!(
-                "strata: writing the {} routed experts' images ({}) to {}",
-                specs.len(),
-                crate::store::planner::format_size(len as u64 * specs.len() as u64),
-                dir.display()
-            );
-            let mut fill = |i: usize, bytes: &mut [u8]| -> Result<()> {
-                let (li, e) = experts[i];
-                let mut place = Placer::staged(Some(bytes), slot);
-                CudaMlp::upload(cuda, e, &mut place)?;
-                release_pages(e);
-                if place.laid_out() != (len, layout) {
-                    return Err(Error::InvalidInput(format!(
-                        "an expert of layer {li} lays out unlike the first (internal: experts of one shape must lay out \
-                         alike)"
-                    )));
-                }
-                Ok(())
-            };
-            LayerImages::build(&dir, &specs, &mut fill, &mut crate::layer_images::progress_lines("expert images"))?
+    let mut fill = |i: usize, bytes: &mut [u8]| -> Result<()> {
+        let (li, e) = experts[i];
+        let mut place = Placer::staged(Some(bytes), slot);
+        CudaMlp::upload(cuda, e, &mut place)?;
+        release_pages(e);
+        if place.laid_out() != (len, layout) {
+            return Err(Error::InvalidInput(format!(
+                "an expert of layer {li} lays out unlike the first (internal: experts of one shape must lay out alike)"
+            )));
         }
+        Ok(())
     };
-    let read = images.largest_read();
-    let buffers = (0..STAGING_BUFFERS).map(|_| Ok(Pinned::new_readable(cuda, read)?)).collect::<Result<Vec<_>>>()?;
+    let images = LayerImages::open_or_build(&dir, &specs, "expert images", &mut fill)?;
+    let buffers = staging_buffers(cuda, images.largest_read())?;
     ImageReader::on_request(Arc::new(images), buffers)
 }

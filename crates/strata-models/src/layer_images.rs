@@ -256,6 +256,33 @@ impl LayerImages {
         LayerImages::open_data(path, manifest.images)
     }
 
+    /// The images in `dir` if they are exactly `specs` ([`LayerImages::open`]), else written
+    /// there first ([`LayerImages::build`]), saying so and showing progress on stderr as `what`
+    /// ("layer images"). Says too when reads cannot bypass the page cache.
+    pub fn open_or_build(
+        dir: &Path,
+        specs: &[ImageSpec],
+        what: &str,
+        fill: &mut dyn FnMut(usize, &mut [u8]) -> Result<()>,
+    ) -> Result<LayerImages> {
+        let images = match LayerImages::open(dir, specs)? {
+            Some(images) => images,
+            None => {
+                let total: u64 = specs.iter().map(|s| s.len).sum();
+                let size = crate::store::planner::format_size(total);
+                eprintln!("strata: writing {} {what} ({size}) to {}", specs.len(), dir.display());
+                LayerImages::build(dir, specs, fill, &mut progress_lines(what))?
+            }
+        };
+        if !images.direct() {
+            eprintln!(
+                "strata: {}: no O_DIRECT on this file system; {what} read through the page cache",
+                images.path().display()
+            );
+        }
+        Ok(images)
+    }
+
     /// The data file.
     pub fn path(&self) -> &Path {
         &self.path
@@ -641,6 +668,18 @@ mod tests {
         strata_tensor::AlignedBytes::zeroed_huge(len.max(1 << 21))
     }
 
+    /// The images of [`specs`] built in `dir`, and staging buffers for a reader of them.
+    fn reader_parts(dir: &Path) -> (Arc<LayerImages>, Vec<strata_tensor::AlignedBytes>) {
+        let images = Arc::new(LayerImages::build(dir, &specs(), &mut fill, &mut |_, _| {}).unwrap());
+        (images, (0..STAGING_BUFFERS).map(|_| aligned(12288)).collect())
+    }
+
+    /// Whether `buf` holds image `i` of [`specs`].
+    fn check(i: usize, buf: &mut strata_tensor::AlignedBytes) {
+        let len = specs()[i].len as usize;
+        assert_eq!(&buf.as_mut_slice()[..len], &expected(i, len)[..], "image {i}");
+    }
+
     #[test]
     fn built_images_read_back_and_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -741,14 +780,8 @@ mod tests {
     #[test]
     fn an_on_request_reader_reads_what_it_is_asked_for() {
         let dir = tempfile::tempdir().unwrap();
-        let specs = specs();
-        let images = Arc::new(LayerImages::build(dir.path(), &specs, &mut fill, &mut |_, _| {}).unwrap());
-        let buffers = (0..STAGING_BUFFERS).map(|_| aligned(12288)).collect();
+        let (images, buffers) = reader_parts(dir.path());
         let mut reader = ImageReader::on_request(images, buffers).unwrap();
-        let check = |i: usize, buf: &mut strata_tensor::AlignedBytes| {
-            let len = specs[i].len as usize;
-            assert_eq!(&buf.as_mut_slice()[..len], &expected(i, len)[..], "image {i}");
-        };
         // A batch larger than the buffers, taken in order; then one taken without a request.
         reader.request(&[3, 1, 0, 2]);
         for i in [3, 1, 0, 2, 2] {
@@ -775,13 +808,8 @@ mod tests {
     fn the_reader_hands_images_over_in_any_order() {
         let dir = tempfile::tempdir().unwrap();
         let specs = specs();
-        let images = Arc::new(LayerImages::build(dir.path(), &specs, &mut fill, &mut |_, _| {}).unwrap());
-        let buffers = (0..STAGING_BUFFERS).map(|_| aligned(12288)).collect();
+        let (images, buffers) = reader_parts(dir.path());
         let mut reader = ImageReader::new(images, buffers).unwrap();
-        let check = |i: usize, buf: &mut strata_tensor::AlignedBytes| {
-            let len = specs[i].len as usize;
-            assert_eq!(&buf.as_mut_slice()[..len], &expected(i, len)[..], "image {i}");
-        };
         // Two passes in order, then a pass that starts again from image 2, and one from 0.
         for i in [0, 1, 2, 3, 0, 1, 2, 3, 2, 3, 0, 0, 1, 2, 3] {
             let mut buf = reader.take(i).unwrap();
