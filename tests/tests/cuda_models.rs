@@ -729,22 +729,39 @@ fn a_device_expert_cache_gives_the_resident_logits_bit_for_bit() {
         let moe = decoder.hparams().moe.as_ref().unwrap();
         let n_experts = moe.num_experts * moe.sparse_layers.iter().filter(|&&s| s).count();
         let images = dir.path().join(name);
+        // (slots, policy, images, experts in the host tier in front of the images)
         let runs = [
-            (1, "layer-lru", None),
-            (3, "layer-lru", None),
-            (3, "lru", None),
-            (n_experts, "lfu", None),
-            (3, "layer-lru", Some(images.as_path())),
-            (3, "lru", Some(images.as_path())),
+            (1, "layer-lru", None, 0),
+            (3, "layer-lru", None, 0),
+            (3, "lru", None, 0),
+            (n_experts, "lfu", None, 0),
+            (3, "layer-lru", Some(images.as_path()), 0),
+            (3, "lru", Some(images.as_path()), 0),
+            (2, "layer-lru", Some(images.as_path()), 3),
+            (1, "lru", Some(images.as_path()), n_experts),
         ];
-        for (slots, policy, images) in runs {
+        for (slots, policy, images, tier) in runs {
             let cached = CudaDecoder::new_expert_cached_from(&decoder, cuda.clone(), slots, images).unwrap();
             if policy != "layer-lru" {
-                cached.set_expert_cache_policy(
-                    strata_models::store::planner::expert_cache_policy_by_name(policy).unwrap(),
-                );
+                cached
+                    .set_expert_cache_policy(
+                        strata_models::store::planner::expert_cache_policy_by_name(policy).unwrap(),
+                    )
+                    .unwrap();
             }
-            let what = format!("{name}, {slots} slots, {policy}{}", if images.is_some() { ", from disk" } else { "" });
+            if tier > 0 {
+                let (_, read) = cached.layer_images().expect("experts from disk");
+                // A byte short of one more expert: the tier holds `tier`.
+                assert_eq!(cached.set_expert_host_tier((tier * read + read - 1) as u64).unwrap(), tier);
+            }
+            let what = format!(
+                "{name}, {slots} slots, {policy}{}",
+                match (images.is_some(), tier) {
+                    (false, _) => String::new(),
+                    (true, 0) => ", from disk".into(),
+                    (true, t) => format!(", from disk behind a host tier of {t}"),
+                }
+            );
             let (mut rc, mut cc) = (resident.new_cache().unwrap(), cached.new_cache().unwrap());
             let a = resident.forward(&f.prompt_ids, &mut rc, Logits::All).unwrap();
             let b = cached.forward(&f.prompt_ids, &mut cc, Logits::All).unwrap();
@@ -767,6 +784,18 @@ fn a_device_expert_cache_gives_the_resident_logits_bit_for_bit() {
             if slots == n_experts {
                 assert!(c.misses <= n_experts as u64, "{what}: every expert copied once at most: {c:?}");
                 assert!(c.hits > 0, "{what}: {c:?}");
+            }
+            assert_eq!(c.host_slots, tier, "{what}");
+            if images.is_some() {
+                assert_eq!(c.host_hits + c.disk_reads, c.misses, "{what}: each miss from the tier or the disk: {c:?}");
+            } else {
+                assert_eq!((c.host_hits, c.disk_reads), (0, 0), "{what}: {c:?}");
+            }
+            if tier == n_experts {
+                assert!(c.disk_reads <= n_experts as u64, "{what}: every expert read once at most: {c:?}");
+                assert!(c.host_hits > 0, "{what}: {c:?}");
+            } else if tier == 0 {
+                assert_eq!(c.host_hits, 0, "{what}: {c:?}");
             }
             assert!(cached.graph_stats().is_none(), "{what}: no graphs: the layers route on the host");
         }
@@ -800,8 +829,8 @@ fn a_gpu_ceiling_gives_a_moe_model_a_device_expert_cache() {
         offload: strata::OffloadConfig { max_vram: Some(hi - 1), ..Default::default() },
         ..options(Device::Cuda(0))
     };
-    let bounded = Model::from_pretrained(&f.dir, options).unwrap();
-    let (slots, ..) = bounded.gpu_expert_cache().expect("one byte short: the experts go in a cache");
+    let bounded = Model::from_pretrained(&f.dir, options.clone()).unwrap();
+    let slots = bounded.gpu_expert_cache().expect("one byte short: the experts go in a cache").slots;
     assert!((1..16).contains(&slots), "{slots} slots");
     assert_eq!(bounded.gpu_streamed(), None, "a cache, not streamed layers");
     let resident = CudaDecoder::new(&decoder, strata_kernels::Cuda::new(0).unwrap()).unwrap();
@@ -810,10 +839,27 @@ fn a_gpu_ceiling_gives_a_moe_model_a_device_expert_cache() {
     let a = resident.forward(&f.prompt_ids, &mut rc, Logits::All).unwrap();
     let b = bounded.logits(&f.prompt_ids, LogitsMode::OnePass).unwrap();
     assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{}", max_abs_diff(&a, &b));
-    let (_, hits, misses, bytes) = bounded.gpu_expert_cache().unwrap();
-    assert!(misses > 0 && bytes > 0, "{hits} hits, {misses} misses, {bytes} bytes");
-    let expected = bounded.gpu_expert_cache_expected_hit_rate().expect("placed under a ceiling");
+    let c = bounded.gpu_expert_cache().unwrap();
+    assert!(c.misses > 0 && c.bytes_uploaded > 0, "{c:?}");
+    assert_eq!((c.host_slots, c.host_hits, c.disk_reads), (0, 0, 0), "no images, no tier: {c:?}");
+    let expected = c.expected_hit_rate.expect("placed under a ceiling");
     assert!((0.0..1.0).contains(&expected), "{expected}");
+    drop(bounded);
+
+    // With --offload-dir, and --max-ram for the staging buffers and two experts more: the
+    // experts come from images on disk behind a host tier of two, with the same logits.
+    let dir = tempfile::tempdir().unwrap();
+    let mut disk = options.clone();
+    disk.offload.offload_dir = Some(dir.path().to_path_buf());
+    let plan = strata::plan_vram_placement(&f.dir, &disk).unwrap();
+    disk.offload.max_ram = Some(plan.report.host_bytes_with(true) + plan.report.host_tier_bytes(2));
+    assert_eq!(strata::plan_vram_placement(&f.dir, &disk).unwrap().host_tier, 2);
+    let from_disk = Model::from_pretrained(&f.dir, disk).unwrap();
+    let b = from_disk.logits(&f.prompt_ids, LogitsMode::OnePass).unwrap();
+    assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "from disk: {}", max_abs_diff(&a, &b));
+    let c = from_disk.gpu_expert_cache().unwrap();
+    assert_eq!(c.host_slots, 2, "{c:?}");
+    assert!(c.disk_reads > 0 && c.host_hits + c.disk_reads == c.misses, "{c:?}");
 }
 
 /// `--max-vram` through the facade: a ceiling one byte under what the model needs resident

@@ -115,7 +115,7 @@ if [ "${1:-}" != quick ]; then
   if in_time "the Mixtral shape"; then
     "$B/bin/xtask" synth-model --shape mixtral-8x7b --dtype q4_0 --layers 4 --format gguf \
       --out "$M/mixtral-4l-q4_0.gguf" >>"$OUT/synth.log" 2>&1
-    for mode in device expert-cache expert-disk host graphs; do
+    for mode in device expert-cache expert-disk expert-tier host graphs; do
       in_time "mixtral $mode" || continue
       extra=()
       case $mode in
@@ -124,6 +124,9 @@ if [ "${1:-}" != quick ]; then
         # The same cache with the experts read from images on disk on each miss (never run on a
         # card before); the images are written by this run.
         expert-disk) env=(); extra=(--max-vram 2GB --offload-dir "$M/offload-moe") ;;
+        # Those images again, behind a host tier of the experts read last in what --max-ram
+        # leaves beyond the staging buffers (about 27 of the 32 experts).
+        expert-tier) env=(); extra=(--max-vram 2GB --offload-dir "$M/offload-moe" --max-ram 3GB) ;;
         host) env=(STRATA_CUDA_HOST_ROUTING=1) ;;
         graphs) env=(STRATA_CUDA_GRAPHS=1) ;;
       esac
@@ -133,6 +136,7 @@ if [ "${1:-}" != quick ]; then
       [ $mode = device ] && kernel_table "$OUT/bench-mixtral-$mode.json" | tee -a "$OUT/kernel-profiles.txt" | tee -a "$SUMMARY"
       [ $mode = expert-cache ] && tail -n 3 "$OUT/bench-mixtral-$mode.log" | tee -a "$SUMMARY"
       [ $mode = expert-disk ] && tail -n 4 "$OUT/bench-mixtral-$mode.log" | tee -a "$SUMMARY"
+      [ $mode = expert-tier ] && tail -n 5 "$OUT/bench-mixtral-$mode.log" | tee -a "$SUMMARY"
     done
     rm -rf "$M/mixtral-4l-q4_0.gguf" "$M/offload-moe"
   fi

@@ -110,8 +110,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut streamed_per_token = Vec::new();
     let mut hit_rates = Vec::new();
     let mut expert_stats = None;
-    // A device expert cache's hits, misses and bytes copied over the last run's decode.
-    let mut gpu_cache: Option<(u64, u64, u64)> = None;
+    // What a device expert cache did over the last run's decode.
+    let mut gpu_cache: Option<strata::ExpertCacheCounts> = None;
     // Per run: the host's time queuing a GPU decode step, in microseconds per token.
     let mut host_us = Vec::new();
     for run in 0..runs {
@@ -132,8 +132,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
             logits = model.step(&[next], &mut cache)?;
         }
         decode.push(t.elapsed().as_secs_f64());
-        if let (Some((_, h0, m0, b0)), Some((_, h1, m1, b1))) = (before, model.gpu_expert_cache()) {
-            gpu_cache = Some((h1 - h0, m1 - m0, b1 - b0));
+        if let (Some(c0), Some(c1)) = (before, model.gpu_expert_cache()) {
+            gpu_cache = Some(c1.since(&c0));
         }
         if let (Some((t0, n0)), Some((t1, n1))) = (host_before, model.gpu_decode_host_time())
             && n1 > n0
@@ -346,38 +346,46 @@ pub fn run(a: BenchArgs) -> Result<()> {
         report["decode_host_share"] = json!(us * decode_tok_s / 1e6);
     }
     // The device expert cache over the last run's decode: its hit rate, and the bytes a token
-    // copied in, against the host-to-device copy rate.
-    let gpu_cache = gpu_cache.zip(model.gpu_expert_cache()).map(|((hits, misses, bytes), c)| {
-        let per_token = bytes as f64 / a.gen_tokens as f64;
-        (c.0, hits as f64 / (hits + misses).max(1) as f64, per_token)
+    // copied in, against the host-to-device copy rate; with the experts read from disk, the bytes
+    // a token read (the misses its host tier did not hold), against the disk's read rate.
+    let images = model.gpu_layer_images();
+    let gpu_cache = gpu_cache.map(|c| {
+        let per_token = c.bytes_uploaded as f64 / a.gen_tokens as f64;
+        let read = images.as_ref().map_or(0, |(_, read)| *read);
+        let read_per_token = (c.disk_reads * read as u64) as f64 / a.gen_tokens as f64;
+        (c, per_token, read_per_token)
     });
     // What the copies alone would allow, at the host-to-device rate measured now.
     let cache_bound = match gpu_cache {
-        Some((_, _, per_token)) if per_token > 0.0 => {
+        Some((_, per_token, _)) if per_token > 0.0 => {
             say("measuring host-to-device copy bandwidth");
             model.upload_bandwidth()?.map(|bw| (bw, bw / per_token))
         }
         _ => None,
     };
-    // Experts read from images on disk on each miss: the disk's read rate, for reads of one
-    // expert, over the bytes a token copied in.
-    let cache_disk_bound = match (gpu_cache, model.gpu_layer_images()) {
-        (Some((_, _, per_token)), Some((file, largest))) if per_token > 0.0 => {
+    // Experts read from images on disk on each miss the host tier does not hold: the disk's
+    // read rate, for reads of one expert, over the bytes a token read.
+    let cache_disk_bound = match (gpu_cache, &images) {
+        (Some((_, _, read_per_token)), Some((file, largest))) if read_per_token > 0.0 => {
             say("measuring disk read bandwidth");
             let dir = file.parent().and_then(Path::parent).and_then(Path::parent).unwrap_or(Path::new("."));
-            let (disk, _) = strata::measure_disk_read_sized(dir, largest)?;
-            Some((disk * 1e9, disk * 1e9 / per_token))
+            let (disk, _) = strata::measure_disk_read_sized(dir, *largest)?;
+            Some((disk * 1e9, disk * 1e9 / read_per_token))
         }
         _ => None,
     };
-    if let Some((slots, hit_rate, per_token)) = gpu_cache {
+    if let Some((c, per_token, read_per_token)) = gpu_cache {
+        let from_disk = images.is_some();
         report["gpu_expert_cache"] = json!({
             "disk_read_gb_s": cache_disk_bound.map(|(disk, _)| disk / 1e9),
             "decode_disk_bound_tok_s": cache_disk_bound.map(|(_, bound)| bound),
             "decode_fraction_of_disk_bound": cache_disk_bound.map(|(_, bound)| decode_tok_s / bound),
-            "slots": slots,
-            "hit_rate": hit_rate,
-            "expected_hit_rate": model.gpu_expert_cache_expected_hit_rate(),
+            "bytes_read_per_token": from_disk.then_some(read_per_token),
+            "host_tier_experts": from_disk.then_some(c.host_slots),
+            "host_tier_share_of_misses": from_disk.then(|| c.host_hits as f64 / c.misses.max(1) as f64),
+            "slots": c.slots,
+            "hit_rate": c.hit_rate(),
+            "expected_hit_rate": c.expected_hit_rate,
             "bytes_uploaded_per_token": per_token,
             "upload_gb_s": cache_bound.map(|(bw, _)| bw / 1e9),
             "decode_upload_bound_tok_s": cache_bound.map(|(_, bound)| bound),
@@ -451,15 +459,24 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 100.0 * decode_tok_s / bound
             );
         }
-        if let Some((slots, hit_rate, per_token)) = gpu_cache {
-            let expected = model
-                .gpu_expert_cache_expected_hit_rate()
+        if let Some((c, per_token, read_per_token)) = gpu_cache {
+            let expected = c
+                .expected_hit_rate
                 .map_or(String::new(), |e| format!("; {:.1}% planned for uniform routing", 100.0 * e));
             println!(
-                "GPU experts  {:>9.1}% hits while decoding ({slots} slots on the device; {:.1} MB/token copied in{expected})",
-                100.0 * hit_rate,
+                "GPU experts  {:>9.1}% hits while decoding ({} slots on the device; {:.1} MB/token copied in{expected})",
+                100.0 * c.hit_rate(),
+                c.slots,
                 per_token / 1e6
             );
+            if images.is_some() {
+                println!(
+                    "host tier    {:>9.1}% of the misses held in host memory ({} experts); {:.1} MB/token read from disk",
+                    100.0 * c.host_hits as f64 / c.misses.max(1) as f64,
+                    c.host_slots,
+                    read_per_token / 1e6
+                );
+            }
             if let Some((bw, bound)) = cache_bound {
                 println!(
                     "host->device {:>10.2} GB/s (pinned, measured in this run): bound {bound:.2} tok/s, decode at {:.0}%",

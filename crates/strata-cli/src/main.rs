@@ -74,7 +74,8 @@ pub(crate) struct PlacementArgs {
     /// GPU memory ceiling, like 20GB or 512MiB.
     #[arg(long, value_name = "SIZE")]
     max_vram: Option<String>,
-    /// Host memory ceiling, like 20GB or 512MiB (on CUDA, of the host copies --max-vram keeps).
+    /// Host memory ceiling, like 20GB or 512MiB (on CUDA, of the host copies --max-vram keeps;
+    /// with --offload-dir, what the staging buffers leave keeps the experts read last).
     #[arg(long, value_name = "SIZE")]
     max_ram: Option<String>,
     /// Directory for the offload pack.

@@ -138,7 +138,9 @@ fn plan_vram(a: &PlanArgs, options: &strata::LoadOptions) -> Result<()> {
     let size = strata::planner::format_size;
     let streamed: Vec<usize> = (0..r.layers).filter(|&i| rep.streamed[i]).collect();
     let from_disk = r.images.is_some();
-    let host_bytes = rep.host_bytes_with(from_disk);
+    let tier_bytes = rep.host_tier_bytes(r.host_tier);
+    let tier_rate = (r.host_tier > 0).then(|| rep.expected_host_tier_hit_rate(r.host_tier)).flatten();
+    let host_bytes = rep.host_bytes_with(from_disk) + tier_bytes;
     if a.json {
         let layers: Vec<_> = (0..r.layers)
             .map(|i| {
@@ -173,6 +175,9 @@ fn plan_vram(a: &PlanArgs, options: &strata::LoadOptions) -> Result<()> {
             "host_bytes": host_bytes,
             "max_ram_bytes": r.max_ram,
             "layer_images": r.images.as_ref().map(|d| d.display().to_string()),
+            "host_tier_experts": r.host_tier,
+            "host_tier_bytes": tier_bytes,
+            "expected_host_tier_hit_rate": tier_rate,
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
@@ -223,6 +228,24 @@ fn plan_vram(a: &PlanArgs, options: &strata::LoadOptions) -> Result<()> {
                 size(upload),
                 100.0 * hit
             );
+            if from_disk {
+                let share = tier_rate.unwrap_or(0.0);
+                if r.host_tier > 0 {
+                    println!(
+                        "host tier          {:>10}  ({} experts read last, kept in page-locked memory under --max-ram: \
+                         expected to hold {:.0}% of the misses)",
+                        size(tier_bytes),
+                        r.host_tier,
+                        100.0 * share
+                    );
+                }
+                let why = if share < 1.0 {
+                    "expected; decode is bounded by the disk's read rate over this"
+                } else {
+                    "every expert stays in host memory once read"
+                };
+                println!("read per token     {:>10}  ({why})", size((upload as f64 * (1.0 - share)).round() as u64));
+            }
         }
         println!("on the GPU in all  {:>10}  of {}", size(rep.device_bytes()), size(b.max_bytes));
         host_line(host_bytes, r.max_ram);

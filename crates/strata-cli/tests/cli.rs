@@ -223,6 +223,46 @@ fn plan_gives_a_moe_model_short_of_room_a_device_expert_cache() {
     let out = strata(&["plan", "--model", model, "--max-vram", &(need - 1).to_string(), "--max-ram", &short]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("--max-ram") && stderr(&out).contains("its 16 routed experts"), "{}", stderr(&out));
+    // From images on disk (--offload-dir), --max-ram beyond the three staging buffers keeps a host
+    // tier of the experts read last: here five of them.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let read = tight["expert_slot_bytes"].as_u64().unwrap().next_multiple_of(4096);
+    let args = |max_ram: u64| {
+        let ram = max_ram.to_string();
+        let vram = (need - 1).to_string();
+        let out =
+            strata(&["plan", "--model", model, "--max-vram", &vram, "--offload-dir", d, "--max-ram", &ram, "--json"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let staged = args(3 * read);
+    assert_eq!((staged["host_tier_experts"].as_u64(), staged["host_bytes"].as_u64()), (Some(0), Some(3 * read)));
+    assert!(staged["expected_host_tier_hit_rate"].is_null(), "{staged}");
+    let tiered = args(8 * read + read - 1);
+    assert_eq!(tiered["host_tier_experts"], 5, "{tiered}");
+    assert_eq!((tiered["host_tier_bytes"].as_u64(), tiered["host_bytes"].as_u64()), (Some(5 * read), Some(8 * read)));
+    let share = tiered["expected_host_tier_hit_rate"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&share), "{tiered}");
+    let all = args(1 << 40);
+    assert_eq!(all["host_tier_experts"], 16, "{all}");
+    assert_eq!(all["expected_host_tier_hit_rate"], 1.0, "{all}");
+    let out = strata(&[
+        "plan",
+        "--model",
+        model,
+        "--max-vram",
+        &(need - 1).to_string(),
+        "--offload-dir",
+        d,
+        "--max-ram",
+        &(8 * read).to_string(),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("host tier") && text.contains("5 experts read last") && text.contains("read per token"),
+        "{text}"
+    );
 }
 
 /// `--out` writes a regular file through a temporary renamed into place; a special file is

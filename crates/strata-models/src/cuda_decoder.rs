@@ -44,7 +44,7 @@ use strata_tensor::Tensor;
 use strata_tensor::cpu::AttentionParams;
 
 use crate::context::ContextScaling;
-use crate::cuda_experts::{DeviceExperts, ExpertCacheCounts};
+use crate::cuda_experts::DeviceExperts;
 use crate::cuda_moe::{CudaMoe, MoeInput, MoeScratch};
 use crate::cuda_stream::{Placer, SlotSchedule, WeightStream, staging_buffers};
 use crate::decoder::{Decoder, Ffn, Linear, shares_bytes};
@@ -53,6 +53,7 @@ use crate::kv_cache::DEFAULT_BLOCK_LEN;
 use crate::layer_images::{ImageReader, ImageSpec, LayerImages};
 use crate::moe::{Mlp, MoeOptions, RouterTrace};
 use crate::rope::{RopeScheme, RopeTable};
+use crate::vram::ExpertCacheCounts;
 use crate::vram::VramBudget;
 use crate::{Error, Logits, Result};
 
@@ -180,7 +181,7 @@ fn layer_image_reader(
         Ok(())
     };
     let images = LayerImages::open_or_build(dir, &specs, "layer images", &mut fill)?;
-    let buffers = staging_buffers(c, images.largest_read())?;
+    let buffers = staging_buffers(c, images.largest_read(), crate::layer_images::STAGING_BUFFERS)?;
     ImageReader::new(Arc::new(images), buffers)
 }
 
@@ -677,10 +678,24 @@ impl CudaDecoder {
 
     /// Makes the device expert cache evict by `policy` (`layer-lru` by default) rather than by
     /// the one it has, forgetting what its slots hold and its counts: for a decoder just built.
-    /// Nothing to do without a cache.
-    pub fn set_expert_cache_policy(&self, policy: Box<dyn crate::store::planner::ExpertCachePolicy>) {
-        if let Some(c) = &self.experts {
-            c.set_policy(policy);
+    /// Nothing to do without a cache. The host tier (if any) starts over too, under a policy of
+    /// the same kind.
+    pub fn set_expert_cache_policy(&self, policy: Box<dyn crate::store::planner::ExpertCachePolicy>) -> Result<()> {
+        match &self.experts {
+            Some(c) => c.set_policy(policy),
+            None => Ok(()),
+        }
+    }
+
+    /// For a device expert cache whose experts are read from images on disk: keeps the experts
+    /// read last in up to `bytes` of page-locked host memory (the host tier, beyond the staging
+    /// buffers), so that a miss held there is copied without a read. Returns the experts it
+    /// holds. An error when the experts do not come from disk; nothing to do without a cache
+    /// (`Ok(0)`).
+    pub fn set_expert_host_tier(&self, bytes: u64) -> Result<usize> {
+        match &self.experts {
+            Some(c) => c.set_host_tier(&self.cuda, bytes),
+            None => Ok(0),
         }
     }
 

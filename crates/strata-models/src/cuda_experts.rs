@@ -24,7 +24,9 @@
 //! (`--offload-dir`), there are none: each expert is laid out once into an image on disk
 //! (`crate::layer_images`, in `experts/`), and [`DeviceExperts::bring`] reads a batch's misses
 //! on request, two at a time, into three page-locked staging buffers, queuing each copy as its
-//! read lands.
+//! read lands. Host memory beyond those buffers (`--max-ram`) can hold a tier of the experts
+//! read last ([`DeviceExperts::set_host_tier`], a `HostTier` under the device cache's policy):
+//! a device miss is copied from there when it is held, and read from disk only when it is not.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -35,27 +37,11 @@ use strata_kernels::cuda::pinned::{Pinned, Upload};
 
 use crate::cuda_decoder::CudaMlp;
 use crate::cuda_stream::{Placer, staging_buffers};
-use crate::layer_images::{ImageReader, ImageSpec, LayerImages};
+use crate::layer_images::{HostTier, ImageReader, ImageSpec, LayerImages, STAGING_BUFFERS};
 use crate::moe::Mlp;
 use crate::store::planner::{ExpertCachePolicy, ExpertSlots};
-use crate::vram::{cacheable_expert, expert_slot_bytes};
+use crate::vram::{ExpertCacheCounts, cacheable_expert, expert_slot_bytes};
 use crate::{Error, Result};
-
-/// What a device expert cache did: its slots, and the experts asked of it since it was made.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct ExpertCacheCounts {
-    /// Device slots, one expert each.
-    pub slots: usize,
-    /// Experts found in a slot.
-    pub hits: u64,
-    /// Experts copied in from host memory.
-    pub misses: u64,
-    /// Bytes those copies moved.
-    pub bytes_uploaded: u64,
-    /// The hit rate the placement expected under uniform routing (`VramReport`'s), when the
-    /// cache was placed under a ceiling.
-    pub expected_hit_rate: Option<f64>,
-}
 
 /// The cache: the experts' host copies, the device slots and which expert each holds.
 pub(crate) struct DeviceExperts {
@@ -79,8 +65,11 @@ struct State {
     /// Per slot: its last copy.
     uploads: Vec<Option<Upload>>,
     bytes_uploaded: u64,
-    /// The experts' images on disk, read on request, when they have no host copies.
-    reader: Option<ImageReader<Pinned>>,
+    /// The experts' images on disk, read on request, and the host tier in front of them, when
+    /// they have no host copies.
+    disk: Option<(ImageReader<Pinned>, HostTier<Pinned>)>,
+    /// The eviction policy's name (the host tier evicts by a policy of the same kind).
+    policy: &'static str,
 }
 
 /// The dtype and shape of an expert's three matrices: what must be the same for every expert of
@@ -158,22 +147,54 @@ impl DeviceExperts {
         let layer_of: Vec<(usize, usize)> = experts.iter().enumerate().map(|(u, &(li, _))| (u, li)).collect();
         policy.set_layers(&layer_of);
         let images = reader.as_ref().map(|r| (r.images().path().to_path_buf(), r.images().largest_read()));
+        let name = policy.name();
+        let disk = match reader {
+            Some(reader) => Some((reader, HostTier::new(Vec::new(), policy_like(name, &layer_of)?))),
+            None => None,
+        };
         let state = State {
             table: ExpertSlots::new(slots.len(), policy),
             uploads: (0..slots.len()).map(|_| None).collect(),
             bytes_uploaded: 0,
-            reader,
+            disk,
+            policy: name,
         };
         Ok((DeviceExperts { hosts, len, slots, mlps, images, layer_of, state: Mutex::new(state) }, offsets))
     }
 
     /// Evicts by `policy` from now on. The slots are forgotten (each expert asked next is copied
     /// in again) and the counts start over: for a decoder just built.
-    pub(crate) fn set_policy(&self, mut policy: Box<dyn ExpertCachePolicy>) {
+    pub(crate) fn set_policy(&self, mut policy: Box<dyn ExpertCachePolicy>) -> Result<()> {
         policy.set_layers(&self.layer_of);
+        let name = policy.name();
         let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, tier)) = &mut guard.disk {
+            tier.reset(policy_like(name, &self.layer_of)?);
+        }
         guard.table = ExpertSlots::new(self.slots.len(), policy);
         guard.bytes_uploaded = 0;
+        guard.policy = name;
+        Ok(())
+    }
+
+    /// With the experts read from images on disk: gives them a host tier of as many experts as
+    /// `bytes` of page-locked memory hold (at most all of them; replacing any tier it had), and
+    /// returns that count. An error without images.
+    pub(crate) fn set_host_tier(&self, cuda: &Cuda, bytes: u64) -> Result<usize> {
+        let Some(&(_, read)) = self.images.as_ref() else {
+            return Err(Error::InvalidInput(
+                "a host tier of experts needs the experts read from images on disk (--offload-dir)".into(),
+            ));
+        };
+        let count = usize::try_from(bytes / read.max(1) as u64).unwrap_or(usize::MAX).min(self.layer_of.len());
+        let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let name = guard.policy;
+        let Some((_, tier)) = &mut guard.disk else { unreachable!("images come with a reader") };
+        // The old tier's buffers go first, so that the two are never held at once.
+        *tier = HostTier::new(Vec::new(), policy_like(name, &self.layer_of)?);
+        let buffers = staging_buffers(cuda, read, count)?;
+        *tier = HostTier::new(buffers, policy_like(name, &self.layer_of)?);
+        Ok(count)
     }
 
     /// The experts' images' data file and the largest read of it, when they are read from disk.
@@ -195,39 +216,27 @@ impl DeviceExperts {
         // No more experts than slots: each gets one.
         let assigned: Vec<(usize, bool)> =
             state.table.serve(units).into_iter().map(|s| s.expect("no more experts than slots")).collect();
-        if let Some(reader) = &mut state.reader {
-            // The misses' images, read two at a time in the order they are copied.
-            let misses: Vec<usize> = units.iter().zip(&assigned).filter(|(_, a)| a.1).map(|(&u, _)| u).collect();
-            reader.request(&misses);
-        }
-        for (&unit, &(slot, miss)) in units.iter().zip(&assigned) {
-            if !miss {
-                continue;
+        let (misses, miss_slots): (Vec<usize>, Vec<usize>) =
+            units.iter().zip(&assigned).filter(|(_, a)| a.1).map(|(&u, &(slot, _))| (u, slot)).unzip();
+        let (uploads, bytes_uploaded) = (&mut state.uploads, &mut state.bytes_uploaded);
+        let mut copy = |at: usize, src: &Pinned| -> Result<()> {
+            let slot = miss_slots[at];
+            uploads[slot] = Some(cuda.upload_async_shared(src, self.len, &self.slots[slot])?);
+            *bytes_uploaded += self.len as u64;
+            Ok(())
+        };
+        let copied = match &mut state.disk {
+            // From the host tier, or read (two at a time, in the order they are copied) and kept.
+            Some((reader, tier)) => tier.fetch(reader, &misses, copy),
+            None => misses.iter().enumerate().try_for_each(|(at, &unit)| copy(at, &self.hosts[unit])),
+        };
+        if let Err(e) = copied {
+            // No slot of this batch's misses may pass for its expert's weights now: the next ask
+            // for them copies again.
+            for slot in miss_slots {
+                state.table.forget(slot);
             }
-            let upload = match &mut state.reader {
-                Some(reader) => reader.take(unit).and_then(|staged| {
-                    let upload = cuda.upload_async_shared(&staged, self.len, &self.slots[slot]);
-                    reader.give_back(staged);
-                    Ok(upload?)
-                }),
-                None => cuda.upload_async_shared(&self.hosts[unit], self.len, &self.slots[slot]).map_err(Error::from),
-            };
-            match upload {
-                Ok(upload) => {
-                    state.uploads[slot] = Some(upload);
-                    state.bytes_uploaded += self.len as u64;
-                }
-                Err(e) => {
-                    // No slot of this batch's misses may pass for its expert's weights now: the
-                    // next ask for them copies again.
-                    for &(slot, miss) in &assigned {
-                        if miss {
-                            state.table.forget(slot);
-                        }
-                    }
-                    return Err(e);
-                }
-            }
+            return Err(e);
         }
         Ok(assigned.into_iter().map(|(slot, _)| slot).collect())
     }
@@ -249,14 +258,28 @@ impl DeviceExperts {
     /// The counts so far.
     pub(crate) fn counts(&self) -> ExpertCacheCounts {
         let guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (host_slots, tier) = match &guard.disk {
+            Some((_, tier)) => (tier.slots(), tier.counts()),
+            None => (0, Default::default()),
+        };
         ExpertCacheCounts {
             slots: self.slots.len(),
             hits: guard.table.counts().hits,
             misses: guard.table.counts().misses,
             bytes_uploaded: guard.bytes_uploaded,
+            host_slots,
+            host_hits: tier.hits,
+            disk_reads: tier.reads,
             expected_hit_rate: None,
         }
     }
+}
+
+/// A fresh policy of the kind named `name` (an [`ExpertCachePolicy::name`]), its layers set.
+fn policy_like(name: &str, layer_of: &[(usize, usize)]) -> Result<Box<dyn ExpertCachePolicy>> {
+    let mut policy = crate::store::planner::expert_cache_policy_by_name(name)?;
+    policy.set_layers(layer_of);
+    Ok(policy)
 }
 
 /// Drops the pages of an expert's matrices from the resident set once they are copied (a
@@ -295,6 +318,6 @@ fn expert_image_reader(
         Ok(())
     };
     let images = LayerImages::open_or_build(&dir, &specs, "expert images", &mut fill)?;
-    let buffers = staging_buffers(cuda, images.largest_read())?;
+    let buffers = staging_buffers(cuda, images.largest_read(), STAGING_BUFFERS)?;
     ImageReader::on_request(Arc::new(images), buffers)
 }

@@ -36,7 +36,7 @@ use strata_kernels::cuda::pinned::{Pinned, Upload};
 use strata_kernels::cuda::tensor::{region_tensor, upload_bytes};
 use strata_tensor::{DType, Tensor};
 
-use crate::layer_images::{ImageReader, STAGING_BUFFERS, Staging};
+use crate::layer_images::{ImageReader, Staging};
 use crate::{Error, Result};
 
 pub(crate) use crate::vram::{ALIGN, SLOTS, SlotSchedule};
@@ -145,10 +145,11 @@ struct State {
     reader: Option<ImageReader<Pinned>>,
 }
 
-/// The [`STAGING_BUFFERS`] page-locked buffers of `read` bytes images from disk land in,
-/// readable by the host at memory speed (their checksums are checked there).
-pub(crate) fn staging_buffers(cuda: &Cuda, read: usize) -> Result<Vec<Pinned>> {
-    (0..STAGING_BUFFERS).map(|_| Ok(Pinned::new_readable(cuda, read)?)).collect()
+/// `count` page-locked buffers of `read` bytes for images from disk to land in (an
+/// `ImageReader`'s [`crate::layer_images::STAGING_BUFFERS`], or a host tier's), readable by the host at memory speed
+/// (their checksums are checked there).
+pub(crate) fn staging_buffers(cuda: &Cuda, read: usize, count: usize) -> Result<Vec<Pinned>> {
+    (0..count).map(|_| Ok(Pinned::new_readable(cuda, read)?)).collect()
 }
 
 impl Staging for Pinned {

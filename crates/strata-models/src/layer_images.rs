@@ -30,6 +30,7 @@ use std::thread::JoinHandle;
 use serde::{Deserialize, Serialize};
 use strata_store::pack::SourceKey;
 
+use crate::store::planner::{ExpertCachePolicy, ExpertSlots};
 use crate::{Error, Result};
 
 /// Every image starts, and every read ends, at a multiple of this many bytes (the `O_DIRECT`
@@ -639,6 +640,101 @@ impl<B: Staging> Drop for ImageReader<B> {
     }
 }
 
+/// Host copies of the images an on-request [`ImageReader`] read last, in buffers of the
+/// reader's kind, kept under an eviction policy: the host-memory tier between a device expert
+/// cache and the experts' images on disk (`--max-ram` beyond the staging buffers).
+///
+/// [`HostTier::fetch`] brings a batch of images: those the tier holds from their buffers,
+/// the others read from disk. A read image stays: the tier swaps the staging buffer it landed
+/// in for the buffer of the image it evicts, which goes back to the reader to read into (a
+/// page-locked buffer waits there for its last copy out). No bytes are copied on the host.
+/// With no buffers, every image is read.
+pub struct HostTier<B: Staging> {
+    /// Which image each buffer holds, and whom a read evicts (the device cache's rule).
+    table: ExpertSlots<Box<dyn ExpertCachePolicy>>,
+    buffers: Vec<B>,
+    counts: HostTierCounts,
+}
+
+/// What a [`HostTier`] did: images served from host memory and read from disk.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostTierCounts {
+    /// Images found in a host buffer.
+    pub hits: u64,
+    /// Images read from disk.
+    pub reads: u64,
+}
+
+impl<B: Staging> HostTier<B> {
+    /// A tier of `buffers` (each as large as the reader's), empty, evicting by `policy` (its
+    /// layers set).
+    pub fn new(buffers: Vec<B>, policy: Box<dyn ExpertCachePolicy>) -> HostTier<B> {
+        HostTier { table: ExpertSlots::new(buffers.len(), policy), counts: HostTierCounts::default(), buffers }
+    }
+
+    /// Images it can hold.
+    pub fn slots(&self) -> usize {
+        self.buffers.len()
+    }
+
+    /// The counts so far.
+    pub fn counts(&self) -> HostTierCounts {
+        self.counts
+    }
+
+    /// Forgets what the buffers hold and the counts, evicting by `policy` from now on.
+    pub fn reset(&mut self, policy: Box<dyn ExpertCachePolicy>) {
+        self.table = ExpertSlots::new(self.buffers.len(), policy);
+        self.counts = HostTierCounts::default();
+    }
+
+    /// Hands `upload` each of `ids` (distinct images of `reader`'s), in order, as
+    /// `(position in ids, buffer holding it)`: from the tier's buffers, or read by `reader`
+    /// (asked for all of them at once, so reads run ahead of the uploads) and then kept. On an
+    /// error (a read, or `upload`'s) the buffers this batch was to fill are forgotten, so that
+    /// no buffer passes for an image it does not hold.
+    pub fn fetch(
+        &mut self,
+        reader: &mut ImageReader<B>,
+        ids: &[usize],
+        mut upload: impl FnMut(usize, &B) -> Result<()>,
+    ) -> Result<()> {
+        // Per id: Some((slot, false)) held in `slot`; Some((slot, true)) read and kept in
+        // `slot`; None read and not kept (every buffer is this batch's).
+        let plan = self.table.serve(ids);
+        let reads: Vec<usize> =
+            ids.iter().zip(&plan).filter(|(_, p)| !matches!(p, Some((_, false)))).map(|(&i, _)| i).collect();
+        reader.request(&reads);
+        for (at, (&i, &p)) in ids.iter().zip(&plan).enumerate() {
+            let done = match p {
+                Some((slot, false)) => {
+                    self.counts.hits += 1;
+                    upload(at, &self.buffers[slot])
+                }
+                _ => {
+                    self.counts.reads += 1;
+                    reader.take(i).and_then(|buf| {
+                        let up = upload(at, &buf);
+                        let back = match (p, &up) {
+                            (Some((slot, _)), Ok(())) => std::mem::replace(&mut self.buffers[slot], buf),
+                            _ => buf,
+                        };
+                        reader.give_back(back);
+                        up
+                    })
+                }
+            };
+            if let Err(e) = done {
+                for &(slot, _) in plan[at..].iter().flatten().filter(|(_, read)| *read) {
+                    self.table.forget(slot);
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -675,9 +771,9 @@ mod tests {
     }
 
     /// Whether `buf` holds image `i` of [`specs`].
-    fn check(i: usize, buf: &mut strata_tensor::AlignedBytes) {
+    fn check(i: usize, buf: &strata_tensor::AlignedBytes) {
         let len = specs()[i].len as usize;
-        assert_eq!(&buf.as_mut_slice()[..len], &expected(i, len)[..], "image {i}");
+        assert_eq!(&buf.as_slice()[..len], &expected(i, len)[..], "image {i}");
     }
 
     #[test]
@@ -785,18 +881,18 @@ mod tests {
         // A batch larger than the buffers, taken in order; then one taken without a request.
         reader.request(&[3, 1, 0, 2]);
         for i in [3, 1, 0, 2, 2] {
-            let mut buf = reader.take(i).unwrap();
-            check(i, &mut buf);
+            let buf = reader.take(i).unwrap();
+            check(i, &buf);
             reader.give_back(buf);
         }
         // Requested but never taken: once every buffer holds such a read, a take drops one.
         reader.request(&[0, 1, 2]);
-        let mut buf = reader.take(3).unwrap();
-        check(3, &mut buf);
+        let buf = reader.take(3).unwrap();
+        check(3, &buf);
         reader.give_back(buf);
         for i in [1, 0, 2] {
-            let mut buf = reader.take(i).unwrap();
-            check(i, &mut buf);
+            let buf = reader.take(i).unwrap();
+            check(i, &buf);
             reader.give_back(buf);
         }
         let held: Vec<_> = (0..STAGING_BUFFERS).map(|i| reader.take(i).unwrap()).collect();
@@ -812,8 +908,8 @@ mod tests {
         let mut reader = ImageReader::new(images, buffers).unwrap();
         // Two passes in order, then a pass that starts again from image 2, and one from 0.
         for i in [0, 1, 2, 3, 0, 1, 2, 3, 2, 3, 0, 0, 1, 2, 3] {
-            let mut buf = reader.take(i).unwrap();
-            check(i, &mut buf);
+            let buf = reader.take(i).unwrap();
+            check(i, &buf);
             reader.give_back(buf);
         }
         // Holding every buffer is an error, not a hang.
@@ -822,5 +918,91 @@ mod tests {
         for b in held {
             reader.give_back(b);
         }
+    }
+
+    /// A host tier of `slots` buffers under `lru`, in front of an on-request reader of [`specs`].
+    fn tier_parts(
+        dir: &Path,
+        slots: usize,
+    ) -> (ImageReader<strata_tensor::AlignedBytes>, HostTier<strata_tensor::AlignedBytes>) {
+        let (images, buffers) = reader_parts(dir);
+        let tier = HostTier::new(
+            (0..slots).map(|_| aligned(12288)).collect(),
+            Box::new(crate::store::planner::Lru::default()),
+        );
+        (ImageReader::on_request(images, buffers).unwrap(), tier)
+    }
+
+    /// Fetches `ids` through `tier`, checking each upload's bytes; returns the tier's hits and
+    /// reads of this batch.
+    fn fetch_checked(
+        reader: &mut ImageReader<strata_tensor::AlignedBytes>,
+        tier: &mut HostTier<strata_tensor::AlignedBytes>,
+        ids: &[usize],
+    ) -> (u64, u64) {
+        let before = tier.counts();
+        let mut seen = Vec::new();
+        tier.fetch(reader, ids, |at, buf| {
+            check(ids[at], buf);
+            seen.push(at);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, (0..ids.len()).collect::<Vec<_>>(), "every id handed over, in order");
+        let after = tier.counts();
+        (after.hits - before.hits, after.reads - before.reads)
+    }
+
+    #[test]
+    fn a_host_tier_keeps_what_it_read_and_evicts_by_its_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut reader, mut tier) = tier_parts(dir.path(), 2);
+        assert_eq!(tier.slots(), 2);
+        assert_eq!(fetch_checked(&mut reader, &mut tier, &[0, 1]), (0, 2));
+        assert_eq!(fetch_checked(&mut reader, &mut tier, &[1, 0]), (2, 0));
+        // 2 evicts 1, the least recently used outside the batch.
+        assert_eq!(fetch_checked(&mut reader, &mut tier, &[0, 2]), (1, 1));
+        assert_eq!(fetch_checked(&mut reader, &mut tier, &[1]), (0, 1));
+        assert_eq!(fetch_checked(&mut reader, &mut tier, &[1, 0]), (1, 1));
+        // A batch wider than the tier: each read evicts one the batch has used (0, then 1); the
+        // last two stay.
+        assert_eq!(fetch_checked(&mut reader, &mut tier, &[0, 1, 2, 3]), (2, 2));
+        assert_eq!(fetch_checked(&mut reader, &mut tier, &[3, 2]), (2, 0));
+        // The buffers went round between the tier and the reader many times: all still read right.
+        for i in [0, 1, 2, 3, 3, 2, 1, 0] {
+            fetch_checked(&mut reader, &mut tier, &[i]);
+        }
+        assert_eq!(tier.counts().hits + tier.counts().reads, 23);
+        tier.reset(Box::new(crate::store::planner::Lru::default()));
+        assert_eq!(tier.counts(), HostTierCounts::default());
+        assert_eq!(fetch_checked(&mut reader, &mut tier, &[0]), (0, 1), "forgotten by the reset");
+    }
+
+    #[test]
+    fn a_host_tier_without_buffers_reads_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut reader, mut tier) = tier_parts(dir.path(), 0);
+        for _ in 0..3 {
+            assert_eq!(fetch_checked(&mut reader, &mut tier, &[2, 0, 3]), (0, 3));
+        }
+    }
+
+    #[test]
+    fn a_failed_upload_leaves_no_buffer_passing_for_an_image_it_lacks() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut reader, mut tier) = tier_parts(dir.path(), 3);
+        fetch_checked(&mut reader, &mut tier, &[0, 1, 2]);
+        // 3 is read to evict 2, and its upload fails: 0, after it in the batch, is not handed over.
+        let mut calls = 0;
+        let err = tier.fetch(&mut reader, &[1, 3, 0], |at, _| {
+            calls += 1;
+            if at == 1 { Err(Error::InvalidInput("copy failed".into())) } else { Ok(()) }
+        });
+        assert!(err.unwrap_err().to_string().contains("copy failed"));
+        assert_eq!(calls, 2);
+        // 2's buffer was planned for 3: neither is held now. 0 and 1 stayed.
+        assert_eq!(fetch_checked(&mut reader, &mut tier, &[0, 1]), (2, 0));
+        assert_eq!(fetch_checked(&mut reader, &mut tier, &[3]), (0, 1));
+        assert_eq!(fetch_checked(&mut reader, &mut tier, &[2]), (0, 1));
     }
 }

@@ -42,8 +42,6 @@ pub use config::ModelConfig;
 pub use context::{ContextScaling, ScalingAlgorithm};
 #[cfg(feature = "cuda")]
 pub use cuda_decoder::{CudaDecoder, CudaKvCache};
-#[cfg(feature = "cuda")]
-pub use cuda_experts::ExpertCacheCounts;
 pub use decoder::{Decoder, Ffn, Linear, Logits, Slot, TensorSource};
 pub use error::{ByteCount, ConfigError, Error, HeaderError, Result};
 pub use hparams::{Hparams, MoeHparams};
@@ -62,4 +60,4 @@ pub use strata_kernels::cuda::kv::DeviceKvCache;
 pub use strata_store as store;
 /// The tensor core, re-exported for the facade.
 pub use strata_tensor as tensor;
-pub use vram::{VramBudget, VramNeeds, VramReport, plan_vram, vram_report};
+pub use vram::{ExpertCacheCounts, VramBudget, VramNeeds, VramReport, plan_vram, vram_report};

@@ -149,6 +149,49 @@ pub(crate) fn vram_needs(decoder: &Decoder, budget: &VramBudget) -> Result<VramN
     })
 }
 
+/// What a device expert cache did: its slots, and the experts asked of it since it was made.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ExpertCacheCounts {
+    /// Device slots, one expert each.
+    pub slots: usize,
+    /// Experts found in a slot.
+    pub hits: u64,
+    /// Experts copied in from host memory.
+    pub misses: u64,
+    /// Bytes those copies moved.
+    pub bytes_uploaded: u64,
+    /// With the experts read from images on disk: the experts the host tier can hold (0: the
+    /// staging buffers alone).
+    pub host_slots: usize,
+    /// With the experts read from images on disk: misses copied from the host tier.
+    pub host_hits: u64,
+    /// With the experts read from images on disk: misses read from disk.
+    pub disk_reads: u64,
+    /// The hit rate the placement expected under uniform routing (`VramReport`'s), when the
+    /// cache was placed under a ceiling.
+    pub expected_hit_rate: Option<f64>,
+}
+
+impl ExpertCacheCounts {
+    /// What the cache did after `earlier` (counts it gave before): the counters' differences,
+    /// the sizes and the expected rate as now.
+    pub fn since(&self, earlier: &ExpertCacheCounts) -> ExpertCacheCounts {
+        ExpertCacheCounts {
+            hits: self.hits - earlier.hits,
+            misses: self.misses - earlier.misses,
+            bytes_uploaded: self.bytes_uploaded - earlier.bytes_uploaded,
+            host_hits: self.host_hits - earlier.host_hits,
+            disk_reads: self.disk_reads - earlier.disk_reads,
+            ..*self
+        }
+    }
+
+    /// Hits over the experts asked for (0 when none were).
+    pub fn hit_rate(&self) -> f64 {
+        self.hits as f64 / (self.hits + self.misses).max(1) as f64
+    }
+}
+
 /// What a model needs on the GPU under a [`VramBudget`] ([`vram_report`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VramNeeds {
@@ -255,6 +298,32 @@ impl VramReport {
         largest.map_or(0, |b| crate::layer_images::STAGING_BUFFERS as u64 * b.next_multiple_of(align))
     }
 
+    /// With the routed experts read from images on disk under a device expert cache: the experts
+    /// a host tier keeps (`CudaDecoder::set_expert_host_tier`) in the page-locked memory
+    /// `max_ram` leaves beyond the staging buffers ([`VramReport::host_bytes_with`]), each in a
+    /// buffer of the largest expert's read; at most every expert. 0 without a cache or a ceiling.
+    pub fn host_tier_experts(&self, max_ram: Option<u64>) -> usize {
+        let (Some(max_ram), true) = (max_ram, self.expert_slots > 0) else { return 0 };
+        let read = self.needs.expert_slot.next_multiple_of(crate::layer_images::IMAGE_ALIGN as u64);
+        let spare = max_ram.saturating_sub(self.host_bytes_with(true));
+        usize::try_from(spare / read.max(1)).unwrap_or(usize::MAX).min(self.needs.expert_count)
+    }
+
+    /// Bytes of a host tier of `experts` experts ([`VramReport::host_tier_experts`]).
+    pub fn host_tier_bytes(&self, experts: usize) -> u64 {
+        experts as u64 * self.needs.expert_slot.next_multiple_of(crate::layer_images::IMAGE_ALIGN as u64)
+    }
+
+    /// With a host tier of `experts` experts in front of the experts' images: the share of the
+    /// device cache's misses it is expected to hold when the routers pick uniformly (simulated,
+    /// as [`VramReport::expected_expert_hit_rate`]). `None` without a device expert cache.
+    pub fn expected_host_tier_hit_rate(&self, experts: usize) -> Option<f64> {
+        (self.expert_slots > 0).then(|| {
+            uniform_tier_hit_rates(&self.needs.layer_experts, self.needs.experts_per_token, self.expert_slots, experts)
+                .1
+        })
+    }
+
     /// Bytes the placement takes on the device: what stays, the resident layers (less their
     /// routed experts under an expert cache) and the buffers.
     pub fn device_bytes(&self) -> u64 {
@@ -330,9 +399,16 @@ const SIMULATED_TOKENS: usize = 512;
 /// the routers pick uniformly at random: a seeded trace of [`SIMULATED_TOKENS`] decoded tokens
 /// replayed through the policy after as many to warm the cache up.
 pub(crate) fn uniform_hit_rate(layer_experts: &[usize], k: usize, slots: usize) -> f64 {
+    uniform_tier_hit_rates(layer_experts, k, slots, 0).0
+}
+
+/// [`uniform_hit_rate`] with a host tier of `host` experts in front of images on disk
+/// (`crate::layer_images::HostTier`, under `layer-lru` too, serving the device's misses): the
+/// device's hit rate, and the share of its misses the tier holds (0 without a tier).
+pub(crate) fn uniform_tier_hit_rates(layer_experts: &[usize], k: usize, slots: usize, host: usize) -> (f64, f64) {
     let layers: Vec<(usize, usize)> = layer_experts.iter().filter(|&&n| n > 0).map(|&n| (n, n)).collect();
     if layers.is_empty() || k == 0 || slots == 0 {
-        return 0.0;
+        return (0.0, 0.0);
     }
     let trace = uniform_routing_trace(&layers, k, 2 * SIMULATED_TOKENS, 0x5eed);
     let mut layer_of = Vec::new();
@@ -340,20 +416,29 @@ pub(crate) fn uniform_hit_rate(layer_experts: &[usize], k: usize, slots: usize) 
         let first = layer_of.len();
         layer_of.extend((first..first + n).map(|u| (u, li)));
     }
-    let mut policy = LayerLru::default();
-    policy.set_layers(&layer_of);
-    let mut cache = ExpertSlots::new(slots, &mut policy);
+    let policy = || {
+        let mut policy = LayerLru::default();
+        policy.set_layers(&layer_of);
+        Box::new(policy)
+    };
+    let mut tiers = [ExpertSlots::new(slots, policy()), ExpertSlots::new(host, policy())];
+    let serve = |[device, tier]: &mut [ExpertSlots<Box<LayerLru>>; 2], batches: &[Vec<usize>]| {
+        for batch in batches {
+            let served = device.serve(batch);
+            let misses: Vec<usize> =
+                batch.iter().zip(&served).filter(|(_, s)| !matches!(s, Some((_, false)))).map(|(&u, _)| u).collect();
+            tier.serve(&misses);
+        }
+        (device.counts(), tier.counts())
+    };
     let (warm_up, counted) = trace.split_at(trace.len() / 2);
-    for batch in warm_up {
-        cache.serve(batch);
-    }
-    let warm = cache.counts();
-    for batch in counted {
-        cache.serve(batch);
-    }
-    let all = cache.counts();
-    let (hits, accesses) = (all.hits - warm.hits, all.accesses() - warm.accesses());
-    if accesses == 0 { 0.0 } else { hits as f64 / accesses as f64 }
+    let (device_warm, tier_warm) = serve(&mut tiers, warm_up);
+    let (d, t) = serve(&mut tiers, counted);
+    let rate = |hits: u64, accesses: u64| if accesses == 0 { 0.0 } else { hits as f64 / accesses as f64 };
+    (
+        rate(d.hits - device_warm.hits, d.accesses() - device_warm.accesses()),
+        rate(t.hits - tier_warm.hits, t.accesses() - tier_warm.accesses()),
+    )
 }
 
 pub(crate) const SLOTS: usize = 2;
@@ -655,6 +740,86 @@ mod tests {
         assert!(rates[5] > 0.35 && rates[5] < 0.75, "{rates:?}");
         assert_eq!(uniform_hit_rate(&[0, 0], 2, 4), 0.0);
         assert_eq!(uniform_hit_rate(&layers, 2, 0), 0.0);
+    }
+
+    #[test]
+    fn a_host_tier_takes_what_max_ram_leaves_beyond_the_staging_buffers() {
+        let mut needs = moe_needs(4, 50);
+        needs.expert_slot = 5000;
+        let report = VramReport { needs, streamed: vec![false; 4], expert_slots: 5, expected_expert_hit_rate: None };
+        // Each expert reads 8192 bytes; the staging buffers take three.
+        assert_eq!(report.host_bytes_with(true), 3 * 8192);
+        assert_eq!(report.host_tier_experts(None), 0);
+        assert_eq!(report.host_tier_experts(Some(3 * 8192)), 0);
+        assert_eq!(report.host_tier_experts(Some(1000)), 0);
+        assert_eq!(report.host_tier_experts(Some(5 * 8192 - 1)), 1);
+        assert_eq!(report.host_tier_experts(Some(13 * 8192)), 10);
+        assert_eq!(report.host_tier_bytes(10), 10 * 8192);
+        // Never more than every expert.
+        assert_eq!(report.host_tier_experts(Some(1 << 40)), 32);
+        // Without a device expert cache (streamed layers), no tier.
+        let layers = VramReport { expert_slots: 0, ..report.clone() };
+        assert_eq!(layers.host_tier_experts(Some(1 << 40)), 0);
+        assert_eq!(layers.expected_host_tier_hit_rate(8), None);
+    }
+
+    #[test]
+    fn a_host_tier_holds_more_of_the_misses_as_it_grows() {
+        let layers = [8, 8, 0, 8, 8];
+        // A device of 8 slots of 32 experts, tiers from none to every expert.
+        let shares: Vec<f64> =
+            [0, 4, 8, 16, 24, 32].iter().map(|&h| uniform_tier_hit_rates(&layers, 2, 8, h).1).collect();
+        println!("host tier shares of the misses at 0, 4, 8, 16, 24, 32 experts: {shares:.3?}");
+        assert_eq!(shares[0], 0.0);
+        assert!(shares.windows(2).all(|w| w[0] <= w[1]), "{shares:?}");
+        // Every expert in the tier: every device miss is held once warm.
+        assert_eq!(shares[5], 1.0);
+        // The device's own rate does not depend on the tier.
+        let device = uniform_hit_rate(&layers, 2, 8);
+        assert!([0, 4, 32].iter().all(|&h| uniform_tier_hit_rates(&layers, 2, 8, h).0 == device));
+        // The device and a tier of 16 hold together less than a device of 24: the tier holds copies of
+        // some of what the device holds, but more than the device alone.
+        let together = device + (1.0 - device) * shares[3];
+        assert!(together > device && together <= uniform_hit_rate(&layers, 2, 24) + 1e-9, "{together}");
+    }
+
+    #[test]
+    fn expert_cache_counts_since_earlier_ones_subtract_the_counters() {
+        let earlier = ExpertCacheCounts {
+            slots: 4,
+            hits: 3,
+            misses: 5,
+            bytes_uploaded: 50,
+            host_hits: 1,
+            disk_reads: 4,
+            ..Default::default()
+        };
+        let now = ExpertCacheCounts {
+            hits: 13,
+            misses: 15,
+            bytes_uploaded: 150,
+            host_hits: 6,
+            disk_reads: 9,
+            host_slots: 7,
+            expected_hit_rate: Some(0.5),
+            ..earlier
+        };
+        let d = now.since(&earlier);
+        assert_eq!(
+            d,
+            ExpertCacheCounts {
+                slots: 4,
+                hits: 10,
+                misses: 10,
+                bytes_uploaded: 100,
+                host_slots: 7,
+                host_hits: 5,
+                disk_reads: 5,
+                expected_hit_rate: Some(0.5)
+            }
+        );
+        assert_eq!(d.hit_rate(), 0.5);
+        assert_eq!(ExpertCacheCounts::default().hit_rate(), 0.0);
     }
 
     #[test]

@@ -39,6 +39,8 @@ pub use offload::{
 pub use perplexity::{DEFAULT_PERPLEXITY_CHUNK, Perplexity};
 pub use sampling::{Sampler, SamplingParams};
 pub use scaling::{ContextScalingConfig, DEFAULT_DYNAMIC_EXPANSION};
+/// What a device expert cache did on CUDA ([`Model::gpu_expert_cache`]).
+pub use strata_models::ExpertCacheCounts;
 pub use strata_models::KvCache;
 pub use strata_models::ScalingAlgorithm;
 /// Writing an output file whole (through a temporary file renamed into place), never replacing a

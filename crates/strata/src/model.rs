@@ -325,7 +325,7 @@ impl Model {
             Device::Cuda(ordinal) => {
                 let budget = vram_budget(&decoder, options.offload.max_vram);
                 let from_disk = options.offload.offload_dir.is_some();
-                let mut images = None;
+                let (mut images, mut host_tier) = (None, 0);
                 if let Some(b) = &budget {
                     chunk = Some(b.pass_tokens);
                     let report = strata_models::vram_report(&decoder, b)?;
@@ -345,12 +345,23 @@ impl Model {
                             );
                         }
                         images = Some(dir);
+                        // The experts read last, in what --max-ram leaves beyond the staging buffers.
+                        host_tier = report.host_tier_experts(options.offload.max_ram);
                     }
                 }
                 let cuda = strata_models::CudaDecoder::open_within(&decoder, ordinal, budget, images.as_deref())?;
                 if options.offload.expert_cache_policy.is_some() {
-                    // The device expert cache's, when the experts stay in host memory.
-                    cuda.set_expert_cache_policy(options.offload.expert_policy()?);
+                    // The device expert cache's (and its host tier's).
+                    cuda.set_expert_cache_policy(options.offload.expert_policy()?)?;
+                }
+                if host_tier > 0 {
+                    let read = cuda.layer_images().map_or(0, |(_, read)| read as u64);
+                    let kept = cuda.set_expert_host_tier(host_tier as u64 * read)?;
+                    eprintln!(
+                        "strata: the {kept} experts read last from disk stay in host memory ({} page-locked, under \
+                         --max-ram)",
+                        strata_models::store::planner::format_size(kept as u64 * read)
+                    );
                 }
                 Backend::Cuda(Box::new(cuda))
             }
@@ -551,14 +562,15 @@ impl Model {
         }
     }
 
-    /// On CUDA under `--max-vram`, for a Mixture-of-Experts model whose routed experts stay in
-    /// host memory: the device expert cache's slots, hits, misses and bytes copied so far
-    /// (`(slots, hits, misses, bytes)`). `None` otherwise (and on the CPU).
-    pub fn gpu_expert_cache(&self) -> Option<(usize, u64, u64, u64)> {
+    /// On CUDA under `--max-vram`, for a Mixture-of-Experts model whose routed experts stay off
+    /// the device: what the device expert cache did so far (its slots, hits, misses and bytes
+    /// copied; with the experts read from disk, its host tier and the reads; the hit rate the
+    /// placement expected). `None` otherwise (and on the CPU).
+    pub fn gpu_expert_cache(&self) -> Option<crate::ExpertCacheCounts> {
         match &self.backend {
             Backend::Cpu => None,
             #[cfg(feature = "cuda")]
-            Backend::Cuda(d) => d.expert_cache().map(|c| (c.slots, c.hits, c.misses, c.bytes_uploaded)),
+            Backend::Cuda(d) => d.expert_cache(),
         }
     }
 
@@ -570,17 +582,6 @@ impl Model {
             Backend::Cpu => None,
             #[cfg(feature = "cuda")]
             Backend::Cuda(d) => Some(d.decode_host_time()),
-        }
-    }
-
-    /// The device expert cache's hit rate its placement expected under uniform routing
-    /// (`strata_models::VramReport::expected_expert_hit_rate`), for a model placed so under
-    /// `--max-vram`. `None` otherwise.
-    pub fn gpu_expert_cache_expected_hit_rate(&self) -> Option<f64> {
-        match &self.backend {
-            Backend::Cpu => None,
-            #[cfg(feature = "cuda")]
-            Backend::Cuda(d) => d.expert_cache().and_then(|c| c.expected_hit_rate),
         }
     }
 

@@ -44,7 +44,8 @@ pub struct OffloadConfig {
     /// Host memory ceiling in bytes: on the CPU, weights, KV cache, activations and staging
     /// buffers stay under it, or loading fails saying what would fit; on CUDA, the page-locked
     /// host copies of the `max_vram` placement must fit under it (checked at load, before the
-    /// device is opened).
+    /// device is opened); with `offload_dir`, the staging buffers the images are read into, and
+    /// for a device expert cache's experts, a host tier of the experts read last in what is left.
     pub max_ram: Option<u64>,
     /// Streamed units read ahead of compute (`None`: the strategy decides).
     pub prefetch_layers: Option<usize>,
@@ -258,12 +259,14 @@ pub fn plan_vram_placement(spec: impl AsRef<Path>, options: &LoadOptions) -> Res
     let report = strata_models::vram_report(&decoder, &budget)?;
     let images = layer_images_dir(&options.offload, spec.as_ref())?;
     check_host_ceiling(&report, max_vram, options.offload.max_ram, images.is_some())?;
+    let host_tier = if images.is_some() { report.host_tier_experts(options.offload.max_ram) } else { 0 };
     Ok(VramPlacementReport {
         budget,
         report,
         layers: decoder.hparams().n_layers,
         max_ram: options.offload.max_ram,
         images,
+        host_tier,
     })
 }
 
@@ -331,6 +334,10 @@ pub struct VramPlacementReport {
     /// Where the streamed layers are read from (the layer images' directory under
     /// `--offload-dir`), or `None`: from page-locked host copies.
     pub images: Option<PathBuf>,
+    /// With the routed experts of a device expert cache read from images: the experts their
+    /// host tier keeps in what `max_ram` leaves beyond the staging buffers
+    /// (`VramReport::host_tier_experts`; 0: none).
+    pub host_tier: usize,
 }
 
 /// What [`pack_model`] did.
