@@ -647,7 +647,8 @@ fn deep_decoder(f: &Fixture, dtypes: GgufDtypes, layers: usize, dir: &Path) -> (
 /// (each buffer one layer, its experts' device tables pointing into it), routed on the device.
 /// Prompts of 2 and 5 tokens, then 24 decode steps, graphs asked for (streaming runs without).
 /// Each case also streams its layers from layer images on disk (`new_streaming_from`), written
-/// by the first decoder of a case and used as they are by a second one.
+/// by the first decoder of a case and used as they are by the later ones: with no host tier,
+/// with one layer kept in host memory (`set_host_tier`), and with all of them.
 #[test]
 fn streamed_layers_give_the_resident_logits_bit_for_bit() {
     let Some(cuda) = device_or_skip("streamed_layers_give_the_resident_logits_bit_for_bit") else { return };
@@ -664,14 +665,16 @@ fn streamed_layers_give_the_resident_logits_bit_for_bit() {
         ("mixed x6, all streamed", &llama, &mixed_6, &[true; 6]),
         ("mixtral_moe, both streamed", &mixtral, &moe, &[true, true]),
     ];
+    // (case, images, layers in the host tier: usize::MAX for all)
     let runs = cases.iter().enumerate().flat_map(|(i, c)| {
         let images = dir.path().join(format!("images-{i}"));
-        [(c, None), (c, Some(images.clone())), (c, Some(images))]
+        [(c, None, 0), (c, Some(images.clone()), 0), (c, Some(images.clone()), 1), (c, Some(images), usize::MAX)]
     });
-    for (&(name, f, decoder, streamed), images) in runs {
+    for (&(name, f, decoder, streamed), images, tier) in runs {
         let written = images.as_ref().map(|d| std::fs::metadata(d.join(layer_images::DATA_FILE)).ok().map(|m| m.ino()));
         let resident = CudaDecoder::new(decoder, cuda.clone()).unwrap();
-        let streaming = CudaDecoder::new_streaming_from(decoder, cuda.clone(), streamed, images.as_deref()).unwrap();
+        let mut streaming =
+            CudaDecoder::new_streaming_from(decoder, cuda.clone(), streamed, images.as_deref()).unwrap();
         if let Some(d) = &images {
             let now = std::fs::metadata(d.join(layer_images::DATA_FILE)).unwrap().ino();
             // The second decoder finds the first one's images and does not write them again.
@@ -679,9 +682,27 @@ fn streamed_layers_give_the_resident_logits_bit_for_bit() {
                 assert_eq!(before, now, "{name}: the layer images were written again");
             }
         }
-        let name = format!("{name}{}", if images.is_some() { ", from disk" } else { "" });
-        let name = name.as_str();
         let k = streamed.iter().filter(|&&s| s).count();
+        let tier = tier.min(k);
+        if images.is_some() {
+            let (_, read) = streaming.layer_images().expect("layers from disk");
+            assert_eq!(streaming.streamed_read_per_pass().map(|r| r.0), Some(k), "{name}: every layer read");
+            // A byte short of one more layer: the tier keeps `tier`.
+            let kept = streaming.set_host_tier((tier * read + read - 1) as u64).unwrap();
+            assert_eq!(kept, tier.min(k), "{name}");
+            let (read_layers, bytes) = streaming.streamed_read_per_pass().unwrap();
+            assert_eq!(read_layers, k - tier, "{name}");
+            assert_eq!(bytes == 0, tier == k, "{name}");
+        }
+        let name = format!(
+            "{name}{}",
+            match (images.is_some(), tier) {
+                (false, _) => String::new(),
+                (true, 0) => ", from disk".into(),
+                (true, t) => format!(", from disk, {t} layers in the host tier"),
+            }
+        );
+        let name = name.as_str();
         assert_eq!(streaming.streamed_layers(), k, "{name}");
         // Two streamed layers keep a buffer each: nothing is copied after the first pass.
         assert_eq!(streaming.streamed_bytes_per_pass() > 0, k > 2, "{name}");
@@ -741,7 +762,7 @@ fn a_device_expert_cache_gives_the_resident_logits_bit_for_bit() {
             (1, "lru", Some(images.as_path()), n_experts),
         ];
         for (slots, policy, images, tier) in runs {
-            let cached = CudaDecoder::new_expert_cached_from(&decoder, cuda.clone(), slots, images).unwrap();
+            let mut cached = CudaDecoder::new_expert_cached_from(&decoder, cuda.clone(), slots, images).unwrap();
             if policy != "layer-lru" {
                 cached
                     .set_expert_cache_policy(
@@ -752,7 +773,7 @@ fn a_device_expert_cache_gives_the_resident_logits_bit_for_bit() {
             if tier > 0 {
                 let (_, read) = cached.layer_images().expect("experts from disk");
                 // A byte short of one more expert: the tier holds `tier`.
-                assert_eq!(cached.set_expert_host_tier((tier * read + read - 1) as u64).unwrap(), tier);
+                assert_eq!(cached.set_host_tier((tier * read + read - 1) as u64).unwrap(), tier);
             }
             let what = format!(
                 "{name}, {slots} slots, {policy}{}",
@@ -905,6 +926,24 @@ fn a_gpu_ceiling_streams_the_last_layers_with_the_same_logits() {
         );
     }
     assert!(bounded.upload_bandwidth().unwrap().unwrap() > 1e8, "host-to-device copies run");
+    // With --offload-dir, and --max-ram for the staging buffers and two layers more: two of the
+    // four streamed layers stay in host memory, the other two are read from disk every pass.
+    let mut disk = with_ceiling(hi - 1);
+    disk.offload.offload_dir = Some(dir.path().join("offload"));
+    let plan = strata::plan_vram_placement(&path, &disk).unwrap();
+    disk.offload.max_ram = Some(plan.report.host_bytes_with(true) + plan.report.host_tier_bytes(2));
+    assert_eq!(strata::plan_vram_placement(&path, &disk).unwrap().host_tier, 2);
+    let from_disk = Model::from_pretrained(&path, disk).unwrap();
+    assert_eq!(from_disk.gpu_streamed().map(|s| s.0), Some(4));
+    assert_eq!(from_disk.gpu_streamed_reads().map(|r| r.0), Some(2), "two layers read, two in the host tier");
+    for mode in [LogitsMode::OnePass, LogitsMode::Decode] {
+        let (a, b) = (unbounded.logits(prompt, mode).unwrap(), from_disk.logits(prompt, mode).unwrap());
+        assert!(
+            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "from disk, {mode:?}: {}",
+            max_abs_diff(&a, &b)
+        );
+    }
     let Err(err) = Model::from_pretrained(&path, with_ceiling(1 << 20)) else { panic!("1 MiB holds no plan") };
     let err = err.to_string();
     assert!(err.contains("--max-vram"), "{err}");

@@ -192,7 +192,25 @@ fn a_host_ceiling_bounds_the_page_locked_copies_of_a_gpu_placement() {
             (0..r.streamed.len()).filter(|&i| r.streamed[i]).map(|i| r.needs.streamed[i]).max().unwrap()
         };
         assert_eq!(staged, 3 * largest.next_multiple_of(4096));
-        strata::plan_vram_placement(&path, &from_disk(Some(staged))).unwrap();
+        assert_eq!(strata::plan_vram_placement(&path, &from_disk(Some(staged))).unwrap().host_tier, 0);
+        assert_eq!(strata::plan_vram_placement(&path, &from_disk(None)).unwrap().host_tier, 0, "no ceiling, no tier");
+        // What --max-ram leaves beyond them keeps layers (or experts) in a host tier, a buffer
+        // of the largest read each, up to all of them.
+        let read = largest.next_multiple_of(4096);
+        let units = if r.expert_slots > 0 { r.needs.expert_count } else { r.streamed.iter().filter(|&&s| s).count() };
+        for (extra, tier) in [(read - 1, 0), (read, 1), (2 * read + read - 1, 2), (1 << 40, units)] {
+            let p = strata::plan_vram_placement(&path, &from_disk(Some(staged + extra))).unwrap();
+            assert_eq!(p.host_tier, tier, "{extra} bytes beyond the staging buffers");
+            assert_eq!(p.report.host_tier_bytes(tier), tier as u64 * read);
+            let share = p.report.expected_host_tier_hit_rate(tier).unwrap();
+            if r.expert_slots == 0 {
+                assert_eq!(share, tier as f64 / units as f64, "the layers kept, of those streamed");
+            } else if tier == units {
+                assert_eq!(share, 1.0, "every expert kept: every miss held");
+            }
+        }
+        // Without --offload-dir there are no images to keep a tier of.
+        assert_eq!(strata::plan_vram_placement(&path, &options(Some(1 << 40))).unwrap().host_tier, 0);
         let err = strata::plan_vram_placement(&path, &from_disk(Some(staged - 1))).unwrap_err().to_string();
         assert!(err.contains("staging buffers") && err.contains("read from disk"), "{err}");
         // Without --offload-dir, the error says it would help.

@@ -192,8 +192,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
             Some((disk, per_token, io, read))
         }
         // Layers streamed into GPU memory from layer images on disk: the disk's read rate, for
-        // reads of the largest image, over the bytes a pass reads.
-        None => match (model.gpu_layer_images(), model.gpu_streamed()) {
+        // reads of the largest image, over the bytes a pass reads (of the layers not kept in the
+        // host tier).
+        None => match (model.gpu_layer_images(), model.gpu_streamed_reads()) {
             (Some((file, largest)), Some((_, bytes))) if bytes > 0 => {
                 say("measuring disk read bandwidth");
                 let dir = file.parent().and_then(Path::parent).unwrap_or(Path::new(".")).to_path_buf();
@@ -316,6 +317,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 "one O_DIRECT pread per layer image, two at a time on the reader's threads, into 3 page-locked \
                  staging buffers (the bound's probe keeps 4 reads in flight)"
             );
+            if let (Some((read, _)), Some((layers, _))) = (model.gpu_streamed_reads(), model.gpu_streamed()) {
+                report["vram_layers_read_from_disk"] = json!(read);
+                report["vram_layers_in_host_tier"] = json!(layers - read);
+            }
         }
     }
     if let Some((layers, bytes, bw)) = gpu_streamed {
@@ -422,7 +427,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
         if let (Some((disk, per_token, io, _)), Some((bound, fraction))) = (streaming, disk_fraction) {
             let from = match model.placement() {
                 Some(p) => format!("the offload pack ({})", p.strategy),
-                None => "layer images, into the GPU".to_owned(),
+                None => match (model.gpu_streamed_reads(), model.gpu_streamed()) {
+                    (Some((read, _)), Some((layers, _))) if read < layers => format!(
+                        "layer images, into the GPU ({read} of {layers} streamed layers; the others stay in host memory)"
+                    ),
+                    _ => "layer images, into the GPU".to_owned(),
+                },
             };
             println!("streamed     {:>10.1} MB/token from {from}", per_token / 1e6);
             println!(

@@ -175,7 +175,7 @@ fn plan_vram(a: &PlanArgs, options: &strata::LoadOptions) -> Result<()> {
             "host_bytes": host_bytes,
             "max_ram_bytes": r.max_ram,
             "layer_images": r.images.as_ref().map(|d| d.display().to_string()),
-            "host_tier_experts": r.host_tier,
+            "host_tier_units": r.host_tier,
             "host_tier_bytes": tier_bytes,
             "expected_host_tier_hit_rate": tier_rate,
         });
@@ -265,11 +265,29 @@ fn plan_vram(a: &PlanArgs, options: &strata::LoadOptions) -> Result<()> {
                 r.layers
             );
             println!("layer buffers      {:>10}  (2, taken in turn)", size(rep.buffer_bytes()));
-            let bound = if from_disk { "the disk's read rate" } else { "the host-to-device copy rate" };
-            println!(
-                "uploaded per token {:>10}  (decode is bounded by {bound} over this)",
-                size(rep.uploaded_per_pass())
-            );
+            if r.host_tier > 0 {
+                println!(
+                    "host tier          {:>10}  ({} of the {} streamed layers kept in page-locked memory under --max-ram, \
+                     read from disk once)",
+                    size(tier_bytes),
+                    r.host_tier,
+                    streamed.len()
+                );
+            }
+            let bound = if from_disk && r.host_tier < streamed.len() {
+                "the host-to-device copy rate over this, and the disk's read rate over what is read"
+            } else {
+                "the host-to-device copy rate over this"
+            };
+            println!("uploaded per token {:>10}  (decode is bounded by {bound})", size(rep.uploaded_per_pass()));
+            if from_disk {
+                let share = tier_rate.unwrap_or(0.0);
+                println!(
+                    "read per token     {:>10}  ({} layers read from disk each pass)",
+                    size((rep.uploaded_per_pass() as f64 * (1.0 - share)).round() as u64),
+                    streamed.len() - r.host_tier
+                );
+            }
         }
         _ => println!("streamed layers    {:>10}  (every layer fits)", size(0)),
     }

@@ -237,15 +237,15 @@ fn plan_gives_a_moe_model_short_of_room_a_device_expert_cache() {
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
     };
     let staged = args(3 * read);
-    assert_eq!((staged["host_tier_experts"].as_u64(), staged["host_bytes"].as_u64()), (Some(0), Some(3 * read)));
+    assert_eq!((staged["host_tier_units"].as_u64(), staged["host_bytes"].as_u64()), (Some(0), Some(3 * read)));
     assert!(staged["expected_host_tier_hit_rate"].is_null(), "{staged}");
     let tiered = args(8 * read + read - 1);
-    assert_eq!(tiered["host_tier_experts"], 5, "{tiered}");
+    assert_eq!(tiered["host_tier_units"], 5, "{tiered}");
     assert_eq!((tiered["host_tier_bytes"].as_u64(), tiered["host_bytes"].as_u64()), (Some(5 * read), Some(8 * read)));
     let share = tiered["expected_host_tier_hit_rate"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&share), "{tiered}");
     let all = args(1 << 40);
-    assert_eq!(all["host_tier_experts"], 16, "{all}");
+    assert_eq!(all["host_tier_units"], 16, "{all}");
     assert_eq!(all["expected_host_tier_hit_rate"], 1.0, "{all}");
     let out = strata(&[
         "plan",

@@ -687,16 +687,28 @@ impl CudaDecoder {
         }
     }
 
-    /// For a device expert cache whose experts are read from images on disk: keeps the experts
-    /// read last in up to `bytes` of page-locked host memory (the host tier, beyond the staging
-    /// buffers), so that a miss held there is copied without a read. Returns the experts it
-    /// holds. An error when the experts do not come from disk; nothing to do without a cache
+    /// For streamed layers, or a device expert cache's experts, read from images on disk: keeps
+    /// some in up to `bytes` of page-locked host memory (the host tier, beyond the staging
+    /// buffers), each in a buffer of the largest image's read, and returns how many. The layers
+    /// kept are read from their images once, now, and then never from disk (spread evenly over
+    /// the pass, so the others' reads are too; set once); the experts kept are those read last,
+    /// under a policy of the device cache's kind, so that a miss held there is copied without a
+    /// read. An error when they do not come from disk; nothing to do when nothing streams
     /// (`Ok(0)`).
-    pub fn set_expert_host_tier(&self, bytes: u64) -> Result<usize> {
+    pub fn set_host_tier(&mut self, bytes: u64) -> Result<usize> {
+        if let Some(stream) = &mut self.stream {
+            return stream.set_host_tier(&self.cuda, bytes);
+        }
         match &self.experts {
             Some(c) => c.set_host_tier(&self.cuda, bytes),
             None => Ok(0),
         }
+    }
+
+    /// With streamed layers read from images on disk: those without a host copy (not in the
+    /// host tier) and the bytes a pass reads of them. `None` otherwise.
+    pub fn streamed_read_per_pass(&self) -> Option<(usize, usize)> {
+        self.stream.as_ref().and_then(WeightStream::read_per_pass)
     }
 
     /// [`CudaDecoder::new`] with the layers `streamed` marks kept in page-locked host memory and

@@ -39,7 +39,7 @@ use strata_tensor::{DType, Tensor};
 use crate::layer_images::{ImageReader, Staging};
 use crate::{Error, Result};
 
-pub(crate) use crate::vram::{ALIGN, SLOTS, SlotSchedule};
+pub(crate) use crate::vram::{ALIGN, SLOTS, SlotSchedule, spread};
 
 /// Where [`Placer::put`] puts a weight.
 pub(crate) enum Placer<'a> {
@@ -141,7 +141,7 @@ struct State {
     schedule: SlotSchedule,
     /// Each slot's last upload.
     uploads: Vec<Option<Upload>>,
-    /// The layer images read ahead from disk, when the layers have no host copies.
+    /// The layer images read ahead from disk, for the layers without host copies.
     reader: Option<ImageReader<Pinned>>,
 }
 
@@ -221,6 +221,69 @@ impl WeightStream {
     /// read from disk.
     pub(crate) fn images(&self) -> Option<(&std::path::Path, usize)> {
         self.images.as_ref().map(|(p, r)| (p.as_path(), *r))
+    }
+
+    /// With the layers read from images: the streamed layers that are (those without a host
+    /// copy) and the bytes a pass reads of them, whole 4096-byte blocks. `None` otherwise.
+    pub(crate) fn read_per_pass(&self) -> Option<(usize, usize)> {
+        self.images.as_ref()?;
+        let read: Vec<usize> = self
+            .layers
+            .iter()
+            .flatten()
+            .filter(|l| l.host.is_none())
+            .map(|l| l.len.next_multiple_of(crate::layer_images::IMAGE_ALIGN))
+            .collect();
+        Some((read.len(), read.iter().sum()))
+    }
+
+    /// With the layers read from images: keeps as many of them as `bytes` of page-locked
+    /// memory hold (each in a buffer of the largest image's read; spread evenly over the pass)
+    /// in host memory, read from their images once now, and reads only the others pass by
+    /// pass. Returns the layers kept. Replaces no host copy: call it once, on a stream whose
+    /// layers all come from disk.
+    pub(crate) fn set_host_tier(&mut self, cuda: &Cuda, bytes: u64) -> Result<usize> {
+        let Some(&(_, read)) = self.images.as_ref() else {
+            return Err(Error::InvalidInput(
+                "a host tier of streamed layers needs them read from layer images (--offload-dir)".into(),
+            ));
+        };
+        let n = self.order.len();
+        let count = usize::try_from(bytes / read.max(1) as u64).unwrap_or(usize::MAX).min(n);
+        let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        let Some(reader) = &state.reader else { return Ok(0) };
+        if count == 0 {
+            return Ok(0);
+        }
+        if self.layers.iter().flatten().any(|l| l.host.is_some()) {
+            return Err(Error::InvalidInput("the streamed layers' host tier is set once (internal)".into()));
+        }
+        let images = reader.shared_images();
+        let kept = spread(count, n);
+        // Everything that can fail comes before any change: the copies, read and checked, and
+        // the new reader's staging buffers.
+        let mut copies = Vec::with_capacity(kept.len());
+        for &pos in &kept {
+            let mut host = Pinned::new_readable(cuda, read)?;
+            images.read_into(pos, host.as_mut_slice()?)?;
+            copies.push(host);
+        }
+        let rest: Vec<usize> = (0..n).filter(|p| !kept.contains(p)).collect();
+        let reader = match rest.is_empty() {
+            true => None,
+            false => Some(ImageReader::cycling(
+                images,
+                staging_buffers(cuda, read, crate::layer_images::STAGING_BUFFERS)?,
+                rest,
+            )?),
+        };
+        // The copies queued from the old reader's buffers finish before they go.
+        cuda.synchronize()?;
+        state.reader = reader;
+        for (pos, host) in kept.iter().zip(copies) {
+            self.layers[self.order[*pos]].as_mut().expect("order lists streamed layers").host = Some(host);
+        }
+        Ok(count)
     }
 
     /// Queues the upload of streamed layer `pos` into its slot, after the compute queued so far:

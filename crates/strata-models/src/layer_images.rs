@@ -429,7 +429,10 @@ pub struct ImageReader<B: Staging> {
     images: Arc<LayerImages>,
     ask: Option<mpsc::Sender<(usize, B)>>,
     filled: mpsc::Receiver<Filled<B>>,
-    /// A cyclic reader's next image to ask for; `None` for an on-request reader.
+    /// A cyclic reader's images, in the order it reads them (empty for an on-request reader).
+    cycle: Vec<usize>,
+    /// A cyclic reader's place in `cycle` of the next image to ask for; `None` for an
+    /// on-request reader.
     next: Option<usize>,
     /// An on-request reader's images to read, in order, as buffers come free.
     queue: std::collections::VecDeque<usize>,
@@ -441,7 +444,6 @@ pub struct ImageReader<B: Staging> {
     landed: Vec<Filled<B>>,
     /// Buffers with the reader threads.
     out: usize,
-    count: usize,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -449,7 +451,21 @@ impl<B: Staging> ImageReader<B> {
     /// A cyclic reader of `images` into `buffers` (each as large as the largest image's read),
     /// which starts reading the first images at once.
     pub fn new(images: Arc<LayerImages>, buffers: Vec<B>) -> Result<ImageReader<B>> {
+        let all = (0..images.images().len()).collect();
+        ImageReader::cycling(images, buffers, all)
+    }
+
+    /// A cyclic reader of the images `ids` of `images` only, in that order (the streamed layers
+    /// without a host copy).
+    pub fn cycling(images: Arc<LayerImages>, buffers: Vec<B>, ids: Vec<usize>) -> Result<ImageReader<B>> {
+        if ids.is_empty() || ids.iter().any(|&i| i >= images.images().len()) {
+            return Err(Error::InvalidInput(format!(
+                "a cyclic layer image reader of images {ids:?} of {} (internal)",
+                images.images().len()
+            )));
+        }
         let mut reader = ImageReader::start(images, &buffers, Some(0))?;
+        reader.cycle = ids;
         for buf in buffers {
             reader.give_back(buf);
         }
@@ -465,8 +481,7 @@ impl<B: Staging> ImageReader<B> {
     }
 
     fn start(images: Arc<LayerImages>, buffers: &[B], next: Option<usize>) -> Result<ImageReader<B>> {
-        let count = images.images().len();
-        if count == 0 || buffers.is_empty() {
+        if images.images().is_empty() || buffers.is_empty() {
             return Err(Error::InvalidInput("a layer image reader needs images and buffers".into()));
         }
         let (ask, asked) = mpsc::channel::<(usize, B)>();
@@ -495,13 +510,13 @@ impl<B: Staging> ImageReader<B> {
             images,
             ask: Some(ask),
             filled,
+            cycle: Vec::new(),
             next,
             queue: Default::default(),
             free: Vec::new(),
             asked: Vec::new(),
             landed: Vec::new(),
             out: 0,
-            count,
             threads,
         })
     }
@@ -580,8 +595,18 @@ impl<B: Staging> ImageReader<B> {
         }
     }
 
+    /// The images it reads, shared.
+    pub fn shared_images(&self) -> Arc<LayerImages> {
+        self.images.clone()
+    }
+
     /// Drops what was read ahead and asks for the images from `i` on (a cyclic reader).
     fn restart(&mut self, i: usize) -> Result<()> {
+        let Some(at) = self.cycle.iter().position(|&c| c == i) else {
+            return Err(Error::InvalidInput(format!(
+                "layer image {i} is not one this reader reads (internal: its layer has a host copy)"
+            )));
+        };
         let mut bufs: Vec<B> = self.landed.drain(..).map(|(_, b, _)| b).collect();
         while self.out > 0 {
             let (_, b, _) = self.filled.recv().map_err(|_| thread_ended())?;
@@ -589,7 +614,7 @@ impl<B: Staging> ImageReader<B> {
             bufs.push(b);
         }
         self.asked.clear();
-        self.next = Some(i);
+        self.next = Some(at);
         for b in bufs {
             self.give_back(b);
         }
@@ -600,9 +625,9 @@ impl<B: Staging> ImageReader<B> {
     /// next image after those already asked for; an on-request reader, the next one requested.
     pub fn give_back(&mut self, buf: B) {
         match self.next {
-            Some(i) => {
-                self.next = Some((i + 1) % self.count);
-                self.ask(i, buf);
+            Some(at) => {
+                self.next = Some((at + 1) % self.cycle.len());
+                self.ask(self.cycle[at], buf);
             }
             None => {
                 self.free.push(buf);
@@ -951,6 +976,28 @@ mod tests {
         assert_eq!(seen, (0..ids.len()).collect::<Vec<_>>(), "every id handed over, in order");
         let after = tier.counts();
         (after.hits - before.hits, after.reads - before.reads)
+    }
+
+    #[test]
+    fn a_cyclic_reader_of_some_images_reads_only_those() {
+        let dir = tempfile::tempdir().unwrap();
+        let (images, buffers) = reader_parts(dir.path());
+        let mut reader = ImageReader::cycling(images.clone(), buffers, vec![1, 3]).unwrap();
+        // Two passes, one started again from 3, then one from 1.
+        for i in [1, 3, 1, 3, 3, 1, 3, 1] {
+            let buf = reader.take(i).unwrap();
+            check(i, &buf);
+            reader.give_back(buf);
+        }
+        // An image it does not cycle through is an error, and the reader goes on.
+        let err = reader.take(2).unwrap_err().to_string();
+        assert!(err.contains("layer image 2 is not one this reader reads"), "{err}");
+        let buf = reader.take(3).unwrap();
+        check(3, &buf);
+        reader.give_back(buf);
+        let none = || (0..STAGING_BUFFERS).map(|_| aligned(12288)).collect::<Vec<_>>();
+        assert!(ImageReader::cycling(images.clone(), none(), vec![]).is_err());
+        assert!(ImageReader::cycling(images, none(), vec![0, 4]).is_err());
     }
 
     #[test]

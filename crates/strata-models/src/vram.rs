@@ -289,39 +289,60 @@ impl VramReport {
         if !from_disk {
             return self.host_bytes();
         }
+        self.image_read().map_or(0, |read| crate::layer_images::STAGING_BUFFERS as u64 * read)
+    }
+
+    /// The read of the largest image, were the streamed layers (or the routed experts under a
+    /// device expert cache) read from disk: a staging or host tier buffer's size. `None` when
+    /// nothing streams.
+    fn image_read(&self) -> Option<u64> {
         let largest = if self.expert_slots > 0 {
             Some(self.needs.expert_slot)
         } else {
             self.needs.streamed.iter().zip(&self.streamed).filter(|(_, s)| **s).map(|(b, _)| *b).max()
         };
-        let align = crate::layer_images::IMAGE_ALIGN as u64;
-        largest.map_or(0, |b| crate::layer_images::STAGING_BUFFERS as u64 * b.next_multiple_of(align))
+        largest.map(|b| b.next_multiple_of(crate::layer_images::IMAGE_ALIGN as u64))
     }
 
-    /// With the routed experts read from images on disk under a device expert cache: the experts
-    /// a host tier keeps (`CudaDecoder::set_expert_host_tier`) in the page-locked memory
-    /// `max_ram` leaves beyond the staging buffers ([`VramReport::host_bytes_with`]), each in a
-    /// buffer of the largest expert's read; at most every expert. 0 without a cache or a ceiling.
-    pub fn host_tier_experts(&self, max_ram: Option<u64>) -> usize {
-        let (Some(max_ram), true) = (max_ram, self.expert_slots > 0) else { return 0 };
-        let read = self.needs.expert_slot.next_multiple_of(crate::layer_images::IMAGE_ALIGN as u64);
+    /// The units that stream: the streamed layers, or the routed experts under a device expert
+    /// cache.
+    fn streamed_units(&self) -> usize {
+        if self.expert_slots > 0 { self.needs.expert_count } else { self.streamed.iter().filter(|&&s| s).count() }
+    }
+
+    /// With the streamed layers, or the routed experts under a device expert cache, read from
+    /// images on disk: how many of them a host tier keeps (`CudaDecoder::set_host_tier`) in the
+    /// page-locked memory `max_ram` leaves beyond the staging buffers
+    /// ([`VramReport::host_bytes_with`]), each in a buffer of the largest image's read; at most
+    /// all of them. 0 when nothing streams, or without a ceiling.
+    pub fn host_tier_units(&self, max_ram: Option<u64>) -> usize {
+        let (Some(max_ram), Some(read)) = (max_ram, self.image_read()) else { return 0 };
         let spare = max_ram.saturating_sub(self.host_bytes_with(true));
-        usize::try_from(spare / read.max(1)).unwrap_or(usize::MAX).min(self.needs.expert_count)
+        usize::try_from(spare / read.max(1)).unwrap_or(usize::MAX).min(self.streamed_units())
     }
 
-    /// Bytes of a host tier of `experts` experts ([`VramReport::host_tier_experts`]).
-    pub fn host_tier_bytes(&self, experts: usize) -> u64 {
-        experts as u64 * self.needs.expert_slot.next_multiple_of(crate::layer_images::IMAGE_ALIGN as u64)
+    /// Bytes of a host tier of `units` layers or experts ([`VramReport::host_tier_units`]).
+    pub fn host_tier_bytes(&self, units: usize) -> u64 {
+        units as u64 * self.image_read().unwrap_or(0)
     }
 
-    /// With a host tier of `experts` experts in front of the experts' images: the share of the
-    /// device cache's misses it is expected to hold when the routers pick uniformly (simulated,
-    /// as [`VramReport::expected_expert_hit_rate`]). `None` without a device expert cache.
-    pub fn expected_host_tier_hit_rate(&self, experts: usize) -> Option<f64> {
-        (self.expert_slots > 0).then(|| {
-            uniform_tier_hit_rates(&self.needs.layer_experts, self.needs.experts_per_token, self.expert_slots, experts)
-                .1
-        })
+    /// With a host tier of `units` in front of the images: the share of the reads it saves.
+    /// For streamed layers, exactly the share of them it keeps; for the experts of a device
+    /// expert cache, the share of the device's misses it is expected to hold when the routers
+    /// pick uniformly (simulated, as [`VramReport::expected_expert_hit_rate`]). `None` when
+    /// nothing streams.
+    pub fn expected_host_tier_hit_rate(&self, units: usize) -> Option<f64> {
+        if self.expert_slots > 0 {
+            let (_, share) = uniform_tier_hit_rates(
+                &self.needs.layer_experts,
+                self.needs.experts_per_token,
+                self.expert_slots,
+                units,
+            );
+            return Some(share);
+        }
+        let layers = self.streamed_units();
+        (layers > 0).then(|| units.min(layers) as f64 / layers as f64)
     }
 
     /// Bytes the placement takes on the device: what stays, the resident layers (less their
@@ -442,6 +463,14 @@ pub(crate) fn uniform_tier_hit_rates(layer_experts: &[usize], k: usize, slots: u
 }
 
 pub(crate) const SLOTS: usize = 2;
+
+/// `held` of `n` places (at most all), spread evenly: the streamed layers a host tier keeps, so
+/// that the reads of the others spread over the pass.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) fn spread(held: usize, n: usize) -> Vec<usize> {
+    let held = held.min(n);
+    (0..n).filter(|&p| (p + 1) * held / n > p * held / n).collect()
+}
 
 /// Which layers stream, given the bytes that stay on the device whatever happens (`fixed`), each
 /// layer's weight bytes if resident (`resident`) and the buffer a streamed layer needs
@@ -749,18 +778,32 @@ mod tests {
         let report = VramReport { needs, streamed: vec![false; 4], expert_slots: 5, expected_expert_hit_rate: None };
         // Each expert reads 8192 bytes; the staging buffers take three.
         assert_eq!(report.host_bytes_with(true), 3 * 8192);
-        assert_eq!(report.host_tier_experts(None), 0);
-        assert_eq!(report.host_tier_experts(Some(3 * 8192)), 0);
-        assert_eq!(report.host_tier_experts(Some(1000)), 0);
-        assert_eq!(report.host_tier_experts(Some(5 * 8192 - 1)), 1);
-        assert_eq!(report.host_tier_experts(Some(13 * 8192)), 10);
+        assert_eq!(report.host_tier_units(None), 0);
+        assert_eq!(report.host_tier_units(Some(3 * 8192)), 0);
+        assert_eq!(report.host_tier_units(Some(1000)), 0);
+        assert_eq!(report.host_tier_units(Some(5 * 8192 - 1)), 1);
+        assert_eq!(report.host_tier_units(Some(13 * 8192)), 10);
         assert_eq!(report.host_tier_bytes(10), 10 * 8192);
         // Never more than every expert.
-        assert_eq!(report.host_tier_experts(Some(1 << 40)), 32);
-        // Without a device expert cache (streamed layers), no tier.
-        let layers = VramReport { expert_slots: 0, ..report.clone() };
-        assert_eq!(layers.host_tier_experts(Some(1 << 40)), 0);
-        assert_eq!(layers.expected_host_tier_hit_rate(8), None);
+        assert_eq!(report.host_tier_units(Some(1 << 40)), 32);
+        // Streamed layers: a buffer is the largest one's read (9000 bytes, so 12288).
+        let mut needs = moe_needs(4, 50);
+        needs.streamed = vec![10, 5000, 6000, 9000];
+        let layers = VramReport {
+            needs,
+            streamed: vec![false, true, true, true],
+            expert_slots: 0,
+            expected_expert_hit_rate: None,
+        };
+        assert_eq!(layers.host_bytes_with(true), 3 * 12288);
+        assert_eq!(layers.host_tier_units(Some(3 * 12288 + 2 * 12288)), 2);
+        assert_eq!(layers.host_tier_units(Some(1 << 40)), 3, "at most every streamed layer");
+        assert_eq!(layers.host_tier_bytes(2), 2 * 12288);
+        assert_eq!(layers.expected_host_tier_hit_rate(2), Some(2.0 / 3.0));
+        // Nothing streams: no tier.
+        let resident = VramReport { streamed: vec![false; 4], ..layers };
+        assert_eq!(resident.host_tier_units(Some(1 << 40)), 0);
+        assert_eq!(resident.expected_host_tier_hit_rate(2), None);
     }
 
     #[test]
@@ -820,6 +863,22 @@ mod tests {
         );
         assert_eq!(d.hit_rate(), 0.5);
         assert_eq!(ExpertCacheCounts::default().hit_rate(), 0.0);
+    }
+
+    #[test]
+    fn a_host_tier_spreads_the_layers_it_keeps_over_the_pass() {
+        assert_eq!(spread(0, 6), Vec::<usize>::new());
+        assert_eq!(spread(1, 6), [5]);
+        assert_eq!(spread(2, 6), [2, 5]);
+        assert_eq!(spread(3, 6), [1, 3, 5]);
+        assert_eq!(spread(4, 6), [1, 2, 4, 5]);
+        assert_eq!(spread(6, 6), [0, 1, 2, 3, 4, 5]);
+        assert_eq!(spread(9, 6), [0, 1, 2, 3, 4, 5]);
+        for n in 1..20 {
+            for held in 0..=n {
+                assert_eq!(spread(held, n).len(), held, "{held} of {n}");
+            }
+        }
     }
 
     #[test]

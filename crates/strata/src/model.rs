@@ -345,21 +345,21 @@ impl Model {
                             );
                         }
                         images = Some(dir);
-                        // The experts read last, in what --max-ram leaves beyond the staging buffers.
-                        host_tier = report.host_tier_experts(options.offload.max_ram);
+                        // Layers or experts kept in what --max-ram leaves beyond the staging buffers.
+                        host_tier = report.host_tier_units(options.offload.max_ram);
                     }
                 }
-                let cuda = strata_models::CudaDecoder::open_within(&decoder, ordinal, budget, images.as_deref())?;
+                let mut cuda = strata_models::CudaDecoder::open_within(&decoder, ordinal, budget, images.as_deref())?;
                 if options.offload.expert_cache_policy.is_some() {
                     // The device expert cache's (and its host tier's).
                     cuda.set_expert_cache_policy(options.offload.expert_policy()?)?;
                 }
                 if host_tier > 0 {
                     let read = cuda.layer_images().map_or(0, |(_, read)| read as u64);
-                    let kept = cuda.set_expert_host_tier(host_tier as u64 * read)?;
+                    let what = if cuda.streamed_layers() > 0 { "streamed layers" } else { "experts read last" };
+                    let kept = cuda.set_host_tier(host_tier as u64 * read)?;
                     eprintln!(
-                        "strata: the {kept} experts read last from disk stay in host memory ({} page-locked, under \
-                         --max-ram)",
+                        "strata: {kept} {what} from disk stay in host memory ({} page-locked, under --max-ram)",
                         strata_models::store::planner::format_size(kept as u64 * read)
                     );
                 }
@@ -548,6 +548,17 @@ impl Model {
             Backend::Cpu => None,
             #[cfg(feature = "cuda")]
             Backend::Cuda(d) => (d.streamed_layers() > 0).then(|| (d.streamed_layers(), d.streamed_bytes_per_pass())),
+        }
+    }
+
+    /// On CUDA under `--max-vram` with `--offload-dir`, for streamed layers: those read from disk
+    /// every pass (the ones not kept in the host tier `--max-ram` leaves room for) and the bytes
+    /// a pass reads. `None` otherwise.
+    pub fn gpu_streamed_reads(&self) -> Option<(usize, usize)> {
+        match &self.backend {
+            Backend::Cpu => None,
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(d) => d.streamed_read_per_pass(),
         }
     }
 

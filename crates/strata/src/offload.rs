@@ -259,7 +259,7 @@ pub fn plan_vram_placement(spec: impl AsRef<Path>, options: &LoadOptions) -> Res
     let report = strata_models::vram_report(&decoder, &budget)?;
     let images = layer_images_dir(&options.offload, spec.as_ref())?;
     check_host_ceiling(&report, max_vram, options.offload.max_ram, images.is_some())?;
-    let host_tier = if images.is_some() { report.host_tier_experts(options.offload.max_ram) } else { 0 };
+    let host_tier = if images.is_some() { report.host_tier_units(options.offload.max_ram) } else { 0 };
     Ok(VramPlacementReport {
         budget,
         report,
@@ -334,9 +334,9 @@ pub struct VramPlacementReport {
     /// Where the streamed layers are read from (the layer images' directory under
     /// `--offload-dir`), or `None`: from page-locked host copies.
     pub images: Option<PathBuf>,
-    /// With the routed experts of a device expert cache read from images: the experts their
-    /// host tier keeps in what `max_ram` leaves beyond the staging buffers
-    /// (`VramReport::host_tier_experts`; 0: none).
+    /// With the streamed layers, or the routed experts of a device expert cache, read from
+    /// images: how many of them the host tier keeps in what `max_ram` leaves beyond the staging
+    /// buffers (`VramReport::host_tier_units`; 0: none).
     pub host_tier: usize,
 }
 
