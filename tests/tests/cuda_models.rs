@@ -639,6 +639,16 @@ fn deep_decoder(f: &Fixture, dtypes: GgufDtypes, layers: usize, dir: &Path) -> (
     (path, decoder)
 }
 
+/// Where a streamed case's weights come from, for its messages: host copies, images on disk, or
+/// images behind a host tier of `tier` layers or experts.
+fn source(from_disk: bool, tier: usize) -> String {
+    match (from_disk, tier) {
+        (false, _) => String::new(),
+        (true, 0) => ", from disk".into(),
+        (true, t) => format!(", from disk behind a host tier of {t}"),
+    }
+}
+
 /// Layers whose weights stay in page-locked host memory and stream into two device buffers pass
 /// by pass (`CudaDecoder::new_streaming`, what `--max-vram` does under a tight ceiling) give the
 /// resident model's logits bit for bit: the same kernels read the same bytes, from the buffer the
@@ -694,14 +704,7 @@ fn streamed_layers_give_the_resident_logits_bit_for_bit() {
             assert_eq!(read_layers, k - tier, "{name}");
             assert_eq!(bytes == 0, tier == k, "{name}");
         }
-        let name = format!(
-            "{name}{}",
-            match (images.is_some(), tier) {
-                (false, _) => String::new(),
-                (true, 0) => ", from disk".into(),
-                (true, t) => format!(", from disk, {t} layers in the host tier"),
-            }
-        );
+        let name = format!("{name}{}", source(images.is_some(), tier));
         let name = name.as_str();
         assert_eq!(streaming.streamed_layers(), k, "{name}");
         // Two streamed layers keep a buffer each: nothing is copied after the first pass.
@@ -775,14 +778,7 @@ fn a_device_expert_cache_gives_the_resident_logits_bit_for_bit() {
                 // A byte short of one more expert: the tier holds `tier`.
                 assert_eq!(cached.set_host_tier((tier * read + read - 1) as u64).unwrap(), tier);
             }
-            let what = format!(
-                "{name}, {slots} slots, {policy}{}",
-                match (images.is_some(), tier) {
-                    (false, _) => String::new(),
-                    (true, 0) => ", from disk".into(),
-                    (true, t) => format!(", from disk behind a host tier of {t}"),
-                }
-            );
+            let what = format!("{name}, {slots} slots, {policy}{}", source(images.is_some(), tier));
             let (mut rc, mut cc) = (resident.new_cache().unwrap(), cached.new_cache().unwrap());
             let a = resident.forward(&f.prompt_ids, &mut rc, Logits::All).unwrap();
             let b = cached.forward(&f.prompt_ids, &mut cc, Logits::All).unwrap();
@@ -916,15 +912,16 @@ fn a_gpu_ceiling_streams_the_last_layers_with_the_same_logits() {
     let (layers, bytes) = bounded.gpu_streamed().expect("one byte short of resident: layers stream");
     assert_eq!(layers, 4);
     assert!(bytes > 0);
-    let prompt = &llama.prompt_ids;
-    for mode in [LogitsMode::OnePass, LogitsMode::Decode] {
-        let (a, b) = (unbounded.logits(prompt, mode).unwrap(), bounded.logits(prompt, mode).unwrap());
-        assert!(
-            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
-            "{mode:?}: differ by {}",
-            max_abs_diff(&a, &b)
-        );
-    }
+    // The unbounded model's logits bit for bit, one pass and token by token.
+    let same_logits = |model: &Model, what: &str| {
+        for mode in [LogitsMode::OnePass, LogitsMode::Decode] {
+            let prompt = &llama.prompt_ids;
+            let (a, b) = (unbounded.logits(prompt, mode).unwrap(), model.logits(prompt, mode).unwrap());
+            let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "{what}, {mode:?}: differ by {}", max_abs_diff(&a, &b));
+        }
+    };
+    same_logits(&bounded, "host copies");
     assert!(bounded.upload_bandwidth().unwrap().unwrap() > 1e8, "host-to-device copies run");
     // With --offload-dir, and --max-ram for the staging buffers and two layers more: two of the
     // four streamed layers stay in host memory, the other two are read from disk every pass.
@@ -936,14 +933,7 @@ fn a_gpu_ceiling_streams_the_last_layers_with_the_same_logits() {
     let from_disk = Model::from_pretrained(&path, disk).unwrap();
     assert_eq!(from_disk.gpu_streamed().map(|s| s.0), Some(4));
     assert_eq!(from_disk.gpu_streamed_reads().map(|r| r.0), Some(2), "two layers read, two in the host tier");
-    for mode in [LogitsMode::OnePass, LogitsMode::Decode] {
-        let (a, b) = (unbounded.logits(prompt, mode).unwrap(), from_disk.logits(prompt, mode).unwrap());
-        assert!(
-            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
-            "from disk, {mode:?}: {}",
-            max_abs_diff(&a, &b)
-        );
-    }
+    same_logits(&from_disk, "from disk behind a host tier");
     let Err(err) = Model::from_pretrained(&path, with_ceiling(1 << 20)) else { panic!("1 MiB holds no plan") };
     let err = err.to_string();
     assert!(err.contains("--max-vram"), "{err}");
