@@ -11,8 +11,9 @@
 // Launch: grid (tokens, ceil(items / chunk)) with items = (n_heads + n_kv_heads) * n_pairs, any
 // block size that is a multiple of 32, dynamic shared memory 2 * n_pairs floats. Each block first
 // computes its token's cos/sin table into shared memory (one sincosf per pair, not per head),
-// then walks its chunk of (head, pair) items, ROPE_BATCH per thread loaded before any is stored;
-// consecutive threads take consecutive pairs of a head, so loads and stores are coalesced.
+// then walks its chunk of (head, pair) items, ROPE_BATCH per thread loaded before any is stored
+// (the first batch before the table is made, so the two latencies overlap); consecutive threads
+// take consecutive pairs of a head, so loads and stores are coalesced.
 // Elements are f32, f16 or bf16 (computed in f32, stored rounded to nearest even).
 //
 // rope_qk_f16x2 and rope_qk_bf16x2 take two consecutive pairs (i, i + 1; i even) per item, so
@@ -55,7 +56,6 @@ __device__ __forceinline__ float* rope_table(const RopeParams& p, const unsigned
 template <typename T>
 __device__ __forceinline__ void rope_qk(const RopeParams& p, T* q, T* k, const unsigned int* positions,
                                         const float* inv_freq) {
-    const float* table = rope_table(p, positions, inv_freq);
     const unsigned int t = blockIdx.x;
     const unsigned int n = p.n_pairs;
     const unsigned int items = (p.n_heads + p.n_kv_heads) * n;
@@ -64,11 +64,12 @@ __device__ __forceinline__ void rope_qk(const RopeParams& p, T* q, T* k, const u
     const unsigned int stride = blockDim.x;
     // ROPE_BATCH items per thread at a time, all loaded before any is stored: the items are
     // distinct elements, so the loads need not wait for the stores, and a thread keeps
-    // 2 * ROPE_BATCH loads in flight rather than two.
-    for (unsigned int w0 = begin + threadIdx.x; w0 < end; w0 += ROPE_BATCH * stride) {
-        T* v[ROPE_BATCH];
-        unsigned int a[ROPE_BATCH], b[ROPE_BATCH], pair[ROPE_BATCH];
-        float x0[ROPE_BATCH], x1[ROPE_BATCH];
+    // 2 * ROPE_BATCH loads in flight rather than two. The first batch's loads go out before the
+    // cos/sin table is made, so that their latency and the table's overlap.
+    T* v[ROPE_BATCH];
+    unsigned int a[ROPE_BATCH], b[ROPE_BATCH], pair[ROPE_BATCH];
+    float x0[ROPE_BATCH], x1[ROPE_BATCH];
+    auto load = [&](unsigned int w0) {
 #pragma unroll
         for (int j = 0; j < ROPE_BATCH; ++j) {
             const unsigned int w = w0 + j * stride;
@@ -84,6 +85,11 @@ __device__ __forceinline__ void rope_qk(const RopeParams& p, T* q, T* k, const u
                 x1[j] = load_f32(v[j], b[j]);
             }
         }
+    };
+    unsigned int w0 = begin + threadIdx.x;
+    load(w0);
+    const float* table = rope_table(p, positions, inv_freq);
+    for (; w0 < end; w0 += ROPE_BATCH * stride) {
 #pragma unroll
         for (int j = 0; j < ROPE_BATCH; ++j) {
             if (w0 + j * stride < end) {
@@ -92,6 +98,7 @@ __device__ __forceinline__ void rope_qk(const RopeParams& p, T* q, T* k, const u
                 store_f32(v[j], b[j], __fadd_rn(__fmul_rn(x1[j], c), __fmul_rn(x0[j], s)));
             }
         }
+        load(w0 + ROPE_BATCH * stride);
     }
 }
 
@@ -127,7 +134,6 @@ __device__ __forceinline__ float2 rope_turn(float a, float b, float c, float s) 
 template <typename T>
 __device__ __forceinline__ void rope_qk_x2(const RopeParams& p, T* q, T* k, const unsigned int* positions,
                                            const float* inv_freq) {
-    const float* table = rope_table(p, positions, inv_freq);
     const unsigned int t = blockIdx.x;
     const unsigned int n = p.n_pairs, m = p.n_pairs / 2;
     const unsigned int items = (p.n_heads + p.n_kv_heads) * m;
@@ -135,10 +141,11 @@ __device__ __forceinline__ void rope_qk_x2(const RopeParams& p, T* q, T* k, cons
     const unsigned int end = min(items, begin + p.chunk);
     const unsigned int stride = blockDim.x;
     const bool interleaved = p.layout == STRATA_ROPE_INTERLEAVED;
-    for (unsigned int w0 = begin + threadIdx.x; w0 < end; w0 += ROPE_BATCH * stride) {
-        T* v[ROPE_BATCH];
-        unsigned int pair[ROPE_BATCH];
-        float2 x0[ROPE_BATCH], x1[ROPE_BATCH];
+    // As rope_qk: batches of loads, the first before the table.
+    T* v[ROPE_BATCH];
+    unsigned int pair[ROPE_BATCH];
+    float2 x0[ROPE_BATCH], x1[ROPE_BATCH];
+    auto load = [&](unsigned int w0) {
 #pragma unroll
         for (int j = 0; j < ROPE_BATCH; ++j) {
             const unsigned int w = w0 + j * stride;
@@ -154,6 +161,11 @@ __device__ __forceinline__ void rope_qk_x2(const RopeParams& p, T* q, T* k, cons
                 x1[j] = load2_f32(v[j], interleaved ? 2 * i + 2 : i + n);
             }
         }
+    };
+    unsigned int w0 = begin + threadIdx.x;
+    load(w0);
+    const float* table = rope_table(p, positions, inv_freq);
+    for (; w0 < end; w0 += ROPE_BATCH * stride) {
 #pragma unroll
         for (int j = 0; j < ROPE_BATCH; ++j) {
             if (w0 + j * stride < end) {
@@ -169,6 +181,7 @@ __device__ __forceinline__ void rope_qk_x2(const RopeParams& p, T* q, T* k, cons
                 }
             }
         }
+        load(w0 + ROPE_BATCH * stride);
     }
 }
 
