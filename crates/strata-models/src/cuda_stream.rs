@@ -146,8 +146,8 @@ struct State {
 }
 
 /// `count` page-locked buffers of `read` bytes for images from disk to land in (an
-/// `ImageReader`'s [`crate::layer_images::STAGING_BUFFERS`], or a host tier's), readable by the host at memory speed
-/// (their checksums are checked there).
+/// `ImageReader`'s [`crate::layer_images::STAGING_BUFFERS`], or a host tier's), readable by
+/// the host at memory speed (their checksums are checked there).
 pub(crate) fn staging_buffers(cuda: &Cuda, read: usize, count: usize) -> Result<Vec<Pinned>> {
     (0..count).map(|_| Ok(Pinned::new_readable(cuda, read)?)).collect()
 }
@@ -269,13 +269,11 @@ impl WeightStream {
             copies.push(host);
         }
         let rest: Vec<usize> = (0..n).filter(|p| !kept.contains(p)).collect();
-        let reader = match rest.is_empty() {
-            true => None,
-            false => Some(ImageReader::cycling(
-                images,
-                staging_buffers(cuda, read, crate::layer_images::STAGING_BUFFERS)?,
-                rest,
-            )?),
+        let reader = if rest.is_empty() {
+            None
+        } else {
+            let buffers = staging_buffers(cuda, read, crate::layer_images::STAGING_BUFFERS)?;
+            Some(ImageReader::cycling(images, buffers, rest)?)
         };
         // The copies queued from the old reader's buffers finish before they go.
         cuda.synchronize()?;

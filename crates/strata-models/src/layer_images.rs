@@ -17,8 +17,11 @@
 //! [`ImageReader`] reads images on two threads of its own into a ring of staging buffers
 //! (page-locked ones on CUDA), with `O_DIRECT` where the file system and the buffer allow: ahead,
 //! in the order the passes use them, for streamed layers; on request, for the experts a router
-//! picked. Every image is checked against its CRC before it is handed over. None of this needs a
-//! GPU: the CUDA decoder supplies the bytes and the buffers.
+//! picked. Every image is checked against its CRC before it is handed over. A cyclic reader may
+//! read some of the images only ([`ImageReader::cycling`]: the streamed layers that have no host
+//! copy), and a [`HostTier`] in front of an on-request reader keeps the images read last in
+//! buffers of its own (`--max-ram` beyond the staging buffers). None of this needs a GPU: the
+//! CUDA decoder supplies the bytes and the buffers.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
