@@ -248,7 +248,7 @@ fn plan_vram(a: &PlanArgs, options: &strata::LoadOptions) -> Result<()> {
             }
         }
         println!("on the GPU in all  {:>10}  of {}", size(rep.device_bytes()), size(b.max_bytes));
-        host_line(host_bytes, r.max_ram);
+        host_line(host_bytes, r.max_ram, from_disk);
         return Ok(());
     }
     println!("resident layers    {:>10}  ({} of {})", size(kept), r.layers - streamed.len(), r.layers);
@@ -292,13 +292,18 @@ fn plan_vram(a: &PlanArgs, options: &strata::LoadOptions) -> Result<()> {
         _ => println!("streamed layers    {:>10}  (every layer fits)", size(0)),
     }
     println!("on the GPU in all  {:>10}  of {}", size(rep.device_bytes()), size(b.max_bytes));
-    host_line(host_bytes, r.max_ram);
+    host_line(host_bytes, r.max_ram, from_disk);
     Ok(())
 }
 
-/// The page-locked host memory line of `strata plan --max-vram`, against `--max-ram` if given.
-fn host_line(host_bytes: u64, max_ram: Option<u64>) {
+/// The page-locked host memory line of `strata plan --max-vram`, against `--max-ram` if given;
+/// from disk without it, a hint that it would keep some of what is read in host memory.
+fn host_line(host_bytes: u64, max_ram: Option<u64>, from_disk: bool) {
     let size = strata::planner::format_size;
-    let of = max_ram.map_or(String::new(), |m| format!("  of {} (--max-ram)", size(m)));
+    let of = match max_ram {
+        Some(m) => format!("  of {} (--max-ram)", size(m)),
+        None if from_disk => "  (--max-ram beyond it would keep some of what is read in host memory)".to_owned(),
+        None => String::new(),
+    };
     println!("in host memory     {:>10}  (page-locked){of}", size(host_bytes));
 }

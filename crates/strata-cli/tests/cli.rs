@@ -263,6 +263,10 @@ fn plan_gives_a_moe_model_short_of_room_a_device_expert_cache() {
         text.contains("host tier") && text.contains("5 experts read last") && text.contains("read per token"),
         "{text}"
     );
+    // Without --max-ram, the plan says what it would do.
+    let out = strata(&["plan", "--model", model, "--max-vram", &(need - 1).to_string(), "--offload-dir", d]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("host tier") && text.contains("--max-ram beyond it would keep"), "{text}");
 }
 
 /// `--out` writes a regular file through a temporary renamed into place; a special file is
