@@ -156,7 +156,8 @@ pub struct ExpertCacheCounts {
     pub slots: usize,
     /// Experts found in a slot.
     pub hits: u64,
-    /// Experts copied in from host memory.
+    /// Experts copied in (from host memory; with images on disk, from the host tier or read
+    /// first).
     pub misses: u64,
     /// Bytes those copies moved.
     pub bytes_uploaded: u64,
