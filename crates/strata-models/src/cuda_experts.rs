@@ -36,7 +36,7 @@ use strata_kernels::cuda::CudaSlice;
 use strata_kernels::cuda::pinned::{Pinned, Upload};
 
 use crate::cuda_decoder::CudaMlp;
-use crate::cuda_stream::{Placer, staging_buffers};
+use crate::cuda_stream::{Placer, host_tier_buffers, staging_buffers};
 use crate::layer_images::{HostTier, ImageReader, ImageSpec, LayerImages, STAGING_BUFFERS};
 use crate::moe::Mlp;
 use crate::store::planner::{ExpertCachePolicy, ExpertSlots};
@@ -192,7 +192,7 @@ impl DeviceExperts {
         let Some((_, tier)) = &mut guard.disk else { unreachable!("images come with a reader") };
         // The old tier's buffers go first, so that the two are never held at once.
         *tier = HostTier::new(Vec::new(), policy_like(name, &self.layer_of)?);
-        let buffers = staging_buffers(cuda, read, count)?;
+        let buffers = host_tier_buffers(cuda, read, count, "experts")?;
         *tier = HostTier::new(buffers, policy_like(name, &self.layer_of)?);
         Ok(count)
     }

@@ -152,6 +152,18 @@ pub(crate) fn staging_buffers(cuda: &Cuda, read: usize, count: usize) -> Result<
     (0..count).map(|_| Ok(Pinned::new_readable(cuda, read)?)).collect()
 }
 
+/// The `count` buffers of `read` bytes of a host tier of `what` (`staging_buffers`), an
+/// allocation failure told as the host tier's, with what it asked for and the way out.
+pub(crate) fn host_tier_buffers(cuda: &Cuda, read: usize, count: usize, what: &str) -> Result<Vec<Pinned>> {
+    staging_buffers(cuda, read, count).map_err(|e| {
+        Error::InvalidInput(format!(
+            "cannot allocate the host tier of {count} {what} ({} of page-locked memory, what --max-ram leaves \
+             beyond the staging buffers): {e}; give a smaller --max-ram",
+            crate::store::planner::format_size(count as u64 * read as u64)
+        ))
+    })
+}
+
 impl Staging for Pinned {
     fn bytes(&mut self) -> Result<&mut [u8]> {
         Ok(self.as_mut_slice()?)
@@ -262,11 +274,9 @@ impl WeightStream {
         let kept = spread(count, n);
         // Everything that can fail comes before any change: the copies, read and checked, and
         // the new reader's staging buffers.
-        let mut copies = Vec::with_capacity(kept.len());
-        for &pos in &kept {
-            let mut host = Pinned::new_readable(cuda, read)?;
+        let mut copies = host_tier_buffers(cuda, read, kept.len(), "streamed layers")?;
+        for (&pos, host) in kept.iter().zip(&mut copies) {
             images.read_into(pos, host.as_mut_slice()?)?;
-            copies.push(host);
         }
         let rest: Vec<usize> = (0..n).filter(|p| !kept.contains(p)).collect();
         let reader = if rest.is_empty() {
