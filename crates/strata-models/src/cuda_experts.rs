@@ -225,9 +225,11 @@ impl DeviceExperts {
             *bytes_uploaded += self.len as u64;
             Ok(())
         };
+        let table = &state.table;
         let copied = match &mut state.disk {
-            // From the host tier, or read (two at a time, in the order they are copied) and kept.
-            Some((reader, tier)) => tier.fetch(reader, &misses, copy),
+            // From the host tier, or read (two at a time, in the order they are copied) and kept,
+            // the tier giving up first what the device holds (the misses among them now).
+            Some((reader, tier)) => tier.fetch(reader, &misses, |u| table.holds(u), copy),
             None => misses.iter().enumerate().try_for_each(|(at, &unit)| copy(at, &self.hosts[unit])),
         };
         if let Err(e) = copied {

@@ -718,18 +718,20 @@ impl<B: Staging> HostTier<B> {
 
     /// Hands `upload` each of `ids` (distinct images of `reader`'s), in order, as
     /// `(position in ids, buffer holding it)`: from the tier's buffers, or read by `reader`
-    /// (asked for all of them at once, so reads run ahead of the uploads) and then kept. On an
-    /// error (a read, or `upload`'s) the buffers this batch was to fill are forgotten, so that
-    /// no buffer passes for an image it does not hold.
+    /// (asked for all of them at once, so reads run ahead of the uploads) and then kept, evicting
+    /// first the images `held` says are held elsewhere (on the device: the tier then keeps more
+    /// images the device lacks). On an error (a read, or `upload`'s) the buffers this batch was
+    /// to fill are forgotten, so that no buffer passes for an image it does not hold.
     pub fn fetch(
         &mut self,
         reader: &mut ImageReader<B>,
         ids: &[usize],
+        held: impl Fn(usize) -> bool,
         mut upload: impl FnMut(usize, &B) -> Result<()>,
     ) -> Result<()> {
         // Per id: Some((slot, false)) held in `slot`; Some((slot, true)) read and kept in
         // `slot`; None read and not kept (every buffer is this batch's).
-        let plan = self.table.serve(ids);
+        let plan = self.table.serve_preferring(ids, held);
         let reads: Vec<usize> =
             ids.iter().zip(&plan).filter(|(_, p)| !matches!(p, Some((_, false)))).map(|(&i, _)| i).collect();
         reader.request(&reads);
@@ -970,11 +972,16 @@ mod tests {
     ) -> (u64, u64) {
         let before = tier.counts();
         let mut seen = Vec::new();
-        tier.fetch(reader, ids, |at, buf| {
-            check(ids[at], buf);
-            seen.push(at);
-            Ok(())
-        })
+        tier.fetch(
+            reader,
+            ids,
+            |_| false,
+            |at, buf| {
+                check(ids[at], buf);
+                seen.push(at);
+                Ok(())
+            },
+        )
         .unwrap();
         assert_eq!(seen, (0..ids.len()).collect::<Vec<_>>(), "every id handed over, in order");
         let after = tier.counts();
@@ -1029,6 +1036,21 @@ mod tests {
     }
 
     #[test]
+    fn a_host_tier_gives_up_what_is_held_elsewhere_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut reader, mut tier) = tier_parts(dir.path(), 2);
+        fetch_checked(&mut reader, &mut tier, &[0, 1]);
+        // 0 is the least recently used, but 1 is held elsewhere (on the device): 2 evicts 1.
+        let upload = |at: usize, buf: &strata_tensor::AlignedBytes| {
+            check([2][at], buf);
+            Ok(())
+        };
+        tier.fetch(&mut reader, &[2], |u| u == 1, upload).unwrap();
+        assert_eq!(fetch_checked(&mut reader, &mut tier, &[0, 2]), (2, 0));
+        assert_eq!(fetch_checked(&mut reader, &mut tier, &[1]), (0, 1));
+    }
+
+    #[test]
     fn a_host_tier_without_buffers_reads_everything() {
         let dir = tempfile::tempdir().unwrap();
         let (mut reader, mut tier) = tier_parts(dir.path(), 0);
@@ -1044,10 +1066,15 @@ mod tests {
         fetch_checked(&mut reader, &mut tier, &[0, 1, 2]);
         // 3 is read to evict 2, and its upload fails: 0, after it in the batch, is not handed over.
         let mut calls = 0;
-        let err = tier.fetch(&mut reader, &[1, 3, 0], |at, _| {
-            calls += 1;
-            if at == 1 { Err(Error::InvalidInput("copy failed".into())) } else { Ok(()) }
-        });
+        let err = tier.fetch(
+            &mut reader,
+            &[1, 3, 0],
+            |_| false,
+            |at, _| {
+                calls += 1;
+                if at == 1 { Err(Error::InvalidInput("copy failed".into())) } else { Ok(()) }
+            },
+        );
         assert!(err.unwrap_err().to_string().contains("copy failed"));
         assert_eq!(calls, 2);
         // 2's buffer was planned for 3: neither is held now. 0 and 1 stayed.

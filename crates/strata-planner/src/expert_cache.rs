@@ -265,6 +265,19 @@ impl<P: std::ops::DerefMut<Target = D>, D: ExpertCachePolicy + ?Sized> ExpertSlo
     /// Serves one batch of distinct units, in order: per unit its slot and whether it must be
     /// brought in (a miss), or `None` for a miss served without a slot (see the type's rule).
     pub fn serve(&mut self, batch: &[usize]) -> Vec<Option<(usize, bool)>> {
+        self.serve_preferring(batch, |_| false)
+    }
+
+    /// Whether `unit` is in a slot.
+    pub fn holds(&self, unit: usize) -> bool {
+        self.slot_of.contains_key(&unit)
+    }
+
+    /// [`ExpertSlots::serve`], a miss evicting a unit `first` picks when any of the units it
+    /// may evict is one (the policy choosing among those): a cache in front of another that
+    /// holds some units already (a host tier behind a device cache) gives those up first, so
+    /// that the two hold more distinct units.
+    pub fn serve_preferring(&mut self, batch: &[usize], first: impl Fn(usize) -> bool) -> Vec<Option<(usize, bool)>> {
         debug_assert_eq!(distinct(batch).len(), batch.len(), "a batch of distinct units");
         let mut out = Vec::with_capacity(batch.len());
         for (position, &unit) in batch.iter().enumerate() {
@@ -277,7 +290,7 @@ impl<P: std::ops::DerefMut<Target = D>, D: ExpertCachePolicy + ?Sized> ExpertSlo
             self.counts.misses += 1;
             let slot = match self.owner.iter().position(Option::is_none) {
                 Some(free) => Some(free),
-                None => self.evict(&batch[..position], &batch[position + 1..]),
+                None => self.evict(&batch[..position], &batch[position + 1..], &first),
             };
             if let Some(slot) = slot {
                 self.owner[slot] = Some(unit);
@@ -289,14 +302,17 @@ impl<P: std::ops::DerefMut<Target = D>, D: ExpertCachePolicy + ?Sized> ExpertSlo
     }
 
     /// Evicts a unit for a miss of a batch that has used `used` and has `pending` still to use,
-    /// and returns its slot: `None` when every cached unit is pending.
-    fn evict(&mut self, used: &[usize], pending: &[usize]) -> Option<usize> {
+    /// and returns its slot: `None` when every cached unit is pending. Of the units it may evict,
+    /// those `first` picks go first.
+    fn evict(&mut self, used: &[usize], pending: &[usize], first: &impl Fn(usize) -> bool) -> Option<usize> {
         let mut cached: Vec<usize> = self.slot_of.keys().copied().collect();
         cached.sort_unstable();
         let outside: Vec<usize> =
             cached.iter().copied().filter(|u| !used.contains(u) && !pending.contains(u)).collect();
-        let candidates =
+        let candidates: Vec<usize> =
             if outside.is_empty() { cached.into_iter().filter(|u| !pending.contains(u)).collect() } else { outside };
+        let preferred: Vec<usize> = candidates.iter().copied().filter(|&u| first(u)).collect();
+        let candidates = if preferred.is_empty() { candidates } else { preferred };
         let victim = self.policy.victim(&candidates)?;
         assert!(
             candidates.contains(&victim),
@@ -758,6 +774,23 @@ mod tests {
         assert_eq!(t.serve(&[5, 2, 4, 9]), [None, slot(0, false), slot(1, false), slot(2, false)]);
         assert_eq!(t.serve(&[2, 5, 4, 9]), [slot(0, false), slot(0, true), slot(1, false), slot(2, false)]);
         assert_eq!(t.counts(), CacheSimulation { hits: 10, misses: 8 });
+    }
+
+    #[test]
+    fn expert_slots_evict_the_units_preferred_first() {
+        let mut t = ExpertSlots::new(3, expert_cache_policy_by_name("lru").unwrap());
+        let slot = |s: usize, miss: bool| Some((s, miss));
+        t.serve(&[1, 2, 3]);
+        assert!(t.holds(2) && !t.holds(4));
+        // 1 is the least recently used, but 3 is preferred: 3 goes.
+        assert_eq!(t.serve_preferring(&[4], |u| u == 3), [slot(2, true)]);
+        assert!(!t.holds(3) && t.holds(1));
+        // Among several preferred, the policy picks (1, then 2); none preferred: as serve.
+        assert_eq!(t.serve_preferring(&[5], |u| u == 1 || u == 2), [slot(0, true)]);
+        assert_eq!(t.serve_preferring(&[6], |u| u == 9), [slot(1, true)]);
+        // A preferred unit of the batch itself is not evicted while the batch still needs it.
+        assert_eq!(t.serve_preferring(&[7, 4], |u| u == 4), [slot(0, true), slot(2, false)]);
+        assert_eq!(t.counts(), CacheSimulation { hits: 1, misses: 7 });
     }
 
     #[test]
