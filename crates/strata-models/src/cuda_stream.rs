@@ -26,6 +26,9 @@
 //! valid), and an `ImageReader` reads the images in pass order into three page-locked staging
 //! buffers on two threads of its own; an upload takes the buffer its layer's image landed in and
 //! gives it back at once (the reader's next read into it waits for the copy out).
+//! [`WeightStream::set_host_tier`] keeps some of those layers in page-locked host memory after
+//! all (what `--max-ram` leaves beyond the staging buffers), each read from its image once, and
+//! the reader then cycles through the other layers' images only.
 
 use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
