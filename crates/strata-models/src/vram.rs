@@ -235,10 +235,10 @@ pub struct VramReport {
     pub streamed: Vec<bool>,
     /// Slots of the device expert cache (0: none): a Mixture-of-Experts model that does not fit
     /// keeps its routed experts in page-locked host memory and this many on the device, copied
-    /// in as the routers pick them ([`plan_experts`]); no layer streams then.
+    /// in as the routers pick them (`plan_experts`); no layer streams then.
     pub expert_slots: usize,
     /// With an expert cache: its hit rate under uniform routing and `layer-lru`, simulated
-    /// ([`uniform_hit_rate`]). A trained router is rarely uniform; this is what the slots give
+    /// (`uniform_hit_rate`). A trained router is rarely uniform; this is what the slots give
     /// when nothing is predictable.
     pub expected_expert_hit_rate: Option<f64>,
 }
